@@ -1,0 +1,258 @@
+"""Compose, validate and describe normbench's config (Hydra's compose API).
+
+Every way into normbench (``run``, ``config``, the sweeps) gets its config from
+:func:`compose`, which turns Hydra's and OmegaConf's exceptions into one
+:class:`~normbench.errors.UserError` naming what was wrong and what is valid,
+and checks every value before anything runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from normbench.errors import UserError
+
+#: The config groups; their options are the YAML files in ``conf/<group>/``.
+GROUPS: tuple[str, ...] = ("model", "norm", "dataset", "optim", "experiment")
+
+#: Keys that say where or how a run executes, not what it computes: left out of the run id.
+EXECUTION_KEYS: tuple[str, ...] = (
+    "name",
+    "out_dir",
+    "device",
+    "threads",
+    "dataset.root",
+    "dataset.download",
+)
+
+LR_SCALINGS = ("none", "linear", "sqrt")
+SCHEDULES = ("constant", "cosine", "step")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def conf_dir() -> Path:
+    """The ``conf/`` folder beside the package (a source checkout or an editable install)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"normbench's conf/ folder is missing (looked beside {here})")
+
+
+def group_options(group: str) -> list[str]:
+    """The options of one config group, sorted by name."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def describe_groups() -> dict[str, list[tuple[str, str]]]:
+    """Each group's options with the one-line description on their YAML's first comment."""
+    described: dict[str, list[tuple[str, str]]] = {}
+    for group in GROUPS:
+        rows = []
+        for option in group_options(group):
+            rows.append((option, _description(conf_dir() / group / f"{option}.yaml")))
+        described[group] = rows
+    return described
+
+
+def _description(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        text = line.lstrip("# ").strip()
+        if line.startswith("#") and text and not text.startswith("@package"):
+            return text
+    return ""
+
+
+def _closest(word: str, choices: Iterable[str]) -> str:
+    matches = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
+def check_group_overrides(overrides: Sequence[str]) -> None:
+    """Fail on any unknown group option in the overrides, sweeps included, before composing."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as err:
+        raise UserError(f"cannot parse overrides: {_first_line(err)}") from None
+    for override in parsed:
+        group = override.key_or_group
+        if group not in GROUPS or override.is_delete():
+            continue
+        if override.is_sweep_override():
+            values = list(override.sweep_string_iterator())
+        else:
+            value = override.value()
+            values = [] if value is None else [str(value)]
+        valid = group_options(group)
+        for value in values:
+            if value not in valid:
+                raise UserError(
+                    f"unknown {group} {value!r}{_closest(value, valid)}; valid: {', '.join(valid)}"
+                )
+
+
+def compose(overrides: Sequence[str] = ()):
+    """The resolved, validated config for one run, from Hydra overrides (``key=value``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    check_group_overrides(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserError(_composition_message(err, overrides)) from None
+    OmegaConf.resolve(cfg)
+    validate(cfg)
+    return cfg
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _composition_message(err: BaseException, overrides: Sequence[str]) -> str:
+    """Hydra's messages are long and mention its internals; say what the user got wrong."""
+    text = str(err)
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if f"Could not override '{key}'" in text or f"Key '{key}'" in text:
+            known = _known_keys()
+            return (
+                f"unknown config key {key!r}{_closest(key, known)}; "
+                "`normbench config` shows every key"
+            )
+    return f"invalid config: {_first_line(err)}"
+
+
+def _known_keys() -> list[str]:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config")
+    return list(_flatten(cfg))
+
+
+def _flatten(node, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of a nested config (lists stay leaves)."""
+    from omegaconf import DictConfig
+
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, DictConfig | dict):
+            flat.update(_flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def flatten(cfg) -> dict[str, Any]:
+    """The config as one flat record of plain values: ``{"norm.name": "custom_bn", ...}``."""
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
+    return _flatten(container)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise UserError(f"{key} must be {rule}, got {value!r}")
+
+
+def _int_at_least(cfg, key: str, low: int, optional: bool = False) -> None:
+    value = _get(cfg, key)
+    if optional and value is None:
+        return
+    rule = f"an integer >= {low}" + (" or null" if optional else "")
+    _require(_is_int(value) and value >= low, key, rule, value)
+
+
+def _choice(cfg, key: str, choices: Sequence[str]) -> None:
+    value = _get(cfg, key)
+    if value not in choices:
+        raise UserError(
+            f"{key} must be one of {', '.join(choices)}, got {value!r}"
+            f"{_closest(str(value), choices)}"
+        )
+
+
+def _get(cfg, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate(cfg) -> None:
+    """Check every value a user can set; raise :class:`UserError` on the first bad one.
+
+    Limits that depend on the data (batch size vs training set) and on the norm's
+    own arguments are checked where those are known: in the runner, before it writes.
+    """
+    _int_at_least(cfg, "batch_size", 1)
+    _int_at_least(cfg, "eval_batch_size", 1)
+    _int_at_least(cfg, "epochs", 1)
+    _int_at_least(cfg, "max_steps", 1, optional=True)
+    _int_at_least(cfg, "ref_batch_size", 1)
+    _int_at_least(cfg, "threads", 1, optional=True)
+    _require(_is_int(cfg.seed) and cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
+    _require(_is_number(cfg.lr) and cfg.lr > 0, "lr", "a number > 0", cfg.lr)
+    _choice(cfg, "lr_scaling", LR_SCALINGS)
+    _choice(cfg, "device", DEVICES)
+    _choice(cfg, "schedule.name", SCHEDULES)
+    warmup = cfg.schedule.warmup_epochs
+    _require(_is_number(warmup) and warmup >= 0, "schedule.warmup_epochs", "a number >= 0", warmup)
+    gamma = cfg.schedule.gamma
+    _require(_is_number(gamma) and gamma > 0, "schedule.gamma", "a number > 0", gamma)
+    milestones = list(cfg.schedule.milestones or [])
+    _require(
+        all(_is_number(m) and 0 < m < 1 for m in milestones),
+        "schedule.milestones",
+        "a list of fractions of training between 0 and 1",
+        milestones,
+    )
+    for key in ("weight_decay", "momentum"):
+        if key in cfg.optim:
+            value = cfg.optim[key]
+            _require(_is_number(value) and value >= 0, f"optim.{key}", "a number >= 0", value)
+    for key in ("train_size", "test_size"):
+        _int_at_least(cfg, f"dataset.{key}", 1, optional=True)
+    for key in ("name", "out_dir"):
+        value = cfg[key]
+        _require(isinstance(value, str) and value.strip() != "", key, "a non-empty string", value)
+    _require(
+        os.sep not in cfg.name and cfg.name not in (".", ".."),
+        "name",
+        "a folder name (no path separators)",
+        cfg.name,
+    )
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("device=cuda but CUDA is not available here; use device=auto or cpu")

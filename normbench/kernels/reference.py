@@ -1,0 +1,126 @@
+"""The readable specification of BatchNorm, in plain torch operations.
+
+Every faster kernel (C++ on CPU, Triton on GPU) is tested against these three
+functions, so they favour clarity and numerical robustness over speed:
+
+- the variance is computed in two passes, the mean first and then the mean of
+  squared deviations, because the one-pass ``E[x^2] - E[x]^2`` cancels away every
+  significant digit when the mean is large against the spread (activations with
+  mean 1e4 and std 1 are enough to break it in float32);
+- float16 and bfloat16 input is computed in float32 and rounded once at the end.
+
+Conventions shared with the kernels that replace these functions:
+
+- ``x`` is ``(N, C, *)`` in any memory layout (channels_last included); the
+  statistics are per channel, over every dimension but 1, with the biased
+  (divide by n) variance;
+- ``mean`` and ``invstd = 1 / sqrt(var + eps)`` are ``(C,)`` tensors in the
+  accumulation dtype (float32 for half-precision input, else the input's dtype);
+- ``weight`` and ``bias`` are ``(C,)`` or None (``affine=False``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["accumulation_dtype", "backward", "forward_eval", "forward_train"]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are computed in: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _per_channel(t: Tensor, ndim: int) -> Tensor:
+    """A ``(C,)`` tensor shaped to broadcast against ``(N, C, *)``."""
+    return t.reshape(1, -1, *([1] * (ndim - 2)))
+
+
+def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    if weight is not None:
+        xhat = xhat * _per_channel(weight.to(xhat.dtype), xhat.dim())
+    if bias is not None:
+        xhat = xhat + _per_channel(bias.to(xhat.dtype), xhat.dim())
+    return xhat
+
+
+def forward_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalise with the batch's statistics: ``(y, mean, invstd)``.
+
+    ``y = (x - mean) * invstd * weight + bias`` in ``x``'s dtype and layout.
+    """
+    acc = x.to(accumulation_dtype(x.dtype))
+    dims = _reduce_dims(x)
+    mean = acc.mean(dim=dims)
+    centered = acc - _per_channel(mean, x.dim())
+    var = centered.square().mean(dim=dims)
+    invstd = torch.rsqrt(var + eps)
+    y = _affine(centered * _per_channel(invstd, x.dim()), weight, bias)
+    return y.to(x.dtype), mean, invstd
+
+
+def forward_eval(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Normalise with given statistics: ``(x - mean) / sqrt(var + eps) * weight + bias``."""
+    dtype = accumulation_dtype(x.dtype)
+    invstd = torch.rsqrt(running_var.to(dtype) + eps)
+    xhat = (x.to(dtype) - _per_channel(running_mean.to(dtype), x.dim())) * _per_channel(
+        invstd, x.dim()
+    )
+    return _affine(xhat, weight, bias).to(x.dtype)
+
+
+def backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`forward_train`: ``(dx, dweight, dbias)``.
+
+    ``mean`` and ``invstd`` are :func:`forward_train`'s. ``output_mask`` says
+    which of the three to compute (the rest come back None), as in torch's
+    ``native_batch_norm_backward``. With ``xhat = (x - mean) * invstd`` and
+    ``g = dy * weight``, per channel::
+
+        dx      = invstd * (g - mean(g) - xhat * mean(g * xhat))
+        dweight = sum(dy * xhat)
+        dbias   = sum(dy)
+
+    ``dx`` has ``x``'s dtype; ``dweight`` and ``dbias`` come back in the
+    accumulation dtype, for the caller to cast to its parameters' dtypes.
+    ``dweight`` is None when ``weight`` is (no affine scale, nothing to learn).
+    """
+    dtype = mean.dtype
+    ndim = x.dim()
+    dims = _reduce_dims(x)
+    invstd_c = _per_channel(invstd, ndim)
+    xhat = (x.to(dtype) - _per_channel(mean, ndim)) * invstd_c
+    dy = dy.to(dtype)
+
+    dx = dweight = dbias = None
+    if output_mask[0]:
+        g = dy if weight is None else dy * _per_channel(weight.to(dtype), ndim)
+        mean_g = _per_channel(g.mean(dim=dims), ndim)
+        mean_gxhat = _per_channel((g * xhat).mean(dim=dims), ndim)
+        dx = (invstd_c * (g - mean_g - xhat * mean_gxhat)).to(x.dtype)
+    if output_mask[1] and weight is not None:
+        dweight = (dy * xhat).sum(dim=dims)
+    if output_mask[2]:
+        dbias = dy.sum(dim=dims)
+    return dx, dweight, dbias

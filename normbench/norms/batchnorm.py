@@ -1,0 +1,100 @@
+"""``custom_bn`` (normbench's BatchNorm, on its kernel) and ``torch_bn`` (torch's, the baseline).
+
+Both subclass torch's ``_BatchNorm``, so the constructor arguments, parameters,
+buffers, state_dict keys (``num_batches_tracked`` included), ``reset_parameters``
+and checkpoint loading are torch's: a checkpoint moves between
+``torch.nn.BatchNorm2d`` and :class:`BatchNorm2d` in both directions. The
+registered classes accept any ``(N, C, *)`` input; :class:`BatchNorm1d`,
+:class:`BatchNorm2d` and :class:`BatchNorm3d` check the number of dimensions
+like their torch namesakes, as drop-in replacements.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from normbench.kernels import batch_norm
+from normbench.norms.registry import register_norm
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "TorchBatchNorm"]
+
+
+def _check_at_least_2d(input: Tensor) -> None:
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+@register_norm("custom_bn")
+class BatchNorm(_BatchNorm):
+    """BatchNorm over ``(N, C, *)`` input, computed by normbench's kernel.
+
+    Same arguments and semantics as ``torch.nn.BatchNorm2d``: ``momentum=None``
+    gives a cumulative moving average, ``track_running_stats=False`` normalises
+    with batch statistics in eval mode too, the running variance is unbiased.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        _check_at_least_2d(input)
+
+    def forward(self, input: Tensor) -> Tensor:
+        # torch's _BatchNorm.forward, line for line, with normbench's batch_norm
+        self._check_input_dim(input)
+
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+
+        # batch statistics in training, and in eval when there are no running ones
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+
+        # the buffers are passed only where they are read (eval) or updated (tracked training)
+        use_buffers = not self.training or self.track_running_stats
+        return batch_norm(
+            input,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            exponential_average_factor,
+            self.eps,
+        )
+
+
+class BatchNorm1d(BatchNorm):
+    """Drop-in for ``torch.nn.BatchNorm1d``: ``(N, C)`` or ``(N, C, L)`` input."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class BatchNorm2d(BatchNorm):
+    """Drop-in for ``torch.nn.BatchNorm2d``: ``(N, C, H, W)`` input."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class BatchNorm3d(BatchNorm):
+    """Drop-in for ``torch.nn.BatchNorm3d``: ``(N, C, D, H, W)`` input."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+
+
+@register_norm("torch_bn")
+class TorchBatchNorm(_BatchNorm):
+    """torch's own BatchNorm, unchanged, over any ``(N, C, *)`` input: the baseline.
+
+    For 4-d input it is ``torch.nn.BatchNorm2d`` exactly (same forward, cuDNN
+    included); only the input-dimension check is relaxed.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        _check_at_least_2d(input)

@@ -1,0 +1,160 @@
+"""``batch_renorm``: Batch Renormalization (Ioffe 2017, Algorithm 1).
+
+In training, each channel is normalised with the batch's statistics and then
+corrected towards the running ones::
+
+    sigma_B = sqrt(var_B + eps)                      (biased batch variance)
+    r = stop_gradient(clip(sigma_B / sigma, 1/r_max, r_max))
+    d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))
+    y = weight * ((x - mu_B) / sigma_B * r + d) + bias
+    mu += momentum * (mu_B - mu);  sigma += momentum * (sigma_B - sigma)
+
+and in eval ``y = weight * (x - mu) / sigma + bias``, so training and inference
+agree once the clips stop binding. The running statistics are a mean and a
+standard deviation (buffers ``running_mean`` and ``running_std``; ``sigma``
+already contains eps).
+
+As in the paper, training starts as plain BatchNorm (``r_max = 1``,
+``d_max = 0``) for ``warmup_steps`` steps, while the running statistics are
+still poor, then the limits widen linearly to ``r_max`` and ``d_max`` over
+``ramp_steps`` steps (:meth:`BatchRenorm.renorm_limits`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from normbench.kernels import batch_norm_train
+from normbench.kernels.reference import forward_eval
+from normbench.norms.registry import register_norm
+
+__all__ = ["BatchRenorm", "BatchRenorm2d"]
+
+
+@register_norm("batch_renorm")
+class BatchRenorm(nn.Module):
+    """Batch Renormalization over any ``(N, C, *)`` input (see the module docstring)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.01,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 500,
+        ramp_steps: int = 2000,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if r_max < 1.0 or d_max < 0.0:
+            raise ValueError(f"need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+        if warmup_steps < 0 or ramp_steps < 0:
+            raise ValueError(
+                f"need warmup_steps >= 0 and ramp_steps >= 0, got {warmup_steps}, {ramp_steps}"
+            )
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.r_max = r_max
+        self.d_max = d_max
+        self.warmup_steps = warmup_steps
+        self.ramp_steps = ramp_steps
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_std", torch.ones(num_features, **factory))
+        self.register_buffer(
+            "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+        )
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_std.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def renorm_limits(self, step: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The ``(r_max, d_max)`` in force at training ``step`` (default: the next step).
+
+        Steps count from 0: ``step`` is ``num_batches_tracked`` before the step's
+        increment. Plain BatchNorm ``(1, 0)`` before ``warmup_steps``, then linear
+        from ``(1, 0)`` at ``warmup_steps`` to ``(r_max, d_max)`` at
+        ``warmup_steps + ramp_steps``. Returned as 0-d tensors on the buffers'
+        device, so a training step never waits for the GPU to read the counter.
+        """
+        if step is None:
+            step = self.num_batches_tracked
+        step = torch.as_tensor(step, device=self.num_batches_tracked.device)
+        if self.ramp_steps == 0:
+            t = (step >= self.warmup_steps).float()
+        else:
+            t = ((step - self.warmup_steps) / self.ramp_steps).float().clamp(0.0, 1.0)
+        return 1.0 + t * (self.r_max - 1.0), t * self.d_max
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if not self.training:
+            # sigma already contains eps, hence eps=0 here
+            return forward_eval(
+                input, self.running_mean, self.running_std.square(), self.weight, self.bias, 0.0
+            )
+
+        r_max, d_max = self.renorm_limits()
+        # the kernel gives (x - mu_B) / sigma_B with BatchNorm's gradient through mu_B and sigma_B
+        xhat, mean, invstd = batch_norm_train(input, None, None, self.eps)
+        with torch.no_grad():
+            batch_std = invstd.reciprocal()
+            running_std = self.running_std.to(batch_std.dtype)
+            running_mean = self.running_mean.to(mean.dtype)
+            r_max, d_max = r_max.to(batch_std.dtype), d_max.to(batch_std.dtype)
+            r = torch.clamp(batch_std / running_std, r_max.reciprocal(), r_max)
+            d = torch.clamp((mean - running_mean) / running_std, -d_max, d_max)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_std.lerp_(batch_std.to(self.running_std.dtype), self.momentum)
+            self.num_batches_tracked.add_(1)
+
+        # r and d are constants to autograd; the affine parameters see both
+        scale, shift = r, d
+        if self.weight is not None:
+            scale = self.weight * r
+            shift = self.weight * d + self.bias
+        shape = (1, -1, *([1] * (input.dim() - 2)))
+        y = xhat * scale.reshape(shape) + shift.reshape(shape)
+        return y.to(input.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
+            f"ramp_steps={self.ramp_steps}, affine={self.affine}"
+        )
+
+
+class BatchRenorm2d(BatchRenorm):
+    """Batch Renormalization for ``(N, C, H, W)`` input."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")

@@ -1,0 +1,262 @@
+"""One run: check and build everything, train, write the run folder; skip it when done.
+
+Everything a user can get wrong (the config, the data, the norm's arguments) is
+checked and built before the first file is written, so a bad run leaves nothing
+behind. The run folder is ``<out_dir>/<name>/runs/<run_id>``, where ``run_id`` is
+a hash of the resolved config: the same config always lands in the same folder.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from normbench import __version__
+from normbench.config import EXECUTION_KEYS, flatten, validate
+from normbench.errors import UserError
+from normbench.results import METRIC_COLUMNS, metrics_frame, read_summary, write_csv, write_json
+from normbench.results import write_text as write_text_file
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    run_dir: Path
+    summary: dict[str, Any]
+    skipped: bool = False
+
+
+def run_id(cfg) -> str:
+    """A stable hash of the resolved config, seed included, output and execution keys left out."""
+    record = {k: v for k, v in flatten(cfg).items() if k not in EXECUTION_KEYS}
+    text = json.dumps(record, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def experiment_dir(cfg) -> Path:
+    return Path(cfg.out_dir) / cfg.name
+
+
+def run_dir(cfg) -> Path:
+    return experiment_dir(cfg) / "runs" / run_id(cfg)
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but CUDA is not available here; use device=auto or cpu")
+    return name
+
+
+def default_threads() -> int:
+    """The cores this process may use (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _kwargs(node) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
+
+
+@dataclass
+class _Prepared:
+    """Everything a run needs, built and checked before any file is written."""
+
+    data: Any
+    model: Any
+    optimizer: Any
+    settings: Any
+    device: str
+    threads: int
+
+
+def prepare(cfg) -> _Prepared:
+    """Check every value, load the data, build model and optimizer; write nothing."""
+    import torch
+
+    from normbench.data import load_dataset
+    from normbench.models import build_model
+    from normbench.norms import NormSpec
+    from normbench.train import TrainSettings, make_optimizer, scaled_lr
+
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    threads = cfg.threads or default_threads()
+    torch.set_num_threads(threads)
+
+    data = load_dataset(**_kwargs(cfg.dataset), name=cfg.dataset.name)
+    if cfg.batch_size > data.num_train:
+        raise UserError(
+            f"batch_size={cfg.batch_size} is larger than the training set "
+            f"({data.num_train} images of {cfg.dataset.name})"
+        )
+    torch.manual_seed(cfg.seed)
+    norm = NormSpec(cfg.norm.name, _kwargs(cfg.norm))
+    lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.ref_batch_size, cfg.lr_scaling)
+    try:
+        model = build_model(
+            cfg.model.name,
+            norm,
+            data.in_channels,
+            data.num_classes,
+            data.image_size,
+            **_kwargs(cfg.model),
+        )
+    except (TypeError, ValueError) as err:
+        raise UserError(
+            f"cannot build model={cfg.model.name} with norm={norm.name}: {err}"
+        ) from None
+    model = model.to(device)
+    try:
+        optimizer = make_optimizer(model.parameters(), lr, cfg.optim.name, **_kwargs(cfg.optim))
+    except (TypeError, ValueError) as err:
+        raise UserError(f"invalid optim={cfg.optim.name} settings: {err}") from None
+    settings = TrainSettings(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=lr,
+        schedule=cfg.schedule.name,
+        warmup_epochs=cfg.schedule.warmup_epochs,
+        milestones=tuple(cfg.schedule.milestones or ()),
+        gamma=cfg.schedule.gamma,
+        max_steps=cfg.max_steps,
+        eval_batch_size=cfg.eval_batch_size,
+    )
+    return _Prepared(data.to(device), model, optimizer, settings, device, threads)
+
+
+class _Recorder:
+    """Saves metrics.csv after every epoch and passes the loop's reports on to a display."""
+
+    def __init__(self, run_id: str, path: Path, display=None):
+        self.run_id, self.path, self.display = run_id, path, display
+        self.records: list[dict[str, Any]] = []
+
+    def on_start(self, total_steps: int, epochs: int) -> None:
+        if self.display is not None:
+            self.display.on_start(total_steps, epochs)
+
+    def on_step(self, step: int, epoch: int, loss: float, img_per_s: float) -> None:
+        if self.display is not None:
+            self.display.on_step(step, epoch, loss, img_per_s)
+
+    def on_epoch(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        write_csv(self.path, metrics_frame(self.run_id, self.records))
+        if self.display is not None:
+            self.display.on_epoch(record)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def summarize(cfg, rid: str, result, prepared: _Prepared, started: str, wall: float) -> dict:
+    """The run's flat summary record (``results.SUMMARY_FIELDS``)."""
+    import torch
+
+    done = [r for r in result.records if "test_acc" in r]
+    last = result.records[-1] if result.records else {}
+    train_time = sum(r["epoch_time_s"] for r in done)
+    images = sum(r["img_per_s"] * r["epoch_time_s"] for r in done)
+    return {
+        "run_id": rid,
+        "status": result.status,
+        "name": cfg.name,
+        "model": cfg.model.name,
+        "norm": cfg.norm.name,
+        "dataset": cfg.dataset.name,
+        "optim": cfg.optim.name,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "lr_effective": prepared.settings.lr,
+        "epochs": cfg.epochs,
+        "max_steps": cfg.max_steps,
+        "seed": cfg.seed,
+        "steps": result.steps,
+        "final_test_acc": done[-1]["test_acc"] if done else None,
+        "best_test_acc": max(r["test_acc"] for r in done) if done else None,
+        "final_test_loss": done[-1]["test_loss"] if done else None,
+        "final_train_loss": last.get("train_loss"),
+        "final_train_acc": last.get("train_acc"),
+        "train_time_s": train_time,
+        "wall_time_s": wall,
+        "img_per_s": images / train_time if train_time > 0 else None,
+        "num_params": sum(p.numel() for p in prepared.model.parameters()),
+        "device": prepared.device,
+        "threads": prepared.threads,
+        "error": result.message,
+        "started_at": started,
+        "finished_at": _now(),
+        "torch_version": torch.__version__,
+        "normbench_version": __version__,
+    }
+
+
+def run(cfg, *, force: bool = False, redo_failed: bool = True, display=None) -> RunOutcome:
+    """Run one experiment, or skip it when its folder already holds a completed run.
+
+    ``force`` reruns a completed run; ``redo_failed`` reruns failed and diverged ones.
+    ``display`` receives the training loop's progress (see ``train.Callbacks``).
+    A run that raises is recorded as ``failed`` and the exception propagates.
+    """
+    import torch
+    from omegaconf import OmegaConf
+
+    from normbench.train import TrainResult, train
+
+    rid = run_id(cfg)
+    folder = run_dir(cfg)
+    previous = read_summary(folder)
+    done = previous is not None and (previous.get("status") == "completed" or not redo_failed)
+    if done and not force:
+        return RunOutcome(rid, folder, previous, skipped=True)
+
+    prepared = prepare(cfg)
+
+    # From here on files are written; the summary, written last, marks the run done.
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").unlink(missing_ok=True)
+    (folder / "metrics.csv").unlink(missing_ok=True)
+    write_text_file(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_csv(folder / "metrics.csv", metrics_frame(rid, []).reindex(columns=list(METRIC_COLUMNS)))
+
+    recorder = _Recorder(rid, folder / "metrics.csv", display)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    started, clock = _now(), time.perf_counter()
+    try:
+        result = train(
+            prepared.model,
+            prepared.data,
+            prepared.optimizer,
+            prepared.settings,
+            generator,
+            recorder,
+        )
+    except Exception as err:
+        result = TrainResult(records=recorder.records, status="failed")
+        result.message = f"{type(err).__name__}: {err}"
+        write_json(
+            folder / "summary.json",
+            summarize(cfg, rid, result, prepared, started, time.perf_counter() - clock),
+        )
+        raise
+    if result.status == "diverged":
+        # The partial epoch's training loss is recorded too: it shows where it broke.
+        write_csv(folder / "metrics.csv", metrics_frame(rid, result.records))
+    summary = summarize(cfg, rid, result, prepared, started, time.perf_counter() - clock)
+    write_json(folder / "summary.json", summary)
+    return RunOutcome(rid, folder, summary)

@@ -1,0 +1,175 @@
+"""The training loop: cross-entropy, an optimizer, a per-step learning-rate schedule.
+
+It returns one record per epoch and knows nothing of normalization variants or
+files: the runner builds the model and optimizer and writes what comes back.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normbench.data import DataSplits, eval_batches, steps_per_epoch, train_batches
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int
+    batch_size: int
+    lr: float  # peak learning rate, after batch-size scaling
+    schedule: str = "cosine"  # constant | cosine | step
+    warmup_epochs: float = 0.0
+    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of training (step schedule)
+    gamma: float = 0.1
+    max_steps: int | None = None
+    eval_batch_size: int = 1000
+
+    def total_steps(self, num_train: int) -> int:
+        per_epoch = steps_per_epoch(num_train, self.batch_size)
+        total = self.epochs * per_epoch
+        return total if self.max_steps is None else self.max_steps
+
+
+@dataclass
+class TrainResult:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "completed"  # completed | diverged
+    steps: int = 0
+    message: str | None = None
+
+
+class Callbacks(Protocol):
+    """What the loop reports as it goes; the runner shows and saves it."""
+
+    def on_start(self, total_steps: int, epochs: int) -> None: ...
+    def on_step(self, step: int, epoch: int, loss: float, img_per_s: float) -> None: ...
+    def on_epoch(self, record: dict[str, Any]) -> None: ...
+
+
+def scaled_lr(lr: float, batch_size: int, ref_batch_size: int, scaling: str) -> float:
+    """The learning rate for ``batch_size`` under linear or square-root scaling rules."""
+    ratio = batch_size / ref_batch_size
+    return {"none": lr, "linear": lr * ratio, "sqrt": lr * math.sqrt(ratio)}[scaling]
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, milestones, gamma: float) -> float:
+    """Multiplier of the peak learning rate at 0-based optimizer step ``step``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "step":
+        return gamma ** sum(step >= m * total for m in milestones)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def make_optimizer(params, lr: float, name: str, **kwargs) -> torch.optim.Optimizer:
+    """``sgd`` or ``adam`` with the keyword arguments of the optim config."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, **kwargs)
+    if name == "adam":
+        if "betas" in kwargs:
+            kwargs["betas"] = tuple(kwargs["betas"])
+        return torch.optim.Adam(params, lr=lr, **kwargs)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    """Mean cross-entropy and accuracy over ``(x, y)`` in eval mode."""
+    model.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    for xb, yb in eval_batches(x, y, batch_size):
+        out = model(xb)
+        loss += F.cross_entropy(out, yb, reduction="sum")
+        correct += (out.argmax(1) == yb).sum()
+    return loss.item() / len(y), correct.item() / len(y)
+
+
+def train(
+    model: nn.Module,
+    data: DataSplits,
+    optimizer: torch.optim.Optimizer,
+    settings: TrainSettings,
+    generator: torch.Generator,
+    callbacks: Callbacks | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``data``; evaluate on the test split after every epoch.
+
+    Stops at once, with status ``diverged``, when a training loss is NaN or inf.
+    """
+    per_epoch = steps_per_epoch(data.num_train, settings.batch_size)
+    total = settings.total_steps(data.num_train)
+    epochs = math.ceil(total / per_epoch)
+    warmup = round(settings.warmup_epochs * per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(
+            s, total, warmup, settings.schedule, settings.milestones, settings.gamma
+        ),
+    )
+    if callbacks is not None:
+        callbacks.on_start(total, epochs)
+    result = TrainResult()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        seen = 0
+        loss_sum = 0.0
+        correct = torch.zeros((), dtype=torch.long, device=data.train_x.device)
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        for xb, yb in train_batches(data, settings.batch_size, generator):
+            out = model(xb)
+            loss = F.cross_entropy(out, yb)
+            value = loss.item()
+            if not math.isfinite(value):
+                result.status = "diverged"
+                result.message = (
+                    f"training loss became {value} at step {result.steps + 1} (epoch {epoch})"
+                )
+                result.records.append({"epoch": epoch, "train_loss": value, "lr": lr})
+                return result
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            result.steps += 1
+            seen += len(yb)
+            loss_sum += value * len(yb)
+            correct += (out.argmax(1) == yb).sum()
+            if callbacks is not None:
+                callbacks.on_step(result.steps, epoch, value, seen / (time.perf_counter() - start))
+            if result.steps >= total:
+                break
+        elapsed = time.perf_counter() - start
+        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, settings.eval_batch_size)
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct.item() / seen,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "lr": lr,
+            "epoch_time_s": elapsed,
+            "img_per_s": seen / elapsed,
+        }
+        result.records.append(record)
+        if callbacks is not None:
+            callbacks.on_epoch(record)
+        if not math.isfinite(test_loss):
+            # Training went on but the running statistics or weights broke evaluation.
+            result.status = "diverged"
+            result.message = f"test loss became {test_loss} after epoch {epoch}"
+            return result
+    return result

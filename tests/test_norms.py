@@ -1,0 +1,555 @@
+"""Normalization variants: every registered one, and each against an independent reference."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from normbench.errors import UserError
+from normbench.norms import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchRenorm,
+    BatchRenorm2d,
+    GhostBatchNorm,
+    GroupNorm,
+    InstanceNorm,
+    LayerNorm,
+    NormSpec,
+    get_norm,
+    group_count,
+    norm_names,
+)
+
+C = 16
+CONF = Path(__file__).resolve().parents[1] / "conf" / "norm"
+TOL32 = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randomize(module: nn.Module) -> nn.Module:
+    """Move parameters off their initial values, so tests see weight and bias act."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + 1)
+    return module
+
+
+def train_steps(module: nn.Module, shape, steps: int = 3) -> None:
+    module.train()
+    for _ in range(steps):
+        module(torch.randn(shape) * 2 + 1)
+
+
+# --- the registry and the configs -----------------------------------------------------------
+
+
+def test_registry_lists_every_variant():
+    assert norm_names() == [
+        "custom_bn",
+        "torch_bn",
+        "layer",
+        "instance",
+        "group",
+        "batch_renorm",
+        "ghost_bn",
+        "none",
+    ]
+    with pytest.raises(UserError, match="unknown norm 'batch'.*custom_bn"):
+        get_norm("batch")
+
+
+def test_normspec_reads_class_attributes():
+    for name in norm_names():
+        spec = NormSpec(name)
+        assert spec.centers == (name != "none")
+        assert spec.needs_spatial == (name == "instance")
+    layer = NormSpec("group", {"groups": 4})(12)
+    assert isinstance(layer, GroupNorm) and layer.num_groups == 4
+
+
+def test_one_config_per_variant():
+    assert sorted(p.stem for p in CONF.glob("*.yaml")) == sorted(norm_names())
+
+
+@pytest.mark.parametrize("name", norm_names())
+def test_config_keys_are_constructor_defaults(name):
+    path = CONF / f"{name}.yaml"
+    first = path.read_text().splitlines()[0]
+    assert re.fullmatch(r"# \S.*", first), f"{path} must start with '# <description>'"
+    cfg = OmegaConf.to_container(OmegaConf.load(path))
+    assert cfg.pop("name") == name
+    cls = get_norm(name)
+    params = inspect.signature(cls).parameters
+    for key, value in cfg.items():
+        assert key in params, f"{name}: {key} is not a constructor argument"
+        assert value == params[key].default, f"{name}: {key}={value} differs from the default"
+    cls(C, **cfg)
+
+
+# --- every variant -----------------------------------------------------------------------------
+
+SHAPES = [(6, C), (4, C, 7), (4, C, 5, 6), (2, C, 3, 4, 5)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
+@pytest.mark.parametrize("name", norm_names())
+def test_every_variant_runs_in_train_and_eval(name, shape):
+    layer = get_norm(name)(C)
+    x = torch.randn(shape) * 3 + 1
+    if len(shape) == 2 and NormSpec(name).needs_spatial:
+        with pytest.raises(ValueError, match="spatial"):
+            layer(x)
+        return
+    for training in (True, False):
+        layer.train(training)
+        y = layer(x)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", norm_names())
+def test_every_variant_state_dict_round_trip(name):
+    shape = (8, C, 4, 4)
+    layer = randomize(get_norm(name)(C))
+    train_steps(layer, shape)
+    fresh = get_norm(name)(C)
+    fresh.load_state_dict(layer.state_dict())
+    layer.eval()
+    fresh.eval()
+    x = torch.randn(shape)
+    assert torch.equal(layer(x), fresh(x))
+
+
+@pytest.mark.parametrize("name", norm_names())
+def test_every_variant_backward_reaches_every_parameter(name):
+    layer = randomize(get_norm(name)(C))
+    x = torch.randn(4, C, 5, 5, requires_grad=True)
+    y = layer(x)
+    (y * torch.randn_like(y)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for pname, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, pname
+
+
+# --- custom_bn against torch.nn.BatchNorm*d ----------------------------------------------------
+
+BN_PAIRS = [
+    (BatchNorm1d, nn.BatchNorm1d, (8, 3)),
+    (BatchNorm1d, nn.BatchNorm1d, (4, 3, 5)),
+    (BatchNorm2d, nn.BatchNorm2d, (4, 3, 5, 6)),
+    (BatchNorm3d, nn.BatchNorm3d, (2, 3, 3, 4, 5)),
+]
+BN_IDS = ["1d-2D", "1d-3D", "2d", "3d"]
+BN_OPTIONS = [
+    {},
+    {"momentum": None},
+    {"affine": False},
+    {"track_running_stats": False},
+    {"momentum": 0.5, "eps": 1e-3},
+]
+
+
+def assert_same_bn(ours, theirs, shape, *, fmt=None, dtype=torch.float32, steps=3):
+    """Same outputs, gradients and buffers over training steps and then in eval mode."""
+    tol = TOL32 if dtype == torch.float32 else {}
+    theirs.load_state_dict(ours.state_dict())
+    for training, n in ((True, steps), (False, 1)):
+        ours.train(training)
+        theirs.train(training)
+        for _ in range(n):
+            x = torch.randn(shape, dtype=dtype) * 2 + 1
+            if fmt is not None:
+                x = x.to(memory_format=fmt)
+            dy = torch.randn(shape, dtype=dtype)
+            xs, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            y, yt = ours(xs), theirs(xt)
+            torch.testing.assert_close(y, yt, **tol)
+            if fmt is not None:
+                assert y.is_contiguous(memory_format=fmt)
+            y.backward(dy)
+            yt.backward(dy)
+            torch.testing.assert_close(xs.grad, xt.grad, **tol)
+            for (name, p), pt in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+                torch.testing.assert_close(p.grad, pt.grad, **tol, msg=name)
+                p.grad = pt.grad = None
+            sd, sdt = ours.state_dict(), theirs.state_dict()
+            assert sd.keys() == sdt.keys()
+            for key in sd:
+                torch.testing.assert_close(sd[key], sdt[key], **tol, msg=key)
+
+
+@pytest.mark.parametrize("options", BN_OPTIONS, ids=str)
+@pytest.mark.parametrize("ours_cls, torch_cls, shape", BN_PAIRS, ids=BN_IDS)
+def test_custom_bn_matches_torch(ours_cls, torch_cls, shape, options):
+    ours = randomize(ours_cls(3, **options))
+    assert_same_bn(ours, torch_cls(3, **options), shape)
+
+
+@pytest.mark.parametrize(
+    "ours_cls, torch_cls, shape, fmt",
+    [
+        (BatchNorm2d, nn.BatchNorm2d, (4, 3, 5, 6), torch.channels_last),
+        (BatchNorm3d, nn.BatchNorm3d, (2, 3, 3, 4, 5), torch.channels_last_3d),
+    ],
+)
+def test_custom_bn_channels_last(ours_cls, torch_cls, shape, fmt):
+    assert_same_bn(randomize(ours_cls(3)), torch_cls(3), shape, fmt=fmt)
+
+
+def test_custom_bn_float64():
+    ours = randomize(BatchNorm2d(3, momentum=None, dtype=torch.float64))
+    assert_same_bn(
+        ours,
+        nn.BatchNorm2d(3, momentum=None, dtype=torch.float64),
+        (4, 3, 5, 6),
+        dtype=torch.float64,
+    )
+
+
+def test_custom_bn_tracking_switched_off_after_construction():
+    # torch's quirk, kept: buffers exist but track_running_stats was switched off later
+    ours, theirs = randomize(BatchNorm2d(3)), nn.BatchNorm2d(3)
+    ours.track_running_stats = theirs.track_running_stats = False
+    assert_same_bn(ours, theirs, (4, 3, 2, 2))
+
+
+def test_custom_bn_state_dict_loads_both_ways():
+    ours, theirs = BatchNorm2d(3), randomize(nn.BatchNorm2d(3))
+    train_steps(theirs, (4, 3, 5, 5))
+    ours.load_state_dict(theirs.state_dict())
+    back = nn.BatchNorm2d(3)
+    train_steps(ours, (4, 3, 5, 5))
+    back.load_state_dict(ours.state_dict())
+    for module in (ours, back):
+        module.eval()
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(ours(x), back(x))
+    assert int(back.num_batches_tracked) == 6
+
+
+def test_custom_bn_is_a_torch_batchnorm():
+    layer = BatchNorm2d(3, eps=1e-3, momentum=0.2, affine=False)
+    assert isinstance(layer, nn.modules.batchnorm._BatchNorm)
+    assert repr(layer).replace("BatchNorm2d", "X") == repr(
+        nn.BatchNorm2d(3, eps=1e-3, momentum=0.2, affine=False)
+    ).replace("BatchNorm2d", "X")
+
+
+@pytest.mark.parametrize("ours_cls, torch_cls, shape", BN_PAIRS[1:], ids=BN_IDS[1:])
+def test_custom_bn_one_value_per_channel_error_matches_torch(ours_cls, torch_cls, shape):
+    x = torch.randn(1, 3, *([1] * (len(shape) - 2)))
+    with pytest.raises(ValueError) as expected:
+        torch_cls(3)(x)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(expected.value))}$"):
+        ours_cls(3)(x)
+
+
+@pytest.mark.parametrize(
+    "ours_cls, torch_cls",
+    [(BatchNorm1d, nn.BatchNorm1d), (BatchNorm2d, nn.BatchNorm2d), (BatchNorm3d, nn.BatchNorm3d)],
+)
+def test_custom_bn_input_dim_errors_match_torch(ours_cls, torch_cls):
+    for ndim in range(1, 7):
+        x = torch.randn(*([2] * ndim))
+        try:
+            torch_cls(2)(x)
+        except ValueError as expected:
+            with pytest.raises(ValueError, match=f"^{re.escape(str(expected))}$"):
+                ours_cls(2)(x)
+        else:
+            ours_cls(2)(x)
+
+
+def test_dimension_agnostic_bn_matches_torch_on_any_rank():
+    custom, baseline = get_norm("custom_bn"), get_norm("torch_bn")
+    for shape in SHAPES:
+        ours = randomize(custom(C))
+        assert_same_bn(ours, baseline(C), shape, steps=2)
+    with pytest.raises(ValueError, match="expected at least 2D input"):
+        custom(C)(torch.randn(C))
+
+
+# --- layer, instance, group --------------------------------------------------------------------
+
+
+def affine(y, layer):
+    shape = (1, -1, *([1] * (y.dim() - 2)))
+    return y * layer.weight.reshape(shape) + layer.bias.reshape(shape)
+
+
+@pytest.mark.parametrize("shape", [(6, C), (4, C, 5, 6), (2, C, 3, 4, 5)])
+def test_layer_is_layer_norm_then_per_channel_affine(shape):
+    layer = randomize(LayerNorm(C, eps=1e-3))
+    x = torch.randn(shape) * 2 + 3
+    expected = affine(F.layer_norm(x, x.shape[1:], eps=1e-3), layer)
+    torch.testing.assert_close(layer(x), expected, **TOL32)
+
+
+@pytest.mark.parametrize(
+    "torch_cls, shape",
+    [
+        (nn.InstanceNorm1d, (4, C, 7)),
+        (nn.InstanceNorm2d, (4, C, 5, 6)),
+        (nn.InstanceNorm3d, (2, C, 3, 4, 5)),
+    ],
+)
+def test_instance_matches_torch_instance_norm(torch_cls, shape):
+    ours = randomize(InstanceNorm(C))
+    theirs = torch_cls(C, affine=True)
+    theirs.load_state_dict(ours.state_dict())
+    for training in (True, False):
+        ours.train(training)
+        theirs.train(training)
+        x = torch.randn(shape, requires_grad=True)
+        xt = x.detach().clone().requires_grad_(True)
+        y, yt = ours(x), theirs(xt)
+        torch.testing.assert_close(y, yt, **TOL32)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        yt.backward(dy)
+        torch.testing.assert_close(x.grad, xt.grad, **TOL32)
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **TOL32)
+
+
+@pytest.mark.parametrize("shape", [(4, C), (4, C, 1, 1)])
+def test_instance_refuses_input_without_spatial_extent(shape):
+    with pytest.raises(ValueError, match="instance norm needs spatial dimensions"):
+        InstanceNorm(C)(torch.randn(shape))
+
+
+@pytest.mark.parametrize(
+    "channels, groups, expected",
+    [(12, 8, 6), (3, 8, 3), (16, 8, 8), (7, 8, 7), (10, 4, 2), (13, 8, 1), (64, 32, 32), (8, 1, 1)],
+)
+def test_group_count_rule(channels, groups, expected):
+    assert group_count(channels, groups) == expected
+    assert GroupNorm(channels, groups=groups).num_groups == expected
+
+
+def test_group_count_rejects_no_groups():
+    with pytest.raises(ValueError, match="groups must be at least 1"):
+        GroupNorm(8, groups=0)
+
+
+@pytest.mark.parametrize(
+    "channels, groups, shape", [(C, 8, (4, C, 5, 6)), (12, 8, (3, 12, 4)), (C, 4, (4, C))]
+)
+def test_group_matches_torch_group_norm(channels, groups, shape):
+    ours = randomize(GroupNorm(channels, groups=groups, eps=1e-4))
+    theirs = nn.GroupNorm(group_count(channels, groups), channels, eps=1e-4)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(shape) * 2 + 1
+    torch.testing.assert_close(ours(x), theirs(x), **TOL32)
+
+
+# --- batch_renorm --------------------------------------------------------------------------
+
+
+def test_batch_renorm_without_correction_is_batchnorm():
+    ours = randomize(BatchRenorm2d(3, r_max=1.0, d_max=0.0, warmup_steps=0, ramp_steps=0))
+    bn = nn.BatchNorm2d(3)
+    bn.load_state_dict({"weight": ours.weight, "bias": ours.bias}, strict=False)
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, 5) * 3 + 2
+        xs, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y, yt = ours(xs), bn(xt)
+        torch.testing.assert_close(y, yt, **TOL32)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        yt.backward(dy)
+        torch.testing.assert_close(xs.grad, xt.grad, **TOL32)
+        for p, pt in ((ours.weight, bn.weight), (ours.bias, bn.bias)):
+            torch.testing.assert_close(p.grad, pt.grad, **TOL32)
+            p.grad = pt.grad = None
+
+
+def renorm64(x, mu, sigma, weight, bias, eps, momentum, r_max, d_max):
+    """Algorithm 1 of Ioffe (2017) in float64: (y, new mu, new sigma, whether r and d clipped)."""
+    shape = (1, -1, 1, 1)
+    mu_b = x.mean(dim=(0, 2, 3))
+    sigma_b = torch.sqrt(((x - mu_b.reshape(shape)) ** 2).mean(dim=(0, 2, 3)) + eps)
+    r_raw = (sigma_b / sigma).detach()
+    d_raw = ((mu_b - mu) / sigma).detach()
+    r = r_raw.clamp(1 / r_max, r_max)
+    d = d_raw.clamp(-d_max, d_max)
+    xhat = (x - mu_b.reshape(shape)) / sigma_b.reshape(shape) * r.reshape(shape) + d.reshape(shape)
+    y = weight.reshape(shape) * xhat + bias.reshape(shape)
+    mu = mu + momentum * (mu_b.detach() - mu)
+    sigma = sigma + momentum * (sigma_b.detach() - sigma)
+    clipped = bool((r != r_raw).any() and (d != d_raw).any())
+    return y, mu, sigma, clipped
+
+
+def test_batch_renorm_follows_algorithm_1():
+    eps, momentum, r_max, d_max = 1e-3, 0.2, 1.5, 0.5
+    ours = BatchRenorm2d(
+        3,
+        eps=eps,
+        momentum=momentum,
+        r_max=r_max,
+        d_max=d_max,
+        warmup_steps=0,
+        ramp_steps=0,
+        dtype=torch.float64,
+    )
+    randomize(ours)
+    weight = ours.weight.detach().clone().requires_grad_(True)
+    bias = ours.bias.detach().clone().requires_grad_(True)
+    mu, sigma = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    # per-channel stats far from the running (0, 1), and moving, so the clips bind
+    scale = torch.tensor([4.0, 0.2, 2.0], dtype=torch.float64).reshape(1, 3, 1, 1)
+    shift = torch.tensor([3.0, -2.0, 0.5], dtype=torch.float64).reshape(1, 3, 1, 1)
+    clipped_steps = 0
+    for step in range(4):
+        x = torch.randn(6, 3, 4, 4, dtype=torch.float64) * scale * (1 + step) + shift
+        xs, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y = ours(xs)
+        yr, mu, sigma, clipped = renorm64(xr, mu, sigma, weight, bias, eps, momentum, r_max, d_max)
+        clipped_steps += clipped
+        torch.testing.assert_close(y, yr)
+        torch.testing.assert_close(ours.running_mean, mu)
+        torch.testing.assert_close(ours.running_std, sigma)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        yr.backward(dy)
+        torch.testing.assert_close(xs.grad, xr.grad)
+        torch.testing.assert_close(ours.weight.grad, weight.grad)
+        torch.testing.assert_close(ours.bias.grad, bias.grad)
+        for p in (ours.weight, ours.bias, weight, bias):
+            p.grad = None
+    assert clipped_steps >= 2
+    assert int(ours.num_batches_tracked) == 4
+
+    ours.eval()
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    expected = (x - mu.reshape(1, -1, 1, 1)) / sigma.reshape(1, -1, 1, 1)
+    expected = expected * weight.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+    torch.testing.assert_close(ours(x), expected.detach())
+    assert int(ours.num_batches_tracked) == 4
+
+
+def limits(layer, step=None):
+    return tuple(float(v) for v in layer.renorm_limits(step))
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        (0, (1.0, 0.0)),
+        (9, (1.0, 0.0)),
+        (10, (1.0, 0.0)),
+        (15, (1.5, 1.25)),
+        (20, (2.0, 2.5)),
+        (30, (3.0, 5.0)),
+        (1000, (3.0, 5.0)),
+    ],
+)
+def test_batch_renorm_schedule(step, expected):
+    layer = BatchRenorm(3, r_max=3.0, d_max=5.0, warmup_steps=10, ramp_steps=20)
+    assert limits(layer, step) == pytest.approx(expected)
+
+
+def test_batch_renorm_schedule_edges():
+    assert limits(BatchRenorm(3, warmup_steps=0, ramp_steps=0), 0) == (3.0, 5.0)
+    layer = BatchRenorm(3, warmup_steps=5, ramp_steps=0)
+    assert limits(layer, 4) == (1.0, 0.0)
+    assert limits(layer, 5) == (3.0, 5.0)
+    assert limits(BatchRenorm(3, warmup_steps=0, ramp_steps=4), 1) == (1.5, 1.25)
+
+
+def test_batch_renorm_schedule_counts_training_steps():
+    layer = BatchRenorm2d(3, r_max=2.0, d_max=2.0, warmup_steps=2, ramp_steps=0)
+    bn = nn.BatchNorm2d(3)
+    for step in range(4):
+        assert limits(layer) == ((1.0, 0.0) if step < 2 else (2.0, 2.0))
+        x = torch.randn(4, 3, 3, 3) * 5 + 4
+        y, yt = layer(x), bn(x)
+        # during warm-up it is plain BatchNorm; after, the far-off running stats bind
+        assert torch.allclose(y, yt, atol=1e-5) == (step < 2)
+    layer.eval()
+    layer(torch.randn(4, 3, 3, 3))
+    assert int(layer.num_batches_tracked) == 4
+
+
+def test_batch_renorm_one_value_per_channel_error_matches_torch():
+    x = torch.randn(1, 3, 1, 1)
+    with pytest.raises(ValueError) as expected:
+        nn.BatchNorm2d(3)(x)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(expected.value))}$"):
+        BatchRenorm2d(3)(x)
+    with pytest.raises(ValueError, match=re.escape("expected 4D input (got 3D input)")):
+        BatchRenorm2d(3)(torch.randn(4, 3, 5))
+
+
+def test_batch_renorm_rejects_bad_limits():
+    with pytest.raises(ValueError, match="r_max"):
+        BatchRenorm(3, r_max=0.5)
+
+
+# --- ghost_bn ----------------------------------------------------------------------------------
+
+
+def assert_ghost_matches(ghost, bn, x, pieces):
+    """``ghost(x)`` is ``bn`` on ``pieces`` of ``x`` in turn: outputs, grads, buffers."""
+    xs, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y = ghost(xs)
+    yt = torch.cat([bn(part) for part in xt.split(pieces)])
+    torch.testing.assert_close(y, yt, **TOL32)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yt.backward(dy)
+    torch.testing.assert_close(xs.grad, xt.grad, **TOL32)
+    torch.testing.assert_close(ghost.weight.grad, bn.weight.grad, **TOL32)
+    torch.testing.assert_close(ghost.bias.grad, bn.bias.grad, **TOL32)
+    for key, value in bn.state_dict().items():
+        torch.testing.assert_close(ghost.state_dict()[key], value, **TOL32, msg=key)
+
+
+@pytest.mark.parametrize("n", [5, 8])
+def test_ghost_bn_with_one_virtual_batch_is_batchnorm(n):
+    ghost = randomize(GhostBatchNorm(3, virtual_batch_size=8))
+    bn = nn.BatchNorm2d(3)
+    bn.load_state_dict(ghost.state_dict())
+    assert_ghost_matches(ghost, bn, torch.randn(n, 3, 4, 4) * 2 + 1, [n])
+
+
+@pytest.mark.parametrize("n, pieces", [(8, [4, 4]), (11, [4, 4, 3])])
+def test_ghost_bn_normalises_each_virtual_batch(n, pieces):
+    ghost = randomize(GhostBatchNorm(3, virtual_batch_size=4))
+    bn = nn.BatchNorm2d(3)
+    bn.load_state_dict(ghost.state_dict())
+    x = torch.randn(n, 3, 4, 4) * 2 + 1
+    x[: n // 2] += 3  # the halves differ, so one batch's statistics would not do
+    assert_ghost_matches(ghost, bn, x, pieces)
+
+    ghost.eval()
+    bn.eval()
+    x = torch.randn(n, 3, 4, 4)
+    torch.testing.assert_close(ghost(x), bn(x), **TOL32)
+
+
+def test_ghost_bn_merges_a_last_virtual_batch_of_one_value():
+    ghost = randomize(GhostBatchNorm(3, virtual_batch_size=4))
+    bn = nn.BatchNorm1d(3)
+    bn.load_state_dict(ghost.state_dict())
+    assert_ghost_matches(ghost, bn, torch.randn(9, 3), [4, 5])
+
+
+def test_ghost_bn_has_batchnorm_state_dict_keys():
+    assert GhostBatchNorm(3).state_dict().keys() == nn.BatchNorm2d(3).state_dict().keys()
+    assert math.isclose(GhostBatchNorm(3, momentum=0.3).momentum, 0.3)

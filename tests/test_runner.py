@@ -1,0 +1,161 @@
+"""Tests for normbench.runner: the run folder, skipping, failures, run ids."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from normbench import runner
+from normbench.errors import UserError
+from normbench.results import METRIC_COLUMNS, SUMMARY_FIELDS
+
+
+def test_run_writes_config_metrics_and_summary(tiny):
+    cfg = tiny("epochs=2")
+    outcome = runner.run(cfg)
+    folder = outcome.run_dir
+    assert folder == runner.experiment_dir(cfg) / "runs" / outcome.run_id
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.yaml",
+        "metrics.csv",
+        "summary.json",
+    ]
+
+    summary = json.loads((folder / "summary.json").read_text())
+    assert list(summary)[: len(SUMMARY_FIELDS)] == list(SUMMARY_FIELDS)
+    assert summary["status"] == "completed" and summary["error"] is None
+    assert (summary["model"], summary["norm"], summary["dataset"]) == (
+        "small_cnn",
+        "custom_bn",
+        "digits",
+    )
+    assert summary["steps"] == 2 * (256 // 64)
+    assert 0 <= summary["final_test_acc"] <= summary["best_test_acc"] <= 1
+    assert summary["torch_version"] == torch.__version__
+
+    metrics = pd.read_csv(folder / "metrics.csv")
+    assert list(metrics.columns) == list(METRIC_COLUMNS)
+    assert set(metrics.run_id) == {outcome.run_id}
+    assert set(metrics.epoch) == {1, 2}
+    pairs = set(zip(metrics.split, metrics.metric, strict=True))
+    assert pairs == {
+        ("train", "loss"),
+        ("train", "acc"),
+        ("test", "loss"),
+        ("test", "acc"),
+        ("train", "lr"),
+        ("train", "epoch_time_s"),
+        ("train", "img_per_s"),
+    }
+    final = metrics.query("epoch == 2 and split == 'test' and metric == 'acc'").value.item()
+    assert final == pytest.approx(summary["final_test_acc"])
+
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(folder / "config.yaml") == cfg
+
+
+def test_a_completed_run_is_skipped(tiny):
+    cfg = tiny()
+    first = runner.run(cfg)
+    stamp = (first.run_dir / "summary.json").stat().st_mtime_ns
+    again = runner.run(cfg)
+    assert again.skipped and again.summary == first.summary
+    assert (first.run_dir / "summary.json").stat().st_mtime_ns == stamp
+    forced = runner.run(cfg, force=True)
+    assert not forced.skipped
+
+
+def test_run_id_is_a_stable_hash_of_what_the_run_computes(tiny, tmp_path):
+    a = tiny("seed=1")
+    assert runner.run_id(a) == runner.run_id(tiny("seed=1"))
+    assert runner.run_id(a) != runner.run_id(tiny("seed=2"))
+    assert runner.run_id(a) != runner.run_id(tiny("seed=1", "norm=layer"))
+    # Where and how it runs does not change what it computes.
+    moved = tiny("seed=1", f"out_dir={tmp_path}/elsewhere", "name=other", "threads=2", "device=cpu")
+    assert runner.run_id(a) == runner.run_id(moved)
+    assert len(runner.run_id(a)) == 12
+
+
+def test_same_config_gives_identical_metrics(tiny, tmp_path):
+    timing = ["epoch_time_s", "img_per_s"]
+
+    def metrics(out):
+        outcome = runner.run(tiny(f"out_dir={tmp_path / out}", "epochs=2"))
+        frame = pd.read_csv(outcome.run_dir / "metrics.csv")
+        return frame[~frame.metric.isin(timing)].reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(metrics("a"), metrics("b"))
+
+
+def test_a_diverged_run_is_recorded_not_raised(tiny):
+    outcome = runner.run(tiny("lr=1e12", "epochs=3", "schedule.name=constant"))
+    summary = outcome.summary
+    assert summary["status"] == "diverged"
+    assert "loss became" in summary["error"]
+    assert summary["steps"] < 3 * (256 // 64)
+    on_disk = json.loads((outcome.run_dir / "summary.json").read_text())
+    assert on_disk["status"] == "diverged"
+
+
+def test_a_run_that_raises_is_recorded_as_failed(tiny, monkeypatch):
+    import normbench.train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(normbench.train, "train", broken)
+    cfg = tiny()
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.run(cfg)
+    summary = json.loads((runner.run_dir(cfg) / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "RuntimeError: boom"
+
+
+def test_an_interrupted_run_leaves_nothing_that_looks_complete(tiny):
+    class Interrupt:
+        def on_start(self, total, epochs):
+            pass
+
+        def on_step(self, step, epoch, loss, img_per_s):
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+        def on_epoch(self, record):
+            pass
+
+    cfg = tiny("epochs=3")
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg, display=Interrupt())
+    folder = runner.run_dir(cfg)
+    assert not (folder / "summary.json").exists()
+    assert not list(folder.glob(".*tmp"))
+    # The epoch that finished is on disk; rerunning completes the run.
+    assert set(pd.read_csv(folder / "metrics.csv").epoch) == {1}
+    outcome = runner.run(cfg)
+    assert not outcome.skipped and outcome.summary["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("batch_size=257", "larger than the training set"),
+        ("norm=group norm.groups=0", "cannot build model"),
+        ("norm.not_an_arg=1", "unknown config key"),
+        ("optim.momentum=0", "invalid optim"),  # nesterov needs momentum
+    ],
+)
+def test_bad_input_writes_nothing(tiny, tmp_path, override, message):
+    with pytest.raises(UserError, match=message):
+        runner.run(tiny(*override.split()))
+    assert not (tmp_path / "results").exists()
+
+
+def test_threads_are_applied(tiny):
+    before = torch.get_num_threads()
+    try:
+        runner.prepare(tiny("threads=1"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,141 @@
+"""Tests for normbench.train: schedules, the loop's records, divergence, determinism."""
+
+import math
+
+import pytest
+import torch
+
+from normbench.data import load_dataset
+from normbench.models import build_model
+from normbench.norms import NormSpec
+from normbench.train import TrainSettings, lr_factor, make_optimizer, scaled_lr, train
+
+TIMING = {"epoch_time_s", "img_per_s"}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", train_size=512)
+
+
+def _train(data, seed=0, lr=0.05, norm="torch_bn", **settings):
+    torch.manual_seed(seed)
+    model = build_model(
+        "small_cnn", NormSpec(norm), data.in_channels, data.num_classes, data.image_size
+    )
+    optimizer = make_optimizer(model.parameters(), lr, "sgd", momentum=0.9, nesterov=True)
+    settings = TrainSettings(**{"epochs": 2, "batch_size": 32, "lr": lr, **settings})
+    return train(model, data, optimizer, settings, torch.Generator().manual_seed(seed))
+
+
+def test_constant_and_warmup():
+    assert lr_factor(0, 100, 0, "constant", (), 0.1) == 1.0
+    # Linear warm-up over 4 steps: 1/4, 2/4, 3/4, then the schedule.
+    assert [lr_factor(s, 100, 4, "constant", (), 0.1) for s in range(5)] == [0.25, 0.5, 0.75, 1, 1]
+
+
+def test_cosine_goes_from_one_to_zero():
+    assert lr_factor(0, 100, 0, "cosine", (), 0.1) == 1.0
+    assert lr_factor(50, 100, 0, "cosine", (), 0.1) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 0, "cosine", (), 0.1) == pytest.approx(0.0)
+    # After a warm-up, the cosine spans the remaining steps.
+    assert lr_factor(10, 110, 10, "cosine", (), 0.1) == 1.0
+    assert lr_factor(60, 110, 10, "cosine", (), 0.1) == pytest.approx(0.5)
+
+
+def test_step_schedule_decays_at_milestones():
+    factors = [lr_factor(s, 100, 0, "step", (0.5, 0.75), 0.1) for s in (0, 49, 50, 74, 75, 99)]
+    assert factors == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_lr_scaling_rules():
+    assert scaled_lr(0.1, 32, 128, "none") == 0.1
+    assert scaled_lr(0.1, 32, 128, "linear") == pytest.approx(0.025)
+    assert scaled_lr(0.1, 32, 128, "sqrt") == pytest.approx(0.05)
+
+
+def test_optimizers():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    sgd = make_optimizer(params, 0.1, "sgd", momentum=0.9, nesterov=True, weight_decay=1e-4)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"]
+    adam = make_optimizer(params, 0.1, "adam", betas=[0.8, 0.9], eps=1e-8, weight_decay=0.0)
+    assert isinstance(adam, torch.optim.Adam) and adam.defaults["betas"] == (0.8, 0.9)
+
+
+def test_records_every_epoch_and_learns(digits):
+    result = _train(digits, epochs=3, schedule="constant")
+    assert result.status == "completed" and result.message is None
+    assert [r["epoch"] for r in result.records] == [1, 2, 3]
+    assert result.steps == 3 * (512 // 32)
+    for record in result.records:
+        assert set(record) == {
+            "epoch",
+            "train_loss",
+            "train_acc",
+            "test_loss",
+            "test_acc",
+            "lr",
+            "epoch_time_s",
+            "img_per_s",
+        }
+        assert record["lr"] == pytest.approx(0.05)
+    # Ten classes: chance is 10%; a few epochs on digits get far beyond it.
+    assert result.records[-1]["test_acc"] > 0.5
+    assert result.records[-1]["train_loss"] < result.records[0]["train_loss"]
+
+
+def test_lr_follows_the_schedule_per_step(digits):
+    result = _train(digits, epochs=2, schedule="step", milestones=(0.5,), gamma=0.1)
+    assert [r["lr"] for r in result.records] == pytest.approx([0.05, 0.005])
+
+
+def test_max_steps_overrides_epochs(digits):
+    result = _train(digits, epochs=50, max_steps=20)
+    assert result.steps == 20
+    assert len(result.records) == math.ceil(20 / (512 // 32))
+
+
+def test_nan_loss_stops_at_once_as_diverged(digits):
+    result = _train(digits, lr=1e12, epochs=5, schedule="constant")
+    assert result.status == "diverged"
+    assert "training loss became" in result.message
+    assert result.steps < 5 * (512 // 32)
+    assert not math.isfinite(result.records[-1]["train_loss"])
+
+
+def test_same_seed_gives_identical_metrics(digits):
+    def untimed(result):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in result.records]
+
+    assert untimed(_train(digits, seed=3)) == untimed(_train(digits, seed=3))
+    assert untimed(_train(digits, seed=3)) != untimed(_train(digits, seed=4))
+
+
+def test_callbacks_see_every_step_and_epoch(digits):
+    seen = {"start": None, "steps": [], "epochs": []}
+
+    class Spy:
+        def on_start(self, total, epochs):
+            seen["start"] = (total, epochs)
+
+        def on_step(self, step, epoch, loss, img_per_s):
+            seen["steps"].append((step, epoch))
+            assert math.isfinite(loss) and img_per_s > 0
+
+        def on_epoch(self, record):
+            seen["epochs"].append(record["epoch"])
+
+    torch.manual_seed(0)
+    model = build_model("mlp", NormSpec("custom_bn"), 1, 10, (8, 8))
+    optimizer = make_optimizer(model.parameters(), 0.01, "adam")
+    train(
+        model,
+        digits,
+        optimizer,
+        TrainSettings(epochs=2, batch_size=64, lr=0.01),
+        torch.Generator().manual_seed(0),
+        Spy(),
+    )
+    assert seen["start"] == (16, 2)
+    assert [s for s, _ in seen["steps"]] == list(range(1, 17))
+    assert seen["epochs"] == [1, 2]
