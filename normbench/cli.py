@@ -63,8 +63,14 @@ def run(
 
     cfg = compose(overrides or [])
     label = f"{cfg.norm.name} bs={cfg.batch_size}"
-    with RunProgress(label, console=err) as progress:
-        outcome = run_experiment(cfg, force=force, display=progress)
+    try:
+        with RunProgress(label, console=err) as progress:
+            outcome = run_experiment(cfg, force=force, display=progress)
+    except KeyboardInterrupt:
+        err.print(
+            "interrupted: the run has no summary and counts as not done; run again to redo it"
+        )
+        raise typer.Exit(130) from None
     summary = outcome.summary
     where = outcome.run_dir
     if outcome.skipped:
@@ -93,17 +99,20 @@ def config(overrides: Overrides = None) -> None:
 @app.command(name="list")
 def list_options() -> None:
     """List the available options of every config group."""
+    from rich.markup import escape
     from rich.table import Table
 
-    from normbench.config import describe_groups
+    from normbench.config import default_options, describe_groups
 
-    table = Table(title="config groups (pick one with group=option)")
+    defaults = default_options()
+    table = Table(title="config groups: pick an option with group=option (* the default)")
     table.add_column("group", style="bold")
     table.add_column("option", style="cyan")
     table.add_column("description")
     for group, options in describe_groups().items():
         for i, (option, description) in enumerate(options):
-            table.add_row(group if i == 0 else "", option, description)
+            marker = " *" if defaults.get(group) == option else ""
+            table.add_row(group if i == 0 else "", option + marker, escape(description))
         table.add_section()
     out.print(table)
 

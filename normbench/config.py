@@ -60,6 +60,16 @@ def describe_groups() -> dict[str, list[tuple[str, str]]]:
     return described
 
 
+def default_options() -> dict[str, str]:
+    """The option each group takes when no override picks one (from config.yaml's defaults)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    defaults = OmegaConf.load(conf_dir() / "config.yaml").defaults
+    return {
+        k: v for entry in defaults if isinstance(entry, DictConfig) for k, v in entry.items() if v
+    }
+
+
 def _description(path: Path) -> str:
     for line in path.read_text().splitlines():
         text = line.lstrip("# ").strip()
@@ -240,6 +250,17 @@ def validate(cfg) -> None:
         if key in cfg.optim:
             value = cfg.optim[key]
             _require(_is_number(value) and value >= 0, f"optim.{key}", "a number >= 0", value)
+    if "eps" in cfg.norm:
+        eps = cfg.norm.eps
+        _require(_is_number(eps) and eps > 0, "norm.eps", "a number > 0", eps)
+    if cfg.norm.get("momentum") is not None:
+        momentum = cfg.norm.momentum
+        _require(
+            _is_number(momentum) and 0 <= momentum <= 1,
+            "norm.momentum",
+            "in [0, 1] or null",
+            momentum,
+        )
     for key in ("train_size", "test_size"):
         _int_at_least(cfg, f"dataset.{key}", 1, optional=True)
     for key in ("name", "out_dir"):

@@ -120,6 +120,7 @@ def prepare(cfg) -> _Prepared:
             f"cannot build model={cfg.model.name} with norm={norm.name}: {err}"
         ) from None
     model = model.to(device)
+    _check_trains(model, data.train_x[: cfg.batch_size].to(device), cfg)
     try:
         optimizer = make_optimizer(model.parameters(), lr, cfg.optim.name, **_kwargs(cfg.optim))
     except (TypeError, ValueError) as err:
@@ -136,6 +137,25 @@ def prepare(cfg) -> _Prepared:
         eval_batch_size=cfg.eval_batch_size,
     )
     return _Prepared(data.to(device), model, optimizer, settings, device, threads)
+
+
+def _check_trains(model, batch, cfg) -> None:
+    """One training-mode forward pass on a copy of the model, so that a combination the
+    norm cannot train (BatchNorm on one value per channel, instance norm without space)
+    fails here, as a user error, and not half-way through a written run."""
+    import copy
+
+    import torch
+
+    probe = copy.deepcopy(model).train()
+    try:
+        with torch.no_grad():
+            probe(batch)
+    except ValueError as err:
+        raise UserError(
+            f"model={cfg.model.name} with norm={cfg.norm.name} cannot train at "
+            f"batch_size={cfg.batch_size}: {err}"
+        ) from None
 
 
 class _Recorder:

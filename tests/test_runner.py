@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from fixtures import write_dataset
 
 from normbench import runner
 from normbench.errors import UserError
@@ -144,6 +145,9 @@ def test_an_interrupted_run_leaves_nothing_that_looks_complete(tiny):
         ("norm=group norm.groups=0", "cannot build model"),
         ("norm.not_an_arg=1", "unknown config key"),
         ("optim.momentum=0", "invalid optim"),  # nesterov needs momentum
+        ("model=mlp batch_size=1", "Expected more than 1 value per channel"),
+        ("norm.eps=0", "norm.eps must be"),
+        ("norm.momentum=1.5", "norm.momentum must be"),
     ],
 )
 def test_bad_input_writes_nothing(tiny, tmp_path, override, message):
@@ -159,3 +163,33 @@ def test_threads_are_applied(tiny):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "dataset, model, norm",
+    [
+        ("cifar10", "resnet20", "batch_renorm"),
+        ("cifar100", "small_cnn", "group"),
+        ("mnist", "mlp", "custom_bn"),
+        ("fashion_mnist", "small_cnn", "instance"),
+    ],
+)
+def test_runs_on_torchvision_data_sets(tiny, tmp_path, monkeypatch, dataset, model, norm):
+    """The issue's example command, and the others, on fixture files read by torchvision."""
+    root = tmp_path / "data"
+    write_dataset(root, dataset, monkeypatch, n_train=24, n_test=8)
+    cfg = tiny(
+        f"norm={norm}",
+        "batch_size=8",
+        "lr=0.05",
+        "epochs=3",
+        f"model={model}",
+        f"dataset={dataset}",
+        "seed=1",
+        f"dataset.root={root}",
+        "dataset.train_size=null",
+    )
+    summary = runner.run(cfg).summary
+    assert summary["status"] == "completed"
+    assert (summary["dataset"], summary["model"], summary["norm"]) == (dataset, model, norm)
+    assert summary["steps"] == 3 * (24 // 8)
