@@ -1,8 +1,16 @@
-"""Shared fixtures: config composition into a temporary results folder."""
+"""Shared test setup: Triton's interpreter where there is no GPU; config composition."""
+
+import os
 
 import pytest
+import torch
 
 from normbench.config import compose
+
+# Triton reads this when it is imported: without CUDA its kernels run on the CPU only as
+# the interpreter, which is how tests/test_kernels_triton.py checks them here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

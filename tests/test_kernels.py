@@ -1,4 +1,6 @@
-"""The BatchNorm kernel: reference vs float64 math and torch, autograd glue, functional."""
+"""The BatchNorm kernels (reference, compiled C++) and their operators vs float64 math and torch.
+
+The Triton kernels have their own file (test_kernels_triton.py), run under the interpreter."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normbench.kernels import BatchNormFunction, batch_norm, batch_norm_train, reference
+from normbench.kernels import batch_norm, batch_norm_train, cpu, ops, reference
 
 SHAPES = [(8, 3), (4, 3, 5), (4, 3, 5, 6), (2, 3, 3, 4, 5)]
 TOL32 = {"rtol": 1e-4, "atol": 1e-5}
@@ -77,32 +79,6 @@ def test_forward_train_large_mean_is_accurate():
     torch.testing.assert_close(invstd.double(), torch.rsqrt(var64 + 1e-5), rtol=1e-3, atol=0)
 
 
-def test_zero_variance_channel_is_finite():
-    x = torch.randn(4, 3, 5, 5, requires_grad=False)
-    x[:, 1] = 7.0
-    x.requires_grad_(True)
-    y, _, _ = BatchNormFunction.apply(x, torch.ones(3), torch.zeros(3), 1e-5)
-    y.backward(torch.randn_like(y))
-    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
-    assert y[:, 1].abs().max() < 1e-2
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_is_computed_in_float32(dtype):
-    x = (torch.randn(8, 3, 4, 4) * 2 + 5).to(dtype)
-    w, b = torch.randn(3), torch.randn(3)
-    y, mean, invstd = reference.forward_train(x, w, b, 1e-5)
-    assert y.dtype == dtype and mean.dtype == invstd.dtype == torch.float32
-    y64, _, _ = bn64(x, w, b)
-    torch.testing.assert_close(y.double(), y64, rtol=2e-2, atol=2e-2)
-
-    xg = x.clone().requires_grad_(True)
-    wg = w.clone().requires_grad_(True)
-    y, _, _ = BatchNormFunction.apply(xg, wg, None, 1e-5)
-    y.float().sum().backward()
-    assert xg.grad.dtype == dtype and wg.grad.dtype == torch.float32
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_eval_matches_float64(shape):
     c = shape[1]
@@ -135,49 +111,29 @@ def test_backward_matches_autograd_of_float64_forward(shape, affine):
         torch.testing.assert_close(dw, expected[1])
         torch.testing.assert_close(db, expected[2])
     else:
-        assert dw is None
+        # without a weight, dweight is still sum(dy * xhat): what a weight of ones would get
+        xhat = (x.detach() - channel(mean, x.dim())) * channel(invstd, x.dim())
+        torch.testing.assert_close(dw, (dy * xhat).sum(dims_but_1(x)))
 
 
-def test_backward_output_mask():
-    x = torch.randn(4, 3, 2, 2)
-    w = torch.randn(3)
-    _, mean, invstd = reference.forward_train(x, w, None, 1e-5)
-    dx, dw, db = reference.backward(torch.randn_like(x), x, w, mean, invstd, (False, True, False))
-    assert dx is None and db is None and dw.shape == (3,)
+# --- every CPU backend, through the functional, against torch ---------------------------------
+
+BACKENDS = ["reference", "cpu"]
 
 
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("shape", [(3, 2), (3, 2, 2, 2)])
-def test_gradcheck(affine, shape):
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    params = (
-        (
-            torch.randn(2, dtype=torch.float64, requires_grad=True),
-            torch.randn(2, dtype=torch.float64, requires_grad=True),
-        )
-        if affine
-        else (None, None)
-    )
-
-    def fn(x, w, b):
-        return BatchNormFunction.apply(x, w, b, 1e-5)[0]
-
-    assert torch.autograd.gradcheck(fn, (x, *params))
+@pytest.fixture(params=["eager", "operator"])
+def path(request, monkeypatch):
+    """Run the call through the eager fast path or through the torch operators."""
+    if request.param == "operator":
+        monkeypatch.setattr(ops, "_plain", lambda x: False)
+    return request.param
 
 
-def test_function_outputs_stats_without_grad():
-    x = torch.randn(4, 3, requires_grad=True)
-    y, mean, invstd = BatchNormFunction.apply(x, None, None, 1e-5)
-    assert y.requires_grad and not mean.requires_grad and not invstd.requires_grad
-
-
-# --- the functional, against torch.nn.functional.batch_norm ---------------------------------
-
-
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("momentum", [0.1, 1.0, 0.5])
 @pytest.mark.parametrize("params", ["both", "weight_only", "none"])
-def test_functional_training_matches_torch(shape, momentum, params):
+def test_functional_training_matches_torch(backend, path, shape, momentum, params):
     c = shape[1]
     w = torch.randn(c) if params != "none" else None
     b = torch.randn(c) if params == "both" else None
@@ -186,7 +142,10 @@ def test_functional_training_matches_torch(shape, momentum, params):
     for _ in range(3):
         x, dy = torch.randn(shape) * 2 + 1, torch.randn(shape)
         results = []
-        for fn, (rm, rv) in ((batch_norm, ours_stats), (F.batch_norm, torch_stats)):
+        for fn, (rm, rv) in (
+            (lambda *a: batch_norm(*a, backend=backend), ours_stats),
+            (F.batch_norm, torch_stats),
+        ):
             xs, ws, bs = (None if t is None else t.clone().requires_grad_(True) for t in (x, w, b))
             y = fn(xs, rm, rv, ws, bs, True, momentum, 1e-5)
             leaves = [t for t in (xs, ws, bs) if t is not None]
@@ -197,27 +156,234 @@ def test_functional_training_matches_torch(shape, momentum, params):
         torch.testing.assert_close(ours_stats, torch_stats, **TOL32)
 
 
-def test_functional_eval_matches_torch():
+LAYOUTS = {
+    "channels_last": lambda x: x.to(memory_format=torch.channels_last),
+    "channels_last_3d": lambda x: x.unsqueeze(2).to(memory_format=torch.channels_last_3d),
+    "transposed": lambda x: x.transpose(2, 3),
+    "sliced": lambda x: x[:, :, ::2],
+    "rows_2d": lambda x: x.flatten(2).mean(2),
+    "single_pixel": lambda x: x[:, :, :1, :1],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_match_torch(backend, path, layout):
+    base = torch.randn(6, 5, 4, 6) * 3 - 1
+    x = LAYOUTS[layout](base).detach().requires_grad_(True)
+    xt = x.detach().clone().requires_grad_(True)
+    c = x.shape[1]
+    w, b = torch.randn(c, requires_grad=True), torch.randn(c, requires_grad=True)
+    wt, bt = w.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    rm, rv = torch.zeros(c), torch.ones(c)
+    rmt, rvt = rm.clone(), rv.clone()
+    y = batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, backend=backend)
+    yt = F.batch_norm(xt, rmt, rvt, wt, bt, True, 0.1, 1e-5)
+    dy = torch.randn_like(yt).transpose(0, 1).contiguous().transpose(0, 1)  # another layout
+    y.backward(dy)
+    yt.backward(dy)
+    torch.testing.assert_close(y, yt, **TOL32)
+    for ours, theirs in (
+        (x.grad, xt.grad),
+        (w.grad, wt.grad),
+        (b.grad, bt.grad),
+        (rm, rmt),
+        (rv, rvt),
+    ):
+        torch.testing.assert_close(ours, theirs, **TOL32)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_matches_torch_closely(backend, path):
+    x = torch.randn(5, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    xt = x.detach().clone().requires_grad_(True)
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    y = batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5, backend=backend)
+    yt = F.batch_norm(xt, rm.clone(), rv.clone(), None, None, True, 0.1, 1e-5)
+    assert y.dtype == torch.float64
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yt.backward(dy)
+    torch.testing.assert_close(y, yt, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, xt.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_computed_in_float32(backend, path, dtype):
+    x = (torch.randn(8, 3, 4, 4) * 2 + 5).to(dtype).requires_grad_(True)
+    w = torch.randn(3, requires_grad=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y, mean, invstd = batch_norm_train(x, w, None, 1e-5, backend=backend)
+    assert y.dtype == dtype and mean.dtype == invstd.dtype == torch.float32
+    y64, mean64, _ = bn64(x.detach(), w.detach())
+    torch.testing.assert_close(y.double(), y64, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-5, atol=1e-5)
+    y.float().sum().backward()
+    assert x.grad.dtype == dtype and w.grad.dtype == torch.float32
+    batch_norm(x.detach(), rm, rv, None, None, True, 0.1, 1e-5, backend=backend)
+    assert rm.dtype == torch.float32 and torch.isfinite(rv).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_matches_torch(backend, path):
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
     xt = x.detach().clone().requires_grad_(True)
     rm, rv = torch.randn(3), torch.rand(3) + 0.5
     w = torch.randn(3, requires_grad=True)
     wt = w.detach().clone().requires_grad_(True)
-    y = batch_norm(x, rm, rv, w, None, False, 0.1, 1e-3)
-    yt = F.batch_norm(xt, rm, rv, wt, None, False, 0.1, 1e-3)
+    b = torch.randn(3)
+    y = batch_norm(x, rm, rv, w, b, False, 0.1, 1e-3, backend=backend)
+    yt = F.batch_norm(xt, rm, rv, wt, b, False, 0.1, 1e-3)
     torch.testing.assert_close(y, yt)
     dy = torch.randn_like(y)
     y.backward(dy)
     yt.backward(dy)
     torch.testing.assert_close(x.grad, xt.grad)
     torch.testing.assert_close(w.grad, wt.grad)
+    with torch.no_grad():  # the no-autograd eval pass
+        torch.testing.assert_close(
+            batch_norm(x, rm, rv, w, b, False, 0.1, 1e-3, backend=backend), yt
+        )
 
 
-def test_functional_without_running_stats_uses_batch_stats():
-    x = torch.randn(4, 3, 2)
-    torch.testing.assert_close(
-        batch_norm(x, None, None, training=True), F.batch_norm(x, None, None, training=True)
-    )
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_mean_is_accurate(backend):
+    # the one-pass formula E[x^2] - E[x]^2 fails here in float32; normbench's do not
+    x = 1e4 + torch.randn(16, 4, 8, 8)
+    x_cl = x.to(memory_format=torch.channels_last)
+    for data in (x, x_cl, x.flatten(2).transpose(1, 2).reshape(-1, 4)):
+        y, _, invstd = batch_norm_train(data, None, None, 1e-5, backend=backend)
+        y64, _, var64 = bn64(data)
+        assert (y.double() - y64).abs().max() < 5e-3
+        torch.testing.assert_close(invstd.double(), torch.rsqrt(var64 + 1e-5), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_variance_channel_is_finite(backend):
+    x = torch.randn(4, 3, 5, 5)
+    x[:, 1] = 7.0
+    x.requires_grad_(True)
+    y, _, _ = batch_norm_train(x, torch.ones(3), torch.zeros(3), 1e-5, backend=backend)
+    y.backward(torch.randn_like(y))
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert y[:, 1].abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(3, 2), (3, 2, 2, 2)])
+def test_gradcheck(backend, path, affine, shape):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    params = [torch.randn(2, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    w, b = params if affine else (None, None)
+
+    def fn(x, w, b):
+        return batch_norm_train(x, w, b, 1e-5, backend=backend)[0]
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_statistics_come_back_without_grad(backend, path):
+    x = torch.randn(4, 3, requires_grad=True)
+    y, mean, invstd = batch_norm_train(x, None, None, 1e-5, backend=backend)
+    assert y.requires_grad and not mean.requires_grad and not invstd.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused(backend, path):
+    # The hand-derived backward is not itself differentiable: an error, not wrong numbers.
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    y = batch_norm(x, None, None, training=True, backend=backend)
+    with pytest.raises(
+        RuntimeError, match="double backward|differentiate twice|no autograd formula"
+    ):
+        (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+        g.sum().backward()
+
+
+# --- the operators -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(backend, layout):
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    xg = x.clone().requires_grad_(True)
+    _, mean, invstd = reference.forward_train(x, w.detach(), b.detach(), 1e-5)
+    dy = torch.randn_like(x)
+    checks = [
+        (ops.batch_norm_forward, (xg, w, b, 1e-5, backend)),
+        (ops.batch_norm_forward, (xg, None, None, 1e-5, backend)),
+        (ops.batch_norm_backward, (dy, x, w.detach(), mean, invstd, backend)),
+        (ops.batch_norm_eval, (xg, mean, invstd, w, b, 1e-5, backend)),
+        (ops.update_running_stats, (torch.zeros(3), torch.ones(3), mean, invstd, 0.1, 1e-5, 100)),
+    ]
+    for op, args in checks:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_works_under_torch_compile(backend):
+    from normbench.norms import BatchNorm2d
+
+    torch.manual_seed(0)
+    eager = BatchNorm2d(3, backend=backend)
+    compiled_module = BatchNorm2d(3, backend=backend)
+    compiled = torch.compile(compiled_module, backend="aot_eager", fullgraph=True)
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, 5)
+        xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ye, yc = eager(xe), compiled(xc)
+        torch.testing.assert_close(yc, ye)
+        dy = torch.randn_like(ye)
+        ye.backward(dy)
+        yc.backward(dy)
+        torch.testing.assert_close(xc.grad, xe.grad)
+    torch.testing.assert_close(compiled_module.running_mean, eager.running_mean)
+    torch.testing.assert_close(compiled_module.running_var, eager.running_var)
+    assert compiled_module.num_batches_tracked == eager.num_batches_tracked == 3
+
+
+# --- backend choice and the fallback -----------------------------------------------------------
+
+
+def test_auto_picks_the_compiled_kernel_on_the_cpu():
+    assert cpu.extension() is not None, cpu.failure()
+    assert ops.resolve_backend("auto", torch.zeros(2, 2)) == "cpu"
+    assert ops.resolve_backend("reference", torch.zeros(2, 2)) == "reference"
+
+
+def test_unknown_or_unfit_backends_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match="unknown norm backend 'gpu'"):
+        ops.resolve_backend("gpu", torch.zeros(2, 2))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="triton"):
+        ops.resolve_backend("triton", torch.zeros(2, 2))
+
+
+def test_without_a_compiler_the_reference_runs_after_one_warning(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("g++: command not found")
+
+    monkeypatch.setattr(cpu, "_extension", None)
+    monkeypatch.setattr(cpu, "_failure", None)
+    monkeypatch.setattr(cpu, "_load", no_compiler)
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.warns(
+        RuntimeWarning, match="could not compile.*g\\+\\+: command not found"
+    ) as seen:
+        y = batch_norm(x, None, None, training=True)
+        batch_norm(x, None, None, training=True, backend="cpu")
+    assert len(seen) == 1
+    assert ops.resolve_backend("auto", x) == ops.resolve_backend("cpu", x) == "reference"
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True), **TOL32)
 
 
 def torch_error(fn):
@@ -247,3 +413,43 @@ def test_eps_and_eval_errors_match_torch():
         kind, message = torch_error(lambda call=call: call(F.batch_norm))
         with pytest.raises(kind, match=f"^{re.escape(message)}$"):
             call(batch_norm)
+
+
+# --- the Triton backend through the operators (the interpreter here, CUDA where there is one) --
+
+
+@pytest.fixture
+def triton_backend():
+    # triton ships with torch's Linux builds: a failure to import it here is a failure
+    assert ops._triton() is not None, "triton did not import"
+    return ops.resolve_backend("triton", torch.zeros(1, 1))
+
+
+def test_triton_backend_matches_torch_through_the_functional(triton_backend, path):
+    x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    xt = x.detach().clone().requires_grad_(True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    wt = w.detach().clone().requires_grad_(True)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    rmt, rvt = rm.clone(), rv.clone()
+    y = batch_norm(x, rm, rv, w, None, True, 0.1, 1e-5, backend=triton_backend)
+    yt = F.batch_norm(xt, rmt, rvt, wt, None, True, 0.1, 1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yt.backward(dy)
+    for ours, theirs in ((y, yt), (x.grad, xt.grad), (w.grad, wt.grad), (rm, rmt), (rv, rvt)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    ye = batch_norm(x, rm, rv, w, None, False, 0.1, 1e-5, backend=triton_backend)
+    torch.testing.assert_close(ye, F.batch_norm(xt, rmt, rvt, wt, None, False, 0.1, 1e-5))
+
+
+def test_triton_opcheck(triton_backend):
+    x = torch.randn(4, 3, 3, 3) * 2 + 1
+    w, b = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    _, mean, invstd = reference.forward_train(x, w.detach(), b.detach(), 1e-5)
+    xg = x.clone().requires_grad_(True)
+    torch.library.opcheck(ops.batch_norm_forward, (xg, w, b, 1e-5, triton_backend))
+    torch.library.opcheck(
+        ops.batch_norm_backward, (torch.randn_like(x), x, w.detach(), mean, invstd, "triton")
+    )
+    torch.library.opcheck(ops.batch_norm_eval, (xg, mean, invstd, w, b, 1e-5, triton_backend))

@@ -197,11 +197,31 @@ def assert_same_bn(ours, theirs, shape, *, fmt=None, dtype=torch.float32, steps=
                 torch.testing.assert_close(sd[key], sdt[key], **tol, msg=key)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("options", BN_OPTIONS, ids=str)
 @pytest.mark.parametrize("ours_cls, torch_cls, shape", BN_PAIRS, ids=BN_IDS)
-def test_custom_bn_matches_torch(ours_cls, torch_cls, shape, options):
-    ours = randomize(ours_cls(3, **options))
+def test_custom_bn_matches_torch(ours_cls, torch_cls, shape, options, backend):
+    ours = randomize(ours_cls(3, backend=backend, **options))
     assert_same_bn(ours, torch_cls(3, **options), shape)
+
+
+def test_custom_bn_non_contiguous_input():
+    ours, theirs = randomize(BatchNorm2d(3)), nn.BatchNorm2d(3)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 3, 6, 4).transpose(2, 3)[:, :, ::2]
+    xs, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, yt = ours(xs), theirs(xt)
+    torch.testing.assert_close(y, yt, **TOL32)
+    dy = torch.randn_like(yt)
+    y.backward(dy)
+    yt.backward(dy)
+    torch.testing.assert_close(xs.grad, xt.grad, **TOL32)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, **TOL32)
+
+
+def test_custom_bn_refuses_an_unknown_backend():
+    with pytest.raises(ValueError, match="unknown norm backend 'gpu'"):
+        BatchNorm2d(3, backend="gpu")
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,23 @@
 """normbench's BatchNorm kernel.
 
 - :mod:`~normbench.kernels.reference`: the specification, in plain torch
-  operations (forward in training and eval, hand-derived backward); every faster
-  kernel is tested against it.
-- :mod:`~normbench.kernels.function`: the autograd glue
-  (:class:`~normbench.kernels.function.BatchNormFunction`) and the functional
-  :func:`batch_norm`, a drop-in for ``torch.nn.functional.batch_norm``.
+  operations (forward in training and eval, hand-derived backward, the
+  running-statistics update); every faster kernel is tested against it.
+- :mod:`~normbench.kernels.cpu`: the fused C++/OpenMP kernel (``batchnorm_cpu.cpp``),
+  compiled at first use and cached.
+- :mod:`~normbench.kernels.triton_kernels`: the Triton kernels for CUDA.
+- :mod:`~normbench.kernels.ops`: the four ``normbench::`` torch operators
+  (``torch.library.custom_op``, with fake implementations and autograd) that
+  dispatch to a backend: ``auto``, ``cpu``, ``triton`` or ``reference``.
+- :mod:`~normbench.kernels.function`: the functional :func:`batch_norm`, a
+  drop-in for ``torch.nn.functional.batch_norm``.
 
 Normalization layers call :func:`batch_norm` (or :func:`batch_norm_train` when
-they need the batch statistics) and never the kernel directly, so swapping the
+they need the batch statistics) and never a kernel directly, so swapping a
 kernel touches nothing above this package.
 """
 
-from normbench.kernels.function import BatchNormFunction, batch_norm, batch_norm_train
+from normbench.kernels.function import batch_norm, batch_norm_train
+from normbench.kernels.ops import BACKENDS, resolve_backend
 
-__all__ = ["BatchNormFunction", "batch_norm", "batch_norm_train"]
+__all__ = ["BACKENDS", "batch_norm", "batch_norm_train", "resolve_backend"]

@@ -1,55 +1,19 @@
-"""Autograd glue and the functional ``batch_norm``, on top of the kernel.
+"""The functional ``batch_norm``: ``torch.nn.functional.batch_norm``'s semantics on normbench's ops.
 
-:class:`BatchNormFunction` is the only place that ties the kernel's forward and
-backward into autograd, and :func:`batch_norm` the only place that knows torch's
-``F.batch_norm`` semantics (argument checks, running-statistics update, eval
-mode). A faster kernel replaces the two calls into :mod:`reference` and nothing
-else.
+This is the one place that knows torch's ``F.batch_norm`` contract (argument
+checks, the running-statistics update, eval mode); the normalization layers call
+:func:`batch_norm`, or :func:`batch_norm_train` where they need the batch
+statistics themselves, and never a kernel directly.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from normbench.kernels import reference
+from normbench.kernels import ops, reference
 
-__all__ = ["BatchNormFunction", "batch_norm", "batch_norm_train"]
-
-
-class BatchNormFunction(torch.autograd.Function):
-    """Training-mode BatchNorm: ``(input, weight, bias, eps) -> (y, mean, invstd)``.
-
-    ``mean`` and ``invstd`` are the batch statistics (non-differentiable outputs,
-    as in torch's ``native_batch_norm``), returned so callers can update running
-    statistics without a second pass over the data. Double backward is not
-    supported: the hand-derived backward is a leaf computation.
-    """
-
-    @staticmethod
-    def forward(input, weight, bias, eps):
-        return reference.forward_train(input, weight, bias, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, _ = inputs
-        _, mean, invstd = output
-        ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, invstd)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, _dmean, _dinvstd):
-        input, weight, mean, invstd = ctx.saved_tensors
-        mask = tuple(ctx.needs_input_grad[:3])
-        dx, dweight, dbias = reference.backward(dy, input, weight, mean, invstd, mask)
-        if dweight is not None:
-            dweight = dweight.to(weight.dtype)
-        if dbias is not None:
-            dbias = dbias.to(ctx.bias_dtype)
-        return dx, dweight, dbias, None
+__all__ = ["batch_norm", "batch_norm_train", "supported_layout"]
 
 
 def _verify_batch_size(size: torch.Size) -> None:
@@ -63,18 +27,39 @@ def _verify_batch_size(size: torch.Size) -> None:
         )
 
 
+def supported_layout(x: Tensor) -> Tensor:
+    """``x`` if the kernels read it as it is (contiguous, channels_last), else a contiguous copy.
+
+    Made once, before the operator, so autograd saves the copy for the backward too.
+    """
+    if x.is_contiguous() or reference.memory_format(x) is not torch.contiguous_format:
+        return x
+    return x.contiguous()
+
+
+def _train(input, weight, bias, running_mean, running_var, momentum, eps, backend):
+    _verify_batch_size(input.size())
+    if eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    x = supported_layout(input)
+    return ops.train(
+        x, weight, bias, running_mean, running_var, momentum, eps, ops.resolve_backend(backend, x)
+    )
+
+
 def batch_norm_train(
-    input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Normalise with the batch's statistics: ``(y, mean, invstd)``, differentiable in ``y``.
 
     For variants that need the statistics themselves (batch renormalization).
     Raises torch's ValueErrors for one value per channel and non-positive eps.
     """
-    _verify_batch_size(input.size())
-    if eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    return BatchNormFunction.apply(input, weight, bias, eps)
+    return _train(input, weight, bias, None, None, 0.0, eps, backend)
 
 
 def batch_norm(
@@ -86,6 +71,7 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    backend: str = "auto",
 ) -> Tensor:
     """``torch.nn.functional.batch_norm``, computed by normbench's kernel.
 
@@ -93,22 +79,26 @@ def batch_norm(
     ``running_mean`` and ``running_var`` in place as
     ``running = (1 - momentum) * running + momentum * batch``, the variance
     unbiased (``n / (n - 1)``) as torch does. Eval: normalise with the running
-    statistics.
+    statistics. ``backend``: ``auto``, ``cpu``, ``triton`` or ``reference``.
     """
     if not training:
         if eps < 0.0:
             raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
         if running_mean is None or running_var is None:
             raise RuntimeError("running_mean must be defined in evaluation mode")
-        return reference.forward_eval(input, running_mean, running_var, weight, bias, eps)
+        x = supported_layout(input)
+        return ops.forward_eval(
+            x, running_mean, running_var, weight, bias, eps, ops.resolve_backend(backend, x)
+        )
 
-    y, mean, invstd = batch_norm_train(input, weight, bias, eps)
-    with torch.no_grad():
-        if running_mean is not None:
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        if running_var is not None:
-            # the kernel hands back invstd, not the variance: undo the rsqrt
-            n = input.numel() // input.size(1)
-            var = (invstd.pow(-2) - eps) * (n / (n - 1))
-            running_var.lerp_(var.to(running_var.dtype), momentum)
+    y, mean, invstd = _train(input, weight, bias, running_mean, running_var, momentum, eps, backend)
+    if (running_mean is None) != (running_var is None):
+        # torch allows one running statistic without the other; rare, so plain torch ops
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            else:
+                n = input.numel() // input.size(1)
+                var = (invstd.pow(-2) - eps) * (n / max(n - 1, 1))
+                running_var.lerp_(var.to(running_var.dtype), momentum)
     return y

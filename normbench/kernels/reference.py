@@ -24,12 +24,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "backward", "forward_eval", "forward_train"]
+__all__ = [
+    "accumulation_dtype",
+    "backward",
+    "forward_eval",
+    "forward_train",
+    "memory_format",
+    "update_running_stats",
+]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are computed in: at least float32."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """``x``'s layout: channels_last (4-d), channels_last_3d (5-d), or else contiguous."""
+    if not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def _reduce_dims(x: Tensor) -> list[int]:
@@ -102,16 +119,16 @@ def backward(
         dweight = sum(dy * xhat)
         dbias   = sum(dy)
 
-    ``dx`` has ``x``'s dtype; ``dweight`` and ``dbias`` come back in the
-    accumulation dtype, for the caller to cast to its parameters' dtypes.
-    ``dweight`` is None when ``weight`` is (no affine scale, nothing to learn).
+    ``dx`` has ``x``'s dtype and memory layout; ``dweight`` and ``dbias`` come
+    back in the accumulation dtype, for the caller to cast to its parameters'
+    dtypes (``dweight`` is computed without a ``weight`` too).
     """
     dtype = mean.dtype
     ndim = x.dim()
     dims = _reduce_dims(x)
     invstd_c = _per_channel(invstd, ndim)
     xhat = (x.to(dtype) - _per_channel(mean, ndim)) * invstd_c
-    dy = dy.to(dtype)
+    dy = dy.to(dtype).contiguous(memory_format=memory_format(x))
 
     dx = dweight = dbias = None
     if output_mask[0]:
@@ -119,8 +136,28 @@ def backward(
         mean_g = _per_channel(g.mean(dim=dims), ndim)
         mean_gxhat = _per_channel((g * xhat).mean(dim=dims), ndim)
         dx = (invstd_c * (g - mean_g - xhat * mean_gxhat)).to(x.dtype)
-    if output_mask[1] and weight is not None:
+    if output_mask[1]:
         dweight = (dy * xhat).sum(dim=dims)
     if output_mask[2]:
         dbias = dy.sum(dim=dims)
     return dx, dweight, dbias
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    momentum: float,
+    eps: float,
+    count: int,
+) -> None:
+    """``running = (1 - momentum) * running + momentum * batch``, in place.
+
+    The batch variance is recovered from ``invstd`` and made unbiased
+    (``count / (count - 1)``, ``count`` values per channel), as torch does.
+    """
+    with torch.no_grad():
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        var = (invstd.double().pow(-2) - eps) * (count / max(count - 1, 1))
+        running_var.lerp_(var.to(running_var.dtype), momentum)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normbench.kernels import batch_norm
+from normbench.kernels import BACKENDS, batch_norm
 from normbench.norms.registry import register_norm
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "TorchBatchNorm"]
@@ -32,7 +32,25 @@ class BatchNorm(_BatchNorm):
     Same arguments and semantics as ``torch.nn.BatchNorm2d``: ``momentum=None``
     gives a cumulative moving average, ``track_running_stats=False`` normalises
     with batch statistics in eval mode too, the running variance is unbiased.
+    One more keyword, ``backend``, picks the kernel: ``auto`` (by device), ``cpu``
+    (the compiled C++ kernel), ``triton`` or ``reference``.
     """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown norm backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.backend = backend
 
     def _check_input_dim(self, input: Tensor) -> None:
         _check_at_least_2d(input)
@@ -61,6 +79,7 @@ class BatchNorm(_BatchNorm):
             bn_training,
             exponential_average_factor,
             self.eps,
+            self.backend,
         )
 
 

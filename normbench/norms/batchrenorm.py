@@ -25,8 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normbench.kernels import batch_norm_train
-from normbench.kernels.reference import forward_eval
+from normbench.kernels import BACKENDS, batch_norm, batch_norm_train
 from normbench.norms.registry import register_norm
 
 __all__ = ["BatchRenorm", "BatchRenorm2d"]
@@ -48,8 +47,12 @@ class BatchRenorm(nn.Module):
         affine: bool = True,
         device=None,
         dtype=None,
+        backend: str = "auto",
     ):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown norm backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        self.backend = backend
         if r_max < 1.0 or d_max < 0.0:
             raise ValueError(f"need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
         if warmup_steps < 0 or ramp_steps < 0:
@@ -117,13 +120,15 @@ class BatchRenorm(nn.Module):
         self._check_input_dim(input)
         if not self.training:
             # sigma already contains eps, hence eps=0 here
-            return forward_eval(
-                input, self.running_mean, self.running_std.square(), self.weight, self.bias, 0.0
+            variance = self.running_std.square()
+            return batch_norm(
+                input, self.running_mean, variance, self.weight, self.bias, eps=0.0,
+                backend=self.backend,
             )
 
         r_max, d_max = self.renorm_limits()
         # the kernel gives (x - mu_B) / sigma_B with BatchNorm's gradient through mu_B and sigma_B
-        xhat, mean, invstd = batch_norm_train(input, None, None, self.eps)
+        xhat, mean, invstd = batch_norm_train(input, None, None, self.eps, self.backend)
         with torch.no_grad():
             batch_std = invstd.reciprocal()
             running_std = self.running_std.to(batch_std.dtype)

@@ -43,11 +43,12 @@ class GhostBatchNorm(BatchNorm):
         virtual_batch_size: int = 32,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
+        backend: str = "auto",
         **kwargs,
     ):
         if virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be at least 1, got {virtual_batch_size}")
-        super().__init__(num_features, eps, momentum, **kwargs)
+        super().__init__(num_features, eps, momentum, backend=backend, **kwargs)
         self.virtual_batch_size = virtual_batch_size
 
     def _split_sizes(self, input: Tensor) -> list[int]:

@@ -1,0 +1,135 @@
+"""The CPU kernel: ``batchnorm_cpu.cpp`` compiled at first use and cached per machine.
+
+The extension is built with ``torch.utils.cpp_extension.load`` (g++ and OpenMP,
+``-O3 -march=native``) into ``~/.cache/normbench/kernels/<name>/`` (or
+``$NORMBENCH_KERNEL_CACHE``), where ``name`` hashes the source, the flags, the
+Python and torch versions and the CPU's instruction sets: a machine compiles it
+once, and a shared home on a cluster never hands one CPU's build to another.
+
+Concurrent processes take an exclusive ``flock`` on the cache entry, so one
+compiles while the others wait; the lock dies with its process, so a build killed
+half-way blocks nobody, and a build that does not load is wiped and redone once.
+Without a working compiler the reference implementation is used, with one warning.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+SOURCE = Path(__file__).with_name("batchnorm_cpu.cpp")
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+LDFLAGS = ["-fopenmp"]
+
+_extension: ModuleType | None = None
+_failure: str | None = None
+
+
+def cache_root() -> Path:
+    root = os.environ.get("NORMBENCH_KERNEL_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "normbench" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """The instruction-set flags of this CPU: -march=native code runs only where they match."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def extension_name() -> str:
+    import torch
+
+    key = "\n".join(
+        [
+            SOURCE.read_text(),
+            " ".join(CFLAGS + LDFLAGS),
+            torch.__version__,
+            sys.version,
+            _cpu_signature(),
+        ]
+    )
+    return "normbench_bn_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _ninja_on_path() -> None:
+    # torch finds ninja on PATH; the pip package's binary may not be there outside the venv.
+    try:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+
+
+def _build(name: str, folder: Path) -> ModuleType:
+    # Importing cpp_extension logs a warning about CUDA_HOME on machines without CUDA:
+    # irrelevant to a CPU build, and alarming in the middle of a training run.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils.cpp_extension import load
+
+    return load(
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=CFLAGS,
+        extra_ldflags=LDFLAGS,
+        build_directory=str(folder),
+        verbose=False,
+    )
+
+
+def _load() -> ModuleType:
+    name = extension_name()
+    folder = cache_root() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    _ninja_on_path()
+    with open(cache_root() / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process exits, however it exits
+        # Holding the lock, nobody else is building: a lock file of torch's own is stale.
+        (folder / "lock").unlink(missing_ok=True)
+        if not (folder / f"{name}.so").exists():
+            sys.stderr.write(
+                "normbench: compiling the CPU BatchNorm kernel (once per machine, ~30 s)...\n"
+            )
+        try:
+            return _build(name, folder)
+        except ImportError:
+            # A build cut short (kill -9 during the link) leaves a library that will not load.
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            return _build(name, folder)
+
+
+def extension() -> ModuleType | None:
+    """The compiled kernel, building it on first use; None where it cannot be built."""
+    global _extension, _failure
+    if _extension is None and _failure is None:
+        try:
+            _extension = _load()
+        except Exception as err:  # no compiler, no OpenMP, a read-only home: all mean "fall back"
+            _failure = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
+            warnings.warn(
+                "normbench could not compile its CPU BatchNorm kernel; using the reference "
+                f"implementation instead, which is slower ({_failure})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _extension
+
+
+def failure() -> str | None:
+    """Why the kernel could not be built, after a failed :func:`extension`; else None."""
+    return _failure

@@ -1,0 +1,98 @@
+"""The compiled CPU kernel's build cache: naming, locking between processes, recovery.
+
+The real compile takes ~40 s, so these tests replace ``cpu._build`` (the call into
+``torch.utils.cpp_extension.load``) with a stand-in and check the orchestration
+around it; the real build is exercised by every other kernel test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+
+from normbench.kernels import cpu
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMBENCH_KERNEL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_the_name_tracks_source_flags_and_cpu(monkeypatch):
+    name = cpu.extension_name()
+    assert name.startswith("normbench_bn_cpu_") and name == cpu.extension_name()
+    monkeypatch.setattr(cpu, "_cpu_signature", lambda: "flags : sse2")
+    assert cpu.extension_name() != name
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu, "CFLAGS", [*cpu.CFLAGS, "-DOTHER"])
+    assert cpu.extension_name() != name
+
+
+def test_the_cache_folder_follows_the_environment(cache):
+    assert cpu.cache_root() == cache
+
+
+def test_a_stale_lock_of_torch_is_removed_before_building(cache, monkeypatch):
+    name = cpu.extension_name()
+    (cache / name).mkdir(parents=True)
+    (cache / name / "lock").write_text("")  # left by a build killed inside torch's FileBaton
+
+    def build(name, folder):
+        assert not (folder / "lock").exists()
+        return types.SimpleNamespace(name=name)
+
+    monkeypatch.setattr(cpu, "_build", build)
+    assert cpu._load().name == name
+
+
+def test_a_library_that_does_not_load_is_rebuilt_once(cache, monkeypatch):
+    calls = []
+
+    def build(name, folder):
+        calls.append(sorted(p.name for p in folder.iterdir()))
+        if len(calls) == 1:
+            (folder / f"{name}.so").write_bytes(b"truncated")
+            raise ImportError("invalid ELF header")
+        return types.SimpleNamespace(name=name)
+
+    monkeypatch.setattr(cpu, "_build", build)
+    cpu._load()
+    assert len(calls) == 2 and calls[1] == []  # the broken build was wiped first
+
+
+DRIVER = textwrap.dedent(
+    """
+    import json, sys, time, types
+    from pathlib import Path
+    from normbench.kernels import cpu
+
+    def build(name, folder):
+        start = time.time()
+        time.sleep(1.0)
+        (Path(folder) / f"{name}.so").write_bytes(b"built")
+        return types.SimpleNamespace(interval=(start, time.time()))
+
+    cpu._build = build
+    print(json.dumps(cpu._load().interval))
+    """
+)
+
+
+def test_concurrent_processes_build_one_at_a_time(cache):
+    env_python = [sys.executable, "-c", DRIVER]
+    procs = [
+        subprocess.Popen(env_python, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    (a0, a1), (b0, b1) = sorted(json.loads(out) for out, _ in outs)
+    assert a1 <= b0, "the two builds overlapped"
+    # Only the first found no library and said it was compiling.
+    assert sum("compiling" in err for _, err in outs) == 1
