@@ -27,7 +27,6 @@ each other.
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
@@ -62,9 +61,10 @@ def resolve_backend(backend: str, x: Tensor) -> str:
             raise ValueError(f"norm backend 'cpu' runs CPU tensors, got a {x.device.type} tensor")
         return "cpu" if cpu.extension() is not None else "reference"
     if backend == "triton":
-        if _triton() is None:
+        triton = _triton()
+        if triton is None:
             raise ValueError("norm backend 'triton' needs the triton package")
-        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if x.device.type != "cuda" and not triton.interpreted():
             raise ValueError(
                 "norm backend 'triton' runs CUDA tensors (or CPU ones under TRITON_INTERPRET=1)"
             )

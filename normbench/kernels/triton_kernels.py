@@ -73,6 +73,7 @@ except Exception:  # not installed, or installed without a working backend: same
 
 __all__ = [
     "available",
+    "interpreted",
     "backward",
     "forward_eval",
     "forward_train",
@@ -91,6 +92,12 @@ NUM_WARPS = 8
 def available() -> bool:
     """Whether triton could be imported (CUDA tensors, or CPU ones under the interpreter)."""
     return triton is not None
+
+
+def interpreted() -> bool:
+    """Whether triton runs as its interpreter (``TRITON_INTERPRET=1`` when it was imported)."""
+    knobs = getattr(triton, "knobs", None)
+    return bool(knobs is not None and knobs.runtime.interpret)
 
 
 def _jit(**options):
