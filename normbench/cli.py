@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from normbench.bench import DEFAULT_OUT, DEFAULT_REPEATS, DEFAULT_WARMUP
 from normbench.errors import UserError
 
 app = typer.Typer(
@@ -115,6 +117,69 @@ def list_options() -> None:
             table.add_row(group if i == 0 else "", option + marker, escape(description))
         table.add_section()
     out.print(table)
+
+
+@app.command()
+@user_errors
+def bench(
+    shape: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An input shape N,C,H,W; repeat the option for several "
+            "(default: 128,16,32,32 128,32,16,16 128,64,8,8 256,32,16,16 2,16,32,32)",
+            show_default=False,
+        ),
+    ] = None,
+    impl: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="torch, reference, cpu or triton; repeat the option for several "
+            "(default: every one that runs on the device)",
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or float64")] = "float32",
+    repeats: Annotated[
+        int, typer.Option(help="Timed units per implementation and shape (medians over them)")
+    ] = DEFAULT_REPEATS,
+    warmup: Annotated[
+        int, typer.Option(help="Untimed units per implementation and shape first")
+    ] = DEFAULT_WARMUP,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch.set_num_threads (default: torch's)", show_default=False),
+    ] = None,
+    out_path: Annotated[Path, typer.Option("--out", help="Where the CSV goes")] = DEFAULT_OUT,
+) -> None:
+    """Time BatchNorm2d training forward+backward: normbench's kernels against torch's.
+
+    Implementations and a memory copy run interleaved, repeat after repeat. Prints
+    medians, interquartile ranges, GB/s, speedup vs torch and the fraction of the
+    copy's bandwidth; writes them as a CSV, one row per (shape, impl).
+    """
+    from normbench import bench as benchmark
+    from normbench.results import write_csv
+
+    shapes = [benchmark.parse_shape(text) for text in shape] if shape else None
+    try:
+        with benchmark.RichProgress(console=err) as progress:
+            frame = benchmark.run_bench(
+                shapes,
+                impl,
+                device=device,
+                dtype=dtype,
+                repeats=repeats,
+                warmup=warmup,
+                threads=threads,
+                progress=progress,
+            )
+    except KeyboardInterrupt:
+        err.print("interrupted: nothing written")
+        raise typer.Exit(130) from None
+    out.print(benchmark.table(frame))
+    write_csv(out_path, frame)
+    out.print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":

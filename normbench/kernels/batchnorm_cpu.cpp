@@ -30,6 +30,8 @@ namespace {
 
 constexpr int kLanes = 16;              // partial sums per channel: one AVX-512 register of floats
 constexpr int64_t kLaneBlock = 256;     // values a lane sums in the compute type before a double add
+constexpr int64_t kPrefetchBytes = 4096;  // how far ahead a block's runs are prefetched
+constexpr int64_t kRunBytes = 2048;       // contiguous bytes a planes block reads per sample
 constexpr int64_t kRowBlock = 64;       // rows summed per channel before a double add
 constexpr int64_t kParallelWork = 32768;  // below this many values a task runs alone
 
@@ -87,93 +89,100 @@ std::vector<acc_t> per_channel(const c10::optional<at::Tensor>& t, int64_t C, ac
 }
 
 // ---------------------------------------------------------------- planes (N, C, L)
+//
+// A task owns a block of adjacent channels [c0, c1): for every sample, the block's rows
+// are one contiguous run of (c1 - c0) * L values. Blocks are sized so a run is at least
+// kRunBytes long: one 8x8 row (256 bytes) at a time, C * L values apart, gives the
+// hardware prefetcher nothing to follow; a block's runs are prefetched a few ahead.
+// A block's data (N runs) is small enough to be read again from the core's cache by the
+// second pass.
 
-// Per-lane partial sums of a channel, kept across its rows (a short row, 8x8 = 64 values,
-// would otherwise pay a horizontal reduction per row), moved to double every kLaneBlock
-// values per lane. `term(i, u, v)` gives the two summands of value i of the row.
-template <typename acc_t, typename Term>
-void lane_sums(const Layout& g, int64_t c, int64_t n0, int64_t n1, Term term, double& s1,
-               double& s2) {
-  acc_t v1[kLanes] = {}, v2[kLanes] = {};
+template <typename T>
+inline void prefetch_run(const T* p, int64_t len) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < len * static_cast<int64_t>(sizeof(T)); i += 64) {
+    __builtin_prefetch(bytes + i, 0, 1);
+  }
+}
+
+// Channels per block: runs of >= kRunBytes, but at least a block for every thread.
+int64_t block_channels(const Layout& g, int64_t itemsize) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t wanted = std::max<int64_t>(1, kRunBytes / std::max<int64_t>(1, g.L * itemsize));
+  return std::max<int64_t>(1, std::min(wanted, g.C / std::max<int64_t>(1, threads)));
+}
+
+// Per-channel sums over samples [n0, n1) of the block [c0, c1): `term(i, c, u, v)` gives the
+// two summands of value i (of channel c), added into s1[c - c0] and s2[c - c0]. Each channel
+// keeps kLanes partial sums across its rows (a short row would otherwise pay a horizontal
+// reduction per row) and moves them to double every kLaneBlock additions.
+// `a` and `b` (b may be null) are the arrays `term` reads, for prefetching.
+template <typename acc_t, typename scalar_t, typename Term>
+void block_sums(const Layout& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
+                const scalar_t* a, const scalar_t* b, Term term, double* s1, double* s2) {
+  const int64_t cb = c1 - c0;
+  std::vector<acc_t> lanes(2 * cb * kLanes, acc_t(0));
+  acc_t* v1 = lanes.data();
+  acc_t* v2 = v1 + cb * kLanes;
+  const int64_t run = cb * g.L;
+  const int64_t ahead =
+      std::clamp<int64_t>(kPrefetchBytes / std::max<int64_t>(1, run * sizeof(scalar_t)), 1, 8);
+  const int64_t adds_per_sample = (g.L + kLanes - 1) / kLanes;
   int64_t pending = 0;
   auto flush = [&] {
-    for (int k = 0; k < kLanes; ++k) {
-      s1 += v1[k];
-      s2 += v2[k];
-      v1[k] = v2[k] = 0;
+    for (int64_t j = 0; j < cb; ++j) {
+      for (int k = 0; k < kLanes; ++k) {
+        s1[j] += v1[j * kLanes + k];
+        s2[j] += v2[j * kLanes + k];
+      }
     }
+    std::fill(lanes.begin(), lanes.end(), acc_t(0));
     pending = 0;
   };
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t off = (n * g.C + c) * g.L;
-    int64_t l = 0;
-    for (; l + kLanes <= g.L; l += kLanes) {
+    const int64_t base = (n * g.C + c0) * g.L;
+    if (n + ahead < n1) {
+      const int64_t next = base + ahead * g.C * g.L;
+      prefetch_run(a + next, run);
+      if (b != nullptr) prefetch_run(b + next, run);
+    }
+    for (int64_t j = 0; j < cb; ++j) {
+      const int64_t off = base + j * g.L;
+      const int64_t c = c0 + j;
+      acc_t* p1 = v1 + j * kLanes;
+      acc_t* p2 = v2 + j * kLanes;
+      int64_t l = 0;
+      for (; l + kLanes <= g.L; l += kLanes) {
 #pragma omp simd
-      for (int k = 0; k < kLanes; ++k) {
-        acc_t u, v;
-        term(off + l + k, u, v);
-        v1[k] += u;
-        v2[k] += v;
+        for (int k = 0; k < kLanes; ++k) {
+          acc_t u, v;
+          term(off + l + k, c, u, v);
+          p1[k] += u;
+          p2[k] += v;
+        }
       }
-      if (++pending == kLaneBlock) flush();
+      for (; l < g.L; ++l) {
+        acc_t u, v;
+        term(off + l, c, u, v);
+        p1[0] += u;
+        p2[0] += v;
+      }
     }
-    for (; l < g.L; ++l) {
-      acc_t u, v;
-      term(off + l, u, v);
-      v1[0] += u;
-      v2[0] += v;
-    }
+    pending += adds_per_sample;
+    if (pending >= kLaneBlock) flush();
   }
   flush();
 }
 
-// Sum of (x - shift) and (x - shift)^2 over samples [n0, n1) of channel c.
-template <typename scalar_t, typename acc_t>
-void plane_moments(const scalar_t* x, const Layout& g, int64_t c, int64_t n0, int64_t n1,
-                   acc_t shift, double& s1, double& s2) {
-  lane_sums<acc_t>(g, c, n0, n1, [&](int64_t i, acc_t& u, acc_t& v) {
-    const acc_t d = static_cast<acc_t>(x[i]) - shift;
-    u = d;
-    v = d * d;
-  }, s1, s2);
-}
-
-template <typename scalar_t, typename acc_t>
-void plane_affine(const scalar_t* x, scalar_t* y, const Layout& g, int64_t c, int64_t n0,
-                  int64_t n1, acc_t mean, acc_t scale, acc_t shift) {
+// out = f(i, c) for every value of samples [n0, n1) in the block [c0, c1).
+template <typename scalar_t, typename F>
+void block_map(const Layout& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1, scalar_t* out,
+               F f) {
   for (int64_t n = n0; n < n1; ++n) {
-    const scalar_t* p = x + (n * g.C + c) * g.L;
-    scalar_t* q = y + (n * g.C + c) * g.L;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t off = (n * g.C + c) * g.L;
 #pragma omp simd
-    for (int64_t l = 0; l < g.L; ++l) {
-      q[l] = static_cast<scalar_t>((static_cast<acc_t>(p[l]) - mean) * scale + shift);
-    }
-  }
-}
-
-// Sum of dy and dy * (x - mean) over samples [n0, n1) of channel c.
-template <typename scalar_t, typename acc_t>
-void plane_grad_sums(const scalar_t* dy, const scalar_t* x, const Layout& g, int64_t c,
-                     int64_t n0, int64_t n1, acc_t mean, double& s1, double& s2) {
-  lane_sums<acc_t>(g, c, n0, n1, [&](int64_t i, acc_t& u, acc_t& v) {
-    const acc_t d = static_cast<acc_t>(dy[i]);
-    u = d;
-    v = d * (static_cast<acc_t>(x[i]) - mean);
-  }, s1, s2);
-}
-
-// dx = dy * k1 + (x - mean) * k2 + k3
-template <typename scalar_t, typename acc_t>
-void plane_grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Layout& g,
-                      int64_t c, int64_t n0, int64_t n1, acc_t mean, acc_t k1, acc_t k2,
-                      acc_t k3) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t off = (n * g.C + c) * g.L;
-#pragma omp simd
-    for (int64_t l = 0; l < g.L; ++l) {
-      const acc_t v = static_cast<acc_t>(dy[off + l]) * k1 +
-                      (static_cast<acc_t>(x[off + l]) - mean) * k2 + k3;
-      dx[off + l] = static_cast<scalar_t>(v);
+      for (int64_t l = 0; l < g.L; ++l) out[off + l] = f(off + l, c);
     }
   }
 }
@@ -296,26 +305,44 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
     return;
   }
 
+  std::vector<acc_t> shift(g.C), scale(g.C);
+  for (int64_t c = 0; c < g.C; ++c) shift[c] = static_cast<acc_t>(x[c * g.L]);
+  auto moments = [&](int64_t i, int64_t c, acc_t& u, acc_t& v) {
+    const acc_t d = static_cast<acc_t>(x[i]) - shift[c];
+    u = d;
+    v = d * d;
+  };
+  auto affine = [&](int64_t i, int64_t c) {
+    return static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean[c]) * scale[c] + b[c]);
+  };
   const int64_t parts = plane_parts(g);
   if (parts == 1) {
-    // A channel's statistics, then at once its normalisation, while it is in cache.
-    at::parallel_for(0, g.C, grain_for(g.C, g.M), [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const acc_t shift = static_cast<acc_t>(x[c * g.L]);
-        double s1 = 0, s2 = 0;
-        plane_moments(x, g, c, 0, g.N, shift, s1, s2);
-        finish(c, shift, s1, s2);
-        plane_affine(x, out, g, c, 0, g.N, mean[c], invstd[c] * w[c], b[c]);
+    // A block's statistics, then at once its normalisation, while it is in cache.
+    const int64_t cb = block_channels(g, sizeof(scalar_t));
+    const int64_t blocks = (g.C + cb - 1) / cb;
+    at::parallel_for(0, blocks, grain_for(blocks, g.M * cb), [&](int64_t b0, int64_t b1) {
+      std::vector<double> s1(cb), s2(cb);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t c0 = blk * cb, c1 = std::min(g.C, c0 + cb);
+        std::fill(s1.begin(), s1.end(), 0.0);
+        std::fill(s2.begin(), s2.end(), 0.0);
+        block_sums<acc_t>(g, c0, c1, 0, g.N, x, static_cast<const scalar_t*>(nullptr), moments,
+                          s1.data(), s2.data());
+        for (int64_t c = c0; c < c1; ++c) {
+          finish(c, shift[c], s1[c - c0], s2[c - c0]);
+          scale[c] = invstd[c] * w[c];
+        }
+        block_map(g, c0, c1, 0, g.N, out, affine);
       }
     });
     return;
   }
   for (int64_t c = 0; c < g.C; ++c) {
-    const acc_t shift = static_cast<acc_t>(x[c * g.L]);
     std::vector<double> p1(parts, 0.0), p2(parts, 0.0);
     at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        plane_moments(x, g, c, g.N * t / parts, g.N * (t + 1) / parts, shift, p1[t], p2[t]);
+        block_sums<acc_t>(g, c, c + 1, g.N * t / parts, g.N * (t + 1) / parts, x,
+                          static_cast<const scalar_t*>(nullptr), moments, &p1[t], &p2[t]);
       }
     });
     double s1 = 0, s2 = 0;
@@ -323,11 +350,11 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
       s1 += p1[t];
       s2 += p2[t];
     }
-    finish(c, shift, s1, s2);
-    const acc_t m = mean[c], scale = invstd[c] * w[c], shift_out = b[c];
+    finish(c, shift[c], s1, s2);
+    scale[c] = invstd[c] * w[c];
     at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        plane_affine(x, out, g, c, g.N * t / parts, g.N * (t + 1) / parts, m, scale, shift_out);
+        block_map(g, c, c + 1, g.N * t / parts, g.N * (t + 1) / parts, out, affine);
       }
     });
   }
@@ -404,15 +431,31 @@ void backward_impl(const Layout& g, const at::Tensor& dy_t, at::Tensor& dx_t,
     return;
   }
 
+  std::vector<acc_t> k1(g.C), k2(g.C), k3(g.C);
+  auto grad_sums = [&](int64_t i, int64_t c, acc_t& u, acc_t& v) {
+    const acc_t d = static_cast<acc_t>(dy[i]);
+    u = d;
+    v = d * (static_cast<acc_t>(x[i]) - mean[c]);
+  };
+  auto grad_input = [&](int64_t i, int64_t c) {
+    return static_cast<scalar_t>(static_cast<acc_t>(dy[i]) * k1[c] +
+                                 (static_cast<acc_t>(x[i]) - mean[c]) * k2[c] + k3[c]);
+  };
   const int64_t parts = plane_parts(g);
   if (parts == 1) {
-    at::parallel_for(0, g.C, grain_for(g.C, g.M), [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        double s1 = 0, s2 = 0;
-        plane_grad_sums(dy, x, g, c, 0, g.N, mean[c], s1, s2);
-        acc_t k1, k2, k3;
-        coefficients(c, s1, s2, k1, k2, k3);
-        plane_grad_input(dy, x, dx, g, c, 0, g.N, mean[c], k1, k2, k3);
+    const int64_t cb = block_channels(g, sizeof(scalar_t));
+    const int64_t blocks = (g.C + cb - 1) / cb;
+    at::parallel_for(0, blocks, grain_for(blocks, g.M * cb), [&](int64_t b0, int64_t b1) {
+      std::vector<double> s1(cb), s2(cb);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t c0 = blk * cb, c1 = std::min(g.C, c0 + cb);
+        std::fill(s1.begin(), s1.end(), 0.0);
+        std::fill(s2.begin(), s2.end(), 0.0);
+        block_sums<acc_t>(g, c0, c1, 0, g.N, dy, x, grad_sums, s1.data(), s2.data());
+        for (int64_t c = c0; c < c1; ++c) {
+          coefficients(c, s1[c - c0], s2[c - c0], k1[c], k2[c], k3[c]);
+        }
+        block_map(g, c0, c1, 0, g.N, dx, grad_input);
       }
     });
     return;
@@ -421,7 +464,8 @@ void backward_impl(const Layout& g, const at::Tensor& dy_t, at::Tensor& dx_t,
     std::vector<double> p1(parts, 0.0), p2(parts, 0.0);
     at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        plane_grad_sums(dy, x, g, c, g.N * t / parts, g.N * (t + 1) / parts, mean[c], p1[t], p2[t]);
+        block_sums<acc_t>(g, c, c + 1, g.N * t / parts, g.N * (t + 1) / parts, dy, x, grad_sums,
+                          &p1[t], &p2[t]);
       }
     });
     double s1 = 0, s2 = 0;
@@ -429,11 +473,10 @@ void backward_impl(const Layout& g, const at::Tensor& dy_t, at::Tensor& dx_t,
       s1 += p1[t];
       s2 += p2[t];
     }
-    acc_t k1, k2, k3;
-    coefficients(c, s1, s2, k1, k2, k3);
+    coefficients(c, s1, s2, k1[c], k2[c], k3[c]);
     at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        plane_grad_input(dy, x, dx, g, c, g.N * t / parts, g.N * (t + 1) / parts, mean[c], k1, k2, k3);
+        block_map(g, c, c + 1, g.N * t / parts, g.N * (t + 1) / parts, dx, grad_input);
       }
     });
   }

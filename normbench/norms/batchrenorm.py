@@ -122,7 +122,12 @@ class BatchRenorm(nn.Module):
             # sigma already contains eps, hence eps=0 here
             variance = self.running_std.square()
             return batch_norm(
-                input, self.running_mean, variance, self.weight, self.bias, eps=0.0,
+                input,
+                self.running_mean,
+                variance,
+                self.weight,
+                self.bias,
+                eps=0.0,
                 backend=self.backend,
             )
 

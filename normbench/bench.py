@@ -1,0 +1,614 @@
+"""``normbench bench``: normbench's BatchNorm kernels timed against ``torch.nn.BatchNorm2d``.
+
+One timed unit is a training step of one BatchNorm layer: the module's forward in
+training mode (batch statistics, running statistics updated) and ``y.backward(dy)``
+with a fixed ``dy``, the input requiring grad; the parameters' and the input's
+``.grad`` are set to None before every unit, outside the timing. On CUDA the device
+is synchronised before and after a unit, so a time covers the kernels, not their
+launch alone.
+
+Implementations (``IMPLS``):
+
+- ``torch``: ``torch.nn.BatchNorm2d``, the baseline;
+- ``reference``: :class:`normbench.norms.BatchNorm2d` with ``backend="reference"``
+  (plain torch operations);
+- ``cpu``: the same with ``backend="cpu"``, the compiled C++ kernel (CPU tensors only);
+- ``triton``: the same with ``backend="triton"`` (CUDA tensors only: never Triton's
+  interpreter, which measures Python, not a kernel).
+
+Next to them, per shape, ``copy``: ``dst.copy_(src)`` of a float32 tensor with the
+input's number of elements, the bandwidth this machine actually delivers.
+
+The machine is noisy (other processes, frequency changes), so the measurements are
+interleaved, and figures are medians and quartiles over the repeats, never means:
+
+- within a shape, each repeat runs every implementation and the copy once, in an
+  order shuffled per repeat (seeded), so drift hits all of them alike;
+- the repeats run in blocks of ``BLOCK``, the shapes taking turns block by block
+  (in shuffled order), so a burst of load spreads over every shape rather than
+  ruining one. A shape's block starts with an untimed round, which brings its data
+  back into the last-level cache and its allocations back to their steady state;
+  a shape's figures then do not depend on which other shapes are in the list;
+- before every unit, a buffer a few times larger than a core's own caches
+  (``FLUSH_BYTES``) is read, untimed, so every unit starts with its data out of
+  them, whichever unit ran just before (triton's ``do_bench`` does the same).
+
+Derived figures, per (shape, implementation):
+
+- ``bytes``: the least traffic a unit needs: ``5 * numel * itemsize`` (the forward
+  reads ``x`` and writes ``y``; the backward reads ``x`` and ``dy`` and writes
+  ``dx``), and ``2 * numel * 4`` for the copy (reads and writes float32);
+- ``gbps``: ``bytes / median`` in 1e9 bytes per second;
+- ``speedup_vs_torch``: torch's median / this median (empty without a torch row);
+- ``frac_of_copy_bw``: ``gbps`` / the copy's ``gbps`` at the same shape.
+
+:func:`run_bench` validates its settings (a :class:`~normbench.errors.UserError`
+before anything runs), measures and returns one row per (shape, implementation),
+columns ``COLUMNS``; it prints nothing itself, it reports to a :class:`Progress`.
+:func:`table` renders such a frame for the terminal. torch and pandas are imported
+inside the functions, so importing this module is free.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from normbench.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from rich.console import Console
+    from rich.table import Table
+
+Shape = tuple[int, int, int, int]
+
+#: The implementations, in table order; ``copy`` rows follow them.
+IMPLS: tuple[str, ...] = ("torch", "reference", "cpu", "triton")
+COPY = "copy"
+
+#: CIFAR-sized activations of the small models (N=128 and 256), and a batch of 2.
+DEFAULT_SHAPES: tuple[Shape, ...] = (
+    (128, 16, 32, 32),
+    (128, 32, 16, 16),
+    (128, 64, 8, 8),
+    (256, 32, 16, 16),
+    (2, 16, 32, 32),
+)
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+#: ~80 ms per repeat over the default shapes on a 2-core CPU: ~35 s in all.
+DEFAULT_REPEATS = 400
+DEFAULT_WARMUP = 10
+DEFAULT_OUT = Path("results") / "bench" / "bench.csv"
+#: Timed repeats of one shape in a row, before the next shape's (module docstring).
+BLOCK = 20
+#: Read before every unit to evict the caches: several times a CPU core's L2, a GPU's L2.
+FLUSH_BYTES = {"cpu": 16 << 20, "cuda": 256 << 20}
+
+#: One row per (shape, implementation); ``impl == "copy"`` rows hold the copy bandwidth.
+COLUMNS: tuple[str, ...] = (
+    "shape",  # "NxCxHxW"
+    "n",
+    "c",
+    "h",
+    "w",
+    "numel",
+    "dtype",
+    "impl",  # torch | reference | cpu | triton | copy
+    "median_ms",
+    "q1_ms",  # first quartile
+    "q3_ms",  # third quartile
+    "min_ms",
+    "repeats",  # timed units per implementation and shape
+    "warmup",
+    "bytes",  # minimum traffic of one unit (module docstring)
+    "gbps",  # bytes / median, 1e9 bytes per second
+    "speedup_vs_torch",  # torch median / median
+    "frac_of_copy_bw",  # gbps / copy gbps at the shape
+    "device",  # cpu | cuda
+    "device_name",
+    "threads",  # torch.get_num_threads() while timing
+    "torch_version",
+    "normbench_version",
+)
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+class Progress(Protocol):
+    """What :func:`run_bench` reports while it runs."""
+
+    def status(self, message: str) -> None:
+        """A phase begins: loading a kernel, warming up a shape."""
+
+    def start(self, total: int) -> None:
+        """``total`` rounds (warm-up, then timed) are ahead."""
+
+    def advance(self) -> None:
+        """One round done: every implementation ran once at every shape."""
+
+    def note(self, message: str) -> None:
+        """Something the user should know: an implementation left out, and why."""
+
+
+class _Silent:
+    def status(self, message: str) -> None:
+        pass
+
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
+class RichProgress:
+    """A :class:`Progress` drawn with rich: a spinner with the phase, and a bar over the rounds."""
+
+    def __init__(self, console: Console | None = None):
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console or Console(stderr=True),
+            transient=True,
+        )
+        self.task = self.progress.add_task("starting", total=None)
+
+    def __enter__(self) -> RichProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def status(self, message: str) -> None:
+        self.progress.update(self.task, description=message)
+
+    def start(self, total: int) -> None:
+        self.progress.update(self.task, total=total, completed=0)
+
+    def advance(self) -> None:
+        self.progress.advance(self.task)
+
+    def note(self, message: str) -> None:
+        self.progress.console.print(message)
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A validated benchmark: what :func:`measure` runs."""
+
+    shapes: tuple[Shape, ...]
+    impls: tuple[str, ...]
+    device: str  # cpu | cuda
+    dtype: str
+    repeats: int
+    warmup: int
+    threads: int | None  # None: leave torch's setting
+    named: bool = False  # the impls were named by the user, not the defaults
+    skipped: tuple[tuple[str, str], ...] = ()  # (impl, why) left out of the defaults
+
+
+def shape_label(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def parse_shape(text: str) -> Shape:
+    """``"N,C,H,W"`` (or ``NxCxHxW``) as four positive integers."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) != 4 or min(dims) < 1:
+        raise UserError(f"bad shape {text!r}: expected N,C,H,W, four positive integers")
+    return dims  # type: ignore[return-value]
+
+
+def _check_shape(shape: Sequence[int]) -> Shape:
+    if len(shape) != 4 or any(not isinstance(d, int) or d < 1 for d in shape):
+        raise UserError(f"bad shape {tuple(shape)}: expected N,C,H,W, four positive integers")
+    n, _c, h, w = shape
+    if n * h * w < 2:
+        # training-mode BatchNorm needs two values per channel for a variance
+        raise UserError(f"bad shape {shape_label(shape)}: N*H*W must be at least 2 to train")
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device not in DEVICES:
+        raise UserError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but CUDA is not available here; use --device auto or cpu")
+    return device
+
+
+def _unavailable(impl: str, device: str) -> str | None:
+    """Why ``impl`` cannot run on ``device``, or None when it can."""
+    if impl == "cpu" and device != "cpu":
+        return "the C++ kernel runs CPU tensors only (--device cpu)"
+    if impl == "triton":
+        if device != "cuda":
+            return "the Triton kernels run CUDA tensors only (--device cuda)"
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return "TRITON_INTERPRET=1 is set: the interpreter measures Python, not the kernels"
+        from normbench.kernels import triton_kernels
+
+        if not triton_kernels.available():
+            return "the triton package is not installed"
+    return None
+
+
+def settings(
+    shapes: Iterable[Sequence[int]] | None = None,
+    impls: Iterable[str] | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "float32",
+    repeats: int = DEFAULT_REPEATS,
+    warmup: int = DEFAULT_WARMUP,
+    threads: int | None = None,
+) -> Settings:
+    """Check and resolve the benchmark's settings; a :class:`UserError` names what is wrong.
+
+    ``impls=None`` takes every implementation that runs on the device and leaves
+    the others out (``Settings.skipped`` says why); a named one that cannot run is
+    an error.
+    """
+    shapes = tuple(dict.fromkeys(_check_shape(tuple(s)) for s in (shapes or DEFAULT_SHAPES)))
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {repeats}")
+    if warmup < 0:
+        raise UserError(f"--warmup must be at least 0, got {warmup}")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
+    resolved = _resolve_device(device)
+    named = list(impls or ())
+    skipped = []
+    if named:
+        chosen = tuple(dict.fromkeys(named))
+        for impl in chosen:
+            if impl not in IMPLS:
+                raise UserError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
+            why = _unavailable(impl, resolved)
+            if why:
+                raise UserError(f"impl {impl!r} cannot run here: {why}")
+        chosen = tuple(impl for impl in IMPLS if impl in chosen)
+    else:
+        chosen = []
+        for impl in IMPLS:
+            why = _unavailable(impl, resolved)
+            if why:
+                skipped.append((impl, why))
+            else:
+                chosen.append(impl)
+        chosen = tuple(chosen)
+    return Settings(
+        shapes,
+        chosen,
+        resolved,
+        dtype,
+        repeats,
+        warmup,
+        threads,
+        named=bool(named),
+        skipped=tuple(skipped),
+    )
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def _cpu_kernel_ready(progress: Progress, required: bool) -> bool:
+    """Load (compiling on first use) the C++ kernel before any timing."""
+    from normbench.kernels import cpu
+
+    name = cpu.extension_name()
+    if (cpu.cache_root() / name / f"{name}.so").exists():
+        progress.status("loading the CPU kernel")
+    else:
+        progress.status("compiling the CPU kernel (once per machine, ~40 s)")
+    if cpu.extension() is not None:
+        return True
+    why = f"the C++ kernel could not be compiled ({cpu.failure()})"
+    if required:
+        raise UserError(f"impl 'cpu' cannot run here: {why}")
+    progress.note(f"[yellow]cpu left out[/]: {why}")
+    return False
+
+
+def _units(impls: Sequence[str], shape: Shape, device: str, dtype: str) -> dict[str, tuple]:
+    """Per implementation (and ``copy``): ``(prepare, run)``, only ``run`` being timed."""
+    import torch
+
+    from normbench.norms import BatchNorm2d
+
+    torch_dtype = getattr(torch, dtype)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator).to(device, torch_dtype).requires_grad_()
+    dy = torch.randn(shape, generator=generator).to(device, torch_dtype)
+    channels = shape[1]
+
+    def layer(module: torch.nn.Module) -> tuple:
+        module.train()
+
+        def prepare() -> None:
+            module.weight.grad = None
+            module.bias.grad = None
+            x.grad = None
+
+        def run() -> None:
+            module(x).backward(dy)
+
+        return prepare, run
+
+    units = {}
+    for impl in impls:
+        if impl == "torch":
+            module = torch.nn.BatchNorm2d(channels, device=device, dtype=torch_dtype)
+        else:
+            module = BatchNorm2d(channels, device=device, dtype=torch_dtype, backend=impl)
+        units[impl] = layer(module)
+
+    src = torch.randn(shape, generator=generator).to(device)  # float32, as documented
+    dst = torch.empty_like(src)
+    units[COPY] = (lambda: None, lambda: dst.copy_(src))
+    return units
+
+
+def measure(config: Settings, progress: Progress | None = None) -> pd.DataFrame:
+    """The raw times: one row per (shape, impl, repeat), ``seconds`` of one unit."""
+    import pandas as pd
+    import torch
+
+    progress = progress or _Silent()
+    impls = config.impls
+    if "cpu" in impls and not _cpu_kernel_ready(progress, required=config.named):
+        impls = tuple(i for i in impls if i != "cpu")
+    for impl, why in config.skipped:
+        progress.note(f"[dim]{impl} left out: {why}[/]")
+    cuda = config.device == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    # read before every unit: see the module docstring
+    flush = torch.empty(FLUSH_BYTES[config.device] // 4, device=config.device).fill_(1.0)
+
+    def timed(prepare: Callable[[], None], run: Callable[[], None]) -> float:
+        flush.sum()
+        prepare()
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        return time.perf_counter() - start
+
+    progress.status("preparing the inputs")
+    units = {
+        shape_label(shape): _units(impls, shape, config.device, config.dtype)
+        for shape in config.shapes
+    }
+    progress.start(len(units) * (config.warmup + config.repeats))
+    progress.status("warming up")
+    for shape_units in units.values():
+        for _ in range(config.warmup):
+            for unit in shape_units.values():
+                timed(*unit)
+            progress.advance()
+    progress.status("timing")
+    order = random.Random(0)
+    labels = list(units)
+    rows = []
+    gc.collect()
+    gc.disable()  # a collection inside a unit would be charged to it
+    try:
+        for first in range(0, config.repeats, BLOCK):
+            order.shuffle(labels)
+            for label in labels:
+                names = list(units[label])
+                for name in names:  # untimed: back to this shape's steady state
+                    timed(*units[label][name])
+                for repeat in range(first, min(first + BLOCK, config.repeats)):
+                    order.shuffle(names)
+                    for name in names:
+                        rows.append((label, name, repeat, timed(*units[label][name])))
+                    progress.advance()
+    finally:
+        gc.enable()
+    return pd.DataFrame(rows, columns=["shape", "impl", "repeat", "seconds"])
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def summarize(samples: pd.DataFrame, config: Settings, threads: int) -> pd.DataFrame:
+    """:func:`measure`'s raw times as one row per (shape, impl), columns ``COLUMNS``."""
+    import pandas as pd
+    import torch
+
+    from normbench import __version__
+
+    itemsize = torch.empty((), dtype=getattr(torch, config.dtype)).element_size()
+    device_name = _device_name(config.device)
+    order = {name: i for i, name in enumerate((*IMPLS, COPY))}
+    rows = []
+    for shape in config.shapes:
+        label = shape_label(shape)
+        numel = shape[0] * shape[1] * shape[2] * shape[3]
+        here = samples[samples["shape"] == label]
+        stats = {}
+        for impl, group in here.groupby("impl"):
+            q1, median, q3 = (group["seconds"] * 1e3).quantile([0.25, 0.5, 0.75]).tolist()
+            nbytes = 2 * numel * 4 if impl == COPY else 5 * numel * itemsize
+            stats[impl] = {
+                "median_ms": median,
+                "q1_ms": q1,
+                "q3_ms": q3,
+                "min_ms": float(group["seconds"].min() * 1e3),
+                "repeats": len(group),
+                "bytes": nbytes,
+                "gbps": nbytes / (median * 1e-3) / 1e9,
+            }
+        for impl in sorted(stats, key=order.__getitem__):
+            row = stats[impl]
+            torch_ms = stats["torch"]["median_ms"] if "torch" in stats else float("nan")
+            speedup = float("nan") if impl == COPY else torch_ms / row["median_ms"]
+            copy_gbps = stats[COPY]["gbps"] if COPY in stats else float("nan")
+            rows.append(
+                {
+                    "shape": label,
+                    "n": shape[0],
+                    "c": shape[1],
+                    "h": shape[2],
+                    "w": shape[3],
+                    "numel": numel,
+                    "dtype": "float32" if impl == COPY else config.dtype,
+                    "impl": impl,
+                    **row,
+                    "warmup": config.warmup,
+                    "speedup_vs_torch": speedup,
+                    "frac_of_copy_bw": row["gbps"] / copy_gbps,
+                    "device": config.device,
+                    "device_name": device_name,
+                    "threads": threads,
+                    "torch_version": torch.__version__,
+                    "normbench_version": __version__,
+                }
+            )
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def run_bench(
+    shapes: Iterable[Sequence[int]] | None = None,
+    impls: Iterable[str] | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "float32",
+    repeats: int = DEFAULT_REPEATS,
+    warmup: int = DEFAULT_WARMUP,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
+    """Validate, measure and summarise: one row per (shape, impl), columns ``COLUMNS``.
+
+    ``threads`` sets ``torch.set_num_threads`` for the measurement (restored after);
+    None leaves torch's setting. Arguments as in :func:`settings`.
+    """
+    import torch
+
+    config = settings(
+        shapes,
+        impls,
+        device=device,
+        dtype=dtype,
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
+    )
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        samples = measure(config, progress)
+        return summarize(samples, config, torch.get_num_threads())
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------- display
+
+
+def _figure(value: float) -> str:
+    """Four or five significant digits for times and rates from 0.001 to 9999."""
+    return f"{value:.3f}" if value < 10 else f"{value:.2f}" if value < 100 else f"{value:.1f}"
+
+
+def table(frame: pd.DataFrame) -> Table:
+    """:func:`run_bench`'s frame for the terminal: a section per shape, copy rows dimmed.
+
+    Narrow enough for 80 columns; the CSV holds every figure unrounded.
+    """
+    import math
+
+    from rich import box
+    from rich.table import Table
+
+    first = frame.iloc[0]
+    title = (
+        f"BatchNorm2d training forward+backward, {first['dtype']}, {first['device']} "
+        f"({first['device_name']}), {first['threads']} threads, torch {first['torch_version']}: "
+        f"median and interquartile range of {first['repeats']} interleaved repeats"
+    )
+    result = Table(
+        title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
+    )
+    result.add_column("shape", style="bold", no_wrap=True)
+    result.add_column("impl", style="cyan", no_wrap=True)
+    result.add_column("median ms", justify="right", no_wrap=True)
+    result.add_column("IQR ms", justify="right", no_wrap=True)
+    result.add_column("GB/s", justify="right", no_wrap=True)
+    result.add_column("vs torch", justify="right", no_wrap=True)
+    result.add_column("of copy", justify="right", no_wrap=True)
+    for i, (label, rows) in enumerate(frame.groupby("shape", sort=False)):
+        if i:
+            result.add_section()
+        for j, row in enumerate(rows.itertuples()):
+            speedup = row.speedup_vs_torch
+            result.add_row(
+                label if j == 0 else "",
+                row.impl,
+                _figure(row.median_ms),
+                f"{_figure(row.q1_ms)}-{_figure(row.q3_ms)}",
+                _figure(row.gbps),
+                "" if math.isnan(speedup) else f"{speedup:.2f}x",
+                f"{100 * row.frac_of_copy_bw:.0f}%",
+                style="dim" if row.impl == COPY else None,
+            )
+    return result

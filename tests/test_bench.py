@@ -1,0 +1,177 @@
+"""Tests for normbench.bench and ``normbench bench``: the frame, its figures, the CLI, bad input.
+
+Tiny shapes and a few repeats: the point is the bookkeeping, not the timings.
+"""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from normbench import bench
+from normbench.cli import app
+from normbench.errors import UserError
+
+TINY = (4, 3, 5, 5)  # 300 values
+cli = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def frame():
+    return bench.run_bench(
+        [TINY], ["torch", "reference", "cpu"], device="cpu", repeats=3, warmup=1, threads=1
+    )
+
+
+def test_frame_has_one_row_per_impl_and_the_copy(frame):
+    assert list(frame.columns) == list(bench.COLUMNS)
+    assert list(frame["impl"]) == ["torch", "reference", "cpu", "copy"]
+    assert (frame["shape"] == "4x3x5x5").all() and (frame["numel"] == 300).all()
+    assert (frame["device"] == "cpu").all() and (frame["threads"] == 1).all()
+    assert (frame["repeats"] == 3).all() and (frame["torch_version"] == torch.__version__).all()
+    assert list(frame["dtype"]) == ["float32"] * 4
+
+
+def test_times_are_positive_and_ordered(frame):
+    assert (frame["min_ms"] > 0).all()
+    assert (frame["min_ms"] <= frame["q1_ms"]).all()
+    assert (frame["q1_ms"] <= frame["median_ms"]).all()
+    assert (frame["median_ms"] <= frame["q3_ms"]).all()
+
+
+def test_derived_figures_are_as_documented(frame):
+    rows = frame.set_index("impl")
+    assert rows.loc["torch", "speedup_vs_torch"] == 1.0
+    assert math.isnan(rows.loc["copy", "speedup_vs_torch"])
+    assert (rows.loc[["torch", "reference", "cpu"], "bytes"] == 5 * 300 * 4).all()
+    assert rows.loc["copy", "bytes"] == 2 * 300 * 4
+    expected_gbps = frame["bytes"] / (frame["median_ms"] / 1e3) / 1e9
+    assert frame["gbps"].tolist() == pytest.approx(expected_gbps.tolist())
+    for impl in ("reference", "cpu"):
+        torch_ms, ms = rows.loc["torch", "median_ms"], rows.loc[impl, "median_ms"]
+        assert rows.loc[impl, "speedup_vs_torch"] == pytest.approx(torch_ms / ms)
+    assert frame["frac_of_copy_bw"].tolist() == pytest.approx(
+        (frame["gbps"] / rows.loc["copy", "gbps"]).tolist()
+    )
+
+
+def test_threads_are_restored():
+    before = torch.get_num_threads()
+    bench.run_bench([TINY], ["torch"], device="cpu", repeats=1, warmup=0, threads=1)
+    assert torch.get_num_threads() == before
+
+
+def test_summary_statistics_of_known_samples():
+    config = bench.settings([(2, 1, 1, 1)], ["torch", "reference"], device="cpu", dtype="float64")
+    times = {"torch": [1, 2, 3, 4, 100], "reference": [4, 4, 4, 4, 4], "copy": [0.5] * 5}
+    samples = pd.DataFrame(
+        [
+            ("2x1x1x1", impl, i, ms / 1e3)
+            for impl, ms_list in times.items()
+            for i, ms in enumerate(ms_list)
+        ],
+        columns=["shape", "impl", "repeat", "seconds"],
+    )
+    rows = bench.summarize(samples, config, threads=1).set_index("impl")
+    assert rows.loc["torch", ["median_ms", "q1_ms", "q3_ms", "min_ms"]].tolist() == pytest.approx(
+        [3, 2, 4, 1]
+    )
+    assert rows.loc["reference", "speedup_vs_torch"] == pytest.approx(3 / 4)
+    assert rows.loc["torch", "bytes"] == 5 * 2 * 8  # float64
+    assert rows.loc["torch", "gbps"] == pytest.approx(80 / 3e-3 / 1e9)
+    assert rows.loc["copy", "gbps"] == pytest.approx(16 / 0.5e-3 / 1e9)
+    assert rows.loc["torch", "frac_of_copy_bw"] == pytest.approx((80 / 3) / (16 / 0.5))
+
+
+def test_default_impls_on_the_cpu_leave_triton_out():
+    config = bench.settings(device="cpu")
+    assert config.impls == ("torch", "reference", "cpu")
+    assert [impl for impl, _ in config.skipped] == ["triton"]
+    assert config.shapes == bench.DEFAULT_SHAPES
+
+
+@pytest.mark.parametrize("text", ["4,3,5", "4,3,5,5,5", "a,b,c,d", "4,0,5,5", "", "4,-3,5,5"])
+def test_malformed_shapes_are_refused(text):
+    with pytest.raises(UserError, match="bad shape"):
+        bench.parse_shape(text)
+
+
+def test_shapes_parse_with_commas_or_x():
+    assert bench.parse_shape("128,16,32,32") == (128, 16, 32, 32)
+    assert bench.parse_shape("128x16x32x32") == (128, 16, 32, 32)
+
+
+BAD_SETTINGS = [
+    ({"impls": ["fast"]}, "unknown impl 'fast'"),
+    ({"impls": ["triton"], "device": "cpu"}, "impl 'triton' cannot run here"),
+    ({"shapes": [(1, 3, 1, 1)]}, "N*H*W must be at least 2"),
+    ({"dtype": "int8"}, "unknown dtype 'int8'"),
+    ({"device": "tpu"}, "unknown device 'tpu'"),
+    ({"repeats": 0}, "--repeats must be at least 1"),
+    ({"warmup": -1}, "--warmup must be at least 0"),
+    ({"threads": 0}, "--threads must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_SETTINGS, ids=[m for _, m in BAD_SETTINGS])
+def test_bad_settings_are_user_errors(kwargs, message):
+    with pytest.raises(UserError, match=message.replace("*", r"\*")):
+        bench.settings(**{"device": "cpu", **kwargs})
+
+
+def test_cuda_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="CUDA is not available"):
+        bench.settings(device="cuda")
+    assert bench.settings(device="auto").device == "cpu"
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def test_cli_prints_the_table_and_writes_the_csv(tmp_path):
+    out = tmp_path / "tmp" / "bench.csv"
+    result = cli.invoke(
+        app,
+        ["bench", "--shape", "4,3,5,5", "--repeats", "2", "--warmup", "1", "--threads", "1"]
+        + ["--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    for word in ("median ms", "vs torch", "4x3x5x5", "torch", "reference", "cpu", "copy"):
+        assert word in result.stdout
+    assert str(out) in result.stdout
+    written = pd.read_csv(out)
+    assert list(written.columns) == list(bench.COLUMNS)
+    assert list(written["impl"]) == ["torch", "reference", "cpu", "copy"]
+    assert "triton left out" in result.stderr
+
+
+BAD_ARGS = [
+    (["--impl", "fast"], "unknown impl 'fast'"),
+    (["--shape", "4,3,5"], "bad shape '4,3,5'"),
+    (["--shape", "4,three,5,5"], "bad shape"),
+    (["--dtype", "int8"], "unknown dtype"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--device", "cpu", "--impl", "triton"], "cannot run here"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_input_exits_2_with_one_message_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "bench.csv"
+    result = cli.invoke(app, ["bench", *args, "--out", str(out)])
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert not out.exists()
+
+
+def test_cli_cuda_without_cuda(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "bench.csv"
+    result = cli.invoke(app, ["bench", "--device", "cuda", "--out", str(out)])
+    assert result.exit_code == 2 and "CUDA is not available" in result.stderr
+    assert not out.exists()
