@@ -88,6 +88,90 @@ def run(
 
 @app.command()
 @user_errors
+def sweep(
+    overrides: Overrides = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Rerun failed and diverged runs too.")
+    ] = False,
+) -> None:
+    """Run a grid of experiments (norm=custom_bn,layer batch_size=2,8,32) through Hydra's
+    multirun; completed runs are skipped; aggregates and plots at the end.
+
+    Launchers: hydra/launcher=joblib hydra.launcher.n_jobs=2 runs jobs in parallel;
+    hydra/launcher=submitit_slurm submits them to SLURM (pip install -e ".[slurm]").
+    """
+    from normbench import sweep as sweeps
+
+    plan = sweeps.plan(overrides or [], retry_failed=retry_failed)
+    skipped = len(plan.jobs) - len(plan.to_run)
+    err.print(f"sweep: {len(plan.jobs)} runs, {skipped} already done, {len(plan.to_run)} to run")
+    try:
+        with sweeps.SweepProgress(plan, console=err) as progress:
+            sweeps.launch(plan, display=progress)
+    except KeyboardInterrupt:
+        err.print("interrupted: finished runs are kept; run the same sweep again to resume")
+        raise typer.Exit(130) from None
+    counts = plan.outcome()
+    _report_experiments(plan.experiment_dirs)
+    out.print(
+        ", ".join(
+            f"{counts[status]} {status}"
+            for status in ("completed", "skipped", "diverged", "failed", "not run")
+            if counts[status] or status in ("completed", "failed")
+        )
+    )
+    if counts["failed"] or counts["not run"]:
+        raise typer.Exit(1)
+
+
+def _report_experiments(experiment_dirs) -> None:
+    """Aggregate and plot each experiment folder, and print its summary table."""
+    from normbench import plots, results
+
+    for folder in experiment_dirs:
+        collected, _ = results.aggregate(folder)
+        out.print(results.describe(folder, collected))
+        keys = results.swept_keys(collected.runs)
+        out.print(results.summary_table(results.summarize(collected.runs, keys), keys, str(folder)))
+        try:
+            for path in plots.plot_experiment(folder):
+                out.print(f"wrote {path}")
+        except plots.NothingToPlot as error:
+            err.print(f"[yellow]no plots[/]: {error}")
+
+
+@app.command()
+@user_errors
+def results(
+    dirs: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Experiment folders (<out_dir>/<name>), or folders holding them "
+            "(default: every one under results/)",
+            show_default=False,
+        ),
+    ] = None,
+    group_by: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--group-by",
+            "-g",
+            help="Group the table by this key instead of every swept key; repeat for "
+            "several (norm, batch_size, lr, model, optim.momentum, ...)",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Aggregate run folders into runs.csv, runs.parquet, metrics.csv and summary.csv per
+    experiment, and print mean ± std of test accuracy over seeds per group."""
+    from normbench.results import report
+
+    for renderable in report(dirs, group_by):
+        out.print(renderable)
+
+
+@app.command()
+@user_errors
 def config(overrides: Overrides = None) -> None:
     """Print the composed config as YAML."""
     from omegaconf import OmegaConf
@@ -96,6 +180,30 @@ def config(overrides: Overrides = None) -> None:
 
     cfg = compose(overrides or [])
     sys.stdout.write(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+@app.command()
+@user_errors
+def plot(
+    dirs: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Experiment folders (<out_dir>/<name>), or folders holding them "
+            "(default: every one under results/)",
+            metavar="DIR",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Draw each experiment's figures as PNG into <experiment>/plots/: test error vs
+    batch size per norm (log2 axis, 95% CI over seeds) and test accuracy per epoch."""
+    from normbench.plots import plot_experiments
+
+    def warn(message: str) -> None:
+        err.print(f"warning: {message}", markup=False)
+
+    for path in plot_experiments(dirs, warn=warn):
+        out.print(str(path), markup=False)
 
 
 @app.command(name="list")

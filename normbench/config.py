@@ -65,9 +65,8 @@ def default_options() -> dict[str, str]:
     from omegaconf import DictConfig, OmegaConf
 
     defaults = OmegaConf.load(conf_dir() / "config.yaml").defaults
-    return {
-        k: v for entry in defaults if isinstance(entry, DictConfig) for k, v in entry.items() if v
-    }
+    picks = (item for entry in defaults if isinstance(entry, DictConfig) for item in entry.items())
+    return {group: option for group, option in picks if group in GROUPS and option}
 
 
 def _description(path: Path) -> str:

@@ -2,19 +2,30 @@
 
 A file is written to a temporary name in its folder and renamed over the final
 name, so a killed process never leaves a file that looks complete.
+
+Aggregation (:func:`aggregate`, ``normbench results``) reads an experiment's run
+folders into a runs table and a metrics table, summarises groups of runs that
+differ only in their seed, and writes runs.csv, runs.parquet, metrics.csv and
+summary.csv beside ``runs/``.
 """
 
 from __future__ import annotations
 
+import difflib
+import io
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+
+from normbench.errors import UserError
 
 #: Columns of every ``metrics.csv``: one row per (run, epoch, split, metric).
 METRIC_COLUMNS: tuple[str, ...] = ("run_id", "epoch", "split", "metric", "value")
@@ -79,11 +90,11 @@ def metrics_frame(run_id: str, records: Iterable[dict[str, Any]]) -> pd.DataFram
     return frame.astype({"epoch": "int64", "value": "float64"})
 
 
-def _write_atomic(path: Path, write) -> None:
+def _write_atomic(path: Path, write, binary: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", newline="") as handle:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -117,3 +128,630 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
         return json.loads((Path(run_dir) / "summary.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Bytes as they are (a table already in its file format)."""
+    _write_atomic(Path(path), lambda handle: handle.write(data), binary=True)
+
+
+def write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    """A frame as Parquet (pyarrow), without its index."""
+    _write_atomic(Path(path), lambda handle: frame.to_parquet(handle, index=False), binary=True)
+
+
+def write_figure(path: Path, figure, **savefig: Any) -> None:
+    """A matplotlib Figure as a PNG (``savefig``'s keywords pass through: dpi, bbox_inches)."""
+    savefig.setdefault("format", "png")
+    _write_atomic(Path(path), lambda handle: figure.savefig(handle, **savefig), binary=True)
+
+
+# ----------------------------------------------------------------------------- aggregation
+#
+# An experiment folder ``<out_dir>/<name>/`` holds ``runs/<run_id>/``; aggregation reads
+# every run folder into two frames (runs, metrics), summarises groups of runs that differ
+# only in their seed, and writes four tables beside ``runs/``. It has to stay fast for
+# thousands of runs, so it never calls pandas once per file: summaries are ``json.loads``,
+# configs go through a line-cached YAML reader (below), and the metrics files are joined
+# as bytes and parsed once.
+
+#: Where ``normbench results`` looks when given no folder (the default ``out_dir``).
+DEFAULT_RESULTS = Path("results")
+
+#: The tables :func:`aggregate` writes into an experiment folder.
+TABLE_FILES: tuple[str, ...] = ("runs.csv", "runs.parquet", "metrics.csv", "summary.csv")
+
+#: The accuracies :func:`summarize` gives mean, std and 95% CI of.
+STAT_METRICS: tuple[str, ...] = ("final_test_acc", "best_test_acc")
+
+#: Swept keys come in this order, when they vary; the others follow in config order.
+KEY_ORDER: tuple[str, ...] = ("norm.name", "batch_size", "lr", "model.name", "dataset.name")
+
+#: Columns of ``summary.csv`` after the group keys.
+SUMMARY_STAT_COLUMNS: tuple[str, ...] = (
+    "n",
+    "n_diverged",
+    "n_failed",
+    *(f"{metric}_{stat}" for metric in STAT_METRICS for stat in ("mean", "std", "ci95")),
+)
+
+# How far below a folder given to ``normbench results`` experiment folders are looked for.
+_SEARCH_DEPTH = 3
+
+
+@dataclass
+class Collected:
+    """An experiment's runs, read from its run folders (nothing written).
+
+    ``runs``: one row per run with a summary: every summary.json field, then the config's
+    dotted keys (see :func:`collect`). ``metrics``: every run's metrics.csv, long.
+    ``incomplete``: run folders without summary.json (unfinished or interrupted).
+    ``unreadable``: run folders whose summary.json or config.yaml cannot be parsed.
+    """
+
+    runs: pd.DataFrame
+    metrics: pd.DataFrame
+    incomplete: list[Path]
+    unreadable: list[Path] = field(default_factory=list)
+    #: ``metrics`` as the CSV text it was parsed from (the files' own lines, headers
+    #: dropped): what :func:`aggregate` writes, with no second formatting pass.
+    metrics_csv: bytes = field(default=b"", repr=False)
+
+    def counts(self) -> dict[str, int]:
+        """Runs per status (completed, diverged, failed, other) plus incomplete and unreadable."""
+        status = self.runs["status"] if "status" in self.runs else pd.Series(dtype=object)
+        counts = {s: int((status == s).sum()) for s in ("completed", "diverged", "failed")}
+        counts["other"] = len(status) - sum(counts.values())
+        counts["incomplete"] = len(self.incomplete)
+        counts["unreadable"] = len(self.unreadable)
+        return counts
+
+
+# ------------------------------------------------------------------- finding experiments
+
+
+def _is_experiment(folder: Path) -> bool:
+    return (folder / "runs").is_dir()
+
+
+def _has_runs(exp_dir: Path) -> bool:
+    with os.scandir(exp_dir / "runs") as entries:
+        return any(e.is_dir() and not e.name.startswith(".") for e in entries)
+
+
+def _experiments_below(root: Path, depth: int) -> list[Path]:
+    """Experiment folders under ``root`` (not inside one), skipping hidden folders."""
+    found: list[Path] = []
+    if depth == 0:
+        return found
+    try:
+        children = sorted(
+            Path(e.path)
+            for e in os.scandir(root)
+            if e.is_dir() and not e.name.startswith(".") and e.name != "runs"
+        )
+    except OSError:
+        return found
+    for child in children:
+        if _is_experiment(child):
+            found.append(child)
+        else:
+            found += _experiments_below(child, depth - 1)
+    return found
+
+
+def find_experiments(paths: Sequence[Path] | None = None) -> list[Path]:
+    """The experiment folders named by ``paths``, or all under ``results/`` when None or empty.
+
+    An experiment folder holds ``runs/<run_id>/``. A path that is not one but holds some
+    (up to three levels down; hidden folders skipped) stands for them; a path to a
+    ``runs/`` folder stands for its experiment. Raises :class:`UserError` for a path that
+    does not exist or holds no run folders.
+    """
+    if not paths:
+        if not DEFAULT_RESULTS.is_dir():
+            raise UserError(
+                f"no {DEFAULT_RESULTS}/ folder here; name experiment folders "
+                "(normbench results DIR...) or run `normbench run` first"
+            )
+        paths = [DEFAULT_RESULTS]
+    found: dict[Path, Path] = {}
+    for path in map(Path, paths):
+        if not path.exists():
+            raise UserError(f"{path}: no such folder")
+        if not path.is_dir():
+            raise UserError(f"{path} is not a folder: expected an experiment folder")
+        if _is_experiment(path):
+            experiments = [path]
+        elif path.name == "runs" and path.parent != path:
+            experiments = [path.parent]
+        else:
+            experiments = _experiments_below(path, _SEARCH_DEPTH)
+        experiments = [e for e in experiments if _has_runs(e)]
+        if not experiments:
+            raise UserError(
+                f"{path} holds no runs: expected {path / 'runs'}/<run_id>/ "
+                "or experiment folders below it"
+            )
+        for exp in experiments:
+            found.setdefault(exp.resolve(), exp)
+    return list(found.values())
+
+
+# ------------------------------------------------------------------------- reading configs
+#
+# A run's summary.json carries its config, flattened, under ``config.<dotted key>``
+# (runner.summarize), so aggregation reads one JSON file per run. Parsing thousands of
+# config.yaml files would cost more than everything else together (PyYAML's C loader:
+# 0.3 ms each); config.yaml is read only for a summary written without those keys.
+
+CONFIG_PREFIX = "config."
+
+
+def read_config(text: str) -> dict[str, Any]:
+    """A run's config.yaml as one flat record, ``config.flatten``'s dotted keys.
+
+    Raises ``ValueError`` (or ``yaml.YAMLError``) when the text is not a YAML mapping.
+    """
+    import yaml
+
+    from normbench.config import flatten
+
+    loaded = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    if not isinstance(loaded, dict):
+        raise ValueError("config.yaml is not a mapping")
+    return flatten(loaded)
+
+
+def split_summary(summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A summary record's own fields, and its config (None when it carries none)."""
+    config = {k[len(CONFIG_PREFIX) :]: v for k, v in summary.items() if k.startswith(CONFIG_PREFIX)}
+    own = {k: v for k, v in summary.items() if not k.startswith(CONFIG_PREFIX)}
+    return own, config or None
+
+
+# ---------------------------------------------------------------------------- collecting
+
+
+def _column(values: list[Any]) -> Any:
+    """One column's values, typed so that CSV and parquet agree: ints with nulls stay
+    ints (nullable Int64), lists become their string form, mixed kinds become strings."""
+    kinds = {type(v) for v in values if v is not None}
+    nulls = any(v is None for v in values)
+    if not kinds:
+        return pd.array(values, dtype=object)
+    if kinds == {int}:
+        return pd.array(values, dtype="Int64" if nulls else "int64")
+    if kinds <= {int, float}:
+        return pd.array([math.nan if v is None else v for v in values], dtype="float64")
+    if kinds & {list, tuple, dict} or len(kinds) > 1:
+        return pd.array([None if v is None else str(v) for v in values], dtype=object)
+    return values
+
+
+def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    keys = dict.fromkeys(key for record in records for key in record)
+    data = {key: _column([record.get(key) for record in records]) for key in keys}
+    return pd.DataFrame(data, index=pd.RangeIndex(len(records)))
+
+
+def _same_values(a: pd.Series, b: pd.Series) -> bool:
+    a, b = a.astype(object), b.astype(object)
+    return bool(((a == b) | (a.isna() & b.isna())).all())
+
+
+_METRICS_HEADER = ",".join(METRIC_COLUMNS).encode()
+_METRIC_DTYPES = {"run_id": str, "epoch": "int64", "split": str, "metric": str, "value": "float64"}
+
+
+def _metrics_body(path: str) -> bytes:
+    """A metrics.csv without its header line, as bytes ending in a newline."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return b""
+    header, _, body = data.partition(b"\n")
+    if header.rstrip(b"\r") != _METRICS_HEADER:
+        if not data.strip():
+            return b""
+        # Another column order (another version): parse this one file on its own.
+        frame = pd.read_csv(path, dtype=_METRIC_DTYPES)[list(METRIC_COLUMNS)]
+        body = frame.to_csv(index=False, header=False, lineterminator="\n").encode()
+    if b"\r" in body:
+        body = body.replace(b"\r\n", b"\n")
+    return body if not body or body.endswith(b"\n") else body + b"\n"
+
+
+@dataclass
+class _Read:
+    summaries: list[dict[str, Any]] = field(default_factory=list)
+    configs: list[dict[str, Any]] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    incomplete: list[Path] = field(default_factory=list)
+    unreadable: list[Path] = field(default_factory=list)
+
+
+def _read_runs(runs_dir: Path) -> _Read:
+    """Every run folder's three files, with plain ``open`` (pathlib costs as much as
+    the reads here)."""
+    import yaml
+
+    with os.scandir(runs_dir) as entries:
+        names = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    read = _Read()
+    base = os.fspath(runs_dir)
+    for name in names:
+        folder = os.path.join(base, name)
+        try:
+            with open(os.path.join(folder, "summary.json"), "rb") as handle:
+                summary_bytes = handle.read()
+        except FileNotFoundError:
+            read.incomplete.append(runs_dir / name)
+            continue
+        try:
+            summary = json.loads(summary_bytes)
+            if not isinstance(summary, dict):
+                raise ValueError("summary.json is not an object")
+            summary, config = split_summary(summary)
+            if config is None:
+                with open(os.path.join(folder, "config.yaml"), encoding="utf-8") as handle:
+                    config = read_config(handle.read())
+        except (OSError, ValueError, yaml.YAMLError):  # JSONDecodeError, UnicodeDecodeError
+            read.unreadable.append(runs_dir / name)
+            continue
+        summary.setdefault("run_id", name)
+        read.summaries.append(summary)
+        read.configs.append(config)
+        read.bodies.append(_metrics_body(os.path.join(folder, "metrics.csv")))
+    return read
+
+
+def collect(exp_dir: Path) -> Collected:
+    """Read every run folder of an experiment; write nothing.
+
+    A folder without summary.json is not a run yet (``incomplete``); one whose
+    summary.json or config.yaml does not parse is ``unreadable``; both are skipped.
+
+    ``runs`` columns: the summary fields (``SUMMARY_FIELDS`` first, then any others), then
+    every config key flattened to its dotted name (``norm.name``, ``optim.momentum``,
+    ``dataset.train_size``); a config key with the name of a summary field is left out
+    when its values are the same in every run (``batch_size``, ``lr``, ``seed``) and kept
+    as ``config.<key>`` when not (``device``: ``auto`` in the config, ``cpu`` in the
+    summary). Lists become their string form (``"[0.5, 0.75]"``). The config columns are
+    listed in ``runs.attrs["config_columns"]``. Rows are sorted by the swept keys
+    (:func:`swept_keys`), then seed and run id; ``metrics`` follows the same run order.
+    """
+    exp_dir = Path(exp_dir)
+    read = _read_runs(exp_dir / "runs")
+    if read.summaries:
+        summary_frame = _frame(read.summaries)
+        first = [f for f in SUMMARY_FIELDS if f in summary_frame.columns]
+        summary_frame = summary_frame[first + [c for c in summary_frame if c not in first]]
+    else:
+        summary_frame = pd.DataFrame(columns=list(SUMMARY_FIELDS))
+    config_frame = _frame(read.configs)
+    config_columns: list[str] = []
+    renamed: dict[str, str] = {}
+    for key in list(config_frame.columns):
+        if key in summary_frame.columns:
+            if _same_values(summary_frame[key], config_frame[key]):
+                config_frame = config_frame.drop(columns=key)
+                config_columns.append(key)
+                continue
+            renamed[key] = f"config.{key}"
+        config_columns.append(renamed.get(key, key))
+    runs = pd.concat([summary_frame, config_frame.rename(columns=renamed)], axis=1)
+    runs.attrs["config_columns"] = config_columns
+    order = _sort_frame(runs, [*swept_keys(runs), "seed", "run_id"]) if len(runs) else []
+    runs = runs.loc[order].reset_index(drop=True)
+    runs.attrs["config_columns"] = config_columns
+    metrics_csv = _METRICS_HEADER + b"\n" + b"".join(read.bodies[i] for i in order)
+    metrics = pd.read_csv(io.BytesIO(metrics_csv), dtype=_METRIC_DTYPES)
+    return Collected(runs, metrics, read.incomplete, read.unreadable, metrics_csv)
+
+
+def _sortable(series: pd.Series) -> pd.Series:
+    """Numbers sort as numbers, everything else as text; nulls last (sort_values' key)."""
+    if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+        return series
+    numeric = pd.to_numeric(series, errors="coerce")
+    if numeric.notna().sum() == series.notna().sum():
+        return numeric
+    return series.map(lambda v: v if v is None or v is pd.NA or v != v else str(v))
+
+
+def _sort_frame(frame: pd.DataFrame, keys: Sequence[str]) -> pd.Index:
+    keys = [k for k in dict.fromkeys(keys) if k in frame.columns]
+    if not keys:
+        return frame.index
+    return frame.sort_values(keys, key=_sortable, na_position="last", kind="stable").index
+
+
+# ------------------------------------------------------------------------------- keys
+
+
+def config_columns(runs: pd.DataFrame) -> list[str]:
+    """The columns of ``runs`` that hold config values (the others are outcomes).
+
+    :func:`collect` lists them in ``runs.attrs``; for a frame read back from runs.csv
+    they are the dotted names and the top-level keys of ``conf/config.yaml``.
+    """
+    listed = runs.attrs.get("config_columns")
+    if listed is not None:
+        return [c for c in listed if c in runs.columns]
+    top = _top_level_config_keys()
+    return [c for c in runs.columns if "." in c or c in top]
+
+
+def _top_level_config_keys() -> set[str]:
+    from omegaconf import OmegaConf
+
+    from normbench.config import conf_dir
+
+    return set(OmegaConf.load(conf_dir() / "config.yaml")) - {"defaults", "hydra"}
+
+
+def _base_key(column: str) -> str:
+    return column.removeprefix("config.")
+
+
+def _group_candidates(runs: pd.DataFrame) -> list[str]:
+    """Config columns that tell runs apart: all but the seed and the execution keys."""
+    from normbench.config import EXECUTION_KEYS
+
+    columns = [
+        c
+        for c in config_columns(runs)
+        if _base_key(c) != "seed" and _base_key(c) not in EXECUTION_KEYS
+    ]
+    return [k for k in KEY_ORDER if k in columns] + [k for k in columns if k not in KEY_ORDER]
+
+
+def swept_keys(runs: pd.DataFrame) -> list[str]:
+    """The config columns whose values vary across ``runs``, seed and execution keys left out.
+
+    ``norm.name``, ``batch_size``, ``lr``, ``model.name``, ``dataset.name`` come first when
+    they vary, then the others in config order. A key whose value follows from the keys
+    before it is left out: sweeping ``norm=custom_bn,group`` varies ``norm.groups`` and
+    ``norm.momentum`` too, but ``norm.name`` already tells them.
+    """
+    kept: list[str] = []
+    for key in _group_candidates(runs):
+        if runs[key].nunique(dropna=False) < 2:
+            continue
+        if kept:
+            spread = runs.groupby(kept, dropna=False, sort=False)[key].nunique(dropna=False)
+            if spread.max() < 2:
+                continue
+        kept.append(key)
+    return kept
+
+
+def resolve_key(runs: pd.DataFrame, key: str) -> str:
+    """The column of ``runs`` a user means by ``key``: ``norm`` -> ``norm.name``, ``model`` ->
+    ``model.name``, ``batch_size`` -> ``batch_size``, ``train_size`` -> ``dataset.train_size``
+    (a unique last part of a dotted key); any other column of ``runs`` by its exact name.
+    Raises :class:`UserError` naming the valid keys.
+    """
+    columns = config_columns(runs)
+    if f"{key}.name" in columns:
+        return f"{key}.name"
+    if key in columns or key in runs.columns:
+        return key
+    matches = [c for c in columns if c.endswith(f".{key}")]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UserError(f"key {key!r} is ambiguous: it could be {', '.join(matches)}")
+    short = [c.removesuffix(".name") for c in columns]
+    close = difflib.get_close_matches(key, short + columns, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UserError(f"unknown key {key!r}{hint}; valid: {', '.join(short) or 'none (no runs)'}")
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def _t975(dof: np.ndarray) -> np.ndarray:
+    """Student's t 97.5% quantile: ``scipy.stats.t.ppf(0.975, dof)``, which is this
+    function of scipy.special (importing scipy.stats costs a second)."""
+    from scipy.special import stdtrit
+
+    return stdtrit(dof, 0.975)
+
+
+def summarize(runs: pd.DataFrame, group_by: Sequence[str] | None = None) -> pd.DataFrame:
+    """Statistics per group of runs, one row per group, sorted by the group keys.
+
+    ``group_by`` None: groups of runs that differ only in their seed (every config column
+    but the seed and the execution keys is a group key). Otherwise the given keys (short
+    names allowed, see :func:`resolve_key`), pooling every run of a coarser group.
+
+    Columns: the group keys, ``n`` (completed runs: only they enter the statistics),
+    ``n_diverged``, ``n_failed``, then for ``final_test_acc`` and ``best_test_acc``:
+    ``_mean``, ``_std`` (sample, n-1) and ``_ci95``, the half-width of the 95% confidence
+    interval of the mean, Student's t(0.975, n-1) · std / √n. With n = 1, std and CI are
+    NaN; with n = 0, all six are.
+    """
+    if group_by is None:
+        keys = _group_candidates(runs)
+    else:
+        keys = list(dict.fromkeys(resolve_key(runs, k) for k in group_by))
+    status = runs["status"] if "status" in runs else pd.Series(index=runs.index, dtype=object)
+    completed = status.eq("completed")
+    data = pd.DataFrame(
+        {
+            "n": completed.astype("int64"),
+            "n_diverged": status.eq("diverged").astype("int64"),
+            "n_failed": status.eq("failed").astype("int64"),
+        },
+        index=runs.index,
+    )
+    for metric in STAT_METRICS:
+        values = runs[metric] if metric in runs else pd.Series(index=runs.index, dtype=float)
+        data[metric] = pd.to_numeric(values, errors="coerce").where(completed)
+    by = [runs[k] for k in keys] if keys else [pd.Series(0, index=runs.index, name="_all")]
+    grouped = data.groupby(by, dropna=False, sort=False)
+    table = grouped[["n", "n_diverged", "n_failed"]].sum()
+    metrics = list(STAT_METRICS)
+    mean, std, count = (
+        grouped[metrics].mean(),
+        grouped[metrics].std(ddof=1),
+        grouped[metrics].count(),
+    )
+    for metric in metrics:
+        n = count[metric].to_numpy(dtype=float)
+        half = np.full(len(n), np.nan)
+        many = n >= 2
+        half[many] = _t975(n[many] - 1) * std[metric].to_numpy()[many] / np.sqrt(n[many])
+        table[f"{metric}_mean"] = mean[metric]
+        table[f"{metric}_std"] = std[metric].where(count[metric] >= 2)
+        table[f"{metric}_ci95"] = half
+    table = table.reset_index()
+    if not keys:
+        table = table.drop(columns="_all")
+    table = table[[*keys, *SUMMARY_STAT_COLUMNS]]
+    return table.loc[_sort_frame(table, keys)].reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def aggregate(exp_dir: Path) -> tuple[Collected, pd.DataFrame]:
+    """Collect an experiment (:func:`collect`), summarise it over seeds (:func:`summarize`
+    with no ``group_by``) and write its four tables (``TABLE_FILES``) beside ``runs/``,
+    each atomically. Returns ``(collected, summary)``.
+
+    - ``runs.csv``, ``runs.parquet``: ``collected.runs``, one row per run;
+    - ``metrics.csv``: ``collected.metrics``, every run's metrics, long (``METRIC_COLUMNS``);
+    - ``summary.csv``: the summary, one row per group of runs that differ only in seed.
+    """
+    collected = collect(exp_dir)
+    return collected, _write_tables(Path(exp_dir), collected)
+
+
+def _write_tables(exp_dir: Path, collected: Collected) -> pd.DataFrame:
+    summary = summarize(collected.runs)
+    write_parquet(exp_dir / "runs.parquet", collected.runs)
+    write_csv(exp_dir / "runs.csv", collected.runs)
+    if collected.metrics_csv:
+        write_bytes(exp_dir / "metrics.csv", collected.metrics_csv)
+    else:
+        write_csv(exp_dir / "metrics.csv", collected.metrics)
+    write_csv(exp_dir / "summary.csv", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- display
+
+
+def short_key(key: str) -> str:
+    """``norm.name`` -> ``norm``: a group's name is the group."""
+    return key.removesuffix(".name")
+
+
+def _format_value(value: Any) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "null"
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value)).lower()
+    if isinstance(value, float | np.floating):
+        return str(int(value)) if float(value).is_integer() else f"{value:g}"
+    return str(value)
+
+
+def _percent(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{100 * mean:.2f}" if math.isnan(std) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _interval(mean: float, half: float) -> str:
+    if math.isnan(mean) or math.isnan(half):
+        return "–"
+    return f"[{100 * (mean - half):.2f}, {100 * (mean + half):.2f}]"
+
+
+def summary_table(summary: pd.DataFrame, keys: Sequence[str], title: str):
+    """A rich Table of :func:`summarize`'s frame grouped by ``keys``: the key columns, n,
+    the final test accuracy in percent (mean ± std over the completed runs) and the 95%
+    CI of its mean as [low, high]; with one run there is no std or CI, with none "–".
+    Diverged and failed counts get columns when any run did. (Best accuracies are in
+    summary.csv; the table stays narrow enough for a terminal.)"""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape(title), box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for key in keys:
+        numeric = key in summary and pd.api.types.is_numeric_dtype(summary[key])
+        justify = "right" if numeric and not pd.api.types.is_bool_dtype(summary[key]) else "left"
+        table.add_column(escape(short_key(key)), style="bold", no_wrap=True, justify=justify)
+    if not keys:
+        table.add_column("runs", style="bold")
+    table.add_column("n", justify="right")
+    table.add_column("final acc %", justify="right", no_wrap=True)
+    table.add_column("95% CI", justify="right", no_wrap=True)
+    extra = [c for c in ("n_diverged", "n_failed") if c in summary and summary[c].sum() > 0]
+    for column in extra:
+        table.add_column(column.removeprefix("n_"), justify="right", style="yellow")
+    for row in summary.to_dict("records"):
+        cells = [escape(_format_value(row[k])) for k in keys] or ["all"]
+        cells += [
+            str(row["n"]),
+            _percent(row["final_test_acc_mean"], row["final_test_acc_std"]),
+            _interval(row["final_test_acc_mean"], row["final_test_acc_ci95"]),
+        ]
+        cells += [str(row[c]) for c in extra]
+        table.add_row(*cells)
+    return table
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def describe(exp_dir: Path, collected: Collected) -> str:
+    """One line: how many runs the experiment has, by status, and how many were skipped."""
+    counts = collected.counts()
+    parts = [f"{counts[s]} {s}" for s in ("completed", "diverged", "failed")]
+    if counts["other"]:
+        parts.append(f"{counts['other']} other")
+    line = f"{exp_dir}: {_plural(len(collected.runs), 'run')} ({', '.join(parts)})"
+    if counts["incomplete"]:
+        line += f"; {counts['incomplete']} incomplete (no summary.json yet) skipped"
+    if counts["unreadable"]:
+        shown = ", ".join(str(p) for p in collected.unreadable[:3])
+        more = "..." if counts["unreadable"] > 3 else ""
+        line += f"; {counts['unreadable']} unreadable skipped ({shown}{more})"
+    return line
+
+
+def report(
+    paths: Sequence[Path] | None = None, group_by: Sequence[str] | None = None
+) -> Iterator[Any]:
+    """``normbench results``: aggregate every experiment under ``paths``
+    (:func:`find_experiments`) and yield what to print: per experiment, its run counts,
+    where the tables went, and the summary table grouped by ``group_by`` (default: the
+    swept keys). Every folder and key is checked before any table is written.
+    """
+    experiments = find_experiments(paths)
+    plans = []
+    for exp_dir in experiments:
+        collected = collect(exp_dir)
+        if collected.runs.empty:
+            keys = []
+        elif group_by:
+            keys = list(dict.fromkeys(resolve_key(collected.runs, k) for k in group_by))
+        else:
+            keys = swept_keys(collected.runs)
+        plans.append((exp_dir, collected, keys))
+    for exp_dir, collected, keys in plans:
+        _write_tables(exp_dir, collected)
+        yield describe(exp_dir, collected)
+        yield f"wrote {', '.join(TABLE_FILES)} to {exp_dir}"
+        if not collected.runs.empty:
+            by = ", ".join(map(short_key, keys)) or "all runs"
+            title = f"{exp_dir}: test accuracy over seeds, by {by}"
+            yield summary_table(summarize(collected.runs, keys), keys, title)

@@ -20,7 +20,14 @@ from typing import Any
 from normbench import __version__
 from normbench.config import EXECUTION_KEYS, flatten, validate
 from normbench.errors import UserError
-from normbench.results import METRIC_COLUMNS, metrics_frame, read_summary, write_csv, write_json
+from normbench.results import (
+    CONFIG_PREFIX,
+    METRIC_COLUMNS,
+    metrics_frame,
+    read_summary,
+    write_csv,
+    write_json,
+)
 from normbench.results import write_text as write_text_file
 
 
@@ -83,11 +90,26 @@ class _Prepared:
     threads: int
 
 
-def prepare(cfg) -> _Prepared:
-    """Check every value, load the data, build model and optimizer; write nothing."""
+#: The last data set loaded, reused by the next run in this process (a sweep's jobs
+#: under the basic launcher): the tensors are never modified, only indexed.
+_data_cache: dict[str, Any] = {}
+
+
+def load_data(cfg):
+    """The run's data set in memory (a :class:`UserError` when it is missing)."""
+    from normbench.data import load_dataset
+
+    key = json.dumps(flatten(cfg.dataset), sort_keys=True, default=str)
+    if key not in _data_cache:
+        _data_cache.clear()  # one data set at a time: CIFAR is 600 MB as float32
+        _data_cache[key] = load_dataset(**_kwargs(cfg.dataset), name=cfg.dataset.name)
+    return _data_cache[key]
+
+
+def prepare(cfg, data=None) -> _Prepared:
+    """Check every value, load the data (unless given), build model and optimizer; write nothing."""
     import torch
 
-    from normbench.data import load_dataset
     from normbench.models import build_model
     from normbench.norms import NormSpec
     from normbench.train import TrainSettings, make_optimizer, scaled_lr
@@ -97,7 +119,7 @@ def prepare(cfg) -> _Prepared:
     threads = cfg.threads or default_threads()
     torch.set_num_threads(threads)
 
-    data = load_dataset(**_kwargs(cfg.dataset), name=cfg.dataset.name)
+    data = load_data(cfg) if data is None else data
     if cfg.batch_size > data.num_train:
         raise UserError(
             f"batch_size={cfg.batch_size} is larger than the training set "
@@ -223,6 +245,8 @@ def summarize(cfg, rid: str, result, prepared: _Prepared, started: str, wall: fl
         "finished_at": _now(),
         "torch_version": torch.__version__,
         "normbench_version": __version__,
+        # The config, flattened, so that aggregating thousands of runs reads one file each.
+        **{f"{CONFIG_PREFIX}{key}": value for key, value in flatten(cfg).items()},
     }
 
 

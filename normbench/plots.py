@@ -1,0 +1,653 @@
+"""Figures of an experiment: test error against batch size per norm, and training curves.
+
+The builders take the frames of :func:`normbench.results.collect` and return
+``(file name, matplotlib Figure)`` pairs; only :func:`plot_experiment` writes,
+through :func:`normbench.results.write_figure`, into ``<experiment>/plots/``.
+
+- :func:`error_vs_batch_size`: Wu & He's Group Normalization figure (their Figure
+  1): final test error (%) against batch size on a log2 axis, one line per norm,
+  mean over seeds of the completed runs with 95% Student-t confidence intervals.
+  Batch sizes where runs diverged get a cross at the top of the axes, with the
+  number of diverged runs beside it; failed runs are counted in the footnote.
+- :func:`training_curves`: test accuracy (%) per epoch, mean over seeds of the
+  completed runs with a 95% band, one subplot per batch size, one line per norm.
+
+When config keys other than the norm, the batch size and the seed vary (``lr``,
+``model``, ``optim.momentum``, ...), each builder draws one figure per combination
+of their values, named in the title and in the file name. A norm's own keys
+(``norm.groups``) that vary for one norm split its line into variants:
+``group (groups=4)``. Every norm keeps one color and marker in every figure.
+
+matplotlib is imported inside the functions (so ``normbench --help`` stays fast)
+and figures are ``matplotlib.figure.Figure`` objects rendered by Agg, never pyplot
+windows, so nothing global is touched and nothing needs closing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import textwrap
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from normbench.errors import UserError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: Dots per inch of every figure: sharp on screen and on paper, small files.
+DPI = 150
+
+#: The built-in norms, in the order of the design; each keeps its color and marker.
+NORM_ORDER: tuple[str, ...] = (
+    "custom_bn",
+    "torch_bn",
+    "layer",
+    "instance",
+    "group",
+    "batch_renorm",
+    "ghost_bn",
+    "none",
+)
+# matplotlib's tab10, spelled out so a user's style (prop_cycle) cannot reshuffle it.
+_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+# Norms added later get one of these, by a stable hash of their name.
+_EXTRA_COLORS = ("#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
+_EXTRA_MARKERS = ("h", "<", ">", "p", "d")
+# Variants of one norm (norm.groups=2,8) share its color and differ by line style.
+_LINESTYLES = ("-", "--", ":", "-.")
+
+_FOOT_FONT = 7.5  # points
+
+
+class NothingToPlot(UserError):
+    """An experiment without a completed run: nothing is drawn or written."""
+
+
+def norm_style(norm: str) -> tuple[str, str]:
+    """The (color, marker) of a norm: fixed for the built-in ones, a stable hash otherwise."""
+    if norm in NORM_ORDER:
+        i = NORM_ORDER.index(norm)
+        return _COLORS[i], _MARKERS[i]
+    h = zlib.crc32(norm.encode())
+    return _EXTRA_COLORS[h % len(_EXTRA_COLORS)], _EXTRA_MARKERS[h % len(_EXTRA_MARKERS)]
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, half-width of its 95% confidence interval (Student t, n-1 degrees of
+    freedom; NaN when n < 2) and n, over the finite values."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    n = len(v)
+    if n == 0:
+        return math.nan, math.nan, 0
+    if n == 1:
+        return float(v[0]), math.nan, 1
+    return float(v.mean()), _t975(n) * float(v.std(ddof=1)) / math.sqrt(n), n
+
+
+def _t975(n):
+    """The 97.5% quantile of Student's t with n-1 degrees of freedom (array or scalar)."""
+    from scipy.stats import t
+
+    return t.ppf(0.975, np.asarray(n) - 1)
+
+
+# ----------------------------------------------------------------------------- the runs
+
+
+@dataclass
+class _Runs:
+    """The runs to draw, with the columns the figures group by."""
+
+    frame: pd.DataFrame  # non-failed runs; adds _norm, _label, _style, _bs, _combo
+    extra: list[str]  # swept config keys other than norm, batch size, seed
+    failed: pd.DataFrame  # failed runs (not drawn; counted)
+    labels: list[str]  # line labels in legend order
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _fmt(value: Any) -> str:
+    """A config value as a user would type it."""
+    value = _hashable(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "[" + ",".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def _short(key: str) -> str:
+    """``model.name`` -> ``model``: a group's name is the group."""
+    return key.removesuffix(".name")
+
+
+def _sort_key(value: Any) -> tuple:
+    value = _hashable(value)
+    if value is None:
+        return (2, 0, "")
+    if isinstance(value, bool | int | float):
+        return (0, value, "")
+    return (1, 0, _fmt(value))
+
+
+def _prepare(runs: pd.DataFrame) -> _Runs:
+    from normbench.config import EXECUTION_KEYS
+    from normbench.results import resolve_key, swept_keys
+
+    norm_key = resolve_key(runs, "norm")
+    bs_key = resolve_key(runs, "batch_size")
+    seed_key = resolve_key(runs, "seed")
+    status = runs["status"].astype(str)
+    failed = runs[status == "failed"]
+    frame = runs[status != "failed"].copy()
+    frame = frame.reset_index(drop=True)
+    if frame.empty:
+        return _Runs(frame, [], failed, [])
+
+    norm_prefix = norm_key.rsplit(".", 1)[0] + "." if "." in norm_key else "norm."
+    swept = [k for k in swept_keys(frame) if k in frame.columns]
+    own = {bs_key, seed_key, norm_key, "seed", "batch_size", "norm"}
+    extra = [
+        k
+        for k in swept
+        if k not in own and k not in EXECUTION_KEYS and not k.startswith(norm_prefix)
+    ]
+    norm_keys = [k for k in swept if k.startswith(norm_prefix) and k != norm_key]
+
+    frame["_norm"] = frame[norm_key].map(_fmt)
+    frame["_bs"] = frame[bs_key].astype(int)
+    frame["_combo"] = [
+        tuple(_hashable(v) for v in row) for row in frame[extra].itertuples(index=False)
+    ]
+    # A norm's own keys that vary among its runs make variants of its line.
+    frame["_label"] = frame["_norm"]
+    frame["_style"] = "-"
+    order: list[tuple] = []
+    for norm, rows in frame.groupby("_norm", sort=False):
+        varying = [k for k in norm_keys if rows[k].map(_hashable).nunique(dropna=False) > 1]
+        variants = sorted(
+            {tuple(_hashable(v) for v in r) for r in rows[varying].itertuples(index=False)},
+            key=lambda t: tuple(_sort_key(v) for v in t),
+        )
+        for i, variant in enumerate(variants):
+            label = norm
+            if varying:
+                inner = ", ".join(
+                    f"{k.removeprefix(norm_prefix)}={_fmt(v)}"
+                    for k, v in zip(varying, variant, strict=True)
+                )
+                label = f"{norm} ({inner})"
+            mask = rows.index[
+                [
+                    tuple(_hashable(v) for v in r) == variant
+                    for r in rows[varying].itertuples(index=False)
+                ]
+            ]
+            frame.loc[mask, "_label"] = label
+            frame.loc[mask, "_style"] = _LINESTYLES[i % len(_LINESTYLES)]
+            rank = NORM_ORDER.index(norm) if norm in NORM_ORDER else len(NORM_ORDER)
+            order.append((rank, norm, i, label))
+    labels = [label for *_, label in sorted(order)]
+    return _Runs(frame, extra, failed, labels)
+
+
+def _combos(prepared: _Runs) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """(values of the extra keys, their runs) per combination, sorted by value."""
+    frame = prepared.frame
+    keys = sorted(set(frame["_combo"]), key=lambda t: tuple(_sort_key(v) for v in t))
+    return [
+        (dict(zip(prepared.extra, key, strict=True)), frame[[c == key for c in frame["_combo"]]])
+        for key in keys
+    ]
+
+
+def _combo_text(combo: dict[str, Any]) -> str:
+    return ", ".join(f"{_short(k)}={_fmt(v)}" for k, v in combo.items())
+
+
+def _file_name(stem: str, combo: dict[str, Any], taken: set[str]) -> str:
+    """A file name safe on every file system, unique among ``taken``."""
+    name = stem
+    if combo:
+        parts = [f"{_short(k)}-{_fmt(v)}" for k, v in combo.items()]
+        suffix = re.sub(r"[^A-Za-z0-9._-]+", "-", "__".join(parts)).strip("-.")
+        if len(suffix) > 120:
+            suffix = suffix[:110].rstrip("-.")
+        name = f"{stem}__{suffix}"
+    candidate = name
+    if candidate in taken:
+        candidate = f"{name}__{zlib.crc32(repr(combo).encode()):08x}"
+    taken.add(candidate)
+    return candidate + ".png"
+
+
+def _described(frame: pd.DataFrame) -> str:
+    """``small_cnn on digits`` for the title, from the runs' model and data set."""
+
+    def values(*columns: str) -> str:
+        for column in columns:
+            if column in frame.columns:
+                found = sorted({_fmt(v) for v in frame[column]})
+                return ", ".join(found)
+        return "?"
+
+    return f"{values('model', 'model.name')} on {values('dataset', 'dataset.name')}"
+
+
+def _seeds_text(counts: Sequence[int]) -> str:
+    counts = [c for c in counts if c > 0]
+    if not counts:
+        return "no completed runs"
+    lo, hi = min(counts), max(counts)
+    seeds = "seed" if hi == 1 else "seeds"
+    return f"n = {lo} {seeds} per point" if lo == hi else f"n = {lo}–{hi} seeds per point"
+
+
+def _not_shown(diverged: int, failed: int) -> str:
+    parts = [
+        f"{n} {what} run{'s' if n != 1 else ''}"
+        for n, what in ((diverged, "diverged"), (failed, "failed"))
+        if n
+    ]
+    return "Not shown: " + " and ".join(parts) + "." if parts else ""
+
+
+def _figure(width: float, height: float, footnote: str) -> Figure:
+    """A constrained-layout figure with ``footnote`` in small type under everything."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    if footnote:
+        lines = textwrap.wrap(footnote, width=int(width * 72 / (_FOOT_FONT * 0.52)))
+        fig.text(0.01, 0.01, "\n".join(lines), fontsize=_FOOT_FONT, color="0.3", va="bottom")
+        reserved = (len(lines) * _FOOT_FONT * 1.25 + 6) / (height * 72)
+        fig.get_layout_engine().set(rect=(0, reserved, 1, 1 - reserved))
+    return fig
+
+
+# ----------------------------------------------------------------------------- figure 1
+
+
+def error_stats(runs: pd.DataFrame) -> pd.DataFrame:
+    """The numbers of :func:`error_vs_batch_size`: one row per (extra-key combination,
+    line, batch size) with ``combo`` (dict), ``label``, ``norm``, ``batch_size``,
+    ``n`` (completed runs), ``mean_error`` and ``ci95`` (half-width; NaN when n < 2)
+    in %, ``diverged`` and ``failed`` (counts of runs not in the mean)."""
+    return _error_stats(_prepare(runs))
+
+
+def _error_stats(prepared: _Runs) -> pd.DataFrame:
+    rows = []
+    for combo, frame in _combos(prepared):
+        for (label, bs), group in frame.groupby(["_label", "_bs"], sort=False):
+            done = group[group["status"] == "completed"]
+            errors = 100.0 * (1.0 - pd.to_numeric(done["final_test_acc"], errors="coerce"))
+            mean, ci, n = mean_ci(errors.to_numpy())
+            failed = prepared.failed
+            rows.append(
+                {
+                    "combo": combo,
+                    "label": label,
+                    "norm": group["_norm"].iloc[0],
+                    "style": group["_style"].iloc[0],
+                    "batch_size": int(bs),
+                    "n": n,
+                    "mean_error": mean,
+                    "ci95": ci,
+                    "diverged": int((group["status"] == "diverged").sum()),
+                    "failed": _count_failed(failed, prepared, combo, label, bs),
+                }
+            )
+    table = pd.DataFrame(
+        rows,
+        columns=[
+            "combo", "label", "norm", "style", "batch_size", "n",
+            "mean_error", "ci95", "diverged", "failed",
+        ],
+    )  # fmt: skip
+    if table.empty:
+        return table
+    rank = {label: i for i, label in enumerate(prepared.labels)}
+    table["_rank"] = table["label"].map(rank)
+    table = table.sort_values(["_rank", "batch_size"], kind="stable").drop(columns="_rank")
+    return table.reset_index(drop=True)
+
+
+def _count_failed(failed: pd.DataFrame, prepared: _Runs, combo, label, bs) -> int:
+    """Failed runs matching this point (by norm, batch size and the combination's values)."""
+    if failed.empty:
+        return 0
+    from normbench.results import resolve_key
+
+    norm = label.split(" (")[0]
+    mask = (failed[resolve_key(failed, "norm")].map(_fmt) == norm) & (
+        pd.to_numeric(failed[resolve_key(failed, "batch_size")], errors="coerce") == bs
+    )
+    for key, value in combo.items():
+        if key in failed.columns:
+            mask &= failed[key].map(lambda v, want=value: _hashable(v) == want)
+    return int(mask.sum())
+
+
+def error_vs_batch_size(runs: pd.DataFrame) -> list[tuple[str, Figure]]:
+    """Final test error (%) against batch size (log2 axis), one line per norm.
+
+    ``runs``: :func:`normbench.results.collect`'s ``runs`` frame. Returns one
+    ``("error_vs_batch_size[__key-value...].png", Figure)`` per combination of the
+    other swept keys; none when no run completed. Points are means over seeds of
+    the completed runs, bars their 95% CI (none for a single seed); a cross at the
+    top marks a batch size where runs of that norm diverged, with their number.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    from matplotlib.transforms import blended_transform_factory
+
+    if not (runs["status"] == "completed").any():
+        return []
+    prepared = _prepare(runs)
+    stats = _error_stats(prepared)
+    figures: list[tuple[str, Figure]] = []
+    taken: set[str] = set()
+    for combo, frame in _combos(prepared):
+        points = stats[[c == combo for c in stats["combo"]]]
+        # Failed runs are counted per combination: a batch size where every run failed
+        # has no row in ``points``.
+        diverged, failed = int(points["diverged"].sum()), _failed_in(prepared, combo)
+        notes = [
+            f"Mean test error after the last epoch over seeds of completed runs "
+            f"({_seeds_text(points['n'].tolist())}); bars: 95% CI (Student t), none for one seed.",
+        ]
+        if diverged:
+            notes.append(
+                f"×: batch sizes where runs diverged ({diverged} in all; number beside), "
+                "left out of the means."
+            )
+        if failed:
+            notes.append(_not_shown(0, failed))
+        fig = _figure(7.2, 4.8, " ".join(notes))
+        ax = fig.add_subplot()
+        top = blended_transform_factory(ax.transData, ax.transAxes)
+        crosses: dict[int, int] = {}
+        for label in prepared.labels:
+            line = points[points["label"] == label]
+            if line.empty:
+                continue
+            color, marker = norm_style(line["norm"].iloc[0])
+            done = line[line["n"] > 0]
+            ax.errorbar(
+                done["batch_size"].to_numpy(),
+                done["mean_error"].to_numpy(),
+                yerr=done["ci95"].to_numpy(),
+                color=color,
+                marker=marker,
+                linestyle=line["style"].iloc[0],
+                markersize=5,
+                linewidth=1.5,
+                capsize=3,
+                label=label,
+            )
+            for bs, count in zip(line["batch_size"], line["diverged"], strict=True):
+                if count:
+                    # Several norms diverging at one batch size sit side by side.
+                    k = crosses.get(bs, 0)
+                    crosses[bs] = k + 1
+                    x = bs * 2 ** (0.12 * k)
+                    ax.plot([x], [0.95], marker="x", color=color, markersize=7, mew=2,
+                            linestyle="none", transform=top, clip_on=False)  # fmt: skip
+                    ax.annotate(
+                        str(count), (x, 0.95), xycoords=top, xytext=(0, 5), ha="center",
+                        textcoords="offset points", fontsize=7, color=color,
+                    )  # fmt: skip
+        sizes = sorted(points["batch_size"].unique())
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(sizes))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlim(sizes[0] / 2**0.5, sizes[-1] * 2**0.5)
+        ax.margins(y=0.12)
+        if not (points["n"] > 0).any():
+            ax.set_ylim(0, 100)
+        elif ax.get_ylim()[0] < 0:  # a wide interval must not suggest a negative error
+            ax.set_ylim(bottom=0)
+        ax.set_xlabel("batch size (images per step)")
+        ax.set_ylabel("test error (%)")
+        ax.grid(True, which="major", alpha=0.3)
+        title = f"{_described(frame)}: test error vs batch size"
+        if combo:
+            title += f"\n{_combo_text(combo)}"
+        ax.set_title(title)
+        handles, labels = ax.get_legend_handles_labels()
+        if diverged:
+            handles.append(
+                Line2D([], [], marker="x", color="0.2", mew=2, linestyle="none", markersize=7)
+            )
+            labels.append("diverged")
+        ax.legend(
+            handles, labels, title="normalization", loc="upper left",
+            bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=8, title_fontsize=8,
+        )  # fmt: skip
+        figures.append((_file_name("error_vs_batch_size", combo, taken), fig))
+    return figures
+
+
+# ----------------------------------------------------------------------------- figure 2
+
+
+def curve_stats(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
+    """The numbers of :func:`training_curves`: test accuracy (%) per (extra-key
+    combination, line, batch size, epoch): ``combo``, ``label``, ``norm``,
+    ``batch_size``, ``epoch``, ``n``, ``mean_acc``, ``ci95`` (NaN when n < 2), over
+    the completed runs."""
+    return _curve_stats(_prepare(runs), metrics)
+
+
+def _curve_stats(prepared: _Runs, metrics: pd.DataFrame) -> pd.DataFrame:
+    columns = ["combo", "label", "norm", "style", "batch_size", "epoch", "n", "mean_acc", "ci95"]
+    frame = prepared.frame
+    if frame.empty or metrics is None or metrics.empty:
+        return pd.DataFrame(columns=columns)
+    done = frame[frame["status"] == "completed"]
+    acc = metrics[(metrics["split"] == "test") & (metrics["metric"] == "acc")]
+    acc = acc[["run_id", "epoch", "value"]].merge(
+        done[["run_id", "_label", "_norm", "_style", "_bs", "_combo"]], on="run_id"
+    )
+    if acc.empty:
+        return pd.DataFrame(columns=columns)
+    acc = acc.assign(value=100.0 * pd.to_numeric(acc["value"], errors="coerce"))
+    grouped = acc.groupby(["_combo", "_label", "_norm", "_style", "_bs", "epoch"], sort=False)[
+        "value"
+    ].agg(["mean", "std", "count"])
+    grouped = grouped.reset_index()
+    n = grouped["count"].to_numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        half = _t975(np.maximum(n, 2)) * grouped["std"].to_numpy() / np.sqrt(n)
+    half = np.where(n >= 2, half, np.nan)
+    table = pd.DataFrame(
+        {
+            "combo": [dict(zip(prepared.extra, c, strict=True)) for c in grouped["_combo"]],
+            "label": grouped["_label"],
+            "norm": grouped["_norm"],
+            "style": grouped["_style"],
+            "batch_size": grouped["_bs"].astype(int),
+            "epoch": grouped["epoch"].astype(int),
+            "n": n.astype(int),
+            "mean_acc": grouped["mean"].astype(float),
+            "ci95": half,
+        }
+    )
+    return table.sort_values(["batch_size", "label", "epoch"], kind="stable").reset_index(drop=True)
+
+
+def training_curves(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[tuple[str, Figure]]:
+    """Test accuracy (%) per epoch: a grid with one subplot per batch size, one line per
+    norm (mean over seeds of the completed runs; band: 95% CI), a shared y axis.
+
+    ``runs`` and ``metrics`` are :func:`normbench.results.collect`'s frames. Returns
+    one ``("training_curves[__key-value...].png", Figure)`` per combination of the
+    other swept keys; none when no completed run has test accuracies.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    prepared = _prepare(runs)
+    stats = _curve_stats(prepared, metrics)
+    if stats.empty:
+        return []
+    figures: list[tuple[str, Figure]] = []
+    taken: set[str] = set()
+    for combo, frame in _combos(prepared):
+        curves = stats[[c == combo for c in stats["combo"]]]
+        if curves.empty:
+            continue
+        sizes = sorted(curves["batch_size"].unique())
+        ncols = 2 if len(sizes) == 4 else min(len(sizes), 3 if len(sizes) <= 9 else 4)
+        nrows = math.ceil(len(sizes) / ncols)
+        diverged = int((frame["status"] == "diverged").sum())
+        failed = _failed_in(prepared, combo)
+        per_run = curves.groupby(["label", "batch_size"])["n"].max().tolist()
+        note = (
+            f"Mean test accuracy after each epoch over seeds of completed runs "
+            f"({_seeds_text(per_run)}); bands: 95% CI (Student t). " + _not_shown(diverged, failed)
+        )
+        fig = _figure(1.2 + 3.3 * ncols + 1.6, 0.9 + 2.6 * nrows, note.strip())
+        axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
+        for ax in axes[len(sizes) :]:
+            ax.set_visible(False)
+        handles: dict[str, Any] = {}
+        for ax, bs in zip(axes, sizes, strict=False):
+            panel = curves[curves["batch_size"] == bs]
+            for label in prepared.labels:
+                line = panel[panel["label"] == label].sort_values("epoch")
+                if line.empty:
+                    continue
+                color, marker = norm_style(line["norm"].iloc[0])
+                x, y, ci = (line[c].to_numpy(dtype=float) for c in ("epoch", "mean_acc", "ci95"))
+                (drawn,) = ax.plot(
+                    x, y, color=color, linestyle=line["style"].iloc[0], linewidth=1.5,
+                    marker=marker, markersize=3.5, markevery=max(1, len(x) // 12), label=label,
+                )  # fmt: skip
+                if np.isfinite(ci).any():
+                    low, high = np.clip(y - ci, 0, 100), np.clip(y + ci, 0, 100)
+                    ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
+                handles.setdefault(label, drawn)
+            ax.set_title(f"batch size {bs}", fontsize=10)
+            ax.grid(True, alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # The means set the y range, not the bands: with two or three seeds a 95% band
+        # can span most of the scale and would squash every curve; a band that runs
+        # past the range is cut at the frame, which shows that it does.
+        means = curves["mean_acc"].to_numpy(dtype=float)
+        means = means[np.isfinite(means)]
+        if len(means):
+            pad = max(0.06 * (means.max() - means.min()), 0.5)
+            axes[0].set_ylim(max(means.min() - pad, 0), min(means.max() + pad, 100.5))
+        for ax in axes[: len(sizes)]:
+            spec = ax.get_subplotspec()
+            # The last row, or the row above an empty cell, carries the epoch ticks.
+            if spec.is_last_row() or spec.num1 + ncols >= len(sizes):
+                ax.set_xlabel("epoch")
+                ax.tick_params(labelbottom=True)
+            if spec.is_first_col():
+                ax.set_ylabel("test accuracy (%)")
+        title = f"{_described(frame)}: test accuracy per epoch"
+        if combo:
+            title += f"\n{_combo_text(combo)}"
+        fig.suptitle(title, fontsize=11)
+        ordered = [label for label in prepared.labels if label in handles]
+        fig.legend(
+            [handles[label] for label in ordered], ordered, title="normalization",
+            loc="outside right upper", fontsize=8, title_fontsize=8,
+        )  # fmt: skip
+        figures.append((_file_name("training_curves", combo, taken), fig))
+    return figures
+
+
+def _failed_in(prepared: _Runs, combo: dict[str, Any]) -> int:
+    failed = prepared.failed
+    if failed.empty:
+        return 0
+    mask = pd.Series(True, index=failed.index)
+    for key, value in combo.items():
+        if key in failed.columns:
+            mask &= failed[key].map(lambda v, want=value: _hashable(v) == want)
+    return int(mask.sum())
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def plot_experiment(exp_dir: Path) -> list[Path]:
+    """Collect an experiment's runs, draw every figure and write them as PNG into
+    ``<exp_dir>/plots/``; returns the paths written, error figures first.
+
+    Raises :class:`NothingToPlot` (a UserError; nothing written) when no run of the
+    experiment completed.
+    """
+    from normbench.results import collect, write_figure
+
+    exp_dir = Path(exp_dir)
+    collected = collect(exp_dir)
+    runs = collected.runs
+    completed = 0 if runs.empty else int((runs["status"] == "completed").sum())
+    if not completed:
+        counts = {} if runs.empty else runs["status"].value_counts().to_dict()
+        found = [f"{n} {status}" for status, n in sorted(counts.items())]
+        if collected.incomplete:
+            found.append(f"{len(collected.incomplete)} unfinished")
+        raise NothingToPlot(
+            f"{exp_dir}: no completed runs to plot ({', '.join(found) or 'no runs'})"
+        )
+    figures = error_vs_batch_size(runs) + training_curves(runs, collected.metrics)
+    written = []
+    for name, figure in figures:
+        path = exp_dir / "plots" / name
+        write_figure(path, figure)
+        written.append(path)
+    return written
+
+
+def plot_experiments(
+    paths: Sequence[Path] | None, warn: Callable[[str], None] | None = None
+) -> list[Path]:
+    """:func:`plot_experiment` for every experiment under ``paths`` (the rules of
+    :func:`normbench.results.find_experiments`). An experiment with nothing to plot
+    is reported to ``warn`` (when there are several) and skipped; when none has
+    anything, :class:`NothingToPlot` is raised and nothing is written."""
+    from normbench.results import find_experiments
+
+    experiments = find_experiments(paths)
+    written: list[Path] = []
+    problems: list[str] = []
+    for exp_dir in experiments:
+        try:
+            written += plot_experiment(exp_dir)
+        except NothingToPlot as error:
+            problems.append(str(error))
+            if warn is not None and len(experiments) > 1:
+                warn(str(error))
+    if not written:
+        if len(problems) == 1:
+            raise NothingToPlot(problems[0])
+        raise NothingToPlot(f"nothing to plot in {len(experiments)} experiments: no completed runs")
+    return written

@@ -1,0 +1,401 @@
+"""Tests for normbench.plots: the figures' numbers, axes and files, and ``normbench plot``.
+
+Runs are synthetic: frames built here for the figure builders, and run folders
+(summary.json, config.yaml, metrics.csv) written by hand for the paths that read
+an experiment from disk. Nothing trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from matplotlib.container import ErrorbarContainer
+from matplotlib.image import imread
+from typer.testing import CliRunner
+
+from normbench import plots
+from normbench.cli import app
+from normbench.errors import UserError
+from normbench.results import METRIC_COLUMNS
+
+NORMS = ("custom_bn", "layer", "group")
+SIZES = (2, 8, 32)
+SEEDS = (0, 1, 2)
+EPOCHS = 4
+T975_DF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (3 seeds)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def final_acc(norm: str, bs: int, seed: int, lr: float = 0.1) -> float:
+    """A made-up accuracy: each (norm, batch size, lr) its own level, seeds spread around it."""
+    level = 0.9 + 0.01 * NORMS.index(norm) + 0.002 * math.log2(bs) + 0.1 * (0.1 - lr)
+    return level + (0.004, -0.006, 0.011)[seed]
+
+
+def accuracies(norm: str, bs: int, seed: int, lr: float = 0.1) -> list[float]:
+    """Test accuracy after each epoch, ending at ``final_acc``."""
+    last = final_acc(norm, bs, seed, lr)
+    return [last - 0.1 * (EPOCHS - epoch) / EPOCHS for epoch in range(1, EPOCHS + 1)]
+
+
+def config(norm: str, bs: int, seed: int, lr: float = 0.1, optim: str = "sgd", **norm_keys):
+    """A resolved config, nested as in a run's config.yaml."""
+    norm_cfg = {"name": norm, "eps": 1e-5, **norm_keys}
+    if norm == "custom_bn":
+        norm_cfg["momentum"] = 0.1
+    return {
+        "name": "study",
+        "out_dir": "results",
+        "batch_size": bs,
+        "lr": lr,
+        "epochs": EPOCHS,
+        "seed": seed,
+        "device": "cpu",
+        "threads": 1,
+        "model": {"name": "small_cnn", "widths": [32, 64, 128]},
+        "norm": norm_cfg,
+        "dataset": {"name": "digits", "root": "data", "download": False},
+        "optim": {"name": optim, "momentum": 0.9},
+    }
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """Dotted keys, lists in their string form: the config columns of ``collect``'s runs."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value) if isinstance(value, list) else value
+    return out
+
+
+def summary(cfg: dict, run_id: str, status: str, acc: float | None) -> dict:
+    return {
+        "run_id": run_id,
+        "status": status,
+        "name": cfg["name"],
+        "model": cfg["model"]["name"],
+        "norm": cfg["norm"]["name"],
+        "dataset": cfg["dataset"]["name"],
+        "optim": cfg["optim"]["name"],
+        "batch_size": cfg["batch_size"],
+        "lr": cfg["lr"],
+        "epochs": EPOCHS,
+        "seed": cfg["seed"],
+        "final_test_acc": acc,
+        "best_test_acc": acc,
+        "error": {"diverged": "loss is nan", "failed": "RuntimeError: boom"}.get(status),
+    }
+
+
+def grid(norms=NORMS, sizes=SIZES, seeds=SEEDS, lrs=(0.1,), optims=("sgd",), status=None):
+    """(run_id, config, status, per-epoch accuracies) of every run of a grid.
+
+    ``status`` maps (norm, batch size, seed) to a status other than completed.
+    """
+    status = status or {}
+    out = []
+    for lr in lrs:
+        for optim in optims:
+            for norm in norms:
+                for bs in sizes:
+                    for seed in seeds:
+                        cfg = config(norm, bs, seed, lr, optim)
+                        rid = f"{norm}-{bs}-{seed}-{lr}-{optim}"
+                        state = status.get((norm, bs, seed), "completed")
+                        out.append((rid, cfg, state, accuracies(norm, bs, seed, lr)))
+    return out
+
+
+def frames(runs):
+    """The runs and metrics frames of ``results.collect`` for ``grid``'s runs."""
+    rows, metrics = [], []
+    for rid, cfg, state, accs in runs:
+        acc = accs[-1] if state == "completed" else None
+        rows.append({**flat(cfg), **summary(cfg, rid, state, acc)})
+        done = accs if state == "completed" else accs[:2]
+        metrics += [(rid, epoch, "test", "acc", a) for epoch, a in enumerate(done, 1)]
+        metrics += [(rid, epoch, "train", "loss", 0.5) for epoch in range(1, len(done) + 1)]
+    return pd.DataFrame(rows), pd.DataFrame(metrics, columns=list(METRIC_COLUMNS))
+
+
+def write_experiment(root, runs, name="study"):
+    """Run folders as ``normbench run`` leaves them, written by hand."""
+    exp = root / name
+    for rid, cfg, state, accs in runs:
+        folder = exp / "runs" / rid
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({**cfg, "name": name}))
+        done = accs if state == "completed" else accs[:2]
+        rows = [(rid, epoch, "test", "acc", a) for epoch, a in enumerate(done, 1)]
+        pd.DataFrame(rows, columns=list(METRIC_COLUMNS)).to_csv(folder / "metrics.csv", index=False)
+        acc = accs[-1] if state == "completed" else None
+        record = summary({**cfg, "name": name}, rid, state, acc)
+        (folder / "summary.json").write_text(json.dumps(record))
+    return exp
+
+
+def the_axes(figure):
+    return [ax for ax in figure.axes if ax.get_visible()]
+
+
+def errorbars(ax) -> dict[str, ErrorbarContainer]:
+    return {c.get_label(): c for c in ax.containers if isinstance(c, ErrorbarContainer)}
+
+
+def legend_labels(legend) -> list[str]:
+    return [text.get_text() for text in legend.get_texts()]
+
+
+def check_png(path, figure=None):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    image = imread(path)
+    if figure is not None:
+        width, height = figure.get_size_inches() * figure.dpi
+        assert image.shape[:2] == (round(height), round(width))
+    return image
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_mean_ci_is_student_t():
+    mean, half, n = plots.mean_ci([1.0, 2.0, 6.0])
+    assert n == 3 and mean == pytest.approx(3.0)
+    assert half == pytest.approx(T975_DF2 * np.std([1, 2, 6], ddof=1) / math.sqrt(3))
+    assert plots.mean_ci([4.0])[:2] == (4.0, pytest.approx(math.nan, nan_ok=True))
+    assert math.isnan(plots.mean_ci([4.0])[1]) and plots.mean_ci([])[2] == 0
+    assert plots.mean_ci([1.0, float("nan"), 3.0])[2] == 2
+
+
+# ----------------------------------------------------------------------------- figure 1
+
+
+def test_error_vs_batch_size_draws_means_and_hand_computed_intervals():
+    runs, _ = frames(grid())
+    figures = plots.error_vs_batch_size(runs)
+    assert [name for name, _ in figures] == ["error_vs_batch_size.png"]
+    (ax,) = the_axes(figures[0][1])
+    bars = errorbars(ax)
+    assert list(bars) == ["custom_bn", "layer", "group"]  # the design's order
+    for norm, container in bars.items():
+        line, _caps, (collection,) = container.lines
+        assert list(line.get_xdata()) == list(SIZES)
+        for i, bs in enumerate(SIZES):
+            errors = [100 * (1 - final_acc(norm, bs, seed)) for seed in SEEDS]
+            mean = np.mean(errors)
+            half = T975_DF2 * np.std(errors, ddof=1) / math.sqrt(len(errors))
+            assert line.get_ydata()[i] == pytest.approx(mean)
+            (low, high) = sorted(collection.get_segments()[i][:, 1])
+            assert (low, high) == (pytest.approx(mean - half), pytest.approx(mean + half))
+        assert line.get_color() == plots.norm_style(norm)[0]
+    assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+    assert list(ax.get_xticks()) == list(SIZES)
+    formatter = ax.xaxis.get_major_formatter()
+    assert [formatter(v, i) for i, v in enumerate(SIZES)] == ["2", "8", "32"]
+    assert "%" in ax.get_ylabel() and "batch size" in ax.get_xlabel()
+    assert "small_cnn" in ax.get_title() and "digits" in ax.get_title()
+    assert legend_labels(ax.get_legend()) == ["custom_bn", "layer", "group"]
+
+
+def test_one_seed_draws_no_bar_and_diverged_runs_are_marked_not_averaged():
+    status = {("custom_bn", 2, 0): "diverged", ("custom_bn", 2, 1): "diverged"}
+    status |= {("layer", 8, 0): "diverged", ("layer", 8, 1): "diverged"}
+    status |= {("layer", 8, 2): "diverged", ("group", 32, 0): "failed"}
+    runs, _ = frames(grid(status=status))
+    stats = plots.error_stats(runs)
+    point = stats[(stats["label"] == "custom_bn") & (stats["batch_size"] == 2)].iloc[0]
+    assert (point["n"], point["diverged"]) == (1, 2) and math.isnan(point["ci95"])
+    assert point["mean_error"] == pytest.approx(100 * (1 - final_acc("custom_bn", 2, 2)))
+    failed = stats[(stats["label"] == "group") & (stats["batch_size"] == 32)].iloc[0]
+    assert (failed["n"], failed["failed"]) == (2, 1)
+
+    ((_, figure),) = plots.error_vs_batch_size(runs)
+    (ax,) = the_axes(figure)
+    bars = errorbars(ax)
+    line, _caps, (collection,) = bars["custom_bn"].lines
+    assert len(collection.get_segments()[0]) == 0  # one seed: no bar
+    # Every seed of layer at batch size 8 diverged: no point there, but a cross.
+    assert list(bars["layer"].lines[0].get_xdata()) == [2, 32]
+    crosses = [line for line in ax.lines if line.get_marker() == "x"]
+    assert sorted(float(c.get_xdata()[0]) for c in crosses) == [2, 8]
+    assert {c.get_color() for c in crosses} == {
+        plots.norm_style(n)[0] for n in ("custom_bn", "layer")
+    }
+    counts = sorted(text.get_text() for text in ax.texts)
+    assert counts == ["2", "3"]
+    assert legend_labels(ax.get_legend())[-1] == "diverged"
+    footnote = " ".join(text.get_text() for text in figure.texts).replace("\n", " ")
+    assert "diverged (5 in all" in footnote and "1 failed run." in footnote
+
+    # A point whose runs all failed has no row, but the footnote still counts them.
+    status |= {("group", 2, seed): "failed" for seed in SEEDS}
+    ((_, figure),) = plots.error_vs_batch_size(frames(grid(status=status))[0])
+    footnote = " ".join(text.get_text() for text in figure.texts).replace("\n", " ")
+    assert "4 failed runs" in footnote
+
+
+def test_one_figure_per_combination_of_other_swept_keys():
+    runs, metrics = frames(grid(lrs=(0.1, 0.05), optims=("sgd", "adam")))
+    figures = plots.error_vs_batch_size(runs)
+    names = [name for name, _ in figures]
+    assert names == [
+        "error_vs_batch_size__lr-0.05__optim-adam.png",
+        "error_vs_batch_size__lr-0.05__optim-sgd.png",
+        "error_vs_batch_size__lr-0.1__optim-adam.png",
+        "error_vs_batch_size__lr-0.1__optim-sgd.png",
+    ]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+\.png", name) for name in names)
+    (ax,) = the_axes(figures[0][1])
+    assert ax.get_title().endswith("lr=0.05, optim=adam")
+    expected = np.mean([100 * (1 - final_acc("layer", 8, s, lr=0.05)) for s in SEEDS])
+    assert errorbars(ax)["layer"].lines[0].get_ydata()[1] == pytest.approx(expected)
+    curves = plots.training_curves(runs, metrics)
+    assert [name for name, _ in curves] == [
+        n.replace("error_vs_batch_size", "training_curves") for n in names
+    ]
+    assert curves[3][1].get_suptitle().endswith("lr=0.1, optim=sgd")
+
+
+def test_a_norms_own_swept_key_splits_its_line_and_keeps_its_color():
+    runs, _ = frames(grid(norms=("custom_bn", "group")))
+    is_group = runs["norm"] == "group"
+    runs.loc[is_group, "norm.groups"] = np.where(runs.loc[is_group, "seed"] == 0, 4, 8)
+    ((name, figure),) = plots.error_vs_batch_size(runs)
+    assert name == "error_vs_batch_size.png"  # not a figure per norm.groups
+    (ax,) = the_axes(figure)
+    bars = errorbars(ax)
+    assert list(bars) == ["custom_bn", "group (groups=4)", "group (groups=8)"]
+    group4, group8 = (bars[f"group (groups={g})"].lines[0] for g in (4, 8))
+    assert group4.get_color() == group8.get_color() == plots.norm_style("group")[0]
+    assert group4.get_linestyle() != group8.get_linestyle()
+
+
+def test_a_single_batch_size_still_renders(tmp_path):
+    runs, metrics = frames(grid(sizes=(16,)))
+    ((_, figure),) = plots.error_vs_batch_size(runs)
+    (ax,) = the_axes(figure)
+    assert list(errorbars(ax)["layer"].lines[0].get_xdata()) == [16]
+    low, high = ax.get_xlim()
+    assert low < 16 < high and list(ax.get_xticks()) == [16]
+    ((_, curves),) = plots.training_curves(runs, metrics)
+    assert [ax.get_title() for ax in the_axes(curves)] == ["batch size 16"]
+    figure.savefig(tmp_path / "one.png")
+    check_png(tmp_path / "one.png", figure)
+
+
+# ----------------------------------------------------------------------------- figure 2
+
+
+def test_training_curves_one_panel_per_batch_size_shared_y_in_percent():
+    status = {("group", 8, 1): "diverged"}
+    runs, metrics = frames(grid(status=status))
+    ((name, figure),) = plots.training_curves(runs, metrics)
+    assert name == "training_curves.png"
+    axes = the_axes(figure)
+    assert [ax.get_title() for ax in axes] == [f"batch size {bs}" for bs in SIZES]
+    assert all(axes[0].get_shared_y_axes().joined(axes[0], ax) for ax in axes)
+    assert "%" in axes[0].get_ylabel() and axes[0].get_xlabel() == "epoch"
+    for ax, bs in zip(axes, SIZES, strict=True):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert list(lines) == list(NORMS)
+        for norm, line in lines.items():
+            seeds = [s for s in SEEDS if (norm, bs, s) not in status]
+            mean = np.mean([accuracies(norm, bs, s) for s in seeds], axis=0) * 100
+            assert list(line.get_xdata()) == list(range(1, EPOCHS + 1))
+            assert line.get_ydata() == pytest.approx(mean)
+            assert line.get_color() == plots.norm_style(norm)[0]
+    low, high = axes[0].get_ylim()
+    means = [line.get_ydata() for ax in axes for line in ax.get_lines()]
+    assert low <= np.min(means) and np.max(means) <= high <= 100.5
+    (legend,) = figure.legends
+    assert legend_labels(legend) == list(NORMS)
+    assert "small_cnn on digits" in figure.get_suptitle()
+    footnote = " ".join(text.get_text() for text in figure.texts).replace("\n", " ")
+    assert "1 diverged run" in footnote
+    stats = plots.curve_stats(runs, metrics)
+    row = stats[(stats["label"] == "group") & (stats["batch_size"] == 8)].iloc[0]
+    assert row["n"] == 2
+    values = [100 * accuracies("group", 8, s)[0] for s in (0, 2)]
+    expected = 12.706204736174696 * np.std(values, ddof=1) / math.sqrt(2)  # t(0.975, 1)
+    assert row["ci95"] == pytest.approx(expected)
+
+
+def test_no_completed_runs_no_figures():
+    runs, metrics = frames(
+        grid(status={(n, b, s): "failed" for n in NORMS for b in SIZES for s in SEEDS})
+    )
+    assert plots.error_vs_batch_size(runs) == []
+    assert plots.training_curves(runs, metrics) == []
+
+
+# ----------------------------------------------------------------------------- on disk
+
+
+def test_plot_experiment_writes_readable_pngs(tmp_path):
+    from normbench.results import collect
+
+    exp = write_experiment(tmp_path / "results", grid(lrs=(0.1, 0.05)))
+    written = plots.plot_experiment(exp)
+    assert [p.name for p in written] == [
+        "error_vs_batch_size__lr-0.05.png",
+        "error_vs_batch_size__lr-0.1.png",
+        "training_curves__lr-0.05.png",
+        "training_curves__lr-0.1.png",
+    ]
+    assert all(p.parent == exp / "plots" for p in written)
+    assert sorted(p.name for p in (exp / "plots").iterdir()) == sorted(p.name for p in written)
+    collected = collect(exp)
+    built = plots.error_vs_batch_size(collected.runs) + plots.training_curves(
+        collected.runs, collected.metrics
+    )
+    for path, (_, figure) in zip(written, built, strict=True):
+        image = check_png(path, figure)
+        assert image.std() > 0  # something is drawn
+
+
+def test_only_failed_runs_message_and_nothing_written(tmp_path):
+    failed = {(n, b, s): "failed" for n in NORMS for b in SIZES for s in SEEDS}
+    exp = write_experiment(tmp_path / "results", grid(status=failed))
+    with pytest.raises(UserError, match=r"no completed runs to plot \(27 failed\)"):
+        plots.plot_experiment(exp)
+    assert not (exp / "plots").exists()
+
+    result = CliRunner().invoke(app, ["plot", str(exp)])
+    assert result.exit_code == 2
+    assert "no completed runs" in result.stderr and "Traceback" not in result.output
+    assert not (exp / "plots").exists()
+
+
+def test_cli_plot_prints_each_written_path(tmp_path):
+    root = tmp_path / "results"
+    exp = write_experiment(root, grid(sizes=(4, 16)))
+    failed = {(n, b, s): "failed" for n in NORMS for b in (4,) for s in SEEDS}
+    write_experiment(root, grid(sizes=(4,), status=failed), name="broken")
+
+    result = CliRunner().invoke(app, ["plot", str(root)])
+    assert result.exit_code == 0, result.output
+    printed = result.stdout.split()
+    assert printed == [
+        str(exp / "plots" / "error_vs_batch_size.png"),
+        str(exp / "plots" / "training_curves.png"),
+    ]
+    for path in printed:
+        check_png(Path(path))
+    assert "broken" in result.stderr and "no completed runs" in result.stderr
+    assert not (root / "broken" / "plots").exists()
+
+
+def test_cli_plot_missing_dir_exits_2(tmp_path):
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2
+    assert "error" in result.stderr and "Traceback" not in result.output

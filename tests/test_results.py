@@ -1,0 +1,529 @@
+"""Tests for normbench.results' aggregation: collecting run folders, statistics, keys,
+the four tables, skipped folders, and ``normbench results``."""
+
+import copy
+import hashlib
+import json
+import math
+import shutil
+import statistics
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+from typer.testing import CliRunner
+
+from normbench import results
+from normbench.cli import app
+from normbench.config import compose, flatten
+from normbench.errors import UserError
+from normbench.results import (
+    METRIC_COLUMNS,
+    SUMMARY_FIELDS,
+    SUMMARY_STAT_COLUMNS,
+    TABLE_FILES,
+    aggregate,
+    collect,
+    find_experiments,
+    metrics_frame,
+    resolve_key,
+    summarize,
+    swept_keys,
+)
+
+cli = CliRunner()
+
+# Student's t 97.5% quantile with 2 degrees of freedom, as in any table.
+T975_DF2 = 4.302652729911275
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def real_experiment(tmp_path_factory):
+    """Four real tiny runs (custom_bn and layer x seeds 0, 1) and one interrupted run."""
+    from normbench import runner
+
+    out = tmp_path_factory.mktemp("real") / "results"
+    for norm in ("custom_bn", "layer"):
+        for seed in (0, 1):
+            cfg = compose(
+                [
+                    f"norm={norm}",
+                    f"seed={seed}",
+                    "dataset.train_size=128",
+                    "epochs=1",
+                    "batch_size=32",
+                    f"out_dir={out}",
+                    "threads=1",
+                ]
+            )
+            runner.run(cfg)
+    exp = out / "default"
+    # Killed during its first epoch: a config, the header-only metrics, stray temp files.
+    first = sorted((exp / "runs").iterdir())[0]
+    killed = exp / "runs" / "0000killed00"
+    killed.mkdir()
+    shutil.copy(first / "config.yaml", killed / "config.yaml")
+    (killed / "metrics.csv").write_text(",".join(METRIC_COLUMNS) + "\n")
+    (killed / ".summary.json.k3j4h5.tmp").write_text('{"run_id": "0000k')
+    (killed / ".metrics.csv.x8y9z0.tmp").write_text("run_id,epo")
+    return exp
+
+
+@pytest.fixture
+def real_copy(real_experiment, tmp_path):
+    """A copy of the real experiment that a test may write into."""
+    return shutil.copytree(real_experiment, tmp_path / "results" / "default")
+
+
+@pytest.fixture(scope="module")
+def base_config():
+    return OmegaConf.to_container(compose(["epochs=3", "dataset.train_size=128"]), resolve=True)
+
+
+@pytest.fixture
+def make_run(base_config):
+    """Write a synthetic run folder as the runner does, with exact accuracies."""
+
+    def make(exp, status="completed", final=0.9, best=None, **overrides):
+        cfg = copy.deepcopy(base_config)
+        for dotted, value in overrides.items():
+            node = cfg
+            *parents, last = dotted.split("__")
+            for part in parents:
+                node = node[part]
+            node[last] = value
+        rid = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+        folder = exp / "runs" / rid
+        acc = final if status == "completed" else None
+        records = [
+            {"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.5, "test_loss": 0.5, "lr": 0.1}
+            | ({"test_acc": acc} if acc is not None else {})
+            for e in range(1, cfg["epochs"] + 1)
+        ]
+        summary = dict.fromkeys(SUMMARY_FIELDS)
+        summary.update(
+            run_id=rid,
+            status=status,
+            name=cfg["name"],
+            model=cfg["model"]["name"],
+            norm=cfg["norm"]["name"],
+            dataset=cfg["dataset"]["name"],
+            optim=cfg["optim"]["name"],
+            batch_size=cfg["batch_size"],
+            lr=cfg["lr"],
+            epochs=cfg["epochs"],
+            seed=cfg["seed"],
+            threads=cfg["threads"],
+            device="cpu",
+            final_test_acc=acc,
+            best_test_acc=(best if best is not None else acc) if acc is not None else None,
+            error={"failed": "RuntimeError: boom", "diverged": "loss is nan"}.get(status),
+        )
+        results.write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        results.write_csv(folder / "metrics.csv", metrics_frame(rid, records))
+        results.write_json(folder / "summary.json", summary)
+        return folder
+
+    return make
+
+
+@pytest.fixture
+def grid(tmp_path, make_run):
+    """custom_bn and layer x batch sizes 8, 32, 128 x seeds 0, 1 (accuracies known)."""
+    exp = tmp_path / "results" / "grid"
+    for n, norm in enumerate(("custom_bn", "layer")):
+        for b, bs in enumerate((8, 32, 128)):
+            for seed in (0, 1):
+                make_run(
+                    exp,
+                    final=0.5 + 0.1 * n + 0.01 * b + 0.001 * seed,
+                    norm__name=norm,
+                    batch_size=bs,
+                    seed=seed,
+                )
+    return exp
+
+
+def invoke(*args):
+    return cli.invoke(app, [str(a) for a in args])
+
+
+# ------------------------------------------------------------------------------- collect
+
+
+def test_collect_reads_real_runs_into_summary_and_config_columns(real_experiment):
+    collected = collect(real_experiment)
+    runs = collected.runs
+    assert len(runs) == 4 and set(runs.status) == {"completed"}
+    assert list(runs.columns[: len(SUMMARY_FIELDS)]) == list(SUMMARY_FIELDS)
+    config_cols = list(runs.columns[len(SUMMARY_FIELDS) :])
+    for key in ("norm.name", "optim.momentum", "dataset.train_size", "model.widths"):
+        assert key in config_cols
+    # Config keys that repeat a summary field with the same values appear once.
+    assert list(runs.columns).count("batch_size") == 1 and "config.batch_size" not in runs
+    assert "config.seed" not in runs and "config.lr" not in runs
+    assert (runs["norm.name"] == runs["norm"]).all()
+    assert (runs["dataset.train_size"] == 128).all()
+    assert (runs["schedule.milestones"] == "[0.5, 0.75]").all()  # lists as their string form
+    assert sorted(runs["norm.name"]) == ["custom_bn", "custom_bn", "layer", "layer"]
+
+    for rid in runs.run_id:
+        assert (real_experiment / "runs" / rid / "summary.json").exists()
+        own = pd.read_csv(real_experiment / "runs" / rid / "metrics.csv", dtype={"run_id": str})
+        got = collected.metrics[collected.metrics.run_id == rid].reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, own, check_dtype=False)
+    assert len(collected.metrics) == 4 * 7  # 1 epoch x 7 metrics per run
+    assert list(collected.metrics.columns) == list(METRIC_COLUMNS)
+    assert collected.incomplete == [real_experiment / "runs" / "0000killed00"]
+    assert collected.unreadable == []
+
+
+def test_collect_sorts_runs_by_swept_keys_then_seed(grid):
+    runs = collect(grid).runs
+    order = list(zip(runs["norm.name"], runs["batch_size"], runs["seed"], strict=True))
+    assert order == sorted(order)  # batch sizes 8 < 32 < 128 numerically
+    ranks = {rid: i for i, rid in enumerate(runs.run_id)}
+    metric_ranks = collect(grid).metrics.run_id.map(ranks)
+    assert metric_ranks.is_monotonic_increasing
+
+
+# ---------------------------------------------------------------------------- aggregate
+
+
+def test_aggregate_writes_the_four_tables_atomically(real_copy):
+    collected, summary = aggregate(real_copy)
+    for name in TABLE_FILES:
+        assert (real_copy / name).is_file()
+    assert not [p.name for p in real_copy.iterdir() if p.name.endswith(".tmp")]
+
+    runs_csv = pd.read_csv(real_copy / "runs.csv", dtype={"run_id": str})
+    runs_parquet = pd.read_parquet(real_copy / "runs.parquet")
+    assert list(runs_csv.columns) == list(runs_parquet.columns) == list(collected.runs.columns)
+    assert list(runs_csv.run_id) == list(runs_parquet.run_id) == list(collected.runs.run_id)
+    pd.testing.assert_frame_equal(runs_parquet, collected.runs, check_dtype=False)
+    pd.testing.assert_series_equal(runs_csv.final_test_acc, runs_parquet.final_test_acc)
+    assert list(runs_csv["norm.name"]) == list(runs_parquet["norm.name"])
+
+    metrics = pd.read_csv(real_copy / "metrics.csv", dtype={"run_id": str})
+    pd.testing.assert_frame_equal(metrics, collected.metrics, check_dtype=False)
+
+    written = pd.read_csv(real_copy / "summary.csv")
+    assert list(written.columns[:2]) == ["norm.name", "batch_size"]
+    assert list(written.columns[-len(SUMMARY_STAT_COLUMNS) :]) == list(SUMMARY_STAT_COLUMNS)
+    assert list(written["norm.name"]) == ["custom_bn", "layer"] and list(written.n) == [2, 2]
+    assert len(summary) == 2
+
+
+def test_failed_and_diverged_runs_are_rows_of_runs_csv(tmp_path, make_run):
+    exp = tmp_path / "exp"
+    make_run(exp, seed=0)
+    make_run(exp, status="diverged", seed=1)
+    make_run(exp, status="failed", seed=2)
+    aggregate(exp)
+    runs = pd.read_csv(exp / "runs.csv")
+    assert sorted(runs.status) == ["completed", "diverged", "failed"]
+    assert runs.set_index("status").loc["failed", "error"] == "RuntimeError: boom"
+    assert math.isnan(runs.set_index("status").loc["diverged", "final_test_acc"])
+
+
+def test_a_failed_write_leaves_no_file(tmp_path):
+    class Broken:
+        """A figure that dies half-way through saving."""
+
+        def savefig(self, handle, **kwargs):
+            handle.write(b"\x89PNG half")
+            raise RuntimeError("killed")
+
+    path = tmp_path / "plots" / "broken.png"
+    with pytest.raises(RuntimeError, match="killed"):
+        results.write_figure(path, Broken())
+    assert list(path.parent.iterdir()) == []
+
+
+def test_write_figure_saves_a_png_atomically(tmp_path):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(2, 2))
+    figure.add_subplot().plot([1, 2], [3, 4])
+    path = tmp_path / "plots" / "curve.png"
+    results.write_figure(path, figure, dpi=50)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in path.parent.iterdir()] == ["curve.png"]
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_summary_statistics_match_hand_computed_values(tmp_path, make_run):
+    exp = tmp_path / "exp"
+    finals, bests = [0.90, 0.92, 0.97], [0.91, 0.95, 0.98]
+    for seed, (final, best) in enumerate(zip(finals, bests, strict=True)):
+        make_run(exp, final=final, best=best, seed=seed)
+    make_run(exp, status="diverged", seed=3)
+    make_run(exp, status="failed", seed=4)
+    make_run(exp, final=0.8, norm__name="layer", seed=0)
+    make_run(exp, status="diverged", norm__name="group", seed=0)
+
+    summary = summarize(collect(exp).runs).set_index("norm.name")
+    assert list(summary.columns[-len(SUMMARY_STAT_COLUMNS) :]) == list(SUMMARY_STAT_COLUMNS)
+    bn = summary.loc["custom_bn"]
+    assert (bn.n, bn.n_diverged, bn.n_failed) == (3, 1, 1)
+    std = math.sqrt(((0.90 - 0.93) ** 2 + (0.92 - 0.93) ** 2 + (0.97 - 0.93) ** 2) / 2)
+    assert bn.final_test_acc_mean == pytest.approx(0.93)
+    assert bn.final_test_acc_std == pytest.approx(std)
+    assert bn.final_test_acc_ci95 == pytest.approx(T975_DF2 * std / math.sqrt(3))
+    assert bn.best_test_acc_mean == pytest.approx(statistics.mean(bests))
+    assert bn.best_test_acc_std == pytest.approx(statistics.stdev(bests))
+    assert bn.best_test_acc_ci95 == pytest.approx(T975_DF2 * statistics.stdev(bests) / math.sqrt(3))
+
+    layer = summary.loc["layer"]  # one run: a mean, no spread
+    assert (layer.n, layer.final_test_acc_mean) == (1, pytest.approx(0.8))
+    assert math.isnan(layer.final_test_acc_std) and math.isnan(layer.final_test_acc_ci95)
+
+    group = summary.loc["group"]  # diverged only: counted, no statistics
+    assert (group.n, group.n_diverged) == (0, 1)
+    assert all(math.isnan(group[c]) for c in SUMMARY_STAT_COLUMNS[3:])
+
+
+def test_t_quantile_is_scipy_stats(tmp_path):
+    from scipy.stats import t
+
+    assert results._t975(2.0) == pytest.approx(T975_DF2)
+    assert results._t975(9.0) == pytest.approx(t.ppf(0.975, 9))
+
+
+def test_default_groups_differ_only_in_seed(tmp_path, make_run):
+    exp = tmp_path / "exp"
+    for momentum in (0.9, 0.8):
+        for seed in (0, 1):
+            # Execution keys (device, threads) differ between seeds: not a different group.
+            make_run(
+                exp,
+                final=momentum,
+                seed=seed,
+                optim__momentum=momentum,
+                threads=seed + 1,
+                device=["auto", "cpu"][seed],
+            )
+    summary = summarize(collect(exp).runs)
+    assert len(summary) == 2 and list(summary.n) == [2, 2]
+    assert list(summary["optim.momentum"]) == [0.8, 0.9]
+    for key in ("seed", "threads", "device", "config.device", "name", "out_dir"):
+        assert key not in summary.columns
+    assert "dataset.train_size" in summary.columns and "norm.eps" in summary.columns
+
+
+def test_group_by_pools_coarser_groups(grid):
+    runs = collect(grid).runs
+    by_norm = summarize(runs, ["norm"])
+    assert list(by_norm.columns) == ["norm.name", *SUMMARY_STAT_COLUMNS]
+    assert list(by_norm["norm.name"]) == ["custom_bn", "layer"] and list(by_norm.n) == [6, 6]
+    custom = runs[runs["norm.name"] == "custom_bn"].final_test_acc
+    assert by_norm.final_test_acc_mean[0] == pytest.approx(custom.mean())
+    assert by_norm.final_test_acc_std[0] == pytest.approx(custom.std())
+
+    by_bs = summarize(runs, ["batch_size"])
+    assert list(by_bs.batch_size) == [8, 32, 128] and list(by_bs.n) == [4, 4, 4]
+    both = summarize(runs, ["norm", "batch_size"])
+    assert len(both) == 6 and list(both.n) == [2] * 6
+    assert list(zip(both["norm.name"], both.batch_size, strict=True))[:3] == [
+        ("custom_bn", 8),
+        ("custom_bn", 32),
+        ("custom_bn", 128),
+    ]
+    overall = summarize(runs, [])
+    assert list(overall.columns) == list(SUMMARY_STAT_COLUMNS) and overall.n[0] == 12
+
+
+# ------------------------------------------------------------------------------- keys
+
+
+def test_swept_keys_vary_in_order_seed_excluded(tmp_path, make_run):
+    exp = tmp_path / "exp"
+    for norm in ("group", "custom_bn"):  # group has its own keys (norm.groups)
+        for bs in (128, 8):
+            for seed in (0, 1):
+                overrides = {"norm__groups": 4} if norm == "group" else {}
+                make_run(exp, norm__name=norm, batch_size=bs, seed=seed, **overrides)
+    runs = collect(exp).runs
+    # norm.groups varies too, but norm.name already tells it.
+    assert swept_keys(runs) == ["norm.name", "batch_size"]
+
+    make_run(exp, norm__name="group", norm__groups=2, batch_size=8)  # now it does not
+    assert swept_keys(collect(exp).runs) == ["norm.name", "batch_size", "norm.groups"]
+    make_run(exp, norm__name="custom_bn", batch_size=8, lr=0.05)
+    assert swept_keys(collect(exp).runs) == ["norm.name", "batch_size", "lr", "norm.groups"]
+
+    single = tmp_path / "single"
+    for seed in range(3):
+        make_run(single, seed=seed, threads=seed + 1)
+    assert swept_keys(collect(single).runs) == []
+
+
+def test_resolve_key_maps_short_names(grid):
+    runs = collect(grid).runs
+    assert resolve_key(runs, "norm") == "norm.name"
+    assert resolve_key(runs, "model") == "model.name"
+    assert resolve_key(runs, "dataset") == "dataset.name"
+    assert resolve_key(runs, "batch_size") == "batch_size"
+    assert resolve_key(runs, "train_size") == "dataset.train_size"
+    assert resolve_key(runs, "optim.momentum") == "optim.momentum"
+    assert resolve_key(runs, "status") == "status"
+    with pytest.raises(UserError, match="ambiguous.*optim.momentum"):
+        resolve_key(runs, "momentum")
+    with pytest.raises(UserError, match="did you mean 'norm'"):
+        resolve_key(runs, "nrom")
+
+    aggregate(grid)  # a frame read back from runs.csv has no attrs; the names still resolve
+    from_csv = pd.read_csv(grid / "runs.csv")
+    assert resolve_key(from_csv, "norm") == "norm.name"
+    assert swept_keys(from_csv) == ["norm.name", "batch_size"]
+
+
+# ---------------------------------------------------------------------- skipped folders
+
+
+def test_incomplete_and_unreadable_folders_are_skipped_and_counted(tmp_path, make_run):
+    exp = tmp_path / "results" / "exp"
+    make_run(exp, seed=0)
+    make_run(exp, seed=1)
+    config_only = make_run(exp, seed=2)
+    (config_only / "summary.json").unlink()
+    (config_only / "metrics.csv").unlink()
+    partial = make_run(exp, seed=3)
+    (partial / "summary.json").unlink()
+    (partial / ".summary.json.abc123.tmp").write_text("{")
+    (partial / ".metrics.csv.def456.tmp").write_text("run_id,ep")
+    corrupt = make_run(exp, seed=4)
+    (corrupt / "summary.json").write_text('{"run_id": "trunc')
+    bad_config = make_run(exp, seed=5)
+    (bad_config / "config.yaml").write_text("name: [unclosed\n")
+    (exp / "runs" / "notes.txt").write_text("not a run folder")
+
+    collected, summary = aggregate(exp)
+    assert len(collected.runs) == 2 and list(summary.n) == [2]
+    assert sorted(collected.incomplete) == sorted([config_only, partial])
+    assert sorted(collected.unreadable) == sorted([corrupt, bad_config])
+    counts = collected.counts()
+    assert (counts["completed"], counts["incomplete"], counts["unreadable"]) == (2, 2, 2)
+    assert len(pd.read_csv(exp / "runs.csv")) == 2
+
+    result = invoke("results", exp)
+    assert result.exit_code == 0, result.output
+    assert "2 incomplete" in result.stdout and "2 unreadable" in result.stdout
+
+
+def test_an_experiment_with_only_unfinished_runs_writes_empty_tables(tmp_path, make_run):
+    exp = tmp_path / "exp"
+    (make_run(exp) / "summary.json").unlink()
+    collected, summary = aggregate(exp)
+    assert collected.runs.empty and summary.empty and len(collected.incomplete) == 1
+    assert list(pd.read_csv(exp / "runs.csv").columns) == list(SUMMARY_FIELDS)
+
+
+# ---------------------------------------------------------------------- config reading
+
+
+def test_config_comes_from_the_summary_or_else_config_yaml(tmp_path):
+    """Summaries carry the flattened config (config.<key>); one without it is read
+    from config.yaml, with the same result."""
+    cfg = compose(
+        [
+            f"out_dir={tmp_path}",
+            "norm=group",
+            "epochs=1",
+            "dataset.train_size=64",
+            "threads=1",
+            "batch_size=32",
+        ]
+    )
+    from normbench.runner import run
+
+    outcome = run(cfg)
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    own, config = results.split_summary(summary)
+    assert config == flatten(cfg) and "config.norm.groups" not in own
+    text = (outcome.run_dir / "config.yaml").read_text()
+    assert results.read_config(text) == config
+    # An older summary without the config keys: the aggregation falls back to config.yaml.
+    (outcome.run_dir / "summary.json").write_text(json.dumps(own))
+    runs = results.collect(tmp_path / "default").runs
+    assert runs.loc[0, "norm.groups"] == 8 and runs.loc[0, "norm.name"] == "group"
+
+
+# ------------------------------------------------------------------- find_experiments
+
+
+def test_find_experiments_expands_folders_and_rejects_empty_ones(tmp_path, make_run, monkeypatch):
+    root = tmp_path / "results"
+    a, b = root / "a", root / "nested" / "b"
+    make_run(a)
+    make_run(b)
+    (root / "empty" / "runs").mkdir(parents=True)
+    (root / ".hidden" / "runs" / "x").mkdir(parents=True)
+
+    assert find_experiments([root]) == [a, b]
+    assert find_experiments([a]) == [a]
+    assert find_experiments([a / "runs"]) == [a]
+    assert find_experiments([a, root]) == [a, b]  # no duplicates
+    monkeypatch.chdir(tmp_path)
+    assert [p.resolve() for p in find_experiments(None)] == [a, b]
+    with pytest.raises(UserError, match="no such folder"):
+        find_experiments([tmp_path / "missing"])
+    with pytest.raises(UserError, match="holds no runs"):
+        find_experiments([root / "empty"])
+    monkeypatch.chdir(root / "empty")
+    with pytest.raises(UserError, match="no results/ folder"):
+        find_experiments([])
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def test_results_command_prints_the_summary_table(real_copy):
+    result = invoke("results", real_copy)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "4 runs (4 completed, 0 diverged, 0 failed)" in out
+    assert "1 incomplete" in out and str(real_copy) in out
+    assert "final acc %" in out and "95% CI" in out
+    collected = collect(real_copy)
+    for norm, rows in collected.runs.groupby("norm.name"):
+        mean, std = rows.final_test_acc.mean(), rows.final_test_acc.std()
+        assert f"{norm}" in out and f"{100 * mean:.2f} ± {100 * std:.2f}" in out
+    for name in TABLE_FILES:
+        assert (real_copy / name).is_file()
+
+    coarse = invoke("results", real_copy.parent, "--group-by", "batch_size")
+    assert coarse.exit_code == 0, coarse.output
+    assert "by batch_size" in coarse.stdout and " 4 " in coarse.stdout
+
+
+def test_results_command_defaults_to_results_folder(real_copy, monkeypatch):
+    monkeypatch.chdir(real_copy.parent.parent)
+    result = invoke("results")
+    assert result.exit_code == 0, result.output
+    assert "custom_bn" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{tmp}/missing"], "no such folder"),
+        (["{tmp}"], "holds no runs"),
+        (["{exp}", "--group-by", "nrom"], "unknown key 'nrom'"),
+    ],
+)
+def test_results_command_user_errors_exit_2_in_one_line(real_copy, tmp_path, args, message):
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    args = [a.format(tmp=empty, exp=real_copy) for a in args]
+    result = invoke("results", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr and result.stderr.startswith("error:")
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "Traceback" not in result.output
+    assert not any((real_copy / name).exists() for name in TABLE_FILES)  # nothing written

@@ -1,0 +1,243 @@
+"""Tests for normbench.sweep and `normbench sweep`: grids, validation, resume, failures,
+launchers. Every sweep here trains on digits with tiny settings."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from normbench import sweep
+from normbench.cli import app
+from normbench.errors import UserError
+from normbench.results import read_summary
+
+cli = CliRunner()
+
+TINY = ["epochs=1", "dataset.train_size=128", "dataset.test_size=64", "threads=1"]
+
+
+def tiny_args(tmp_path: Path, *overrides: str) -> list[str]:
+    return [f"out_dir={tmp_path / 'results'}", *TINY, *overrides]
+
+
+def summaries(folder: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in folder.glob("runs/*/summary.json")}
+
+
+# ------------------------------------------------------------------------------ the grid
+
+
+def test_the_grid_is_the_product_of_the_sweeps_in_hydra_order():
+    jobs = sweep.expand(["norm=custom_bn,layer", "batch_size=2,8", "seed=1"])
+    assert jobs == [
+        ["norm=custom_bn", "batch_size=2", "seed=1"],
+        ["norm=custom_bn", "batch_size=8", "seed=1"],
+        ["norm=layer", "batch_size=2", "seed=1"],
+        ["norm=layer", "batch_size=8", "seed=1"],
+    ]
+    assert sweep.expand(["seed=range(3)"]) == [["seed=0"], ["seed=1"], ["seed=2"]]
+
+
+def test_presets_define_their_grids_and_the_command_line_wins():
+    quick = sweep.expand(["experiment=quick"])
+    assert len(quick) == 6 * 3
+    assert {j[0] for j in quick} == {
+        f"norm={n}" for n in ("custom_bn", "torch_bn", "layer", "instance", "group", "batch_renorm")
+    }
+    study = sweep.expand(["experiment=batch_size_study"])
+    assert len(study) == 5 * 6 * 3
+    narrowed = sweep.expand(["experiment=quick", "norm=layer"])
+    assert len(narrowed) == 3 and all("norm=layer" in job for job in narrowed)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["norm=custom_bn,bogus"], "unknown norm 'bogus'"),
+        (["batch_size=8,0"], "batch_size must be"),
+        (["lr=0.1,-1"], "lr must be"),
+        (["batch_size=16,100000"], "larger than the training set"),
+        (["nope=1,2"], "unknown config key 'nope'"),
+        (["hydra/launcher=nonexistent"], "launcher"),
+    ],
+)
+def test_a_bad_job_anywhere_fails_the_whole_sweep_before_training(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        sweep.plan(tiny_args(tmp_path, *overrides))
+    assert not (tmp_path / "results").exists()
+
+
+def test_cli_bad_sweep_exits_2_with_one_line(tmp_path):
+    result = cli.invoke(app, ["sweep", *tiny_args(tmp_path, "norm=layer,bogus")])
+    assert result.exit_code == 2
+    assert "unknown norm 'bogus'" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "results").exists()
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def test_sweep_runs_resumes_and_reports(tmp_path):
+    args = ["sweep", *tiny_args(tmp_path, "norm=custom_bn,layer", "batch_size=16,32")]
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    experiment = tmp_path / "results" / "default"
+    runs = summaries(experiment)
+    assert len(runs) == 4 and {s["status"] for s in runs.values()} == {"completed"}
+    assert {(s["norm"], s["batch_size"]) for s in runs.values()} == {
+        ("custom_bn", 16),
+        ("custom_bn", 32),
+        ("layer", 16),
+        ("layer", 32),
+    }
+    for table in ("runs.csv", "runs.parquet", "metrics.csv", "summary.csv"):
+        assert (experiment / table).is_file(), table
+    assert list(experiment.glob("plots/*.png"))
+    assert "4 completed" in result.stdout
+
+    stamps = {rid: (experiment / "runs" / rid / "summary.json").stat().st_mtime_ns for rid in runs}
+    again = cli.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "4 skipped" in again.stdout and "0 completed" in again.stdout
+    assert stamps == {
+        rid: (experiment / "runs" / rid / "summary.json").stat().st_mtime_ns for rid in runs
+    }
+
+
+def test_a_run_that_raises_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    import normbench.train
+
+    real_train = normbench.train.train
+
+    def train_failing_for_layer(model, *args, **kwargs):
+        if any(type(m).__name__ == "LayerNorm" for m in model.modules()):
+            raise RuntimeError("injected failure")
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(normbench.train, "train", train_failing_for_layer)
+    args = ["sweep", *tiny_args(tmp_path, "norm=custom_bn,layer,group")]
+    result = cli.invoke(app, args)
+    assert result.exit_code == 1
+    assert "2 completed" in result.stdout and "1 failed" in result.stdout
+    runs = summaries(tmp_path / "results" / "default")
+    failed = [s for s in runs.values() if s["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["norm"] == "layer"
+    assert failed[0]["error"] == "RuntimeError: injected failure"
+
+    # Without --retry-failed the failed run counts as done; with it, it runs again.
+    monkeypatch.setattr(normbench.train, "train", real_train)
+    assert "3 skipped" in cli.invoke(app, args).stdout
+    retried = cli.invoke(app, [*args, "--retry-failed"])
+    assert retried.exit_code == 0, retried.output
+    assert "1 completed" in retried.stdout and "2 skipped" in retried.stdout
+
+
+def test_a_sweep_killed_mid_way_resumes_where_it_stopped(tmp_path):
+    """kill -9 during the second run; the rerun skips the first and redoes the rest."""
+    experiment = tmp_path / "results" / "default"
+    args = [
+        f"out_dir={tmp_path / 'results'}",
+        "dataset.train_size=128",
+        "dataset.test_size=64",
+        "threads=1",
+        "epochs=20",
+        "batch_size=8",
+        "norm=custom_bn,layer,group",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "normbench.cli", "sweep", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            done = list(experiment.glob("runs/*/summary.json"))
+            started = [p for p in experiment.glob("runs/*") if not (p / "summary.json").exists()]
+            if done and started:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the sweep did not get to its second run")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    first = {p.parent.name: p.stat().st_mtime_ns for p in experiment.glob("runs/*/summary.json")}
+    partial = [p for p in experiment.glob("runs/*") if not (p / "summary.json").exists()]
+    assert first and partial
+    # The partial folder does not look complete, and aggregation copes with it.
+    from normbench.results import collect
+
+    collected = collect(experiment)
+    assert len(collected.runs) == len(first) and collected.incomplete
+
+    result = cli.invoke(app, ["sweep", *args])
+    assert result.exit_code == 0, result.output
+    assert f"{len(first)} skipped" in result.stdout
+    assert f"{3 - len(first)} completed" in result.stdout
+    runs = summaries(experiment)
+    assert len(runs) == 3 and {s["status"] for s in runs.values()} == {"completed"}
+    assert {
+        rid: (experiment / "runs" / rid / "summary.json").stat().st_mtime_ns for rid in first
+    } == first
+
+
+def test_joblib_runs_jobs_in_parallel_with_shared_cores(tmp_path):
+    args = [
+        "sweep",
+        f"out_dir={tmp_path / 'results'}",
+        "epochs=1",
+        "dataset.train_size=128",
+        "norm=custom_bn,layer",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+    ]
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    runs = summaries(tmp_path / "results" / "default")
+    assert len(runs) == 2 and {s["status"] for s in runs.values()} == {"completed"}
+    from normbench.runner import default_threads
+
+    assert {s["threads"] for s in runs.values()} == {max(1, default_threads() // 2)}
+
+
+def test_submitit_slurm_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    from normbench.config import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(
+            "config",
+            # the README's SLURM example
+            overrides=[
+                "experiment=batch_size_study",
+                "dataset.root=/shared/data",
+                "out_dir=/shared/results",
+                "hydra/launcher=submitit_slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.gpus_per_node=1",
+                "hydra.launcher.cpus_per_task=8",
+                "hydra.launcher.timeout_min=120",
+                "hydra.launcher.array_parallelism=32",
+            ],
+            return_hydra_config=True,
+        )
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.partition == "gpu"
+    assert cfg.hydra.sweep.dir.startswith("/shared/results/batch_size_study/.hydra/")
+    assert cfg.hydra.launcher.submitit_folder.startswith(cfg.hydra.sweep.dir)
+
+
+def test_outcome_counts_every_state(tmp_path):
+    plan = sweep.plan(tiny_args(tmp_path, "norm=custom_bn,layer"))
+    assert plan.outcome() == {"not run": 2}
+    assert read_summary(plan.jobs[0].run_dir) is None
