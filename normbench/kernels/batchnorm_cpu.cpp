@@ -251,6 +251,23 @@ void for_rows(const Layout& g, F body) {
   at::parallel_for(0, g.M, grain, [&](int64_t m0, int64_t m1) { body(m0, m1); });
 }
 
+// out = (x - mean) * scale + shift per channel, over (M, C) rows: the forward's second
+// pass and the eval forward.
+template <typename scalar_t, typename acc_t>
+void rows_affine(const Layout& g, const scalar_t* x, scalar_t* out, const acc_t* mean,
+                 const acc_t* scale, const acc_t* shift) {
+  for_rows(g, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const scalar_t* p = x + m * g.C;
+      scalar_t* q = out + m * g.C;
+#pragma omp simd
+      for (int64_t c = 0; c < g.C; ++c) {
+        q[c] = static_cast<scalar_t>((static_cast<acc_t>(p[c]) - mean[c]) * scale[c] + shift[c]);
+      }
+    }
+  });
+}
+
 // ---------------------------------------------------------------- forward (training)
 
 template <typename scalar_t>
@@ -290,18 +307,7 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
       finish(c, shift[c], s1[c], s2[c]);
       scale[c] = invstd[c] * w[c];
     }
-    const acc_t* sc = scale.data();
-    const acc_t* bb = b.data();
-    for_rows(g, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) {
-        const scalar_t* p = x + m * g.C;
-        scalar_t* q = out + m * g.C;
-#pragma omp simd
-        for (int64_t c = 0; c < g.C; ++c) {
-          q[c] = static_cast<scalar_t>((static_cast<acc_t>(p[c]) - mean[c]) * sc[c] + bb[c]);
-        }
-      }
-    });
+    rows_affine(g, x, out, mean, scale.data(), b.data());
     return;
   }
 
@@ -520,29 +526,17 @@ void eval_impl(const Layout& g, at::Tensor& y, const at::Tensor& running_mean,
     scale[c] = static_cast<acc_t>(w[c] / std::sqrt(static_cast<double>(var[c]) + eps));
   }
   if (g.rows) {
-    const acc_t *mu = mean.data(), *sc = scale.data(), *bb = b.data();
-    for_rows(g, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) {
-        const scalar_t* p = x + m * g.C;
-        scalar_t* q = out + m * g.C;
-#pragma omp simd
-        for (int64_t c = 0; c < g.C; ++c) {
-          q[c] = static_cast<scalar_t>((static_cast<acc_t>(p[c]) - mu[c]) * sc[c] + bb[c]);
-        }
-      }
-    });
+    rows_affine(g, x, out, mean.data(), scale.data(), b.data());
     return;
   }
-  at::parallel_for(0, g.C * g.N, grain_for(g.C * g.N, g.L), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t c = i % g.C;
-      const scalar_t* p = x + i * g.L;
-      scalar_t* q = out + i * g.L;
-      const acc_t mu = mean[c], sc = scale[c], bb = b[c];
-#pragma omp simd
-      for (int64_t l = 0; l < g.L; ++l) {
-        q[l] = static_cast<scalar_t>((static_cast<acc_t>(p[l]) - mu) * sc + bb);
-      }
+  const int64_t cb = block_channels(g, sizeof(scalar_t));
+  const int64_t blocks = (g.C + cb - 1) / cb;
+  at::parallel_for(0, blocks, grain_for(blocks, g.M * cb), [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t c0 = blk * cb;
+      block_map(g, c0, std::min(g.C, c0 + cb), 0, g.N, out, [&](int64_t i, int64_t c) {
+        return static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean[c]) * scale[c] + b[c]);
+      });
     }
   });
 }
