@@ -151,9 +151,9 @@ def write_figure(path: Path, figure, **savefig: Any) -> None:
 # An experiment folder ``<out_dir>/<name>/`` holds ``runs/<run_id>/``; aggregation reads
 # every run folder into two frames (runs, metrics), summarises groups of runs that differ
 # only in their seed, and writes four tables beside ``runs/``. It has to stay fast for
-# thousands of runs, so it never calls pandas once per file: summaries are ``json.loads``,
-# configs go through a line-cached YAML reader (below), and the metrics files are joined
-# as bytes and parsed once.
+# thousands of runs, so it never calls pandas once per file: summaries (which carry the
+# flattened config) are ``json.loads``, and the metrics files are joined as bytes and
+# parsed once.
 
 #: Where ``normbench results`` looks when given no folder (the default ``out_dir``).
 DEFAULT_RESULTS = Path("results")
