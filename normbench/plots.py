@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from normbench.errors import UserError
+from normbench.results import t975
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -96,9 +97,7 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, int]:
 
 def _t975(n):
     """The 97.5% quantile of Student's t with n-1 degrees of freedom (array or scalar)."""
-    from scipy.stats import t
-
-    return t.ppf(0.975, np.asarray(n) - 1)
+    return t975(np.asarray(n) - 1)
 
 
 # ----------------------------------------------------------------------------- the runs

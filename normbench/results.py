@@ -553,7 +553,7 @@ def resolve_key(runs: pd.DataFrame, key: str) -> str:
 # ---------------------------------------------------------------------------- statistics
 
 
-def _t975(dof: np.ndarray) -> np.ndarray:
+def t975(dof: np.ndarray) -> np.ndarray:
     """Student's t 97.5% quantile: ``scipy.stats.t.ppf(0.975, dof)``, which is this
     function of scipy.special (importing scipy.stats costs a second)."""
     from scipy.special import stdtrit
@@ -604,7 +604,7 @@ def summarize(runs: pd.DataFrame, group_by: Sequence[str] | None = None) -> pd.D
         n = count[metric].to_numpy(dtype=float)
         half = np.full(len(n), np.nan)
         many = n >= 2
-        half[many] = _t975(n[many] - 1) * std[metric].to_numpy()[many] / np.sqrt(n[many])
+        half[many] = t975(n[many] - 1) * std[metric].to_numpy()[many] / np.sqrt(n[many])
         table[f"{metric}_mean"] = mean[metric]
         table[f"{metric}_std"] = std[metric].where(count[metric] >= 2)
         table[f"{metric}_ci95"] = half

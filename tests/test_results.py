@@ -291,8 +291,8 @@ def test_summary_statistics_match_hand_computed_values(tmp_path, make_run):
 def test_t_quantile_is_scipy_stats(tmp_path):
     from scipy.stats import t
 
-    assert results._t975(2.0) == pytest.approx(T975_DF2)
-    assert results._t975(9.0) == pytest.approx(t.ppf(0.975, 9))
+    assert results.t975(2.0) == pytest.approx(T975_DF2)
+    assert results.t975(9.0) == pytest.approx(t.ppf(0.975, 9))
 
 
 def test_default_groups_differ_only_in_seed(tmp_path, make_run):
