@@ -96,3 +96,21 @@ def test_concurrent_processes_build_one_at_a_time(cache):
     assert a1 <= b0, "the two builds overlapped"
     # Only the first found no library and said it was compiling.
     assert sum("compiling" in err for _, err in outs) == 1
+
+
+def test_a_failed_compile_reports_the_compilers_error_lines(monkeypatch):
+    log = (
+        "Error building extension 'x': [1/2] c++ -MMD " + "-Iinclude " * 80 + "\n"
+        "/src/batchnorm_cpu.cpp:12:3: error: 'foo' was not declared in this scope\n"
+        "ninja: build stopped: subcommand failed.\n"
+    )
+
+    def broken():
+        raise RuntimeError(log)
+
+    monkeypatch.setattr(cpu, "_extension", None)
+    monkeypatch.setattr(cpu, "_failure", None)
+    monkeypatch.setattr(cpu, "_load", broken)
+    with pytest.warns(RuntimeWarning, match="'foo' was not declared"):
+        assert cpu.extension() is None
+    assert "batchnorm_cpu.cpp:12:3: error" in cpu.failure()

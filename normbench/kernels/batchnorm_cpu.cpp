@@ -194,6 +194,53 @@ int64_t plane_parts(const Layout& g) {
   return std::min<int64_t>(g.N, (threads + g.C - 1) / g.C);
 }
 
+// The planes layout's two passes: per-channel sums of `term` over every sample, then
+// `finish(c, s1, s2)` for each channel, then out[i] = map(i, c) for every value. Tasks own
+// blocks of channels (the map reads a block again from cache, right after its sums); with
+// fewer channels than threads, each channel's samples are split across tasks instead.
+// `a` and `b` (b may be null) are the arrays `term` reads, for prefetching.
+template <typename acc_t, typename scalar_t, typename Term, typename Finish, typename Map>
+void planes_two_pass(const Layout& g, const scalar_t* a, const scalar_t* b, Term term,
+                     Finish finish, scalar_t* out, Map map) {
+  const int64_t parts = plane_parts(g);
+  if (parts == 1) {
+    const int64_t cb = block_channels(g, sizeof(scalar_t));
+    const int64_t blocks = (g.C + cb - 1) / cb;
+    at::parallel_for(0, blocks, grain_for(blocks, g.M * cb), [&](int64_t b0, int64_t b1) {
+      std::vector<double> s1(cb), s2(cb);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t c0 = blk * cb, c1 = std::min(g.C, c0 + cb);
+        std::fill(s1.begin(), s1.end(), 0.0);
+        std::fill(s2.begin(), s2.end(), 0.0);
+        block_sums<acc_t>(g, c0, c1, 0, g.N, a, b, term, s1.data(), s2.data());
+        for (int64_t c = c0; c < c1; ++c) finish(c, s1[c - c0], s2[c - c0]);
+        block_map(g, c0, c1, 0, g.N, out, map);
+      }
+    });
+    return;
+  }
+  for (int64_t c = 0; c < g.C; ++c) {
+    std::vector<double> p1(parts, 0.0), p2(parts, 0.0);
+    at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        block_sums<acc_t>(g, c, c + 1, g.N * t / parts, g.N * (t + 1) / parts, a, b, term,
+                          &p1[t], &p2[t]);
+      }
+    });
+    double s1 = 0, s2 = 0;
+    for (int64_t t = 0; t < parts; ++t) {
+      s1 += p1[t];
+      s2 += p2[t];
+    }
+    finish(c, s1, s2);
+    at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        block_map(g, c, c + 1, g.N * t / parts, g.N * (t + 1) / parts, out, map);
+      }
+    });
+  }
+}
+
 // ---------------------------------------------------------------- rows (M, C)
 
 // Per-channel sums over rows [m0, m1): f(row pointer offset, channel) -> (a, b) added to s1, s2.
@@ -321,49 +368,14 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
   auto affine = [&](int64_t i, int64_t c) {
     return static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean[c]) * scale[c] + b[c]);
   };
-  const int64_t parts = plane_parts(g);
-  if (parts == 1) {
-    // A block's statistics, then at once its normalisation, while it is in cache.
-    const int64_t cb = block_channels(g, sizeof(scalar_t));
-    const int64_t blocks = (g.C + cb - 1) / cb;
-    at::parallel_for(0, blocks, grain_for(blocks, g.M * cb), [&](int64_t b0, int64_t b1) {
-      std::vector<double> s1(cb), s2(cb);
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t c0 = blk * cb, c1 = std::min(g.C, c0 + cb);
-        std::fill(s1.begin(), s1.end(), 0.0);
-        std::fill(s2.begin(), s2.end(), 0.0);
-        block_sums<acc_t>(g, c0, c1, 0, g.N, x, static_cast<const scalar_t*>(nullptr), moments,
-                          s1.data(), s2.data());
-        for (int64_t c = c0; c < c1; ++c) {
-          finish(c, shift[c], s1[c - c0], s2[c - c0]);
-          scale[c] = invstd[c] * w[c];
-        }
-        block_map(g, c0, c1, 0, g.N, out, affine);
-      }
-    });
-    return;
-  }
-  for (int64_t c = 0; c < g.C; ++c) {
-    std::vector<double> p1(parts, 0.0), p2(parts, 0.0);
-    at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        block_sums<acc_t>(g, c, c + 1, g.N * t / parts, g.N * (t + 1) / parts, x,
-                          static_cast<const scalar_t*>(nullptr), moments, &p1[t], &p2[t]);
-      }
-    });
-    double s1 = 0, s2 = 0;
-    for (int64_t t = 0; t < parts; ++t) {
-      s1 += p1[t];
-      s2 += p2[t];
-    }
-    finish(c, shift[c], s1, s2);
-    scale[c] = invstd[c] * w[c];
-    at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        block_map(g, c, c + 1, g.N * t / parts, g.N * (t + 1) / parts, out, affine);
-      }
-    });
-  }
+  // A block's statistics, then at once its normalisation, while it is in cache.
+  planes_two_pass<acc_t>(
+      g, x, static_cast<const scalar_t*>(nullptr), moments,
+      [&](int64_t c, double s1, double s2) {
+        finish(c, shift[c], s1, s2);
+        scale[c] = invstd[c] * w[c];
+      },
+      out, affine);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
@@ -447,45 +459,10 @@ void backward_impl(const Layout& g, const at::Tensor& dy_t, at::Tensor& dx_t,
     return static_cast<scalar_t>(static_cast<acc_t>(dy[i]) * k1[c] +
                                  (static_cast<acc_t>(x[i]) - mean[c]) * k2[c] + k3[c]);
   };
-  const int64_t parts = plane_parts(g);
-  if (parts == 1) {
-    const int64_t cb = block_channels(g, sizeof(scalar_t));
-    const int64_t blocks = (g.C + cb - 1) / cb;
-    at::parallel_for(0, blocks, grain_for(blocks, g.M * cb), [&](int64_t b0, int64_t b1) {
-      std::vector<double> s1(cb), s2(cb);
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t c0 = blk * cb, c1 = std::min(g.C, c0 + cb);
-        std::fill(s1.begin(), s1.end(), 0.0);
-        std::fill(s2.begin(), s2.end(), 0.0);
-        block_sums<acc_t>(g, c0, c1, 0, g.N, dy, x, grad_sums, s1.data(), s2.data());
-        for (int64_t c = c0; c < c1; ++c) {
-          coefficients(c, s1[c - c0], s2[c - c0], k1[c], k2[c], k3[c]);
-        }
-        block_map(g, c0, c1, 0, g.N, dx, grad_input);
-      }
-    });
-    return;
-  }
-  for (int64_t c = 0; c < g.C; ++c) {
-    std::vector<double> p1(parts, 0.0), p2(parts, 0.0);
-    at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        block_sums<acc_t>(g, c, c + 1, g.N * t / parts, g.N * (t + 1) / parts, dy, x, grad_sums,
-                          &p1[t], &p2[t]);
-      }
-    });
-    double s1 = 0, s2 = 0;
-    for (int64_t t = 0; t < parts; ++t) {
-      s1 += p1[t];
-      s2 += p2[t];
-    }
-    coefficients(c, s1, s2, k1[c], k2[c], k3[c]);
-    at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        block_map(g, c, c + 1, g.N * t / parts, g.N * (t + 1) / parts, dx, grad_input);
-      }
-    });
-  }
+  planes_two_pass<acc_t>(
+      g, dy, x, grad_sums,
+      [&](int64_t c, double s1, double s2) { coefficients(c, s1, s2, k1[c], k2[c], k3[c]); },
+      dx, grad_input);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(

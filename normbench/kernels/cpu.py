@@ -120,7 +120,7 @@ def extension() -> ModuleType | None:
         try:
             _extension = _load()
         except Exception as err:  # no compiler, no OpenMP, a read-only home: all mean "fall back"
-            _failure = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
+            _failure = _reason(err)
             warnings.warn(
                 "normbench could not compile its CPU BatchNorm kernel; using the reference "
                 f"implementation instead, which is slower ({_failure})",
@@ -128,6 +128,15 @@ def extension() -> ModuleType | None:
                 stacklevel=2,
             )
     return _extension
+
+
+def _reason(err: Exception) -> str:
+    """The build's own error lines where there are some (a failed compile starts its
+    message with the whole command line), else the message."""
+    text = str(err)
+    errors = [line.strip() for line in text.splitlines() if "error:" in line]
+    detail = " | ".join(errors[-3:]) if errors else " ".join(text.split())
+    return f"{type(err).__name__}: {detail[:600]}"
 
 
 def failure() -> str | None:
