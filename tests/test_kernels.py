@@ -454,3 +454,12 @@ def test_triton_opcheck(triton_backend):
         ops.batch_norm_backward, (torch.randn_like(x), x, w.detach(), mean, invstd, "triton")
     )
     torch.library.opcheck(ops.batch_norm_eval, (xg, mean, invstd, w, b, 1e-5, triton_backend))
+
+
+@pytest.mark.parametrize("which", ["mean", "var"])
+def test_one_running_statistic_without_the_other_is_refused_like_torch(which):
+    x = torch.randn(6, 3, 4)
+    args = (torch.zeros(3), None) if which == "mean" else (None, torch.ones(3))
+    kind, message = torch_error(lambda: F.batch_norm(x, *args, training=True))
+    with pytest.raises(kind, match=f"^{re.escape(message)}$"):
+        batch_norm(x, *args, training=True)

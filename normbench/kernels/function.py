@@ -91,14 +91,8 @@ def batch_norm(
             x, running_mean, running_var, weight, bias, eps, ops.resolve_backend(backend, x)
         )
 
-    y, mean, invstd = _train(input, weight, bias, running_mean, running_var, momentum, eps, backend)
     if (running_mean is None) != (running_var is None):
-        # torch allows one running statistic without the other; rare, so plain torch ops
-        with torch.no_grad():
-            if running_mean is not None:
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            else:
-                n = input.numel() // input.size(1)
-                var = (invstd.pow(-2) - eps) * (n / max(n - 1, 1))
-                running_var.lerp_(var.to(running_var.dtype), momentum)
+        # torch's own check and wording
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    y, _, _ = _train(input, weight, bias, running_mean, running_var, momentum, eps, backend)
     return y
