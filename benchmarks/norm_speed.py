@@ -7,6 +7,7 @@ first variant.
 
 Usage: python benchmarks/norm_speed.py [--norms custom_bn torch_bn] [--batch-sizes 128 8]
        [--dataset digits] [--model small_cnn] [--epochs 3] [--repeats 5] [--csv out.csv]
+       [--override KEY=VALUE ...]   (more Hydra overrides, e.g. dataset.root=data)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides")
     args = parser.parse_args()
 
     rows = []
@@ -48,6 +50,7 @@ def main() -> None:
                             f"batch_size={batch_size}",
                             f"epochs={args.epochs}",
                             f"seed={repeat}",
+                            *args.override,
                         ]
                     )
                     summary = run(cfg, force=True).summary

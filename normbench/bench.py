@@ -26,9 +26,13 @@ interleaved, and figures are medians and quartiles over the repeats, never means
   order shuffled per repeat (seeded), so drift hits all of them alike;
 - the repeats run in blocks of ``BLOCK``, the shapes taking turns block by block
   (in shuffled order), so a burst of load spreads over every shape rather than
-  ruining one. A shape's block starts with an untimed round, which brings its data
-  back into the last-level cache and its allocations back to their steady state;
-  a shape's figures then do not depend on which other shapes are in the list;
+  ruining one. A shape's block starts with an untimed round, which brings its
+  allocations back to their steady state and its data back into the last-level
+  cache as far as it fits. How far depends on everything the process holds: on the
+  2-core VM this was written on, the last-level cache held about 64-128 MB, so a
+  shape timed alone ran from it (copy ~50 GB/s) and the five default shapes, over 100 MB
+  together, partly from DRAM (copy ~30 GB/s). Compare figures taken with the same
+  list of shapes;
 - before every unit, a buffer a few times larger than a core's own caches
   (``FLUSH_BYTES``) is read, untimed, so every unit starts with its data out of
   them, whichever unit ran just before (triton's ``do_bench`` does the same).
@@ -40,7 +44,10 @@ Derived figures, per (shape, implementation):
   ``dx``), and ``2 * numel * 4`` for the copy (reads and writes float32);
 - ``gbps``: ``bytes / median`` in 1e9 bytes per second;
 - ``speedup_vs_torch``: torch's median / this median (empty without a torch row);
-- ``frac_of_copy_bw``: ``gbps`` / the copy's ``gbps`` at the same shape.
+- ``frac_of_copy_bw``: ``gbps`` / the copy's ``gbps`` at the same shape;
+- ``page_faults``: minor page faults per unit, the mean (a unit that writes fresh
+  pages pays one fault per 4 KiB; :mod:`normbench.allocator` explains why, and
+  :func:`run_bench` tunes malloc as training runs do: ``malloc`` says whether).
 
 :func:`run_bench` validates its settings (a :class:`~normbench.errors.UserError`
 before anything runs), measures and returns one row per (shape, implementation),
@@ -55,6 +62,7 @@ import gc
 import os
 import platform
 import random
+import resource
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -113,6 +121,8 @@ COLUMNS: tuple[str, ...] = (
     "gbps",  # bytes / median, 1e9 bytes per second
     "speedup_vs_torch",  # torch median / median
     "frac_of_copy_bw",  # gbps / copy gbps at the shape
+    "page_faults",  # minor page faults per unit, mean
+    "malloc",  # "kept": glibc tuned by normbench.allocator; "system": its defaults
     "device",  # cpu | cuda
     "device_name",
     "threads",  # torch.get_num_threads() while timing
@@ -391,7 +401,7 @@ def _units(impls: Sequence[str], shape: Shape, device: str, dtype: str) -> dict[
 
 
 def measure(config: Settings, progress: Progress | None = None) -> pd.DataFrame:
-    """The raw times: one row per (shape, impl, repeat), ``seconds`` of one unit."""
+    """Raw samples: one row per (shape, impl, repeat), ``seconds`` and page ``faults`` of a unit."""
     import pandas as pd
     import torch
 
@@ -410,14 +420,16 @@ def measure(config: Settings, progress: Progress | None = None) -> pd.DataFrame:
     # read before every unit: see the module docstring
     flush = torch.empty(FLUSH_BYTES[config.device] // 4, device=config.device).fill_(1.0)
 
-    def timed(prepare: Callable[[], None], run: Callable[[], None]) -> float:
+    def timed(prepare: Callable[[], None], run: Callable[[], None]) -> tuple[float, int]:
         flush.sum()
         prepare()
         sync()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         run()
         sync()
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
     progress.status("preparing the inputs")
     units = {
@@ -447,11 +459,11 @@ def measure(config: Settings, progress: Progress | None = None) -> pd.DataFrame:
                 for repeat in range(first, min(first + BLOCK, config.repeats)):
                     order.shuffle(names)
                     for name in names:
-                        rows.append((label, name, repeat, timed(*units[label][name])))
+                        rows.append((label, name, repeat, *timed(*units[label][name])))
                     progress.advance()
     finally:
         gc.enable()
-    return pd.DataFrame(rows, columns=["shape", "impl", "repeat", "seconds"])
+    return pd.DataFrame(rows, columns=["shape", "impl", "repeat", "seconds", "faults"])
 
 
 def _device_name(device: str) -> str:
@@ -473,7 +485,7 @@ def summarize(samples: pd.DataFrame, config: Settings, threads: int) -> pd.DataF
     import pandas as pd
     import torch
 
-    from normbench import __version__
+    from normbench import __version__, allocator
 
     itemsize = torch.empty((), dtype=getattr(torch, config.dtype)).element_size()
     device_name = _device_name(config.device)
@@ -495,6 +507,7 @@ def summarize(samples: pd.DataFrame, config: Settings, threads: int) -> pd.DataF
                 "repeats": len(group),
                 "bytes": nbytes,
                 "gbps": nbytes / (median * 1e-3) / 1e9,
+                "page_faults": float(group["faults"].mean()),
             }
         for impl in sorted(stats, key=order.__getitem__):
             row = stats[impl]
@@ -515,6 +528,7 @@ def summarize(samples: pd.DataFrame, config: Settings, threads: int) -> pd.DataF
                     "warmup": config.warmup,
                     "speedup_vs_torch": speedup,
                     "frac_of_copy_bw": row["gbps"] / copy_gbps,
+                    "malloc": "kept" if allocator.tuned() else "system",
                     "device": config.device,
                     "device_name": device_name,
                     "threads": threads,
@@ -543,6 +557,8 @@ def run_bench(
     """
     import torch
 
+    from normbench import allocator
+
     config = settings(
         shapes,
         impls,
@@ -552,6 +568,7 @@ def run_bench(
         warmup=warmup,
         threads=threads,
     )
+    allocator.keep_freed_memory()  # as in training runs: no page faults from malloc's trimming
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -596,6 +613,7 @@ def table(frame: pd.DataFrame) -> Table:
     result.add_column("GB/s", justify="right", no_wrap=True)
     result.add_column("vs torch", justify="right", no_wrap=True)
     result.add_column("of copy", justify="right", no_wrap=True)
+    result.add_column("faults", justify="right", no_wrap=True)
     for i, (label, rows) in enumerate(frame.groupby("shape", sort=False)):
         if i:
             result.add_section()
@@ -609,6 +627,7 @@ def table(frame: pd.DataFrame) -> Table:
                 _figure(row.gbps),
                 "" if math.isnan(speedup) else f"{speedup:.2f}x",
                 f"{100 * row.frac_of_copy_bw:.0f}%",
+                f"{row.page_faults:.0f}",
                 style="dim" if row.impl == COPY else None,
             )
     return result

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normbench import __version__
+from normbench import __version__, allocator
 from normbench.config import EXECUTION_KEYS, flatten, validate
 from normbench.errors import UserError
 from normbench.results import (
@@ -116,6 +116,8 @@ def prepare(cfg, data=None) -> _Prepared:
     device = resolve_device(cfg.device)
     threads = cfg.threads or default_threads()
     torch.set_num_threads(threads)
+    # Freed activations stay in the heap for the next step, not page-faulted in again.
+    allocator.keep_freed_memory()
 
     data = load_data(cfg) if data is None else data
     if cfg.batch_size > data.num_train:

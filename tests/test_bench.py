@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from normbench import bench
+from normbench import allocator, bench
 from normbench.cli import app
 from normbench.errors import UserError
 
@@ -32,6 +32,9 @@ def test_frame_has_one_row_per_impl_and_the_copy(frame):
     assert (frame["device"] == "cpu").all() and (frame["threads"] == 1).all()
     assert (frame["repeats"] == 3).all() and (frame["torch_version"] == torch.__version__).all()
     assert list(frame["dtype"]) == ["float32"] * 4
+    assert (frame["page_faults"] >= 0).all()
+    # glibc here: run_bench keeps freed memory, as training runs do (normbench.allocator)
+    assert (frame["malloc"] == ("kept" if allocator.tuned() else "system")).all()
 
 
 def test_times_are_positive_and_ordered(frame):
@@ -66,13 +69,14 @@ def test_threads_are_restored():
 def test_summary_statistics_of_known_samples():
     config = bench.settings([(2, 1, 1, 1)], ["torch", "reference"], device="cpu", dtype="float64")
     times = {"torch": [1, 2, 3, 4, 100], "reference": [4, 4, 4, 4, 4], "copy": [0.5] * 5}
+    faults = {"torch": [0, 0, 0, 0, 10], "reference": [0] * 5, "copy": [0] * 5}
     samples = pd.DataFrame(
         [
-            ("2x1x1x1", impl, i, ms / 1e3)
+            ("2x1x1x1", impl, i, ms / 1e3, faults[impl][i])
             for impl, ms_list in times.items()
             for i, ms in enumerate(ms_list)
         ],
-        columns=["shape", "impl", "repeat", "seconds"],
+        columns=["shape", "impl", "repeat", "seconds", "faults"],
     )
     rows = bench.summarize(samples, config, threads=1).set_index("impl")
     assert rows.loc["torch", ["median_ms", "q1_ms", "q3_ms", "min_ms"]].tolist() == pytest.approx(
@@ -83,6 +87,8 @@ def test_summary_statistics_of_known_samples():
     assert rows.loc["torch", "gbps"] == pytest.approx(80 / 3e-3 / 1e9)
     assert rows.loc["copy", "gbps"] == pytest.approx(16 / 0.5e-3 / 1e9)
     assert rows.loc["torch", "frac_of_copy_bw"] == pytest.approx((80 / 3) / (16 / 0.5))
+    assert rows.loc["torch", "page_faults"] == 2.0  # the mean: rare faults still show
+    assert rows.loc["reference", "page_faults"] == 0.0
 
 
 def test_default_impls_on_the_cpu_leave_triton_out():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normbench.kernels import batch_norm, batch_norm_train, cpu, ops, reference
+from normbench.kernels import batch_norm, batch_norm_tracked, batch_norm_train, cpu, ops, reference
 
 SHAPES = [(8, 3), (4, 3, 5), (4, 3, 5, 6), (2, 3, 3, 4, 5)]
 TOL32 = {"rtol": 1e-4, "atol": 1e-5}
@@ -125,7 +125,7 @@ BACKENDS = ["reference", "cpu"]
 def path(request, monkeypatch):
     """Run the call through the eager fast path or through the torch operators."""
     if request.param == "operator":
-        monkeypatch.setattr(ops, "_plain", lambda x: False)
+        monkeypatch.setattr(ops, "plain_eager", lambda x: False)
     return request.param
 
 
@@ -154,6 +154,38 @@ def test_functional_training_matches_torch(backend, path, shape, momentum, param
         torch.testing.assert_close(y, yt, **TOL32)
         torch.testing.assert_close(grads, grads_t, **TOL32)
         torch.testing.assert_close(ours_stats, torch_stats, **TOL32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("momentum", [None, 0.3])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_tracked_training_matches_torch_module(backend, path, momentum, layout):
+    # batch_norm_tracked is nn.BatchNorm2d's training forward: counter, cumulative
+    # average for momentum=None, gradients; transposed input is copied once (autograd too)
+    theirs = torch.nn.BatchNorm2d(3, momentum=momentum)
+    stats = [theirs.running_mean.clone(), theirs.running_var.clone()]
+    counter = theirs.num_batches_tracked.clone()
+    w, b = torch.randn(3), torch.randn(3)
+    with torch.no_grad():
+        theirs.weight.copy_(w)
+        theirs.bias.copy_(b)
+    for _ in range(3):
+        x, dy = torch.randn(4, 3, 5, 6) * 2 + 1, torch.randn(4, 3, 6, 5)
+        if layout == "transposed":
+            x = x.transpose(2, 3)
+        else:
+            dy = dy.transpose(2, 3).contiguous()
+        xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+        y = batch_norm_tracked(xs, *stats, counter, ws, bs, momentum, 1e-5, backend)
+        xt = x.clone().requires_grad_(True)
+        theirs.weight.grad = theirs.bias.grad = None
+        yt = theirs(xt)
+        torch.testing.assert_close(y, yt, **TOL32)
+        grads = torch.autograd.grad(y, (xs, ws, bs), dy)
+        yt.backward(dy)
+        torch.testing.assert_close(grads, (xt.grad, theirs.weight.grad, theirs.bias.grad), **TOL32)
+        torch.testing.assert_close(stats, [theirs.running_mean, theirs.running_var], **TOL32)
+        assert int(counter) == int(theirs.num_batches_tracked)
 
 
 LAYOUTS = {

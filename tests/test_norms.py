@@ -279,8 +279,22 @@ def test_custom_bn_one_value_per_channel_error_matches_torch(ours_cls, torch_cls
     x = torch.randn(1, 3, *([1] * (len(shape) - 2)))
     with pytest.raises(ValueError) as expected:
         torch_cls(3)(x)
+    ours = ours_cls(3)
     with pytest.raises(ValueError, match=f"^{re.escape(str(expected.value))}$"):
-        ours_cls(3)(x)
+        ours(x)
+    assert int(ours.num_batches_tracked) == 1  # counted before the error, as torch does
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("eps", [0.0, -1.0])
+def test_custom_bn_non_positive_eps_error_matches_torch(backend, eps):
+    x = torch.randn(2, 3, 2, 2)
+    theirs, ours = nn.BatchNorm2d(3, eps=eps), BatchNorm2d(3, eps=eps, backend=backend)
+    with pytest.raises(ValueError) as expected:
+        theirs(x)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(expected.value))}$"):
+        ours(x)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 1
 
 
 @pytest.mark.parametrize(

@@ -10,14 +10,15 @@
   (``torch.library.custom_op``, with fake implementations and autograd) that
   dispatch to a backend: ``auto``, ``cpu``, ``triton`` or ``reference``.
 - :mod:`~normbench.kernels.function`: the functional :func:`batch_norm`, a
-  drop-in for ``torch.nn.functional.batch_norm``.
+  drop-in for ``torch.nn.functional.batch_norm``, and :func:`batch_norm_tracked`,
+  the training forward of ``torch.nn.BatchNorm*d`` (batch counter included).
 
-Normalization layers call :func:`batch_norm` (or :func:`batch_norm_train` when
-they need the batch statistics) and never a kernel directly, so swapping a
-kernel touches nothing above this package.
+Normalization layers call these (or :func:`batch_norm_train` when they need the
+batch statistics) and never a kernel directly, so swapping a kernel touches
+nothing above this package.
 """
 
-from normbench.kernels.function import batch_norm, batch_norm_train
+from normbench.kernels.function import batch_norm, batch_norm_tracked, batch_norm_train
 from normbench.kernels.ops import BACKENDS, resolve_backend
 
-__all__ = ["BACKENDS", "batch_norm", "batch_norm_train", "resolve_backend"]
+__all__ = ["BACKENDS", "batch_norm", "batch_norm_tracked", "batch_norm_train", "resolve_backend"]

@@ -18,6 +18,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -43,6 +44,7 @@ struct Layout {
 
 Layout layout_of(const at::Tensor& input) {
   TORCH_CHECK(input.dim() >= 2, "batch norm expects (N, C, *) input, got ", input.dim(), " dims");
+  TORCH_CHECK(input.device().is_cpu(), "normbench's CPU kernel got a ", input.device(), " tensor");
   Layout lay;
   lay.N = input.size(0);
   lay.C = input.size(1);
@@ -61,6 +63,16 @@ Layout layout_of(const at::Tensor& input) {
     lay.rows = lay.L == 1;
   }
   return lay;
+}
+
+// Outputs allocated without the dispatcher (they are CPU tensors by construction): an
+// operator call costs microseconds when the caches are cold, as after any large layer.
+at::Tensor empty_as(const at::Tensor& x) {
+  return at::detail::empty_strided_cpu(x.sizes(), x.strides(), x.scalar_type());
+}
+
+at::Tensor empty_channels(int64_t C, at::ScalarType dtype) {
+  return at::detail::empty_cpu({C}, dtype);
 }
 
 int64_t grain_for(int64_t tasks, int64_t work_per_task) {
@@ -383,9 +395,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
     const c10::optional<at::Tensor>& bias, double eps) {
   const Layout g = layout_of(input);
   const auto acc = at::toOpMathType(input.scalar_type());
-  auto y = at::empty_like(g.x);
-  auto mean = at::empty({g.C}, input.options().dtype(acc));
-  auto invstd = at::empty({g.C}, input.options().dtype(acc));
+  auto y = empty_as(g.x);
+  auto mean = empty_channels(g.C, acc);
+  auto invstd = empty_channels(g.C, acc);
   if (g.M == 0) return {y, mean.fill_(NAN), invstd.fill_(NAN)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "forward_train",
                                   [&] { forward_impl<scalar_t>(g, y, mean, invstd, weight, bias, eps); });
@@ -475,10 +487,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                                                             : at::MemoryFormat::ChannelsLast3d)
                       : grad_out.contiguous();
   const auto acc = at::toOpMathType(input.scalar_type());
-  auto dx = at::empty_like(g.x);
-  auto dweight = at::zeros({g.C}, input.options().dtype(acc));
-  auto dbias = at::zeros({g.C}, input.options().dtype(acc));
-  if (g.M == 0) return {dx, dweight, dbias};
+  auto dx = empty_as(g.x);
+  // Every channel's dweight and dbias are written below (no zero fill: each op costs
+  // microseconds when the caches are cold, as they are after a large layer).
+  auto dweight = empty_channels(g.C, acc);
+  auto dbias = empty_channels(g.C, acc);
+  if (g.M == 0) return {dx, dweight.zero_(), dbias.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "backward", [&] {
     backward_impl<scalar_t>(g, dy, dx, dweight, dbias, weight, mean, invstd);
   });
@@ -522,7 +536,7 @@ at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& running_mean,
                         const at::Tensor& running_var, const c10::optional<at::Tensor>& weight,
                         const c10::optional<at::Tensor>& bias, double eps) {
   const Layout g = layout_of(input);
-  auto y = at::empty_like(g.x);
+  auto y = empty_as(g.x);
   if (g.x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "forward_eval",
                                   [&] { eval_impl<scalar_t>(g, y, running_mean, running_var, weight, bias, eps); });
@@ -583,21 +597,53 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
     if (!grad_y.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     auto [dx, dweight, dbias] = ::backward(
         grad_y, x, weight.defined() ? c10::optional<at::Tensor>(weight) : c10::nullopt, mean, invstd);
-    return {dx, weight.defined() ? dweight.to(weight.scalar_type()) : at::Tensor(),
-            bias_dtype >= 0 ? dbias.to(static_cast<at::ScalarType>(bias_dtype)) : at::Tensor(),
+    auto as = [](const at::Tensor& t, at::ScalarType dtype) {
+      return t.scalar_type() == dtype ? t : t.to(dtype);
+    };
+    return {dx, weight.defined() ? as(dweight, weight.scalar_type()) : at::Tensor(),
+            bias_dtype >= 0 ? as(dbias, static_cast<at::ScalarType>(bias_dtype)) : at::Tensor(),
             at::Tensor()};
   }
 };
 
-// Forward with autograd, then the running statistics update (when both are given).
+// torch.nn.BatchNorm*d's training forward, in one call from Python: the counter, the
+// checks (torch's wording, as ValueError), a copy of inputs in neither layout (recorded by
+// autograd), the forward as an autograd node, then the running statistics update.
+// `num_batches_tracked` (optional) is incremented first, as torch's module does, and
+// momentum None means a cumulative average, 1 / num_batches_tracked.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> train(
-    const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, c10::optional<at::Tensor> running_mean,
-    c10::optional<at::Tensor> running_var, double momentum, double eps) {
+    c10::optional<at::Tensor> running_var, c10::optional<at::Tensor> num_batches_tracked,
+    c10::optional<double> momentum, double eps) {
+  double factor = momentum.value_or(0.0);
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    at::Tensor& counter = *num_batches_tracked;
+    TORCH_CHECK(counter.scalar_type() == at::kLong && counter.numel() == 1 && counter.device().is_cpu(),
+                "num_batches_tracked must be a one-element int64 CPU tensor");
+    // add_(1) without an operator call; the version bump is what add_ would record
+    const int64_t count = ++*counter.data_ptr<int64_t>();
+    counter.unsafeGetTensorImpl()->bump_version();
+    if (!momentum.has_value()) factor = 1.0 / static_cast<double>(count);
+  }
+  const bool has_mean = running_mean.has_value() && running_mean->defined();
+  const bool has_var = running_var.has_value() && running_var->defined();
+  TORCH_CHECK_VALUE(has_mean == has_var,
+                    "running_mean and running_var must either both be None or neither be None");
+  TORCH_CHECK(input.dim() >= 2, "batch norm expects (N, C, *) input, got ", input.dim(), " dims");
+  int64_t values = input.size(0);
+  for (int64_t d = 2; d < input.dim(); ++d) values *= input.size(d);
+  TORCH_CHECK_VALUE(values != 1, "Expected more than 1 value per channel when training, got input size torch.Size(",
+                    input.sizes(), ")");
+  // eps is checked by the caller, which formats it as torch does
+  const bool cl = (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+                  (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+  // Copied before the node, so that the node saves the copy for its backward.
+  const at::Tensor x = input.is_contiguous() || cl ? input : input.contiguous();
   auto out = TrainFunction::apply(x, weight, bias, eps);
-  if (running_mean.has_value() && running_var.has_value()) {
+  if (has_mean) {
     at::NoGradGuard no_grad;
-    update_running_stats(*running_mean, *running_var, out[1], out[2], momentum, eps,
+    update_running_stats(*running_mean, *running_var, out[1], out[2], factor, eps,
                          x.numel() / x.size(1));
   }
   return {out[0], out[1], out[2]};
@@ -611,5 +657,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "BatchNorm backward -> (dx, dweight, dbias)");
   m.def("forward_eval", &forward_eval, "BatchNorm forward with given statistics -> y");
   m.def("update_running_stats", &update_running_stats, "running-statistics update, in place");
-  m.def("train", &train, "differentiable forward with batch statistics and the running update");
+  m.def("train", &train,
+        "torch.nn.BatchNorm's training forward: counter, checks, differentiable forward, running update");
 }

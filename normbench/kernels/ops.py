@@ -218,7 +218,7 @@ batch_norm_eval.register_autograd(_eval_backward, setup_context=_eval_setup)
 # ------------------------------------------------------------------------------ entry points
 
 
-def _plain(x: Tensor) -> bool:
+def plain_eager(x: Tensor) -> bool:
     """Plain eager execution: nothing traces, fakes or transforms the call."""
     return (
         type(x) is torch.Tensor
@@ -267,7 +267,7 @@ def train(
     C++ too; elsewhere the forward, then the update.
     """
     update = running_mean is not None and running_var is not None
-    if _plain(x):
+    if plain_eager(x):
         if backend == "cpu":
             return cpu.extension().train(
                 x,
@@ -275,6 +275,7 @@ def train(
                 bias,
                 running_mean if update else None,
                 running_var if update else None,
+                None,
                 momentum,
                 eps,
             )
@@ -298,6 +299,6 @@ def forward_eval(x, running_mean, running_var, weight, bias, eps: float, backend
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias)
     )
-    if _plain(x) and not differentiable:
+    if plain_eager(x) and not differentiable:
         return kernel(backend).forward_eval(x, running_mean, running_var, weight, bias, eps)
     return batch_norm_eval(x, running_mean, running_var, weight, bias, eps, backend)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normbench.kernels import BACKENDS, batch_norm
+from normbench.kernels import BACKENDS, batch_norm, batch_norm_tracked
 from normbench.norms.registry import register_norm
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "TorchBatchNorm"]
@@ -56,20 +56,25 @@ class BatchNorm(_BatchNorm):
         _check_at_least_2d(input)
 
     def forward(self, input: Tensor) -> Tensor:
-        # torch's _BatchNorm.forward, line for line, with normbench's batch_norm
+        # torch's _BatchNorm.forward, on normbench's functions
         self._check_input_dim(input)
-
-        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
-
-        # batch statistics in training, and in eval when there are no running ones
+        if self.training and self.track_running_stats:
+            # the step most calls are: counter, batch statistics, running update
+            return batch_norm_tracked(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.num_batches_tracked,
+                self.weight,
+                self.bias,
+                self.momentum,
+                self.eps,
+                self.backend,
+            )
+        # Eval, or no tracking: batch statistics in training, and in eval when there are
+        # no running ones; the buffers are passed only where they are read (eval).
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
-
-        # the buffers are passed only where they are read (eval) or updated (tracked training)
-        use_buffers = not self.training or self.track_running_stats
+        use_buffers = not self.training
         return batch_norm(
             input,
             self.running_mean if use_buffers else None,
@@ -77,7 +82,7 @@ class BatchNorm(_BatchNorm):
             self.weight,
             self.bias,
             bn_training,
-            exponential_average_factor,
+            0.0 if self.momentum is None else self.momentum,
             self.eps,
             self.backend,
         )
