@@ -28,11 +28,11 @@ interleaved, and figures are medians and quartiles over the repeats, never means
   (in shuffled order), so a burst of load spreads over every shape rather than
   ruining one. A shape's block starts with an untimed round, which brings its
   allocations back to their steady state and its data back into the last-level
-  cache as far as it fits. How far depends on everything the process holds: on the
-  2-core VM this was written on, the last-level cache held about 64-128 MB, so a
-  shape timed alone ran from it (copy ~50 GB/s) and the five default shapes, over 100 MB
-  together, partly from DRAM (copy ~30 GB/s). Compare figures taken with the same
-  list of shapes;
+  cache as far as it fits. How far depends on what the process holds and on what
+  else the machine runs: on the 2-core VM this was written on, copy ran at ~50 GB/s
+  while its data fitted in the 64-128 MB of last-level cache the VM got, and at
+  ~27-30 GB/s from DRAM, and one shape was measured either way in different runs.
+  Compare figures taken in the same run;
 - before every unit, a buffer a few times larger than a core's own caches
   (``FLUSH_BYTES``) is read, untimed, so every unit starts with its data out of
   them, whichever unit ran just before (triton's ``do_bench`` does the same).

@@ -34,6 +34,7 @@ constexpr int64_t kLaneBlock = 256;     // values a lane sums in the compute typ
 constexpr int64_t kPrefetchBytes = 4096;  // how far ahead a block's runs are prefetched
 constexpr int64_t kRunBytes = 2048;       // contiguous bytes a planes block reads per sample
 constexpr int64_t kRowBlock = 64;       // rows summed per channel before a double add
+constexpr int64_t kRegisterRun = 256;   // runs at least this long are summed in registers
 constexpr int64_t kParallelWork = 32768;  // below this many values a task runs alone
 
 struct Layout {
@@ -124,6 +125,47 @@ int64_t block_channels(const Layout& g, int64_t itemsize) {
   return std::max<int64_t>(1, std::min(wanted, g.C / std::max<int64_t>(1, threads)));
 }
 
+// Adds one run of a channel's values, [off, off + L), into its kLanes partial sums p1, p2.
+// kInRegisters: the sums stay in registers for the run and go back to p1, p2 at its end.
+// Added in place, each vector add waits on the store of the one before; but for short
+// runs (8x8 planes) the round trip measured slower than adding in place, hence both.
+template <bool kInRegisters, typename acc_t, typename Term>
+inline void run_sums(int64_t off, int64_t L, int64_t c, Term& term, acc_t* p1, acc_t* p2) {
+  acc_t r1[kLanes], r2[kLanes];
+  acc_t* a1 = p1;
+  acc_t* a2 = p2;
+  if constexpr (kInRegisters) {
+    for (int k = 0; k < kLanes; ++k) {
+      r1[k] = p1[k];
+      r2[k] = p2[k];
+    }
+    a1 = r1;
+    a2 = r2;
+  }
+  int64_t l = 0;
+  for (; l + kLanes <= L; l += kLanes) {
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      acc_t u, v;
+      term(off + l + k, c, u, v);
+      a1[k] += u;
+      a2[k] += v;
+    }
+  }
+  for (; l < L; ++l) {
+    acc_t u, v;
+    term(off + l, c, u, v);
+    a1[0] += u;
+    a2[0] += v;
+  }
+  if constexpr (kInRegisters) {
+    for (int k = 0; k < kLanes; ++k) {
+      p1[k] = r1[k];
+      p2[k] = r2[k];
+    }
+  }
+}
+
 // Per-channel sums over samples [n0, n1) of the block [c0, c1): `term(i, c, u, v)` gives the
 // two summands of value i (of channel c), added into s1[c - c0] and s2[c - c0]. Each channel
 // keeps kLanes partial sums across its rows (a short row would otherwise pay a horizontal
@@ -161,23 +203,10 @@ void block_sums(const Layout& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
     for (int64_t j = 0; j < cb; ++j) {
       const int64_t off = base + j * g.L;
       const int64_t c = c0 + j;
-      acc_t* p1 = v1 + j * kLanes;
-      acc_t* p2 = v2 + j * kLanes;
-      int64_t l = 0;
-      for (; l + kLanes <= g.L; l += kLanes) {
-#pragma omp simd
-        for (int k = 0; k < kLanes; ++k) {
-          acc_t u, v;
-          term(off + l + k, c, u, v);
-          p1[k] += u;
-          p2[k] += v;
-        }
-      }
-      for (; l < g.L; ++l) {
-        acc_t u, v;
-        term(off + l, c, u, v);
-        p1[0] += u;
-        p2[0] += v;
+      if (g.L >= kRegisterRun) {
+        run_sums<true, acc_t>(off, g.L, c, term, v1 + j * kLanes, v2 + j * kLanes);
+      } else {
+        run_sums<false, acc_t>(off, g.L, c, term, v1 + j * kLanes, v2 + j * kLanes);
       }
     }
     pending += adds_per_sample;

@@ -25,7 +25,9 @@ from pathlib import Path
 from types import ModuleType
 
 SOURCE = Path(__file__).with_name("batchnorm_cpu.cpp")
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+# -mprefer-vector-width=512: on AVX-512 CPUs, g++ otherwise keeps to 256-bit vectors;
+# full-width ones made the kernels 6-10% faster on a Xeon with AVX-512 (no effect elsewhere).
+CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=fast"]
 LDFLAGS = ["-fopenmp"]
 
 _extension: ModuleType | None = None
