@@ -603,8 +603,14 @@ def table(frame: pd.DataFrame) -> Table:
         f"({first['device_name']}), {first['threads']} threads, torch {first['torch_version']}: "
         f"median and interquartile range of {first['repeats']} interleaved repeats"
     )
+    malloc = "kept (normbench.allocator)" if first["malloc"] == "kept" else "glibc's defaults"
     result = Table(
-        title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
+        title=title,
+        caption=f"PF: page faults per step, mean; malloc: {malloc}",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
     )
     result.add_column("shape", style="bold", no_wrap=True)
     result.add_column("impl", style="cyan", no_wrap=True)
@@ -613,7 +619,7 @@ def table(frame: pd.DataFrame) -> Table:
     result.add_column("GB/s", justify="right", no_wrap=True)
     result.add_column("vs torch", justify="right", no_wrap=True)
     result.add_column("of copy", justify="right", no_wrap=True)
-    result.add_column("faults", justify="right", no_wrap=True)
+    result.add_column("PF", justify="right", no_wrap=True)
     for i, (label, rows) in enumerate(frame.groupby("shape", sort=False)):
         if i:
             result.add_section()
