@@ -70,14 +70,10 @@ def batch_norm_tracked(
     the CPU kernel, all of it is one call into C++: this runs once per layer and step,
     and each Python or operator call it saves is microseconds when the caches are cold.
     """
-    if (
-        (backend == "cpu" or backend == "auto")
-        and eps > 0.0  # else the path below raises torch's error, after counting as torch does
-        and input.device.type == "cpu"
-        and ops.plain_eager(input)
-        and cpu.extension() is not None
-    ):
-        y, _, _ = cpu.extension().train(
+    ext = cpu.extension() if backend in ("cpu", "auto") and input.device.type == "cpu" else None
+    # eps <= 0 takes the path below, which raises torch's error after counting as torch does
+    if ext is not None and eps > 0.0 and ops.plain_eager(input):
+        y, _, _ = ext.train(
             input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
         )
         return y

@@ -59,7 +59,7 @@ class BatchNorm(_BatchNorm):
         # torch's _BatchNorm.forward, on normbench's functions
         self._check_input_dim(input)
         if self.training and self.track_running_stats:
-            # the step most calls are: counter, batch statistics, running update
+            # training with running statistics: the call of nearly every step
             return batch_norm_tracked(
                 input,
                 self.running_mean,
