@@ -19,9 +19,8 @@ normbench's alike (``benchmarks/`` and ``normbench bench`` count them).
 guides' advice to preload jemalloc or tcmalloc does for the same reason: blocks up
 to 32 MiB (glibc's maximum) come from the heap, and up to :data:`TRIM_THRESHOLD`
 of free heap is kept for the next step. A process's resident memory then stays
-at its peak, which a training step reaches every step anyway;
-:func:`release_freed_memory` hands the free memory back (``malloc_trim``), between
-runs of a sweep for instance.
+at its peak, which a training step reaches every step anyway (a sweep running in
+one process stays at its largest run's peak, which the next run reuses).
 
 Nothing is changed where the allocator is not glibc's (macOS, musl, a preloaded
 jemalloc or tcmalloc), where the user tunes glibc already (``GLIBC_TUNABLES`` or
@@ -36,7 +35,7 @@ import ctypes.util
 import os
 import platform
 
-__all__ = ["TRIM_THRESHOLD", "keep_freed_memory", "release_freed_memory", "tuned"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory", "tuned"]
 
 # mallopt parameters, from glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
@@ -86,15 +85,6 @@ def keep_freed_memory() -> bool:
     libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     _state["tuned"] = True
     return True
-
-
-def release_freed_memory() -> None:
-    """Give the heap's free memory back to the kernel (``malloc_trim(0)``); only if tuned."""
-    if not _state["tuned"]:
-        return
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def tuned() -> bool:
