@@ -351,7 +351,7 @@ def _cpu_kernel_ready(progress: Progress, required: bool) -> bool:
     if (cpu.cache_root() / name / f"{name}.so").exists():
         progress.status("loading the CPU kernel")
     else:
-        progress.status("compiling the CPU kernel (once per machine, ~40 s)")
+        progress.status("compiling the CPU kernel (once per machine, ~45 s)")
     if cpu.extension() is not None:
         return True
     why = f"the C++ kernel could not be compiled ({cpu.failure()})"

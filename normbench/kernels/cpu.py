@@ -104,7 +104,7 @@ def _load() -> ModuleType:
         (folder / "lock").unlink(missing_ok=True)
         if not (folder / f"{name}.so").exists():
             sys.stderr.write(
-                "normbench: compiling the CPU BatchNorm kernel (once per machine, ~30 s)...\n"
+                "normbench: compiling the CPU BatchNorm kernel (once per machine, ~45 s)...\n"
             )
         try:
             return _build(name, folder)
