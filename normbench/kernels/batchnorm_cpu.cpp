@@ -43,6 +43,11 @@ struct Layout {
   int64_t N, C, L, M;
 };
 
+bool channels_last(const at::Tensor& t) {
+  return (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+         (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+}
+
 Layout layout_of(const at::Tensor& input) {
   TORCH_CHECK(input.dim() >= 2, "batch norm expects (N, C, *) input, got ", input.dim(), " dims");
   TORCH_CHECK(input.device().is_cpu(), "normbench's CPU kernel got a ", input.device(), " tensor");
@@ -51,12 +56,10 @@ Layout layout_of(const at::Tensor& input) {
   lay.C = input.size(1);
   lay.L = input.numel() / std::max<int64_t>(1, lay.N * lay.C);
   lay.M = lay.N * lay.L;
-  const bool cl = (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-                  (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d));
   if (input.is_contiguous()) {
     lay.x = input;
     lay.rows = lay.L == 1;
-  } else if (cl) {
+  } else if (channels_last(input)) {
     lay.x = input;
     lay.rows = true;
   } else {
@@ -665,10 +668,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train(
   TORCH_CHECK_VALUE(values != 1, "Expected more than 1 value per channel when training, got input size torch.Size(",
                     input.sizes(), ")");
   // eps is checked by the caller, which formats it as torch does
-  const bool cl = (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-                  (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d));
-  // Copied before the node, so that the node saves the copy for its backward.
-  const at::Tensor x = input.is_contiguous() || cl ? input : input.contiguous();
+  // Copied before the node (as layout_of would), so that the node saves the copy for its backward.
+  const at::Tensor x = input.is_contiguous() || channels_last(input) ? input : input.contiguous();
   auto out = TrainFunction::apply(x, weight, bias, eps);
   if (has_mean) {
     at::NoGradGuard no_grad;

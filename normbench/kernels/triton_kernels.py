@@ -146,6 +146,16 @@ def _tile_range(split_id, tiles_total, tiles_per_program):
 # ---------------------------------------------------------------------------- planes (N, C, L)
 
 
+@_jit()
+def _plane_tile(t, c, N, C, L, tiles_l, rn, rl, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    # Tile t of channel c: BLOCK_N samples by BLOCK_L positions; offsets into (N, C, L) and mask.
+    tn = t // tiles_l
+    n = tn * BLOCK_N + rn
+    pos = (t - tn * tiles_l) * BLOCK_L + rl
+    mask = (n < N) & (pos < L)
+    return (n.to(tl.int64) * C + c) * L + pos, mask
+
+
 @_jit(do_not_specialize=["tiles_total", "tiles_per_program"])
 def _planes_stats(
     x_ptr, part_ptr, N, C, L, tiles_l, tiles_total, tiles_per_program,
@@ -162,11 +172,7 @@ def _planes_stats(
     count = tl.zeros([BLOCK_N, BLOCK_L], ACC)
     start, stop = _tile_range(s, tiles_total, tiles_per_program)
     for t in range(start, stop):
-        tn = t // tiles_l
-        n = tn * BLOCK_N + rn
-        pos = (t - tn * tiles_l) * BLOCK_L + rl
-        mask = (n < N) & (pos < L)
-        offs = (n.to(tl.int64) * C + c) * L + pos
+        offs, mask = _plane_tile(t, c, N, C, L, tiles_l, rn, rl, BLOCK_N, BLOCK_L)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - shift
         mean, m2, count = _welford_update(mean, m2, count, v, mask)
     mean, m2, count = tl.reduce((mean, m2, count), 1, _welford_combine)
@@ -212,11 +218,7 @@ def _planes_normalize(
     rl = tl.arange(0, BLOCK_L)[None, :]
     start, stop = _tile_range(s, tiles_total, tiles_per_program)
     for t in range(start, stop):
-        tn = t // tiles_l
-        n = tn * BLOCK_N + rn
-        pos = (t - tn * tiles_l) * BLOCK_L + rl
-        mask = (n < N) & (pos < L)
-        offs = (n.to(tl.int64) * C + c) * L + pos
+        offs, mask = _plane_tile(t, c, N, C, L, tiles_l, rn, rl, BLOCK_N, BLOCK_L)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         y = ((v - shift) - mean) * scale + bias
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -237,11 +239,7 @@ def _planes_grad_sums(
     sum_dy_xmu = tl.zeros([BLOCK_N, BLOCK_L], ACC)
     start, stop = _tile_range(s, tiles_total, tiles_per_program)
     for t in range(start, stop):
-        tn = t // tiles_l
-        n = tn * BLOCK_N + rn
-        pos = (t - tn * tiles_l) * BLOCK_L + rl
-        mask = (n < N) & (pos < L)
-        offs = (n.to(tl.int64) * C + c) * L + pos
+        offs, mask = _plane_tile(t, c, N, C, L, tiles_l, rn, rl, BLOCK_N, BLOCK_L)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)  # 0 outside: adds nothing
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         sum_dy += g
@@ -280,11 +278,7 @@ def _planes_grad_input(
     rl = tl.arange(0, BLOCK_L)[None, :]
     start, stop = _tile_range(s, tiles_total, tiles_per_program)
     for t in range(start, stop):
-        tn = t // tiles_l
-        n = tn * BLOCK_N + rn
-        pos = (t - tn * tiles_l) * BLOCK_L + rl
-        mask = (n < N) & (pos < L)
-        offs = (n.to(tl.int64) * C + c) * L + pos
+        offs, mask = _plane_tile(t, c, N, C, L, tiles_l, rn, rl, BLOCK_N, BLOCK_L)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dx = g * k1 + (v - mean) * k2 + k3
@@ -292,6 +286,13 @@ def _planes_grad_input(
 
 
 # ---------------------------------------------------------------------------- rows (M, C)
+
+
+@_jit()
+def _row_tile(t, rows, cols, cmask, M, C, BLOCK_M: tl.constexpr):
+    # Tile t of a column block: BLOCK_M rows of (M, C); offsets and mask.
+    r = t * BLOCK_M + rows
+    return r * C + cols[None, :], (r < M) & cmask[None, :]
 
 
 @_jit(do_not_specialize=["tiles_total", "tiles_per_program"])
@@ -310,9 +311,7 @@ def _rows_stats(
     count = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     start, stop = _tile_range(s, tiles_total, tiles_per_program)
     for t in range(start, stop):
-        r = t * BLOCK_M + rows
-        mask = (r < M) & cmask[None, :]
-        offs = r * C + cols[None, :]
+        offs, mask = _row_tile(t, rows, cols, cmask, M, C, BLOCK_M)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - shift
         mean, m2, count = _welford_update(mean, m2, count, v, mask)
     mean, m2, count = tl.reduce((mean, m2, count), 0, _welford_combine)
@@ -363,9 +362,7 @@ def _rows_normalize(
     rows = tl.arange(0, BLOCK_M)[:, None]
     start, stop = _tile_range(s, tiles_total, tiles_per_program)
     for t in range(start, stop):
-        r = t * BLOCK_M + rows
-        mask = (r < M) & cmask[None, :]
-        offs = r * C + cols[None, :]
+        offs, mask = _row_tile(t, rows, cols, cmask, M, C, BLOCK_M)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         y = ((v - shift) - mean) * scale + bias
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -386,9 +383,7 @@ def _rows_grad_sums(
     sum_dy_xmu = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     start, stop = _tile_range(s, tiles_total, tiles_per_program)
     for t in range(start, stop):
-        r = t * BLOCK_M + rows
-        mask = (r < M) & cmask[None, :]
-        offs = r * C + cols[None, :]
+        offs, mask = _row_tile(t, rows, cols, cmask, M, C, BLOCK_M)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)  # 0 outside: adds nothing
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         sum_dy += g
@@ -428,9 +423,7 @@ def _rows_grad_input(
     rows = tl.arange(0, BLOCK_M)[:, None]
     start, stop = _tile_range(s, tiles_total, tiles_per_program)
     for t in range(start, stop):
-        r = t * BLOCK_M + rows
-        mask = (r < M) & cmask[None, :]
-        offs = r * C + cols[None, :]
+        offs, mask = _row_tile(t, rows, cols, cmask, M, C, BLOCK_M)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         dx = g * k1 + (v - mean) * k2 + k3
