@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from normbench.bench import DEFAULT_OUT, DEFAULT_REPEATS, DEFAULT_WARMUP
+from normbench.bench import DEFAULT_OUT, DEFAULT_REPEATS, DEFAULT_SHAPES, DEFAULT_WARMUP
 from normbench.errors import UserError
 
 app = typer.Typer(
@@ -233,8 +233,9 @@ def bench(
     shape: Annotated[
         list[str] | None,
         typer.Option(
-            help="An input shape N,C,H,W; repeat the option for several "
-            "(default: 128,16,32,32 128,32,16,16 128,64,8,8 256,32,16,16 2,16,32,32)",
+            help="An input shape N,C,H,W; repeat the option for several (default: "
+            + " ".join(",".join(map(str, s)) for s in DEFAULT_SHAPES)
+            + ")",
             show_default=False,
         ),
     ] = None,
