@@ -259,6 +259,27 @@ def test_half_precision_is_computed_in_float32(backend, path, dtype):
     assert rm.dtype == torch.float32 and torch.isfinite(rv).all()
 
 
+# Planes of 3, 49, 63, 65, 99 and 256 values: the CPU kernel sums a plane in vectors of 16
+# floats (8 doubles), four at a time, then the one to three vectors left, then the values left.
+@pytest.mark.parametrize("spatial", [(1, 3), (7, 7), (7, 9), (5, 13), (9, 11), (16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_every_plane_size_matches_float64(spatial, dtype):
+    x = (torch.randn(3, 2, *spatial, dtype=torch.float64) * 2 + 3).to(dtype).requires_grad_(True)
+    w = torch.randn(2, dtype=dtype, requires_grad=True)
+    b = torch.randn(2, dtype=dtype, requires_grad=True)
+    y, mean, _ = batch_norm_train(x, w, b, 1e-5, backend="cpu")
+    dy = torch.randn(y.shape, dtype=torch.float64)
+    y64, mean64, _ = bn64(x.detach(), w.detach(), b.detach())
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
+    expected = torch.autograd.grad(bn64(*leaves64)[0], leaves64, dy)
+    grads = torch.autograd.grad(y, (x, w, b), dy.to(dtype))
+    tol = {"rtol": 1e-2, "atol": 3e-2} if dtype is torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(y.double(), y64, **tol)
+    torch.testing.assert_close(mean.double(), mean64, **tol)
+    for ours, theirs in zip(grads, expected, strict=True):
+        torch.testing.assert_close(ours.double(), theirs, **tol)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eval_matches_torch(backend, path):
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
