@@ -50,21 +50,22 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     ``auto``: the C++ kernel on the CPU (the reference where it could not be compiled,
     with one warning), Triton on CUDA (the reference where Triton is missing).
     """
+    # is_cpu, is_cuda: x.device builds a torch.device, ~8 us when the caches are cold
     if backend == "auto":
-        if x.device.type == "cpu":
+        if x.is_cpu:
             return "cpu" if cpu.extension() is not None else "reference"
-        if x.device.type == "cuda" and _triton() is not None:
+        if x.is_cuda and _triton() is not None:
             return "triton"
         return "reference"
     if backend == "cpu":
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             raise ValueError(f"norm backend 'cpu' runs CPU tensors, got a {x.device.type} tensor")
         return "cpu" if cpu.extension() is not None else "reference"
     if backend == "triton":
         triton = _triton()
         if triton is None:
             raise ValueError("norm backend 'triton' needs the triton package")
-        if x.device.type != "cuda" and not triton.interpreted():
+        if not x.is_cuda and not triton.interpreted():
             raise ValueError(
                 "norm backend 'triton' runs CUDA tensors (or CPU ones under TRITON_INTERPRET=1)"
             )
@@ -158,7 +159,7 @@ def update_running_stats(
 
 def _update_kernel(running_mean: Tensor) -> ModuleType:
     # A (C,) update: the C++ loop on the CPU, torch operations elsewhere.
-    module = cpu.extension() if running_mean.device.type == "cpu" else None
+    module = cpu.extension() if running_mean.is_cpu else None
     return module or reference
 
 
