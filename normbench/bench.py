@@ -17,7 +17,11 @@ Implementations (``IMPLS``):
   interpreter, which measures Python, not a kernel).
 
 Next to them, per shape, ``copy``: ``dst.copy_(src)`` of a float32 tensor with the
-input's number of elements, the bandwidth this machine actually delivers.
+input's number of elements, the bandwidth this machine delivers for data of that
+size, from wherever such data sits (a last-level cache holds a small shape's).
+And once per run, before the shapes and after them, the machine's copy bandwidth
+as STREAM measures it: ``dst.copy_(src)`` of float32 arrays four times the largest
+cache (``machine_copy_bytes``: at least 64 MiB, at most 1 GiB), from memory.
 
 The machine is noisy (other processes, frequency changes), so the measurements are
 interleaved, and figures are medians and quartiles over the repeats, never means:
@@ -45,6 +49,8 @@ Derived figures, per (shape, implementation):
 - ``gbps``: ``bytes / median`` in 1e9 bytes per second;
 - ``speedup_vs_torch``: torch's median / this median (empty without a torch row);
 - ``frac_of_copy_bw``: ``gbps`` / the copy's ``gbps`` at the same shape;
+- ``machine_copy_gbps``: the machine copy's ``2 * bytes / median``, the same on every
+  row, and ``frac_of_machine_bw``: ``gbps`` / that;
 - ``page_faults``: minor page faults per unit, the mean (a unit that writes fresh
   pages pays one fault per 4 KiB; :mod:`normbench.allocator` explains why, and
   :func:`run_bench` tunes malloc as training runs do: ``malloc`` says whether).
@@ -59,6 +65,7 @@ inside the functions, so importing this module is free.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import random
@@ -100,6 +107,14 @@ DEFAULT_OUT = Path("results") / "bench" / "bench.csv"
 BLOCK = 20
 #: Read before every unit to evict the caches: several times a CPU core's L2, a GPU's L2.
 FLUSH_BYTES = {"cpu": 16 << 20, "cuda": 256 << 20}
+#: The machine copy's arrays: 4x the largest cache (STREAM's rule), within these bounds.
+MACHINE_COPY_BOUNDS = (64 << 20, 1 << 30)
+#: Timed machine copies: half before the shapes, half after.
+MACHINE_REPEATS = 10
+#: The ``shape`` of the machine copy's samples in :func:`measure`'s frame.
+MACHINE = "machine"
+#: Linux's description of the CPU's caches: ``index*/size`` holds "32K", "2048K", ...
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 
 #: One row per (shape, implementation); ``impl == "copy"`` rows hold the copy bandwidth.
 COLUMNS: tuple[str, ...] = (
@@ -121,6 +136,9 @@ COLUMNS: tuple[str, ...] = (
     "gbps",  # bytes / median, 1e9 bytes per second
     "speedup_vs_torch",  # torch median / median
     "frac_of_copy_bw",  # gbps / copy gbps at the shape
+    "machine_copy_bytes",  # bytes per array of the machine copy (4x the largest cache)
+    "machine_copy_gbps",  # the machine's copy bandwidth, 1e9 bytes per second
+    "frac_of_machine_bw",  # gbps / machine_copy_gbps
     "page_faults",  # minor page faults per unit, mean
     "malloc",  # "kept": glibc tuned by normbench.allocator; "system": its defaults
     "device",  # cpu | cuda
@@ -223,6 +241,7 @@ class Settings:
     repeats: int
     warmup: int
     threads: int | None  # None: leave torch's setting
+    machine_bytes: int  # bytes per array of the machine copy
     named: bool = False  # the impls were named by the user, not the defaults
     skipped: tuple[tuple[str, str], ...] = ()  # (impl, why) left out of the defaults
 
@@ -281,6 +300,34 @@ def _unavailable(impl: str, device: str) -> str | None:
     return None
 
 
+def largest_cache_bytes(device: str) -> int | None:
+    """The largest cache of ``device``: the CPU's last level (Linux sysfs), a GPU's L2."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    sizes = []
+    for entry in CPU_CACHES.glob("index*/size"):
+        try:
+            text = entry.read_text().strip()
+        except OSError:
+            continue
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes) if sizes else None
+
+
+def machine_copy_bytes(device: str) -> int:
+    """Bytes per array of the machine copy: 4x the largest cache, within
+    ``MACHINE_COPY_BOUNDS`` (the upper bound where the cache is not known)."""
+    low, high = MACHINE_COPY_BOUNDS
+    cache = largest_cache_bytes(device)
+    return high if cache is None else min(high, max(low, 4 * cache))
+
+
 def settings(
     shapes: Iterable[Sequence[int]] | None = None,
     impls: Iterable[str] | None = None,
@@ -290,12 +337,14 @@ def settings(
     repeats: int = DEFAULT_REPEATS,
     warmup: int = DEFAULT_WARMUP,
     threads: int | None = None,
+    machine_bytes: int | None = None,
 ) -> Settings:
     """Check and resolve the benchmark's settings; a :class:`UserError` names what is wrong.
 
     ``impls=None`` takes every implementation that runs on the device and leaves
     the others out (``Settings.skipped`` says why); a named one that cannot run is
-    an error.
+    an error. ``machine_bytes``: the machine copy's array size (None:
+    :func:`machine_copy_bytes`).
     """
     shapes = tuple(dict.fromkeys(_check_shape(tuple(s)) for s in (shapes or DEFAULT_SHAPES)))
     if dtype not in DTYPES:
@@ -306,6 +355,8 @@ def settings(
         raise UserError(f"--warmup must be at least 0, got {warmup}")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
+    if machine_bytes is not None and machine_bytes < 4:
+        raise UserError(f"machine_bytes must be at least 4, got {machine_bytes}")
     resolved = _resolve_device(device)
     named = list(impls or ())
     skipped = []
@@ -335,6 +386,7 @@ def settings(
         repeats,
         warmup,
         threads,
+        machine_copy_bytes(resolved) if machine_bytes is None else machine_bytes,
         named=bool(named),
         skipped=tuple(skipped),
     )
@@ -400,8 +452,26 @@ def _units(impls: Sequence[str], shape: Shape, device: str, dtype: str) -> dict[
     return units
 
 
+def _machine_copy(config: Settings, repeats: int, sync: Callable[[], None]) -> list[tuple]:
+    """``repeats`` timed copies of ``config.machine_bytes`` (after an untimed one), as samples."""
+    import torch
+
+    src = torch.ones(config.machine_bytes // 4, device=config.device)
+    dst = torch.empty_like(src)
+    rows = []
+    for repeat in range(repeats + 1):
+        sync()
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        if repeat:  # the first one also faults dst's pages in
+            rows.append((MACHINE, COPY, repeat, time.perf_counter() - start, 0))
+    return rows
+
+
 def measure(config: Settings, progress: Progress | None = None) -> pd.DataFrame:
-    """Raw samples: one row per (shape, impl, repeat), ``seconds`` and page ``faults`` of a unit."""
+    """Raw samples: one row per (shape, impl, repeat), ``seconds`` and page ``faults`` of a
+    unit; the machine copy's are the rows of shape ``MACHINE``."""
     import pandas as pd
     import torch
 
@@ -436,6 +506,8 @@ def measure(config: Settings, progress: Progress | None = None) -> pd.DataFrame:
         shape_label(shape): _units(impls, shape, config.device, config.dtype)
         for shape in config.shapes
     }
+    progress.status("measuring the machine's copy bandwidth")
+    machine = _machine_copy(config, MACHINE_REPEATS // 2, sync)
     progress.start(len(units) * (config.warmup + config.repeats))
     progress.status("warming up")
     for shape_units in units.values():
@@ -463,7 +535,9 @@ def measure(config: Settings, progress: Progress | None = None) -> pd.DataFrame:
                     progress.advance()
     finally:
         gc.enable()
-    return pd.DataFrame(rows, columns=["shape", "impl", "repeat", "seconds", "faults"])
+    progress.status("measuring the machine's copy bandwidth")
+    machine += _machine_copy(config, MACHINE_REPEATS - MACHINE_REPEATS // 2, sync)
+    return pd.DataFrame(rows + machine, columns=["shape", "impl", "repeat", "seconds", "faults"])
 
 
 def _device_name(device: str) -> str:
@@ -490,6 +564,8 @@ def summarize(samples: pd.DataFrame, config: Settings, threads: int) -> pd.DataF
     itemsize = torch.empty((), dtype=getattr(torch, config.dtype)).element_size()
     device_name = _device_name(config.device)
     order = {name: i for i, name in enumerate((*IMPLS, COPY))}
+    machine = samples.loc[samples["shape"] == MACHINE, "seconds"]
+    machine_gbps = 2 * config.machine_bytes / machine.median() / 1e9 if len(machine) else math.nan
     rows = []
     for shape in config.shapes:
         label = shape_label(shape)
@@ -528,6 +604,9 @@ def summarize(samples: pd.DataFrame, config: Settings, threads: int) -> pd.DataF
                     "warmup": config.warmup,
                     "speedup_vs_torch": speedup,
                     "frac_of_copy_bw": row["gbps"] / copy_gbps,
+                    "machine_copy_bytes": config.machine_bytes,
+                    "machine_copy_gbps": machine_gbps,
+                    "frac_of_machine_bw": row["gbps"] / machine_gbps,
                     "malloc": "kept" if allocator.tuned() else "system",
                     "device": config.device,
                     "device_name": device_name,
@@ -548,6 +627,7 @@ def run_bench(
     repeats: int = DEFAULT_REPEATS,
     warmup: int = DEFAULT_WARMUP,
     threads: int | None = None,
+    machine_bytes: int | None = None,
     progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Validate, measure and summarise: one row per (shape, impl), columns ``COLUMNS``.
@@ -567,6 +647,7 @@ def run_bench(
         repeats=repeats,
         warmup=warmup,
         threads=threads,
+        machine_bytes=machine_bytes,
     )
     allocator.keep_freed_memory()  # as in training runs: no page faults from malloc's trimming
     before = torch.get_num_threads()
@@ -592,8 +673,6 @@ def table(frame: pd.DataFrame) -> Table:
 
     Narrow enough for 80 columns; the CSV holds every figure unrounded.
     """
-    import math
-
     from rich import box
     from rich.table import Table
 
@@ -601,12 +680,18 @@ def table(frame: pd.DataFrame) -> Table:
     title = (
         f"BatchNorm2d training forward+backward, {first['dtype']}, {first['device']} "
         f"({first['device_name']}), {first['threads']} threads, torch {first['torch_version']}: "
-        f"median and interquartile range of {first['repeats']} interleaved repeats"
+        f"milliseconds, median and interquartile range of {first['repeats']} interleaved repeats"
     )
     malloc = "kept (normbench.allocator)" if first["malloc"] == "kept" else "glibc's defaults"
+    mib = first["machine_copy_bytes"] / (1 << 20)
+    caption = (
+        "GB/s as a fraction of the copy of the same size (%copy) and of the machine's copy "
+        f"bandwidth (%mem: {_figure(first['machine_copy_gbps'])} GB/s, 2 x {mib:.0f} MiB "
+        f"arrays); PF: page faults per step, mean; malloc: {malloc}"
+    )
     result = Table(
         title=title,
-        caption=f"PF: page faults per step, mean; malloc: {malloc}",
+        caption=caption,
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
@@ -614,11 +699,12 @@ def table(frame: pd.DataFrame) -> Table:
     )
     result.add_column("shape", style="bold", no_wrap=True)
     result.add_column("impl", style="cyan", no_wrap=True)
-    result.add_column("median ms", justify="right", no_wrap=True)
-    result.add_column("IQR ms", justify="right", no_wrap=True)
+    result.add_column("median", justify="right", no_wrap=True)
+    result.add_column("IQR", justify="right", no_wrap=True)
     result.add_column("GB/s", justify="right", no_wrap=True)
     result.add_column("vs torch", justify="right", no_wrap=True)
-    result.add_column("of copy", justify="right", no_wrap=True)
+    result.add_column("%copy", justify="right", no_wrap=True)
+    result.add_column("%mem", justify="right", no_wrap=True)
     result.add_column("PF", justify="right", no_wrap=True)
     for i, (label, rows) in enumerate(frame.groupby("shape", sort=False)):
         if i:
@@ -633,6 +719,7 @@ def table(frame: pd.DataFrame) -> Table:
                 _figure(row.gbps),
                 "" if math.isnan(speedup) else f"{speedup:.2f}x",
                 f"{100 * row.frac_of_copy_bw:.0f}%",
+                f"{100 * row.frac_of_machine_bw:.0f}%",
                 f"{row.page_faults:.0f}",
                 style="dim" if row.impl == COPY else None,
             )

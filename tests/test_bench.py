@@ -15,14 +15,27 @@ from normbench.cli import app
 from normbench.errors import UserError
 
 TINY = (4, 3, 5, 5)  # 300 values
+MACHINE_BYTES = 1 << 20  # the machine copy's arrays in these tests: small, the point is bookkeeping
 cli = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def frame():
     return bench.run_bench(
-        [TINY], ["torch", "reference", "cpu"], device="cpu", repeats=3, warmup=1, threads=1
+        [TINY],
+        ["torch", "reference", "cpu"],
+        device="cpu",
+        repeats=3,
+        warmup=1,
+        threads=1,
+        machine_bytes=MACHINE_BYTES,
     )
+
+
+@pytest.fixture
+def small_machine_copy(monkeypatch):
+    """The CLI's machine copy at MACHINE_BYTES, whatever the caches here."""
+    monkeypatch.setattr(bench, "machine_copy_bytes", lambda device: MACHINE_BYTES)
 
 
 def test_frame_has_one_row_per_impl_and_the_copy(frame):
@@ -58,24 +71,34 @@ def test_derived_figures_are_as_documented(frame):
     assert frame["frac_of_copy_bw"].tolist() == pytest.approx(
         (frame["gbps"] / rows.loc["copy", "gbps"]).tolist()
     )
+    assert (frame["machine_copy_bytes"] == MACHINE_BYTES).all()
+    machine = frame["machine_copy_gbps"]
+    assert machine.iloc[0] > 0 and (machine == machine.iloc[0]).all()
+    assert frame["frac_of_machine_bw"].tolist() == pytest.approx((frame["gbps"] / machine).tolist())
 
 
 def test_threads_are_restored():
     before = torch.get_num_threads()
-    bench.run_bench([TINY], ["torch"], device="cpu", repeats=1, warmup=0, threads=1)
+    bench.run_bench(
+        [TINY], ["torch"], device="cpu", repeats=1, warmup=0, threads=1, machine_bytes=MACHINE_BYTES
+    )
     assert torch.get_num_threads() == before
 
 
 def test_summary_statistics_of_known_samples():
-    config = bench.settings([(2, 1, 1, 1)], ["torch", "reference"], device="cpu", dtype="float64")
+    config = bench.settings(
+        [(2, 1, 1, 1)], ["torch", "reference"], device="cpu", dtype="float64", machine_bytes=1000
+    )
     times = {"torch": [1, 2, 3, 4, 100], "reference": [4, 4, 4, 4, 4], "copy": [0.5] * 5}
     faults = {"torch": [0, 0, 0, 0, 10], "reference": [0] * 5, "copy": [0] * 5}
+    machine_ms = [0.2, 0.1, 0.4]  # the median: 2 x 1000 bytes in 0.2 ms
     samples = pd.DataFrame(
         [
             ("2x1x1x1", impl, i, ms / 1e3, faults[impl][i])
             for impl, ms_list in times.items()
             for i, ms in enumerate(ms_list)
-        ],
+        ]
+        + [(bench.MACHINE, "copy", i, ms / 1e3, 0) for i, ms in enumerate(machine_ms)],
         columns=["shape", "impl", "repeat", "seconds", "faults"],
     )
     rows = bench.summarize(samples, config, threads=1).set_index("impl")
@@ -87,8 +110,33 @@ def test_summary_statistics_of_known_samples():
     assert rows.loc["torch", "gbps"] == pytest.approx(80 / 3e-3 / 1e9)
     assert rows.loc["copy", "gbps"] == pytest.approx(16 / 0.5e-3 / 1e9)
     assert rows.loc["torch", "frac_of_copy_bw"] == pytest.approx((80 / 3) / (16 / 0.5))
+    assert rows["machine_copy_gbps"].tolist() == pytest.approx([2000 / 0.2e-3 / 1e9] * 3)
+    assert rows.loc["torch", "frac_of_machine_bw"] == pytest.approx((80 / 3) / (2000 / 0.2))
+    assert list(rows.index) == ["torch", "reference", "copy"]  # no row of its own
     assert rows.loc["torch", "page_faults"] == 2.0  # the mean: rare faults still show
     assert rows.loc["reference", "page_faults"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "cache, expected",
+    [(None, 1 << 30), (1 << 20, 64 << 20), (100 << 20, 400 << 20), (480 << 20, 1 << 30)],
+)
+def test_the_machine_copy_is_four_times_the_largest_cache_within_bounds(
+    monkeypatch, cache, expected
+):
+    monkeypatch.setattr(bench, "largest_cache_bytes", lambda device: cache)
+    assert bench.machine_copy_bytes("cpu") == expected
+    assert bench.settings([TINY], device="cpu").machine_bytes == expected
+
+
+def test_the_largest_cache_is_read_from_sysfs(tmp_path, monkeypatch):
+    for index, size in enumerate(["48K", "2048K", "491520K", "n/a"]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    monkeypatch.setattr(bench, "CPU_CACHES", tmp_path)
+    assert bench.largest_cache_bytes("cpu") == 480 << 20
+    monkeypatch.setattr(bench, "CPU_CACHES", tmp_path / "absent")
+    assert bench.largest_cache_bytes("cpu") is None
 
 
 def test_default_impls_on_the_cpu_leave_triton_out():
@@ -118,6 +166,7 @@ BAD_SETTINGS = [
     ({"repeats": 0}, "--repeats must be at least 1"),
     ({"warmup": -1}, "--warmup must be at least 0"),
     ({"threads": 0}, "--threads must be at least 1"),
+    ({"machine_bytes": 2}, "machine_bytes must be at least 4"),
 ]
 
 
@@ -137,7 +186,7 @@ def test_cuda_without_cuda(monkeypatch):
 # ---------------------------------------------------------------------------- the command
 
 
-def test_cli_prints_the_table_and_writes_the_csv(tmp_path):
+def test_cli_prints_the_table_and_writes_the_csv(tmp_path, small_machine_copy):
     out = tmp_path / "tmp" / "bench.csv"
     result = cli.invoke(
         app,
@@ -145,12 +194,14 @@ def test_cli_prints_the_table_and_writes_the_csv(tmp_path):
         + ["--out", str(out)],
     )
     assert result.exit_code == 0, result.output
-    for word in ("median ms", "vs torch", "4x3x5x5", "torch", "reference", "cpu", "copy"):
+    for word in ("median", "vs torch", "%mem", "4x3x5x5", "torch", "reference", "cpu", "copy"):
         assert word in result.stdout
     assert str(out) in result.stdout
     written = pd.read_csv(out)
     assert list(written.columns) == list(bench.COLUMNS)
     assert list(written["impl"]) == ["torch", "reference", "cpu", "copy"]
+    assert (written["machine_copy_bytes"] == MACHINE_BYTES).all()
+    assert "2 x 1 MiB" in result.stdout  # the caption names the machine copy
     assert "triton left out" in result.stderr
 
 
