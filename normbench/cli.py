@@ -263,9 +263,10 @@ def bench(
 ) -> None:
     """Time BatchNorm2d training forward+backward: normbench's kernels against torch's.
 
-    Implementations and a memory copy run interleaved, repeat after repeat. Prints
-    medians, interquartile ranges, GB/s, speedup vs torch and the fraction of the
-    copy's bandwidth; writes them as a CSV, one row per (shape, impl).
+    Implementations and a memory copy of the same size run interleaved, repeat after
+    repeat; a copy of arrays larger than the caches measures the machine's copy
+    bandwidth. Prints medians, interquartile ranges, GB/s, speedup vs torch and the
+    fractions of both copies' bandwidths; writes them as a CSV, one row per (shape, impl).
     """
     from normbench import bench as benchmark
     from normbench.results import write_csv
