@@ -262,22 +262,62 @@ def test_half_precision_is_computed_in_float32(backend, path, dtype):
 # Planes of 3, 49, 63, 65, 99 and 256 values: the CPU kernel sums a plane in vectors of 16
 # floats (8 doubles), four at a time, then the one to three vectors left, then the values left.
 @pytest.mark.parametrize("spatial", [(1, 3), (7, 7), (7, 9), (5, 13), (9, 11), (16, 16)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_every_plane_size_matches_float64(spatial, dtype):
     x = (torch.randn(3, 2, *spatial, dtype=torch.float64) * 2 + 3).to(dtype).requires_grad_(True)
     w = torch.randn(2, dtype=dtype, requires_grad=True)
     b = torch.randn(2, dtype=dtype, requires_grad=True)
     y, mean, _ = batch_norm_train(x, w, b, 1e-5, backend="cpu")
-    dy = torch.randn(y.shape, dtype=torch.float64)
+    dy = torch.randn(y.shape).to(dtype)
     y64, mean64, _ = bn64(x.detach(), w.detach(), b.detach())
     leaves64 = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
-    expected = torch.autograd.grad(bn64(*leaves64)[0], leaves64, dy)
-    grads = torch.autograd.grad(y, (x, w, b), dy.to(dtype))
-    tol = {"rtol": 1e-2, "atol": 3e-2} if dtype is torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
+    expected = torch.autograd.grad(bn64(*leaves64)[0], leaves64, dy.double())
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    low = dtype in (torch.float16, torch.bfloat16)
+    tol = {"rtol": 1e-2, "atol": 3e-2} if low else {"rtol": 1e-4, "atol": 1e-4}
     torch.testing.assert_close(y.double(), y64, **tol)
     torch.testing.assert_close(mean.double(), mean64, **tol)
     for ours, theirs in zip(grads, expected, strict=True):
         torch.testing.assert_close(ours.double(), theirs, **tol)
+
+
+# channels_last rows of 5, 20 and 35 channels: vectors of 16 channels, then the rest.
+@pytest.mark.parametrize("channels", [5, 20, 35])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_every_row_width_matches_float64(channels, dtype):
+    base = torch.randn(4, channels, 3, 5, dtype=torch.float64) * 2 + 3
+    x = base.to(dtype).to(memory_format=torch.channels_last).requires_grad_(True)
+    w = torch.randn(channels, dtype=dtype, requires_grad=True)
+    b = torch.randn(channels, dtype=dtype, requires_grad=True)
+    y, mean, _ = batch_norm_train(x, w, b, 1e-5, backend="cpu")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(y.shape).to(dtype).to(memory_format=torch.channels_last)
+    y64, mean64, _ = bn64(x.detach(), w.detach(), b.detach())
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
+    expected = torch.autograd.grad(bn64(*leaves64)[0], leaves64, dy.double())
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    low = dtype in (torch.float16, torch.bfloat16)
+    tol = {"rtol": 1e-2, "atol": 3e-2} if low else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(y.double(), y64, **tol)
+    torch.testing.assert_close(mean.double(), mean64, **tol)
+    for ours, theirs in zip(grads, expected, strict=True):
+        torch.testing.assert_close(ours.double(), theirs, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_half_precision_outputs_are_rounded_as_torch_rounds(dtype, fmt):
+    # Eval with mean 0, variance 1, eps 0 and no bias computes y = x * w in float32: one
+    # product, so the CPU kernel's y must be torch's own float32 -> dtype rounding of it,
+    # bit for bit, infinities and NaN included (the kernel converts 16 values at a time).
+    x = torch.randn(3, 20, 5, 7) * 100
+    x[0, 0, 0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0])
+    x = x.to(dtype).to(memory_format=fmt)
+    w = torch.rand(20) + 0.5
+    y = batch_norm(x, torch.zeros(20), torch.ones(20), w, None, False, 0.1, 0.0, backend="cpu")
+    expected = (x.float() * w.reshape(1, -1, 1, 1)).to(dtype)
+    assert torch.equal(y.float().nan_to_num(7.0), expected.float().nan_to_num(7.0))
+    assert y.is_contiguous(memory_format=fmt)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
