@@ -12,8 +12,10 @@
 //
 // Variance: sums of deviations from a per-channel shift (the channel's first value),
 // accumulated in the compute type over short blocks and in double across blocks
-// ("shifted, two-level sums"), so data with a large mean keeps its precision.
-// Half and bfloat16 are computed in float (at::opmath_type).
+// ("shifted, two-level sums"), so data with a large mean keeps its precision. The sums are
+// written with GCC's vector types (Vec), which keeps them in registers.
+// Half and bfloat16 are computed in float (at::opmath_type), converted 16 values at a time
+// (load_vec, store_vec).
 
 #include <torch/extension.h>
 
