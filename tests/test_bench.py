@@ -139,6 +139,16 @@ def test_the_largest_cache_is_read_from_sysfs(tmp_path, monkeypatch):
     assert bench.largest_cache_bytes("cpu") is None
 
 
+def test_on_cuda_the_largest_cache_is_the_gpus_l2(monkeypatch):
+    class Properties:
+        L2_cache_size = 50 << 20
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
+    assert bench.largest_cache_bytes("cuda") == 50 << 20
+    assert bench.machine_copy_bytes("cuda") == 200 << 20
+
+
 def test_default_impls_on_the_cpu_leave_triton_out():
     config = bench.settings(device="cpu")
     assert config.impls == ("torch", "reference", "cpu")
