@@ -155,7 +155,7 @@ constexpr int kWidth = kVecBytes / sizeof(acc_t);
 
 #if defined(__F16C__)
 // float16 <-> float, 16 values at a time. c10::Half converts one value per call, which the
-// compiler does not vectorise: with it, float16 layer steps ran 3-7x slower than torch's.
+// compiler does not vectorise: with it, float16 layer steps ran 2.2-3x slower than torch's.
 inline Vec<float> half_to_float(const c10::Half* p) {
   Vec<float> v;
 #if defined(__AVX512F__)
