@@ -259,16 +259,15 @@ def test_half_precision_is_computed_in_float32(backend, path, dtype):
     assert rm.dtype == torch.float32 and torch.isfinite(rv).all()
 
 
-# Planes of 3, 49, 63, 65, 99 and 256 values: the CPU kernel sums a plane in vectors of 16
-# floats (8 doubles), four at a time, then the one to three vectors left, then the values left.
-@pytest.mark.parametrize("spatial", [(1, 3), (7, 7), (7, 9), (5, 13), (9, 11), (16, 16)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_every_plane_size_matches_float64(spatial, dtype):
-    x = (torch.randn(3, 2, *spatial, dtype=torch.float64) * 2 + 3).to(dtype).requires_grad_(True)
-    w = torch.randn(2, dtype=dtype, requires_grad=True)
-    b = torch.randn(2, dtype=dtype, requires_grad=True)
+def cpu_training_matches_float64(x: torch.Tensor) -> torch.Tensor:
+    """Trains ``x`` on the CPU kernel with a random weight, bias and ``dy`` of x's dtype and
+    layout; asserts y, the batch mean and every gradient against float64. Returns y."""
+    channels, dtype = x.shape[1], x.dtype
+    x = x.detach().requires_grad_(True)
+    w = torch.randn(channels, dtype=dtype, requires_grad=True)
+    b = torch.randn(channels, dtype=dtype, requires_grad=True)
     y, mean, _ = batch_norm_train(x, w, b, 1e-5, backend="cpu")
-    dy = torch.randn(y.shape).to(dtype)
+    dy = torch.randn(y.shape).to(dtype).to(memory_format=reference.memory_format(x))
     y64, mean64, _ = bn64(x.detach(), w.detach(), b.detach())
     leaves64 = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
     expected = torch.autograd.grad(bn64(*leaves64)[0], leaves64, dy.double())
@@ -279,6 +278,16 @@ def test_every_plane_size_matches_float64(spatial, dtype):
     torch.testing.assert_close(mean.double(), mean64, **tol)
     for ours, theirs in zip(grads, expected, strict=True):
         torch.testing.assert_close(ours.double(), theirs, **tol)
+    return y
+
+
+# Planes of 3, 49, 63, 65, 99 and 256 values: the CPU kernel sums a plane in vectors of 16
+# floats (8 doubles), four at a time, then the one to three vectors left, then the values left.
+@pytest.mark.parametrize("spatial", [(1, 3), (7, 7), (7, 9), (5, 13), (9, 11), (16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_every_plane_size_matches_float64(spatial, dtype):
+    base = torch.randn(3, 2, *spatial, dtype=torch.float64) * 2 + 3
+    cpu_training_matches_float64(base.to(dtype))
 
 
 # channels_last rows of 5, 20 and 35 channels: vectors of 16 channels, then the rest.
@@ -286,22 +295,8 @@ def test_every_plane_size_matches_float64(spatial, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_every_row_width_matches_float64(channels, dtype):
     base = torch.randn(4, channels, 3, 5, dtype=torch.float64) * 2 + 3
-    x = base.to(dtype).to(memory_format=torch.channels_last).requires_grad_(True)
-    w = torch.randn(channels, dtype=dtype, requires_grad=True)
-    b = torch.randn(channels, dtype=dtype, requires_grad=True)
-    y, mean, _ = batch_norm_train(x, w, b, 1e-5, backend="cpu")
+    y = cpu_training_matches_float64(base.to(dtype).to(memory_format=torch.channels_last))
     assert y.is_contiguous(memory_format=torch.channels_last)
-    dy = torch.randn(y.shape).to(dtype).to(memory_format=torch.channels_last)
-    y64, mean64, _ = bn64(x.detach(), w.detach(), b.detach())
-    leaves64 = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
-    expected = torch.autograd.grad(bn64(*leaves64)[0], leaves64, dy.double())
-    grads = torch.autograd.grad(y, (x, w, b), dy)
-    low = dtype in (torch.float16, torch.bfloat16)
-    tol = {"rtol": 1e-2, "atol": 3e-2} if low else {"rtol": 1e-4, "atol": 1e-4}
-    torch.testing.assert_close(y.double(), y64, **tol)
-    torch.testing.assert_close(mean.double(), mean64, **tol)
-    for ours, theirs in zip(grads, expected, strict=True):
-        torch.testing.assert_close(ours.double(), theirs, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
