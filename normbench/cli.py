@@ -60,6 +60,7 @@ def run(
 ) -> None:
     """Train one experiment and write its run folder (config.yaml, metrics.csv, summary.json)."""
     from normbench.config import compose
+    from normbench.interrupts import Interrupted, reason
     from normbench.progress import RunProgress
     from normbench.runner import run as run_experiment
 
@@ -68,11 +69,12 @@ def run(
     try:
         with RunProgress(label, console=err) as progress:
             outcome = run_experiment(cfg, force=force, display=progress)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted) as stop:
         err.print(
-            "interrupted: the run has no summary and counts as not done; run again to redo it"
+            f"{reason(stop)}: the run is recorded as interrupted and counts as not done; "
+            "the same command again redoes it"
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(_stop_status(stop)) from None
     summary = outcome.summary
     where = outcome.run_dir
     if outcome.skipped:
@@ -101,27 +103,48 @@ def sweep(
     hydra/launcher=submitit_slurm submits them to SLURM (pip install -e ".[slurm]").
     """
     from normbench import sweep as sweeps
+    from normbench.interrupts import Interrupted, reason
 
     plan = sweeps.plan(overrides or [], retry_failed=retry_failed)
-    skipped = len(plan.jobs) - len(plan.to_run)
-    err.print(f"sweep: {len(plan.jobs)} runs, {skipped} already done, {len(plan.to_run)} to run")
+    skipped = len(plan.jobs) - len(plan.to_run) - len(plan.elsewhere)
+    elsewhere = f", {len(plan.elsewhere)} in progress elsewhere" if plan.elsewhere else ""
+    err.print(
+        f"sweep: {len(plan.jobs)} runs, {skipped} already done{elsewhere}, "
+        f"{len(plan.to_run)} to run"
+    )
+    for job in plan.elsewhere[:3]:
+        err.print(f"  {job.run_id}: {job.busy.describe()}", markup=False)
     try:
         with sweeps.SweepProgress(plan, console=err) as progress:
             sweeps.launch(plan, display=progress)
-    except KeyboardInterrupt:
-        err.print("interrupted: finished runs are kept; run the same sweep again to resume")
-        raise typer.Exit(130) from None
+    except (KeyboardInterrupt, Interrupted) as stop:
+        if plan.cancelled:
+            what = f"cancelled {len(plan.cancelled)} jobs ({', '.join(plan.cancelled[:8])}"
+            what += ", ...)" if len(plan.cancelled) > 8 else ")"
+        else:
+            what = "stopped its runs"
+        err.print(
+            f"{reason(stop)}: the sweep {what}; finished runs are kept and stopped ones "
+            "are recorded as interrupted; the same sweep again redoes only what is not done"
+        )
+        raise typer.Exit(_stop_status(stop)) from None
     counts = plan.outcome()
     _report_experiments(plan.experiment_dirs)
+    shown = ("completed", "skipped", "diverged", "failed", "interrupted")
     out.print(
         ", ".join(
             f"{counts[status]} {status}"
-            for status in ("completed", "skipped", "diverged", "failed", "not run")
+            for status in (*shown, "running elsewhere", "not run")
             if counts[status] or status in ("completed", "failed")
         )
     )
-    if counts["failed"] or counts["not run"]:
+    if counts["failed"] or counts["interrupted"] or counts["not run"]:
         raise typer.Exit(1)
+
+
+def _stop_status(stop: BaseException) -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended."""
+    return 130 if isinstance(stop, KeyboardInterrupt) else 143
 
 
 def _report_experiments(experiment_dirs) -> None:

@@ -8,6 +8,7 @@ and checks every value before anything runs.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
@@ -82,15 +83,33 @@ def _closest(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {matches[0]!r}?)" if matches else ""
 
 
-def check_group_overrides(overrides: Sequence[str]) -> None:
-    """Fail on any unknown group option in the overrides, sweeps included, before composing."""
+#: Parsed overrides by their text: a sweep's jobs repeat the same few (``norm=layer``),
+#: and Hydra's parser takes about 0.1 ms for each.
+_parsed: dict[str, Any] = {}
+
+
+def parse_overrides(overrides: Sequence[str]) -> list:
+    """Hydra's ``Override`` objects for ``overrides`` (a :class:`UserError` if one does not
+    parse). Shared between calls: treat them as read-only."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except OverrideParseException as err:
-        raise UserError(f"cannot parse overrides: {_first_line(err)}") from None
+    new = [text for text in overrides if text not in _parsed]
+    if new:
+        try:
+            parsed = OverridesParser.create().parse_overrides(new)
+        except OverrideParseException as err:
+            raise UserError(f"cannot parse overrides: {_first_line(err)}") from None
+        if len(_parsed) > 10_000:  # a long-lived process parsing ever new values
+            _parsed.clear()
+        _parsed.update(zip(new, parsed, strict=True))
+    return [_parsed[text] for text in overrides]
+
+
+def check_group_overrides(overrides: Sequence[str]) -> list:
+    """Fail on any unknown group option in the overrides, sweeps included, before composing;
+    the overrides, parsed (Hydra's ``Override`` objects)."""
+    parsed = parse_overrides(overrides)
     for override in parsed:
         group = override.key_or_group
         if group not in GROUPS or override.is_delete():
@@ -106,25 +125,90 @@ def check_group_overrides(overrides: Sequence[str]) -> None:
                 raise UserError(
                     f"unknown {group} {value!r}{_closest(value, valid)}; valid: {', '.join(valid)}"
                 )
+    return parsed
+
+
+#: Configs composed by Hydra for a set of structural overrides (groups, ``hydra.*``,
+#: sweeps), reused by :func:`compose` for every job that shares them: a sweep of a
+#: thousand runs composes a handful of times, not a thousand (about 40 ms each).
+_composed: dict[tuple[str, ...], Any] = {}
+_COMPOSED_MAX = 64
+
+
+def _is_value_override(override) -> bool:
+    """``key=value`` (or ``+key``, ``~key``) on normbench's own config, below any group."""
+    key = override.key_or_group
+    return (
+        not override.is_sweep_override()
+        and override.package is None
+        and "/" not in key
+        and key not in GROUPS
+        and key.split(".")[0] != "hydra"
+    )
 
 
 def compose(overrides: Sequence[str] = ()):
-    """The resolved, validated config for one run, from Hydra overrides (``key=value``)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The resolved, validated config for one run, from Hydra overrides (``key=value``).
+
+    Hydra composes the config groups (and checks ``hydra.*`` keys); the value overrides
+    are then applied on top as Hydra itself applies them after composition, so the jobs
+    of a sweep that share their groups share one composition. A ``+key`` that the config
+    does not have is refused: normbench reads no key it does not define.
+    """
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    check_group_overrides(overrides)
+    parsed = check_group_overrides(overrides)
+    structural = tuple(o.input_line for o in parsed if not _is_value_override(o))
+    values = [o for o in parsed if _is_value_override(o)]
+    base = _compose_groups(structural, overrides)
+    for override in values:
+        if override.is_add() or override.is_force_add():
+            _check_added_key(base, override)
+    cfg = copy.deepcopy(base)
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         raise UserError(_composition_message(err, overrides)) from None
-    OmegaConf.resolve(cfg)
     validate(cfg)
     return cfg
+
+
+def _compose_groups(structural: tuple[str, ...], overrides: Sequence[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if structural not in _composed:
+        try:
+            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+                cfg = hydra_compose(config_name="config", overrides=list(structural))
+        except (HydraException, OmegaConfBaseException) as err:
+            raise UserError(_composition_message(err, overrides)) from None
+        if len(_composed) >= _COMPOSED_MAX:
+            _composed.pop(next(iter(_composed)))
+        _composed[structural] = cfg
+    return _composed[structural]
+
+
+def _check_added_key(base, override) -> None:
+    from omegaconf import OmegaConf
+
+    key = override.key_or_group
+    missing = object()
+    if OmegaConf.select(base, key, default=missing, throw_on_missing=False) is missing:
+        raise UserError(
+            f"unknown config key {key!r}{_closest(key, _known_keys())}; normbench reads "
+            "only the keys it defines, so a + cannot add one (`normbench config` shows every key)"
+        )
+    if override.is_add():
+        raise UserError(
+            f"{key} is already in the config: set it without the +, as {override.input_line[1:]}"
+        )
 
 
 def _first_line(err: BaseException) -> str:
@@ -138,6 +222,16 @@ def _composition_message(err: BaseException, overrides: Sequence[str]) -> str:
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if f"Could not override '{key}'" in text or f"Key '{key}'" in text:
+            if key.startswith("hydra."):
+                # Launchers take settings their config does not list (ray.init's num_cpus).
+                launcher = next(
+                    (o.split("=", 1)[1] for o in overrides if o.startswith("hydra/launcher=")),
+                    "basic",
+                )
+                return (
+                    f"{key} is not in Hydra's config (with hydra/launcher={launcher}); "
+                    f"to add a setting it leaves out, prefix a +: +{override.lstrip('+~')}"
+                )
             known = _known_keys()
             return (
                 f"unknown config key {key!r}{_closest(key, known)}; "

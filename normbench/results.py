@@ -68,6 +68,7 @@ SUMMARY_FIELDS: tuple[str, ...] = (
     "num_params",
     "device",
     "threads",
+    "threads_from",
     "error",
     "started_at",
     "finished_at",

@@ -11,15 +11,15 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normbench import __version__, allocator
+from normbench import __version__, allocator, cores, interrupts
 from normbench.config import EXECUTION_KEYS, flatten, validate
 from normbench.errors import UserError
+from normbench.lock import RunBusy, RunLock, read_owner
 from normbench.results import (
     CONFIG_PREFIX,
     metrics_frame,
@@ -62,14 +62,6 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def default_threads() -> int:
-    """The cores this process may use (the affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def _kwargs(node) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
@@ -85,7 +77,7 @@ class _Prepared:
     optimizer: Any
     settings: Any
     device: str
-    threads: int
+    threads: cores.Threads
 
 
 #: The last data set loaded, reused by the next run in this process (a sweep's jobs
@@ -104,8 +96,10 @@ def load_data(cfg):
     return _data_cache[key]
 
 
-def prepare(cfg, data=None) -> _Prepared:
-    """Check every value, load the data (unless given), build model and optimizer; write nothing."""
+def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
+    """Check every value, load the data (unless given), build model and optimizer; write
+    nothing. ``threads``: set torch's thread count first (a run's; a sweep's check
+    leaves it)."""
     import torch
 
     from normbench.models import build_model
@@ -114,8 +108,8 @@ def prepare(cfg, data=None) -> _Prepared:
 
     validate(cfg)
     device = resolve_device(cfg.device)
-    threads = cfg.threads or default_threads()
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads.count)
     # Freed activations stay in the heap for the next step, not page-faulted in again.
     allocator.keep_freed_memory()
 
@@ -158,7 +152,8 @@ def prepare(cfg, data=None) -> _Prepared:
         max_steps=cfg.max_steps,
         eval_batch_size=cfg.eval_batch_size,
     )
-    return _Prepared(data.to(device), model, optimizer, settings, device, threads)
+    used = threads or cores.Threads(torch.get_num_threads(), "torch")
+    return _Prepared(data.to(device), model, optimizer, settings, device, used)
 
 
 def _check_trains(model, batch, cfg) -> None:
@@ -239,7 +234,8 @@ def summarize(cfg, rid: str, result, prepared: _Prepared, started: str, wall: fl
         "img_per_s": images / train_time if train_time > 0 else None,
         "num_params": sum(p.numel() for p in prepared.model.parameters()),
         "device": prepared.device,
-        "threads": prepared.threads,
+        "threads": prepared.threads.count,
+        "threads_from": prepared.threads.source,
         "error": result.message,
         "started_at": started,
         "finished_at": _now(),
@@ -250,49 +246,95 @@ def summarize(cfg, rid: str, result, prepared: _Prepared, started: str, wall: fl
     }
 
 
+#: Statuses that make a run done: a sweep skips it. Failed and diverged runs count as done
+#: unless retried (``--retry-failed``); an interrupted run never does.
+FINAL = ("completed",)
+FINAL_UNLESS_RETRIED = ("diverged", "failed")
+
+
+def is_done(summary: dict[str, Any] | None, redo_failed: bool) -> bool:
+    if summary is None:
+        return False
+    status = summary.get("status")
+    return status in FINAL or (not redo_failed and status in FINAL_UNLESS_RETRIED)
+
+
+class RunInProgress(UserError):
+    """Another live process owns the run (a second sweep, orphaned cluster jobs, a user)."""
+
+    def __init__(self, busy: RunBusy):
+        super().__init__(
+            f"run {busy.folder.name} is in progress elsewhere ({busy.owner.describe()}): "
+            "not started; its results appear in its folder when it ends"
+        )
+        self.busy = busy
+
+
 def run(cfg, *, force: bool = False, redo_failed: bool = True, display=None) -> RunOutcome:
     """Run one experiment, or skip it when its folder already holds a completed run.
 
     ``force`` reruns a completed run; ``redo_failed`` reruns failed and diverged ones.
     ``display`` receives the training loop's progress (see ``train.Callbacks``).
-    A run that raises is recorded as ``failed`` and the exception propagates.
+    The run folder is owned (locked) while the run trains: :class:`RunInProgress` when
+    another live process owns it. A run that raises is recorded as ``failed``, one stopped
+    from outside (Ctrl-C, SIGTERM, a scheduler) as ``interrupted``, and the exception
+    propagates.
     """
-    import torch
     from omegaconf import OmegaConf
-
-    from normbench.train import TrainResult, train
 
     rid = run_id(cfg)
     folder = run_dir(cfg)
     previous = read_summary(folder)
-    done = previous is not None and (previous.get("status") == "completed" or not redo_failed)
-    if done and not force:
+    if is_done(previous, redo_failed) and not force:
         return RunOutcome(rid, folder, previous, skipped=True)
+    owner = read_owner(folder)
+    if owner is not None and owner.alive:  # say so before loading anything
+        raise RunInProgress(RunBusy(folder, owner))
 
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, threads=cores.choose(cfg.threads))
 
-    # From here on files are written; the summary, written last, marks the run done.
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.json").unlink(missing_ok=True)
-    (folder / "metrics.csv").unlink(missing_ok=True)
-    write_text_file(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    write_csv(folder / "metrics.csv", metrics_frame(rid, []))
+    try:
+        lock = RunLock(folder).__enter__()
+    except RunBusy as busy:
+        raise RunInProgress(busy) from None
+    try:
+        # Another process may have finished the run since the check above.
+        previous = read_summary(folder)
+        if is_done(previous, redo_failed) and not force:
+            return RunOutcome(rid, folder, previous, skipped=True)
+        # From here on files are written; the summary, written last, marks the run done.
+        (folder / "summary.json").unlink(missing_ok=True)
+        (folder / "metrics.csv").unlink(missing_ok=True)
+        write_text_file(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        write_csv(folder / "metrics.csv", metrics_frame(rid, []))
+        return _train(cfg, rid, folder, prepared, display)
+    finally:
+        lock.release()
+
+
+def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display) -> RunOutcome:
+    import torch
+
+    from normbench.train import TrainResult, train
 
     recorder = _Recorder(rid, folder / "metrics.csv", display)
     generator = torch.Generator().manual_seed(cfg.seed)
     started, clock = _now(), time.perf_counter()
     try:
-        result = train(
-            prepared.model,
-            prepared.data,
-            prepared.optimizer,
-            prepared.settings,
-            generator,
-            recorder,
-        )
-    except Exception as err:
-        result = TrainResult(records=recorder.records, status="failed")
-        result.message = f"{type(err).__name__}: {err}"
+        with interrupts.handle_signals():
+            result = train(
+                prepared.model,
+                prepared.data,
+                prepared.optimizer,
+                prepared.settings,
+                generator,
+                recorder,
+            )
+    except BaseException as err:
+        why = interrupts.reason(err)
+        result = TrainResult(records=recorder.records, status="interrupted" if why else "failed")
+        result.message = why or f"{type(err).__name__}: {err}"
         write_json(
             folder / "summary.json",
             summarize(cfg, rid, result, prepared, started, time.perf_counter() - clock),
@@ -304,3 +346,67 @@ def run(cfg, *, force: bool = False, redo_failed: bool = True, display=None) -> 
     summary = summarize(cfg, rid, result, prepared, started, time.perf_counter() - clock)
     write_json(folder / "summary.json", summary)
     return RunOutcome(rid, folder, summary)
+
+
+def record_lost(
+    cfg,
+    reason: str,
+    slurm_job: str | None = None,
+    unstarted: bool = False,
+    keep_own: bool = False,
+) -> bool:
+    """Record a run whose job died outside Python (cancelled, killed, out of memory, node
+    failure, time limit) as ``interrupted`` with ``reason``; the sweep's driver calls it
+    when its launcher reports such a job. ``slurm_job``: the dead job, whose lock may be
+    taken over at once. ``unstarted``: record it even if the job never started the run
+    (a job cancelled while queued). ``keep_own``: a reason the run recorded itself (its
+    signal handler) stays, ``reason`` is added after it. A run that finished, or is
+    owned by a live process, is left as it is. Whether the run was recorded."""
+    from normbench.lock import break_lock
+
+    folder = run_dir(cfg)
+    if not folder.is_dir():
+        if not unstarted:
+            return False  # the job never started this run: nothing to record
+        folder.mkdir(parents=True, exist_ok=True)
+    owner = read_owner(folder)
+    if owner is not None and owner.alive:
+        if not (slurm_job and owner.slurm_job == slurm_job):
+            return False
+        if not break_lock(folder, owner.token):
+            return False
+    try:
+        with RunLock(folder):  # takes over a lock whose owner is gone
+            previous = read_summary(folder)
+            if previous is not None and previous.get("status") != "interrupted":
+                return False
+            record = dict(previous) if previous else _lost_summary(cfg)
+            own = record.get("error")
+            record["error"] = f"{own}; {reason}" if keep_own and own else reason
+            record["finished_at"] = record.get("finished_at") or _now()
+            write_json(folder / "summary.json", record)
+    except RunBusy:
+        return False
+    return True
+
+
+def _lost_summary(cfg) -> dict[str, Any]:
+    """A summary for a run that left none: what its config says, nothing it measured."""
+    return {
+        "run_id": run_id(cfg),
+        "status": "interrupted",
+        "name": cfg.name,
+        "model": cfg.model.name,
+        "norm": cfg.norm.name,
+        "dataset": cfg.dataset.name,
+        "optim": cfg.optim.name,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "epochs": cfg.epochs,
+        "max_steps": cfg.max_steps,
+        "seed": cfg.seed,
+        "error": None,
+        "finished_at": None,
+        "normbench_version": __version__,
+        **{f"{CONFIG_PREFIX}{key}": value for key, value in flatten(cfg).items()},
+    }

@@ -1,17 +1,20 @@
 """Sweeps: a grid of runs through Hydra's multirun, so its launcher plugins apply unchanged.
 
 :func:`plan` expands the grid exactly as Hydra's basic sweeper will (the command
-line's sweeps plus an experiment preset's ``hydra.sweeper.params``) and checks every
-job before anything trains: each config composes and validates, and each distinct
-(data set, model, norm, batch size, ...) builds and survives one training-mode
-forward pass. One bad value anywhere fails the whole sweep with one message.
+line's sweeps plus an experiment preset's ``hydra.sweeper.params``), finds which runs
+are done already (or owned by a live process elsewhere), and checks every job left to
+run before anything trains: each config composes and validates, and each distinct
+(data set, model, norm, batch size, ...) builds and survives one training-mode forward
+pass. One bad value anywhere fails the whole sweep with one message. Planning a
+complete sweep costs a few milliseconds per run: the jobs share Hydra's compositions
+(:func:`normbench.config.compose`), and a done run is one small JSON read.
 
-:func:`launch` then hands the same overrides to Hydra (``--multirun``): the basic
-launcher runs the jobs one after another in this process, ``hydra/launcher=joblib``
-in parallel worker processes, ``hydra/launcher=submitit_slurm`` as SLURM jobs. Every
-job is :func:`run_job`: one :func:`normbench.runner.run`, which skips a run whose
-folder already holds a completed summary (and a failed or diverged one unless
-``--retry-failed``), and records a run that raises as ``failed`` so the sweep goes on.
+:func:`launch` then hands only the runs left to Hydra (``--multirun``, with normbench's
+sweeper, :mod:`hydra_plugins.normbench_sweeper`, in place of the basic one): the basic
+launcher runs them one after another in this process, ``hydra/launcher=joblib`` in
+parallel worker processes, ``hydra/launcher=submitit_slurm`` as SLURM jobs, the ray
+launcher as Ray tasks. Every job is :func:`run_job`: one :func:`normbench.runner.run`.
+:mod:`normbench.launchers` deals with jobs that die at the launcher's level.
 """
 
 from __future__ import annotations
@@ -32,14 +35,21 @@ from normbench.errors import UserError
 #: Set by the sweep command for its jobs (environment, so joblib and SLURM workers see it).
 RETRY_ENV = "NORMBENCH_RETRY_FAILED"
 
+#: The driver's pid, for jobs in worker processes that must not outlive it (joblib's).
+DRIVER_ENV = "NORMBENCH_SWEEP_DRIVER"
+
+#: Keys that name paths: made absolute before any launcher changes directory.
+PATH_KEYS = ("out_dir", "dataset.root")
+
 
 @dataclass
 class Job:
-    overrides: list[str]
+    overrides: list[str]  # as the grid gives them (and the launcher gets them)
     cfg: Any
     run_id: str
     run_dir: Path
     previous: str | None  # status already on disk, or None
+    busy: Any = None  # the live owner (lock.Owner) when another process has the run
 
 
 @dataclass
@@ -49,14 +59,22 @@ class Plan:
     overrides: list[str]
     jobs: list[Job] = field(default_factory=list)
     retry_failed: bool = False
+    #: Cluster jobs cancelled because the sweep was stopped (their ids), set by launchers.
+    cancelled: list[str] = field(default_factory=list)
 
     def skipped(self, job: Job) -> bool:
-        done = ("completed",) if self.retry_failed else ("completed", "diverged", "failed")
-        return job.previous in done
+        from normbench.runner import is_done
+
+        return is_done({"status": job.previous} if job.previous else None, self.retry_failed)
 
     @property
     def to_run(self) -> list[Job]:
-        return [job for job in self.jobs if not self.skipped(job)]
+        return [job for job in self.jobs if not self.skipped(job) and job.busy is None]
+
+    @property
+    def elsewhere(self) -> list[Job]:
+        """Runs owned by live processes elsewhere when planned: not launched again."""
+        return [job for job in self.jobs if not self.skipped(job) and job.busy is not None]
 
     @property
     def experiment_dirs(self) -> list[Path]:
@@ -64,7 +82,9 @@ class Plan:
 
     def outcome(self) -> Counter:
         """How the jobs ended: ``skipped`` (done before), ``completed``, ``diverged``,
-        ``failed``, and ``not run`` (no summary: interrupted, or a job never started)."""
+        ``failed``, ``interrupted`` (stopped from outside: redone by the next sweep),
+        ``running elsewhere`` (owned by another process, no result yet) and ``not run``
+        (no summary: a job never started)."""
         from normbench.results import read_summary
 
         counts: Counter = Counter()
@@ -73,7 +93,10 @@ class Plan:
                 counts["skipped"] += 1
                 continue
             summary = read_summary(job.run_dir)
-            counts[summary["status"] if summary else "not run"] += 1
+            if summary:
+                counts[summary["status"]] += 1
+            else:
+                counts["running elsewhere" if job.busy is not None else "not run"] += 1
         return counts
 
 
@@ -123,14 +146,46 @@ def _launcher_message(err: Exception, overrides: Sequence[str]) -> str:
             extra = {"joblib": "parallel", "submitit_slurm": "slurm", "submitit_local": "slurm"}
             hint = f' (pip install -e ".[{extra[name]}]")' if name in extra else ""
             return f"hydra launcher {name!r} is not available{hint}: {text}"
+    if "Could not override 'hydra." in str(err):
+        from normbench.config import _composition_message
+
+        return _composition_message(err, overrides)
     return f"invalid config: {text}"
 
 
+def absolute_paths(overrides: Sequence[str], cfg) -> list[str]:
+    """``overrides`` with the config's relative paths (``PATH_KEYS``) made absolute from
+    this directory, so that a launcher that changes directory (``hydra.job.chdir``, a
+    cluster job starting elsewhere) finds the same folders."""
+    from hydra.core.override_parser.types import Quote, QuotedString
+
+    from normbench.config import flatten
+
+    flat = flatten(cfg)
+    result = list(overrides)
+    for key in PATH_KEYS:
+        value = flat.get(key)
+        if not isinstance(value, str) or os.path.isabs(value):
+            continue
+        text = QuotedString(text=os.path.abspath(value), quote=Quote.single).with_quotes()
+        setting = f"{key}={text}"
+        at = [i for i, o in enumerate(result) if o.split("=", 1)[0].lstrip("+") == key]
+        if at:
+            result[at[-1]] = setting
+        else:
+            result.append(setting)
+    return result
+
+
 def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
-    """Expand and check the whole grid; raise :class:`UserError` on the first bad job."""
+    """Expand and check the whole grid; raise :class:`UserError` on the first bad job.
+
+    Runs already done, and runs owned by a live process elsewhere, are found here and are
+    not checked further: only the runs left to run build their models."""
     from normbench.config import EXECUTION_KEYS, compose, flatten
+    from normbench.lock import read_owner
     from normbench.results import read_summary
-    from normbench.runner import prepare, run_dir, run_id
+    from normbench.runner import experiment_dir, prepare, run_id
 
     result = Plan(list(overrides), retry_failed=retry_failed)
     checked: set[str] = set()
@@ -139,9 +194,18 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
             cfg = compose(job_overrides)
         except UserError as err:
             raise UserError(f"in sweep job {' '.join(job_overrides)}: {err}") from None
-        rid, folder = run_id(cfg), run_dir(cfg)
+        rid = run_id(cfg)
+        folder = experiment_dir(cfg) / "runs" / rid
         summary = read_summary(folder)
-        result.jobs.append(Job(job_overrides, cfg, rid, folder, summary and summary["status"]))
+        job = Job(job_overrides, cfg, rid, folder, summary and summary["status"])
+        result.jobs.append(job)
+        if result.skipped(job):
+            continue
+        owner = read_owner(folder)
+        if owner is not None and owner.alive:
+            job.busy = owner
+            continue
+        job.overrides = absolute_paths(job_overrides, cfg)
         # Seeds, learning rates and where results go do not change whether a job can run.
         shape = {k: v for k, v in flatten(cfg).items() if k not in {"seed", "lr", *EXECUTION_KEYS}}
         key = json.dumps(shape, sort_keys=True, default=str)
@@ -160,74 +224,80 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
 #: The sweep's display, when jobs run in this process (the basic launcher).
 _display: SweepProgress | None = None
 
-
-def _threads_for_parallel_jobs(cfg) -> None:
-    """Under the joblib launcher, share the cores among the jobs running at once."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if cfg.threads is not None or not HydraConfig.initialized():
-        return
-    launcher = HydraConfig.get().launcher
-    n_jobs = launcher.get("n_jobs") if "n_jobs" in launcher else None
-    if n_jobs is None:
-        return
-    from normbench.runner import default_threads
-
-    cores = default_threads()
-    parallel = cores if n_jobs < 0 else n_jobs
-    with _writable(cfg):
-        cfg.threads = max(1, cores // max(1, parallel))
-
-
-@contextlib.contextmanager
-def _writable(cfg) -> Iterator[None]:
-    from omegaconf import OmegaConf, open_dict
-
-    readonly = OmegaConf.is_readonly(cfg)
-    OmegaConf.set_readonly(cfg, False)
-    with open_dict(cfg):
-        yield
-    OmegaConf.set_readonly(cfg, readonly)
+#: The plan :func:`launch` hands to Hydra; normbench's sweeper reads it (same process).
+_launching: Plan | None = None
 
 
 def run_job(cfg) -> str:
-    """Hydra's task function: one run; its status. Never raises for a failed run."""
-    from normbench.runner import run
+    """Hydra's task function: one run; its status. Never raises for a failed run; a run
+    stopped from outside (Ctrl-C, SIGTERM, a scheduler) raises, after it is recorded."""
+    from normbench import interrupts
+    from normbench.runner import RunInProgress, run, run_dir
 
-    _threads_for_parallel_jobs(cfg)
     retry = os.environ.get(RETRY_ENV) == "1"
     display = _display.run_display(cfg) if _display is not None else contextlib.nullcontext()
+    watchdog = interrupts.watch_parent(os.environ.get(DRIVER_ENV))
     try:
         with display as bar:
             outcome = run(cfg, redo_failed=retry, display=bar)
-    except KeyboardInterrupt:
+    except RunInProgress:
+        return "running elsewhere"
+    except (KeyboardInterrupt, interrupts.Interrupted) as stop:
+        if watchdog is not None and watchdog.fired:
+            os._exit(1)  # a worker whose driver is gone: nothing to return to
+        if os.environ.get(DRIVER_ENV) not in (None, str(os.getpid())):
+            # A job in a process of its own (cluster, worker): its run is recorded; end the
+            # process with one line rather than a traceback in the job's log.
+            print(f"normbench: {run_dir(cfg)}: {interrupts.reason(stop)}", file=sys.stderr)
+            raise SystemExit(1) from None
         raise
     except Exception:  # recorded in the run's summary.json as failed; the sweep goes on
         return "failed"
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
     return "skipped" if outcome.skipped else outcome.summary["status"]
 
 
+class SweepInterrupted(Exception):
+    """The sweep was stopped (Ctrl-C, SIGTERM); ``message`` says what became of its jobs."""
+
+
 def launch(sweep_plan: Plan, display: SweepProgress | None = None) -> None:
-    """Run the plan's jobs through Hydra's multirun (and the launcher its overrides pick)."""
+    """Run the plan's runs left to run through Hydra's multirun (and the launcher its
+    overrides pick). Nothing is launched when every run is done."""
+    if not sweep_plan.to_run:
+        return
     import hydra
 
+    from normbench import interrupts
     from normbench.config import conf_dir
 
-    global _display
-    argv, environ = sys.argv, os.environ.get(RETRY_ENV)
-    sys.argv = ["normbench", "--multirun", *sweep_plan.overrides]
+    global _display, _launching
+    saved_argv = sys.argv
+    saved_env = {key: os.environ.get(key) for key in (RETRY_ENV, DRIVER_ENV)}
+    first = sweep_plan.to_run[0]
+    sys.argv = [
+        "normbench",
+        "--multirun",
+        *absolute_paths(sweep_plan.overrides, first.cfg),
+        "hydra.sweeper._target_=hydra_plugins.normbench_sweeper.PlannedSweeper",
+    ]
     os.environ[RETRY_ENV] = "1" if sweep_plan.retry_failed else "0"
-    _display = display
+    os.environ[DRIVER_ENV] = str(os.getpid())
+    _display, _launching = display, sweep_plan
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     try:
-        main(run_job)()
+        with interrupts.handle_signals():
+            main(run_job)()
     finally:
-        sys.argv = argv
-        _display = None
-        if environ is None:
-            os.environ.pop(RETRY_ENV, None)
-        else:
-            os.environ[RETRY_ENV] = environ
+        sys.argv = saved_argv
+        _display = _launching = None
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # ------------------------------------------------------------------------------ progress

@@ -114,7 +114,7 @@ def test_a_run_that_raises_is_recorded_as_failed(tiny, monkeypatch):
     assert summary["status"] == "failed" and summary["error"] == "RuntimeError: boom"
 
 
-def test_an_interrupted_run_leaves_nothing_that_looks_complete(tiny):
+def test_an_interrupted_run_is_recorded_as_such_and_redone(tiny):
     class Interrupt:
         def on_start(self, total, epochs):
             pass
@@ -130,8 +130,10 @@ def test_an_interrupted_run_leaves_nothing_that_looks_complete(tiny):
     with pytest.raises(KeyboardInterrupt):
         runner.run(cfg, display=Interrupt())
     folder = runner.run_dir(cfg)
-    assert not (folder / "summary.json").exists()
-    assert not list(folder.glob(".*tmp"))
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert summary["error"] == "interrupted by SIGINT (Ctrl-C)"
+    assert not list(folder.glob(".*tmp")) and not (folder / ".lock").exists()
     # The epoch that finished is on disk; rerunning completes the run.
     assert set(pd.read_csv(folder / "metrics.csv").epoch) == {1}
     outcome = runner.run(cfg)
@@ -156,11 +158,12 @@ def test_bad_input_writes_nothing(tiny, tmp_path, override, message):
     assert not (tmp_path / "results").exists()
 
 
-def test_threads_are_applied(tiny):
+def test_threads_are_applied_and_recorded(tiny):
     before = torch.get_num_threads()
     try:
-        runner.prepare(tiny("threads=1"))
+        summary = runner.run(tiny("threads=1")).summary
         assert torch.get_num_threads() == 1
+        assert (summary["threads"], summary["threads_from"]) == (1, "threads=")
     finally:
         torch.set_num_threads(before)
 

@@ -204,9 +204,9 @@ def test_joblib_runs_jobs_in_parallel_with_shared_cores(tmp_path):
     assert result.exit_code == 0, result.output
     runs = summaries(tmp_path / "results" / "default")
     assert len(runs) == 2 and {s["status"] for s in runs.values()} == {"completed"}
-    from normbench.runner import default_threads
+    from normbench.cores import affinity
 
-    assert {s["threads"] for s in runs.values()} == {max(1, default_threads() // 2)}
+    assert {s["threads"] for s in runs.values()} == {max(1, len(affinity()) // 2)}
 
 
 def test_submitit_slurm_config_composes():

@@ -1,0 +1,121 @@
+"""Re-planning a complete sweep: how long a repeated ``normbench sweep`` takes when every
+run is done already.
+
+Writes a grid of N completed runs (8 norms x batch sizes x learning rates x seeds on
+digits; default 1,000) where ``normbench sweep`` puts them: the run ids are the real
+ones of the grid's composed configs, each folder holds config.yaml, metrics.csv and a
+summary.json (as :mod:`aggregate_speed` writes them). Then times, median of
+``--repeats``:
+
+- ``plan``: :func:`normbench.sweep.plan` in this process (expand the grid, compose every
+  job, find it done), and per run;
+- the whole command, ``normbench sweep <grid>`` in a new process (imports, plan, no job
+  launched, tables, plots), which must start no training and launch nothing.
+
+Usage: python benchmarks/plan_speed.py [--seeds 5] [--repeats 3] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from normbench.config import flatten
+from normbench.sweep import plan
+
+NORMS = "custom_bn,torch_bn,layer,instance,group,batch_renorm,ghost_bn,none"
+BATCH_SIZES = "2,4,8,16,32"
+LRS = "0.01,0.02,0.05,0.1,0.2"
+
+
+def _aggregate_speed():
+    path = Path(__file__).with_name("aggregate_speed.py")
+    spec = importlib.util.spec_from_file_location("aggregate_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def grid(out_dir: Path, seeds: int) -> list[str]:
+    return [
+        f"out_dir={out_dir}",
+        "name=plan_speed",
+        f"norm={NORMS}",
+        f"batch_size={BATCH_SIZES}",
+        f"lr={LRS}",
+        f"seed=range({seeds})",
+    ]
+
+
+def write_completed(overrides: list[str]) -> int:
+    """A completed run folder for every job of the grid; how many."""
+    fake = _aggregate_speed()
+    rng = random.Random(0)
+    jobs = plan(overrides).jobs  # composes each job once; nothing is done yet, so checks run
+    for job in jobs:
+        cfg = job.cfg
+        job.run_dir.mkdir(parents=True)
+        (job.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (job.run_dir / "metrics.csv").write_text(fake.metrics_text(job.run_id, rng, cfg.epochs))
+        record = fake.summary_record(
+            job.run_id, cfg.norm.name, cfg.batch_size, cfg.seed, "completed", rng, flatten(cfg)
+        )
+        record["lr"] = cfg.lr
+        (job.run_dir / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
+    return len(jobs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per cell (200 runs each)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep", type=Path, default=None, help="write here and keep it")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = (args.keep or Path(tmp)).resolve()
+        overrides = grid(out_dir, args.seeds)
+        start = time.perf_counter()
+        count = write_completed(overrides)
+        print(f"wrote {count} completed runs in {time.perf_counter() - start:.1f} s: {out_dir}")
+
+        plan_times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            planned = plan(overrides)
+            plan_times.append(time.perf_counter() - start)
+            assert not planned.to_run, "every run should be done"
+        plan_s = statistics.median(plan_times)
+        print(
+            f"plan: {plan_s:.2f} s for {count} runs, {1000 * plan_s / count:.2f} ms per run "
+            f"(median of {args.repeats})"
+        )
+
+        command = [sys.executable, "-m", "normbench.cli", "sweep", *overrides]
+        wall = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True)
+            wall.append(time.perf_counter() - start)
+            if done.returncode != 0 or f"{count} skipped" not in done.stdout:
+                sys.exit(f"the repeated sweep did not skip every run:\n{done.stdout}{done.stderr}")
+        launched = list(out_dir.glob("plan_speed/.hydra/*/multirun.yaml"))
+        print(
+            f"normbench sweep (imports, plan, tables, plots; {len(launched)} launches): "
+            f"{statistics.median(wall):.2f} s, median of {args.repeats} "
+            f"({', '.join(f'{w:.2f}' for w in wall)})"
+        )
+
+
+if __name__ == "__main__":
+    main()

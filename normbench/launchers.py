@@ -1,0 +1,172 @@
+"""Handing a sweep's runs to Hydra's launcher, and what happens when a job is lost.
+
+Called by normbench's sweeper (:mod:`hydra_plugins.normbench_sweeper`) with the plan's
+runs left to run. A job can die where Python cannot see it: SLURM cancels it
+(``scancel``), kills it at its time limit or for memory, loses its node; the OOM
+killer ends a joblib worker. Hydra's launchers then raise at the first such job, and
+the others run on unattended. Here instead:
+
+- every lost job's run is recorded as ``interrupted``, with the reason (SLURM's state
+  for its job, or the launcher's error), so the next sweep redoes it without
+  ``--retry-failed``; the sweep waits for the others and ends normally, with counts
+  and tables (and exit status 1);
+- for submitit's launchers the jobs are submitted as the launcher submits them (same
+  executor, same settings, same job function) but collected one by one, and Ctrl-C on
+  the driver cancels them (``scancel``), then says which.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+#: SLURM's job states (``sacct``) for a job that ended without a result, in words.
+SLURM_STATES = {
+    "CANCELLED": "cancelled",
+    "TIMEOUT": "killed at its time limit",
+    "NODE_FAIL": "lost: its node failed",
+    "OUT_OF_MEMORY": "killed for using too much memory",
+    "PREEMPTED": "preempted",
+    "BOOT_FAIL": "lost: its node failed to boot",
+    "DEADLINE": "stopped at its deadline",
+    "FAILED": "exited with an error",
+}
+
+#: Seconds between the driver's checks of its submitit jobs, and between sacct calls.
+POLL_S = 1.0
+SACCT_S = 5.0
+
+
+def launch_planned(sweeper) -> list[Any]:
+    """The sweeper's ``sweep``: launch the planned runs with its launcher; never raises for
+    a lost job (only for Ctrl-C or SIGTERM on the driver, after cancelling its jobs)."""
+    from omegaconf import OmegaConf
+
+    from normbench import sweep
+
+    plan = sweep._launching
+    assert plan is not None, "normbench's sweeper runs only inside normbench.sweep.launch"
+    jobs = plan.to_run
+    sweep_dir = Path(str(sweeper.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(sweeper.config, sweep_dir / "multirun.yaml")
+
+    overrides = [job.overrides for job in jobs]
+    if type(sweeper.launcher).__module__.startswith("hydra_plugins.hydra_submitit_launcher"):
+        return _launch_submitit(sweeper.launcher, jobs, plan)
+    try:
+        return list(sweeper.launcher.launch(overrides, initial_job_idx=0))
+    except Exception as err:  # a worker killed (joblib), a task lost (Ray)
+        reason = f"lost by the launcher: {type(err).__name__}: {_first_line(err)}"
+        _record_lost(jobs, reason)
+        return []
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _record_lost(
+    jobs: Sequence, reason: str, slurm_job: str | None = None, keep_own: bool = False
+) -> None:
+    """Record the jobs' runs as interrupted; a SLURM job that ended without a result is
+    recorded even if it never started its run (cancelled while queued)."""
+    from normbench.runner import record_lost
+
+    for job in jobs:
+        record_lost(
+            job.cfg,
+            reason,
+            slurm_job=slurm_job,
+            unstarted=slurm_job is not None,
+            keep_own=keep_own,
+        )
+
+
+def _executor(launcher):
+    """The submitit executor exactly as the launcher builds it (its ``launch``)."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    params = launcher.params
+    kind = launcher._EXECUTOR
+    specific_init_keys = {"max_num_timeout"}
+    init_params = {"folder": params["submitit_folder"]}
+    init_params.update({f"{kind}_{k}": v for k, v in params.items() if k in specific_init_keys})
+    executor = submitit.AutoExecutor(cluster=kind, **init_params)
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    init_keys = specific_init_keys | {"submitit_folder"}
+    executor.update_parameters(
+        **{k if k in base else f"{kind}_{k}": v for k, v in params.items() if k not in init_keys}
+    )
+    return executor
+
+
+def _launch_submitit(launcher, jobs: Sequence, plan) -> list[Any]:
+    import os
+
+    from hydra.core.singleton import Singleton
+
+    from normbench import cores
+
+    # submitit_local starts every job at once: they share the cores (normbench.cores).
+    os.environ[cores.CONCURRENT_ENV] = str(len(jobs))
+    executor = _executor(launcher)
+    Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    state = Singleton.get_state()
+    arguments = [
+        (list(job.overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", state)
+        for idx, job in enumerate(jobs)
+    ]
+    submitted = executor.map_array(launcher, *zip(*arguments, strict=True))
+    pending = dict(zip(submitted, jobs, strict=True))
+    returns: list[Any] = []
+    last_sacct = time.monotonic()
+    try:
+        while pending:
+            if submitted and time.monotonic() - last_sacct > SACCT_S:
+                submitted[0].watcher.update()  # one sacct call for every job
+                last_sacct = time.monotonic()
+            for handle in [h for h in pending if h.done()]:
+                job = pending.pop(handle)
+                try:
+                    returns.append(handle.results()[0])
+                except Exception as err:  # the job ended without a result
+                    reason, specific = _lost_reason(handle, err)
+                    _record_lost([job], reason, slurm_job=handle.job_id, keep_own=not specific)
+            if pending:
+                time.sleep(POLL_S)
+    except BaseException:  # Ctrl-C or SIGTERM on the driver: its jobs go with it
+        plan.cancelled = _cancel(pending)
+        raise
+    return returns
+
+
+def _lost_reason(handle, err: BaseException) -> tuple[str, bool]:
+    """Why a job ended without a result, in words, and whether the scheduler's state says
+    more than the run's own record would (FAILED does not: the process exited, and the
+    run, if it could, wrote why)."""
+    state = str(getattr(handle, "state", "") or "").split()
+    name = state[0].upper() if state else ""
+    job = f"{'SLURM ' if 'Slurm' in type(handle).__name__ else ''}job {handle.job_id}"
+    if name:
+        word = SLURM_STATES.get(name, name.lower())
+        return f"{job}: {word} ({' '.join(state)})", name != "FAILED"
+    return f"{job} ended without a result: {type(err).__name__}: {_first_line(err)}", False
+
+
+def _cancel(pending: dict) -> list[str]:
+    """Cancel the jobs still pending or running (scancel on SLURM, SIGTERM for local
+    jobs, whose runs record themselves as interrupted); the ids cancelled."""
+    ids = []
+    for handle in pending:
+        try:
+            handle.cancel(check=False)
+        except Exception:  # a job that ended meanwhile, a missing scancel: keep going
+            continue
+        ids.append(str(handle.job_id))
+    return ids

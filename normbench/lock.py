@@ -1,0 +1,243 @@
+"""Run ownership: one process at a time per run folder, across machines sharing a file system.
+
+A run's lock is ``<run_dir>/.lock``, written whole under a private name and then
+hard-linked to its name (``link`` fails when the name exists: atomic on local file
+systems and on NFS, the classic NFS-safe lock), holding who owns it: host, boot id, pid and the
+process's start time, the SLURM job when there is one, and a random token. While the
+run trains, a thread touches the file every ``HEARTBEAT_S`` seconds: its mtime is the
+heartbeat.
+
+A lock is *stale*, and may be taken over, when its owner is known to be gone:
+- on the same machine (same host name and boot id), its pid no longer runs the process
+  that took it (gone, or reused by another: the start time differs);
+- from another machine, whose processes cannot be checked, its heartbeat is older than
+  ``STALE_S``;
+- its SLURM job is one the caller knows has ended (the sweep's driver, told by SLURM).
+
+Taking over renames the stale file aside first and checks that what was renamed is
+the lock that was judged stale, so two processes that both find it stale do not both
+take it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LOCK_NAME = ".lock"
+
+#: Seconds between heartbeats of a lock's owner.
+HEARTBEAT_S = 15.0
+
+#: A lock from another machine whose heartbeat is older than this is stale, in seconds.
+#: Generous against clock skew between machines and a paused (swapping) owner.
+STALE_S = 120.0
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, from /proc), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: fields follow the last ')'.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _running(pid: int, start_time: str | None) -> bool:
+    """Whether ``pid`` still runs the process that started at ``start_time``."""
+    if _start_time(os.getpid()) is None:  # no /proc (macOS): the pid alone must do
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return _start_time(pid) == start_time
+
+
+def slurm_job() -> str | None:
+    """This process's SLURM job as ``sacct`` names it (``123_4`` for an array task)."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def _identity() -> dict[str, Any]:
+    pid = os.getpid()
+    return {
+        "host": socket.gethostname(),
+        "boot_id": _boot_id(),
+        "pid": pid,
+        "start_time": _start_time(pid),
+        "slurm_job": slurm_job(),
+    }
+
+
+@dataclass
+class Owner:
+    """Who holds a lock, as its file says, and how long ago it last beat."""
+
+    host: str
+    pid: int
+    slurm_job: str | None
+    age_s: float
+    local: bool  # on this machine: the pid can be checked
+    alive: bool  # as far as can be told
+    token: str | None
+
+    def describe(self) -> str:
+        where = f"pid {self.pid} on {self.host}" + (
+            f", SLURM job {self.slurm_job}" if self.slurm_job else ""
+        )
+        return f"{where}, last heartbeat {self.age_s:.0f} s ago"
+
+
+def read_owner(folder: Path, stale_s: float = STALE_S) -> Owner | None:
+    """The lock's owner, or None when the folder has no lock. A lock file that cannot be
+    parsed (written by something else) is alive until its mtime is ``stale_s`` old."""
+    path = Path(folder) / LOCK_NAME
+    try:
+        text = path.read_text()
+        age = max(0.0, time.time() - path.stat().st_mtime)
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        return Owner("?", -1, None, age, local=False, alive=age <= stale_s, token=None)
+    me = _identity()
+    local = record.get("host") == me["host"] and record.get("boot_id") == me["boot_id"]
+    pid = record.get("pid")
+    if me["slurm_job"] and record.get("slurm_job") == me["slurm_job"]:
+        # SLURM runs one instance of a job at a time: this is an earlier one (requeued).
+        alive = pid == me["pid"] and local
+    elif local and isinstance(pid, int):
+        alive = _running(pid, record.get("start_time"))
+    else:
+        alive = age <= stale_s
+    return Owner(
+        host=str(record.get("host")),
+        pid=pid if isinstance(pid, int) else -1,
+        slurm_job=record.get("slurm_job"),
+        age_s=age,
+        local=local,
+        alive=alive,
+        token=record.get("token"),
+    )
+
+
+class RunBusy(Exception):
+    """The run is owned by another live process."""
+
+    def __init__(self, folder: Path, owner: Owner):
+        super().__init__(f"{folder} is in progress elsewhere ({owner.describe()})")
+        self.folder, self.owner = folder, owner
+
+
+class RunLock:
+    """Exclusive ownership of one run folder, with a heartbeat while held.
+
+    ``with RunLock(folder):`` takes the lock (raising :class:`RunBusy` if a live process
+    holds it; a stale lock is taken over) and releases it on exit.
+    """
+
+    def __init__(
+        self, folder: Path, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S
+    ) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.token = secrets.token_hex(8)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        record = json.dumps({**_identity(), "token": self.token, "since": time.time()})
+        # Written whole under a private name, then linked to the lock's name: link() fails
+        # if the name exists, atomically, NFS included, and the lock is never seen empty.
+        tmp = self.path.with_name(f"{LOCK_NAME}.{self.token}.tmp")
+        tmp.write_text(record)
+        try:
+            for _ in range(3):  # lose a take-over race at most twice, then report the winner
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    owner = read_owner(self.folder, self.stale_s)
+                    if owner is not None and owner.alive:
+                        raise RunBusy(self.folder, owner) from None
+                    if owner is not None:
+                        break_lock(self.folder, owner.token)
+                    continue
+                self._thread = threading.Thread(target=self._beat, name="run-lock", daemon=True)
+                self._thread.start()
+                return
+        finally:
+            tmp.unlink(missing_ok=True)
+        owner = read_owner(self.folder, self.stale_s)
+        raise RunBusy(self.folder, owner or Owner("?", -1, None, 0.0, False, True, None))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        owner = read_owner(self.folder, self.stale_s)
+        if owner is not None and owner.token == self.token:
+            self.path.unlink(missing_ok=True)
+
+
+def break_lock(folder: Path, token: str | None) -> bool:
+    """Remove the lock if it is still the one holding ``token`` (None: a file that could
+    not be parsed); False when another process replaced it meanwhile."""
+    path = Path(folder) / LOCK_NAME
+    aside = path.with_name(f"{LOCK_NAME}.stale.{secrets.token_hex(6)}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return True  # someone else removed it: free
+    try:
+        record = json.loads(aside.read_text())
+        moved = record.get("token") if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        moved = None
+    if moved != token:
+        # The lock was replaced between the check and the rename: put the new owner's
+        # file back (link fails rather than overwrite if yet another appeared).
+        with contextlib.suppress(OSError):
+            os.link(aside, path)
+        aside.unlink(missing_ok=True)
+        return False
+    aside.unlink(missing_ok=True)
+    return True
