@@ -152,6 +152,9 @@ def _report_experiments(experiment_dirs) -> None:
     from normbench import plots, results
 
     for folder in experiment_dirs:
+        if not (folder / "runs").is_dir():  # every job was lost before its run began
+            err.print(f"{folder}: no runs yet, no tables", markup=False)
+            continue
         collected, _ = results.aggregate(folder)
         out.print(results.describe(folder, collected))
         keys = results.swept_keys(collected.runs)

@@ -37,6 +37,9 @@ def reason(error: BaseException) -> str | None:
         return "interrupted by SIGINT (Ctrl-C)"
     if isinstance(error, SystemExit):
         return f"the process exited (SystemExit {error.code})"
+    if type(error).__name__ == "UncompletedJobError" and "submitit" in type(error).__module__:
+        # submitit's time-limit handler, raised where no wrapper stood (see handle_signals)
+        return f"SLURM time limit or preemption: {error}"
     return None
 
 

@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-#: SLURM's job states (``sacct``) for a job that ended without a result, in words.
-SLURM_STATES = {
+#: Job states (SLURM's from ``sacct``, submitit_local's) for a job that ended without a
+#: result, in words.
+JOB_STATES = {
     "CANCELLED": "cancelled",
     "TIMEOUT": "killed at its time limit",
     "NODE_FAIL": "lost: its node failed",
@@ -32,6 +33,8 @@ SLURM_STATES = {
     "BOOT_FAIL": "lost: its node failed to boot",
     "DEADLINE": "stopped at its deadline",
     "FAILED": "exited with an error",
+    "INTERRUPTED": "killed by a signal",  # submitit_local
+    "FINISHED": "exited without a result",  # submitit_local
 }
 
 #: Seconds between the driver's checks of its submitit jobs, and between sacct calls.
@@ -126,9 +129,10 @@ def _launch_submitit(launcher, jobs: Sequence, plan) -> list[Any]:
     pending = dict(zip(submitted, jobs, strict=True))
     returns: list[Any] = []
     last_sacct = time.monotonic()
+    slurm = launcher._EXECUTOR == "slurm"  # local jobs are polled, not looked up
     try:
         while pending:
-            if submitted and time.monotonic() - last_sacct > SACCT_S:
+            if slurm and time.monotonic() - last_sacct > SACCT_S:
                 submitted[0].watcher.update()  # one sacct call for every job
                 last_sacct = time.monotonic()
             for handle in [h for h in pending if h.done()]:
@@ -154,8 +158,8 @@ def _lost_reason(handle, err: BaseException) -> tuple[str, bool]:
     name = state[0].upper() if state else ""
     job = f"{'SLURM ' if 'Slurm' in type(handle).__name__ else ''}job {handle.job_id}"
     if name:
-        word = SLURM_STATES.get(name, name.lower())
-        return f"{job}: {word} ({' '.join(state)})", name != "FAILED"
+        word = JOB_STATES.get(name, name.lower())
+        return f"{job}: {word} ({' '.join(state)})", name not in ("FAILED", "FINISHED")
     return f"{job} ended without a result: {type(err).__name__}: {_first_line(err)}", False
 
 

@@ -390,6 +390,27 @@ def record_lost(
     return True
 
 
+def record_unfinished(cfg, status: str, message: str) -> bool:
+    """Record a sweep job's run that stopped before it could record itself (while
+    loading or building, after the plan had checked it) with ``status`` (failed,
+    interrupted), so that the sweep counts it and the reason is on disk. A run with a
+    summary, or owned elsewhere, is left as it is."""
+    folder = run_dir(cfg)
+    if read_summary(folder) is not None:
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with RunLock(folder):
+            if read_summary(folder) is not None:
+                return False
+            record = _lost_summary(cfg)
+            record.update(status=status, error=message, finished_at=_now())
+            write_json(folder / "summary.json", record)
+    except RunBusy:
+        return False
+    return True
+
+
 def _lost_summary(cfg) -> dict[str, Any]:
     """A summary for a run that left none: what its config says, nothing it measured."""
     return {

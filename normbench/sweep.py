@@ -108,8 +108,22 @@ def _sweeper_params(overrides: Sequence[str]) -> list[str]:
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    _check_launcher(cfg.hydra.launcher)
     params = cfg.hydra.sweeper.get("params") or {}
     return [f"{key}={value}" for key, value in params.items()]
+
+
+def _check_launcher(launcher) -> None:
+    """Launcher settings that would stop every job before it trains."""
+    if "signal_delay_s" in launcher and "timeout_min" in launcher:
+        delay, limit = launcher.signal_delay_s, launcher.timeout_min
+        if isinstance(delay, int) and isinstance(limit, int | float) and delay >= limit * 60:
+            raise UserError(
+                f"hydra.launcher.signal_delay_s={delay} is not below the time limit "
+                f"(hydra.launcher.timeout_min={limit} minutes): SLURM would send every job "
+                "its time-limit signal as it starts; make the delay a fraction of the limit "
+                "(SLURM may send it up to 60 s early)"
+            )
 
 
 def expand(overrides: Sequence[str]) -> list[list[str]]:
@@ -177,6 +191,19 @@ def absolute_paths(overrides: Sequence[str], cfg) -> list[str]:
     return result
 
 
+def _task_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides of a job's own config: Hydra's (``hydra.*``, ``hydra/...``) go to
+    the sweep's config once, as Hydra's multirun hands them, not to every job."""
+    from normbench.config import parse_overrides
+
+    parsed = parse_overrides(overrides)
+    return [
+        text
+        for text, override in zip(overrides, parsed, strict=True)
+        if not override.key_or_group.startswith("hydra")
+    ]
+
+
 def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
     """Expand and check the whole grid; raise :class:`UserError` on the first bad job.
 
@@ -205,7 +232,7 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
         if owner is not None and owner.alive:
             job.busy = owner
             continue
-        job.overrides = absolute_paths(job_overrides, cfg)
+        job.overrides = absolute_paths(_task_overrides(job_overrides), cfg)
         # Seeds, learning rates and where results go do not change whether a job can run.
         shape = {k: v for k, v in flatten(cfg).items() if k not in {"seed", "lr", *EXECUTION_KEYS}}
         key = json.dumps(shape, sort_keys=True, default=str)
@@ -232,17 +259,19 @@ def run_job(cfg) -> str:
     """Hydra's task function: one run; its status. Never raises for a failed run; a run
     stopped from outside (Ctrl-C, SIGTERM, a scheduler) raises, after it is recorded."""
     from normbench import interrupts
-    from normbench.runner import RunInProgress, run, run_dir
+    from normbench.runner import RunInProgress, record_unfinished, run, run_dir
 
     retry = os.environ.get(RETRY_ENV) == "1"
     display = _display.run_display(cfg) if _display is not None else contextlib.nullcontext()
     watchdog = interrupts.watch_parent(os.environ.get(DRIVER_ENV))
     try:
-        with display as bar:
+        # From the job's first moment: a time-limit signal while torch imports counts too.
+        with interrupts.handle_signals(), display as bar:
             outcome = run(cfg, redo_failed=retry, display=bar)
     except RunInProgress:
         return "running elsewhere"
     except (KeyboardInterrupt, interrupts.Interrupted) as stop:
+        record_unfinished(cfg, "interrupted", interrupts.reason(stop))
         if watchdog is not None and watchdog.fired:
             os._exit(1)  # a worker whose driver is gone: nothing to return to
         if os.environ.get(DRIVER_ENV) not in (None, str(os.getpid())):
@@ -251,8 +280,15 @@ def run_job(cfg) -> str:
             print(f"normbench: {run_dir(cfg)}: {interrupts.reason(stop)}", file=sys.stderr)
             raise SystemExit(1) from None
         raise
-    except Exception:  # recorded in the run's summary.json as failed; the sweep goes on
-        return "failed"
+    except Exception as error:  # recorded as failed (or interrupted); the sweep goes on
+        import traceback
+
+        why = interrupts.reason(error)  # submitit's time-limit error is not the run's fault
+        if why is None:
+            traceback.print_exc()  # into the job's log (a worker's, a cluster job's)
+        status = "interrupted" if why else "failed"
+        record_unfinished(cfg, status, why or f"{type(error).__name__}: {error}")
+        return status
     finally:
         if watchdog is not None:
             watchdog.stop()

@@ -166,3 +166,60 @@ def test_an_experiment_preset_overrides_the_defaults_and_the_command_line_wins()
     assert (cfg.name, cfg.epochs, cfg.batch_size, cfg.dataset.train_size) == ("smoke", 1, 32, 512)
     cfg = compose(["experiment=smoke", "epochs=2", "name=mine"])
     assert (cfg.name, cfg.epochs) == ("mine", 2)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("+foo=1", "unknown config key 'foo'"),
+        ("+bach_size=8", "unknown config key 'bach_size' (did you mean 'batch_size'?)"),
+        ("++bach_size=8", "unknown config key 'bach_size'"),
+        ("+norm.momentm=0.2", "unknown config key 'norm.momentm'"),
+        ("+batch_size=8", "batch_size is already in the config: set it without the +"),
+    ],
+)
+def test_a_plus_never_adds_a_key_normbench_does_not_read(override, expected):
+    """A typo behind a + would otherwise train at the default under a new run id."""
+    with pytest.raises(UserError) as info:
+        compose([override])
+    assert expected in str(info.value)
+
+
+def test_hydra_keys_that_need_a_plus_say_so():
+    with pytest.raises(UserError) as info:
+        compose(["hydra/launcher=joblib", "hydra.launcher.inner_max_num_threads=1"])
+    message = str(info.value)
+    key = "hydra.launcher.inner_max_num_threads"
+    assert f"{key} is not in Hydra's config (with hydra/launcher=joblib)" in message
+    assert "+hydra.launcher.inner_max_num_threads=1" in message
+    assert "normbench config" not in message
+    # as told: accepted
+    compose(["hydra/launcher=joblib", "+hydra.launcher.inner_max_num_threads=1"])
+    assert compose(["++batch_size=8"]).batch_size == 8  # ++ on a known key overrides it
+
+
+OVERRIDE_SETS = [
+    [],
+    ["norm=group", "norm.groups=4", "batch_size=8"],
+    ["experiment=quick", "norm=layer", "batch_size=2", "seed=3"],
+    ["experiment=batch_size_study", "dataset=digits", "lr=0.05", "epochs=2"],
+    ["model=mlp", "model.hidden=[64]", "norm=batch_renorm", "norm.r_max=2.5"],
+    ["~norm.eps", "optim=adam", "optim.betas=[0.8,0.99]", "hydra/launcher=joblib"],
+    ["++lr=0.3", "schedule.milestones=[0.25]", "dataset.train_size=100", "name=x"],
+]
+
+
+@pytest.mark.parametrize("overrides", OVERRIDE_SETS, ids=lambda o: " ".join(o) or "defaults")
+def test_composition_matches_hydras_own(overrides):
+    """compose() lets Hydra compose the groups once and applies values itself: the result
+    is exactly Hydra's composition of all the overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from normbench.config import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        reference = hydra_compose(config_name="config", overrides=overrides)
+    OmegaConf.resolve(reference)
+    assert OmegaConf.to_container(compose(overrides)) == OmegaConf.to_container(reference)

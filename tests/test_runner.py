@@ -196,3 +196,40 @@ def test_runs_on_torchvision_data_sets(tiny, tmp_path, monkeypatch, dataset, mod
     assert summary["status"] == "completed"
     assert (summary["dataset"], summary["model"], summary["norm"]) == (dataset, model, norm)
     assert summary["steps"] == 3 * (24 // 8)
+
+
+def test_a_lost_job_never_overwrites_a_finished_or_owned_run(tiny, monkeypatch):
+    from normbench.lock import LOCK_NAME, RunLock
+
+    cfg = tiny()
+    done = runner.run(cfg).summary
+    assert not runner.record_lost(cfg, "SLURM job 9: cancelled")
+    assert json.loads((runner.run_dir(cfg) / "summary.json").read_text()) == done
+
+    other = tiny("seed=1")
+    folder = runner.run_dir(other)
+    folder.mkdir(parents=True)
+    with RunLock(folder):  # a live owner on this machine
+        assert not runner.record_lost(other, "lost")
+    # A lock held by a SLURM job the scheduler says is gone is taken over at once,
+    # even from another machine with a fresh heartbeat.
+    (folder / LOCK_NAME).write_text(
+        json.dumps({"host": "node7", "boot_id": "b", "pid": 1, "slurm_job": "41_2", "token": "x"})
+    )
+    assert not runner.record_lost(other, "lost", slurm_job="41_3")
+    assert runner.record_lost(other, "SLURM job 41_2: cancelled", slurm_job="41_2")
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["error"] == "SLURM job 41_2: cancelled"
+    assert summary["run_id"] == runner.run_id(other) and summary["seed"] == 1
+    assert not (folder / LOCK_NAME).exists()
+
+
+def test_a_run_owned_elsewhere_is_refused_before_anything_loads(tiny):
+    from normbench.lock import RunLock
+
+    cfg = tiny()
+    folder = runner.run_dir(cfg)
+    folder.mkdir(parents=True)
+    with RunLock(folder), pytest.raises(runner.RunInProgress, match="in progress elsewhere"):
+        runner.run(cfg)
+    assert sorted(p.name for p in folder.iterdir()) == []

@@ -66,6 +66,10 @@ def test_presets_define_their_grids_and_the_command_line_wins():
         (["batch_size=16,100000"], "larger than the training set"),
         (["nope=1,2"], "unknown config key 'nope'"),
         (["hydra/launcher=nonexistent"], "launcher"),
+        (
+            ["hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=1"],
+            "signal_delay_s=120 is not below the time limit",
+        ),
     ],
 )
 def test_a_bad_job_anywhere_fails_the_whole_sweep_before_training(tmp_path, overrides, message):
@@ -241,3 +245,89 @@ def test_outcome_counts_every_state(tmp_path):
     plan = sweep.plan(tiny_args(tmp_path, "norm=custom_bn,layer"))
     assert plan.outcome() == {"not run": 2}
     assert read_summary(plan.jobs[0].run_dir) is None
+
+
+# ------------------------------------------------------------------ planning and skipping
+
+
+def test_a_complete_sweep_hands_nothing_to_hydra_and_checks_nothing(tmp_path, monkeypatch):
+    args = tiny_args(tmp_path, "norm=custom_bn,layer")
+    assert cli.invoke(app, ["sweep", *args]).exit_code == 0
+    launches = list((tmp_path / "results" / "default" / ".hydra").iterdir())
+    assert len(launches) == 1
+
+    import normbench.runner
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("a done run was built again")
+
+    monkeypatch.setattr(normbench.runner, "prepare", no_check)
+    again = cli.invoke(app, ["sweep", *args])
+    assert again.exit_code == 0, again.output
+    assert "2 runs, 2 already done, 0 to run" in again.stderr and "2 skipped" in again.stdout
+    assert list((tmp_path / "results" / "default" / ".hydra").iterdir()) == launches
+
+
+def test_a_run_owned_by_a_live_process_elsewhere_is_not_launched(tmp_path):
+    from normbench.lock import RunLock
+
+    args = tiny_args(tmp_path, "norm=custom_bn,layer")
+    first = sweep.plan(args).jobs[0]
+    first.run_dir.mkdir(parents=True)
+    with RunLock(first.run_dir):  # as another sweep's job would hold it
+        planned = sweep.plan(args)
+        assert [job.run_id for job in planned.elsewhere] == [first.run_id]
+        assert first.run_id not in [job.run_id for job in planned.to_run]
+        result = cli.invoke(app, ["sweep", *args])
+    assert result.exit_code == 0, result.output
+    assert "1 in progress elsewhere" in result.stderr
+    assert "1 completed" in result.stdout and "1 running elsewhere" in result.stdout
+    assert read_summary(first.run_dir) is None  # untouched
+
+
+def test_relative_paths_survive_a_launcher_that_changes_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["out_dir=here", *TINY, "norm=custom_bn,layer", "hydra.job.chdir=true"]
+    result = cli.invoke(app, ["sweep", *args])
+    assert result.exit_code == 0, result.output
+    assert len(summaries(tmp_path / "here" / "default")) == 2
+    assert not list((tmp_path / "here" / "default" / ".hydra").glob("**/summary.json"))
+    again = cli.invoke(app, ["sweep", *args])
+    assert "2 skipped" in again.stdout
+
+
+def test_the_jobs_overrides_are_absolute_and_leave_hydras_to_the_sweep(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    planned = sweep.plan(
+        [
+            "dataset.root=data",
+            *TINY,
+            "norm=layer,group",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+        ]
+    )
+    for job in planned.to_run:
+        assert f"out_dir='{tmp_path / 'results'}'" in job.overrides
+        assert f"dataset.root='{tmp_path / 'data'}'" in job.overrides
+        assert not [o for o in job.overrides if o.startswith("hydra")]
+
+
+def test_a_plus_typo_in_a_sweep_is_refused_before_anything(tmp_path):
+    result = cli.invoke(app, ["sweep", *tiny_args(tmp_path, "norm=layer,group", "+bach_size=8")])
+    assert result.exit_code == 2
+    assert "unknown config key 'bach_size' (did you mean 'batch_size'?)" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_an_interrupted_run_is_redone_without_retry_failed(tmp_path):
+    planned = sweep.plan(tiny_args(tmp_path, "norm=layer,group"))
+    from normbench.runner import record_lost
+
+    assert record_lost(planned.jobs[0].cfg, "SLURM job 5: cancelled", unstarted=True)
+    summary = read_summary(planned.jobs[0].run_dir)
+    assert (summary["status"], summary["error"]) == ("interrupted", "SLURM job 5: cancelled")
+    replanned = sweep.plan(tiny_args(tmp_path, "norm=layer,group"))
+    assert len(replanned.to_run) == 2
+    result = cli.invoke(app, ["sweep", *tiny_args(tmp_path, "norm=layer,group")])
+    assert result.exit_code == 0 and "2 completed" in result.stdout

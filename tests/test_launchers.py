@@ -1,0 +1,428 @@
+"""Sweeps on real engines: a one-node SLURM cluster, submitit_local, joblib and a Ray
+cluster in a loopback-only network namespace.
+
+Each engine is checked as a user meets it: a grid completes with its tables; a repeated
+sweep launches nothing (``sacct`` shows no new job); a job lost at the launcher's level
+(``scancel``, a time limit, ``kill -9`` of a worker) leaves its run ``interrupted`` with
+the reason, the sweep ends with counts and tables and exit status 1, and the next sweep
+redoes only that run; each job runs with the threads it was allotted; Ctrl-C on the
+driver cancels its jobs.
+
+The SLURM cluster is brought up by ``../shared/cluster/slurm_up.sh`` (or the script
+``NORMBENCH_SLURM_UP`` names) when it is not up; where that cannot be done (not root, no
+script) the SLURM tests skip with the reason, except under CI (``CI`` set), where they
+fail. Every grid is tiny (digits, a few hundred images).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SLURM_UP = Path(os.environ.get("NORMBENCH_SLURM_UP", REPO.parent / "shared/cluster/slurm_up.sh"))
+
+TINY = ["dataset.train_size=256", "batch_size=16", "norm=layer"]
+
+
+def unavailable(reason: str):
+    """Skip, with the reason; under CI a missing engine is a failure, never a skip."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run this test: {reason}")
+    pytest.skip(reason)
+
+
+def sweep(cwd: Path, *overrides: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    """``normbench sweep`` as a user runs it, from ``cwd`` (results go to cwd/results)."""
+    return subprocess.run(
+        [sys.executable, "-m", "normbench.cli", "sweep", *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def summaries(cwd: Path, name: str = "default") -> dict[int, dict]:
+    """Each run's summary by its epochs (the tests sweep epochs to tell runs apart)."""
+    found = {}
+    for path in (cwd / "results" / name / "runs").glob("*/summary.json"):
+        record = json.loads(path.read_text())
+        found[record["epochs"]] = record
+    return found
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def lock_of(cwd: Path, epochs: int) -> dict | None:
+    """The lock record of the run with ``epochs`` epochs, once it trains."""
+    for path in (cwd / "results" / "default" / "runs").glob("*/config.yaml"):
+        if f"\nepochs: {epochs}\n" in f"\n{path.read_text()}":
+            try:
+                return json.loads((path.parent / ".lock").read_text())
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+# ------------------------------------------------------------------------------ SLURM
+
+
+def _slurm_ready() -> bool:
+    if not shutil.which("sinfo") or not shutil.which("sacct"):
+        return False
+    state = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    accounting = subprocess.run(["sacct", "-n", "-X", "-S", "now-1minutes"], capture_output=True)
+    return state.returncode == 0 and "idle" in state.stdout + "mixed" and not accounting.returncode
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A one-node SLURM cluster with accounting (sacct), up for the module's tests."""
+    if not _slurm_ready():
+        if os.geteuid() != 0:
+            unavailable("no SLURM cluster here, and bringing one up needs root")
+        if not SLURM_UP.is_file():
+            unavailable(f"no SLURM cluster here, and no {SLURM_UP} to bring one up")
+        up = subprocess.run(["bash", str(SLURM_UP)], capture_output=True, text=True, timeout=600)
+        if up.returncode != 0 or not _slurm_ready():
+            pytest.fail(f"{SLURM_UP} failed:\n{up.stdout[-2000:]}{up.stderr[-2000:]}")
+    return dt.datetime.now() - dt.timedelta(minutes=1)
+
+
+def slurm_jobs(name: str) -> dict[str, str]:
+    """Job id -> state of the SLURM jobs named ``name`` (array tasks one by one)."""
+    listed = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "--name", name, "-S", "now-3hours", "-o", "JobID,State"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(line.split("|", 1) for line in listed.splitlines() if line)
+
+
+def slurm_args(name: str, *more: str) -> list[str]:
+    return [
+        "hydra/launcher=submitit_slurm",
+        f"hydra.launcher.name={name}",
+        "hydra.launcher.cpus_per_task=1",
+        *more,
+    ]
+
+
+def test_slurm_grid_completes_and_a_rerun_submits_nothing(slurm, tmp_path):
+    name = f"nb{uuid.uuid4().hex[:8]}"
+    args = [*TINY, "epochs=1,2", *slurm_args(name, "hydra.launcher.timeout_min=5")]
+    first = sweep(tmp_path, *args)
+    assert first.returncode == 0, first.stderr
+    assert "2 completed" in first.stdout
+    runs = summaries(tmp_path)
+    assert {r["status"] for r in runs.values()} == {"completed"} and len(runs) == 2
+    # each job ran with the one CPU it was given
+    assert {(r["threads"], r["threads_from"]) for r in runs.values()} == {
+        (1, "SLURM_CPUS_PER_TASK")
+    }
+    for table in ("runs.csv", "summary.csv", "metrics.csv"):
+        assert (tmp_path / "results" / "default" / table).is_file()
+    jobs = slurm_jobs(name)
+    assert sorted(jobs.values()) == ["COMPLETED", "COMPLETED"]
+
+    again = sweep(tmp_path, *args)
+    assert again.returncode == 0, again.stderr
+    assert "2 skipped" in again.stdout and "0 completed" in again.stdout
+    assert slurm_jobs(name) == jobs  # no job submitted
+
+
+def test_slurm_a_cancelled_job_is_interrupted_and_redone(slurm, tmp_path):
+    """Two runs: one completes, one is scancelled while it trains. The sweep ends normally
+    with counts and tables (exit 1); the next sweep redoes only the cancelled run."""
+    name = f"nb{uuid.uuid4().hex[:8]}"
+    args = [*TINY, "epochs=1,300", *slurm_args(name, "hydra.launcher.timeout_min=5")]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "normbench.cli", "sweep", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        owner = wait_for(lambda: lock_of(tmp_path, 300), 120, "the 300-epoch run to start")
+        subprocess.run(["scancel", owner["slurm_job"]], check=True)
+        out, err = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 1, err
+    assert "1 completed" in out and "1 interrupted" in out
+    runs = summaries(tmp_path)
+    assert runs[1]["status"] == "completed"
+    assert runs[300]["status"] == "interrupted"
+    assert f"SLURM job {owner['slurm_job']}: cancelled" in runs[300]["error"]
+    assert (tmp_path / "results" / "default" / "summary.csv").is_file()
+    assert not list((tmp_path / "results" / "default" / "runs").glob("*/.lock"))
+
+    before = slurm_jobs(name)
+    redo = sweep(tmp_path, *args)  # no --retry-failed
+    assert redo.returncode == 0, redo.stderr
+    assert "1 completed" in redo.stdout and "1 skipped" in redo.stdout
+    assert summaries(tmp_path)[300]["status"] == "completed"
+    assert len(slurm_jobs(name)) == len(before) + 1
+
+
+def test_slurm_time_limit_is_recorded_as_interrupted(slurm, tmp_path):
+    """A run longer than its job's time limit: SLURM's time-limit signal (SIGUSR2,
+    ``signal_delay_s`` before the limit, or up to 60 s earlier) reaches submitit, which
+    cannot requeue (``max_num_timeout=0``); the run is recorded interrupted, not failed,
+    and the next sweep would redo it."""
+    name = f"nb{uuid.uuid4().hex[:8]}"
+    args = [
+        *TINY,
+        "epochs=100000",
+        *slurm_args(name, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30"),
+    ]
+    done = sweep(tmp_path, *args, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "1 interrupted" in done.stdout
+    (run,) = summaries(tmp_path).values()
+    assert run["status"] == "interrupted" and "time limit" in run["error"]
+    os.chdir(tmp_path)  # the grid's relative out_dir
+    try:
+        from normbench import sweep as sweeps
+
+        assert len(sweeps.plan(args).to_run) == 1
+    finally:
+        os.chdir(REPO)
+
+
+def test_slurm_ctrl_c_cancels_the_sweeps_jobs(slurm, tmp_path):
+    name = f"nb{uuid.uuid4().hex[:8]}"
+    args = [*TINY, "epochs=100000,100001", *slurm_args(name, "hydra.launcher.timeout_min=5")]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "normbench.cli", "sweep", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: lock_of(tmp_path, 100000) and lock_of(tmp_path, 100001),
+            120,
+            "both runs to start",
+        )
+        driver.send_signal(signal.SIGINT)
+        out, err = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130
+    assert "cancelled 2 jobs" in err and "Traceback" not in err
+    wait_for(
+        lambda: {s.split()[0] for s in slurm_jobs(name).values()} == {"CANCELLED"} or None,
+        60,
+        "SLURM to cancel the jobs",
+    )
+    runs = wait_for(
+        lambda: len(summaries(tmp_path)) == 2 and summaries(tmp_path),
+        30,
+        "the runs to record themselves",
+    )
+    assert {r["status"] for r in runs.values()} == {"interrupted"}
+    assert all("SIGTERM" in r["error"] for r in runs.values())
+
+
+# ------------------------------------------------------------------------ submitit_local
+
+
+def test_submitit_local_shares_the_cores_and_records_a_killed_job(tmp_path):
+    """Two jobs started at once on this machine each get cores // 2 threads; a job killed
+    with SIGKILL is recorded interrupted; the rerun redoes only it."""
+    from normbench.cores import affinity
+
+    args = [*TINY, "epochs=2,300", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "normbench.cli", "sweep", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        owner = wait_for(lambda: lock_of(tmp_path, 300), 120, "the 300-epoch run to start")
+        os.kill(owner["pid"], signal.SIGKILL)
+        out, err = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 1, err
+    assert "1 completed" in out and "1 interrupted" in out
+    runs = summaries(tmp_path)
+    cores = len(affinity())
+    assert runs[2]["threads"] == max(1, cores // 2)
+    assert runs[2]["threads_from"] == f"submitit_local: {cores} cores / 2 jobs"
+    assert runs[300]["status"] == "interrupted"
+    assert "exited without a result" in runs[300]["error"]  # what submitit_local can tell
+
+    again = sweep(tmp_path, *args)
+    assert again.returncode == 0, again.stderr
+    assert "1 completed" in again.stdout and "1 skipped" in again.stdout
+
+
+# ------------------------------------------------------------------------------ joblib
+
+
+def test_joblib_a_killed_worker_is_recorded_and_the_sweep_ends(tmp_path):
+    args = [*TINY, "epochs=300,301", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "normbench.cli", "sweep", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        owner = wait_for(lambda: lock_of(tmp_path, 300), 120, "a run to start")
+        os.kill(owner["pid"], signal.SIGKILL)  # as the OOM killer would
+        out, err = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 1, err
+    assert "Traceback" not in err
+    runs = summaries(tmp_path)
+    assert runs[300]["status"] == "interrupted"
+    assert "TerminatedWorkerError" in runs[300]["error"]
+    assert (tmp_path / "results" / "default" / "runs.csv").is_file()
+    # joblib stops the other worker too: its run is interrupted, or finished first
+    assert runs[301]["status"] in ("interrupted", "completed")
+    again = sweep(tmp_path, *args)
+    assert again.returncode == 0, again.stderr
+    assert {r["status"] for r in summaries(tmp_path).values()} == {"completed"}
+
+
+def test_joblib_workers_do_not_outlive_a_killed_driver(tmp_path):
+    args = [*TINY, "epochs=100000,100001", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "normbench.cli", "sweep", *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        owners = wait_for(
+            lambda: (
+                (a := lock_of(tmp_path, 100000)) and (b := lock_of(tmp_path, 100001)) and (a, b)
+            ),
+            120,
+            "both runs to start",
+        )
+    finally:
+        driver.kill()  # SIGKILL: the driver cannot clean up
+        driver.wait()
+    workers = [owner["pid"] for owner in owners]
+    wait_for(
+        lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers) or None,
+        30,
+        "the workers to stop",
+    )
+    runs = wait_for(
+        lambda: len(summaries(tmp_path)) == 2 and summaries(tmp_path), 10, "the runs' records"
+    )
+    assert {r["error"] for r in runs.values()} == {"the sweep's driver process died"}
+
+
+# ------------------------------------------------------------------------------ Ray
+
+NETNS = f"nbray{os.getpid()}"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster (2 CPUs) in a network namespace with only loopback: Ray binds
+    every address it finds, so it is kept off the machine's network."""
+    try:
+        import hydra_plugins.hydra_ray_launcher  # noqa: F401
+    except ImportError:
+        pytest.skip("Ray's launcher is not installed (pip install -e '.[ray]')")
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        unavailable("a loopback-only network namespace for Ray needs root and iproute2")
+    ray_bin = Path(sys.executable).with_name("ray")
+    subprocess.run(["ip", "netns", "add", NETNS], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"], check=True)
+        subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                NETNS,
+                str(ray_bin),
+                "start",
+                "--head",
+                "--port",
+                "6379",
+                "--num-cpus",
+                "2",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        yield NETNS
+    finally:
+        # never `ray stop`: it kills every Ray process on the machine by name
+        pids = subprocess.run(["ip", "netns", "pids", NETNS], capture_output=True, text=True)
+        for pid in pids.stdout.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", NETNS], check=False)
+
+
+RAY = [
+    "hydra/launcher=ray",
+    "hydra.launcher.ray.init.address=auto",
+    "+hydra.launcher.ray.init.object_store_memory=null",
+]
+
+
+def ray_sweep(netns: str, cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "normbench.cli", "sweep", *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+
+
+def test_ray_sweep_uses_num_cpus_and_a_rerun_launches_nothing(ray_cluster, tmp_path):
+    args = [*TINY, "epochs=1,2", *RAY, "+hydra.launcher.ray.remote.num_cpus=1"]
+    first = ray_sweep(ray_cluster, tmp_path, *args)
+    assert first.returncode == 0, first.stderr
+    assert "2 completed" in first.stdout
+    runs = summaries(tmp_path)
+    assert {(r["threads"], r["threads_from"]) for r in runs.values()} == {(1, "Ray num_cpus")}
+    launches = list((tmp_path / "results" / "default" / ".hydra").iterdir())
+
+    again = ray_sweep(ray_cluster, tmp_path, *args)
+    assert again.returncode == 0, again.stderr
+    assert "2 skipped" in again.stdout
+    # no Ray task: nothing was handed to the launcher at all
+    assert list((tmp_path / "results" / "default" / ".hydra").iterdir()) == launches
