@@ -160,7 +160,8 @@ def _prepare(runs: pd.DataFrame) -> _Runs:
     seed_key = resolve_key(runs, "seed")
     status = runs["status"].astype(str)
     failed = runs[status == "failed"]
-    frame = runs[status != "failed"].copy()
+    # Interrupted runs are not results: the next sweep redoes them (as unfinished ones).
+    frame = runs[~status.isin(("failed", "interrupted"))].copy()
     frame = frame.reset_index(drop=True)
     if frame.empty:
         return _Runs(frame, [], failed, [])

@@ -78,6 +78,10 @@ SUMMARY_FIELDS: tuple[str, ...] = (
 
 RUN_FILES = ("config.yaml", "metrics.csv", "summary.json")
 
+#: A run's ``status``: ``interrupted`` runs (stopped from outside) are redone by the next
+#: sweep; the others are results (failed and diverged ones unless ``--retry-failed``).
+STATUSES: tuple[str, ...] = ("completed", "diverged", "failed", "interrupted")
+
 
 def metrics_frame(run_id: str, records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """The training loop's per-epoch records as a long table (``METRIC_COLUMNS``)."""
@@ -173,6 +177,7 @@ SUMMARY_STAT_COLUMNS: tuple[str, ...] = (
     "n",
     "n_diverged",
     "n_failed",
+    "n_interrupted",
     *(f"{metric}_{stat}" for metric in STAT_METRICS for stat in ("mean", "std", "ci95")),
 )
 
@@ -201,7 +206,7 @@ class Collected:
     def counts(self) -> dict[str, int]:
         """Runs per status (completed, diverged, failed, other) plus incomplete and unreadable."""
         status = self.runs["status"] if "status" in self.runs else pd.Series(dtype=object)
-        counts = {s: int((status == s).sum()) for s in ("completed", "diverged", "failed")}
+        counts = {s: int((status == s).sum()) for s in STATUSES}
         counts["other"] = len(status) - sum(counts.values())
         counts["incomplete"] = len(self.incomplete)
         counts["unreadable"] = len(self.unreadable)
@@ -570,7 +575,8 @@ def summarize(runs: pd.DataFrame, group_by: Sequence[str] | None = None) -> pd.D
     names allowed, see :func:`resolve_key`), pooling every run of a coarser group.
 
     Columns: the group keys, ``n`` (completed runs: only they enter the statistics),
-    ``n_diverged``, ``n_failed``, then for ``final_test_acc`` and ``best_test_acc``:
+    ``n_diverged``, ``n_failed``, ``n_interrupted``, then for ``final_test_acc`` and
+    ``best_test_acc``:
     ``_mean``, ``_std`` (sample, n-1) and ``_ci95``, the half-width of the 95% confidence
     interval of the mean, Student's t(0.975, n-1) · std / √n. With n = 1, std and CI are
     NaN; with n = 0, all six are.
@@ -586,6 +592,7 @@ def summarize(runs: pd.DataFrame, group_by: Sequence[str] | None = None) -> pd.D
             "n": completed.astype("int64"),
             "n_diverged": status.eq("diverged").astype("int64"),
             "n_failed": status.eq("failed").astype("int64"),
+            "n_interrupted": status.eq("interrupted").astype("int64"),
         },
         index=runs.index,
     )
@@ -594,7 +601,7 @@ def summarize(runs: pd.DataFrame, group_by: Sequence[str] | None = None) -> pd.D
         data[metric] = pd.to_numeric(values, errors="coerce").where(completed)
     by = [runs[k] for k in keys] if keys else [pd.Series(0, index=runs.index, name="_all")]
     grouped = data.groupby(by, dropna=False, sort=False)
-    table = grouped[["n", "n_diverged", "n_failed"]].sum()
+    table = grouped[["n", "n_diverged", "n_failed", "n_interrupted"]].sum()
     metrics = list(STAT_METRICS)
     mean, std, count = (
         grouped[metrics].mean(),
@@ -694,7 +701,8 @@ def summary_table(summary: pd.DataFrame, keys: Sequence[str], title: str):
     table.add_column("n", justify="right")
     table.add_column("final acc %", justify="right", no_wrap=True)
     table.add_column("95% CI", justify="right", no_wrap=True)
-    extra = [c for c in ("n_diverged", "n_failed") if c in summary and summary[c].sum() > 0]
+    counted = ("n_diverged", "n_failed", "n_interrupted")
+    extra = [c for c in counted if c in summary and summary[c].sum() > 0]
     for column in extra:
         table.add_column(column.removeprefix("n_"), justify="right", style="yellow")
     for row in summary.to_dict("records"):
@@ -716,7 +724,7 @@ def _plural(n: int, word: str) -> str:
 def describe(exp_dir: Path, collected: Collected) -> str:
     """One line: how many runs the experiment has, by status, and how many were skipped."""
     counts = collected.counts()
-    parts = [f"{counts[s]} {s}" for s in ("completed", "diverged", "failed")]
+    parts = [f"{counts[s]} {s}" for s in STATUSES if counts[s] or s != "interrupted"]
     if counts["other"]:
         parts.append(f"{counts['other']} other")
     line = f"{exp_dir}: {_plural(len(collected.runs), 'run')} ({', '.join(parts)})"

@@ -264,13 +264,14 @@ def test_summary_statistics_match_hand_computed_values(tmp_path, make_run):
         make_run(exp, final=final, best=best, seed=seed)
     make_run(exp, status="diverged", seed=3)
     make_run(exp, status="failed", seed=4)
+    make_run(exp, final=0.99, status="interrupted", seed=5)  # partial: not a result
     make_run(exp, final=0.8, norm__name="layer", seed=0)
     make_run(exp, status="diverged", norm__name="group", seed=0)
 
     summary = summarize(collect(exp).runs).set_index("norm.name")
     assert list(summary.columns[-len(SUMMARY_STAT_COLUMNS) :]) == list(SUMMARY_STAT_COLUMNS)
     bn = summary.loc["custom_bn"]
-    assert (bn.n, bn.n_diverged, bn.n_failed) == (3, 1, 1)
+    assert (bn.n, bn.n_diverged, bn.n_failed, bn.n_interrupted) == (3, 1, 1, 1)
     std = math.sqrt(((0.90 - 0.93) ** 2 + (0.92 - 0.93) ** 2 + (0.97 - 0.93) ** 2) / 2)
     assert bn.final_test_acc_mean == pytest.approx(0.93)
     assert bn.final_test_acc_std == pytest.approx(std)
@@ -285,7 +286,7 @@ def test_summary_statistics_match_hand_computed_values(tmp_path, make_run):
 
     group = summary.loc["group"]  # diverged only: counted, no statistics
     assert (group.n, group.n_diverged) == (0, 1)
-    assert all(math.isnan(group[c]) for c in SUMMARY_STAT_COLUMNS[3:])
+    assert all(math.isnan(group[c]) for c in SUMMARY_STAT_COLUMNS[4:])
 
 
 def test_t_quantile_is_scipy_stats(tmp_path):
