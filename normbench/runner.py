@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,14 +202,23 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def summarize(cfg, rid: str, result, prepared: _Prepared, started: str, wall: float) -> dict:
-    """The run's flat summary record (``results.SUMMARY_FIELDS``)."""
-    import torch
+def summarize(
+    cfg,
+    rid: str,
+    result,
+    prepared: _Prepared | None,
+    started: str | None,
+    wall: float | None,
+) -> dict:
+    """The run's flat summary record (``results.SUMMARY_FIELDS``). ``prepared`` None: a
+    run that stopped before it was built (what it would have measured is null)."""
+    from importlib.metadata import version
 
     done = [r for r in result.records if "test_acc" in r]
     last = result.records[-1] if result.records else {}
     train_time = sum(r["epoch_time_s"] for r in done)
     images = sum(r["img_per_s"] * r["epoch_time_s"] for r in done)
+    built = prepared is not None
     return {
         "run_id": rid,
         "status": result.status,
@@ -219,7 +229,7 @@ def summarize(cfg, rid: str, result, prepared: _Prepared, started: str, wall: fl
         "optim": cfg.optim.name,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
-        "lr_effective": prepared.settings.lr,
+        "lr_effective": prepared.settings.lr if built else None,
         "epochs": cfg.epochs,
         "max_steps": cfg.max_steps,
         "seed": cfg.seed,
@@ -232,14 +242,17 @@ def summarize(cfg, rid: str, result, prepared: _Prepared, started: str, wall: fl
         "train_time_s": train_time,
         "wall_time_s": wall,
         "img_per_s": images / train_time if train_time > 0 else None,
-        "num_params": sum(p.numel() for p in prepared.model.parameters()),
-        "device": prepared.device,
-        "threads": prepared.threads.count,
-        "threads_from": prepared.threads.source,
+        "num_params": sum(p.numel() for p in prepared.model.parameters()) if built else None,
+        "device": prepared.device if built else None,
+        "threads": prepared.threads.count if built else None,
+        "threads_from": prepared.threads.source if built else None,
         "error": result.message,
         "started_at": started,
         "finished_at": _now(),
-        "torch_version": torch.__version__,
+        # A driver recording a lost job need not import torch: the installed package says.
+        "torch_version": sys.modules["torch"].__version__
+        if "torch" in sys.modules
+        else version("torch"),
         "normbench_version": __version__,
         # The config, flattened, so that aggregating thousands of runs reads one file each.
         **{f"{CONFIG_PREFIX}{key}": value for key, value in flatten(cfg).items()},
@@ -380,10 +393,9 @@ def record_lost(
             previous = read_summary(folder)
             if previous is not None and previous.get("status") != "interrupted":
                 return False
-            record = dict(previous) if previous else _lost_summary(cfg)
+            record = dict(previous) if previous else _lost_summary(cfg, "interrupted", "")
             own = record.get("error")
             record["error"] = f"{own}; {reason}" if keep_own and own else reason
-            record["finished_at"] = record.get("finished_at") or _now()
             write_json(folder / "summary.json", record)
     except RunBusy:
         return False
@@ -403,31 +415,15 @@ def record_unfinished(cfg, status: str, message: str) -> bool:
         with RunLock(folder):
             if read_summary(folder) is not None:
                 return False
-            record = _lost_summary(cfg)
-            record.update(status=status, error=message, finished_at=_now())
-            write_json(folder / "summary.json", record)
+            write_json(folder / "summary.json", _lost_summary(cfg, status, message))
     except RunBusy:
         return False
     return True
 
 
-def _lost_summary(cfg) -> dict[str, Any]:
+def _lost_summary(cfg, status: str, message: str) -> dict[str, Any]:
     """A summary for a run that left none: what its config says, nothing it measured."""
-    return {
-        "run_id": run_id(cfg),
-        "status": "interrupted",
-        "name": cfg.name,
-        "model": cfg.model.name,
-        "norm": cfg.norm.name,
-        "dataset": cfg.dataset.name,
-        "optim": cfg.optim.name,
-        "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
-        "epochs": cfg.epochs,
-        "max_steps": cfg.max_steps,
-        "seed": cfg.seed,
-        "error": None,
-        "finished_at": None,
-        "normbench_version": __version__,
-        **{f"{CONFIG_PREFIX}{key}": value for key, value in flatten(cfg).items()},
-    }
+    from normbench.train import TrainResult
+
+    result = TrainResult(status=status, message=message)
+    return summarize(cfg, run_id(cfg), result, None, None, None)

@@ -221,6 +221,8 @@ def test_a_lost_job_never_overwrites_a_finished_or_owned_run(tiny, monkeypatch):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["error"] == "SLURM job 41_2: cancelled"
     assert summary["run_id"] == runner.run_id(other) and summary["seed"] == 1
+    assert list(summary)[: len(SUMMARY_FIELDS)] == list(SUMMARY_FIELDS)  # the same schema
+    assert summary["final_test_acc"] is None and summary["threads"] is None
     assert not (folder / LOCK_NAME).exists()
 
 
