@@ -17,10 +17,13 @@ the others run on unattended. Here instead:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from normbench import cores
 
 #: Job states (SLURM's from ``sacct``, submitit_local's) for a job that ended without a
 #: result, in words.
@@ -57,14 +60,23 @@ def launch_planned(sweeper) -> list[Any]:
     OmegaConf.save(sweeper.config, sweep_dir / "multirun.yaml")
 
     overrides = [job.overrides for job in jobs]
-    if type(sweeper.launcher).__module__.startswith("hydra_plugins.hydra_submitit_launcher"):
-        return _launch_submitit(sweeper.launcher, jobs, plan)
+    # How many jobs there are to share the cores (normbench.cores): workers and local
+    # jobs started from here inherit it.
+    saved = os.environ.get(cores.CONCURRENT_ENV)
+    os.environ[cores.CONCURRENT_ENV] = str(len(jobs))
     try:
+        if type(sweeper.launcher).__module__.startswith("hydra_plugins.hydra_submitit_launcher"):
+            return _launch_submitit(sweeper.launcher, jobs, plan)
         return list(sweeper.launcher.launch(overrides, initial_job_idx=0))
     except Exception as err:  # a worker killed (joblib), a task lost (Ray)
         reason = f"lost by the launcher: {type(err).__name__}: {_first_line(err)}"
         _record_lost(jobs, reason)
         return []
+    finally:
+        if saved is None:
+            os.environ.pop(cores.CONCURRENT_ENV, None)
+        else:
+            os.environ[cores.CONCURRENT_ENV] = saved
 
 
 def _first_line(err: BaseException) -> str:
@@ -110,14 +122,8 @@ def _executor(launcher):
 
 
 def _launch_submitit(launcher, jobs: Sequence, plan) -> list[Any]:
-    import os
-
     from hydra.core.singleton import Singleton
 
-    from normbench import cores
-
-    # submitit_local starts every job at once: they share the cores (normbench.cores).
-    os.environ[cores.CONCURRENT_ENV] = str(len(jobs))
     executor = _executor(launcher)
     Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     state = Singleton.get_state()
