@@ -18,7 +18,7 @@ from typing import Any
 
 from normbench.errors import UserError
 
-#: The config groups; their options are the YAML files in ``conf/<group>/``.
+#: The config groups; their options are the YAML files in ``normbench/conf/<group>/``.
 GROUPS: tuple[str, ...] = ("model", "norm", "dataset", "optim", "experiment")
 
 #: Keys that say where or how a run executes, not what it computes: left out of the run id.
@@ -37,12 +37,8 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def conf_dir() -> Path:
-    """The ``conf/`` folder beside the package (a source checkout or an editable install)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"normbench's conf/ folder is missing (looked beside {here})")
+    """The configs, ``normbench/conf/``: package data, in a wheel as in a checkout."""
+    return Path(__file__).resolve().parent / "conf"
 
 
 def group_options(group: str) -> list[str]:

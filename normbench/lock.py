@@ -59,16 +59,21 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def pid_running(pid: int) -> bool:
+    """Whether some process on this machine has ``pid``."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
+
+
 def _running(pid: int, start_time: str | None) -> bool:
     """Whether ``pid`` still runs the process that started at ``start_time``."""
     if _start_time(os.getpid()) is None:  # no /proc (macOS): the pid alone must do
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_running(pid)
     return _start_time(pid) == start_time
 
 

@@ -16,7 +16,9 @@ import io
 import json
 import math
 import os
-import tempfile
+import secrets
+import socket
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,9 +97,49 @@ def metrics_frame(run_id: str, records: Iterable[dict[str, Any]]) -> pd.DataFram
     return frame.astype({"epoch": "int64", "value": "float64"})
 
 
+#: A temporary file's name: ``.<name>.<host>.<pid>.<random>.tmp`` beside its target, so a
+#: later write can tell a leftover of a killed writer from one being written now.
+_TMP_SUFFIX = ".tmp"
+
+
+def _tmp_name(path: Path) -> Path:
+    host = socket.gethostname()
+    return path.with_name(f".{path.name}.{host}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete temporary files of ``path`` whose writers are gone (killed mid-write): on
+    this host a pid that no longer runs; from another host, older than a day."""
+    from normbench.lock import pid_running
+
+    host, prefix = socket.gethostname(), f".{path.name}."
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(_TMP_SUFFIX)):
+            continue
+        parts = name[len(prefix) : -len(_TMP_SUFFIX)].rsplit(".", 2)
+        try:
+            if len(parts) == 3 and parts[0] == host and parts[1].isdigit():
+                gone = not pid_running(int(parts[1]))
+            else:
+                gone = time.time() - entry.stat().st_mtime > 86400
+            if gone:
+                os.unlink(entry.path)
+        except OSError:  # removed meanwhile, or not ours to remove
+            continue
+
+
 def _write_atomic(path: Path, write, binary: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_leftovers(path)
+    tmp = _tmp_name(path)
+    # 0o666 less the umask, as for any file a program creates (mkstemp's 0600 would make
+    # results unreadable to collaborators on a shared file system)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="") as handle:
             write(handle)
@@ -105,7 +147,7 @@ def _write_atomic(path: Path, write, binary: bool = False) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -481,7 +523,7 @@ def config_columns(runs: pd.DataFrame) -> list[str]:
     """The columns of ``runs`` that hold config values (the others are outcomes).
 
     :func:`collect` lists them in ``runs.attrs``; for a frame read back from runs.csv
-    they are the dotted names and the top-level keys of ``conf/config.yaml``.
+    they are the dotted names and the top-level keys of ``normbench/conf/config.yaml``.
     """
     listed = runs.attrs.get("config_columns")
     if listed is not None:

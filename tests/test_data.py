@@ -27,7 +27,7 @@ from normbench.data import (
 )
 from normbench.errors import UserError
 
-CONF = Path(__file__).resolve().parent.parent / "conf" / "dataset"
+CONF = Path(__file__).resolve().parent.parent / "normbench" / "conf" / "dataset"
 CLASSES = {
     "mnist": torchvision.datasets.MNIST,
     "fashion_mnist": torchvision.datasets.FashionMNIST,

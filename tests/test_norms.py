@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 import re
@@ -31,7 +32,7 @@ from normbench.norms import (
 )
 
 C = 16
-CONF = Path(__file__).resolve().parents[1] / "conf" / "norm"
+CONF = Path(__file__).resolve().parents[1] / "normbench" / "conf" / "norm"
 TOL32 = {"rtol": 1e-4, "atol": 1e-5}
 
 
@@ -591,3 +592,67 @@ def test_ghost_bn_merges_a_last_virtual_batch_of_one_value():
 def test_ghost_bn_has_batchnorm_state_dict_keys():
     assert GhostBatchNorm(3).state_dict().keys() == nn.BatchNorm2d(3).state_dict().keys()
     assert math.isclose(GhostBatchNorm(3, momentum=0.3).momentum, 0.3)
+
+
+DEGENERATE_BACKENDS = ["cpu", "reference"] + (
+    ["triton"] if importlib.util.find_spec("triton") is not None else []
+)
+
+
+def _on(backend: str) -> str:
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("backend", DEGENERATE_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (4, 3, 0, 4), (5, 3, 0, 0)])
+@pytest.mark.parametrize("name", ["custom_bn", "ghost_bn", "batch_renorm"])
+def test_an_empty_batch_leaves_the_running_statistics_as_torch_does(name, shape, backend):
+    """torch's BatchNorm on an empty batch: empty output, zero gradients for weight and
+    bias, running statistics unchanged, the batch counted. (Was NaN statistics.)"""
+    device = _on(backend)
+    ours = NormSpec(name, {"backend": backend})(3).to(device)
+    theirs = torch.nn.BatchNorm2d(3).to(device)
+    for module in (ours, theirs):
+        module.running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    x = torch.randn(*shape, device=device, requires_grad=True)
+    x_torch = x.detach().clone().requires_grad_()
+    y, y_torch = ours(x), theirs(x_torch)
+    y.sum().backward()
+    y_torch.sum().backward()
+    assert y.shape == y_torch.shape == x.shape
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
+    after = ours.state_dict()
+    for key, value in before.items():
+        if key == "num_batches_tracked":
+            assert after[key] == value + 1 == theirs.num_batches_tracked
+        else:
+            torch.testing.assert_close(after[key], value)  # unchanged, and not NaN
+
+
+@pytest.mark.parametrize("backend", DEGENERATE_BACKENDS)
+@pytest.mark.parametrize("cls", [BatchNorm1d, BatchNorm2d])
+@pytest.mark.parametrize("training", [True, False])
+def test_zero_channels_raise_as_torch_does_not_crash(cls, training, backend):
+    """BatchNorm2d(0) killed the process with SIGFPE in the C++ kernel; torch raises."""
+    shape = (4, 0) if cls is BatchNorm1d else (4, 0, 3, 3)
+    ours = cls(0, backend=backend).train(training)
+    theirs = getattr(torch.nn, cls.__name__)(0).train(training)
+    with pytest.raises(IndexError):
+        theirs(torch.randn(*shape))
+    with pytest.raises(ValueError, match="at least one channel"):
+        ours(torch.randn(*shape, device=_on(backend)))
+
+
+def test_the_cpu_kernel_itself_refuses_zero_channels():
+    from normbench.kernels import cpu
+
+    ext = cpu.extension()
+    if ext is None:
+        pytest.skip("no compiler: the reference runs instead")
+    with pytest.raises(ValueError, match="at least one channel"):
+        ext.train(torch.randn(4, 0, 3, 3), None, None, None, None, None, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="at least one channel"):
+        ext.forward_train(torch.randn(4, 0, 3, 3), None, None, 1e-5)

@@ -58,6 +58,9 @@ bool channels_last(const at::Tensor& t) {
 Layout layout_of(const at::Tensor& input) {
   TORCH_CHECK(input.dim() >= 2, "batch norm expects (N, C, *) input, got ", input.dim(), " dims");
   TORCH_CHECK(input.device().is_cpu(), "normbench's CPU kernel got a ", input.device(), " tensor");
+  // zero channels would divide by zero below (SIGFPE); the Python front refuses them first
+  TORCH_CHECK_VALUE(input.size(1) > 0, "BatchNorm needs at least one channel, got input size ",
+                    input.sizes());
   Layout lay;
   lay.N = input.size(0);
   lay.C = input.size(1);
@@ -836,6 +839,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train(
   TORCH_CHECK_VALUE(has_mean == has_var,
                     "running_mean and running_var must either both be None or neither be None");
   TORCH_CHECK(input.dim() >= 2, "batch norm expects (N, C, *) input, got ", input.dim(), " dims");
+  TORCH_CHECK_VALUE(input.size(1) > 0, "BatchNorm needs at least one channel, got input size ",
+                    input.sizes());
   int64_t values = input.size(0);
   for (int64_t d = 2; d < input.dim(); ++d) values *= input.size(d);
   TORCH_CHECK_VALUE(values != 1, "Expected more than 1 value per channel when training, got input size torch.Size(",
@@ -844,7 +849,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train(
   // Copied before the node (as layout_of would), so that the node saves the copy for its backward.
   const at::Tensor x = input.is_contiguous() || channels_last(input) ? input : input.contiguous();
   auto out = TrainFunction::apply(x, weight, bias, eps);
-  if (has_mean) {
+  if (has_mean && x.numel() > 0) {  // an empty batch has no statistics: torch keeps the old
     at::NoGradGuard no_grad;
     update_running_stats(*running_mean, *running_var, out[1], out[2], factor, eps,
                          x.numel() / x.size(1));

@@ -27,6 +27,27 @@ def _verify_batch_size(size: torch.Size) -> None:
         )
 
 
+def _check_channels(size: torch.Size) -> None:
+    # torch fails on zero channels too (an IndexError from deep inside); the kernels would
+    # divide by the channel count
+    if len(size) >= 2 and size[1] == 0:
+        raise ValueError(f"BatchNorm needs at least one channel, got input size {size}")
+
+
+def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None):
+    """An empty batch (N = 0, or no spatial positions) as torch treats it: an empty
+    output, zero gradients for weight and bias, no statistics (NaN) and the running
+    ones left as they are."""
+    shape = (1, -1, *([1] * (input.dim() - 2)))
+    y = input
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    none = torch.full((input.shape[1],), float("nan"), device=input.device)
+    return y, none, none.clone()
+
+
 def supported_layout(x: Tensor) -> Tensor:
     """``x`` if the kernels read it as it is (contiguous, channels_last), else a contiguous copy.
 
@@ -43,8 +64,11 @@ def _check_eps(eps: float) -> None:
 
 
 def _train(input, weight, bias, running_mean, running_var, momentum, eps, backend):
+    _check_channels(input.size())
     _verify_batch_size(input.size())
     _check_eps(eps)
+    if input.numel() == 0:
+        return _empty_batch(input, weight, bias)
     x = supported_layout(input)
     return ops.train(
         x, weight, bias, running_mean, running_var, momentum, eps, ops.resolve_backend(backend, x)
@@ -72,8 +96,9 @@ def batch_norm_tracked(
     """
     # input.is_cpu, not input.device.type: building a torch.device costs ~8 us with cold caches
     ext = cpu.extension() if backend in ("cpu", "auto") and input.is_cpu else None
-    # eps <= 0 takes the path below, which raises torch's error after counting as torch does
-    if ext is not None and eps > 0.0 and ops.plain_eager(input):
+    # eps <= 0 takes the path below, which raises torch's error after counting as torch does;
+    # so do empty inputs, which the kernels do not take
+    if ext is not None and eps > 0.0 and input.numel() and ops.plain_eager(input):
         y, _, _ = ext.train(
             input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
         )
@@ -120,6 +145,7 @@ def batch_norm(
     unbiased (``n / (n - 1)``) as torch does. Eval: normalise with the running
     statistics. ``backend``: ``auto``, ``cpu``, ``triton`` or ``reference``.
     """
+    _check_channels(input.size())
     if not training:
         if eps < 0.0:
             raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")

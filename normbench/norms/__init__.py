@@ -4,7 +4,7 @@ Importing this package registers every variant (``custom_bn``, ``torch_bn``,
 ``layer``, ``instance``, ``group``, ``batch_renorm``, ``ghost_bn``, ``none``);
 models get their layers through :class:`NormSpec`. Adding a variant is one
 module here with a ``@register_norm`` class, one import line below, and one
-``conf/norm/<name>.yaml``.
+``normbench/conf/norm/<name>.yaml``.
 
 Every variant takes ``(num_channels, **kwargs)`` and channels-first
 ``(N, C, *)`` input. Class attributes read by :class:`NormSpec`: ``centers``

@@ -134,6 +134,10 @@ class BatchRenorm(nn.Module):
         r_max, d_max = self.renorm_limits()
         # the kernel gives (x - mu_B) / sigma_B with BatchNorm's gradient through mu_B and sigma_B
         xhat, mean, invstd = batch_norm_train(input, None, None, self.eps, self.backend)
+        if input.numel() == 0:  # no statistics: as torch's BatchNorm, count it, change nothing
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+            return batch_norm_train(input, self.weight, self.bias, self.eps, self.backend)[0]
         with torch.no_grad():
             batch_std = invstd.reciprocal()
             running_std = self.running_std.to(batch_std.dtype)

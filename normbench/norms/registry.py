@@ -3,7 +3,7 @@
 A variant is a ``torch.nn.Module`` class registered under a config name; every
 class takes ``(num_channels, **kwargs)`` and normalises channels-first input
 ``(N, C, *)``. Models ask this registry for their layers, so registering a class
-(plus one YAML file in ``conf/norm/``) is all it takes to add a variant.
+(plus one YAML file in ``normbench/conf/norm/``) is all it takes to add a variant.
 """
 
 from __future__ import annotations
