@@ -156,6 +156,8 @@ def _report_experiments(experiment_dirs) -> None:
             err.print(f"{folder}: no runs yet, no tables", markup=False)
             continue
         collected, _ = results.aggregate(folder)
+        for line in results.warnings(collected):
+            err.print(f"warning: {line}", markup=False)
         out.print(results.describe(folder, collected))
         keys = results.swept_keys(collected.runs)
         out.print(results.summary_table(results.summarize(collected.runs, keys), keys, str(folder)))
@@ -192,7 +194,10 @@ def results(
     experiment, and print mean ± std of test accuracy over seeds per group."""
     from normbench.results import report
 
-    for renderable in report(dirs, group_by):
+    def warn(message: str) -> None:
+        err.print(f"warning: {message}", markup=False)
+
+    for renderable in report(dirs, group_by, warn=warn):
         out.print(renderable)
 
 
@@ -295,9 +300,12 @@ def bench(
     fractions of both copies' bandwidths; writes them as a CSV, one row per (shape, impl).
     """
     from normbench import bench as benchmark
-    from normbench.results import write_csv
+    from normbench.results import check_writable, write_csv
 
     shapes = [benchmark.parse_shape(text) for text in shape] if shape else None
+    if out_path.is_dir():
+        raise UserError(f"--out {out_path} is a folder: give a file name, as bench.csv")
+    check_writable(out_path.parent)  # before minutes of measuring
     try:
         with benchmark.RichProgress(console=err) as progress:
             frame = benchmark.run_bench(

@@ -110,12 +110,14 @@ def check_group_overrides(overrides: Sequence[str]) -> list:
         group = override.key_or_group
         if group not in GROUPS or override.is_delete():
             continue
+        valid = group_options(group)
         if override.is_sweep_override():
             values = list(override.sweep_string_iterator())
         else:
             value = override.value()
+            if value is None and group in REQUIRED_GROUPS:
+                raise UserError(f"{group} cannot be null; pick one of: {', '.join(valid)}")
             values = [] if value is None else [str(value)]
-        valid = group_options(group)
         for value in values:
             if value not in valid:
                 raise UserError(
@@ -268,6 +270,11 @@ def flatten(cfg) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- validation
+#
+# Every key gets a type and a range check, in the user's words, before anything is built:
+# a value that passes here does not crash a model, a norm or an optimizer later. Keys
+# with a rule below are checked by it; any other key of a group option (a new variant's
+# own argument) must have the type of its default in the option's YAML.
 
 
 def _is_int(value: Any) -> bool:
@@ -278,33 +285,145 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
-def _require(ok: bool, key: str, rule: str, value: Any) -> None:
-    if not ok:
-        raise UserError(f"{key} must be {rule}, got {value!r}")
+def _int(low: int, high: int | None = None, null: bool = False):
+    if high is not None and high > 10**6 and (high + 1) & high == 0:  # 2**63 - 1, readably
+        top = f" and <= 2**{high.bit_length()} - 1"
+    else:
+        top = f" and <= {high}" if high is not None else ""
+    rule = f"an integer >= {low}{top}" + (" or null" if null else "")
+
+    def check(value: Any) -> str | None:
+        if null and value is None:
+            return None
+        ok = _is_int(value) and value >= low and (high is None or value <= high)
+        return None if ok else rule
+
+    return check
 
 
-def _int_at_least(cfg, key: str, low: int, optional: bool = False) -> None:
-    value = _get(cfg, key)
-    if optional and value is None:
-        return
-    rule = f"an integer >= {low}" + (" or null" if optional else "")
-    _require(_is_int(value) and value >= low, key, rule, value)
+def _number(low: float, strict: bool, high: float | None = None, null: bool = False):
+    rule = f"a number {'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high else "")
+    rule += " or null" if null else ""
+
+    def check(value: Any) -> str | None:
+        if null and value is None:
+            return None
+        ok = _is_number(value) and (value > low if strict else value >= low)
+        return None if ok and (high is None or value <= high) else rule
+
+    return check
 
 
-def _choice(cfg, key: str, choices: Sequence[str]) -> None:
-    value = _get(cfg, key)
-    if value not in choices:
-        raise UserError(
-            f"{key} must be one of {', '.join(choices)}, got {value!r}"
-            f"{_closest(str(value), choices)}"
-        )
+def _one_of(*choices: str):
+    def check(value: Any) -> str | None:
+        if value in choices:
+            return None
+        return f"one of {', '.join(choices)}" + (_closest(str(value), choices) if value else "")
+
+    return check
 
 
-def _get(cfg, key: str) -> Any:
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
+def _boolean(null: bool = False):
+    rule = "true or false" + (" or null" if null else "")
+    return lambda value: None if isinstance(value, bool) or (null and value is None) else rule
+
+
+def _text(value: Any) -> str | None:
+    return None if isinstance(value, str) and value.strip() else "a non-empty string"
+
+
+def _ints(low: int, empty: bool):
+    rule = f"a list of integers >= {low}" + ("" if empty else " (at least one)")
+
+    def check(value: Any) -> str | None:
+        items = list(value) if isinstance(value, list | tuple) else None
+        ok = items is not None and (empty or items) and all(_is_int(v) and v >= low for v in items)
+        return None if ok else rule
+
+    return check
+
+
+def _betas(value: Any) -> str | None:
+    items = list(value) if isinstance(value, list | tuple) else []
+    ok = len(items) == 2 and all(_is_number(b) and 0 <= b < 1 for b in items)
+    return None if ok else "two numbers in [0, 1), as [0.9, 0.999]"
+
+
+def _fractions(value: Any) -> str | None:
+    items = list(value) if isinstance(value, list | tuple) else None
+    ok = items is not None and all(_is_number(m) and 0 < m < 1 for m in items)
+    return None if ok else "a list of fractions of training between 0 and 1"
+
+
+#: The rule of every key normbench defines (dotted names).
+RULES: dict[str, Any] = {
+    "name": _text,
+    "out_dir": _text,
+    "batch_size": _int(1),
+    "eval_batch_size": _int(1),
+    "lr": _number(0, strict=True),
+    "lr_scaling": _one_of(*LR_SCALINGS),
+    "ref_batch_size": _int(1),
+    "epochs": _int(1),
+    "max_steps": _int(1, null=True),
+    # torch's generators take 64-bit seeds; numpy's and others' signed ones
+    "seed": _int(0, 2**63 - 1),
+    "device": _one_of(*DEVICES),
+    "threads": _int(1, null=True),
+    "schedule.name": _one_of(*SCHEDULES),
+    "schedule.warmup_epochs": _number(0, strict=False),
+    "schedule.milestones": _fractions,
+    "schedule.gamma": _number(0, strict=True),
+    "model.widths": _ints(1, empty=False),
+    "model.width": _int(1),
+    "model.hidden": _ints(1, empty=True),
+    "norm.eps": _number(0, strict=True),
+    "norm.momentum": _number(0, strict=False, high=1, null=True),
+    "norm.groups": _int(1),
+    "norm.r_max": _number(1, strict=False),
+    "norm.d_max": _number(0, strict=False),
+    "norm.warmup_steps": _int(0),
+    "norm.ramp_steps": _int(0),
+    "norm.virtual_batch_size": _int(1),
+    "norm.backend": _one_of("auto", "cpu", "triton", "reference"),
+    "dataset.root": _text,
+    "dataset.download": _boolean(),
+    "dataset.train_size": _int(1, null=True),
+    "dataset.test_size": _int(1, null=True),
+    "dataset.augment": _boolean(null=True),
+    "optim.momentum": _number(0, strict=False),
+    "optim.weight_decay": _number(0, strict=False),
+    "optim.nesterov": _boolean(),
+    "optim.betas": _betas,
+    "optim.eps": _number(0, strict=True),
+}
+
+#: Groups a run cannot do without (``experiment`` is optional).
+REQUIRED_GROUPS = ("model", "norm", "dataset", "optim")
+
+
+def _by_default(default: Any):
+    """The type check of a key with no rule: the type of its default value."""
+    if isinstance(default, bool):
+        return _boolean()
+    if _is_int(default):
+        return lambda value: None if _is_int(value) else "an integer"
+    if isinstance(default, float):
+        return lambda value: None if _is_number(value) else "a number"
+    if isinstance(default, str):
+        return lambda value: None if isinstance(value, str) else "a string"
+    if isinstance(default, list | tuple):
+        return lambda value: None if isinstance(value, list | tuple) else "a list"
+    return lambda value: None  # null default: any value
+
+
+def _option_defaults(group: str, option: str) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    path = conf_dir() / group / f"{option}.yaml"
+    if not path.is_file():
+        return {}
+    return _flatten(OmegaConf.to_container(OmegaConf.load(path)) or {})
 
 
 def validate(cfg) -> None:
@@ -313,48 +432,20 @@ def validate(cfg) -> None:
     Limits that depend on the data (batch size vs training set) and on the norm's
     own arguments are checked where those are known: in the runner, before it writes.
     """
-    _int_at_least(cfg, "batch_size", 1)
-    _int_at_least(cfg, "eval_batch_size", 1)
-    _int_at_least(cfg, "epochs", 1)
-    _int_at_least(cfg, "max_steps", 1, optional=True)
-    _int_at_least(cfg, "ref_batch_size", 1)
-    _int_at_least(cfg, "threads", 1, optional=True)
-    _require(_is_int(cfg.seed) and cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
-    _require(_is_number(cfg.lr) and cfg.lr > 0, "lr", "a number > 0", cfg.lr)
-    _choice(cfg, "lr_scaling", LR_SCALINGS)
-    _choice(cfg, "device", DEVICES)
-    _choice(cfg, "schedule.name", SCHEDULES)
-    warmup = cfg.schedule.warmup_epochs
-    _require(_is_number(warmup) and warmup >= 0, "schedule.warmup_epochs", "a number >= 0", warmup)
-    gamma = cfg.schedule.gamma
-    _require(_is_number(gamma) and gamma > 0, "schedule.gamma", "a number > 0", gamma)
-    milestones = list(cfg.schedule.milestones or [])
-    _require(
-        all(_is_number(m) and 0 < m < 1 for m in milestones),
-        "schedule.milestones",
-        "a list of fractions of training between 0 and 1",
-        milestones,
-    )
-    for key in ("weight_decay", "momentum"):
-        if key in cfg.optim:
-            value = cfg.optim[key]
-            _require(_is_number(value) and value >= 0, f"optim.{key}", "a number >= 0", value)
-    if "eps" in cfg.norm:
-        eps = cfg.norm.eps
-        _require(_is_number(eps) and eps > 0, "norm.eps", "a number > 0", eps)
-    if cfg.norm.get("momentum") is not None:
-        momentum = cfg.norm.momentum
-        _require(
-            _is_number(momentum) and 0 <= momentum <= 1,
-            "norm.momentum",
-            "in [0, 1] or null",
-            momentum,
-        )
-    for key in ("train_size", "test_size"):
-        _int_at_least(cfg, f"dataset.{key}", 1, optional=True)
-    for key in ("name", "out_dir"):
-        value = cfg[key]
-        _require(isinstance(value, str) and value.strip() != "", key, "a non-empty string", value)
+    for group in REQUIRED_GROUPS:
+        node = cfg.get(group)
+        if not hasattr(node, "get") or not isinstance(node.get("name"), str):
+            valid = ", ".join(group_options(group))
+            raise UserError(f"{group} is missing ({group}=null or ~{group}); pick one of: {valid}")
+    for key, value in flatten(cfg).items():
+        check = RULES.get(key)
+        group = key.split(".", 1)[0]
+        if check is None and group in REQUIRED_GROUPS and key != f"{group}.name":
+            default = _option_defaults(group, cfg[group].name).get(key.split(".", 1)[1])
+            check = _by_default(default)
+        rule = check(value) if check is not None else None
+        if rule is not None:
+            raise UserError(f"{key} must be {rule}, got {value!r}")
     _require(
         os.sep not in cfg.name and cfg.name not in (".", ".."),
         "name",
@@ -366,3 +457,8 @@ def validate(cfg) -> None:
 
         if not torch.cuda.is_available():
             raise UserError("device=cuda but CUDA is not available here; use device=auto or cpu")
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise UserError(f"{key} must be {rule}, got {value!r}")

@@ -257,7 +257,32 @@ def _load_torchvision(name: str, spec: _Spec, root: str | Path, download: bool):
             f"The files there may be corrupt or incomplete: remove them and run with "
             f"dataset.download=true, or replace them ({_where_to_get(cls)})."
         ) from err
-    return (*_as_tensors(train), *_as_tensors(test))
+    splits = []
+    for split, dataset in (("training", train), ("test", test)):
+        images, labels = _as_tensors(dataset)
+        _check_split(name, folder, split, images, labels, spec.num_classes)
+        splits += [images, labels]
+    return tuple(splits)
+
+
+def _check_split(name, folder, split, images, labels, num_classes: int) -> None:
+    """What torchvision reads without complaint but cannot be trained on: as many labels
+    as images, every label a class of the data set."""
+    if len(images) != len(labels):
+        raise UserError(
+            f"data set {name!r} in {folder}: the {split} split has {len(images)} images but "
+            f"{len(labels)} labels; the files do not belong together: replace them"
+        )
+    if len(images) == 0:
+        raise UserError(f"data set {name!r} in {folder}: the {split} split has no images")
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise UserError(
+            f"data set {name!r} in {folder}: {int(bad.sum())} {split} labels are outside the "
+            f"{num_classes} classes 0-{num_classes - 1} (label {int(labels[first])} at index "
+            f"{first}); the label file is not this data set's: replace it"
+        )
 
 
 def _download(name: str, cls: type, root: Path, folder: Path, files: list[Path], listing: str):

@@ -89,16 +89,20 @@ def _record_lost(
 ) -> None:
     """Record the jobs' runs as interrupted; a SLURM job that ended without a result is
     recorded even if it never started its run (cancelled while queued)."""
+    from normbench.results import NotWritten
     from normbench.runner import record_lost
 
     for job in jobs:
-        record_lost(
-            job.cfg,
-            reason,
-            slurm_job=slurm_job,
-            unstarted=slurm_job is not None,
-            keep_own=keep_own,
-        )
+        try:
+            record_lost(
+                job.cfg,
+                reason,
+                slurm_job=slurm_job,
+                unstarted=slurm_job is not None,
+                keep_own=keep_own,
+            )
+        except NotWritten:  # a full disk: the run stays without a summary, as not run
+            continue
 
 
 def _executor(launcher):

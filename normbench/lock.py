@@ -120,9 +120,9 @@ def read_owner(folder: Path, stale_s: float = STALE_S) -> Owner | None:
     parsed (written by something else) is alive until its mtime is ``stale_s`` old."""
     path = Path(folder) / LOCK_NAME
     try:
-        text = path.read_text()
+        text = path.read_text(errors="replace")
         age = max(0.0, time.time() - path.stat().st_mtime)
-    except FileNotFoundError:
+    except OSError:  # none, or no folder to hold one (a file in its place, a name too long)
         return None
     try:
         record = json.loads(text)

@@ -597,17 +597,21 @@ def _failed_in(prepared: _Runs, combo: dict[str, Any]) -> int:
 # ----------------------------------------------------------------------------- writing
 
 
-def plot_experiment(exp_dir: Path) -> list[Path]:
+def plot_experiment(exp_dir: Path, warn: Callable[[str], None] | None = None) -> list[Path]:
     """Collect an experiment's runs, draw every figure and write them as PNG into
     ``<exp_dir>/plots/``; returns the paths written, error figures first.
 
     Raises :class:`NothingToPlot` (a UserError; nothing written) when no run of the
     experiment completed.
     """
-    from normbench.results import collect, write_figure
+    from normbench.results import check_writable, collect, warnings, write_figure
 
     exp_dir = Path(exp_dir)
+    check_writable(exp_dir / "plots")  # a read-only folder, a file named plots: say so first
     collected = collect(exp_dir)
+    if warn is not None:
+        for line in warnings(collected):
+            warn(line)
     runs = collected.runs
     completed = 0 if runs.empty else int((runs["status"] == "completed").sum())
     if not completed:
@@ -641,7 +645,7 @@ def plot_experiments(
     problems: list[str] = []
     for exp_dir in experiments:
         try:
-            written += plot_experiment(exp_dir)
+            written += plot_experiment(exp_dir, warn)
         except NothingToPlot as error:
             problems.append(str(error))
             if warn is not None and len(experiments) > 1:

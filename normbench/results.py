@@ -11,7 +11,9 @@ summary.csv beside ``runs/``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import errno
 import io
 import json
 import math
@@ -19,7 +21,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,21 +135,84 @@ def _remove_leftovers(path: Path) -> None:
             continue
 
 
+#: Errors of the place written to, not of normbench: a full disk or quota, a read-only
+#: or forbidden folder, a file where a folder should be, a name too long.
+_PLACE_ERRORS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENAMETOOLONG,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.EFBIG,
+    errno.ENOENT,
+}
+
+
+class NotWritten(UserError):
+    """A file could not be written where the user asked: one line, exit status 2."""
+
+    def __init__(self, path: Path, error: OSError):
+        super().__init__(f"cannot write {path}: {error.strerror or error}")
+        self.path, self.error = path, error
+
+
+def check_writable(folder: Path) -> None:
+    """Create and remove a probe file in ``folder`` (and the folders it needs, which are
+    removed again): a :class:`NotWritten` now, before any work, rather than at its end."""
+    folder = Path(folder)
+    missing: list[Path] = []
+    created: list[Path] = []
+    probe = folder / f".normbench-probe.{socket.gethostname()}.{os.getpid()}"
+    try:
+        path = folder
+        while not path.exists() and path.parent != path:
+            missing.append(path)
+            path = path.parent
+        for part in reversed(missing):
+            part.mkdir()
+            created.append(part)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            os.write(fd, b"\0" * 4096)  # a full disk refuses data, not always the name
+        finally:
+            os.close(fd)
+            probe.unlink()
+    except OSError as err:
+        if err.errno not in _PLACE_ERRORS:
+            raise
+        raise NotWritten(folder, err) from None
+    finally:
+        for part in reversed(created):
+            with contextlib.suppress(OSError):
+                part.rmdir()
+
+
 def _write_atomic(path: Path, write, binary: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(path)
-    tmp = _tmp_name(path)
-    # 0o666 less the umask, as for any file a program creates (mkstemp's 0600 would make
-    # results unreadable to collaborators on a shared file system)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(path)
+        tmp = _tmp_name(path)
+        # 0o666 less the umask, as for any file a program creates (mkstemp's 0600 would
+        # make results unreadable to collaborators on a shared file system)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as err:
+        if err.errno not in _PLACE_ERRORS:
+            raise
+        raise NotWritten(path, err) from None
     try:
         with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in _PLACE_ERRORS:
+            raise NotWritten(path, err) from None
         raise
 
 
@@ -170,11 +235,25 @@ def write_csv(path: Path, frame: pd.DataFrame) -> None:
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The run's summary record, or None when it has none (not finished) or it is unreadable."""
+    """The run's summary record, or None when it has none (not finished) or its files
+    cannot be used (summary.json garbage, not an object, a folder in its place, without a
+    known status or a whole batch size; a finished run's metrics.csv damaged): such a run
+    is not done, for the planner, the runner and the tables alike."""
     try:
-        return json.loads((Path(run_dir) / "summary.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        record = json.loads((Path(run_dir) / "summary.json").read_bytes())
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
+    if not isinstance(record, dict) or _summary_problem(record):
+        return None
+    if record["status"] != "interrupted" and _metrics_problem(Path(run_dir) / "metrics.csv"):
+        return None
+    return record
+
+
+def status_of(summary: dict[str, Any] | None) -> str | None:
+    """A summary's status, or None when it has none that is a string."""
+    status = summary.get("status") if summary else None
+    return status if isinstance(status, str) else None
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -234,7 +313,8 @@ class Collected:
     ``runs``: one row per run with a summary: every summary.json field, then the config's
     dotted keys (see :func:`collect`). ``metrics``: every run's metrics.csv, long.
     ``incomplete``: run folders without summary.json (unfinished or interrupted).
-    ``unreadable``: run folders whose summary.json or config.yaml cannot be parsed.
+    ``unreadable``: run folders whose files cannot be used (``problems`` says why for
+    each). ``copies``: folders holding a run already read from another folder.
     """
 
     runs: pd.DataFrame
@@ -244,6 +324,8 @@ class Collected:
     #: ``metrics`` as the CSV text it was parsed from (the files' own lines, headers
     #: dropped): what :func:`aggregate` writes, with no second formatting pass.
     metrics_csv: bytes = field(default=b"", repr=False)
+    problems: dict[Path, str] = field(default_factory=dict)
+    copies: list[Path] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """Runs per status (completed, diverged, failed, other) plus incomplete and unreadable."""
@@ -403,8 +485,12 @@ def _metrics_body(path: str) -> bytes:
     if header.rstrip(b"\r") != _METRICS_HEADER:
         if not data.strip():
             return b""
-        # Another column order (another version): parse this one file on its own.
-        frame = pd.read_csv(path, dtype=_METRIC_DTYPES)[list(METRIC_COLUMNS)]
+        # Another column order (another version): parse this one file on its own; a
+        # file that is not a metrics table at all raises ValueError (unreadable).
+        try:
+            frame = pd.read_csv(io.BytesIO(data), dtype=_METRIC_DTYPES)[list(METRIC_COLUMNS)]
+        except (KeyError, UnicodeDecodeError) as err:
+            raise ValueError(f"metrics.csv is not a metrics table ({err})") from None
         body = frame.to_csv(index=False, header=False, lineterminator="\n").encode()
     if b"\r" in body:
         body = body.replace(b"\r\n", b"\n")
@@ -416,13 +502,46 @@ class _Read:
     summaries: list[dict[str, Any]] = field(default_factory=list)
     configs: list[dict[str, Any]] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
     incomplete: list[Path] = field(default_factory=list)
-    unreadable: list[Path] = field(default_factory=list)
+    unreadable: dict[Path, str] = field(default_factory=dict)
+    copies: list[Path] = field(default_factory=list)
+
+    def drop(self, index: int, why: str) -> None:
+        self.unreadable[self.folders[index]] = why
+        for column in (self.summaries, self.configs, self.bodies, self.folders):
+            del column[index]
+
+
+#: Summary fields read as numbers (null allowed), and those that must be whole numbers.
+_NUMBER_FIELDS = (
+    "lr", "final_test_acc", "best_test_acc", "final_test_loss", "final_train_loss",
+    "final_train_acc", "train_time_s", "wall_time_s", "img_per_s",
+)  # fmt: skip
+_WHOLE_FIELDS = ("batch_size", "epochs", "seed")
+
+
+def _summary_problem(summary: dict[str, Any]) -> str | None:
+    """What makes a summary.json unusable in tables (None: nothing): a status normbench
+    does not know, a batch size that is not a whole number, a number that is text."""
+    status = summary.get("status")
+    if status not in STATUSES:
+        return f"status {status!r} is not one of {', '.join(STATUSES)}"
+    for key in _WHOLE_FIELDS:
+        value = summary.get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{key} {value!r} is not a whole number"
+    for key in _NUMBER_FIELDS:
+        value = summary.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            return f"{key} {value!r} is not a number"
+    return None
 
 
 def _read_runs(runs_dir: Path) -> _Read:
     """Every run folder's three files, with plain ``open`` (pathlib costs as much as
-    the reads here)."""
+    the reads here). A folder whose files cannot be used is ``unreadable``, with the
+    reason; a second folder holding the same run (a copy) is counted once."""
     import yaml
 
     with os.scandir(runs_dir) as entries:
@@ -437,22 +556,76 @@ def _read_runs(runs_dir: Path) -> _Read:
         except FileNotFoundError:
             read.incomplete.append(runs_dir / name)
             continue
+        except OSError as err:  # a folder in its place, no permission
+            read.unreadable[runs_dir / name] = f"summary.json: {err.strerror or err}"
+            continue
         try:
             summary = json.loads(summary_bytes)
             if not isinstance(summary, dict):
-                raise ValueError("summary.json is not an object")
+                raise ValueError("summary.json is not a JSON object")
+            problem = _summary_problem(summary)
+            if problem:
+                raise ValueError(f"summary.json: {problem}")
             summary, config = split_summary(summary)
             if config is None:
                 with open(os.path.join(folder, "config.yaml"), encoding="utf-8") as handle:
                     config = read_config(handle.read())
-        except (OSError, ValueError, yaml.YAMLError):  # JSONDecodeError, UnicodeDecodeError
-            read.unreadable.append(runs_dir / name)
+            body = _metrics_body(os.path.join(folder, "metrics.csv"))
+        except OSError as err:
+            read.unreadable[runs_dir / name] = f"{Path(err.filename or '').name}: {err.strerror}"
+            continue
+        except (ValueError, yaml.YAMLError) as err:  # JSONDecodeError, UnicodeDecodeError
+            read.unreadable[runs_dir / name] = " ".join(str(err).split())[:200]
             continue
         summary.setdefault("run_id", name)
         read.summaries.append(summary)
         read.configs.append(config)
-        read.bodies.append(_metrics_body(os.path.join(folder, "metrics.csv")))
+        read.bodies.append(body)
+        read.folders.append(runs_dir / name)
+    _drop_copies(read)
     return read
+
+
+def _drop_copies(read: _Read) -> None:
+    """One row per run id: a run folder copied under another name is the same run. The
+    folder named by the run id is kept, else the first."""
+    keep: dict[str, int] = {}
+    for index, summary in enumerate(read.summaries):
+        rid = str(summary["run_id"])
+        if rid not in keep or read.folders[index].name == rid:
+            keep[rid] = index
+    extra = sorted(set(range(len(read.summaries))) - set(keep.values()), reverse=True)
+    for index in extra:
+        read.copies.append(read.folders[index])
+        for column in (read.summaries, read.configs, read.bodies, read.folders):
+            del column[index]
+    read.copies.reverse()
+
+
+def _body_problem(body: bytes) -> str | None:
+    """What is wrong with a metrics.csv's lines (None: nothing), without pandas: five
+    fields, a whole epoch, a number."""
+    for number, line in enumerate(body.split(b"\n"), start=2):
+        if not line:
+            continue
+        fields = line.split(b",")
+        try:
+            if len(fields) != len(METRIC_COLUMNS):
+                raise ValueError
+            int(fields[1])
+            float(fields[4])
+        except ValueError:
+            return f"metrics.csv: line {number} is not run_id,epoch,split,metric,value"
+    return None
+
+
+def _metrics_problem(path: Path) -> str | None:
+    try:
+        return _body_problem(_metrics_body(os.fspath(path)))
+    except OSError as err:
+        return f"metrics.csv: {err.strerror or err}"
+    except ValueError as err:
+        return str(err)
 
 
 def collect(exp_dir: Path) -> Collected:
@@ -472,6 +645,20 @@ def collect(exp_dir: Path) -> Collected:
     """
     exp_dir = Path(exp_dir)
     read = _read_runs(exp_dir / "runs")
+    while True:
+        try:
+            return _assemble(read)
+        except (ValueError, pd.errors.ParserError):
+            # Some metrics.csv is damaged inside (the fast path parses all of them as one
+            # table): find it, count its run unreadable, and assemble the rest.
+            bad = [(i, why) for i, body in enumerate(read.bodies) if (why := _body_problem(body))]
+            if not bad:
+                raise
+            for index, why in reversed(bad):
+                read.drop(index, why)
+
+
+def _assemble(read: _Read) -> Collected:
     if read.summaries:
         summary_frame = _frame(read.summaries)
         first = [f for f in SUMMARY_FIELDS if f in summary_frame.columns]
@@ -496,7 +683,15 @@ def collect(exp_dir: Path) -> Collected:
     runs.attrs["config_columns"] = config_columns
     metrics_csv = _METRICS_HEADER + b"\n" + b"".join(read.bodies[i] for i in order)
     metrics = pd.read_csv(io.BytesIO(metrics_csv), dtype=_METRIC_DTYPES)
-    return Collected(runs, metrics, read.incomplete, read.unreadable, metrics_csv)
+    return Collected(
+        runs,
+        metrics,
+        read.incomplete,
+        list(read.unreadable),
+        metrics_csv,
+        problems=dict(read.unreadable),
+        copies=list(read.copies),
+    )
 
 
 def _sortable(series: pd.Series) -> pd.Series:
@@ -776,11 +971,24 @@ def describe(exp_dir: Path, collected: Collected) -> str:
         shown = ", ".join(str(p) for p in collected.unreadable[:3])
         more = "..." if counts["unreadable"] > 3 else ""
         line += f"; {counts['unreadable']} unreadable skipped ({shown}{more})"
+    if collected.copies:
+        copies = len(collected.copies)
+        line += f"; {copies} {'copy' if copies == 1 else 'copies'} of other runs counted once"
     return line
 
 
+def warnings(collected: Collected) -> list[str]:
+    """One line per run folder skipped, naming it and why."""
+    lines = [f"skipped {path}: {why}" for path, why in collected.problems.items()]
+    return lines + [
+        f"skipped {path}: a copy of a run read from another folder" for path in collected.copies
+    ]
+
+
 def report(
-    paths: Sequence[Path] | None = None, group_by: Sequence[str] | None = None
+    paths: Sequence[Path] | None = None,
+    group_by: Sequence[str] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Iterator[Any]:
     """``normbench results``: aggregate every experiment under ``paths``
     (:func:`find_experiments`) and yield what to print: per experiment, its run counts,
@@ -790,6 +998,7 @@ def report(
     experiments = find_experiments(paths)
     plans = []
     for exp_dir in experiments:
+        check_writable(exp_dir)  # a read-only folder says so before any work
         collected = collect(exp_dir)
         if collected.runs.empty:
             keys = []
@@ -800,6 +1009,9 @@ def report(
         plans.append((exp_dir, collected, keys))
     for exp_dir, collected, keys in plans:
         _write_tables(exp_dir, collected)
+        if warn is not None:
+            for line in warnings(collected):
+                warn(line)
         yield describe(exp_dir, collected)
         yield f"wrote {', '.join(TABLE_FILES)} to {exp_dir}"
         if not collected.runs.empty:

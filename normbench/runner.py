@@ -23,8 +23,11 @@ from normbench.errors import UserError
 from normbench.lock import RunBusy, RunLock, read_owner
 from normbench.results import (
     CONFIG_PREFIX,
+    NotWritten,
+    check_writable,
     metrics_frame,
     read_summary,
+    status_of,
     write_csv,
     write_json,
 )
@@ -266,9 +269,9 @@ FINAL_UNLESS_RETRIED = ("diverged", "failed")
 
 
 def is_done(summary: dict[str, Any] | None, redo_failed: bool) -> bool:
-    if summary is None:
-        return False
-    status = summary.get("status")
+    """Whether a run with this summary is done; the planner and the runner both ask here.
+    A summary without a known status (damaged, hand-edited) is not done."""
+    status = status_of(summary)
     return status in FINAL or (not redo_failed and status in FINAL_UNLESS_RETRIED)
 
 
@@ -303,6 +306,7 @@ def run(cfg, *, force: bool = False, redo_failed: bool = True, display=None) -> 
     owner = read_owner(folder)
     if owner is not None and owner.alive:  # say so before loading anything
         raise RunInProgress(RunBusy(folder, owner))
+    check_writable(folder.parent.parent)  # not after an hour of training
 
     prepared = prepare(cfg, threads=cores.choose(cfg.threads))
 
@@ -317,13 +321,23 @@ def run(cfg, *, force: bool = False, redo_failed: bool = True, display=None) -> 
         if is_done(previous, redo_failed) and not force:
             return RunOutcome(rid, folder, previous, skipped=True)
         # From here on files are written; the summary, written last, marks the run done.
-        (folder / "summary.json").unlink(missing_ok=True)
-        (folder / "metrics.csv").unlink(missing_ok=True)
+        for name in ("summary.json", "metrics.csv"):  # the earlier attempt's, damaged or not
+            _discard(folder / name)
         write_text_file(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         write_csv(folder / "metrics.csv", metrics_frame(rid, []))
         return _train(cfg, rid, folder, prepared, display)
     finally:
         lock.release()
+
+
+def _discard(path: Path) -> None:
+    """Remove a run file of an earlier attempt, whatever took its name (a folder too)."""
+    if path.is_dir() and not path.is_symlink():
+        import shutil
+
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display) -> RunOutcome:
@@ -344,6 +358,8 @@ def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display) -> RunOutc
                 generator,
                 recorder,
             )
+    except NotWritten:
+        raise  # the disk is full, or the folder gone read-only: nothing more can be written
     except BaseException as err:
         why = interrupts.reason(err)
         result = TrainResult(records=recorder.records, status="interrupted" if why else "failed")
@@ -391,8 +407,8 @@ def record_lost(
     try:
         with RunLock(folder):  # takes over a lock whose owner is gone
             previous = read_summary(folder)
-            if previous is not None and previous.get("status") != "interrupted":
-                return False
+            if status_of(previous) in (*FINAL, *FINAL_UNLESS_RETRIED):
+                return False  # a result: never overwritten
             record = dict(previous) if previous else _lost_summary(cfg, "interrupted", "")
             own = record.get("error")
             record["error"] = f"{own}; {reason}" if keep_own and own else reason

@@ -85,7 +85,7 @@ class Plan:
         ``failed``, ``interrupted`` (stopped from outside: redone by the next sweep),
         ``running elsewhere`` (owned by another process, no result yet) and ``not run``
         (no summary: a job never started)."""
-        from normbench.results import read_summary
+        from normbench.results import read_summary, status_of
 
         counts: Counter = Counter()
         for job in self.jobs:
@@ -94,7 +94,7 @@ class Plan:
                 continue
             summary = read_summary(job.run_dir)
             if summary:
-                counts[summary["status"]] += 1
+                counts[status_of(summary) or "not run"] += 1
             else:
                 counts["running elsewhere" if job.busy is not None else "not run"] += 1
         return counts
@@ -115,6 +115,13 @@ def _sweeper_params(overrides: Sequence[str]) -> list[str]:
 
 def _check_launcher(launcher) -> None:
     """Launcher settings that would stop every job before it trains."""
+    if "n_jobs" in launcher:
+        n_jobs = launcher.n_jobs
+        if not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs == 0:
+            raise UserError(
+                "hydra.launcher.n_jobs must be a non-zero integer (jobs at once; -1: one per "
+                f"core), got {n_jobs!r}"
+            )
     if "signal_delay_s" in launcher and "timeout_min" in launcher:
         delay, limit = launcher.signal_delay_s, launcher.timeout_min
         if isinstance(delay, int) and isinstance(limit, int | float) and delay >= limit * 60:
@@ -211,11 +218,12 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
     not checked further: only the runs left to run build their models."""
     from normbench.config import EXECUTION_KEYS, compose, flatten
     from normbench.lock import read_owner
-    from normbench.results import read_summary
+    from normbench.results import check_writable, read_summary, status_of
     from normbench.runner import experiment_dir, prepare, run_id
 
     result = Plan(list(overrides), retry_failed=retry_failed)
     checked: set[str] = set()
+    writable: set[Path] = set()
     for job_overrides in expand(overrides):
         try:
             cfg = compose(job_overrides)
@@ -223,8 +231,7 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
             raise UserError(f"in sweep job {' '.join(job_overrides)}: {err}") from None
         rid = run_id(cfg)
         folder = experiment_dir(cfg) / "runs" / rid
-        summary = read_summary(folder)
-        job = Job(job_overrides, cfg, rid, folder, summary and summary["status"])
+        job = Job(job_overrides, cfg, rid, folder, status_of(read_summary(folder)))
         result.jobs.append(job)
         if result.skipped(job):
             continue
@@ -233,6 +240,9 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
             job.busy = owner
             continue
         job.overrides = absolute_paths(_task_overrides(job_overrides), cfg)
+        if folder.parent.parent not in writable:  # once per experiment folder
+            check_writable(folder.parent.parent)
+            writable.add(folder.parent.parent)
         # Seeds, learning rates and where results go do not change whether a job can run.
         shape = {k: v for k, v in flatten(cfg).items() if k not in {"seed", "lr", *EXECUTION_KEYS}}
         key = json.dumps(shape, sort_keys=True, default=str)

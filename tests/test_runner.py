@@ -144,7 +144,7 @@ def test_an_interrupted_run_is_recorded_as_such_and_redone(tiny):
     "override, message",
     [
         ("batch_size=257", "larger than the training set"),
-        ("norm=group norm.groups=0", "cannot build model"),
+        ("norm=group norm.groups=0", "norm.groups must be an integer >= 1"),
         ("norm.not_an_arg=1", "unknown config key"),
         ("optim.momentum=0", "invalid optim"),  # nesterov needs momentum
         ("model=mlp batch_size=1", "Expected more than 1 value per channel"),
