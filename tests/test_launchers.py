@@ -156,7 +156,7 @@ def test_slurm_a_cancelled_job_is_interrupted_and_redone(slurm, tmp_path):
     """Two runs: one completes, one is scancelled while it trains. The sweep ends normally
     with counts and tables (exit 1); the next sweep redoes only the cancelled run."""
     name = f"nb{uuid.uuid4().hex[:8]}"
-    args = [*TINY, "epochs=1,300", *slurm_args(name, "hydra.launcher.timeout_min=5")]
+    args = [*TINY, "epochs=1,120", *slurm_args(name, "hydra.launcher.timeout_min=5")]
     driver = subprocess.Popen(
         [sys.executable, "-m", "normbench.cli", "sweep", *args],
         cwd=tmp_path,
@@ -165,7 +165,7 @@ def test_slurm_a_cancelled_job_is_interrupted_and_redone(slurm, tmp_path):
         text=True,
     )
     try:
-        owner = wait_for(lambda: lock_of(tmp_path, 300), 120, "the 300-epoch run to start")
+        owner = wait_for(lambda: lock_of(tmp_path, 120), 120, "the 120-epoch run to start")
         subprocess.run(["scancel", owner["slurm_job"]], check=True)
         out, err = driver.communicate(timeout=300)
     finally:
@@ -174,8 +174,8 @@ def test_slurm_a_cancelled_job_is_interrupted_and_redone(slurm, tmp_path):
     assert "1 completed" in out and "1 interrupted" in out
     runs = summaries(tmp_path)
     assert runs[1]["status"] == "completed"
-    assert runs[300]["status"] == "interrupted"
-    assert f"SLURM job {owner['slurm_job']}: cancelled" in runs[300]["error"]
+    assert runs[120]["status"] == "interrupted"
+    assert f"SLURM job {owner['slurm_job']}: cancelled" in runs[120]["error"]
     assert (tmp_path / "results" / "default" / "summary.csv").is_file()
     assert not list((tmp_path / "results" / "default" / "runs").glob("*/.lock"))
 
@@ -183,7 +183,7 @@ def test_slurm_a_cancelled_job_is_interrupted_and_redone(slurm, tmp_path):
     redo = sweep(tmp_path, *args)  # no --retry-failed
     assert redo.returncode == 0, redo.stderr
     assert "1 completed" in redo.stdout and "1 skipped" in redo.stdout
-    assert summaries(tmp_path)[300]["status"] == "completed"
+    assert summaries(tmp_path)[120]["status"] == "completed"
     assert len(slurm_jobs(name)) == len(before) + 1
 
 
@@ -256,7 +256,7 @@ def test_submitit_local_shares_the_cores_and_records_a_killed_job(tmp_path):
     with SIGKILL is recorded interrupted; the rerun redoes only it."""
     from normbench.cores import affinity
 
-    args = [*TINY, "epochs=2,300", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"]
+    args = [*TINY, "epochs=2,120", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"]
     driver = subprocess.Popen(
         [sys.executable, "-m", "normbench.cli", "sweep", *args],
         cwd=tmp_path,
@@ -265,7 +265,7 @@ def test_submitit_local_shares_the_cores_and_records_a_killed_job(tmp_path):
         text=True,
     )
     try:
-        owner = wait_for(lambda: lock_of(tmp_path, 300), 120, "the 300-epoch run to start")
+        owner = wait_for(lambda: lock_of(tmp_path, 120), 120, "the 120-epoch run to start")
         os.kill(owner["pid"], signal.SIGKILL)
         out, err = driver.communicate(timeout=300)
     finally:
@@ -276,8 +276,8 @@ def test_submitit_local_shares_the_cores_and_records_a_killed_job(tmp_path):
     cores = len(affinity())
     assert runs[2]["threads"] == max(1, cores // 2)
     assert runs[2]["threads_from"] == f"submitit_local: {cores} cores / 2 jobs"
-    assert runs[300]["status"] == "interrupted"
-    assert "exited without a result" in runs[300]["error"]  # what submitit_local can tell
+    assert runs[120]["status"] == "interrupted"
+    assert "exited without a result" in runs[120]["error"]  # what submitit_local can tell
 
     again = sweep(tmp_path, *args)
     assert again.returncode == 0, again.stderr
@@ -288,7 +288,7 @@ def test_submitit_local_shares_the_cores_and_records_a_killed_job(tmp_path):
 
 
 def test_joblib_a_killed_worker_is_recorded_and_the_sweep_ends(tmp_path):
-    args = [*TINY, "epochs=300,301", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    args = [*TINY, "epochs=120,121", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     driver = subprocess.Popen(
         [sys.executable, "-m", "normbench.cli", "sweep", *args],
         cwd=tmp_path,
@@ -297,7 +297,9 @@ def test_joblib_a_killed_worker_is_recorded_and_the_sweep_ends(tmp_path):
         text=True,
     )
     try:
-        owner = wait_for(lambda: lock_of(tmp_path, 300), 120, "a run to start")
+        owner = wait_for(
+            lambda: lock_of(tmp_path, 121) and lock_of(tmp_path, 120), 120, "both runs to start"
+        )
         os.kill(owner["pid"], signal.SIGKILL)  # as the OOM killer would
         out, err = driver.communicate(timeout=300)
     finally:
@@ -305,11 +307,11 @@ def test_joblib_a_killed_worker_is_recorded_and_the_sweep_ends(tmp_path):
     assert driver.returncode == 1, err
     assert "Traceback" not in err
     runs = summaries(tmp_path)
-    assert runs[300]["status"] == "interrupted"
-    assert "TerminatedWorkerError" in runs[300]["error"]
+    assert runs[120]["status"] == "interrupted"
+    assert "TerminatedWorkerError" in runs[120]["error"]
     assert (tmp_path / "results" / "default" / "runs.csv").is_file()
     # joblib stops the other worker too: its run is interrupted, or finished first
-    assert runs[301]["status"] in ("interrupted", "completed")
+    assert runs[121]["status"] in ("interrupted", "completed")
     again = sweep(tmp_path, *args)
     assert again.returncode == 0, again.stderr
     assert {r["status"] for r in summaries(tmp_path).values()} == {"completed"}
