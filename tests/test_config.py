@@ -46,6 +46,9 @@ def test_design_groups_have_the_design_options():
         "batch_renorm",
         "ghost_bn",
         "none",
+        "frn",
+        "rms",
+        "evonorm_s0",
     }
     assert set(group_options("dataset")) == {
         "digits",

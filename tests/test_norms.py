@@ -656,3 +656,65 @@ def test_the_cpu_kernel_itself_refuses_zero_channels():
         ext.train(torch.randn(4, 0, 3, 3), None, None, None, None, None, 0.1, 1e-5)
     with pytest.raises(ValueError, match="at least one channel"):
         ext.forward_train(torch.randn(4, 0, 3, 3), None, None, 1e-5)
+
+
+# --- frn, rms, evonorm_s0 against float64 references written here ------------------------
+
+
+def _reference(name: str, layer, x: torch.Tensor) -> torch.Tensor:
+    """The paper's formula, one sample and channel (or group) at a time, in float64."""
+    x = x.double()
+    n, c = x.shape[:2]
+    out = torch.empty_like(x)
+    p = {k: v.detach().double() for k, v in layer.named_parameters()}
+    for i in range(n):
+        if name == "rms":
+            rms = math.sqrt(float((x[i] ** 2).mean()) + layer.eps)
+            for j in range(c):
+                out[i, j] = x[i, j] / rms * p["weight"][j]
+        elif name == "frn":
+            for j in range(c):
+                nu2 = float((x[i, j] ** 2).mean())
+                y = p["weight"][j] * x[i, j] / math.sqrt(nu2 + layer.eps) + p["bias"][j]
+                out[i, j] = torch.clamp(y, min=float(p["tau"][j]))
+        else:  # evonorm_s0
+            size = c // layer.num_groups
+            for g in range(layer.num_groups):
+                block = x[i, g * size : (g + 1) * size]
+                mean = float(block.mean())
+                var = float(((block - mean) ** 2).mean())
+                for j in range(g * size, (g + 1) * size):
+                    gate = x[i, j] / (1 + torch.exp(-p["v"][j] * x[i, j]))
+                    out[i, j] = gate / math.sqrt(var + layer.eps) * p["weight"][j] + p["bias"][j]
+    return out
+
+
+FORMULA_CASES = [
+    (name, kwargs, shape)
+    for name, kwargs in [("frn", {}), ("rms", {}), ("evonorm_s0", {"groups": 5})]
+    for shape in [(3, 12, 4, 5), (2, 12, 6), (5, 12)]
+    if not (name == "frn" and len(shape) == 2)  # refused: tested with every variant
+]
+
+
+@pytest.mark.parametrize("name, kwargs, shape", FORMULA_CASES)
+def test_new_variants_match_their_formula_in_float64(name, kwargs, shape):
+    layer = randomize(get_norm(name)(12, **kwargs))
+    x = torch.randn(shape) * 2 + 0.5
+    expected = _reference(name, layer, x)
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+    if name == "evonorm_s0":
+        assert layer.num_groups == 4  # the largest divisor of 12 at most 5, as group's
+
+
+def test_variants_with_their_own_activation_get_no_second_one():
+    from normbench.models import build_model
+
+    for name, relus in [("frn", 0), ("evonorm_s0", 0), ("layer", 3), ("rms", 3)]:
+        model = build_model("small_cnn", NormSpec(name), 1, 10, (8, 8))
+        assert sum(isinstance(m, nn.ReLU) for m in model.modules()) == relus, name
+    resnet = build_model("resnet20", NormSpec("frn"), 3, 10, (8, 8))
+    # the ReLU after each residual sum stays (functional); none follows an FRN layer
+    assert not any(isinstance(m, nn.ReLU) for m in resnet.modules())
+    out = resnet(torch.randn(2, 3, 8, 8))
+    assert out.shape == (2, 10)

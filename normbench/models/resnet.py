@@ -16,12 +16,14 @@ from normbench.models import register_model
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-norm-ReLU-conv3x3-norm, plus the shortcut, then ReLU."""
+    """conv3x3-norm-ReLU-conv3x3-norm, plus the shortcut, then ReLU (a norm that carries
+    its own activation takes the first ReLU's place; the one after the sum stays)."""
 
     def __init__(self, norm, in_planes: int, planes: int, stride: int, bias: bool):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=bias)
         self.norm1 = norm(planes)
+        self.act1 = norm.activation()
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=bias)
         self.norm2 = norm(planes)
         self.stride = stride
@@ -35,7 +37,7 @@ class BasicBlock(nn.Module):
         return F.pad(x, (0, 0, 0, 0, half, self.pad - half))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.act1(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
 
@@ -49,6 +51,7 @@ class ResNetCifar(nn.Module):
         bias = not norm.centers
         self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=bias)
         self.norm = norm(width)
+        self.act = norm.activation()
         stages = []
         in_planes = width
         for stage, planes in enumerate((width, 2 * width, 4 * width)):
@@ -64,7 +67,7 @@ class ResNetCifar(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.norm(self.stem(x)))
+        x = self.act(self.norm(self.stem(x)))
         x = self.blocks(x)
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.head(x)

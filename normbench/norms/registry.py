@@ -66,5 +66,18 @@ class NormSpec:
         """Whether the layer needs spatial dimensions (instance norm on (N, C) is meaningless)."""
         return getattr(self.cls, "needs_spatial", False)
 
+    @property
+    def carries_activation(self) -> bool:
+        """Whether the layer ends in its own nonlinearity (FRN's TLU, EvoNorm's gate)."""
+        return getattr(self.cls, "carries_activation", False)
+
     def __call__(self, num_channels: int):
         return self.cls(num_channels, **self.kwargs)
+
+    def activation(self):
+        """What a model puts after the layer where it would put a ReLU: a ReLU, or nothing
+        (``nn.Identity``) when the layer carries its own activation. A module without
+        parameters, so state_dict keys are the same either way."""
+        from torch import nn
+
+        return nn.Identity() if self.carries_activation else nn.ReLU(inplace=True)
