@@ -82,10 +82,13 @@ def run(
     if summary["status"] == "diverged":
         out.print(f"[yellow]diverged[/]: {summary['error']} · {where}")
         return
-    out.print(
-        f"test acc {100 * summary['final_test_acc']:.2f}% "
-        f"(best {100 * summary['best_test_acc']:.2f}%) · {where}"
+    chosen = summary.get("test_acc_at_best_val")
+    at_best = (
+        f" ({100 * chosen:.2f}% at the best validation epoch, {summary['best_val_epoch']})"
+        if chosen is not None
+        else ""
     )
+    out.print(f"test acc {100 * summary['final_test_acc']:.2f}%{at_best} · {where}")
 
 
 @app.command()

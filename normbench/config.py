@@ -343,6 +343,15 @@ def _ints(low: int, empty: bool):
     return check
 
 
+def _val_size(value: Any) -> str | None:
+    fraction = isinstance(value, float) and 0 <= value < 1
+    return (
+        None
+        if fraction or (_is_int(value) and value >= 0)
+        else ("a fraction in [0, 1) of the training images or a count of them (0: none)")
+    )
+
+
 def _betas(value: Any) -> str | None:
     items = list(value) if isinstance(value, list | tuple) else []
     ok = len(items) == 2 and all(_is_number(b) and 0 <= b < 1 for b in items)
@@ -390,6 +399,7 @@ RULES: dict[str, Any] = {
     "dataset.download": _boolean(),
     "dataset.train_size": _int(1, null=True),
     "dataset.test_size": _int(1, null=True),
+    "dataset.val_size": _val_size,
     "dataset.augment": _boolean(null=True),
     "optim.momentum": _number(0, strict=False),
     "optim.weight_decay": _number(0, strict=False),

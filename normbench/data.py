@@ -40,6 +40,7 @@ PAD = 4  # pixels of zero padding around an image before its random crop (max sh
 # are part of the data set's definition, not of a run: every seed of a study
 # trains on the same images. numpy's RandomState is used because its stream is
 # frozen across numpy versions.
+_VAL_SPLIT_SEED = 20240611  # the validation split: fixed, whatever the run's seed
 _TRAIN_SUBSET_SEED = 0
 _TEST_SUBSET_SEED = 1
 _DIGITS_SPLIT_SEED = 0  # sklearn's train_test_split random_state for digits
@@ -76,6 +77,10 @@ class DataSplits:
     mean: tuple[float, ...]  # per channel, of the raw [0, 1] training pixels
     std: tuple[float, ...]
     augment: bool  # random crop (pad 4) + horizontal flip at training time
+    # The validation split, carved from the training set (empty when dataset.val_size=0);
+    # after the fields above so that positional construction stays as it was.
+    val_x: Tensor | None = None
+    val_y: Tensor | None = None
 
     @property
     def in_channels(self) -> int:
@@ -93,6 +98,10 @@ class DataSplits:
     def num_test(self) -> int:
         return int(self.test_x.shape[0])
 
+    @property
+    def num_val(self) -> int:
+        return 0 if self.val_x is None else int(self.val_x.shape[0])
+
     def to(self, device: Any) -> DataSplits:
         """The same splits with every tensor on ``device``."""
         return dataclasses.replace(
@@ -101,6 +110,8 @@ class DataSplits:
             train_y=self.train_y.to(device),
             test_x=self.test_x.to(device),
             test_y=self.test_y.to(device),
+            val_x=None if self.val_x is None else self.val_x.to(device),
+            val_y=None if self.val_y is None else self.val_y.to(device),
         )
 
 
@@ -114,6 +125,7 @@ def load_dataset(
     train_size: int | None = None,
     test_size: int | None = None,
     augment: bool | None = None,
+    val_size: float | int = 0,
 ) -> DataSplits:
     """Load data set ``name`` into memory.
 
@@ -121,7 +133,10 @@ def load_dataset(
     ``digits``); ``download`` lets torchvision fetch missing files (files that are
     present are never fetched again). ``train_size``/``test_size`` keep a fixed,
     seed-independent subset of that many images. ``augment=None`` takes the data
-    set's default (on for CIFAR, off otherwise).
+    set's default (on for CIFAR, off otherwise). ``val_size``: the validation split
+    carved from the training set first (a fraction of it, or a number of images; 0:
+    none), stratified by class, the same for every seed and every ``train_size``;
+    ``train_size`` then takes its subset from the rest.
 
     The normalisation statistics come from the training images actually used
     (the subset, when ``train_size`` is set). Raises :class:`UserError` for an
@@ -143,6 +158,7 @@ def load_dataset(
         train_raw, train_y, test_raw, test_y = _load_torchvision(name, spec, root, download)
         levels = 255
 
+    train_raw, train_y, val_raw, val_y = _carve_val(train_raw, train_y, val_size)
     train_raw, train_y = _subset(train_raw, train_y, train_size, "train_size", _TRAIN_SUBSET_SEED)
     test_raw, test_y = _subset(test_raw, test_y, test_size, "test_size", _TEST_SUBSET_SEED)
     mean, std = _channel_stats(train_raw, levels)
@@ -156,7 +172,53 @@ def load_dataset(
         mean=mean,
         std=std,
         augment=spec.augment if augment is None else augment,
+        val_x=_normalise(val_raw, levels, mean, std),
+        val_y=val_y,
     )
+
+
+def _carve_val(images: Tensor, labels: Tensor, val_size: float | int):
+    """(train images, train labels, val images, val labels): ``val_size`` of the training
+    set (a fraction below 1, or a count) held out, stratified by class."""
+    import torch
+
+    available = len(labels)
+    if isinstance(val_size, bool) or not isinstance(val_size, int | float) or val_size < 0:
+        raise UserError(
+            f"dataset.val_size must be a fraction in [0, 1) or a count, got {val_size!r}"
+        )
+    fraction = isinstance(val_size, float) and val_size < 1
+    count = round(val_size * available) if fraction else int(val_size)
+    if count >= available:
+        raise UserError(
+            f"dataset.val_size={val_size} leaves no training images "
+            f"({available} in the training set)"
+        )
+    val_idx = stratified_subset(labels, count, _VAL_SPLIT_SEED)
+    keep = torch.ones(available, dtype=torch.bool)
+    keep[val_idx] = False
+    return images[keep], labels[keep], images[val_idx].contiguous(), labels[val_idx].contiguous()
+
+
+def stratified_subset(labels: Tensor, count: int, seed: int) -> Tensor:
+    """``count`` indices, in ascending order, with each class in proportion to its share
+    of ``labels`` (largest remainders decide the last ones), chosen by a fixed
+    permutation within each class: the same on every run and machine."""
+    import numpy as np
+    import torch
+
+    y = labels.numpy()
+    rng = np.random.RandomState(seed)  # its stream is frozen across numpy versions
+    classes, sizes = np.unique(y, return_counts=True)
+    exact = sizes * count / len(y)
+    take = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - take), kind="stable")[: count - int(take.sum())]:
+        take[i] += 1
+    chosen = [
+        rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take, strict=True)
+    ]
+    index = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+    return torch.from_numpy(index.astype(np.int64))
 
 
 def expected_files(name: str, root: str | Path = "data") -> list[Path]:

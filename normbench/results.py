@@ -40,6 +40,8 @@ RECORD_METRICS: dict[str, tuple[str, str]] = {
     "train_acc": ("train", "acc"),
     "test_loss": ("test", "loss"),
     "test_acc": ("test", "acc"),
+    "val_loss": ("val", "loss"),
+    "val_acc": ("val", "acc"),
     "lr": ("train", "lr"),
     "epoch_time_s": ("train", "epoch_time_s"),
     "img_per_s": ("train", "img_per_s"),
@@ -63,6 +65,10 @@ SUMMARY_FIELDS: tuple[str, ...] = (
     "steps",
     "final_test_acc",
     "best_test_acc",
+    "final_val_acc",
+    "best_val_acc",
+    "best_val_epoch",
+    "test_acc_at_best_val",
     "final_test_loss",
     "final_train_loss",
     "final_train_acc",
@@ -288,7 +294,8 @@ DEFAULT_RESULTS = Path("results")
 TABLE_FILES: tuple[str, ...] = ("runs.csv", "runs.parquet", "metrics.csv", "summary.csv")
 
 #: The accuracies :func:`summarize` gives mean, std and 95% CI of.
-STAT_METRICS: tuple[str, ...] = ("final_test_acc", "best_test_acc")
+#: ``best_test_acc`` (a choice made on the test set) is kept in the runs, never summarised.
+STAT_METRICS: tuple[str, ...] = ("final_test_acc", "test_acc_at_best_val")
 
 #: Swept keys come in this order, when they vary; the others follow in config order.
 KEY_ORDER: tuple[str, ...] = ("norm.name", "batch_size", "lr", "model.name", "dataset.name")
@@ -515,7 +522,8 @@ class _Read:
 
 #: Summary fields read as numbers (null allowed), and those that must be whole numbers.
 _NUMBER_FIELDS = (
-    "lr", "final_test_acc", "best_test_acc", "final_test_loss", "final_train_loss",
+    "lr", "final_test_acc", "best_test_acc", "final_val_acc", "best_val_acc",
+    "test_acc_at_best_val", "final_test_loss", "final_train_loss",
     "final_train_acc", "train_time_s", "wall_time_s", "img_per_s",
 )  # fmt: skip
 _WHOLE_FIELDS = ("batch_size", "epochs", "seed")
@@ -813,7 +821,7 @@ def summarize(runs: pd.DataFrame, group_by: Sequence[str] | None = None) -> pd.D
 
     Columns: the group keys, ``n`` (completed runs: only they enter the statistics),
     ``n_diverged``, ``n_failed``, ``n_interrupted``, then for ``final_test_acc`` and
-    ``best_test_acc``:
+    ``test_acc_at_best_val``:
     ``_mean``, ``_std`` (sample, n-1) and ``_ci95``, the half-width of the 95% confidence
     interval of the mean, Student's t(0.975, n-1) · std / √n. With n = 1, std and CI are
     NaN; with n = 0, all six are.

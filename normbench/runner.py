@@ -218,6 +218,9 @@ def summarize(
     from importlib.metadata import version
 
     done = [r for r in result.records if "test_acc" in r]
+    validated = [r for r in done if "val_acc" in r]
+    # the first epoch of the best validation accuracy (ties: the earlier, as early stopping)
+    best = max(validated, key=lambda r: r["val_acc"], default=None)
     last = result.records[-1] if result.records else {}
     train_time = sum(r["epoch_time_s"] for r in done)
     images = sum(r["img_per_s"] * r["epoch_time_s"] for r in done)
@@ -239,6 +242,11 @@ def summarize(
         "steps": result.steps,
         "final_test_acc": done[-1]["test_acc"] if done else None,
         "best_test_acc": max(r["test_acc"] for r in done) if done else None,
+        "final_val_acc": validated[-1]["val_acc"] if validated else None,
+        "best_val_acc": best["val_acc"] if best else None,
+        "best_val_epoch": best["epoch"] if best else None,
+        # the honest figure: test accuracy of the epoch chosen on validation
+        "test_acc_at_best_val": best["test_acc"] if best else None,
         "final_test_loss": done[-1]["test_loss"] if done else None,
         "final_train_loss": last.get("train_loss"),
         "final_train_acc": last.get("train_acc"),

@@ -104,7 +104,8 @@ def train(
     generator: torch.Generator,
     callbacks: Callbacks | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``data``; evaluate on the test split after every epoch.
+    """Train ``model`` on ``data``; evaluate on the test split (and the validation
+    split, when there is one) after every epoch.
 
     Stops at once, with status ``diverged``, when a training loss is NaN or inf.
     """
@@ -164,6 +165,10 @@ def train(
             "epoch_time_s": elapsed,
             "img_per_s": seen / elapsed,
         }
+        if data.num_val:  # the split every choice is made on; the test split is never used
+            record["val_loss"], record["val_acc"] = evaluate(
+                model, data.val_x, data.val_y, settings.eval_batch_size
+            )
         result.records.append(record)
         if callbacks is not None:
             callbacks.on_epoch(record)

@@ -476,3 +476,63 @@ def test_dataset_config_matches_load_dataset(name):
     assert cfg["name"] == name
     assert cfg["root"] == "data" and cfg["download"] is False
     assert cfg["train_size"] is None and cfg["test_size"] is None and cfg["augment"] is None
+
+
+# ------------------------------------------------------------------ the validation split
+
+
+def test_the_validation_split_is_stratified_disjoint_and_fixed():
+    import torch
+
+    from normbench.data import stratified_subset
+
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    index = stratified_subset(labels, 10, seed=5)
+    assert len(index) == len(set(index.tolist())) == 10
+    assert torch.equal(index, index.sort().values)
+    assert torch.bincount(labels[index]).tolist() == [5, 3, 2]  # the classes' shares
+    assert torch.equal(index, stratified_subset(labels, 10, seed=5))
+    # largest remainders: 7 of (50, 30, 20) is 3.5, 2.1, 1.4 -> 4, 2, 1
+    assert torch.bincount(labels[stratified_subset(labels, 7, seed=5)]).tolist() == [4, 2, 1]
+
+
+def test_digits_validation_split_is_ten_percent_and_the_same_for_every_train_size():
+    import torch
+
+    full = load_dataset("digits", val_size=0.1)
+    assert (full.num_val, full.num_train) == (144, 1437 - 144)
+    counts = torch.bincount(full.val_y, minlength=10)
+    everything = torch.bincount(torch.cat([full.train_y, full.val_y]), minlength=10)
+    assert ((counts - 0.1 * everything).abs() <= 1).all()
+    small = load_dataset("digits", val_size=0.1, train_size=100)
+    assert small.num_train == 100
+    # the same images (up to the normalisation, which follows the training images used)
+    raw = [
+        (d.val_x * torch.tensor(d.std).view(1, -1, 1, 1) + torch.tensor(d.mean).view(1, -1, 1, 1))
+        for d in (full, small)
+    ]
+    torch.testing.assert_close(raw[0], raw[1])
+    assert torch.equal(full.val_y, small.val_y)
+    assert load_dataset("digits", val_size=0).num_val == 0
+    assert load_dataset("digits", val_size=30).num_val == 30
+
+
+def test_a_run_without_a_validation_split_records_no_val_metrics(tiny):
+    from normbench import runner
+
+    summary = runner.run(tiny("dataset.val_size=0")).summary
+    assert summary["best_val_acc"] is None and summary["test_acc_at_best_val"] is None
+
+
+def test_carving_the_validation_split_keeps_every_image_once():
+    import torch
+
+    from normbench.data import _carve_val
+
+    labels = torch.arange(200) % 7
+    images = torch.arange(200).view(200, 1, 1, 1)  # each image its own index
+    train_x, train_y, val_x, val_y = _carve_val(images, labels, 0.15)
+    assert len(val_x) == 30 and len(train_x) == 170
+    seen = torch.cat([train_x, val_x]).flatten().sort().values
+    assert torch.equal(seen, torch.arange(200))  # disjoint, and nothing lost
+    assert torch.equal(labels[val_x.flatten()], val_y)

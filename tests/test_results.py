@@ -87,7 +87,7 @@ def base_config():
 def make_run(base_config):
     """Write a synthetic run folder as the runner does, with exact accuracies."""
 
-    def make(exp, status="completed", final=0.9, best=None, **overrides):
+    def make(exp, status="completed", final=0.9, best=None, at_best_val=None, **overrides):
         cfg = copy.deepcopy(base_config)
         for dotted, value in overrides.items():
             node = cfg
@@ -120,6 +120,9 @@ def make_run(base_config):
             device="cpu",
             final_test_acc=acc,
             best_test_acc=(best if best is not None else acc) if acc is not None else None,
+            test_acc_at_best_val=(at_best_val if at_best_val is not None else acc)
+            if acc is not None
+            else None,
             error={"failed": "RuntimeError: boom", "diverged": "loss is nan"}.get(status),
         )
         results.write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
@@ -175,7 +178,7 @@ def test_collect_reads_real_runs_into_summary_and_config_columns(real_experiment
         own = pd.read_csv(real_experiment / "runs" / rid / "metrics.csv", dtype={"run_id": str})
         got = collected.metrics[collected.metrics.run_id == rid].reset_index(drop=True)
         pd.testing.assert_frame_equal(got, own, check_dtype=False)
-    assert len(collected.metrics) == 4 * 7  # 1 epoch x 7 metrics per run
+    assert len(collected.metrics) == 4 * 9  # 1 epoch x 9 metrics (7 + val loss, acc) per run
     assert list(collected.metrics.columns) == list(METRIC_COLUMNS)
     assert collected.incomplete == [real_experiment / "runs" / "0000killed00"]
     assert collected.unreadable == []
@@ -261,7 +264,7 @@ def test_summary_statistics_match_hand_computed_values(tmp_path, make_run):
     exp = tmp_path / "exp"
     finals, bests = [0.90, 0.92, 0.97], [0.91, 0.95, 0.98]
     for seed, (final, best) in enumerate(zip(finals, bests, strict=True)):
-        make_run(exp, final=final, best=best, seed=seed)
+        make_run(exp, final=final, at_best_val=best, seed=seed)
     make_run(exp, status="diverged", seed=3)
     make_run(exp, status="failed", seed=4)
     make_run(exp, final=0.99, status="interrupted", seed=5)  # partial: not a result
@@ -276,9 +279,10 @@ def test_summary_statistics_match_hand_computed_values(tmp_path, make_run):
     assert bn.final_test_acc_mean == pytest.approx(0.93)
     assert bn.final_test_acc_std == pytest.approx(std)
     assert bn.final_test_acc_ci95 == pytest.approx(T975_DF2 * std / math.sqrt(3))
-    assert bn.best_test_acc_mean == pytest.approx(statistics.mean(bests))
-    assert bn.best_test_acc_std == pytest.approx(statistics.stdev(bests))
-    assert bn.best_test_acc_ci95 == pytest.approx(T975_DF2 * statistics.stdev(bests) / math.sqrt(3))
+    assert bn.test_acc_at_best_val_mean == pytest.approx(statistics.mean(bests))
+    assert bn.test_acc_at_best_val_std == pytest.approx(statistics.stdev(bests))
+    ci = T975_DF2 * statistics.stdev(bests) / math.sqrt(3)
+    assert bn.test_acc_at_best_val_ci95 == pytest.approx(ci)
 
     layer = summary.loc["layer"]  # one run: a mean, no spread
     assert (layer.n, layer.final_test_acc_mean) == (1, pytest.approx(0.8))

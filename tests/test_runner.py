@@ -33,6 +33,8 @@ def test_run_writes_config_metrics_and_summary(tiny):
     )
     assert summary["steps"] == 2 * (256 // 64)
     assert 0 <= summary["final_test_acc"] <= summary["best_test_acc"] <= 1
+    # chosen on the validation split (144 of digits' 1437 training images: 10%)
+    assert 1 <= summary["best_val_epoch"] <= 2 and 0 <= summary["best_val_acc"] <= 1
     assert summary["torch_version"] == torch.__version__
 
     metrics = pd.read_csv(folder / "metrics.csv")
@@ -48,7 +50,13 @@ def test_run_writes_config_metrics_and_summary(tiny):
         ("train", "lr"),
         ("train", "epoch_time_s"),
         ("train", "img_per_s"),
+        ("val", "loss"),
+        ("val", "acc"),
     }
+    at_best = metrics.query(
+        f"epoch == {summary['best_val_epoch']} and split == 'test' and metric == 'acc'"
+    ).value.item()
+    assert at_best == pytest.approx(summary["test_acc_at_best_val"])
     final = metrics.query("epoch == 2 and split == 'test' and metric == 'acc'").value.item()
     assert final == pytest.approx(summary["final_test_acc"])
 
@@ -195,7 +203,7 @@ def test_runs_on_torchvision_data_sets(tiny, tmp_path, monkeypatch, dataset, mod
     summary = runner.run(cfg).summary
     assert summary["status"] == "completed"
     assert (summary["dataset"], summary["model"], summary["norm"]) == (dataset, model, norm)
-    assert summary["steps"] == 3 * (24 // 8)
+    assert summary["steps"] == 3 * ((24 - 2) // 8)  # 10% of 24 held out for validation
 
 
 def test_a_lost_job_never_overwrites_a_finished_or_owned_run(tiny, monkeypatch):
