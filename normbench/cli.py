@@ -132,7 +132,7 @@ def sweep(
         )
         raise typer.Exit(_stop_status(stop)) from None
     counts = plan.outcome()
-    _report_experiments(plan.experiment_dirs)
+    _report_experiments(plan)
     shown = ("completed", "skipped", "diverged", "failed", "interrupted")
     out.print(
         ", ".join(
@@ -150,20 +150,29 @@ def _stop_status(stop: BaseException) -> int:
     return 130 if isinstance(stop, KeyboardInterrupt) else 143
 
 
-def _report_experiments(experiment_dirs) -> None:
-    """Aggregate and plot each experiment folder, and print its summary table."""
+def _report_experiments(sweep_plan) -> None:
+    """Aggregate and plot each experiment folder of the sweep, and print its tables (with
+    the selection and baseline its config's ``report`` asks for)."""
     from normbench import plots, results
 
-    for folder in experiment_dirs:
+    settings = sweep_plan.jobs[0].cfg.report if sweep_plan.jobs else None
+    select = list(settings.select) if settings is not None and settings.select else None
+    baseline = settings.baseline if settings is not None else None
+
+    def warn(message: str) -> None:
+        err.print(f"warning: {message}", markup=False)
+
+    for folder in sweep_plan.experiment_dirs:
         if not (folder / "runs").is_dir():  # every job was lost before its run began
             err.print(f"{folder}: no runs yet, no tables", markup=False)
             continue
-        collected, _ = results.aggregate(folder)
-        for line in results.warnings(collected):
-            err.print(f"warning: {line}", markup=False)
-        out.print(results.describe(folder, collected))
-        keys = results.swept_keys(collected.runs)
-        out.print(results.summary_table(results.summarize(collected.runs, keys), keys, str(folder)))
+        try:
+            printed = list(results.report([folder], warn=warn, select=select, baseline=baseline))
+        except UserError as error:  # a selection the finished runs cannot make
+            warn(f"{error}; tables without it")
+            printed = list(results.report([folder], warn=warn, baseline=baseline))
+        for renderable in printed:
+            out.print(renderable)
         try:
             for path in plots.plot_experiment(folder):
                 out.print(f"wrote {path}")
@@ -192,6 +201,24 @@ def results(
             show_default=False,
         ),
     ] = None,
+    select: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--select",
+            help="Tune this swept key on validation: for every group of the other swept keys, "
+            "the value with the best mean validation accuracy, and the test accuracy there "
+            "(selected.csv); repeat to tune several jointly",
+            show_default=False,
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="The norm the others are compared with (difference, 95% CI, Welch's p; "
+            "default: custom_bn when present)",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Aggregate run folders into runs.csv, runs.parquet, metrics.csv and summary.csv per
     experiment, and print mean ± std of test accuracy over seeds per group."""
@@ -200,7 +227,7 @@ def results(
     def warn(message: str) -> None:
         err.print(f"warning: {message}", markup=False)
 
-    for renderable in report(dirs, group_by, warn=warn):
+    for renderable in report(dirs, group_by, warn=warn, select=select, baseline=baseline):
         out.print(renderable)
 
 

@@ -29,6 +29,8 @@ EXECUTION_KEYS: tuple[str, ...] = (
     "threads",
     "dataset.root",
     "dataset.download",
+    "report.select",
+    "report.baseline",
 )
 
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -352,6 +354,19 @@ def _val_size(value: Any) -> str | None:
     )
 
 
+def _key_list(value: Any) -> str | None:
+    ok = value is None or (
+        isinstance(value, list) and value and all(isinstance(k, str) and k for k in value)
+    )
+    return None if ok else "a list of config keys, as [lr], or null"
+
+
+def _baseline(value: Any) -> str | None:
+    if value is None or value in group_options("norm"):
+        return None
+    return f"a norm ({', '.join(group_options('norm'))}) or null"
+
+
 def _betas(value: Any) -> str | None:
     items = list(value) if isinstance(value, list | tuple) else []
     ok = len(items) == 2 and all(_is_number(b) and 0 <= b < 1 for b in items)
@@ -406,6 +421,8 @@ RULES: dict[str, Any] = {
     "optim.nesterov": _boolean(),
     "optim.betas": _betas,
     "optim.eps": _number(0, strict=True),
+    "report.select": _key_list,
+    "report.baseline": _baseline,
 }
 
 #: Groups a run cannot do without (``experiment`` is optional).

@@ -151,7 +151,7 @@ def _sort_key(value: Any) -> tuple:
     return (1, 0, _fmt(value))
 
 
-def _prepare(runs: pd.DataFrame) -> _Runs:
+def _prepare(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> _Runs:
     from normbench.config import EXECUTION_KEYS
     from normbench.results import resolve_key, swept_keys
 
@@ -172,7 +172,10 @@ def _prepare(runs: pd.DataFrame) -> _Runs:
     extra = [
         k
         for k in swept
-        if k not in own and k not in EXECUTION_KEYS and not k.startswith(norm_prefix)
+        if k not in own
+        and k not in EXECUTION_KEYS
+        and k not in tuned
+        and not k.startswith(norm_prefix)
     ]
     norm_keys = [k for k in swept if k.startswith(norm_prefix) and k != norm_key]
 
@@ -351,7 +354,7 @@ def _count_failed(failed: pd.DataFrame, prepared: _Runs, combo, label, bs) -> in
     return int(mask.sum())
 
 
-def error_vs_batch_size(runs: pd.DataFrame) -> list[tuple[str, Figure]]:
+def error_vs_batch_size(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> list[tuple[str, Figure]]:
     """Final test error (%) against batch size (log2 axis), one line per norm.
 
     ``runs``: :func:`normbench.results.collect`'s ``runs`` frame. Returns one
@@ -359,6 +362,8 @@ def error_vs_batch_size(runs: pd.DataFrame) -> list[tuple[str, Figure]]:
     other swept keys; none when no run completed. Points are means over seeds of
     the completed runs, bars their 95% CI (none for a single seed); a cross at the
     top marks a batch size where runs of that norm diverged, with their number.
+    ``tuned``: keys whose value was chosen on validation for each point (``runs`` are
+    the selected ones): they vary along a line, not between figures, and the title says so.
     """
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
@@ -366,7 +371,7 @@ def error_vs_batch_size(runs: pd.DataFrame) -> list[tuple[str, Figure]]:
 
     if not (runs["status"] == "completed").any():
         return []
-    prepared = _prepare(runs)
+    prepared = _prepare(runs, tuned)
     stats = _error_stats(prepared)
     figures: list[tuple[str, Figure]] = []
     taken: set[str] = set()
@@ -437,6 +442,9 @@ def error_vs_batch_size(runs: pd.DataFrame) -> list[tuple[str, Figure]]:
         title = f"{_described(frame)}: test error vs batch size"
         if combo:
             title += f"\n{_combo_text(combo)}"
+        if tuned:
+            named = ", ".join(k.removesuffix(".name") for k in tuned)
+            title += f"\n{named} chosen on validation for each norm and batch size"
         ax.set_title(title)
         handles, labels = ax.get_legend_handles_labels()
         if diverged:
@@ -613,6 +621,7 @@ def plot_experiment(exp_dir: Path, warn: Callable[[str], None] | None = None) ->
         for line in warnings(collected):
             warn(line)
     runs = collected.runs
+    selected, tuned = _selection(exp_dir, runs, warn)
     completed = 0 if runs.empty else int((runs["status"] == "completed").sum())
     if not completed:
         counts = {} if runs.empty else runs["status"].value_counts().to_dict()
@@ -622,13 +631,37 @@ def plot_experiment(exp_dir: Path, warn: Callable[[str], None] | None = None) ->
         raise NothingToPlot(
             f"{exp_dir}: no completed runs to plot ({', '.join(found) or 'no runs'})"
         )
-    figures = error_vs_batch_size(runs) + training_curves(runs, collected.metrics)
+    figures = error_vs_batch_size(selected, tuned) + training_curves(runs, collected.metrics)
     written = []
     for name, figure in figures:
         path = exp_dir / "plots" / name
         write_figure(path, figure)
         written.append(path)
     return written
+
+
+def _selection(exp_dir: Path, runs: pd.DataFrame, warn) -> tuple[pd.DataFrame, list[str]]:
+    """The runs the error figure draws: those ``selected.csv`` chose (``normbench results
+    --select``), with the keys tuned; else every run."""
+    from normbench.comparisons import selected_runs, selection_keys, tuned_keys
+
+    path = Path(exp_dir) / "selected.csv"
+    if not path.is_file():
+        return runs, []
+    try:
+        selection = pd.read_csv(path)
+        keys = selection_keys(selection)
+        tuned = tuned_keys(selection)
+    except (OSError, ValueError, KeyError, pd.errors.ParserError):
+        selection, keys, tuned = None, [], []
+    if selection is None or not set(keys) <= set(runs.columns) or not tuned:
+        if warn is not None:
+            warn(f"{path} does not match these runs: drawing every run")
+        return runs, []
+    # read back from CSV, the key columns' types follow the runs' own
+    for key in keys:
+        selection[key] = selection[key].astype(runs[key].dtype, errors="ignore")
+    return selected_runs(runs, selection), tuned
 
 
 def plot_experiments(

@@ -307,6 +307,11 @@ SUMMARY_STAT_COLUMNS: tuple[str, ...] = (
     "n_failed",
     "n_interrupted",
     *(f"{metric}_{stat}" for metric in STAT_METRICS for stat in ("mean", "std", "ci95")),
+    # final_test_acc against the baseline variant's in the same group of the other keys
+    "baseline",
+    "diff_to_baseline",
+    "diff_ci95",
+    "p_value",
 )
 
 # How far below a folder given to ``normbench results`` experiment folders are looked for.
@@ -812,7 +817,9 @@ def t975(dof: np.ndarray) -> np.ndarray:
     return stdtrit(dof, 0.975)
 
 
-def summarize(runs: pd.DataFrame, group_by: Sequence[str] | None = None) -> pd.DataFrame:
+def summarize(
+    runs: pd.DataFrame, group_by: Sequence[str] | None = None, baseline: str | None = None
+) -> pd.DataFrame:
     """Statistics per group of runs, one row per group, sorted by the group keys.
 
     ``group_by`` None: groups of runs that differ only in their seed (every config column
@@ -824,8 +831,13 @@ def summarize(runs: pd.DataFrame, group_by: Sequence[str] | None = None) -> pd.D
     ``test_acc_at_best_val``:
     ``_mean``, ``_std`` (sample, n-1) and ``_ci95``, the half-width of the 95% confidence
     interval of the mean, Student's t(0.975, n-1) · std / √n. With n = 1, std and CI are
-    NaN; with n = 0, all six are.
+    NaN; with n = 0, all six are. Then ``baseline`` (the reference variant: ``baseline``,
+    or custom_bn when present; see :mod:`normbench.comparisons`), ``diff_to_baseline``,
+    ``diff_ci95`` and ``p_value``: Welch's comparison of the group's final test accuracy
+    with the baseline's in the same group of the other keys.
     """
+    from normbench.comparisons import baseline_of, differences
+
     if group_by is None:
         keys = _group_candidates(runs)
     else:
@@ -864,6 +876,7 @@ def summarize(runs: pd.DataFrame, group_by: Sequence[str] | None = None) -> pd.D
     table = table.reset_index()
     if not keys:
         table = table.drop(columns="_all")
+    table = differences(runs, table, keys, baseline_of(runs, baseline))
     table = table[[*keys, *SUMMARY_STAT_COLUMNS]]
     return table.loc[_sort_frame(table, keys)].reset_index(drop=True)
 
@@ -884,8 +897,8 @@ def aggregate(exp_dir: Path) -> tuple[Collected, pd.DataFrame]:
     return collected, _write_tables(Path(exp_dir), collected)
 
 
-def _write_tables(exp_dir: Path, collected: Collected) -> pd.DataFrame:
-    summary = summarize(collected.runs)
+def _write_tables(exp_dir: Path, collected: Collected, baseline: str | None = None) -> pd.DataFrame:
+    summary = summarize(collected.runs, baseline=baseline)
     write_parquet(exp_dir / "runs.parquet", collected.runs)
     write_csv(exp_dir / "runs.csv", collected.runs)
     if collected.metrics_csv:
@@ -929,7 +942,8 @@ def _interval(mean: float, half: float) -> str:
 def summary_table(summary: pd.DataFrame, keys: Sequence[str], title: str):
     """A rich Table of :func:`summarize`'s frame grouped by ``keys``: the key columns, n,
     the final test accuracy in percent (mean ± std over the completed runs) and the 95%
-    CI of its mean as [low, high]; with one run there is no std or CI, with none "–".
+    CI of its mean as [low, high]; with one run there is no std or CI, with none "–". With
+    a baseline variant, the difference to it (percentage points, 95% CI, Welch's p).
     Diverged and failed counts get columns when any run did. (Best accuracies are in
     summary.csv; the table stays narrow enough for a terminal.)"""
     from rich import box
@@ -940,12 +954,24 @@ def summary_table(summary: pd.DataFrame, keys: Sequence[str], title: str):
     for key in keys:
         numeric = key in summary and pd.api.types.is_numeric_dtype(summary[key])
         justify = "right" if numeric and not pd.api.types.is_bool_dtype(summary[key]) else "left"
-        table.add_column(escape(short_key(key)), style="bold", no_wrap=True, justify=justify)
+        # keys are never cut short: the numbers beside them wrap instead
+        width = max([len(short_key(key))] + [len(_format_value(v)) for v in summary.get(key, [])])
+        table.add_column(
+            escape(short_key(key)), style="bold", no_wrap=True, justify=justify, min_width=width
+        )
     if not keys:
         table.add_column("runs", style="bold")
-    table.add_column("n", justify="right")
+    table.add_column("n", justify="right", no_wrap=True, min_width=len(str(summary["n"].max())))
     table.add_column("final acc %", justify="right", no_wrap=True)
-    table.add_column("95% CI", justify="right", no_wrap=True)
+    table.add_column("95% CI", justify="right")  # what wraps when the terminal is narrow
+    baselines = summary["baseline"].dropna().unique() if "baseline" in summary else []
+    baseline = baselines[0] if len(baselines) and "norm.name" in keys else None
+    if baseline is not None:
+        table.add_column(f"Δ {baseline}", justify="right", no_wrap=True)
+        table.caption = (
+            f"Δ: difference to {baseline} in percentage points ± its 95% CI, p: Welch's "
+            "t-test; – with fewer than two runs on a side"
+        )
     counted = ("n_diverged", "n_failed", "n_interrupted")
     extra = [c for c in counted if c in summary and summary[c].sum() > 0]
     for column in extra:
@@ -957,9 +983,54 @@ def summary_table(summary: pd.DataFrame, keys: Sequence[str], title: str):
             _percent(row["final_test_acc_mean"], row["final_test_acc_std"]),
             _interval(row["final_test_acc_mean"], row["final_test_acc_ci95"]),
         ]
+        if baseline is not None:
+            cells.append(_difference(row, baseline))
         cells += [str(row[c]) for c in extra]
         table.add_row(*cells)
     return table
+
+
+def selection_table(selection: pd.DataFrame, title: str):
+    """A rich Table of :func:`normbench.comparisons.select`'s frame: the group keys, the
+    value chosen, n, the validation accuracy that chose it and the test accuracy there
+    (at each run's best validation epoch: mean ± std, 95% CI)."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    from normbench.comparisons import selection_keys
+
+    table = Table(title=escape(title), box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    keys = selection_keys(selection)
+    tuned = set(str(selection["tuned"].iloc[0]).split(",")) if len(selection) else set()
+    for key in keys:
+        style = "bold cyan" if key in tuned else "bold"
+        table.add_column(escape(short_key(key)), style=style, no_wrap=True)
+    table.add_column("n", justify="right")
+    table.add_column("val acc %", justify="right")
+    table.add_column("test acc %", justify="right", no_wrap=True)
+    table.add_column("95% CI", justify="right", no_wrap=True)
+    for row in selection.to_dict("records"):
+        test = "test_acc_at_best_val"
+        table.add_row(
+            *[escape(_format_value(row[k])) for k in keys],
+            str(row["n"]),
+            f"{100 * row['best_val_acc_mean']:.2f}",
+            _percent(row[f"{test}_mean"], row[f"{test}_std"]),
+            _interval(row[f"{test}_mean"], row[f"{test}_ci95"]),
+        )
+    return table
+
+
+def _difference(row: dict[str, Any], baseline: str) -> str:
+    """``+1.2±0.8 p=0.012`` in percentage points; "–" where the seeds give no
+    interval (fewer than two runs on a side): a difference alone is no result."""
+    if row.get("norm.name") == baseline:
+        return "baseline"
+    diff, half, p = row["diff_to_baseline"], row["diff_ci95"], row["p_value"]
+    if any(isinstance(v, float) and math.isnan(v) for v in (diff, half, p)):
+        return "–"
+    return f"{100 * diff:+.1f}±{100 * half:.1f} p={p:.2g}"
 
 
 def _plural(n: int, word: str) -> str:
@@ -997,32 +1068,49 @@ def report(
     paths: Sequence[Path] | None = None,
     group_by: Sequence[str] | None = None,
     warn: Callable[[str], None] | None = None,
+    select: Sequence[str] | None = None,
+    baseline: str | None = None,
 ) -> Iterator[Any]:
     """``normbench results``: aggregate every experiment under ``paths``
     (:func:`find_experiments`) and yield what to print: per experiment, its run counts,
     where the tables went, and the summary table grouped by ``group_by`` (default: the
-    swept keys). Every folder and key is checked before any table is written.
+    swept keys), with differences to ``baseline``. ``select``: keys tuned on validation
+    (:func:`normbench.comparisons.select`), written to ``selected.csv`` and shown as a
+    table. Every folder and key is checked before any table is written.
     """
+    from normbench.comparisons import baseline_of
+    from normbench.comparisons import select as select_values
+
     experiments = find_experiments(paths)
     plans = []
     for exp_dir in experiments:
         check_writable(exp_dir)  # a read-only folder says so before any work
         collected = collect(exp_dir)
-        if collected.runs.empty:
-            keys = []
-        elif group_by:
-            keys = list(dict.fromkeys(resolve_key(collected.runs, k) for k in group_by))
+        runs = collected.runs
+        if runs.empty:
+            keys, reference, selection = [], None, None
         else:
-            keys = swept_keys(collected.runs)
-        plans.append((exp_dir, collected, keys))
-    for exp_dir, collected, keys in plans:
-        _write_tables(exp_dir, collected)
+            if group_by:
+                keys = list(dict.fromkeys(resolve_key(runs, k) for k in group_by))
+            else:
+                keys = swept_keys(runs)
+            reference = baseline_of(runs, baseline)
+            selection = select_values(runs, select) if select else None
+        plans.append((exp_dir, collected, keys, reference, selection))
+    for exp_dir, collected, keys, reference, selection in plans:
+        _write_tables(exp_dir, collected, reference)
+        written = list(TABLE_FILES)
+        if selection is not None:
+            write_csv(exp_dir / "selected.csv", selection)
+            written.append("selected.csv")
         if warn is not None:
             for line in warnings(collected):
                 warn(line)
         yield describe(exp_dir, collected)
-        yield f"wrote {', '.join(TABLE_FILES)} to {exp_dir}"
+        yield f"wrote {', '.join(written)} to {exp_dir}"
         if not collected.runs.empty:
             by = ", ".join(map(short_key, keys)) or "all runs"
             title = f"{exp_dir}: test accuracy over seeds, by {by}"
-            yield summary_table(summarize(collected.runs, keys), keys, title)
+            yield summary_table(summarize(collected.runs, keys, reference), keys, title)
+        if selection is not None:
+            yield selection_table(selection, f"{exp_dir}: chosen on validation")

@@ -290,7 +290,16 @@ def test_summary_statistics_match_hand_computed_values(tmp_path, make_run):
 
     group = summary.loc["group"]  # diverged only: counted, no statistics
     assert (group.n, group.n_diverged) == (0, 1)
-    assert all(math.isnan(group[c]) for c in SUMMARY_STAT_COLUMNS[4:])
+    stats = [c for c in SUMMARY_STAT_COLUMNS if c.startswith(("final_test_acc", "test_acc_at"))]
+    assert len(stats) == 6 and all(math.isnan(group[c]) for c in stats)
+
+    # Against the baseline (custom_bn, there): layer's one run gives a difference but no
+    # interval or p-value; group has no completed run, so no difference at all.
+    assert set(summary["baseline"]) == {"custom_bn"}
+    assert math.isnan(bn.diff_to_baseline)
+    assert layer.diff_to_baseline == pytest.approx(0.8 - 0.93)
+    assert math.isnan(layer.diff_ci95) and math.isnan(layer.p_value)
+    assert math.isnan(group.diff_to_baseline) and math.isnan(group.p_value)
 
 
 def test_t_quantile_is_scipy_stats(tmp_path):

@@ -1,0 +1,202 @@
+"""Comparisons a paper can rest on: a value tuned on validation, and differences to a
+baseline that say whether the seeds run resolve them.
+
+- :func:`select` (``normbench results --select lr``): for every group of the other swept
+  keys (norm x batch size, say), the value of the selected key with the best mean
+  validation accuracy over seeds, and the test accuracy of the runs at that value. The
+  test set chooses nothing.
+- :func:`differences`: for every group of the summary, the difference of its mean test
+  accuracy to the baseline variant's in the same group of the other keys (``norm``'s own
+  arguments aside), with Welch's 95% confidence interval and p-value. With fewer than
+  two runs on either side there is no interval and no p-value: a reader sees "–", not a
+  number.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from normbench.errors import UserError
+
+#: The accuracy a selection is made on, and the ones it reports.
+SELECT_ON = "best_val_acc"
+REPORTED = ("test_acc_at_best_val", "final_test_acc")
+
+#: The accuracy differences to the baseline are taken of (what the tables and figures show).
+COMPARED = "final_test_acc"
+
+#: The reference variant when the user names none and it is among the runs.
+DEFAULT_BASELINE = "custom_bn"
+
+
+def _completed(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["status"] == "completed"] if "status" in runs else runs.iloc[0:0]
+
+
+def _stats(values: pd.Series) -> dict[str, float]:
+    from normbench.results import t975
+
+    v = pd.to_numeric(values, errors="coerce").dropna().to_numpy(dtype=float)
+    n = len(v)
+    mean = float(v.mean()) if n else np.nan
+    std = float(v.std(ddof=1)) if n >= 2 else np.nan
+    half = float(t975(np.array(n - 1.0)) * std / np.sqrt(n)) if n >= 2 else np.nan
+    return {"mean": mean, "std": std, "ci95": half}
+
+
+def select(runs: pd.DataFrame, over: Sequence[str]) -> pd.DataFrame:
+    """The value of ``over`` (one key or several, jointly) chosen on validation for every
+    group of the other swept keys: one row per group with the group keys, the chosen
+    values, ``tuned`` (the keys chosen), ``n`` (completed runs at them),
+    ``best_val_acc_mean`` (what chose them) and mean, std and 95% CI over seeds of
+    ``test_acc_at_best_val`` and ``final_test_acc``.
+    Ties go to the value listed first (sorted). Raises :class:`UserError` when the runs
+    have no validation accuracy or ``over`` is not swept."""
+    from normbench.results import _sort_frame, resolve_key, swept_keys
+
+    keys = list(dict.fromkeys(resolve_key(runs, k) for k in over))
+    swept = swept_keys(runs)
+    for key in keys:
+        if key not in swept:
+            raise UserError(
+                f"cannot select {key}: it is not swept in these runs "
+                f"(swept: {', '.join(swept) or 'nothing'})"
+            )
+    done = _completed(runs)
+    if SELECT_ON not in done or pd.to_numeric(done[SELECT_ON], errors="coerce").isna().all():
+        raise UserError(
+            "selection needs validation accuracies: these runs have none "
+            "(they ran with dataset.val_size=0, or before normbench had a validation split)"
+        )
+    groups = [k for k in swept if k not in keys]
+    scores = done.assign(_score=pd.to_numeric(done[SELECT_ON], errors="coerce"))
+    by = [*groups, *keys]
+    means = scores.groupby(by, dropna=False, sort=False)["_score"].mean().reset_index()
+    means = means.loc[_sort_frame(means, by)].dropna(subset=["_score"])
+    # the first best candidate of each group (idxmax keeps the first of equals)
+    if groups:
+        best = means.loc[means.groupby(groups, dropna=False, sort=False)["_score"].idxmax()]
+    else:
+        best = means.loc[[means["_score"].idxmax()]] if len(means) else means
+    rows = []
+    for _, choice in best.iterrows():
+        chosen = scores[_matches(scores, choice, by)]
+        row = {key: choice[key] for key in by}
+        row["tuned"] = ",".join(keys)
+        row["n"] = len(chosen)
+        row[f"{SELECT_ON}_mean"] = float(choice["_score"])
+        for metric in REPORTED:
+            values = chosen[metric] if metric in chosen else pd.Series(dtype=float)
+            for stat, value in _stats(values).items():
+                row[f"{metric}_{stat}"] = value
+        rows.append(row)
+    columns = [*by, "tuned", "n", f"{SELECT_ON}_mean"] + [
+        f"{m}_{s}" for m in REPORTED for s in ("mean", "std", "ci95")
+    ]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def selection_keys(selection: pd.DataFrame) -> list[str]:
+    """The config keys of a :func:`select` frame (the group keys and the chosen ones)."""
+    columns = list(selection.columns)
+    return columns[: columns.index("tuned")]
+
+
+def tuned_keys(selection: pd.DataFrame) -> list[str]:
+    """The keys a :func:`select` frame chose values of."""
+    if selection.empty:
+        return []
+    return str(selection["tuned"].iloc[0]).split(",")
+
+
+def _matches(frame: pd.DataFrame, row, keys: Sequence[str]) -> pd.Series:
+    match = pd.Series(True, index=frame.index)
+    for key in keys:
+        match &= _same(frame[key], row[key])
+    return match
+
+
+def _same(column: pd.Series, value) -> pd.Series:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return column.isna()
+    return column == value
+
+
+def selected_runs(runs: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:
+    """The runs at the values :func:`select` chose (all seeds, every status)."""
+    keys = [k for k in selection_keys(selection) if k in runs.columns]
+    keep = pd.Series(False, index=runs.index)
+    for _, row in selection.iterrows():
+        keep |= _matches(runs, row, keys)
+    return runs[keep]
+
+
+def baseline_of(runs: pd.DataFrame, baseline: str | None) -> str | None:
+    """The reference variant: ``baseline`` (which must be among the runs), or
+    ``custom_bn`` when the runs have it, else None (no differences)."""
+    names = set(runs["norm.name"].dropna()) if "norm.name" in runs else set()
+    if baseline is None:
+        return DEFAULT_BASELINE if DEFAULT_BASELINE in names and len(names) > 1 else None
+    if baseline not in names:
+        raise UserError(
+            f"baseline {baseline!r} is not among these runs' norms "
+            f"({', '.join(sorted(names)) or 'none'})"
+        )
+    return baseline
+
+
+def welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """Mean of ``a`` minus mean of ``b``, the half-width of its 95% confidence interval
+    and the two-sided p-value, by Welch's unequal-variance t-test (scipy's); NaN for
+    the last two with fewer than two values on either side."""
+    from scipy import stats
+
+    from normbench.results import t975
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = float(a.mean() - b.mean()) if len(a) and len(b) else np.nan
+    if len(a) < 2 or len(b) < 2:
+        return diff, np.nan, np.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = np.sqrt(va + vb)
+    if se == 0:
+        return diff, 0.0, (1.0 if diff == 0 else 0.0)
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    with warnings.catch_warnings():  # near-identical samples: scipy warns, the p stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return diff, float(t975(np.array(dof)) * se), p
+
+
+def differences(
+    runs: pd.DataFrame, summary: pd.DataFrame, keys: Sequence[str], baseline: str | None
+) -> pd.DataFrame:
+    """``summary`` (one row per group of ``keys``) with ``baseline``, ``diff_to_baseline``,
+    ``diff_ci95`` and ``p_value`` (of ``final_test_acc``, completed runs) against the
+    baseline's runs in the same group of the other keys; NaN where there is none."""
+    out = summary.copy()
+    for column in ("diff_to_baseline", "diff_ci95", "p_value"):
+        out[column] = np.nan
+    out["baseline"] = baseline
+    if baseline is None or "norm.name" not in keys:
+        return out
+    done = _completed(runs)
+    values = pd.to_numeric(done[COMPARED], errors="coerce") if COMPARED in done else None
+    if values is None:
+        return out
+    # the group of the other keys: a norm's own arguments (norm.groups) do not count
+    others = [k for k in keys if not k.startswith("norm.")]
+    for index, row in out.iterrows():
+        if row["norm.name"] == baseline:
+            continue
+        mine = _matches(done, row, keys)
+        theirs = (done["norm.name"] == baseline) & _matches(done, row, others)
+        a, b = values[mine].dropna().to_numpy(), values[theirs].dropna().to_numpy()
+        if not len(b):
+            continue
+        out.loc[index, ["diff_to_baseline", "diff_ci95", "p_value"]] = welch(a, b)
+    return out

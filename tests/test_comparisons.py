@@ -1,0 +1,125 @@
+"""Tests for normbench.comparisons: the value chosen on validation, against a table built
+by hand; differences to a baseline, against scipy's Welch test on a hand-made frame."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from normbench import comparisons
+from normbench.errors import UserError
+
+
+def frame(rows):
+    """Runs as collect() gives them: the summary fields and the config's dotted keys."""
+    runs = pd.DataFrame(
+        rows,
+        columns=[
+            "norm.name", "batch_size", "lr", "seed", "status",
+            "best_val_acc", "test_acc_at_best_val", "final_test_acc",
+        ],
+    )  # fmt: skip
+    runs.attrs["config_columns"] = ["norm.name", "batch_size", "lr", "seed"]
+    return runs
+
+
+# (norm, batch size, lr, seed, status, best val, test at best val, final test)
+RUNS = frame(
+    [
+        # bn, bs 8: lr 0.1 wins on validation (0.90 vs 0.85), though 0.01 has the better test
+        ("bn", 8, 0.01, 0, "completed", 0.84, 0.95, 0.94),
+        ("bn", 8, 0.01, 1, "completed", 0.86, 0.97, 0.96),
+        ("bn", 8, 0.1, 0, "completed", 0.89, 0.91, 0.90),
+        ("bn", 8, 0.1, 1, "completed", 0.91, 0.93, 0.92),
+        # bn, bs 64: lr 0.01 wins; the diverged run at 0.1 does not count
+        ("bn", 64, 0.01, 0, "completed", 0.80, 0.81, 0.80),
+        ("bn", 64, 0.01, 1, "completed", 0.82, 0.83, 0.82),
+        ("bn", 64, 0.1, 0, "completed", 0.78, 0.79, 0.78),
+        ("bn", 64, 0.1, 1, "diverged", None, None, None),
+        # gn, bs 8: a tie (0.70 both): the first value listed, 0.01, is kept
+        ("gn", 8, 0.01, 0, "completed", 0.70, 0.60, 0.61),
+        ("gn", 8, 0.1, 0, "completed", 0.70, 0.65, 0.64),
+        ("gn", 64, 0.01, 0, "completed", 0.50, 0.52, 0.51),
+        ("gn", 64, 0.1, 0, "completed", 0.55, 0.57, 0.56),
+    ]
+)
+
+
+def test_selection_picks_the_best_mean_validation_value_per_group():
+    chosen = comparisons.select(RUNS, ["lr"])
+    by_group = {(r["norm.name"], r["batch_size"]): r for r in chosen.to_dict("records")}
+    assert {k: v["lr"] for k, v in by_group.items()} == {
+        ("bn", 8): 0.1,
+        ("bn", 64): 0.01,
+        ("gn", 8): 0.01,
+        ("gn", 64): 0.1,
+    }
+    bn8 = by_group["bn", 8]
+    assert bn8["n"] == 2 and bn8["best_val_acc_mean"] == pytest.approx(0.90)
+    assert bn8["test_acc_at_best_val_mean"] == pytest.approx(0.92)
+    std = np.std([0.91, 0.93], ddof=1)
+    assert bn8["test_acc_at_best_val_std"] == pytest.approx(std)
+    assert bn8["test_acc_at_best_val_ci95"] == pytest.approx(stats.t.ppf(0.975, 1) * std / 2**0.5)
+    assert bn8["final_test_acc_mean"] == pytest.approx(0.91)
+    assert math.isnan(by_group["gn", 8]["test_acc_at_best_val_std"])  # one seed: no spread
+    assert set(chosen["tuned"]) == {"lr"}
+    # the runs at the chosen values, every seed and status
+    picked = comparisons.selected_runs(RUNS, chosen)
+    assert len(picked) == 2 + 2 + 1 + 1
+
+
+def test_selection_refuses_what_it_cannot_choose():
+    with pytest.raises(UserError, match="not swept"):
+        comparisons.select(RUNS[RUNS["lr"] == 0.1], ["lr"])
+    without_val = RUNS.assign(best_val_acc=None)
+    with pytest.raises(UserError, match="validation accuracies"):
+        comparisons.select(without_val, ["lr"])
+
+
+def test_welch_matches_scipy():
+    a = np.array([0.91, 0.93, 0.88, 0.95])
+    b = np.array([0.85, 0.90, 0.80])
+    diff, half, p = comparisons.welch(a, b)
+    expected = stats.ttest_ind(a, b, equal_var=False)
+    assert diff == pytest.approx(a.mean() - b.mean())
+    assert p == pytest.approx(expected.pvalue)
+    va, vb = a.var(ddof=1) / 4, b.var(ddof=1) / 3
+    dof = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)
+    assert half == pytest.approx(stats.t.ppf(0.975, dof) * math.sqrt(va + vb))
+    # the interval scipy gives for the same test (scipy >= 1.11)
+    low, high = expected.confidence_interval(0.95)
+    assert (diff - half, diff + half) == (pytest.approx(low), pytest.approx(high))
+    one = comparisons.welch(a, b[:1])
+    assert one[0] == pytest.approx(a.mean() - b[0]) and math.isnan(one[1]) and math.isnan(one[2])
+
+
+def test_differences_compare_each_group_with_the_baselines_same_group():
+    summary = pd.DataFrame(
+        {"norm.name": ["bn", "gn", "gn"], "batch_size": [8, 8, 64], "lr": [0.1, 0.1, 0.1]}
+    )
+    keys = ["norm.name", "batch_size", "lr"]
+    runs = RUNS.copy()
+    runs.loc[len(runs)] = ("gn", 8, 0.1, 1, "completed", 0.7, 0.6, 0.70)
+    out = comparisons.differences(runs, summary, keys, "bn")
+    gn8 = out.iloc[1]
+    a, b = np.array([0.64, 0.70]), np.array([0.90, 0.92])
+    assert gn8["diff_to_baseline"] == pytest.approx(a.mean() - b.mean())
+    assert gn8["p_value"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert math.isnan(out.iloc[0]["diff_to_baseline"])  # the baseline itself
+    gn64 = out.iloc[2]  # the baseline's only completed run at bs 64, lr 0.1: no interval
+    assert gn64["diff_to_baseline"] == pytest.approx(0.56 - 0.78)
+    assert math.isnan(gn64["diff_ci95"]) and math.isnan(gn64["p_value"])
+    assert set(out["baseline"]) == {"bn"}
+
+
+def test_the_baseline_defaults_to_custom_bn_when_present():
+    runs = RUNS.replace({"norm.name": {"bn": "custom_bn"}})
+    assert comparisons.baseline_of(runs, None) == "custom_bn"
+    assert comparisons.baseline_of(RUNS, None) is None
+    assert comparisons.baseline_of(RUNS, "gn") == "gn"
+    with pytest.raises(UserError, match="not among"):
+        comparisons.baseline_of(RUNS, "layer")
