@@ -421,6 +421,7 @@ RULES: dict[str, Any] = {
     "optim.nesterov": _boolean(),
     "optim.betas": _betas,
     "optim.eps": _number(0, strict=True),
+    "eval.precise_bn_batches": _int(1),
     "report.select": _key_list,
     "report.baseline": _baseline,
 }

@@ -591,6 +591,94 @@ def training_curves(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[tuple[str
     return figures
 
 
+#: BatchNorm's three inference estimators: (summary field, legend label, line style).
+ESTIMATORS = (
+    ("final_test_acc", "running averages", "-"),
+    ("test_acc_precise_bn", "PreciseBN", "--"),
+    ("test_acc_batch_stats", "batch statistics", ":"),
+)
+
+
+def bn_inference(runs: pd.DataFrame) -> list[tuple[str, Figure]]:
+    """Test error (%) against batch size for the three ways BatchNorm can normalise at
+    inference (:mod:`normbench.inference`), one subplot per variant with running
+    statistics; means over seeds of the completed runs, bars their 95% CI. One
+    ``("bn_inference[__key-value...].png", Figure)`` per combination of the other swept
+    keys; none when no run measured them."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    if "test_acc_precise_bn" not in runs or runs["test_acc_precise_bn"].isna().all():
+        return []
+    prepared = _prepare(runs)
+    figures: list[tuple[str, Figure]] = []
+    taken: set[str] = set()
+    for combo, frame in _combos(prepared):
+        done = frame[(frame["status"] == "completed") & frame["test_acc_precise_bn"].notna()]
+        labels = [label for label in prepared.labels if (done["_label"] == label).any()]
+        if not labels:
+            continue
+        sizes = sorted(done["_bs"].unique())
+        ncols = min(len(labels), 3)
+        nrows = math.ceil(len(labels) / ncols)
+        counts = done.groupby(["_label", "_bs"]).size().tolist()
+        note = (
+            f"Mean test error over seeds of completed runs ({_seeds_text(counts)}); bars: "
+            "95% CI (Student t). Running averages: the statistics training kept; PreciseBN: "
+            "a true average of per-batch statistics over training batches with the final "
+            "weights; batch statistics: each test batch of the training batch size "
+            "normalised by itself."
+        )
+        fig = _figure(1.0 + 3.4 * ncols + 1.6, 1.0 + 2.8 * nrows, note)
+        axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
+        for ax in axes[len(labels) :]:
+            ax.set_visible(False)
+        means: list[float] = []
+        for ax, label in zip(axes, labels, strict=False):
+            rows = done[done["_label"] == label]
+            color, _ = norm_style(rows["_norm"].iloc[0])
+            for field, name, style in ESTIMATORS:
+                points = []
+                for bs, group in rows.groupby("_bs"):
+                    errors = 100.0 * (1.0 - pd.to_numeric(group[field], errors="coerce"))
+                    mean, ci, n = mean_ci(errors.to_numpy())
+                    points.append((bs, mean, ci if n > 1 else np.nan))
+                x, y, ci = (np.array(v, dtype=float) for v in zip(*points, strict=True))
+                ax.errorbar(
+                    x, y, yerr=np.where(np.isfinite(ci), ci, 0), color=color,
+                    linestyle=style, marker="o", markersize=4, capsize=2.5, label=name,
+                )  # fmt: skip
+                means += [v for v in y if np.isfinite(v)]
+            ax.set_title(label, fontsize=10)
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_locator(FixedLocator(sizes))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.grid(True, alpha=0.3)
+            spec = ax.get_subplotspec()
+            if spec.is_last_row() or spec.num1 + ncols >= len(labels):
+                ax.set_xlabel("batch size")
+                ax.tick_params(labelbottom=True)
+            if spec.is_first_col():
+                ax.set_ylabel("test error (%)")
+        if means:  # the means set the range; a wide interval is cut at the frame
+            pad = max(0.1 * (max(means) - min(means)), 1.0)
+            axes[0].set_ylim(max(min(means) - pad, 0), min(max(means) + pad, 100.5))
+        title = f"{_described(frame)}: BatchNorm's statistics at inference"
+        if combo:
+            title += f"\n{_combo_text(combo)}"
+        fig.suptitle(title, fontsize=11)
+        # colours tell the variants (one per panel); the legend tells the line styles
+        handles = [Line2D([], [], color="0.3", linestyle=st, marker="o", markersize=4)
+                   for _, _, st in ESTIMATORS]  # fmt: skip
+        fig.legend(
+            handles, [name for _, name, _ in ESTIMATORS], title="test-time statistics",
+            loc="outside right upper", fontsize=8, title_fontsize=8,
+        )  # fmt: skip
+        figures.append((_file_name("bn_inference", combo, taken), fig))
+    return figures
+
+
 def _failed_in(prepared: _Runs, combo: dict[str, Any]) -> int:
     failed = prepared.failed
     if failed.empty:
@@ -631,7 +719,11 @@ def plot_experiment(exp_dir: Path, warn: Callable[[str], None] | None = None) ->
         raise NothingToPlot(
             f"{exp_dir}: no completed runs to plot ({', '.join(found) or 'no runs'})"
         )
-    figures = error_vs_batch_size(selected, tuned) + training_curves(runs, collected.metrics)
+    figures = (
+        error_vs_batch_size(selected, tuned)
+        + training_curves(runs, collected.metrics)
+        + bn_inference(runs)
+    )
     written = []
     for name, figure in figures:
         path = exp_dir / "plots" / name

@@ -42,6 +42,8 @@ RECORD_METRICS: dict[str, tuple[str, str]] = {
     "test_acc": ("test", "acc"),
     "val_loss": ("val", "loss"),
     "val_acc": ("val", "acc"),
+    "test_acc_precise_bn": ("test", "acc_precise_bn"),
+    "test_acc_batch_stats": ("test", "acc_batch_stats"),
     "lr": ("train", "lr"),
     "epoch_time_s": ("train", "epoch_time_s"),
     "img_per_s": ("train", "img_per_s"),
@@ -69,6 +71,9 @@ SUMMARY_FIELDS: tuple[str, ...] = (
     "best_val_acc",
     "best_val_epoch",
     "test_acc_at_best_val",
+    "test_acc_precise_bn",
+    "test_acc_batch_stats",
+    "bn_eval_time_s",
     "final_test_loss",
     "final_train_loss",
     "final_train_acc",
@@ -295,7 +300,12 @@ TABLE_FILES: tuple[str, ...] = ("runs.csv", "runs.parquet", "metrics.csv", "summ
 
 #: The accuracies :func:`summarize` gives mean, std and 95% CI of.
 #: ``best_test_acc`` (a choice made on the test set) is kept in the runs, never summarised.
-STAT_METRICS: tuple[str, ...] = ("final_test_acc", "test_acc_at_best_val")
+STAT_METRICS: tuple[str, ...] = (
+    "final_test_acc",
+    "test_acc_at_best_val",
+    "test_acc_precise_bn",
+    "test_acc_batch_stats",
+)
 
 #: Swept keys come in this order, when they vary; the others follow in config order.
 KEY_ORDER: tuple[str, ...] = ("norm.name", "batch_size", "lr", "model.name", "dataset.name")
@@ -528,7 +538,8 @@ class _Read:
 #: Summary fields read as numbers (null allowed), and those that must be whole numbers.
 _NUMBER_FIELDS = (
     "lr", "final_test_acc", "best_test_acc", "final_val_acc", "best_val_acc",
-    "test_acc_at_best_val", "final_test_loss", "final_train_loss",
+    "test_acc_at_best_val", "test_acc_precise_bn", "test_acc_batch_stats", "bn_eval_time_s",
+    "final_test_loss", "final_train_loss",
     "final_train_acc", "train_time_s", "wall_time_s", "img_per_s",
 )  # fmt: skip
 _WHOLE_FIELDS = ("batch_size", "epochs", "seed")

@@ -247,6 +247,10 @@ def summarize(
         "best_val_epoch": best["epoch"] if best else None,
         # the honest figure: test accuracy of the epoch chosen on validation
         "test_acc_at_best_val": best["test_acc"] if best else None,
+        # BatchNorm's population statistics re-estimated, and batch statistics at test time
+        "test_acc_precise_bn": last.get("test_acc_precise_bn"),
+        "test_acc_batch_stats": last.get("test_acc_batch_stats"),
+        "bn_eval_time_s": last.get("bn_eval_time_s"),
         "final_test_loss": done[-1]["test_loss"] if done else None,
         "final_train_loss": last.get("train_loss"),
         "final_train_acc": last.get("train_acc"),
@@ -366,6 +370,8 @@ def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display) -> RunOutc
                 generator,
                 recorder,
             )
+            if result.status == "completed":
+                _measure_inference(cfg, prepared, result, recorder)
     except NotWritten:
         raise  # the disk is full, or the folder gone read-only: nothing more can be written
     except BaseException as err:
@@ -383,6 +389,25 @@ def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display) -> RunOutc
     summary = summarize(cfg, rid, result, prepared, started, time.perf_counter() - clock)
     write_json(folder / "summary.json", summary)
     return RunOutcome(rid, folder, summary)
+
+
+def _measure_inference(cfg, prepared: _Prepared, result, recorder: _Recorder) -> None:
+    """BatchNorm's other inference estimators (:mod:`normbench.inference`), recorded on
+    the last epoch; the run's model keeps its running statistics."""
+    from normbench.inference import measure
+
+    clock = time.perf_counter()
+    measured = measure(
+        prepared.model,
+        prepared.data,
+        cfg.batch_size,
+        cfg.eval_batch_size,
+        cfg.eval.precise_bn_batches,
+        cfg.seed,
+    )
+    if measured:
+        result.records[-1].update(measured, bn_eval_time_s=time.perf_counter() - clock)
+        write_csv(recorder.path, metrics_frame(recorder.run_id, result.records))
 
 
 def record_lost(

@@ -178,7 +178,9 @@ def test_collect_reads_real_runs_into_summary_and_config_columns(real_experiment
         own = pd.read_csv(real_experiment / "runs" / rid / "metrics.csv", dtype={"run_id": str})
         got = collected.metrics[collected.metrics.run_id == rid].reset_index(drop=True)
         pd.testing.assert_frame_equal(got, own, check_dtype=False)
-    assert len(collected.metrics) == 4 * 9  # 1 epoch x 9 metrics (7 + val loss, acc) per run
+    # 1 epoch x 9 metrics (7 + val loss, acc) per run, and custom_bn's two runs measure
+    # BatchNorm's other inference estimators too
+    assert len(collected.metrics) == 4 * 9 + 2 * 2
     assert list(collected.metrics.columns) == list(METRIC_COLUMNS)
     assert collected.incomplete == [real_experiment / "runs" / "0000killed00"]
     assert collected.unreadable == []

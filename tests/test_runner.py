@@ -52,6 +52,9 @@ def test_run_writes_config_metrics_and_summary(tiny):
         ("train", "img_per_s"),
         ("val", "loss"),
         ("val", "acc"),
+        # on the last epoch, for BatchNorm (normbench.inference)
+        ("test", "acc_precise_bn"),
+        ("test", "acc_batch_stats"),
     }
     at_best = metrics.query(
         f"epoch == {summary['best_val_epoch']} and split == 'test' and metric == 'acc'"
