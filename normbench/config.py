@@ -34,6 +34,7 @@ EXECUTION_KEYS: tuple[str, ...] = (
 )
 
 LR_SCALINGS = ("none", "linear", "sqrt")
+BUDGETS = ("epochs", "steps")
 SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -389,6 +390,7 @@ RULES: dict[str, Any] = {
     "lr_scaling": _one_of(*LR_SCALINGS),
     "ref_batch_size": _int(1),
     "epochs": _int(1),
+    "budget": _one_of(*BUDGETS),
     "max_steps": _int(1, null=True),
     # torch's generators take 64-bit seeds; numpy's and others' signed ones
     "seed": _int(0, 2**63 - 1),

@@ -950,7 +950,33 @@ def _interval(mean: float, half: float) -> str:
     return f"[{100 * (mean - half):.2f}, {100 * (mean + half):.2f}]"
 
 
-def summary_table(summary: pd.DataFrame, keys: Sequence[str], title: str):
+def budget_text(runs: pd.DataFrame) -> str | None:
+    """What the runs held fixed across batch sizes, for a table's caption: epochs or
+    optimizer steps (``budget``, ``max_steps``)."""
+
+    def values(key: str) -> list:
+        column = runs.get(key, runs.get(f"config.{key}"))
+        return [] if column is None else sorted(column.dropna().unique().tolist(), key=str)
+
+    steps, budget = values("max_steps"), values("budget")
+    epochs, reference = values("epochs"), values("ref_batch_size")
+    if steps:
+        return f"budget: {', '.join(map(str, steps))} optimizer steps at every batch size"
+    if budget == ["steps"]:
+        return (
+            f"budget: the optimizer steps of {', '.join(map(str, epochs))} epochs at batch size "
+            f"{', '.join(map(str, reference))}, at every batch size (steps held fixed)"
+        )
+    if budget in (["epochs"], []):
+        return (
+            f"budget: {', '.join(map(str, epochs))} epochs at every batch size (epochs held fixed)"
+        )
+    return "budget: mixed (epochs and steps held fixed in different runs)"
+
+
+def summary_table(
+    summary: pd.DataFrame, keys: Sequence[str], title: str, caption: str | None = None
+):
     """A rich Table of :func:`summarize`'s frame grouped by ``keys``: the key columns, n,
     the final test accuracy in percent (mean ± std over the completed runs) and the 95%
     CI of its mean as [low, high]; with one run there is no std or CI, with none "–". With
@@ -979,10 +1005,11 @@ def summary_table(summary: pd.DataFrame, keys: Sequence[str], title: str):
     baseline = baselines[0] if len(baselines) and "norm.name" in keys else None
     if baseline is not None:
         table.add_column(f"Δ {baseline}", justify="right", no_wrap=True)
-        table.caption = (
+        caption = (f"{caption}; " if caption else "") + (
             f"Δ: difference to {baseline} in percentage points ± its 95% CI, p: Welch's "
             "t-test; – with fewer than two runs on a side"
         )
+    table.caption = caption
     counted = ("n_diverged", "n_failed", "n_interrupted")
     extra = [c for c in counted if c in summary and summary[c].sum() > 0]
     for column in extra:
@@ -1122,6 +1149,7 @@ def report(
         if not collected.runs.empty:
             by = ", ".join(map(short_key, keys)) or "all runs"
             title = f"{exp_dir}: test accuracy over seeds, by {by}"
-            yield summary_table(summarize(collected.runs, keys, reference), keys, title)
+            summary = summarize(collected.runs, keys, reference)
+            yield summary_table(summary, keys, title, budget_text(collected.runs))
         if selection is not None:
             yield selection_table(selection, f"{exp_dir}: chosen on validation")

@@ -155,6 +155,8 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
         gamma=cfg.schedule.gamma,
         max_steps=cfg.max_steps,
         eval_batch_size=cfg.eval_batch_size,
+        budget=cfg.budget,
+        ref_batch_size=cfg.ref_batch_size,
     )
     used = threads or cores.Threads(torch.get_num_threads(), "torch")
     return _Prepared(data.to(device), model, optimizer, settings, device, used)

@@ -29,11 +29,19 @@ class TrainSettings:
     gamma: float = 0.1
     max_steps: int | None = None
     eval_batch_size: int = 1000
+    # epochs: every batch size sees the data `epochs` times; steps: every batch size takes
+    # the optimizer steps `epochs` take at ref_batch_size (small batches see less data)
+    budget: str = "epochs"
+    ref_batch_size: int = 128
 
     def total_steps(self, num_train: int) -> int:
-        per_epoch = steps_per_epoch(num_train, self.batch_size)
-        total = self.epochs * per_epoch
-        return total if self.max_steps is None else self.max_steps
+        """The run's optimizer steps: ``max_steps`` when set, else what the budget gives."""
+        if self.max_steps is not None:
+            return self.max_steps
+        per_epoch = steps_per_epoch(
+            num_train, self.ref_batch_size if self.budget == "steps" else self.batch_size
+        )
+        return self.epochs * per_epoch
 
 
 @dataclass

@@ -333,3 +333,38 @@ def test_an_interrupted_run_is_redone_without_retry_failed(tmp_path):
     assert len(replanned.to_run) == 2
     result = cli.invoke(app, ["sweep", *tiny_args(tmp_path, "norm=layer,group")])
     assert result.exit_code == 0 and "2 completed" in result.stdout
+
+
+def test_the_lr_batch_study_tunes_the_rate_on_validation_in_one_sweep(tmp_path):
+    """The preset, tiny, on digits: one sweep runs the grid, chooses each norm and batch
+    size's rate on validation (selected.csv) and draws the figures from the choice."""
+    import pandas as pd
+
+    args = [
+        "sweep", "experiment=lr_batch_study", "dataset=digits", f"out_dir={tmp_path}",
+        "norm=custom_bn,group", "batch_size=16,64", "lr=0.05,0.2", "seed=0,1",
+        "epochs=1", "dataset.train_size=256", "threads=1",
+    ]  # fmt: skip
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "16 completed" in result.stdout
+    experiment = tmp_path / "lr_batch_study"
+    selected = pd.read_csv(experiment / "selected.csv")
+    assert len(selected) == 4 and set(selected["tuned"]) == {"lr"}
+    assert set(selected["lr"]) <= {0.05, 0.2}
+    runs = pd.read_csv(experiment / "runs.csv")
+    for row in selected.to_dict("records"):  # the choice: the best mean validation accuracy
+        mine = (runs["norm.name"] == row["norm.name"]) & (runs["batch_size"] == row["batch_size"])
+        means = runs[mine].groupby("lr")["best_val_acc"].mean()
+        assert means.idxmax() == row["lr"]
+    for figure in ("error_vs_batch_size.png", "bn_inference__lr-0.05.png"):
+        assert (experiment / "plots" / figure).is_file()
+    assert "chosen on validation" in result.stdout
+    assert "epochs held fixed" in result.stdout
+
+
+def test_every_preset_states_its_budget():
+    from normbench.config import conf_dir
+
+    for path in (conf_dir() / "experiment").glob("*.yaml"):
+        assert "\nbudget: " in path.read_text(), f"{path.name} must say budget: epochs|steps"

@@ -139,3 +139,16 @@ def test_callbacks_see_every_step_and_epoch(digits):
     assert seen["start"] == (16, 2)
     assert [s for s, _ in seen["steps"]] == list(range(1, 17))
     assert seen["epochs"] == [1, 2]
+
+
+def test_a_step_budget_gives_every_batch_size_the_steps_of_the_reference():
+    n = 1000
+    for batch_size in (8, 32, 128):
+        epochs = TrainSettings(epochs=3, batch_size=batch_size, lr=0.1)
+        steps = TrainSettings(
+            epochs=3, batch_size=batch_size, lr=0.1, budget="steps", ref_batch_size=32
+        )
+        assert epochs.total_steps(n) == 3 * (n // batch_size)
+        assert steps.total_steps(n) == 3 * (n // 32)  # whatever the batch size
+    capped = TrainSettings(epochs=3, batch_size=8, lr=0.1, budget="steps", max_steps=7)
+    assert capped.total_steps(n) == 7  # max_steps, when set, decides
