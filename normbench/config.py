@@ -31,6 +31,8 @@ EXECUTION_KEYS: tuple[str, ...] = (
     "dataset.download",
     "report.select",
     "report.baseline",
+    "checkpoint.save",
+    "checkpoint.keep",
 )
 
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -424,6 +426,8 @@ RULES: dict[str, Any] = {
     "optim.betas": _betas,
     "optim.eps": _number(0, strict=True),
     "eval.precise_bn_batches": _int(1),
+    "checkpoint.save": _one_of("last", "none"),
+    "checkpoint.keep": _boolean(),
     "report.select": _key_list,
     "report.baseline": _baseline,
 }

@@ -74,6 +74,7 @@ SUMMARY_FIELDS: tuple[str, ...] = (
     "test_acc_precise_bn",
     "test_acc_batch_stats",
     "bn_eval_time_s",
+    "resumed_from_epoch",
     "final_test_loss",
     "final_train_loss",
     "final_train_acc",

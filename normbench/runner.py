@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normbench import __version__, allocator, cores, interrupts
+from normbench import __version__, allocator, checkpoints, cores, interrupts
 from normbench.config import EXECUTION_KEYS, flatten, validate
 from normbench.errors import UserError
 from normbench.lock import RunBusy, RunLock, read_owner
@@ -28,6 +28,7 @@ from normbench.results import (
     metrics_frame,
     read_summary,
     status_of,
+    write_bytes,
     write_csv,
     write_json,
 )
@@ -182,11 +183,14 @@ def _check_trains(model, batch, cfg) -> None:
 
 
 class _Recorder:
-    """Saves metrics.csv after every epoch and passes the loop's reports on to a display."""
+    """Saves metrics.csv (and the checkpoint, when one is kept) after every epoch and
+    passes the loop's reports on to a display."""
 
-    def __init__(self, run_id: str, path: Path, display=None):
+    def __init__(self, run_id: str, path: Path, display=None, checkpoint=None):
         self.run_id, self.path, self.display = run_id, path, display
         self.records: list[dict[str, Any]] = []
+        # (model, optimizer) whose states go into the checkpoint; None: no checkpoint
+        self.saving = checkpoint
 
     def on_start(self, total_steps: int, epochs: int) -> None:
         if self.display is not None:
@@ -202,6 +206,13 @@ class _Recorder:
         if self.display is not None:
             self.display.on_epoch(record)
 
+    def checkpoint(self, loop: dict[str, Any]) -> None:
+        if self.saving is None:
+            return
+        model, optimizer = self.saving
+        data = checkpoints.pack(self.run_id, model, optimizer, loop)
+        write_bytes(self.path.with_name(checkpoints.FILE), data)
+
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -214,6 +225,7 @@ def summarize(
     prepared: _Prepared | None,
     started: str | None,
     wall: float | None,
+    resumed_from: int | None = None,
 ) -> dict:
     """The run's flat summary record (``results.SUMMARY_FIELDS``). ``prepared`` None: a
     run that stopped before it was built (what it would have measured is null)."""
@@ -253,6 +265,7 @@ def summarize(
         "test_acc_precise_bn": last.get("test_acc_precise_bn"),
         "test_acc_batch_stats": last.get("test_acc_batch_stats"),
         "bn_eval_time_s": last.get("bn_eval_time_s"),
+        "resumed_from_epoch": resumed_from,  # the checkpoint's epoch this session went on from
         "final_test_loss": done[-1]["test_loss"] if done else None,
         "final_train_loss": last.get("train_loss"),
         "final_train_acc": last.get("train_acc"),
@@ -334,14 +347,32 @@ def run(cfg, *, force: bool = False, redo_failed: bool = True, display=None) -> 
         previous = read_summary(folder)
         if is_done(previous, redo_failed) and not force:
             return RunOutcome(rid, folder, previous, skipped=True)
+        # An interrupted run goes on from its last epoch; any other starts over.
+        resume = None
+        if not force and status_of(previous) in (None, "interrupted"):
+            resume = _checkpoint(cfg, rid, folder)
         # From here on files are written; the summary, written last, marks the run done.
         for name in ("summary.json", "metrics.csv"):  # the earlier attempt's, damaged or not
             _discard(folder / name)
+        if resume is None:
+            _discard(folder / checkpoints.FILE)
         write_text_file(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        write_csv(folder / "metrics.csv", metrics_frame(rid, []))
-        return _train(cfg, rid, folder, prepared, display)
+        records = resume["loop"]["records"] if resume else []
+        write_csv(folder / "metrics.csv", metrics_frame(rid, records))
+        return _train(cfg, rid, folder, prepared, display, resume)
     finally:
         lock.release()
+
+
+def _checkpoint(cfg, rid: str, folder: Path) -> dict[str, Any] | None:
+    """The run's checkpoint, when checkpoints are on and it holds this run's state."""
+    if cfg.checkpoint.save != "last":
+        return None
+    try:
+        data = (folder / checkpoints.FILE).read_bytes()
+    except OSError:
+        return None
+    return checkpoints.unpack(data, rid)
 
 
 def _discard(path: Path) -> None:
@@ -354,13 +385,19 @@ def _discard(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display) -> RunOutcome:
+def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display, resume=None) -> RunOutcome:
     import torch
 
     from normbench.train import TrainResult, train
 
-    recorder = _Recorder(rid, folder / "metrics.csv", display)
+    saving = (prepared.model, prepared.optimizer) if cfg.checkpoint.save == "last" else None
+    recorder = _Recorder(rid, folder / "metrics.csv", display, saving)
     generator = torch.Generator().manual_seed(cfg.seed)
+    loop = None
+    if resume is not None:
+        loop = checkpoints.restore(resume, prepared.model, prepared.optimizer)
+        recorder.records = list(loop["records"])
+    resumed = loop["epoch"] if loop else None
     started, clock = _now(), time.perf_counter()
     try:
         with interrupts.handle_signals():
@@ -371,6 +408,7 @@ def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display) -> RunOutc
                 prepared.settings,
                 generator,
                 recorder,
+                resume=loop,
             )
             if result.status == "completed":
                 _measure_inference(cfg, prepared, result, recorder)
@@ -380,16 +418,20 @@ def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display) -> RunOutc
         why = interrupts.reason(err)
         result = TrainResult(records=recorder.records, status="interrupted" if why else "failed")
         result.message = why or f"{type(err).__name__}: {err}"
-        write_json(
-            folder / "summary.json",
-            summarize(cfg, rid, result, prepared, started, time.perf_counter() - clock),
+        if not why:  # a failure is retried from the start; an interruption resumes
+            _discard(folder / checkpoints.FILE)
+        summary = summarize(
+            cfg, rid, result, prepared, started, time.perf_counter() - clock, resumed
         )
+        write_json(folder / "summary.json", summary)
         raise
     if result.status == "diverged":
         # The partial epoch's training loss is recorded too: it shows where it broke.
         write_csv(folder / "metrics.csv", metrics_frame(rid, result.records))
-    summary = summarize(cfg, rid, result, prepared, started, time.perf_counter() - clock)
+    summary = summarize(cfg, rid, result, prepared, started, time.perf_counter() - clock, resumed)
     write_json(folder / "summary.json", summary)
+    if not cfg.checkpoint.keep:
+        _discard(folder / checkpoints.FILE)
     return RunOutcome(rid, folder, summary)
 
 

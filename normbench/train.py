@@ -111,11 +111,18 @@ def train(
     settings: TrainSettings,
     generator: torch.Generator,
     callbacks: Callbacks | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data``; evaluate on the test split (and the validation
     split, when there is one) after every epoch.
 
     Stops at once, with status ``diverged``, when a training loss is NaN or inf.
+
+    After every epoch, a ``callbacks.checkpoint(state)`` (when the callbacks have one)
+    receives what the loop needs to go on later: ``epoch``, ``steps``, ``records``, the
+    ``scheduler``'s and the ``generator``'s states. ``resume``, such a state (with the
+    model's and optimizer's restored by the caller), continues after its epoch exactly
+    as the loop would have gone on.
     """
     per_epoch = steps_per_epoch(data.num_train, settings.batch_size)
     total = settings.total_steps(data.num_train)
@@ -127,10 +134,19 @@ def train(
             s, total, warmup, settings.schedule, settings.milestones, settings.gamma
         ),
     )
+    result = TrainResult()
+    first = 1
+    if resume is not None:
+        scheduler.load_state_dict(resume["scheduler"])
+        # the new scheduler set the first step's rate as it was built: put back the last
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
+        generator.set_state(resume["generator"])
+        result.records, result.steps = list(resume["records"]), resume["steps"]
+        first = resume["epoch"] + 1
     if callbacks is not None:
         callbacks.on_start(total, epochs)
-    result = TrainResult()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first, epochs + 1):
         model.train()
         seen = 0
         loss_sum = 0.0
@@ -180,6 +196,16 @@ def train(
         result.records.append(record)
         if callbacks is not None:
             callbacks.on_epoch(record)
+            if hasattr(callbacks, "checkpoint") and math.isfinite(test_loss):
+                callbacks.checkpoint(
+                    {
+                        "epoch": epoch,
+                        "steps": result.steps,
+                        "records": result.records,
+                        "scheduler": scheduler.state_dict(),
+                        "generator": generator.get_state(),
+                    }
+                )
         if not math.isfinite(test_loss):
             # Training went on but the running statistics or weights broke evaluation.
             result.status = "diverged"
