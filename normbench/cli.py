@@ -25,6 +25,44 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from normbench import __version__
+
+        out.print(f"normbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    config_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--config-dir",
+            help="A folder of your own configs, searched after normbench's: "
+            "<dir>/norm/<name>.yaml with a _target_ naming your class adds norm=<name> "
+            "(repeatable)",
+            show_default=False,
+        ),
+    ] = None,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """normbench: an experiment runner for normalization studies."""
+    from normbench.config import add_config_dir
+
+    try:
+        for folder in config_dir or []:
+            add_config_dir(folder)
+    except UserError as error:
+        err.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from None
+
+
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -265,6 +303,54 @@ def plot(
 
     for path in plot_experiments(dirs, warn=warn):
         out.print(str(path), markup=False)
+
+
+@app.command(name="check-norm")
+@user_errors
+def check_norm(
+    target: Annotated[
+        str,
+        typer.Argument(
+            metavar="CLASS",
+            help="Your class as a dotted path (mypkg.norms.MyNorm), or a norm's name",
+            show_default=False,
+        ),
+    ],
+) -> None:
+    """Run the checks every normalization variant passes on a class of your own: it
+    builds from (num_channels), keeps shape and dtype in training and eval, survives a
+    state_dict round trip, passes gradients to every parameter and works in a model.
+    Exit status 1 when a check fails."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from normbench.norms.checks import check_norm as run_checks
+    from normbench.norms.registry import _REGISTRY, entry_point_norms, load_class
+
+    if "." in target or ":" in target:
+        cls = load_class(target)
+    elif target in _REGISTRY or target in entry_point_norms():
+        from normbench.norms.registry import get_norm
+
+        cls = get_norm(target)
+    else:
+        raise UserError(f"{target!r} is neither a dotted class path nor a norm's name")
+    results = run_checks(cls)
+    table = Table(title=f"normbench check-norm {escape(target)}")
+    table.add_column("check", style="bold")
+    table.add_column("result")
+    table.add_column("detail")
+    for result in results:
+        mark = "[green]passed[/]" if result.passed else "[bold red]FAILED[/]"
+        table.add_row(result.name, mark, escape(result.detail))
+    out.print(table)
+    failed = [r for r in results if not r.passed]
+    if failed:
+        for result in failed:  # whole lines, as the table may wrap them
+            err.print(f"FAILED {result.name}: {result.detail}", markup=False, soft_wrap=True)
+        err.print(f"[bold red]{len(failed)} of {len(results)} checks failed[/]")
+        raise typer.Exit(1)
+    out.print(f"all {len(results)} checks passed: norm={target} is ready for a sweep")
 
 
 @app.command(name="list")

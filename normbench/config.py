@@ -46,18 +46,67 @@ def conf_dir() -> Path:
     return Path(__file__).resolve().parent / "conf"
 
 
+#: Config folders a user adds (``normbench --config-dir DIR``, or ``hydra.searchpath`` with
+#: ``file://`` entries): their ``<group>/<option>.yaml`` files are options too, a norm's
+#: with a ``_target_`` naming its class.
+_user_dirs: list[Path] = []
+
+
+def add_config_dir(path: str | Path) -> None:
+    """Search ``path`` for config options as well (after normbench's own)."""
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise UserError(f"--config-dir {path}: no such folder")
+    if folder not in _user_dirs:
+        _user_dirs.append(folder)
+
+
+def config_dirs() -> list[Path]:
+    return [conf_dir(), *_user_dirs]
+
+
+def searchpath_overrides() -> list[str]:
+    """The Hydra override that makes Hydra search the user's folders too (or nothing)."""
+    if not _user_dirs:
+        return []
+    return [f"hydra.searchpath=[{','.join(f'file://{d}' for d in _user_dirs)}]"]
+
+
+def option_file(group: str, option: str) -> Path | None:
+    """The YAML file of a group's option: normbench's own first, then the user's folders."""
+    for folder in config_dirs():
+        path = folder / group / f"{option}.yaml"
+        if path.is_file():
+            return path
+    return None
+
+
 def group_options(group: str) -> list[str]:
-    """The options of one config group, sorted by name."""
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    """The options of one config group, sorted by name: normbench's, the user's folders'
+    and, for ``norm``, the variants installed packages declare (entry points)."""
+    names = {p.stem for folder in config_dirs() for p in (folder / group).glob("*.yaml")}
+    if group == "norm":
+        from normbench.norms.registry import entry_point_norms
+
+        names |= set(entry_point_norms())
+    return sorted(names)
 
 
 def describe_groups() -> dict[str, list[tuple[str, str]]]:
-    """Each group's options with the one-line description on their YAML's first comment."""
+    """Each group's options with the one-line description on their YAML's first comment
+    (an installed variant's: its class's docstring)."""
+    from normbench.norms.registry import entry_point_norms
+
     described: dict[str, list[tuple[str, str]]] = {}
     for group in GROUPS:
         rows = []
         for option in group_options(group):
-            rows.append((option, _description(conf_dir() / group / f"{option}.yaml")))
+            path = option_file(group, option)
+            if path is not None:
+                text = _description(path)
+            else:
+                text = entry_point_norms()[option].describe()
+            rows.append((option, text))
         described[group] = rows
     return described
 
@@ -112,6 +161,12 @@ def check_group_overrides(overrides: Sequence[str]) -> list:
     the overrides, parsed (Hydra's ``Override`` objects)."""
     parsed = parse_overrides(overrides)
     for override in parsed:
+        if override.key_or_group == "hydra.searchpath" and not override.is_sweep_override():
+            # the user's own folders, named to Hydra directly: their options are valid too
+            for entry in override.value() or []:
+                if isinstance(entry, str) and entry.startswith("file://"):
+                    add_config_dir(entry.removeprefix("file://"))
+    for override in parsed:
         group = override.key_or_group
         if group not in GROUPS or override.is_delete():
             continue
@@ -150,6 +205,18 @@ def _is_value_override(override) -> bool:
     )
 
 
+def with_searchpath(overrides: Sequence[str]) -> list[str]:
+    """``overrides`` with the user's config folders added to Hydra's search path (unless
+    the overrides set the search path themselves), and installed variants' configs stored
+    where Hydra finds them."""
+    from normbench.norms.registry import store_entry_point_configs
+
+    store_entry_point_configs()
+    if any(o.split("=", 1)[0].lstrip("+") == "hydra.searchpath" for o in overrides):
+        return list(overrides)
+    return [*searchpath_overrides(), *overrides]
+
+
 def compose(overrides: Sequence[str] = ()):
     """The resolved, validated config for one run, from Hydra overrides (``key=value``).
 
@@ -163,6 +230,7 @@ def compose(overrides: Sequence[str] = ()):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    overrides = with_searchpath(overrides)
     parsed = check_group_overrides(overrides)
     structural = tuple(o.input_line for o in parsed if not _is_value_override(o))
     values = [o for o in parsed if _is_value_override(o)]
@@ -454,8 +522,13 @@ def _by_default(default: Any):
 def _option_defaults(group: str, option: str) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    path = conf_dir() / group / f"{option}.yaml"
-    if not path.is_file():
+    path = option_file(group, option)
+    if path is None:
+        if group == "norm":  # an installed package's variant: its constructor's defaults
+            from normbench.norms.registry import entry_point_norms
+
+            installed = entry_point_norms().get(option)
+            return installed.config() if installed is not None else {}
         return {}
     return _flatten(OmegaConf.to_container(OmegaConf.load(path)) or {})
 

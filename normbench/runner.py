@@ -125,7 +125,8 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
             f"({data.num_train} images of {cfg.dataset.name})"
         )
     torch.manual_seed(cfg.seed)
-    norm = NormSpec(cfg.norm.name, _kwargs(cfg.norm))
+    kwargs = _kwargs(cfg.norm)
+    norm = NormSpec(cfg.norm.name, kwargs, target=kwargs.pop("_target_", None))
     lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.ref_batch_size, cfg.lr_scaling)
     try:
         model = build_model(

@@ -216,11 +216,12 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
 
     Runs already done, and runs owned by a live process elsewhere, are found here and are
     not checked further: only the runs left to run build their models."""
-    from normbench.config import EXECUTION_KEYS, compose, flatten
+    from normbench.config import EXECUTION_KEYS, compose, flatten, with_searchpath
     from normbench.lock import read_owner
     from normbench.results import check_writable, read_summary, status_of
     from normbench.runner import experiment_dir, prepare, run_id
 
+    overrides = with_searchpath(overrides)  # the user's config folders, for Hydra too
     result = Plan(list(overrides), retry_failed=retry_failed)
     checked: set[str] = set()
     writable: set[Path] = set()

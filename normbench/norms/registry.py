@@ -16,6 +16,10 @@ from normbench.errors import UserError
 
 _REGISTRY: dict[str, type] = {}
 
+#: The entry-point group through which an installed package adds variants:
+#: ``[project.entry-points."normbench.norms"] mynorm = "mypkg.norms:MyNorm"``.
+ENTRY_POINT_GROUP = "normbench.norms"
+
 
 def register_norm(name: str) -> Callable[[type], type]:
     """Class decorator: make ``cls`` available as ``norm=<name>``."""
@@ -31,15 +35,92 @@ def register_norm(name: str) -> Callable[[type], type]:
 
 
 def norm_names() -> list[str]:
-    """Registered variant names, in registration order."""
+    """Registered variant names, in registration order (normbench's own only; installed
+    packages' are :func:`entry_point_norms`)."""
     return list(_REGISTRY)
 
 
 def get_norm(name: str) -> type:
-    try:
+    """The class of variant ``name``: normbench's own, or an installed package's."""
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise UserError(f"unknown norm {name!r}; valid: {', '.join(norm_names())}") from None
+    installed = entry_point_norms()
+    if name in installed:
+        return installed[name].load()
+    valid = [*norm_names(), *installed]
+    raise UserError(f"unknown norm {name!r}; valid: {', '.join(valid)}")
+
+
+def load_class(target: str) -> type:
+    """The class a dotted path (``mypkg.norms.MyNorm``, or ``mypkg.norms:MyNorm``) names;
+    a :class:`UserError` saying why when it cannot be imported."""
+    from hydra.utils import get_class
+
+    try:
+        return get_class(target.replace(":", "."))
+    except Exception as err:  # ImportError, AttributeError, Hydra's wrapper of them
+        reason = " ".join(str(err).split())[:300]
+        raise UserError(f"cannot import the norm class {target!r}: {reason}") from None
+
+
+@dataclass(frozen=True)
+class InstalledNorm:
+    """A variant an installed package declares (entry point group ``normbench.norms``)."""
+
+    name: str
+    target: str  # module:Class, as the entry point gives it
+
+    def load(self) -> type:
+        return load_class(self.target)
+
+    def describe(self) -> str:
+        try:
+            doc = (self.load().__doc__ or "").strip()
+        except UserError as err:
+            return f"(from {self.target}; {err})"
+        return (doc.splitlines()[0] if doc else "") + f" (installed: {self.target})"
+
+    def config(self) -> dict[str, Any]:
+        """Its config: the name, the class, and the constructor's plain defaults."""
+        import inspect
+
+        node: dict[str, Any] = {"name": self.name, "_target_": self.target.replace(":", ".")}
+        try:
+            parameters = list(inspect.signature(self.load()).parameters.values())[1:]
+        except (UserError, TypeError, ValueError):
+            return node  # the error is told when the norm is built
+        for parameter in parameters:
+            value = parameter.default
+            if value is not inspect.Parameter.empty and (
+                value is None or isinstance(value, bool | int | float | str)
+            ):
+                node[parameter.name] = value
+        return node
+
+
+def entry_point_norms() -> dict[str, InstalledNorm]:
+    """The variants installed packages declare, by name (normbench's own names win)."""
+    from importlib.metadata import entry_points
+
+    found = {}
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        if point.name not in _REGISTRY:
+            found[point.name] = InstalledNorm(point.name, point.value)
+    return found
+
+
+_stored: set[str] = set()
+
+
+def store_entry_point_configs() -> None:
+    """Make ``norm=<name>`` compose for every installed variant: its config goes to
+    Hydra's ConfigStore (which a sweep's jobs receive with Hydra's state)."""
+    from hydra.core.config_store import ConfigStore
+
+    for name, installed in entry_point_norms().items():
+        if name not in _stored:
+            ConfigStore.instance().store(group="norm", name=name, node=installed.config())
+            _stored.add(name)
 
 
 @dataclass(frozen=True)
@@ -51,10 +132,12 @@ class NormSpec:
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: the class's dotted path for a variant from the user's config folder (``_target_``)
+    target: str | None = None
 
     @property
     def cls(self) -> type:
-        return get_norm(self.name)
+        return load_class(self.target) if self.target else get_norm(self.name)
 
     @property
     def centers(self) -> bool:
