@@ -382,7 +382,9 @@ def error_vs_batch_size(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> list[t
         diverged, failed = int(points["diverged"].sum()), _failed_in(prepared, combo)
         notes = [
             f"Mean test error after the last epoch over seeds of completed runs "
-            f"({_seeds_text(points['n'].tolist())}); bars: 95% CI (Student t), none for one seed.",
+            f"({_seeds_text(points['n'].tolist())}); bars: 95% CI (Student t, within 0-100%), "
+            "none for one seed; lines set slightly apart at each batch size so that none hides "
+            "another.",
         ]
         if diverged:
             notes.append(
@@ -395,16 +397,18 @@ def error_vs_batch_size(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> list[t
         ax = fig.add_subplot()
         top = blended_transform_factory(ax.transData, ax.transAxes)
         crosses: dict[int, int] = {}
-        for label in prepared.labels:
+        drawn = [label for label in prepared.labels if (points["label"] == label).any()]
+        for index, label in enumerate(drawn):
             line = points[points["label"] == label]
-            if line.empty:
-                continue
             color, marker = norm_style(line["norm"].iloc[0])
             done = line[line["n"] > 0]
+            # Lines set a little apart at each batch size, so that one that coincides
+            # with another stays visible (a twentieth of a doubling between neighbours).
+            dodge = 2 ** (0.05 * (index - (len(drawn) - 1) / 2))
             ax.errorbar(
-                done["batch_size"].to_numpy(),
+                done["batch_size"].to_numpy() * dodge,
                 done["mean_error"].to_numpy(),
-                yerr=done["ci95"].to_numpy(),
+                yerr=_clipped(done["mean_error"].to_numpy(), done["ci95"].to_numpy()),
                 color=color,
                 marker=marker,
                 linestyle=line["style"].iloc[0],
@@ -645,7 +649,7 @@ def bn_inference(runs: pd.DataFrame) -> list[tuple[str, Figure]]:
                     points.append((bs, mean, ci if n > 1 else np.nan))
                 x, y, ci = (np.array(v, dtype=float) for v in zip(*points, strict=True))
                 ax.errorbar(
-                    x, y, yerr=np.where(np.isfinite(ci), ci, 0), color=color,
+                    x, y, yerr=_clipped(y, ci), color=color,
                     linestyle=style, marker="o", markersize=4, capsize=2.5, label=name,
                 )  # fmt: skip
                 means += [v for v in y if np.isfinite(v)]
@@ -677,6 +681,13 @@ def bn_inference(runs: pd.DataFrame) -> list[tuple[str, Figure]]:
         )  # fmt: skip
         figures.append((_file_name("bn_inference", combo, taken), fig))
     return figures
+
+
+def _clipped(mean: np.ndarray, half: np.ndarray) -> np.ndarray:
+    """Error bars (below, above) of a percentage: the 95% interval, clipped to [0, 100]."""
+    mean, half = np.asarray(mean, dtype=float), np.asarray(half, dtype=float)
+    # NaN (one seed) stays NaN: no bar at all
+    return np.vstack([np.minimum(half, mean), np.minimum(half, 100.0 - mean)])
 
 
 def _failed_in(prepared: _Runs, combo: dict[str, Any]) -> int:

@@ -780,16 +780,20 @@ def swept_keys(runs: pd.DataFrame) -> list[str]:
     """The config columns whose values vary across ``runs``, seed and execution keys left out.
 
     ``norm.name``, ``batch_size``, ``lr``, ``model.name``, ``dataset.name`` come first when
-    they vary, then the others in config order. A key whose value follows from the keys
-    before it is left out: sweeping ``norm=custom_bn,group`` varies ``norm.groups`` and
-    ``norm.momentum`` too, but ``norm.name`` already tells them.
+    they vary, then the others in config order. A group's own key whose value follows
+    from the group's option is left out: sweeping ``norm=custom_bn,group`` varies
+    ``norm.groups`` and ``norm.momentum`` too, but ``norm.name`` already tells them. Any
+    other key that differs is kept, swept or not: two runs that differ in their model
+    and their norm are two groups by both, never credited to the norm alone.
     """
     kept: list[str] = []
     for key in _group_candidates(runs):
         if runs[key].nunique(dropna=False) < 2:
             continue
-        if kept:
-            spread = runs.groupby(kept, dropna=False, sort=False)[key].nunique(dropna=False)
+        group, _, rest = _base_key(key).partition(".")
+        option = f"{group}.name"
+        if rest and rest != "name" and option in kept:
+            spread = runs.groupby(option, dropna=False, sort=False)[key].nunique(dropna=False)
             if spread.max() < 2:
                 continue
         kept.append(key)
@@ -946,9 +950,11 @@ def _percent(mean: float, std: float) -> str:
 
 
 def _interval(mean: float, half: float) -> str:
+    """An accuracy's 95% interval in %, clipped to what an accuracy can be: [0, 100]."""
     if math.isnan(mean) or math.isnan(half):
         return "–"
-    return f"[{100 * (mean - half):.2f}, {100 * (mean + half):.2f}]"
+    low, high = max(mean - half, 0.0), min(mean + half, 1.0)
+    return f"[{100 * low:.2f}, {100 * high:.2f}]"
 
 
 def budget_text(runs: pd.DataFrame) -> str | None:

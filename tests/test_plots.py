@@ -187,9 +187,11 @@ def test_error_vs_batch_size_draws_means_and_hand_computed_intervals():
     (ax,) = the_axes(figures[0][1])
     bars = errorbars(ax)
     assert list(bars) == ["custom_bn", "layer", "group"]  # the design's order
-    for norm, container in bars.items():
+    for index, (norm, container) in enumerate(bars.items()):
         line, _caps, (collection,) = container.lines
-        assert list(line.get_xdata()) == list(SIZES)
+        # set a twentieth of a doubling apart, so that coinciding lines stay visible
+        dodge = 2 ** (0.05 * (index - 1))
+        assert list(line.get_xdata()) == pytest.approx([bs * dodge for bs in SIZES])
         for i, bs in enumerate(SIZES):
             errors = [100 * (1 - final_acc(norm, bs, seed)) for seed in SEEDS]
             mean = np.mean(errors)
@@ -399,3 +401,13 @@ def test_cli_plot_missing_dir_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path / "nowhere")])
     assert result.exit_code == 2
     assert "error" in result.stderr and "Traceback" not in result.output
+
+
+def test_intervals_stop_at_what_an_error_can_be():
+    """A wide interval near 0% error is drawn down to 0, not below (the 95% CI of the
+    mean is clipped to [0, 100]); the table does the same."""
+    from normbench.results import _interval
+
+    bars = plots._clipped(np.array([1.0, 50.0, 99.0]), np.array([3.0, 3.0, 3.0]))
+    assert bars.tolist() == [[1.0, 3.0, 3.0], [3.0, 3.0, 1.0]]
+    assert _interval(0.99, 0.05) == "[94.00, 100.00]" and _interval(0.01, 0.05) == "[0.00, 6.00]"

@@ -595,3 +595,34 @@ def test_leftovers_of_killed_writes_are_removed_by_the_next_write(tmp_path):
     write_json(tmp_path / "summary.json", {"status": "completed"})
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["summary.json", alive.name, foreign_new.name, other_file.name])
+
+
+def test_runs_that_differ_in_an_unswept_key_are_never_credited_to_the_norm(tmp_path):
+    """Two `normbench run`s into one experiment, the second with another model and
+    optimizer: the table has two groups told apart by all three keys, and the figures
+    never draw the two in one plot."""
+    from typer.testing import CliRunner
+
+    from normbench import plots
+    from normbench.cli import app
+
+    common = [f"out_dir={tmp_path}", "epochs=1", "dataset.train_size=128", "threads=1"]
+    runner = CliRunner()
+    assert runner.invoke(app, ["run", *common]).exit_code == 0
+    other = ["model=mlp", "optim=adam", "lr=0.001", "norm=layer"]
+    assert runner.invoke(app, ["run", *common, *other]).exit_code == 0
+    runs = collect(tmp_path / "default").runs
+    keys = swept_keys(runs)
+    assert {"norm.name", "model.name", "optim.name", "lr"} <= set(keys)
+    summary = summarize(runs, keys)
+    assert len(summary) == 2
+    assert set(zip(summary["norm.name"], summary["model.name"], strict=True)) == {
+        ("custom_bn", "small_cnn"),
+        ("layer", "mlp"),
+    }
+    figures = plots.error_vs_batch_size(runs)
+    assert len(figures) == 2  # one per model (and optimizer), each with one norm
+    for _, figure in figures:
+        (ax,) = [a for a in figure.axes if a.get_visible()]
+        title = ax.get_title()
+        assert "mlp, small_cnn" not in title and len(ax.get_legend().get_texts()) == 1
