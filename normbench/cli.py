@@ -24,6 +24,19 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # markdown: docstrings wrap as paragraphs, and [slurm] in an install hint stays text
+    rich_markup_mode="markdown",
+)
+
+# Typer's rich help shows a type for every parameter, "<bool>" for a flag as if it took
+# a value: a flag shows none, and a parameter with a metavar shows that alone.
+_option_type = typer.core.TyperOption.display_type_rich
+_argument_type = typer.core.TyperArgument.display_type_rich
+typer.core.TyperOption.display_type_rich = lambda self, ctx: (
+    None if self.is_flag else _option_type(self, ctx)
+)
+typer.core.TyperArgument.display_type_rich = lambda self, ctx: (
+    None if self.metavar else _argument_type(self, ctx)
 )
 
 
@@ -69,7 +82,9 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 Overrides = Annotated[
     list[str] | None,
     typer.Argument(
-        help="Hydra overrides, e.g. norm=layer batch_size=8 model=resnet20", show_default=False
+        help="Hydra overrides, e.g. norm=layer batch_size=8 model=resnet20",
+        metavar="KEY=VALUE",
+        show_default=False,
     ),
 ]
 
@@ -294,8 +309,9 @@ def plot(
         ),
     ] = None,
 ) -> None:
-    """Draw each experiment's figures as PNG into <experiment>/plots/: test error vs
-    batch size per norm (log2 axis, 95% CI over seeds) and test accuracy per epoch."""
+    """Draw each experiment's figures as PNG into its plots folder: test error vs batch
+    size per norm (log2 axis, 95% CI over seeds), test accuracy per epoch, and BatchNorm's
+    statistics at inference."""
     from normbench.plots import plot_experiments
 
     def warn(message: str) -> None:

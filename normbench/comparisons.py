@@ -185,18 +185,39 @@ def differences(
     if baseline is None or "norm.name" not in keys:
         return out
     done = _completed(runs)
-    values = pd.to_numeric(done[COMPARED], errors="coerce") if COMPARED in done else None
-    if values is None:
+    if COMPARED not in done:
         return out
+    values = pd.to_numeric(done[COMPARED], errors="coerce")
     # the group of the other keys: a norm's own arguments (norm.groups) do not count
     others = [k for k in keys if not k.startswith("norm.")]
-    for index, row in out.iterrows():
-        if row["norm.name"] == baseline:
+    mine = _by(done, keys, values)
+    theirs = _by(done[done["norm.name"] == baseline], others, values)
+    compared = []
+    for row in out[list(keys)].itertuples(index=False):
+        b = theirs.get(_key(row[keys.index(k)] for k in others))
+        if row[keys.index("norm.name")] == baseline or b is None or not len(b):
+            compared.append((np.nan, np.nan, np.nan))
             continue
-        mine = _matches(done, row, keys)
-        theirs = (done["norm.name"] == baseline) & _matches(done, row, others)
-        a, b = values[mine].dropna().to_numpy(), values[theirs].dropna().to_numpy()
-        if not len(b):
-            continue
-        out.loc[index, ["diff_to_baseline", "diff_ci95", "p_value"]] = welch(a, b)
+        compared.append(welch(mine.get(_key(row), np.array([])), b))
+    out[["diff_to_baseline", "diff_ci95", "p_value"]] = np.array(compared, dtype=float).reshape(
+        -1, 3
+    )
     return out
+
+
+def _key(values) -> tuple:
+    """A group's values as a dictionary key (NaN, which equals nothing, as None)."""
+    return tuple(None if isinstance(v, float) and np.isnan(v) else v for v in values)
+
+
+def _by(frame: pd.DataFrame, keys: Sequence[str], values: pd.Series) -> dict[tuple, np.ndarray]:
+    """The finite ``values`` of ``frame``'s rows, per group of ``keys``."""
+    groups: dict[tuple, np.ndarray] = {}
+    if frame.empty:
+        return groups
+    for group, rows in (
+        frame.groupby(list(keys), dropna=False, sort=False) if keys else [((), frame)]
+    ):
+        group = group if isinstance(group, tuple) else (group,)
+        groups[_key(group)] = values.loc[rows.index].dropna().to_numpy()
+    return groups

@@ -12,6 +12,7 @@ import copy
 import difflib
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -287,9 +288,28 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+#: The extra that installs each of Hydra's launcher plugins.
+LAUNCHER_EXTRAS = {
+    "joblib": "parallel",
+    "submitit_slurm": "slurm",
+    "submitit_local": "slurm",
+    "ray": "ray",
+    "ray_aws": "ray",
+}
+
+
 def _composition_message(err: BaseException, overrides: Sequence[str]) -> str:
     """Hydra's messages are long and mention its internals; say what the user got wrong."""
     text = str(err)
+    missing = re.search(r"Could not find 'hydra/launcher/([\w-]+)'", text)
+    if missing:
+        name = missing.group(1)
+        extra = LAUNCHER_EXTRAS.get(name)
+        if extra:
+            return f'hydra/launcher={name} is not installed: pip install -e ".[{extra}]"'
+        options = re.search(r"Available options in '[^']*':\n((?:\t[^\n]*\n?)*)", text)
+        listed = options.group(1).split() if options else ["basic"]
+        return f"unknown hydra/launcher={name}; available: {', '.join(listed)}"
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if f"Could not override '{key}'" in text or f"Key '{key}'" in text:
@@ -303,12 +323,39 @@ def _composition_message(err: BaseException, overrides: Sequence[str]) -> str:
                     f"{key} is not in Hydra's config (with hydra/launcher={launcher}); "
                     f"to add a setting it leaves out, prefix a +: +{override.lstrip('+~')}"
                 )
+            other = _other_options_key(key, overrides)
+            if other:
+                return other
             known = _known_keys()
             return (
                 f"unknown config key {key!r}{_closest(key, known)}; "
                 "`normbench config` shows every key"
             )
     return f"invalid config: {_first_line(err)}"
+
+
+def _other_options_key(key: str, overrides: Sequence[str]) -> str | None:
+    """For ``optim=adam optim.momentum=0.9``: the option chosen has no such key, but
+    another option of its group has; say which, and what the chosen one takes."""
+    group, _, rest = key.partition(".")
+    if group not in GROUPS or not rest:
+        return None
+    chosen = default_options().get(group)
+    for override in overrides:
+        name, _, value = override.partition("=")
+        if name.lstrip("+") == group and value:
+            chosen = value
+    if chosen is None:
+        return None
+    having = [o for o in group_options(group) if rest in _option_defaults(group, o)]
+    if not having:
+        return None
+    own = sorted(k for k in _option_defaults(group, chosen) if k != "name")
+    verb = "has" if len(having) == 1 else "have"
+    return (
+        f"{group}={chosen} has no {rest} ({', '.join(having)} {verb} it); "
+        f"{group}={chosen} takes: {', '.join(own) or 'nothing'}"
+    )
 
 
 def _known_keys() -> list[str]:

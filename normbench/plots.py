@@ -235,7 +235,8 @@ def _file_name(stem: str, combo: dict[str, Any], taken: set[str]) -> str:
     name = stem
     if combo:
         parts = [f"{_short(k)}-{_fmt(v)}" for k, v in combo.items()]
-        suffix = re.sub(r"[^A-Za-z0-9._-]+", "-", "__".join(parts)).strip("-.")
+        # '+' kept: lr=1e+06 must not read as lr-1e-06 (it is safe on every file system)
+        suffix = re.sub(r"[^A-Za-z0-9._+-]+", "-", "__".join(parts)).strip("-.")
         if len(suffix) > 120:
             suffix = suffix[:110].rstrip("-.")
         name = f"{stem}__{suffix}"

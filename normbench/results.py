@@ -683,6 +683,19 @@ def collect(exp_dir: Path) -> Collected:
                 read.drop(index, why)
 
 
+def _csv_line(values) -> bytes:
+    """One CSV row of plain values, no line end (None and NaN empty, as pandas writes)."""
+    import csv
+
+    buffer = io.StringIO()
+    clean = [
+        "" if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA else v
+        for v in values
+    ]
+    csv.writer(buffer, lineterminator="").writerow(clean)
+    return buffer.getvalue().encode()
+
+
 def _assemble(read: _Read) -> Collected:
     if read.summaries:
         summary_frame = _frame(read.summaries)
@@ -706,7 +719,16 @@ def _assemble(read: _Read) -> Collected:
     order = _sort_frame(runs, [*swept_keys(runs), "seed", "run_id"]) if len(runs) else []
     runs = runs.loc[order].reset_index(drop=True)
     runs.attrs["config_columns"] = config_columns
-    metrics_csv = _METRICS_HEADER + b"\n" + b"".join(read.bodies[i] for i in order)
+    # The experiment's metrics carry the keys that tell runs apart (and the seed), so
+    # that they plot without a join: each run's lines get its values appended.
+    keys = [*swept_keys(runs), *(["seed"] if "seed" in runs.columns else [])]
+    if keys:
+        header = _METRICS_HEADER + b"," + _csv_line(keys)
+        ends = [b"," + _csv_line(row) + b"\n" for row in runs[keys].itertuples(index=False)]
+        bodies = [read.bodies[i].replace(b"\n", end) for i, end in zip(order, ends, strict=True)]
+    else:
+        header, bodies = _METRICS_HEADER, [read.bodies[i] for i in order]
+    metrics_csv = header + b"\n" + b"".join(bodies)
     metrics = pd.read_csv(io.BytesIO(metrics_csv), dtype=_METRIC_DTYPES)
     return Collected(
         runs,

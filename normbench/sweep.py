@@ -139,7 +139,7 @@ def expand(overrides: Sequence[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from normbench.config import check_group_overrides, compose
+    from normbench.config import _composition_message, check_group_overrides, compose
 
     check_group_overrides(overrides)
     parser = OverridesParser.create()
@@ -151,27 +151,12 @@ def expand(overrides: Sequence[str]) -> list[list[str]]:
     try:
         params = _sweeper_params(first)
     except HydraException as err:
-        raise UserError(_launcher_message(err, overrides)) from None
+        raise UserError(_composition_message(err, overrides)) from None
     try:
         batches = BasicSweeper.split_arguments(parser.parse_overrides([*params, *overrides]), None)
     except HydraException as err:
         raise UserError(f"invalid sweep: {str(err).splitlines()[0]}") from None
     return [list(job) for job in batches[0]]
-
-
-def _launcher_message(err: Exception, overrides: Sequence[str]) -> str:
-    text = str(err).splitlines()[0]
-    for override in overrides:
-        if override.startswith("hydra/launcher="):
-            name = override.split("=", 1)[1]
-            extra = {"joblib": "parallel", "submitit_slurm": "slurm", "submitit_local": "slurm"}
-            hint = f' (pip install -e ".[{extra[name]}]")' if name in extra else ""
-            return f"hydra launcher {name!r} is not available{hint}: {text}"
-    if "Could not override 'hydra." in str(err):
-        from normbench.config import _composition_message
-
-        return _composition_message(err, overrides)
-    return f"invalid config: {text}"
 
 
 def absolute_paths(overrides: Sequence[str], cfg) -> list[str]:

@@ -177,11 +177,14 @@ def test_collect_reads_real_runs_into_summary_and_config_columns(real_experiment
         assert (real_experiment / "runs" / rid / "summary.json").exists()
         own = pd.read_csv(real_experiment / "runs" / rid / "metrics.csv", dtype={"run_id": str})
         got = collected.metrics[collected.metrics.run_id == rid].reset_index(drop=True)
-        pd.testing.assert_frame_equal(got, own, check_dtype=False)
+        pd.testing.assert_frame_equal(got[list(METRIC_COLUMNS)], own, check_dtype=False)
+        # and the keys that tell the runs apart, for plotting without a join
+        row = runs[runs.run_id == rid].iloc[0]
+        assert (got["norm.name"] == row["norm.name"]).all() and (got["seed"] == row["seed"]).all()
     # 1 epoch x 9 metrics (7 + val loss, acc) per run, and custom_bn's two runs measure
     # BatchNorm's other inference estimators too
     assert len(collected.metrics) == 4 * 9 + 2 * 2
-    assert list(collected.metrics.columns) == list(METRIC_COLUMNS)
+    assert list(collected.metrics.columns) == [*METRIC_COLUMNS, "norm.name", "seed"]
     assert collected.incomplete == [real_experiment / "runs" / "0000killed00"]
     assert collected.unreadable == []
 
