@@ -184,7 +184,11 @@ def sweep(
             "are recorded as interrupted; the same sweep again redoes only what is not done"
         )
         raise typer.Exit(_stop_status(stop)) from None
+    if plan.refused:
+        raise UserError(f"the scheduler refused the sweep's jobs: {plan.launcher_error}")
     counts = plan.outcome()
+    if plan.launcher_error:
+        err.print(f"sweep: the launcher failed: {plan.launcher_error}", markup=False)
     _report_experiments(plan)
     shown = ("completed", "skipped", "diverged", "failed", "interrupted")
     out.print(

@@ -18,6 +18,8 @@ the others run on unattended. Here instead:
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +45,9 @@ JOB_STATES = {
 #: Seconds between the driver's checks of its submitit jobs, and between sacct calls.
 POLL_S = 1.0
 SACCT_S = 5.0
+#: Seconds to wait before each new try of a refused submission (a busy controller times
+#: out; one array is one ``sbatch``, so a refused one submitted nothing).
+SUBMIT_RETRY_S = (2.0, 10.0)
 
 
 def launch_planned(sweeper) -> list[Any]:
@@ -56,6 +61,7 @@ def launch_planned(sweeper) -> list[Any]:
     assert plan is not None, "normbench's sweeper runs only inside normbench.sweep.launch"
     jobs = plan.to_run
     sweep_dir = Path(str(sweeper.config.hydra.sweep.dir))
+    new_dir = not sweep_dir.exists()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(sweeper.config, sweep_dir / "multirun.yaml")
 
@@ -68,9 +74,14 @@ def launch_planned(sweeper) -> list[Any]:
         if type(sweeper.launcher).__module__.startswith("hydra_plugins.hydra_submitit_launcher"):
             return _launch_submitit(sweeper.launcher, jobs, plan)
         return list(sweeper.launcher.launch(overrides, initial_job_idx=0))
+    except SubmissionRefused as err:  # nothing was started: the user's to fix
+        plan.launcher_error, plan.refused = str(err), True
+        if new_dir:  # the job files of jobs that never were: nothing half-written stays
+            shutil.rmtree(sweep_dir, ignore_errors=True)
+        return []
     except Exception as err:  # a worker killed (joblib), a task lost (Ray)
-        reason = f"lost by the launcher: {type(err).__name__}: {_first_line(err)}"
-        _record_lost(jobs, reason)
+        plan.launcher_error = f"{type(err).__name__}: {_first_line(err)}"
+        _record_lost(jobs, f"lost by the launcher: {plan.launcher_error}")
         return []
     finally:
         if saved is None:
@@ -135,7 +146,7 @@ def _launch_submitit(launcher, jobs: Sequence, plan) -> list[Any]:
         (list(job.overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", state)
         for idx, job in enumerate(jobs)
     ]
-    submitted = executor.map_array(launcher, *zip(*arguments, strict=True))
+    submitted = _submit(executor, launcher, arguments)
     pending = dict(zip(submitted, jobs, strict=True))
     returns: list[Any] = []
     last_sacct = time.monotonic()
@@ -158,6 +169,45 @@ def _launch_submitit(launcher, jobs: Sequence, plan) -> list[Any]:
         plan.cancelled = _cancel(pending)
         raise
     return returns
+
+
+#: Words of a submission refused for a passing reason (a busy or restarting controller);
+#: any other refusal (a wrong partition, more CPUs than a node has) is the user's to fix.
+TRANSIENT = ("timed out", "temporarily", "try again", "unable to contact", "connection")
+
+
+class SubmissionRefused(Exception):
+    """The scheduler refused the sweep's jobs for a reason the user must fix."""
+
+
+def _submit(executor, launcher, arguments) -> list:
+    """Submit the jobs as one array. A submission refused for a passing reason is tried
+    again, then raises; one refused for any other reason raises SubmissionRefused with
+    the scheduler's words. (A submission that reached the controller though reported
+    failed would start a run twice: the run's lock lets one job train and the other
+    skip.)"""
+    for wait in (*SUBMIT_RETRY_S, None):
+        try:
+            return executor.map_array(launcher, *zip(*arguments, strict=True))
+        except Exception as err:
+            text = str(err).lower()
+            if not any(word in text for word in TRANSIENT):
+                raise SubmissionRefused(_scheduler_words(err)) from err
+            if wait is None:
+                raise
+            print(
+                f"sweep: submission refused ({_scheduler_words(err)}); "
+                f"trying again in {wait:.0f} s",
+                file=sys.stderr,
+            )
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _scheduler_words(err: BaseException) -> str:
+    """The scheduler's reason from a failed submission: sbatch's last error line."""
+    lines = [line.strip() for line in str(err).splitlines() if "error" in line.lower()]
+    return lines[-1] if lines else f"{type(err).__name__}: {_first_line(err)}"
 
 
 def _lost_reason(handle, err: BaseException) -> tuple[str, bool]:

@@ -61,6 +61,11 @@ class Plan:
     retry_failed: bool = False
     #: Cluster jobs cancelled because the sweep was stopped (their ids), set by launchers.
     cancelled: list[str] = field(default_factory=list)
+    #: Why the launcher itself failed (a submission refused, a worker killed), if it did:
+    #: runs it never started stay "not run", and the sweep says why.
+    launcher_error: str | None = None
+    #: The scheduler refused every job (a wrong partition): nothing was started.
+    refused: bool = False
 
     def skipped(self, job: Job) -> bool:
         from normbench.runner import is_done

@@ -200,7 +200,7 @@ def test_slurm_time_limit_is_recorded_as_interrupted(slurm, tmp_path):
     ]
     done = sweep(tmp_path, *args, timeout=300)
     assert done.returncode == 1, done.stderr
-    assert "1 interrupted" in done.stdout
+    assert "1 interrupted" in done.stdout, done.stderr
     (run,) = summaries(tmp_path).values()
     assert run["status"] == "interrupted" and "time limit" in run["error"]
     os.chdir(tmp_path)  # the grid's relative out_dir
@@ -210,6 +210,22 @@ def test_slurm_time_limit_is_recorded_as_interrupted(slurm, tmp_path):
         assert len(sweeps.plan(args).to_run) == 1
     finally:
         os.chdir(REPO)
+
+
+def test_slurm_refusing_the_jobs_is_one_line_and_exit_2(slurm, tmp_path):
+    """sbatch refuses a partition that does not exist: the scheduler's words, exit 2, no
+    job files and no run folders left; a refusal for a reason the user must fix is not
+    tried again."""
+    name = f"nb{uuid.uuid4().hex[:8]}"
+    done = sweep(tmp_path, *TINY, *slurm_args(name, "hydra.launcher.partition=nosuch"))
+    assert done.returncode == 2, done.stderr
+    assert (
+        "error: the scheduler refused the sweep's jobs: sbatch: error: Batch job submission "
+        "failed: Invalid partition name specified"
+    ) in done.stderr
+    assert "trying again" not in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "results" / "default" / "runs").exists()
+    assert not list((tmp_path / "results").rglob("*.pkl"))
 
 
 def test_slurm_ctrl_c_cancels_the_sweeps_jobs(slurm, tmp_path):
@@ -428,3 +444,39 @@ def test_ray_sweep_uses_num_cpus_and_a_rerun_launches_nothing(ray_cluster, tmp_p
     assert "2 skipped" in again.stdout
     # no Ray task: nothing was handed to the launcher at all
     assert list((tmp_path / "results" / "default" / ".hydra").iterdir()) == launches
+
+
+def test_a_submission_refused_for_a_passing_reason_is_tried_again(monkeypatch, capsys):
+    """sbatch timing out on a busy controller is tried again (and said on stderr); a
+    refusal the user must fix raises at once with sbatch's last error line."""
+    from normbench import launchers
+
+    monkeypatch.setattr(launchers, "SUBMIT_RETRY_S", (0.0, 0.0))
+
+    class Executor:
+        def __init__(self, errors):
+            self.errors, self.calls = list(errors), 0
+
+        def map_array(self, fn, *args):
+            self.calls += 1
+            if self.errors:
+                raise RuntimeError(self.errors.pop(0))
+            return [fn(*a) for a in zip(*args, strict=True)]
+
+    busy = "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation"
+    executor = Executor([busy, busy])
+    assert launchers._submit(executor, lambda x: x * 2, [(1,), (2,)]) == [2, 4]
+    assert executor.calls == 3
+    assert capsys.readouterr().err.count("trying again in 0 s") == 2
+
+    executor = Executor([busy] * 3)
+    with pytest.raises(RuntimeError, match="Socket timed out"):
+        launchers._submit(executor, lambda x: x, [(1,)])
+    assert executor.calls == 3
+
+    wrong = "sbatch: error: invalid partition\nsbatch: error: Batch job submission failed: nope"
+    executor = Executor([wrong])
+    with pytest.raises(launchers.SubmissionRefused) as refused:
+        launchers._submit(executor, lambda x: x, [(1,)])
+    assert str(refused.value) == "sbatch: error: Batch job submission failed: nope"
+    assert executor.calls == 1
