@@ -8,6 +8,7 @@ stderr and exit status 2.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -28,16 +29,24 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-# Typer's rich help shows a type for every parameter, "<bool>" for a flag as if it took
-# a value: a flag shows none, and a parameter with a metavar shows that alone.
-_option_type = typer.core.TyperOption.display_type_rich
-_argument_type = typer.core.TyperArgument.display_type_rich
-typer.core.TyperOption.display_type_rich = lambda self, ctx: (
-    None if self.is_flag else _option_type(self, ctx)
-)
-typer.core.TyperArgument.display_type_rich = lambda self, ctx: (
-    None if self.metavar else _argument_type(self, ctx)
-)
+
+# Typer's rich help shows a type for every parameter: "<bool>" for a flag as if it took a
+# value, "<list[str]>" for a repeatable option. Here a flag shows none, an argument with
+# a metavar that alone (in its name's column), a repeatable option its element's type.
+def _value_name(original):
+    def shown(self, ctx) -> str | None:
+        if getattr(self, "is_flag", False):
+            return None
+        if self.metavar and isinstance(self, typer.core.TyperArgument):
+            return None
+        text = original(self, ctx)
+        return re.sub(r"<list\[(.*)\]>", r"<\1>", text) if text else text
+
+    return shown
+
+
+typer.core.TyperOption.display_type_rich = _value_name(typer.core.TyperOption.display_type_rich)
+typer.core.TyperArgument.display_type_rich = _value_name(typer.core.TyperArgument.display_type_rich)
 
 
 def _version(value: bool) -> None:
@@ -55,8 +64,9 @@ def main(
         typer.Option(
             "--config-dir",
             help="A folder of your own configs, searched after normbench's: "
-            "<dir>/norm/<name>.yaml with a _target_ naming your class adds norm=<name> "
+            "DIR/norm/NAME.yaml with a `_target_` naming your class adds norm=NAME "
             "(repeatable)",
+            metavar="DIR",
             show_default=False,
         ),
     ] = None,
@@ -243,8 +253,9 @@ def results(
     dirs: Annotated[
         list[Path] | None,
         typer.Argument(
-            help="Experiment folders (<out_dir>/<name>), or folders holding them "
+            help="Experiment folders (OUT_DIR/NAME), or folders holding them "
             "(default: every one under results/)",
+            metavar="DIR",
             show_default=False,
         ),
     ] = None,
@@ -255,6 +266,7 @@ def results(
             "-g",
             help="Group the table by this key instead of every swept key; repeat for "
             "several (norm, batch_size, lr, model, optim.momentum, ...)",
+            metavar="KEY",
             show_default=False,
         ),
     ] = None,
@@ -265,6 +277,7 @@ def results(
             help="Tune this swept key on validation: for every group of the other swept keys, "
             "the value with the best mean validation accuracy, and the test accuracy there "
             "(selected.csv); repeat to tune several jointly",
+            metavar="KEY",
             show_default=False,
         ),
     ] = None,
@@ -273,9 +286,18 @@ def results(
         typer.Option(
             help="The norm the others are compared with (difference, 95% CI, Welch's p; "
             "default: custom_bn when present)",
+            metavar="NORM",
             show_default=False,
         ),
     ] = None,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="One table of all the experiments side by side, with an experiment column, "
+            "instead of one table each",
+        ),
+    ] = False,
 ) -> None:
     """Aggregate run folders into runs.csv, runs.parquet, metrics.csv and summary.csv per
     experiment, and print mean ± std of test accuracy over seeds per group."""
@@ -284,7 +306,8 @@ def results(
     def warn(message: str) -> None:
         err.print(f"warning: {message}", markup=False)
 
-    for renderable in report(dirs, group_by, warn=warn, select=select, baseline=baseline):
+    printed = report(dirs, group_by, warn=warn, select=select, baseline=baseline, compare=compare)
+    for renderable in printed:
         out.print(renderable)
 
 
@@ -306,7 +329,7 @@ def plot(
     dirs: Annotated[
         list[Path] | None,
         typer.Argument(
-            help="Experiment folders (<out_dir>/<name>), or folders holding them "
+            help="Experiment folders (OUT_DIR/NAME), or folders holding them "
             "(default: every one under results/)",
             metavar="DIR",
             show_default=False,

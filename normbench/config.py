@@ -306,7 +306,10 @@ def _composition_message(err: BaseException, overrides: Sequence[str]) -> str:
         name = missing.group(1)
         extra = LAUNCHER_EXTRAS.get(name)
         if extra:
-            return f'hydra/launcher={name} is not installed: pip install -e ".[{extra}]"'
+            return (
+                f"hydra/launcher={name} is not installed; it comes with normbench's {extra!r} "
+                f'extra: pip install "normbench[{extra}]" (in a clone: pip install -e ".[{extra}]")'
+            )
         options = re.search(r"Available options in '[^']*':\n((?:\t[^\n]*\n?)*)", text)
         listed = options.group(1).split() if options else ["basic"]
         return f"unknown hydra/launcher={name}; available: {', '.join(listed)}"

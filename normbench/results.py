@@ -1137,18 +1137,24 @@ def report(
     warn: Callable[[str], None] | None = None,
     select: Sequence[str] | None = None,
     baseline: str | None = None,
+    compare: bool = False,
 ) -> Iterator[Any]:
     """``normbench results``: aggregate every experiment under ``paths``
     (:func:`find_experiments`) and yield what to print: per experiment, its run counts,
     where the tables went, and the summary table grouped by ``group_by`` (default: the
     swept keys), with differences to ``baseline``. ``select``: keys tuned on validation
     (:func:`normbench.comparisons.select`), written to ``selected.csv`` and shown as a
-    table. Every folder and key is checked before any table is written.
+    table. ``compare``: one table of every experiment instead of one each, with an
+    ``experiment`` column first (:func:`compare_experiments`). Every folder and key is
+    checked before any table is written.
     """
     from normbench.comparisons import baseline_of
     from normbench.comparisons import select as select_values
 
     experiments = find_experiments(paths)
+    if compare and len(experiments) < 2:
+        found = ", ".join(map(str, experiments))
+        raise UserError(f"--compare needs two experiments or more; found one: {found}")
     plans = []
     for exp_dir in experiments:
         check_writable(exp_dir)  # a read-only folder says so before any work
@@ -1164,6 +1170,11 @@ def report(
             reference = baseline_of(runs, baseline)
             selection = select_values(runs, select) if select else None
         plans.append((exp_dir, collected, keys, reference, selection))
+    side_by_side = (
+        compare_experiments({exp: c.runs for exp, c, *_ in plans}, group_by, baseline)
+        if compare
+        else None
+    )
     for exp_dir, collected, keys, reference, selection in plans:
         _write_tables(exp_dir, collected, reference)
         written = list(TABLE_FILES)
@@ -1175,10 +1186,58 @@ def report(
                 warn(line)
         yield describe(exp_dir, collected)
         yield f"wrote {', '.join(written)} to {exp_dir}"
-        if not collected.runs.empty:
+        if not collected.runs.empty and side_by_side is None:
             by = ", ".join(map(short_key, keys)) or "all runs"
             title = f"{exp_dir}: test accuracy over seeds, by {by}"
             summary = summarize(collected.runs, keys, reference)
             yield summary_table(summary, keys, title, budget_text(collected.runs))
         if selection is not None:
             yield selection_table(selection, f"{exp_dir}: chosen on validation")
+    if side_by_side is not None:
+        yield side_by_side
+
+
+def experiment_labels(experiments: Sequence[Path]) -> dict[Path, str]:
+    """Short names for experiment folders: their own names, or, where two share a name,
+    their paths from the folder the experiments have in common."""
+    names = [Path(exp).name for exp in experiments]
+    if len(set(names)) == len(names):
+        return dict(zip(experiments, names, strict=True))
+    resolved = [Path(exp).resolve() for exp in experiments]
+    common = Path(os.path.commonpath(resolved))
+    return {
+        exp: str(path.relative_to(common)) or path.name
+        for exp, path in zip(experiments, resolved, strict=True)
+    }
+
+
+def compare_experiments(
+    runs_by_experiment: dict[Path, pd.DataFrame],
+    group_by: Sequence[str] | None = None,
+    baseline: str | None = None,
+):
+    """One summary table of several experiments side by side (``normbench results A B
+    --compare``): their runs together with an ``experiment`` column, grouped by it and by
+    ``group_by`` (default: every key that differs between the runs of all of them), so
+    a row is one experiment's group; differences to ``baseline`` stay within each
+    experiment."""
+    from normbench.comparisons import baseline_of
+
+    labels = experiment_labels(list(runs_by_experiment))
+    frames = [
+        runs.assign(experiment=labels[exp])
+        for exp, runs in runs_by_experiment.items()
+        if not runs.empty
+    ]
+    if not frames:
+        return f"{', '.join(labels.values())}: no runs to compare"
+    runs = pd.concat(frames, ignore_index=True)
+    if group_by:
+        keys = list(dict.fromkeys(resolve_key(runs, k) for k in group_by))
+    else:
+        keys = swept_keys(runs)
+    keys = ["experiment", *(k for k in keys if k != "experiment")]
+    summary = summarize(runs, keys, baseline_of(runs, baseline))
+    by = ", ".join(map(short_key, keys))
+    title = f"{' vs '.join(labels.values())}: test accuracy over seeds, by {by}"
+    return summary_table(summary, keys, title, budget_text(runs))

@@ -341,8 +341,8 @@ def launch(sweep_plan: Plan, display: SweepProgress | None = None) -> None:
 
 
 class SweepProgress:
-    """Runs done / total with an ETA (from the run folders, so it works for every
-    launcher), and each in-process run's own bar."""
+    """Runs done / total with an ETA (:mod:`normbench.eta`: from the run folders, so it
+    works for every launcher), and each in-process run's own bar."""
 
     def __init__(self, sweep_plan: Plan, console=None, poll_s: float = 1.0):
         from rich.console import Console
@@ -352,10 +352,13 @@ class SweepProgress:
             Progress,
             TextColumn,
             TimeElapsedColumn,
-            TimeRemainingColumn,
         )
 
+        from normbench.eta import SweepEta
+
         self.plan = sweep_plan
+        done = [job for job in sweep_plan.jobs if sweep_plan.skipped(job)]
+        self.eta = SweepEta(sweep_plan.to_run, done_before=done)
         self.console = console or Console(stderr=True)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -363,8 +366,7 @@ class SweepProgress:
             MofNCompleteColumn(),
             TextColumn("{task.fields[unit]}"),
             TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
+            _eta_column(),
             console=self.console,
             expand=True,
         )
@@ -373,7 +375,9 @@ class SweepProgress:
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def __enter__(self) -> SweepProgress:
-        self.total = self.progress.add_task("sweep", total=len(self.plan.to_run), unit="runs")
+        self.total = self.progress.add_task(
+            "sweep", total=len(self.plan.to_run), unit="runs", eta=_clock(None)
+        )
         self.progress.start()
         self._thread.start()
         return self
@@ -388,7 +392,7 @@ class SweepProgress:
         from normbench.results import read_summary
 
         done = sum(read_summary(job.run_dir) is not None for job in self.plan.to_run)
-        self.progress.update(self.total, completed=done)
+        self.progress.update(self.total, completed=done, eta=_clock(self.eta.seconds_left()))
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -404,6 +408,29 @@ class SweepProgress:
             if bar.task is not None:
                 self.progress.remove_task(bar.task)
             self._refresh()
+
+
+def _eta_column():
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class EtaColumn(ProgressColumn):
+        """The sweep's ETA from its ``eta`` field (:mod:`normbench.eta`); a run's bar,
+        whose steps come steadily, from rich's own rate of steps."""
+
+        def render(self, task) -> Text:
+            eta = task.fields.get("eta") or _clock(task.time_remaining)
+            return Text(f"eta {eta}", style="progress.remaining")
+
+    return EtaColumn()
+
+
+def _clock(seconds: float | None) -> str:
+    """Seconds as H:MM:SS, as rich shows times; ``-:--:--`` while there is no estimate."""
+    if seconds is None:
+        return "-:--:--"
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 class _RunBar:

@@ -30,6 +30,34 @@ def test_help_does_not_import_torch():
     assert "run" in done.stdout and "config" in done.stdout
 
 
+COMMANDS = ["run", "sweep", "results", "plot", "config", "list", "bench", "check-norm"]
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_is_whole_and_shows_no_python_types(command):
+    """Help as a terminal shows it: flags take no "<bool>", repeatable options show no
+    "<list[str]>", and markup never eats text ("[slurm]", "_target_", "NAME")."""
+    result = cli.invoke(app, [*filter(None, [command]), "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "<bool>" not in text and "<list[" not in text
+    if command == "sweep":
+        assert 'pip install -e ".[slurm]"' in text
+    if command == "":
+        assert "DIR/norm/NAME.yaml with a _target_ naming your class" in text
+        assert "--version" in text
+    if command in ("results", "plot"):
+        assert "Experiment folders (OUT_DIR/NAME)" in text
+
+
+def test_version_prints_the_package_version():
+    from normbench import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"normbench {__version__}"
+
+
 def test_run_end_to_end_on_digits(tmp_path):
     out = tmp_path / "results"
     result = invoke("run", "epochs=1", f"out_dir={out}")

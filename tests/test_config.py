@@ -226,3 +226,33 @@ def test_composition_matches_hydras_own(overrides):
         reference = hydra_compose(config_name="config", overrides=overrides)
     OmegaConf.resolve(reference)
     assert OmegaConf.to_container(compose(overrides)) == OmegaConf.to_container(reference)
+
+
+def test_a_key_of_another_option_names_the_option_that_has_it():
+    """optim=adam optim.momentum=0.9: say sgd has it and what adam takes, not "did you
+    mean 'optim.momentum'?"."""
+    with pytest.raises(UserError) as info:
+        compose(["optim=adam", "optim.momentum=0.9"])
+    message = str(info.value)
+    assert message.startswith("optim=adam has no momentum (sgd has it); optim=adam takes: ")
+    assert "betas" in message and "did you mean" not in message
+
+
+def test_a_launcher_that_is_not_installed_names_the_extra(monkeypatch):
+    """The joblib launcher's config gone, as without the parallel extra: Hydra's own
+    "Could not find" becomes the extra to install; an unknown launcher lists those there."""
+    from hydra.core.config_store import ConfigStore
+
+    compose(["hydra/launcher=joblib"])  # the plugin's config is registered on first use
+    monkeypatch.delitem(ConfigStore.instance().repo["hydra"]["launcher"], "joblib.yaml")
+    monkeypatch.setattr("normbench.config._composed", {})  # compositions are cached
+    with pytest.raises(UserError) as info:
+        compose(["hydra/launcher=joblib"])
+    assert str(info.value) == (
+        "hydra/launcher=joblib is not installed; it comes with normbench's 'parallel' extra: "
+        'pip install "normbench[parallel]" (in a clone: pip install -e ".[parallel]")'
+    )
+    with pytest.raises(UserError) as info:
+        compose(["hydra/launcher=nosuch"])
+    assert str(info.value).startswith("unknown hydra/launcher=nosuch; available: ")
+    assert "basic" in str(info.value) and "submitit_slurm" in str(info.value)

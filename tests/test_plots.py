@@ -411,3 +411,14 @@ def test_intervals_stop_at_what_an_error_can_be():
     bars = plots._clipped(np.array([1.0, 50.0, 99.0]), np.array([3.0, 3.0, 3.0]))
     assert bars.tolist() == [[1.0, 3.0, 3.0], [3.0, 3.0, 1.0]]
     assert _interval(0.99, 0.05) == "[94.00, 100.00]" and _interval(0.01, 0.05) == "[0.00, 6.00]"
+
+
+def test_file_names_keep_a_plus_so_large_and_small_values_differ():
+    """lr=1e+06 and lr=1e-06 are two figures with two names."""
+    taken: set[str] = set()
+    big = plots._file_name("training_curves", {"lr": 1e6}, taken)
+    small = plots._file_name("training_curves", {"lr": 1e-6}, taken)
+    assert big == "training_curves__lr-1e+06.png"
+    assert small == "training_curves__lr-1e-06.png"
+    odd = plots._file_name("training_curves", {"model.name": "a b/c"}, taken)
+    assert odd == "training_curves__model-a-b-c.png"

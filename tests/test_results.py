@@ -528,6 +528,52 @@ def test_results_command_defaults_to_results_folder(real_copy, monkeypatch):
     assert "custom_bn" in result.stdout
 
 
+def test_results_compare_puts_experiments_side_by_side_in_one_table(tmp_path, make_run):
+    """Two experiments (one of them on mlp): one table, an experiment column first, every
+    key that differs between them a column too, the baseline compared within each."""
+    for name, model, shift in (("first", "small_cnn", 0.0), ("second", "mlp", 0.1)):
+        for norm, acc in (("custom_bn", 0.8), ("layer", 0.6)):
+            for seed in (0, 1):
+                make_run(
+                    tmp_path / "results" / name,
+                    final=acc + shift + 0.01 * seed,
+                    name=name,
+                    norm__name=norm,
+                    model__name=model,
+                    seed=seed,
+                )
+    result = invoke("results", tmp_path / "results", "--compare")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert out.count("test accuracy over seeds") == 1
+    assert "first vs second: test accuracy over seeds, by experiment, norm, model" in out
+    rows = [
+        line.split()
+        for line in out.splitlines()
+        if line.strip().startswith(("first ", "second ")) and "vs" not in line
+    ]
+    assert [row[:3] for row in rows] == [
+        ["first", "custom_bn", "small_cnn"],
+        ["first", "layer", "small_cnn"],
+        ["second", "custom_bn", "mlp"],
+        ["second", "layer", "mlp"],
+    ]
+    assert [row[4] for row in rows] == ["80.50", "60.50", "90.50", "70.50"]
+    assert out.count("baseline") == 2  # custom_bn of each experiment
+    assert out.count("-20.0") == 2
+    for name in ("first", "second"):  # each experiment's own tables are written still
+        assert (tmp_path / "results" / name / "summary.csv").is_file()
+
+    one = invoke("results", tmp_path / "results" / "first", "--compare")
+    assert one.exit_code == 2 and "--compare needs two experiments or more" in one.stderr
+
+
+def test_experiment_labels_are_names_or_paths_where_names_repeat(tmp_path):
+    a, b = tmp_path / "x" / "study", tmp_path / "y" / "study"
+    assert results.experiment_labels([a, tmp_path / "z"]) == {a: "study", tmp_path / "z": "z"}
+    assert results.experiment_labels([a, b]) == {a: "x/study", b: "y/study"}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
