@@ -6,8 +6,8 @@ script times, under the same conditions (same flush, units interleaved in a
 shuffled order, medians), what such a step is made of:
 
 - ``cpu layer``: normbench's ``BatchNorm2d`` on the C++ kernel, as ``normbench bench``;
-- ``cpu kernels``: the same two kernels called directly (``forward_train``, then
-  ``backward``), no module, no autograd;
+- ``cpu kernels``: the same two operators called directly (``batch_norm_forward``, then
+  ``batch_norm_backward``, through the dispatcher), no module, no autograd;
 - ``empty layer``: a layer that does no work at all, an ``autograd.Function``
   returning ``torch.empty_like`` outputs in its forward and backward: the least any
   layer pays for Python, autograd and allocation when the caches are cold;
@@ -56,6 +56,7 @@ def units(shape: tuple[int, ...]) -> dict:
     ext = cpu.extension()
     if ext is None:
         raise SystemExit(f"the CPU kernel is not available: {cpu.failure()}")
+    forward, backward = ext.batch_norm_forward.default, ext.batch_norm_backward.default
     channels = shape[1]
     x = torch.randn(shape).requires_grad_()
     dy = torch.randn(shape)
@@ -71,8 +72,9 @@ def units(shape: tuple[int, ...]) -> dict:
 
     def kernels():
         xd = x.detach()
-        y, mean, invstd = ext.forward_train(xd, weight, bias, 1e-5)
-        ext.backward(dy, xd, weight, mean, invstd)
+        with torch.no_grad():
+            y, mean, invstd = forward(xd, weight, bias, 1e-5, False)
+            backward(dy, xd, weight, bias, mean, invstd, False)
 
     return {
         "cpu layer": lambda: ours(x).backward(dy),

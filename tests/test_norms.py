@@ -653,9 +653,11 @@ def test_the_cpu_kernel_itself_refuses_zero_channels():
     if ext is None:
         pytest.skip("no compiler: the reference runs instead")
     with pytest.raises(ValueError, match="at least one channel"):
-        ext.train(torch.randn(4, 0, 3, 3), None, None, None, None, None, 0.1, 1e-5)
+        ext.batch_norm_forward(torch.randn(4, 0, 3, 3), None, None, 1e-5)
     with pytest.raises(ValueError, match="at least one channel"):
-        ext.forward_train(torch.randn(4, 0, 3, 3), None, None, 1e-5)
+        ext.batch_norm_eval(
+            torch.randn(4, 0, 3, 3), torch.zeros(0), torch.ones(0), None, None, 1e-5
+        )
 
 
 # --- frn, rms, evonorm_s0 against float64 references written here ------------------------

@@ -1,5 +1,8 @@
-// normbench's BatchNorm kernel for the CPU: fused passes, OpenMP threads (at::parallel_for),
-// vectorisable inner loops. Compiled at first use by normbench/kernels/cpu.py.
+// normbench's BatchNorm operators (normbench::batch_norm_forward, ...: schemas, CPU kernels and
+// autograd, registered with the dispatcher at the end of this file) and their CPU kernel:
+// fused passes, OpenMP threads (at::parallel_for), vectorisable inner loops, the ReLU that
+// models apply after the norm fused in (forward and backward). Compiled at first use by
+// normbench/kernels/cpu.py.
 //
 // Two memory layouts, chosen per call:
 //   planes: channels-first contiguous (N, C, L), L = prod(spatial). Each task owns whole
@@ -14,10 +17,12 @@
 // accumulated in the compute type over short blocks and in double across blocks
 // ("shifted, two-level sums"), so data with a large mean keeps its precision. The sums are
 // written with GCC's vector types (Vec), which keeps them in registers.
-// Half and bfloat16 are computed in float (at::opmath_type), converted 16 values at a time
+// Half and bfloat16 are computed in float (at::opmath_type), converted a register at a time
 // (load_vec, store_vec).
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
 
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
@@ -37,7 +42,14 @@
 
 namespace {
 
-constexpr int kVecBytes = 64;           // one AVX-512 register: a channel's partial sums, a chunk
+// One vector register: a channel's partial sums, a chunk. The machine's own width: GCC
+// lowers a vector type wider than the registers through the stack (64-byte vectors on an
+// AVX2 machine made the sums spill every add: the kernels ran 1.9-2.9x slower than here).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
 constexpr int64_t kLaneBlock = 256;     // values a lane sums in the compute type before a double add
 constexpr int64_t kPrefetchBytes = 4096;  // how far ahead a block's runs are prefetched
 constexpr int64_t kRunBytes = 2048;       // contiguous bytes a planes block reads per sample
@@ -157,19 +169,18 @@ template <typename acc_t>
 constexpr int kWidth = kVecBytes / sizeof(acc_t);
 
 #if defined(__F16C__)
-// float16 <-> float, 16 values at a time. c10::Half converts one value per call, which the
-// compiler does not vectorise: with it, float16 layer steps ran 2.2-3x slower than torch's.
+// float16 <-> float, one Vec<float> at a time (16 values with AVX-512, 8 with AVX2).
+// c10::Half converts one value per call, which the compiler does not vectorise: with it,
+// float16 layer steps ran 2.2-3x slower than torch's.
 inline Vec<float> half_to_float(const c10::Half* p) {
   Vec<float> v;
 #if defined(__AVX512F__)
   const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  std::memcpy(&v, &f, sizeof(v));
 #else
-  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-  std::memcpy(&v, &lo, sizeof(lo));
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+  const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #endif
+  static_assert(sizeof(f) == sizeof(v), "one register of floats");
+  std::memcpy(&v, &f, sizeof(v));
   return v;
 }
 
@@ -181,25 +192,22 @@ inline void float_to_half(c10::Half* p, const Vec<float>& v) {
   std::memcpy(&f, &v, sizeof(f));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(f, kRound));
 #else
-  __m256 lo, hi;
-  std::memcpy(&lo, &v, sizeof(lo));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(lo, kRound));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(hi, kRound));
+  __m256 f;
+  std::memcpy(&f, &v, sizeof(f));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(f, kRound));
 #endif
 }
 #endif
 
-// bfloat16 <-> float, 16 values at a time, in GCC's vector extensions (converted element by
-// element with c10::BFloat16, bfloat16 layer steps ran 1.6x slower than torch's).
-typedef uint16_t U16x16 __attribute__((vector_size(32)));
-typedef uint32_t U32x16 __attribute__((vector_size(64)));
-static_assert(kWidth<float> == 16, "the conversions below are of one Vec<float>");
+// bfloat16 <-> float, one Vec<float> at a time, in GCC's vector extensions (converted element
+// by element with c10::BFloat16, bfloat16 layer steps ran 1.6x slower than torch's).
+typedef uint16_t U16xW __attribute__((vector_size(kVecBytes / 2)));
+typedef uint32_t U32xW __attribute__((vector_size(kVecBytes)));
 
 inline Vec<float> bfloat16_to_float(const c10::BFloat16* p) {
-  U16x16 h;
+  U16xW h;
   std::memcpy(&h, p, sizeof(h));
-  const U32x16 bits = __builtin_convertvector(h, U32x16) << 16;
+  const U32xW bits = __builtin_convertvector(h, U32xW) << 16;
   Vec<float> v;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
@@ -207,11 +215,11 @@ inline Vec<float> bfloat16_to_float(const c10::BFloat16* p) {
 
 // Rounded to nearest even, NaN to 0x7FC0: c10::BFloat16's own conversion.
 inline void float_to_bfloat16(c10::BFloat16* p, const Vec<float>& v) {
-  U32x16 bits;
+  U32xW bits;
   std::memcpy(&bits, &v, sizeof(bits));
-  const U32x16 rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
-  const U32x16 nan = U32x16{} + 0x7FC0u;
-  const U16x16 h = __builtin_convertvector(v != v ? nan : rounded, U16x16);
+  const U32xW rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const U32xW nan = U32xW{} + 0x7FC0u;
+  const U16xW h = __builtin_convertvector(v != v ? nan : rounded, U16xW);
   std::memcpy(p, &h, sizeof(h));
 }
 
@@ -251,6 +259,22 @@ inline void store_vec(scalar_t* p, const Vec<acc_t>& v) {
     std::memcpy(t, &v, kVecBytes);
     for (int k = 0; k < kWidth<acc_t>; ++k) p[k] = static_cast<scalar_t>(t[k]);
   }
+}
+
+// The activation fused into the passes (a scalar or a Vec): max(z, 0), NaN kept as
+// torch.relu keeps it; and the gradient through it, dy where z > 0 and else 0, as torch's
+// threshold_backward gives it (z is recomputed from x by the same expression as the
+// forward's, so the mask is the forward's).
+template <typename T>
+inline T relu(T z) {
+  const T zero{};
+  return z < zero ? zero : z;
+}
+
+template <typename T>
+inline T relu_grad(T dy, T z) {
+  const T zero{};
+  return z > zero ? dy : zero;
 }
 
 // Adds one channel's run of L values into its kWidth partial sums p1, p2: `term(c, a, b, u, v)`
@@ -345,7 +369,7 @@ void block_sums(const Layout& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
 // are the values of `a` and `b` (b = nullptr: a again) at the same index, in the compute type.
 // float and double: an element loop, which the compiler vectorises (keeping the channel's
 // constants in registers: written in vectors, float layer steps ran 10-25% slower). float16
-// and bfloat16: vectors of kWidth, converted 16 values at a time, then the plane's rest.
+// and bfloat16: vectors of kWidth, converted a register at a time, then the plane's rest.
 template <typename acc_t, typename scalar_t, typename Map>
 void block_map(const Layout& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
                const scalar_t* a, const scalar_t* b, scalar_t* out, Map& map) {
@@ -428,12 +452,12 @@ void planes_two_pass(const Layout& g, const scalar_t* a, const scalar_t* b, Term
 // ---------------------------------------------------------------- rows (M, C)
 
 // Per-channel sums over rows [m0, m1) of (M, C) arrays a and b (b = nullptr: a again):
-// `term(a, b, k, u, v)` gives the two summands of the values of a and b, k being the
-// channel's value of the per-channel array `k`, as vectors of kWidth channels and as scalars;
+// `term(a, b, at, u, v)` gives the two summands of the values of a and b, at(k) being the
+// channel's value of a per-channel array k, as vectors of kWidth channels and as scalars;
 // they are added into s1 and s2.
 template <typename acc_t, typename scalar_t, typename Term>
 void row_sums(int64_t m0, int64_t m1, int64_t C, const scalar_t* a, const scalar_t* b,
-              const acc_t* k, Term term, double* s1, double* s2) {
+              Term term, double* s1, double* s2) {
   using V = Vec<acc_t>;
   constexpr int W = kWidth<acc_t>;
   if (b == nullptr) b = a;
@@ -451,7 +475,8 @@ void row_sums(int64_t m0, int64_t m1, int64_t C, const scalar_t* a, const scalar
       if constexpr (!std::is_same_v<acc_t, scalar_t>) {  // as in block_map
         for (; c + W <= C; c += W) {
           V u, v, r1, r2;
-          term(load_vec<acc_t>(pa + c), load_vec<acc_t>(pb + c), load_vec<acc_t>(k + c), u, v);
+          auto at = [c](const acc_t* k) { return load_vec<acc_t>(k + c); };
+          term(load_vec<acc_t>(pa + c), load_vec<acc_t>(pb + c), at, u, v);
           std::memcpy(&r1, p1 + c, kVecBytes);
           std::memcpy(&r2, p2 + c, kVecBytes);
           r1 += u;
@@ -463,7 +488,8 @@ void row_sums(int64_t m0, int64_t m1, int64_t C, const scalar_t* a, const scalar
 #pragma omp simd
       for (int64_t j = c; j < C; ++j) {
         acc_t u, v;
-        term(static_cast<acc_t>(pa[j]), static_cast<acc_t>(pb[j]), k[j], u, v);
+        auto at = [j](const acc_t* k) { return k[j]; };
+        term(static_cast<acc_t>(pa[j]), static_cast<acc_t>(pb[j]), at, u, v);
         p1[j] += u;
         p2[j] += v;
       }
@@ -534,19 +560,24 @@ void rows_map(const Layout& g, const scalar_t* a, const scalar_t* b, scalar_t* o
   });
 }
 
-// out = (x - mean) * scale + shift per channel, over (M, C) rows: the forward's second
-// pass and the eval forward.
-template <typename scalar_t, typename acc_t>
+// out = (x - mean) * scale + shift per channel (then the ReLU with kRelu), over (M, C)
+// rows: the forward's second pass and the eval forward.
+template <bool kRelu, typename scalar_t, typename acc_t>
 void rows_affine(const Layout& g, const scalar_t* x, scalar_t* out, const acc_t* mean,
                  const acc_t* scale, const acc_t* shift) {
   rows_map<acc_t>(g, x, static_cast<const scalar_t*>(nullptr), out, [&](auto xv, auto, auto at) {
-    return (xv - at(mean)) * at(scale) + at(shift);
+    const auto z = (xv - at(mean)) * at(scale) + at(shift);
+    if constexpr (kRelu) {
+      return relu(z);
+    } else {
+      return z;
+    }
   });
 }
 
 // ---------------------------------------------------------------- forward (training)
 
-template <typename scalar_t>
+template <typename scalar_t, bool kRelu>
 void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor& invstd_t,
                   const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                   double eps) {
@@ -572,19 +603,19 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
     const acc_t* sh = shift.data();
     std::vector<double> s1, s2;
     reduce_rows(g, [&](int64_t m0, int64_t m1, double* p1, double* p2) {
-      auto moments = [](auto xv, auto, auto shift, auto& u, auto& v) {
-        const auto d = xv - shift;
+      auto moments = [sh](auto xv, auto, auto at, auto& u, auto& v) {
+        const auto d = xv - at(sh);
         u = d;
         v = d * d;
       };
-      row_sums<acc_t>(m0, m1, g.C, x, static_cast<const scalar_t*>(nullptr), sh, moments, p1, p2);
+      row_sums<acc_t>(m0, m1, g.C, x, static_cast<const scalar_t*>(nullptr), moments, p1, p2);
     }, s1, s2);
     std::vector<acc_t> scale(g.C);
     for (int64_t c = 0; c < g.C; ++c) {
       finish(c, shift[c], s1[c], s2[c]);
       scale[c] = invstd[c] * w[c];
     }
-    rows_affine(g, x, out, mean, scale.data(), b.data());
+    rows_affine<kRelu>(g, x, out, mean, scale.data(), b.data());
     return;
   }
 
@@ -595,7 +626,14 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
     u = d;
     v = d * d;
   };
-  auto affine = [&](int64_t c, auto xv, auto) { return (xv - mean[c]) * scale[c] + b[c]; };
+  auto affine = [&](int64_t c, auto xv, auto) {
+    const auto z = (xv - mean[c]) * scale[c] + b[c];
+    if constexpr (kRelu) {
+      return relu(z);
+    } else {
+      return z;
+    }
+  };
   // A block's statistics, then at once its normalisation, while it is in cache.
   planes_two_pass<acc_t>(
       g, x, static_cast<const scalar_t*>(nullptr), moments,
@@ -608,25 +646,33 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, double eps) {
+    const c10::optional<at::Tensor>& bias, double eps, bool relu) {
   const Layout g = layout_of(input);
   const auto acc = at::toOpMathType(input.scalar_type());
   auto y = empty_as(g.x);
   auto mean = empty_channels(g.C, acc);
   auto invstd = empty_channels(g.C, acc);
   if (g.M == 0) return {y, mean.fill_(NAN), invstd.fill_(NAN)};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "forward_train",
-                                  [&] { forward_impl<scalar_t>(g, y, mean, invstd, weight, bias, eps); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "forward_train", [&] {
+    if (relu) {
+      forward_impl<scalar_t, true>(g, y, mean, invstd, weight, bias, eps);
+    } else {
+      forward_impl<scalar_t, false>(g, y, mean, invstd, weight, bias, eps);
+    }
+  });
   return {y, mean, invstd};
 }
 
 // ---------------------------------------------------------------- backward
 
-template <typename scalar_t>
+// With kRelu, dy is first masked where the forward's ReLU was off: the forward's
+// pre-activation z = (x - mean) * invstd * weight + bias is recomputed by the same
+// expression (no extra tensor read), and the masked gradient enters every sum and dx.
+template <typename scalar_t, bool kRelu>
 void backward_impl(const Layout& g, const at::Tensor& dy_t, at::Tensor& dx_t,
                    at::Tensor& dweight_t, at::Tensor& dbias_t,
-                   const c10::optional<at::Tensor>& weight, const at::Tensor& mean_t,
-                   const at::Tensor& invstd_t) {
+                   const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                   const at::Tensor& mean_t, const at::Tensor& invstd_t) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x = g.x.data_ptr<scalar_t>();
   const scalar_t* dy = dy_t.data_ptr<scalar_t>();
@@ -636,6 +682,9 @@ void backward_impl(const Layout& g, const at::Tensor& dy_t, at::Tensor& dx_t,
   const auto w = per_channel<acc_t>(weight, g.C, acc_t(1));
   const auto mean = per_channel<acc_t>(mean_t, g.C, acc_t(0));
   const auto invstd = per_channel<acc_t>(invstd_t, g.C, acc_t(1));
+  const auto b = kRelu ? per_channel<acc_t>(bias, g.C, acc_t(0)) : std::vector<acc_t>();
+  std::vector<acc_t> scale(kRelu ? g.C : 0);  // the forward's: invstd * weight
+  for (size_t c = 0; c < scale.size(); ++c) scale[c] = invstd[c] * w[c];
   const double count = static_cast<double>(g.M);
 
   // From the sums: dweight, dbias and the three coefficients of dx.
@@ -652,30 +701,48 @@ void backward_impl(const Layout& g, const at::Tensor& dy_t, at::Tensor& dx_t,
 
   if (g.rows) {
     const acc_t* mu = mean.data();
+    const acc_t *sc = scale.data(), *sh = b.data();
+    // dy, or dy masked by the forward's ReLU
+    auto grad = [mu, sc, sh](auto dyv, auto xv, auto at) {
+      if constexpr (kRelu) {
+        return relu_grad(dyv, (xv - at(mu)) * at(sc) + at(sh));
+      } else {
+        return dyv;
+      }
+    };
     std::vector<double> s1, s2;
     reduce_rows(g, [&](int64_t m0, int64_t m1, double* p1, double* p2) {
-      auto grad_sums = [](auto dyv, auto xv, auto mu, auto& u, auto& v) {
-        u = dyv;
-        v = dyv * (xv - mu);
+      auto grad_sums = [mu, grad](auto dyv, auto xv, auto at, auto& u, auto& v) {
+        const auto d = grad(dyv, xv, at);
+        u = d;
+        v = d * (xv - at(mu));
       };
-      row_sums<acc_t>(m0, m1, g.C, dy, x, mu, grad_sums, p1, p2);
+      row_sums<acc_t>(m0, m1, g.C, dy, x, grad_sums, p1, p2);
     }, s1, s2);
     std::vector<acc_t> k1(g.C), k2(g.C), k3(g.C);
     for (int64_t c = 0; c < g.C; ++c) coefficients(c, s1[c], s2[c], k1[c], k2[c], k3[c]);
     const acc_t *a = k1.data(), *bq = k2.data(), *cq = k3.data();
     rows_map<acc_t>(g, dy, x, dx, [&](auto dyv, auto xv, auto at) {
-      return dyv * at(a) + (xv - at(mu)) * at(bq) + at(cq);
+      return grad(dyv, xv, at) * at(a) + (xv - at(mu)) * at(bq) + at(cq);
     });
     return;
   }
 
   std::vector<acc_t> k1(g.C), k2(g.C), k3(g.C);
+  auto grad = [&](int64_t c, auto dyv, auto xv) {
+    if constexpr (kRelu) {
+      return relu_grad(dyv, (xv - mean[c]) * scale[c] + b[c]);
+    } else {
+      return dyv;
+    }
+  };
   auto grad_sums = [&](int64_t c, auto dyv, auto xv, auto& u, auto& v) {
-    u = dyv;
-    v = dyv * (xv - mean[c]);
+    const auto d = grad(c, dyv, xv);
+    u = d;
+    v = d * (xv - mean[c]);
   };
   auto grad_input = [&](int64_t c, auto dyv, auto xv) {
-    return dyv * k1[c] + (xv - mean[c]) * k2[c] + k3[c];
+    return grad(c, dyv, xv) * k1[c] + (xv - mean[c]) * k2[c] + k3[c];
   };
   planes_two_pass<acc_t>(
       g, dy, x, grad_sums,
@@ -685,7 +752,8 @@ void backward_impl(const Layout& g, const at::Tensor& dy_t, at::Tensor& dx_t,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& invstd) {
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd,
+    bool relu) {
   const Layout g = layout_of(input);
   // dy in the same layout as x, so one index serves both
   at::Tensor dy = g.rows && g.x.dim() >= 4 && !g.x.is_contiguous()
@@ -700,14 +768,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   auto dbias = empty_channels(g.C, acc);
   if (g.M == 0) return {dx, dweight.zero_(), dbias.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "backward", [&] {
-    backward_impl<scalar_t>(g, dy, dx, dweight, dbias, weight, mean, invstd);
+    if (relu) {
+      backward_impl<scalar_t, true>(g, dy, dx, dweight, dbias, weight, bias, mean, invstd);
+    } else {
+      backward_impl<scalar_t, false>(g, dy, dx, dweight, dbias, weight, bias, mean, invstd);
+    }
   });
   return {dx, dweight, dbias};
 }
 
 // ---------------------------------------------------------------- eval and running statistics
 
-template <typename scalar_t>
+template <typename scalar_t, bool kRelu>
 void eval_impl(const Layout& g, at::Tensor& y, const at::Tensor& running_mean,
                const at::Tensor& running_var, const c10::optional<at::Tensor>& weight,
                const c10::optional<at::Tensor>& bias, double eps) {
@@ -723,7 +795,7 @@ void eval_impl(const Layout& g, at::Tensor& y, const at::Tensor& running_mean,
     scale[c] = static_cast<acc_t>(w[c] / std::sqrt(static_cast<double>(var[c]) + eps));
   }
   if (g.rows) {
-    rows_affine(g, x, out, mean.data(), scale.data(), b.data());
+    rows_affine<kRelu>(g, x, out, mean.data(), scale.data(), b.data());
     return;
   }
   const int64_t cb = block_channels(g, sizeof(scalar_t));
@@ -731,7 +803,14 @@ void eval_impl(const Layout& g, at::Tensor& y, const at::Tensor& running_mean,
   at::parallel_for(0, blocks, grain_for(blocks, g.M * cb), [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t c0 = blk * cb;
-      auto affine = [&](int64_t c, auto xv, auto) { return (xv - mean[c]) * scale[c] + b[c]; };
+      auto affine = [&](int64_t c, auto xv, auto) {
+        const auto z = (xv - mean[c]) * scale[c] + b[c];
+        if constexpr (kRelu) {
+          return relu(z);
+        } else {
+          return z;
+        }
+      };
       block_map<acc_t>(g, c0, std::min(g.C, c0 + cb), 0, g.N, x, x, out, affine);
     }
   });
@@ -739,12 +818,17 @@ void eval_impl(const Layout& g, at::Tensor& y, const at::Tensor& running_mean,
 
 at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& running_mean,
                         const at::Tensor& running_var, const c10::optional<at::Tensor>& weight,
-                        const c10::optional<at::Tensor>& bias, double eps) {
+                        const c10::optional<at::Tensor>& bias, double eps, bool relu) {
   const Layout g = layout_of(input);
   auto y = empty_as(g.x);
   if (g.x.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "forward_eval",
-                                  [&] { eval_impl<scalar_t>(g, y, running_mean, running_var, weight, bias, eps); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "forward_eval", [&] {
+    if (relu) {
+      eval_impl<scalar_t, true>(g, y, running_mean, running_var, weight, bias, eps);
+    } else {
+      eval_impl<scalar_t, false>(g, y, running_mean, running_var, weight, bias, eps);
+    }
+  });
   return y;
 }
 
@@ -769,21 +853,81 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
   update(running_var, [&](int64_t c) { return (1.0 / (is[c] * is[c]) - eps) * unbias; });
 }
 
-// ---------------------------------------------------------------- autograd, in C++
+// ---------------------------------------------------------------- the operators
+//
+// One schema per operator, defined here; the CPU kernels above are their CPU
+// implementations, the Triton kernels (normbench/kernels/triton_kernels.py) their CUDA ones,
+// registered from Python, and so are their fake (meta) implementations, for torch.compile.
+// Autograd is registered once, below, for every device: its nodes call the forward's and
+// the backward's operators through the dispatcher, which picks the device's kernel.
 
-// Training-mode BatchNorm as a C++ autograd node: in eager execution this saves the
-// Python autograd.Function's overhead (tens of microseconds per layer and step, more
-// than the kernel itself on small tensors).
-struct TrainFunction : public torch::autograd::Function<TrainFunction> {
+c10::OperatorHandle op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps, bool relu) {
+  static auto op = op_handle("normbench::batch_norm_forward")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const c10::optional<at::Tensor>&,
+                           const c10::optional<at::Tensor>&, double, bool)>();
+  return op.call(x, weight, bias, eps, relu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd,
+    bool relu) {
+  static auto op = op_handle("normbench::batch_norm_backward")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                           const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                           bool)>();
+  return op.call(grad_out, x, weight, bias, mean, invstd, relu);
+}
+
+at::Tensor call_eval(const at::Tensor& x, const at::Tensor& running_mean,
+                     const at::Tensor& running_var, const c10::optional<at::Tensor>& weight,
+                     const c10::optional<at::Tensor>& bias, double eps, bool relu) {
+  static auto op = op_handle("normbench::batch_norm_eval")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const c10::optional<at::Tensor>&,
+                                         const c10::optional<at::Tensor>&, double, bool)>();
+  return op.call(x, running_mean, running_var, weight, bias, eps, relu);
+}
+
+c10::optional<at::Tensor> optional_of(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+// Grad mode is on in a backward only for create_graph=True: the kernels' backward is not
+// itself differentiable, so refuse rather than return wrong second derivatives.
+void refuse_double_backward() {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "normbench's BatchNorm does not support double backward (create_graph=True); "
+              "torch's nn.BatchNorm does (norm=torch_bn)");
+}
+
+// Training: y (differentiable) and the batch's mean and invstd (not).
+struct ForwardFunction : public torch::autograd::Function<ForwardFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 const at::Tensor& x,
                                                 const c10::optional<at::Tensor>& weight,
-                                                const c10::optional<at::Tensor>& bias, double eps) {
-    auto [y, mean, invstd] = forward_train(x, weight, bias, eps);
-    ctx->save_for_backward({x, weight.value_or(at::Tensor()), mean, invstd});
+                                                const c10::optional<at::Tensor>& bias, double eps,
+                                                bool relu) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [y, mean, invstd] = call_forward(x, weight, bias, eps, relu);
+    ctx->save_for_backward({x, weight.value_or(at::Tensor()),
+                            relu ? bias.value_or(at::Tensor()) : at::Tensor(), mean, invstd});
     ctx->saved_data["bias_dtype"] = bias.has_value() && bias->defined()
                                         ? static_cast<int64_t>(bias->scalar_type())
                                         : int64_t(-1);
+    ctx->saved_data["relu"] = relu;
     ctx->mark_non_differentiable({mean, invstd});
     // No zero gradients made for mean and invstd (backward reads only y's): two fewer
     // operator calls per step, each microseconds with the caches cold after the kernel.
@@ -793,78 +937,116 @@ struct TrainFunction : public torch::autograd::Function<TrainFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    // Grad mode is on here only for create_graph=True: the kernel's backward is not
-    // itself differentiable, so refuse rather than return wrong second derivatives.
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "normbench's BatchNorm does not support double backward (create_graph=True); "
-                "torch's nn.BatchNorm does (norm=torch_bn)");
+    refuse_double_backward();
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
+    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
+    const at::Tensor &mean = saved[3], &invstd = saved[4];
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
-    at::Tensor grad_y = grads[0];
-    if (!grad_y.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    auto [dx, dweight, dbias] = ::backward(
-        grad_y, x, weight.defined() ? c10::optional<at::Tensor>(weight) : c10::nullopt, mean, invstd);
-    auto as = [](const at::Tensor& t, at::ScalarType dtype) {
-      return t.scalar_type() == dtype ? t : t.to(dtype);
-    };
-    return {dx, weight.defined() ? as(dweight, weight.scalar_type()) : at::Tensor(),
-            bias_dtype >= 0 ? as(dbias, static_cast<at::ScalarType>(bias_dtype)) : at::Tensor(),
-            at::Tensor()};
+    const at::Tensor& grad_y = grads[0];
+    if (!grad_y.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    auto [dx, dweight, dbias] = call_backward(grad_y, x, optional_of(weight), optional_of(bias),
+                                              mean, invstd, ctx->saved_data["relu"].toBool());
+    return {dx, weight.defined() ? as_dtype(dweight, weight.scalar_type()) : at::Tensor(),
+            bias_dtype >= 0 ? as_dtype(dbias, static_cast<at::ScalarType>(bias_dtype)) : at::Tensor(),
+            at::Tensor(), at::Tensor()};
   }
 };
 
-// torch.nn.BatchNorm*d's training forward, in one call from Python: the counter, the
-// checks (torch's wording, as ValueError), a copy of inputs in neither layout (recorded by
-// autograd), the forward as an autograd node, then the running statistics update.
-// `num_batches_tracked` (optional) is incremented first, as torch's module does, and
-// momentum None means a cumulative average, 1 / num_batches_tracked.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> train(
-    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, c10::optional<at::Tensor> running_mean,
-    c10::optional<at::Tensor> running_var, c10::optional<at::Tensor> num_batches_tracked,
-    c10::optional<double> momentum, double eps) {
-  double factor = momentum.value_or(0.0);
-  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
-    at::Tensor& counter = *num_batches_tracked;
-    TORCH_CHECK(counter.scalar_type() == at::kLong && counter.numel() == 1 && counter.device().is_cpu(),
-                "num_batches_tracked must be a one-element int64 CPU tensor");
-    // add_(1) without an operator call; the version bump is what add_ would record
-    const int64_t count = ++*counter.data_ptr<int64_t>();
-    counter.unsafeGetTensorImpl()->bump_version();
-    if (!momentum.has_value()) factor = 1.0 / static_cast<double>(count);
+// Eval: differentiable in x, weight and bias (fine-tuning through frozen statistics, which
+// is rare: the backward is plain tensor operations, on any device).
+struct EvalFunction : public torch::autograd::Function<EvalFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& x, const at::Tensor& running_mean,
+                                                const at::Tensor& running_var,
+                                                const c10::optional<at::Tensor>& weight,
+                                                const c10::optional<at::Tensor>& bias, double eps,
+                                                bool relu) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    at::Tensor y = call_eval(x, running_mean, running_var, weight, bias, eps, relu);
+    ctx->save_for_backward({x, running_mean, running_var, weight.value_or(at::Tensor()),
+                            relu ? y : at::Tensor()});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return {y};
   }
-  const bool has_mean = running_mean.has_value() && running_mean->defined();
-  const bool has_var = running_var.has_value() && running_var->defined();
-  TORCH_CHECK_VALUE(has_mean == has_var,
-                    "running_mean and running_var must either both be None or neither be None");
-  TORCH_CHECK(input.dim() >= 2, "batch norm expects (N, C, *) input, got ", input.dim(), " dims");
-  TORCH_CHECK_VALUE(input.size(1) > 0, "BatchNorm needs at least one channel, got input size ",
-                    input.sizes());
-  int64_t values = input.size(0);
-  for (int64_t d = 2; d < input.dim(); ++d) values *= input.size(d);
-  TORCH_CHECK_VALUE(values != 1, "Expected more than 1 value per channel when training, got input size torch.Size(",
-                    input.sizes(), ")");
-  // eps is checked by the caller, which formats it as torch does
-  // Copied before the node (as layout_of would), so that the node saves the copy for its backward.
-  const at::Tensor x = input.is_contiguous() || channels_last(input) ? input : input.contiguous();
-  auto out = TrainFunction::apply(x, weight, bias, eps);
-  if (has_mean && x.numel() > 0) {  // an empty batch has no statistics: torch keeps the old
-    at::NoGradGuard no_grad;
-    update_running_stats(*running_mean, *running_var, out[1], out[2], factor, eps,
-                         x.numel() / x.size(1));
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    refuse_double_backward();
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &running_mean = saved[1], &running_var = saved[2];
+    const at::Tensor &weight = saved[3], &y = saved[4];
+    at::Tensor grad_y = grads[0];
+    if (!grad_y.defined()) {
+      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    if (y.defined()) grad_y = grad_y * (y > 0);  // through the ReLU, as threshold_backward
+    const int64_t C = x.size(1);
+    std::vector<int64_t> shape(x.dim(), 1);
+    shape[1] = C;
+    std::vector<int64_t> dims{0};
+    for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const at::Tensor invstd = at::rsqrt(running_var.to(at::kDouble) + eps).to(grad_y.scalar_type());
+    const at::Tensor scale = weight.defined() ? invstd * weight.to(grad_y.scalar_type()) : invstd;
+    at::Tensor dx, dweight, dbias;
+    if (ctx->needs_input_grad(0)) dx = (grad_y * scale.reshape(shape)).to(x.scalar_type());
+    if (weight.defined() && ctx->needs_input_grad(3)) {
+      const at::Tensor xhat = (x.to(grad_y.scalar_type()) -
+                               running_mean.to(grad_y.scalar_type()).reshape(shape)) *
+                              invstd.reshape(shape);
+      dweight = (grad_y * xhat).sum(dims).to(weight.scalar_type());
+    }
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4)) dbias = grad_y.sum(dims);
+    return {dx, at::Tensor(), at::Tensor(), dweight, dbias, at::Tensor(), at::Tensor()};
   }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_autograd(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps, bool relu) {
+  auto out = ForwardFunction::apply(x, weight, bias, eps, relu);
   return {out[0], out[1], out[2]};
+}
+
+at::Tensor eval_autograd(const at::Tensor& x, const at::Tensor& running_mean,
+                         const at::Tensor& running_var, const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& bias, double eps, bool relu) {
+  return EvalFunction::apply(x, running_mean, running_var, weight, bias, eps, relu)[0];
+}
+
+// The running statistics are written through their data pointers, which autograd does not
+// see: their version counters are bumped as an in-place operator would bump them.
+void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
+                              const at::Tensor& mean, const at::Tensor& invstd, double momentum,
+                              double eps, int64_t count) {
+  update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count);
+  for (at::Tensor* t : {&running_mean, &running_var}) {
+    if (t->defined() && !t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+  }
 }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "normbench's fused BatchNorm kernels for the CPU";
-  m.def("forward_train", &forward_train, "BatchNorm forward with batch statistics -> (y, mean, invstd)");
-  m.def("backward", &backward, "BatchNorm backward -> (dx, dweight, dbias)");
-  m.def("forward_eval", &forward_eval, "BatchNorm forward with given statistics -> y");
-  m.def("update_running_stats", &update_running_stats, "running-statistics update, in place");
-  m.def("train", &train,
-        "torch.nn.BatchNorm's training forward: counter, checks, differentiable forward, running update");
+TORCH_LIBRARY(normbench, m) {
+  m.def("batch_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps, bool relu=False) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, "
+        "Tensor mean, Tensor invstd, bool relu=False) -> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_eval(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, "
+        "Tensor? bias, float eps, bool relu=False) -> Tensor");
+  m.def("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
+        "Tensor invstd, float momentum, float eps, int count) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(normbench, CPU, m) {
+  m.impl("batch_norm_forward", &forward_train);
+  m.impl("batch_norm_backward", &backward);
+  m.impl("batch_norm_eval", &forward_eval);
+  m.impl("update_running_stats", &update_running_stats_cpu);
+}
+
+TORCH_LIBRARY_IMPL(normbench, Autograd, m) {
+  m.impl("batch_norm_forward", &forward_autograd);
+  m.impl("batch_norm_eval", &eval_autograd);
 }

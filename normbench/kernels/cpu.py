@@ -1,4 +1,8 @@
-"""The CPU kernel: ``batchnorm_cpu.cpp`` compiled at first use and cached per machine.
+"""The operators' library: ``batchnorm_cpu.cpp`` compiled at first use and cached per machine.
+
+Loading it registers the ``normbench::`` operators with torch's dispatcher (their schemas,
+CPU kernels and autograd, in C++); :mod:`normbench.kernels.ops` then adds their fake and
+CUDA (Triton) implementations. :func:`extension` is ``torch.ops.normbench`` once loaded.
 
 The extension is built with ``torch.utils.cpp_extension.load`` (g++ and OpenMP,
 ``-O3 -march=native``) into ``~/.cache/normbench/kernels/<name>/`` (or
@@ -22,7 +26,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 SOURCE = Path(__file__).with_name("batchnorm_cpu.cpp")
 # -mprefer-vector-width=512: on AVX-512 CPUs, g++ otherwise keeps to 256-bit vectors;
@@ -30,7 +34,23 @@ SOURCE = Path(__file__).with_name("batchnorm_cpu.cpp")
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=fast"]
 LDFLAGS = ["-fopenmp"]
 
-_extension: ModuleType | None = None
+#: ``NORMBENCH_KERNEL_ISA=avx2`` builds the AVX2 code path on a CPU that has AVX-512 too
+#: (a build of its own, cached beside the native one): to test and time the path that
+#: AVX2-only machines take, on any machine.
+ISA_ENV = "NORMBENCH_KERNEL_ISA"
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}
+
+
+def cflags() -> list[str]:
+    """The compiler flags of this process's build: CFLAGS, for the ISA asked for."""
+    isa = os.environ.get(ISA_ENV, "native")
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"{ISA_ENV}={isa!r}: valid are {', '.join(ISA_FLAGS)}")
+    if isa == "native":
+        return list(CFLAGS)
+    return [f for f in CFLAGS if not f.startswith("-mprefer-vector-width")] + ISA_FLAGS[isa]
+
+_extension: Any | None = None
 _failure: str | None = None
 
 
@@ -58,7 +78,7 @@ def extension_name() -> str:
     key = "\n".join(
         [
             SOURCE.read_text(),
-            " ".join(CFLAGS + LDFLAGS),
+            " ".join(cflags() + LDFLAGS),
             torch.__version__,
             sys.version,
             _cpu_signature(),
@@ -77,23 +97,27 @@ def _ninja_on_path() -> None:
         pass
 
 
-def _build(name: str, folder: Path) -> ModuleType:
+def _build(name: str, folder: Path) -> str:
     # Importing cpp_extension logs a warning about CUDA_HOME on machines without CUDA:
     # irrelevant to a CPU build, and alarming in the middle of a training run.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.cpp_extension import load
 
-    return load(
+    # Not a Python module: a library whose TORCH_LIBRARY blocks register the operators
+    # when torch loads it (torch.ops.load_library).
+    load(
         name=name,
         sources=[str(SOURCE)],
-        extra_cflags=CFLAGS,
+        extra_cflags=cflags(),
         extra_ldflags=LDFLAGS,
         build_directory=str(folder),
         verbose=False,
+        is_python_module=False,
     )
+    return str(folder / f"{name}.so")
 
 
-def _load() -> ModuleType:
+def _load() -> str:
     name = extension_name()
     folder = cache_root() / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,19 +132,26 @@ def _load() -> ModuleType:
             )
         try:
             return _build(name, folder)
-        except ImportError:
+        except (ImportError, OSError):
             # A build cut short (kill -9 during the link) leaves a library that will not load.
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             return _build(name, folder)
 
 
-def extension() -> ModuleType | None:
-    """The compiled kernel, building it on first use; None where it cannot be built."""
+def extension() -> Any | None:
+    """``torch.ops.normbench``, its library built and loaded on first use, with every
+    implementation registered; None where it cannot be built."""
     global _extension, _failure
     if _extension is None and _failure is None:
         try:
-            _extension = _load()
+            _load()
+            import torch
+
+            from normbench.kernels import ops
+
+            ops.register_python_implementations()
+            _extension = torch.ops.normbench
         except Exception as err:  # no compiler, no OpenMP, a read-only home: all mean "fall back"
             _failure = _reason(err)
             warnings.warn(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normbench.kernels import cpu, ops, reference
+from normbench.kernels import ops, reference
 
 __all__ = ["batch_norm", "batch_norm_tracked", "batch_norm_train", "supported_layout"]
 
@@ -63,15 +63,28 @@ def _check_eps(eps: float) -> None:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
 
 
-def _train(input, weight, bias, running_mean, running_var, momentum, eps, backend):
-    _check_channels(input.size())
-    _verify_batch_size(input.size())
-    _check_eps(eps)
+def _train(input, weight, bias, running_mean, running_var, momentum, eps, backend, relu=False):
+    # This runs once per layer and step: every call saved here is a microsecond or more
+    # at small shapes, where the layer costs less than torch's own only if its Python does.
+    size = input.size()
+    _check_channels(size)
+    _verify_batch_size(size)
+    if eps <= 0.0:
+        _check_eps(eps)
     if input.numel() == 0:
-        return _empty_batch(input, weight, bias)
+        y, mean, invstd = _empty_batch(input, weight, bias)
+        return (torch.relu(y) if relu else y), mean, invstd
     x = supported_layout(input)
     return ops.train(
-        x, weight, bias, running_mean, running_var, momentum, eps, ops.resolve_backend(backend, x)
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+        ops.resolve_backend(backend, x),
+        relu,
     )
 
 
@@ -85,30 +98,24 @@ def batch_norm_tracked(
     momentum: float | None,
     eps: float,
     backend: str = "auto",
+    relu: bool = False,
 ) -> Tensor:
     """``torch.nn.BatchNorm*d``'s training forward with tracked running statistics.
 
     Adds one to ``num_batches_tracked`` (when given) and, with ``momentum=None``,
     updates the running statistics by the cumulative average ``1 / num_batches_tracked``;
-    otherwise as :func:`batch_norm` with ``training=True``. In plain eager execution on
-    the CPU kernel, all of it is one call into C++: this runs once per layer and step,
-    and each Python or operator call it saves is microseconds when the caches are cold.
+    otherwise as :func:`batch_norm` with ``training=True`` (and ``relu``).
     """
-    # input.is_cpu, not input.device.type: building a torch.device costs ~8 us with cold caches
-    ext = cpu.extension() if backend in ("cpu", "auto") and input.is_cpu else None
-    # eps <= 0 takes the path below, which raises torch's error after counting as torch does;
-    # so do empty inputs, which the kernels do not take
-    if ext is not None and eps > 0.0 and input.numel() and ops.plain_eager(input):
-        y, _, _ = ext.train(
-            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
-        )
-        return y
     factor = 0.0 if momentum is None else momentum
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
         if momentum is None:  # cumulative moving average
             factor = 1.0 / float(num_batches_tracked)
-    return batch_norm(input, running_mean, running_var, weight, bias, True, factor, eps, backend)
+    if (running_mean is None) != (running_var is None):
+        # torch's own check and wording
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    y, _, _ = _train(input, weight, bias, running_mean, running_var, factor, eps, backend, relu)
+    return y
 
 
 def batch_norm_train(
@@ -117,13 +124,15 @@ def batch_norm_train(
     bias: Tensor | None,
     eps: float,
     backend: str = "auto",
+    relu: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Normalise with the batch's statistics: ``(y, mean, invstd)``, differentiable in ``y``.
+    """Normalise with the batch's statistics: ``(y, mean, invstd)``, differentiable in ``y``
+    (through a fused ReLU with ``relu``).
 
     For variants that need the statistics themselves (batch renormalization).
     Raises torch's ValueErrors for one value per channel and non-positive eps.
     """
-    return _train(input, weight, bias, None, None, 0.0, eps, backend)
+    return _train(input, weight, bias, None, None, 0.0, eps, backend, relu)
 
 
 def batch_norm(
@@ -136,8 +145,10 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     backend: str = "auto",
+    relu: bool = False,
 ) -> Tensor:
-    """``torch.nn.functional.batch_norm``, computed by normbench's kernel.
+    """``torch.nn.functional.batch_norm``, computed by normbench's kernel (followed by a
+    ReLU fused into it with ``relu``: ``torch.relu(F.batch_norm(...))``).
 
     Training: normalise with the batch's statistics and, where given, update
     ``running_mean`` and ``running_var`` in place as
@@ -153,11 +164,11 @@ def batch_norm(
             raise RuntimeError("running_mean must be defined in evaluation mode")
         x = supported_layout(input)
         return ops.forward_eval(
-            x, running_mean, running_var, weight, bias, eps, ops.resolve_backend(backend, x)
+            x, running_mean, running_var, weight, bias, eps, ops.resolve_backend(backend, x), relu
         )
 
     if (running_mean is None) != (running_var is None):
         # torch's own check and wording
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    y, _, _ = _train(input, weight, bias, running_mean, running_var, momentum, eps, backend)
+    y, _, _ = _train(input, weight, bias, running_mean, running_var, momentum, eps, backend, relu)
     return y

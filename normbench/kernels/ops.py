@@ -1,41 +1,48 @@
-"""normbench's BatchNorm as torch operators (``torch.library.custom_op``), on any backend.
+"""normbench's BatchNorm as torch operators: one dispatch path, on every device.
 
-Four operators, each with a fake (meta) implementation so ``torch.compile`` can
-trace them:
+The operators are defined in C++ (``batchnorm_cpu.cpp``, ``TORCH_LIBRARY(normbench)``),
+which also registers their CPU kernels and their autograd, once for every device:
 
-- ``normbench::batch_norm_forward(x, weight, bias, eps, backend) -> (y, mean, invstd)``,
-  functional, differentiable through ``register_autograd``, whose backward is
-- ``normbench::batch_norm_backward(dy, x, weight, mean, invstd, backend) -> (dx, dweight, dbias)``;
-- ``normbench::update_running_stats(running_mean!, running_var!, mean, invstd, momentum, eps,
-  count)``, which declares the running statistics as mutated (torch refuses autograd on a
-  mutating operator, so the update is an operator of its own);
-- ``normbench::batch_norm_eval(x, running_mean, running_var, weight, bias, eps, backend) -> y``,
-  a single affine pass, differentiable.
+- ``normbench::batch_norm_forward(x, weight?, bias?, eps, relu=False) -> (y, mean, invstd)``,
+  differentiable in ``y``, whose backward is
+- ``normbench::batch_norm_backward(grad_out, x, weight?, bias?, mean, invstd, relu=False)
+  -> (dx, dweight, dbias)``;
+- ``normbench::batch_norm_eval(x, running_mean, running_var, weight?, bias?, eps,
+  relu=False) -> y``, a single affine pass, differentiable;
+- ``normbench::update_running_stats(running_mean!, running_var!, mean, invstd, momentum,
+  eps, count)``, the running statistics updated in place.
 
-``backend`` names the kernel: ``cpu`` (the compiled C++ kernel), ``triton`` (CUDA, or
-the CPU under ``TRITON_INTERPRET=1``) or ``reference`` (plain torch operations); the
-callers resolve ``auto`` with :func:`resolve_backend` before calling.
+``relu=True`` fuses the ReLU that models apply after the norm: the forward writes the
+activated output and the backward masks the gradient inside its own passes. Here, in
+Python: each operator's fake implementation (shapes only, for ``torch.compile`` and meta
+tensors) and the Triton kernels as their CUDA implementation
+(:func:`register_python_implementations`, run once when the library loads). Every call,
+eager, compiled or traced, goes through the dispatcher to the device's kernel; there is
+no second path.
 
-Callers use :func:`forward_train`, :func:`update_stats` and :func:`forward_eval`. In
-plain eager execution these skip the dispatcher and call the same kernels through an
-``autograd.Function``: the operators' Python dispatch and autograd wrappers cost about
-100 us per layer and step, more than the kernel itself on small tensors. Under
-``torch.compile``, a dispatch mode (``make_fx``, fake tensors) or a functorch transform,
-they call the operators. Both paths run the same kernels and are tested against
-each other.
+``backend`` (a norm's option): ``auto`` (the operators, on CPU and CUDA tensors),
+``cpu`` or ``triton`` (the same operators, and the tensors must be on that device), or
+``reference``: :mod:`normbench.kernels.reference`, plain torch operations that autograd
+differentiates as they are. It is the specification the kernels are tested against, and
+what runs where the operators' library cannot be built (with one warning).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from normbench.kernels import cpu, reference
 
 BACKENDS: tuple[str, ...] = ("auto", "cpu", "triton", "reference")
+
+# The operators' overloads, looked up once the library is loaded (an attribute lookup on
+# torch.ops costs microseconds per call).
+_forward = _eval = _update = None
 
 
 def _triton() -> ModuleType | None:
@@ -44,211 +51,45 @@ def _triton() -> ModuleType | None:
     return triton_kernels if triton_kernels.available() else None
 
 
-def resolve_backend(backend: str, x: Tensor) -> str:
-    """The kernel that runs ``x``: ``auto`` picks by device; a kernel that cannot is refused.
+def library():
+    """``torch.ops.normbench`` with every implementation registered, or None where the
+    library cannot be built."""
+    return cpu.extension()
 
-    ``auto``: the C++ kernel on the CPU (the reference where it could not be compiled,
-    with one warning), Triton on CUDA (the reference where Triton is missing).
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """What runs ``x``: ``cpu`` or ``triton`` (the operators, whose dispatcher picks the
+    device's kernel) or ``reference``. ``auto`` picks by device; a backend that cannot run
+    ``x`` is refused with a ValueError.
+
+    ``auto``: the operators on CPU and CUDA tensors (the reference where the library could
+    not be built, or, on CUDA, where Triton is missing), the reference on other devices.
     """
     # is_cpu, is_cuda: x.device builds a torch.device, ~8 us when the caches are cold
     if backend == "auto":
         if x.is_cpu:
-            return "cpu" if cpu.extension() is not None else "reference"
-        if x.is_cuda and _triton() is not None:
+            return "cpu" if library() is not None else "reference"
+        if x.is_cuda and _triton() is not None and library() is not None:
             return "triton"
         return "reference"
     if backend == "cpu":
         if not x.is_cpu:
             raise ValueError(f"norm backend 'cpu' runs CPU tensors, got a {x.device.type} tensor")
-        return "cpu" if cpu.extension() is not None else "reference"
+        return "cpu" if library() is not None else "reference"
     if backend == "triton":
-        triton = _triton()
-        if triton is None:
+        if _triton() is None:
             raise ValueError("norm backend 'triton' needs the triton package")
-        if not x.is_cuda and not triton.interpreted():
+        if not x.is_cuda:
             raise ValueError(
-                "norm backend 'triton' runs CUDA tensors (or CPU ones under TRITON_INTERPRET=1)"
+                f"norm backend 'triton' runs CUDA tensors, got a {x.device.type} tensor"
             )
-        return "triton"
+        return "triton" if library() is not None else "reference"
     if backend == "reference":
         return "reference"
     raise ValueError(f"unknown norm backend {backend!r}; valid: {', '.join(BACKENDS)}")
 
 
-def kernel(backend: str) -> ModuleType:
-    """The module implementing a resolved backend's four functions."""
-    if backend == "cpu":
-        return cpu.extension()
-    if backend == "triton":
-        return _triton()
-    return reference
-
-
-def _statistics_like(x: Tensor) -> Tensor:
-    return x.new_empty(x.shape[1], dtype=reference.accumulation_dtype(x.dtype))
-
-
-# ------------------------------------------------------------------------------ training
-
-
-@torch.library.custom_op("normbench::batch_norm_forward", mutates_args=())
-def batch_norm_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(kernel(backend).forward_train(x, weight, bias, eps))
-
-
-@batch_norm_forward.register_fake
-def _(x, weight, bias, eps, backend):
-    return torch.empty_like(x), _statistics_like(x), _statistics_like(x)
-
-
-@torch.library.custom_op("normbench::batch_norm_backward", mutates_args=())
-def batch_norm_backward(
-    grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(kernel(backend).backward(grad_out, x, weight, mean, invstd))
-
-
-@batch_norm_backward.register_fake
-def _(grad_out, x, weight, mean, invstd, backend):
-    return torch.empty_like(x), _statistics_like(x), _statistics_like(x)
-
-
-def _forward_setup(ctx, inputs, output) -> None:
-    x, weight, bias, _eps, backend = inputs
-    _, mean, invstd = output
-    ctx.save_for_backward(x, weight, mean, invstd)
-    ctx.backend = backend
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _forward_backward(ctx, grad_y, _grad_mean, _grad_invstd, backward=None):
-    x, weight, mean, invstd = ctx.saved_tensors
-    backward = backward or batch_norm_backward
-    dx, dweight, dbias = backward(grad_y, x, weight, mean, invstd, ctx.backend)
-    need = ctx.needs_input_grad
-    return (
-        dx if need[0] else None,
-        dweight.to(weight.dtype) if need[1] else None,
-        dbias.to(ctx.bias_dtype) if need[2] else None,
-        None,
-        None,
-    )
-
-
-batch_norm_forward.register_autograd(_forward_backward, setup_context=_forward_setup)
-
-
-@torch.library.custom_op(
-    "normbench::update_running_stats", mutates_args=("running_mean", "running_var")
-)
-def update_running_stats(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    momentum: float,
-    eps: float,
-    count: int,
-) -> None:
-    _update_kernel(running_mean).update_running_stats(
-        running_mean, running_var, mean, invstd, momentum, eps, count
-    )
-
-
-def _update_kernel(running_mean: Tensor) -> ModuleType:
-    # A (C,) update: the C++ loop on the CPU, torch operations elsewhere.
-    module = cpu.extension() if running_mean.is_cpu else None
-    return module or reference
-
-
-@update_running_stats.register_fake
-def _(running_mean, running_var, mean, invstd, momentum, eps, count):
-    return None
-
-
-# ------------------------------------------------------------------------------ eval
-
-
-@torch.library.custom_op("normbench::batch_norm_eval", mutates_args=())
-def batch_norm_eval(
-    x: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    backend: str,
-) -> Tensor:
-    return kernel(backend).forward_eval(x, running_mean, running_var, weight, bias, eps)
-
-
-@batch_norm_eval.register_fake
-def _(x, running_mean, running_var, weight, bias, eps, backend):
-    return torch.empty_like(x)
-
-
-def _eval_setup(ctx, inputs, output) -> None:
-    x, running_mean, running_var, weight, _bias, eps, _backend = inputs
-    ctx.save_for_backward(x, running_mean, running_var, weight)
-    ctx.eps = eps
-
-
-def _eval_backward(ctx, grad_y):
-    # Rarely needed (fine-tuning through frozen statistics): plain torch operations.
-    x, running_mean, running_var, weight = ctx.saved_tensors
-    shape = (1, -1, *([1] * (x.dim() - 2)))
-    dims = [0, *range(2, x.dim())]
-    invstd = torch.rsqrt(running_var.double() + ctx.eps).to(grad_y.dtype)
-    scale = invstd if weight is None else invstd * weight.to(grad_y.dtype)
-    need = ctx.needs_input_grad
-    dx = grad_y * scale.reshape(shape) if need[0] else None
-    dweight = dbias = None
-    if need[3]:
-        xhat = (x - running_mean.to(x.dtype).reshape(shape)) * invstd.reshape(shape)
-        dweight = (grad_y * xhat).sum(dims).to(weight.dtype)
-    if need[4]:
-        dbias = grad_y.sum(dims)
-    return dx, None, None, dweight, dbias, None, None
-
-
-batch_norm_eval.register_autograd(_eval_backward, setup_context=_eval_setup)
-
-
 # ------------------------------------------------------------------------------ entry points
-
-
-def plain_eager(x: Tensor) -> bool:
-    """Plain eager execution: nothing traces, fakes or transforms the call."""
-    return (
-        type(x) is torch.Tensor
-        and not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._are_functorch_transforms_active()
-    )
-
-
-def _direct_backward(grad_y, x, weight, mean, invstd, backend):
-    return kernel(backend).backward(grad_y, x, weight, mean, invstd)
-
-
-class _EagerForward(torch.autograd.Function):
-    """``batch_norm_forward`` without the dispatcher: the same kernel and backward."""
-
-    @staticmethod
-    def forward(x, weight, bias, eps, backend):
-        return tuple(kernel(backend).forward_train(x, weight, bias, eps))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _forward_setup(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1], output[2])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y, grad_mean, grad_invstd):
-        return _forward_backward(ctx, grad_y, grad_mean, grad_invstd, _direct_backward)
 
 
 def train(
@@ -260,46 +101,163 @@ def train(
     momentum: float,
     eps: float,
     backend: str,
+    relu: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, mean, invstd)`` with the batch's statistics, and the running statistics
-    updated in place when both are given; ``backend`` resolved.
-
-    Eager on the CPU this is one call into the C++ extension, whose autograd node is
-    C++ too; elsewhere the forward, then the update.
-    """
+    """``(y, mean, invstd)`` with the batch's statistics (``y`` through a ReLU with
+    ``relu``), and the running statistics updated in place when both are given;
+    ``backend`` resolved, the input checked (:mod:`normbench.kernels.function`)."""
     update = running_mean is not None and running_var is not None
-    if plain_eager(x):
-        if backend == "cpu":
-            return cpu.extension().train(
-                x,
-                weight,
-                bias,
-                running_mean if update else None,
-                running_var if update else None,
-                None,
-                momentum,
-                eps,
-            )
-        y, mean, invstd = _EagerForward.apply(x, weight, bias, eps, backend)
+    if backend == "reference":
+        y, mean, invstd = reference.forward_train(x, weight, bias, eps)
+        if relu:
+            y = torch.relu(y)
+        mean, invstd = mean.detach(), invstd.detach()
         if update:
-            _update_kernel(running_mean).update_running_stats(
-                running_mean, running_var, mean, invstd, momentum, eps, x.numel() // x.shape[1]
+            count = x.numel() // x.shape[1]
+            reference.update_running_stats(
+                running_mean, running_var, mean, invstd, momentum, eps, count
             )
         return y, mean, invstd
-    y, mean, invstd = batch_norm_forward(x, weight, bias, eps, backend)
-    # register_autograd cannot mark outputs non-differentiable; the statistics are not.
-    mean, invstd = mean.detach(), invstd.detach()
+    y, mean, invstd = _forward(x, weight, bias, eps, relu)
     if update:
-        count = x.numel() // x.shape[1]
-        update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count)
+        _update(running_mean, running_var, mean, invstd, momentum, eps, x.numel() // x.shape[1])
     return y, mean, invstd
 
 
-def forward_eval(x, running_mean, running_var, weight, bias, eps: float, backend: str) -> Tensor:
-    """``y`` normalised with the running statistics; ``backend`` resolved."""
-    differentiable = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
-    if plain_eager(x) and not differentiable:
-        return kernel(backend).forward_eval(x, running_mean, running_var, weight, bias, eps)
-    return batch_norm_eval(x, running_mean, running_var, weight, bias, eps, backend)
+def forward_eval(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    backend: str,
+    relu: bool = False,
+) -> Tensor:
+    """``y`` normalised with the running statistics (then the ReLU with ``relu``);
+    ``backend`` resolved."""
+    if backend == "reference":
+        y = reference.forward_eval(x, running_mean, running_var, weight, bias, eps)
+        return torch.relu(y) if relu else y
+    return _eval(x, running_mean, running_var, weight, bias, eps, relu)
+
+
+# ------------------------------------------------------------------------------ registrations
+
+
+def _statistics_like(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[1], dtype=reference.accumulation_dtype(x.dtype))
+
+
+def _fake_forward(x, weight, bias, eps, relu=False):
+    return torch.empty_like(x), _statistics_like(x), _statistics_like(x)
+
+
+def _fake_backward(grad_out, x, weight, bias, mean, invstd, relu=False):
+    return torch.empty_like(x), _statistics_like(x), _statistics_like(x)
+
+
+def _fake_eval(x, running_mean, running_var, weight, bias, eps, relu=False):
+    return torch.empty_like(x)
+
+
+def _fake_update(running_mean, running_var, mean, invstd, momentum, eps, count):
+    return None
+
+
+FAKES = {
+    "batch_norm_forward": _fake_forward,
+    "batch_norm_backward": _fake_backward,
+    "batch_norm_eval": _fake_eval,
+    "update_running_stats": _fake_update,
+}
+
+
+def _pre_activation(x, weight, bias, mean, invstd) -> Tensor:
+    """``(x - mean) * invstd * weight + bias``, as the forward computed it before its ReLU."""
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    z = (x.to(mean.dtype) - mean.reshape(shape)) * scale.reshape(shape)
+    return z if bias is None else z + bias.to(z.dtype).reshape(shape)
+
+
+def _triton_implementations() -> dict:
+    """The Triton kernels in the operators' signatures. The ReLU is applied around them
+    (the Triton kernels do not fuse it yet): the same results as the CPU kernel's fused
+    passes, in two more passes."""
+    tk = _triton()
+
+    def forward(x, weight, bias, eps, relu=False):
+        y, mean, invstd = tk.forward_train(x, weight, bias, eps)
+        return (y.relu_() if relu else y), mean, invstd
+
+    def backward(grad_out, x, weight, bias, mean, invstd, relu=False):
+        if relu:  # the forward's pre-activation, recomputed: the ReLU's mask
+            grad_out = grad_out * (_pre_activation(x, weight, bias, mean, invstd) > 0)
+        return tk.backward(grad_out, x, weight, mean, invstd)
+
+    def forward_eval(x, running_mean, running_var, weight, bias, eps, relu=False):
+        y = tk.forward_eval(x, running_mean, running_var, weight, bias, eps)
+        return y.relu_() if relu else y
+
+    def update(running_mean, running_var, mean, invstd, momentum, eps, count):
+        tk.update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count)
+
+    return {
+        "batch_norm_forward": forward,
+        "batch_norm_backward": backward,
+        "batch_norm_eval": forward_eval,
+        "update_running_stats": update,
+    }
+
+
+_registered = False
+_libraries: list = []  # kept alive: a Library's registrations end with it
+
+
+def register_python_implementations() -> None:
+    """The operators' fake implementations, and the Triton kernels for CUDA where Triton
+    is installed; once, after the C++ library has defined the operators."""
+    global _registered, _forward, _eval, _update
+    if _registered:
+        return
+    for name, fake in FAKES.items():
+        torch.library.register_fake(f"normbench::{name}")(fake)
+    if _triton() is not None:
+        library = torch.library.Library("normbench", "IMPL")
+        for name, fn in _triton_implementations().items():
+            library.impl(name, fn, "CUDA")
+        _libraries.append(library)
+    ops = torch.ops.normbench
+    _forward = ops.batch_norm_forward.default
+    _eval = ops.batch_norm_eval.default
+    _update = ops.update_running_stats.default
+    _registered = True
+
+
+@contextlib.contextmanager
+def triton_on_cpu() -> Iterator[None]:
+    """Tests under ``TRITON_INTERPRET=1``, which runs Triton programs on CPU tensors: within
+    the block the operators' CPU implementations are the Triton kernels (the C++ kernels
+    are back after it), so the whole path (dispatcher, autograd, fakes) runs them."""
+    assert library() is not None, cpu.failure()
+    tk = _triton()
+    assert tk is not None and tk.interpreted(), "needs triton and TRITON_INTERPRET=1"
+    override = torch.library.Library("normbench", "IMPL")
+    try:
+        with _quiet_override():
+            for name, fn in _triton_implementations().items():
+                override.impl(name, fn, "CPU")
+        yield
+    finally:
+        override._destroy()
+
+
+@contextlib.contextmanager
+def _quiet_override() -> Iterator[None]:
+    # The dispatcher warns when a kernel replaces another for the same key: wanted here.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
+        yield

@@ -24,7 +24,7 @@ def mlp(norm, in_channels, num_classes, image_size, hidden=(512, 256)) -> nn.Seq
     width = in_channels * math.prod(image_size)
     layers: list[nn.Module] = [nn.Flatten()]
     for features in hidden:
-        layers += [nn.Linear(width, features, bias=bias), norm(features), norm.activation()]
+        layers += [nn.Linear(width, features, bias=bias), *norm.with_activation(features)]
         width = features
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)

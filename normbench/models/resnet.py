@@ -22,8 +22,7 @@ class BasicBlock(nn.Module):
     def __init__(self, norm, in_planes: int, planes: int, stride: int, bias: bool):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=bias)
-        self.norm1 = norm(planes)
-        self.act1 = norm.activation()
+        self.norm1, self.act1 = norm.with_activation(planes)  # the ReLU fused where it can be
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=bias)
         self.norm2 = norm(planes)
         self.stride = stride
@@ -50,8 +49,7 @@ class ResNetCifar(nn.Module):
         blocks = (depth - 2) // 6
         bias = not norm.centers
         self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=bias)
-        self.norm = norm(width)
-        self.act = norm.activation()
+        self.norm, self.act = norm.with_activation(width)
         stages = []
         in_planes = width
         for stage, planes in enumerate((width, 2 * width, 4 * width)):

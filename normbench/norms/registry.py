@@ -154,8 +154,32 @@ class NormSpec:
         """Whether the layer ends in its own nonlinearity (FRN's TLU, EvoNorm's gate)."""
         return getattr(self.cls, "carries_activation", False)
 
+    @property
+    def fuses_relu(self) -> bool:
+        """Whether the layer takes ``relu=True`` to apply the ReLU after it in its own
+        passes (normbench's BatchNorm on its kernel, and its subclasses whose constructor
+        still takes it)."""
+        import inspect
+
+        cls = self.cls
+        if not getattr(cls, "fuses_relu", False):
+            return False
+        parameters = inspect.signature(cls).parameters.values()
+        return any(p.name == "relu" or p.kind is p.VAR_KEYWORD for p in parameters)
+
     def __call__(self, num_channels: int):
         return self.cls(num_channels, **self.kwargs)
+
+    def with_activation(self, num_channels: int):
+        """``(layer, activation)`` where a model applies the norm and then a ReLU: the
+        layer with the ReLU fused in and ``nn.Identity`` after it where the variant fuses
+        it, else the layer and :meth:`activation`. Two modules either way, neither of the
+        second with parameters, so a model's state_dict keys are the same for all."""
+        from torch import nn
+
+        if self.fuses_relu:
+            return self.cls(num_channels, relu=True, **self.kwargs), nn.Identity()
+        return self(num_channels), self.activation()
 
     def activation(self):
         """What a model puts after the layer where it would put a ReLU: a ReLU, or nothing
