@@ -50,6 +50,7 @@ def cflags() -> list[str]:
         return list(CFLAGS)
     return [f for f in CFLAGS if not f.startswith("-mprefer-vector-width")] + ISA_FLAGS[isa]
 
+
 _extension: Any | None = None
 _failure: str | None = None
 
