@@ -1,0 +1,79 @@
+"""normbench's BatchNorm2d as a user's own script runs it: no allocator tuning, no bench harness.
+
+``normbench bench`` keeps freed memory in the process (``normbench.allocator``), as
+training runs do. A user who imports :class:`normbench.norms.BatchNorm2d` into a script
+of their own gets none of that: this script times exactly that case. For each shape,
+a training step (``layer(x).backward(dy)``) of normbench's layer and of
+``torch.nn.BatchNorm2d``, interleaved, each after reading a 16 MB buffer (as ``normbench
+bench`` does, so that no step finds the last one's data in cache), with every thread
+and with one; medians, and their ratio.
+
+Usage: python benchmarks/plain_layer.py [--shape 128,16,32,32 ...] [--repeats 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from normbench.norms import BatchNorm2d
+
+SHAPES = ["128,16,32,32", "128,32,16,16", "128,64,8,8", "256,32,16,16", "2,16,32,32"]
+
+
+def time_steps(shape: tuple[int, ...], repeats: int, warmup: int = 5) -> dict[str, float]:
+    channels = shape[1]
+    layers = {"normbench": BatchNorm2d(channels), "torch": torch.nn.BatchNorm2d(channels)}
+    x = torch.randn(shape, requires_grad=True)
+    dy = torch.randn(shape)
+    flush = torch.ones(4 << 20)
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    for repeat in range(warmup + repeats):
+        order = list(layers) if repeat % 2 else list(reversed(layers))
+        for name in order:
+            x.grad = None
+            flush.sum()
+            start = time.perf_counter()
+            layers[name](x).backward(dy)
+            elapsed = time.perf_counter() - start
+            if repeat >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", nargs="+", default=SHAPES)
+    parser.add_argument("--repeats", type=int, default=60)
+    args = parser.parse_args()
+    table = Table(
+        title="training step after a 16 MB read, no allocator tuning: median ms",
+        box=box.SIMPLE_HEAD,
+    )
+    for column in ("threads", "shape", "normbench", "torch", "speedup"):
+        table.add_column(column, justify="right")
+    all_threads = torch.get_num_threads()
+    for threads in dict.fromkeys([all_threads, 1]):
+        torch.set_num_threads(threads)
+        for text in args.shape:
+            shape = tuple(int(s) for s in text.split(","))
+            ms = time_steps(shape, args.repeats)
+            table.add_row(
+                str(threads),
+                "x".join(map(str, shape)),
+                f"{ms['normbench']:.3f}",
+                f"{ms['torch']:.3f}",
+                f"{ms['torch'] / ms['normbench']:.2f}x",
+            )
+    torch.set_num_threads(all_threads)
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
