@@ -416,6 +416,7 @@ def opcheck_every_operator(x, relu):
         (nb.batch_norm_backward, (dy, x, w.detach(), b.detach(), mean, invstd, relu)),
         (nb.batch_norm_backward, (dy, x, None, None, mean, invstd, relu)),
         (nb.batch_norm_eval, (xg, mean, invstd, w, b, 1e-5, relu)),
+        (nb.batch_norm_stats, (x, 1e-5)),
         (
             nb.update_running_stats,
             (torch.zeros(3, device=x.device), torch.ones(3, device=x.device), mean, invstd)
@@ -599,3 +600,18 @@ def test_the_eager_path_uses_no_private_torch_symbols():
                 if isinstance(base, ast.Name) and base.id == "torch" and node.attr != "__version__":
                     private.append(f"{path.name}:{node.lineno}: torch...{node.attr}")
     assert private == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "2d"])
+def test_the_statistics_alone_are_the_forwards(backend, layout):
+    from normbench.kernels import batch_norm_stats
+
+    x = torch.randn(16, 5, 6, 6) * 3 + 2
+    x = {"channels_last": x.to(memory_format=torch.channels_last), "2d": x[:, :, 0, 0]}.get(
+        layout, x
+    )
+    mean, invstd = batch_norm_stats(x, 1e-5, backend)
+    _, fmean, finvstd = batch_norm_train(x, None, None, 1e-5, backend)
+    assert torch.equal(mean, fmean) and torch.equal(invstd, finvstd)
+    assert not mean.requires_grad

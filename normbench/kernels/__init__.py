@@ -6,9 +6,9 @@
 - :mod:`~normbench.kernels.cpu`: the fused C++/OpenMP kernel (``batchnorm_cpu.cpp``),
   compiled at first use and cached.
 - :mod:`~normbench.kernels.triton_kernels`: the Triton kernels for CUDA.
-- :mod:`~normbench.kernels.ops`: the four ``normbench::`` torch operators
-  (``torch.library.custom_op``, with fake implementations and autograd) that
-  dispatch to a backend: ``auto``, ``cpu``, ``triton`` or ``reference``.
+- :mod:`~normbench.kernels.ops`: the ``normbench::`` torch operators (defined in C++
+  with their CPU kernels and autograd; fakes and the Triton CUDA kernels registered
+  in Python), and the ``reference`` backend's plain torch path.
 - :mod:`~normbench.kernels.function`: the functional :func:`batch_norm`, a
   drop-in for ``torch.nn.functional.batch_norm``, and :func:`batch_norm_tracked`,
   the training forward of ``torch.nn.BatchNorm*d`` (batch counter included).
@@ -18,7 +18,19 @@ batch statistics) and never a kernel directly, so swapping a kernel touches
 nothing above this package.
 """
 
-from normbench.kernels.function import batch_norm, batch_norm_tracked, batch_norm_train
+from normbench.kernels.function import (
+    batch_norm,
+    batch_norm_stats,
+    batch_norm_tracked,
+    batch_norm_train,
+)
 from normbench.kernels.ops import BACKENDS, resolve_backend
 
-__all__ = ["BACKENDS", "batch_norm", "batch_norm_tracked", "batch_norm_train", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "batch_norm",
+    "batch_norm_stats",
+    "batch_norm_train",
+    "batch_norm_tracked",
+    "resolve_backend",
+]

@@ -406,8 +406,10 @@ int64_t plane_parts(const Layout& g) {
 // `finish(c, s1, s2)` for each channel, then `map` for every value (see block_sums and
 // block_map: both read `a` and `b`, b = nullptr meaning a). Tasks own blocks of channels
 // (the map reads a block again from cache, right after its sums); with fewer channels than
-// threads, each channel's samples are split across tasks instead.
-template <typename acc_t, typename scalar_t, typename Term, typename Finish, typename Map>
+// threads, each channel's samples are split across tasks instead. kMap = false: the sums
+// and `finish` only (the statistics alone).
+template <typename acc_t, bool kMap = true, typename scalar_t, typename Term, typename Finish,
+          typename Map>
 void planes_two_pass(const Layout& g, const scalar_t* a, const scalar_t* b, Term term,
                      Finish finish, scalar_t* out, Map map) {
   const int64_t parts = plane_parts(g);
@@ -422,7 +424,7 @@ void planes_two_pass(const Layout& g, const scalar_t* a, const scalar_t* b, Term
         std::fill(s2.begin(), s2.end(), 0.0);
         block_sums<acc_t>(g, c0, c1, 0, g.N, a, b, term, s1.data(), s2.data());
         for (int64_t c = c0; c < c1; ++c) finish(c, s1[c - c0], s2[c - c0]);
-        block_map<acc_t>(g, c0, c1, 0, g.N, a, b, out, map);
+        if constexpr (kMap) block_map<acc_t>(g, c0, c1, 0, g.N, a, b, out, map);
       }
     });
     return;
@@ -441,6 +443,7 @@ void planes_two_pass(const Layout& g, const scalar_t* a, const scalar_t* b, Term
       s2 += p2[t];
     }
     finish(c, s1, s2);
+    if constexpr (!kMap) continue;
     at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         block_map<acc_t>(g, c, c + 1, g.N * t / parts, g.N * (t + 1) / parts, a, b, out, map);
@@ -577,13 +580,14 @@ void rows_affine(const Layout& g, const scalar_t* x, scalar_t* out, const acc_t*
 
 // ---------------------------------------------------------------- forward (training)
 
-template <typename scalar_t, bool kRelu>
+// kOutput = false: the statistics alone (batch_norm_stats), y is not written.
+template <typename scalar_t, bool kRelu, bool kOutput = true>
 void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor& invstd_t,
                   const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                   double eps) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x = g.x.data_ptr<scalar_t>();
-  scalar_t* out = y.data_ptr<scalar_t>();
+  scalar_t* out = kOutput ? y.data_ptr<scalar_t>() : nullptr;
   acc_t* mean = mean_t.data_ptr<acc_t>();
   acc_t* invstd = invstd_t.data_ptr<acc_t>();
   const auto w = per_channel<acc_t>(weight, g.C, acc_t(1));
@@ -615,7 +619,7 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
       finish(c, shift[c], s1[c], s2[c]);
       scale[c] = invstd[c] * w[c];
     }
-    rows_affine<kRelu>(g, x, out, mean, scale.data(), b.data());
+    if constexpr (kOutput) rows_affine<kRelu>(g, x, out, mean, scale.data(), b.data());
     return;
   }
 
@@ -635,7 +639,7 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
     }
   };
   // A block's statistics, then at once its normalisation, while it is in cache.
-  planes_two_pass<acc_t>(
+  planes_two_pass<acc_t, kOutput>(
       g, x, static_cast<const scalar_t*>(nullptr), moments,
       [&](int64_t c, double s1, double s2) {
         finish(c, shift[c], s1, s2);
@@ -661,6 +665,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
     }
   });
   return {y, mean, invstd};
+}
+
+// The batch's statistics alone, (mean, invstd), exactly as forward_train computes them:
+// for variants that need them before they normalise (batch renormalization's r and d).
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input, double eps) {
+  const Layout g = layout_of(input);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  auto mean = empty_channels(g.C, acc);
+  auto invstd = empty_channels(g.C, acc);
+  if (g.M == 0) return {mean.fill_(NAN), invstd.fill_(NAN)};
+  at::Tensor none;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_stats", [&] {
+    forward_impl<scalar_t, false, false>(g, none, mean, invstd, c10::nullopt, c10::nullopt, eps);
+  });
+  return {mean, invstd};
 }
 
 // ---------------------------------------------------------------- backward
@@ -1037,6 +1056,7 @@ TORCH_LIBRARY(normbench, m) {
         "Tensor? bias, float eps, bool relu=False) -> Tensor");
   m.def("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
         "Tensor invstd, float momentum, float eps, int count) -> ()");
+  m.def("batch_norm_stats(Tensor x, float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(normbench, CPU, m) {
@@ -1044,6 +1064,7 @@ TORCH_LIBRARY_IMPL(normbench, CPU, m) {
   m.impl("batch_norm_backward", &backward);
   m.impl("batch_norm_eval", &forward_eval);
   m.impl("update_running_stats", &update_running_stats_cpu);
+  m.impl("batch_norm_stats", &batch_stats);
 }
 
 TORCH_LIBRARY_IMPL(normbench, Autograd, m) {

@@ -13,7 +13,13 @@ from torch import Tensor
 
 from normbench.kernels import ops, reference
 
-__all__ = ["batch_norm", "batch_norm_tracked", "batch_norm_train", "supported_layout"]
+__all__ = [
+    "batch_norm",
+    "batch_norm_stats",
+    "batch_norm_tracked",
+    "batch_norm_train",
+    "supported_layout",
+]
 
 
 def _verify_batch_size(size: torch.Size) -> None:
@@ -133,6 +139,18 @@ def batch_norm_train(
     Raises torch's ValueErrors for one value per channel and non-positive eps.
     """
     return _train(input, weight, bias, None, None, 0.0, eps, backend, relu)
+
+
+def batch_norm_stats(input: Tensor, eps: float, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """The batch's ``(mean, invstd)`` per channel, without gradient, exactly as
+    :func:`batch_norm_train` computes them; for variants that need them before they
+    normalise (batch renormalization's corrections). Checked as a training forward is."""
+    size = input.size()
+    _check_channels(size)
+    _verify_batch_size(size)
+    _check_eps(eps)
+    x = supported_layout(input)
+    return ops.statistics(x, eps, ops.resolve_backend(backend, x))
 
 
 def batch_norm(

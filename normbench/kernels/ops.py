@@ -10,7 +10,10 @@ which also registers their CPU kernels and their autograd, once for every device
 - ``normbench::batch_norm_eval(x, running_mean, running_var, weight?, bias?, eps,
   relu=False) -> y``, a single affine pass, differentiable;
 - ``normbench::update_running_stats(running_mean!, running_var!, mean, invstd, momentum,
-  eps, count)``, the running statistics updated in place.
+  eps, count)``, the running statistics updated in place;
+- ``normbench::batch_norm_stats(x, eps) -> (mean, invstd)``, the batch's statistics alone,
+  as the forward computes them (not differentiable), for variants that need them before
+  they normalise (batch renormalization).
 
 ``relu=True`` fuses the ReLU that models apply after the norm: the forward writes the
 activated output and the backward masks the gradient inside its own passes. Here, in
@@ -42,7 +45,7 @@ BACKENDS: tuple[str, ...] = ("auto", "cpu", "triton", "reference")
 
 # The operators' overloads, looked up once the library is loaded (an attribute lookup on
 # torch.ops costs microseconds per call).
-_forward = _eval = _update = None
+_forward = _eval = _update = _stats = None
 
 
 def _triton() -> ModuleType | None:
@@ -142,6 +145,15 @@ def forward_eval(
     return _eval(x, running_mean, running_var, weight, bias, eps, relu)
 
 
+def statistics(x: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    """The batch's ``(mean, invstd)`` alone, without gradient; ``backend`` resolved."""
+    with torch.no_grad():
+        if backend == "reference":
+            _, mean, invstd = reference.forward_train(x, None, None, eps)
+            return mean, invstd
+        return _stats(x, eps)
+
+
 # ------------------------------------------------------------------------------ registrations
 
 
@@ -165,11 +177,16 @@ def _fake_update(running_mean, running_var, mean, invstd, momentum, eps, count):
     return None
 
 
+def _fake_stats(x, eps):
+    return _statistics_like(x), _statistics_like(x)
+
+
 FAKES = {
     "batch_norm_forward": _fake_forward,
     "batch_norm_backward": _fake_backward,
     "batch_norm_eval": _fake_eval,
     "update_running_stats": _fake_update,
+    "batch_norm_stats": _fake_stats,
 }
 
 
@@ -203,11 +220,16 @@ def _triton_implementations() -> dict:
     def update(running_mean, running_var, mean, invstd, momentum, eps, count):
         tk.update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count)
 
+    def stats(x, eps):  # the forward's statistics; its output is not needed
+        _, mean, invstd = tk.forward_train(x, None, None, eps)
+        return mean, invstd
+
     return {
         "batch_norm_forward": forward,
         "batch_norm_backward": backward,
         "batch_norm_eval": forward_eval,
         "update_running_stats": update,
+        "batch_norm_stats": stats,
     }
 
 
@@ -218,7 +240,7 @@ _libraries: list = []  # kept alive: a Library's registrations end with it
 def register_python_implementations() -> None:
     """The operators' fake implementations, and the Triton kernels for CUDA where Triton
     is installed; once, after the C++ library has defined the operators."""
-    global _registered, _forward, _eval, _update
+    global _registered, _forward, _eval, _update, _stats
     if _registered:
         return
     for name, fake in FAKES.items():
@@ -232,6 +254,7 @@ def register_python_implementations() -> None:
     _forward = ops.batch_norm_forward.default
     _eval = ops.batch_norm_eval.default
     _update = ops.update_running_stats.default
+    _stats = ops.batch_norm_stats.default
     _registered = True
 
 

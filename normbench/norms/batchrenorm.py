@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normbench.kernels import BACKENDS, batch_norm, batch_norm_train
+from normbench.kernels import BACKENDS, batch_norm, batch_norm_stats, batch_norm_train
 from normbench.norms.registry import register_norm
 
 __all__ = ["BatchRenorm", "BatchRenorm2d"]
@@ -33,7 +33,16 @@ __all__ = ["BatchRenorm", "BatchRenorm2d"]
 
 @register_norm("batch_renorm")
 class BatchRenorm(nn.Module):
-    """Batch Renormalization over any ``(N, C, *)`` input (see the module docstring)."""
+    """Batch Renormalization over any ``(N, C, *)`` input (see the module docstring).
+
+    In training the kernel normalises with the batch's statistics and applies
+    ``weight * r`` and ``weight * d + bias`` as its affine parameters (r and d constants
+    to autograd, as in the paper), so the layer is one kernel each way; ``relu=True``
+    fuses the ReLU after it too.
+    """
+
+    #: Models ask for the fused layer where they apply norm then ReLU (NormSpec).
+    fuses_relu = True
 
     def __init__(
         self,
@@ -48,11 +57,13 @@ class BatchRenorm(nn.Module):
         device=None,
         dtype=None,
         backend: str = "auto",
+        relu: bool = False,
     ):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown norm backend {backend!r}; valid: {', '.join(BACKENDS)}")
         self.backend = backend
+        self.relu = relu
         if r_max < 1.0 or d_max < 0.0:
             raise ValueError(f"need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
         if warmup_steps < 0 or ramp_steps < 0:
@@ -129,15 +140,17 @@ class BatchRenorm(nn.Module):
                 self.bias,
                 eps=0.0,
                 backend=self.backend,
+                relu=self.relu,
             )
 
-        r_max, d_max = self.renorm_limits()
-        # the kernel gives (x - mu_B) / sigma_B with BatchNorm's gradient through mu_B and sigma_B
-        xhat, mean, invstd = batch_norm_train(input, None, None, self.eps, self.backend)
         if input.numel() == 0:  # no statistics: as torch's BatchNorm, count it, change nothing
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-            return batch_norm_train(input, self.weight, self.bias, self.eps, self.backend)[0]
+            return batch_norm_train(
+                input, self.weight, self.bias, self.eps, self.backend, self.relu
+            )[0]
+        r_max, d_max = self.renorm_limits()
+        mean, invstd = batch_norm_stats(input, self.eps, self.backend)
         with torch.no_grad():
             batch_std = invstd.reciprocal()
             running_std = self.running_std.to(batch_std.dtype)
@@ -149,21 +162,21 @@ class BatchRenorm(nn.Module):
             self.running_std.lerp_(batch_std.to(self.running_std.dtype), self.momentum)
             self.num_batches_tracked.add_(1)
 
-        # r and d are constants to autograd; the affine parameters see both
+        # y = weight * (xhat * r + d) + bias: BatchNorm with weight * r and weight * d + bias
+        # as its affine parameters, r and d constants to autograd (the affine parameters see
+        # both); the kernel gives BatchNorm's gradient through mu_B and sigma_B.
         scale, shift = r, d
         if self.weight is not None:
             scale = self.weight * r
             shift = self.weight * d + self.bias
-        shape = (1, -1, *([1] * (input.dim() - 2)))
-        y = xhat * scale.reshape(shape) + shift.reshape(shape)
-        return y.to(input.dtype)
+        return batch_norm_train(input, scale, shift, self.eps, self.backend, self.relu)[0]
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
             f"ramp_steps={self.ramp_steps}, affine={self.affine}"
-        )
+        ) + (", relu=True" if self.relu else "")
 
 
 class BatchRenorm2d(BatchRenorm):
