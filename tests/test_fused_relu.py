@@ -126,3 +126,29 @@ def test_the_fused_layer_compiles(backend):
         torch.testing.assert_close(xc.grad, xe.grad)
         torch.testing.assert_close(twin.weight.grad, fused.weight.grad)
     torch.testing.assert_close(twin.running_var, fused.running_var)
+
+
+@pytest.fixture
+def on_triton():
+    """The operators on the Triton kernels: CUDA where there is one, else the interpreter."""
+    from normbench.kernels import ops
+
+    if ops._triton() is None:
+        pytest.fail("triton did not import")  # it ships with torch's Linux builds
+    if torch.cuda.is_available():
+        yield "cuda"
+        return
+    with ops.triton_on_cpu():
+        yield "cpu"
+
+
+@pytest.mark.parametrize("shape", [(6, 6, 4, 4), (12, 6)])
+@pytest.mark.parametrize("name", FUSING)
+def test_the_triton_kernels_fuse_the_relu_too(on_triton, name, shape):
+    torch.manual_seed(4)
+    fused, plain = pair(name, "auto", torch.float64)
+    fused, plain = fused.to(on_triton), plain.to(on_triton)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(on_triton)
+    dy = torch.randn(shape, dtype=torch.float64).to(on_triton)
+    for ours, theirs in zip(run(fused, x, dy), run(plain, x, dy), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)

@@ -190,32 +190,18 @@ FAKES = {
 }
 
 
-def _pre_activation(x, weight, bias, mean, invstd) -> Tensor:
-    """``(x - mean) * invstd * weight + bias``, as the forward computed it before its ReLU."""
-    shape = (1, -1, *([1] * (x.dim() - 2)))
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    z = (x.to(mean.dtype) - mean.reshape(shape)) * scale.reshape(shape)
-    return z if bias is None else z + bias.to(z.dtype).reshape(shape)
-
-
 def _triton_implementations() -> dict:
-    """The Triton kernels in the operators' signatures. The ReLU is applied around them
-    (the Triton kernels do not fuse it yet): the same results as the CPU kernel's fused
-    passes, in two more passes."""
+    """The Triton kernels in the operators' signatures (the ReLU fused into their passes)."""
     tk = _triton()
 
     def forward(x, weight, bias, eps, relu=False):
-        y, mean, invstd = tk.forward_train(x, weight, bias, eps)
-        return (y.relu_() if relu else y), mean, invstd
+        return tk.forward_train(x, weight, bias, eps, relu)
 
     def backward(grad_out, x, weight, bias, mean, invstd, relu=False):
-        if relu:  # the forward's pre-activation, recomputed: the ReLU's mask
-            grad_out = grad_out * (_pre_activation(x, weight, bias, mean, invstd) > 0)
-        return tk.backward(grad_out, x, weight, mean, invstd)
+        return tk.backward(grad_out, x, weight, mean, invstd, bias, relu)
 
     def forward_eval(x, running_mean, running_var, weight, bias, eps, relu=False):
-        y = tk.forward_eval(x, running_mean, running_var, weight, bias, eps)
-        return y.relu_() if relu else y
+        return tk.forward_eval(x, running_mean, running_var, weight, bias, eps, relu)
 
     def update(running_mean, running_var, mean, invstd, momentum, eps, count):
         tk.update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count)

@@ -188,7 +188,7 @@ def _planes_normalize(
     x_ptr, y_ptr, part_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr,
     N, C, L, tiles_l, tiles_total, tiles_per_program, split, eps: tl.float64,
     TRAIN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, RELU: tl.constexpr,
 ):  # fmt: skip
     c = tl.program_id(0)
     s = tl.program_id(1)
@@ -221,18 +221,38 @@ def _planes_normalize(
         offs, mask = _plane_tile(t, c, N, C, L, tiles_l, rn, rl, BLOCK_N, BLOCK_L)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         y = ((v - shift) - mean) * scale + bias
+        if RELU:  # max(y, 0), NaN kept as torch.relu keeps it
+            y = tl.where(y < 0.0, 0.0, y)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit()
+def _relu_grad(g, v, mean, invstd, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """g where the forward's pre-activation (x - mean) * invstd * w + b is positive, else 0."""
+    scale = invstd
+    if HAS_W:
+        scale = invstd * w
+    z = (v - mean) * scale
+    if HAS_B:
+        z = z + b
+    return tl.where(z > 0.0, g, 0.0)
 
 
 @_jit(do_not_specialize=["tiles_total", "tiles_per_program"])
 def _planes_grad_sums(
     dy_ptr, x_ptr, mean_ptr, part_ptr, N, C, L, tiles_l, tiles_total, tiles_per_program,
+    invstd_ptr, w_ptr, b_ptr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    RELU: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
 ):  # fmt: skip
     c = tl.program_id(0)
     s = tl.program_id(1)
     split = tl.num_programs(1)
     mean = tl.load(mean_ptr + c).to(ACC)
+    if RELU:
+        r_invstd = tl.load(invstd_ptr + c).to(ACC)
+        r_w = tl.load(w_ptr + c).to(ACC)
+        r_b = tl.load(b_ptr + c).to(ACC)
     rn = tl.arange(0, BLOCK_N)[:, None]
     rl = tl.arange(0, BLOCK_L)[None, :]
     sum_dy = tl.zeros([BLOCK_N, BLOCK_L], ACC)
@@ -242,6 +262,8 @@ def _planes_grad_sums(
         offs, mask = _plane_tile(t, c, N, C, L, tiles_l, rn, rl, BLOCK_N, BLOCK_L)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)  # 0 outside: adds nothing
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if RELU:
+            g = _relu_grad(g, v, mean, r_invstd, r_w, r_b, HAS_W, HAS_B)
         sum_dy += g
         sum_dy_xmu += g * (v - mean)
     base = part_ptr + s * C + c
@@ -252,9 +274,10 @@ def _planes_grad_sums(
 @_jit(do_not_specialize=["tiles_total", "tiles_per_program", "split"])
 def _planes_grad_input(
     dy_ptr, x_ptr, dx_ptr, part_ptr, mean_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr,
-    N, C, L, tiles_l, tiles_total, tiles_per_program, split, count: tl.float64,
+    N, C, L, tiles_l, tiles_total, tiles_per_program, split, count: tl.float64, b_ptr,
     HAS_W: tl.constexpr, ACC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr,
+    RELU: tl.constexpr, HAS_B: tl.constexpr,
 ):  # fmt: skip
     c = tl.program_id(0)
     s = tl.program_id(1)
@@ -274,6 +297,10 @@ def _planes_grad_input(
     k2 = (-k1 * invstd * invstd * sum_dy_xmu.to(tl.float64) / count).to(ACC)
     k3 = (-k1 * sum_dy.to(tl.float64) / count).to(ACC)
     k1 = k1.to(ACC)
+    if RELU:
+        r_invstd = tl.load(invstd_ptr + c).to(ACC)
+        r_w = tl.load(w_ptr + c).to(ACC)
+        r_b = tl.load(b_ptr + c).to(ACC)
     rn = tl.arange(0, BLOCK_N)[:, None]
     rl = tl.arange(0, BLOCK_L)[None, :]
     start, stop = _tile_range(s, tiles_total, tiles_per_program)
@@ -281,6 +308,8 @@ def _planes_grad_input(
         offs, mask = _plane_tile(t, c, N, C, L, tiles_l, rn, rl, BLOCK_N, BLOCK_L)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if RELU:
+            g = _relu_grad(g, v, mean, r_invstd, r_w, r_b, HAS_W, HAS_B)
         dx = g * k1 + (v - mean) * k2 + k3
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -326,7 +355,7 @@ def _rows_normalize(
     x_ptr, y_ptr, part_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr,
     M, C, tiles_total, tiles_per_program, split, eps: tl.float64,
     TRAIN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, RELU: tl.constexpr,
 ):  # fmt: skip
     s = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -365,19 +394,27 @@ def _rows_normalize(
         offs, mask = _row_tile(t, rows, cols, cmask, M, C, BLOCK_M)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         y = ((v - shift) - mean) * scale + bias
+        if RELU:
+            y = tl.where(y < 0.0, 0.0, y)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit(do_not_specialize=["tiles_total", "tiles_per_program"])
 def _rows_grad_sums(
     dy_ptr, x_ptr, mean_ptr, part_ptr, M, C, tiles_total, tiles_per_program,
+    invstd_ptr, w_ptr, b_ptr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
 ):  # fmt: skip
     s = tl.program_id(0)
     split = tl.num_programs(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+    if RELU:
+        r_invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+        r_w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+        r_b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
     rows = tl.arange(0, BLOCK_M)[:, None]
     sum_dy = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_M, BLOCK_C], ACC)
@@ -386,6 +423,8 @@ def _rows_grad_sums(
         offs, mask = _row_tile(t, rows, cols, cmask, M, C, BLOCK_M)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)  # 0 outside: adds nothing
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if RELU:
+            g = _relu_grad(g, v, mean, r_invstd, r_w, r_b, HAS_W, HAS_B)
         sum_dy += g
         sum_dy_xmu += g * (v - mean)
     base = part_ptr + s * C + cols
@@ -396,9 +435,10 @@ def _rows_grad_sums(
 @_jit(do_not_specialize=["tiles_total", "tiles_per_program", "split"])
 def _rows_grad_input(
     dy_ptr, x_ptr, dx_ptr, part_ptr, mean_ptr, invstd_ptr, w_ptr, dw_ptr, db_ptr,
-    M, C, tiles_total, tiles_per_program, split, count: tl.float64,
+    M, C, tiles_total, tiles_per_program, split, count: tl.float64, b_ptr,
     HAS_W: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    RELU: tl.constexpr, HAS_B: tl.constexpr,
 ):  # fmt: skip
     s = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -420,12 +460,18 @@ def _rows_grad_input(
     k3 = (-k1 * sum_dy.to(tl.float64) / count).to(ACC)[None, :]
     k1 = k1.to(ACC)[None, :]
     mean = mean[None, :]
+    if RELU:
+        r_invstd = invstd.to(ACC)[None, :]
+        r_w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+        r_b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
     rows = tl.arange(0, BLOCK_M)[:, None]
     start, stop = _tile_range(s, tiles_total, tiles_per_program)
     for t in range(start, stop):
         offs, mask = _row_tile(t, rows, cols, cmask, M, C, BLOCK_M)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if RELU:
+            g = _relu_grad(g, v, mean, r_invstd, r_w, r_b, HAS_W, HAS_B)
         dx = g * k1 + (v - mean) * k2 + k3
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -566,9 +612,10 @@ def _per_channel(t: Tensor | None, C: int, name: str) -> Tensor | None:
 
 
 def forward_train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Normalise with the batch's statistics: ``(y, mean, invstd)``, as :mod:`reference`."""
+    """Normalise with the batch's statistics: ``(y, mean, invstd)``, as :mod:`reference`
+    (``y`` through a ReLU with ``relu``, in the same pass)."""
     p = _Plan(x)
     acc, ACC = _acc(x.dtype)
     y = torch.empty_like(p.x)
@@ -586,7 +633,7 @@ def forward_train(
     b = bias if bias is not None else mean
     flags = {
         "TRAIN": True, "HAS_W": weight is not None, "HAS_B": bias is not None, "ACC": ACC,
-        "BLOCK_S": p.block_s, "num_warps": NUM_WARPS,
+        "BLOCK_S": p.block_s, "num_warps": NUM_WARPS, "RELU": bool(relu),
     }  # fmt: skip
     with _on(x.device):
         if p.rows:
@@ -612,11 +659,19 @@ def forward_train(
 
 
 def backward(
-    grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    bias: Tensor | None = None,
+    relu: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`forward_train`: ``(dx, dweight, dbias)``, as :mod:`reference`.
 
-    ``dweight`` (``sum(dy * xhat)``) is computed even when ``weight`` is None.
+    ``dweight`` (``sum(dy * xhat)``) is computed even when ``weight`` is None. With
+    ``relu``, the gradient is first masked where the forward's ReLU was off (its
+    pre-activation recomputed from ``x``, ``weight`` and ``bias``), inside both passes.
     """
     p = _Plan(x)
     acc, ACC = _acc(x.dtype)
@@ -627,34 +682,35 @@ def backward(
     if p.M == 0 or p.C == 0:
         return dx, dweight, dbias
     weight = _per_channel(weight, p.C, "weight")
+    bias = _per_channel(bias, p.C, "bias")
     mean = _per_channel(mean, p.C, "mean")
     invstd = _per_channel(invstd, p.C, "invstd")
     part = torch.empty(2, p.split, p.C, dtype=acc, device=x.device)
     w = weight if weight is not None else mean
+    b = bias if bias is not None else mean
     count = float(p.M)
-    flags = {
-        "HAS_W": weight is not None, "ACC": ACC, "BLOCK_S": p.block_s, "num_warps": NUM_WARPS,
-    }  # fmt: skip
+    relu_flags = {"RELU": bool(relu), "HAS_W": weight is not None, "HAS_B": bias is not None}
+    flags = {"ACC": ACC, "BLOCK_S": p.block_s, "num_warps": NUM_WARPS, **relu_flags}
     with _on(x.device):
         if p.rows:
             blocks = {"BLOCK_M": p.block_a, "BLOCK_C": p.block_b}
             _rows_grad_sums[p.grid](
-                dy, p.x, mean, part, p.M, p.C, p.tiles, p.per,
-                ACC=ACC, num_warps=NUM_WARPS, **blocks,
+                dy, p.x, mean, part, p.M, p.C, p.tiles, p.per, invstd, w, b,
+                ACC=ACC, num_warps=NUM_WARPS, **relu_flags, **blocks,
             )  # fmt: skip
             _rows_grad_input[p.grid](
                 dy, p.x, dx, part, mean, invstd, w, dweight, dbias,
-                p.M, p.C, p.tiles, p.per, p.split, count, **flags, **blocks,
+                p.M, p.C, p.tiles, p.per, p.split, count, b, **flags, **blocks,
             )  # fmt: skip
         else:
             blocks = {"BLOCK_N": p.block_a, "BLOCK_L": p.block_b}
             _planes_grad_sums[p.grid](
-                dy, p.x, mean, part, p.N, p.C, p.L, p.tiles_l, p.tiles, p.per,
-                ACC=ACC, num_warps=NUM_WARPS, **blocks,
+                dy, p.x, mean, part, p.N, p.C, p.L, p.tiles_l, p.tiles, p.per, invstd, w, b,
+                ACC=ACC, num_warps=NUM_WARPS, **relu_flags, **blocks,
             )  # fmt: skip
             _planes_grad_input[p.grid](
                 dy, p.x, dx, part, mean, invstd, w, dweight, dbias,
-                p.N, p.C, p.L, p.tiles_l, p.tiles, p.per, p.split, count, **flags, **blocks,
+                p.N, p.C, p.L, p.tiles_l, p.tiles, p.per, p.split, count, b, **flags, **blocks,
             )  # fmt: skip
     return dx, dweight, dbias
 
@@ -666,8 +722,10 @@ def forward_eval(
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
+    relu: bool = False,
 ) -> Tensor:
-    """Normalise with given statistics, one affine pass, as :mod:`reference`."""
+    """Normalise with given statistics, one affine pass, as :mod:`reference` (through a
+    ReLU with ``relu``, in the same pass)."""
     p = _Plan(x)
     _, ACC = _acc(x.dtype)
     y = torch.empty_like(p.x)
@@ -681,7 +739,7 @@ def forward_eval(
     b = bias if bias is not None else running_mean
     flags = {
         "TRAIN": False, "HAS_W": weight is not None, "HAS_B": bias is not None, "ACC": ACC,
-        "BLOCK_S": 1, "num_warps": NUM_WARPS,
+        "BLOCK_S": 1, "num_warps": NUM_WARPS, "RELU": bool(relu),
     }  # fmt: skip
     # No partials, no statistics to publish: y stands in for those pointers, never touched.
     with _on(x.device):
