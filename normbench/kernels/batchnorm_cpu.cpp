@@ -963,6 +963,9 @@ struct ForwardFunction : public torch::autograd::Function<ForwardFunction> {
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     const at::Tensor& grad_y = grads[0];
     if (!grad_y.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    // Straight to the device's kernel: the backward is not differentiated (refused above),
+    // and the autograd fallback's checks cost as much as a small layer's arithmetic.
+    at::AutoDispatchBelowADInplaceOrView below;
     auto [dx, dweight, dbias] = call_backward(grad_y, x, optional_of(weight), optional_of(bias),
                                               mean, invstd, ctx->saved_data["relu"].toBool());
     return {dx, weight.defined() ? as_dtype(dweight, weight.scalar_type()) : at::Tensor(),
@@ -1070,4 +1073,8 @@ TORCH_LIBRARY_IMPL(normbench, CPU, m) {
 TORCH_LIBRARY_IMPL(normbench, Autograd, m) {
   m.impl("batch_norm_forward", &forward_autograd);
   m.impl("batch_norm_eval", &eval_autograd);
+  // No gradient flows through these (the statistics and their update are constants to
+  // autograd): past the autograd keys at once, without the fallback's per-call checks.
+  m.impl("update_running_stats", torch::CppFunction::makeFallthrough());
+  m.impl("batch_norm_stats", torch::CppFunction::makeFallthrough());
 }
