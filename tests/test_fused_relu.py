@@ -109,25 +109,6 @@ def test_models_take_the_fused_layer_and_keep_their_state_dict_keys(model):
     fused.load_state_dict(copy.deepcopy(plain.state_dict()))
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_the_fused_layer_compiles(backend):
-    torch.manual_seed(3)
-    fused, _ = pair("custom_bn", "auto", torch.float32)
-    twin = copy.deepcopy(fused)
-    compiled = torch.compile(twin, backend=backend, fullgraph=True)
-    for _ in range(2):
-        x = torch.randn(8, 6, 5, 5)
-        xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        ye, yc = fused(xe), compiled(xc)
-        torch.testing.assert_close(yc, ye)
-        dy = torch.randn_like(ye)
-        ye.backward(dy)
-        yc.backward(dy)
-        torch.testing.assert_close(xc.grad, xe.grad)
-        torch.testing.assert_close(twin.weight.grad, fused.weight.grad)
-    torch.testing.assert_close(twin.running_var, fused.running_var)
-
-
 @pytest.fixture
 def on_triton():
     """The operators on the Triton kernels: CUDA where there is one, else the interpreter."""

@@ -436,14 +436,25 @@ def test_opcheck(layout, relu):
     opcheck_every_operator(x, relu)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_module_works_under_torch_compile(backend):
+@pytest.mark.parametrize(
+    ("backend", "compiler", "relu"),
+    [
+        ("reference", "aot_eager", False),
+        ("cpu", "aot_eager", False),
+        ("cpu", "aot_eager", True),
+        ("cpu", "inductor", False),
+        ("cpu", "inductor", True),
+    ],
+)
+def test_module_works_under_torch_compile(backend, compiler, relu):
+    """The layer (and the fused norm and ReLU) compiled with fullgraph: outputs,
+    gradients and running statistics as in eager mode."""
     from normbench.norms import BatchNorm2d
 
     torch.manual_seed(0)
-    eager = BatchNorm2d(3, backend=backend)
-    compiled_module = BatchNorm2d(3, backend=backend)
-    compiled = torch.compile(compiled_module, backend="aot_eager", fullgraph=True)
+    eager = BatchNorm2d(3, backend=backend, relu=relu)
+    compiled_module = BatchNorm2d(3, backend=backend, relu=relu)
+    compiled = torch.compile(compiled_module, backend=compiler, fullgraph=True)
     for _ in range(3):
         x = torch.randn(4, 3, 5, 5)
         xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -453,8 +464,10 @@ def test_module_works_under_torch_compile(backend):
         ye.backward(dy)
         yc.backward(dy)
         torch.testing.assert_close(xc.grad, xe.grad)
+        torch.testing.assert_close(compiled_module.weight.grad, eager.weight.grad)
     torch.testing.assert_close(compiled_module.running_mean, eager.running_mean)
     torch.testing.assert_close(compiled_module.running_var, eager.running_var)
+    assert compiled_module.num_batches_tracked == eager.num_batches_tracked == 3
     assert compiled_module.num_batches_tracked == eager.num_batches_tracked == 3
 
 

@@ -271,6 +271,16 @@ inline T relu(T z) {
   return z < zero ? zero : z;
 }
 
+// z, or relu(z) with kRelu: the forward's output and the eval's.
+template <bool kRelu, typename T>
+inline T activate(T z) {
+  if constexpr (kRelu) {
+    return relu(z);
+  } else {
+    return z;
+  }
+}
+
 template <typename T>
 inline T relu_grad(T dy, T z) {
   const T zero{};
@@ -569,12 +579,7 @@ template <bool kRelu, typename scalar_t, typename acc_t>
 void rows_affine(const Layout& g, const scalar_t* x, scalar_t* out, const acc_t* mean,
                  const acc_t* scale, const acc_t* shift) {
   rows_map<acc_t>(g, x, static_cast<const scalar_t*>(nullptr), out, [&](auto xv, auto, auto at) {
-    const auto z = (xv - at(mean)) * at(scale) + at(shift);
-    if constexpr (kRelu) {
-      return relu(z);
-    } else {
-      return z;
-    }
+    return activate<kRelu>((xv - at(mean)) * at(scale) + at(shift));
   });
 }
 
@@ -631,12 +636,7 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
     v = d * d;
   };
   auto affine = [&](int64_t c, auto xv, auto) {
-    const auto z = (xv - mean[c]) * scale[c] + b[c];
-    if constexpr (kRelu) {
-      return relu(z);
-    } else {
-      return z;
-    }
+    return activate<kRelu>((xv - mean[c]) * scale[c] + b[c]);
   };
   // A block's statistics, then at once its normalisation, while it is in cache.
   planes_two_pass<acc_t, kOutput>(
@@ -823,12 +823,7 @@ void eval_impl(const Layout& g, at::Tensor& y, const at::Tensor& running_mean,
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t c0 = blk * cb;
       auto affine = [&](int64_t c, auto xv, auto) {
-        const auto z = (xv - mean[c]) * scale[c] + b[c];
-        if constexpr (kRelu) {
-          return relu(z);
-        } else {
-          return z;
-        }
+        return activate<kRelu>((xv - mean[c]) * scale[c] + b[c]);
       };
       block_map<acc_t>(g, c0, std::min(g.C, c0 + cb), 0, g.N, x, x, out, affine);
     }
