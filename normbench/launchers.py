@@ -72,8 +72,11 @@ def launch_planned(sweeper) -> list[Any]:
     os.environ[cores.CONCURRENT_ENV] = str(len(jobs))
     try:
         if type(sweeper.launcher).__module__.startswith("hydra_plugins.hydra_submitit_launcher"):
-            return _launch_submitit(sweeper.launcher, jobs, plan)
-        return list(sweeper.launcher.launch(overrides, initial_job_idx=0))
+            returns = _launch_submitit(sweeper.launcher, jobs, plan)
+        else:
+            returns = list(sweeper.launcher.launch(overrides, initial_job_idx=0))
+            _record_failed_returns(zip(jobs, returns, strict=False))
+        return returns
     except SubmissionRefused as err:  # nothing was started: the user's to fix
         plan.launcher_error, plan.refused = str(err), True
         if new_dir:  # the job files of jobs that never were: nothing half-written stays
@@ -88,6 +91,28 @@ def launch_planned(sweeper) -> list[Any]:
             os.environ.pop(cores.CONCURRENT_ENV, None)
         else:
             os.environ[cores.CONCURRENT_ENV] = saved
+
+
+def _record_failed_returns(pairs) -> None:
+    """Jobs whose Hydra job returned failed without their run recording it: an exception
+    before normbench's task function ran or could catch it (a SLURM time-limit signal in
+    the job's first second, while Hydra sets the job up). Their runs are recorded
+    interrupted (a time limit, a signal) or failed, with the reason, if nothing is yet."""
+    from hydra.core.utils import JobStatus
+
+    from normbench import interrupts
+    from normbench.runner import record_unfinished
+
+    for job, ret in pairs:
+        if getattr(ret, "status", None) is not JobStatus.FAILED:
+            continue
+        # The stored exception itself: JobReturn.return_value would log it once more and raise.
+        err = getattr(ret, "_return_value", None)
+        if not isinstance(err, BaseException):
+            continue
+        why = interrupts.reason(err)
+        status = "interrupted" if why else "failed"
+        record_unfinished(job.cfg, status, why or f"{type(err).__name__}: {_first_line(err)}")
 
 
 def _first_line(err: BaseException) -> str:
@@ -160,6 +185,7 @@ def _launch_submitit(launcher, jobs: Sequence, plan) -> list[Any]:
                 job = pending.pop(handle)
                 try:
                     returns.append(handle.results()[0])
+                    _record_failed_returns([(job, returns[-1])])
                 except Exception as err:  # the job ended without a result
                     reason, specific = _lost_reason(handle, err)
                     _record_lost([job], reason, slurm_job=handle.job_id, keep_own=not specific)

@@ -480,3 +480,43 @@ def test_a_submission_refused_for_a_passing_reason_is_tried_again(monkeypatch, c
         launchers._submit(executor, lambda x: x, [(1,)])
     assert str(refused.value) == "sbatch: error: Batch job submission failed: nope"
     assert executor.calls == 1
+
+
+def test_a_job_that_failed_before_its_run_began_is_recorded(tmp_path):
+    """SLURM may send the time-limit signal in the job's first second (its resolution is
+    60 s), while Hydra sets the job up: submitit's error then comes back as a failed
+    JobReturn, and the run, which never started, is recorded interrupted with the reason
+    (was: "1 not run", no reason anywhere). A job's own failure is recorded failed; a run
+    that recorded itself is left as it is."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from submitit.core.utils import UncompletedJobError
+
+    from normbench import launchers
+    from normbench import sweep as sweeps
+    from normbench.results import read_summary
+    from normbench.runner import record_unfinished
+
+    args = [*TINY, f"out_dir={tmp_path}", "epochs=1,2,3"]
+    early, broken, done = sweeps.plan(args).to_run
+
+    def failed(err: Exception) -> JobReturn:
+        ret = JobReturn()
+        ret.status, ret._return_value = JobStatus.FAILED, err
+        return ret
+
+    record_unfinished(done.cfg, "interrupted", "its own reason")  # the run's own record
+    limit = UncompletedJobError("Job not requeued because: timed-out too many times.")
+    launchers._record_failed_returns(
+        [
+            (early, failed(limit)),
+            (broken, failed(RuntimeError("boom\nmore"))),
+            (done, failed(RuntimeError("later"))),
+        ]
+    )
+    first, second = read_summary(early.run_dir), read_summary(broken.run_dir)
+    assert first["status"] == "interrupted"
+    assert first["error"].startswith("SLURM time limit or preemption: Job not requeued")
+    assert second["status"] == "failed" and second["error"] == "RuntimeError: boom"
+    assert read_summary(done.run_dir)["error"] == "its own reason"
+    # interrupted runs are redone by the next sweep, a failed one only with --retry-failed
+    assert len(sweeps.plan(args).to_run) == 2
