@@ -422,6 +422,11 @@ def opcheck_every_operator(x, relu):
             (torch.zeros(3, device=x.device), torch.ones(3, device=x.device), mean, invstd)
             + (0.1, 1e-5, 100),
         ),
+        (  # the batch counter incremented in the same call; a cumulative average
+            nb.update_running_stats,
+            (torch.zeros(3, device=x.device), torch.ones(3, device=x.device), mean, invstd)
+            + (0.1, 1e-5, 100, torch.zeros((), dtype=torch.long, device=x.device), True),
+        ),
     ]
     for op, args in checks:
         torch.library.opcheck(op, args)

@@ -1034,12 +1034,28 @@ at::Tensor eval_autograd(const at::Tensor& x, const at::Tensor& running_mean,
 
 // The running statistics are written through their data pointers, which autograd does not
 // see: their version counters are bumped as an in-place operator would bump them.
+// With a batch counter (torch's num_batches_tracked), it is incremented first, in the same
+// call (an operator call less per layer and step), and `cumulative` makes the factor
+// 1 / the new count: torch's momentum=None, a cumulative moving average.
 void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
                               const at::Tensor& mean, const at::Tensor& invstd, double momentum,
-                              double eps, int64_t count) {
+                              double eps, int64_t count,
+                              const c10::optional<at::Tensor>& num_batches_tracked,
+                              bool cumulative) {
+  std::vector<at::Tensor> written{running_mean, running_var};
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    const at::Tensor& counter = *num_batches_tracked;
+    TORCH_CHECK(counter.scalar_type() == at::kLong && counter.numel() == 1,
+                "num_batches_tracked must be a one-element int64 tensor");
+    const int64_t batches = ++*counter.data_ptr<int64_t>();
+    if (cumulative) momentum = 1.0 / static_cast<double>(batches);
+    written.push_back(counter);
+  } else {
+    TORCH_CHECK(!cumulative, "a cumulative average needs num_batches_tracked");
+  }
   update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count);
-  for (at::Tensor* t : {&running_mean, &running_var}) {
-    if (t->defined() && !t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+  for (const at::Tensor& t : written) {
+    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
   }
 }
 
@@ -1053,7 +1069,8 @@ TORCH_LIBRARY(normbench, m) {
   m.def("batch_norm_eval(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, "
         "Tensor? bias, float eps, bool relu=False) -> Tensor");
   m.def("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
-        "Tensor invstd, float momentum, float eps, int count) -> ()");
+        "Tensor invstd, float momentum, float eps, int count, "
+        "Tensor(c!)? num_batches_tracked=None, bool cumulative=False) -> ()");
   m.def("batch_norm_stats(Tensor x, float eps) -> (Tensor, Tensor)");
 }
 

@@ -69,7 +69,21 @@ def _check_eps(eps: float) -> None:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
 
 
-def _train(input, weight, bias, running_mean, running_var, momentum, eps, backend, relu=False):
+def _train(
+    input,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    momentum,
+    eps,
+    backend,
+    relu=False,
+    num_batches_tracked=None,
+    cumulative=False,
+):
+    """The checked training forward; ``num_batches_tracked`` (given with the running
+    statistics) is incremented with their update, or alone where there is none."""
     # This runs once per layer and step: every call saved here is a microsecond or more
     # at small shapes, where the layer costs less than torch's own only if its Python does.
     size = input.size()
@@ -77,7 +91,9 @@ def _train(input, weight, bias, running_mean, running_var, momentum, eps, backen
     _verify_batch_size(size)
     if eps <= 0.0:
         _check_eps(eps)
-    if input.numel() == 0:
+    if input.numel() == 0:  # no statistics: the running ones stay, the batch is counted
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
         y, mean, invstd = _empty_batch(input, weight, bias)
         return (torch.relu(y) if relu else y), mean, invstd
     x = supported_layout(input)
@@ -91,6 +107,8 @@ def _train(input, weight, bias, running_mean, running_var, momentum, eps, backen
         eps,
         ops.resolve_backend(backend, x),
         relu,
+        num_batches_tracked,
+        cumulative,
     )
 
 
@@ -112,15 +130,29 @@ def batch_norm_tracked(
     updates the running statistics by the cumulative average ``1 / num_batches_tracked``;
     otherwise as :func:`batch_norm` with ``training=True`` (and ``relu``).
     """
+    tracked = running_mean is not None and running_var is not None
     factor = 0.0 if momentum is None else momentum
-    if num_batches_tracked is not None:
+    if num_batches_tracked is not None and not tracked:  # counted as torch counts, alone
         num_batches_tracked.add_(1)
         if momentum is None:  # cumulative moving average
             factor = 1.0 / float(num_batches_tracked)
     if (running_mean is None) != (running_var is None):
         # torch's own check and wording
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    y, _, _ = _train(input, weight, bias, running_mean, running_var, factor, eps, backend, relu)
+    if not tracked or num_batches_tracked is None:
+        y, _, _ = _train(input, weight, bias, running_mean, running_var, factor, eps, backend, relu)
+        return y
+    # The counter is incremented with the running statistics, in their update's call (one
+    # operator call less per layer and step); torch counts a step before it checks the
+    # input, so a step refused by the checks counts here too.
+    try:
+        y, _, _ = _train(
+            input, weight, bias, running_mean, running_var, factor, eps, backend, relu,
+            num_batches_tracked, momentum is None,
+        )  # fmt: skip
+    except (ValueError, RuntimeError):
+        num_batches_tracked.add_(1)
+        raise
     return y
 
 

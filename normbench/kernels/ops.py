@@ -10,7 +10,9 @@ which also registers their CPU kernels and their autograd, once for every device
 - ``normbench::batch_norm_eval(x, running_mean, running_var, weight?, bias?, eps,
   relu=False) -> y``, a single affine pass, differentiable;
 - ``normbench::update_running_stats(running_mean!, running_var!, mean, invstd, momentum,
-  eps, count)``, the running statistics updated in place;
+  eps, count, num_batches_tracked!?, cumulative=False)``, the running statistics updated
+  in place (the batch counter incremented first, when given: ``cumulative`` then makes
+  the factor 1 / the new count);
 - ``normbench::batch_norm_stats(x, eps) -> (mean, invstd)``, the batch's statistics alone,
   as the forward computes them (not differentiable), for variants that need them before
   they normalise (batch renormalization).
@@ -105,10 +107,14 @@ def train(
     eps: float,
     backend: str,
     relu: bool = False,
+    num_batches_tracked: Tensor | None = None,
+    cumulative: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, mean, invstd)`` with the batch's statistics (``y`` through a ReLU with
-    ``relu``), and the running statistics updated in place when both are given;
-    ``backend`` resolved, the input checked (:mod:`normbench.kernels.function`)."""
+    ``relu``), and the running statistics updated in place when both are given, after
+    ``num_batches_tracked`` is incremented (with them only; ``cumulative``: the factor is
+    1 / its new value); ``backend`` resolved, the input checked
+    (:mod:`normbench.kernels.function`)."""
     update = running_mean is not None and running_var is not None
     if backend == "reference":
         y, mean, invstd = reference.forward_train(x, weight, bias, eps)
@@ -116,6 +122,10 @@ def train(
             y = torch.relu(y)
         mean, invstd = mean.detach(), invstd.detach()
         if update:
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                if cumulative:
+                    momentum = 1.0 / float(num_batches_tracked)
             count = x.numel() // x.shape[1]
             reference.update_running_stats(
                 running_mean, running_var, mean, invstd, momentum, eps, count
@@ -123,7 +133,11 @@ def train(
         return y, mean, invstd
     y, mean, invstd = _forward(x, weight, bias, eps, relu)
     if update:
-        _update(running_mean, running_var, mean, invstd, momentum, eps, x.numel() // x.shape[1])
+        count = x.numel() // x.shape[1]
+        _update(
+            running_mean, running_var, mean, invstd, momentum, eps, count,
+            num_batches_tracked, cumulative,
+        )  # fmt: skip
     return y, mean, invstd
 
 
@@ -173,7 +187,9 @@ def _fake_eval(x, running_mean, running_var, weight, bias, eps, relu=False):
     return torch.empty_like(x)
 
 
-def _fake_update(running_mean, running_var, mean, invstd, momentum, eps, count):
+def _fake_update(
+    running_mean, running_var, mean, invstd, momentum, eps, count, counter=None, cumulative=False
+):
     return None
 
 
@@ -203,7 +219,14 @@ def _triton_implementations() -> dict:
     def forward_eval(x, running_mean, running_var, weight, bias, eps, relu=False):
         return tk.forward_eval(x, running_mean, running_var, weight, bias, eps, relu)
 
-    def update(running_mean, running_var, mean, invstd, momentum, eps, count):
+    def update(
+        running_mean, running_var, mean, invstd, momentum, eps, count,
+        counter=None, cumulative=False,
+    ):  # fmt: skip
+        if counter is not None:
+            counter.add_(1)
+            if cumulative:
+                momentum = 1.0 / float(counter)  # as torch's module reads it, a sync on CUDA
         tk.update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count)
 
     def stats(x, eps):  # the forward's statistics; its output is not needed
