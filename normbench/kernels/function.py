@@ -64,7 +64,10 @@ def supported_layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-def _check_eps(eps: float) -> None:
+def _check_training(size: torch.Size, eps: float) -> None:
+    """torch's checks of a training forward's input and eps, with its wording."""
+    _check_channels(size)
+    _verify_batch_size(size)
     if eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
 
@@ -83,20 +86,22 @@ def _train(
     cumulative=False,
 ):
     """The checked training forward; ``num_batches_tracked`` (given with the running
-    statistics) is incremented with their update, or alone where there is none."""
-    # This runs once per layer and step: every call saved here is a microsecond or more
-    # at small shapes, where the layer costs less than torch's own only if its Python does.
-    size = input.size()
-    _check_channels(size)
-    _verify_batch_size(size)
-    if eps <= 0.0:
-        _check_eps(eps)
-    if input.numel() == 0:  # no statistics: the running ones stay, the batch is counted
+    statistics) is incremented with their update, in its call (one operator call less per
+    layer and step), and here where there is none: an empty batch, or an input the
+    checks refuse (torch counts a step before it checks the input)."""
+    try:
+        _check_training(input.size(), eps)
+        if input.numel() == 0:  # no statistics: the running ones stay, the batch is counted
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            y, mean, invstd = _empty_batch(input, weight, bias)
+            return (torch.relu(y) if relu else y), mean, invstd
+        x = supported_layout(input)
+        backend = ops.resolve_backend(backend, x)
+    except ValueError:
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
-        y, mean, invstd = _empty_batch(input, weight, bias)
-        return (torch.relu(y) if relu else y), mean, invstd
-    x = supported_layout(input)
+        raise
     return ops.train(
         x,
         weight,
@@ -105,7 +110,7 @@ def _train(
         running_var,
         momentum,
         eps,
-        ops.resolve_backend(backend, x),
+        backend,
         relu,
         num_batches_tracked,
         cumulative,
@@ -131,28 +136,19 @@ def batch_norm_tracked(
     otherwise as :func:`batch_norm` with ``training=True`` (and ``relu``).
     """
     tracked = running_mean is not None and running_var is not None
+    counter = num_batches_tracked if tracked else None  # counted with the update (_train)
     factor = 0.0 if momentum is None else momentum
-    if num_batches_tracked is not None and not tracked:  # counted as torch counts, alone
+    if num_batches_tracked is not None and not tracked:  # no update: counted here, first
         num_batches_tracked.add_(1)
         if momentum is None:  # cumulative moving average
             factor = 1.0 / float(num_batches_tracked)
     if (running_mean is None) != (running_var is None):
         # torch's own check and wording
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if not tracked or num_batches_tracked is None:
-        y, _, _ = _train(input, weight, bias, running_mean, running_var, factor, eps, backend, relu)
-        return y
-    # The counter is incremented with the running statistics, in their update's call (one
-    # operator call less per layer and step); torch counts a step before it checks the
-    # input, so a step refused by the checks counts here too.
-    try:
-        y, _, _ = _train(
-            input, weight, bias, running_mean, running_var, factor, eps, backend, relu,
-            num_batches_tracked, momentum is None,
-        )  # fmt: skip
-    except (ValueError, RuntimeError):
-        num_batches_tracked.add_(1)
-        raise
+    y, _, _ = _train(
+        input, weight, bias, running_mean, running_var, factor, eps, backend, relu,
+        counter, counter is not None and momentum is None,
+    )  # fmt: skip
     return y
 
 
@@ -177,10 +173,7 @@ def batch_norm_stats(input: Tensor, eps: float, backend: str = "auto") -> tuple[
     """The batch's ``(mean, invstd)`` per channel, without gradient, exactly as
     :func:`batch_norm_train` computes them; for variants that need them before they
     normalise (batch renormalization's corrections). Checked as a training forward is."""
-    size = input.size()
-    _check_channels(size)
-    _verify_batch_size(size)
-    _check_eps(eps)
+    _check_training(input.size(), eps)
     x = supported_layout(input)
     return ops.statistics(x, eps, ops.resolve_backend(backend, x))
 
