@@ -27,14 +27,21 @@ def configuration(overrides: Sequence[str]) -> tuple[str, ...]:
 
 class SweepEta:
     """Seconds left for ``jobs`` (objects with ``overrides`` and ``run_dir``), given
-    ``done_before``: jobs finished before the sweep started, whose times count too."""
+    ``done_before``: jobs finished before the sweep started, whose times count too.
+    Each summary is read until it is found, once; ``finished`` counts the jobs done."""
 
     def __init__(self, jobs: Sequence[Any], done_before: Sequence[Any] = ()):
         self.jobs = list(jobs)
         self._pending = {id(job): job for job in self.jobs}
+        self._keys = {id(job): configuration(job.overrides) for job in [*jobs, *done_before]}
         self._known = list(done_before)  # finished runs whose time is not read yet
         self._times: dict[tuple[str, ...], list[float]] = defaultdict(list)
         self._seen_running: dict[int, float] = {}  # job -> when its lock was first seen
+
+    @property
+    def finished(self) -> int:
+        """How many of ``jobs`` have a summary (a result or a recorded stop)."""
+        return len(self.jobs) - len(self._pending)
 
     def _read_finished(self, now: float) -> None:
         from normbench.results import read_summary
@@ -48,19 +55,18 @@ class SweepEta:
             wall = summary.get("wall_time_s")
             # Only runs that trained to the end say how long a run takes.
             if summary.get("status") == "completed" and isinstance(wall, int | float):
-                self._times[configuration(job.overrides)].append(float(wall))
+                self._times[self._keys[id(job)]].append(float(wall))
         self._known = []
         for job in self._pending.values():
             if id(job) not in self._seen_running and (Path(job.run_dir) / LOCK_NAME).exists():
                 self._seen_running[id(job)] = now
 
-    def estimate(self, job: Any) -> float | None:
-        """Expected wall time of one run: its configuration's mean, else every run's."""
-        own = self._times.get(configuration(job.overrides))
-        if own:
-            return sum(own) / len(own)
-        every = [t for times in self._times.values() for t in times]
-        return sum(every) / len(every) if every else None
+    def _means(self) -> tuple[dict[tuple[str, ...], float], float | None]:
+        """Mean wall time per configuration, and over every finished run."""
+        means = {key: sum(times) / len(times) for key, times in self._times.items()}
+        count = sum(len(times) for times in self._times.values())
+        overall = sum(sum(times) for times in self._times.values()) / count if count else None
+        return means, overall
 
     def seconds_left(self, now: float | None = None) -> float | None:
         """Seconds until every job is done, or None before any run has finished."""
@@ -68,11 +74,12 @@ class SweepEta:
         self._read_finished(now)
         if not self._pending:
             return 0.0
+        means, overall = self._means()
+        if overall is None:
+            return None
         work = 0.0
-        for key, job in self._pending.items():
-            expected = self.estimate(job)
-            if expected is None:
-                return None
+        for key in self._pending:
+            expected = means.get(self._keys[key], overall)
             started = self._seen_running.get(key)
             work += max(expected - (now - started), 0.0) if started is not None else expected
         return work / max(len(self._seen_running), 1)

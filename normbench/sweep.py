@@ -372,6 +372,7 @@ class SweepProgress:
         )
         self.poll_s = poll_s
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def __enter__(self) -> SweepProgress:
@@ -389,10 +390,11 @@ class SweepProgress:
         self.progress.stop()
 
     def _refresh(self) -> None:
-        from normbench.results import read_summary
-
-        done = sum(read_summary(job.run_dir) is not None for job in self.plan.to_run)
-        self.progress.update(self.total, completed=done, eta=_clock(self.eta.seconds_left()))
+        # The poll thread and a finishing in-process run both refresh: one at a time, as
+        # the ETA keeps what it has read (each summary is read once, for both figures).
+        with self._lock:
+            left = self.eta.seconds_left()
+            self.progress.update(self.total, completed=self.eta.finished, eta=_clock(left))
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_s):

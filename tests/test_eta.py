@@ -63,6 +63,7 @@ def test_no_estimate_before_a_run_finishes_then_per_configuration(grid):
 
     finish(grid[128, 0], wall=10.0)
     assert eta.seconds_left(now=2.0) == pytest.approx(100.0 + 10.0)
+    assert eta.finished == 2  # of the four runs
 
 
 def test_running_runs_count_their_time_so_far_and_share_the_work(grid):
