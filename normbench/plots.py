@@ -230,6 +230,19 @@ def _combo_text(combo: dict[str, Any]) -> str:
     return ", ".join(f"{_short(k)}={_fmt(v)}" for k, v in combo.items())
 
 
+def _label_outer(axes, panels: int, ncols: int, xlabel: str, ylabel: str) -> None:
+    """Axis labels on a grid of ``panels`` panels sharing their axes: the x label and
+    ticks under the bottom panel of each column (the last row, or the row above an empty
+    cell), the y label on the first column."""
+    for ax in axes[:panels]:
+        spec = ax.get_subplotspec()
+        if spec.is_last_row() or spec.num1 + ncols >= panels:
+            ax.set_xlabel(xlabel)
+            ax.tick_params(labelbottom=True)
+        if spec.is_first_col():
+            ax.set_ylabel(ylabel)
+
+
 def _file_name(stem: str, combo: dict[str, Any], taken: set[str]) -> str:
     """A file name safe on every file system, unique among ``taken``."""
     name = stem
@@ -575,14 +588,7 @@ def training_curves(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[tuple[str
         if len(means):
             pad = max(0.06 * (means.max() - means.min()), 0.5)
             axes[0].set_ylim(max(means.min() - pad, 0), min(means.max() + pad, 100.5))
-        for ax in axes[: len(sizes)]:
-            spec = ax.get_subplotspec()
-            # The last row, or the row above an empty cell, carries the epoch ticks.
-            if spec.is_last_row() or spec.num1 + ncols >= len(sizes):
-                ax.set_xlabel("epoch")
-                ax.tick_params(labelbottom=True)
-            if spec.is_first_col():
-                ax.set_ylabel("test accuracy (%)")
+        _label_outer(axes, len(sizes), ncols, "epoch", "test accuracy (%)")
         title = f"{_described(frame)}: test accuracy per epoch"
         if combo:
             title += f"\n{_combo_text(combo)}"
@@ -660,12 +666,7 @@ def bn_inference(runs: pd.DataFrame) -> list[tuple[str, Figure]]:
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_locator(NullLocator())
             ax.grid(True, alpha=0.3)
-            spec = ax.get_subplotspec()
-            if spec.is_last_row() or spec.num1 + ncols >= len(labels):
-                ax.set_xlabel("batch size")
-                ax.tick_params(labelbottom=True)
-            if spec.is_first_col():
-                ax.set_ylabel("test error (%)")
+        _label_outer(axes, len(labels), ncols, "batch size", "test error (%)")
         if means:  # the means set the range; a wide interval is cut at the frame
             pad = max(0.1 * (max(means) - min(means)), 1.0)
             axes[0].set_ylim(max(min(means) - pad, 0), min(max(means) + pad, 100.5))
