@@ -54,6 +54,19 @@ def sweep(cwd: Path, *overrides: str, timeout: float = 400) -> subprocess.Comple
     )
 
 
+def start_sweep(cwd: Path, *overrides: str, quiet: bool = False) -> subprocess.Popen:
+    """``normbench sweep`` started in the background from ``cwd``, its output piped as
+    text (``quiet``: discarded), for a test to act on while it runs."""
+    output = subprocess.DEVNULL if quiet else subprocess.PIPE
+    return subprocess.Popen(
+        [sys.executable, "-m", "normbench.cli", "sweep", *overrides],
+        cwd=cwd,
+        stdout=output,
+        stderr=output,
+        text=not quiet,
+    )
+
+
 def summaries(cwd: Path, name: str = "default") -> dict[int, dict]:
     """Each run's summary by its epochs (the tests sweep epochs to tell runs apart)."""
     found = {}
@@ -157,13 +170,7 @@ def test_slurm_a_cancelled_job_is_interrupted_and_redone(slurm, tmp_path):
     with counts and tables (exit 1); the next sweep redoes only the cancelled run."""
     name = f"nb{uuid.uuid4().hex[:8]}"
     args = [*TINY, "epochs=1,120", *slurm_args(name, "hydra.launcher.timeout_min=5")]
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "normbench.cli", "sweep", *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    driver = start_sweep(tmp_path, *args)
     try:
         owner = wait_for(lambda: lock_of(tmp_path, 120), 120, "the 120-epoch run to start")
         subprocess.run(["scancel", owner["slurm_job"]], check=True)
@@ -231,13 +238,7 @@ def test_slurm_refusing_the_jobs_is_one_line_and_exit_2(slurm, tmp_path):
 def test_slurm_ctrl_c_cancels_the_sweeps_jobs(slurm, tmp_path):
     name = f"nb{uuid.uuid4().hex[:8]}"
     args = [*TINY, "epochs=100000,100001", *slurm_args(name, "hydra.launcher.timeout_min=5")]
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "normbench.cli", "sweep", *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    driver = start_sweep(tmp_path, *args)
     try:
         wait_for(
             lambda: lock_of(tmp_path, 100000) and lock_of(tmp_path, 100001),
@@ -273,13 +274,7 @@ def test_submitit_local_shares_the_cores_and_records_a_killed_job(tmp_path):
     from normbench.cores import affinity
 
     args = [*TINY, "epochs=2,120", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"]
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "normbench.cli", "sweep", *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    driver = start_sweep(tmp_path, *args)
     try:
         owner = wait_for(lambda: lock_of(tmp_path, 120), 120, "the 120-epoch run to start")
         os.kill(owner["pid"], signal.SIGKILL)
@@ -305,13 +300,7 @@ def test_submitit_local_shares_the_cores_and_records_a_killed_job(tmp_path):
 
 def test_joblib_a_killed_worker_is_recorded_and_the_sweep_ends(tmp_path):
     args = [*TINY, "epochs=120,121", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "normbench.cli", "sweep", *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    driver = start_sweep(tmp_path, *args)
     try:
         owner = wait_for(
             lambda: lock_of(tmp_path, 121) and lock_of(tmp_path, 120), 120, "both runs to start"
@@ -335,12 +324,7 @@ def test_joblib_a_killed_worker_is_recorded_and_the_sweep_ends(tmp_path):
 
 def test_joblib_workers_do_not_outlive_a_killed_driver(tmp_path):
     args = [*TINY, "epochs=100000,100001", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "normbench.cli", "sweep", *args],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    driver = start_sweep(tmp_path, *args, quiet=True)
     try:
         owners = wait_for(
             lambda: (

@@ -116,26 +116,24 @@ def test_a_wheel_install_runs_from_anywhere_and_compiles_its_kernel(wheel_venv, 
         check=True,
     ).stdout
     assert where.startswith(str(site)), where
-    done = subprocess.run(
-        [venv / "bin" / "normbench", "run", "experiment=smoke", "threads=1"],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+
+    def normbench(*args: str) -> subprocess.CompletedProcess:
+        """The installed command, from the folder outside the repository."""
+        return subprocess.run(
+            [venv / "bin" / "normbench", *args],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    done = normbench("run", "experiment=smoke", "threads=1")
     assert done.returncode == 0, done.stderr
     assert "test acc" in done.stdout
     assert list((elsewhere / "results" / "smoke" / "runs").glob("*/summary.json"))
     assert list((tmp_path / "kernel-cache").glob("normbench_bn_cpu_*/*.so"))
     # and the sweep, through Hydra and normbench's sweeper from site-packages
-    swept = subprocess.run(
-        [venv / "bin" / "normbench", "sweep", "experiment=smoke", "threads=1", "seed=0,1"],
-        cwd=elsewhere,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    swept = normbench("sweep", "experiment=smoke", "threads=1", "seed=0,1")
     assert swept.returncode == 0, swept.stderr
     assert "1 completed, 1 skipped" in swept.stdout
