@@ -86,7 +86,12 @@ def units(shape: tuple[int, ...]) -> dict:
 
 
 def measure(shape: tuple[int, ...], repeats: int, warmup: int = 10) -> dict[str, float]:
-    run, clear = units(shape)
+    return time_interleaved(*units(shape), repeats, warmup)
+
+
+def time_interleaved(run: dict, clear, repeats: int, warmup: int = 10) -> dict[str, float]:
+    """Median ms of each of ``run``'s units, after ``clear()`` and a 16 MB read each, in a
+    shuffled order every repeat (benchmarks/plain_layer.py times its steps so too)."""
     flush = torch.ones(4 << 20)  # 16 MB, as normbench bench
     names = list(run)
     order = random.Random(0)

@@ -14,10 +14,9 @@ Usage: python benchmarks/plain_layer.py [--shape 128,16,32,32 ...] [--repeats 60
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from layer_overhead import time_interleaved  # this folder's script, beside this one
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -32,19 +31,12 @@ def time_steps(shape: tuple[int, ...], repeats: int, warmup: int = 5) -> dict[st
     layers = {"normbench": BatchNorm2d(channels), "torch": torch.nn.BatchNorm2d(channels)}
     x = torch.randn(shape, requires_grad=True)
     dy = torch.randn(shape)
-    flush = torch.ones(4 << 20)
-    times: dict[str, list[float]] = {name: [] for name in layers}
-    for repeat in range(warmup + repeats):
-        order = list(layers) if repeat % 2 else list(reversed(layers))
-        for name in order:
-            x.grad = None
-            flush.sum()
-            start = time.perf_counter()
-            layers[name](x).backward(dy)
-            elapsed = time.perf_counter() - start
-            if repeat >= warmup:
-                times[name].append(elapsed)
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+    def clear() -> None:
+        x.grad = None
+
+    run = {name: (lambda layer=layer: layer(x).backward(dy)) for name, layer in layers.items()}
+    return time_interleaved(run, clear, repeats, warmup)
 
 
 def main() -> None:
