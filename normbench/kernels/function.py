@@ -139,9 +139,7 @@ def batch_norm_tracked(
     counter = num_batches_tracked if tracked else None  # counted with the update (_train)
     factor = 0.0 if momentum is None else momentum
     if num_batches_tracked is not None and not tracked:  # no update: counted here, first
-        num_batches_tracked.add_(1)
-        if momentum is None:  # cumulative moving average
-            factor = 1.0 / float(num_batches_tracked)
+        factor = ops.count_batch(num_batches_tracked, factor, momentum is None)
     if (running_mean is None) != (running_var is None):
         # torch's own check and wording
         raise ValueError("running_mean and running_var must either both be None or neither be None")

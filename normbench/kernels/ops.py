@@ -123,9 +123,7 @@ def train(
         mean, invstd = mean.detach(), invstd.detach()
         if update:
             if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-                if cumulative:
-                    momentum = 1.0 / float(num_batches_tracked)
+                momentum = count_batch(num_batches_tracked, momentum, cumulative)
             count = x.numel() // x.shape[1]
             reference.update_running_stats(
                 running_mean, running_var, mean, invstd, momentum, eps, count
@@ -157,6 +155,14 @@ def forward_eval(
         y = reference.forward_eval(x, running_mean, running_var, weight, bias, eps)
         return torch.relu(y) if relu else y
     return _eval(x, running_mean, running_var, weight, bias, eps, relu)
+
+
+def count_batch(num_batches_tracked: Tensor, momentum: float, cumulative: bool) -> float:
+    """torch's batch counter incremented; the running statistics' factor: 1 / the new
+    count for a cumulative average (``momentum=None``), else ``momentum``. (The C++
+    update does the same in its own call.)"""
+    num_batches_tracked.add_(1)
+    return 1.0 / float(num_batches_tracked) if cumulative else momentum
 
 
 def statistics(x: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
@@ -223,10 +229,8 @@ def _triton_implementations() -> dict:
         running_mean, running_var, mean, invstd, momentum, eps, count,
         counter=None, cumulative=False,
     ):  # fmt: skip
-        if counter is not None:
-            counter.add_(1)
-            if cumulative:
-                momentum = 1.0 / float(counter)  # as torch's module reads it, a sync on CUDA
+        if counter is not None:  # float(counter), as torch's module reads it: a sync on CUDA
+            momentum = count_batch(counter, momentum, cumulative)
         tk.update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count)
 
     def stats(x, eps):  # the forward's statistics; its output is not needed
@@ -242,15 +246,14 @@ def _triton_implementations() -> dict:
     }
 
 
-_registered = False
 _libraries: list = []  # kept alive: a Library's registrations end with it
 
 
 def register_python_implementations() -> None:
     """The operators' fake implementations, and the Triton kernels for CUDA where Triton
     is installed; once, after the C++ library has defined the operators."""
-    global _registered, _forward, _eval, _update, _stats
-    if _registered:
+    global _forward, _eval, _update, _stats
+    if _forward is not None:  # registered already
         return
     for name, fake in FAKES.items():
         torch.library.register_fake(f"normbench::{name}")(fake)
@@ -264,7 +267,6 @@ def register_python_implementations() -> None:
     _eval = ops.batch_norm_eval.default
     _update = ops.update_running_stats.default
     _stats = ops.batch_norm_stats.default
-    _registered = True
 
 
 @contextlib.contextmanager
