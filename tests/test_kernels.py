@@ -274,7 +274,10 @@ def cpu_training_matches_float64(x: torch.Tensor) -> torch.Tensor:
 
 
 # Planes of 3, 49, 63, 65, 99 and 256 values: the CPU kernel sums a plane in vectors of 16
-# floats (8 doubles), four at a time, then the one to three vectors left, then the values left.
+# floats (8 doubles) with AVX-512, 8 (4) with AVX2, four at a time, then the one to three
+# vectors left, then the values left as one more vector that ends where the plane ends (its
+# lanes already summed masked off; it writes the outputs of those lanes again); a plane
+# shorter than a vector, element by element.
 @pytest.mark.parametrize("spatial", [(1, 3), (7, 7), (7, 9), (5, 13), (9, 11), (16, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_every_plane_size_matches_float64(spatial, dtype):
