@@ -51,7 +51,7 @@ constexpr int kVecBytes = 64;
 constexpr int kVecBytes = 32;
 #endif
 constexpr int64_t kLaneBlock = 256;     // values a lane sums in the compute type before a double add
-constexpr int64_t kPrefetchBytes = 4096;  // how far ahead a block's runs are prefetched
+constexpr int64_t kPrefetchBytes = 8192;  // how far ahead a block's runs are prefetched
 constexpr int64_t kRunBytes = 2048;       // contiguous bytes a planes block reads per sample
 constexpr int64_t kRowBlock = 64;       // rows summed per channel before a double add
 constexpr int64_t kParallelWork = 32768;  // below this many values a task runs alone
@@ -131,16 +131,25 @@ std::vector<acc_t> per_channel(const c10::optional<at::Tensor>& t, int64_t C, ac
 // A task owns a block of adjacent channels [c0, c1): for every sample, the block's rows
 // are one contiguous run of (c1 - c0) * L values. Blocks are sized so a run is at least
 // kRunBytes long: one 8x8 row (256 bytes) at a time, C * L values apart, gives the
-// hardware prefetcher nothing to follow; a block's runs are prefetched a few ahead.
+// hardware prefetcher nothing to follow; a block's runs are prefetched a few ahead (about
+// kPrefetchBytes): the first pass's inputs for reading, the second pass's outputs for
+// writing (each line's store otherwise waits on its read for ownership, the run being a new
+// page to the hardware prefetcher: with them, fwd+bwd steps ran 7-22% faster with cold
+// caches than with the inputs' alone 4 KB ahead, AMD EPYC, AVX-512).
 // A block's data (N runs) is small enough to be read again from the core's cache by the
 // second pass.
 
-template <typename T>
+template <bool kWrite = false, typename T>
 inline void prefetch_run(const T* p, int64_t len) {
   const char* bytes = reinterpret_cast<const char*>(p);
   for (int64_t i = 0; i < len * static_cast<int64_t>(sizeof(T)); i += 64) {
-    __builtin_prefetch(bytes + i, 0, 1);
+    __builtin_prefetch(bytes + i, kWrite ? 1 : 0, 1);
   }
+}
+
+// Samples ahead that a block's runs of `run_bytes` are prefetched.
+inline int64_t prefetch_ahead(int64_t run_bytes) {
+  return std::clamp<int64_t>(kPrefetchBytes / std::max<int64_t>(1, run_bytes), 1, 8);
 }
 
 // Channels per block: runs of >= kRunBytes, but at least a block for every thread.
@@ -378,8 +387,7 @@ void block_sums(const Layout& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
   acc_t* v1 = lanes.data();
   acc_t* v2 = v1 + cb * W;
   const int64_t run = cb * g.L;
-  const int64_t ahead =
-      std::clamp<int64_t>(kPrefetchBytes / std::max<int64_t>(1, run * sizeof(scalar_t)), 1, 8);
+  const int64_t ahead = prefetch_ahead(run * sizeof(scalar_t));
   const int64_t adds_per_sample = (g.L + W - 1) / W;
   int64_t pending = 0;
   auto flush = [&] {
@@ -423,7 +431,9 @@ void block_map(const Layout& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
   constexpr int W = kWidth<acc_t>;
   if (b == nullptr) b = a;
   const int64_t L = g.L;
+  const int64_t ahead = prefetch_ahead((c1 - c0) * L * sizeof(scalar_t));
   for (int64_t n = n0; n < n1; ++n) {
+    if (n + ahead < n1) prefetch_run<true>(out + ((n + ahead) * g.C + c0) * L, (c1 - c0) * L);
     for (int64_t c = c0; c < c1; ++c) {
       const scalar_t* pa = a + (n * g.C + c) * L;
       const scalar_t* pb = b + (n * g.C + c) * L;
