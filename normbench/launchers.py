@@ -40,7 +40,12 @@ JOB_STATES = {
     "FAILED": "exited with an error",
     "INTERRUPTED": "killed by a signal",  # submitit_local
     "FINISHED": "exited without a result",  # submitit_local
+    # submitit's word before sacct has reported the job, or after sacct has forgotten it
+    "UNKNOWN": "ended, its state not known to sacct",
 }
+#: States that say no more than that the job's process ended: the run's own record (its
+#: signal handler's reason, as for a time limit) stays first.
+UNINFORMATIVE_STATES = ("FAILED", "FINISHED", "UNKNOWN")
 
 #: Seconds between the driver's checks of its submitit jobs, and between sacct calls.
 POLL_S = 1.0
@@ -238,14 +243,15 @@ def _scheduler_words(err: BaseException) -> str:
 
 def _lost_reason(handle, err: BaseException) -> tuple[str, bool]:
     """Why a job ended without a result, in words, and whether the scheduler's state says
-    more than the run's own record would (FAILED does not: the process exited, and the
-    run, if it could, wrote why)."""
+    more than the run's own record would (UNINFORMATIVE_STATES do not: the process
+    exited, and the run, if it could, wrote why; UNKNOWN, seen when the job ended between
+    two sacct calls, had replaced a time limit's own reason)."""
     state = str(getattr(handle, "state", "") or "").split()
     name = state[0].upper() if state else ""
     job = f"{'SLURM ' if 'Slurm' in type(handle).__name__ else ''}job {handle.job_id}"
     if name:
         word = JOB_STATES.get(name, name.lower())
-        return f"{job}: {word} ({' '.join(state)})", name not in ("FAILED", "FINISHED")
+        return f"{job}: {word} ({' '.join(state)})", name not in UNINFORMATIVE_STATES
     return f"{job} ended without a result: {type(err).__name__}: {_first_line(err)}", False
 
 

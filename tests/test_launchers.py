@@ -466,6 +466,33 @@ def test_a_submission_refused_for_a_passing_reason_is_tried_again(monkeypatch, c
     assert executor.calls == 1
 
 
+def test_a_lost_jobs_reason_keeps_the_runs_own_unless_the_scheduler_says_more(tmp_path):
+    """A job that ended between two sacct calls has submitit's state UNKNOWN: the run's
+    own reason (its time-limit handler's) stays first, as for FAILED (was: replaced by
+    "unknown (UNKNOWN)"). A state that says more, as CANCELLED, replaces it."""
+    from normbench import launchers
+    from normbench import sweep as sweeps
+    from normbench.results import read_summary
+    from normbench.runner import record_unfinished
+
+    class SlurmJob:  # submitit's handle, as _lost_reason reads it
+        def __init__(self, state):
+            self.state, self.job_id = state, "7"
+
+    own = "SLURM time limit or preemption: Job not requeued"
+    for state, expected in (
+        ("UNKNOWN", f"{own}; SLURM job 7: ended, its state not known to sacct (UNKNOWN)"),
+        ("FAILED", f"{own}; SLURM job 7: exited with an error (FAILED)"),
+        ("CANCELLED by 0", "SLURM job 7: cancelled (CANCELLED by 0)"),
+    ):
+        (job,) = sweeps.plan([*TINY, f"out_dir={tmp_path / state[:6]}"]).to_run
+        record_unfinished(job.cfg, "interrupted", own)
+        reason, specific = launchers._lost_reason(SlurmJob(state), RuntimeError("no result"))
+        launchers._record_lost([job], reason, slurm_job="7", keep_own=not specific)
+        run = read_summary(job.run_dir)
+        assert run["status"] == "interrupted" and run["error"] == expected
+
+
 def test_a_job_that_failed_before_its_run_began_is_recorded(tmp_path):
     """SLURM may send the time-limit signal in the job's first second (its resolution is
     60 s), while Hydra sets the job up: submitit's error then comes back as a failed
