@@ -113,6 +113,14 @@ def user_errors(command):
     return wrapper
 
 
+def kernel_environment() -> None:
+    """The kernel's environment variables checked (a UserError), by the commands that run
+    it: before any work, and without importing torch for those that do not."""
+    from normbench.kernels.cpu import check_environment
+
+    check_environment()
+
+
 @app.command()
 @user_errors
 def run(
@@ -127,6 +135,7 @@ def run(
     from normbench.progress import RunProgress
     from normbench.runner import run as run_experiment
 
+    kernel_environment()
     cfg = compose(overrides or [])
     label = f"{cfg.norm.name} bs={cfg.batch_size}"
     try:
@@ -171,6 +180,7 @@ def sweep(
     from normbench import sweep as sweeps
     from normbench.interrupts import Interrupted, reason
 
+    kernel_environment()
     plan = sweeps.plan(overrides or [], retry_failed=retry_failed)
     skipped = len(plan.jobs) - len(plan.to_run) - len(plan.elsewhere)
     elsewhere = f", {len(plan.elsewhere)} in progress elsewhere" if plan.elsewhere else ""
@@ -370,6 +380,7 @@ def check_norm(
     from normbench.norms.checks import check_norm as run_checks
     from normbench.norms.registry import _REGISTRY, entry_point_norms, load_class
 
+    kernel_environment()
     if "." in target or ":" in target:
         cls = load_class(target)
     elif target in _REGISTRY or target in entry_point_norms():
@@ -461,6 +472,7 @@ def bench(
     from normbench import bench as benchmark
     from normbench.results import check_writable, write_csv
 
+    kernel_environment()
     shapes = [benchmark.parse_shape(text) for text in shape] if shape else None
     if out_path.is_dir():
         raise UserError(f"--out {out_path} is a folder: give a file name, as bench.csv")

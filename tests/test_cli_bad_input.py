@@ -339,3 +339,27 @@ def test_bench_out_is_checked_before_measuring(tmp_path, target, monkeypatch):
     out = tmp_path if target == "a folder" else Path("/proc/normbench/bench.csv")
     result = cli.invoke(app, ["bench", "--out", str(out), "--repeats", "1"])
     assert_one_line_error(result, "is a folder" if target == "a folder" else "cannot write")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("NORMBENCH_KERNEL_ISA", "avx1024", "NORMBENCH_KERNEL_ISA='avx1024': valid are native"),
+        ("NORMBENCH_KERNEL_STREAM_BYTES", "8MB", "NORMBENCH_KERNEL_STREAM_BYTES='8MB': expected"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "sweep", "bench", "check-norm"])
+def test_a_bad_kernel_setting_is_refused_before_any_work(
+    tmp_path, monkeypatch, variable, value, expected, command
+):
+    monkeypatch.setenv(variable, value)
+    monkeypatch.chdir(tmp_path)
+    args = {
+        "run": ["run", *TINY, f"out_dir={tmp_path / 'out'}"],
+        "sweep": ["sweep", *TINY, f"out_dir={tmp_path / 'out'}"],
+        "bench": ["bench", "--repeats", "1", "--out", str(tmp_path / "out" / "bench.csv")],
+        "check-norm": ["check-norm", "custom_bn"],
+    }[command]
+    result = cli.invoke(app, args)
+    assert_one_line_error(result, expected)
+    assert tree(tmp_path) == {}

@@ -285,6 +285,58 @@ def test_every_plane_size_matches_float64(spatial, dtype):
     cpu_training_matches_float64(base.to(dtype))
 
 
+STREAM_ENV = "NORMBENCH_KERNEL_STREAM_BYTES"
+NEVER = str(1 << 62)  # a threshold above any output: plain stores
+
+
+def cpu_outputs(x: torch.Tensor, relu: bool) -> list[torch.Tensor]:
+    """Every output the CPU kernel writes for ``x``: the training forward's y, mean and
+    invstd, the backward's three gradients, the eval's y."""
+    channels = x.shape[1]
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(channels, generator=gen, dtype=torch.float64).to(x.dtype)
+    b = torch.randn(channels, generator=gen, dtype=torch.float64).to(x.dtype)
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype)
+    nb = ops.library()
+    y, mean, invstd = nb.batch_norm_forward(x, w, b, 1e-5, relu)
+    grads = nb.batch_norm_backward(dy, x, w, b, mean, invstd, relu)
+    rv = torch.rand(channels, generator=gen).to(mean.dtype) + 0.5
+    y_eval = nb.batch_norm_eval(x, mean, rv, w, b, 1e-5, relu)
+    return [y, mean, invstd, *grads, y_eval]
+
+
+# Outputs at least NORMBENCH_KERNEL_STREAM_BYTES large are written with streaming stores
+# where their planes are whole aligned cache lines (4x4 floats, 4x4 and 8x8 doubles); the
+# others (3x3, 7x7, channels_last) keep plain stores. Either way the same values, bit for bit.
+@pytest.mark.parametrize("spatial", [(4, 4), (8, 8), (3, 3), (7, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_streamed_outputs_are_bit_identical_to_stored_ones(monkeypatch, spatial, dtype, relu, fmt):
+    x = (torch.randn(5, 6, *spatial, dtype=torch.float64) * 2 + 3).to(dtype)
+    x = x.contiguous(memory_format=fmt)
+    monkeypatch.setenv(STREAM_ENV, NEVER)
+    stored = cpu_outputs(x, relu)
+    monkeypatch.setenv(STREAM_ENV, "0")
+    streamed = cpu_outputs(x, relu)
+    for ours, theirs in zip(streamed, stored, strict=True):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streamed_outputs_match_float64(monkeypatch, dtype):
+    monkeypatch.setenv(STREAM_ENV, "0")
+    cpu_training_matches_float64((torch.randn(6, 4, 8, 8, dtype=torch.float64) * 2 + 3).to(dtype))
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "12kB", ""])
+def test_a_bad_stream_threshold_is_refused(monkeypatch, value):
+    monkeypatch.setenv(STREAM_ENV, value)
+    x = torch.randn(4, 3, 4, 4)
+    with pytest.raises(RuntimeError, match=f"{STREAM_ENV}={value}: expected a whole number"):
+        batch_norm_train(x, None, None, 1e-5, backend="cpu")
+
+
 # channels_last rows of 5, 20 and 35 channels: vectors of 16 channels, then the rest.
 @pytest.mark.parametrize("channels", [5, 20, 35])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

@@ -118,38 +118,43 @@ def test_a_failed_compile_reports_the_compilers_error_lines(monkeypatch):
 
 
 AVX2_CHECK = """
-import torch
+import itertools, os, torch
 from normbench.kernels import cpu, reference
 nb = cpu.extension()
 assert nb is not None, cpu.failure()
 assert "-mno-avx512f" in cpu.cflags()
 torch.manual_seed(0)
-for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10), (torch.float16, 2e-2),
-                   (torch.bfloat16, 1e-1)):
-    for shape, fmt in (((8, 5, 7, 7), None), ((6, 5, 8, 8), torch.channels_last), ((40, 19), None)):
-        x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).to(dtype)
-        if fmt is not None:
-            x = x.contiguous(memory_format=fmt)
-        w, b = torch.randn(shape[1], dtype=dtype), torch.randn(shape[1], dtype=dtype)
-        dy = torch.randn(shape, dtype=torch.float64).to(dtype)
-        for relu in (False, True):
-            y, mean, invstd = nb.batch_norm_forward(x, w, b, 1e-5, relu)
-            ry, rmean, rinvstd = reference.forward_train(x, w, b, 1e-5)
-            ry = torch.relu(ry) if relu else ry
-            torch.testing.assert_close(y.double(), ry.double(), rtol=tol, atol=tol)
-            torch.testing.assert_close(mean, rmean, rtol=tol, atol=tol)
-            grads = nb.batch_norm_backward(dy, x, w, b, mean, invstd, relu)
-            mask = (y > 0) if relu else torch.ones_like(y, dtype=torch.bool)
-            expected = reference.backward(dy * mask, x, w, rmean, rinvstd)
-            for ours, theirs in zip(grads, expected):
-                torch.testing.assert_close(ours.double(), theirs.double(), rtol=tol, atol=tol)
+dtypes = ((torch.float32, 1e-4), (torch.float64, 1e-10), (torch.float16, 2e-2),
+          (torch.bfloat16, 1e-1))
+shapes = (((8, 5, 7, 7), None), ((6, 5, 8, 8), torch.channels_last), ((40, 19), None),
+          ((6, 5, 4, 4), None))
+streams = ("0", str(1 << 62))  # streaming stores for every output that can take them; none
+for (dtype, tol), (shape, fmt), stream in itertools.product(dtypes, shapes, streams):
+    os.environ["NORMBENCH_KERNEL_STREAM_BYTES"] = stream
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    w, b = torch.randn(shape[1], dtype=dtype), torch.randn(shape[1], dtype=dtype)
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+    for relu in (False, True):
+        y, mean, invstd = nb.batch_norm_forward(x, w, b, 1e-5, relu)
+        ry, rmean, rinvstd = reference.forward_train(x, w, b, 1e-5)
+        ry = torch.relu(ry) if relu else ry
+        torch.testing.assert_close(y.double(), ry.double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(mean, rmean, rtol=tol, atol=tol)
+        grads = nb.batch_norm_backward(dy, x, w, b, mean, invstd, relu)
+        mask = (y > 0) if relu else torch.ones_like(y, dtype=torch.bool)
+        expected = reference.backward(dy * mask, x, w, rmean, rinvstd)
+        for ours, theirs in zip(grads, expected):
+            torch.testing.assert_close(ours.double(), theirs.double(), rtol=tol, atol=tol)
 print("ok")
 """
 
 
 def test_the_avx2_code_path_matches_the_reference(tmp_path):
     """NORMBENCH_KERNEL_ISA=avx2 builds the path AVX2-only CPUs take (on an AVX-512 CPU
-    too): its kernels pass the reference in every dtype, layout and with the fused ReLU."""
+    too): its kernels pass the reference in every dtype, layout and with the fused ReLU,
+    with streaming stores and without."""
     env = {**os.environ, cpu.ISA_ENV: "avx2", "NORMBENCH_KERNEL_CACHE": str(cpu.cache_root())}
     done = subprocess.run(
         [sys.executable, "-c", AVX2_CHECK], env=env, capture_output=True, text=True, timeout=600

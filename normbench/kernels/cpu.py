@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -39,6 +40,27 @@ LDFLAGS = ["-fopenmp"]
 #: AVX2-only machines take, on any machine.
 ISA_ENV = "NORMBENCH_KERNEL_ISA"
 ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}
+
+
+#: Outputs at least this many bytes large are written with streaming stores (the default
+#: is a quarter of the last-level cache; see "streaming stores" in batchnorm_cpu.cpp, which
+#: reads it on every call). 0 streams every output that can be.
+STREAM_ENV = "NORMBENCH_KERNEL_STREAM_BYTES"
+
+
+def check_environment() -> None:
+    """The kernel's environment variables (``ISA_ENV``, ``STREAM_ENV``), checked before any
+    work: a UserError naming the one that is wrong (the kernel itself would refuse it only
+    when it runs, with a RuntimeError)."""
+    from normbench.errors import UserError
+
+    try:
+        cflags()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    stream = os.environ.get(STREAM_ENV)
+    if stream is not None and not re.fullmatch(r"[0-9]+", stream):
+        raise UserError(f"{STREAM_ENV}={stream!r}: expected a whole number of bytes, 0 or more")
 
 
 def cflags() -> list[str]:
