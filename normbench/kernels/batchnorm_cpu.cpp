@@ -94,18 +94,17 @@ Layout layout_of(const at::Tensor& input) {
   return lay;
 }
 
-// Outputs allocated without the dispatcher (they are CPU tensors by construction): an
-// operator call costs microseconds when the caches are cold, as after any large layer.
 // ---------------------------------------------------------------- streaming stores
 //
 // An output at least stream_threshold() bytes large is written with streaming (non-temporal)
 // stores: they go to memory without first reading each line for ownership, and without
 // evicting the cache's other data for lines nobody reads again soon. The default is a quarter
-// of the last-level cache (glibc's memcpy switches at a similar size): an output that large
-// is mostly out of the cache again by the time the next layer reads it. AMD EPYC (Zen 5, a
-// 32 MiB L3), training forward+backward with cold caches: 1.20-1.24x faster at 8 MB
-// outputs; written so, the small outputs of a batch of 8 made training 2% slower.
-// NORMBENCH_KERNEL_STREAM_BYTES sets the threshold instead (0: every output is streamed).
+// of the last-level cache (glibc's memcpy, too, streams copies above a fraction of it): an
+// output that large is mostly out of the cache again by the time the next layer reads it. AMD
+// EPYC (Zen 5, a 32 MiB L3), training forward+backward with cold caches: 1.20-1.25x faster at
+// 8 MB outputs on the AVX-512 path, 1.35-1.42x on the AVX2 path; streamed too, the small
+// outputs of a batch of 8 made small_cnn training 2% slower.
+// NORMBENCH_KERNEL_STREAM_BYTES sets the threshold instead (0: every output that can be).
 
 // The last-level cache of the CPU the process runs on, as Linux reports it (sysconf's
 // figure is the whole package's on some VMs: 384 MiB where Linux reports 32 MiB); 0 if
@@ -164,6 +163,8 @@ bool streams(const at::Tensor& out, const Layout& g) {
 #endif
 }
 
+// Outputs allocated without the dispatcher (they are CPU tensors by construction): an
+// operator call costs microseconds when the caches are cold, as after any large layer.
 at::Tensor empty_as(const at::Tensor& x) {
   return at::detail::empty_strided_cpu(x.sizes(), x.strides(), x.scalar_type());
 }
