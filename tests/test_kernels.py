@@ -323,6 +323,18 @@ def test_streamed_outputs_are_bit_identical_to_stored_ones(monkeypatch, spatial,
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_streamed_outputs_of_channels_split_across_threads_are_bit_identical(monkeypatch, relu):
+    # one channel of 64 x 32x32 values: its samples are split across the threads' tasks
+    x = torch.randn(64, 1, 32, 32) * 2 + 3
+    monkeypatch.setenv(STREAM_ENV, NEVER)
+    stored = cpu_outputs(x, relu)
+    monkeypatch.setenv(STREAM_ENV, "0")
+    streamed = cpu_outputs(x, relu)
+    for ours, theirs in zip(streamed, stored, strict=True):
+        assert torch.equal(ours, theirs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_streamed_outputs_match_float64(monkeypatch, dtype):
     monkeypatch.setenv(STREAM_ENV, "0")
