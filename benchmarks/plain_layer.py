@@ -6,7 +6,9 @@ of their own gets none of that: this script times exactly that case. For each sh
 a training step (``layer(x).backward(dy)``) of normbench's layer and of
 ``torch.nn.BatchNorm2d``, interleaved, each after reading a 16 MB buffer (as ``normbench
 bench`` does, so that no step finds the last one's data in cache), with every thread
-and with one; medians, and their ratio.
+and with one; medians, their ratio, and normbench's GB/s (``normbench bench``'s least
+traffic of a step, 5 x the input's bytes) as a fraction of the machine's copy bandwidth,
+measured as ``normbench bench`` measures it, before the shapes and after them.
 
 Usage: python benchmarks/plain_layer.py [--shape 128,16,32,32 ...] [--repeats 60]
 """
@@ -14,6 +16,8 @@ Usage: python benchmarks/plain_layer.py [--shape 128,16,32,32 ...] [--repeats 60
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 from layer_overhead import time_interleaved  # this folder's script, beside this one
@@ -21,6 +25,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from normbench.bench import machine_copy_bytes
 from normbench.norms import BatchNorm2d
 
 SHAPES = ["128,16,32,32", "128,32,16,16", "128,64,8,8", "256,32,16,16", "2,16,32,32"]
@@ -39,6 +44,20 @@ def time_steps(shape: tuple[int, ...], repeats: int, warmup: int = 5) -> dict[st
     return time_interleaved(run, clear, repeats, warmup)
 
 
+def machine_copy_gbps(repeats: int = 5) -> float:
+    """The machine's copy bandwidth: float32 arrays four times the largest cache, copied
+    ``repeats`` times (after an untimed copy), median, as ``normbench bench`` measures it."""
+    src = torch.ones(machine_copy_bytes("cpu") // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        seconds.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(seconds) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", nargs="+", default=SHAPES)
@@ -48,22 +67,34 @@ def main() -> None:
         title="training step after a 16 MB read, no allocator tuning: median ms",
         box=box.SIMPLE_HEAD,
     )
-    for column in ("threads", "shape", "normbench", "torch", "speedup"):
+    for column in ("threads", "shape", "normbench", "torch", "speedup", "GB/s", "%mem"):
         table.add_column(column, justify="right")
     all_threads = torch.get_num_threads()
+    machine = [machine_copy_gbps()]
+    rows = []
     for threads in dict.fromkeys([all_threads, 1]):
         torch.set_num_threads(threads)
         for text in args.shape:
             shape = tuple(int(s) for s in text.split(","))
-            ms = time_steps(shape, args.repeats)
-            table.add_row(
-                str(threads),
-                "x".join(map(str, shape)),
-                f"{ms['normbench']:.3f}",
-                f"{ms['torch']:.3f}",
-                f"{ms['torch'] / ms['normbench']:.2f}x",
-            )
+            rows.append((threads, shape, time_steps(shape, args.repeats)))
     torch.set_num_threads(all_threads)
+    machine.append(machine_copy_gbps())
+    bandwidth = statistics.mean(machine)
+    for threads, shape, ms in rows:
+        gbps = 5 * torch.Size(shape).numel() * 4 / (ms["normbench"] * 1e-3) / 1e9
+        table.add_row(
+            str(threads),
+            "x".join(map(str, shape)),
+            f"{ms['normbench']:.3f}",
+            f"{ms['torch']:.3f}",
+            f"{ms['torch'] / ms['normbench']:.2f}x",
+            f"{gbps:.1f}",
+            f"{100 * gbps / bandwidth:.0f}%",
+        )
+    table.caption = (
+        f"%mem: of the machine's copy bandwidth, {machine[0]:.1f} GB/s before the shapes "
+        f"and {machine[1]:.1f} after"
+    )
     Console().print(table)
 
 
