@@ -51,6 +51,8 @@ Derived figures, per (shape, implementation):
 - ``frac_of_copy_bw``: ``gbps`` / the copy's ``gbps`` at the same shape;
 - ``machine_copy_gbps``: the machine copy's ``2 * bytes / median``, the same on every
   row, and ``frac_of_machine_bw``: ``gbps`` / that;
+- ``stream_bytes``: the size from which the CPU kernel writes its outputs with streaming
+  stores (``normbench::stream_threshold``; empty where the kernel is not built);
 - ``page_faults``: minor page faults per unit, the mean (a unit that writes fresh
   pages pays one fault per 4 KiB; :mod:`normbench.allocator` explains why, and
   :func:`run_bench` tunes malloc as training runs do: ``malloc`` says whether).
@@ -141,6 +143,7 @@ COLUMNS: tuple[str, ...] = (
     "frac_of_machine_bw",  # gbps / machine_copy_gbps
     "page_faults",  # minor page faults per unit, mean
     "malloc",  # "kept": glibc tuned by normbench.allocator; "system": its defaults
+    "stream_bytes",  # outputs this large on are streamed by the CPU kernel (empty: no kernel)
     "device",  # cpu | cuda
     "device_name",
     "threads",  # torch.get_num_threads() while timing
@@ -554,6 +557,14 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def _stream_bytes(config: Settings) -> int | None:
+    """The CPU kernel's streaming threshold, where it was timed (and so is built)."""
+    from normbench.kernels import ops
+
+    library = ops.library() if "cpu" in config.impls else None
+    return None if library is None else int(library.stream_threshold())
+
+
 def summarize(samples: pd.DataFrame, config: Settings, threads: int) -> pd.DataFrame:
     """:func:`measure`'s raw times as one row per (shape, impl), columns ``COLUMNS``."""
     import pandas as pd
@@ -566,6 +577,7 @@ def summarize(samples: pd.DataFrame, config: Settings, threads: int) -> pd.DataF
     order = {name: i for i, name in enumerate((*IMPLS, COPY))}
     machine = samples.loc[samples["shape"] == MACHINE, "seconds"]
     machine_gbps = 2 * config.machine_bytes / machine.median() / 1e9 if len(machine) else math.nan
+    stream_bytes = _stream_bytes(config)
     rows = []
     for shape in config.shapes:
         label = shape_label(shape)
@@ -608,6 +620,7 @@ def summarize(samples: pd.DataFrame, config: Settings, threads: int) -> pd.DataF
                     "machine_copy_gbps": machine_gbps,
                     "frac_of_machine_bw": row["gbps"] / machine_gbps,
                     "malloc": "kept" if allocator.tuned() else "system",
+                    "stream_bytes": stream_bytes,
                     "device": config.device,
                     "device_name": device_name,
                     "threads": threads,
@@ -668,11 +681,20 @@ def _figure(value: float) -> str:
     return f"{value:.3f}" if value < 10 else f"{value:.2f}" if value < 100 else f"{value:.1f}"
 
 
+def _size(nbytes: float) -> str:
+    """Bytes in the largest binary unit that keeps a whole number in front: 8 MiB, 1.5 KiB."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.4g} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
 def table(frame: pd.DataFrame) -> Table:
     """:func:`run_bench`'s frame for the terminal: a section per shape, copy rows dimmed.
 
     Narrow enough for 80 columns; the CSV holds every figure unrounded.
     """
+    import pandas as pd
     from rich import box
     from rich.table import Table
 
@@ -684,10 +706,12 @@ def table(frame: pd.DataFrame) -> Table:
     )
     malloc = "kept (normbench.allocator)" if first["malloc"] == "kept" else "glibc's defaults"
     mib = first["machine_copy_bytes"] / (1 << 20)
+    stream = first["stream_bytes"]
+    streaming = "" if pd.isna(stream) else f"; cpu streams outputs from {_size(stream)} on"
     caption = (
         "GB/s as a fraction of the copy of the same size (%copy) and of the machine's copy "
         f"bandwidth (%mem: {_figure(first['machine_copy_gbps'])} GB/s, 2 x {mib:.0f} MiB "
-        f"arrays); PF: page faults per step, mean; malloc: {malloc}"
+        f"arrays); PF: page faults per step, mean; malloc: {malloc}{streaming}"
     )
     result = Table(
         title=title,

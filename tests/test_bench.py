@@ -77,6 +77,28 @@ def test_derived_figures_are_as_documented(frame):
     assert frame["frac_of_machine_bw"].tolist() == pytest.approx((frame["gbps"] / machine).tolist())
 
 
+def test_the_cpu_kernels_streaming_threshold_is_reported(frame):
+    expected = torch.ops.normbench.stream_threshold()
+    assert (frame["stream_bytes"] == expected).all()
+
+
+def test_without_the_cpu_kernel_timed_no_streaming_threshold_is_reported():
+    frame = bench.run_bench(
+        [TINY], ["torch"], device="cpu", repeats=1, warmup=0, machine_bytes=MACHINE_BYTES
+    )
+    assert frame["stream_bytes"].isna().all()
+    assert "streams" not in str(bench.table(frame).caption)
+
+
+@pytest.mark.parametrize(
+    ("nbytes", "text"), [(8 << 20, "8 MiB"), (1536, "1.5 KiB"), (1000, "1000 bytes")]
+)
+def test_the_caption_names_the_streaming_threshold(frame, nbytes, text):
+    assert f"cpu streams outputs from {text} on" in str(
+        bench.table(frame.assign(stream_bytes=nbytes)).caption
+    )
+
+
 def test_threads_are_restored():
     before = torch.get_num_threads()
     bench.run_bench(

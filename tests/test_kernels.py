@@ -341,6 +341,26 @@ def test_streamed_outputs_match_float64(monkeypatch, dtype):
     cpu_training_matches_float64((torch.randn(6, 4, 8, 8, dtype=torch.float64) * 2 + 3).to(dtype))
 
 
+def test_the_default_stream_threshold_is_a_quarter_of_the_last_level_cache(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.delenv(STREAM_ENV, raising=False)
+    caches = {}  # level -> bytes, from Linux's description of cpu0's caches
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        size = (index / "size").read_text().strip()
+        caches[int((index / "level").read_text())] = int(size.rstrip("KM")) << {
+            "K": 10,
+            "M": 20,
+        }.get(size[-1], 0)
+    expected = caches[max(caches)] // 4 if caches else 8 << 20
+    assert ops.library().stream_threshold() == expected
+
+
+def test_the_stream_threshold_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(STREAM_ENV, "12345")
+    assert ops.library().stream_threshold() == 12345
+
+
 @pytest.mark.parametrize("value", ["lots", "-1", "12kB", ""])
 def test_a_bad_stream_threshold_is_refused(monkeypatch, value):
     monkeypatch.setenv(STREAM_ENV, value)

@@ -1264,6 +1264,8 @@ TORCH_LIBRARY(normbench, m) {
         "Tensor invstd, float momentum, float eps, int count, "
         "Tensor(c!)? num_batches_tracked=None, bool cumulative=False) -> ()");
   m.def("batch_norm_stats(Tensor x, float eps) -> (Tensor, Tensor)");
+  // The size from which outputs are streamed (see "streaming stores"), for reports.
+  m.def("stream_threshold() -> int", &stream_threshold);
 }
 
 TORCH_LIBRARY_IMPL(normbench, CPU, m) {

@@ -16,6 +16,9 @@ which also registers their CPU kernels and their autograd, once for every device
 - ``normbench::batch_norm_stats(x, eps) -> (mean, invstd)``, the batch's statistics alone,
   as the forward computes them (not differentiable), for variants that need them before
   they normalise (batch renormalization).
+- ``normbench::stream_threshold() -> int``: the bytes from which the CPU kernels write
+  their outputs with streaming stores (``NORMBENCH_KERNEL_STREAM_BYTES``, else a quarter
+  of the last-level cache), for reports such as ``normbench bench``'s.
 
 ``relu=True`` fuses the ReLU that models apply after the norm: the forward writes the
 activated output and the backward masks the gradient inside its own passes. Here, in
