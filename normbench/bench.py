@@ -682,7 +682,7 @@ def _figure(value: float) -> str:
 
 
 def _size(nbytes: float) -> str:
-    """Bytes in the largest binary unit that keeps a whole number in front: 8 MiB, 1.5 KiB."""
+    """Bytes in the largest binary unit they reach: 8 MiB, 1.5 KiB, 1000 bytes."""
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if nbytes >= scale:
             return f"{nbytes / scale:.4g} {unit}"
