@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from layer_overhead import time_interleaved  # this folder's script, beside this one
@@ -25,7 +24,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from normbench.bench import machine_copy_bytes
+from normbench.bench import copy_seconds, machine_copy_bytes
 from normbench.norms import BatchNorm2d
 
 SHAPES = ["128,16,32,32", "128,32,16,16", "128,64,8,8", "256,32,16,16", "2,16,32,32"]
@@ -45,17 +44,10 @@ def time_steps(shape: tuple[int, ...], repeats: int, warmup: int = 5) -> dict[st
 
 
 def machine_copy_gbps(repeats: int = 5) -> float:
-    """The machine's copy bandwidth: float32 arrays four times the largest cache, copied
-    ``repeats`` times (after an untimed copy), median, as ``normbench bench`` measures it."""
-    src = torch.ones(machine_copy_bytes("cpu") // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        seconds.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / statistics.median(seconds) / 1e9
+    """The machine's copy bandwidth, as ``normbench bench`` measures it: float32 arrays four
+    times the largest cache, the median of ``repeats`` copies."""
+    nbytes = machine_copy_bytes("cpu")
+    return 2 * nbytes / statistics.median(copy_seconds(nbytes, repeats)) / 1e9
 
 
 def main() -> None:

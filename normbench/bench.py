@@ -455,21 +455,30 @@ def _units(impls: Sequence[str], shape: Shape, device: str, dtype: str) -> dict[
     return units
 
 
-def _machine_copy(config: Settings, repeats: int, sync: Callable[[], None]) -> list[tuple]:
-    """``repeats`` timed copies of ``config.machine_bytes`` (after an untimed one), as samples."""
+def copy_seconds(
+    nbytes: int, repeats: int, device: str = "cpu", sync: Callable[[], None] = lambda: None
+) -> list[float]:
+    """The machine copy: ``repeats`` timed ``dst.copy_(src)`` of float32 arrays of ``nbytes``
+    (after an untimed one, which also faults dst's pages in), in seconds."""
     import torch
 
-    src = torch.ones(config.machine_bytes // 4, device=config.device)
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    rows = []
+    seconds = []
     for repeat in range(repeats + 1):
         sync()
         start = time.perf_counter()
         dst.copy_(src)
         sync()
-        if repeat:  # the first one also faults dst's pages in
-            rows.append((MACHINE, COPY, repeat, time.perf_counter() - start, 0))
-    return rows
+        if repeat:
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _machine_copy(config: Settings, repeats: int, sync: Callable[[], None]) -> list[tuple]:
+    """``repeats`` timed copies of ``config.machine_bytes``, as samples."""
+    seconds = copy_seconds(config.machine_bytes, repeats, config.device, sync)
+    return [(MACHINE, COPY, repeat, t, 0) for repeat, t in enumerate(seconds, start=1)]
 
 
 def measure(config: Settings, progress: Progress | None = None) -> pd.DataFrame:
