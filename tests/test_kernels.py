@@ -305,6 +305,17 @@ def cpu_outputs(x: torch.Tensor, relu: bool) -> list[torch.Tensor]:
     return [y, mean, invstd, *grads, y_eval]
 
 
+def assert_streaming_changes_no_output(monkeypatch, x: torch.Tensor, relu: bool) -> None:
+    """Every output for ``x`` with streaming stores for all that can take them is the one
+    with plain stores, bit for bit."""
+    monkeypatch.setenv(STREAM_ENV, NEVER)
+    stored = cpu_outputs(x, relu)
+    monkeypatch.setenv(STREAM_ENV, "0")
+    streamed = cpu_outputs(x, relu)
+    for ours, theirs in zip(streamed, stored, strict=True):
+        assert torch.equal(ours, theirs)
+
+
 # Outputs at least NORMBENCH_KERNEL_STREAM_BYTES large are written with streaming stores
 # where their planes are whole aligned cache lines (4x4 floats, 4x4 and 8x8 doubles); the
 # others (3x3, 7x7, channels_last) keep plain stores. Either way the same values, bit for bit.
@@ -314,25 +325,13 @@ def cpu_outputs(x: torch.Tensor, relu: bool) -> list[torch.Tensor]:
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_streamed_outputs_are_bit_identical_to_stored_ones(monkeypatch, spatial, dtype, relu, fmt):
     x = (torch.randn(5, 6, *spatial, dtype=torch.float64) * 2 + 3).to(dtype)
-    x = x.contiguous(memory_format=fmt)
-    monkeypatch.setenv(STREAM_ENV, NEVER)
-    stored = cpu_outputs(x, relu)
-    monkeypatch.setenv(STREAM_ENV, "0")
-    streamed = cpu_outputs(x, relu)
-    for ours, theirs in zip(streamed, stored, strict=True):
-        assert torch.equal(ours, theirs)
+    assert_streaming_changes_no_output(monkeypatch, x.contiguous(memory_format=fmt), relu)
 
 
 @pytest.mark.parametrize("relu", [False, True])
 def test_streamed_outputs_of_channels_split_across_threads_are_bit_identical(monkeypatch, relu):
     # one channel of 64 x 32x32 values: its samples are split across the threads' tasks
-    x = torch.randn(64, 1, 32, 32) * 2 + 3
-    monkeypatch.setenv(STREAM_ENV, NEVER)
-    stored = cpu_outputs(x, relu)
-    monkeypatch.setenv(STREAM_ENV, "0")
-    streamed = cpu_outputs(x, relu)
-    for ours, theirs in zip(streamed, stored, strict=True):
-        assert torch.equal(ours, theirs)
+    assert_streaming_changes_no_output(monkeypatch, torch.randn(64, 1, 32, 32) * 2 + 3, relu)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
