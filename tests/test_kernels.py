@@ -341,18 +341,11 @@ def test_streamed_outputs_match_float64(monkeypatch, dtype):
 
 
 def test_the_default_stream_threshold_is_a_quarter_of_the_last_level_cache(monkeypatch):
-    from pathlib import Path
+    from normbench.bench import largest_cache_bytes
 
     monkeypatch.delenv(STREAM_ENV, raising=False)
-    caches = {}  # level -> bytes, from Linux's description of cpu0's caches
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        size = (index / "size").read_text().strip()
-        caches[int((index / "level").read_text())] = int(size.rstrip("KM")) << {
-            "K": 10,
-            "M": 20,
-        }.get(size[-1], 0)
-    expected = caches[max(caches)] // 4 if caches else 8 << 20
-    assert ops.library().stream_threshold() == expected
+    cache = largest_cache_bytes("cpu")  # the largest cache Linux lists, from sysfs
+    assert ops.library().stream_threshold() == (cache // 4 if cache else 8 << 20)
 
 
 def test_the_stream_threshold_comes_from_the_environment(monkeypatch):

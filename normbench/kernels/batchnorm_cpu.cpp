@@ -106,24 +106,21 @@ Layout layout_of(const at::Tensor& input) {
 // outputs of a batch of 8 made small_cnn training 2% slower.
 // NORMBENCH_KERNEL_STREAM_BYTES sets the threshold instead (0: every output that can be).
 
-// The last-level cache of the CPU the process runs on, as Linux reports it (sysconf's
-// figure is the whole package's on some VMs: 384 MiB where Linux reports 32 MiB); 0 if
-// unknown.
+// The last-level cache of the CPU the process runs on: the largest cache Linux lists for
+// cpu0, as normbench bench's largest_cache_bytes reads it (sysconf's figure is the whole
+// package's on some VMs: 384 MiB where Linux reports 32 MiB); 0 if unknown.
 int64_t last_level_cache_bytes() {
-  int64_t best_level = 0, bytes = 0;
+  int64_t bytes = 0;
   for (int index = 0; index < 8; ++index) {
-    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
-    std::ifstream level_file(dir + "/level"), size_file(dir + "/size");
-    int64_t level = 0;
+    std::ifstream size_file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) +
+                            "/size");
     std::string size;
-    if (!(level_file >> level) || !(size_file >> size) || size.empty()) continue;
+    if (!(size_file >> size) || size.empty()) continue;
     int64_t value = std::atoll(size.c_str());
     if (size.back() == 'K') value <<= 10;
     if (size.back() == 'M') value <<= 20;
-    if (level >= best_level) {
-      best_level = level;
-      bytes = value;
-    }
+    if (size.back() == 'G') value <<= 30;
+    bytes = std::max(bytes, value);
   }
   return bytes;
 }
@@ -529,29 +526,12 @@ void block_map(const Layout& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
   constexpr int W = kWidth<acc_t>;
   if (b == nullptr) b = a;
   const int64_t L = g.L;
-#if defined(__AVX__)
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    if (stream) {
-      for (int64_t n = n0; n < n1; ++n) {
-        for (int64_t c = c0; c < c1; ++c) {
-          const scalar_t* pa = a + (n * g.C + c) * L;
-          const scalar_t* pb = b + (n * g.C + c) * L;
-          scalar_t* po = out + (n * g.C + c) * L;
-          const auto f = map(c);
-#pragma GCC unroll 4
-          for (int64_t l = 0; l < L; l += W) {
-            stream_vec<acc_t>(po + l, f(load_vec<acc_t>(pa + l), load_vec<acc_t>(pb + l)));
-          }
-        }
-      }
-      _mm_sfence();  // the streamed stores ordered before the task ends, as plain ones are
-      return;
-    }
-  }
-#endif
   const int64_t ahead = prefetch_ahead((c1 - c0) * L * sizeof(scalar_t));
   for (int64_t n = n0; n < n1; ++n) {
-    if (n + ahead < n1) prefetch_run<true>(out + ((n + ahead) * g.C + c0) * L, (c1 - c0) * L);
+    // streamed lines are not read for ownership: nothing to prefetch for them
+    if (!stream && n + ahead < n1) {
+      prefetch_run<true>(out + ((n + ahead) * g.C + c0) * L, (c1 - c0) * L);
+    }
     for (int64_t c = c0; c < c1; ++c) {
       const scalar_t* pa = a + (n * g.C + c) * L;
       const scalar_t* pb = b + (n * g.C + c) * L;
@@ -563,6 +543,17 @@ void block_map(const Layout& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
         }
         continue;
       }
+#if defined(__AVX__)
+      if constexpr (std::is_same_v<acc_t, scalar_t>) {
+        if (stream) {  // whole aligned lines (streams()): L is a multiple of W
+#pragma GCC unroll 4
+          for (int64_t l = 0; l < L; l += W) {
+            stream_vec<acc_t>(po + l, f(load_vec<acc_t>(pa + l), load_vec<acc_t>(pb + l)));
+          }
+          continue;
+        }
+      }
+#endif
       int64_t l = 0;
       // unrolled: 8-20% faster at 14x14 and 28x28 planes than one vector an iteration
 #pragma GCC unroll 4
@@ -574,6 +565,9 @@ void block_map(const Layout& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
       }
     }
   }
+#if defined(__AVX__)
+  if (stream) _mm_sfence();  // the streamed stores ordered before the task ends, as plain ones are
+#endif
 }
 
 // Fewer channels than threads: split each channel's samples into `parts` tasks.
