@@ -355,3 +355,33 @@ def test_import_without_triton_reports_unavailable(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.available() is False
+
+
+# --- the compiler ---------------------------------------------------------------------------
+
+
+def test_every_launch_compiles_for_a_cuda_gpu(tmp_path):
+    """The interpreter runs what the compiler would reject (a loop-carried value that changes
+    type, say), so every distinct launch of the quick cases is compiled for sm_90 too, by
+    triton's own compiler, in a process without TRITON_INTERPRET (tests/triton_compile.py)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile here, not from an earlier run's cache
+    script = Path(__file__).with_name("triton_compile.py")
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick", "--arch", "90"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = re.search(r"compiled (\d+) of (\d+) kernels for sm_90 \((\d+) functions", done.stdout)
+    assert found, done.stdout
+    compiled, total, functions = map(int, found.groups())
+    assert compiled == total > 0
+    # every kernel the module launches (`name[grid](...)`) was launched and compiled
+    launched = set(re.findall(r"(\w+)\[[^\]\n]*\]\(", Path(tk.__file__).read_text()))
+    names = re.search(r"^functions: (.*)$", done.stdout, re.M).group(1).split()
+    assert len(names) == functions
+    assert set(names) == launched, launched
