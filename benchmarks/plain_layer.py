@@ -10,6 +10,10 @@ and with one; medians, their ratio, and normbench's GB/s (``normbench bench``'s 
 traffic of a step, 5 x the input's bytes) as a fraction of the machine's copy bandwidth,
 measured as ``normbench bench`` measures it, before the shapes and after them.
 
+normbench's own kernels reuse their freed outputs (the output pool of batchnorm_cpu.cpp,
+``NORMBENCH_KERNEL_POOL_BYTES``; ``0`` switches it off, to time the layer without it); the
+caption gives the pool's limit.
+
 Usage: python benchmarks/plain_layer.py [--shape 128,16,32,32 ...] [--repeats 60]
 """
 
@@ -25,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from normbench.bench import copy_seconds, machine_copy_bytes
+from normbench.kernels import ops
 from normbench.norms import BatchNorm2d
 
 SHAPES = ["128,16,32,32", "128,32,16,16", "128,64,8,8", "256,32,16,16", "2,16,32,32"]
@@ -83,9 +88,11 @@ def main() -> None:
             f"{gbps:.1f}",
             f"{100 * gbps / bandwidth:.0f}%",
         )
+    library = ops.library()
+    pool = "not built" if library is None else f"{library.pool_limit() / 2**20:.0f} MiB"
     table.caption = (
         f"%mem: of the machine's copy bandwidth, {machine[0]:.1f} GB/s before the shapes "
-        f"and {machine[1]:.1f} after"
+        f"and {machine[1]:.1f} after; normbench's output pool: {pool}"
     )
     Console().print(table)
 

@@ -4,6 +4,8 @@ The Triton kernels have their own file (test_kernels_triton.py), run under the i
 
 from __future__ import annotations
 
+import math
+import os
 import re
 
 import pytest
@@ -359,6 +361,121 @@ def test_a_bad_stream_threshold_is_refused(monkeypatch, value):
     x = torch.randn(4, 3, 4, 4)
     with pytest.raises(RuntimeError, match=f"{STREAM_ENV}={value}: expected a whole number"):
         batch_norm_train(x, None, None, 1e-5, backend="cpu")
+
+
+POOL_ENV = "NORMBENCH_KERNEL_POOL_BYTES"
+POOLED = (4, 16, 32, 32)  # 256 KiB of float32: large enough for the pool (64 KiB and more)
+
+
+def forward_output(x: torch.Tensor) -> torch.Tensor:
+    return ops.library().batch_norm_forward(x, None, None, 1e-5, False)[0]
+
+
+def test_a_freed_output_is_reused_by_the_next_of_its_size(monkeypatch):
+    monkeypatch.setenv(POOL_ENV, str(1 << 30))
+    nb = ops.library()
+    x = torch.randn(POOLED)
+    y = forward_output(x)
+    address, before = y.data_ptr(), nb.pool_bytes()
+    del y
+    assert nb.pool_bytes() == before + x.numel() * 4
+    again = forward_output(x)
+    assert again.data_ptr() == address
+    assert nb.pool_bytes() == before
+    assert again.data_ptr() % 64 == 0  # as torch's allocator: aligned for streaming stores
+    assert again.untyped_storage().resizable()  # an ordinary tensor: it can grow
+    again.resize_(2, *POOLED)
+    assert again.shape == (2, *POOLED)
+
+
+def test_the_pool_keeps_at_most_its_limit_dropping_the_oldest(monkeypatch):
+    nbytes = math.prod(POOLED) * 4
+    monkeypatch.setenv(POOL_ENV, str(nbytes * 3 // 2))
+    nb = ops.library()
+    assert nb.pool_limit() == nbytes * 3 // 2
+    x = torch.randn(POOLED)
+    older, newer = forward_output(x), forward_output(x)
+    address = newer.data_ptr()
+    del older, newer
+    assert nb.pool_bytes() == nbytes  # the older block (and any kept before) dropped
+    assert forward_output(x).data_ptr() == address
+
+
+def test_a_pool_limit_of_zero_keeps_no_output(monkeypatch):
+    monkeypatch.setenv(POOL_ENV, "0")
+    nb = ops.library()
+    before = nb.pool_bytes()
+    y = forward_output(torch.randn(POOLED))
+    del y
+    assert nb.pool_bytes() == before
+
+
+def test_the_default_pool_limit_is_a_sixteenth_of_memory_at_most_a_gibibyte(monkeypatch):
+    monkeypatch.delenv(POOL_ENV, raising=False)
+    memory = os.sysconf("SC_PHYS_PAGES") // 16 * os.sysconf("SC_PAGE_SIZE")
+    assert ops.library().pool_limit() == min(memory, 1 << 30)
+
+
+def test_threads_sharing_the_pool_get_correct_outputs_and_keep_its_limit(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    nbytes = math.prod(POOLED) * 4
+    monkeypatch.setenv(POOL_ENV, str(5 * nbytes))
+    x = torch.randn(POOLED)
+    expected = {n: forward_output(x[:n]).clone() for n in (len(x), 2)}
+
+    def churn(seed: int) -> bool:
+        # outputs of two sizes, freed in varying order while the other threads do the same
+        gen = torch.Generator().manual_seed(seed)
+        held = []
+        for _ in range(40):
+            held.append(forward_output(x))
+            held.append(forward_output(x[:2]))
+            if torch.rand((), generator=gen) < 0.5:
+                held.pop(0)
+            if len(held) > 6:
+                held = held[3:]
+        return all(torch.equal(y, expected[len(y)]) for y in held)
+
+    with ThreadPoolExecutor(4) as threads:
+        assert all(threads.map(churn, range(4)))
+    assert ops.library().pool_bytes() <= 5 * nbytes
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "1GiB", ""])
+def test_a_bad_pool_limit_is_refused(monkeypatch, value):
+    monkeypatch.setenv(POOL_ENV, value)
+    with pytest.raises(RuntimeError, match=f"{POOL_ENV}={value}: expected a whole number"):
+        forward_output(torch.randn(POOLED))
+
+
+# Outputs written into reused blocks, which still hold an earlier output's values (NaN here):
+# every element is written, so the outputs are those written into fresh memory, bit for bit.
+CF, CL = torch.contiguous_format, torch.channels_last
+REUSED = [((4, 16, 32, 32), CF), ((4, 16, 32, 32), CL), ((48, 16, 7, 7), CF), ((48, 16, 7, 7), CL),
+          ((64, 1, 32, 32), CF), ((4, 4096, 3), CF), ((1024, 40), CF)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("shape", "fmt"), REUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+def test_outputs_in_reused_blocks_are_bit_identical(monkeypatch, shape, fmt, dtype, relu):
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).to(dtype).contiguous(memory_format=fmt)
+    monkeypatch.setenv(POOL_ENV, "0")
+    fresh = cpu_outputs(x, relu)
+    monkeypatch.setenv(POOL_ENV, str(1 << 30))
+    nb = ops.library()
+    # three blocks of x's size hold NaN: the forward's y, the backward's dx, the eval's y
+    garbage = [forward_output(x) for _ in range(3)]
+    for block in garbage:
+        block.fill_(math.nan)
+    before = nb.pool_bytes()
+    del garbage, block
+    assert nb.pool_bytes() == before + 3 * x.numel() * x.element_size()
+    reused = cpu_outputs(x, relu)
+    assert nb.pool_bytes() == before  # the three outputs took the three blocks
+    for ours, theirs in zip(reused, fresh, strict=True):
+        assert torch.equal(ours, theirs)
 
 
 # channels_last rows of 5, 20 and 35 channels: vectors of 16 channels, then the rest.

@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
+#include <c10/core/CPUAllocator.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -33,11 +34,15 @@
 #include <immintrin.h>
 #endif
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -161,10 +166,137 @@ bool streams(const at::Tensor& out, const Layout& g) {
 #endif
 }
 
-// Outputs allocated without the dispatcher (they are CPU tensors by construction): an
-// operator call costs microseconds when the caches are cold, as after any large layer.
+// ---------------------------------------------------------------- the output pool
+//
+// A training step frees its large outputs and the next step asks for the same sizes again.
+// glibc returns a freed block above its mmap threshold (128 KiB at first; it adapts up to 32
+// MiB) to the kernel, which zeroes each 4 KiB page of the next one at its first write: a page
+// fault each. In a user's script (no allocator tuning, as normbench's runs have) a layer then
+// spends more time in faults than in the kernel. AMD EPYC (Zen 5), 2 threads, a training
+// step of BatchNorm2d at 128x16x32x32 (benchmarks/plain_layer.py): 2.4-2.7 ms where glibc's
+// defaults fault it in, 5.0-5.1 ms where every block is mapped afresh (activations above 32
+// MiB always are), 0.7-1.0 ms with this pool.
+//
+// So the kernels' outputs of at least kPoolMinBytes come from a pool of the blocks that earlier
+// outputs left: exact sizes, the most recently freed first. It keeps at most pool_limit() bytes
+// (NORMBENCH_KERNEL_POOL_BYTES, 0 to switch it off; by default 1/16 of physical memory, at most
+// 1 GiB), dropping the oldest blocks first. The lock is only ever tried: a busy pool (or one
+// locked when the process forked) allocates or frees the block directly instead of waiting.
+
+constexpr const char* kPoolEnv = "NORMBENCH_KERNEL_POOL_BYTES";
+constexpr size_t kPoolMinBytes = size_t(64) << 10;
+constexpr size_t kBlockHeader = 64;  // a block starts with its size; its data, 64-byte aligned
+
+struct OutputPool {
+  std::mutex lock;
+  std::vector<std::pair<size_t, void*>> kept;  // (data bytes, block), oldest first
+  size_t kept_bytes = 0;
+  std::atomic<int64_t> limit{0};  // the last limit read, for the deleter (which must not throw)
+};
+
+// Never destroyed: a tensor may be freed after the library's static destructors have run.
+OutputPool& output_pool() {
+  static auto* pool = new OutputPool;
+  return *pool;
+}
+
+int64_t pool_limit() {
+  // read on every allocation (microseconds below a layer's time), so a process can change it
+  int64_t limit;
+  if (const char* text = std::getenv(kPoolEnv)) {
+    const std::string digits(text);
+    TORCH_CHECK(!digits.empty() && digits.find_first_not_of("0123456789") == std::string::npos,
+                kPoolEnv, "=", text, ": expected a whole number of bytes, 0 or more");
+    limit = std::strtoll(text, nullptr, 10);
+  } else {
+    static const int64_t fallback = [] {
+      const int64_t pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+      const int64_t sixteenth = pages > 0 && page > 0 ? pages / 16 * page : 0;
+      return std::min(sixteenth, int64_t(1) << 30);
+    }();
+    limit = fallback;
+  }
+  output_pool().limit.store(limit, std::memory_order_relaxed);
+  return limit;
+}
+
+void release_block(void* block) {
+  const size_t bytes = *static_cast<size_t*>(block);
+  auto& pool = output_pool();
+  const auto limit = static_cast<size_t>(pool.limit.load(std::memory_order_relaxed));
+  std::vector<void*> dropped;
+  {
+    std::unique_lock<std::mutex> guard(pool.lock, std::try_to_lock);
+    if (guard.owns_lock() && bytes <= limit) {
+      pool.kept.emplace_back(bytes, block);
+      pool.kept_bytes += bytes;
+      size_t oldest = 0;
+      while (pool.kept_bytes > limit) {
+        pool.kept_bytes -= pool.kept[oldest].first;
+        dropped.push_back(pool.kept[oldest++].second);
+      }
+      pool.kept.erase(pool.kept.begin(), pool.kept.begin() + oldest);
+    } else {
+      dropped.push_back(block);
+    }
+  }
+  for (void* old : dropped) std::free(old);  // outside the lock: a munmap takes a while
+}
+
+void* take_block(size_t bytes) {
+  auto& pool = output_pool();
+  {
+    std::unique_lock<std::mutex> guard(pool.lock, std::try_to_lock);
+    if (guard.owns_lock()) {
+      for (auto it = pool.kept.rbegin(); it != pool.kept.rend(); ++it) {
+        if (it->first != bytes) continue;
+        void* block = it->second;
+        pool.kept_bytes -= bytes;
+        pool.kept.erase(std::next(it).base());
+        return block;
+      }
+    }
+  }
+  void* block = nullptr;
+  if (posix_memalign(&block, kBlockHeader, kBlockHeader + bytes) != 0) {
+    throw c10::OutOfMemoryError(
+        {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+        "normbench: could not allocate " + std::to_string(bytes) + " bytes");
+  }
+  *static_cast<size_t*>(block) = bytes;
+  return block;
+}
+
+// The pool as a c10::Allocator, so that its tensors are ordinary ones (resizable, and freed
+// through their storage's deleter, release_block).
+struct PoolAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t bytes) override {
+    if (bytes < kPoolMinBytes || pool_limit() == 0) return c10::GetCPUAllocator()->allocate(bytes);
+    void* block = take_block(bytes);
+    return {static_cast<char*>(block) + kBlockHeader, block, &release_block,
+            c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+PoolAllocator pool_allocator;
+
+// The bytes the pool keeps now, for tests and reports.
+int64_t pool_bytes() {
+  auto& pool = output_pool();
+  std::lock_guard<std::mutex> guard(pool.lock);
+  return static_cast<int64_t>(pool.kept_bytes);
+}
+
+// Outputs (from the pool) allocated without the dispatcher (they are CPU tensors by
+// construction): an operator call costs microseconds when the caches are cold, as after any
+// large layer.
 at::Tensor empty_as(const at::Tensor& x) {
-  return at::detail::empty_strided_cpu(x.sizes(), x.strides(), x.scalar_type());
+  return at::detail::empty_strided_generic(x.sizes(), x.strides(), &pool_allocator,
+                                           c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                           x.scalar_type());
 }
 
 at::Tensor empty_channels(int64_t C, at::ScalarType dtype) {
@@ -1261,6 +1393,10 @@ TORCH_LIBRARY(normbench, m) {
   m.def("batch_norm_stats(Tensor x, float eps) -> (Tensor, Tensor)");
   // The size from which outputs are streamed (see "streaming stores"), for reports.
   m.def("stream_threshold() -> int", &stream_threshold);
+  // The output pool (see "the output pool"): the bytes of freed outputs it keeps now, and
+  // the most it keeps.
+  m.def("pool_bytes() -> int", &pool_bytes);
+  m.def("pool_limit() -> int", &pool_limit);
 }
 
 TORCH_LIBRARY_IMPL(normbench, CPU, m) {

@@ -47,20 +47,26 @@ ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}
 #: reads it on every call). 0 streams every output that can be.
 STREAM_ENV = "NORMBENCH_KERNEL_STREAM_BYTES"
 
+#: At most this many bytes of freed outputs are kept for the next outputs of the same size
+#: (the default is 1/16 of physical memory, at most 1 GiB; see "the output pool" in
+#: batchnorm_cpu.cpp, which reads it on every allocation). 0 keeps none.
+POOL_ENV = "NORMBENCH_KERNEL_POOL_BYTES"
+
 
 def check_environment() -> None:
-    """The kernel's environment variables (``ISA_ENV``, ``STREAM_ENV``), checked before any
-    work: a UserError naming the one that is wrong (the kernel itself would refuse it only
-    when it runs, with a RuntimeError)."""
+    """The kernel's environment variables (``ISA_ENV``, ``STREAM_ENV``, ``POOL_ENV``),
+    checked before any work: a UserError naming the one that is wrong (the kernel itself
+    would refuse it only when it runs, with a RuntimeError)."""
     from normbench.errors import UserError
 
     try:
         cflags()
     except ValueError as err:
         raise UserError(str(err)) from None
-    stream = os.environ.get(STREAM_ENV)
-    if stream is not None and not re.fullmatch(r"[0-9]+", stream):
-        raise UserError(f"{STREAM_ENV}={stream!r}: expected a whole number of bytes, 0 or more")
+    for name in (STREAM_ENV, POOL_ENV):
+        value = os.environ.get(name)
+        if value is not None and not re.fullmatch(r"[0-9]+", value):
+            raise UserError(f"{name}={value!r}: expected a whole number of bytes, 0 or more")
 
 
 def cflags() -> list[str]:

@@ -19,6 +19,10 @@ which also registers their CPU kernels and their autograd, once for every device
 - ``normbench::stream_threshold() -> int``: the bytes from which the CPU kernels write
   their outputs with streaming stores (``NORMBENCH_KERNEL_STREAM_BYTES``, else a quarter
   of the last-level cache), for reports such as ``normbench bench``'s.
+- ``normbench::pool_bytes() -> int`` and ``normbench::pool_limit() -> int``: the bytes of
+  freed outputs that the CPU kernels keep to reuse for the next outputs of the same size
+  (so that a training step does not page-fault its outputs in again), and the most they
+  keep (``NORMBENCH_KERNEL_POOL_BYTES``, else 1/16 of physical memory, at most 1 GiB).
 
 ``relu=True`` fuses the ReLU that models apply after the norm: the forward writes the
 activated output and the backward masks the gradient inside its own passes. Here, in
