@@ -401,6 +401,18 @@ def test_the_pool_keeps_at_most_its_limit_dropping_the_oldest(monkeypatch):
     assert forward_output(x).data_ptr() == address
 
 
+def test_emptying_the_pool_frees_every_kept_block(monkeypatch):
+    monkeypatch.setenv(POOL_ENV, str(1 << 30))
+    nb = ops.library()
+    held = [forward_output(torch.randn(POOLED)) for _ in range(3)]
+    del held
+    kept = nb.pool_bytes()
+    assert kept >= 3 * math.prod(POOLED) * 4
+    assert nb.empty_pool() == kept
+    assert nb.pool_bytes() == 0
+    assert nb.empty_pool() == 0
+
+
 def test_a_pool_limit_of_zero_keeps_no_output(monkeypatch):
     monkeypatch.setenv(POOL_ENV, "0")
     nb = ops.library()

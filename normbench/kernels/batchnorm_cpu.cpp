@@ -290,6 +290,24 @@ int64_t pool_bytes() {
   return static_cast<int64_t>(pool.kept_bytes);
 }
 
+// Every kept block freed (as torch.cuda.empty_cache does for CUDA's caching allocator): the
+// bytes handed back.
+int64_t empty_pool() {
+  auto& pool = output_pool();
+  std::vector<std::pair<size_t, void*>> kept;
+  {
+    std::lock_guard<std::mutex> guard(pool.lock);
+    kept.swap(pool.kept);
+    pool.kept_bytes = 0;
+  }
+  int64_t freed = 0;
+  for (auto& [bytes, block] : kept) {
+    freed += static_cast<int64_t>(bytes);
+    std::free(block);
+  }
+  return freed;
+}
+
 // Outputs (from the pool) allocated without the dispatcher (they are CPU tensors by
 // construction): an operator call costs microseconds when the caches are cold, as after any
 // large layer.
@@ -1397,6 +1415,8 @@ TORCH_LIBRARY(normbench, m) {
   // the most it keeps.
   m.def("pool_bytes() -> int", &pool_bytes);
   m.def("pool_limit() -> int", &pool_limit);
+  // Its blocks handed back to the system: the bytes freed.
+  m.def("empty_pool() -> int", &empty_pool);
 }
 
 TORCH_LIBRARY_IMPL(normbench, CPU, m) {

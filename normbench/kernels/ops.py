@@ -22,7 +22,8 @@ which also registers their CPU kernels and their autograd, once for every device
 - ``normbench::pool_bytes() -> int`` and ``normbench::pool_limit() -> int``: the bytes of
   freed outputs that the CPU kernels keep to reuse for the next outputs of the same size
   (so that a training step does not page-fault its outputs in again), and the most they
-  keep (``NORMBENCH_KERNEL_POOL_BYTES``, else 1/16 of physical memory, at most 1 GiB).
+  keep (``NORMBENCH_KERNEL_POOL_BYTES``, else 1/16 of physical memory, at most 1 GiB);
+  ``normbench::empty_pool() -> int`` frees what it keeps (the bytes freed).
 
 ``relu=True`` fuses the ReLU that models apply after the norm: the forward writes the
 activated output and the backward masks the gradient inside its own passes. Here, in
