@@ -117,12 +117,12 @@ def test_a_failed_compile_reports_the_compilers_error_lines(monkeypatch):
     assert "batchnorm_cpu.cpp:12:3: error" in cpu.failure()
 
 
-AVX2_CHECK = """
-import itertools, os, torch
+ISA_CHECK = """
+import itertools, os, sys, torch
 from normbench.kernels import cpu, reference
 nb = cpu.extension()
 assert nb is not None, cpu.failure()
-assert "-mno-avx512f" in cpu.cflags()
+assert sys.argv[1] in cpu.cflags()
 torch.manual_seed(0)
 dtypes = ((torch.float32, 1e-4), (torch.float64, 1e-10), (torch.float16, 2e-2),
           (torch.bfloat16, 1e-1))
@@ -151,19 +151,23 @@ print("ok")
 """
 
 
-def test_the_avx2_code_path_matches_the_reference(tmp_path):
+@pytest.mark.parametrize(("isa", "flag"), [("avx2", "-mno-avx512f"), ("sse", "-mno-avx")])
+def test_each_code_path_matches_the_reference(isa, flag):
     """NORMBENCH_KERNEL_ISA=avx2 builds the path AVX2-only CPUs take (on an AVX-512 CPU
-    too): its kernels pass the reference in every dtype, layout and with the fused ReLU,
-    with streaming stores and without."""
-    env = {**os.environ, cpu.ISA_ENV: "avx2", "NORMBENCH_KERNEL_CACHE": str(cpu.cache_root())}
+    too), ``sse`` the path of CPUs without AVX: their kernels pass the reference in every
+    dtype, layout and with the fused ReLU, with streaming stores (where the path has them)
+    and without."""
+    env = {**os.environ, cpu.ISA_ENV: isa, "NORMBENCH_KERNEL_CACHE": str(cpu.cache_root())}
     done = subprocess.run(
-        [sys.executable, "-c", AVX2_CHECK], env=env, capture_output=True, text=True, timeout=600
-    )
+        [sys.executable, "-c", ISA_CHECK, flag],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("ok")
 
 
 def test_an_unknown_isa_is_refused(monkeypatch):
     monkeypatch.setenv(cpu.ISA_ENV, "avx1024")
-    with pytest.raises(ValueError, match="NORMBENCH_KERNEL_ISA='avx1024': valid are native, avx2"):
+    valid = "valid are native, avx2, sse"
+    with pytest.raises(ValueError, match=f"NORMBENCH_KERNEL_ISA='avx1024': {valid}"):
         cpu.cflags()

@@ -37,9 +37,11 @@ LDFLAGS = ["-fopenmp"]
 
 #: ``NORMBENCH_KERNEL_ISA=avx2`` builds the AVX2 code path on a CPU that has AVX-512 too
 #: (a build of its own, cached beside the native one): to test and time the path that
-#: AVX2-only machines take, on any machine.
+#: AVX2-only machines take, on any machine. ``sse`` builds the path of a CPU without AVX
+#: (an old one, or a virtual machine whose CPU model hides AVX): 16-byte vectors (SSE2's
+#: streaming stores too), float16 converted a value at a time.
 ISA_ENV = "NORMBENCH_KERNEL_ISA"
-ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "sse": ["-mno-avx"]}
 
 
 #: Outputs at least this many bytes large are written with streaming stores (the default
