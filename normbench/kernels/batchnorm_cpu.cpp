@@ -43,6 +43,7 @@
 #include <cstring>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -133,16 +134,22 @@ int64_t last_level_cache_bytes() {
   return bytes;
 }
 
+// A size in bytes from the environment variable `name` (a whole number, checked: cpu.py's
+// check_environment applies the same rule before any work); none where it is not set.
+std::optional<int64_t> env_bytes(const char* name) {
+  const char* text = std::getenv(name);
+  if (text == nullptr) return std::nullopt;
+  const std::string digits(text);
+  TORCH_CHECK(!digits.empty() && digits.find_first_not_of("0123456789") == std::string::npos,
+              name, "=", text, ": expected a whole number of bytes, 0 or more");
+  return std::strtoll(text, nullptr, 10);
+}
+
 constexpr const char* kStreamEnv = "NORMBENCH_KERNEL_STREAM_BYTES";
 
 int64_t stream_threshold() {
   // read on every call (microseconds below a layer's time), so a process can change it
-  if (const char* text = std::getenv(kStreamEnv)) {
-    const std::string digits(text);
-    TORCH_CHECK(!digits.empty() && digits.find_first_not_of("0123456789") == std::string::npos,
-                kStreamEnv, "=", text, ": expected a whole number of bytes, 0 or more");
-    return std::strtoll(text, nullptr, 10);  // LLONG_MAX when larger: never
-  }
+  if (const auto bytes = env_bytes(kStreamEnv)) return *bytes;  // LLONG_MAX when larger: never
   static const int64_t fallback = [] {
     const int64_t llc = last_level_cache_bytes();
     return llc > 0 ? llc / 4 : int64_t(8) << 20;
@@ -206,11 +213,8 @@ OutputPool& output_pool() {
 int64_t pool_limit() {
   // read on every allocation (microseconds below a layer's time), so a process can change it
   int64_t limit;
-  if (const char* text = std::getenv(kPoolEnv)) {
-    const std::string digits(text);
-    TORCH_CHECK(!digits.empty() && digits.find_first_not_of("0123456789") == std::string::npos,
-                kPoolEnv, "=", text, ": expected a whole number of bytes, 0 or more");
-    limit = std::strtoll(text, nullptr, 10);
+  if (const auto bytes = env_bytes(kPoolEnv)) {
+    limit = *bytes;
   } else {
     static const int64_t fallback = [] {
       const int64_t pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
