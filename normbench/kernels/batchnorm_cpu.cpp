@@ -503,40 +503,18 @@ inline void store_vec(scalar_t* p, const Vec<acc_t>& v) {
 }
 
 #if defined(__SSE2__)
-// store_vec to memory, bypassing the caches (p aligned to kVecBytes; float and double).
+// store_vec to memory, bypassing the caches (p aligned to kVecBytes; float and double). A Vec
+// and the intrinsics' register type of its width are the same GCC vector: a cast reinterprets.
 template <typename acc_t>
 inline void stream_vec(acc_t* p, const Vec<acc_t>& v) {
   static_assert(std::is_same_v<acc_t, float> || std::is_same_v<acc_t, double>);
+  constexpr bool single = std::is_same_v<acc_t, float>;
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<acc_t, float>) {
-    __m512 r;
-    std::memcpy(&r, &v, sizeof(r));
-    _mm512_stream_ps(p, r);
-  } else {
-    __m512d r;
-    std::memcpy(&r, &v, sizeof(r));
-    _mm512_stream_pd(p, r);
-  }
+  if constexpr (single) _mm512_stream_ps(p, (__m512)v); else _mm512_stream_pd(p, (__m512d)v);
 #elif defined(__AVX__)
-  if constexpr (std::is_same_v<acc_t, float>) {
-    __m256 r;
-    std::memcpy(&r, &v, sizeof(r));
-    _mm256_stream_ps(p, r);
-  } else {
-    __m256d r;
-    std::memcpy(&r, &v, sizeof(r));
-    _mm256_stream_pd(p, r);
-  }
+  if constexpr (single) _mm256_stream_ps(p, (__m256)v); else _mm256_stream_pd(p, (__m256d)v);
 #else
-  if constexpr (std::is_same_v<acc_t, float>) {
-    __m128 r;
-    std::memcpy(&r, &v, sizeof(r));
-    _mm_stream_ps(p, r);
-  } else {
-    __m128d r;
-    std::memcpy(&r, &v, sizeof(r));
-    _mm_stream_pd(p, r);
-  }
+  if constexpr (single) _mm_stream_ps(p, (__m128)v); else _mm_stream_pd(p, (__m128d)v);
 #endif
 }
 #endif
