@@ -53,6 +53,8 @@ Derived figures, per (shape, implementation):
   row, and ``frac_of_machine_bw``: ``gbps`` / that;
 - ``stream_bytes``: the size from which the CPU kernel writes its outputs with streaming
   stores (``normbench::stream_threshold``; empty where the kernel is not built);
+- ``plane_order``: on ``cpu`` rows, the order the CPU kernel reads the shape in, for
+  the forward and the backward (``normbench::plane_order``: ``channels``, ``samples``);
 - ``page_faults``: minor page faults per unit, the mean (a unit that writes fresh
   pages pays one fault per 4 KiB; :mod:`normbench.allocator` explains why, and
   :func:`run_bench` tunes malloc as training runs do: ``malloc`` says whether).
@@ -144,6 +146,7 @@ COLUMNS: tuple[str, ...] = (
     "page_faults",  # minor page faults per unit, mean
     "malloc",  # "kept": glibc tuned by normbench.allocator; "system": its defaults
     "stream_bytes",  # outputs this large on are streamed by the CPU kernel (empty: no kernel)
+    "plane_order",  # cpu rows: the order the kernel reads the shape in, "forward/backward"
     "device",  # cpu | cuda
     "device_name",
     "threads",  # torch.get_num_threads() while timing
@@ -574,6 +577,20 @@ def _stream_bytes(config: Settings) -> int | None:
     return None if library is None else int(library.stream_threshold())
 
 
+def _plane_order(config: Settings, shape: Shape) -> str | None:
+    """The order the CPU kernel reads ``shape`` in, forward/backward (``samples/channels``),
+    with this process's threads (as when it was timed); None where it was not timed."""
+    import torch
+
+    from normbench.kernels import ops
+
+    library = ops.library() if "cpu" in config.impls else None
+    if library is None:
+        return None
+    x = torch.empty(shape, dtype=getattr(torch, config.dtype))
+    return f"{library.plane_order(x)}/{library.plane_order(x, True)}"
+
+
 def summarize(samples: pd.DataFrame, config: Settings, threads: int) -> pd.DataFrame:
     """:func:`measure`'s raw times as one row per (shape, impl), columns ``COLUMNS``."""
     import pandas as pd
@@ -630,6 +647,7 @@ def summarize(samples: pd.DataFrame, config: Settings, threads: int) -> pd.DataF
                     "frac_of_machine_bw": row["gbps"] / machine_gbps,
                     "malloc": "kept" if allocator.tuned() else "system",
                     "stream_bytes": stream_bytes,
+                    "plane_order": _plane_order(config, shape) if impl == "cpu" else None,
                     "device": config.device,
                     "device_name": device_name,
                     "threads": threads,

@@ -82,6 +82,20 @@ def test_the_cpu_kernels_streaming_threshold_is_reported(frame):
     assert (frame["stream_bytes"] == expected).all()
 
 
+def test_the_cpu_kernels_plane_order_is_reported(frame):
+    orders = frame.set_index("impl")["plane_order"]
+    assert orders["cpu"] == "channels/channels"  # 1.2 KB: within any core's L2
+    assert orders.drop("cpu").isna().all()
+
+
+def test_a_forced_plane_order_is_reported(monkeypatch):
+    monkeypatch.setenv("NORMBENCH_KERNEL_PLANE_ORDER", "samples")
+    frame = bench.run_bench(
+        [TINY], ["cpu"], device="cpu", repeats=1, warmup=0, machine_bytes=MACHINE_BYTES
+    )
+    assert frame.set_index("impl").loc["cpu", "plane_order"] == "samples/samples"
+
+
 def test_without_the_cpu_kernel_timed_no_streaming_threshold_is_reported():
     frame = bench.run_bench(
         [TINY], ["torch"], device="cpu", repeats=1, warmup=0, machine_bytes=MACHINE_BYTES

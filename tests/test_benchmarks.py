@@ -1,4 +1,4 @@
-"""The scripts under benchmarks/: the shell ones at least parse.
+"""The scripts under benchmarks/: the shell ones at least parse; plane_order.py runs.
 
 benchmarks/gpu_check.sh runs only where a GPU is lent, a few minutes at a time: a syntax
 error found there would cost that session its run. ``bash -n`` reads a script without
@@ -8,11 +8,13 @@ running it.
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPTS = sorted((Path(__file__).parents[1] / "benchmarks").glob("*.sh"))
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+SCRIPTS = sorted(BENCHMARKS.glob("*.sh"))
 
 
 def test_there_are_shell_scripts():
@@ -23,3 +25,15 @@ def test_there_are_shell_scripts():
 def test_the_shell_script_parses(script):
     done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_plane_order_script_times_both_orders():
+    # a tiny shape, two repeats: the script runs and names what auto took
+    script = BENCHMARKS / "plane_order.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--shape", "4,3,8,8", "--repeats", "2"],
+        capture_output=True, text=True, timeout=600, cwd=script.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "4x3x8x8" in done.stdout
+    assert "channels/channels" in done.stdout  # 768 bytes: within any core's L2

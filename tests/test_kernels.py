@@ -4,6 +4,7 @@ The Triton kernels have their own file (test_kernels_triton.py), run under the i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -280,13 +281,18 @@ def cpu_training_matches_float64(x: torch.Tensor) -> torch.Tensor:
 # vectors left, then the values left as one more vector that ends where the plane ends (its
 # lanes already summed masked off; it writes the outputs of those lanes again); a plane
 # shorter than a vector, element by element.
+# In both orders the kernels read channels-first tensors in (see "the planes layout's order"
+# in batchnorm_cpu.cpp): tasks owning blocks of channels, or runs of whole samples.
 @pytest.mark.parametrize("spatial", [(1, 3), (7, 7), (7, 9), (5, 13), (9, 11), (16, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_every_plane_size_matches_float64(spatial, dtype):
+@pytest.mark.parametrize("order", ["channels", "samples"])
+def test_every_plane_size_matches_float64(monkeypatch, spatial, dtype, order):
+    monkeypatch.setenv(ORDER_ENV, order)
     base = torch.randn(3, 2, *spatial, dtype=torch.float64) * 2 + 3
     cpu_training_matches_float64(base.to(dtype))
 
 
+ORDER_ENV = "NORMBENCH_KERNEL_PLANE_ORDER"
 STREAM_ENV = "NORMBENCH_KERNEL_STREAM_BYTES"
 NEVER = str(1 << 62)  # a threshold above any output: plain stores
 
@@ -336,10 +342,145 @@ def test_streamed_outputs_of_channels_split_across_threads_are_bit_identical(mon
     assert_streaming_changes_no_output(monkeypatch, torch.randn(64, 1, 32, 32) * 2 + 3, relu)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_streamed_outputs_in_the_samples_order_are_bit_identical(monkeypatch, relu):
+    # 4 threads, each task a run of 16 samples (writing its part of every channel)
+    monkeypatch.setenv(ORDER_ENV, "samples")
+    with threads(4):
+        assert_streaming_changes_no_output(monkeypatch, torch.randn(64, 8, 16, 16) * 2 + 3, relu)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_streamed_outputs_match_float64(monkeypatch, dtype):
     monkeypatch.setenv(STREAM_ENV, "0")
     cpu_training_matches_float64((torch.randn(6, 4, 8, 8, dtype=torch.float64) * 2 + 3).to(dtype))
+
+
+@contextlib.contextmanager
+def threads(count: int):
+    """torch's intra-op threads set to ``count`` (on any machine: they may share cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# The samples order splits the samples across tasks (at most one per thread, each with
+# at least 32768 values) and adds their per-channel sums up after the pass.
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (64, 8, 16, 16),  # 4 tasks of 16 samples
+        (3, 8, 64, 64),  # fewer samples than threads: 3 tasks of 1
+        (7, 3, 9, 11),  # one task, planes that end mid-vector
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_samples_order_split_across_tasks_matches_float64(monkeypatch, shape, dtype):
+    monkeypatch.setenv(ORDER_ENV, "samples")
+    with threads(4):
+        cpu_training_matches_float64((torch.randn(shape, dtype=torch.float64) * 2 + 3).to(dtype))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_both_orders_give_the_same_outputs(monkeypatch, relu, dtype):
+    # every output: the forward's, the backward's and the eval's; the sums' order differs
+    x = (torch.randn(64, 8, 16, 16, dtype=torch.float64) * 2 + 3).to(dtype)
+    outputs = {}
+    with threads(4):
+        for order in ("channels", "samples"):
+            monkeypatch.setenv(ORDER_ENV, order)
+            outputs[order] = cpu_outputs(x, relu)
+    tol = TOL32 if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    for ours, theirs in zip(outputs["samples"], outputs["channels"], strict=True):
+        torch.testing.assert_close(ours, theirs, **tol)
+
+
+def level_2_cache_bytes() -> int | None:
+    """cpu0's level-2 data (or unified) cache, as Linux lists it in sysfs."""
+    from normbench.bench import CPU_CACHES
+
+    for index in CPU_CACHES.glob("index*"):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 10, "M": 20}
+        if level == "2" and kind != "Instruction" and size[-1:] in units and size[:-1].isdigit():
+            return int(size[:-1]) << units[size[-1]]
+    return None
+
+
+def documented_order(shape, backward: bool, threads: int, l2: int, llc: int) -> str:
+    """The order "the planes layout's order" in batchnorm_cpu.cpp documents for a float32
+    tensor of ``shape`` (at most 128 channels: their partial sums fit its L1 bound)."""
+    n, c, length = shape[0], shape[1], math.prod(shape[2:])
+    inputs = 2 if backward else 1
+    in_bytes = n * c * length * 4 * inputs
+    per_block = max(1, min(max(1, 2048 // (length * 4)), c // threads))  # block_channels
+    block_bytes = n * per_block * length * 4 * inputs  # the channels order's second pass
+    fits = in_bytes <= llc // 4 or block_bytes > l2 // 2
+    return "samples" if in_bytes > l2 and fits and n >= threads else "channels"
+
+
+def test_the_plane_order_follows_the_caches(monkeypatch):
+    from normbench.bench import largest_cache_bytes
+
+    monkeypatch.delenv(ORDER_ENV, raising=False)
+    nb = ops.library()
+    l2, llc = level_2_cache_bytes(), largest_cache_bytes("cpu")
+    with threads(2):
+        assert nb.plane_order(torch.empty(2, 4, 8, 8)) == "channels"  # within any L2
+        channels_last = torch.empty(4, 4, 8, 8).to(memory_format=torch.channels_last)
+        assert nb.plane_order(channels_last) == "rows"
+    if not (l2 and llc and l2 < llc // 4):
+        pytest.skip(f"this CPU's L2 ({l2}) and last-level cache ({llc}) are not both listed")
+    # samples of 64 KiB and 4 KiB planes (blocks of one channel: the channels order's
+    # blocks grow with the batch), and of 64 KiB in 1 KiB planes (blocks of two)
+    shapes = []
+    for per_sample, spatial in ((64 << 10, (32, 32)), (64 << 10, (16, 16))):
+        channels = per_sample // (4 * math.prod(spatial))
+        for bound in (l2, llc // 4, 2 * llc // 4, 4 * l2, 16 * l2, 64 * l2):
+            for n in (bound // per_sample - 1, bound // per_sample, bound // per_sample + 1):
+                if n >= 1:
+                    shapes.append((n, channels, *spatial))
+    # with more threads than a batch just above the L2 has samples, one would idle
+    for count in (1, 2, 4, l2 // (64 << 10) + 2):
+        with threads(count):
+            for shape in shapes:
+                for backward in (False, True):
+                    expected = documented_order(shape, backward, count, l2, llc)
+                    assert nb.plane_order(torch.empty(shape), backward) == expected, (
+                        shape,
+                        backward,
+                        count,
+                    )
+    orders = {documented_order(s, b, 2, l2, llc) for s in shapes for b in (False, True)}
+    assert orders == {"channels", "samples"}  # the shapes straddle the bounds
+    just_above = (l2 // (64 << 10) + 1, 16, 32, 32)
+    assert documented_order(just_above, False, 2, l2, llc) == "samples"
+    assert documented_order(just_above, False, just_above[0] + 1, l2, llc) == "channels"
+
+
+@pytest.mark.parametrize("order", ["channels", "samples"])
+def test_the_plane_order_comes_from_the_environment(monkeypatch, order):
+    monkeypatch.setenv(ORDER_ENV, order)
+    nb = ops.library()
+    for shape in [(2, 4, 8, 8), (64, 64, 16, 16), (1, 3, 5)]:
+        assert nb.plane_order(torch.empty(shape)) == order
+        assert nb.plane_order(torch.empty(shape), True) == order
+    assert nb.plane_order(torch.empty(4, 3)) == "rows"
+
+
+def test_a_bad_plane_order_is_refused(monkeypatch):
+    monkeypatch.setenv(ORDER_ENV, "diagonal")
+    with pytest.raises(RuntimeError, match=f"{ORDER_ENV}=diagonal: valid are auto, channels"):
+        batch_norm_train(torch.randn(4, 3, 4, 4), None, None, 1e-5, backend="cpu")
 
 
 def test_the_default_stream_threshold_is_a_quarter_of_the_last_level_cache(monkeypatch):

@@ -129,8 +129,10 @@ dtypes = ((torch.float32, 1e-4), (torch.float64, 1e-10), (torch.float16, 2e-2),
 shapes = (((8, 5, 7, 7), None), ((6, 5, 8, 8), torch.channels_last), ((40, 19), None),
           ((6, 5, 4, 4), None))
 streams = ("0", str(1 << 62))  # streaming stores for every output that can take them; none
-for (dtype, tol), (shape, fmt), stream in itertools.product(dtypes, shapes, streams):
+orders = ("channels", "samples")
+for (dtype, tol), (shape, fmt), stream, order in itertools.product(dtypes, shapes, streams, orders):
     os.environ["NORMBENCH_KERNEL_STREAM_BYTES"] = stream
+    os.environ["NORMBENCH_KERNEL_PLANE_ORDER"] = order
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).to(dtype)
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)
@@ -156,7 +158,7 @@ def test_each_code_path_matches_the_reference(isa, flag):
     """NORMBENCH_KERNEL_ISA=avx2 builds the path AVX2-only CPUs take (on an AVX-512 CPU
     too), ``sse`` the path of CPUs without AVX: their kernels pass the reference in every
     dtype, layout and with the fused ReLU, with streaming stores (where the path has them)
-    and without."""
+    and without, in both orders of the channels-first layout."""
     env = {**os.environ, cpu.ISA_ENV: isa, "NORMBENCH_KERNEL_CACHE": str(cpu.cache_root())}
     done = subprocess.run(
         [sys.executable, "-c", ISA_CHECK, flag],

@@ -5,10 +5,13 @@
 // normbench/kernels/cpu.py.
 //
 // Two memory layouts, chosen per call:
-//   planes: channels-first contiguous (N, C, L), L = prod(spatial). Each task owns whole
-//           channels and runs both passes of a channel back to back, so the second pass
-//           reads the channel from cache: forward = 1 read from memory + 1 read from cache
-//           + 1 write; backward = 2 reads + 2 reads from cache + 1 write.
+//   planes: channels-first contiguous (N, C, L), L = prod(spatial). In one of two orders:
+//           channels: each task owns whole channels and runs both passes of a channel back
+//           to back, so the second pass reads the channel from the core's cache: forward =
+//           1 read from memory + 1 read from cache + 1 write; backward = 2 reads + 2 reads
+//           from cache + 1 write. samples, for inputs that fit the last-level cache: each
+//           task owns a run of whole samples, so each pass reads memory in order, and the
+//           second pass reads the tensor again from the last-level cache.
 //   rows:   (M, C) row-major: channels_last, or 2-d (N, C) input, or L == 1. Tasks own
 //           blocks of rows and keep per-channel partial sums, reduced after the pass.
 // When there are fewer channels than threads, a channel's rows are split across tasks.
@@ -115,16 +118,22 @@ Layout layout_of(const at::Tensor& input) {
 // outputs of a batch of 8 made small_cnn training 2% slower.
 // NORMBENCH_KERNEL_STREAM_BYTES sets the threshold instead (0: every output that can be).
 
-// The last-level cache of the CPU the process runs on: the largest cache Linux lists for
-// cpu0, as normbench bench's largest_cache_bytes reads it (sysconf's figure is the whole
-// package's on some VMs: 384 MiB where Linux reports 32 MiB); 0 if unknown.
-int64_t last_level_cache_bytes() {
+// The size of cpu0's level-`level` data (or unified) cache as Linux lists it, or with level
+// 0 of its largest cache: the last level, as normbench bench's largest_cache_bytes reads it
+// (sysconf's figure is the whole package's on some VMs: 384 MiB where Linux reports 32 MiB);
+// 0 if unknown.
+int64_t cache_bytes(int level) {
   int64_t bytes = 0;
   for (int index = 0; index < 8; ++index) {
-    std::ifstream size_file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) +
-                            "/size");
-    std::string size;
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+    std::ifstream size_file(dir + "/size"), level_file(dir + "/level"), type_file(dir + "/type");
+    std::string size, type;
+    int listed = 0;
     if (!(size_file >> size) || size.empty()) continue;
+    if (level != 0 && (!(level_file >> listed) || listed != level || !(type_file >> type) ||
+                       type == "Instruction")) {
+      continue;
+    }
     int64_t value = std::atoll(size.c_str());
     if (size.back() == 'K') value <<= 10;
     if (size.back() == 'M') value <<= 20;
@@ -133,6 +142,8 @@ int64_t last_level_cache_bytes() {
   }
   return bytes;
 }
+
+int64_t last_level_cache_bytes() { return cache_bytes(0); }
 
 // A size in bytes from the environment variable `name` (a whole number, checked: cpu.py's
 // check_environment applies the same rule before any work); none where it is not set.
@@ -616,10 +627,11 @@ inline void run_sums(const scalar_t* pa, const scalar_t* pb, int64_t L, const Te
 // (b = nullptr: a again), added into
 // s1[c - c0] and s2[c - c0]. Each channel keeps kWidth partial sums across its rows (a short
 // row would otherwise pay a horizontal reduction per row) and moves them to double every
-// kLaneBlock additions.
+// kLaneBlock additions. `prefetch`: the block's runs a few samples ahead (see prefetch_run).
 template <typename acc_t, typename scalar_t, typename Term>
 void block_sums(const Layout& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
-                const scalar_t* a, const scalar_t* b, Term term, double* s1, double* s2) {
+                const scalar_t* a, const scalar_t* b, Term term, double* s1, double* s2,
+                bool prefetch = true) {
   constexpr int W = kWidth<acc_t>;
   const int64_t cb = c1 - c0;
   std::vector<acc_t> lanes(2 * cb * W, acc_t(0));
@@ -641,7 +653,7 @@ void block_sums(const Layout& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
   };
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t base = (n * g.C + c0) * g.L;
-    if (n + ahead < n1) {
+    if (prefetch && n + ahead < n1) {
       const int64_t next = base + ahead * g.C * g.L;
       prefetch_run(a + next, run);
       if (b != nullptr) prefetch_run(b + next, run);
@@ -665,16 +677,18 @@ void block_sums(const Layout& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
 // ends where the plane ends, writing again the same values over the lanes already written
 // (`out` is never `a` or `b`); planes shorter than a vector, element by element.
 // `stream` (see streams(): planes of whole aligned lines): every vector is streamed.
+// `prefetch`: the output's runs a few samples ahead, for writing (not where streamed).
 template <typename acc_t, typename scalar_t, typename Map>
 void block_map(const Layout& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
-               const scalar_t* a, const scalar_t* b, scalar_t* out, Map& map, bool stream) {
+               const scalar_t* a, const scalar_t* b, scalar_t* out, Map& map, bool stream,
+               bool prefetch = true) {
   constexpr int W = kWidth<acc_t>;
   if (b == nullptr) b = a;
   const int64_t L = g.L;
   const int64_t ahead = prefetch_ahead((c1 - c0) * L * sizeof(scalar_t));
   for (int64_t n = n0; n < n1; ++n) {
     // streamed lines are not read for ownership: nothing to prefetch for them
-    if (!stream && n + ahead < n1) {
+    if (prefetch && !stream && n + ahead < n1) {
       prefetch_run<true>(out + ((n + ahead) * g.C + c0) * L, (c1 - c0) * L);
     }
     for (int64_t c = c0; c < c1; ++c) {
@@ -722,17 +736,105 @@ int64_t plane_parts(const Layout& g) {
   return std::min<int64_t>(g.N, (threads + g.C - 1) / g.C);
 }
 
+// The planes layout's order. The channels order reads each sample's rows of a task's block
+// of channels: runs of a few KiB, C * L values apart, which the hardware prefetchers follow
+// worse than memory read in order; and its second pass finds the block in the core's L2
+// only while the block (N runs) fits there. The samples order reads memory in order (tasks
+// own runs of whole samples; each task's per-channel sums are added up after the pass),
+// its second pass reading the tensor again from the last-level cache, or from memory.
+// It is taken for inputs larger than the core's L2 (below that, the channels order's second
+// pass reads from L1 or L2) and either at most a quarter of the last-level cache (the
+// streaming threshold's rule: they stay there for the second pass) or whose channel blocks
+// would fill more than half the L2 (the channels order's second pass would miss it too);
+// not with fewer samples than threads (one would idle), nor with so many channels that a
+// task's partial sums (2 vectors a channel) would not stay in L1. AMD EPYC (Zen 5, 1 MiB
+// L2, 32 MiB L3), a training step of the layer, the two orders interleaved in one process
+// (benchmarks/plane_order.py): 1.14-1.17x faster than the channels order with 1 thread
+// and 0.99-1.10x with 2 at 128x16x32x32, 128x32x16x16, 128x64x8x8 and 256x32x16x16;
+// 1.13-1.27x at 256x16x32x32 and 512x64x8x8, whose blocks fill the L2; at 256x64x56x56
+// (205 MB) 1.24-1.25x. Where the blocks fit the L2 and the tensor does not fit the cache
+// (64x256x14x14), the samples order was 0.89-1.03x: the channels order stays.
+// The samples order issues no software prefetches: memory read and written in order is the
+// hardware prefetchers' own case, and with the channels order's prefetches its layer steps
+// ran 1.02-1.34x slower.
+// NORMBENCH_KERNEL_PLANE_ORDER=channels or samples forces one order for every input.
+constexpr const char* kOrderEnv = "NORMBENCH_KERNEL_PLANE_ORDER";
+constexpr int64_t kMaxLaneBytes = 32 << 10;  // a task's partial sums in the samples order
+
+// The order asked for in the environment (cpu.py's check_environment applies the same rule
+// before any work): "auto" where it is not set.
+std::string order_asked() {
+  const char* text = std::getenv(kOrderEnv);
+  const std::string order = text == nullptr ? "auto" : text;
+  TORCH_CHECK(order == "auto" || order == "channels" || order == "samples", kOrderEnv, "=",
+              order, ": valid are auto, channels, samples");
+  return order;
+}
+
+// Whether the planes layout `g` is read in the samples order by a pass that reads `inputs`
+// tensors of that layout, of `itemsize` bytes a value.
+bool samples_order(const Layout& g, int64_t itemsize, int64_t inputs) {
+  const std::string order = order_asked();
+  if (order != "auto") return order == "samples";
+  static const int64_t l2 = cache_bytes(2), llc = last_level_cache_bytes();
+  const int64_t in_bytes = g.M * g.C * itemsize * inputs;
+  // what the channels order's second pass would read again: a block of channels
+  const int64_t block_bytes = g.N * block_channels(g, itemsize) * g.L * itemsize * inputs;
+  return l2 > 0 && llc > 0 && in_bytes > l2 && (in_bytes <= llc / 4 || block_bytes > l2 / 2) &&
+         g.N >= at::get_num_threads() && g.C * 2 * kVecBytes <= kMaxLaneBytes;
+}
+
+// The order the CPU kernels read `x` in: "rows" (channels_last, 2-d, or one value per
+// plane), else the planes layout's order (see samples_order) for the forward, or with
+// `backward` for the backward, which reads dy too. For tests and reports.
+std::string plane_order(const at::Tensor& x, bool backward) {
+  const Layout g = layout_of(x);
+  if (g.rows) return "rows";
+  return samples_order(g, g.x.element_size(), backward ? 2 : 1) ? "samples" : "channels";
+}
+
 // The planes layout's two passes: per-channel sums of `term(c)` over every sample, then
 // `finish(c, s1, s2)` for each channel, then `map(c)` for every value (see block_sums and
 // block_map: both read `a` and `b`, b = nullptr meaning a; term(c) and map(c) return
-// channel c's functions, with its constants copied in). Tasks own blocks of channels
-// (the map reads a block again from cache, right after its sums); with fewer channels than
-// threads, each channel's samples are split across tasks instead. kMap = false: the sums
-// and `finish` only (the statistics alone).
+// channel c's functions, with its constants copied in). In the samples order (see
+// samples_order), tasks own runs of samples. Else tasks own blocks of channels (the map
+// reads a block again from cache, right after its sums); with fewer channels than threads,
+// each channel's samples are split across tasks instead. kMap = false: the sums and
+// `finish` only (the statistics alone).
 template <typename acc_t, bool kMap = true, typename scalar_t, typename Term, typename Finish,
           typename Map>
 void planes_two_pass(const Layout& g, const scalar_t* a, const scalar_t* b, Term term,
                      Finish finish, scalar_t* out, Map map, bool stream) {
+  if (samples_order(g, sizeof(scalar_t), b == nullptr ? 1 : 2)) {
+    const int64_t tasks = std::max<int64_t>(
+        1, std::min({int64_t(at::get_num_threads()), g.N, g.M * g.C / kParallelWork}));
+    // task t's samples: [first(t), first(t + 1))
+    auto first = [&](int64_t t) { return g.N * t / tasks; };
+    std::vector<double> p1(tasks * g.C, 0.0), p2(tasks * g.C, 0.0);
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        block_sums<acc_t>(g, 0, g.C, first(t), first(t + 1), a, b, term, &p1[t * g.C],
+                          &p2[t * g.C], /*prefetch=*/false);
+      }
+    });
+    for (int64_t c = 0; c < g.C; ++c) {
+      double s1 = 0, s2 = 0;
+      for (int64_t t = 0; t < tasks; ++t) {
+        s1 += p1[t * g.C + c];
+        s2 += p2[t * g.C + c];
+      }
+      finish(c, s1, s2);
+    }
+    if constexpr (kMap) {
+      at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          block_map<acc_t>(g, 0, g.C, first(t), first(t + 1), a, b, out, map, stream,
+                           /*prefetch=*/false);
+        }
+      });
+    }
+    return;
+  }
   const int64_t parts = plane_parts(g);
   if (parts == 1) {
     const int64_t cb = block_channels(g, sizeof(scalar_t));
@@ -1406,6 +1508,8 @@ TORCH_LIBRARY(normbench, m) {
   m.def("batch_norm_stats(Tensor x, float eps) -> (Tensor, Tensor)");
   // The size from which outputs are streamed (see "streaming stores"), for reports.
   m.def("stream_threshold() -> int", &stream_threshold);
+  // The order the kernels read a tensor in (see "the planes layout's order"), for reports.
+  m.def("plane_order(Tensor x, bool backward=False) -> str", &plane_order);
   // The output pool (see "the output pool"): the bytes of freed outputs it keeps now, and
   // the most it keeps.
   m.def("pool_bytes() -> int", &pool_bytes);

@@ -54,11 +54,20 @@ STREAM_ENV = "NORMBENCH_KERNEL_STREAM_BYTES"
 #: batchnorm_cpu.cpp, which reads it on every allocation). 0 keeps none.
 POOL_ENV = "NORMBENCH_KERNEL_POOL_BYTES"
 
+#: The order the channels-first ("planes") kernels read a tensor in: ``channels`` (tasks
+#: own blocks of channels, each read twice from the core's cache), ``samples`` (tasks own
+#: runs of samples, each pass reading memory in order) or ``auto`` (the default:
+#: ``samples`` for inputs larger than the core's L2 that fit a quarter of the last-level
+#: cache, or whose channel blocks would not fit the L2; see "the planes layout's order" in
+#: batchnorm_cpu.cpp, which reads it on every call).
+ORDER_ENV = "NORMBENCH_KERNEL_PLANE_ORDER"
+ORDERS = ("auto", "channels", "samples")
+
 
 def check_environment() -> None:
-    """The kernel's environment variables (``ISA_ENV``, ``STREAM_ENV``, ``POOL_ENV``),
-    checked before any work: a UserError naming the one that is wrong (the kernel itself
-    would refuse it only when it runs, with a RuntimeError)."""
+    """The kernel's environment variables (``ISA_ENV``, ``STREAM_ENV``, ``POOL_ENV``,
+    ``ORDER_ENV``), checked before any work: a UserError naming the one that is wrong (the
+    kernel itself would refuse it only when it runs, with a RuntimeError)."""
     from normbench.errors import UserError
 
     try:
@@ -69,6 +78,9 @@ def check_environment() -> None:
         value = os.environ.get(name)
         if value is not None and not re.fullmatch(r"[0-9]+", value):
             raise UserError(f"{name}={value!r}: expected a whole number of bytes, 0 or more")
+    order = os.environ.get(ORDER_ENV, "auto")
+    if order not in ORDERS:
+        raise UserError(f"{ORDER_ENV}={order!r}: valid are {', '.join(ORDERS)}")
 
 
 def cflags() -> list[str]:

@@ -19,6 +19,12 @@ which also registers their CPU kernels and their autograd, once for every device
 - ``normbench::stream_threshold() -> int``: the bytes from which the CPU kernels write
   their outputs with streaming stores (``NORMBENCH_KERNEL_STREAM_BYTES``, else a quarter
   of the last-level cache), for reports such as ``normbench bench``'s.
+- ``normbench::plane_order(x, backward=False) -> str``: the order the CPU kernels read
+  ``x`` in: ``rows`` (channels_last, 2-d), else ``channels`` (tasks own blocks of
+  channels) or ``samples`` (tasks own runs of samples: inputs larger than the core's L2
+  that fit a quarter of the last-level cache, or whose channel blocks would not fit the
+  L2; ``NORMBENCH_KERNEL_PLANE_ORDER`` forces one), for the forward or, with
+  ``backward``, the backward, which reads ``dy`` too.
 - ``normbench::pool_bytes() -> int`` and ``normbench::pool_limit() -> int``: the bytes of
   freed outputs that the CPU kernels keep to reuse for the next outputs of the same size
   (so that a training step does not page-fault its outputs in again), and the most they
