@@ -750,7 +750,8 @@ int64_t plane_parts(const Layout& g) {
 // task's partial sums (2 vectors a channel) would not stay in L1. AMD EPYC (Zen 5, 1 MiB
 // L2, 32 MiB L3), a training step of the layer, the two orders interleaved in one process
 // (benchmarks/plane_order.py): 1.14-1.17x faster than the channels order with 1 thread
-// and 0.99-1.10x with 2 at 128x16x32x32, 128x32x16x16, 128x64x8x8 and 256x32x16x16;
+// and 0.99-1.10x with 2 at 128x16x32x32, 128x32x16x16, 128x64x8x8 and 256x32x16x16 (AVX2
+// path: 1.09-1.27x and 1.01-1.13x);
 // 1.13-1.27x at 256x16x32x32 and 512x64x8x8, whose blocks fill the L2; at 256x64x56x56
 // (205 MB) 1.24-1.25x. Where the blocks fit the L2 and the tensor does not fit the cache
 // (64x256x14x14), the samples order was 0.89-1.03x: the channels order stays.
