@@ -306,17 +306,19 @@ def _unavailable(impl: str, device: str) -> str | None:
     return None
 
 
-def largest_cache_bytes(device: str) -> int | None:
-    """The largest cache of ``device``: the CPU's last level (Linux sysfs), a GPU's L2."""
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+def cpu_cache_bytes(level: int | None = None) -> int | None:
+    """The size of cpu0's level-``level`` data (or unified) cache as Linux lists it in
+    sysfs, or with None of its largest cache, the last level (as the CPU kernel's
+    ``cache_bytes`` reads them); None where none is listed."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     sizes = []
-    for entry in CPU_CACHES.glob("index*/size"):
+    for index in CPU_CACHES.glob("index*"):
         try:
-            text = entry.read_text().strip()
+            text = (index / "size").read_text().strip()
+            if level is not None:
+                listed = (index / "level").read_text().strip()
+                if listed != str(level) or (index / "type").read_text().strip() == "Instruction":
+                    continue
         except OSError:
             continue
         if text[:-1].isdigit() and text[-1] in units:
@@ -324,6 +326,15 @@ def largest_cache_bytes(device: str) -> int | None:
         elif text.isdigit():
             sizes.append(int(text))
     return max(sizes) if sizes else None
+
+
+def largest_cache_bytes(device: str) -> int | None:
+    """The largest cache of ``device``: the CPU's last level (Linux sysfs), a GPU's L2."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return cpu_cache_bytes()
 
 
 def machine_copy_bytes(device: str) -> int:

@@ -399,23 +399,6 @@ def test_both_orders_give_the_same_outputs(monkeypatch, relu, dtype):
         torch.testing.assert_close(ours, theirs, **tol)
 
 
-def level_2_cache_bytes() -> int | None:
-    """cpu0's level-2 data (or unified) cache, as Linux lists it in sysfs."""
-    from normbench.bench import CPU_CACHES
-
-    for index in CPU_CACHES.glob("index*"):
-        try:
-            level = (index / "level").read_text().strip()
-            kind = (index / "type").read_text().strip()
-            size = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        units = {"K": 10, "M": 20}
-        if level == "2" and kind != "Instruction" and size[-1:] in units and size[:-1].isdigit():
-            return int(size[:-1]) << units[size[-1]]
-    return None
-
-
 def documented_order(shape, backward: bool, threads: int, l2: int, llc: int) -> str:
     """The order "the planes layout's order" in batchnorm_cpu.cpp documents for a float32
     tensor of ``shape`` (at most 128 channels: their partial sums fit its L1 bound)."""
@@ -429,11 +412,11 @@ def documented_order(shape, backward: bool, threads: int, l2: int, llc: int) -> 
 
 
 def test_the_plane_order_follows_the_caches(monkeypatch):
-    from normbench.bench import largest_cache_bytes
+    from normbench.bench import cpu_cache_bytes
 
     monkeypatch.delenv(ORDER_ENV, raising=False)
     nb = ops.library()
-    l2, llc = level_2_cache_bytes(), largest_cache_bytes("cpu")
+    l2, llc = cpu_cache_bytes(2), cpu_cache_bytes()
     with threads(2):
         assert nb.plane_order(torch.empty(2, 4, 8, 8)) == "channels"  # within any L2
         channels_last = torch.empty(4, 4, 8, 8).to(memory_format=torch.channels_last)
