@@ -19,9 +19,10 @@ Implementations (``IMPLS``):
 Next to them, per shape, ``copy``: ``dst.copy_(src)`` of a float32 tensor with the
 input's number of elements, the bandwidth this machine delivers for data of that
 size, from wherever such data sits (a last-level cache holds a small shape's).
-And once per run, before the shapes and after them, the machine's copy bandwidth
-as STREAM measures it: ``dst.copy_(src)`` of float32 arrays four times the largest
-cache (``machine_copy_bytes``: at least 64 MiB, at most 1 GiB), from memory.
+And the machine's copy bandwidth as STREAM measures it: ``dst.copy_(src)`` of float32
+arrays four times the largest cache (``machine_copy_bytes``: at least 64 MiB, at most
+1 GiB), from memory, timed before the shapes and again after each block of them (see
+below), so it is measured under the same load as they are.
 
 The machine is noisy (other processes, frequency changes), so the measurements are
 interleaved, and figures are medians and quartiles over the repeats, never means:
@@ -113,8 +114,11 @@ BLOCK = 20
 FLUSH_BYTES = {"cpu": 16 << 20, "cuda": 256 << 20}
 #: The machine copy's arrays: 4x the largest cache (STREAM's rule), within these bounds.
 MACHINE_COPY_BOUNDS = (64 << 20, 1 << 30)
-#: Timed machine copies: half before the shapes, half after.
-MACHINE_REPEATS = 10
+#: Timed machine copies before the shapes' first block, and after each of their blocks:
+#: spread over the run as the shapes are, so the shapes' fractions of the machine copy
+#: (``frac_of_machine_bw``) compare figures taken under the same load.
+MACHINE_REPEATS_FIRST = 4
+MACHINE_REPEATS_PER_BLOCK = 2
 #: The ``shape`` of the machine copy's samples in :func:`measure`'s frame.
 MACHINE = "machine"
 #: Linux's description of the CPU's caches: ``index*/size`` holds "32K", "2048K", ...
@@ -489,10 +493,13 @@ def copy_seconds(
     return seconds
 
 
-def _machine_copy(config: Settings, repeats: int, sync: Callable[[], None]) -> list[tuple]:
-    """``repeats`` timed copies of ``config.machine_bytes``, as samples."""
+def _machine_copy(
+    config: Settings, repeats: int, sync: Callable[[], None], done: int = 0
+) -> list[tuple]:
+    """``repeats`` timed copies of ``config.machine_bytes``, as samples numbered on from
+    ``done``."""
     seconds = copy_seconds(config.machine_bytes, repeats, config.device, sync)
-    return [(MACHINE, COPY, repeat, t, 0) for repeat, t in enumerate(seconds, start=1)]
+    return [(MACHINE, COPY, repeat, t, 0) for repeat, t in enumerate(seconds, start=done + 1)]
 
 
 def measure(config: Settings, progress: Progress | None = None) -> pd.DataFrame:
@@ -533,7 +540,7 @@ def measure(config: Settings, progress: Progress | None = None) -> pd.DataFrame:
         for shape in config.shapes
     }
     progress.status("measuring the machine's copy bandwidth")
-    machine = _machine_copy(config, MACHINE_REPEATS // 2, sync)
+    machine = _machine_copy(config, MACHINE_REPEATS_FIRST, sync)
     progress.start(len(units) * (config.warmup + config.repeats))
     progress.status("warming up")
     for shape_units in units.values():
@@ -559,10 +566,11 @@ def measure(config: Settings, progress: Progress | None = None) -> pd.DataFrame:
                     for name in names:
                         rows.append((label, name, repeat, *timed(*units[label][name])))
                     progress.advance()
+            # the shapes' next block starts with an untimed round of its own: this copy
+            # does not reach into their timings
+            machine += _machine_copy(config, MACHINE_REPEATS_PER_BLOCK, sync, len(machine))
     finally:
         gc.enable()
-    progress.status("measuring the machine's copy bandwidth")
-    machine += _machine_copy(config, MACHINE_REPEATS - MACHINE_REPEATS // 2, sync)
     return pd.DataFrame(rows + machine, columns=["shape", "impl", "repeat", "seconds", "faults"])
 
 

@@ -153,6 +153,49 @@ def test_summary_statistics_of_known_samples():
     assert rows.loc["reference", "page_faults"] == 0.0
 
 
+def test_the_machine_copy_is_timed_before_the_shapes_and_after_each_block(monkeypatch):
+    # interleaved with the shapes, so a change of load mid-run moves both alike
+    calls = []
+    timed_units = []
+    real_copy = bench.copy_seconds
+
+    def recording_copy(nbytes, repeats, device="cpu", sync=lambda: None):
+        calls.append((len(timed_units), repeats))
+        return real_copy(nbytes, repeats, device, sync)
+
+    real_units = bench._units
+
+    def recording_units(impls, shape, device, dtype):
+        def counted(unit):
+            prepare, run = unit
+
+            def run_counted():
+                timed_units.append(shape)
+                run()
+
+            return prepare, run_counted
+
+        return {name: counted(u) for name, u in real_units(impls, shape, device, dtype).items()}
+
+    monkeypatch.setattr(bench, "copy_seconds", recording_copy)
+    monkeypatch.setattr(bench, "_units", recording_units)
+    monkeypatch.setattr(bench, "BLOCK", 2)
+    config = bench.settings(
+        [TINY], ["torch"], device="cpu", repeats=5, warmup=0, machine_bytes=MACHINE_BYTES
+    )
+    samples = bench.measure(config)
+    # per block of 2 repeats: an untimed round and the timed ones, torch and the copy each
+    block_units = [2 * (1 + 2), 2 * (1 + 2), 2 * (1 + 1)]
+    ends = [sum(block_units[: i + 1]) for i in range(3)]
+    assert calls == [(0, bench.MACHINE_REPEATS_FIRST)] + [
+        (end, bench.MACHINE_REPEATS_PER_BLOCK) for end in ends
+    ]
+    machine = samples[samples["shape"] == bench.MACHINE]
+    assert len(machine) == bench.MACHINE_REPEATS_FIRST + 3 * bench.MACHINE_REPEATS_PER_BLOCK
+    assert machine["repeat"].tolist() == list(range(1, len(machine) + 1))
+    assert (machine["seconds"] > 0).all()
+
+
 @pytest.mark.parametrize(
     "cache, expected",
     [(None, 1 << 30), (1 << 20, 64 << 20), (100 << 20, 400 << 20), (480 << 20, 1 << 30)],
