@@ -3,8 +3,8 @@
 ``NORMBENCH_KERNEL_PLANE_ORDER`` picks how the kernel reads an NCHW tensor: ``channels``
 (tasks own blocks of channels, whose second pass reads them from the core's cache) or
 ``samples`` (tasks own runs of whole samples, each pass reading memory in order);
-``auto``, the default, takes ``samples`` for inputs larger than the core's L2 that fit a
-quarter of the last-level cache, or whose channel blocks would not fit the L2 (see "the
+``auto``, the default, takes ``samples`` for inputs larger than the core's L2 that fit
+half the last-level cache, or whose channel blocks would not fit the L2 (see "the
 planes layout's order" in batchnorm_cpu.cpp).
 The kernel reads the variable on every call, so this script times a training step
 (``layer(x).backward(dy)``) of normbench's BatchNorm2d in each order and of

@@ -407,7 +407,7 @@ def documented_order(shape, backward: bool, threads: int, l2: int, llc: int) -> 
     in_bytes = n * c * length * 4 * inputs
     per_block = max(1, min(max(1, 2048 // (length * 4)), c // threads))  # block_channels
     block_bytes = n * per_block * length * 4 * inputs  # the channels order's second pass
-    fits = in_bytes <= llc // 4 or block_bytes > l2 // 2
+    fits = in_bytes <= llc // 2 or block_bytes > l2 // 2
     return "samples" if in_bytes > l2 and fits and n >= threads else "channels"
 
 
@@ -428,7 +428,7 @@ def test_the_plane_order_follows_the_caches(monkeypatch):
     shapes = []
     for per_sample, spatial in ((64 << 10, (32, 32)), (64 << 10, (16, 16))):
         channels = per_sample // (4 * math.prod(spatial))
-        for bound in (l2, llc // 4, 2 * llc // 4, 4 * l2, 16 * l2, 64 * l2):
+        for bound in (l2, llc // 4, llc // 2, llc, 4 * l2, 16 * l2, 64 * l2):
             for n in (bound // per_sample - 1, bound // per_sample, bound // per_sample + 1):
                 if n >= 1:
                     shapes.append((n, channels, *spatial))

@@ -743,18 +743,26 @@ int64_t plane_parts(const Layout& g) {
 // own runs of whole samples; each task's per-channel sums are added up after the pass),
 // its second pass reading the tensor again from the last-level cache, or from memory.
 // It is taken for inputs larger than the core's L2 (below that, the channels order's second
-// pass reads from L1 or L2) and either at most a quarter of the last-level cache (the
-// streaming threshold's rule: they stay there for the second pass) or whose channel blocks
-// would fill more than half the L2 (the channels order's second pass would miss it too);
-// not with fewer samples than threads (one would idle), nor with so many channels that a
-// task's partial sums (2 vectors a channel) would not stay in L1. AMD EPYC (Zen 5, 1 MiB
-// L2, 32 MiB L3), a training step of the layer, the two orders interleaved in one process
-// (benchmarks/plane_order.py): 1.14-1.17x faster than the channels order with 1 thread
-// and 0.99-1.10x with 2 at 128x16x32x32, 128x32x16x16, 128x64x8x8 and 256x32x16x16 (AVX2
-// path: 1.09-1.27x and 1.01-1.13x);
-// 1.13-1.27x at 256x16x32x32 and 512x64x8x8, whose blocks fill the L2; at 256x64x56x56
-// (205 MB) 1.24-1.25x. Where the blocks fit the L2 and the tensor does not fit the cache
-// (64x256x14x14), the samples order was 0.89-1.03x: the channels order stays.
+// pass reads from L1 or L2) and either at most half the last-level cache (the other half
+// left to the outputs, streamed past it once they reach a quarter of it, see
+// stream_threshold, and to other data, so the second pass finds the inputs there) or
+// whose channel blocks would fill more than half the L2
+// (the channels order's second pass would miss it too); not with fewer samples than
+// threads (one would idle), nor with so many channels that a task's partial sums (2
+// vectors a channel) would not stay in L1. A training step of the layer, the two orders
+// interleaved in one process (benchmarks/plane_order.py), channels order's time over this
+// rule's: AMD EPYC Zen 5 (1 MiB L2, 32 MiB L3), 1.14-1.17x with 1 thread and 0.99-1.10x
+// with 2 at 128x16x32x32, 128x32x16x16, 128x64x8x8 and 256x32x16x16 (AVX2 path: 1.09-1.27x
+// and 1.01-1.13x); 1.13-1.27x at 256x16x32x32 and 512x64x8x8, whose blocks fill the L2; at
+// 256x64x56x56 (205 MB) 1.24-1.25x. AMD EPYC Zen 4 (the same caches): 1.04-1.32x on
+// the four shapes; where the inputs are between a quarter and half the L3 (128x32x28x28,
+// 128x64x14x14, 128x256x7x7, 32x32x56x56, and 64x256x14x14's and 128x128x14x14's
+// forward), 1.01-1.46x on the AVX-512 path and 1.07-1.54x on the AVX2 path (with a quarter
+// as the bound, as before, 128x64x14x14's steps took 1.17-1.26x longer). Where the inputs
+// do not fit half the cache and the blocks fit the L2 (64x256x14x14's backward, 25.6 MB),
+// the samples order was 0.89-1.03x on Zen 5, and the channels order stays; on Zen 4 it was
+// faster there too (1.11-1.29x), but slower where planes are larger (64x128x28x28,
+// 25.6 MB: 0.75-0.84x with 2 threads).
 // The samples order issues no software prefetches: memory read and written in order is the
 // hardware prefetchers' own case, and with the channels order's prefetches its layer steps
 // ran 1.02-1.34x slower.
@@ -781,7 +789,7 @@ bool samples_order(const Layout& g, int64_t itemsize, int64_t inputs) {
   const int64_t in_bytes = g.M * g.C * itemsize * inputs;
   // what the channels order's second pass would read again: a block of channels
   const int64_t block_bytes = g.N * block_channels(g, itemsize) * g.L * itemsize * inputs;
-  return l2 > 0 && llc > 0 && in_bytes > l2 && (in_bytes <= llc / 4 || block_bytes > l2 / 2) &&
+  return l2 > 0 && llc > 0 && in_bytes > l2 && (in_bytes <= llc / 2 || block_bytes > l2 / 2) &&
          g.N >= at::get_num_threads() && g.C * 2 * kVecBytes <= kMaxLaneBytes;
 }
 

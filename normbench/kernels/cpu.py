@@ -57,7 +57,7 @@ POOL_ENV = "NORMBENCH_KERNEL_POOL_BYTES"
 #: The order the channels-first ("planes") kernels read a tensor in: ``channels`` (tasks
 #: own blocks of channels, each read twice from the core's cache), ``samples`` (tasks own
 #: runs of samples, each pass reading memory in order) or ``auto`` (the default:
-#: ``samples`` for inputs larger than the core's L2 that fit a quarter of the last-level
+#: ``samples`` for inputs larger than the core's L2 that fit half the last-level
 #: cache, or whose channel blocks would not fit the L2; see "the planes layout's order" in
 #: batchnorm_cpu.cpp, which reads it on every call).
 ORDER_ENV = "NORMBENCH_KERNEL_PLANE_ORDER"

@@ -22,7 +22,7 @@ which also registers their CPU kernels and their autograd, once for every device
 - ``normbench::plane_order(x, backward=False) -> str``: the order the CPU kernels read
   ``x`` in: ``rows`` (channels_last, 2-d), else ``channels`` (tasks own blocks of
   channels) or ``samples`` (tasks own runs of samples: inputs larger than the core's L2
-  that fit a quarter of the last-level cache, or whose channel blocks would not fit the
+  that fit half the last-level cache, or whose channel blocks would not fit the
   L2; ``NORMBENCH_KERNEL_PLANE_ORDER`` forces one), for the forward or, with
   ``backward``, the backward, which reads ``dy`` too.
 - ``normbench::pool_bytes() -> int`` and ``normbench::pool_limit() -> int``: the bytes of
