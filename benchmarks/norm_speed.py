@@ -1,9 +1,12 @@
 """Training speed of whole runs per normalization variant: is custom_bn as fast as torch_bn?
 
 Runs ``normbench run``'s code path (``runner.run``) for each variant and batch size,
-interleaved repeat after repeat, and reports the median training images per
-second (the loop's own measurement: training steps only) and the ratio to the
-first variant.
+interleaved repeat after repeat (the variants in a shuffled order each time, so none
+always runs first), and reports the median training images per second (the loop's own
+measurement: training steps only) and the ratio to the first variant: the median, and
+the quartiles, of the ratios within a repeat. On a shared machine the speed of whole
+runs drifts by tens of percent from one to the next; a ratio of two runs taken one
+after the other moves less than the ratio of two medians.
 
 ``--synthetic-mnist N`` trains on MNIST-sized inputs (28x28) without the data set: N
 random images (and N // 6 test images) written as MNIST's IDX files into a temporary
@@ -18,6 +21,7 @@ Usage: python benchmarks/norm_speed.py [--norms custom_bn torch_bn] [--batch-siz
 from __future__ import annotations
 
 import argparse
+import random
 import struct
 import tempfile
 from pathlib import Path
@@ -44,6 +48,15 @@ def write_synthetic_mnist(root: Path, n_train: int, seed: int = 0) -> None:
             (raw / f"{prefix}-{name}-ubyte").write_bytes(header + array.tobytes())
 
 
+def with_ratios(frame: pd.DataFrame, base: str) -> pd.DataFrame:
+    """``frame`` (a row per run: ``repeat``, ``batch_size``, ``norm``, ``img_per_s``) with
+    ``ratio``: each run's images per second over variant ``base``'s in the same repeat and
+    batch size."""
+    runs = frame[frame["norm"] == base].set_index(["repeat", "batch_size"])["img_per_s"]
+    keys = list(zip(frame["repeat"], frame["batch_size"], strict=True))
+    return frame.assign(ratio=frame["img_per_s"].to_numpy() / runs.loc[keys].to_numpy())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--norms", nargs="+", default=["torch_bn", "custom_bn"])
@@ -65,7 +78,9 @@ def main() -> None:
             args.override = [f"dataset.root={Path(out) / 'data'}", *args.override]
         for repeat in range(args.repeats):
             for batch_size in args.batch_sizes:
-                for norm in args.norms:
+                norms = list(args.norms)
+                random.Random(f"{repeat} {batch_size}").shuffle(norms)
+                for norm in norms:
                     cfg = compose(
                         [
                             f"out_dir={out}",
@@ -88,25 +103,32 @@ def main() -> None:
                             "final_test_acc": summary["final_test_acc"],
                         }
                     )
-    frame = pd.DataFrame(rows)
-    medians = frame.groupby(["batch_size", "norm"]).median(numeric_only=True)
+    frame = with_ratios(pd.DataFrame(rows), args.norms[0])
+    groups = frame.groupby(["batch_size", "norm"])
+    medians = groups.median(numeric_only=True)
+    q1, q3 = groups["ratio"].quantile(0.25), groups["ratio"].quantile(0.75)
     table = Table(
         title=f"{args.model} on {args.dataset}, {args.epochs} epochs, "
         f"median of {args.repeats} interleaved runs"
     )
-    for column in ("batch size", "norm", "train img/s", f"vs {args.norms[0]}", "test acc"):
+    columns = ("batch size", "norm", "train img/s", f"vs {args.norms[0]}", "quartiles", "test acc")
+    for column in columns:
         table.add_column(column, justify="right")
     for batch_size in args.batch_sizes:
-        base = medians.loc[(batch_size, args.norms[0]), "img_per_s"]
         for norm in args.norms:
             row = medians.loc[(batch_size, norm)]
             table.add_row(
                 str(batch_size),
                 norm,
                 f"{row.img_per_s:,.0f}",
-                f"{row.img_per_s / base:.3f}x",
+                f"{row.ratio:.3f}x",
+                f"{q1[(batch_size, norm)]:.3f}-{q3[(batch_size, norm)]:.3f}",
                 f"{row.final_test_acc:.3f}",
             )
+    table.caption = (
+        f"vs {args.norms[0]}: the median of each run's images per second over "
+        f"{args.norms[0]}'s in the same repeat; quartiles: of those ratios"
+    )
     Console().print(table)
     if args.csv:
         frame.to_csv(args.csv, index=False)

@@ -8,7 +8,8 @@ a training step (``layer(x).backward(dy)``) of normbench's layer and of
 bench`` does, so that no step finds the last one's data in cache), with every thread
 and with one; medians, their ratio, and normbench's GB/s (``normbench bench``'s least
 traffic of a step, 5 x the input's bytes) as a fraction of the machine's copy bandwidth,
-measured as ``normbench bench`` measures it, before the shapes and after them.
+measured as ``normbench bench`` measures it, before the shapes and after each of them
+(a shape's fraction is of the copies on either side of it).
 
 normbench's own kernels reuse their freed outputs (the output pool of batchnorm_cpu.cpp,
 ``NORMBENCH_KERNEL_POOL_BYTES``; ``0`` switches it off, to time the layer without it); the
@@ -67,17 +68,19 @@ def main() -> None:
     for column in ("threads", "shape", "normbench", "torch", "speedup", "GB/s", "%mem"):
         table.add_column(column, justify="right")
     all_threads = torch.get_num_threads()
+    # the machine copy before the shapes and after each one (always with every thread):
+    # a shape's %mem is against the copies on either side of it, taken under its load
     machine = [machine_copy_gbps()]
     rows = []
     for threads in dict.fromkeys([all_threads, 1]):
-        torch.set_num_threads(threads)
         for text in args.shape:
             shape = tuple(int(s) for s in text.split(","))
+            torch.set_num_threads(threads)
             rows.append((threads, shape, time_steps(shape, args.repeats)))
-    torch.set_num_threads(all_threads)
-    machine.append(machine_copy_gbps())
-    bandwidth = statistics.mean(machine)
-    for threads, shape, ms in rows:
+            torch.set_num_threads(all_threads)
+            machine.append(machine_copy_gbps())
+    for row, (threads, shape, ms) in enumerate(rows):
+        bandwidth = statistics.mean(machine[row : row + 2])
         gbps = 5 * torch.Size(shape).numel() * 4 / (ms["normbench"] * 1e-3) / 1e9
         table.add_row(
             str(threads),
@@ -91,8 +94,8 @@ def main() -> None:
     library = ops.library()
     pool = "not built" if library is None else f"{library.pool_limit() / 2**20:.0f} MiB"
     table.caption = (
-        f"%mem: of the machine's copy bandwidth, {machine[0]:.1f} GB/s before the shapes "
-        f"and {machine[1]:.1f} after; normbench's output pool: {pool}"
+        f"%mem: of the machine's copy bandwidth, timed before and after each shape "
+        f"({min(machine):.1f}-{max(machine):.1f} GB/s); normbench's output pool: {pool}"
     )
     Console().print(table)
 

@@ -14,7 +14,8 @@ processes would compare two states of a shared machine instead of two orders.
 
 Prints median ms, each order's speedup over torch, its GB/s (``normbench bench``'s least
 traffic of a step, 5 x the input's bytes) as a fraction of the machine's copy bandwidth
-(measured as ``normbench bench`` measures it, before the shapes and after them), which
+(measured as ``normbench bench`` measures it, before the shapes and after each of them:
+a shape's fraction is of the copies on either side of it), which
 order ``auto`` took (forward/backward), and channels' time over auto's.
 
 Usage: python benchmarks/plane_order.py [--shape 128,64,8,8 ...] [--repeats 80]
@@ -71,24 +72,26 @@ def main() -> None:
     allocator.keep_freed_memory()  # as normbench bench and training runs
     before = os.environ.get(cpu.ORDER_ENV)
     all_threads = torch.get_num_threads()
+    # the machine copy before the shapes and after each one (always with every thread):
+    # a shape's %mem is against the copies on either side of it, taken under its load
     machine = [machine_copy_gbps()]
     rows = []
     try:
         for threads in dict.fromkeys([all_threads, 1]):
-            torch.set_num_threads(threads)
             for text in args.shape:
                 shape = tuple(int(s) for s in text.split(","))
+                torch.set_num_threads(threads)
                 os.environ.pop(cpu.ORDER_ENV, None)
                 x = torch.empty(shape)
                 took = f"{library.plane_order(x)}/{library.plane_order(x, True)}"
                 rows.append((threads, shape, took, time_steps(shape, args.repeats)))
+                torch.set_num_threads(all_threads)
+                machine.append(machine_copy_gbps())
     finally:
         torch.set_num_threads(all_threads)
         os.environ.pop(cpu.ORDER_ENV, None)
         if before is not None:
             os.environ[cpu.ORDER_ENV] = before
-    machine.append(machine_copy_gbps())
-    bandwidth = statistics.mean(machine)
 
     table = Table(
         title="training step after a 16 MB read, in each order: median ms",
@@ -99,7 +102,8 @@ def main() -> None:
     columns += [f"{order} %mem" for order in ORDERS] + ["channels / auto"]
     for column in columns:
         table.add_column(column, justify="right", no_wrap=True)
-    for threads, shape, took, ms in rows:
+    for row, (threads, shape, took, ms) in enumerate(rows):
+        bandwidth = statistics.mean(machine[row : row + 2])
         nbytes = 5 * torch.Size(shape).numel() * 4
         table.add_row(
             str(threads),
@@ -111,8 +115,8 @@ def main() -> None:
             f"{ms['channels'] / ms['auto']:.3f}",
         )
     table.caption = (
-        f"(Nx): speedup over torch; %mem: of the machine's copy bandwidth, {machine[0]:.1f} "
-        f"GB/s before the shapes and {machine[1]:.1f} after"
+        f"(Nx): speedup over torch; %mem: of the machine's copy bandwidth, timed before and "
+        f"after each shape ({min(machine):.1f}-{max(machine):.1f} GB/s)"
     )
     Console(width=200).print(table)
 
