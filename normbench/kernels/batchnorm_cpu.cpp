@@ -760,9 +760,9 @@ int64_t plane_parts(const Layout& g) {
 // forward), 1.01-1.46x on the AVX-512 path and 1.07-1.54x on the AVX2 path (with a quarter
 // as the bound, as before, 128x64x14x14's steps took 1.17-1.26x longer). Where the inputs
 // do not fit half the cache and the blocks fit the L2 (64x256x14x14's backward, 25.6 MB),
-// the samples order was 0.89-1.03x on Zen 5, and the channels order stays; on Zen 4 it was
-// faster there too (1.11-1.29x), but slower where planes are larger (64x128x28x28,
-// 25.6 MB: 0.75-0.84x with 2 threads).
+// the samples order was 0.89-1.03x on Zen 5, and the channels order stays; on Zen 4 that
+// backward alone ran 1.11-1.29x faster in it, but larger planes slower (64x128x28x28,
+// 25.6 MB: its forward 0.84x, its backward 0.75x with 2 threads).
 // The samples order issues no software prefetches: memory read and written in order is the
 // hardware prefetchers' own case, and with the channels order's prefetches its layer steps
 // ran 1.02-1.34x slower.
