@@ -13,6 +13,11 @@ random images (and N // 6 test images) written as MNIST's IDX files into a tempo
 folder, read by torchvision's own MNIST loader (``dataset=mnist``). The speed of a step
 does not depend on what the pixels show.
 
+A variant may carry environment variables, set for its runs only: ``custom_bn:NAME=VALUE``
+(more with more colons), e.g. ``custom_bn:NORMBENCH_KERNEL_STREAM_BYTES=0`` to time the
+kernel's settings against each other in one process (the kernel reads its variables on
+every call).
+
 Usage: python benchmarks/norm_speed.py [--norms custom_bn torch_bn] [--batch-sizes 128 8]
        [--dataset digits] [--model small_cnn] [--epochs 3] [--repeats 5] [--csv out.csv]
        [--synthetic-mnist 6000] [--override KEY=VALUE ...]   (more Hydra overrides)
@@ -21,6 +26,8 @@ Usage: python benchmarks/norm_speed.py [--norms custom_bn torch_bn] [--batch-siz
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import random
 import struct
 import tempfile
@@ -57,6 +64,33 @@ def with_ratios(frame: pd.DataFrame, base: str) -> pd.DataFrame:
     return frame.assign(ratio=frame["img_per_s"].to_numpy() / runs.loc[keys].to_numpy())
 
 
+def split_variant(variant: str) -> tuple[str, dict[str, str]]:
+    """``norm:NAME=VALUE:...`` as the norm and the environment variables its runs set."""
+    norm, *settings = variant.split(":")
+    env = {}
+    for setting in settings:
+        name, sep, value = setting.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"{variant!r}: expected norm:NAME=VALUE, got {setting!r}")
+        env[name] = value
+    return norm, env
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]):
+    """``env`` set in ``os.environ`` for the block, the earlier values restored after it."""
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--norms", nargs="+", default=["torch_bn", "custom_bn"])
@@ -80,7 +114,8 @@ def main() -> None:
             for batch_size in args.batch_sizes:
                 norms = list(args.norms)
                 random.Random(f"{repeat} {batch_size}").shuffle(norms)
-                for norm in norms:
+                for variant in norms:
+                    norm, env = split_variant(variant)
                     cfg = compose(
                         [
                             f"out_dir={out}",
@@ -93,12 +128,13 @@ def main() -> None:
                             *args.override,
                         ]
                     )
-                    summary = run(cfg, force=True).summary
+                    with environment(env):
+                        summary = run(cfg, force=True).summary
                     rows.append(
                         {
                             "repeat": repeat,
                             "batch_size": batch_size,
-                            "norm": norm,
+                            "norm": variant,
                             "img_per_s": summary["img_per_s"],
                             "final_test_acc": summary["final_test_acc"],
                         }

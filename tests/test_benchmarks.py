@@ -1,5 +1,6 @@
 """The scripts under benchmarks/: the shell ones at least parse; plane_order.py runs;
-norm_speed.py's ratios pair runs of the same repeat.
+norm_speed.py's ratios pair runs of the same repeat and its variants set their environment
+for their runs only; cache_bandwidth.py sizes an array per level and times each level.
 
 benchmarks/gpu_check.sh runs only where a GPU is lent, a few minutes at a time: a syntax
 error found there would cost that session its run. ``bash -n`` reads a script without
@@ -57,3 +58,43 @@ def test_norm_speed_pairs_each_run_with_the_base_run_of_its_repeat(monkeypatch):
     )  # fmt: skip
     ratios = with_ratios(frame, "torch_bn")["ratio"].tolist()
     assert ratios == pytest.approx([1.2, 1.0, 1.0, 1.1, 1.0, 0.75])
+
+
+def test_a_norm_speed_variant_sets_its_environment_for_its_runs_only(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import os
+
+    from norm_speed import environment, split_variant
+
+    assert split_variant("custom_bn") == ("custom_bn", {})
+    assert split_variant("custom_bn:A_NB_TEST=0:B_NB_TEST=x=y") == (
+        "custom_bn", {"A_NB_TEST": "0", "B_NB_TEST": "x=y"}
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match="norm:NAME=VALUE"):
+        split_variant("custom_bn:A_NB_TEST")
+    monkeypatch.setenv("B_NB_TEST", "before")
+    monkeypatch.delenv("A_NB_TEST", raising=False)
+    with environment({"A_NB_TEST": "0", "B_NB_TEST": "1"}):
+        assert (os.environ["A_NB_TEST"], os.environ["B_NB_TEST"]) == ("0", "1")
+    assert "A_NB_TEST" not in os.environ and os.environ["B_NB_TEST"] == "before"
+
+
+def test_cache_bandwidth_sizes_each_level_and_times_every_repeat(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import cache_bandwidth
+
+    from normbench import bench
+
+    listed = [("2", "Unified", "2048K"), ("3", "Unified", "266240K")]
+    for index, (level, kind, size) in enumerate(listed):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        for name, text in (("level", level), ("type", kind), ("size", size)):
+            (folder / name).write_text(text + "\n")
+    monkeypatch.setattr(bench, "CPU_CACHES", tmp_path)
+    # in the L2, in the L3 (8 L2s, below a quarter of it), beyond the L3
+    assert cache_bandwidth.level_sizes() == {"L2": 1 << 20, "L3": 16 << 20, "memory": 1040 << 20}
+    sizes = {"small": 4096, "large": 1 << 16}
+    gbps = cache_bandwidth.measure(sizes, repeats=3, min_bytes=1 << 17)
+    assert list(gbps) == ["small", "large"]
+    assert all(len(values) == 3 and all(v > 0 for v in values) for values in gbps.values())
