@@ -763,6 +763,12 @@ int64_t plane_parts(const Layout& g) {
 // the samples order was 0.89-1.03x on Zen 5, and the channels order stays; on Zen 4 that
 // backward alone ran 1.11-1.29x faster in it, but larger planes slower (64x128x28x28,
 // 25.6 MB: its forward 0.84x, its backward 0.75x with 2 threads).
+// On an Intel Xeon (model 207: 2 MiB L2, a 260 MiB L3 shared with its host) this rule takes
+// the samples order nearly everywhere, and at 14x14 to 56x56 planes (6.4-26 MB) the channels
+// order was 1.04-1.37x faster: one core read its L3 at 26% of its L2's speed
+// (benchmarks/cache_bandwidth.py), so the channels order's second pass from the L2 wins.
+// The rule stays until the same bandwidths are measured on an AMD EPYC: one by them could
+// serve both (whole small_cnn training steps moved within noise, 1.01-1.03x, either way).
 // The samples order issues no software prefetches: memory read and written in order is the
 // hardware prefetchers' own case, and with the channels order's prefetches its layer steps
 // ran 1.02-1.34x slower.
