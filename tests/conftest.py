@@ -1,4 +1,5 @@
-"""Shared test setup: Triton's interpreter where there is no GPU; config composition."""
+"""Shared test setup: Triton's interpreter where there is no GPU; config composition; the
+longest test file first."""
 
 import os
 
@@ -28,3 +29,14 @@ def tiny(tmp_path):
         return compose([*base, *overrides])
 
     return make
+
+
+# The longest file (the sweeps on real SLURM, Ray, submitit and joblib engines, about 5
+# minutes on 2 cores) goes first: with a file per worker at a time (pyproject's
+# --dist loadfile) it then starts at once while the other workers share the rest, instead
+# of starting halfway and running alone at the end. A stable sort: the rest keep their order.
+LONGEST_FIRST = "test_launchers.py"
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name != LONGEST_FIRST)
