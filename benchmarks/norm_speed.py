@@ -26,12 +26,13 @@ Usage: python benchmarks/norm_speed.py [--norms custom_bn torch_bn] [--batch-siz
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import struct
 import tempfile
+from contextlib import AbstractContextManager
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -76,19 +77,10 @@ def split_variant(variant: str) -> tuple[str, dict[str, str]]:
     return norm, env
 
 
-@contextlib.contextmanager
-def environment(env: dict[str, str]):
-    """``env`` set in ``os.environ`` for the block, the earlier values restored after it."""
-    before = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+def environment(env: dict[str, str]) -> AbstractContextManager:
+    """``env`` set in ``os.environ`` for a ``with`` block, the earlier values restored after
+    it."""
+    return mock.patch.dict(os.environ, env)
 
 
 def main() -> None:
