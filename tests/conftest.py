@@ -1,5 +1,5 @@
-"""Shared test setup: Triton's interpreter where there is no GPU; config composition; the
-longest test file first."""
+"""Shared test setup: Triton's interpreter where there is no GPU; config composition; a
+fake sysfs listing of the CPU's caches; the longest test file first."""
 
 import os
 
@@ -27,6 +27,24 @@ def tiny(tmp_path):
             "threads=1",
         ]
         return compose([*base, *overrides])
+
+    return make
+
+
+@pytest.fixture
+def fake_cpu_caches(tmp_path, monkeypatch):
+    """List caches as Linux's sysfs does (``index*/level``, ``type``, ``size``) in a
+    folder that ``normbench.bench`` reads instead of cpu0's: call with (level, type, size)
+    triples, e.g. ``("2", "Unified", "2048K")``."""
+    from normbench import bench
+
+    def make(listed):
+        for index, (level, kind, size) in enumerate(listed):
+            folder = tmp_path / "caches" / f"index{index}"
+            folder.mkdir(parents=True)
+            for name, text in (("level", level), ("type", kind), ("size", size)):
+                (folder / name).write_text(text + "\n")
+        monkeypatch.setattr(bench, "CPU_CACHES", tmp_path / "caches")
 
     return make
 

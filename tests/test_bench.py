@@ -218,15 +218,9 @@ def test_the_largest_cache_is_read_from_sysfs(tmp_path, monkeypatch):
     assert bench.largest_cache_bytes("cpu") is None
 
 
-def test_a_level_of_cache_is_read_from_sysfs(tmp_path, monkeypatch):
-    listed = [("1", "Data", "48K"), ("1", "Instruction", "64K"), ("2", "Unified", "2M"),
-              ("3", "Unified", "491520K")]  # fmt: skip
-    for index, (level, kind, size) in enumerate(listed):
-        folder = tmp_path / f"index{index}"
-        folder.mkdir()
-        for name, text in (("level", level), ("type", kind), ("size", size)):
-            (folder / name).write_text(text + "\n")
-    monkeypatch.setattr(bench, "CPU_CACHES", tmp_path)
+def test_a_level_of_cache_is_read_from_sysfs(fake_cpu_caches):
+    fake_cpu_caches([("1", "Data", "48K"), ("1", "Instruction", "64K"), ("2", "Unified", "2M"),
+                     ("3", "Unified", "491520K")])  # fmt: skip
     assert bench.cpu_cache_bytes(1) == 48 << 10  # the data cache, not the instructions'
     assert bench.cpu_cache_bytes(2) == 2 << 20
     assert bench.cpu_cache_bytes(4) is None

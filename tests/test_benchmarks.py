@@ -79,19 +79,11 @@ def test_a_norm_speed_variant_sets_its_environment_for_its_runs_only(monkeypatch
     assert "A_NB_TEST" not in os.environ and os.environ["B_NB_TEST"] == "before"
 
 
-def test_cache_bandwidth_sizes_each_level_and_times_every_repeat(tmp_path, monkeypatch):
+def test_cache_bandwidth_sizes_each_level_and_times_every_repeat(monkeypatch, fake_cpu_caches):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import cache_bandwidth
 
-    from normbench import bench
-
-    listed = [("2", "Unified", "2048K"), ("3", "Unified", "266240K")]
-    for index, (level, kind, size) in enumerate(listed):
-        folder = tmp_path / f"index{index}"
-        folder.mkdir()
-        for name, text in (("level", level), ("type", kind), ("size", size)):
-            (folder / name).write_text(text + "\n")
-    monkeypatch.setattr(bench, "CPU_CACHES", tmp_path)
+    fake_cpu_caches([("2", "Unified", "2048K"), ("3", "Unified", "266240K")])
     # in the L2, in the L3 (8 L2s, below a quarter of it), beyond the L3
     assert cache_bandwidth.level_sizes() == {"L2": 1 << 20, "L3": 16 << 20, "memory": 1040 << 20}
     sizes = {"small": 4096, "large": 1 << 16}
