@@ -259,8 +259,16 @@ _launching: Plan | None = None
 def run_job(cfg) -> str:
     """Hydra's task function: one run; its status. Never raises for a failed run; a run
     stopped from outside (Ctrl-C, SIGTERM, a scheduler) raises, after it is recorded."""
-    from normbench import interrupts
-    from normbench.runner import RunInProgress, record_unfinished, run, run_dir
+    try:  # the job's first imports (torch among them)
+        from normbench import interrupts
+        from normbench.runner import RunInProgress, record_unfinished, run, run_dir
+    except Exception:
+        # Hydra returns the exception to the sweep, which records its message: the
+        # traceback goes to the job's log (a worker's, a cluster job's) only from here.
+        import traceback
+
+        traceback.print_exc()
+        raise
 
     retry = os.environ.get(RETRY_ENV) == "1"
     display = _display.run_display(cfg) if _display is not None else contextlib.nullcontext()

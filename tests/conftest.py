@@ -1,6 +1,7 @@
 """Shared test setup: Triton's interpreter where there is no GPU; config composition; a
-fake sysfs listing of the CPU's caches; the longest test file first."""
+fake sysfs listing of the CPU's caches; pip's build flags; the longest test file first."""
 
+import importlib.metadata
 import os
 
 import pytest
@@ -47,6 +48,21 @@ def fake_cpu_caches(tmp_path, monkeypatch):
         monkeypatch.setattr(bench, "CPU_CACHES", tmp_path / "caches")
 
     return make
+
+
+@pytest.fixture(scope="session")
+def pip_build_flags():
+    """pip's flags for building a package from source (normbench, or a test's own): this
+    environment's setuptools, with no download, where it can build them (77: the SPDX
+    ``license`` of pyproject.toml; it also has ``bdist_wheel`` built in), else pip's
+    isolated build, which fetches a recent setuptools."""
+    from packaging.version import Version
+
+    try:
+        recent = Version(importlib.metadata.version("setuptools")) >= Version("77")
+    except importlib.metadata.PackageNotFoundError:
+        recent = False
+    return ["--no-build-isolation"] if recent else []
 
 
 # The longest file (the sweeps on real SLURM, Ray, submitit and joblib engines, about 5

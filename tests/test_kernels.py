@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from torch_contract import ONE_RUNNING_STATISTIC, eps_error, expected_error, torch_error
 
 from normbench.kernels import batch_norm, batch_norm_tracked, batch_norm_train, cpu, ops, reference
 
@@ -842,12 +843,6 @@ def test_without_a_compiler_the_reference_runs_after_one_warning(monkeypatch):
     torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True), **TOL32)
 
 
-def torch_error(fn):
-    with pytest.raises(Exception) as info:
-        fn()
-    return info.type, str(info.value)
-
-
 @pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)])
 def test_one_value_per_channel_error_matches_torch(shape):
     x = torch.randn(shape)
@@ -861,14 +856,21 @@ def test_one_value_per_channel_error_matches_torch(shape):
 
 def test_eps_and_eval_errors_match_torch():
     x = torch.randn(4, 3)
-    for call in (
-        lambda fn: fn(x, None, None, training=True, eps=0.0),
-        lambda fn: fn(x, torch.zeros(3), torch.ones(3), training=False, eps=-1.0),
-        lambda fn: fn(x, None, None, training=False),
+    for call, error in (
+        (lambda fn: fn(x, None, None, training=True, eps=0.0), eps_error(0.0, True)),
+        (
+            lambda fn: fn(x, torch.zeros(3), torch.ones(3), training=False, eps=-1.0),
+            eps_error(-1.0, False),
+        ),
+        (lambda fn: fn(x, None, None, training=False), None),  # the same in every torch
     ):
-        kind, message = torch_error(lambda call=call: call(F.batch_norm))
+        fn = lambda call=call: call(F.batch_norm)  # noqa: E731
+        kind, message = torch_error(fn) if error is None else expected_error(fn, error)
         with pytest.raises(kind, match=f"^{re.escape(message)}$"):
             call(batch_norm)
+    # eps = 0 in eval: allowed, as in torch 2.13 (the running variance, here 1, under the root)
+    y = batch_norm(x, torch.zeros(3), torch.ones(3), training=False, eps=0.0)
+    torch.testing.assert_close(y, x)
 
 
 # --- the Triton backend through the operators (the interpreter here, CUDA where there is one) --
@@ -916,7 +918,9 @@ def test_triton_opcheck(triton_backend, relu):
 def test_one_running_statistic_without_the_other_is_refused_like_torch(which):
     x = torch.randn(6, 3, 4)
     args = (torch.zeros(3), None) if which == "mean" else (None, torch.ones(3))
-    kind, message = torch_error(lambda: F.batch_norm(x, *args, training=True))
+    kind, message = expected_error(
+        lambda: F.batch_norm(x, *args, training=True), ONE_RUNNING_STATISTIC
+    )
     with pytest.raises(kind, match=f"^{re.escape(message)}$"):
         batch_norm(x, *args, training=True)
 

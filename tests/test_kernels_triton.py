@@ -385,3 +385,15 @@ def test_every_launch_compiles_for_a_cuda_gpu(tmp_path):
     names = re.search(r"^functions: (.*)$", done.stdout, re.M).group(1).split()
     assert len(names) == functions
     assert set(names) == launched, launched
+
+
+def test_interpreted_follows_the_variable_where_triton_has_no_knobs(monkeypatch):
+    # triton 3.0 (torch 2.4's) has no triton.knobs: its interpreter is on when the
+    # variable is "1" as triton is imported, which interpreted() then reads itself.
+    monkeypatch.setattr(tk, "triton", object())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tk.interpreted()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not tk.interpreted()
+    monkeypatch.setattr(tk, "triton", None)
+    assert not tk.interpreted()

@@ -11,7 +11,6 @@ and compiles the CPU kernel into an empty cache.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import stat
 import subprocess
@@ -31,10 +30,8 @@ def _read_only(tree: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def wheel_venv(tmp_path_factory):
+def wheel_venv(tmp_path_factory, pip_build_flags):
     work = tmp_path_factory.mktemp("wheel")
-    # The build backend from this environment when it has one (no download), else pip's.
-    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
     built = subprocess.run(
         [
             sys.executable,
@@ -42,7 +39,7 @@ def wheel_venv(tmp_path_factory):
             "pip",
             "wheel",
             "--no-deps",
-            *isolation,
+            *pip_build_flags,
             "-w",
             str(work / "dist"),
             str(REPO),

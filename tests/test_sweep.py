@@ -143,6 +143,17 @@ def test_a_run_that_raises_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypat
     assert "1 completed" in retried.stdout and "2 skipped" in retried.stdout
 
 
+def test_a_job_whose_imports_fail_leaves_its_traceback_in_its_log(monkeypatch, capsys):
+    # Hydra hands the job's exception back to the sweep without its traceback: the job
+    # prints it to its own stderr (a worker's or a cluster job's log) before it raises.
+    monkeypatch.setitem(sys.modules, "normbench.runner", None)  # its import now fails
+    with pytest.raises(ImportError):
+        sweep.run_job(None)
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):")
+    assert "Error: import of normbench.runner halted" in err
+
+
 def test_a_sweep_killed_mid_way_resumes_where_it_stopped(tmp_path):
     """kill -9 during the second run; the rerun skips the first and redoes the rest."""
     experiment = tmp_path / "results" / "default"

@@ -104,7 +104,7 @@ def test_a_norm_from_the_users_config_folder_sweeps_and_is_listed(tmp_path, user
     assert not (tmp_path / "none").exists()
 
 
-def test_a_norm_from_an_installed_packages_entry_point(tmp_path):
+def test_a_norm_from_an_installed_packages_entry_point(tmp_path, pip_build_flags):
     """A package declaring ``[project.entry-points."normbench.norms"]``, installed by pip
     (into a folder of its own, put on the path), appears in list and trains."""
     package = tmp_path / "pkg"
@@ -128,7 +128,7 @@ def test_a_norm_from_an_installed_packages_entry_point(tmp_path):
     )
     target = tmp_path / "site"
     installed = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+        [sys.executable, "-m", "pip", "install", "--no-deps", *pip_build_flags,
          "--target", str(target), str(package)],
         capture_output=True, text=True,
     )  # fmt: skip

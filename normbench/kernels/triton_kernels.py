@@ -71,6 +71,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -106,8 +107,12 @@ def available() -> bool:
 
 def interpreted() -> bool:
     """Whether triton runs as its interpreter (``TRITON_INTERPRET=1`` when it was imported)."""
+    if triton is None:
+        return False
     knobs = getattr(triton, "knobs", None)
-    return bool(knobs is not None and knobs.runtime.interpret)
+    if knobs is None:  # an older triton (3.0) has no knobs: it reads the variable itself
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return bool(knobs.runtime.interpret)
 
 
 def _jit(**options):
