@@ -3,6 +3,7 @@ fake sysfs listing of the CPU's caches; pip's build flags; the longest test file
 
 import importlib.metadata
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,16 +54,24 @@ def fake_cpu_caches(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def pip_build_flags():
     """pip's flags for building a package from source (normbench, or a test's own): this
-    environment's setuptools, with no download, where it can build them (77: the SPDX
-    ``license`` of pyproject.toml; it also has ``bdist_wheel`` built in), else pip's
-    isolated build, which fetches a recent setuptools."""
-    from packaging.version import Version
+    environment's build backend, with no download, where it meets pyproject.toml's
+    ``build-system.requires`` (setuptools 77 for the SPDX ``license``, which also has
+    ``bdist_wheel`` built in), else pip's isolated build, which fetches one that does."""
+    from packaging.requirements import Requirement
 
     try:
-        recent = Version(importlib.metadata.version("setuptools")) >= Version("77")
-    except importlib.metadata.PackageNotFoundError:
-        recent = False
-    return ["--no-build-isolation"] if recent else []
+        import tomllib
+    except ImportError:  # Python 3.10 reads no TOML: pip's isolated build
+        return []
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    for requirement in map(Requirement, pyproject["build-system"]["requires"]):
+        try:
+            installed = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            return []
+        if not requirement.specifier.contains(installed, prereleases=True):
+            return []
+    return ["--no-build-isolation"]
 
 
 # The longest file (the sweeps on real SLURM, Ray, submitit and joblib engines, about 5
