@@ -5,12 +5,14 @@
 #      the fused ReLU) from tests/test_kernels.py and tests/test_fused_relu.py;
 #   2. normbench bench --device cuda: the Triton kernels against torch's cuDNN BatchNorm at
 #      the four CPU shapes scaled to a GPU, and at batch 2, with the GPU's copy bandwidth;
-#   3. a 1-epoch `normbench run device=cuda` of every norm on the embedded digits set.
-# Its figures go to $OUT (default results/gpu_check), seven files, so that the device tool
+#   3. a 1-epoch `normbench run device=cuda` of every norm on the embedded digits set;
+#   4. small_cnn on MNIST-sized inputs (28x28, batch 128): custom_bn against torch_bn, each
+#      in both memory layouts (memory_format=auto keeps CUDA contiguous until measured).
+# Its figures go to $OUT (default results/gpu_check), eight files, so that the device tool
 # brings them all back: summary.txt (the machine and every step's outcome), tests.log,
 # bench.csv and bench.txt, runs.txt (each run's last line, and the end of its errors when
-# it failed), runs.csv and results.txt (the runs' rows and table). Each step has a time
-# limit (GPU_CHECK_LIMITS, seconds for the three steps), so the whole run stays well under
+# it failed), runs.csv and results.txt (the runs' rows and table), layout.txt. Each step has
+# a time limit (GPU_CHECK_LIMITS, seconds for the four steps), so the whole run stays well under
 # the device tool's 10 minutes a command and what was measured comes back.
 #
 # Usage, from the repository with the project installed: bash benchmarks/gpu_check.sh
@@ -26,7 +28,7 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-results/gpu_check}
 DEVICE=${DEVICE:-cuda}
-read -r LIMIT_TESTS LIMIT_BENCH LIMIT_RUNS <<<"${GPU_CHECK_LIMITS:-210 150 150}"
+read -r LIMIT_TESTS LIMIT_BENCH LIMIT_RUNS LIMIT_LAYOUT <<<"${GPU_CHECK_LIMITS:-210 140 140 60}"
 mkdir -p "$OUT"
 status=0
 PY=$(command -v python || command -v python3)
@@ -158,6 +160,17 @@ cat "$OUT/runs.txt" >>"$OUT/summary.txt"
 normbench results "$runs/gpu_check" >"$OUT/results.txt" 2>&1 || status=1
 [ -f "$runs/gpu_check/runs.csv" ] && cp "$runs/gpu_check/runs.csv" "$OUT/runs.csv"
 rm -rf "$runs"
+
+echo "== 4. small_cnn at 28x28 on ${DEVICE}: custom_bn vs torch_bn, both memory layouts" |
+  tee -a "$OUT/summary.txt"
+start=$SECONDS
+step layout "$LIMIT_LAYOUT" "$PY" benchmarks/norm_speed.py --synthetic-mnist 6000 --epochs 1 \
+  --repeats 2 --batch-sizes 128 --override device="$DEVICE" --norms \
+  torch_bn:memory_format=contiguous custom_bn:memory_format=contiguous \
+  torch_bn:memory_format=channels_last custom_bn:memory_format=channels_last \
+  >"$OUT/layout.txt" 2>&1
+tail -12 "$OUT/layout.txt" | tee -a "$OUT/summary.txt"
+echo "(layout: $((SECONDS - start)) s)" | tee -a "$OUT/summary.txt"
 
 echo "gpu_check: exit $status; figures in $OUT" | tee -a "$OUT/summary.txt"
 exit $status

@@ -13,10 +13,12 @@ random images (and N // 6 test images) written as MNIST's IDX files into a tempo
 folder, read by torchvision's own MNIST loader (``dataset=mnist``). The speed of a step
 does not depend on what the pixels show.
 
-A variant may carry environment variables, set for its runs only: ``custom_bn:NAME=VALUE``
-(more with more colons), e.g. ``custom_bn:NORMBENCH_KERNEL_STREAM_BYTES=0`` to time the
-kernel's settings against each other in one process (the kernel reads its variables on
-every call).
+A variant may carry settings for its runs only, ``custom_bn:NAME=VALUE`` (more with more
+colons): an upper-case NAME is an environment variable, e.g.
+``custom_bn:NORMBENCH_KERNEL_STREAM_BYTES=0`` to time the kernel's settings against each
+other in one process (the kernel reads those variables on every call; not
+``NORMBENCH_KERNEL_ISA``, which picks its build once per process); any other NAME is a
+config key, e.g. ``torch_bn:memory_format=contiguous`` to time the layouts interleaved.
 
 Usage: python benchmarks/norm_speed.py [--norms custom_bn torch_bn] [--batch-sizes 128 8]
        [--dataset digits] [--model small_cnn] [--epochs 3] [--repeats 5] [--csv out.csv]
@@ -40,6 +42,7 @@ from rich.console import Console
 from rich.table import Table
 
 from normbench.config import compose
+from normbench.kernels.cpu import ISA_ENV
 from normbench.runner import run
 
 
@@ -65,16 +68,25 @@ def with_ratios(frame: pd.DataFrame, base: str) -> pd.DataFrame:
     return frame.assign(ratio=frame["img_per_s"].to_numpy() / runs.loc[keys].to_numpy())
 
 
-def split_variant(variant: str) -> tuple[str, dict[str, str]]:
-    """``norm:NAME=VALUE:...`` as the norm and the environment variables its runs set."""
+def split_variant(variant: str) -> tuple[str, dict[str, str], list[str]]:
+    """``norm:NAME=VALUE:...`` as the norm, the environment variables its runs set (the
+    upper-case NAMEs) and its config overrides (the others)."""
     norm, *settings = variant.split(":")
-    env = {}
+    env, overrides = {}, []
     for setting in settings:
         name, sep, value = setting.partition("=")
         if not sep or not name:
             raise SystemExit(f"{variant!r}: expected norm:NAME=VALUE, got {setting!r}")
-        env[name] = value
-    return norm, env
+        if name == ISA_ENV:
+            raise SystemExit(
+                f"{variant!r}: {ISA_ENV} picks the kernel's build, once per process; set it "
+                f"for the whole invocation ({ISA_ENV}={value} python benchmarks/norm_speed.py ...)"
+            )
+        if name.isupper():
+            env[name] = value
+        else:
+            overrides.append(setting)
+    return norm, env, overrides
 
 
 def environment(env: dict[str, str]) -> AbstractContextManager:
@@ -107,7 +119,7 @@ def main() -> None:
                 norms = list(args.norms)
                 random.Random(f"{repeat} {batch_size}").shuffle(norms)
                 for variant in norms:
-                    norm, env = split_variant(variant)
+                    norm, env, overrides = split_variant(variant)
                     cfg = compose(
                         [
                             f"out_dir={out}",
@@ -118,6 +130,7 @@ def main() -> None:
                             f"epochs={args.epochs}",
                             f"seed={repeat}",
                             *args.override,
+                            *overrides,
                         ]
                     )
                     with environment(env):
@@ -139,9 +152,11 @@ def main() -> None:
         title=f"{args.model} on {args.dataset}, {args.epochs} epochs, "
         f"median of {args.repeats} interleaved runs"
     )
-    columns = ("batch size", "norm", "train img/s", f"vs {args.norms[0]}", "quartiles", "test acc")
+    columns = ("batch size", "norm", "train img/s", "ratio", "quartiles", "test acc")
     for column in columns:
-        table.add_column(column, justify="right")
+        # a variant's settings make long names: fold them, never the figures
+        wrap = {"overflow": "fold"} if column == "norm" else {"no_wrap": True}
+        table.add_column(column, justify="right", **wrap)
     for batch_size in args.batch_sizes:
         for norm in args.norms:
             row = medians.loc[(batch_size, norm)]
@@ -154,8 +169,8 @@ def main() -> None:
                 f"{row.final_test_acc:.3f}",
             )
     table.caption = (
-        f"vs {args.norms[0]}: the median of each run's images per second over "
-        f"{args.norms[0]}'s in the same repeat; quartiles: of those ratios"
+        f"ratio: the median of each run's images per second over {args.norms[0]}'s in "
+        "the same repeat; quartiles: of those ratios"
     )
     Console().print(table)
     if args.csv:

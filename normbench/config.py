@@ -28,6 +28,7 @@ EXECUTION_KEYS: tuple[str, ...] = (
     "out_dir",
     "device",
     "threads",
+    "memory_format",
     "dataset.root",
     "dataset.download",
     "report.select",
@@ -40,6 +41,8 @@ LR_SCALINGS = ("none", "linear", "sqrt")
 BUDGETS = ("epochs", "steps")
 SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
+#: ``memory_format``: auto picks one of the other two per run (models.choose_memory_format)
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
 
 def conf_dir() -> Path:
@@ -516,6 +519,7 @@ RULES: dict[str, Any] = {
     "seed": _int(0, 2**63 - 1),
     "device": _one_of(*DEVICES),
     "threads": _int(1, null=True),
+    "memory_format": _one_of(*MEMORY_FORMATS),
     "schedule.name": _one_of(*SCHEDULES),
     "schedule.warmup_epochs": _number(0, strict=False),
     "schedule.milestones": _fractions,

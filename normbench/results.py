@@ -85,6 +85,7 @@ SUMMARY_FIELDS: tuple[str, ...] = (
     "device",
     "threads",
     "threads_from",
+    "memory_format",
     "error",
     "started_at",
     "finished_at",

@@ -83,6 +83,7 @@ class _Prepared:
     settings: Any
     device: str
     threads: cores.Threads
+    memory_format: str  # the layout memory_format chose: contiguous or channels_last
 
 
 #: The last data set loaded, reused by the next run in this process (a sweep's jobs
@@ -107,7 +108,7 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
     leaves it)."""
     import torch
 
-    from normbench.models import build_model
+    from normbench.models import build_model, choose_memory_format, set_memory_format
     from normbench.norms import NormSpec
     from normbench.train import TrainSettings, make_optimizer, scaled_lr
 
@@ -142,6 +143,8 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
             f"cannot build model={cfg.model.name} with norm={norm.name}: {err}"
         ) from None
     model = model.to(device)
+    memory_format = choose_memory_format(cfg.memory_format, device, model, norm)
+    set_memory_format(model, memory_format)
     _check_trains(model, data.train_x[: cfg.batch_size].to(device), cfg)
     try:
         optimizer = make_optimizer(model.parameters(), lr, cfg.optim.name, **_kwargs(cfg.optim))
@@ -161,7 +164,7 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
         ref_batch_size=cfg.ref_batch_size,
     )
     used = threads or cores.Threads(torch.get_num_threads(), "torch")
-    return _Prepared(data.to(device), model, optimizer, settings, device, used)
+    return _Prepared(data.to(device), model, optimizer, settings, device, used, memory_format)
 
 
 def _check_trains(model, batch, cfg) -> None:
@@ -277,6 +280,7 @@ def summarize(
         "device": prepared.device if built else None,
         "threads": prepared.threads.count if built else None,
         "threads_from": prepared.threads.source if built else None,
+        "memory_format": prepared.memory_format if built else None,
         "error": result.message,
         "started_at": started,
         "finished_at": _now(),

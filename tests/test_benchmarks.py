@@ -1,6 +1,7 @@
-"""The scripts under benchmarks/: the shell ones at least parse; plane_order.py runs;
-norm_speed.py's ratios pair runs of the same repeat and its variants set their environment
-for their runs only; cache_bandwidth.py sizes an array per level and times each level.
+"""The scripts under benchmarks/: the shell ones at least parse; plane_order.py and
+layout_speed.py run; norm_speed.py's ratios pair runs of the same repeat and its
+variants set their environment and config for their runs only; cache_bandwidth.py sizes
+an array per level and times each level.
 
 benchmarks/gpu_check.sh runs only where a GPU is lent, a few minutes at a time: a syntax
 error found there would cost that session its run. ``bash -n`` reads a script without
@@ -41,6 +42,19 @@ def test_the_plane_order_script_times_both_orders():
     assert "channels/channels" in done.stdout  # 768 bytes: within any core's L2
 
 
+def test_the_layout_script_times_both_layouts_and_names_autos_choice():
+    script = BENCHMARKS / "layout_speed.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--norms", "custom_bn", "instance", "--batch-size", "2",
+         "--image-size", "8", "--repeats", "2"],
+        capture_output=True, text=True, timeout=600, cwd=script.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if "│" in line}
+    assert rows["custom_bn"].rstrip(" │").endswith("channels_last")
+    assert rows["instance"].rstrip(" │").endswith("contiguous")
+
+
 def test_norm_speed_pairs_each_run_with_the_base_run_of_its_repeat(monkeypatch):
     # each ratio against the base variant's run of the same repeat and batch size, never
     # against the median: a slow repeat slows both runs alike
@@ -60,18 +74,25 @@ def test_norm_speed_pairs_each_run_with_the_base_run_of_its_repeat(monkeypatch):
     assert ratios == pytest.approx([1.2, 1.0, 1.0, 1.1, 1.0, 0.75])
 
 
-def test_a_norm_speed_variant_sets_its_environment_for_its_runs_only(monkeypatch):
+def test_a_norm_speed_variant_sets_its_environment_and_config_for_its_runs_only(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import os
 
     from norm_speed import environment, split_variant
 
-    assert split_variant("custom_bn") == ("custom_bn", {})
+    assert split_variant("custom_bn") == ("custom_bn", {}, [])
     assert split_variant("custom_bn:A_NB_TEST=0:B_NB_TEST=x=y") == (
-        "custom_bn", {"A_NB_TEST": "0", "B_NB_TEST": "x=y"}
+        "custom_bn", {"A_NB_TEST": "0", "B_NB_TEST": "x=y"}, []
+    )  # fmt: skip
+    # a lower-case name is a config key: an override of those runs' config
+    assert split_variant("torch_bn:memory_format=contiguous:A_NB_TEST=1:norm.eps=0.1") == (
+        "torch_bn", {"A_NB_TEST": "1"}, ["memory_format=contiguous", "norm.eps=0.1"]
     )  # fmt: skip
     with pytest.raises(SystemExit, match="norm:NAME=VALUE"):
         split_variant("custom_bn:A_NB_TEST")
+    # the kernel's build is chosen once per process: a variant cannot switch it
+    with pytest.raises(SystemExit, match="once per process"):
+        split_variant("custom_bn:NORMBENCH_KERNEL_ISA=avx2")
     monkeypatch.setenv("B_NB_TEST", "before")
     monkeypatch.delenv("A_NB_TEST", raising=False)
     with environment({"A_NB_TEST": "0", "B_NB_TEST": "1"}):

@@ -1,11 +1,13 @@
 """Tests for normbench.models: shapes, structure, and norm layers from the registry."""
 
+from unittest import mock
+
 import pytest
 import torch
 from torch import nn
 
 from normbench.errors import UserError
-from normbench.models import build_model, model_names
+from normbench.models import build_model, choose_memory_format, model_names, set_memory_format
 from normbench.norms import NormSpec, get_norm, norm_names
 
 INPUTS = {"digits": (1, 8, 8), "cifar": (3, 32, 32)}
@@ -91,3 +93,90 @@ def test_mlp_refuses_norms_that_need_spatial_dims():
 def test_unknown_model():
     with pytest.raises(UserError, match="unknown model"):
         _build("vgg", "none")
+
+
+# --- memory layout ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "setting, device, model, norm, expected",
+    [
+        ("auto", "cpu", "small_cnn", "custom_bn", "channels_last"),
+        ("auto", "cpu", "resnet20", "torch_bn", "channels_last"),
+        ("auto", "cpu", "small_cnn", "instance", "contiguous"),  # slower on channels_last
+        ("auto", "cpu", "small_cnn", "frn", "contiguous"),
+        ("auto", "cpu", "mlp", "custom_bn", "contiguous"),  # no convolution to gain
+        ("auto", "cuda", "small_cnn", "custom_bn", "contiguous"),  # not measured there
+        ("contiguous", "cpu", "small_cnn", "custom_bn", "contiguous"),
+        ("channels_last", "cpu", "small_cnn", "instance", "channels_last"),
+        ("channels_last", "cuda", "mlp", "layer", "channels_last"),
+    ],
+)
+def test_choose_memory_format(setting, device, model, norm, expected):
+    net = _build(model, norm)
+    assert choose_memory_format(setting, device, net, NormSpec(norm)) == expected
+
+
+def test_auto_leaves_a_variant_that_does_not_say_contiguous():
+    class Plain(nn.BatchNorm2d):  # a user's class, without prefers_channels_last
+        pass
+
+    net = _build("small_cnn", "custom_bn")
+    spec = NormSpec("plain", target=f"{__name__}.Plain")
+    with mock.patch(f"{__name__}.Plain", Plain, create=True):
+        assert choose_memory_format("auto", "cpu", net, spec) == "contiguous"
+
+
+def _layouts(net, x):
+    """Each 4-d activation's layout, from the model's own forward (its hooks included)."""
+    seen = []
+
+    def record(module, args, out):
+        if out.dim() == 4 and min(out.shape[1:]) > 1:
+            seen.append("channels_last" if out.stride()[1] == 1 else "contiguous")
+
+    for m in net:
+        m.register_forward_hook(record)
+    net(x)
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_set_memory_format_runs_every_activation_in_the_layout(layout, channels):
+    torch.manual_seed(0)
+    net = _build("small_cnn", "custom_bn", (channels, 12, 12))
+    set_memory_format(net, layout)
+    # a one-channel batch as numpy hands it over: strides (HW, 1, W, 1), both layouts at
+    # once, which torch's convolutions read as channels_last
+    x = torch.randn(5, 12, 12, channels).permute(0, 3, 1, 2)
+    assert x.is_contiguous() == (channels == 1)
+    layouts = _layouts(net, x)
+    assert len(layouts) == 11 and set(layouts) == {layout}
+    assert all(
+        p.is_contiguous(
+            memory_format=torch.channels_last
+            if layout == "channels_last"
+            else torch.contiguous_format
+        )
+        for p in net.parameters()
+        if p.dim() == 4
+    )
+
+
+def test_set_memory_format_keeps_results_and_state_dict():
+    torch.manual_seed(0)
+    nets = {}
+    for layout in ("contiguous", "channels_last"):
+        torch.manual_seed(0)
+        net = _build("small_cnn", "custom_bn", (3, 12, 12)).double()
+        set_memory_format(net, layout)
+        nets[layout] = net
+    x = torch.randn(6, 3, 12, 12, dtype=torch.float64)
+    outs = {k: net(x) for k, net in nets.items()}
+    torch.testing.assert_close(outs["channels_last"], outs["contiguous"], rtol=1e-10, atol=1e-12)
+    state = nets["channels_last"].state_dict()
+    assert state.keys() == nets["contiguous"].state_dict().keys()
+    fresh = _build("small_cnn", "custom_bn", (3, 12, 12)).double()
+    fresh.load_state_dict(state)  # a checkpoint from either layout loads into the other
+    torch.testing.assert_close(fresh.eval()(x), nets["channels_last"].eval()(x))

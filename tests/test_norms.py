@@ -83,6 +83,8 @@ def test_normspec_reads_class_attributes():
         spec = NormSpec(name)
         assert spec.centers == (name != "none")
         assert spec.needs_spatial == (name == "instance")
+        # measured slower, or no faster, a step on channels_last (README, Memory layout)
+        assert spec.prefers_channels_last == (name not in ("instance", "frn", "evonorm_s0"))
     layer = NormSpec("group", {"groups": 4})(12)
     assert isinstance(layer, GroupNorm) and layer.num_groups == 4
 
@@ -150,6 +152,34 @@ def test_every_variant_backward_reaches_every_parameter(name):
     for pname, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
         assert p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", norm_names())
+def test_every_variant_is_the_same_on_channels_last(name):
+    """memory_format=channels_last hands every variant channels_last activations: the
+    outputs, the input and parameter gradients and the running statistics are those of
+    the contiguous input (float64)."""
+    layers = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        layer = randomize(get_norm(name)(C)).double()
+        torch.manual_seed(1)
+        x = torch.randn(4, C, 5, 6, dtype=torch.float64) * 2 + 1
+        dy = torch.randn_like(x)
+        x = x.contiguous(memory_format=fmt).requires_grad_()
+        layer.train()
+        y = layer(x)
+        (y * dy).sum().backward()
+        layer.eval()
+        layers.append((y, x.grad, layer, layer(x.detach())))
+    (y0, dx0, ref, e0), (y1, dx1, layer, e1) = layers
+    torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(e1, e0, rtol=1e-12, atol=1e-12)
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    for pname, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad, grads[pname], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.state_dict(), ref.state_dict(), rtol=1e-12, atol=1e-12)
 
 
 # --- custom_bn against torch.nn.BatchNorm*d ----------------------------------------------------

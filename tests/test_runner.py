@@ -180,6 +180,28 @@ def test_threads_are_applied_and_recorded(tiny):
 
 
 @pytest.mark.parametrize(
+    "override, layout",
+    [
+        ("", "channels_last"),  # auto, on the CPU, with custom_bn
+        ("norm=instance", "contiguous"),  # auto, with a variant slower on channels_last
+        ("memory_format=contiguous", "contiguous"),
+    ],
+)
+def test_memory_format_is_recorded_and_changes_no_result(tiny, override, layout):
+    """The layout is how a run executes, not what it computes: recorded in the summary,
+    left out of the run id, and the run's figures are those of the other layout up to
+    float rounding."""
+    summary = runner.run(tiny(*override.split())).summary
+    assert summary["memory_format"] == layout
+    other = "contiguous" if layout == "channels_last" else "channels_last"
+    again = runner.run(tiny(*override.split(), f"memory_format={other}"), force=True).summary
+    assert again["memory_format"] == other
+    assert again["run_id"] == summary["run_id"]
+    assert again["final_train_loss"] == pytest.approx(summary["final_train_loss"], rel=1e-4)
+    assert again["final_test_loss"] == pytest.approx(summary["final_test_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
     "dataset, model, norm",
     [
         ("cifar10", "resnet20", "batch_renorm"),

@@ -45,6 +45,16 @@ class Broken(nn.Module):
 
     def forward(self, x):
         return x.mean(1)
+
+
+class ViewsContiguous(ScaleNorm):
+    """Says it prefers channels_last, but views its input as contiguous."""
+
+    prefers_channels_last = True
+
+    def forward(self, x):
+        flat = x.view(x.shape[0], -1)
+        return self.g * x / flat.norm(dim=1).clamp_min(self.eps).view(-1, *[1] * (x.dim() - 1))
 '''
 
 
@@ -151,7 +161,8 @@ def test_check_norm_passes_a_good_class_and_names_a_broken_ones_failures(tmp_pat
     code, _ = user_files
     good = normbench("check-norm", "mynorms.ScaleNorm", cwd=tmp_path, path=code)
     assert good.returncode == 0, good.stdout + good.stderr
-    assert "all 7 checks passed" in good.stdout
+    assert "all 8 checks passed" in good.stdout
+    assert "not declared (prefers_channels_last)" in good.stdout
     broken = normbench("check-norm", "mynorms.Broken", cwd=tmp_path, path=code)
     assert broken.returncode == 1
     failures = broken.stderr.splitlines()
@@ -160,7 +171,11 @@ def test_check_norm_passes_a_good_class_and_names_a_broken_ones_failures(tmp_pat
         "(6, 5, 5)" in failures
     )
     assert any(line.startswith("FAILED gradients: ") for line in failures)
-    assert failures[-1] == "6 of 7 checks failed"
+    assert failures[-1] == "6 of 8 checks failed"
+    views = normbench("check-norm", "mynorms.ViewsContiguous", cwd=tmp_path, path=code)
+    assert views.returncode == 1
+    assert views.stderr.splitlines()[-1] == "1 of 8 checks failed"
+    assert "FAILED channels_last: RuntimeError: view size is not compatible" in views.stderr
     unknown = normbench("check-norm", "mynorms.Nope", cwd=tmp_path, path=code)
     assert unknown.returncode == 2 and "cannot import the norm class" in unknown.stderr
     assert "Traceback" not in unknown.stderr

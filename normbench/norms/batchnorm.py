@@ -39,6 +39,8 @@ class BatchNorm(_BatchNorm):
     less each way than a ReLU module after it, with the same results.
     """
 
+    prefers_channels_last = True  # memory_format=auto: channels_last on the CPU (faster)
+
     #: Models ask for the fused layer where they apply norm then ReLU (NormSpec).
     fuses_relu = True
 
@@ -132,6 +134,8 @@ class TorchBatchNorm(_BatchNorm):
     For 4-d input it is ``torch.nn.BatchNorm2d`` exactly (same forward, cuDNN
     included); only the input-dimension check is relaxed.
     """
+
+    prefers_channels_last = True  # memory_format=auto: channels_last on the CPU (faster)
 
     def _check_input_dim(self, input: Tensor) -> None:
         _check_at_least_2d(input)

@@ -41,6 +41,8 @@ class BatchRenorm(nn.Module):
     fuses the ReLU after it too.
     """
 
+    prefers_channels_last = True  # memory_format=auto: channels_last on the CPU (faster)
+
     #: Models ask for the fused layer where they apply norm then ReLU (NormSpec).
     fuses_relu = True
 

@@ -4,7 +4,8 @@
 from ``(num_channels)``, keeps shape and dtype in training and eval mode, on images
 and (unless it needs spatial dimensions) on features, its state_dict loads into a new
 instance that then computes the same, eval mode leaves its state alone, gradients
-reach the input and every parameter, and the models can use it. Each check reports
+reach the input and every parameter, a layer that says it prefers channels_last
+computes the same on it, and the models can use it. Each check reports
 what failed, in words; tests/test_norms.py runs normbench's own variants through the
 same checks.
 """
@@ -134,6 +135,29 @@ def _gradients(cls) -> str:
     return f"the input and {len(list(layer.parameters()))} parameters"
 
 
+def _channels_last(cls) -> str:
+    """A layer that says it prefers channels_last (``memory_format=auto`` then runs the
+    models so) computes on channels_last input what it computes on contiguous input."""
+    if not getattr(cls, "prefers_channels_last", False):
+        return "not declared (prefers_channels_last): memory_format=auto keeps models contiguous"
+    runs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        layer = _builds(cls).double().train()
+        torch.manual_seed(1)
+        x = (torch.randn(IMAGES, dtype=torch.float64) * 2 + 1).contiguous(memory_format=fmt)
+        x.requires_grad_()
+        y = layer(x)
+        (y * torch.ones_like(y).cumsum(1)).sum().backward()
+        runs.append((y.detach(), x.grad))
+    (y0, dx0), (y1, dx1) = runs
+    if not torch.allclose(y1, y0, rtol=1e-9, atol=1e-12):
+        raise AssertionError("on channels_last input the output differs from contiguous input's")
+    if not torch.allclose(dx1, dx0, rtol=1e-9, atol=1e-12):
+        raise AssertionError("on channels_last input the input's gradient differs")
+    return "channels_last input: the same output and gradient (float64)"
+
+
 def _models(cls) -> str:
     from normbench.models import build_model
     from normbench.norms.registry import NormSpec
@@ -154,6 +178,7 @@ CHECKS: tuple[tuple[str, Callable], ...] = (
     ("state_dict round trip", _state_dict),
     ("eval mode keeps the state", _eval_is_stateless),
     ("gradients", _gradients),
+    ("channels_last", _channels_last),
     ("in a model", _models),
 )
 

@@ -37,6 +37,8 @@ class LayerNorm(nn.GroupNorm):
     spatial size and swaps freely with BatchNorm.
     """
 
+    prefers_channels_last = True  # memory_format=auto: channels_last on the CPU (faster)
+
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, **factory):
         super().__init__(1, num_channels, eps=eps, affine=affine, **factory)
 
@@ -50,6 +52,8 @@ class InstanceNorm(nn.GroupNorm):
     """
 
     needs_spatial = True
+    # torch's group norm with one channel a group is slower on channels_last (0.80-1.00x a step)
+    prefers_channels_last = False
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, **factory):
         super().__init__(num_channels, num_channels, eps=eps, affine=affine, **factory)
@@ -70,6 +74,8 @@ class GroupNorm(nn.GroupNorm):
 
     The group count actually used is ``num_groups`` (see :func:`group_count`).
     """
+
+    prefers_channels_last = True  # memory_format=auto: channels_last on the CPU (faster)
 
     def __init__(
         self,

@@ -16,6 +16,8 @@ class NoNorm(nn.Identity):
     ``centers = False`` tells models that a layer before it keeps its bias.
     """
 
+    prefers_channels_last = True  # memory_format=auto: channels_last on the CPU (faster)
+
     centers = False
 
     def __init__(self, num_channels: int, **kwargs):

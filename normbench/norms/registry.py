@@ -155,6 +155,13 @@ class NormSpec:
         return getattr(self.cls, "carries_activation", False)
 
     @property
+    def prefers_channels_last(self) -> bool:
+        """Whether the layer is at least as fast on channels_last activations, so that
+        ``memory_format=auto`` picks that layout for it on the CPU; False for a variant
+        that does not say (it may ``view`` its input as contiguous)."""
+        return getattr(self.cls, "prefers_channels_last", False)
+
+    @property
     def fuses_relu(self) -> bool:
         """Whether the layer takes ``relu=True`` to apply the ReLU after it in its own
         passes (normbench's BatchNorm on its kernel, and its subclasses whose constructor
