@@ -103,6 +103,8 @@ DEFAULT_SHAPES: tuple[Shape, ...] = (
     (2, 16, 32, 32),
 )
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
+#: The inputs' layouts ``--memory-format`` takes (``memory_format`` of a run, less auto).
+MEMORY_FORMATS: tuple[str, ...] = ("contiguous", "channels_last")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 #: ~80 ms per repeat over the default shapes on a 2-core CPU: ~35 s in all.
 DEFAULT_REPEATS = 400
@@ -133,6 +135,7 @@ COLUMNS: tuple[str, ...] = (
     "w",
     "numel",
     "dtype",
+    "memory_format",  # the layout of the input and its gradient: contiguous | channels_last
     "impl",  # torch | reference | cpu | triton | copy
     "median_ms",
     "q1_ms",  # first quartile
@@ -252,6 +255,7 @@ class Settings:
     warmup: int
     threads: int | None  # None: leave torch's setting
     machine_bytes: int  # bytes per array of the machine copy
+    memory_format: str = "contiguous"  # the inputs' layout: contiguous | channels_last
     named: bool = False  # the impls were named by the user, not the defaults
     skipped: tuple[tuple[str, str], ...] = ()  # (impl, why) left out of the defaults
 
@@ -359,6 +363,7 @@ def settings(
     warmup: int = DEFAULT_WARMUP,
     threads: int | None = None,
     machine_bytes: int | None = None,
+    memory_format: str = "contiguous",
 ) -> Settings:
     """Check and resolve the benchmark's settings; a :class:`UserError` names what is wrong.
 
@@ -378,6 +383,9 @@ def settings(
         raise UserError(f"--threads must be at least 1, got {threads}")
     if machine_bytes is not None and machine_bytes < 4:
         raise UserError(f"machine_bytes must be at least 4, got {machine_bytes}")
+    if memory_format not in MEMORY_FORMATS:
+        valid = ", ".join(MEMORY_FORMATS)
+        raise UserError(f"unknown memory format {memory_format!r}; valid: {valid}")
     resolved = _resolve_device(device)
     named = list(impls or ())
     skipped = []
@@ -408,6 +416,7 @@ def settings(
         warmup,
         threads,
         machine_copy_bytes(resolved) if machine_bytes is None else machine_bytes,
+        memory_format,
         named=bool(named),
         skipped=tuple(skipped),
     )
@@ -434,16 +443,27 @@ def _cpu_kernel_ready(progress: Progress, required: bool) -> bool:
     return False
 
 
-def _units(impls: Sequence[str], shape: Shape, device: str, dtype: str) -> dict[str, tuple]:
-    """Per implementation (and ``copy``): ``(prepare, run)``, only ``run`` being timed."""
+def _layout(memory_format: str):
+    import torch
+
+    return torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+
+
+def _units(
+    impls: Sequence[str], shape: Shape, device: str, dtype: str, memory_format: str = "contiguous"
+) -> dict[str, tuple]:
+    """Per implementation (and ``copy``): ``(prepare, run)``, only ``run`` being timed; the
+    input and its gradient in ``memory_format``."""
     import torch
 
     from normbench.norms import BatchNorm2d
 
     torch_dtype = getattr(torch, dtype)
+    fmt = _layout(memory_format)
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=generator).to(device, torch_dtype).requires_grad_()
-    dy = torch.randn(shape, generator=generator).to(device, torch_dtype)
+    x = torch.randn(shape, generator=generator).to(device, torch_dtype, memory_format=fmt)
+    x.requires_grad_()
+    dy = torch.randn(shape, generator=generator).to(device, torch_dtype, memory_format=fmt)
     channels = shape[1]
 
     def layer(module: torch.nn.Module) -> tuple:
@@ -536,7 +556,7 @@ def measure(config: Settings, progress: Progress | None = None) -> pd.DataFrame:
 
     progress.status("preparing the inputs")
     units = {
-        shape_label(shape): _units(impls, shape, config.device, config.dtype)
+        shape_label(shape): _units(impls, shape, config.device, config.dtype, config.memory_format)
         for shape in config.shapes
     }
     progress.status("measuring the machine's copy bandwidth")
@@ -607,6 +627,7 @@ def _plane_order(config: Settings, shape: Shape) -> str | None:
     if library is None:
         return None
     x = torch.empty(shape, dtype=getattr(torch, config.dtype))
+    x = x.contiguous(memory_format=_layout(config.memory_format))
     return f"{library.plane_order(x)}/{library.plane_order(x, True)}"
 
 
@@ -656,6 +677,7 @@ def summarize(samples: pd.DataFrame, config: Settings, threads: int) -> pd.DataF
                     "w": shape[3],
                     "numel": numel,
                     "dtype": "float32" if impl == COPY else config.dtype,
+                    "memory_format": config.memory_format,
                     "impl": impl,
                     **row,
                     "warmup": config.warmup,
@@ -687,6 +709,7 @@ def run_bench(
     warmup: int = DEFAULT_WARMUP,
     threads: int | None = None,
     machine_bytes: int | None = None,
+    memory_format: str = "contiguous",
     progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Validate, measure and summarise: one row per (shape, impl), columns ``COLUMNS``.
@@ -707,6 +730,7 @@ def run_bench(
         warmup=warmup,
         threads=threads,
         machine_bytes=machine_bytes,
+        memory_format=memory_format,
     )
     allocator.keep_freed_memory()  # as in training runs: no page faults from malloc's trimming
     before = torch.get_num_threads()
@@ -746,7 +770,8 @@ def table(frame: pd.DataFrame) -> Table:
 
     first = frame.iloc[0]
     title = (
-        f"BatchNorm2d training forward+backward, {first['dtype']}, {first['device']} "
+        f"BatchNorm2d training forward+backward, {first['dtype']}, "
+        f"{first['memory_format']}, {first['device']} "
         f"({first['device_name']}), {first['threads']} threads, torch {first['torch_version']}: "
         f"milliseconds, median and interquartile range of {first['repeats']} interleaved repeats"
     )

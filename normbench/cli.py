@@ -450,6 +450,10 @@ def bench(
     ] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or float64")] = "float32",
+    memory_format: Annotated[
+        str,
+        typer.Option(help="The inputs' layout: contiguous (NCHW) or channels_last (NHWC)"),
+    ] = "contiguous",
     repeats: Annotated[
         int, typer.Option(help="Timed units per implementation and shape (medians over them)")
     ] = DEFAULT_REPEATS,
@@ -487,6 +491,7 @@ def bench(
                 repeats=repeats,
                 warmup=warmup,
                 threads=threads,
+                memory_format=memory_format,
                 progress=progress,
             )
     except KeyboardInterrupt:

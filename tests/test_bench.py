@@ -4,6 +4,7 @@ Tiny shapes and a few repeats: the point is the bookkeeping, not the timings.
 """
 
 import math
+from unittest import mock
 
 import pandas as pd
 import pytest
@@ -45,6 +46,7 @@ def test_frame_has_one_row_per_impl_and_the_copy(frame):
     assert (frame["device"] == "cpu").all() and (frame["threads"] == 1).all()
     assert (frame["repeats"] == 3).all() and (frame["torch_version"] == torch.__version__).all()
     assert list(frame["dtype"]) == ["float32"] * 4
+    assert (frame["memory_format"] == "contiguous").all()
     assert (frame["page_faults"] >= 0).all()
     # glibc here: run_bench keeps freed memory, as training runs do (normbench.allocator)
     assert (frame["malloc"] == ("kept" if allocator.tuned() else "system")).all()
@@ -94,6 +96,31 @@ def test_a_forced_plane_order_is_reported(monkeypatch):
         [TINY], ["cpu"], device="cpu", repeats=1, warmup=0, machine_bytes=MACHINE_BYTES
     )
     assert frame.set_index("impl").loc["cpu", "plane_order"] == "samples/samples"
+
+
+def test_channels_last_inputs_are_timed_in_the_kernels_row_order():
+    frame = bench.run_bench(
+        [TINY], ["torch", "cpu"], device="cpu", repeats=1, warmup=0,
+        machine_bytes=MACHINE_BYTES, memory_format="channels_last",
+    )  # fmt: skip
+    assert (frame["memory_format"] == "channels_last").all()
+    assert frame.set_index("impl").loc["cpu", "plane_order"] == "rows/rows"
+    # what each implementation is handed: the input and its gradient channels_last
+    units = bench._units(["cpu"], TINY, "cpu", "float32", "channels_last")
+    prepare, run = units["cpu"]
+    seen = []
+    original = torch.Tensor.backward
+
+    def spy(y, dy, *args, **kwargs):
+        seen.append((y, dy))
+        return original(y, dy, *args, **kwargs)
+
+    with mock.patch.object(torch.Tensor, "backward", spy):
+        prepare()
+        run()
+    ((y, dy),) = seen
+    assert dy.is_contiguous(memory_format=torch.channels_last) and not dy.is_contiguous()
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
 
 
 def test_without_the_cpu_kernel_timed_no_streaming_threshold_is_reported():
@@ -165,7 +192,7 @@ def test_the_machine_copy_is_timed_before_the_shapes_and_after_each_block(monkey
 
     real_units = bench._units
 
-    def recording_units(impls, shape, device, dtype):
+    def recording_units(impls, shape, device, dtype, memory_format):
         def counted(unit):
             prepare, run = unit
 
@@ -175,7 +202,8 @@ def test_the_machine_copy_is_timed_before_the_shapes_and_after_each_block(monkey
 
             return prepare, run_counted
 
-        return {name: counted(u) for name, u in real_units(impls, shape, device, dtype).items()}
+        units = real_units(impls, shape, device, dtype, memory_format)
+        return {name: counted(u) for name, u in units.items()}
 
     monkeypatch.setattr(bench, "copy_seconds", recording_copy)
     monkeypatch.setattr(bench, "_units", recording_units)
@@ -265,6 +293,7 @@ BAD_SETTINGS = [
     ({"warmup": -1}, "--warmup must be at least 0"),
     ({"threads": 0}, "--threads must be at least 1"),
     ({"machine_bytes": 2}, "machine_bytes must be at least 4"),
+    ({"memory_format": "nhwc"}, "unknown memory format 'nhwc'; valid: contiguous, channels_last"),
 ]
 
 
@@ -308,6 +337,7 @@ BAD_ARGS = [
     (["--shape", "4,3,5"], "bad shape '4,3,5'"),
     (["--shape", "4,three,5,5"], "bad shape"),
     (["--dtype", "int8"], "unknown dtype"),
+    (["--memory-format", "auto"], "unknown memory format 'auto'"),
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--device", "cpu", "--impl", "triton"], "cannot run here"),
 ]
