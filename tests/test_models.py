@@ -164,6 +164,11 @@ def test_set_memory_format_runs_every_activation_in_the_layout(layout, channels)
     )
 
 
+def test_set_memory_format_refuses_an_unknown_layout():
+    with pytest.raises(ValueError, match="unknown layout 'auto'; valid: contiguous, channels_last"):
+        set_memory_format(_build("small_cnn", "custom_bn"), "auto")
+
+
 def test_set_memory_format_keeps_results_and_state_dict():
     torch.manual_seed(0)
     nets = {}

@@ -66,7 +66,10 @@ def set_memory_format(model, layout: str) -> None:
     convolutions and pooling keep their input's layout. The inputs are converted by a
     forward pre-hook, so every caller (training, evaluation, the batch-statistics
     measures) feeds the model alike; the state_dict is the same in either layout."""
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    if layout not in formats:
+        raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(formats)}")
+    fmt = formats[layout]
     model.to(memory_format=fmt)
     model.register_forward_pre_hook(functools.partial(_inputs_in, fmt))
 
