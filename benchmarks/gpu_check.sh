@@ -164,12 +164,13 @@ rm -rf "$runs"
 echo "== 4. small_cnn at 28x28 on ${DEVICE}: custom_bn vs torch_bn, both memory layouts" |
   tee -a "$OUT/summary.txt"
 start=$SECONDS
-step layout "$LIMIT_LAYOUT" "$PY" benchmarks/norm_speed.py --synthetic-mnist 6000 --epochs 1 \
-  --repeats 2 --batch-sizes 128 --override device="$DEVICE" --norms \
+# COLUMNS: rich's table as wide as the variants' names, one line a row
+COLUMNS=160 step layout "$LIMIT_LAYOUT" "$PY" benchmarks/norm_speed.py --synthetic-mnist 6000 \
+  --epochs 1 --repeats 2 --batch-sizes 128 --override device="$DEVICE" --norms \
   torch_bn:memory_format=contiguous custom_bn:memory_format=contiguous \
   torch_bn:memory_format=channels_last custom_bn:memory_format=channels_last \
   >"$OUT/layout.txt" 2>&1
-tail -12 "$OUT/layout.txt" | tee -a "$OUT/summary.txt"
+tail -9 "$OUT/layout.txt" | tee -a "$OUT/summary.txt"
 echo "(layout: $((SECONDS - start)) s)" | tee -a "$OUT/summary.txt"
 
 echo "gpu_check: exit $status; figures in $OUT" | tee -a "$OUT/summary.txt"
