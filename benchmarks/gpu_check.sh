@@ -170,7 +170,7 @@ COLUMNS=160 step layout "$LIMIT_LAYOUT" "$PY" benchmarks/norm_speed.py --synthet
   torch_bn:memory_format=contiguous custom_bn:memory_format=contiguous \
   torch_bn:memory_format=channels_last custom_bn:memory_format=channels_last \
   >"$OUT/layout.txt" 2>&1
-tail -9 "$OUT/layout.txt" | tee -a "$OUT/summary.txt"
+tail -11 "$OUT/layout.txt" | tee -a "$OUT/summary.txt"
 echo "(layout: $((SECONDS - start)) s)" | tee -a "$OUT/summary.txt"
 
 echo "gpu_check: exit $status; figures in $OUT" | tee -a "$OUT/summary.txt"
