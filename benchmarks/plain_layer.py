@@ -15,7 +15,11 @@ normbench's own kernels reuse their freed outputs (the output pool of batchnorm_
 ``NORMBENCH_KERNEL_POOL_BYTES``; ``0`` switches it off, to time the layer without it); the
 caption gives the pool's limit.
 
+``--memory-format channels_last`` hands both layers NHWC input (and gradient), as a model
+converted with ``model.to(memory_format=torch.channels_last)`` does.
+
 Usage: python benchmarks/plain_layer.py [--shape 128,16,32,32 ...] [--repeats 60]
+       [--memory-format contiguous|channels_last]
 """
 
 from __future__ import annotations
@@ -34,13 +38,16 @@ from normbench.kernels import ops
 from normbench.norms import BatchNorm2d
 
 SHAPES = ["128,16,32,32", "128,32,16,16", "128,64,8,8", "256,32,16,16", "2,16,32,32"]
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def time_steps(shape: tuple[int, ...], repeats: int, warmup: int = 5) -> dict[str, float]:
+def time_steps(
+    shape: tuple[int, ...], repeats: int, warmup: int = 5, layout=torch.contiguous_format
+) -> dict[str, float]:
     channels = shape[1]
     layers = {"normbench": BatchNorm2d(channels), "torch": torch.nn.BatchNorm2d(channels)}
-    x = torch.randn(shape, requires_grad=True)
-    dy = torch.randn(shape)
+    x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_()
+    dy = torch.randn(shape).contiguous(memory_format=layout)
 
     def clear() -> None:
         x.grad = None
@@ -60,9 +67,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", nargs="+", default=SHAPES)
     parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--memory-format", choices=sorted(LAYOUTS), default="contiguous")
     args = parser.parse_args()
+    layout = LAYOUTS[args.memory_format]
     table = Table(
-        title="training step after a 16 MB read, no allocator tuning: median ms",
+        title=f"training step after a 16 MB read, no allocator tuning, {args.memory_format}: "
+        "median ms",
         box=box.SIMPLE_HEAD,
     )
     for column in ("threads", "shape", "normbench", "torch", "speedup", "GB/s", "%mem"):
@@ -76,7 +86,7 @@ def main() -> None:
         for text in args.shape:
             shape = tuple(int(s) for s in text.split(","))
             torch.set_num_threads(threads)
-            rows.append((threads, shape, time_steps(shape, args.repeats)))
+            rows.append((threads, shape, time_steps(shape, args.repeats, layout=layout)))
             torch.set_num_threads(all_threads)
             machine.append(machine_copy_gbps())
     for row, (threads, shape, ms) in enumerate(rows):
