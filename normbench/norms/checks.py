@@ -137,7 +137,8 @@ def _gradients(cls) -> str:
 
 def _channels_last(cls) -> str:
     """A layer that says it prefers channels_last (``memory_format=auto`` then runs the
-    models so) computes on channels_last input what it computes on contiguous input."""
+    models so) computes on channels_last input what it computes on contiguous input: the
+    training output, the input's gradient, and the eval output after that step."""
     if not getattr(cls, "prefers_channels_last", False):
         return "not declared (prefers_channels_last): memory_format=auto keeps models contiguous"
     runs = []
@@ -145,17 +146,18 @@ def _channels_last(cls) -> str:
         torch.manual_seed(0)
         layer = _builds(cls).double().train()
         torch.manual_seed(1)
-        x = (torch.randn(IMAGES, dtype=torch.float64) * 2 + 1).contiguous(memory_format=fmt)
-        x.requires_grad_()
+        x = torch.randn(IMAGES, dtype=torch.float64) * 2 + 1
+        # random, not a per-channel constant, which has no gradient through a BatchNorm
+        dy = torch.randn(IMAGES, dtype=torch.float64)
+        x = x.contiguous(memory_format=fmt).requires_grad_()
         y = layer(x)
-        (y * torch.ones_like(y).cumsum(1)).sum().backward()
-        runs.append((y.detach(), x.grad))
-    (y0, dx0), (y1, dx1) = runs
-    if not torch.allclose(y1, y0, rtol=1e-9, atol=1e-12):
-        raise AssertionError("on channels_last input the output differs from contiguous input's")
-    if not torch.allclose(dx1, dx0, rtol=1e-9, atol=1e-12):
-        raise AssertionError("on channels_last input the input's gradient differs")
-    return "channels_last input: the same output and gradient (float64)"
+        y.backward(dy.contiguous(memory_format=fmt))
+        with torch.no_grad():
+            runs.append((y.detach(), x.grad, layer.eval()(x)))
+    for what, first, last in zip(("output", "input's gradient", "eval output"), *runs, strict=True):
+        if not torch.allclose(last, first, rtol=1e-9, atol=1e-12):
+            raise AssertionError(f"on channels_last input the {what} differs from contiguous's")
+    return "channels_last input: the same outputs and gradient (float64)"
 
 
 def _models(cls) -> str:
