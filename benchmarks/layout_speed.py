@@ -10,6 +10,7 @@ Reports each layout's median step time and the median of the per-repeat ratios
 
 Usage: python benchmarks/layout_speed.py [--model small_cnn] [--batch-size 128]
        [--image-size 28] [--channels 1] [--norms custom_bn torch_bn ...] [--repeats 10]
+       [--threads N]   (torch.set_num_threads; default: torch's, every core)
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--norms", nargs="+", default=None, help="default: every variant")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     norms = args.norms or norm_names()
 
     torch.manual_seed(0)
