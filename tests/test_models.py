@@ -169,19 +169,24 @@ def test_set_memory_format_refuses_an_unknown_layout():
         set_memory_format(_build("small_cnn", "custom_bn"), "auto")
 
 
-def test_set_memory_format_keeps_results_and_state_dict():
-    torch.manual_seed(0)
+@pytest.mark.parametrize("model", ["small_cnn", "resnet20", "mlp"])
+def test_set_memory_format_keeps_results_gradients_and_state_dict(model):
     nets = {}
     for layout in ("contiguous", "channels_last"):
         torch.manual_seed(0)
-        net = _build("small_cnn", "custom_bn", (3, 12, 12)).double()
+        net = _build(model, "custom_bn", (3, 12, 12)).double()
         set_memory_format(net, layout)
         nets[layout] = net
     x = torch.randn(6, 3, 12, 12, dtype=torch.float64)
     outs = {k: net(x) for k, net in nets.items()}
     torch.testing.assert_close(outs["channels_last"], outs["contiguous"], rtol=1e-10, atol=1e-12)
+    for out in outs.values():
+        out.square().sum().backward()
+    grads = [dict(net.named_parameters()) for net in nets.values()]
+    for name, p in grads[0].items():
+        torch.testing.assert_close(grads[1][name].grad, p.grad, rtol=1e-9, atol=1e-12)
     state = nets["channels_last"].state_dict()
     assert state.keys() == nets["contiguous"].state_dict().keys()
-    fresh = _build("small_cnn", "custom_bn", (3, 12, 12)).double()
+    fresh = _build(model, "custom_bn", (3, 12, 12)).double()
     fresh.load_state_dict(state)  # a checkpoint from either layout loads into the other
     torch.testing.assert_close(fresh.eval()(x), nets["channels_last"].eval()(x))
