@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from normbench.config import LAYOUTS
 from normbench.models import build_model, choose_memory_format, set_memory_format
 from normbench.norms import NormSpec, norm_names
-
-LAYOUTS = ("contiguous", "channels_last")
 
 
 def main() -> None:

@@ -34,11 +34,12 @@ from rich.console import Console
 from rich.table import Table
 
 from normbench.bench import copy_seconds, machine_copy_bytes
+from normbench.config import LAYOUTS
 from normbench.kernels import ops
+from normbench.models import torch_memory_format
 from normbench.norms import BatchNorm2d
 
 SHAPES = ["128,16,32,32", "128,32,16,16", "128,64,8,8", "256,32,16,16", "2,16,32,32"]
-LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def time_steps(
@@ -67,9 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", nargs="+", default=SHAPES)
     parser.add_argument("--repeats", type=int, default=60)
-    parser.add_argument("--memory-format", choices=sorted(LAYOUTS), default="contiguous")
+    parser.add_argument("--memory-format", choices=LAYOUTS, default="contiguous")
     args = parser.parse_args()
-    layout = LAYOUTS[args.memory_format]
+    layout = torch_memory_format(args.memory_format)
     table = Table(
         title=f"training step after a 16 MB read, no allocator tuning, {args.memory_format}: "
         "median ms",

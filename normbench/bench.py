@@ -81,6 +81,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from normbench.config import LAYOUTS
 from normbench.errors import UserError
 
 if TYPE_CHECKING:
@@ -103,8 +104,6 @@ DEFAULT_SHAPES: tuple[Shape, ...] = (
     (2, 16, 32, 32),
 )
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
-#: The inputs' layouts ``--memory-format`` takes (``memory_format`` of a run, less auto).
-MEMORY_FORMATS: tuple[str, ...] = ("contiguous", "channels_last")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 #: ~80 ms per repeat over the default shapes on a 2-core CPU: ~35 s in all.
 DEFAULT_REPEATS = 400
@@ -383,8 +382,8 @@ def settings(
         raise UserError(f"--threads must be at least 1, got {threads}")
     if machine_bytes is not None and machine_bytes < 4:
         raise UserError(f"machine_bytes must be at least 4, got {machine_bytes}")
-    if memory_format not in MEMORY_FORMATS:
-        valid = ", ".join(MEMORY_FORMATS)
+    if memory_format not in LAYOUTS:
+        valid = ", ".join(LAYOUTS)
         raise UserError(f"unknown memory format {memory_format!r}; valid: {valid}")
     resolved = _resolve_device(device)
     named = list(impls or ())
@@ -443,12 +442,6 @@ def _cpu_kernel_ready(progress: Progress, required: bool) -> bool:
     return False
 
 
-def _layout(memory_format: str):
-    import torch
-
-    return torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-
-
 def _units(
     impls: Sequence[str], shape: Shape, device: str, dtype: str, memory_format: str = "contiguous"
 ) -> dict[str, tuple]:
@@ -456,10 +449,11 @@ def _units(
     input and its gradient in ``memory_format``."""
     import torch
 
+    from normbench.models import torch_memory_format
     from normbench.norms import BatchNorm2d
 
     torch_dtype = getattr(torch, dtype)
-    fmt = _layout(memory_format)
+    fmt = torch_memory_format(memory_format)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=generator).to(device, torch_dtype, memory_format=fmt)
     x.requires_grad_()
@@ -622,12 +616,13 @@ def _plane_order(config: Settings, shape: Shape) -> str | None:
     import torch
 
     from normbench.kernels import ops
+    from normbench.models import torch_memory_format
 
     library = ops.library() if "cpu" in config.impls else None
     if library is None:
         return None
-    x = torch.empty(shape, dtype=getattr(torch, config.dtype))
-    x = x.contiguous(memory_format=_layout(config.memory_format))
+    fmt = torch_memory_format(config.memory_format)
+    x = torch.empty(shape, dtype=getattr(torch, config.dtype), memory_format=fmt)
     return f"{library.plane_order(x)}/{library.plane_order(x, True)}"
 
 

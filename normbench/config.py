@@ -41,8 +41,11 @@ LR_SCALINGS = ("none", "linear", "sqrt")
 BUDGETS = ("epochs", "steps")
 SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
-#: ``memory_format``: auto picks one of the other two per run (models.choose_memory_format)
-MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+#: The memory layouts a run (``memory_format``) and ``normbench bench`` can use; their torch
+#: formats are ``models.torch_memory_format``'s.
+LAYOUTS = ("contiguous", "channels_last")
+#: ``memory_format``: auto picks one of LAYOUTS per run (models.choose_memory_format)
+MEMORY_FORMATS = ("auto", *LAYOUTS)
 
 
 def conf_dir() -> Path:

@@ -60,16 +60,21 @@ def choose_memory_format(setting: str, device: str, model, norm) -> str:
     return "channels_last" if faster else "contiguous"
 
 
+def torch_memory_format(layout: str) -> torch.memory_format:
+    """torch's memory format for a layout's name (``config.LAYOUTS``)."""
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    if layout not in formats:
+        raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(formats)}")
+    return formats[layout]
+
+
 def set_memory_format(model, layout: str) -> None:
     """Put ``model``'s 4-d weights, and the 4-d inputs it is given, in ``layout``
     (``contiguous`` or ``channels_last``); the activations in between follow, as torch's
     convolutions and pooling keep their input's layout. The inputs are converted by a
     forward pre-hook, so every caller (training, evaluation, the batch-statistics
     measures) feeds the model alike; the state_dict is the same in either layout."""
-    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-    if layout not in formats:
-        raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(formats)}")
-    fmt = formats[layout]
+    fmt = torch_memory_format(layout)
     model.to(memory_format=fmt)
     model.register_forward_pre_hook(functools.partial(_inputs_in, fmt))
 
