@@ -365,3 +365,61 @@ def test_a_bad_kernel_setting_is_refused_before_any_work(
     result = cli.invoke(app, args)
     assert_one_line_error(result, expected)
     assert tree(tmp_path) == {}
+
+
+# ------------------------------------------- user text is shown as text, never as markup
+
+# rich reads "[/x]" as a closing tag (MarkupError), "[old]" as a style (the text vanished).
+MARKUP = "[/x]"
+
+
+@pytest.fixture(scope="module")
+def tiny_experiment(tmp_path_factory) -> Path:
+    """One real tiny run's experiment folder (copied by the tests that write into it)."""
+    out = tmp_path_factory.mktemp("text") / "results"
+    assert cli.invoke(app, ["run", f"out_dir={out}", *TINY]).exit_code == 0
+    return out / "default"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", f"norm='{MARKUP}'"],
+        ["run", f"name='{MARKUP}'"],
+        ["run", f"lr='{MARKUP}'"],
+        ["run", "out_dir='taken[/x]'"],  # "taken[" is a file: the folder cannot be made
+        ["sweep", f"norm='{MARKUP}',layer"],
+        ["config", f"norm='{MARKUP}'"],
+        ["check-norm", MARKUP],
+        ["--config-dir", MARKUP, "list"],
+        ["results", "EXPERIMENT", "--select", MARKUP],
+        ["results", "EXPERIMENT", "--group-by", MARKUP],
+        ["results", "EXPERIMENT", "--baseline", MARKUP],
+        ["results", MARKUP],
+    ],
+    ids=lambda args: " ".join(args),
+)
+def test_markup_in_user_text_is_one_line_shown_literally(
+    tmp_path, monkeypatch, tiny_experiment, args
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken[").write_text("")
+    experiment = shutil.copytree(tiny_experiment, tmp_path / "exp")
+    before = tree(tmp_path)
+    args = [str(experiment) if a == "EXPERIMENT" else a for a in args]
+    result = cli.invoke(app, [*args, *(TINY if args[0] in ("run", "sweep") else [])])
+    assert_one_line_error(result, "[/x]")
+    assert tree(tmp_path) == before
+
+
+def test_a_missing_folder_is_named_with_its_brackets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli.invoke(app, ["results", "results/exp[old]/x"])
+    assert_one_line_error(result, "results/exp[old]/x: no such folder")
+
+
+def test_an_out_dir_with_brackets_is_printed_as_it_is(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli.invoke(app, ["run", f"out_dir='{MARKUP}'", "name='exp[old]'", *TINY])
+    assert result.exit_code == 0, result.output
+    assert " · [/x]/exp[old]/runs/" in result.stdout
