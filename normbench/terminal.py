@@ -77,8 +77,9 @@ def text(value: Any, style: str = "", *, newlines: bool = False) -> Text:
 def line(prefix: str, message: Any, style: str = "", *, newlines: bool = False) -> Text:
     """``prefix`` (normbench's own word, styled) followed by a cleaned message:
     ``line("error:", err, "bold red")``."""
-    shown = Text(prefix, style=style) if prefix else Text()
-    if prefix:
+    shown = Text()
+    if prefix:  # the prefix's style is its own (a Text's style would cover the message too)
+        shown.append(prefix, style=style or None)
         shown.append(" ")
     shown.append(clean(message, newlines=newlines))
     return shown
