@@ -13,12 +13,15 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from normbench import terminal
 from normbench.bench import DEFAULT_OUT, DEFAULT_REPEATS, DEFAULT_SHAPES, DEFAULT_WARMUP
 from normbench.errors import UserError
+
+# typer parses with its own copy of click (typer 0.2x; click itself before, which is not
+# otherwise installed now): the errors it prints for a bad command line are that copy's.
+_ParseError = (getattr(typer.core, "_click", None) or typer.core.click).ClickException
 
 
 class _Group(typer.core.TyperGroup):
@@ -29,17 +32,17 @@ class _Group(typer.core.TyperGroup):
     def make_context(self, *args, **kwargs):
         try:
             return super().make_context(*args, **kwargs)
-        except click.ClickException as error:
+        except _ParseError as error:
             raise _cleaned(error) from None
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except click.ClickException as error:
+        except _ParseError as error:
             raise _cleaned(error) from None
 
 
-def _cleaned(error: click.ClickException) -> click.ClickException:
+def _cleaned(error: Exception) -> Exception:
     """``error`` with its message (however its class composes it) cleaned."""
     message = terminal.clean(error.format_message())
     error.format_message = lambda: message  # an instance's, for typer's and click's printers
@@ -443,6 +446,7 @@ def check_norm(
 
 
 @app.command(name="list")
+@user_errors
 def list_options() -> None:
     """List the available options of every config group."""
     from rich.table import Table

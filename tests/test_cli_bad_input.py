@@ -536,3 +536,27 @@ def test_a_users_norm_failing_with_escapes_is_shown_escaped_by_check_norm(tmp_pa
     assert_inert(result.stdout)
     assert_inert(result.stderr)
     assert f"ValueError: {SHOWN}[/x]".encode() in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, quoted",
+    [
+        ([f"results{HOSTILE}"], f"No such command 'results{SHOWN}'"),
+        (["results", f"--x{HOSTILE}"], f"No such option: --x{SHOWN}"),
+        (["list", HOSTILE], f"Got unexpected extra argument(s) ({SHOWN})"),
+        (["bench", "--repeats", HOSTILE], "Invalid value for '--repeats'"),
+    ],
+    ids=["command", "option", "argument", "value"],
+)
+def test_what_the_command_line_parser_quotes_is_escaped(args, quoted):
+    result = cli.invoke(app, args)
+    assert result.exit_code == 2
+    assert_inert(result.stdout_bytes + result.stderr_bytes)
+    assert quoted in result.output
+
+
+def test_an_environment_variables_value_is_escaped_in_its_error(monkeypatch):
+    monkeypatch.setenv("NORMBENCH_KERNEL_ISA", HOSTILE)
+    result = cli.invoke(app, ["check-norm", "custom_bn"])
+    assert_one_line_error(result, "NORMBENCH_KERNEL_ISA=")
+    assert_inert(result.stderr_bytes)
