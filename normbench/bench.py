@@ -88,6 +88,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
 Shape = tuple[int, int, int, int]
 
@@ -176,8 +177,9 @@ class Progress(Protocol):
     def advance(self) -> None:
         """One round done: every implementation ran once at every shape."""
 
-    def note(self, message: str) -> None:
-        """Something the user should know: an implementation left out, and why."""
+    def note(self, message: str | Text) -> None:
+        """Something the user should know: an implementation left out, and why (a rich
+        Text where normbench styles its own words; the rest cleaned)."""
 
 
 class _Silent:
@@ -190,7 +192,7 @@ class _Silent:
     def advance(self) -> None:
         pass
 
-    def note(self, message: str) -> None:
+    def note(self, message: str | Text) -> None:
         pass
 
 
@@ -198,7 +200,6 @@ class RichProgress:
     """A :class:`Progress` drawn with rich: a spinner with the phase, and a bar over the rounds."""
 
     def __init__(self, console: Console | None = None):
-        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -208,13 +209,15 @@ class RichProgress:
             TimeRemainingColumn,
         )
 
+        from normbench import terminal
+
         self.progress = Progress(
             SpinnerColumn(),
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
-            console=console or Console(stderr=True),
+            console=console or terminal.Console(stderr=True),
             transient=True,
         )
         self.task = self.progress.add_task("starting", total=None)
@@ -235,7 +238,7 @@ class RichProgress:
     def advance(self) -> None:
         self.progress.advance(self.task)
 
-    def note(self, message: str) -> None:
+    def note(self, message: str | Text) -> None:
         self.progress.console.print(message)
 
 
@@ -438,7 +441,9 @@ def _cpu_kernel_ready(progress: Progress, required: bool) -> bool:
     why = f"the C++ kernel could not be compiled ({cpu.failure()})"
     if required:
         raise UserError(f"impl 'cpu' cannot run here: {why}")
-    progress.note(f"[yellow]cpu left out[/]: {why}")
+    from normbench import terminal
+
+    progress.note(terminal.styled(("cpu left out", "yellow"), f": {why}"))
     return False
 
 
@@ -522,12 +527,14 @@ def measure(config: Settings, progress: Progress | None = None) -> pd.DataFrame:
     import pandas as pd
     import torch
 
+    from normbench import terminal
+
     progress = progress or _Silent()
     impls = config.impls
     if "cpu" in impls and not _cpu_kernel_ready(progress, required=config.named):
         impls = tuple(i for i in impls if i != "cpu")
     for impl, why in config.skipped:
-        progress.note(f"[dim]{impl} left out: {why}[/]")
+        progress.note(terminal.text(f"{impl} left out: {why}", "dim"))
     cuda = config.device == "cuda"
 
     def sync() -> None:

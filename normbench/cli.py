@@ -14,12 +14,43 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from normbench import terminal
 from normbench.bench import DEFAULT_OUT, DEFAULT_REPEATS, DEFAULT_SHAPES, DEFAULT_WARMUP
 from normbench.errors import UserError
 
+# typer parses with its own copy of click (typer 0.2x; click itself before, which is not
+# otherwise installed now): the errors it prints for a bad command line are that copy's.
+_ParseError = (getattr(typer.core, "_click", None) or typer.core.click).ClickException
+
+
+class _Group(typer.core.TyperGroup):
+    """normbench's commands, whose parsing errors (click's: an unknown option or command,
+    a bad value) show what was typed cleaned (:func:`terminal.clean`): click quotes it as
+    it came, and typer escapes ASCII control characters only."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except _ParseError as error:
+            raise _cleaned(error) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _ParseError as error:
+            raise _cleaned(error) from None
+
+
+def _cleaned(error: Exception) -> Exception:
+    """``error`` with its message (however its class composes it) cleaned."""
+    message = terminal.clean(error.format_message())
+    error.format_message = lambda: message  # an instance's, for typer's and click's printers
+    return error
+
+
 app = typer.Typer(
+    cls=_Group,
     help="normbench: an experiment runner for normalization studies.\n\n"
     "Settings are Hydra overrides: `normbench run norm=layer batch_size=8 lr=0.05`.",
     no_args_is_help=True,
@@ -76,18 +107,36 @@ def main(
     ] = False,
 ) -> None:
     """normbench: an experiment runner for normalization studies."""
+    import warnings
+
     from normbench.config import add_config_dir
+
+    # A warning may quote a user's value or a compiler's output: shown cleaned, as text.
+    warnings.showwarning = terminal.show_warning
 
     try:
         for folder in config_dir or []:
             add_config_dir(folder)
     except UserError as error:
-        err.print(f"[bold red]error:[/] {error}")
+        fail(error)
         raise typer.Exit(2) from None
 
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Every string printed through these is shown as text, control characters escaped
+# (terminal.Console); normbench's own words come styled as rich Text.
+out = terminal.Console(soft_wrap=True)
+err = terminal.Console(stderr=True, soft_wrap=True)
+
+
+def fail(error: object) -> None:
+    """A user's mistake as one line on stderr: ``error: ...``."""
+    err.print(terminal.line("error:", error, "bold red"))
+
+
+def warn(message: object) -> None:
+    """A warning as one line on stderr (a skipped run folder, a selection not made)."""
+    err.print(terminal.line("warning:", message))
+
 
 Overrides = Annotated[
     list[str] | None,
@@ -107,7 +156,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except UserError as error:
-            err.print(f"[bold red]error:[/] {error}")
+            fail(error)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -152,7 +201,7 @@ def run(
     if outcome.skipped:
         out.print(f"already done ({summary['status']}), skipped; --force reruns it")
     if summary["status"] == "diverged":
-        out.print(f"[yellow]diverged[/]: {summary['error']} · {where}")
+        out.print(terminal.styled(("diverged", "yellow"), f": {summary['error']} · {where}"))
         return
     chosen = summary.get("test_acc_at_best_val")
     at_best = (
@@ -189,7 +238,7 @@ def sweep(
         f"{len(plan.to_run)} to run"
     )
     for job in plan.elsewhere[:3]:
-        err.print(f"  {job.run_id}: {job.busy.describe()}", markup=False)
+        err.print(f"  {job.run_id}: {job.busy.describe()}")
     try:
         with sweeps.SweepProgress(plan, console=err) as progress:
             sweeps.launch(plan, display=progress)
@@ -208,7 +257,7 @@ def sweep(
         raise UserError(f"the scheduler refused the sweep's jobs: {plan.launcher_error}")
     counts = plan.outcome()
     if plan.launcher_error:
-        err.print(f"sweep: the launcher failed: {plan.launcher_error}", markup=False)
+        err.print(f"sweep: the launcher failed: {plan.launcher_error}")
     _report_experiments(plan)
     shown = ("completed", "skipped", "diverged", "failed", "interrupted")
     out.print(
@@ -236,12 +285,9 @@ def _report_experiments(sweep_plan) -> None:
     select = list(settings.select) if settings is not None and settings.select else None
     baseline = settings.baseline if settings is not None else None
 
-    def warn(message: str) -> None:
-        err.print(f"warning: {message}", markup=False)
-
     for folder in sweep_plan.experiment_dirs:
         if not (folder / "runs").is_dir():  # every job was lost before its run began
-            err.print(f"{folder}: no runs yet, no tables", markup=False)
+            err.print(f"{folder}: no runs yet, no tables")
             continue
         try:
             printed = list(results.report([folder], warn=warn, select=select, baseline=baseline))
@@ -254,7 +300,7 @@ def _report_experiments(sweep_plan) -> None:
             for path in plots.plot_experiment(folder):
                 out.print(f"wrote {path}")
         except plots.NothingToPlot as error:
-            err.print(f"[yellow]no plots[/]: {error}")
+            err.print(terminal.styled(("no plots", "yellow"), f": {error}"))
 
 
 @app.command()
@@ -313,9 +359,6 @@ def results(
     experiment, and print mean ± std of test accuracy over seeds per group."""
     from normbench.results import report
 
-    def warn(message: str) -> None:
-        err.print(f"warning: {message}", markup=False)
-
     printed = report(dirs, group_by, warn=warn, select=select, baseline=baseline, compare=compare)
     for renderable in printed:
         out.print(renderable)
@@ -325,12 +368,10 @@ def results(
 @user_errors
 def config(overrides: Overrides = None) -> None:
     """Print the composed config as YAML."""
-    from omegaconf import OmegaConf
-
     from normbench.config import compose
 
     cfg = compose(overrides or [])
-    sys.stdout.write(OmegaConf.to_yaml(cfg, resolve=True))
+    sys.stdout.write(terminal.yaml(cfg))
 
 
 @app.command()
@@ -351,11 +392,8 @@ def plot(
     statistics at inference."""
     from normbench.plots import plot_experiments
 
-    def warn(message: str) -> None:
-        err.print(f"warning: {message}", markup=False)
-
     for path in plot_experiments(dirs, warn=warn):
-        out.print(str(path), markup=False)
+        out.print(str(path))
 
 
 @app.command(name="check-norm")
@@ -374,8 +412,8 @@ def check_norm(
     builds from (num_channels), keeps shape and dtype in training and eval, survives a
     state_dict round trip, passes gradients to every parameter and works in a model.
     Exit status 1 when a check fails."""
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     from normbench.norms.checks import check_norm as run_checks
     from normbench.norms.registry import _REGISTRY, entry_point_norms, load_class
@@ -390,27 +428,27 @@ def check_norm(
     else:
         raise UserError(f"{target!r} is neither a dotted class path nor a norm's name")
     results = run_checks(cls)
-    table = Table(title=f"normbench check-norm {escape(target)}")
+    table = Table(title=f"normbench check-norm {target}")
     table.add_column("check", style="bold")
     table.add_column("result")
     table.add_column("detail")
     for result in results:
-        mark = "[green]passed[/]" if result.passed else "[bold red]FAILED[/]"
-        table.add_row(result.name, mark, escape(result.detail))
+        mark = Text("passed", "green") if result.passed else Text("FAILED", "bold red")
+        table.add_row(result.name, mark, result.detail)
     out.print(table)
     failed = [r for r in results if not r.passed]
     if failed:
         for result in failed:  # whole lines, as the table may wrap them
-            err.print(f"FAILED {result.name}: {result.detail}", markup=False, soft_wrap=True)
-        err.print(f"[bold red]{len(failed)} of {len(results)} checks failed[/]")
+            err.print(f"FAILED {result.name}: {result.detail}", soft_wrap=True)
+        err.print(terminal.styled((f"{len(failed)} of {len(results)} checks failed", "bold red")))
         raise typer.Exit(1)
     out.print(f"all {len(results)} checks passed: norm={target} is ready for a sweep")
 
 
 @app.command(name="list")
+@user_errors
 def list_options() -> None:
     """List the available options of every config group."""
-    from rich.markup import escape
     from rich.table import Table
 
     from normbench.config import default_options, describe_groups
@@ -423,7 +461,7 @@ def list_options() -> None:
     for group, options in describe_groups().items():
         for i, (option, description) in enumerate(options):
             marker = " *" if defaults.get(group) == option else ""
-            table.add_row(group if i == 0 else "", option + marker, escape(description))
+            table.add_row(group if i == 0 else "", option + marker, description)
         table.add_section()
     out.print(table)
 

@@ -128,7 +128,7 @@ def default_options() -> dict[str, str]:
 
 
 def _description(path: Path) -> str:
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():  # shown only: never fails
         text = line.lstrip("# ").strip()
         if line.startswith("#") and text and not text.startswith("@package"):
             return text

@@ -226,9 +226,11 @@ def _submit(executor, launcher, arguments) -> list:
                 raise SubmissionRefused(_scheduler_words(err)) from err
             if wait is None:
                 raise
+            from normbench.terminal import clean
+
+            why = clean(_scheduler_words(err))  # the scheduler's words, shown as text
             print(
-                f"sweep: submission refused ({_scheduler_words(err)}); "
-                f"trying again in {wait:.0f} s",
+                f"sweep: submission refused ({why}); trying again in {wait:.0f} s",
                 file=sys.stderr,
             )
             time.sleep(wait)

@@ -1,10 +1,12 @@
-"""A rich progress bar for one training run: epoch, step, loss, throughput, test accuracy."""
+"""A rich progress bar for one training run: epoch, step, loss, throughput, test accuracy.
+
+The run's label holds a user's values (a norm's name), so it is cleaned and shown as
+text (:mod:`normbench.terminal`), never as markup."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -13,22 +15,23 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from normbench import terminal
+
 
 class RunProgress:
     """The training loop's callbacks, drawn as one bar over all the run's steps."""
 
-    def __init__(self, label: str, console: Console | None = None):
-        self.label = label
+    def __init__(self, label: str, console: terminal.Console | None = None):
+        self.label = terminal.clean(label)
         self.progress = Progress(
-            TextColumn(
-                "[bold]{task.description}[/] epoch {task.fields[epoch]}/{task.fields[epochs]}"
-            ),
+            TextColumn("{task.description}", style="bold", markup=False),
+            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}", markup=False),
             BarColumn(bar_width=None),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f} {task.fields[img_s]:,.0f} img/s"),
             TextColumn("test {task.fields[test_acc]}"),
             TimeRemainingColumn(),
-            console=console or Console(stderr=True),
+            console=console or terminal.Console(stderr=True),
             expand=True,
         )
         self.task = None

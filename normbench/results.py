@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from normbench import terminal
 from normbench.errors import UserError
 
 #: Columns of every ``metrics.csv``: one row per (run, epoch, split, metric).
@@ -1012,19 +1013,31 @@ def summary_table(
     CI of its mean as [low, high]; with one run there is no std or CI, with none "–". With
     a baseline variant, the difference to it (percentage points, 95% CI, Welch's p).
     Diverged and failed counts get columns when any run did. (Best accuracies are in
-    summary.csv; the table stays narrow enough for a terminal.)"""
+    summary.csv; the table stays narrow enough for a terminal.) Keys, values and the
+    title come from run folders: they are shown as text, cleaned (:mod:`normbench.terminal`)."""
     from rich import box
-    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=escape(title), box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table = Table(
+        title=terminal.text(title, "table.title"),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     for key in keys:
         numeric = key in summary and pd.api.types.is_numeric_dtype(summary[key])
         justify = "right" if numeric and not pd.api.types.is_bool_dtype(summary[key]) else "left"
         # keys are never cut short: the numbers beside them wrap instead
-        width = max([len(short_key(key))] + [len(_format_value(v)) for v in summary.get(key, [])])
+        width = max(
+            [len(terminal.clean(short_key(key)))]
+            + [len(terminal.clean(_format_value(v))) for v in summary.get(key, [])]
+        )
         table.add_column(
-            escape(short_key(key)), style="bold", no_wrap=True, justify=justify, min_width=width
+            terminal.text(short_key(key)),
+            style="bold",
+            no_wrap=True,
+            justify=justify,
+            min_width=width,
         )
     if not keys:
         table.add_column("runs", style="bold")
@@ -1034,25 +1047,25 @@ def summary_table(
     baselines = summary["baseline"].dropna().unique() if "baseline" in summary else []
     baseline = baselines[0] if len(baselines) and "norm.name" in keys else None
     if baseline is not None:
-        table.add_column(f"Δ {baseline}", justify="right", no_wrap=True)
+        table.add_column(terminal.text(f"Δ {baseline}"), justify="right", no_wrap=True)
         caption = (f"{caption}; " if caption else "") + (
             f"Δ: difference to {baseline} in percentage points ± its 95% CI, p: Welch's "
             "t-test; – with fewer than two runs on a side"
         )
-    table.caption = caption
+    table.caption = terminal.text(caption, "table.caption") if caption else None
     counted = ("n_diverged", "n_failed", "n_interrupted")
     extra = [c for c in counted if c in summary and summary[c].sum() > 0]
     for column in extra:
         table.add_column(column.removeprefix("n_"), justify="right", style="yellow")
     for row in summary.to_dict("records"):
-        cells = [escape(_format_value(row[k])) for k in keys] or ["all"]
+        cells = [terminal.text(_format_value(row[k])) for k in keys] or ["all"]
         cells += [
             str(row["n"]),
             _percent(row["final_test_acc_mean"], row["final_test_acc_std"]),
             _interval(row["final_test_acc_mean"], row["final_test_acc_ci95"]),
         ]
         if baseline is not None:
-            cells.append(_difference(row, baseline))
+            cells.append(terminal.text(_difference(row, baseline)))
         cells += [str(row[c]) for c in extra]
         table.add_row(*cells)
     return table
@@ -1063,17 +1076,21 @@ def selection_table(selection: pd.DataFrame, title: str):
     value chosen, n, the validation accuracy that chose it and the test accuracy there
     (at each run's best validation epoch: mean ± std, 95% CI)."""
     from rich import box
-    from rich.markup import escape
     from rich.table import Table
 
     from normbench.comparisons import selection_keys
 
-    table = Table(title=escape(title), box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table = Table(
+        title=terminal.text(title, "table.title"),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     keys = selection_keys(selection)
     tuned = set(str(selection["tuned"].iloc[0]).split(",")) if len(selection) else set()
     for key in keys:
         style = "bold cyan" if key in tuned else "bold"
-        table.add_column(escape(short_key(key)), style=style, no_wrap=True)
+        table.add_column(terminal.text(short_key(key)), style=style, no_wrap=True)
     table.add_column("n", justify="right")
     table.add_column("val acc %", justify="right")
     table.add_column("test acc %", justify="right", no_wrap=True)
@@ -1081,7 +1098,7 @@ def selection_table(selection: pd.DataFrame, title: str):
     for row in selection.to_dict("records"):
         test = "test_acc_at_best_val"
         table.add_row(
-            *[escape(_format_value(row[k])) for k in keys],
+            *[terminal.text(_format_value(row[k])) for k in keys],
             str(row["n"]),
             f"{100 * row['best_val_acc_mean']:.2f}",
             _percent(row[f"{test}_mean"], row[f"{test}_std"]),

@@ -286,7 +286,9 @@ def run_job(cfg) -> str:
         if os.environ.get(DRIVER_ENV) not in (None, str(os.getpid())):
             # A job in a process of its own (cluster, worker): its run is recorded; end the
             # process with one line rather than a traceback in the job's log.
-            print(f"normbench: {run_dir(cfg)}: {interrupts.reason(stop)}", file=sys.stderr)
+            from normbench.terminal import clean
+
+            print(clean(f"normbench: {run_dir(cfg)}: {interrupts.reason(stop)}"), file=sys.stderr)
             raise SystemExit(1) from None
         raise
     except Exception as error:  # recorded as failed (or interrupted); the sweep goes on
@@ -353,7 +355,6 @@ class SweepProgress:
     works for every launcher), and each in-process run's own bar."""
 
     def __init__(self, sweep_plan: Plan, console=None, poll_s: float = 1.0):
-        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -362,14 +363,16 @@ class SweepProgress:
             TimeElapsedColumn,
         )
 
+        from normbench import terminal
         from normbench.eta import SweepEta
 
         self.plan = sweep_plan
         done = [job for job in sweep_plan.jobs if sweep_plan.skipped(job)]
         self.eta = SweepEta(sweep_plan.to_run, done_before=done)
-        self.console = console or Console(stderr=True)
+        self.console = console or terminal.Console(stderr=True)
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
+            # descriptions hold a user's values (norm names): text, never markup
+            TextColumn("{task.description}", style="bold", markup=False),
             BarColumn(bar_width=None),
             MofNCompleteColumn(),
             TextColumn("{task.fields[unit]}"),
@@ -411,7 +414,10 @@ class SweepProgress:
     @contextlib.contextmanager
     def run_display(self, cfg) -> Iterator[Any]:
         """A bar for one run drawn inside the sweep's display; removed when it ends."""
-        bar = _RunBar(self.progress, f"{cfg.norm.name} bs={cfg.batch_size} seed={cfg.seed}")
+        from normbench.terminal import clean
+
+        label = clean(f"{cfg.norm.name} bs={cfg.batch_size} seed={cfg.seed}")
+        bar = _RunBar(self.progress, label)
         try:
             yield bar
         finally:

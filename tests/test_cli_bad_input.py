@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from normbench.cli import app
@@ -365,3 +368,195 @@ def test_a_bad_kernel_setting_is_refused_before_any_work(
     result = cli.invoke(app, args)
     assert_one_line_error(result, expected)
     assert tree(tmp_path) == {}
+
+
+# ------------------------------------------- user text is shown as text, never as markup
+
+# rich reads "[/x]" as a closing tag (MarkupError), "[old]" as a style (the text vanished).
+MARKUP = "[/x]"
+
+
+@pytest.fixture(scope="module")
+def tiny_experiment(tmp_path_factory) -> Path:
+    """One real tiny run's experiment folder (copied by the tests that write into it)."""
+    out = tmp_path_factory.mktemp("text") / "results"
+    assert cli.invoke(app, ["run", f"out_dir={out}", *TINY]).exit_code == 0
+    return out / "default"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", f"norm='{MARKUP}'"],
+        ["run", f"name='{MARKUP}'"],
+        ["run", f"lr='{MARKUP}'"],
+        ["run", "out_dir='taken[/x]'"],  # "taken[" is a file: the folder cannot be made
+        ["sweep", f"norm='{MARKUP}',layer"],
+        ["config", f"norm='{MARKUP}'"],
+        ["check-norm", MARKUP],
+        ["--config-dir", MARKUP, "list"],
+        ["results", "EXPERIMENT", "--select", MARKUP],
+        ["results", "EXPERIMENT", "--group-by", MARKUP],
+        ["results", "EXPERIMENT", "--baseline", MARKUP],
+        ["results", MARKUP],
+    ],
+    ids=lambda args: " ".join(args),
+)
+def test_markup_in_user_text_is_one_line_shown_literally(
+    tmp_path, monkeypatch, tiny_experiment, args
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken[").write_text("")
+    experiment = shutil.copytree(tiny_experiment, tmp_path / "exp")
+    before = tree(tmp_path)
+    args = [str(experiment) if a == "EXPERIMENT" else a for a in args]
+    result = cli.invoke(app, [*args, *(TINY if args[0] in ("run", "sweep") else [])])
+    assert_one_line_error(result, "[/x]")
+    assert tree(tmp_path) == before
+
+
+def test_a_missing_folder_is_named_with_its_brackets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli.invoke(app, ["results", "results/exp[old]/x"])
+    assert_one_line_error(result, "results/exp[old]/x: no such folder")
+
+
+def test_an_out_dir_with_brackets_is_printed_as_it_is(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli.invoke(app, ["run", f"out_dir='{MARKUP}'", "name='exp[old]'", *TINY])
+    assert result.exit_code == 0, result.output
+    assert " · [/x]/exp[old]/runs/" in result.stdout
+
+
+# ------------------------------------ a received folder's text is shown, escapes escaped
+
+# Set the window title, clear the screen, recolour what follows, reverse the text's
+# direction, and CSI in its one-byte C1 form; and how normbench shows it.
+HOSTILE = "\x1b]0;PWNED\x07\x1b[2J\x1b[31m\u202e\x9b"
+SHOWN = r"\x1b]0;PWNED\x07\x1b[2J\x1b[31m\u202e\x9b"
+SGR = re.compile(rb"\x1b\[[0-9;]*m")  # rich's own colours, where it writes as a terminal
+
+
+def assert_inert(raw: bytes) -> None:
+    """No control byte, C1 control or invisible formatting character in what was
+    written, outside rich's colour sequences."""
+    rest = SGR.sub(b"", raw).decode()
+    hidden = [c for c in rest if unicodedata.category(c) in {"Cc", "Cf", "Cs"} and c != "\n"]
+    assert not hidden, hidden
+
+
+RECEIVED_SWEEP = [*TINY, "norm=custom_bn,layer"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> Path:
+    """A real experiment of two tiny runs (custom_bn and layer)."""
+    out = tmp_path_factory.mktemp("received")
+    assert cli.invoke(app, ["sweep", f"out_dir={out}", *RECEIVED_SWEEP]).exit_code == 0
+    return out / "default"
+
+
+def _received(two_runs: Path, tmp_path: Path) -> Path:
+    """The two runs as a folder someone sent: hostile text in the norm's name, a config
+    value and a key's name (in one run's summary.json, in the other's config.yaml),
+    metrics.csv, and an unreadable run folder's name and status."""
+    experiment = shutil.copytree(two_runs, tmp_path / "default")
+    by_norm = {
+        json.loads((run / "summary.json").read_text())["norm"]: run
+        for run in (experiment / "runs").iterdir()
+    }
+    custom, layer = by_norm["custom_bn"], by_norm["layer"]
+    _edit(custom, **{"config.schedule.name": f"cos{HOSTILE}", f"config.key{HOSTILE}": 1})
+    with open(custom / "metrics.csv", "a") as metrics:
+        metrics.write(f"{custom.name},1,{HOSTILE},{HOSTILE},0.5\n")
+    # the layer run's config read from its config.yaml (a summary without config keys)
+    record = json.loads((layer / "summary.json").read_text())
+    record = {k: v for k, v in record.items() if not k.startswith("config.")}
+    (layer / "summary.json").write_text(json.dumps({**record, "norm": f"evil{HOSTILE}"}))
+    config = yaml.safe_load((layer / "config.yaml").read_text())
+    config["norm"]["name"] = f"evil{HOSTILE}"
+    config[f"key{HOSTILE}"] = 0
+    (layer / "config.yaml").write_text(yaml.safe_dump(config))
+    bad = experiment / "runs" / f"bad{HOSTILE}"
+    bad.mkdir()
+    (bad / "summary.json").write_text(json.dumps({"status": HOSTILE}))
+    return experiment
+
+
+@pytest.mark.parametrize("command", ["results", "plot", "sweep"])
+def test_a_received_folders_text_is_shown_escaped(two_runs, tmp_path, command):
+    experiment = _received(two_runs, tmp_path)
+    args = {
+        "results": ["results", str(experiment)],
+        "plot": ["plot", str(experiment)],
+        "sweep": ["sweep", f"out_dir={tmp_path}", *RECEIVED_SWEEP],  # done: its tables
+    }[command]
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert_inert(result.stdout_bytes)
+    assert_inert(result.stderr_bytes)
+    assert f"skipped {experiment}/runs/bad{SHOWN}:" in result.stderr  # the warning
+    if command != "plot":  # the tables
+        for shown in (f"evil{SHOWN}", f"cos{SHOWN}", f"key{SHOWN}"):
+            assert shown in result.stdout
+
+
+def test_a_received_folder_on_a_terminal_gets_only_richs_colours(two_runs, tmp_path):
+    experiment = _received(two_runs, tmp_path)
+    env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "300"}
+    result = subprocess.run(
+        [sys.executable, "-m", "normbench.cli", "results", str(experiment)],
+        capture_output=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert SGR.search(result.stdout)  # it wrote as to a terminal
+    assert_inert(result.stdout)
+    assert_inert(result.stderr)
+    assert f"evil{SHOWN}".encode() in result.stdout
+
+
+def test_a_users_norm_failing_with_escapes_is_shown_escaped_by_check_norm(tmp_path):
+    (tmp_path / "hostile_norm.py").write_text(
+        "import torch\n\n\n"
+        "class Hostile(torch.nn.Module):\n"
+        "    def __init__(self, num_channels):\n"
+        "        super().__init__()\n"
+        "        self.scale = torch.nn.Parameter(torch.ones(num_channels))\n\n"
+        "    def forward(self, x):\n"
+        f"        raise ValueError({HOSTILE!r} + '[/x]')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    result = subprocess.run(
+        [sys.executable, "-m", "normbench.cli", "check-norm", "hostile_norm.Hostile"],
+        capture_output=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert b"Traceback" not in result.stderr
+    assert_inert(result.stdout)
+    assert_inert(result.stderr)
+    assert f"ValueError: {SHOWN}[/x]".encode() in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, quoted",
+    [
+        ([f"results{HOSTILE}"], f"No such command 'results{SHOWN}'"),
+        (["results", f"--x{HOSTILE}"], f"No such option: --x{SHOWN}"),
+        (["list", HOSTILE], f"Got unexpected extra argument(s) ({SHOWN})"),
+        (["bench", "--repeats", HOSTILE], "Invalid value for '--repeats'"),
+    ],
+    ids=["command", "option", "argument", "value"],
+)
+def test_what_the_command_line_parser_quotes_is_escaped(args, quoted):
+    result = cli.invoke(app, args)
+    assert result.exit_code == 2
+    assert_inert(result.stdout_bytes + result.stderr_bytes)
+    assert quoted in result.output
+
+
+def test_an_environment_variables_value_is_escaped_in_its_error(monkeypatch):
+    monkeypatch.setenv("NORMBENCH_KERNEL_ISA", HOSTILE)
+    result = cli.invoke(app, ["check-norm", "custom_bn"])
+    assert_one_line_error(result, "NORMBENCH_KERNEL_ISA=")
+    assert_inert(result.stderr_bytes)

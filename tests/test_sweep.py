@@ -379,3 +379,29 @@ def test_every_preset_states_its_budget():
 
     for path in (conf_dir() / "experiment").glob("*.yaml"):
         assert "\nbudget: " in path.read_text(), f"{path.name} must say budget: epochs|steps"
+
+
+# ---------------------------------------------------------------------------- display
+
+
+def test_a_runs_bar_in_the_sweeps_display_shows_its_norm_as_text():
+    """A norm's name (a user's config) in a run's bar: escaped, never read as markup."""
+    import io
+    import re
+    import unicodedata
+
+    from normbench import terminal
+    from normbench.config import compose
+
+    cfg = compose(["norm=layer", "batch_size=8"])
+    cfg.norm.name = "evil\x1b]0;PWNED\x07\x1b[2J\u202e[/x]"
+    console = terminal.Console(file=io.StringIO(), force_terminal=True, width=200)
+    display = sweep.SweepProgress(sweep.Plan([]), console=console, poll_s=0.01)
+    with display, display.run_display(cfg) as bar:
+        bar.on_start(total_steps=10, epochs=2)
+        bar.on_step(5, 1, 0.25, 1000.0)
+        display.progress.refresh()
+    output = console.file.getvalue()
+    rest = re.sub(r"\x1b\[\??[0-9;]*[a-zA-Z]", "", output).replace("\r", "")  # rich's own
+    assert not [c for c in rest if unicodedata.category(c) in {"Cc", "Cf"} and c != "\n"]
+    assert r"evil\x1b]0;PWNED\x07\x1b[2J\u202e[/x] bs=8 seed=0 · epoch 1/2" in rest

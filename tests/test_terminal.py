@@ -1,0 +1,163 @@
+"""normbench.terminal: text from outside shown with its control and invisible characters
+escaped, and never read as rich markup; checked against Python's own escape decoder and
+Unicode's categories, and on a rich console that writes as a terminal does."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import unicodedata
+import warnings
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+from rich.table import Table
+
+from normbench import terminal
+
+# What a received results folder may hold: set the window title, clear the screen,
+# recolour what follows, reverse the text's direction, and CSI in its one-byte C1 form.
+HOSTILE = "\x1b]0;PWNED\x07\x1b[2J\x1b[31m\u202e\x9b"
+SHOWN = r"\x1b]0;PWNED\x07\x1b[2J\x1b[31m\u202e\x9b"
+
+# rich's own colours are SGR sequences (ESC [ ... m); anything else is not normbench's.
+SGR = re.compile(rb"\x1b\[[0-9;]*m")
+
+
+def assert_inert(raw: bytes) -> None:
+    """No control byte, C1 control or invisible formatting character outside rich's
+    colour sequences."""
+    rest = SGR.sub(b"", raw).decode()
+    hidden = [c for c in rest if unicodedata.category(c) in {"Cc", "Cf", "Cs"} and c != "\n"]
+    assert not hidden, hidden
+
+
+def terminal_console(**kwargs) -> terminal.Console:
+    return terminal.Console(file=io.StringIO(), force_terminal=True, width=200, **kwargs)
+
+
+def test_clean_writes_controls_as_python_escapes():
+    assert terminal.clean(HOSTILE) == SHOWN
+    assert terminal.clean("a\nb\r\tc\x00\x7f") == r"a\nb\r\tc\x00\x7f"
+    # read back by Python's own decoder, the escapes are the characters they stand for
+    assert terminal.clean(HOSTILE).encode("ascii").decode("unicode_escape") == HOSTILE
+
+
+def test_clean_keeps_line_breaks_only_when_asked():
+    assert terminal.clean("a\nb\x1b", newlines=True) == "a\nb\\x1b"
+    assert terminal.clean("a\n\u2028b", newlines=True) == "a\n\\u2028b"
+
+
+@pytest.mark.parametrize(
+    "char, shown",
+    [
+        ("\u202e", r"\u202e"),  # right-to-left override
+        ("\u2066", r"\u2066"),  # left-to-right isolate
+        ("\u200b", r"\u200b"),  # zero-width space
+        ("\u200d", r"\u200d"),  # zero-width joiner
+        ("\ufeff", r"\ufeff"),  # byte order mark
+        ("\u2028", r"\u2028"),  # line separator
+        ("\u061c", r"\u061c"),  # Arabic letter mark
+        ("\U000e0041", r"\U000e0041"),  # a tag character: invisible "A"
+        ("\x85", r"\x85"),  # next line (C1)
+        ("\ud800", r"\ud800"),  # a lone surrogate (JSON's "\ud800"): no encoding writes it
+        (os.fsdecode(b"\xff"), r"\xff"),  # an undecodable byte of a path: shown as that byte
+    ],
+)
+def test_clean_escapes_invisible_formatting_characters(char, shown):
+    assert terminal.clean(f"a{char}b") == f"a{shown}b"
+    terminal.clean(f"a{char}b").encode("utf-8")  # writable to any terminal
+
+
+def test_clean_leaves_ordinary_text_alone():
+    ordinary = "custom_bn ± 1.2 Δ – café 中文 😀 [/x] [red]x[/red] :warning: \\ 'q' \"q\""
+    assert terminal.clean(ordinary) == ordinary
+
+
+def test_clean_escapes_exactly_unicodes_control_format_surrogate_and_separator_characters():
+    hidden = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+    wrong = [
+        hex(code)
+        for code in range(0x110000)
+        if (terminal.clean(chr(code)) != chr(code)) != (unicodedata.category(chr(code)) in hidden)
+    ]
+    assert not wrong
+
+
+def test_text_and_line_are_never_markup():
+    console = terminal_console()
+    console.print(terminal.text("[/x] [red]red[/red] :warning:"))
+    console.print(terminal.line("error:", f"results/exp[old]/x {HOSTILE}", "bold red"))
+    shown = console.file.getvalue()
+    assert "[/x] [red]red[/red] :warning:" in shown
+    assert f"results/exp[old]/x {SHOWN}" in shown
+    assert_inert(shown.encode())
+
+
+def test_line_styles_its_prefix_only():
+    shown = terminal.line("error:", "[bold]x", "bold red")
+    assert shown.plain == "error: [bold]x"
+    assert [(span.start, span.end, str(span.style)) for span in shown.spans] == [(0, 6, "bold red")]
+    parts = terminal.styled(("diverged", "yellow"), f": {HOSTILE}")
+    assert parts.plain == f"diverged: {SHOWN}"
+    assert [(span.start, span.end, str(span.style)) for span in parts.spans] == [(0, 8, "yellow")]
+
+
+def test_console_shows_every_string_as_text():
+    """Strings printed, and strings inside a table (title, header, cell, caption), even
+    with markup asked for: literal, cleaned, and only rich's own colours as escapes."""
+    console = terminal_console()
+    console.print(f"[/x] {HOSTILE}", markup=True)
+    table = Table(title=f"[bold]title {HOSTILE}", caption=f"caption [/x] {HOSTILE}")
+    table.add_column(f"key {HOSTILE}", style="bold")
+    table.add_row(f"[red]value {HOSTILE}")
+    console.print(table)
+    shown = console.file.getvalue()
+    for literal in (
+        f"[/x] {SHOWN}",
+        f"[bold]title {SHOWN}",
+        f"key {SHOWN}",
+        f"[red]value {SHOWN}",
+        f"caption [/x] {SHOWN}",
+    ):
+        assert literal in shown
+    assert_inert(shown.encode())
+    assert SGR.search(shown.encode())  # it did write as a terminal: the header is bold
+
+
+def test_show_warning_cleans_pythons_format():
+    stream = io.StringIO()
+    terminal.show_warning(UserWarning(f"glyph {HOSTILE} missing"), UserWarning, "f.py", 3, stream)
+    assert stream.getvalue() == f"f.py:3: UserWarning: glyph {SHOWN} missing\n"
+    stream = io.StringIO()  # a multi-line warning keeps its lines
+    terminal.show_warning("a\nb", RuntimeWarning, "g.py", 1, stream, line="x = 1")
+    assert stream.getvalue() == "g.py:1: RuntimeWarning: a\nb\n  x = 1\n"
+
+
+def test_show_warning_is_what_warnings_use_in_the_cli():
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+
+    with warnings.catch_warnings():
+        assert CliRunner().invoke(app, ["list"]).exit_code == 0
+        assert warnings.showwarning is terminal.show_warning
+
+
+def test_yaml_is_inert_and_reads_back_as_the_same_values():
+    values = {
+        "name": f"exp{HOSTILE}",
+        "out_dir": "plain/path",
+        "tab": "a\tb",
+        "flag": "true",  # a string that looks like a boolean stays a string
+        "nested": {f"key{HOSTILE}": ["x\u200by", 1]},
+    }
+    cfg = OmegaConf.create(values)
+    shown = terminal.yaml(cfg)
+    assert_inert(shown.encode())
+    assert yaml.safe_load(shown) == values
+    assert "out_dir: plain/path\n" in shown
+    plain = OmegaConf.create({"a": 1, "b": "x", "c": [0.5, "y"], "d": "1"})
+    assert terminal.yaml(plain) == OmegaConf.to_yaml(plain, resolve=True)
