@@ -204,6 +204,24 @@ def check_writable(folder: Path) -> None:
                 part.rmdir()
 
 
+def check_real_folder(folder: Path) -> None:
+    """A :class:`UserError` when ``folder`` is a symbolic link: a folder normbench makes
+    for itself (an experiment's ``plots/``) is written into only as a real folder, never
+    through a link that a results folder someone sent may hold (pointing anywhere).
+    The files themselves need no such check: the rename that puts each in place replaces
+    a link of its name, never what it points to."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        try:
+            target = f" (to {os.readlink(folder)})"
+        except OSError:
+            target = ""
+        raise UserError(
+            f"{folder} is a symbolic link{target}: normbench writes there only into a "
+            "folder of its own, not through a link; remove the link to write it"
+        )
+
+
 def _write_atomic(path: Path, write, binary: bool = False) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from typing import Any
 from normbench import __version__, allocator, checkpoints, cores, interrupts
 from normbench.config import EXECUTION_KEYS, flatten, validate
 from normbench.errors import UserError
-from normbench.lock import RunBusy, RunLock, read_owner
+from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
 from normbench.results import (
     CONFIG_PREFIX,
     NotWritten,
@@ -338,7 +338,9 @@ def run(cfg, *, force: bool = False, redo_failed: bool = True, display=None) -> 
     owner = read_owner(folder)
     if owner is not None and owner.alive:  # say so before loading anything
         raise RunInProgress(RunBusy(folder, owner))
-    check_writable(folder.parent.parent)  # not after an hour of training
+    # not after an hour of training: the run folder itself (read-only, a file in its
+    # place), or the folders it goes into when it does not exist yet
+    check_writable(folder)
 
     prepared = prepare(cfg, threads=cores.choose(cfg.threads))
 
@@ -517,7 +519,10 @@ def record_lost(
         if not unstarted:
             return False  # the job never started this run: nothing to record
         folder.mkdir(parents=True, exist_ok=True)
-    owner = read_owner(folder)
+    try:
+        owner = read_owner(folder)
+    except LockNotAFile:  # the run could not have started: nothing of it to record
+        return False
     if owner is not None and owner.alive:
         if not (slurm_job and owner.slurm_job == slurm_job):
             return False
@@ -532,7 +537,7 @@ def record_lost(
             own = record.get("error")
             record["error"] = f"{own}; {reason}" if keep_own and own else reason
             write_json(folder / "summary.json", record)
-    except RunBusy:
+    except (RunBusy, LockNotAFile, NotWritten):  # owned, or a folder that takes no record
         return False
     return True
 
@@ -551,7 +556,7 @@ def record_unfinished(cfg, status: str, message: str) -> bool:
             if read_summary(folder) is not None:
                 return False
             write_json(folder / "summary.json", _lost_summary(cfg, status, message))
-    except RunBusy:
+    except (RunBusy, LockNotAFile, NotWritten):  # owned, or a folder that takes no record
         return False
     return True
 

@@ -675,3 +675,27 @@ def test_runs_that_differ_in_an_unswept_key_are_never_credited_to_the_norm(tmp_p
         (ax,) = [a for a in figure.axes if a.get_visible()]
         title = ax.get_title()
         assert "mlp, small_cnn" not in title and len(ax.get_legend().get_texts()) == 1
+
+
+def test_tables_whose_names_are_links_are_replaced_not_followed(real_copy, tmp_path):
+    """A received experiment whose runs.csv, runs.parquet, metrics.csv, summary.csv or
+    selected.csv is a symbolic link (to a file or a folder elsewhere): each table replaces
+    its link, since the rename that puts it in place never follows one, and what the
+    links pointed to is untouched."""
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    names = [*TABLE_FILES, "selected.csv"]
+    for name in names:
+        if name == "summary.csv":  # a link to a folder
+            (victims / name).mkdir()
+        else:
+            (victims / name).write_text("mine")
+        (real_copy / name).symlink_to(victims / name)
+    result = invoke("results", real_copy, "--select", "norm")
+    assert result.exit_code == 0, result.output
+    for name in names:
+        assert not (real_copy / name).is_symlink() and (real_copy / name).is_file(), name
+    assert len(pd.read_csv(real_copy / "runs.csv")) == 4
+    assert sorted(p.name for p in victims.iterdir()) == sorted(names)
+    assert all((victims / n).read_text() == "mine" for n in names if n != "summary.csv")
+    assert list((victims / "summary.csv").iterdir()) == []
