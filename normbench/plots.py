@@ -717,6 +717,7 @@ def plot_experiment(exp_dir: Path, warn: Callable[[str], None] | None = None) ->
         check_real_folder,
         check_writable,
         collect,
+        nothing_readable,
         warnings,
         write_figure,
     )
@@ -725,6 +726,9 @@ def plot_experiment(exp_dir: Path, warn: Callable[[str], None] | None = None) ->
     check_real_folder(exp_dir / "plots")  # a link a received folder brought: never followed
     check_writable(exp_dir / "plots")  # a read-only folder, a file named plots: say so first
     collected = collect(exp_dir)
+    damaged = nothing_readable(exp_dir, collected)
+    if damaged:
+        raise NothingToPlot(damaged)
     if warn is not None:
         for line in warnings(collected):
             warn(line)

@@ -531,11 +531,13 @@ def _metrics_body(path: str) -> bytes:
         # file that is not a metrics table at all raises ValueError (unreadable).
         try:
             frame = pd.read_csv(io.BytesIO(data), dtype=_METRIC_DTYPES)[list(METRIC_COLUMNS)]
-        except (KeyError, UnicodeDecodeError) as err:
+        except (KeyError, UnicodeDecodeError, OverflowError) as err:
             raise ValueError(f"metrics.csv is not a metrics table ({err})") from None
         body = frame.to_csv(index=False, header=False, lineterminator="\n").encode()
     if b"\r" in body:
         body = body.replace(b"\r\n", b"\n")
+    if body.startswith(b"\n") or b"\n\n" in body:  # blank lines: no rows (one row a line)
+        body = b"\n".join(line for line in body.split(b"\n") if line)
     return body if not body or body.endswith(b"\n") else body + b"\n"
 
 
@@ -555,31 +557,97 @@ class _Read:
             del column[index]
 
 
-#: Summary fields read as numbers (null allowed), and those that must be whole numbers.
-_NUMBER_FIELDS = (
-    "lr", "final_test_acc", "best_test_acc", "final_val_acc", "best_val_acc",
-    "test_acc_at_best_val", "test_acc_precise_bn", "test_acc_batch_stats", "bn_eval_time_s",
-    "final_test_loss", "final_train_loss",
-    "final_train_acc", "train_time_s", "wall_time_s", "img_per_s",
+#: The range of the integers a table holds (int64: pandas' and Parquet's integers).
+_INT64 = (-(2**63), 2**63 - 1)
+
+_ACCURACY_FIELDS = (
+    "final_test_acc", "best_test_acc", "final_val_acc", "best_val_acc", "test_acc_at_best_val",
+    "test_acc_precise_bn", "test_acc_batch_stats", "final_train_acc",
 )  # fmt: skip
-_WHOLE_FIELDS = ("batch_size", "epochs", "seed")
+_AMOUNT_FIELDS = (
+    "lr", "lr_effective", "final_test_loss", "final_train_loss", "bn_eval_time_s",
+    "train_time_s", "wall_time_s", "img_per_s",
+)  # fmt: skip
+
+#: Summary fields that hold numbers: (whole numbers only, lowest value, highest value
+#: or None, null allowed). A value outside its range is damage as much as text is: an
+#: accuracy of 5.0 would enter a table's mean as if measured.
+_NUMBER_RULES: dict[str, tuple[bool, float, float | None, bool]] = {
+    "batch_size": (True, 1, None, False),
+    "epochs": (True, 1, None, False),
+    "seed": (True, 0, None, False),
+    "max_steps": (True, 1, None, True),
+    "steps": (True, 0, None, True),
+    "best_val_epoch": (True, 1, None, True),
+    "resumed_from_epoch": (True, 0, None, True),
+    "num_params": (True, 0, None, True),
+    "threads": (True, 1, None, True),
+    **dict.fromkeys(_ACCURACY_FIELDS, (False, 0, 1, True)),
+    **dict.fromkeys(_AMOUNT_FIELDS, (False, 0, None, True)),
+}
+
+#: Summary fields (and the config's option names) that are text, or null.
+_TEXT_FIELDS = (
+    "name", "model", "norm", "dataset", "optim",
+    *(f"{CONFIG_PREFIX}{group}.name" for group in ("model", "norm", "dataset", "optim")),
+)  # fmt: skip
+
+
+def _shown(value: Any) -> str:
+    """A value from a file in a message: its repr, cut short (a file may hold anything)."""
+    import reprlib
+
+    return reprlib.repr(value)
+
+
+def _number_problem(key: str, value: Any, rule: tuple[bool, float, float | None, bool]):
+    """What is wrong with one summary number (None: nothing)."""
+    whole, low, high, null = rule
+    if value is None:
+        return None if null else f"{key} is null, not a whole number"
+    if whole:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{key} {_shown(value)} is not a whole number"
+        if not low <= value <= _INT64[1]:
+            return f"{key} {_shown(value)} is not a whole number from {low} to 2**63-1"
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{key} {_shown(value)} is not a number"
+    if not (math.isfinite(value) and low <= value and (high is None or value <= high)):
+        within = f"in [{low}, {high}]" if high is not None else f"finite and >= {low}"
+        return f"{key} {_shown(value)} is not a number {within}"
+    return None
+
+
+def _oversized(record: dict[str, Any]) -> str | None:
+    """The first integer of a record (a config too) that no table column can hold."""
+    low, high = _INT64
+    for key, value in record.items():
+        if type(value) is int and not low <= value <= high:
+            return f"{key} {_shown(value)} does not fit a 64-bit integer"
+    return None
 
 
 def _summary_problem(summary: dict[str, Any]) -> str | None:
     """What makes a summary.json unusable in tables (None: nothing): a status normbench
-    does not know, a batch size that is not a whole number, a number that is text."""
+    does not know; a number that is text, not finite, out of its range (an accuracy
+    outside [0, 1], a negative count, a time or a loss below 0) or an integer beyond 64
+    bits; text fields that are not text."""
     status = summary.get("status")
     if status not in STATUSES:
-        return f"status {status!r} is not one of {', '.join(STATUSES)}"
-    for key in _WHOLE_FIELDS:
+        return f"status {_shown(status)} is not one of {', '.join(STATUSES)}"
+    run_id = summary.get("run_id", "")
+    if not isinstance(run_id, str):
+        return f"run_id {_shown(run_id)} is not text"
+    for key, rule in _NUMBER_RULES.items():
+        problem = _number_problem(key, summary.get(key), rule)
+        if problem:
+            return problem
+    for key in _TEXT_FIELDS:
         value = summary.get(key)
-        if not isinstance(value, int) or isinstance(value, bool):
-            return f"{key} {value!r} is not a whole number"
-    for key in _NUMBER_FIELDS:
-        value = summary.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            return f"{key} {value!r} is not a number"
-    return None
+        if value is not None and not isinstance(value, str):
+            return f"{key} {_shown(value)} is not text"
+    return _oversized(summary)
 
 
 def _read_runs(runs_dir: Path) -> _Read:
@@ -614,6 +682,9 @@ def _read_runs(runs_dir: Path) -> _Read:
             if config is None:
                 with open(os.path.join(folder, "config.yaml"), encoding="utf-8") as handle:
                     config = read_config(handle.read())
+                problem = _oversized(config)
+                if problem:
+                    raise ValueError(f"config.yaml: {problem}")
             body = _metrics_body(os.path.join(folder, "metrics.csv"))
         except OSError as err:
             read.unreadable[runs_dir / name] = f"{Path(err.filename or '').name}: {err.strerror}"
@@ -646,21 +717,71 @@ def _drop_copies(read: _Read) -> None:
     read.copies.reverse()
 
 
+#: Metrics whose values must be finite and >= 0 (a loss may be NaN or inf: the epoch a
+#: run diverged in); accuracies (acc, acc_precise_bn, ...) lie in [0, 1].
+_AMOUNT_METRICS = ("lr", "epoch_time_s", "img_per_s")
+
+
+def _value_problem(metric: str, value: float) -> str | None:
+    """What is wrong with one metric's value (None: nothing); metrics of other names
+    (a later version's) are taken as they are."""
+    if metric.startswith("acc"):
+        return None if 0 <= value <= 1 else "is not in [0, 1]"
+    if metric == "loss":
+        return None if not value < 0 else "is negative"
+    if metric in _AMOUNT_METRICS:
+        return None if math.isfinite(value) and value >= 0 else "is not finite and >= 0"
+    return None
+
+
 def _body_problem(body: bytes) -> str | None:
     """What is wrong with a metrics.csv's lines (None: nothing), without pandas: five
-    fields, a whole epoch, a number."""
+    fields, a whole epoch from 1 that fits 64 bits, a number in the metric's range."""
+    import csv
+
     for number, line in enumerate(body.split(b"\n"), start=2):
         if not line:
             continue
-        fields = line.split(b",")
         try:
+            # one line as pandas reads it (quotes too); fields as text, decoded
+            fields = next(csv.reader([line.decode()]))
             if len(fields) != len(METRIC_COLUMNS):
                 raise ValueError
-            int(fields[1])
-            float(fields[4])
-        except ValueError:
+            epoch = int(fields[1])
+            value = float(fields[4])
+        except (ValueError, UnicodeDecodeError, csv.Error, StopIteration):
             return f"metrics.csv: line {number} is not run_id,epoch,split,metric,value"
+        if not 1 <= epoch <= _INT64[1]:
+            return f"metrics.csv: line {number}: epoch {_shown(epoch)} is not from 1 to 2**63-1"
+        problem = _value_problem(fields[3], value)
+        if problem:
+            what = f"{_shown(fields[2])} {_shown(fields[3])}"
+            return f"metrics.csv: line {number}: {what} {value!r} {problem}"
     return None
+
+
+def _parsed_problem(body: bytes) -> str | None:
+    """:func:`_body_problem` as pandas sees the file: the last resort when the lines
+    looked whole but the experiment's table did not parse (a quoted line end)."""
+    try:
+        frame = pd.read_csv(io.BytesIO(_METRICS_HEADER + b"\n" + body), dtype=_METRIC_DTYPES)
+    except (ValueError, OverflowError, pd.errors.ParserError):
+        return "metrics.csv is not a table of run_id,epoch,split,metric,value"
+    if _row_problems(frame).any():
+        return "metrics.csv holds a value outside its metric's range"
+    return None
+
+
+def _row_problems(metrics: pd.DataFrame) -> np.ndarray:
+    """The rows of an experiment's metrics that :func:`_body_problem` would refuse
+    (vectorised: thousands of runs are checked in one pass)."""
+    metric = metrics["metric"].fillna("").astype(str)
+    value = metrics["value"].to_numpy(dtype=float)
+    with np.errstate(invalid="ignore"):
+        accuracy = metric.str.startswith("acc").to_numpy() & ~((value >= 0) & (value <= 1))
+        loss = (metric == "loss").to_numpy() & (value < 0)
+        amount = metric.isin(_AMOUNT_METRICS).to_numpy() & ~(np.isfinite(value) & (value >= 0))
+    return (metrics["epoch"].to_numpy() < 1) | accuracy | loss | amount
 
 
 def _metrics_problem(path: Path) -> str | None:
@@ -692,10 +813,13 @@ def collect(exp_dir: Path) -> Collected:
     while True:
         try:
             return _assemble(read)
-        except (ValueError, pd.errors.ParserError):
+        except (ValueError, OverflowError, pd.errors.ParserError):
             # Some metrics.csv is damaged inside (the fast path parses all of them as one
-            # table): find it, count its run unreadable, and assemble the rest.
+            # table, and checks its values in one pass): find it, count its run
+            # unreadable, and assemble the rest.
             bad = [(i, why) for i, body in enumerate(read.bodies) if (why := _body_problem(body))]
+            if not bad:
+                bad = [(i, why) for i, b in enumerate(read.bodies) if (why := _parsed_problem(b))]
             if not bad:
                 raise
             for index, why in reversed(bad):
@@ -749,6 +873,8 @@ def _assemble(read: _Read) -> Collected:
         header, bodies = _METRICS_HEADER, [read.bodies[i] for i in order]
     metrics_csv = header + b"\n" + b"".join(bodies)
     metrics = pd.read_csv(io.BytesIO(metrics_csv), dtype=_METRIC_DTYPES)
+    if _row_problems(metrics).any():
+        raise ValueError("a metrics.csv holds a value out of its range")  # collect finds it
     return Collected(
         runs,
         metrics,
@@ -1150,6 +1276,20 @@ def warnings(collected: Collected) -> list[str]:
     ]
 
 
+def nothing_readable(exp_dir: Path, collected: Collected) -> str | None:
+    """One line when an experiment has run folders but none can be read because they are
+    damaged (not merely unfinished): the first one and why; None otherwise."""
+    if not collected.runs.empty or not collected.unreadable:
+        return None
+    first, why = next(iter(collected.problems.items()))
+    more = len(collected.unreadable) - 1
+    line = f"{exp_dir}: none of its runs can be read ({first}: {why}"
+    line += f"; and {more} more)" if more else ")"
+    if collected.incomplete:
+        line += f", {len(collected.incomplete)} not finished"
+    return line
+
+
 def report(
     paths: Sequence[Path] | None = None,
     group_by: Sequence[str] | None = None,
@@ -1175,9 +1315,14 @@ def report(
         found = ", ".join(map(str, experiments))
         raise UserError(f"--compare needs two experiments or more; found one: {found}")
     plans = []
+    unusable: list[str] = []  # experiments whose every run is damaged: no tables
     for exp_dir in experiments:
         check_writable(exp_dir)  # a read-only folder says so before any work
         collected = collect(exp_dir)
+        problem = nothing_readable(exp_dir, collected)
+        if problem:
+            unusable.append(problem)
+            continue
         runs = collected.runs
         if runs.empty:
             keys, reference, selection = [], None, None
@@ -1189,6 +1334,13 @@ def report(
             reference = baseline_of(runs, baseline)
             selection = select_values(runs, select) if select else None
         plans.append((exp_dir, collected, keys, reference, selection))
+    if unusable and not plans:  # a bad folder handed over: say so, write nothing
+        if len(unusable) == 1:
+            raise UserError(f"{unusable[0]}: no tables written")
+        raise UserError(f"no run of the {len(unusable)} experiments can be read: {unusable[0]}")
+    if warn is not None:
+        for line in unusable:
+            warn(f"{line}: no tables for it")
     side_by_side = (
         compare_experiments({exp: c.runs for exp, c, *_ in plans}, group_by, baseline)
         if compare

@@ -699,3 +699,116 @@ def test_tables_whose_names_are_links_are_replaced_not_followed(real_copy, tmp_p
     assert sorted(p.name for p in victims.iterdir()) == sorted(names)
     assert all((victims / n).read_text() == "mine" for n in names if n != "summary.csv")
     assert list((victims / "summary.csv").iterdir()) == []
+
+
+# --------------------------------------------------------- numbers a damaged run may hold
+
+
+def _runs_of(exp):
+    return sorted(p for p in (exp / "runs").iterdir() if (p / "summary.json").exists())
+
+
+def _edit_summary(folder, **fields):
+    record = json.loads((folder / "summary.json").read_text())
+    record.update(fields)
+    (folder / "summary.json").write_text(json.dumps(record))
+
+
+def _skipped(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("warning: skipped")]
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        ({"num_params": 2**63}, "num_params 9223372036854775808 is not a whole number from 0"),
+        ({"config.seed": 2**64}, "config.seed 18446744073709551616 does not fit a 64-bit"),
+        ({"final_test_acc": 5.0}, "final_test_acc 5.0 is not a number in [0, 1]"),
+        ({"test_acc_at_best_val": -0.25}, "test_acc_at_best_val -0.25 is not a number in [0, 1]"),
+        ({"train_time_s": float("inf")}, "train_time_s inf is not a number finite and >= 0"),
+        ({"final_train_loss": float("nan")}, "final_train_loss nan is not a number finite"),
+        ({"batch_size": -8}, "batch_size -8 is not a whole number from 1"),
+        ({"best_val_epoch": 0}, "best_val_epoch 0 is not a whole number from 1"),
+        ({"config.norm.name": 7}, "config.norm.name 7 is not text"),
+    ],
+)
+def test_a_summary_number_out_of_range_skips_its_run(real_copy, damage, why):
+    """An integer beyond 64 bits (before: OverflowError, nothing aggregated), an accuracy
+    outside [0, 1], a time that is not finite (before: accepted silently): the run is
+    skipped with one warning naming it and the field; `results` and `plot` go on."""
+    from normbench.results import read_summary
+
+    first = _runs_of(real_copy)[0]
+    _edit_summary(first, **damage)
+    for command in ("results", "plot"):
+        result = invoke(command, real_copy)
+        assert result.exit_code == 0, result.output
+        assert "Traceback" not in result.output
+        (line,) = _skipped(result)
+        assert line.startswith(f"warning: skipped {first}: summary.json: ") and why in line
+    runs = pd.read_csv(real_copy / "runs.csv")
+    assert len(runs) == 3 and first.name not in set(runs.run_id)
+    assert read_summary(first) is None  # not done either: the next sweep redoes it
+
+
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        (("9223372036854775808", "test", "acc", "0.5"), "epoch 9223372036854775808 is not from 1"),
+        (("0", "test", "acc", "0.5"), "epoch 0 is not from 1"),
+        (("1", "test", "acc", "5.0"), "'test' 'acc' 5.0 is not in [0, 1]"),
+        (("1", "val", "acc", "nan"), "'val' 'acc' nan is not in [0, 1]"),
+        (("1", "train", "loss", "-1"), "'train' 'loss' -1.0 is negative"),
+        (("1", "train", "lr", "inf"), "'train' 'lr' inf is not finite and >= 0"),
+    ],
+)
+def test_a_metrics_value_out_of_range_skips_its_run(real_copy, line, why):
+    from normbench.results import read_summary
+
+    first = _runs_of(real_copy)[0]
+    with open(first / "metrics.csv", "a") as handle:
+        handle.write(",".join((first.name, *line)) + "\n")
+    for command in ("results", "plot"):
+        result = invoke(command, real_copy)
+        assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+        (skipped,) = _skipped(result)
+        assert skipped.startswith(f"warning: skipped {first}: metrics.csv: line ")
+        assert why in skipped
+    assert len(pd.read_csv(real_copy / "runs.csv")) == 3
+    assert read_summary(first) is None
+
+
+def test_a_diverged_loss_is_no_damage(real_copy):
+    """A loss of NaN or inf is what a diverged epoch records: kept."""
+    first = _runs_of(real_copy)[0]
+    with open(first / "metrics.csv", "a") as handle:
+        handle.write(f"{first.name},2,train,loss,nan\n{first.name},2,train,loss,inf\n")
+    result = invoke("results", real_copy)
+    assert result.exit_code == 0 and not _skipped(result), result.output
+    assert len(pd.read_csv(real_copy / "runs.csv")) == 4
+
+
+def test_an_experiment_whose_runs_are_all_damaged_is_a_user_error(
+    real_experiment, real_copy, tmp_path
+):
+    """Every run unreadable: one line naming the folder, the first run and why; exit
+    status 2 and nothing written, for `results` and `plot` (before: exit 0 and empty
+    tables). Given with a good experiment, the bad one is a warning and has no tables."""
+    for folder in _runs_of(real_copy):
+        (folder / "summary.json").write_text('{"status": "completed", "batch_si')
+    first = _runs_of(real_copy)[0]
+    for command in ("results", "plot"):
+        result = invoke(command, real_copy)
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
+        assert lines[0].startswith(f"error: {real_copy}: none of its runs can be read ({first}: ")
+        assert "and 3 more), 1 not finished" in lines[0]
+        assert not any((real_copy / name).exists() for name in [*TABLE_FILES, "plots"])
+
+    good = shutil.copytree(real_experiment, tmp_path / "both" / "good")
+    bad = shutil.copytree(real_copy, tmp_path / "both" / "bad")
+    result = invoke("results", tmp_path / "both")
+    assert result.exit_code == 0, result.output
+    assert f"warning: {bad}: none of its runs can be read" in result.stderr
+    assert (good / "runs.csv").exists() and not (bad / "runs.csv").exists()
