@@ -523,6 +523,8 @@ def _metrics_body(path: str) -> bytes:
             data = handle.read()
     except FileNotFoundError:
         return b""
+    if data and not data.endswith(b"\n"):  # normbench ends every line, the last one too
+        raise ValueError("metrics.csv ends within a line: cut short")
     header, _, body = data.partition(b"\n")
     if header.rstrip(b"\r") != _METRICS_HEADER:
         if not data.strip():

@@ -812,3 +812,123 @@ def test_an_experiment_whose_runs_are_all_damaged_is_a_user_error(
     assert result.exit_code == 0, result.output
     assert f"warning: {bad}: none of its runs can be read" in result.stderr
     assert (good / "runs.csv").exists() and not (bad / "runs.csv").exists()
+
+
+# ------------------------------------------------------------ random damage to one run
+
+#: Values no number field of a summary may hold: beyond 64 bits, not finite, of another
+#: JSON type. (Range damage per field is added by _bad_number.)
+_BAD_ANY = [2**63, 2**64 + 7, -(2**63) - 1, 10**30, math.nan, math.inf, -math.inf, "0.5", [1],
+            {"v": 1}, True]  # fmt: skip
+
+
+def _bad_number(rng, key):
+    whole, low, high, null = results._NUMBER_RULES[key]
+    choices = list(_BAD_ANY)
+    choices += [low - 1, -1.5] if whole else [low - 0.5]
+    if whole:
+        choices.append(1.5)
+    if high is not None:
+        choices += [high + 0.5, 5.0]
+    if not null:
+        choices.append(None)
+    return rng.choice(choices)
+
+
+def _damage_summary(rng, path) -> str:
+    data = path.read_bytes()
+    record = json.loads(data)
+    kind = rng.choice(["number", "number", "config", "status", "text", "cut", "garbage", "type"])
+    if kind == "number":
+        key = rng.choice(sorted(results._NUMBER_RULES))
+        record[key] = _bad_number(rng, key)
+    elif kind == "config":
+        key = rng.choice([k for k, v in record.items() if k.startswith("config.")])
+        record[key] = rng.choice([2**63, -(2**63) - 1, 3 * 10**40])
+    elif kind == "status":
+        record["status"] = rng.choice(["done", None, 3, ["completed"], "COMPLETED"])
+    elif kind == "text":
+        key = rng.choice(["norm", "model", "config.norm.name", "config.dataset.name", "run_id"])
+        record[key] = rng.choice([3, ["layer"], {"a": 1}, 1.5, True])
+    if kind in ("number", "config", "status", "text"):
+        path.write_text(json.dumps(record))  # NaN and Infinity as JSON's lenient tokens
+        return f"summary.json {kind}: {key if kind != 'status' else 'status'}"
+    if kind == "cut":  # at least the closing brace goes
+        path.write_bytes(data[: rng.randrange(0, len(data) - 2)])
+    elif kind == "garbage":
+        path.write_bytes(rng.randbytes(rng.randrange(1, 400)))
+    else:
+        path.write_text(json.dumps(rng.choice([[record], 3, "completed", None, True])))
+    return f"summary.json {kind}"
+
+
+def _damage_metrics(rng, path) -> str:
+    lines = path.read_text().splitlines()
+    kind = rng.choice(["epoch", "value", "range", "fields", "cut", "garbage"])
+    index = rng.randrange(1, len(lines))
+    run_id, epoch, split, metric, value = lines[index].split(",")
+    if kind == "epoch":
+        epoch = rng.choice(["9223372036854775808", "-3", "0", "1.5", "x", "", "1e400"])
+    elif kind == "value":
+        value = rng.choice(["abc", "", "0x1p", "1,2"])
+    elif kind == "range":
+        metric, value = rng.choice(
+            [("acc", "5.0"), ("acc", "-0.1"), ("acc", "nan"), ("acc", "inf"), ("loss", "-2"),
+             ("lr", "-1"), ("lr", "inf"), ("img_per_s", "nan"), ("epoch_time_s", "-inf")]
+        )  # fmt: skip
+    if kind in ("epoch", "value", "range"):
+        lines[index] = ",".join((run_id, epoch, split, metric, value))
+        path.write_text("\n".join(lines) + "\n")
+    elif kind == "fields":
+        lines[index] = ",".join((run_id, epoch, metric, value))
+        path.write_text("\n".join(lines) + "\n")
+    elif kind == "cut":  # within a line, never at a line's end: the cut line is short
+        data = path.read_bytes()
+        cuts = [i for i in range(len(data) // 2, len(data) - 1) if data[i - 1 : i + 1] != b"\n"]
+        cuts = [i for i in cuts if data[i] != ord("\n") and data[i - 1] != ord("\n")]
+        path.write_bytes(data[: rng.choice(cuts)])
+    else:
+        path.write_bytes(b"\xff\xfe" + rng.randbytes(rng.randrange(1, 400)))
+    return f"metrics.csv {kind}"
+
+
+def _damage_one_run(rng, exp):
+    folder = rng.choice(_runs_of(exp))
+    if rng.random() < 0.5:
+        what = _damage_summary(rng, folder / "summary.json")
+    else:
+        what = _damage_metrics(rng, folder / "metrics.csv")
+    return folder, what
+
+
+@pytest.mark.parametrize("command, examples", [("results", 40), ("plot", 6)])
+def test_random_damage_to_one_run_skips_exactly_that_run(
+    real_experiment, tmp_path, command, examples
+):
+    """Property: whatever damage one run's files take (integers beyond 64 bits, NaN and
+    inf, numbers out of range, text or lists where numbers belong, other JSON types, a
+    file cut short, binary garbage), `results` and `plot` exit 0 without a traceback,
+    skip that run alone with one warning naming it, and aggregate the other three; the
+    planner counts it as not done. Seeded: a failure names its example."""
+    import random
+
+    from normbench.results import read_summary
+
+    for example in range(examples):
+        rng = random.Random(f"{command}-{example}")
+        exp = shutil.copytree(real_experiment, tmp_path / str(example) / "default")
+        folder, what = _damage_one_run(rng, exp)
+        context = f"example {example} ({what})"
+        result = invoke(command, exp)
+        assert result.exit_code == 0, f"{context}: {result.output}"
+        assert "Traceback" not in result.output, context
+        skipped = _skipped(result)
+        assert len(skipped) == 1 and skipped[0].startswith(f"warning: skipped {folder}:"), (
+            f"{context}: {result.stderr}"
+        )
+        assert read_summary(folder) is None, context
+        if command == "results":
+            runs = pd.read_csv(exp / "runs.csv")
+            assert len(runs) == 3 and folder.name not in set(runs.run_id.astype(str)), context
+        else:
+            assert (exp / "plots" / "error_vs_batch_size.png").is_file(), context
