@@ -368,6 +368,9 @@ class Collected:
     metrics_csv: bytes = field(default=b"", repr=False)
     problems: dict[Path, str] = field(default_factory=dict)
     copies: list[Path] = field(default_factory=list)
+    #: Config keys some runs lack (written by an older normbench) and that took their
+    #: default in those runs: key -> (the defaults filled in, how many runs).
+    defaulted: dict[str, tuple[list[Any], int]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Runs per status (completed, diverged, failed, other) plus incomplete and unreadable."""
@@ -841,14 +844,119 @@ def _csv_line(values) -> bytes:
     return buffer.getvalue().encode()
 
 
+# ------------------------------------------------------------- keys older runs lack
+#
+# A run written by an older normbench lacks the config keys added since
+# (``eval.precise_bn_batches``); its column would be null there and a value in newer runs,
+# and every table group would split on it. Such a key takes its default in the runs that
+# lack it, as the config that ships now composes it: the option's YAML for a group's key
+# (``norm.groups`` of norm=group; a key the run's option does not have is left missing),
+# the root config.yaml for the others. The tables say which keys and how many runs.
+
+_MISSING = object()
+
+
+def _root_defaults() -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from normbench.config import conf_dir, flatten
+
+    root = OmegaConf.to_container(OmegaConf.load(conf_dir() / "config.yaml"), resolve=False)
+    return flatten({k: v for k, v in root.items() if k not in ("defaults", "hydra")})
+
+
+def _option_defaults(group: str, option: Any) -> dict[str, Any]:
+    """A group option's keys and defaults, from its YAML (normbench's or a config folder
+    the user added); {} for an option with no YAML here (a package's variant, whose code
+    is not loaded to read a results folder) or one that does not load."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from normbench.config import config_dirs, flatten
+
+    if not isinstance(option, str):
+        return {}
+    for folder in config_dirs():  # the option's name is matched, never joined into a path
+        files = {p.stem: p for p in (folder / group).glob("*.yaml")}
+        if option in files:
+            try:
+                loaded = OmegaConf.to_container(OmegaConf.load(files[option]), resolve=False)
+            except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException):
+                return {}
+            return flatten(loaded) if isinstance(loaded, dict) else {}
+    return {}
+
+
+def _fill_defaults(configs: list[dict[str, Any]]):
+    """``configs`` with the keys some of them lack filled in with their defaults; the
+    keys filled per run, and per key the defaults used and the number of runs."""
+    from normbench.config import EXECUTION_KEYS, REQUIRED_GROUPS
+
+    keys = dict.fromkeys(key for config in configs for key in config)
+    filled: list[list[str]] = [[] for _ in configs]
+    used: dict[str, tuple[list[Any], int]] = {}
+    if not configs or all(len(config) == len(keys) for config in configs):
+        return configs, filled, used
+    cache: dict[Any, dict[str, Any]] = {}
+    out = []
+    for index, config in enumerate(configs):
+        lacking = [k for k in keys if k not in config and k not in EXECUTION_KEYS]
+        if not lacking:
+            out.append(config)
+            continue
+        config = dict(config)
+        for key in lacking:
+            group, _, rest = key.partition(".")
+            if group in REQUIRED_GROUPS and rest:
+                option = config.get(f"{group}.name")
+                where = (group, option if isinstance(option, str) else None)
+                if where not in cache:
+                    cache[where] = _option_defaults(group, option)
+                value = cache[where].get(rest, _MISSING)
+            else:
+                if "root" not in cache:
+                    cache["root"] = _root_defaults()
+                value = cache["root"].get(key, _MISSING)
+            if value is _MISSING:
+                continue  # not a key of this run's option, or one the config no longer has
+            config[key] = value
+            filled[index].append(key)
+            values, count = used.get(key, ([], 0))
+            used[key] = (values if value in values else [*values, value], count + 1)
+        out.append(config)
+    return out, filled, used
+
+
+def defaults_text(collected: Collected) -> str | None:
+    """The keys filled with defaults, for a table's caption (None: none)."""
+    if not collected.defaulted:
+        return None
+    parts = [
+        f"{key} = {', '.join(map(_format_value, values))} for {_plural(count, 'run')}"
+        for key, (values, count) in collected.defaulted.items()
+    ]
+    return "defaults filled in where older runs lack a key: " + "; ".join(parts)
+
+
+def _defaults_note(notes: pd.Series) -> str | None:
+    """A group's runs' filled keys (``runs.defaulted``) as ``key: n runs``, for summary.csv."""
+    counts: dict[str, int] = {}
+    for note in notes.dropna():
+        for key in str(note).split(","):
+            counts[key] = counts.get(key, 0) + 1
+    return "; ".join(f"{key}: {_plural(n, 'run')}" for key, n in counts.items()) or None
+
+
 def _assemble(read: _Read) -> Collected:
+    configs, filled, defaulted = _fill_defaults(read.configs)
     if read.summaries:
         summary_frame = _frame(read.summaries)
         first = [f for f in SUMMARY_FIELDS if f in summary_frame.columns]
         summary_frame = summary_frame[first + [c for c in summary_frame if c not in first]]
     else:
         summary_frame = pd.DataFrame(columns=list(SUMMARY_FIELDS))
-    config_frame = _frame(read.configs)
+    config_frame = _frame(configs)
     config_columns: list[str] = []
     renamed: dict[str, str] = {}
     for key in list(config_frame.columns):
@@ -860,6 +968,8 @@ def _assemble(read: _Read) -> Collected:
             renamed[key] = f"config.{key}"
         config_columns.append(renamed.get(key, key))
     runs = pd.concat([summary_frame, config_frame.rename(columns=renamed)], axis=1)
+    if defaulted:  # which keys of each run are defaults, not what it recorded
+        runs["defaulted"] = pd.array([",".join(keys) or None for keys in filled], dtype=object)
     runs.attrs["config_columns"] = config_columns
     order = _sort_frame(runs, [*swept_keys(runs), "seed", "run_id"]) if len(runs) else []
     runs = runs.loc[order].reset_index(drop=True)
@@ -885,6 +995,7 @@ def _assemble(read: _Read) -> Collected:
         metrics_csv,
         problems=dict(read.unreadable),
         copies=list(read.copies),
+        defaulted=defaulted,
     )
 
 
@@ -1044,6 +1155,10 @@ def summarize(
     by = [runs[k] for k in keys] if keys else [pd.Series(0, index=runs.index, name="_all")]
     grouped = data.groupby(by, dropna=False, sort=False)
     table = grouped[["n", "n_diverged", "n_failed", "n_interrupted"]].sum()
+    noted = "defaulted" in runs and runs["defaulted"].notna().any()
+    if noted:  # the same groups in the same order: which keys took defaults, in how many runs
+        notes = runs["defaulted"].groupby(by, dropna=False, sort=False).agg(_defaults_note)
+        table["defaulted"] = notes.to_numpy()
     metrics = list(STAT_METRICS)
     mean, std, count = (
         grouped[metrics].mean(),
@@ -1062,7 +1177,7 @@ def summarize(
     if not keys:
         table = table.drop(columns="_all")
     table = differences(runs, table, keys, baseline_of(runs, baseline))
-    table = table[[*keys, *SUMMARY_STAT_COLUMNS]]
+    table = table[[*keys, *SUMMARY_STAT_COLUMNS, *(["defaulted"] if noted else [])]]
     return table.loc[_sort_frame(table, keys)].reset_index(drop=True)
 
 
@@ -1273,6 +1388,11 @@ def describe(exp_dir: Path, collected: Collected) -> str:
 def warnings(collected: Collected) -> list[str]:
     """One line per run folder skipped, naming it and why."""
     lines = [f"skipped {path}: {why}" for path, why in collected.problems.items()]
+    lines += [
+        f"{_plural(count, 'run')} of {len(collected.runs)} lack {key} (written by an older "
+        f"normbench): grouped with its default, {', '.join(map(_format_value, values))}"
+        for key, (values, count) in collected.defaulted.items()
+    ]
     return lines + [
         f"skipped {path}: a copy of a run read from another folder" for path in collected.copies
     ]
@@ -1363,7 +1483,8 @@ def report(
             by = ", ".join(map(short_key, keys)) or "all runs"
             title = f"{exp_dir}: test accuracy over seeds, by {by}"
             summary = summarize(collected.runs, keys, reference)
-            yield summary_table(summary, keys, title, budget_text(collected.runs))
+            notes = (budget_text(collected.runs), defaults_text(collected))
+            yield summary_table(summary, keys, title, "; ".join(filter(None, notes)) or None)
         if selection is not None:
             yield selection_table(selection, f"{exp_dir}: chosen on validation")
     if side_by_side is not None:

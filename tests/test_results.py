@@ -932,3 +932,74 @@ def test_random_damage_to_one_run_skips_exactly_that_run(
             assert len(runs) == 3 and folder.name not in set(runs.run_id.astype(str)), context
         else:
             assert (exp / "plots" / "error_vs_batch_size.png").is_file(), context
+
+
+# ------------------------------------------------------- runs of older normbench versions
+
+
+def _as_older_version(folder, *keys):
+    """Rewrite a real run's files as a normbench without ``keys`` would have written them:
+    not in summary.json's config fields, nor in config.yaml."""
+    record = json.loads((folder / "summary.json").read_text())
+    for key in keys:
+        del record[f"config.{key}"]
+    (folder / "summary.json").write_text(json.dumps(record))
+    cfg = OmegaConf.load(folder / "config.yaml")
+    for key in keys:
+        parent, _, last = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        del node[last]
+        if parent and not node:
+            del cfg[parent]
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+
+def test_a_key_older_runs_lack_takes_its_default_and_the_tables_say_so(real_copy):
+    """Seed 0's runs written by an older normbench, without eval.precise_bn_batches (a
+    root key) and norm.eps (an option's key): before, every group split in two on the
+    null; now those runs take the defaults (200, and each norm's own eps), the groups
+    stay whole, and the warning, the table's caption, runs.csv and summary.csv say which
+    keys were filled in for how many runs."""
+    from normbench.config import compose
+
+    runs = _runs_of(real_copy)
+    seeds = {p: json.loads((p / "summary.json").read_text())["seed"] for p in runs}
+    older = [p for p in runs if seeds[p] == 0]
+    assert len(older) == 2
+    for folder in older:
+        _as_older_version(folder, "eval.precise_bn_batches", "norm.eps")
+
+    result = invoke("results", real_copy)
+    assert result.exit_code == 0, result.output
+    assert (
+        "warning: 2 runs of 4 lack eval.precise_bn_batches (written by an older normbench): "
+        "grouped with its default, 200"
+    ) in result.stderr
+    assert "warning: 2 runs of 4 lack norm.eps" in result.stderr
+    assert "defaults filled in where older runs lack a key" in " ".join(result.stdout.split())
+
+    summary = pd.read_csv(real_copy / "summary.csv")
+    assert list(summary["norm.name"]) == ["custom_bn", "layer"] and list(summary.n) == [2, 2]
+    assert "eval.precise_bn_batches" in summary.columns  # a group key, not a split
+    assert set(summary["eval.precise_bn_batches"]) == {200}
+    assert list(summary.defaulted) == ["eval.precise_bn_batches: 1 run; norm.eps: 1 run"] * 2
+    table = pd.read_csv(real_copy / "runs.csv")
+    by_seed = dict(zip(table.seed, table.defaulted.fillna(""), strict=False))
+    assert by_seed == {0: "eval.precise_bn_batches,norm.eps", 1: ""}
+    for norm in ("custom_bn", "layer"):
+        eps = compose([f"norm={norm}"]).norm.eps
+        assert set(table.loc[table["norm.name"] == norm, "norm.eps"]) == {eps}
+    assert swept_keys(collect(real_copy).runs) == ["norm.name"]
+
+
+def test_a_key_the_runs_option_lacks_is_not_filled(tmp_path, make_run):
+    """norm.groups belongs to norm=group: custom_bn runs lack it by design, and stay
+    without it (no default of another option is invented for them)."""
+    exp = tmp_path / "exp"
+    make_run(exp, norm__name="group", norm__groups=4)
+    make_run(exp, seed=1)
+    collected = collect(exp)
+    assert collected.defaulted == {}
+    runs = collected.runs.set_index("norm.name")
+    assert runs.loc["group", "norm.groups"] == 4 and pd.isna(runs.loc["custom_bn", "norm.groups"])
+    assert "defaulted" not in collected.runs
