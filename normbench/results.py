@@ -20,6 +20,7 @@ import math
 import os
 import secrets
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -618,7 +619,7 @@ def _number_problem(key: str, value: Any, rule: tuple[bool, float, float | None,
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"{key} {_shown(value)} is not a number"
-    if not (math.isfinite(value) and low <= value and (high is None or value <= high)):
+    if not low <= value <= (sys.float_info.max if high is None else high):  # NaN, inf fail
         within = f"in [{low}, {high}]" if high is not None else f"finite and >= {low}"
         return f"{key} {_shown(value)} is not a number {within}"
     return None
@@ -627,10 +628,21 @@ def _number_problem(key: str, value: Any, rule: tuple[bool, float, float | None,
 def _oversized(record: dict[str, Any]) -> str | None:
     """The first integer of a record (a config too) that no table column can hold."""
     low, high = _INT64
+    if all(type(value) is not int or low <= value <= high for value in record.values()):
+        return None  # (the common case, in one pass)
     for key, value in record.items():
         if type(value) is int and not low <= value <= high:
             return f"{key} {_shown(value)} does not fit a 64-bit integer"
     return None
+
+
+#: _NUMBER_RULES as (key, whole, lowest, highest, null), the highest a finite bound:
+#: a value in range of the right type passes in one comparison (NaN and inf fail it).
+_FAST_RULES = [
+    (key, whole, low, _INT64[1] if whole else (high if high is not None else sys.float_info.max),
+     null)
+    for key, (whole, low, high, null) in _NUMBER_RULES.items()
+]  # fmt: skip
 
 
 def _summary_problem(summary: dict[str, Any]) -> str | None:
@@ -644,8 +656,14 @@ def _summary_problem(summary: dict[str, Any]) -> str | None:
     run_id = summary.get("run_id", "")
     if not isinstance(run_id, str):
         return f"run_id {_shown(run_id)} is not text"
-    for key, rule in _NUMBER_RULES.items():
-        problem = _number_problem(key, summary.get(key), rule)
+    for key, whole, low, high, null in _FAST_RULES:
+        value = summary.get(key)
+        if value is None:
+            if null:
+                continue
+        elif (type(value) is int or (not whole and type(value) is float)) and low <= value <= high:
+            continue
+        problem = _number_problem(key, value, _NUMBER_RULES[key])
         if problem:
             return problem
     for key in _TEXT_FIELDS:
@@ -893,38 +911,55 @@ def _fill_defaults(configs: list[dict[str, Any]]):
     keys filled per run, and per key the defaults used and the number of runs."""
     from normbench.config import EXECUTION_KEYS, REQUIRED_GROUPS
 
-    keys = dict.fromkeys(key for config in configs for key in config)
     filled: list[list[str]] = [[] for _ in configs]
     used: dict[str, tuple[list[Any], int]] = {}
-    if not configs or all(len(config) == len(keys) for config in configs):
+    every = len(set().union(*configs))
+    if all(len(config) == every for config in configs):  # (the common case, at once)
         return configs, filled, used
-    cache: dict[Any, dict[str, Any]] = {}
+    keys = dict.fromkeys(key for config in configs for key in config)
+    defaults: dict[Any, dict[str, Any]] = {}  # per option, and "root"
+    # per set of keys: the keys lacking and the option names they depend on; per set of
+    # keys and options: what to fill in (so that 5,000 runs cost a few dictionary lookups)
+    lacking: dict[frozenset, tuple[list[str], list[str]]] = {}
+    plans: dict[Any, list[tuple[str, Any]]] = {}
+
+    def default(key: str, config: dict[str, Any]) -> Any:
+        group, _, rest = key.partition(".")
+        if group in REQUIRED_GROUPS and rest:
+            option = config.get(f"{group}.name")
+            where = (group, option if isinstance(option, str) else None)
+            if where not in defaults:
+                defaults[where] = _option_defaults(group, option)
+            return defaults[where].get(rest, _MISSING)
+        if "root" not in defaults:
+            defaults["root"] = _root_defaults()
+        return defaults["root"].get(key, _MISSING)
+
     out = []
     for index, config in enumerate(configs):
-        lacking = [k for k in keys if k not in config and k not in EXECUTION_KEYS]
-        if not lacking:
+        signature = frozenset(config)
+        if signature not in lacking:
+            missing = [k for k in keys if k not in config and k not in EXECUTION_KEYS]
+            groups = {k.partition(".")[0] for k in missing} & set(REQUIRED_GROUPS)
+            lacking[signature] = (missing, [f"{group}.name" for group in sorted(groups)])
+        missing, names = lacking[signature]
+        if not missing:
             out.append(config)
             continue
-        config = dict(config)
-        for key in lacking:
-            group, _, rest = key.partition(".")
-            if group in REQUIRED_GROUPS and rest:
-                option = config.get(f"{group}.name")
-                where = (group, option if isinstance(option, str) else None)
-                if where not in cache:
-                    cache[where] = _option_defaults(group, option)
-                value = cache[where].get(rest, _MISSING)
-            else:
-                if "root" not in cache:
-                    cache["root"] = _root_defaults()
-                value = cache["root"].get(key, _MISSING)
-            if value is _MISSING:
-                continue  # not a key of this run's option, or one the config no longer has
-            config[key] = value
+        options = tuple(v if isinstance(v := config.get(name), str) else None for name in names)
+        if (signature, options) not in plans:
+            # a key the run's option does not have, or one the config no longer has: none
+            found = [(key, default(key, config)) for key in missing]
+            plans[signature, options] = [(k, v) for k, v in found if v is not _MISSING]
+        plan = plans[signature, options]
+        if not plan:
+            out.append(config)
+            continue
+        out.append({**config, **dict(plan)})
+        for key, value in plan:
             filled[index].append(key)
             values, count = used.get(key, ([], 0))
             used[key] = (values if value in values else [*values, value], count + 1)
-        out.append(config)
     return out, filled, used
 
 
