@@ -695,7 +695,10 @@ def _read_runs(runs_dir: Path) -> _Read:
             read.unreadable[runs_dir / name] = f"summary.json: {err.strerror or err}"
             continue
         try:
-            summary = json.loads(summary_bytes)
+            try:
+                summary = json.loads(summary_bytes)
+            except ValueError as err:  # JSONDecodeError, UnicodeDecodeError: say which file
+                raise ValueError(f"summary.json is not JSON: {err}") from None
             if not isinstance(summary, dict):
                 raise ValueError("summary.json is not a JSON object")
             problem = _summary_problem(summary)
