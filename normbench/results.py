@@ -620,8 +620,8 @@ def _number_problem(key: str, value: Any, rule: tuple[bool, float, float | None,
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"{key} {_shown(value)} is not a number"
     if not low <= value <= (sys.float_info.max if high is None else high):  # NaN, inf fail
-        within = f"in [{low}, {high}]" if high is not None else f"finite and >= {low}"
-        return f"{key} {_shown(value)} is not a number {within}"
+        what = f"a number in [{low}, {high}]" if high is not None else f"a finite number >= {low}"
+        return f"{key} {_shown(value)} is not {what}"
     return None
 
 

@@ -537,7 +537,7 @@ def record_lost(
             own = record.get("error")
             record["error"] = f"{own}; {reason}" if keep_own and own else reason
             write_json(folder / "summary.json", record)
-    except (RunBusy, LockNotAFile, NotWritten):  # owned, or a folder that takes no record
+    except (RunBusy, LockNotAFile):  # owned, or a lock in the way that is not a file
         return False
     return True
 
@@ -556,7 +556,7 @@ def record_unfinished(cfg, status: str, message: str) -> bool:
             if read_summary(folder) is not None:
                 return False
             write_json(folder / "summary.json", _lost_summary(cfg, status, message))
-    except (RunBusy, LockNotAFile, NotWritten):  # owned, or a folder that takes no record
+    except (RunBusy, LockNotAFile):  # owned, or a lock in the way that is not a file
         return False
     return True
 
