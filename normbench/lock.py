@@ -11,8 +11,20 @@ A lock is *stale*, and may be taken over, when its owner is known to be gone:
 - on the same machine (same host name and boot id), its pid no longer runs the process
   that took it (gone, or reused by another: the start time differs);
 - from another machine, whose processes cannot be checked, its heartbeat is older than
-  ``STALE_S``;
+  ``STALE_S``, or more than ``STALE_S`` ahead of the file system's clock (below);
 - its SLURM job is one the caller knows has ended (the sweep's driver, told by SLURM).
+
+A heartbeat's age is this machine's clock less the lock's mtime. An owner on another
+machine touches the lock with the file system's clock (NFS sets a touched file's times
+to the server's), so an mtime ahead of this machine's clock is first compared with the
+file system's own: the mtime of a file created beside it. An mtime more than
+``STALE_S`` ahead even of that was set by no heartbeat (a copy that kept the times of a
+machine whose clock ran ahead, ``touch -d``): that lock is stale, where counting its age
+from the future would block the run until the clock caught up, hours or years later.
+So a lock whose owner is gone blocks a run for at most twice ``STALE_S``.
+
+A ``.lock`` that is not a regular file (a folder, a link, a pipe) is no lock normbench
+wrote, nor one it may remove: :class:`LockNotAFile`, a user error naming it.
 
 Taking over renames the stale file aside first and checks that what was renamed is
 the lock that was judged stale, so two processes that both find it stale do not both
@@ -26,11 +38,14 @@ import json
 import os
 import secrets
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from normbench.errors import UserError
 
 LOCK_NAME = ".lock"
 
@@ -109,27 +124,91 @@ class Owner:
     token: str | None
 
     def describe(self) -> str:
+        if self.pid == -1 and self.host == "?":  # a lock file that could not be parsed
+            return f"a lock file normbench cannot read, touched {self.age_s:.0f} s ago"
         where = f"pid {self.pid} on {self.host}" + (
             f", SLURM job {self.slurm_job}" if self.slurm_job else ""
         )
         return f"{where}, last heartbeat {self.age_s:.0f} s ago"
 
 
+class LockNotAFile(UserError):
+    """A ``.lock`` that is a folder, a link or another non-regular file: no lock of
+    normbench's, and nothing it may remove or wait for."""
+
+    def __init__(self, path: Path, mode: int):
+        kind = (
+            "a folder"
+            if stat.S_ISDIR(mode)
+            else "a symbolic link"
+            if stat.S_ISLNK(mode)
+            else "a special file (a pipe, socket or device)"
+        )
+        super().__init__(
+            f"{path} is {kind}, not a run lock (a file normbench writes while a run "
+            "trains): remove it and run again"
+        )
+        self.path = path
+
+
+#: How far ahead of this machine's clock a heartbeat may be before the file system's
+#: clock is asked (timestamps' granularity, attribute caches), in seconds.
+CLOCK_SLACK_S = 2.0
+
+
+def _file_system_now(folder: Path) -> float | None:
+    """The file system's clock: the mtime of a file created in ``folder`` (None when
+    nothing can be created there)."""
+    probe = folder / f"{LOCK_NAME}.clock.{secrets.token_hex(6)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError:
+        return None
+    try:
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+
+def _heartbeat_age(folder: Path, mtime: float) -> float:
+    """Seconds since the heartbeat at ``mtime``; negative when it is ahead of the file
+    system's clock as well as this machine's."""
+    now = time.time()
+    if mtime - now > CLOCK_SLACK_S:  # ahead of this machine: ask the file system's clock
+        measured = _file_system_now(folder)
+        now = now if measured is None else measured
+    return now - mtime
+
+
 def read_owner(folder: Path, stale_s: float = STALE_S) -> Owner | None:
     """The lock's owner, or None when the folder has no lock. A lock file that cannot be
-    parsed (written by something else) is alive until its mtime is ``stale_s`` old."""
+    parsed (written by something else) is alive while its mtime is a heartbeat less than
+    ``stale_s`` old. :class:`LockNotAFile` when ``.lock`` is a folder or another kind of
+    file."""
     path = Path(folder) / LOCK_NAME
     try:
-        text = path.read_text(errors="replace")
-        age = max(0.0, time.time() - path.stat().st_mtime)
+        info = os.lstat(path)
     except OSError:  # none, or no folder to hold one (a file in its place, a name too long)
         return None
+    if not stat.S_ISREG(info.st_mode):
+        raise LockNotAFile(path, info.st_mode)
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:  # released meanwhile
+        return None
+    except OSError:  # not ours to read: judged by its heartbeat alone
+        text = ""
+    age = _heartbeat_age(Path(folder), info.st_mtime)
+    beating = -stale_s <= age <= stale_s  # far ahead of every clock: no heartbeat
+    age = max(0.0, age)
     try:
         record = json.loads(text)
     except ValueError:
         record = None
     if not isinstance(record, dict):
-        return Owner("?", -1, None, age, local=False, alive=age <= stale_s, token=None)
+        return Owner("?", -1, None, age, local=False, alive=beating, token=None)
     me = _identity()
     local = record.get("host") == me["host"] and record.get("boot_id") == me["boot_id"]
     pid = record.get("pid")
@@ -139,7 +218,7 @@ def read_owner(folder: Path, stale_s: float = STALE_S) -> Owner | None:
     elif local and isinstance(pid, int):
         alive = _running(pid, record.get("start_time"))
     else:
-        alive = age <= stale_s
+        alive = beating
     return Owner(
         host=str(record.get("host")),
         pid=pid if isinstance(pid, int) else -1,
@@ -188,7 +267,14 @@ class RunLock:
         # Written whole under a private name, then linked to the lock's name: link() fails
         # if the name exists, atomically, NFS included, and the lock is never seen empty.
         tmp = self.path.with_name(f"{LOCK_NAME}.{self.token}.tmp")
-        tmp.write_text(record)
+        try:
+            tmp.write_text(record)
+        except OSError as err:  # a read-only run folder, a full disk: the user's to fix
+            from normbench.results import NotWritten
+
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise NotWritten(self.folder, err) from None
         try:
             for _ in range(3):  # lose a take-over race at most twice, then report the winner
                 try:
@@ -218,7 +304,10 @@ class RunLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        owner = read_owner(self.folder, self.stale_s)
+        try:
+            owner = read_owner(self.folder, self.stale_s)
+        except LockNotAFile:  # replaced by something else meanwhile: not ours to remove
+            return
         if owner is not None and owner.token == self.token:
             self.path.unlink(missing_ok=True)
 

@@ -713,11 +713,22 @@ def plot_experiment(exp_dir: Path, warn: Callable[[str], None] | None = None) ->
     Raises :class:`NothingToPlot` (a UserError; nothing written) when no run of the
     experiment completed.
     """
-    from normbench.results import check_writable, collect, warnings, write_figure
+    from normbench.results import (
+        check_real_folder,
+        check_writable,
+        collect,
+        nothing_readable,
+        warnings,
+        write_figure,
+    )
 
     exp_dir = Path(exp_dir)
+    check_real_folder(exp_dir / "plots")  # a link a received folder brought: never followed
     check_writable(exp_dir / "plots")  # a read-only folder, a file named plots: say so first
     collected = collect(exp_dir)
+    damaged = nothing_readable(exp_dir, collected)
+    if damaged:
+        raise NothingToPlot(damaged)
     if warn is not None:
         for line in warnings(collected):
             warn(line)
@@ -776,9 +787,11 @@ def plot_experiments(
     :func:`normbench.results.find_experiments`). An experiment with nothing to plot
     is reported to ``warn`` (when there are several) and skipped; when none has
     anything, :class:`NothingToPlot` is raised and nothing is written."""
-    from normbench.results import find_experiments
+    from normbench.results import check_real_folder, find_experiments
 
     experiments = find_experiments(paths)
+    for exp_dir in experiments:  # every one before the first figure is written
+        check_real_folder(exp_dir / "plots")
     written: list[Path] = []
     problems: list[str] = []
     for exp_dir in experiments:

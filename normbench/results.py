@@ -20,6 +20,7 @@ import math
 import os
 import secrets
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -205,6 +206,24 @@ def check_writable(folder: Path) -> None:
                 part.rmdir()
 
 
+def check_real_folder(folder: Path) -> None:
+    """A :class:`UserError` when ``folder`` is a symbolic link: a folder normbench makes
+    for itself (an experiment's ``plots/``) is written into only as a real folder, never
+    through a link that a results folder someone sent may hold (pointing anywhere).
+    The files themselves need no such check: the rename that puts each in place replaces
+    a link of its name, never what it points to."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        try:
+            target = f" (to {os.readlink(folder)})"
+        except OSError:
+            target = ""
+        raise UserError(
+            f"{folder} is a symbolic link{target}: normbench writes there only into a "
+            "folder of its own, not through a link; remove the link to write it"
+        )
+
+
 def _write_atomic(path: Path, write, binary: bool = False) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -351,6 +370,9 @@ class Collected:
     metrics_csv: bytes = field(default=b"", repr=False)
     problems: dict[Path, str] = field(default_factory=dict)
     copies: list[Path] = field(default_factory=list)
+    #: Config keys some runs lack (written by an older normbench) and that took their
+    #: default in those runs: key -> (the defaults filled in, how many runs).
+    defaulted: dict[str, tuple[list[Any], int]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Runs per status (completed, diverged, failed, other) plus incomplete and unreadable."""
@@ -506,6 +528,8 @@ def _metrics_body(path: str) -> bytes:
             data = handle.read()
     except FileNotFoundError:
         return b""
+    if data and not data.endswith(b"\n"):  # normbench ends every line, the last one too
+        raise ValueError("metrics.csv ends within a line: cut short")
     header, _, body = data.partition(b"\n")
     if header.rstrip(b"\r") != _METRICS_HEADER:
         if not data.strip():
@@ -514,11 +538,13 @@ def _metrics_body(path: str) -> bytes:
         # file that is not a metrics table at all raises ValueError (unreadable).
         try:
             frame = pd.read_csv(io.BytesIO(data), dtype=_METRIC_DTYPES)[list(METRIC_COLUMNS)]
-        except (KeyError, UnicodeDecodeError) as err:
+        except (KeyError, UnicodeDecodeError, OverflowError) as err:
             raise ValueError(f"metrics.csv is not a metrics table ({err})") from None
         body = frame.to_csv(index=False, header=False, lineterminator="\n").encode()
     if b"\r" in body:
         body = body.replace(b"\r\n", b"\n")
+    if body.startswith(b"\n") or b"\n\n" in body:  # blank lines: no rows (one row a line)
+        body = b"\n".join(line for line in body.split(b"\n") if line)
     return body if not body or body.endswith(b"\n") else body + b"\n"
 
 
@@ -538,31 +564,114 @@ class _Read:
             del column[index]
 
 
-#: Summary fields read as numbers (null allowed), and those that must be whole numbers.
-_NUMBER_FIELDS = (
-    "lr", "final_test_acc", "best_test_acc", "final_val_acc", "best_val_acc",
-    "test_acc_at_best_val", "test_acc_precise_bn", "test_acc_batch_stats", "bn_eval_time_s",
-    "final_test_loss", "final_train_loss",
-    "final_train_acc", "train_time_s", "wall_time_s", "img_per_s",
+#: The range of the integers a table holds (int64: pandas' and Parquet's integers).
+_INT64 = (-(2**63), 2**63 - 1)
+
+_ACCURACY_FIELDS = (
+    "final_test_acc", "best_test_acc", "final_val_acc", "best_val_acc", "test_acc_at_best_val",
+    "test_acc_precise_bn", "test_acc_batch_stats", "final_train_acc",
 )  # fmt: skip
-_WHOLE_FIELDS = ("batch_size", "epochs", "seed")
+_AMOUNT_FIELDS = (
+    "lr", "lr_effective", "final_test_loss", "final_train_loss", "bn_eval_time_s",
+    "train_time_s", "wall_time_s", "img_per_s",
+)  # fmt: skip
+
+#: Summary fields that hold numbers: (whole numbers only, lowest value, highest value
+#: or None, null allowed). A value outside its range is damage as much as text is: an
+#: accuracy of 5.0 would enter a table's mean as if measured.
+_NUMBER_RULES: dict[str, tuple[bool, float, float | None, bool]] = {
+    "batch_size": (True, 1, None, False),
+    "epochs": (True, 1, None, False),
+    "seed": (True, 0, None, False),
+    "max_steps": (True, 1, None, True),
+    "steps": (True, 0, None, True),
+    "best_val_epoch": (True, 1, None, True),
+    "resumed_from_epoch": (True, 0, None, True),
+    "num_params": (True, 0, None, True),
+    "threads": (True, 1, None, True),
+    **dict.fromkeys(_ACCURACY_FIELDS, (False, 0, 1, True)),
+    **dict.fromkeys(_AMOUNT_FIELDS, (False, 0, None, True)),
+}
+
+#: Summary fields (and the config's option names) that are text, or null.
+_TEXT_FIELDS = (
+    "name", "model", "norm", "dataset", "optim",
+    *(f"{CONFIG_PREFIX}{group}.name" for group in ("model", "norm", "dataset", "optim")),
+)  # fmt: skip
+
+
+def _shown(value: Any) -> str:
+    """A value from a file in a message: its repr, cut short (a file may hold anything)."""
+    import reprlib
+
+    return reprlib.repr(value)
+
+
+def _number_problem(key: str, value: Any, rule: tuple[bool, float, float | None, bool]):
+    """What is wrong with one summary number (None: nothing)."""
+    whole, low, high, null = rule
+    if value is None:
+        return None if null else f"{key} is null, not a whole number"
+    if whole:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{key} {_shown(value)} is not a whole number"
+        if not low <= value <= _INT64[1]:
+            return f"{key} {_shown(value)} is not a whole number from {low} to 2**63-1"
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{key} {_shown(value)} is not a number"
+    if not low <= value <= (sys.float_info.max if high is None else high):  # NaN, inf fail
+        what = f"a number in [{low}, {high}]" if high is not None else f"a finite number >= {low}"
+        return f"{key} {_shown(value)} is not {what}"
+    return None
+
+
+def _oversized(record: dict[str, Any]) -> str | None:
+    """The first integer of a record (a config too) that no table column can hold."""
+    low, high = _INT64
+    if all(type(value) is not int or low <= value <= high for value in record.values()):
+        return None  # (the common case, in one pass)
+    for key, value in record.items():
+        if type(value) is int and not low <= value <= high:
+            return f"{key} {_shown(value)} does not fit a 64-bit integer"
+    return None
+
+
+#: _NUMBER_RULES as (key, whole, lowest, highest, null), the highest a finite bound:
+#: a value in range of the right type passes in one comparison (NaN and inf fail it).
+_FAST_RULES = [
+    (key, whole, low, _INT64[1] if whole else (high if high is not None else sys.float_info.max),
+     null)
+    for key, (whole, low, high, null) in _NUMBER_RULES.items()
+]  # fmt: skip
 
 
 def _summary_problem(summary: dict[str, Any]) -> str | None:
     """What makes a summary.json unusable in tables (None: nothing): a status normbench
-    does not know, a batch size that is not a whole number, a number that is text."""
+    does not know; a number that is text, not finite, out of its range (an accuracy
+    outside [0, 1], a negative count, a time or a loss below 0) or an integer beyond 64
+    bits; text fields that are not text."""
     status = summary.get("status")
     if status not in STATUSES:
-        return f"status {status!r} is not one of {', '.join(STATUSES)}"
-    for key in _WHOLE_FIELDS:
+        return f"status {_shown(status)} is not one of {', '.join(STATUSES)}"
+    run_id = summary.get("run_id", "")
+    if not isinstance(run_id, str):
+        return f"run_id {_shown(run_id)} is not text"
+    for key, whole, low, high, null in _FAST_RULES:
         value = summary.get(key)
-        if not isinstance(value, int) or isinstance(value, bool):
-            return f"{key} {value!r} is not a whole number"
-    for key in _NUMBER_FIELDS:
+        if value is None:
+            if null:
+                continue
+        elif (type(value) is int or (not whole and type(value) is float)) and low <= value <= high:
+            continue
+        problem = _number_problem(key, value, _NUMBER_RULES[key])
+        if problem:
+            return problem
+    for key in _TEXT_FIELDS:
         value = summary.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            return f"{key} {value!r} is not a number"
-    return None
+        if value is not None and not isinstance(value, str):
+            return f"{key} {_shown(value)} is not text"
+    return _oversized(summary)
 
 
 def _read_runs(runs_dir: Path) -> _Read:
@@ -587,7 +696,10 @@ def _read_runs(runs_dir: Path) -> _Read:
             read.unreadable[runs_dir / name] = f"summary.json: {err.strerror or err}"
             continue
         try:
-            summary = json.loads(summary_bytes)
+            try:
+                summary = json.loads(summary_bytes)
+            except ValueError as err:  # JSONDecodeError, UnicodeDecodeError: say which file
+                raise ValueError(f"summary.json is not JSON: {err}") from None
             if not isinstance(summary, dict):
                 raise ValueError("summary.json is not a JSON object")
             problem = _summary_problem(summary)
@@ -597,6 +709,9 @@ def _read_runs(runs_dir: Path) -> _Read:
             if config is None:
                 with open(os.path.join(folder, "config.yaml"), encoding="utf-8") as handle:
                     config = read_config(handle.read())
+                problem = _oversized(config)
+                if problem:
+                    raise ValueError(f"config.yaml: {problem}")
             body = _metrics_body(os.path.join(folder, "metrics.csv"))
         except OSError as err:
             read.unreadable[runs_dir / name] = f"{Path(err.filename or '').name}: {err.strerror}"
@@ -629,21 +744,71 @@ def _drop_copies(read: _Read) -> None:
     read.copies.reverse()
 
 
+#: Metrics whose values must be finite and >= 0 (a loss may be NaN or inf: the epoch a
+#: run diverged in); accuracies (acc, acc_precise_bn, ...) lie in [0, 1].
+_AMOUNT_METRICS = ("lr", "epoch_time_s", "img_per_s")
+
+
+def _value_problem(metric: str, value: float) -> str | None:
+    """What is wrong with one metric's value (None: nothing); metrics of other names
+    (a later version's) are taken as they are."""
+    if metric.startswith("acc"):
+        return None if 0 <= value <= 1 else "is not in [0, 1]"
+    if metric == "loss":
+        return None if not value < 0 else "is negative"
+    if metric in _AMOUNT_METRICS:
+        return None if math.isfinite(value) and value >= 0 else "is not finite and >= 0"
+    return None
+
+
 def _body_problem(body: bytes) -> str | None:
     """What is wrong with a metrics.csv's lines (None: nothing), without pandas: five
-    fields, a whole epoch, a number."""
+    fields, a whole epoch from 1 that fits 64 bits, a number in the metric's range."""
+    import csv
+
     for number, line in enumerate(body.split(b"\n"), start=2):
         if not line:
             continue
-        fields = line.split(b",")
         try:
+            # one line as pandas reads it (quotes too); fields as text, decoded
+            fields = next(csv.reader([line.decode()]))
             if len(fields) != len(METRIC_COLUMNS):
                 raise ValueError
-            int(fields[1])
-            float(fields[4])
-        except ValueError:
+            epoch = int(fields[1])
+            value = float(fields[4])
+        except (ValueError, UnicodeDecodeError, csv.Error, StopIteration):
             return f"metrics.csv: line {number} is not run_id,epoch,split,metric,value"
+        if not 1 <= epoch <= _INT64[1]:
+            return f"metrics.csv: line {number}: epoch {_shown(epoch)} is not from 1 to 2**63-1"
+        problem = _value_problem(fields[3], value)
+        if problem:
+            what = f"{_shown(fields[2])} {_shown(fields[3])}"
+            return f"metrics.csv: line {number}: {what} {value!r} {problem}"
     return None
+
+
+def _parsed_problem(body: bytes) -> str | None:
+    """:func:`_body_problem` as pandas sees the file: the last resort when the lines
+    looked whole but the experiment's table did not parse (a quoted line end)."""
+    try:
+        frame = pd.read_csv(io.BytesIO(_METRICS_HEADER + b"\n" + body), dtype=_METRIC_DTYPES)
+    except (ValueError, OverflowError, pd.errors.ParserError):
+        return "metrics.csv is not a table of run_id,epoch,split,metric,value"
+    if _row_problems(frame).any():
+        return "metrics.csv holds a value outside its metric's range"
+    return None
+
+
+def _row_problems(metrics: pd.DataFrame) -> np.ndarray:
+    """The rows of an experiment's metrics that :func:`_body_problem` would refuse
+    (vectorised: thousands of runs are checked in one pass)."""
+    metric = metrics["metric"].fillna("").astype(str)
+    value = metrics["value"].to_numpy(dtype=float)
+    with np.errstate(invalid="ignore"):
+        accuracy = metric.str.startswith("acc").to_numpy() & ~((value >= 0) & (value <= 1))
+        loss = (metric == "loss").to_numpy() & (value < 0)
+        amount = metric.isin(_AMOUNT_METRICS).to_numpy() & ~(np.isfinite(value) & (value >= 0))
+    return (metrics["epoch"].to_numpy() < 1) | accuracy | loss | amount
 
 
 def _metrics_problem(path: Path) -> str | None:
@@ -675,10 +840,13 @@ def collect(exp_dir: Path) -> Collected:
     while True:
         try:
             return _assemble(read)
-        except (ValueError, pd.errors.ParserError):
+        except (ValueError, OverflowError, pd.errors.ParserError):
             # Some metrics.csv is damaged inside (the fast path parses all of them as one
-            # table): find it, count its run unreadable, and assemble the rest.
+            # table, and checks its values in one pass): find it, count its run
+            # unreadable, and assemble the rest.
             bad = [(i, why) for i, body in enumerate(read.bodies) if (why := _body_problem(body))]
+            if not bad:
+                bad = [(i, why) for i, b in enumerate(read.bodies) if (why := _parsed_problem(b))]
             if not bad:
                 raise
             for index, why in reversed(bad):
@@ -698,14 +866,136 @@ def _csv_line(values) -> bytes:
     return buffer.getvalue().encode()
 
 
+# ------------------------------------------------------------- keys older runs lack
+#
+# A run written by an older normbench lacks the config keys added since
+# (``eval.precise_bn_batches``); its column would be null there and a value in newer runs,
+# and every table group would split on it. Such a key takes its default in the runs that
+# lack it, as the config that ships now composes it: the option's YAML for a group's key
+# (``norm.groups`` of norm=group; a key the run's option does not have is left missing),
+# the root config.yaml for the others. The tables say which keys and how many runs.
+
+_MISSING = object()
+
+
+def _root_defaults() -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from normbench.config import conf_dir, flatten
+
+    root = OmegaConf.to_container(OmegaConf.load(conf_dir() / "config.yaml"), resolve=False)
+    return flatten({k: v for k, v in root.items() if k not in ("defaults", "hydra")})
+
+
+def _option_defaults(group: str, option: Any) -> dict[str, Any]:
+    """A group option's keys and defaults, from its YAML (normbench's or a config folder
+    the user added); {} for an option with no YAML here (a package's variant, whose code
+    is not loaded to read a results folder) or one that does not load."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from normbench.config import config_dirs, flatten
+
+    if not isinstance(option, str):
+        return {}
+    for folder in config_dirs():  # the option's name is matched, never joined into a path
+        files = {p.stem: p for p in (folder / group).glob("*.yaml")}
+        if option in files:
+            try:
+                loaded = OmegaConf.to_container(OmegaConf.load(files[option]), resolve=False)
+            except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException):
+                return {}
+            return flatten(loaded) if isinstance(loaded, dict) else {}
+    return {}
+
+
+def _fill_defaults(configs: list[dict[str, Any]]):
+    """``configs`` with the keys some of them lack filled in with their defaults; the
+    keys filled per run, and per key the defaults used and the number of runs."""
+    from normbench.config import EXECUTION_KEYS, REQUIRED_GROUPS
+
+    filled: list[list[str]] = [[] for _ in configs]
+    used: dict[str, tuple[list[Any], int]] = {}
+    every = len(set().union(*configs))
+    if all(len(config) == every for config in configs):  # (the common case, at once)
+        return configs, filled, used
+    keys = dict.fromkeys(key for config in configs for key in config)
+    defaults: dict[Any, dict[str, Any]] = {}  # per option, and "root"
+    # per set of keys: the keys lacking and the option names they depend on; per set of
+    # keys and options: what to fill in (so that 5,000 runs cost a few dictionary lookups)
+    lacking: dict[frozenset, tuple[list[str], list[str]]] = {}
+    plans: dict[Any, list[tuple[str, Any]]] = {}
+
+    def default(key: str, config: dict[str, Any]) -> Any:
+        group, _, rest = key.partition(".")
+        if group in REQUIRED_GROUPS and rest:
+            option = config.get(f"{group}.name")
+            where = (group, option if isinstance(option, str) else None)
+            if where not in defaults:
+                defaults[where] = _option_defaults(group, option)
+            return defaults[where].get(rest, _MISSING)
+        if "root" not in defaults:
+            defaults["root"] = _root_defaults()
+        return defaults["root"].get(key, _MISSING)
+
+    out = []
+    for index, config in enumerate(configs):
+        signature = frozenset(config)
+        if signature not in lacking:
+            missing = [k for k in keys if k not in config and k not in EXECUTION_KEYS]
+            groups = {k.partition(".")[0] for k in missing} & set(REQUIRED_GROUPS)
+            lacking[signature] = (missing, [f"{group}.name" for group in sorted(groups)])
+        missing, names = lacking[signature]
+        if not missing:
+            out.append(config)
+            continue
+        options = tuple(v if isinstance(v := config.get(name), str) else None for name in names)
+        if (signature, options) not in plans:
+            # a key the run's option does not have, or one the config no longer has: none
+            found = [(key, default(key, config)) for key in missing]
+            plans[signature, options] = [(k, v) for k, v in found if v is not _MISSING]
+        plan = plans[signature, options]
+        if not plan:
+            out.append(config)
+            continue
+        out.append({**config, **dict(plan)})
+        for key, value in plan:
+            filled[index].append(key)
+            values, count = used.get(key, ([], 0))
+            used[key] = (values if value in values else [*values, value], count + 1)
+    return out, filled, used
+
+
+def defaults_text(collected: Collected) -> str | None:
+    """The keys filled with defaults, for a table's caption (None: none)."""
+    if not collected.defaulted:
+        return None
+    parts = [
+        f"{key} = {', '.join(map(_format_value, values))} for {_plural(count, 'run')}"
+        for key, (values, count) in collected.defaulted.items()
+    ]
+    return "defaults filled in where older runs lack a key: " + "; ".join(parts)
+
+
+def _defaults_note(notes: pd.Series) -> str | None:
+    """A group's runs' filled keys (``runs.defaulted``) as ``key: n runs``, for summary.csv."""
+    counts: dict[str, int] = {}
+    for note in notes.dropna():
+        for key in str(note).split(","):
+            counts[key] = counts.get(key, 0) + 1
+    return "; ".join(f"{key}: {_plural(n, 'run')}" for key, n in counts.items()) or None
+
+
 def _assemble(read: _Read) -> Collected:
+    configs, filled, defaulted = _fill_defaults(read.configs)
     if read.summaries:
         summary_frame = _frame(read.summaries)
         first = [f for f in SUMMARY_FIELDS if f in summary_frame.columns]
         summary_frame = summary_frame[first + [c for c in summary_frame if c not in first]]
     else:
         summary_frame = pd.DataFrame(columns=list(SUMMARY_FIELDS))
-    config_frame = _frame(read.configs)
+    config_frame = _frame(configs)
     config_columns: list[str] = []
     renamed: dict[str, str] = {}
     for key in list(config_frame.columns):
@@ -717,6 +1007,8 @@ def _assemble(read: _Read) -> Collected:
             renamed[key] = f"config.{key}"
         config_columns.append(renamed.get(key, key))
     runs = pd.concat([summary_frame, config_frame.rename(columns=renamed)], axis=1)
+    if defaulted:  # which keys of each run are defaults, not what it recorded
+        runs["defaulted"] = pd.array([",".join(keys) or None for keys in filled], dtype=object)
     runs.attrs["config_columns"] = config_columns
     order = _sort_frame(runs, [*swept_keys(runs), "seed", "run_id"]) if len(runs) else []
     runs = runs.loc[order].reset_index(drop=True)
@@ -732,6 +1024,8 @@ def _assemble(read: _Read) -> Collected:
         header, bodies = _METRICS_HEADER, [read.bodies[i] for i in order]
     metrics_csv = header + b"\n" + b"".join(bodies)
     metrics = pd.read_csv(io.BytesIO(metrics_csv), dtype=_METRIC_DTYPES)
+    if _row_problems(metrics).any():
+        raise ValueError("a metrics.csv holds a value out of its range")  # collect finds it
     return Collected(
         runs,
         metrics,
@@ -740,6 +1034,7 @@ def _assemble(read: _Read) -> Collected:
         metrics_csv,
         problems=dict(read.unreadable),
         copies=list(read.copies),
+        defaulted=defaulted,
     )
 
 
@@ -899,6 +1194,10 @@ def summarize(
     by = [runs[k] for k in keys] if keys else [pd.Series(0, index=runs.index, name="_all")]
     grouped = data.groupby(by, dropna=False, sort=False)
     table = grouped[["n", "n_diverged", "n_failed", "n_interrupted"]].sum()
+    noted = "defaulted" in runs and runs["defaulted"].notna().any()
+    if noted:  # the same groups in the same order: which keys took defaults, in how many runs
+        notes = runs["defaulted"].groupby(by, dropna=False, sort=False).agg(_defaults_note)
+        table["defaulted"] = notes.to_numpy()
     metrics = list(STAT_METRICS)
     mean, std, count = (
         grouped[metrics].mean(),
@@ -917,7 +1216,7 @@ def summarize(
     if not keys:
         table = table.drop(columns="_all")
     table = differences(runs, table, keys, baseline_of(runs, baseline))
-    table = table[[*keys, *SUMMARY_STAT_COLUMNS]]
+    table = table[[*keys, *SUMMARY_STAT_COLUMNS, *(["defaulted"] if noted else [])]]
     return table.loc[_sort_frame(table, keys)].reset_index(drop=True)
 
 
@@ -1144,9 +1443,28 @@ def describe(exp_dir: Path, collected: Collected) -> str:
 def warnings(collected: Collected) -> list[str]:
     """One line per run folder skipped, naming it and why."""
     lines = [f"skipped {path}: {why}" for path, why in collected.problems.items()]
+    lines += [
+        f"{_plural(count, 'run')} of {len(collected.runs)} lack {key} (written by an older "
+        f"normbench): grouped with its default, {', '.join(map(_format_value, values))}"
+        for key, (values, count) in collected.defaulted.items()
+    ]
     return lines + [
         f"skipped {path}: a copy of a run read from another folder" for path in collected.copies
     ]
+
+
+def nothing_readable(exp_dir: Path, collected: Collected) -> str | None:
+    """One line when an experiment has run folders but none can be read because they are
+    damaged (not merely unfinished): the first one and why; None otherwise."""
+    if not collected.runs.empty or not collected.unreadable:
+        return None
+    first, why = next(iter(collected.problems.items()))
+    more = len(collected.unreadable) - 1
+    line = f"{exp_dir}: none of its runs can be read ({first}: {why}"
+    line += f"; and {more} more)" if more else ")"
+    if collected.incomplete:
+        line += f", {len(collected.incomplete)} not finished"
+    return line
 
 
 def report(
@@ -1174,9 +1492,14 @@ def report(
         found = ", ".join(map(str, experiments))
         raise UserError(f"--compare needs two experiments or more; found one: {found}")
     plans = []
+    unusable: list[str] = []  # experiments whose every run is damaged: no tables
     for exp_dir in experiments:
         check_writable(exp_dir)  # a read-only folder says so before any work
         collected = collect(exp_dir)
+        problem = nothing_readable(exp_dir, collected)
+        if problem:
+            unusable.append(problem)
+            continue
         runs = collected.runs
         if runs.empty:
             keys, reference, selection = [], None, None
@@ -1188,6 +1511,13 @@ def report(
             reference = baseline_of(runs, baseline)
             selection = select_values(runs, select) if select else None
         plans.append((exp_dir, collected, keys, reference, selection))
+    if unusable and not plans:  # a bad folder handed over: say so, write nothing
+        if len(unusable) == 1:
+            raise UserError(f"{unusable[0]}: no tables written")
+        raise UserError(f"no run of the {len(unusable)} experiments can be read: {unusable[0]}")
+    if warn is not None:
+        for line in unusable:
+            warn(f"{line}: no tables for it")
     side_by_side = (
         compare_experiments({exp: c.runs for exp, c, *_ in plans}, group_by, baseline)
         if compare
@@ -1208,7 +1538,8 @@ def report(
             by = ", ".join(map(short_key, keys)) or "all runs"
             title = f"{exp_dir}: test accuracy over seeds, by {by}"
             summary = summarize(collected.runs, keys, reference)
-            yield summary_table(summary, keys, title, budget_text(collected.runs))
+            notes = (budget_text(collected.runs), defaults_text(collected))
+            yield summary_table(summary, keys, title, "; ".join(filter(None, notes)) or None)
         if selection is not None:
             yield selection_table(selection, f"{exp_dir}: chosen on validation")
     if side_by_side is not None:

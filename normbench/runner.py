@@ -20,7 +20,7 @@ from typing import Any
 from normbench import __version__, allocator, checkpoints, cores, interrupts
 from normbench.config import EXECUTION_KEYS, flatten, validate
 from normbench.errors import UserError
-from normbench.lock import RunBusy, RunLock, read_owner
+from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
 from normbench.results import (
     CONFIG_PREFIX,
     NotWritten,
@@ -338,7 +338,9 @@ def run(cfg, *, force: bool = False, redo_failed: bool = True, display=None) -> 
     owner = read_owner(folder)
     if owner is not None and owner.alive:  # say so before loading anything
         raise RunInProgress(RunBusy(folder, owner))
-    check_writable(folder.parent.parent)  # not after an hour of training
+    # not after an hour of training: the run folder itself (read-only, a file in its
+    # place), or the folders it goes into when it does not exist yet
+    check_writable(folder)
 
     prepared = prepare(cfg, threads=cores.choose(cfg.threads))
 
@@ -355,29 +357,67 @@ def run(cfg, *, force: bool = False, redo_failed: bool = True, display=None) -> 
         # An interrupted run goes on from its last epoch; any other starts over.
         resume = None
         if not force and status_of(previous) in (None, "interrupted"):
-            resume = _checkpoint(cfg, rid, folder)
+            resume, prepared = _resume(cfg, rid, folder, prepared)
         # From here on files are written; the summary, written last, marks the run done.
         for name in ("summary.json", "metrics.csv"):  # the earlier attempt's, damaged or not
             _discard(folder / name)
         if resume is None:
             _discard(folder / checkpoints.FILE)
         write_text_file(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        records = resume["loop"]["records"] if resume else []
+        records = resume["records"] if resume else []
         write_csv(folder / "metrics.csv", metrics_frame(rid, records))
         return _train(cfg, rid, folder, prepared, display, resume)
     finally:
         lock.release()
 
 
-def _checkpoint(cfg, rid: str, folder: Path) -> dict[str, Any] | None:
-    """The run's checkpoint, when checkpoints are on and it holds this run's state."""
+def _resume(cfg, rid: str, folder: Path, prepared: _Prepared) -> tuple[dict | None, _Prepared]:
+    """The loop's state to go on from, restored into the prepared model, optimizer and
+    torch's random generators; None when the run starts over. A checkpoint the code
+    cannot go on from (cut short, another version's, a model that changed since) is
+    not a user error: one warning line, and the run trains from the start on a model
+    and optimizer built anew, as a half-restored one must never train."""
     if cfg.checkpoint.save != "last":
-        return None
+        return None, prepared
+    path = folder / checkpoints.FILE
     try:
-        data = (folder / checkpoints.FILE).read_bytes()
-    except OSError:
-        return None
-    return checkpoints.unpack(data, rid)
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, prepared
+    except OSError as err:  # a folder in its place, no permission: discarded by the caller
+        _warn_discarded(rid, err.strerror or str(err))
+        return None, prepared
+    try:
+        state = checkpoints.load(data, rid)
+    except checkpoints.Unusable as why:
+        _warn_discarded(rid, str(why))
+        return None, prepared
+    try:
+        return checkpoints.restore(
+            state, prepared.model, prepared.optimizer, _epochs(prepared)
+        ), prepared
+    except checkpoints.Unusable as why:
+        _warn_discarded(rid, str(why))
+        return None, prepare(cfg, threads=prepared.threads)
+
+
+def _epochs(prepared: _Prepared) -> int:
+    """The run's epochs, as the training loop counts them."""
+    from normbench.data import steps_per_epoch
+
+    per_epoch = steps_per_epoch(prepared.data.num_train, prepared.settings.batch_size)
+    return -(-prepared.settings.total_steps(prepared.data.num_train) // per_epoch)
+
+
+def _warn_discarded(rid: str, why: str) -> None:
+    """One line on stderr (above any progress bar, which has not started yet)."""
+    from normbench.terminal import clean
+
+    sys.stderr.write(
+        f"warning: run {rid}: its checkpoint cannot be resumed ({clean(why)}): "
+        "discarded, training from the first epoch\n"
+    )
+    sys.stderr.flush()
 
 
 def _discard(path: Path) -> None:
@@ -398,9 +438,8 @@ def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display, resume=Non
     saving = (prepared.model, prepared.optimizer) if cfg.checkpoint.save == "last" else None
     recorder = _Recorder(rid, folder / "metrics.csv", display, saving)
     generator = torch.Generator().manual_seed(cfg.seed)
-    loop = None
-    if resume is not None:
-        loop = checkpoints.restore(resume, prepared.model, prepared.optimizer)
+    loop = resume  # restored by _resume into the model, optimizer and random generators
+    if loop is not None:
         recorder.records = list(loop["records"])
     resumed = loop["epoch"] if loop else None
     started, clock = _now(), time.perf_counter()
@@ -480,7 +519,10 @@ def record_lost(
         if not unstarted:
             return False  # the job never started this run: nothing to record
         folder.mkdir(parents=True, exist_ok=True)
-    owner = read_owner(folder)
+    try:
+        owner = read_owner(folder)
+    except LockNotAFile:  # the run could not have started: nothing of it to record
+        return False
     if owner is not None and owner.alive:
         if not (slurm_job and owner.slurm_job == slurm_job):
             return False
@@ -495,7 +537,7 @@ def record_lost(
             own = record.get("error")
             record["error"] = f"{own}; {reason}" if keep_own and own else reason
             write_json(folder / "summary.json", record)
-    except RunBusy:
+    except (RunBusy, LockNotAFile):  # owned, or a lock in the way that is not a file
         return False
     return True
 
@@ -514,7 +556,7 @@ def record_unfinished(cfg, status: str, message: str) -> bool:
             if read_summary(folder) is not None:
                 return False
             write_json(folder / "summary.json", _lost_summary(cfg, status, message))
-    except RunBusy:
+    except (RunBusy, LockNotAFile):  # owned, or a lock in the way that is not a file
         return False
     return True
 

@@ -234,6 +234,8 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
         if folder.parent.parent not in writable:  # once per experiment folder
             check_writable(folder.parent.parent)
             writable.add(folder.parent.parent)
+        if folder.exists():  # a run folder left read-only, or a file in its place
+            check_writable(folder)
         # Seeds, learning rates and where results go do not change whether a job can run.
         shape = {k: v for k, v in flatten(cfg).items() if k not in {"seed", "lr", *EXECUTION_KEYS}}
         key = json.dumps(shape, sort_keys=True, default=str)

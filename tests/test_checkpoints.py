@@ -8,6 +8,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from normbench import checkpoints, runner
 
@@ -105,3 +106,169 @@ def test_a_checkpoint_of_another_run_is_not_taken():
     data = checkpoints.pack("aaaa", model, optimizer, {"epoch": 1})
     assert checkpoints.unpack(data, "aaaa")["loop"] == {"epoch": 1}
     assert checkpoints.unpack(data, "bbbb") is None
+
+
+# ------------------------------------------------- checkpoints the running code cannot use
+
+
+def _drop_key(state):
+    del state["model"]["0.weight"]
+
+
+def _resize(state):
+    weight = state["model"]["0.weight"]
+    state["model"]["0.weight"] = weight[:-1].clone()
+
+
+def _extra_key(state):
+    state["model"]["99.weight"] = torch.zeros(3)
+
+
+def _momentum(state):
+    first = next(iter(state["optimizer"]["state"].values()))
+    first["momentum_buffer"] = torch.zeros(7)
+
+
+def _optimizer_groups(state):
+    state["optimizer"]["param_groups"].append(dict(state["optimizer"]["param_groups"][0]))
+
+
+def _optimizer_setting(state):
+    state["optimizer"]["param_groups"][0]["momentum"] = "fast"
+
+
+def _rng(state):
+    state["torch_rng"] = state["torch_rng"][:100].clone()
+
+
+def _generator(state):
+    state["loop"]["generator"] = torch.zeros(4, dtype=torch.uint8)
+
+
+def _records(state):
+    state["loop"]["records"] = state["loop"]["records"][:-1]
+
+
+def _record_value(state):
+    state["loop"]["records"][0]["test_acc"] = 5.0
+
+
+def _scheduler(state):
+    state["loop"]["scheduler"] = {"last_epoch": "x"}
+
+
+def _epoch(state):
+    state["loop"]["epoch"] = 99
+
+
+def _version(state):
+    state["version"] = 0
+
+
+CORRUPTIONS = {
+    "a model key missing": (_drop_key, "lacks 0.weight"),
+    "a model tensor resized": (_resize, "0.weight has shape [31, 1, 3, 3], the model"),
+    "a model key too many": (_extra_key, "keys the model lacks: '99.weight'"),
+    "a momentum of the wrong shape": (_momentum, "momentum_buffer has shape [7]"),
+    "another number of parameter groups": (_optimizer_groups, "torch cannot load it"),
+    "an optimizer setting of the wrong kind": (_optimizer_setting, "momentum in group 0"),
+    "a random state cut short": (_rng, "torch random state"),
+    "a batch generator's state cut short": (_generator, "batch order's random state"),
+    "a record missing": (_records, "records are not one per epoch"),
+    "an accuracy out of range": (_record_value, "test_acc 5.0"),
+    "a schedule of the wrong kind": (_scheduler, "learning-rate schedule"),
+    "an epoch past the run's": (_epoch, "epoch 99"),
+    "another format version": (_version, "format version 0"),
+}
+
+ARGS = ["epochs=3", "batch_size=64", "dataset.train_size=256", "threads=1"]
+
+
+@pytest.fixture(scope="module")
+def stopped_and_straight(tmp_path_factory):
+    """A real run stopped during its third epoch (its checkpoint after the second), and
+    the metrics of the same run never stopped."""
+    from normbench.config import compose
+
+    root = tmp_path_factory.mktemp("stopped")
+    cfg = compose([*ARGS, f"out_dir={root / 'stopped'}"])
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg, display=StopAt(3))
+    straight = runner.run(compose([*ARGS, f"out_dir={root / 'straight'}"]))
+    return runner.experiment_dir(cfg), metrics(straight)
+
+
+def _run_cli(out_dir):
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+
+    return CliRunner().invoke(app, ["run", *ARGS, f"out_dir={out_dir}"])
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_a_checkpoint_the_code_cannot_use_is_discarded_with_one_warning(
+    stopped_and_straight, tmp_path, case
+):
+    """A whole checkpoint of this run that does not fit the code (a model changed since,
+    a damaged state): one warning naming the run and why, the file gone, and the run
+    trained from the start exactly as a run never stopped, so nothing of the refused
+    state trained."""
+    import shutil
+
+    stopped, straight = stopped_and_straight
+    exp = shutil.copytree(stopped, tmp_path / "results" / "default")
+    (folder,) = (exp / "runs").iterdir()
+    path = folder / checkpoints.FILE
+    state = torch.load(path, weights_only=True)
+    assert state["loop"]["epoch"] == 2
+    corrupt, why = CORRUPTIONS[case]
+    corrupt(state)
+    torch.save(state, path)
+
+    result = _run_cli(tmp_path / "results")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.stderr
+    assert f"run {folder.name}: its checkpoint cannot be resumed" in warnings[0]
+    assert why in warnings[0] and "training from the first epoch" in warnings[0]
+    assert "Traceback" not in result.output
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from_epoch"] is None
+    assert not path.exists()
+    pd.testing.assert_frame_equal(metrics(runner.RunOutcome("", folder, {})), straight)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [b"", b"\x00 not a checkpoint", "cut"],
+    ids=["empty", "garbage", "truncated"],
+)
+def test_a_damaged_checkpoint_file_is_discarded_with_one_warning(
+    stopped_and_straight, tmp_path, damage
+):
+    import shutil
+
+    stopped, straight = stopped_and_straight
+    exp = shutil.copytree(stopped, tmp_path / "results" / "default")
+    (folder,) = (exp / "runs").iterdir()
+    path = folder / checkpoints.FILE
+    path.write_bytes(path.read_bytes()[:5000] if damage == "cut" else damage)
+    result = _run_cli(tmp_path / "results")
+    assert result.exit_code == 0, result.output
+    (warning,) = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert "not a checkpoint torch can read" in warning
+    assert json.loads((folder / "summary.json").read_text())["resumed_from_epoch"] is None
+    pd.testing.assert_frame_equal(metrics(runner.RunOutcome("", folder, {})), straight)
+
+
+def test_an_intact_checkpoint_still_resumes_without_a_warning(stopped_and_straight, tmp_path):
+    import shutil
+
+    stopped, straight = stopped_and_straight
+    exp = shutil.copytree(stopped, tmp_path / "results" / "default")
+    (folder,) = (exp / "runs").iterdir()
+    result = _run_cli(tmp_path / "results")
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.output
+    assert json.loads((folder / "summary.json").read_text())["resumed_from_epoch"] == 2
+    pd.testing.assert_frame_equal(metrics(runner.RunOutcome("", folder, {})), straight)

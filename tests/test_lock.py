@@ -154,3 +154,85 @@ def test_two_processes_on_one_run_exactly_one_trains(tmp_path):
     third = subprocess.run(args, capture_output=True, text=True)
     assert third.returncode == 0 and "already done" in third.stdout
     assert json.loads((folder / "summary.json").read_text()) == summary
+
+
+# ---------------------------------------------------- what a received folder may hold
+
+
+def test_a_lock_from_the_future_of_every_clock_is_no_heartbeat(tmp_path):
+    """Another machine's lock whose mtime is far ahead of this machine's clock and of the
+    file system's (a copy that kept the times of a machine whose clock ran ahead) is
+    stale at once; a little ahead (clock skew), it is alive until it is ``stale_s``
+    old, so a gone owner blocks the run for at most twice ``stale_s``."""
+    write_lock(tmp_path)
+    age(tmp_path, -30)  # 30 s ahead
+    owner = read_owner(tmp_path, stale_s=60)
+    assert owner.alive and owner.age_s == 0
+    with pytest.raises(RunBusy, match="pid 12345 on elsewhere"):
+        RunLock(tmp_path, stale_s=60).acquire()
+    age(tmp_path, -86400 * 365)  # a year ahead: before, "last heartbeat 0 s ago" for a year
+    assert not read_owner(tmp_path, stale_s=60).alive
+    with RunLock(tmp_path, stale_s=60) as held:
+        assert read_owner(tmp_path).token == held.token
+    # the file system's clock was read from a file created and removed beside the lock
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_unparsable_lock_from_the_future_is_stale_too(tmp_path):
+    (tmp_path / lock.LOCK_NAME).write_text("not json")
+    age(tmp_path, -86400)
+    owner = read_owner(tmp_path, stale_s=60)
+    assert not owner.alive
+    assert owner.describe().startswith("a lock file normbench cannot read")
+    with RunLock(tmp_path, stale_s=60):
+        pass
+
+
+def test_the_file_systems_clock_is_a_new_files_mtime(tmp_path):
+    before = time.time()
+    now = lock._file_system_now(tmp_path)
+    assert before - 1 <= now <= time.time() + 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["folder", "symlink", "fifo"])
+def test_a_lock_that_is_not_a_file_is_a_user_error_not_a_wait(tmp_path, kind):
+    path = tmp_path / lock.LOCK_NAME
+    if kind == "folder":
+        path.mkdir()
+        (path / "inside").write_text("kept")
+    elif kind == "symlink":
+        (tmp_path / "elsewhere").write_text("{}")
+        path.symlink_to(tmp_path / "elsewhere")
+    else:
+        os.mkfifo(path)
+    expected = {"folder": "a folder", "symlink": "a symbolic link", "fifo": "a special file"}
+    with pytest.raises(lock.LockNotAFile, match=f"is {expected[kind]}.*, not a run lock"):
+        read_owner(tmp_path)
+    with pytest.raises(lock.LockNotAFile):
+        RunLock(tmp_path).acquire()
+    assert path.exists() or path.is_symlink()  # never removed: not normbench's
+    assert not list(tmp_path.glob(".lock.*"))  # nor a temporary file left
+
+
+def test_a_run_whose_lock_is_a_folder_says_so_in_one_line(tmp_path):
+    """``normbench run`` and ``normbench sweep`` on a run folder holding a ``.lock``
+    folder: one line naming it, exit 2, nothing written (before: "in progress elsewhere
+    (pid -1 on ?)" on every try)."""
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+    from normbench.config import compose
+    from normbench.runner import run_dir
+
+    args = [f"out_dir={tmp_path / 'results'}", "epochs=1", "dataset.train_size=128", "threads=1"]
+    folder = run_dir(compose(args))
+    (folder / lock.LOCK_NAME).mkdir(parents=True)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for command in (["run", *args], ["sweep", *args, "seed=0,1"]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
+        assert f"{folder / lock.LOCK_NAME} is a folder, not a run lock" in lines[0]
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before

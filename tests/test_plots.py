@@ -422,3 +422,39 @@ def test_file_names_keep_a_plus_so_large_and_small_values_differ():
     assert small == "training_curves__lr-1e-06.png"
     odd = plots._file_name("training_curves", {"model.name": "a b/c"}, taken)
     assert odd == "training_curves__model-a-b-c.png"
+
+
+# ------------------------------------------------------------------ links in a received folder
+
+
+def test_a_plots_link_is_never_written_through(tmp_path):
+    """A received experiment whose ``plots`` is a symbolic link (to anywhere): one line
+    naming it, exit 2, nothing written there or anywhere else."""
+    root = tmp_path / "results"
+    good = write_experiment(root, grid(sizes=(4, 16)), name="a")
+    exp = write_experiment(root, grid(sizes=(4, 16)), name="b")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (exp / "plots").symlink_to(outside)
+    for args in ([exp], [root]):
+        result = CliRunner().invoke(app, ["plot", *map(str, args)])
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.output, result.output
+        assert f"{exp / 'plots'} is a symbolic link (to {outside})" in lines[0]
+        assert list(outside.iterdir()) == [] and not (good / "plots").exists()
+
+
+def test_a_linked_figure_is_replaced_not_followed(tmp_path):
+    """A figure's name in ``plots/`` that is a link to a file elsewhere: the new figure
+    replaces the link (a rename does not follow it), and the file it pointed to is kept."""
+    exp = write_experiment(tmp_path / "results", grid(sizes=(4, 16)))
+    (exp / "plots").mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    (exp / "plots" / "error_vs_batch_size.png").symlink_to(victim)
+    result = CliRunner().invoke(app, ["plot", str(exp)])
+    assert result.exit_code == 0, result.output
+    figure = exp / "plots" / "error_vs_batch_size.png"
+    assert not figure.is_symlink() and victim.read_text() == "mine"
+    check_png(figure)

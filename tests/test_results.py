@@ -675,3 +675,331 @@ def test_runs_that_differ_in_an_unswept_key_are_never_credited_to_the_norm(tmp_p
         (ax,) = [a for a in figure.axes if a.get_visible()]
         title = ax.get_title()
         assert "mlp, small_cnn" not in title and len(ax.get_legend().get_texts()) == 1
+
+
+def test_tables_whose_names_are_links_are_replaced_not_followed(real_copy, tmp_path):
+    """A received experiment whose runs.csv, runs.parquet, metrics.csv, summary.csv or
+    selected.csv is a symbolic link (to a file or a folder elsewhere): each table replaces
+    its link, since the rename that puts it in place never follows one, and what the
+    links pointed to is untouched."""
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    names = [*TABLE_FILES, "selected.csv"]
+    for name in names:
+        if name == "summary.csv":  # a link to a folder
+            (victims / name).mkdir()
+        else:
+            (victims / name).write_text("mine")
+        (real_copy / name).symlink_to(victims / name)
+    result = invoke("results", real_copy, "--select", "norm")
+    assert result.exit_code == 0, result.output
+    for name in names:
+        assert not (real_copy / name).is_symlink() and (real_copy / name).is_file(), name
+    assert len(pd.read_csv(real_copy / "runs.csv")) == 4
+    assert sorted(p.name for p in victims.iterdir()) == sorted(names)
+    assert all((victims / n).read_text() == "mine" for n in names if n != "summary.csv")
+    assert list((victims / "summary.csv").iterdir()) == []
+
+
+# --------------------------------------------------------- numbers a damaged run may hold
+
+
+def _runs_of(exp):
+    return sorted(p for p in (exp / "runs").iterdir() if (p / "summary.json").exists())
+
+
+def _edit_summary(folder, **fields):
+    record = json.loads((folder / "summary.json").read_text())
+    record.update(fields)
+    (folder / "summary.json").write_text(json.dumps(record))
+
+
+def _skipped(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("warning: skipped")]
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        ({"num_params": 2**63}, "num_params 9223372036854775808 is not a whole number from 0"),
+        ({"config.seed": 2**64}, "config.seed 18446744073709551616 does not fit a 64-bit"),
+        ({"final_test_acc": 5.0}, "final_test_acc 5.0 is not a number in [0, 1]"),
+        ({"test_acc_at_best_val": -0.25}, "test_acc_at_best_val -0.25 is not a number in [0, 1]"),
+        ({"train_time_s": float("inf")}, "train_time_s inf is not a finite number >= 0"),
+        ({"final_train_loss": float("nan")}, "final_train_loss nan is not a finite number >= 0"),
+        ({"batch_size": -8}, "batch_size -8 is not a whole number from 1"),
+        ({"best_val_epoch": 0}, "best_val_epoch 0 is not a whole number from 1"),
+        ({"config.norm.name": 7}, "config.norm.name 7 is not text"),
+    ],
+)
+def test_a_summary_number_out_of_range_skips_its_run(real_copy, damage, why):
+    """An integer beyond 64 bits (before: OverflowError, nothing aggregated), an accuracy
+    outside [0, 1], a time that is not finite (before: accepted silently): the run is
+    skipped with one warning naming it and the field; `results` and `plot` go on."""
+    from normbench.results import read_summary
+
+    first = _runs_of(real_copy)[0]
+    _edit_summary(first, **damage)
+    for command in ("results", "plot"):
+        result = invoke(command, real_copy)
+        assert result.exit_code == 0, result.output
+        assert "Traceback" not in result.output
+        (line,) = _skipped(result)
+        assert line.startswith(f"warning: skipped {first}: summary.json: ") and why in line
+    runs = pd.read_csv(real_copy / "runs.csv")
+    assert len(runs) == 3 and first.name not in set(runs.run_id)
+    assert read_summary(first) is None  # not done either: the next sweep redoes it
+
+
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        (("9223372036854775808", "test", "acc", "0.5"), "epoch 9223372036854775808 is not from 1"),
+        (("0", "test", "acc", "0.5"), "epoch 0 is not from 1"),
+        (("1", "test", "acc", "5.0"), "'test' 'acc' 5.0 is not in [0, 1]"),
+        (("1", "val", "acc", "nan"), "'val' 'acc' nan is not in [0, 1]"),
+        (("1", "train", "loss", "-1"), "'train' 'loss' -1.0 is negative"),
+        (("1", "train", "lr", "inf"), "'train' 'lr' inf is not finite and >= 0"),
+    ],
+)
+def test_a_metrics_value_out_of_range_skips_its_run(real_copy, line, why):
+    from normbench.results import read_summary
+
+    first = _runs_of(real_copy)[0]
+    with open(first / "metrics.csv", "a") as handle:
+        handle.write(",".join((first.name, *line)) + "\n")
+    for command in ("results", "plot"):
+        result = invoke(command, real_copy)
+        assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+        (skipped,) = _skipped(result)
+        assert skipped.startswith(f"warning: skipped {first}: metrics.csv: line ")
+        assert why in skipped
+    assert len(pd.read_csv(real_copy / "runs.csv")) == 3
+    assert read_summary(first) is None
+
+
+def test_a_diverged_loss_is_no_damage(real_copy):
+    """A loss of NaN or inf is what a diverged epoch records: kept."""
+    first = _runs_of(real_copy)[0]
+    with open(first / "metrics.csv", "a") as handle:
+        handle.write(f"{first.name},2,train,loss,nan\n{first.name},2,train,loss,inf\n")
+    result = invoke("results", real_copy)
+    assert result.exit_code == 0 and not _skipped(result), result.output
+    assert len(pd.read_csv(real_copy / "runs.csv")) == 4
+
+
+def test_an_experiment_whose_runs_are_all_damaged_is_a_user_error(
+    real_experiment, real_copy, tmp_path
+):
+    """Every run unreadable: one line naming the folder, the first run and why; exit
+    status 2 and nothing written, for `results` and `plot` (before: exit 0 and empty
+    tables). Given with a good experiment, the bad one is a warning and has no tables."""
+    for folder in _runs_of(real_copy):
+        (folder / "summary.json").write_text('{"status": "completed", "batch_si')
+    first = _runs_of(real_copy)[0]
+    for command in ("results", "plot"):
+        result = invoke(command, real_copy)
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
+        assert lines[0].startswith(f"error: {real_copy}: none of its runs can be read ({first}: ")
+        assert "and 3 more), 1 not finished" in lines[0]
+        assert not any((real_copy / name).exists() for name in [*TABLE_FILES, "plots"])
+
+    good = shutil.copytree(real_experiment, tmp_path / "both" / "good")
+    bad = shutil.copytree(real_copy, tmp_path / "both" / "bad")
+    result = invoke("results", tmp_path / "both")
+    assert result.exit_code == 0, result.output
+    assert f"warning: {bad}: none of its runs can be read" in result.stderr
+    assert (good / "runs.csv").exists() and not (bad / "runs.csv").exists()
+
+
+# ------------------------------------------------------------ random damage to one run
+
+#: Values no number field of a summary may hold: beyond 64 bits, not finite, of another
+#: JSON type. (Range damage per field is added by _bad_number.)
+_BAD_ANY = [2**63, 2**64 + 7, -(2**63) - 1, 10**30, math.nan, math.inf, -math.inf, "0.5", [1],
+            {"v": 1}, True]  # fmt: skip
+
+
+def _bad_number(rng, key):
+    whole, low, high, null = results._NUMBER_RULES[key]
+    choices = list(_BAD_ANY)
+    choices += [low - 1, -1.5] if whole else [low - 0.5]
+    if whole:
+        choices.append(1.5)
+    if high is not None:
+        choices += [high + 0.5, 5.0]
+    if not null:
+        choices.append(None)
+    return rng.choice(choices)
+
+
+def _damage_summary(rng, path) -> str:
+    data = path.read_bytes()
+    record = json.loads(data)
+    kind = rng.choice(["number", "number", "config", "status", "text", "cut", "garbage", "type"])
+    if kind == "number":
+        key = rng.choice(sorted(results._NUMBER_RULES))
+        record[key] = _bad_number(rng, key)
+    elif kind == "config":
+        key = rng.choice([k for k, v in record.items() if k.startswith("config.")])
+        record[key] = rng.choice([2**63, -(2**63) - 1, 3 * 10**40])
+    elif kind == "status":
+        record["status"] = rng.choice(["done", None, 3, ["completed"], "COMPLETED"])
+    elif kind == "text":
+        key = rng.choice(["norm", "model", "config.norm.name", "config.dataset.name", "run_id"])
+        record[key] = rng.choice([3, ["layer"], {"a": 1}, 1.5, True])
+    if kind in ("number", "config", "status", "text"):
+        path.write_text(json.dumps(record))  # NaN and Infinity as JSON's lenient tokens
+        return f"summary.json {kind}: {key if kind != 'status' else 'status'}"
+    if kind == "cut":  # at least the closing brace goes
+        path.write_bytes(data[: rng.randrange(0, len(data) - 2)])
+    elif kind == "garbage":
+        path.write_bytes(rng.randbytes(rng.randrange(1, 400)))
+    else:
+        path.write_text(json.dumps(rng.choice([[record], 3, "completed", None, True])))
+    return f"summary.json {kind}"
+
+
+def _damage_metrics(rng, path) -> str:
+    lines = path.read_text().splitlines()
+    kind = rng.choice(["epoch", "value", "range", "fields", "cut", "garbage"])
+    index = rng.randrange(1, len(lines))
+    run_id, epoch, split, metric, value = lines[index].split(",")
+    if kind == "epoch":
+        epoch = rng.choice(["9223372036854775808", "-3", "0", "1.5", "x", "", "1e400"])
+    elif kind == "value":
+        value = rng.choice(["abc", "", "0x1p", "1,2"])
+    elif kind == "range":
+        metric, value = rng.choice(
+            [("acc", "5.0"), ("acc", "-0.1"), ("acc", "nan"), ("acc", "inf"), ("loss", "-2"),
+             ("lr", "-1"), ("lr", "inf"), ("img_per_s", "nan"), ("epoch_time_s", "-inf")]
+        )  # fmt: skip
+    if kind in ("epoch", "value", "range"):
+        lines[index] = ",".join((run_id, epoch, split, metric, value))
+        path.write_text("\n".join(lines) + "\n")
+    elif kind == "fields":
+        lines[index] = ",".join((run_id, epoch, metric, value))
+        path.write_text("\n".join(lines) + "\n")
+    elif kind == "cut":  # within a line, never at a line's end: the cut line is short
+        data = path.read_bytes()
+        cuts = [i for i in range(len(data) // 2, len(data) - 1) if data[i - 1 : i + 1] != b"\n"]
+        cuts = [i for i in cuts if data[i] != ord("\n") and data[i - 1] != ord("\n")]
+        path.write_bytes(data[: rng.choice(cuts)])
+    else:
+        path.write_bytes(b"\xff\xfe" + rng.randbytes(rng.randrange(1, 400)))
+    return f"metrics.csv {kind}"
+
+
+def _damage_one_run(rng, exp):
+    folder = rng.choice(_runs_of(exp))
+    if rng.random() < 0.5:
+        what = _damage_summary(rng, folder / "summary.json")
+    else:
+        what = _damage_metrics(rng, folder / "metrics.csv")
+    return folder, what
+
+
+@pytest.mark.parametrize("command, examples", [("results", 40), ("plot", 6)])
+def test_random_damage_to_one_run_skips_exactly_that_run(
+    real_experiment, tmp_path, command, examples
+):
+    """Property: whatever damage one run's files take (integers beyond 64 bits, NaN and
+    inf, numbers out of range, text or lists where numbers belong, other JSON types, a
+    file cut short, binary garbage), `results` and `plot` exit 0 without a traceback,
+    skip that run alone with one warning naming it, and aggregate the other three; the
+    planner counts it as not done. Seeded: a failure names its example."""
+    import random
+
+    from normbench.results import read_summary
+
+    for example in range(examples):
+        rng = random.Random(f"{command}-{example}")
+        exp = shutil.copytree(real_experiment, tmp_path / str(example) / "default")
+        folder, what = _damage_one_run(rng, exp)
+        context = f"example {example} ({what})"
+        result = invoke(command, exp)
+        assert result.exit_code == 0, f"{context}: {result.output}"
+        assert "Traceback" not in result.output, context
+        skipped = _skipped(result)
+        assert len(skipped) == 1 and skipped[0].startswith(f"warning: skipped {folder}:"), (
+            f"{context}: {result.stderr}"
+        )
+        assert read_summary(folder) is None, context
+        if command == "results":
+            runs = pd.read_csv(exp / "runs.csv")
+            assert len(runs) == 3 and folder.name not in set(runs.run_id.astype(str)), context
+        else:
+            assert (exp / "plots" / "error_vs_batch_size.png").is_file(), context
+
+
+# ------------------------------------------------------- runs of older normbench versions
+
+
+def _as_older_version(folder, *keys):
+    """Rewrite a real run's files as a normbench without ``keys`` would have written them:
+    not in summary.json's config fields, nor in config.yaml."""
+    record = json.loads((folder / "summary.json").read_text())
+    for key in keys:
+        del record[f"config.{key}"]
+    (folder / "summary.json").write_text(json.dumps(record))
+    cfg = OmegaConf.load(folder / "config.yaml")
+    for key in keys:
+        parent, _, last = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        del node[last]
+        if parent and not node:
+            del cfg[parent]
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+
+def test_a_key_older_runs_lack_takes_its_default_and_the_tables_say_so(real_copy):
+    """Seed 0's runs written by an older normbench, without eval.precise_bn_batches (a
+    root key) and norm.eps (an option's key): before, every group split in two on the
+    null; now those runs take the defaults (200, and each norm's own eps), the groups
+    stay whole, and the warning, the table's caption, runs.csv and summary.csv say which
+    keys were filled in for how many runs."""
+    from normbench.config import compose
+
+    runs = _runs_of(real_copy)
+    seeds = {p: json.loads((p / "summary.json").read_text())["seed"] for p in runs}
+    older = [p for p in runs if seeds[p] == 0]
+    assert len(older) == 2
+    for folder in older:
+        _as_older_version(folder, "eval.precise_bn_batches", "norm.eps")
+
+    result = invoke("results", real_copy)
+    assert result.exit_code == 0, result.output
+    assert (
+        "warning: 2 runs of 4 lack eval.precise_bn_batches (written by an older normbench): "
+        "grouped with its default, 200"
+    ) in result.stderr
+    assert "warning: 2 runs of 4 lack norm.eps" in result.stderr
+    assert "defaults filled in where older runs lack a key" in " ".join(result.stdout.split())
+
+    summary = pd.read_csv(real_copy / "summary.csv")
+    assert list(summary["norm.name"]) == ["custom_bn", "layer"] and list(summary.n) == [2, 2]
+    assert "eval.precise_bn_batches" in summary.columns  # a group key, not a split
+    assert set(summary["eval.precise_bn_batches"]) == {200}
+    assert list(summary.defaulted) == ["eval.precise_bn_batches: 1 run; norm.eps: 1 run"] * 2
+    table = pd.read_csv(real_copy / "runs.csv")
+    by_seed = dict(zip(table.seed, table.defaulted.fillna(""), strict=False))
+    assert by_seed == {0: "eval.precise_bn_batches,norm.eps", 1: ""}
+    for norm in ("custom_bn", "layer"):
+        eps = compose([f"norm={norm}"]).norm.eps
+        assert set(table.loc[table["norm.name"] == norm, "norm.eps"]) == {eps}
+    assert swept_keys(collect(real_copy).runs) == ["norm.name"]
+
+
+def test_a_key_the_runs_option_lacks_is_not_filled(tmp_path, make_run):
+    """norm.groups belongs to norm=group: custom_bn runs lack it by design, and stay
+    without it (no default of another option is invented for them)."""
+    exp = tmp_path / "exp"
+    make_run(exp, norm__name="group", norm__groups=4)
+    make_run(exp, seed=1)
+    collected = collect(exp)
+    assert collected.defaulted == {}
+    runs = collected.runs.set_index("norm.name")
+    assert runs.loc["group", "norm.groups"] == 4 and pd.isna(runs.loc["custom_bn", "norm.groups"])
+    assert "defaulted" not in collected.runs

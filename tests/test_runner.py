@@ -1,6 +1,9 @@
 """Tests for normbench.runner: the run folder, skipping, failures, run ids."""
 
+import contextlib
 import json
+import os
+import subprocess
 
 import pandas as pd
 import pytest
@@ -268,3 +271,57 @@ def test_a_run_owned_elsewhere_is_refused_before_anything_loads(tiny):
     with RunLock(folder), pytest.raises(runner.RunInProgress, match="in progress elsewhere"):
         runner.run(cfg)
     assert sorted(p.name for p in folder.iterdir()) == []
+
+
+@contextlib.contextmanager
+def read_only(folder):
+    """``folder`` read-only, its parent writable: by its mode for a user, by a read-only
+    bind mount of it for root (whom modes do not stop)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield "Permission denied"
+        finally:
+            folder.chmod(0o755)
+        return
+    subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        yield "Read-only file system"
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def _tree(root):
+    return sorted((str(p), p.stat().st_size if p.is_file() else 0) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("place", ["read-only", "a file"])
+def test_a_run_folder_that_cannot_be_written_is_one_line_before_training(tmp_path, place):
+    """An interrupted run's folder left read-only (or a file where it should be), under
+    a writable experiment folder: exit 2, one line naming it, nothing written (before:
+    an OSError traceback from the lock)."""
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+    from normbench.config import compose
+
+    args = [f"out_dir={tmp_path / 'results'}", "epochs=1", "dataset.train_size=128", "threads=1"]
+    folder = runner.run_dir(compose(args))
+    folder.parent.mkdir(parents=True)
+    if place == "a file":
+        folder.write_text("not a folder")
+        context, expected = contextlib.nullcontext("Not a directory"), "Not a directory"
+    else:
+        folder.mkdir()
+        (folder / "config.yaml").write_text("from an earlier session\n")
+        context = read_only(folder)
+    with context as expected:
+        before = _tree(tmp_path)
+        for command in (["run", *args], ["sweep", *args, "seed=0,1"]):
+            result = CliRunner().invoke(app, command)
+            assert result.exit_code == 2, result.output
+            lines = [line for line in result.stderr.splitlines() if line.strip()]
+            assert len(lines) == 1 and "Traceback" not in result.output, result.output
+            assert f"cannot write {folder}: {expected}" in lines[0]
+            assert _tree(tmp_path) == before
