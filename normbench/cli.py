@@ -196,8 +196,9 @@ def sweep(
     except (KeyboardInterrupt, Interrupted) as stop:
         if plan.left_running:
             left = plan.left_running
+            jobs = f"{len(left)} SLURM job{'s' if len(left) > 1 else ''}"
             err.print(
-                f"{reason(stop)}: the sweep's {len(left)} SLURM jobs go on "
+                f"{reason(stop)}: the sweep left its {jobs} running "
                 f"({', '.join(left[:8])}{', ...' if len(left) > 8 else ''}); the same sweep "
                 "again leaves the runs they have to them and redoes only what is not done"
             )
