@@ -180,7 +180,7 @@ def run(
 ) -> None:
     """Train one experiment and write its run folder (config.yaml, metrics.csv, summary.json)."""
     from normbench.config import compose
-    from normbench.interrupts import Interrupted, reason
+    from normbench.interrupts import Interrupted, exit_status, handle_signals, reason
     from normbench.progress import RunProgress
     from normbench.runner import run as run_experiment
 
@@ -188,14 +188,14 @@ def run(
     cfg = compose(overrides or [])
     label = f"{cfg.norm.name} bs={cfg.batch_size}"
     try:
-        with RunProgress(label, console=err) as progress:
+        with handle_signals(), RunProgress(label, console=err) as progress:
             outcome = run_experiment(cfg, force=force, display=progress)
     except (KeyboardInterrupt, Interrupted) as stop:
         err.print(
             f"{reason(stop)}: the run is recorded as interrupted and counts as not done; "
             "the same command again redoes it"
         )
-        raise typer.Exit(_stop_status(stop)) from None
+        raise typer.Exit(exit_status(stop)) from None
     summary = outcome.summary
     where = outcome.run_dir
     if outcome.skipped:
@@ -227,7 +227,7 @@ def sweep(
     hydra/launcher=submitit_slurm submits them to SLURM (pip install -e ".[slurm]").
     """
     from normbench import sweep as sweeps
-    from normbench.interrupts import Interrupted, reason
+    from normbench.interrupts import Interrupted, exit_status, reason
 
     kernel_environment()
     plan = sweeps.plan(overrides or [], retry_failed=retry_failed)
@@ -243,6 +243,15 @@ def sweep(
         with sweeps.SweepProgress(plan, console=err) as progress:
             sweeps.launch(plan, display=progress)
     except (KeyboardInterrupt, Interrupted) as stop:
+        if plan.left_running:
+            left = plan.left_running
+            jobs = f"{len(left)} SLURM job{'s' if len(left) > 1 else ''}"
+            err.print(
+                f"{reason(stop)}: the sweep left its {jobs} running "
+                f"({', '.join(left[:8])}{', ...' if len(left) > 8 else ''}); the same sweep "
+                "again leaves the runs they have to them and redoes only what is not done"
+            )
+            raise typer.Exit(exit_status(stop)) from None
         if plan.cancelled:
             what = f"cancelled {len(plan.cancelled)} jobs ({', '.join(plan.cancelled[:8])}"
             what += ", ...)" if len(plan.cancelled) > 8 else ")"
@@ -252,7 +261,7 @@ def sweep(
             f"{reason(stop)}: the sweep {what}; finished runs are kept and stopped ones "
             "are recorded as interrupted; the same sweep again redoes only what is not done"
         )
-        raise typer.Exit(_stop_status(stop)) from None
+        raise typer.Exit(exit_status(stop)) from None
     if plan.refused:
         raise UserError(f"the scheduler refused the sweep's jobs: {plan.launcher_error}")
     counts = plan.outcome()
@@ -269,11 +278,6 @@ def sweep(
     )
     if counts["failed"] or counts["interrupted"] or counts["not run"]:
         raise typer.Exit(1)
-
-
-def _stop_status(stop: BaseException) -> int:
-    """128 + the signal's number, as a shell reports a process the signal ended."""
-    return 130 if isinstance(stop, KeyboardInterrupt) else 143
 
 
 def _report_experiments(sweep_plan) -> None:

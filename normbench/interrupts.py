@@ -1,32 +1,45 @@
 """Why a run stopped before its end: signals turned into exceptions that carry the reason.
 
-A run stopped from outside (Ctrl-C, ``kill``, a scheduler cancelling it or reaching its
-time limit) is recorded as ``interrupted`` with the reason, and a later sweep redoes
-it. Ctrl-C arrives as Python's ``KeyboardInterrupt``; :func:`handle_signals` makes
-SIGTERM raise :class:`Interrupted` too, and, inside a submitit job, wraps submitit's
-time-limit handler (SIGUSR2, which checkpoints and requeues the job where it can) so
-that the run is recorded before the process goes.
+A run stopped from outside (Ctrl-C, ``kill``, a closed terminal, a scheduler cancelling
+it or reaching its time limit) is recorded as ``interrupted`` with the reason, and a
+later sweep redoes it. Inside :func:`handle_signals` SIGINT raises Python's
+``KeyboardInterrupt``, SIGTERM and SIGHUP raise :class:`Interrupted`, and, inside a
+submitit job, submitit's time-limit handler (SIGUSR2, which checkpoints and requeues the
+job where it can) is wrapped so that the run is recorded before the process goes. The
+first of these signals stops the process; later ones are ignored while it records its
+run and releases its lock (a terminal's Ctrl-C or hang-up reaches a sweep's workers
+directly and again through their driver), so a second signal never leaves a run half
+recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 
 class Interrupted(BaseException):
-    """The run was stopped from outside; ``reason`` says how.
+    """The run was stopped from outside; ``reason`` says how, ``signum`` by which signal.
 
     A ``BaseException``, as ``KeyboardInterrupt`` is: no ``except Exception`` between the
     signal and the runner may take it for the run's own failure.
     """
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, signum: int = signal.SIGTERM):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.signum = reason, signum
+
+
+#: The signals that stop a run besides Ctrl-C's SIGINT, and what each one means.
+STOP_REASONS = {
+    signal.SIGTERM: "terminated by SIGTERM (kill, or a scheduler's cancel)",
+    signal.SIGHUP: "hung up by SIGHUP (its terminal closed, or kill -HUP)",
+}
 
 
 def reason(error: BaseException) -> str | None:
@@ -43,15 +56,59 @@ def reason(error: BaseException) -> str | None:
     return None
 
 
+def exit_status(stop: BaseException) -> int:
+    """128 + the number of the signal that stopped the process, as a shell reports a
+    process that signal ended: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+    if isinstance(stop, Interrupted):
+        return 128 + int(stop.signum)
+    return 128 + int(signal.SIGINT)
+
+
 #: A more precise reason for the next SIGTERM, set by whoever sends it from inside.
 _pending_reason: str | None = None
 
+#: How many :func:`handle_signals` are open in the main thread: the outermost installs
+#: the handlers and puts the previous ones back.
+_depth = 0
+#: The signal that is stopping this process, once one came: later ones are ignored.
+_stopping: int | None = None
+#: What the open scopes asked to do when a stop signal comes, before it raises.
+_on_stop: list[Callable[[int], None]] = []
 
-def _raise_on(signum: int, text: str):
-    def handler(received, frame):
-        raise Interrupted(_pending_reason or text)
 
-    return handler
+def _stop(signum: int, frame) -> None:
+    global _stopping
+    if _stopping is not None:
+        return  # already stopping: the run is recording itself, which must not be cut short
+    _stopping = signum
+    if signum == signal.SIGHUP:
+        leave_dead_terminal()
+    for action in list(_on_stop):
+        action(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Interrupted(_pending_reason or STOP_REASONS[signum], signum)
+
+
+def leave_dead_terminal() -> None:
+    """Point stdin, stdout and stderr that are a hung-up terminal at /dev/null.
+
+    A closed terminal fails every write with EIO: the run must still record itself, the
+    progress display stop and the process exit with its status, not a traceback that
+    cannot be shown either. A terminal that is still there (``kill -HUP`` from another
+    one) keeps showing the output."""
+    import termios
+
+    for fd in (0, 1, 2):
+        try:
+            termios.tcgetattr(fd)
+        except termios.error as err:
+            if err.args and err.args[0] == errno.EIO:  # hung up (a pipe or file: ENOTTY)
+                null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, fd)
+                os.close(null)
+        except (OSError, ValueError):
+            continue
 
 
 def _submitit_signal() -> int:
@@ -62,35 +119,51 @@ def _submitit_signal() -> int:
 
 def _wrap_submitit(previous):
     """submitit's handler checkpoints and requeues the job (then exits) or raises that it
-    cannot; either way the run is interrupted, and says which."""
+    cannot; either way the run is interrupted, and says which. SLURM's SIGTERM at the
+    time limit that may follow is then ignored while the run records itself."""
 
     def handler(received, frame):
+        global _stopping
         try:
             previous(received, frame)
         except SystemExit:
+            _stopping = received
             raise Interrupted(
-                "SLURM time limit or preemption: requeued by submitit, to run again"
+                "SLURM time limit or preemption: requeued by submitit, to run again", received
             ) from None
         except Exception as err:  # submitit's UncompletedJobError: no requeue left
-            raise Interrupted(f"SLURM time limit or preemption: {err}") from None
+            _stopping = received
+            raise Interrupted(f"SLURM time limit or preemption: {err}", received) from None
 
     return handler
 
 
 @contextlib.contextmanager
-def handle_signals() -> Iterator[None]:
-    """While inside, SIGTERM (and submitit's time-limit signal) raise :class:`Interrupted`
-    in the main thread; the previous handlers come back on exit. Elsewhere than the main
+def handle_signals(on_stop: Callable[[int], None] | None = None) -> Iterator[None]:
+    """While inside, SIGINT raises ``KeyboardInterrupt``, SIGTERM and SIGHUP raise
+    :class:`Interrupted` (and submitit's time-limit signal too) in the main thread, once:
+    later stop signals are ignored until the outermost scope is left, where the previous
+    handlers come back. A signal the process was started to ignore (SIGHUP under
+    ``nohup``, SIGINT in a shell's background job) stays ignored. ``on_stop(signum)``
+    runs first, in the main thread (a sweep's driver stops its workers there). Scopes
+    nest: a run inside a sweep's driver shares the driver's. Elsewhere than the main
     thread (signals cannot be handled there) it does nothing."""
+    global _depth, _stopping
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     saved: dict[int, object] = {}
+    _depth += 1
+    if on_stop is not None:
+        _on_stop.append(on_stop)
     try:
-        saved[signal.SIGTERM] = signal.signal(
-            signal.SIGTERM,
-            _raise_on(signal.SIGTERM, "terminated by SIGTERM (kill, or a scheduler's cancel)"),
-        )
+        if _depth == 1:
+            _stopping = None
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                current = signal.getsignal(signum)
+                if current is signal.SIG_IGN and signum != signal.SIGTERM:
+                    continue
+                saved[signum] = signal.signal(signum, _stop)
         usr = _submitit_signal()
         current = signal.getsignal(usr)
         if callable(current) and getattr(current, "__module__", None) != __name__:
@@ -99,6 +172,27 @@ def handle_signals() -> Iterator[None]:
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+        if on_stop is not None:
+            _on_stop.remove(on_stop)
+        _depth -= 1
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether process ``pid`` is a descendant of ``ancestor`` on this machine (from /proc:
+    False where there is none)."""
+    for _ in range(64):  # a process tree is never that deep; a loop must end
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        # The command name (field 2) may hold spaces and parentheses: fields follow the last ')'.
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == ancestor:
+            return True
+        if parent <= 1:
+            return False
+        pid = parent
+    return False
 
 
 class ParentWatch:

@@ -12,13 +12,20 @@ the others run on unattended. Here instead:
   and tables (and exit status 1);
 - for submitit's launchers the jobs are submitted as the launcher submits them (same
   executor, same settings, same job function) but collected one by one, and Ctrl-C on
-  the driver cancels them (``scancel``), then says which.
+  the driver cancels them (``scancel``), then says which;
+- a signal that stops the driver (Ctrl-C, SIGTERM, SIGHUP) is passed on to the processes
+  on this machine that it started and that train its runs (joblib workers,
+  submitit_local jobs), which record their runs ``interrupted`` and release their
+  locks; the driver waits for them a bounded time (:func:`stop_workers`), and after its
+  launcher has ended the rest records what they could not (:func:`settle`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -50,6 +57,14 @@ UNINFORMATIVE_STATES = ("FAILED", "FINISHED", "UNKNOWN")
 #: Seconds between the driver's checks of its submitit jobs, and between sacct calls.
 POLL_S = 1.0
 SACCT_S = 5.0
+#: Seconds the driver waits for the runs it stopped to record themselves and release their
+#: locks, before its launcher ends their processes (joblib kills its workers outright).
+STOP_WAIT_S = 15.0
+#: Seconds after the launcher ended for the processes it stopped to go, and for stopped
+#: submitit_local jobs to end by themselves before they are cancelled.
+SETTLE_WAIT_S = 5.0
+LOCAL_END_S = 10.0
+
 #: Seconds to wait before each new try of a refused submission (a busy controller times
 #: out; one array is one ``sbatch``, so a refused one submitted nothing).
 SUBMIT_RETRY_S = (2.0, 10.0)
@@ -169,6 +184,8 @@ def _executor(launcher):
 def _launch_submitit(launcher, jobs: Sequence, plan) -> list[Any]:
     from hydra.core.singleton import Singleton
 
+    from normbench import interrupts, queued
+
     executor = _executor(launcher)
     Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     state = Singleton.get_state()
@@ -178,9 +195,12 @@ def _launch_submitit(launcher, jobs: Sequence, plan) -> list[Any]:
     ]
     submitted = _submit(executor, launcher, arguments)
     pending = dict(zip(submitted, jobs, strict=True))
+    slurm = launcher._EXECUTOR == "slurm"  # local jobs are polled, not looked up
+    if slurm:  # a rerun while they wait (this driver killed) leaves them to their jobs
+        for handle, job in pending.items():
+            queued.write(job.run_dir, handle.job_id, launcher.params.get("name", ""))
     returns: list[Any] = []
     last_sacct = time.monotonic()
-    slurm = launcher._EXECUTOR == "slurm"  # local jobs are polled, not looked up
     try:
         while pending:
             if slurm and time.monotonic() - last_sacct > SACCT_S:
@@ -194,10 +214,18 @@ def _launch_submitit(launcher, jobs: Sequence, plan) -> list[Any]:
                 except Exception as err:  # the job ended without a result
                     reason, specific = _lost_reason(handle, err)
                     _record_lost([job], reason, slurm_job=handle.job_id, keep_own=not specific)
+                queued.remove(job.run_dir, handle.job_id)
             if pending:
                 time.sleep(POLL_S)
-    except BaseException:  # Ctrl-C or SIGTERM on the driver: its jobs go with it
-        plan.cancelled = _cancel(pending)
+    except BaseException as stop:
+        if slurm and isinstance(stop, interrupts.Interrupted) and stop.signum == signal.SIGHUP:
+            # The login session is gone: cluster jobs go on (their markers stay, so that
+            # the same sweep later leaves them be), as when this process is killed.
+            plan.left_running = [str(handle.job_id) for handle in pending]
+        else:  # Ctrl-C or SIGTERM on the driver: its jobs go with it
+            plan.cancelled = _cancel(pending)
+            for handle, job in pending.items():
+                queued.remove(job.run_dir, handle.job_id)
         raise
     return returns
 
@@ -257,9 +285,29 @@ def _lost_reason(handle, err: BaseException) -> tuple[str, bool]:
     return f"{job} ended without a result: {type(err).__name__}: {_first_line(err)}", False
 
 
+def _local_running(handle) -> bool:
+    try:  # submitit's LocalJob polls its process (done() waits for a result file)
+        return handle.get_info().get("jobState") == "RUNNING"
+    except Exception:
+        return False
+
+
 def _cancel(pending: dict) -> list[str]:
-    """Cancel the jobs still pending or running (scancel on SLURM, SIGTERM for local
-    jobs, whose runs record themselves as interrupted); the ids cancelled."""
+    """Cancel the jobs still pending or running (scancel on SLURM, SIGINT for local
+    jobs, whose runs record themselves as interrupted); the ids cancelled. Local jobs
+    whose runs have recorded themselves already (the driver's stop signal reached them,
+    :func:`stop_workers`) are given time to end by themselves first: submitit's local
+    controller, cancelled, prints a traceback."""
+    from normbench.results import read_summary
+
+    ending = [
+        handle
+        for handle, job in pending.items()
+        if "Slurm" not in type(handle).__name__ and read_summary(job.run_dir) is not None
+    ]
+    deadline = time.monotonic() + LOCAL_END_S
+    while time.monotonic() < deadline and any(_local_running(handle) for handle in ending):
+        time.sleep(0.05)
     ids = []
     for handle in pending:
         try:
@@ -268,3 +316,78 @@ def _cancel(pending: dict) -> list[str]:
             continue
         ids.append(str(handle.job_id))
     return ids
+
+
+def _workers(jobs: Sequence) -> dict[Any, Any]:
+    """The jobs whose runs are owned by a live process on this machine that descends from
+    this one (a joblib worker, a submitit_local job; never a cluster job), with the owner."""
+    from normbench.interrupts import descends_from
+    from normbench.lock import read_owner
+
+    me = os.getpid()
+    owners = {}
+    for job in jobs:
+        owner = read_owner(job.run_dir)
+        if owner is None or not (owner.local and owner.alive) or owner.pid == me:
+            continue
+        if descends_from(owner.pid, me):
+            owners[job.run_dir] = owner
+    return owners
+
+
+def _wait_released(owners: dict[Any, Any], seconds: float) -> dict[Any, Any]:
+    """Wait until each run's lock is no longer held by the owner found (released, or its
+    process gone), at most ``seconds``; the owners that still hold theirs."""
+    from normbench.lock import read_owner
+
+    deadline = time.monotonic() + seconds
+    while owners:
+        for folder, owner in list(owners.items()):
+            now = read_owner(folder)
+            if now is None or now.token != owner.token or not now.alive:
+                del owners[folder]
+        if not owners or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return owners
+
+
+def stop_workers(plan):
+    """The driver's action on a stop signal (:func:`normbench.interrupts.handle_signals`):
+    send the signal on to the processes training the plan's runs that this driver started
+    (Ctrl-C in a terminal reaches them already: a second one is ignored), and wait until
+    they have recorded their runs and released their locks, at most ``STOP_WAIT_S``."""
+
+    def stop(signum: int) -> None:
+        owners = _workers(plan.to_run)
+        for owner in owners.values():
+            try:
+                os.kill(owner.pid, signum)
+            except ProcessLookupError:  # gone meanwhile: settle records its run
+                continue
+        _wait_released(owners, STOP_WAIT_S)
+
+    return stop
+
+
+def settle(plan, reason: str) -> None:
+    """After a stopped sweep's launcher has ended: each run of the plan still locked by a
+    process that is gone (a worker killed before it could record itself) is recorded
+    ``interrupted`` with ``reason``, unless it recorded a result, and its lock removed.
+    Runs owned by live processes elsewhere (cluster jobs, which their cancel stops) are
+    left to record themselves."""
+    from normbench.lock import break_lock, read_owner
+    from normbench.results import NotWritten
+    from normbench.runner import record_unfinished
+
+    _wait_released(_workers(plan.to_run), SETTLE_WAIT_S)
+    for job in plan.to_run:
+        owner = read_owner(job.run_dir)
+        if owner is None or owner.alive:
+            continue
+        # It takes the stale lock over; a full disk leaves the run without a summary, as not run.
+        with contextlib.suppress(NotWritten):
+            record_unfinished(job.cfg, "interrupted", reason)
+        owner = read_owner(job.run_dir)
+        if owner is not None and not owner.alive:  # the run had recorded itself
+            break_lock(job.run_dir, owner.token)

@@ -325,9 +325,16 @@ def run(cfg, *, force: bool = False, redo_failed: bool = True, display=None) -> 
     ``display`` receives the training loop's progress (see ``train.Callbacks``).
     The run folder is owned (locked) while the run trains: :class:`RunInProgress` when
     another live process owns it. A run that raises is recorded as ``failed``, one stopped
-    from outside (Ctrl-C, SIGTERM, a scheduler) as ``interrupted``, and the exception
-    propagates.
+    from outside (Ctrl-C, SIGTERM, SIGHUP, a scheduler) as ``interrupted``, and the
+    exception propagates.
     """
+    # A stop signal raises once: a second one cannot cut short the record or the lock's
+    # release (interrupts.handle_signals).
+    with interrupts.handle_signals():
+        return _run(cfg, force=force, redo_failed=redo_failed, display=display)
+
+
+def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:
     from omegaconf import OmegaConf
 
     rid = run_id(cfg)

@@ -49,7 +49,9 @@ class Job:
     run_id: str
     run_dir: Path
     previous: str | None  # status already on disk, or None
-    busy: Any = None  # the live owner (lock.Owner) when another process has the run
+    # the live owner (lock.Owner) when another process has the run, or its SLURM job still
+    # queued from an earlier sweep (queued.Queued)
+    busy: Any = None
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Plan:
     retry_failed: bool = False
     #: Cluster jobs cancelled because the sweep was stopped (their ids), set by launchers.
     cancelled: list[str] = field(default_factory=list)
+    #: Cluster jobs left to go on because the sweep's terminal hung up (their ids).
+    left_running: list[str] = field(default_factory=list)
     #: Why the launcher itself failed (a submission refused, a worker killed), if it did:
     #: runs it never started stay "not run", and the sweep says why.
     launcher_error: str | None = None
@@ -78,7 +82,8 @@ class Plan:
 
     @property
     def elsewhere(self) -> list[Job]:
-        """Runs owned by live processes elsewhere when planned: not launched again."""
+        """Runs owned by live processes elsewhere when planned, or queued in a SLURM job of
+        an earlier sweep: not launched again."""
         return [job for job in self.jobs if not self.skipped(job) and job.busy is not None]
 
     @property
@@ -208,11 +213,13 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
     not checked further: only the runs left to run build their models."""
     from normbench.config import EXECUTION_KEYS, compose, flatten, with_searchpath
     from normbench.lock import read_owner
+    from normbench.queued import QueueCheck
     from normbench.results import check_writable, read_summary, status_of
     from normbench.runner import experiment_dir, prepare, run_id
 
     overrides = with_searchpath(overrides)  # the user's config folders, for Hydra too
     result = Plan(list(overrides), retry_failed=retry_failed)
+    queue = QueueCheck()  # SLURM jobs of an earlier sweep still queued for their runs
     checked: set[str] = set()
     writable: set[Path] = set()
     for job_overrides in expand(overrides):
@@ -229,6 +236,9 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
         owner = read_owner(folder)
         if owner is not None and owner.alive:
             job.busy = owner
+            continue
+        job.busy = queue.find(folder)
+        if job.busy is not None:
             continue
         job.overrides = absolute_paths(_task_overrides(job_overrides), cfg)
         if folder.parent.parent not in writable:  # once per experiment folder
@@ -260,9 +270,11 @@ _launching: Plan | None = None
 
 def run_job(cfg) -> str:
     """Hydra's task function: one run; its status. Never raises for a failed run; a run
-    stopped from outside (Ctrl-C, SIGTERM, a scheduler) raises, after it is recorded."""
+    stopped from outside (Ctrl-C, SIGTERM, SIGHUP, a scheduler) raises, after it is
+    recorded."""
     try:  # the job's first imports (torch among them)
-        from normbench import interrupts
+        from normbench import interrupts, queued
+        from normbench.lock import slurm_job
         from normbench.runner import RunInProgress, record_unfinished, run, run_dir
     except Exception:
         # Hydra returns the exception to the sweep, which records its message: the
@@ -275,36 +287,44 @@ def run_job(cfg) -> str:
     retry = os.environ.get(RETRY_ENV) == "1"
     display = _display.run_display(cfg) if _display is not None else contextlib.nullcontext()
     watchdog = interrupts.watch_parent(os.environ.get(DRIVER_ENV))
-    try:
-        # From the job's first moment: a time-limit signal while torch imports counts too.
-        with interrupts.handle_signals(), display as bar:
-            outcome = run(cfg, redo_failed=retry, display=bar)
-    except RunInProgress:
-        return "running elsewhere"
-    except (KeyboardInterrupt, interrupts.Interrupted) as stop:
-        record_unfinished(cfg, "interrupted", interrupts.reason(stop))
-        if watchdog is not None and watchdog.fired:
-            os._exit(1)  # a worker whose driver is gone: nothing to return to
-        if os.environ.get(DRIVER_ENV) not in (None, str(os.getpid())):
-            # A job in a process of its own (cluster, worker): its run is recorded; end the
-            # process with one line rather than a traceback in the job's log.
-            from normbench.terminal import clean
+    stopped = False
+    # From the job's first moment to its record: a time-limit signal while torch imports
+    # counts too, and a second signal cannot cut the record short.
+    with interrupts.handle_signals():
+        try:
+            with display as bar:
+                outcome = run(cfg, redo_failed=retry, display=bar)
+        except RunInProgress:
+            return "running elsewhere"
+        except (KeyboardInterrupt, interrupts.Interrupted) as stop:
+            stopped = True
+            record_unfinished(cfg, "interrupted", interrupts.reason(stop))
+            if watchdog is not None and watchdog.fired:
+                os._exit(1)  # a worker whose driver is gone: nothing to return to
+            if os.environ.get(DRIVER_ENV) not in (None, str(os.getpid())):
+                # A job in a process of its own (cluster, worker): its run is recorded; end
+                # the process with one line rather than a traceback in the job's log.
+                from normbench.terminal import clean
 
-            print(clean(f"normbench: {run_dir(cfg)}: {interrupts.reason(stop)}"), file=sys.stderr)
-            raise SystemExit(1) from None
-        raise
-    except Exception as error:  # recorded as failed (or interrupted); the sweep goes on
-        import traceback
+                print(
+                    clean(f"normbench: {run_dir(cfg)}: {interrupts.reason(stop)}"), file=sys.stderr
+                )
+                raise SystemExit(1) from None
+            raise
+        except Exception as error:  # recorded as failed (or interrupted); the sweep goes on
+            import traceback
 
-        why = interrupts.reason(error)  # submitit's time-limit error is not the run's fault
-        if why is None:
-            traceback.print_exc()  # into the job's log (a worker's, a cluster job's)
-        status = "interrupted" if why else "failed"
-        record_unfinished(cfg, status, why or f"{type(error).__name__}: {error}")
-        return status
-    finally:
-        if watchdog is not None:
-            watchdog.stop()
+            why = interrupts.reason(error)  # submitit's time-limit error is not the run's fault
+            if why is None:
+                traceback.print_exc()  # into the job's log (a worker's, a cluster job's)
+            status = "interrupted" if why else "failed"
+            record_unfinished(cfg, status, why or f"{type(error).__name__}: {error}")
+            return status
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+            if not stopped:  # a stopped job's marker stays: submitit may requeue it
+                queued.remove(run_dir(cfg), slurm_job())
     return "skipped" if outcome.skipped else outcome.summary["status"]
 
 
@@ -319,7 +339,7 @@ def launch(sweep_plan: Plan, display: SweepProgress | None = None) -> None:
         return
     import hydra
 
-    from normbench import interrupts
+    from normbench import interrupts, launchers
     from normbench.config import conf_dir
 
     global _display, _launching
@@ -337,8 +357,14 @@ def launch(sweep_plan: Plan, display: SweepProgress | None = None) -> None:
     _display, _launching = display, sweep_plan
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     try:
-        with interrupts.handle_signals():
-            main(run_job)()
+        # A stop signal reaches the jobs this process started too (launchers.stop_workers);
+        # what they could not record is recorded here, before a second signal is heeded.
+        with interrupts.handle_signals(on_stop=launchers.stop_workers(sweep_plan)):
+            try:
+                main(run_job)()
+            except (KeyboardInterrupt, interrupts.Interrupted) as stop:
+                launchers.settle(sweep_plan, interrupts.reason(stop))
+                raise
     finally:
         sys.argv = saved_argv
         _display = _launching = None

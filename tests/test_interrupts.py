@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+from pty_session import Terminal
 
 from normbench import interrupts
 from normbench.interrupts import Interrupted
@@ -30,6 +31,38 @@ def test_sigterm_raises_interrupted_inside_and_not_after():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_stop_signal_is_ignored_while_the_first_is_handled():
+    """The first stop signal raises; later ones (a terminal's Ctrl-C reaches a sweep's
+    worker directly and again through its driver) are ignored until the outermost scope
+    is left, so they cannot cut the run's record short. The next scope stops again."""
+    handled = []
+    with interrupts.handle_signals():
+        with pytest.raises(Interrupted, match="SIGHUP") as stop, interrupts.handle_signals():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(1)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(os.getpid(), signum)
+            time.sleep(0.2)
+        handled.append(stop.value.signum)
+    assert handled == [signal.SIGHUP] and interrupts.exit_status(stop.value) == 129
+    with pytest.raises(KeyboardInterrupt), interrupts.handle_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    assert interrupts.exit_status(KeyboardInterrupt()) == 130
+
+
+def test_a_signal_ignored_at_start_stays_ignored():
+    """Under `nohup` SIGHUP is ignored, as its user asked: a run does not stop for it."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with interrupts.handle_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_submitits_time_limit_handler_is_wrapped(monkeypatch):
@@ -56,34 +89,28 @@ def test_submitits_time_limit_handler_is_wrapped(monkeypatch):
     assert calls == [signal.SIGUSR2]
 
 
-def test_sigterm_during_a_run_records_it_interrupted(tmp_path):
-    """`normbench run` killed with SIGTERM: exit 143, one line, summary says why."""
+@pytest.mark.parametrize(
+    ("signum", "status", "said"),
+    [(signal.SIGTERM, 143, "terminated by SIGTERM"), (signal.SIGHUP, 129, "hung up by SIGHUP")],
+)
+def test_a_signal_during_a_run_records_it_interrupted(tmp_path, signum, status, said):
+    """`normbench run` sent SIGTERM, or SIGHUP from another terminal: exit 128 + the
+    signal, one line, the summary says why, no lock (SIGHUP was: the process died at
+    once, no summary and a stale lock)."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "normbench.cli",
-            "run",
-            f"out_dir={tmp_path}",
-            "epochs=100000",
-            "dataset.train_size=128",
-            "threads=1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        _run_command(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     runs = tmp_path / "default" / "runs"
     deadline = time.time() + 120
     while time.time() < deadline and not list(runs.glob("*/metrics.csv")):
         time.sleep(0.05)
     time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 143
-    assert "terminated by SIGTERM" in err and "Traceback" not in err
+    assert process.returncode == status
+    assert said in err and "recorded as interrupted" in err and "Traceback" not in err
     (summary,) = [json.loads(p.read_text()) for p in runs.glob("*/summary.json")]
-    assert summary["status"] == "interrupted" and "SIGTERM" in summary["error"]
+    assert summary["status"] == "interrupted" and said.split()[-1] in summary["error"]
     assert not list(runs.glob("*/.lock"))
 
 
@@ -125,3 +152,34 @@ def test_no_watch_in_the_driver_or_for_foreign_parents():
     assert interrupts.watch_parent(str(os.getpid())) is None  # the driver itself
     if os.getppid() != 1:
         assert interrupts.watch_parent("1") is None  # pid 1 is not this process's parent
+
+
+def _run_command(tmp_path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "normbench.cli",
+        "run",
+        f"out_dir={tmp_path}",
+        "epochs=100000",
+        "dataset.train_size=128",
+        "threads=1",
+    ]
+
+
+def test_closing_the_terminal_records_the_run_interrupted(tmp_path):
+    """The terminal window of `normbench run` closed (its terminal hung up, SIGHUP to the
+    job): exit 129, the run recorded interrupted with the reason, no lock left (was: the
+    process died at once, no summary and a stale lock)."""
+    runs = tmp_path / "default" / "runs"
+    with Terminal(_run_command(tmp_path)) as term:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(runs.glob("*/metrics.csv")):
+            time.sleep(0.05)
+        time.sleep(0.5)
+        term.close()
+        assert term.process.wait(timeout=60) == 129
+    assert b"Traceback" not in term.output
+    (summary,) = [json.loads(p.read_text()) for p in runs.glob("*/summary.json")]
+    assert summary["status"] == "interrupted" and "SIGHUP" in summary["error"]
+    assert not list(runs.glob("*/.lock"))

@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from pty_session import Terminal
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_UP = Path(os.environ.get("NORMBENCH_SLURM_UP", REPO.parent / "shared/cluster/slurm_up.sh"))
@@ -265,6 +266,85 @@ def test_slurm_ctrl_c_cancels_the_sweeps_jobs(slurm, tmp_path):
     assert all("SIGTERM" in r["error"] for r in runs.values())
 
 
+def slurm_queue(name: str) -> dict[str, str]:
+    """Job id -> state of the SLURM jobs named ``name`` the controller still has queued or
+    running (held jobs, never eligible, never reach ``sacct``)."""
+    listed = subprocess.run(
+        ["squeue", "-h", "-r", "--name", name, "-o", "%i|%T"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(line.split("|", 1) for line in listed.splitlines() if line)
+
+
+def test_slurm_a_rerun_after_the_driver_was_killed_leaves_its_queued_jobs_be(slurm, tmp_path):
+    """The driver killed (kill -9) while its jobs wait in the queue, the same sweep at
+    once: it finds them queued (the markers the driver wrote, checked with squeue), says
+    so, and submits nothing (was: submitted every run again). Once those jobs are gone
+    (scancel), their markers are ignored and the runs are to run again."""
+    name = f"nb{uuid.uuid4().hex[:8]}"
+    # held jobs stay pending, on a node the other tests share, at no cost
+    args = [
+        *TINY,
+        "epochs=1,2",
+        *slurm_args(name, "hydra.launcher.timeout_min=5"),
+        "+hydra.launcher.additional_parameters.hold=true",
+    ]
+    runs = tmp_path / "results" / "default" / "runs"
+    driver = start_sweep(tmp_path, *args, quiet=True)
+    try:
+        wait_for(lambda: len(list(runs.glob("*/.queued"))) == 2, 120, "the jobs to be queued")
+    finally:
+        driver.kill()
+        driver.wait()
+    try:
+        queued = slurm_queue(name)
+        assert sorted(queued.values()) == ["PENDING", "PENDING"]
+        again = sweep(tmp_path, *args, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert "2 in progress elsewhere, 0 to run" in again.stderr
+        for job_id in queued:
+            assert f"SLURM job {job_id} (pending), queued by a sweep on" in again.stderr
+        assert "2 running elsewhere" in again.stdout
+        assert slurm_queue(name) == queued  # each run submitted once
+    finally:
+        subprocess.run(["scancel", "--name", name], check=True)
+    wait_for(lambda: not slurm_queue(name) or None, 60, "SLURM to cancel the jobs")
+    os.chdir(tmp_path)  # the grid's relative out_dir
+    try:
+        from normbench import sweep as sweeps
+
+        plan = sweeps.plan(args)
+        assert len(plan.to_run) == 2 and not plan.elsewhere
+    finally:
+        os.chdir(REPO)
+
+
+def test_slurm_a_hung_up_driver_leaves_its_jobs_to_run(slurm, tmp_path):
+    """SIGHUP on a SLURM sweep's driver (its login session gone): the jobs go on, as when
+    the driver is killed, the driver says so and exits 129; the runs they train and the
+    ones still queued are left to them by a rerun."""
+    name = f"nb{uuid.uuid4().hex[:8]}"
+    args = [*TINY, "epochs=100000", *slurm_args(name, "hydra.launcher.timeout_min=5")]
+    driver = start_sweep(tmp_path, *args)
+    try:
+        owner = wait_for(lambda: lock_of(tmp_path, 100000), 120, "the run to start")
+        driver.send_signal(signal.SIGHUP)
+        _, err = driver.communicate(timeout=60)
+        assert driver.returncode == 129, err
+        assert "kill -HUP): the sweep left its 1 SLURM job running" in err
+        assert f"({owner['slurm_job']})" in err
+        assert slurm_queue(name) == {owner["slurm_job"]: "RUNNING"}
+        again = sweep(tmp_path, *args, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert "1 in progress elsewhere, 0 to run" in again.stderr
+        assert slurm_queue(name) == {owner["slurm_job"]: "RUNNING"}
+    finally:
+        driver.kill()
+        subprocess.run(["scancel", "--name", name], check=True)
+
+
 # ------------------------------------------------------------------------ submitit_local
 
 
@@ -346,6 +426,99 @@ def test_joblib_workers_do_not_outlive_a_killed_driver(tmp_path):
         lambda: len(summaries(tmp_path)) == 2 and summaries(tmp_path), 10, "the runs' records"
     )
     assert {r["error"] for r in runs.values()} == {"the sweep's driver process died"}
+
+
+@pytest.mark.parametrize(
+    ("signum", "status", "said"),
+    [(signal.SIGTERM, 143, "terminated by SIGTERM"), (signal.SIGINT, 130, "SIGINT (Ctrl-C)")],
+)
+def test_joblib_a_signal_to_the_driver_stops_every_run_cleanly(tmp_path, signum, status, said):
+    """`kill` (or `kill -INT`) of a joblib sweep's driver alone: the driver passes the
+    signal on to its workers, each records its run interrupted and releases its lock,
+    and the driver exits with 128 + the signal (was, for SIGTERM: the workers killed
+    outright, no summaries, stale locks)."""
+    args = [*TINY, "epochs=100000,100001", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    driver = start_sweep(tmp_path, *args)
+    try:
+        wait_for(
+            lambda: lock_of(tmp_path, 100000) and lock_of(tmp_path, 100001),
+            120,
+            "both runs to start",
+        )
+        driver.send_signal(signum)
+        out, err = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == status, err
+    assert f"{said}" in err and "Traceback" not in err
+    runs = summaries(tmp_path)
+    assert len(runs) == 2 and {r["status"] for r in runs.values()} == {"interrupted"}
+    assert all(said in r["error"] for r in runs.values())
+    assert not list((tmp_path / "results" / "default" / "runs").glob("*/.lock"))
+
+
+def test_joblib_closing_the_terminal_stops_every_run_cleanly(tmp_path):
+    """The terminal of a joblib sweep closed: driver and workers get SIGHUP (the worker
+    twice, from the shell and from its driver) and write to a hung-up terminal. Every
+    run is recorded interrupted, no lock stays, the driver exits 129 (was: all died at
+    once, no summaries, stale locks)."""
+    args = [*TINY, "epochs=100000,100001", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    command = [sys.executable, "-m", "normbench.cli", "sweep", *args]
+    with Terminal(command, cwd=tmp_path) as term:
+        owners = wait_for(
+            lambda: (
+                (a := lock_of(tmp_path, 100000)) and (b := lock_of(tmp_path, 100001)) and (a, b)
+            ),
+            120,
+            "both runs to start",
+        )
+        term.close()
+        assert term.process.wait(timeout=120) == 129
+    wait_for(
+        lambda: not any(Path(f"/proc/{o['pid']}").exists() for o in owners) or None,
+        30,
+        "the workers to end",
+    )
+    runs = summaries(tmp_path)
+    assert len(runs) == 2 and {r["status"] for r in runs.values()} == {"interrupted"}
+    assert all("SIGHUP" in r["error"] for r in runs.values())
+    assert not list((tmp_path / "results" / "default" / "runs").glob("*/.lock"))
+
+
+def test_a_stopped_sweep_records_runs_whose_process_died_and_frees_their_locks(tmp_path):
+    """What the driver does after its launcher ended on a stop (launchers.settle): a run
+    still locked by a process that died before recording it (a worker killed outright)
+    is recorded interrupted and its lock removed; a run that recorded itself keeps its
+    reason, and its stale lock goes too."""
+    from normbench import launchers
+    from normbench import sweep as sweeps
+    from normbench.results import read_summary
+    from normbench.runner import record_unfinished
+
+    plan = sweeps.plan([*TINY, f"out_dir={tmp_path}", "epochs=1,2"])
+    lost, recorded = plan.to_run
+    record_unfinished(recorded.cfg, "interrupted", "its own reason")
+    for job in plan.to_run:  # a real process takes the lock and is killed holding it
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys, time; from normbench.lock import RunLock; "
+                "RunLock(sys.argv[1]).acquire(); print(flush=True); time.sleep(60)",
+                str(job.run_dir),
+            ],
+            stdout=subprocess.PIPE,
+        )
+        holder.stdout.readline()
+        holder.kill()
+        holder.wait()
+        assert (job.run_dir / ".lock").exists()
+    launchers.settle(plan, "terminated by SIGTERM (kill, or a scheduler's cancel)")
+    assert read_summary(lost.run_dir)["status"] == "interrupted"
+    assert read_summary(lost.run_dir)["error"].startswith("terminated by SIGTERM")
+    assert read_summary(recorded.run_dir)["error"] == "its own reason"
+    assert not list(tmp_path.rglob(".lock"))
 
 
 # ------------------------------------------------------------------------------ Ray
