@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +18,7 @@ import typer
 from rich.console import Console
 
 from normbench.bench import DEFAULT_OUT, DEFAULT_REPEATS, DEFAULT_SHAPES, DEFAULT_WARMUP
-from normbench.errors import UserError
+from normbench.errors import Notice, UserError
 
 app = typer.Typer(
     help="normbench: an experiment runner for normalization studies.\n\n"
@@ -88,6 +89,21 @@ def main(
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_notice(message, category, filename, lineno, file=None, line=None) -> None:
+    """normbench's notices as one line, ``warning: ...``; other warnings as Python shows them."""
+    if issubclass(category, Notice):
+        from normbench.terminal import line as clean_line
+
+        err.print(clean_line("warning:", message, "yellow"))
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _show_notice
 
 Overrides = Annotated[
     list[str] | None,
@@ -184,8 +200,15 @@ def sweep(
     plan = sweeps.plan(overrides or [], retry_failed=retry_failed)
     skipped = len(plan.jobs) - len(plan.to_run) - len(plan.elsewhere)
     elsewhere = f", {len(plan.elsewhere)} in progress elsewhere" if plan.elsewhere else ""
+    twice = plan.duplicates
+    dropped = (
+        f" ({twice} duplicate grid point{'s' if twice > 1 else ''} dropped: the same run as "
+        "another)"
+        if twice
+        else ""
+    )
     err.print(
-        f"sweep: {len(plan.jobs)} runs, {skipped} already done{elsewhere}, "
+        f"sweep: {len(plan.jobs)} runs{dropped}, {skipped} already done{elsewhere}, "
         f"{len(plan.to_run)} to run"
     )
     for job in plan.elsewhere[:3]:
