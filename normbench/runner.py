@@ -149,10 +149,15 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
         raise UserError(
             f"cannot build model={cfg.model.name} with norm={norm.name}: {err}"
         ) from None
+    except (RuntimeError, MemoryError) as err:
+        _raise_out_of_memory(err, cfg, "its parameters")
     model = model.to(device)
     memory_format = choose_memory_format(cfg.memory_format, device, model, norm)
     set_memory_format(model, memory_format)
-    _check_trains(model, data.train_x[: cfg.batch_size].to(device), cfg, norm)
+    try:
+        _check_trains(model, data.train_x[: cfg.batch_size].to(device), cfg, norm)
+    except (RuntimeError, MemoryError) as err:
+        _raise_out_of_memory(err, cfg, f"a step at batch_size={cfg.batch_size}")
     try:
         optimizer = make_optimizer(model.parameters(), lr, cfg.optim.name, **_kwargs(cfg.optim))
     except (TypeError, ValueError) as err:
@@ -172,6 +177,25 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
     )
     used = threads or cores.Threads(torch.get_num_threads(), "torch")
     return _Prepared(data.to(device), model, optimizer, settings, device, used, memory_format)
+
+
+def _raise_out_of_memory(err: BaseException, cfg, what: str) -> None:
+    """An allocation the machine refused (model widths or a batch far too large) as one
+    :class:`UserError` naming the model's settings; any other error is raised again."""
+    text = str(err)
+    if not (
+        isinstance(err, MemoryError)
+        or "can't allocate memory" in text
+        or "out of memory" in text.lower()
+    ):
+        raise err
+    settings = " ".join(f"model.{k}={v}" for k, v in _kwargs(cfg.model).items())
+    # torch's own words, less its "[enforce fail at alloc_cpu.cpp:127] err == 0." prefix
+    reason = text.rsplit("DefaultCPUAllocator: ", 1)[-1]
+    raise UserError(
+        f"model={cfg.model.name} {settings}: {what} need more memory than this machine "
+        f"gives: {' '.join(reason.split())[:200]}"
+    ) from None
 
 
 def _check_trains(model, batch, cfg, norm) -> None:

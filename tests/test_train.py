@@ -63,6 +63,25 @@ def test_optimizers():
     assert isinstance(adam, torch.optim.Adam) and adam.defaults["betas"] == (0.8, 0.9)
 
 
+@pytest.mark.parametrize("betas", [[0, 0], [0, 0.5], [0.9, 1 - 2**-20]])
+def test_adam_takes_betas_written_as_integers_and_steps_as_torchs(betas):
+    """``optim.betas=[0,0]`` parses as integers, which torch's Adam refuses beside a float:
+    the same steps as torch's Adam with the floats."""
+    torch.manual_seed(0)
+    start = torch.randn(5, 3)
+    ours = torch.nn.Parameter(start.clone())
+    theirs = torch.nn.Parameter(start.clone())
+    optimizer = make_optimizer([ours], 0.01, "adam", betas=betas)
+    reference = torch.optim.Adam([theirs], lr=0.01, betas=tuple(float(b) for b in betas))
+    assert optimizer.param_groups[0]["betas"] == reference.param_groups[0]["betas"]
+    for _ in range(3):
+        grad = torch.randn(5, 3)
+        for parameter, step in ((ours, optimizer), (theirs, reference)):
+            parameter.grad = grad.clone()
+            step.step()
+    assert torch.isfinite(ours).all() and torch.equal(ours, theirs)
+
+
 def test_records_every_epoch_and_learns(digits):
     result = _train(digits, epochs=3, schedule="constant")
     assert result.status == "completed" and result.message is None

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from normbench.interrupts import Interrupted
+from normbench.norms.registry import describe_error
 
 CHANNELS = 12
 IMAGES = (6, CHANNELS, 5, 5)
@@ -212,7 +213,10 @@ def check_norm(cls) -> list[Check]:
             raise
         except BaseException as err:  # the user's class may fail in any way (exit too): say how
             where = traceback.extract_tb(err.__traceback__)[-1]
-            detail = f"{type(err).__name__}: {err}"
+            if isinstance(err, SystemExit):  # its message is its exit code, if any
+                detail = describe_error(err)
+            else:
+                detail = f"{type(err).__name__}: {err}"
             if not isinstance(err, AssertionError):
                 detail += f" (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
             results.append(Check(name, False, " ".join(detail.split())))
