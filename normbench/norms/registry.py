@@ -207,9 +207,25 @@ def _static_docstring(package: str, target: str) -> str | None:
     return None
 
 
+#: entry_point_norms' answer for the import path it was read with: every config
+#: composition asks (a sweep's plan, once per job), and reading every installed
+#: package's metadata takes milliseconds.
+_found: dict[tuple[str, ...], dict[str, InstalledNorm]] = {}
+
+
 def entry_point_norms() -> dict[str, InstalledNorm]:
     """The variants installed packages declare, by name (normbench's own names win).
-    Read from the packages' metadata: nothing is imported."""
+    Read from the packages' metadata (once per import path): nothing is imported."""
+    import sys
+
+    key = tuple(sys.path)
+    if key not in _found:
+        _found.clear()
+        _found[key] = _read_entry_points()
+    return dict(_found[key])
+
+
+def _read_entry_points() -> dict[str, InstalledNorm]:
     from importlib.metadata import entry_points
 
     found = {}
