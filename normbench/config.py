@@ -73,6 +73,13 @@ def add_config_dir(path: str | Path) -> None:
     if folder in _user_dirs:
         return
     _user_dirs.append(folder)
+    if (folder / "config.yaml").is_file():
+        warnings.warn(
+            f"{folder / 'config.yaml'} is ignored: normbench's own config.yaml is the root "
+            "config; a folder of yours adds options to the groups (norm/NAME.yaml, ...)",
+            Notice,
+            stacklevel=2,
+        )
     for group in GROUPS:
         for own in sorted((folder / group).glob("*.yaml")):
             if (conf_dir() / group / own.name).is_file():

@@ -382,12 +382,16 @@ def test_a_user_option_shadowing_normbenchs_own_is_ignored_with_a_notice(tmp_pat
     (tmp_path / "norm").mkdir()
     (tmp_path / "norm" / "custom_bn.yaml").write_text("name: custom_bn\nmomentum: 0.5\n")
     (tmp_path / "norm" / "mine.yaml").write_text("name: mine\n_target_: torch.nn.LayerNorm\n")
+    (tmp_path / "config.yaml").write_text("lr: 0.5\n")
     with pytest.warns(Notice) as notices:
         config.add_config_dir(tmp_path)
     assert [str(n.message) for n in notices] == [
+        f"{tmp_path / 'config.yaml'} is ignored: normbench's own config.yaml is the root "
+        "config; a folder of yours adds options to the groups (norm/NAME.yaml, ...)",
         f"{tmp_path / 'norm' / 'custom_bn.yaml'} is ignored: normbench's own norm=custom_bn "
-        "comes first (Hydra's search path); give yours another name, as norm/my_custom_bn.yaml"
+        "comes first (Hydra's search path); give yours another name, as norm/my_custom_bn.yaml",
     ]
-    assert compose(["norm=custom_bn"]).norm.momentum == 0.1  # normbench's, as Hydra has it
+    # normbench's, as Hydra has them
+    assert compose(["norm=custom_bn"]).norm.momentum == 0.1 and compose().lr == 0.1
     assert config.option_file("norm", "custom_bn") == config.conf_dir() / "norm/custom_bn.yaml"
     assert compose(["norm=mine"]).norm._target_ == "torch.nn.LayerNorm"
