@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +18,7 @@ import typer
 
 from normbench import terminal
 from normbench.bench import DEFAULT_OUT, DEFAULT_REPEATS, DEFAULT_SHAPES, DEFAULT_WARMUP
-from normbench.errors import UserError
+from normbench.errors import Notice, UserError
 
 # typer parses with its own copy of click (typer 0.2x; click itself before, which is not
 # otherwise installed now): the errors it prints for a bad command line are that copy's.
@@ -107,12 +108,11 @@ def main(
     ] = False,
 ) -> None:
     """normbench: an experiment runner for normalization studies."""
-    import warnings
-
     from normbench.config import add_config_dir
 
-    # A warning may quote a user's value or a compiler's output: shown cleaned, as text.
-    warnings.showwarning = terminal.show_warning
+    # A warning may quote a user's value or a compiler's output: shown cleaned, as text;
+    # normbench's notices as one line.
+    warnings.showwarning = _show_notice
 
     try:
         for folder in config_dir or []:
@@ -137,6 +137,14 @@ def warn(message: object) -> None:
     """A warning as one line on stderr (a skipped run folder, a selection not made)."""
     err.print(terminal.line("warning:", message))
 
+
+def _show_notice(message, category, filename, lineno, file=None, line=None) -> None:
+    """normbench's notices as one line, ``warning: ...``; other warnings as Python shows
+    them, control characters escaped (:func:`normbench.terminal.show_warning`)."""
+    if issubclass(category, Notice):
+        err.print(terminal.line("warning:", message, "yellow"))
+    else:
+        terminal.show_warning(message, category, filename, lineno, file, line)
 
 Overrides = Annotated[
     list[str] | None,
@@ -233,8 +241,15 @@ def sweep(
     plan = sweeps.plan(overrides or [], retry_failed=retry_failed)
     skipped = len(plan.jobs) - len(plan.to_run) - len(plan.elsewhere)
     elsewhere = f", {len(plan.elsewhere)} in progress elsewhere" if plan.elsewhere else ""
+    twice = plan.duplicates
+    dropped = (
+        f" ({twice} duplicate grid point{'s' if twice > 1 else ''} dropped: the same run as "
+        "another)"
+        if twice
+        else ""
+    )
     err.print(
-        f"sweep: {len(plan.jobs)} runs, {skipped} already done{elsewhere}, "
+        f"sweep: {len(plan.jobs)} runs{dropped}, {skipped} already done{elsewhere}, "
         f"{len(plan.to_run)} to run"
     )
     for job in plan.elsewhere[:3]:

@@ -60,12 +60,35 @@ _user_dirs: list[Path] = []
 
 
 def add_config_dir(path: str | Path) -> None:
-    """Search ``path`` for config options as well (after normbench's own)."""
+    """Search ``path`` for config options as well (after normbench's own). An option of
+    normbench's own that the folder has too (``norm/custom_bn.yaml``) keeps normbench's,
+    as Hydra's search path does: a :class:`~normbench.errors.Notice` says so."""
+    import warnings
+
+    from normbench.errors import Notice
+
     folder = Path(path).expanduser().resolve()
     if not folder.is_dir():
         raise UserError(f"--config-dir {path}: no such folder")
-    if folder not in _user_dirs:
-        _user_dirs.append(folder)
+    if folder in _user_dirs:
+        return
+    _user_dirs.append(folder)
+    if (folder / "config.yaml").is_file():
+        warnings.warn(
+            f"{folder / 'config.yaml'} is ignored: normbench's own config.yaml is the root "
+            "config; a folder of yours adds options to the groups (norm/NAME.yaml, ...)",
+            Notice,
+            stacklevel=2,
+        )
+    for group in GROUPS:
+        for own in sorted((folder / group).glob("*.yaml")):
+            if (conf_dir() / group / own.name).is_file():
+                warnings.warn(
+                    f"{own} is ignored: normbench's own {group}={own.stem} comes first "
+                    f"(Hydra's search path); give yours another name, as {group}/my_{own.name}",
+                    Notice,
+                    stacklevel=2,
+                )
 
 
 def config_dirs() -> list[Path]:
@@ -178,7 +201,9 @@ def check_group_overrides(overrides: Sequence[str]) -> list:
         if group not in GROUPS or override.is_delete():
             continue
         valid = group_options(group)
-        if override.is_sweep_override():
+        if _is_glob(override):
+            values = _glob_options(override)
+        elif override.is_sweep_override():
             values = list(override.sweep_string_iterator())
         else:
             value = override.value()
@@ -191,6 +216,53 @@ def check_group_overrides(overrides: Sequence[str]) -> list:
                     f"unknown {group} {value!r}{_closest(value, valid)}; valid: {', '.join(valid)}"
                 )
     return parsed
+
+
+def _is_glob(override) -> bool:
+    from hydra.core.override_parser.types import ValueType
+
+    return override.value_type == ValueType.GLOB_CHOICE_SWEEP
+
+
+def _glob_options(override) -> list[str]:
+    """The options of a config group ``glob(...)`` picks, in Hydra's order (sorted), from
+    the same options Hydra sees: normbench's, the user's folders' and installed ones."""
+    key = override.key_or_group
+    if key not in GROUPS:
+        raise UserError(
+            f"{override.input_line}: glob() picks among a config group's options "
+            f"({', '.join(GROUPS)}); {key} is not a group: list its values, as {key}=a,b"
+        )
+    valid = group_options(key)
+    picked = override.value().filter(valid)
+    if not picked:
+        raise UserError(f"{override.input_line} matches no {key} option; valid: {', '.join(valid)}")
+    return picked
+
+
+def expand_globs(overrides: Sequence[str]) -> list[str]:
+    """``overrides`` with every ``group=glob(...)`` written out as the choice sweep Hydra's
+    basic sweeper makes of it (``norm=glob(*_bn)``: ``norm=custom_bn,ghost_bn,torch_bn``)."""
+    parsed = parse_overrides(overrides)
+    result = []
+    for text, override in zip(overrides, parsed, strict=True):
+        if _is_glob(override):
+            text = f"{text.split('=', 1)[0]}={','.join(_glob_options(override))}"
+        result.append(text)
+    return result
+
+
+def named_options(overrides: Sequence[str], group: str) -> list[str]:
+    """The options of ``group`` the overrides pick by name (sweeps and globs included)."""
+    names: list[str] = []
+    for override in parse_overrides(expand_globs(overrides)):
+        if override.key_or_group != group or override.is_delete():
+            continue
+        if override.is_sweep_override():
+            names.extend(override.sweep_string_iterator())
+        elif override.value() is not None:
+            names.append(str(override.value()))
+    return names
 
 
 #: Configs composed by Hydra for a set of structural overrides (groups, ``hydra.*``,
@@ -218,7 +290,7 @@ def with_searchpath(overrides: Sequence[str]) -> list[str]:
     where Hydra finds them."""
     from normbench.norms.registry import store_entry_point_configs
 
-    store_entry_point_configs()
+    store_entry_point_configs(named_options(overrides, "norm"))
     if any(o.split("=", 1)[0].lstrip("+") == "hydra.searchpath" for o in overrides):
         return list(overrides)
     return [*searchpath_overrides(), *overrides]
@@ -239,6 +311,12 @@ def compose(overrides: Sequence[str] = ()):
 
     overrides = with_searchpath(overrides)
     parsed = check_group_overrides(overrides)
+    for override in parsed:
+        if override.is_sweep_override() and not override.key_or_group.startswith("hydra"):
+            raise UserError(
+                f"{override.input_line} gives several values: that is a sweep, which "
+                "`normbench sweep` runs one job per value; here give one value"
+            )
     structural = tuple(o.input_line for o in parsed if not _is_value_override(o))
     values = [o for o in parsed if _is_value_override(o)]
     base = _compose_groups(structural, overrides)
@@ -356,7 +434,10 @@ def _other_options_key(key: str, overrides: Sequence[str]) -> str | None:
             chosen = value
     if chosen is None:
         return None
-    having = [o for o in group_options(group) if rest in _option_defaults(group, o)]
+    # installed variants other than the chosen one are not imported to find out
+    having = [
+        o for o in group_options(group) if rest in _option_defaults(group, o, load=o == chosen)
+    ]
     if not having:
         return None
     own = sorted(k for k in _option_defaults(group, chosen) if k != "name")
@@ -414,6 +495,14 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
+#: The largest float32. Runs compute in float32, and torch converts every setting that
+#: enters a tensor operation (a learning rate, momentum, weight decay, an epsilon) to the
+#: parameters' dtype: a larger value stops the first optimizer step with an overflow.
+FLOAT32_MAX = 3.4028234663852886e38
+
+_TOO_LARGE = f"a number <= {FLOAT32_MAX:.4g} (float32's largest: runs compute in float32)"
+
+
 def _int(low: int, high: int | None = None, null: bool = False):
     if high is not None and high > 10**6 and (high + 1) & high == 0:  # 2**63 - 1, readably
         top = f" and <= 2**{high.bit_length()} - 1"
@@ -438,6 +527,8 @@ def _number(low: float, strict: bool, high: float | None = None, null: bool = Fa
         if null and value is None:
             return None
         ok = _is_number(value) and (value > low if strict else value >= low)
+        if ok and high is None and value > FLOAT32_MAX:
+            return _TOO_LARGE
         return None if ok and (high is None or value <= high) else rule
 
     return check
@@ -576,7 +667,7 @@ def _by_default(default: Any):
     return lambda value: None  # null default: any value
 
 
-def _option_defaults(group: str, option: str) -> dict[str, Any]:
+def _option_defaults(group: str, option: str, load: bool = True) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     path = option_file(group, option)
@@ -585,7 +676,7 @@ def _option_defaults(group: str, option: str) -> dict[str, Any]:
             from normbench.norms.registry import entry_point_norms
 
             installed = entry_point_norms().get(option)
-            return installed.config() if installed is not None else {}
+            return installed.config(load=load) if installed is not None else {}
         return {}
     return _flatten(OmegaConf.to_container(OmegaConf.load(path)) or {})
 
@@ -616,6 +707,8 @@ def validate(cfg) -> None:
         "a folder name (no path separators)",
         cfg.name,
     )
+    _check_learning_rate(cfg)
+    _check_path_lengths(cfg)
     if cfg.device == "cuda":
         import torch
 
@@ -626,3 +719,114 @@ def validate(cfg) -> None:
 def _require(ok: bool, key: str, rule: str, value: Any) -> None:
     if not ok:
         raise UserError(f"{key} must be {rule}, got {value!r}")
+
+
+def scaled_lr(lr: float, batch_size: int, ref_batch_size: int, scaling: str) -> float:
+    """The learning rate for ``batch_size`` under linear or square-root scaling rules."""
+    ratio = batch_size / ref_batch_size
+    return {"none": lr, "linear": lr * ratio, "sqrt": lr * math.sqrt(ratio)}[scaling]
+
+
+def _check_learning_rate(cfg) -> None:
+    """The largest learning rate a run reaches, and the largest step Adam takes with it,
+    must fit in float32 (:data:`FLOAT32_MAX`): the peak after batch-size scaling, raised
+    by the step schedule's gamma at each milestone, and divided by Adam's first bias
+    correction, 1 - beta1. Each is checked in logarithms, so nothing overflows here; the
+    message names the key that took it over."""
+    limit = math.log(FLOAT32_MAX)
+    peak = scaled_lr(cfg.lr, cfg.batch_size, cfg.ref_batch_size, cfg.lr_scaling)
+    if not 0 < peak <= FLOAT32_MAX:
+        scaling = (
+            ""
+            if cfg.lr_scaling == "none"
+            else f" with lr_scaling={cfg.lr_scaling} (batch_size={cfg.batch_size}, "
+            f"ref_batch_size={cfg.ref_batch_size})"
+        )
+        raise UserError(
+            f"lr={cfg.lr!r}{scaling} gives a peak learning rate of {peak:.4g}: it must be "
+            f"above 0 and at most {FLOAT32_MAX:.4g} (float32's largest: runs compute in float32)"
+        )
+    top = math.log(peak)
+    schedule = cfg.schedule
+    milestones = len(schedule.milestones or ())
+    if schedule.name == "step" and schedule.gamma > 1 and milestones:
+        top += milestones * math.log(schedule.gamma)
+        if top > limit:
+            raise UserError(
+                f"schedule.gamma={schedule.gamma!r} multiplies the learning rate at each of "
+                f"the {milestones} milestones: {peak:.4g} would reach {_exp(top)}, more than "
+                f"{FLOAT32_MAX:.4g} (float32's largest: runs compute in float32)"
+            )
+    betas = cfg.optim.get("betas") if cfg.optim.name == "adam" else None
+    if betas:
+        first = top - math.log1p(-betas[0])  # Adam's first step: lr / (1 - beta1)
+        if first > limit:
+            raise UserError(
+                f"optim.betas={list(betas)}: Adam's first step is the learning rate over "
+                f"1 - beta1, {_exp(first)}, more than {FLOAT32_MAX:.4g} (float32's largest: "
+                "runs compute in float32)"
+            )
+
+
+def _exp(log: float) -> str:
+    return f"{math.exp(log):.4g}" if log < 709 else f"about 1e{log / math.log(10):.0f}"
+
+
+#: Room below an experiment folder (and a data set's root) for the deepest path normbench
+#: writes there: ``runs/<run id, 12>/`` and the longest file name in it, the temporary
+#: name of checkpoint.pt (``.checkpoint.pt.<host>.<pid>.<8 hex>.tmp``: 100 bytes with a
+#: 64-byte host name and a 7-digit pid). Hydra's sweep folders, submitit's logs and the
+#: data sets' files lie less deep.
+ROOM_BELOW = 128
+
+
+def _path_limits(path: str) -> tuple[int, int]:
+    """The file system's longest file name and path (in bytes, NUL excluded) where
+    ``path`` is or would be created: asked of its nearest existing folder."""
+    probe = path
+    while probe and not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    limits = []
+    for name, default in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
+        try:
+            value = os.pathconf(probe or os.sep, name)
+        except (OSError, ValueError, AttributeError):
+            value = -1
+        limits.append(value if value > 0 else default)
+    return limits[0], limits[1] - 1
+
+
+def _shown(text: str, width: int = 48) -> str:
+    return text if len(text) <= width else f"{text[: width // 2]}...{text[-width // 2 :]}"
+
+
+def _check_path_lengths(cfg) -> None:
+    """``out_dir`` (with ``name``) and ``dataset.root`` within the file system's limits:
+    every folder name at most NAME_MAX bytes, and every path normbench writes below them
+    at most PATH_MAX, so that no run stops at its first checkpoint with 'File name too
+    long'. Paths are counted absolute, as a sweep's jobs receive them."""
+    experiment = os.path.join(os.path.abspath(cfg.out_dir), cfg.name)
+    places = [("out_dir", cfg.out_dir, experiment)]
+    root = cfg.dataset.get("root")
+    if isinstance(root, str):
+        places.append(("dataset.root", root, os.path.abspath(root)))
+    for key, value, path in places:
+        name_max, path_max = _path_limits(path)
+        for part in path.split(os.sep):
+            size = len(os.fsencode(part))
+            if size > name_max:
+                owner = "name" if key == "out_dir" and part == cfg.name else key
+                raise UserError(
+                    f"{owner}: File name too long: the folder name {_shown(part)!r} is "
+                    f"{size} bytes, more than the {name_max} this file system allows"
+                )
+        size = len(os.fsencode(path)) + 1 + ROOM_BELOW
+        if size > path_max:
+            raise UserError(
+                f"{key}={_shown(value)!r}: File name too long: with the files normbench "
+                f"writes below it, paths would reach {size} bytes, more than the {path_max} "
+                "this file system allows; pick a shorter path"
+            )

@@ -142,8 +142,26 @@ def idle_cores(cpus: set[int], sample_s: float = SAMPLE_S) -> float | None:
 
 
 def choose(threads: int | None) -> Threads:
-    """The run's thread count: ``threads`` when set, else the allotment's idle cores."""
+    """The run's thread count: ``threads`` when set, else the allotment's idle cores.
+
+    ``threads`` above the CPUs this process may use (its affinity mask) is capped there,
+    with a :class:`~normbench.errors.Notice`: more threads than cores only wait on each
+    other (``threads=1000`` took minutes a step). Capped, not refused, because a sweep's
+    jobs may run on other machines (a cluster's nodes) than the one that planned them."""
     if threads is not None:
+        cpus = len(affinity())
+        if threads > cpus:
+            import warnings
+
+            from normbench.errors import Notice
+
+            warnings.warn(
+                f"threads={threads} is more than the {cpus} CPUs this process may use: "
+                f"the run uses {cpus}",
+                Notice,
+                stacklevel=2,
+            )
+            return Threads(cpus, f"threads={threads}, capped at {cpus} CPUs")
         return Threads(threads, "threads=")
     given = allotment()
     idle = idle_cores(affinity())

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from normbench import __version__, allocator, checkpoints, cores, interrupts
-from normbench.config import EXECUTION_KEYS, flatten, validate
+from normbench.config import EXECUTION_KEYS, flatten, scaled_lr, validate
 from normbench.errors import UserError
 from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
 from normbench.results import (
@@ -110,7 +110,7 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
 
     from normbench.models import build_model, choose_memory_format, set_memory_format
     from normbench.norms import NormSpec
-    from normbench.train import TrainSettings, make_optimizer, scaled_lr
+    from normbench.train import TrainSettings, make_optimizer
 
     validate(cfg)
     device = resolve_device(cfg.device)
@@ -124,6 +124,13 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
         raise UserError(
             f"batch_size={cfg.batch_size} is larger than the training set "
             f"({data.num_train} images of {cfg.dataset.name})"
+        )
+    if cfg.budget == "steps" and cfg.max_steps is None and cfg.ref_batch_size > data.num_train:
+        raise UserError(
+            f"ref_batch_size={cfg.ref_batch_size} is larger than the training set "
+            f"({data.num_train} images of {cfg.dataset.name}): budget=steps gives every run "
+            "the optimizer steps `epochs` epochs take at ref_batch_size, which would be none; "
+            f"use a ref_batch_size of at most {data.num_train}"
         )
     torch.manual_seed(cfg.seed)
     kwargs = _kwargs(cfg.norm)
@@ -142,10 +149,15 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
         raise UserError(
             f"cannot build model={cfg.model.name} with norm={norm.name}: {err}"
         ) from None
+    except (RuntimeError, MemoryError) as err:
+        _raise_out_of_memory(err, cfg, "its parameters")
     model = model.to(device)
     memory_format = choose_memory_format(cfg.memory_format, device, model, norm)
     set_memory_format(model, memory_format)
-    _check_trains(model, data.train_x[: cfg.batch_size].to(device), cfg)
+    try:
+        _check_trains(model, data.train_x[: cfg.batch_size].to(device), cfg, norm)
+    except (RuntimeError, MemoryError) as err:
+        _raise_out_of_memory(err, cfg, f"a step at batch_size={cfg.batch_size}")
     try:
         optimizer = make_optimizer(model.parameters(), lr, cfg.optim.name, **_kwargs(cfg.optim))
     except (TypeError, ValueError) as err:
@@ -167,23 +179,78 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
     return _Prepared(data.to(device), model, optimizer, settings, device, used, memory_format)
 
 
-def _check_trains(model, batch, cfg) -> None:
+def _raise_out_of_memory(err: BaseException, cfg, what: str) -> None:
+    """An allocation the machine refused (model widths or a batch far too large) as one
+    :class:`UserError` naming the model's settings; any other error is raised again."""
+    text = str(err)
+    if not (
+        isinstance(err, MemoryError)
+        or "can't allocate memory" in text
+        or "out of memory" in text.lower()
+    ):
+        raise err
+    settings = " ".join(f"model.{k}={v}" for k, v in _kwargs(cfg.model).items())
+    # torch's own words, less its "[enforce fail at alloc_cpu.cpp:127] err == 0." prefix
+    reason = text.rsplit("DefaultCPUAllocator: ", 1)[-1]
+    raise UserError(
+        f"model={cfg.model.name} {settings}: {what} need more memory than this machine "
+        f"gives: {' '.join(reason.split())[:200]}"
+    ) from None
+
+
+def _check_trains(model, batch, cfg, norm) -> None:
     """One training-mode forward pass on a copy of the model, so that a combination the
     norm cannot train (BatchNorm on one value per channel, instance norm without space)
-    fails here, as a user error, and not half-way through a written run."""
+    fails here, as a user error, and not half-way through a written run. A user's norm
+    (``norm.from_user``) is checked in eval mode too, and each of its layers must return
+    a tensor of its input's shape and dtype; whatever its code raises is one line naming
+    it (:func:`normbench.norms.registry.user_code`)."""
     import copy
 
     import torch
 
-    probe = copy.deepcopy(model).train()
+    from normbench.norms.registry import user_code
+
+    with user_code(f"{norm.label()}: copying the model"):
+        probe = copy.deepcopy(model).train()
+    modes = [True]
+    if norm.from_user:
+        cls = norm.cls
+        for module in probe.modules():
+            if isinstance(module, cls):
+                _watch_forward(module, norm)
+        modes.append(False)
     try:
         with torch.no_grad():
-            probe(batch)
+            for training in modes:
+                probe.train(training)(batch)
     except ValueError as err:
         raise UserError(
             f"model={cfg.model.name} with norm={cfg.norm.name} cannot train at "
             f"batch_size={cfg.batch_size}: {err}"
         ) from None
+
+
+def _watch_forward(module, norm) -> None:
+    """Make ``module.forward`` (a user's norm layer, in the probe's copy) check what it
+    returns and name the norm for anything it raises (its ValueError passes: the probe
+    reports that as a combination that cannot train)."""
+    from normbench.norms.checks import output_problem
+    from normbench.norms.registry import user_code
+
+    forward = module.forward
+    what = f"{norm.label()}: {type(module).__name__}.forward"
+
+    def checked(x, *args, **kwargs):
+        with user_code(what, (ValueError,)):
+            y = forward(x, *args, **kwargs)
+        problem = output_problem(x, y)
+        if problem is not None:
+            mode = "training" if module.training else "eval"
+            raise UserError(f"{what} in {mode} mode: {problem}")
+        return y
+
+    module.forward = checked
 
 
 class _Recorder:

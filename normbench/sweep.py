@@ -70,6 +70,9 @@ class Plan:
     launcher_error: str | None = None
     #: The scheduler refused every job (a wrong partition): nothing was started.
     refused: bool = False
+    #: Grid points dropped as the same run as an earlier one (``lr=0.1,0.10``, or points
+    #: that differ only in execution keys such as ``threads``).
+    duplicates: int = 0
 
     def skipped(self, job: Job) -> bool:
         from normbench.runner import is_done
@@ -149,8 +152,14 @@ def expand(overrides: Sequence[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from normbench.config import _composition_message, check_group_overrides, compose
+    from normbench.config import (
+        _composition_message,
+        check_group_overrides,
+        compose,
+        expand_globs,
+    )
 
+    overrides = expand_globs(overrides)
     check_group_overrides(overrides)
     parser = OverridesParser.create()
     try:
@@ -162,6 +171,7 @@ def expand(overrides: Sequence[str]) -> list[list[str]]:
         params = _sweeper_params(first)
     except HydraException as err:
         raise UserError(_composition_message(err, overrides)) from None
+    params = expand_globs(params)
     try:
         batches = BasicSweeper.split_arguments(parser.parse_overrides([*params, *overrides]), None)
     except HydraException as err:
@@ -210,18 +220,23 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
     """Expand and check the whole grid; raise :class:`UserError` on the first bad job.
 
     Runs already done, and runs owned by a live process elsewhere, are found here and are
-    not checked further: only the runs left to run build their models."""
-    from normbench.config import EXECUTION_KEYS, compose, flatten, with_searchpath
+    not checked further: only the runs left to run build their models. Grid points that
+    are the same run as an earlier one (same run folder) are dropped (``duplicates``).
+    ``glob(...)`` over a group's options is expanded as Hydra's basic sweeper does, and the
+    report's ``baseline`` and ``select`` are checked against the grid."""
+    from normbench.config import EXECUTION_KEYS, compose, expand_globs, flatten, with_searchpath
     from normbench.lock import read_owner
     from normbench.queued import QueueCheck
     from normbench.results import check_writable, read_summary, status_of
     from normbench.runner import experiment_dir, prepare, run_id
 
-    overrides = with_searchpath(overrides)  # the user's config folders, for Hydra too
+    # the user's config folders, for Hydra too; globs written out, as the plan has them
+    overrides = with_searchpath(expand_globs(overrides))
     result = Plan(list(overrides), retry_failed=retry_failed)
     queue = QueueCheck()  # SLURM jobs of an earlier sweep still queued for their runs
     checked: set[str] = set()
     writable: set[Path] = set()
+    planned: set[Path] = set()
     for job_overrides in expand(overrides):
         try:
             cfg = compose(job_overrides)
@@ -229,6 +244,10 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
             raise UserError(f"in sweep job {' '.join(job_overrides)}: {err}") from None
         rid = run_id(cfg)
         folder = experiment_dir(cfg) / "runs" / rid
+        if folder in planned:
+            result.duplicates += 1
+            continue
+        planned.add(folder)
         job = Job(job_overrides, cfg, rid, folder, status_of(read_summary(folder)))
         result.jobs.append(job)
         if result.skipped(job):
@@ -256,7 +275,58 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
             prepare(cfg)  # loads each data set once (runner's cache), builds, probes
         except UserError as err:
             raise UserError(f"in sweep job {' '.join(job_overrides)}: {err}") from None
+    _check_report(result.jobs)
     return result
+
+
+def _check_report(jobs: Sequence[Job]) -> None:
+    """The tables a sweep prints at its end can be made: each experiment's
+    ``report.baseline`` is one of its norms and each ``report.select`` key one it sweeps
+    (with a validation split to choose on), among the grid's runs and those already in
+    its folder, as the report will read them: a :class:`UserError` before anything runs,
+    not after every run trained."""
+    from normbench.config import flatten
+    from normbench.results import _frame, read_summary, resolve_key, split_summary, swept_keys
+
+    experiments: dict[Path, list[Job]] = {}
+    for job in jobs:
+        experiments.setdefault(job.run_dir.parent.parent, []).append(job)
+    for folder, members in experiments.items():
+        report = members[0].cfg.report
+        if report.baseline is None and not report.select:
+            continue
+        configs = {job.run_id: flatten(job.cfg) for job in members}
+        runs = folder / "runs"
+        for path in sorted(runs.iterdir()) if runs.is_dir() else []:
+            if path.name not in configs:
+                config = split_summary(read_summary(path) or {})[1]
+                if config:
+                    configs[path.name] = config
+        norms = sorted({str(c.get("norm.name")) for c in configs.values()})
+        if report.baseline is not None and report.baseline not in norms:
+            raise UserError(
+                f"report.baseline={report.baseline} is not among the norms of the sweep "
+                f"or of the runs in {folder} ({', '.join(norms)}): the tables take differences "
+                f"to it; add norm={report.baseline} to the grid or pick one of these"
+            )
+        if report.select and all(not c.get("dataset.val_size") for c in configs.values()):
+            raise UserError(
+                "report.select chooses on validation accuracy, but every run has "
+                "dataset.val_size=0 (no validation split); set dataset.val_size"
+            )
+        frame = _frame(list(configs.values()))
+        frame.attrs["config_columns"] = list(frame.columns)
+        swept = swept_keys(frame)
+        for key in report.select or []:
+            try:
+                column = resolve_key(frame, key)
+            except UserError as err:
+                raise UserError(f"report.select: {err}; nothing ran") from None
+            if column not in swept:
+                raise UserError(
+                    f"report.select: cannot select {key}: the sweep does not vary it "
+                    f"(it varies: {', '.join(swept) or 'nothing'}); nothing ran"
+                )
 
 
 # ------------------------------------------------------------------------------ the jobs

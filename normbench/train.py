@@ -60,12 +60,6 @@ class Callbacks(Protocol):
     def on_epoch(self, record: dict[str, Any]) -> None: ...
 
 
-def scaled_lr(lr: float, batch_size: int, ref_batch_size: int, scaling: str) -> float:
-    """The learning rate for ``batch_size`` under linear or square-root scaling rules."""
-    ratio = batch_size / ref_batch_size
-    return {"none": lr, "linear": lr * ratio, "sqrt": lr * math.sqrt(ratio)}[scaling]
-
-
 def lr_factor(step: int, total: int, warmup: int, schedule: str, milestones, gamma: float) -> float:
     """Multiplier of the peak learning rate at 0-based optimizer step ``step``."""
     if step < warmup:
@@ -85,8 +79,8 @@ def make_optimizer(params, lr: float, name: str, **kwargs) -> torch.optim.Optimi
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, **kwargs)
     if name == "adam":
-        if "betas" in kwargs:
-            kwargs["betas"] = tuple(kwargs["betas"])
+        if "betas" in kwargs:  # floats: torch refuses ints, or an int beside a float
+            kwargs["betas"] = tuple(float(b) for b in kwargs["betas"])
         return torch.optim.Adam(params, lr=lr, **kwargs)
     raise ValueError(f"unknown optimizer {name!r}")
 

@@ -166,6 +166,65 @@ def test_values_that_would_crash_the_build_are_refused(tmp_path, overrides, expe
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["lr=1e308"], "lr must be a number <= 3.403e+38"),
+        (["schedule.name=step", "schedule.gamma=1e308"], "schedule.gamma must be a number <="),
+        (["schedule.name=step", "schedule.gamma=1e30"], "schedule.gamma=1e+30 multiplies"),
+        (["schedule.warmup_epochs=1e308"], "schedule.warmup_epochs must be a number <="),
+        (["optim=adam", "optim.betas=[0.9999999,0.5]", "lr=1e33"], "optim.betas=[0.9999999, 0.5]"),
+        (
+            ["budget=steps", "ref_batch_size=100000", "batch_size=2"],
+            "ref_batch_size=100000 is larger than the training set (128 images of digits)",
+        ),
+        # more than any machine's address space: refused by every allocator
+        (["model.widths=[1000000000000000,2,2]"], "its parameters need more memory than"),
+    ],
+)
+def test_values_that_overflowed_after_the_folder_was_written_are_refused(
+    tmp_path, overrides, expected
+):
+    for command in ("run", "sweep"):
+        result = cli.invoke(app, [command, f"out_dir={tmp_path / 'out'}", *TINY, *overrides])
+        assert_one_line_error(result, expected)
+    assert tree(tmp_path) == {}
+
+
+def test_an_out_dir_too_long_for_the_run_files_is_refused(tmp_path):
+    """Every folder name fits, but the run folder's files would not: refused before any
+    folder exists, not at the first checkpoint."""
+    path_max = os.pathconf(tmp_path, "PC_PATH_MAX")
+    deep = tmp_path
+    while len(str(deep)) < path_max - 60:  # folder names of 200 or less, 60 bytes short
+        deep = deep / ("d" * (min(200, path_max - 60 - len(str(deep)) - 1) or 1))
+    for command in ("run", "sweep"):
+        result = cli.invoke(app, [command, f"out_dir={deep}", *TINY])
+        assert_one_line_error(result, "File name too long: with the files normbench writes")
+    assert tree(tmp_path) == {}
+
+
+def test_threads_above_the_cpus_are_capped_with_one_warning(tmp_path):
+    """threads=1000 took minutes a step: the run uses the CPUs it may, says so, records it."""
+    cpus = len(os.sched_getaffinity(0))
+    done = subprocess.run(
+        [sys.executable, "-m", "normbench.cli", "run", f"out_dir={tmp_path}", *TINY,
+         "threads=1000", "max_steps=2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: threads=1000 is more than the {cpus} CPUs this process may use: "
+        f"the run uses {cpus}"
+    ]
+    (summary,) = [json.loads(p.read_text()) for p in tmp_path.glob("default/runs/*/summary.json")]
+    assert (summary["threads"], summary["threads_from"]) == (
+        cpus,
+        f"threads=1000, capped at {cpus} CPUs",
+    )
+
+
 def test_a_sweep_with_a_zero_width_job_is_refused_whole(tmp_path):
     result = cli.invoke(
         app, ["sweep", f"out_dir={tmp_path}", *TINY, "model=mlp", "model.hidden=[64],[0]"]

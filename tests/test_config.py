@@ -256,3 +256,142 @@ def test_a_launcher_that_is_not_installed_names_the_extra(monkeypatch):
         compose(["hydra/launcher=nosuch"])
     assert str(info.value).startswith("unknown hydra/launcher=nosuch; available: ")
     assert "basic" in str(info.value) and "submitit_slurm" in str(info.value)
+
+
+# ------------------------------------------------- values that overflowed after validation
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["lr=1e308"], "lr must be a number <= 3.403e+38"),
+        (["schedule.gamma=1e308"], "schedule.gamma must be a number <= 3.403e+38"),
+        (["schedule.warmup_epochs=1e308"], "schedule.warmup_epochs must be a number <= 3.403e"),
+        (["optim.momentum=1e39"], "optim.momentum must be a number <= 3.403e+38"),
+        (["optim.weight_decay=1e39"], "optim.weight_decay must be a number <= 3.403e+38"),
+        # derived: each names the key that took the learning rate over float32's largest
+        (
+            ["lr=1e38", "lr_scaling=linear", "ref_batch_size=1", "batch_size=32"],
+            "lr=1e+38 with lr_scaling=linear (batch_size=32, ref_batch_size=1) gives a peak "
+            "learning rate of 3.2e+39",
+        ),
+        (
+            ["schedule.name=step", "schedule.gamma=1e30"],
+            "schedule.gamma=1e+30 multiplies the learning rate at each of the 2 milestones: "
+            "0.1 would reach 1e+59",
+        ),
+        (
+            ["optim=adam", "optim.betas=[0.9999999,0.5]", "lr=1e33"],
+            "optim.betas=[0.9999999, 0.5]: Adam's first step is the learning rate over 1 - beta1",
+        ),
+    ],
+)
+def test_values_beyond_float32_are_refused_naming_the_key(overrides, expected):
+    with pytest.raises(UserError) as caught:
+        compose(overrides)
+    assert expected in str(caught.value)
+
+
+def test_the_largest_values_float32_holds_compose():
+    import numpy as np
+
+    largest = float(np.finfo(np.float32).max)
+    cfg = compose([f"lr={largest!r}", "schedule.name=step", "schedule.gamma=1.0"])
+    assert cfg.lr == largest
+    # a gamma above 1 is fine while the learning rate it reaches fits
+    assert compose(["schedule.name=step", "schedule.gamma=10"]).schedule.gamma == 10
+
+
+def _path_of_length(base, length: int):
+    """A path below ``base`` of ``length`` characters (or one more), in folder names of
+    200 or less."""
+    path = base
+    while len(str(path)) < length:
+        path = path / ("d" * (min(200, length - len(str(path)) - 1) or 1))
+    return path
+
+
+def test_a_long_out_dir_is_refused_against_the_file_systems_limits(tmp_path):
+    import os
+
+    name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
+    path_max = os.pathconf(tmp_path, "PC_PATH_MAX")
+    with pytest.raises(UserError, match=f"out_dir: File name too long: .* is {name_max + 1} bytes"):
+        compose([f"out_dir={tmp_path / ('a' * (name_max + 1))}"])
+    with pytest.raises(UserError, match="name: File name too long"):
+        compose([f"out_dir={tmp_path}", f"name={'n' * (name_max + 1)}"])
+    # folder names that each fit, a path that does not once the run folders are below it
+    deep = _path_of_length(tmp_path, path_max - 60)  # 60 bytes short of PATH_MAX
+    with pytest.raises(UserError, match=f"more than the {path_max - 1} this file system allows"):
+        compose([f"out_dir={deep}"])
+    with pytest.raises(UserError, match="dataset.root="):
+        compose([f"dataset.root={deep}"])
+    assert not any(tmp_path.iterdir())
+    compose([f"out_dir={tmp_path / ('a' * name_max)}"])  # the longest name that fits
+
+
+def test_several_values_outside_a_sweep_are_refused():
+    for override in ("norm=layer,group", "lr=0.1,0.2", "norm=glob(*_bn)"):
+        with pytest.raises(UserError, match="gives several values: that is a sweep"):
+            compose([override])
+
+
+def test_glob_is_written_out_as_hydras_own_glob_expands_it():
+    """Against Hydra's own expansion: its parser with a config loader over normbench's
+    config folder, as its basic sweeper does."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from normbench.config import conf_dir, expand_globs
+
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir())))
+    parser = OverridesParser.create(config_loader=loader)
+    for glob in ("norm=glob(*_bn)", "norm=glob(*,exclude=[*_bn,none])", "model=glob(*)"):
+        (hydras,) = parser.parse_overrides([glob])
+        key = glob.split("=", 1)[0]
+        assert expand_globs([glob, "lr=0.1"]) == [
+            f"{key}={','.join(hydras.sweep_string_iterator())}",
+            "lr=0.1",
+        ]
+    assert expand_globs(["norm=glob(*_bn)"]) == ["norm=custom_bn,ghost_bn,torch_bn"]
+
+
+@pytest.mark.parametrize(
+    "glob, expected",
+    [
+        ("norm=glob(zz*)", "norm=glob(zz*) matches no norm option; valid: batch_renorm"),
+        ("lr=glob(*)", "lr=glob(*): glob() picks among a config group's options"),
+    ],
+)
+def test_a_glob_that_cannot_expand_is_one_error(glob, expected):
+    from normbench.config import expand_globs
+
+    with pytest.raises(UserError) as caught:
+        expand_globs([glob])
+    assert expected in str(caught.value)
+
+
+def test_a_user_option_shadowing_normbenchs_own_is_ignored_with_a_notice(tmp_path, monkeypatch):
+    """Hydra's search path has normbench's folder first: the built-in wins, and the user
+    is told which file is ignored."""
+    from normbench import config
+    from normbench.errors import Notice
+
+    monkeypatch.setattr(config, "_user_dirs", [])
+    (tmp_path / "norm").mkdir()
+    (tmp_path / "norm" / "custom_bn.yaml").write_text("name: custom_bn\nmomentum: 0.5\n")
+    (tmp_path / "norm" / "mine.yaml").write_text("name: mine\n_target_: torch.nn.LayerNorm\n")
+    (tmp_path / "config.yaml").write_text("lr: 0.5\n")
+    with pytest.warns(Notice) as notices:
+        config.add_config_dir(tmp_path)
+    assert [str(n.message) for n in notices] == [
+        f"{tmp_path / 'config.yaml'} is ignored: normbench's own config.yaml is the root "
+        "config; a folder of yours adds options to the groups (norm/NAME.yaml, ...)",
+        f"{tmp_path / 'norm' / 'custom_bn.yaml'} is ignored: normbench's own norm=custom_bn "
+        "comes first (Hydra's search path); give yours another name, as norm/my_custom_bn.yaml",
+    ]
+    # normbench's, as Hydra has them
+    assert compose(["norm=custom_bn"]).norm.momentum == 0.1 and compose().lr == 0.1
+    assert config.option_file("norm", "custom_bn") == config.conf_dir() / "norm/custom_bn.yaml"
+    assert compose(["norm=mine"]).norm._target_ == "torch.nn.LayerNorm"

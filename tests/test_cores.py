@@ -22,7 +22,14 @@ def two_cores(monkeypatch):
 def test_explicit_threads_win(two_cores):
     two_cores.setenv("SLURM_JOB_ID", "1")
     two_cores.setenv("SLURM_CPUS_PER_TASK", "1")
-    assert cores.choose(3) == cores.Threads(3, "threads=")
+    assert cores.choose(2) == cores.Threads(2, "threads=")
+
+
+def test_explicit_threads_above_the_cpus_are_capped_with_a_notice(two_cores):
+    from normbench.errors import Notice
+
+    with pytest.warns(Notice, match="threads=1000 is more than the 2 CPUs"):
+        assert cores.choose(1000) == cores.Threads(2, "threads=1000, capped at 2 CPUs")
 
 
 def test_outside_a_launcher_the_affinity_mask(two_cores):

@@ -405,3 +405,80 @@ def test_a_runs_bar_in_the_sweeps_display_shows_its_norm_as_text():
     rest = re.sub(r"\x1b\[\??[0-9;]*[a-zA-Z]", "", output).replace("\r", "")  # rich's own
     assert not [c for c in rest if unicodedata.category(c) in {"Cc", "Cf"} and c != "\n"]
     assert r"evil\x1b]0;PWNED\x07\x1b[2J\u202e[/x] bs=8 seed=0 · epoch 1/2" in rest
+
+
+# ------------------------------------------------------------------ checked at plan time
+
+
+def test_a_glob_sweeps_the_options_it_matches(tmp_path):
+    """``norm=glob(*_bn)`` plans the jobs ``norm=custom_bn,ghost_bn,torch_bn`` plans (the
+    options Hydra's glob matches: tests/test_config.py checks that against Hydra's own)."""
+    globbed = sweep.plan(["norm=glob(*_bn)", *tiny_args(tmp_path)])
+    listed = sweep.plan(["norm=custom_bn,ghost_bn,torch_bn", *tiny_args(tmp_path)])
+    assert [job.run_id for job in globbed.jobs] == [job.run_id for job in listed.jobs]
+    assert [job.cfg.norm.name for job in globbed.jobs] == ["custom_bn", "ghost_bn", "torch_bn"]
+    assert "norm=custom_bn,ghost_bn,torch_bn" in globbed.overrides
+
+
+@pytest.mark.parametrize(
+    "grid, runs",
+    [
+        (["norm=custom_bn,custom_bn"], 1),
+        (["lr=0.1,0.10"], 1),
+        (["threads=1,2", "lr=0.1,0.2"], 2),  # an execution key: the same runs
+        (["memory_format=contiguous,channels_last"], 1),
+    ],
+)
+def test_duplicate_grid_points_are_planned_once(tmp_path, grid, runs):
+    points = len(sweep.expand([*tiny_args(tmp_path), *grid]))
+    planned = sweep.plan([*tiny_args(tmp_path), *grid])
+    assert len(planned.jobs) == runs and planned.duplicates == points - runs
+    assert len({job.run_dir for job in planned.jobs}) == runs
+
+
+def test_cli_duplicate_grid_points_are_dropped_and_counted_once(tmp_path):
+    result = cli.invoke(app, ["sweep", *tiny_args(tmp_path, "lr=0.1,0.10", "max_steps=1")])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0] == (
+        "sweep: 1 runs (1 duplicate grid point dropped: the same run as another), "
+        "0 already done, 1 to run"
+    )
+    assert result.stdout.splitlines()[-1] == "1 completed, 0 failed"
+    assert len(summaries(tmp_path / "results" / "default")) == 1
+
+
+@pytest.mark.parametrize(
+    "report, expected",
+    [
+        (
+            ["report.baseline=instance"],
+            "report.baseline=instance is not among the norms of the sweep or of the runs in ",
+        ),
+        (["report.select=[lr]"], "report.select: cannot select lr: the sweep does not vary it"),
+        (["report.select=[lrr]"], "report.select: unknown key 'lrr' (did you mean 'lr'?)"),
+        (
+            ["report.select=[norm]", "dataset.val_size=0"],
+            "report.select chooses on validation accuracy, but every run has dataset.val_size=0",
+        ),
+    ],
+)
+def test_a_report_the_grid_cannot_make_is_refused_before_anything_runs(tmp_path, report, expected):
+    result = cli.invoke(app, ["sweep", *tiny_args(tmp_path, "norm=layer,group", *report)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_baseline_among_the_runs_already_in_the_folder_is_accepted(tmp_path):
+    """The tables read the whole experiment folder: a baseline run by an earlier sweep
+    counts, as the report will find it."""
+    first = cli.invoke(app, ["sweep", *tiny_args(tmp_path, "norm=layer", "max_steps=1")])
+    assert first.exit_code == 0, first.output
+    planned = sweep.plan(
+        [*tiny_args(tmp_path, "norm=group", "max_steps=1"), "report.baseline=layer"]
+    )
+    assert [job.cfg.norm.name for job in planned.jobs] == ["group"]
+    with pytest.raises(UserError, match="report.baseline=instance is not among"):
+        sweep.plan([*tiny_args(tmp_path, "norm=group", "max_steps=1"), "report.baseline=instance"])

@@ -136,14 +136,21 @@ def test_show_warning_cleans_pythons_format():
     assert stream.getvalue() == "g.py:1: RuntimeWarning: a\nb\n  x = 1\n"
 
 
-def test_show_warning_is_what_warnings_use_in_the_cli():
+def test_warnings_in_the_cli_are_shown_cleaned(capsys):
+    """Once a command runs, Python's warnings show as show_warning does, and normbench's
+    notices as one cleaned ``warning:`` line."""
     from typer.testing import CliRunner
 
     from normbench.cli import app
+    from normbench.errors import Notice
 
     with warnings.catch_warnings():
         assert CliRunner().invoke(app, ["list"]).exit_code == 0
-        assert warnings.showwarning is terminal.show_warning
+        stream = io.StringIO()
+        warnings.showwarning(UserWarning(f"glyph {HOSTILE}"), UserWarning, "f.py", 3, stream)
+        assert stream.getvalue() == f"f.py:3: UserWarning: glyph {SHOWN}\n"
+        warnings.showwarning(Notice(f"threads {HOSTILE}"), Notice, "f.py", 3)
+    assert capsys.readouterr().err == f"warning: threads {SHOWN}\n"
 
 
 def test_yaml_is_inert_and_reads_back_as_the_same_values():

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
+from normbench.config import scaled_lr
 from normbench.data import load_dataset
 from normbench.models import build_model
 from normbench.norms import NormSpec
-from normbench.train import TrainSettings, lr_factor, make_optimizer, scaled_lr, train
+from normbench.train import TrainSettings, lr_factor, make_optimizer, train
 
 TIMING = {"epoch_time_s", "img_per_s"}
 
@@ -60,6 +61,25 @@ def test_optimizers():
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"]
     adam = make_optimizer(params, 0.1, "adam", betas=[0.8, 0.9], eps=1e-8, weight_decay=0.0)
     assert isinstance(adam, torch.optim.Adam) and adam.defaults["betas"] == (0.8, 0.9)
+
+
+@pytest.mark.parametrize("betas", [[0, 0], [0, 0.5], [0.9, 1 - 2**-20]])
+def test_adam_takes_betas_written_as_integers_and_steps_as_torchs(betas):
+    """``optim.betas=[0,0]`` parses as integers, which torch's Adam refuses beside a float:
+    the same steps as torch's Adam with the floats."""
+    torch.manual_seed(0)
+    start = torch.randn(5, 3)
+    ours = torch.nn.Parameter(start.clone())
+    theirs = torch.nn.Parameter(start.clone())
+    optimizer = make_optimizer([ours], 0.01, "adam", betas=betas)
+    reference = torch.optim.Adam([theirs], lr=0.01, betas=tuple(float(b) for b in betas))
+    assert optimizer.param_groups[0]["betas"] == reference.param_groups[0]["betas"]
+    for _ in range(3):
+        grad = torch.randn(5, 3)
+        for parameter, step in ((ours, optimizer), (theirs, reference)):
+            parameter.grad = grad.clone()
+            step.step()
+    assert torch.isfinite(ours).all() and torch.equal(ours, theirs)
 
 
 def test_records_every_epoch_and_learns(digits):

@@ -179,3 +179,219 @@ def test_check_norm_passes_a_good_class_and_names_a_broken_ones_failures(tmp_pat
     unknown = normbench("check-norm", "mynorms.Nope", cwd=tmp_path, path=code)
     assert unknown.returncode == 2 and "cannot import the norm class" in unknown.stderr
     assert "Traceback" not in unknown.stderr
+
+
+# ------------------------------------------- a user's code that fails: one line naming it
+
+FAULTY = '''
+"""Norm classes that fail in every way a user's code can."""
+import sys
+
+import torch
+from torch import nn
+
+
+class _Keeps(nn.Module):
+    def __init__(self, num_channels: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(num_channels))
+
+
+class RaisesInInit(nn.Module):
+    def __init__(self, num_channels: int):
+        raise RuntimeError("needs a GPU\\nand a second line")
+
+
+class ExitsInInit(nn.Module):
+    def __init__(self, num_channels: int):
+        sys.exit()
+
+
+class ExitsInForward(_Keeps):
+    def forward(self, x):
+        sys.exit(4)
+
+
+class RaisesInForward(_Keeps):
+    def forward(self, x):
+        raise RuntimeError("CUDA kernel missing")
+
+
+class OneChannel(_Keeps):
+    def forward(self, x):
+        return x[:, :1]
+
+
+class Integers(_Keeps):
+    def forward(self, x):
+        return x.long()
+
+
+class Doubles(_Keeps):
+    def forward(self, x):
+        return x.double()
+
+
+class Pair(_Keeps):
+    def forward(self, x):
+        return x, x
+
+
+class EvalOnlyWrong(_Keeps):
+    def forward(self, x):
+        return x if self.training else x[:, :1]
+'''
+
+FAULTS = {
+    "RaisesInInit": "building RaisesInInit(32) raised RuntimeError: needs a GPU",
+    "ExitsInInit": "building ExitsInInit(32) raised SystemExit",
+    "ExitsInForward": "ExitsInForward.forward raised SystemExit: 4",
+    "RaisesInForward": "RaisesInForward.forward raised RuntimeError: CUDA kernel missing",
+    "OneChannel": "OneChannel.forward in training mode: (128, 32, 8, 8) became (128, 1, 8, 8)",
+    "Integers": "Integers.forward in training mode: float32 input gave int64",
+    "Doubles": "Doubles.forward in training mode: float32 input gave float64",
+    "Pair": "Pair.forward in training mode: (128, 32, 8, 8) became a tuple, not a tensor",
+    "EvalOnlyWrong": "EvalOnlyWrong.forward in eval mode: (128, 32, 8, 8) became (128, 1, 8, 8)",
+}
+
+
+@pytest.fixture
+def faulty(tmp_path, monkeypatch):
+    """The faulty classes importable here, and a config folder naming each; in-process, as
+    a user's code that fails must not end or hang normbench's process either."""
+    from normbench import config
+
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "faulty_norms.py").write_text(FAULTY)
+    monkeypatch.syspath_prepend(str(code))
+    monkeypatch.setattr(config, "_user_dirs", [])  # the CLI's --config-dir adds to it
+    conf = tmp_path / "conf" / "norm"
+    conf.mkdir(parents=True)
+    for name in FAULTS:
+        (conf / f"{name}.yaml").write_text(f"name: {name}\n_target_: faulty_norms.{name}\n")
+    return tmp_path / "conf"
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_a_user_norm_that_fails_is_one_line_naming_it(tmp_path, faulty, name):
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "out"
+    for command in ("run", "sweep"):
+        norms = [f"norm={name}"] if command == "run" else [f"norm=layer,{name}"]
+        result = runner.invoke(
+            app,
+            ["--config-dir", str(faulty), command, *norms, "epochs=1", "threads=1",
+             "dataset.train_size=128", f"out_dir={out}"],
+        )  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        plugin = f"norm={name} (_target_ faulty_norms.{name} in {faulty / 'norm' / name}.yaml)"
+        assert f"{plugin}: {FAULTS[name]}" in lines[0]
+        assert not out.exists()
+
+
+def test_check_norm_reports_exits_and_wrong_outputs_as_failed_checks(tmp_path, faulty):
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+
+    runner = CliRunner()
+    for name, expected in [
+        ("ExitsInInit", "FAILED builds from (num_channels): SystemExit (at faulty_norms.py:"),
+        ("Pair", "FAILED images (N, C, H, W): AssertionError: in training mode (6, 12, 5, 5) "
+         "became a tuple, not a tensor"),
+        ("Doubles", "FAILED images (N, C, H, W): AssertionError: in training mode float32 input "
+         "gave float64"),
+    ]:  # fmt: skip
+        result = runner.invoke(app, ["check-norm", f"faulty_norms.{name}"])
+        assert result.exit_code == 1, result.output
+        assert "Traceback" not in result.output
+        assert any(line.startswith(expected) for line in result.stderr.splitlines()), result.stderr
+
+
+def test_broken_entry_points_trouble_only_the_commands_that_name_them(tmp_path, pip_build_flags):
+    """A package whose entry points fail on import (an ImportError, ``sys.exit(3)``, an
+    import that never returns) beside a good one: ``list`` and a run of another norm work
+    and print nothing of them; naming a broken one is one line naming the entry point."""
+    package = tmp_path / "pkg"
+    (package / "plugged").mkdir(parents=True)
+    (package / "plugged" / "__init__.py").write_text("")
+    (package / "plugged" / "good.py").write_text(MODULE)
+    (package / "plugged" / "broken.py").write_text('raise ImportError("needs cupy")\n')
+    (package / "plugged" / "exits.py").write_text("import sys\nsys.exit(3)\n")
+    (package / "plugged" / "hangs.py").write_text("import time\ntime.sleep(3600)\n")
+    (package / "pyproject.toml").write_text(
+        textwrap.dedent(
+            """
+            [build-system]
+            requires = ["setuptools>=61"]
+            build-backend = "setuptools.build_meta"
+
+            [project]
+            name = "plugged"
+            version = "0.1"
+
+            [project.entry-points."normbench.norms"]
+            scale = "plugged.good:ScaleNorm"
+            broken = "plugged.broken:Broken"
+            exits = "plugged.exits:Exits"
+            hangs = "plugged.hangs:Hangs"
+            """
+        )
+    )
+    target = tmp_path / "site"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", *pip_build_flags,
+         "--target", str(target), str(package)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+
+    listed = normbench("list", cwd=tmp_path, path=target, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stderr == ""
+    for name in ("scale", "broken", "exits", "hangs"):
+        assert f"│ {name} " in listed.stdout
+    # the docstring read from the source, not imported
+    assert "ScaleNorm: each sample divided" in listed.stdout
+
+    tiny = ["epochs=1", "dataset.train_size=128", "threads=1", f"out_dir={tmp_path / 'out'}"]
+    ran = normbench("run", "norm=scale", *tiny, cwd=tmp_path, path=target, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert "Error getting class" not in ran.stderr and "Traceback" not in ran.stderr
+
+    for name, expected in [
+        ("exits", "cannot import the norm class 'plugged.exits.Exits' (entry point exits = "
+         "plugged.exits:Exits of package plugged): importing it raised SystemExit: 3"),
+        ("broken", "cannot import the norm class 'plugged.broken.Broken' (entry point broken = "
+         "plugged.broken:Broken of package plugged): ImportError: needs cupy"),
+    ]:  # fmt: skip
+        failed = normbench(
+            "run", f"norm={name}", *tiny[:-1], f"out_dir={tmp_path / name}",
+            cwd=tmp_path, path=target, timeout=120,
+        )  # fmt: skip
+        assert failed.returncode == 2, failed.stderr
+        assert failed.stderr.strip().splitlines() == [f"error: {expected}"]
+        assert not (tmp_path / name).exists()
+
+
+def test_a_users_config_shadowing_a_builtin_is_ignored_with_one_warning(tmp_path):
+    """Hydra's search path puts normbench's own folder first: its custom_bn wins, and the
+    command says the user's file is ignored."""
+    conf = tmp_path / "myconf" / "norm"
+    conf.mkdir(parents=True)
+    (conf / "custom_bn.yaml").write_text("name: custom_bn\neps: 0.001\nmomentum: 0.5\n")
+    shown = normbench("--config-dir", str(tmp_path / "myconf"), "config", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stderr.splitlines() == [
+        f"warning: {conf / 'custom_bn.yaml'} is ignored: normbench's own norm=custom_bn comes "
+        "first (Hydra's search path); give yours another name, as norm/my_custom_bn.yaml"
+    ]
+    assert "  momentum: 0.1\n" in shown.stdout and "momentum: 0.5" not in shown.stdout

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from normbench.interrupts import Interrupted
+from normbench.norms.registry import describe_error
+
 CHANNELS = 12
 IMAGES = (6, CHANNELS, 5, 5)
 FEATURES = (6, CHANNELS)
@@ -49,6 +52,22 @@ def _builds(cls) -> nn.Module:
     return layer
 
 
+def _dtype(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def output_problem(x, y) -> str | None:
+    """What is wrong with ``y`` as a norm layer's output for input ``x`` (a tensor of
+    ``x``'s shape and dtype), in words; None when nothing is."""
+    if not isinstance(y, torch.Tensor):
+        return f"{tuple(x.shape)} became a {type(y).__name__}, not a tensor"
+    if y.shape != x.shape:
+        return f"{tuple(x.shape)} became {tuple(y.shape)}"
+    if y.dtype != x.dtype:
+        return f"{_dtype(x.dtype)} input gave {_dtype(y.dtype)}"
+    return None
+
+
 def _forward(cls, shape) -> str:
     layer = _builds(cls)
     x = torch.randn(shape) * 3 + 1
@@ -56,11 +75,9 @@ def _forward(cls, shape) -> str:
         layer.train(training)
         y = layer(x)
         mode = "training" if training else "eval"
-        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise AssertionError(f"in {mode} mode {tuple(x.shape)} became {got}")
-        if y.dtype != x.dtype:
-            raise AssertionError(f"in {mode} mode float32 input gave {y.dtype}")
+        problem = output_problem(x, y)
+        if problem is not None:
+            raise AssertionError(f"in {mode} mode {problem}")
         if not torch.isfinite(y).all():
             raise AssertionError(f"in {mode} mode the output has NaN or inf")
     return f"{tuple(shape)} in training and eval mode"
@@ -192,9 +209,14 @@ def check_norm(cls) -> list[Check]:
     for name, run in CHECKS:
         try:
             results.append(Check(name, True, run(cls)))
-        except Exception as err:  # the user's class may fail in any way: say how
+        except (KeyboardInterrupt, Interrupted):
+            raise
+        except BaseException as err:  # the user's class may fail in any way (exit too): say how
             where = traceback.extract_tb(err.__traceback__)[-1]
-            detail = f"{type(err).__name__}: {err}"
+            if isinstance(err, SystemExit):  # its message is its exit code, if any
+                detail = describe_error(err)
+            else:
+                detail = f"{type(err).__name__}: {err}"
             if not isinstance(err, AssertionError):
                 detail += f" (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
             results.append(Check(name, False, " ".join(detail.split())))

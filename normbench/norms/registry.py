@@ -8,11 +8,14 @@ class takes ``(num_channels, **kwargs)`` and normalises channels-first input
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from normbench.errors import UserError
+from normbench.interrupts import Interrupted
 
 _REGISTRY: dict[str, type] = {}
 
@@ -41,7 +44,8 @@ def norm_names() -> list[str]:
 
 
 def get_norm(name: str) -> type:
-    """The class of variant ``name``: normbench's own, or an installed package's."""
+    """The class of variant ``name``: normbench's own, or an installed package's (only
+    that package's entry point is imported)."""
     if name in _REGISTRY:
         return _REGISTRY[name]
     installed = entry_point_norms()
@@ -51,42 +55,116 @@ def get_norm(name: str) -> type:
     raise UserError(f"unknown norm {name!r}; valid: {', '.join(valid)}")
 
 
-def load_class(target: str) -> type:
-    """The class a dotted path (``mypkg.norms.MyNorm``, or ``mypkg.norms:MyNorm``) names;
-    a :class:`UserError` saying why when it cannot be imported."""
-    from hydra.utils import get_class
+def describe_error(err: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(err).strip()
+    if isinstance(err, SystemExit):
+        text = "" if err.code is None else str(err.code)
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first[:300]}" if first else type(err).__name__
 
+
+@contextlib.contextmanager
+def user_code(what: str, passing: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Around a user's code (an import, a constructor, a forward pass): whatever it raises,
+    ``SystemExit`` included, becomes one :class:`UserError` line naming ``what`` and the
+    exception. Ctrl-C, normbench's own interruptions (SIGTERM, a time limit), its
+    ``UserError`` and the types in ``passing`` go through as they are."""
     try:
-        return get_class(target.replace(":", "."))
-    except Exception as err:  # ImportError, AttributeError, Hydra's wrapper of them
-        reason = " ".join(str(err).split())[:300]
-        raise UserError(f"cannot import the norm class {target!r}: {reason}") from None
+        yield
+    except (KeyboardInterrupt, Interrupted, UserError, *passing):
+        raise
+    except BaseException as err:
+        raise UserError(f"{what} raised {describe_error(err)}") from None
+
+
+def _locate(target: str) -> Any:
+    """The object ``module:Qual.Name`` or ``dotted.module.Name`` names, importing only
+    the modules on its path (Hydra's ``_locate``, without its logging)."""
+    from importlib import import_module
+    from types import ModuleType
+
+    module, colon, qualname = target.partition(":")
+    if colon:
+        obj = import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+    parts = target.split(".")
+    obj = import_module(parts[0])
+    for depth, part in enumerate(parts[1:], start=2):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            if not isinstance(obj, ModuleType):
+                raise
+            obj = import_module(".".join(parts[:depth]))
+    return obj
+
+
+def load_class(target: str, plugin: str | None = None) -> type:
+    """The class a dotted path (``mypkg.norms.MyNorm``, or ``mypkg.norms:MyNorm``) names;
+    a :class:`UserError` saying why when it cannot be had, whatever its import raised
+    (``SystemExit`` too). ``plugin`` names where the path came from (an entry point)."""
+    where = f" ({plugin})" if plugin else ""
+    parts = target.replace(":", ".").split(".")
+    if not all(part.isidentifier() for part in parts):
+        raise UserError(
+            f"cannot import the norm class {target!r}{where}: not a dotted path of Python "
+            "names, as mypkg.norms.MyNorm"
+        )
+    try:
+        with user_code("importing it", (ImportError, AttributeError)):
+            found = _locate(target)
+    except (ImportError, AttributeError) as err:  # not there: say what is missing
+        raise UserError(
+            f"cannot import the norm class {target!r}{where}: {describe_error(err)}"
+        ) from None
+    except UserError as err:
+        raise UserError(f"cannot import the norm class {target!r}{where}: {err}") from None
+    if not isinstance(found, type):
+        raise UserError(
+            f"cannot import the norm class {target!r}{where}: it is a "
+            f"{type(found).__name__}, not a class"
+        )
+    return found
 
 
 @dataclass(frozen=True)
 class InstalledNorm:
-    """A variant an installed package declares (entry point group ``normbench.norms``)."""
+    """A variant an installed package declares (entry point group ``normbench.norms``).
+
+    Nothing of it is imported until it is named (``norm=NAME``): listing it reads the
+    package's metadata (and the class's docstring from its source file, unexecuted)."""
 
     name: str
     target: str  # module:Class, as the entry point gives it
+    package: str = ""  # the distribution that declares it
+
+    @property
+    def plugin(self) -> str:
+        return f"entry point {self.name} = {self.target} of package {self.package or '?'}"
 
     def load(self) -> type:
-        return load_class(self.target)
+        return load_class(self.target, self.plugin)
 
     def describe(self) -> str:
-        try:
-            doc = (self.load().__doc__ or "").strip()
-        except UserError as err:
-            return f"(from {self.target}; {err})"
-        return (doc.splitlines()[0] if doc else "") + f" (installed: {self.target})"
+        doc = _static_docstring(self.package, self.target)
+        first = doc.strip().splitlines()[0] if doc and doc.strip() else ""
+        return (first + " " if first else "") + f"(installed: {self.target})"
 
-    def config(self) -> dict[str, Any]:
-        """Its config: the name, the class, and the constructor's plain defaults."""
+    def config(self, load: bool = True) -> dict[str, Any]:
+        """Its config: the name, the class, and (``load``: importing it) the constructor's
+        plain defaults."""
         import inspect
 
         node: dict[str, Any] = {"name": self.name, "_target_": self.target.replace(":", ".")}
+        if not load:
+            return node
         try:
-            parameters = list(inspect.signature(self.load()).parameters.values())[1:]
+            cls = self.load()
+            with user_code("reading its signature"):
+                parameters = list(inspect.signature(cls).parameters.values())[1:]
         except (UserError, TypeError, ValueError):
             return node  # the error is told when the norm is built
         for parameter in parameters:
@@ -98,29 +176,86 @@ class InstalledNorm:
         return node
 
 
+def _static_docstring(package: str, target: str) -> str | None:
+    """The docstring of the class ``target`` names, read from its source file in the
+    installed ``package`` without importing anything; None where that file is not among
+    the package's files (an editable install) or does not parse."""
+    import ast
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    module, _, qualname = target.partition(":")
+    stem = module.replace(".", "/")
+    wanted = {f"{stem}.py", f"{stem}/__init__.py"}
+    try:
+        files = distribution(package).files or []
+    except (PackageNotFoundError, ValueError):
+        return None
+    for file in files:
+        if str(file).replace("\\", "/") not in wanted:
+            continue
+        try:
+            node: Any = ast.parse(file.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+            return None
+        for part in qualname.split("."):
+            node = next(
+                (n for n in node.body if isinstance(n, ast.ClassDef) and n.name == part), None
+            )
+            if node is None:
+                return None
+        return ast.get_docstring(node)
+    return None
+
+
+#: entry_point_norms' answer for the import path it was read with: every config
+#: composition asks (a sweep's plan, once per job), and reading every installed
+#: package's metadata takes milliseconds.
+_found: dict[tuple[str, ...], dict[str, InstalledNorm]] = {}
+
+
 def entry_point_norms() -> dict[str, InstalledNorm]:
-    """The variants installed packages declare, by name (normbench's own names win)."""
+    """The variants installed packages declare, by name (normbench's own names win).
+    Read from the packages' metadata (once per import path): nothing is imported."""
+    import sys
+
+    key = tuple(sys.path)
+    if key not in _found:
+        _found.clear()
+        _found[key] = _read_entry_points()
+    return dict(_found[key])
+
+
+def _read_entry_points() -> dict[str, InstalledNorm]:
     from importlib.metadata import entry_points
 
     found = {}
     for point in entry_points(group=ENTRY_POINT_GROUP):
         if point.name not in _REGISTRY:
-            found[point.name] = InstalledNorm(point.name, point.value)
+            package = getattr(getattr(point, "dist", None), "name", None) or ""
+            found[point.name] = InstalledNorm(point.name, point.value, package)
     return found
 
 
-_stored: set[str] = set()
+#: Installed variants stored in Hydra's ConfigStore: True for a full config (with the
+#: constructor's defaults, which took importing it), False for its name and class alone.
+_stored: dict[str, bool] = {}
 
 
-def store_entry_point_configs() -> None:
+def store_entry_point_configs(named: Iterable[str] = ()) -> None:
     """Make ``norm=<name>`` compose for every installed variant: its config goes to
-    Hydra's ConfigStore (which a sweep's jobs receive with Hydra's state)."""
+    Hydra's ConfigStore (which a sweep's jobs receive with Hydra's state). Only the
+    ``named`` ones are imported, for their constructor's defaults; the others are stored
+    with their name and class alone, unimported, so that a package that fails (or exits,
+    or hangs) on import troubles only the commands that name it."""
     from hydra.core.config_store import ConfigStore
 
+    named = set(named)
     for name, installed in entry_point_norms().items():
-        if name not in _stored:
-            ConfigStore.instance().store(group="norm", name=name, node=installed.config())
-            _stored.add(name)
+        full = name in named
+        if name in _stored and (_stored[name] or not full):
+            continue
+        ConfigStore.instance().store(group="norm", name=name, node=installed.config(load=full))
+        _stored[name] = full
 
 
 @dataclass(frozen=True)
@@ -137,7 +272,45 @@ class NormSpec:
 
     @property
     def cls(self) -> type:
-        return load_class(self.target) if self.target else get_norm(self.name)
+        return load_class(self.target, self.plugin) if self.target else get_norm(self.name)
+
+    @property
+    def from_user(self) -> bool:
+        """Whether the class is a user's (a config folder's ``_target_``, an installed
+        package's entry point): its exceptions are the user's to fix, not normbench's bugs."""
+        return self.target is not None or self.name not in _REGISTRY
+
+    @functools.cached_property
+    def plugin(self) -> str | None:
+        """Where a user's class comes from, in words (None for normbench's own)."""
+        if not self.from_user:
+            return None
+        installed = entry_point_norms().get(self.name)
+        if installed is not None and installed.target.replace(":", ".") == self.target:
+            return installed.plugin
+        if not self.target:
+            return None
+        from normbench.config import option_file
+
+        path = option_file("norm", self.name)
+        return f"_target_ {self.target}" + (f" in {path}" if path else "")
+
+    def label(self) -> str:
+        """``norm=NAME`` and, for a user's class, where it comes from."""
+        plugin = self.plugin
+        return f"norm={self.name}" + (f" ({plugin})" if plugin else "")
+
+    def build(self, num_channels: int, **extra: Any):
+        """``cls(num_channels, **extra, **kwargs)``; a user's class that raises anything but
+        the TypeError or ValueError of bad arguments (which the model's builder reports
+        with the model) is one :class:`UserError` naming it."""
+        cls = self.cls
+        if not self.from_user:
+            return cls(num_channels, **extra, **self.kwargs)
+        with user_code(
+            f"{self.label()}: building {cls.__name__}({num_channels})", (TypeError, ValueError)
+        ):
+            return cls(num_channels, **extra, **self.kwargs)
 
     @property
     def centers(self) -> bool:
@@ -175,7 +348,7 @@ class NormSpec:
         return any(p.name == "relu" or p.kind is p.VAR_KEYWORD for p in parameters)
 
     def __call__(self, num_channels: int):
-        return self.cls(num_channels, **self.kwargs)
+        return self.build(num_channels)
 
     def with_activation(self, num_channels: int):
         """``(layer, activation)`` where a model applies the norm and then a ReLU: the
@@ -185,7 +358,7 @@ class NormSpec:
         from torch import nn
 
         if self.fuses_relu:
-            return self.cls(num_channels, relu=True, **self.kwargs), nn.Identity()
+            return self.build(num_channels, relu=True), nn.Identity()
         return self(num_channels), self.activation()
 
     def activation(self):
