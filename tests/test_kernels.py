@@ -309,8 +309,8 @@ def cpu_outputs(x: torch.Tensor, relu: bool) -> list[torch.Tensor]:
     nb = ops.library()
     y, mean, invstd = nb.batch_norm_forward(x, w, b, 1e-5, relu)
     grads = nb.batch_norm_backward(dy, x, w, b, mean, invstd, relu)
-    rv = torch.rand(channels, generator=gen).to(mean.dtype) + 0.5
-    y_eval = nb.batch_norm_eval(x, mean, rv, w, b, 1e-5, relu)
+    rv = torch.rand(channels, generator=gen).to(x.dtype) + 0.5  # of x's dtype, as torch asks
+    y_eval = nb.batch_norm_eval(x, mean.to(x.dtype), rv, w, b, 1e-5, relu)
     return [y, mean, invstd, *grads, y_eval]
 
 

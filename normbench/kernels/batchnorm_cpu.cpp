@@ -82,12 +82,97 @@ bool channels_last(const at::Tensor& t) {
          (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d));
 }
 
-Layout layout_of(const at::Tensor& input) {
-  TORCH_CHECK(input.dim() >= 2, "batch norm expects (N, C, *) input, got ", input.dim(), " dims");
-  TORCH_CHECK(input.device().is_cpu(), "normbench's CPU kernel got a ", input.device(), " tensor");
+// ---------------------------------------------------------------- argument checks
+//
+// Every tensor an operator reads or writes through a pointer is checked before its pointer is
+// read: its device, dtype and number of values, and where it is written, its layout. The
+// wording is torch's batch_norm's where torch refuses the same argument, so normbench's layers
+// fail as torch's do. A few integer comparisons a tensor: nothing next to a kernel's run.
+
+// The dtypes the kernels compute in.
+bool kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+bool reduced_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// x: (N, C, *) with C > 0, of a dtype the kernels compute in, on the CPU.
+void check_input(const at::Tensor& x) {
+  TORCH_CHECK_NOT_IMPLEMENTED(kernel_dtype(x.scalar_type()), "\"batch_norm\" not implemented for '",
+                              x.scalar_type(), "'");
+  const int64_t dims = std::max<int64_t>(1, x.dim());
+  TORCH_CHECK_INDEX(x.dim() >= 2, "Dimension out of range (expected to be in range of [", -dims,
+                    ", ", dims - 1, "], but got 1)");
+  TORCH_CHECK(x.is_cpu(), "normbench's CPU kernel got a ", x.device(), " tensor");
   // zero channels would divide by zero below (SIGFPE); the Python front refuses them first
-  TORCH_CHECK_VALUE(input.size(1) > 0, "BatchNorm needs at least one channel, got input size ",
-                    input.sizes());
+  TORCH_CHECK_VALUE(x.size(1) > 0, "BatchNorm needs at least one channel, got input size ",
+                    x.sizes());
+}
+
+// A tensor of one value per channel (weight, bias, running statistics, mean, invstd): C values
+// on the CPU, in any shape (torch takes a (1, C) weight; per_channel reads it in order).
+void check_per_channel(const at::Tensor& t, const char* name, int64_t C) {
+  TORCH_CHECK(t.numel() == C, name, " should contain ", C, " elements not ", t.numel());
+  TORCH_CHECK(t.is_cpu(), "Tensor on device ", t.device(), " is not on the expected device cpu!");
+}
+
+const at::Tensor* given(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? &*t : nullptr;
+}
+
+// A running statistic: C values in one dimension, as torch asks. `written` (the update): no
+// two values in one place (an expanded tensor), and not a tensor that autograd tracks
+// (torch's refusal, under grad mode; the eval checks it in its autograd kernel, whose
+// forward runs without grad mode).
+void check_running(const at::Tensor& t, const char* name, int64_t C, bool written) {
+  check_per_channel(t, name, C);
+  TORCH_CHECK(t.dim() == 1, "expected ", name, " to have 1 dims but tensor has ", t.dim());
+  if (!written) return;
+  TORCH_CHECK(C == 1 || t.stride(0) != 0,
+              "unsupported operation: more than one element of the written-to tensor refers to a "
+              "single memory location. Please clone() the tensor before performing the operation.");
+  TORCH_CHECK(!(at::GradMode::is_enabled() && t.requires_grad()),
+              "The function 'batch_norm' is not differentiable with respect to argument '", name,
+              "'. This input cannot have requires_grad True.");
+}
+
+// The parameters' dtypes as torch's batch_norm takes them on the CPU: the parameters given
+// (weight, bias, running_mean, running_var, in that order) all of x's dtype; or, when the
+// first is not, all float32 with a float16 or bfloat16 x (mixed precision).
+void check_dtypes(const at::Tensor& x, std::initializer_list<const at::Tensor*> params) {
+  const at::Tensor* first = nullptr;
+  for (const at::Tensor* p : params) {
+    if (p != nullptr) {
+      first = p;
+      break;
+    }
+  }
+  if (first == nullptr) return;
+  const auto type = x.scalar_type();
+  if (first->scalar_type() == type) {
+    for (const at::Tensor* p : params) {
+      TORCH_CHECK(p == nullptr || p->scalar_type() == type, "expected scalar type ", type,
+                  " but found ", p->scalar_type());
+    }
+    return;
+  }
+  for (const at::Tensor* p : params) {
+    TORCH_CHECK(p == nullptr || p->scalar_type() == at::kFloat,
+                "mixed dtype (CPU): expect parameter to have scalar type of Float");
+  }
+  TORCH_CHECK(reduced_float(type), "mixed dtype (CPU): all inputs must share same datatype.");
+}
+
+// The batch's statistics handed back to the backward or the update: C values of a floating
+// dtype.
+void check_statistic(const at::Tensor& t, const char* name, int64_t C) {
+  check_per_channel(t, name, C);
+  TORCH_CHECK(kernel_dtype(t.scalar_type()), name, " must be a floating-point tensor, got ",
+              t.scalar_type());
+}
+
+Layout layout_of(const at::Tensor& input) {
+  check_input(input);
   Layout lay;
   lay.N = input.size(0);
   lay.C = input.size(1);
@@ -345,23 +430,34 @@ int64_t grain_for(int64_t tasks, int64_t work_per_task) {
   return std::max<int64_t>(1, std::min(g, tasks));
 }
 
-// Per-channel constants, in the compute type, from an optional (C,) tensor of any float dtype.
+// Per-channel constants, in the compute type, from an optional tensor of C values of any float
+// dtype (checked by the operator: check_per_channel), in their logical order: a 1-d tensor by
+// its stride (sliced, or expanded with stride 0), any other shape ((1, C), (C, 1, 1), 0-d) as
+// a flat view of it (a copy where it has no such view).
 // Read directly: a tensor op here would cost more than the whole kernel on small inputs.
 template <typename acc_t>
 std::vector<acc_t> per_channel(const c10::optional<at::Tensor>& t, int64_t C, acc_t fill) {
   std::vector<acc_t> out(C, fill);
   if (t.has_value() && t->defined()) {
-    TORCH_CHECK(t->numel() == C, "expected ", C, " per-channel values, got ", t->numel());
-    TORCH_CHECK(t->device().is_cpu(), "per-channel tensors must be on the CPU");
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "per_channel", [&] {
-      const scalar_t* p = t->data_ptr<scalar_t>();
-      const int64_t stride = t->dim() == 0 ? 0 : t->stride(0);
+    TORCH_CHECK(t->numel() == C && t->is_cpu(), "expected ", C,
+                " per-channel values on the CPU, got ", t->numel(), " on ", t->device());
+    const at::Tensor flat = t->dim() == 1 ? *t : t->reshape({C});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "per_channel", [&] {
+      const scalar_t* p = flat.const_data_ptr<scalar_t>();
+      const int64_t stride = flat.stride(0);
       for (int64_t c = 0; c < C; ++c) {
         out[c] = static_cast<acc_t>(static_cast<double>(p[c * stride]));
       }
     });
   }
   return out;
+}
+
+// A channel's shift for the shifted sums (its first value): 0 where that value is not
+// finite, so that an infinite value gives an infinite mean and a NaN variance, as torch's.
+template <typename acc_t>
+inline acc_t shift_of(acc_t first) {
+  return std::isfinite(first) ? first : acc_t(0);
 }
 
 // ---------------------------------------------------------------- planes (N, C, L)
@@ -1026,6 +1122,16 @@ void rows_affine(const Layout& g, const scalar_t* x, scalar_t* out, const acc_t*
 
 // ---------------------------------------------------------------- forward (training)
 
+// x, and the weight and bias where given (see "argument checks").
+void check_affine(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                  const c10::optional<at::Tensor>& bias) {
+  check_input(x);
+  const int64_t C = x.size(1);
+  if (const at::Tensor* w = given(weight)) check_per_channel(*w, "weight", C);
+  if (const at::Tensor* b = given(bias)) check_per_channel(*b, "bias", C);
+  check_dtypes(x, {given(weight), given(bias)});
+}
+
 // kOutput = false: the statistics alone (batch_norm_stats), y is not written.
 template <typename scalar_t, bool kRelu, bool kOutput = true>
 void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor& invstd_t,
@@ -1042,14 +1148,15 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
 
   auto finish = [&](int64_t c, acc_t shift, double s1, double s2) {
     const double m1 = s1 / count;
-    const double var = std::max(0.0, s2 / count - m1 * m1);
+    double var = s2 / count - m1 * m1;
+    if (var < 0.0) var = 0.0;  // rounding; a NaN (from an infinite value) stays, as torch's
     mean[c] = static_cast<acc_t>(shift + m1);
     invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
   };
 
   if (g.rows) {
     std::vector<acc_t> shift(g.C);
-    for (int64_t c = 0; c < g.C; ++c) shift[c] = static_cast<acc_t>(x[c]);
+    for (int64_t c = 0; c < g.C; ++c) shift[c] = shift_of(static_cast<acc_t>(x[c]));
     const acc_t* sh = shift.data();
     std::vector<double> s1, s2;
     reduce_rows(g, [&](int64_t m0, int64_t m1, double* p1, double* p2) {
@@ -1070,7 +1177,7 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
   }
 
   std::vector<acc_t> shift(g.C), scale(g.C);
-  for (int64_t c = 0; c < g.C; ++c) shift[c] = static_cast<acc_t>(x[c * g.L]);
+  for (int64_t c = 0; c < g.C; ++c) shift[c] = shift_of(static_cast<acc_t>(x[c * g.L]));
   // channel c's term (see planes_two_pass)
   auto moments = [&](int64_t c) {
     return [s = shift[c]](auto xv, auto, auto& u, auto& v) {
@@ -1093,6 +1200,7 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, double eps, bool relu) {
+  check_affine(input, weight, bias);
   const Layout g = layout_of(input);
   const auto acc = at::toOpMathType(input.scalar_type());
   auto y = empty_as(g.x);
@@ -1223,6 +1331,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd,
     bool relu) {
+  check_affine(input, weight, bias);
+  const int64_t C = input.size(1);
+  check_statistic(mean, "mean", C);
+  check_statistic(invstd, "invstd", C);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "grad_out should have the input's shape ",
+              input.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "expected scalar type ",
+              input.scalar_type(), " but found ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.is_cpu(), "Tensor on device ", grad_out.device(),
+              " is not on the expected device cpu!");
   const Layout g = layout_of(input);
   // dy in the same layout as x, so one index serves both
   at::Tensor dy = g.rows && g.x.dim() >= 4 && !g.x.is_contiguous()
@@ -1256,12 +1374,18 @@ void eval_impl(const Layout& g, at::Tensor& y, const at::Tensor& running_mean,
   const scalar_t* x = g.x.data_ptr<scalar_t>();
   scalar_t* out = y.data_ptr<scalar_t>();
   const auto w = per_channel<acc_t>(weight, g.C, acc_t(1));
-  const auto b = per_channel<acc_t>(bias, g.C, acc_t(0));
-  const auto mean = per_channel<acc_t>(running_mean, g.C, acc_t(0));
+  auto b = per_channel<acc_t>(bias, g.C, acc_t(0));
+  auto mean = per_channel<acc_t>(running_mean, g.C, acc_t(0));
   const auto var = per_channel<acc_t>(running_var, g.C, acc_t(1));
   std::vector<acc_t> scale(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
     scale[c] = static_cast<acc_t>(w[c] / std::sqrt(static_cast<double>(var[c]) + eps));
+    if (!std::isfinite(scale[c])) {
+      // A zero variance with eps = 0 (or an infinite weight): torch computes
+      // x * scale + (bias - mean * scale), and so gives its NaNs and infinities.
+      b[c] = b[c] - mean[c] * scale[c];
+      mean[c] = acc_t(0);
+    }
   }
   if (g.rows) {
     rows_affine<kRelu>(g, x, out, mean.data(), scale.data(), b.data());
@@ -1282,6 +1406,13 @@ void eval_impl(const Layout& g, at::Tensor& y, const at::Tensor& running_mean,
 at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& running_mean,
                         const at::Tensor& running_var, const c10::optional<at::Tensor>& weight,
                         const c10::optional<at::Tensor>& bias, double eps, bool relu) {
+  check_input(input);
+  const int64_t C = input.size(1);
+  if (const at::Tensor* w = given(weight)) check_per_channel(*w, "weight", C);
+  if (const at::Tensor* b = given(bias)) check_per_channel(*b, "bias", C);
+  check_running(running_mean, "running_mean", C, /*written=*/false);
+  check_running(running_var, "running_var", C, /*written=*/false);
+  check_dtypes(input, {given(weight), given(bias), &running_mean, &running_var});
   const Layout g = layout_of(input);
   auto y = empty_as(g.x);
   if (g.x.numel() == 0) return y;
@@ -1295,7 +1426,8 @@ at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& running_mean,
   return y;
 }
 
-// running = (1 - momentum) * running + momentum * batch, the variance unbiased (count / (count - 1))
+// running = (1 - momentum) * running + momentum * batch, the variance unbiased (count / (count - 1));
+// the running statistics written through their stride (checked: 1-d, no two values in one place).
 void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                           const at::Tensor& invstd, double momentum, double eps, int64_t count) {
   const int64_t C = mean.numel();
@@ -1304,11 +1436,14 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
   const double unbias = count > 1 ? static_cast<double>(count) / (count - 1) : 1.0;
   auto update = [&](at::Tensor& running, auto batch_value) {
     if (!running.defined()) return;
-    TORCH_CHECK(running.is_contiguous() && running.numel() == C, "running statistics must be contiguous (C,)");
+    TORCH_CHECK(running.dim() == 1 && running.numel() == C, "running statistics must be (C,)");
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "update", [&] {
       scalar_t* r = running.data_ptr<scalar_t>();
+      const int64_t stride = running.stride(0);
       for (int64_t c = 0; c < C; ++c) {
-        r[c] = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(r[c]) + momentum * batch_value(c));
+        scalar_t& value = r[c * stride];
+        value = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(value) +
+                                      momentum * batch_value(c));
       }
     });
   };
@@ -1364,8 +1499,23 @@ c10::optional<at::Tensor> optional_of(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
-at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : t.to(dtype);
+// A parameter's gradient from the kernels ((C,), in the compute type) in the parameter's
+// dtype and shape: torch takes a (1, C) weight, whose gradient is (1, C).
+at::Tensor grad_as(const at::Tensor& grad, at::ScalarType dtype, at::IntArrayRef sizes) {
+  at::Tensor out = grad.scalar_type() == dtype ? grad : grad.to(dtype);
+  return out.sizes() == sizes ? out : out.reshape(sizes);
+}
+
+// The bias's shape, kept where it is not (C,) (the bias itself is not saved).
+void save_bias_shape(torch::autograd::AutogradContext* ctx, const c10::optional<at::Tensor>& bias) {
+  if (bias.has_value() && bias->defined() && bias->dim() != 1) {
+    ctx->saved_data["bias_sizes"] = bias->sizes().vec();
+  }
+}
+
+std::vector<int64_t> bias_shape(torch::autograd::AutogradContext* ctx, int64_t C) {
+  const auto it = ctx->saved_data.find("bias_sizes");
+  return it == ctx->saved_data.end() ? std::vector<int64_t>{C} : it->second.toIntVector();
 }
 
 // Grad mode is on in a backward only for create_graph=True: the kernels' backward is not
@@ -1391,6 +1541,7 @@ struct ForwardFunction : public torch::autograd::Function<ForwardFunction> {
                                         ? static_cast<int64_t>(bias->scalar_type())
                                         : int64_t(-1);
     ctx->saved_data["relu"] = relu;
+    save_bias_shape(ctx, bias);
     ctx->mark_non_differentiable({mean, invstd});
     // No zero gradients made for mean and invstd (backward reads only y's): two fewer
     // operator calls per step, each microseconds with the caches cold after the kernel.
@@ -1412,8 +1563,10 @@ struct ForwardFunction : public torch::autograd::Function<ForwardFunction> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [dx, dweight, dbias] = call_backward(grad_y, x, optional_of(weight), optional_of(bias),
                                               mean, invstd, ctx->saved_data["relu"].toBool());
-    return {dx, weight.defined() ? as_dtype(dweight, weight.scalar_type()) : at::Tensor(),
-            bias_dtype >= 0 ? as_dtype(dbias, static_cast<at::ScalarType>(bias_dtype)) : at::Tensor(),
+    return {dx, weight.defined() ? grad_as(dweight, weight.scalar_type(), weight.sizes()) : at::Tensor(),
+            bias_dtype >= 0 ? grad_as(dbias, static_cast<at::ScalarType>(bias_dtype),
+                                      bias_shape(ctx, x.size(1)))
+                            : at::Tensor(),
             at::Tensor(), at::Tensor()};
   }
 };
@@ -1433,6 +1586,7 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
                             relu ? y : at::Tensor()});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    save_bias_shape(ctx, bias);
     return {y};
   }
 
@@ -1454,16 +1608,19 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
     for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
     const double eps = ctx->saved_data["eps"].toDouble();
     const at::Tensor invstd = at::rsqrt(running_var.to(at::kDouble) + eps).to(grad_y.scalar_type());
-    const at::Tensor scale = weight.defined() ? invstd * weight.to(grad_y.scalar_type()) : invstd;
+    const at::Tensor scale =
+        weight.defined() ? invstd * weight.reshape({C}).to(grad_y.scalar_type()) : invstd;
     at::Tensor dx, dweight, dbias;
     if (ctx->needs_input_grad(0)) dx = (grad_y * scale.reshape(shape)).to(x.scalar_type());
     if (weight.defined() && ctx->needs_input_grad(3)) {
       const at::Tensor xhat = (x.to(grad_y.scalar_type()) -
                                running_mean.to(grad_y.scalar_type()).reshape(shape)) *
                               invstd.reshape(shape);
-      dweight = (grad_y * xhat).sum(dims).to(weight.scalar_type());
+      dweight = grad_as((grad_y * xhat).sum(dims), weight.scalar_type(), weight.sizes());
     }
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4)) dbias = grad_y.sum(dims);
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4)) {
+      dbias = grad_y.sum(dims).reshape(bias_shape(ctx, C));
+    }
     return {dx, at::Tensor(), at::Tensor(), dweight, dbias, at::Tensor(), at::Tensor()};
   }
 };
@@ -1478,6 +1635,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_autograd(
 at::Tensor eval_autograd(const at::Tensor& x, const at::Tensor& running_mean,
                          const at::Tensor& running_var, const c10::optional<at::Tensor>& weight,
                          const c10::optional<at::Tensor>& bias, double eps, bool relu) {
+  // torch's refusal (the Function's forward runs without grad mode: checked here)
+  for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"}, {&running_var, "running_var"}}) {
+    TORCH_CHECK(!(at::GradMode::is_enabled() && t->requires_grad()),
+                "The function 'batch_norm' is not differentiable with respect to argument '", name,
+                "'. This input cannot have requires_grad True.");
+  }
   return EvalFunction::apply(x, running_mean, running_var, weight, bias, eps, relu)[0];
 }
 
@@ -1491,16 +1654,36 @@ void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
                               double eps, int64_t count,
                               const c10::optional<at::Tensor>& num_batches_tracked,
                               bool cumulative) {
+  // Every argument checked before anything is written (see "argument checks").
+  const int64_t C = mean.numel();
+  check_statistic(mean, "mean", C);
+  check_statistic(invstd, "invstd", C);
+  TORCH_CHECK(invstd.scalar_type() == mean.scalar_type(), "expected scalar type ",
+              mean.scalar_type(), " but found ", invstd.scalar_type());
+  check_running(running_mean, "running_mean", C, /*written=*/true);
+  check_running(running_var, "running_var", C, /*written=*/true);
+  // as torch: both running statistics of one dtype, the input's (the batch statistics' but
+  // for float16 and bfloat16 input, whose statistics are float32), or float32
+  const auto stat = running_mean.scalar_type();
+  TORCH_CHECK(stat == mean.scalar_type() || (mean.scalar_type() == at::kFloat && reduced_float(stat)),
+              "expected scalar type ", mean.scalar_type(), " but found ", stat);
+  TORCH_CHECK(running_var.scalar_type() == stat, "expected scalar type ", stat, " but found ",
+              running_var.scalar_type());
+  const at::Tensor* counter_given = given(num_batches_tracked);
+  if (counter_given != nullptr) {
+    const at::Tensor& counter = *counter_given;
+    TORCH_CHECK(counter.scalar_type() == at::kLong && counter.numel() == 1 && counter.is_cpu(),
+                "num_batches_tracked must be a one-element int64 tensor on the CPU, got ",
+                counter.numel(), " ", counter.scalar_type(), " on ", counter.device());
+  } else {
+    TORCH_CHECK(!cumulative, "a cumulative average needs num_batches_tracked");
+  }
   std::vector<at::Tensor> written{running_mean, running_var};
-  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
-    const at::Tensor& counter = *num_batches_tracked;
-    TORCH_CHECK(counter.scalar_type() == at::kLong && counter.numel() == 1,
-                "num_batches_tracked must be a one-element int64 tensor");
+  if (counter_given != nullptr) {
+    const at::Tensor& counter = *counter_given;
     const int64_t batches = ++*counter.data_ptr<int64_t>();
     if (cumulative) momentum = 1.0 / static_cast<double>(batches);
     written.push_back(counter);
-  } else {
-    TORCH_CHECK(!cumulative, "a cumulative average needs num_batches_tracked");
   }
   update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count);
   for (const at::Tensor& t : written) {

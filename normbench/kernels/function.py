@@ -4,6 +4,12 @@ This is the one place that knows torch's ``F.batch_norm`` contract (argument
 checks, the running-statistics update, eval mode); the normalization layers call
 :func:`batch_norm`, or :func:`batch_norm_train` where they need the batch
 statistics themselves, and never a kernel directly.
+
+The tensors themselves (sizes, devices, dtypes) are checked by the operators, before a
+kernel reads them (:mod:`normbench.kernels.checks` has the same rules in Python): what is
+checked here is what torch's ``F.batch_norm`` checks before its operator (the batch size,
+eps, the running statistics given together), and the one rule that spans two operators
+(the running statistics' dtype against the weight's, :func:`_check_dtypes`).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normbench.kernels import ops, reference
+from normbench.kernels import checks, ops, reference
 
 __all__ = [
     "batch_norm",
@@ -50,8 +56,24 @@ def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None):
         y = y * weight.reshape(shape)
     if bias is not None:
         y = y + bias.reshape(shape)
-    none = torch.full((input.shape[1],), float("nan"), device=input.device)
-    return y, none, none.clone()
+    acc = reference.accumulation_dtype(input.dtype)
+    none = torch.full((input.shape[1],), float("nan"), dtype=acc, device=input.device)
+    return y.to(input.dtype), none, none.clone()
+
+
+def _check_dtypes(x: Tensor, weight, bias, running_mean: Tensor, running_var: Tensor) -> None:
+    """torch's dtype rule over the four parameters (:func:`checks.dtypes`), in a few
+    comparisons where all are the input's dtype. The training forward checks the weight's
+    and bias's and the update the running statistics', but neither sees the other's."""
+    dtype = x.dtype
+    if (
+        running_mean.dtype is dtype
+        and running_var.dtype is dtype
+        and (weight is None or weight.dtype is dtype)
+        and (bias is None or bias.dtype is dtype)
+    ):
+        return
+    checks.dtypes(x, weight, bias, running_mean, running_var)
 
 
 def supported_layout(x: Tensor) -> Tensor:
@@ -87,34 +109,41 @@ def _train(
 ):
     """The checked training forward; ``num_batches_tracked`` (given with the running
     statistics) is incremented with their update, in its call (one operator call less per
-    layer and step), and here where there is none: an empty batch, or an input the
-    checks refuse (torch counts a step before it checks the input)."""
+    layer and step), and here where there is none: an empty batch, or arguments that are
+    refused (torch counts a step before it checks them)."""
+    counted = False
     try:
         _check_training(input.size(), eps)
         if input.numel() == 0:  # no statistics: the running ones stay, the batch is counted
+            checks.arguments(input, weight, bias, running_mean, running_var, written=True)
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
+                counted = True
             y, mean, invstd = _empty_batch(input, weight, bias)
             return (torch.relu(y) if relu else y), mean, invstd
         x = supported_layout(input)
         backend = ops.resolve_backend(backend, x)
-    except ValueError:
-        if num_batches_tracked is not None:
+        if running_mean is not None and running_var is not None:
+            _check_dtypes(x, weight, bias, running_mean, running_var)
+        # The update checks all its arguments before it counts the batch: an error from
+        # either operator comes before the count.
+        return ops.train(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            backend,
+            relu,
+            num_batches_tracked,
+            cumulative,
+        )
+    except Exception:
+        if num_batches_tracked is not None and not counted:
             num_batches_tracked.add_(1)
         raise
-    return ops.train(
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        momentum,
-        eps,
-        backend,
-        relu,
-        num_batches_tracked,
-        cumulative,
-    )
 
 
 def batch_norm_tracked(
