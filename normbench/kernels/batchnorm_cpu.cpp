@@ -86,8 +86,10 @@ bool channels_last(const at::Tensor& t) {
 //
 // Every tensor an operator reads or writes through a pointer is checked before its pointer is
 // read: its device, dtype and number of values, and where it is written, its layout. The
-// wording is torch's batch_norm's where torch refuses the same argument, so normbench's layers
-// fail as torch's do. A few integer comparisons a tensor: nothing next to a kernel's run.
+// wording is torch's batch_norm's where torch refuses the same argument, and so is the order
+// (so that a call with two faults fails with torch's exception type): the parameters' sizes,
+// the input's dimensions, the devices, the input's dtype, the parameters' dtypes, the running
+// statistics' dimensions. A few integer comparisons a tensor: nothing next to a kernel's run.
 
 // The dtypes the kernels compute in.
 bool kernel_dtype(at::ScalarType t) {
@@ -96,44 +98,39 @@ bool kernel_dtype(at::ScalarType t) {
 
 bool reduced_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
-// x: (N, C, *) with C > 0, of a dtype the kernels compute in, on the CPU.
-void check_input(const at::Tensor& x) {
-  TORCH_CHECK_NOT_IMPLEMENTED(kernel_dtype(x.scalar_type()), "\"batch_norm\" not implemented for '",
-                              x.scalar_type(), "'");
-  const int64_t dims = std::max<int64_t>(1, x.dim());
-  TORCH_CHECK_INDEX(x.dim() >= 2, "Dimension out of range (expected to be in range of [", -dims,
-                    ", ", dims - 1, "], but got 1)");
-  TORCH_CHECK(x.is_cpu(), "normbench's CPU kernel got a ", x.device(), " tensor");
-  // zero channels would divide by zero below (SIGFPE); the Python front refuses them first
-  TORCH_CHECK_VALUE(x.size(1) > 0, "BatchNorm needs at least one channel, got input size ",
-                    x.sizes());
-}
-
-// A tensor of one value per channel (weight, bias, running statistics, mean, invstd): C values
-// on the CPU, in any shape (torch takes a (1, C) weight; per_channel reads it in order).
-void check_per_channel(const at::Tensor& t, const char* name, int64_t C) {
-  TORCH_CHECK(t.numel() == C, name, " should contain ", C, " elements not ", t.numel());
-  TORCH_CHECK(t.is_cpu(), "Tensor on device ", t.device(), " is not on the expected device cpu!");
-}
-
 const at::Tensor* given(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? &*t : nullptr;
 }
 
-// A running statistic: C values in one dimension, as torch asks. `written` (the update): no
-// two values in one place (an expanded tensor), and not a tensor that autograd tracks
-// (torch's refusal, under grad mode; the eval checks it in its autograd kernel, whose
-// forward runs without grad mode).
-void check_running(const at::Tensor& t, const char* name, int64_t C, bool written) {
-  check_per_channel(t, name, C);
-  TORCH_CHECK(t.dim() == 1, "expected ", name, " to have 1 dims but tensor has ", t.dim());
-  if (!written) return;
-  TORCH_CHECK(C == 1 || t.stride(0) != 0,
-              "unsupported operation: more than one element of the written-to tensor refers to a "
-              "single memory location. Please clone() the tensor before performing the operation.");
-  TORCH_CHECK(!(at::GradMode::is_enabled() && t.requires_grad()),
-              "The function 'batch_norm' is not differentiable with respect to argument '", name,
-              "'. This input cannot have requires_grad True.");
+// The number of values a parameter must have: x's channels (torch counts none in an input of
+// fewer than 2 dimensions, which it then refuses).
+int64_t channels_of(const at::Tensor& x) { return x.dim() >= 2 ? x.size(1) : 0; }
+
+// A tensor of one value per channel (weight, bias, running statistics, mean, invstd), in any
+// shape (torch takes a (1, C) weight; per_channel reads it in order).
+void check_size(const at::Tensor* t, const char* name, int64_t C) {
+  if (t == nullptr) return;
+  TORCH_CHECK(t->numel() == C, name, " should contain ", C, " elements not ", t->numel());
+}
+
+// x: (N, C, *) with C > 0 (zero channels would divide by zero below: SIGFPE).
+void check_input_shape(const at::Tensor& x) {
+  const int64_t dims = std::max<int64_t>(1, x.dim());
+  TORCH_CHECK_INDEX(x.dim() >= 2, "Dimension out of range (expected to be in range of [", -dims,
+                    ", ", dims - 1, "], but got 1)");
+  TORCH_CHECK_VALUE(x.size(1) > 0, "BatchNorm needs at least one channel, got input size ",
+                    x.sizes());
+}
+
+void check_device(const at::Tensor* t) {
+  if (t == nullptr) return;
+  TORCH_CHECK(t->is_cpu(), "Tensor on device ", t->device(), " is not on the expected device cpu!");
+}
+
+void check_input_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.is_cpu(), "normbench's CPU kernel got a ", x.device(), " tensor");
+  TORCH_CHECK_NOT_IMPLEMENTED(kernel_dtype(x.scalar_type()), "\"batch_norm\" not implemented for '",
+                              x.scalar_type(), "'");
 }
 
 // The parameters' dtypes as torch's batch_norm takes them on the CPU: the parameters given
@@ -163,16 +160,66 @@ void check_dtypes(const at::Tensor& x, std::initializer_list<const at::Tensor*> 
   TORCH_CHECK(reduced_float(type), "mixed dtype (CPU): all inputs must share same datatype.");
 }
 
+// Running statistics: autograd does not track them (torch's refusal, under grad mode; the
+// eval checks it in its autograd kernel, as its Function's forward runs without grad mode).
+void check_untracked(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && t.requires_grad()),
+              "The function 'batch_norm' is not differentiable with respect to argument '", name,
+              "'. This input cannot have requires_grad True.");
+}
+
+// A running statistic has one dimension, as torch asks; `written` (the update): no two of its
+// values in one place (an expanded tensor).
+void check_running_layout(const at::Tensor& t, const char* name, bool written) {
+  TORCH_CHECK(t.dim() == 1, "expected ", name, " to have 1 dims but tensor has ", t.dim());
+  TORCH_CHECK(!written || t.numel() <= 1 || t.stride(0) != 0,
+              "unsupported operation: more than one element of the written-to tensor refers to a "
+              "single memory location. Please clone() the tensor before performing the operation.");
+}
+
 // The batch's statistics handed back to the backward or the update: C values of a floating
-// dtype.
+// dtype on the CPU.
 void check_statistic(const at::Tensor& t, const char* name, int64_t C) {
-  check_per_channel(t, name, C);
+  check_size(&t, name, C);
+  check_device(&t);
   TORCH_CHECK(kernel_dtype(t.scalar_type()), name, " must be a floating-point tensor, got ",
               t.scalar_type());
 }
 
+// The training forward's (and the statistics') arguments: x, and the weight and bias given.
+void check_affine(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                  const c10::optional<at::Tensor>& bias) {
+  const at::Tensor *w = given(weight), *b = given(bias);
+  check_size(w, "weight", channels_of(x));
+  check_size(b, "bias", channels_of(x));
+  check_input_shape(x);
+  check_device(w);
+  check_device(b);
+  check_input_dtype(x);
+  check_dtypes(x, {w, b});
+}
+
+// The eval's arguments, in torch's order: the running statistics, weight and bias of C
+// values, ..., the running statistics 1-d.
+void check_eval(const at::Tensor& x, const at::Tensor& running_mean, const at::Tensor& running_var,
+                const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+  const at::Tensor *w = given(weight), *b = given(bias);
+  const int64_t C = channels_of(x);
+  check_size(&running_mean, "running_mean", C);
+  check_size(&running_var, "running_var", C);
+  check_size(w, "weight", C);
+  check_size(b, "bias", C);
+  check_input_shape(x);
+  for (const at::Tensor* t : {&running_mean, &running_var, w, b}) check_device(t);
+  check_input_dtype(x);
+  check_dtypes(x, {w, b, &running_mean, &running_var});
+  check_running_layout(running_mean, "running_mean", /*written=*/false);
+  check_running_layout(running_var, "running_var", /*written=*/false);
+}
+
 Layout layout_of(const at::Tensor& input) {
-  check_input(input);
+  check_input_shape(input);
+  check_input_dtype(input);
   Layout lay;
   lay.N = input.size(0);
   lay.C = input.size(1);
@@ -431,9 +478,9 @@ int64_t grain_for(int64_t tasks, int64_t work_per_task) {
 }
 
 // Per-channel constants, in the compute type, from an optional tensor of C values of any float
-// dtype (checked by the operator: check_per_channel), in their logical order: a 1-d tensor by
-// its stride (sliced, or expanded with stride 0), any other shape ((1, C), (C, 1, 1), 0-d) as
-// a flat view of it (a copy where it has no such view).
+// dtype (checked by the operator: check_size, check_device), in their logical order: a 1-d
+// tensor by its stride (sliced, or expanded with stride 0), any other shape ((1, C), (C, 1, 1),
+// 0-d) as a flat view of it (a copy where it has no such view).
 // Read directly: a tensor op here would cost more than the whole kernel on small inputs.
 template <typename acc_t>
 std::vector<acc_t> per_channel(const c10::optional<at::Tensor>& t, int64_t C, acc_t fill) {
@@ -627,8 +674,8 @@ inline void stream_vec(acc_t* p, const Vec<acc_t>& v) {
 #endif
 
 // The activation fused into the passes (a scalar or a Vec): max(z, 0), NaN kept as
-// torch.relu keeps it; and the gradient through it, dy where z > 0 and else 0, as torch's
-// threshold_backward gives it (z is recomputed from x by the same expression as the
+// torch.relu keeps it; and the gradient through it, 0 where z <= 0 and else dy (a NaN z
+// passing dy), as torch's threshold_backward gives it (z is recomputed from x by the same expression as the
 // forward's, so the mask is the forward's).
 template <typename T>
 inline T relu(T z) {
@@ -649,7 +696,7 @@ inline T activate(T z) {
 template <typename T>
 inline T relu_grad(T dy, T z) {
   const T zero{};
-  return z > zero ? dy : zero;
+  return z <= zero ? zero : dy;  // a NaN z passes dy, as threshold_backward
 }
 
 // Lanes [first, kWidth) of a vector: the mask that keeps a run's last values from a vector
@@ -1122,16 +1169,6 @@ void rows_affine(const Layout& g, const scalar_t* x, scalar_t* out, const acc_t*
 
 // ---------------------------------------------------------------- forward (training)
 
-// x, and the weight and bias where given (see "argument checks").
-void check_affine(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                  const c10::optional<at::Tensor>& bias) {
-  check_input(x);
-  const int64_t C = x.size(1);
-  if (const at::Tensor* w = given(weight)) check_per_channel(*w, "weight", C);
-  if (const at::Tensor* b = given(bias)) check_per_channel(*b, "bias", C);
-  check_dtypes(x, {given(weight), given(bias)});
-}
-
 // kOutput = false: the statistics alone (batch_norm_stats), y is not written.
 template <typename scalar_t, bool kRelu, bool kOutput = true>
 void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor& invstd_t,
@@ -1337,10 +1374,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   check_statistic(invstd, "invstd", C);
   TORCH_CHECK(grad_out.sizes() == input.sizes(), "grad_out should have the input's shape ",
               input.sizes(), ", got ", grad_out.sizes());
+  check_device(&grad_out);
   TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "expected scalar type ",
               input.scalar_type(), " but found ", grad_out.scalar_type());
-  TORCH_CHECK(grad_out.is_cpu(), "Tensor on device ", grad_out.device(),
-              " is not on the expected device cpu!");
   const Layout g = layout_of(input);
   // dy in the same layout as x, so one index serves both
   at::Tensor dy = g.rows && g.x.dim() >= 4 && !g.x.is_contiguous()
@@ -1406,13 +1442,7 @@ void eval_impl(const Layout& g, at::Tensor& y, const at::Tensor& running_mean,
 at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& running_mean,
                         const at::Tensor& running_var, const c10::optional<at::Tensor>& weight,
                         const c10::optional<at::Tensor>& bias, double eps, bool relu) {
-  check_input(input);
-  const int64_t C = input.size(1);
-  if (const at::Tensor* w = given(weight)) check_per_channel(*w, "weight", C);
-  if (const at::Tensor* b = given(bias)) check_per_channel(*b, "bias", C);
-  check_running(running_mean, "running_mean", C, /*written=*/false);
-  check_running(running_var, "running_var", C, /*written=*/false);
-  check_dtypes(input, {given(weight), given(bias), &running_mean, &running_var});
+  check_eval(input, running_mean, running_var, weight, bias);
   const Layout g = layout_of(input);
   auto y = empty_as(g.x);
   if (g.x.numel() == 0) return y;
@@ -1600,7 +1630,8 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
     if (!grad_y.defined()) {
       return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
-    if (y.defined()) grad_y = grad_y * (y > 0);  // through the ReLU, as threshold_backward
+    // through the ReLU, as threshold_backward: no gradient where y <= 0 (a NaN y passes it)
+    if (y.defined()) grad_y = grad_y.masked_fill(y <= 0, 0);
     const int64_t C = x.size(1);
     std::vector<int64_t> shape(x.dim(), 1);
     shape[1] = C;
@@ -1612,13 +1643,15 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
         weight.defined() ? invstd * weight.reshape({C}).to(grad_y.scalar_type()) : invstd;
     at::Tensor dx, dweight, dbias;
     if (ctx->needs_input_grad(0)) dx = (grad_y * scale.reshape(shape)).to(x.scalar_type());
+    // needs_input_grad counts the tensors given: the bias is input 3 where no weight is
+    const size_t bias_input = weight.defined() ? 4 : 3;
     if (weight.defined() && ctx->needs_input_grad(3)) {
       const at::Tensor xhat = (x.to(grad_y.scalar_type()) -
                                running_mean.to(grad_y.scalar_type()).reshape(shape)) *
                               invstd.reshape(shape);
       dweight = grad_as((grad_y * xhat).sum(dims), weight.scalar_type(), weight.sizes());
     }
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4)) {
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(bias_input)) {
       dbias = grad_y.sum(dims).reshape(bias_shape(ctx, C));
     }
     return {dx, at::Tensor(), at::Tensor(), dweight, dbias, at::Tensor(), at::Tensor()};
@@ -1635,12 +1668,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_autograd(
 at::Tensor eval_autograd(const at::Tensor& x, const at::Tensor& running_mean,
                          const at::Tensor& running_var, const c10::optional<at::Tensor>& weight,
                          const c10::optional<at::Tensor>& bias, double eps, bool relu) {
-  // torch's refusal (the Function's forward runs without grad mode: checked here)
-  for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"}, {&running_var, "running_var"}}) {
-    TORCH_CHECK(!(at::GradMode::is_enabled() && t->requires_grad()),
-                "The function 'batch_norm' is not differentiable with respect to argument '", name,
-                "'. This input cannot have requires_grad True.");
-  }
+  // torch's refusal of tracked running statistics, after its size checks (the Function's
+  // forward runs without grad mode: checked here; the kernel checks the rest)
+  const int64_t C = channels_of(x);
+  check_size(&running_mean, "running_mean", C);
+  check_size(&running_var, "running_var", C);
+  check_size(given(weight), "weight", C);
+  check_size(given(bias), "bias", C);
+  check_untracked(running_mean, "running_mean");
+  check_untracked(running_var, "running_var");
   return EvalFunction::apply(x, running_mean, running_var, weight, bias, eps, relu)[0];
 }
 
@@ -1660,8 +1696,12 @@ void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
   check_statistic(invstd, "invstd", C);
   TORCH_CHECK(invstd.scalar_type() == mean.scalar_type(), "expected scalar type ",
               mean.scalar_type(), " but found ", invstd.scalar_type());
-  check_running(running_mean, "running_mean", C, /*written=*/true);
-  check_running(running_var, "running_var", C, /*written=*/true);
+  check_size(&running_mean, "running_mean", C);
+  check_size(&running_var, "running_var", C);
+  check_untracked(running_mean, "running_mean");
+  check_untracked(running_var, "running_var");
+  check_device(&running_mean);
+  check_device(&running_var);
   // as torch: both running statistics of one dtype, the input's (the batch statistics' but
   // for float16 and bfloat16 input, whose statistics are float32), or float32
   const auto stat = running_mean.scalar_type();
@@ -1669,21 +1709,32 @@ void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
               "expected scalar type ", mean.scalar_type(), " but found ", stat);
   TORCH_CHECK(running_var.scalar_type() == stat, "expected scalar type ", stat, " but found ",
               running_var.scalar_type());
+  check_running_layout(running_mean, "running_mean", /*written=*/true);
+  check_running_layout(running_var, "running_var", /*written=*/true);
+  // The batch counter: torch's module adds 1 to whatever tensor it is, and reads it as a
+  // number for a cumulative average; an int64 of one value (the module's own) is
+  // incremented here directly, any other (as torch takes it) by add_.
   const at::Tensor* counter_given = given(num_batches_tracked);
   if (counter_given != nullptr) {
-    const at::Tensor& counter = *counter_given;
-    TORCH_CHECK(counter.scalar_type() == at::kLong && counter.numel() == 1 && counter.is_cpu(),
-                "num_batches_tracked must be a one-element int64 tensor on the CPU, got ",
-                counter.numel(), " ", counter.scalar_type(), " on ", counter.device());
+    TORCH_CHECK(counter_given->is_cpu(), "num_batches_tracked must be on the CPU, got ",
+                counter_given->device());
+    TORCH_CHECK(!cumulative || counter_given->numel() == 1, "a Tensor with ",
+                counter_given->numel(), " elements cannot be converted to Scalar");
   } else {
     TORCH_CHECK(!cumulative, "a cumulative average needs num_batches_tracked");
   }
   std::vector<at::Tensor> written{running_mean, running_var};
   if (counter_given != nullptr) {
     const at::Tensor& counter = *counter_given;
-    const int64_t batches = ++*counter.data_ptr<int64_t>();
-    if (cumulative) momentum = 1.0 / static_cast<double>(batches);
-    written.push_back(counter);
+    double batches;
+    if (counter.scalar_type() == at::kLong && counter.numel() == 1) {
+      batches = static_cast<double>(++*counter.data_ptr<int64_t>());
+      written.push_back(counter);
+    } else {
+      at::Tensor(counter).add_(1);  // raises (before anything else is written) as torch's does
+      batches = cumulative ? counter.item<double>() : 0.0;
+    }
+    if (cumulative) momentum = 1.0 / batches;
   }
   update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count);
   for (const at::Tensor& t : written) {

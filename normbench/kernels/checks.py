@@ -6,13 +6,15 @@ these functions: the Triton kernels (CUDA, or CPU tensors under Triton's interpr
 they launch, and the fake implementations (meta tensors, ``torch.compile``), so that a
 traced call fails where an eager one does and a meta tensor beside a CPU one is refused as
 torch refuses it. :func:`arguments` is torch's whole ``F.batch_norm`` contract, for the paths
-that reach no operator (the reference backend, an empty batch) and for the one check no
-single operator can make (the running statistics' dtype against the weight's and the
-input's: the training forward and the update are two operators).
+that reach no operator (the reference backend) and for the one check no single operator can
+make (the running statistics' dtype against the weight's and the input's: the training
+forward and the update are two operators).
 
-The messages are torch's where torch refuses the same argument; the exception types are
-torch's: RuntimeError, NotImplementedError for an input dtype nothing computes in,
-IndexError for an input of fewer than 2 dimensions, ValueError for zero channels.
+The messages, the exception types (RuntimeError; NotImplementedError for an input dtype
+nothing computes in; IndexError for an input of fewer than 2 dimensions; ValueError for zero
+channels) and the order of the checks are torch's, so that a call with several faults fails
+with torch's exception type: the parameters' sizes, the input's dimensions, the devices, the
+input's dtype, the parameters' dtypes, the running statistics' dimensions.
 """
 
 from __future__ import annotations
@@ -20,15 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = [
-    "arguments",
-    "backward",
-    "dtypes",
-    "eval_",
-    "forward",
-    "input_",
-    "update",
-]
+__all__ = ["arguments", "backward", "dtypes", "eval_", "forward", "placed", "sizes", "update"]
 
 #: The dtypes the kernels compute in.
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -43,10 +37,17 @@ def dtype_name(dtype: torch.dtype) -> str:
         return str(dtype).removeprefix("torch.")
 
 
-def input_(x: Tensor) -> None:
-    """``(N, C, *)`` with ``C > 0``, of a dtype the kernels compute in."""
-    if x.dtype not in KERNEL_DTYPES:
-        raise NotImplementedError(f"\"batch_norm\" not implemented for '{dtype_name(x.dtype)}'")
+def _channels(x: Tensor) -> int:
+    # torch counts no channels in an input of fewer than 2 dimensions (which it then refuses)
+    return x.shape[1] if x.dim() >= 2 else 0
+
+
+def _size(t: Tensor | None, name: str, channels: int) -> None:
+    if t is not None and t.numel() != channels:
+        raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+
+
+def _input_shape(x: Tensor) -> None:
     if x.dim() < 2:
         dims = max(1, x.dim())
         raise IndexError(
@@ -56,40 +57,14 @@ def input_(x: Tensor) -> None:
         raise ValueError(f"BatchNorm needs at least one channel, got input size {x.size()}")
 
 
-def _per_channel(t: Tensor, name: str, channels: int, device: torch.device) -> None:
-    if t.numel() != channels:
-        raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
-    if t.device != device:
+def _device(t: Tensor | None, device: torch.device) -> None:
+    if t is not None and t.device != device:
         raise RuntimeError(f"Tensor on device {t.device} is not on the expected device {device}!")
 
 
-def _running(t: Tensor, name: str, channels: int, device: torch.device, written: bool) -> None:
-    _per_channel(t, name, channels, device)
-    if t.dim() != 1:
-        raise RuntimeError(f"expected {name} to have 1 dims but tensor has {t.dim()}")
-    if written and t.numel() > 1 and t.stride(0) == 0:
-        raise RuntimeError(
-            "unsupported operation: more than one element of the written-to tensor refers to "
-            "a single memory location. Please clone() the tensor before performing the "
-            "operation."
-        )
-    if torch.is_grad_enabled() and t.requires_grad:
-        raise RuntimeError(
-            f"The function 'batch_norm' is not differentiable with respect to argument "
-            f"'{name}'. This input cannot have requires_grad True."
-        )
-
-
-def _statistic(t: Tensor, name: str, channels: int, device: torch.device) -> None:
-    _per_channel(t, name, channels, device)
-    if t.dtype not in KERNEL_DTYPES:
-        raise RuntimeError(f"{name} must be a floating-point tensor, got {dtype_name(t.dtype)}")
-
-
-def _affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
-    for t, name in ((weight, "weight"), (bias, "bias")):
-        if t is not None:
-            _per_channel(t, name, x.shape[1], x.device)
+def _input_dtype(x: Tensor) -> None:
+    if x.dtype not in KERNEL_DTYPES:
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{dtype_name(x.dtype)}'")
 
 
 def dtypes(x: Tensor, *params: Tensor | None) -> None:
@@ -112,13 +87,45 @@ def dtypes(x: Tensor, *params: Tensor | None) -> None:
         raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
 
 
+def _untracked(t: Tensor | None, name: str) -> None:
+    if t is not None and torch.is_grad_enabled() and t.requires_grad:
+        raise RuntimeError(
+            f"The function 'batch_norm' is not differentiable with respect to argument "
+            f"'{name}'. This input cannot have requires_grad True."
+        )
+
+
+def _running_layout(t: Tensor | None, name: str, written: bool) -> None:
+    if t is None:
+        return
+    if t.dim() != 1:
+        raise RuntimeError(f"expected {name} to have 1 dims but tensor has {t.dim()}")
+    if written and t.numel() > 1 and t.stride(0) == 0:
+        raise RuntimeError(
+            "unsupported operation: more than one element of the written-to tensor refers to "
+            "a single memory location. Please clone() the tensor before performing the "
+            "operation."
+        )
+
+
+def _statistic(t: Tensor, name: str, channels: int, device: torch.device) -> None:
+    _size(t, name, channels)
+    _device(t, device)
+    if t.dtype not in KERNEL_DTYPES:
+        raise RuntimeError(f"{name} must be a floating-point tensor, got {dtype_name(t.dtype)}")
+
+
 # ------------------------------------------------------------------------ the operators' own
 
 
 def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
     """``batch_norm_forward``'s and ``batch_norm_stats``'s arguments."""
-    input_(x)
-    _affine(x, weight, bias)
+    _size(weight, "weight", _channels(x))
+    _size(bias, "bias", _channels(x))
+    _input_shape(x)
+    _device(weight, x.device)
+    _device(bias, x.device)
+    _input_dtype(x)
     dtypes(x, weight, bias)
 
 
@@ -138,13 +145,10 @@ def backward(
         raise RuntimeError(
             f"grad_out should have the input's shape {list(x.shape)}, got {list(grad_out.shape)}"
         )
+    _device(grad_out, x.device)
     if grad_out.dtype != x.dtype:
         raise RuntimeError(
             f"expected scalar type {dtype_name(x.dtype)} but found {dtype_name(grad_out.dtype)}"
-        )
-    if grad_out.device != x.device:
-        raise RuntimeError(
-            f"Tensor on device {grad_out.device} is not on the expected device {x.device}!"
         )
 
 
@@ -175,31 +179,66 @@ def update(
         raise RuntimeError(
             f"expected scalar type {dtype_name(mean.dtype)} but found {dtype_name(invstd.dtype)}"
         )
-    for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
-        if t is None:
-            continue
-        _running(t, name, channels, device, written=True)
+    stats = ((running_mean, "running_mean"), (running_var, "running_var"))
+    for t, name in stats:
+        _size(t, name, channels)
+    for t, name in stats:
+        _untracked(t, name)
+    for t, _ in stats:
+        _device(t, device)
+    given = [t for t, _ in stats if t is not None]
+    for t in given:  # as torch: the statistics' dtype, or float16/bfloat16 with float32 ones
         if not (t.dtype == mean.dtype or (mean.dtype == torch.float32 and t.dtype in REDUCED)):
             raise RuntimeError(
                 f"expected scalar type {dtype_name(mean.dtype)} but found {dtype_name(t.dtype)}"
             )
-    both = running_mean is not None and running_var is not None
-    if both and running_var.dtype != running_mean.dtype:
+    if len(given) == 2 and given[1].dtype != given[0].dtype:
         raise RuntimeError(
-            f"expected scalar type {dtype_name(running_mean.dtype)} but found "
-            f"{dtype_name(running_var.dtype)}"
+            f"expected scalar type {dtype_name(given[0].dtype)} but found "
+            f"{dtype_name(given[1].dtype)}"
         )
+    for t, name in stats:
+        _running_layout(t, name, written=True)
+    # the counter: any tensor torch's module could add 1 to, on the statistics' device
     counter = num_batches_tracked
-    if counter is not None and (
-        counter.dtype != torch.int64 or counter.numel() != 1 or counter.device != mean.device
-    ):
-        raise RuntimeError(
-            f"num_batches_tracked must be a one-element int64 tensor on {mean.device}, got "
-            f"{counter.numel()} {dtype_name(counter.dtype)} on {counter.device}"
-        )
+    if counter is not None and counter.device != device:
+        raise RuntimeError(f"num_batches_tracked must be on the {device}, got {counter.device}")
 
 
 # ------------------------------------------------------------------------ F.batch_norm's
+
+
+def sizes(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+) -> None:
+    """torch's first checks: each parameter's number of values."""
+    channels = _channels(x)
+    _size(running_mean, "running_mean", channels)
+    _size(running_var, "running_var", channels)
+    _size(weight, "weight", channels)
+    _size(bias, "bias", channels)
+
+
+def placed(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+) -> None:
+    """torch's checks before it looks at dtypes: the parameters' sizes, the input's
+    dimensions, the running statistics not tracked by autograd, the devices. (torch refuses
+    one running statistic without the other after these.)"""
+    sizes(x, weight, bias, running_mean, running_var)
+    _input_shape(x)
+    _untracked(running_mean, "running_mean")
+    _untracked(running_var, "running_var")
+    for t in (running_mean, running_var, weight, bias):
+        _device(t, x.device)
 
 
 def arguments(
@@ -210,13 +249,13 @@ def arguments(
     running_var: Tensor | None,
     written: bool = False,
 ) -> None:
-    """torch's ``F.batch_norm`` checks of its tensors (after its own of the batch size and
-    eps): the input, each parameter's size and device, the running statistics 1-d and not
-    tracked by autograd (and, ``written`` in training, no two values in one place), and the
-    dtype rule over all four."""
-    input_(x)
-    _affine(x, weight, bias)
-    for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
-        if t is not None:
-            _running(t, name, x.shape[1], x.device, written)
+    """torch's checks of ``F.batch_norm``'s tensors (after its own of the batch size and eps,
+    and of the running statistics given together), in torch's order: the parameters' sizes,
+    the input's dimensions, the running statistics not tracked by autograd, the devices, the
+    input's dtype, the dtype rule over all four, the running statistics 1-d (and, ``written``
+    in training, no two values in one place)."""
+    placed(x, weight, bias, running_mean, running_var)
+    _input_dtype(x)
     dtypes(x, weight, bias, running_mean, running_var)
+    _running_layout(running_mean, "running_mean", written)
+    _running_layout(running_var, "running_var", written)

@@ -47,24 +47,25 @@ def _check_channels(size: torch.Size) -> None:
 
 
 def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None):
-    """An empty batch (N = 0, or no spatial positions) as torch treats it: an empty
-    output, zero gradients for weight and bias, no statistics (NaN) and the running
-    ones left as they are."""
-    shape = (1, -1, *([1] * (input.dim() - 2)))
-    y = input
+    """An empty batch (N = 0, or no spatial positions) as torch treats it, with none of its
+    checks: ``input * weight[0] + bias[0]`` (an empty output, of the dtype that gives, zero
+    gradients for weight and bias), no statistics (NaN), the running ones left as they are."""
+    y = input.clone()
     if weight is not None:
-        y = y * weight.reshape(shape)
+        y = y * weight[0]
     if bias is not None:
-        y = y + bias.reshape(shape)
-    acc = reference.accumulation_dtype(input.dtype)
-    none = torch.full((input.shape[1],), float("nan"), dtype=acc, device=input.device)
-    return y.to(input.dtype), none, none.clone()
+        y = y + bias[0]
+    channels = input.shape[1] if input.dim() > 1 else 0
+    acc = reference.accumulation_dtype(input.dtype) if input.is_floating_point() else torch.float32
+    none = torch.full((channels,), float("nan"), dtype=acc, device=input.device)
+    return y, none, none.clone()
 
 
 def _check_dtypes(x: Tensor, weight, bias, running_mean: Tensor, running_var: Tensor) -> None:
-    """torch's dtype rule over the four parameters (:func:`checks.dtypes`), in a few
-    comparisons where all are the input's dtype. The training forward checks the weight's
-    and bias's and the update the running statistics', but neither sees the other's."""
+    """torch's dtype rule over the four parameters, in a few comparisons where all are the
+    input's dtype (else every check, in torch's order: :func:`checks.arguments`). The
+    training forward checks the weight's and bias's, the update the running statistics', but
+    neither sees the other's."""
     dtype = x.dtype
     if (
         running_mean.dtype is dtype
@@ -73,7 +74,14 @@ def _check_dtypes(x: Tensor, weight, bias, running_mean: Tensor, running_var: Te
         and (bias is None or bias.dtype is dtype)
     ):
         return
-    checks.dtypes(x, weight, bias, running_mean, running_var)
+    checks.arguments(x, weight, bias, running_mean, running_var, written=True)
+
+
+def _one_running_statistic(input, weight, bias, running_mean, running_var) -> None:
+    """torch's refusal of one running statistic without the other, after its checks of the
+    sizes and devices."""
+    checks.placed(input, weight, bias, running_mean, running_var)
+    raise ValueError("running_mean and running_var must either both be None or neither be None")
 
 
 def supported_layout(x: Tensor) -> Tensor:
@@ -86,12 +94,17 @@ def supported_layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-def _check_training(size: torch.Size, eps: float) -> None:
-    """torch's checks of a training forward's input and eps, with its wording."""
+def _check_training(input: Tensor, eps: float, weight, bias, running_mean, running_var) -> None:
+    """torch's checks of a training forward's input and eps, with its wording; for an input
+    of fewer than 2 dimensions, then its checks of the parameters' sizes (against no
+    channels) before it refuses the input (the forward operator sees no running statistics)."""
+    size = input.size()
     _check_channels(size)
     _verify_batch_size(size)
     if eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if len(size) < 2 and input.numel() > 0:  # (torch checks nothing on an empty batch)
+        checks.placed(input, weight, bias, running_mean, running_var)
 
 
 def _train(
@@ -113,14 +126,15 @@ def _train(
     refused (torch counts a step before it checks them)."""
     counted = False
     try:
-        _check_training(input.size(), eps)
+        _check_training(input, eps, weight, bias, running_mean, running_var)
         if input.numel() == 0:  # no statistics: the running ones stay, the batch is counted
-            checks.arguments(input, weight, bias, running_mean, running_var, written=True)
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
                 counted = True
             y, mean, invstd = _empty_batch(input, weight, bias)
             return (torch.relu(y) if relu else y), mean, invstd
+        if (running_mean is None) != (running_var is None):
+            _one_running_statistic(input, weight, bias, running_mean, running_var)
         x = supported_layout(input)
         backend = ops.resolve_backend(backend, x)
         if running_mean is not None and running_var is not None:
@@ -166,12 +180,12 @@ def batch_norm_tracked(
     """
     tracked = running_mean is not None and running_var is not None
     counter = num_batches_tracked if tracked else None  # counted with the update (_train)
+    if momentum is None and counter is not None and counter.numel() != 1:
+        # torch's module counts, then reads the counter as a number: its ValueError
+        ops.count_batch(counter, 0.0, True)
     factor = 0.0 if momentum is None else momentum
     if num_batches_tracked is not None and not tracked:  # no update: counted here, first
         factor = ops.count_batch(num_batches_tracked, factor, momentum is None)
-    if (running_mean is None) != (running_var is None):
-        # torch's own check and wording
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
     y, _, _ = _train(
         input, weight, bias, running_mean, running_var, factor, eps, backend, relu,
         counter, counter is not None and momentum is None,
@@ -200,7 +214,9 @@ def batch_norm_stats(input: Tensor, eps: float, backend: str = "auto") -> tuple[
     """The batch's ``(mean, invstd)`` per channel, without gradient, exactly as
     :func:`batch_norm_train` computes them; for variants that need them before they
     normalise (batch renormalization's corrections). Checked as a training forward is."""
-    _check_training(input.size(), eps)
+    _check_training(input, eps, None, None, None, None)
+    if input.numel() == 0:  # no statistics, as the training forward's (torch checks nothing)
+        return _empty_batch(input, None, None)[1:]
     x = supported_layout(input)
     return ops.statistics(x, eps, ops.resolve_backend(backend, x))
 
@@ -230,15 +246,18 @@ def batch_norm(
     if not training:
         if eps < 0.0:
             raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        if input.numel() == 0:  # torch's empty batch, before any check of its own
+            y, _, _ = _empty_batch(input, weight, bias)
+            return torch.relu(y) if relu else y
         if running_mean is None or running_var is None:
-            raise RuntimeError("running_mean must be defined in evaluation mode")
+            # torch's refusal, after its size checks
+            checks.sizes(input, weight, bias, running_mean, running_var)
+            missing = "running_mean" if running_mean is None else "running_var"
+            raise RuntimeError(f"{missing} must be defined in evaluation mode")
         x = supported_layout(input)
         return ops.forward_eval(
             x, running_mean, running_var, weight, bias, eps, ops.resolve_backend(backend, x), relu
         )
 
-    if (running_mean is None) != (running_var is None):
-        # torch's own check and wording
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
     y, _, _ = _train(input, weight, bias, running_mean, running_var, momentum, eps, backend, relu)
     return y

@@ -185,7 +185,7 @@ def statistics(x: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
     """The batch's ``(mean, invstd)`` alone, without gradient; ``backend`` resolved."""
     with torch.no_grad():
         if backend == "reference":
-            checks.input_(x)
+            checks.forward(x, None, None)
             _, mean, invstd = reference.forward_train(x, None, None, eps)
             return mean, invstd
         return _stats(x, eps)

@@ -264,14 +264,14 @@ def _planes_normalize(
 
 @_jit()
 def _relu_grad(g, v, mean, invstd, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """g where the forward's pre-activation (x - mean) * invstd * w + b is positive, else 0."""
+    """g, or 0 where the forward's pre-activation (x - mean) * invstd * w + b is <= 0."""
     scale = invstd
     if HAS_W:
         scale = invstd * w
     z = (v - mean) * scale
     if HAS_B:
         z = z + b
-    return tl.where(z > 0.0, g, 0.0)
+    return tl.where(z <= 0.0, 0.0, g)  # a NaN z passes g, as torch's threshold_backward
 
 
 @_jit(do_not_specialize=["tiles_total", "tiles_per_program"])
@@ -518,6 +518,16 @@ def _rows_grad_input(
 
 
 @_jit()
+def _store_from_float64(ptr, value, mask):
+    # float64 values stored in the pointer's dtype, through float32 for the others: Triton's
+    # interpreter turns float64 straight into bfloat16 garbage (NaN, denormals)
+    if ptr.dtype.element_ty == tl.float64:
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value.to(tl.float32).to(ptr.dtype.element_ty), mask=mask)
+
+
+@_jit()
 def _update_running(
     rmean_ptr, rvar_ptr, mean_ptr, invstd_ptr, C,
     momentum: tl.float64, eps: tl.float64, unbias: tl.float64,
@@ -529,14 +539,12 @@ def _update_running(
     if HAS_MEAN:
         old = tl.load(rmean_ptr + i, mask=mask, other=0.0).to(tl.float64)
         batch = tl.load(mean_ptr + i, mask=mask, other=0.0).to(tl.float64)
-        new = (1.0 - momentum) * old + momentum * batch
-        tl.store(rmean_ptr + i, new.to(rmean_ptr.dtype.element_ty), mask=mask)
+        _store_from_float64(rmean_ptr + i, (1.0 - momentum) * old + momentum * batch, mask)
     if HAS_VAR:
         old = tl.load(rvar_ptr + i, mask=mask, other=0.0).to(tl.float64)
         invstd = tl.load(invstd_ptr + i, mask=mask, other=1.0).to(tl.float64)
         batch = (1.0 / (invstd * invstd) - eps) * unbias
-        new = (1.0 - momentum) * old + momentum * batch
-        tl.store(rvar_ptr + i, new.to(rvar_ptr.dtype.element_ty), mask=mask)
+        _store_from_float64(rvar_ptr + i, (1.0 - momentum) * old + momentum * batch, mask)
 
 
 # ---------------------------------------------------------------------------- launch planning
