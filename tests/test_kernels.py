@@ -746,9 +746,18 @@ def opcheck_every_operator(x, relu):
     checks = [
         (nb.batch_norm_forward, (xg, w, b, 1e-5, relu)),
         (nb.batch_norm_forward, (xg, None, None, 1e-5, relu)),
+        # a weight and bias of shape (1, C), which torch takes too
+        (
+            nb.batch_norm_forward,
+            (xg, w.detach()[None].requires_grad_(), b.detach()[None], 1e-5, relu),
+        ),
         (nb.batch_norm_backward, (dy, x, w.detach(), b.detach(), mean, invstd, relu)),
         (nb.batch_norm_backward, (dy, x, None, None, mean, invstd, relu)),
         (nb.batch_norm_eval, (xg, mean, invstd, w, b, 1e-5, relu)),
+        (
+            nb.batch_norm_eval,
+            (xg, mean, invstd, None, b.detach()[None].requires_grad_(), 1e-5, relu),
+        ),
         (nb.batch_norm_stats, (x, 1e-5)),
         (
             nb.update_running_stats,

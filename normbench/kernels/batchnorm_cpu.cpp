@@ -1530,22 +1530,18 @@ c10::optional<at::Tensor> optional_of(const at::Tensor& t) {
 }
 
 // A parameter's gradient from the kernels ((C,), in the compute type) in the parameter's
-// dtype and shape: torch takes a (1, C) weight, whose gradient is (1, C).
-at::Tensor grad_as(const at::Tensor& grad, at::ScalarType dtype, at::IntArrayRef sizes) {
+// dtype and shape: torch takes a (1, C) weight, whose gradient is (1, C). (Symbolic sizes
+// too: torch.compile traces the backward with them.)
+at::Tensor grad_as(const at::Tensor& grad, at::ScalarType dtype, const at::Tensor& param) {
   at::Tensor out = grad.scalar_type() == dtype ? grad : grad.to(dtype);
-  return out.sizes() == sizes ? out : out.reshape(sizes);
+  return param.defined() && param.dim() != 1 ? out.reshape_symint(param.sym_sizes()) : out;
 }
 
-// The bias's shape, kept where it is not (C,) (the bias itself is not saved).
-void save_bias_shape(torch::autograd::AutogradContext* ctx, const c10::optional<at::Tensor>& bias) {
-  if (bias.has_value() && bias->defined() && bias->dim() != 1) {
-    ctx->saved_data["bias_sizes"] = bias->sizes().vec();
-  }
-}
-
-std::vector<int64_t> bias_shape(torch::autograd::AutogradContext* ctx, int64_t C) {
-  const auto it = ctx->saved_data.find("bias_sizes");
-  return it == ctx->saved_data.end() ? std::vector<int64_t>{C} : it->second.toIntVector();
+// The bias, where the backward needs it: for the fused ReLU's mask, or for its gradient's
+// shape where it is not (C,).
+at::Tensor bias_to_save(const c10::optional<at::Tensor>& bias, bool relu) {
+  const bool needed = bias.has_value() && bias->defined() && (relu || bias->dim() != 1);
+  return needed ? *bias : at::Tensor();
 }
 
 // Grad mode is on in a backward only for create_graph=True: the kernels' backward is not
@@ -1565,13 +1561,12 @@ struct ForwardFunction : public torch::autograd::Function<ForwardFunction> {
                                                 bool relu) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, mean, invstd] = call_forward(x, weight, bias, eps, relu);
-    ctx->save_for_backward({x, weight.value_or(at::Tensor()),
-                            relu ? bias.value_or(at::Tensor()) : at::Tensor(), mean, invstd});
+    ctx->save_for_backward({x, weight.value_or(at::Tensor()), bias_to_save(bias, relu), mean,
+                            invstd});
     ctx->saved_data["bias_dtype"] = bias.has_value() && bias->defined()
                                         ? static_cast<int64_t>(bias->scalar_type())
                                         : int64_t(-1);
     ctx->saved_data["relu"] = relu;
-    save_bias_shape(ctx, bias);
     ctx->mark_non_differentiable({mean, invstd});
     // No zero gradients made for mean and invstd (backward reads only y's): two fewer
     // operator calls per step, each microseconds with the caches cold after the kernel.
@@ -1593,9 +1588,8 @@ struct ForwardFunction : public torch::autograd::Function<ForwardFunction> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [dx, dweight, dbias] = call_backward(grad_y, x, optional_of(weight), optional_of(bias),
                                               mean, invstd, ctx->saved_data["relu"].toBool());
-    return {dx, weight.defined() ? grad_as(dweight, weight.scalar_type(), weight.sizes()) : at::Tensor(),
-            bias_dtype >= 0 ? grad_as(dbias, static_cast<at::ScalarType>(bias_dtype),
-                                      bias_shape(ctx, x.size(1)))
+    return {dx, weight.defined() ? grad_as(dweight, weight.scalar_type(), weight) : at::Tensor(),
+            bias_dtype >= 0 ? grad_as(dbias, static_cast<at::ScalarType>(bias_dtype), bias)
                             : at::Tensor(),
             at::Tensor(), at::Tensor()};
   }
@@ -1613,10 +1607,9 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
     at::AutoDispatchBelowADInplaceOrView below;
     at::Tensor y = call_eval(x, running_mean, running_var, weight, bias, eps, relu);
     ctx->save_for_backward({x, running_mean, running_var, weight.value_or(at::Tensor()),
-                            relu ? y : at::Tensor()});
+                            relu ? y : at::Tensor(), bias_to_save(bias, /*relu=*/false)});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    save_bias_shape(ctx, bias);
     return {y};
   }
 
@@ -1625,7 +1618,7 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
     refuse_double_backward();
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &running_mean = saved[1], &running_var = saved[2];
-    const at::Tensor &weight = saved[3], &y = saved[4];
+    const at::Tensor &weight = saved[3], &y = saved[4], &bias = saved[5];
     at::Tensor grad_y = grads[0];
     if (!grad_y.defined()) {
       return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
@@ -1640,7 +1633,7 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
     const double eps = ctx->saved_data["eps"].toDouble();
     const at::Tensor invstd = at::rsqrt(running_var.to(at::kDouble) + eps).to(grad_y.scalar_type());
     const at::Tensor scale =
-        weight.defined() ? invstd * weight.reshape({C}).to(grad_y.scalar_type()) : invstd;
+        weight.defined() ? invstd * weight.reshape({-1}).to(grad_y.scalar_type()) : invstd;
     at::Tensor dx, dweight, dbias;
     if (ctx->needs_input_grad(0)) dx = (grad_y * scale.reshape(shape)).to(x.scalar_type());
     // needs_input_grad counts the tensors given: the bias is input 3 where no weight is
@@ -1649,10 +1642,10 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
       const at::Tensor xhat = (x.to(grad_y.scalar_type()) -
                                running_mean.to(grad_y.scalar_type()).reshape(shape)) *
                               invstd.reshape(shape);
-      dweight = grad_as((grad_y * xhat).sum(dims), weight.scalar_type(), weight.sizes());
+      dweight = grad_as((grad_y * xhat).sum(dims), weight.scalar_type(), weight);
     }
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(bias_input)) {
-      dbias = grad_y.sum(dims).reshape(bias_shape(ctx, C));
+      dbias = grad_as(grad_y.sum(dims), grad_y.scalar_type(), bias);
     }
     return {dx, at::Tensor(), at::Tensor(), dweight, dbias, at::Tensor(), at::Tensor()};
   }
@@ -1669,12 +1662,15 @@ at::Tensor eval_autograd(const at::Tensor& x, const at::Tensor& running_mean,
                          const at::Tensor& running_var, const c10::optional<at::Tensor>& weight,
                          const c10::optional<at::Tensor>& bias, double eps, bool relu) {
   // torch's refusal of tracked running statistics, after its size checks (the Function's
-  // forward runs without grad mode: checked here; the kernel checks the rest)
-  const int64_t C = channels_of(x);
-  check_size(&running_mean, "running_mean", C);
-  check_size(&running_var, "running_var", C);
-  check_size(given(weight), "weight", C);
-  check_size(given(bias), "bias", C);
+  // forward runs without grad mode: checked here; the kernel checks the rest, and the fake
+  // implementation where torch.compile traces with symbolic sizes)
+  if (!x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
+    const int64_t C = channels_of(x);
+    check_size(&running_mean, "running_mean", C);
+    check_size(&running_var, "running_var", C);
+    check_size(given(weight), "weight", C);
+    check_size(given(bias), "bias", C);
+  }
   check_untracked(running_mean, "running_mean");
   check_untracked(running_var, "running_var");
   return EvalFunction::apply(x, running_mean, running_var, weight, bias, eps, relu)[0];
