@@ -34,8 +34,9 @@ which also registers their CPU kernels and their autograd, once for every device
 ``relu=True`` fuses the ReLU that models apply after the norm: the forward writes the
 activated output and the backward masks the gradient inside its own passes. Here, in
 Python: each operator's fake implementation (shapes only, for ``torch.compile`` and meta
-tensors) and the Triton kernels as their CUDA implementation
-(:func:`register_python_implementations`, run once when the library loads). Every call,
+tensors, after the operator's own checks: :mod:`normbench.kernels.checks`) and the Triton
+kernels as their CUDA implementation (:func:`register_python_implementations`, run once
+when the library loads). Every call,
 eager, compiled or traced, goes through the dispatcher to the device's kernel; there is
 no second path.
 
