@@ -309,8 +309,8 @@ def cpu_outputs(x: torch.Tensor, relu: bool) -> list[torch.Tensor]:
     nb = ops.library()
     y, mean, invstd = nb.batch_norm_forward(x, w, b, 1e-5, relu)
     grads = nb.batch_norm_backward(dy, x, w, b, mean, invstd, relu)
-    rv = torch.rand(channels, generator=gen).to(mean.dtype) + 0.5
-    y_eval = nb.batch_norm_eval(x, mean, rv, w, b, 1e-5, relu)
+    rv = torch.rand(channels, generator=gen).to(x.dtype) + 0.5  # of x's dtype, as torch asks
+    y_eval = nb.batch_norm_eval(x, mean.to(x.dtype), rv, w, b, 1e-5, relu)
     return [y, mean, invstd, *grads, y_eval]
 
 
@@ -746,9 +746,18 @@ def opcheck_every_operator(x, relu):
     checks = [
         (nb.batch_norm_forward, (xg, w, b, 1e-5, relu)),
         (nb.batch_norm_forward, (xg, None, None, 1e-5, relu)),
+        # a weight and bias of shape (1, C), which torch takes too
+        (
+            nb.batch_norm_forward,
+            (xg, w.detach()[None].requires_grad_(), b.detach()[None], 1e-5, relu),
+        ),
         (nb.batch_norm_backward, (dy, x, w.detach(), b.detach(), mean, invstd, relu)),
         (nb.batch_norm_backward, (dy, x, None, None, mean, invstd, relu)),
         (nb.batch_norm_eval, (xg, mean, invstd, w, b, 1e-5, relu)),
+        (
+            nb.batch_norm_eval,
+            (xg, mean, invstd, None, b.detach()[None].requires_grad_(), 1e-5, relu),
+        ),
         (nb.batch_norm_stats, (x, 1e-5)),
         (
             nb.update_running_stats,
@@ -971,3 +980,236 @@ def test_the_statistics_alone_are_the_forwards(backend, layout):
     _, fmean, finvstd = batch_norm_train(x, None, None, 1e-5, backend)
     assert torch.equal(mean, fmean) and torch.equal(invstd, finvstd)
     assert not mean.requires_grad
+
+
+# --- every argument checked before a kernel reads it (issue 23; tests/test_kernel_fuzz.py
+# draws thousands of such calls at random) ------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels", [16, 4096])
+def test_a_weight_and_bias_of_shape_1_c_are_read_as_torch_reads_them(backend, channels):
+    """per_channel read a (1, C) weight by stride(0) = C: at 8x4096 the process died (exit
+    139), at C = 16 the output was off by up to 8.5e30. torch takes any shape of C values."""
+    x = torch.randn(8, channels, dtype=torch.float64)
+    w = torch.randn(1, channels, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, channels, dtype=torch.float64, requires_grad=True)
+    wt, bt = (t.detach().clone().requires_grad_() for t in (w, b))
+    y = batch_norm(x, None, None, w, b, training=True, backend=backend)
+    # torch's backward refuses the (1, C) bias its forward takes: it gets a (C,) view
+    yt = F.batch_norm(x, None, None, wt.reshape(-1), bt.reshape(-1), training=True)
+    torch.testing.assert_close(y, yt)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yt.backward(dy)
+    assert w.grad.shape == b.grad.shape == (1, channels)  # each gradient of its tensor's shape
+    torch.testing.assert_close(w.grad, wt.grad)
+    torch.testing.assert_close(b.grad, bt.grad)
+    stats = (torch.zeros(channels), torch.ones(channels))
+    ye = batch_norm(x.float(), *stats, w.float(), b.float(), backend=backend)
+    torch.testing.assert_close(ye, F.batch_norm(x.float(), *stats, wt.float(), bt.float()))
+
+
+def test_a_batchnorm2d_whose_weight_is_1_c_matches_torch():
+    """A BatchNorm2d whose weight was replaced by a (1, C) parameter gave NaN."""
+    from normbench.norms import BatchNorm2d
+
+    ours, theirs = BatchNorm2d(16).double(), torch.nn.BatchNorm2d(16).double()
+    for module in (ours, theirs):
+        module.weight = torch.nn.Parameter(torch.linspace(0.5, 2, 16, dtype=torch.float64)[None])
+    x = torch.randn(4, 16, 5, 5, dtype=torch.float64)
+    y = ours(x)
+    torch.testing.assert_close(y, theirs(x))
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    y.sum().backward()
+    assert ours.weight.grad.shape == (1, 16)
+    ours.eval()
+    theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(1, 16), (16, 1), (1, 16, 1)])
+def test_running_statistics_of_more_than_one_dimension_are_refused_as_torch_refuses(
+    training, shape
+):
+    """Running statistics of shape (1, C) in eval killed the process; torch refuses them."""
+    x = torch.randn(8, 16)
+    kind, _ = torch_error(
+        lambda: F.batch_norm(x, torch.zeros(shape), torch.ones(16), training=training)
+    )
+    assert kind is RuntimeError
+    with pytest.raises(RuntimeError, match=r"^expected running_mean to have 1 dims but tensor has"):
+        batch_norm(x, torch.zeros(shape), torch.ones(16), training=training)
+
+
+def test_the_backward_operator_refuses_a_grad_out_not_of_the_inputs_shape():
+    """A grad_out smaller than x, or of another channel count, was read out of bounds (a
+    segfault); one of another shape but the same size was read as if it were x's."""
+    nb = ops.library()
+    x = torch.randn(8, 16, 4, 4)
+    _, mean, invstd = nb.batch_norm_forward(x, None, None, 1e-5)
+    for grad_out in (torch.randn(4, 16, 4, 4), torch.randn(8, 3, 4, 4), torch.randn(8, 16, 16)):
+        with pytest.raises(RuntimeError, match=r"^grad_out should have the input's shape \[8, 16"):
+            nb.batch_norm_backward(grad_out, x, None, None, mean, invstd)
+    with pytest.raises(RuntimeError, match="^expected scalar type Float but found Double"):
+        nb.batch_norm_backward(torch.randn(8, 16, 4, 4).double(), x, None, None, mean, invstd)
+    with pytest.raises(RuntimeError, match="^mean should contain 16 elements not 3"):
+        nb.batch_norm_backward(torch.randn_like(x), x, None, None, mean[:3], invstd)
+
+
+def test_every_operator_refuses_a_per_channel_tensor_of_the_wrong_size():
+    nb = ops.library()
+    x, three, two = torch.randn(4, 3, 5), torch.ones(3), torch.ones(2)
+    calls = {
+        "weight": lambda: nb.batch_norm_forward(x, two, None, 1e-5),
+        "bias": lambda: nb.batch_norm_forward(x, None, two, 1e-5),
+        "running_mean": lambda: nb.batch_norm_eval(x, two, three, None, None, 1e-5),
+        "running_var": lambda: nb.batch_norm_eval(x, three, two, None, None, 1e-5),
+        "invstd": lambda: nb.update_running_stats(
+            three.clone(), three.clone(), three, two, 0.1, 1e-5, 20
+        ),
+    }
+    for name, call in calls.items():
+        expected = f"^{name} should contain 3 elements not 2$"
+        with pytest.raises(RuntimeError, match=expected):
+            call()
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        # running statistics tracked by autograd, in training and in eval
+        ((torch.zeros(3, requires_grad=True), torch.ones(3), None, None, True), "running_mean"),
+        ((torch.zeros(3), torch.ones(3, requires_grad=True), None, None, False), "running_var"),
+        # mixed dtypes: a float64 weight with float32 input
+        ((None, None, torch.ones(3, dtype=torch.float64), None, True), None),
+        # float32 running statistics with float16 weight and input
+        ((torch.zeros(3), torch.ones(3), torch.ones(3).half(), None, True), None),
+        # a meta weight with a CPU input
+        ((None, None, torch.ones(3, device="meta"), None, True), None),
+    ],
+)
+def test_arguments_torch_refuses_are_refused_with_its_error(args, name):
+    running_mean, running_var, weight, bias, training = args
+    x = torch.randn(4, 3, 5).half() if weight is not None and weight.dtype == torch.half else None
+    x = torch.randn(4, 3, 5) if x is None else x
+
+    def call(fn):
+        return fn(x, running_mean, running_var, weight, bias, training=training)
+
+    kind, message = torch_error(lambda: call(F.batch_norm))
+    message = message.replace("'native_batch_norm'", "'batch_norm'")  # named as normbench's
+    with pytest.raises(kind, match=f"^{re.escape(message)}$"):
+        call(batch_norm)
+    if name is not None:
+        assert f"argument '{name}'" in message
+
+
+def test_a_refused_training_step_still_counts_the_batch_as_torchs_module_does():
+    """torch's module adds 1 to num_batches_tracked before F.batch_norm checks anything."""
+    from normbench.norms import BatchNorm1d
+
+    ours, theirs = BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    for module in (ours, theirs):
+        module.weight = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+        with pytest.raises(RuntimeError, match="mixed dtype"):
+            module(torch.randn(4, 3))
+    assert ours.num_batches_tracked == theirs.num_batches_tracked == 1
+
+
+def test_expanded_running_statistics_are_not_written_over_each_other():
+    """An expanded running statistic has one memory location for every channel: torch
+    writes them over each other; normbench refuses to (as torch's in-place operators do).
+    A sliced one is updated in place, as torch updates it."""
+    x = torch.randn(8, 3)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        batch_norm(x, torch.zeros(1).expand(3), torch.ones(3), training=True)
+    ours, theirs = torch.zeros(3, 2), torch.zeros(3, 2)
+    batch_norm(x, ours[:, 1], torch.ones(3), training=True)
+    F.batch_norm(x, theirs[:, 1], torch.ones(3), training=True)
+    torch.testing.assert_close(ours, theirs)
+    # read-only in eval: an expanded statistic is as good as any
+    y = batch_norm(x, torch.zeros(1).expand(3), torch.ones(3))
+    torch.testing.assert_close(y, F.batch_norm(x, torch.zeros(3), torch.ones(3)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_infinite_value_gives_torchs_nans_and_infinities(backend):
+    """A NaN variance was clamped to 0 (invstd 1/sqrt(eps)), and an infinite first value made
+    its channel's mean NaN: the running statistics are torch's (inf, NaN), and so is y."""
+    x = torch.tensor([[float("inf"), 1.0], [2.0, 3.0], [1.0, 1.0]])
+    rm, rv, rmt, rvt = torch.zeros(2), torch.ones(2), torch.zeros(2), torch.ones(2)
+    y = batch_norm(x, rm, rv, training=True, backend=backend)
+    yt = F.batch_norm(x, rmt, rvt, training=True)
+    torch.testing.assert_close(y, yt, equal_nan=True)
+    torch.testing.assert_close(rm, rmt, equal_nan=True)
+    torch.testing.assert_close(rv, rvt, equal_nan=True)
+    assert math.isinf(rm[0]) and math.isnan(rv[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_with_a_zero_variance_and_no_eps_gives_torchs_nans(backend):
+    """eps = 0 with a zero running variance: torch's x * inf + (bias - mean * inf)."""
+    x = torch.tensor([[1.0, 2.0, -1.0], [2.0, 3.0, 0.0]])
+    rm, rv = torch.tensor([1.0, 0.0, 1.0]), torch.zeros(3)
+    w = torch.tensor([0.0, 1.0, 1.0])
+    y = batch_norm(x, rm, rv, w, None, training=False, eps=0.0, backend=backend)
+    yt = F.batch_norm(x, rm, rv, w, None, training=False, eps=0.0)
+    torch.testing.assert_close(y, yt, equal_nan=True)
+    assert y.isnan().any() and y.isinf().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_fused_relu_passes_the_gradient_where_its_input_is_nan_as_torch(backend):
+    """torch's threshold_backward zeroes the gradient where the output is <= 0: a NaN passes
+    it (the kernels zeroed it: the bias's gradient was 0 where torch's is the sum of dy)."""
+    x = torch.tensor([[1.0, float("inf")], [0.5, 1.0], [2.0, 3.0]])
+    b, bt = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    batch_norm(x, None, None, None, b, training=True, relu=True, backend=backend).sum().backward()
+    torch.relu(F.batch_norm(x, None, None, None, bt, training=True)).sum().backward()
+    torch.testing.assert_close(b.grad, bt.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_eval_gradient_of_a_bias_without_a_weight(backend):
+    """The eval's autograd node counted its inputs as if the weight were always given: a
+    bias without one failed with 'Index out of range' in the backward."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    b, bt = (torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    stats = (torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    batch_norm(x, *stats, None, b, backend=backend).sum().backward()
+    F.batch_norm(x, *stats, None, bt).sum().backward()
+    torch.testing.assert_close(b.grad, torch.full((3,), 4.0, dtype=torch.float64))
+    torch.testing.assert_close(bt.grad, b.grad)
+
+
+def test_a_counter_of_another_dtype_is_counted_as_torchs_module_counts_it():
+    """torch's module adds 1 to whatever num_batches_tracked is; the update did the same only
+    for a one-element int64 and refused the rest."""
+    x = torch.randn(6, 3)
+    ours, theirs = torch.tensor(2.0), torch.tensor(2.0)
+    batch_norm_tracked(x, torch.zeros(3), torch.ones(3), ours, None, None, None, 1e-5)
+    theirs.add_(1)
+    assert ours == theirs == 3.0
+
+
+def test_the_triton_implementations_check_their_arguments_before_launching(triton_backend):
+    """The Triton kernels (here under Triton's interpreter) read a (1, C) weight right and
+    refuse what the C++ kernels refuse, with the same messages, before any launch."""
+    device = "cuda" if triton_backend == "triton" else "cpu"
+    x = torch.randn(8, 16, device=device, dtype=torch.float64)
+    w = torch.randn(1, 16, device=device, dtype=torch.float64)
+    y = batch_norm(x, None, None, w, None, training=True, backend=triton_backend)
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, w.reshape(-1), training=True))
+    nb = ops.library()
+    _, mean, invstd = nb.batch_norm_forward(x, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match=r"^grad_out should have the input's shape \[8, 16\]"):
+        nb.batch_norm_backward(torch.randn(4, 16, device=device).double(), x, None, None,
+                               mean, invstd)  # fmt: skip
+    with pytest.raises(RuntimeError, match="^running_var should contain 16 elements not 3"):
+        nb.batch_norm_eval(x, torch.zeros(16, device=device).double(),
+                           torch.ones(3, device=device).double(), None, None, 1e-5)  # fmt: skip
+    with pytest.raises(RuntimeError, match="^expected running_mean to have 1 dims"):
+        batch_norm(x, torch.zeros(1, 16, device=device).double(),
+                   torch.ones(16, device=device).double(), backend=triton_backend)  # fmt: skip

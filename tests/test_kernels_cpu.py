@@ -7,14 +7,19 @@ around it; the real build is exercised by every other kernel test.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import pytest
+import torch
 
 from normbench.kernels import cpu
 
@@ -25,14 +30,32 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def test_the_name_tracks_source_flags_and_cpu(monkeypatch):
+def test_the_name_tracks_everything_the_build_depends_on(monkeypatch, tmp_path):
+    """The source, the flags, the compiler (name, file, version), torch's version and
+    folder, Python (executable, prefix, version) and the CPU's instruction sets: two
+    environments that differ in any of them get two builds."""
     name = cpu.extension_name()
     assert name.startswith("normbench_bn_cpu_") and name == cpu.extension_name()
-    monkeypatch.setattr(cpu, "_cpu_signature", lambda: "flags : sse2")
-    assert cpu.extension_name() != name
-    monkeypatch.undo()
-    monkeypatch.setattr(cpu, "CFLAGS", [*cpu.CFLAGS, "-DOTHER"])
-    assert cpu.extension_name() != name
+    changes = [
+        lambda: monkeypatch.setattr(cpu, "_cpu_signature", lambda: "flags : sse2"),
+        lambda: monkeypatch.setattr(cpu, "CFLAGS", [*cpu.CFLAGS, "-DOTHER"]),
+        lambda: monkeypatch.setattr(cpu, "LDFLAGS", [*cpu.LDFLAGS, "-lm"]),
+        lambda: monkeypatch.setenv("CXX", shutil.which("c++")),  # the same, named otherwise
+        lambda: monkeypatch.setattr(sys, "executable", str(tmp_path / "python")),
+        lambda: monkeypatch.setattr(sys, "prefix", str(tmp_path)),
+        lambda: monkeypatch.setattr(torch, "__version__", "0.0.1"),
+        lambda: monkeypatch.setattr(inspect, "getfile", lambda _: str(tmp_path / "torch" / "x")),
+    ]
+    source = tmp_path / "batchnorm_cpu.cpp"
+    source.write_text(cpu.SOURCE.read_text() + "\n// another source\n")
+    changes.append(lambda: monkeypatch.setattr(cpu, "SOURCE", source))
+    for change in changes:
+        change()
+        assert cpu.extension_name() != name
+        monkeypatch.undo()
+        assert cpu.extension_name() == name
+    compiler = cpu.build_key()[3:6]
+    assert compiler[0] == os.environ.get("CXX", "c++") and "(" in compiler[2]  # its --version
 
 
 def test_the_cache_folder_follows_the_environment(cache):
@@ -97,6 +120,66 @@ def test_concurrent_processes_build_one_at_a_time(cache):
     assert a1 <= b0, "the two builds overlapped"
     # Only the first found no library and said it was compiling.
     assert sum("compiling" in err for _, err in outs) == 1
+
+
+# A library of one operator: it compiles in seconds, as the kernel's build does (the same
+# flags, torch's load), so that several builds can run in a test.
+TINY_SOURCE = """#include <torch/library.h>
+TORCH_LIBRARY(normbench_cache_test, m) { m.def("one() -> int", [] { return int64_t(1); }); }
+"""
+
+LOAD_DRIVER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from normbench.kernels import cpu
+
+    cpu.SOURCE = Path(sys.argv[1])
+    print(cpu._load())
+    """
+)
+
+
+def test_two_checkouts_and_two_environments_never_rebuild_each_others_kernel(tmp_path):
+    """Two checkouts (the same source in two folders) and two environments (here: the same
+    compiler named two ways, CXX) share one cache, loading in turn: each environment
+    compiles once, saying so on stderr with the time taken, and never again. (The build
+    named its checkout's path and the cache name no environment: each switch recompiled.)"""
+    checkouts = [tmp_path / "a" / "batchnorm_cpu.cpp", tmp_path / "b" / "batchnorm_cpu.cpp"]
+    for source in checkouts:
+        source.parent.mkdir()
+        source.write_text(TINY_SOURCE)
+    cache = tmp_path / "cache"
+    environments = [{"CXX": "c++"}, {"CXX": shutil.which("c++")}]
+
+    def load(checkout, environment):
+        env = {**os.environ, "NORMBENCH_KERNEL_CACHE": str(cache), **environment}
+        done = subprocess.run(
+            [sys.executable, "-c", LOAD_DRIVER, str(checkouts[checkout])],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return Path(done.stdout.strip()), done.stderr
+
+    first = [load(0, environments[0]), load(1, environments[1])]
+    (library_a, err_a), (library_b, err_b) = first
+    assert library_a.parent != library_b.parent  # two environments: two builds
+    for library, err in first:
+        lines = [line for line in err.splitlines() if line.startswith("normbench:")]
+        assert len(lines) == 2, err
+        assert lines[0].startswith("normbench: compiling the CPU BatchNorm kernel")
+        folder = re.escape(str(library.parent))
+        done = rf"normbench: compiled the CPU BatchNorm kernel in \d+ s \({folder}\)"
+        assert re.fullmatch(done, lines[1]), lines[1]
+    built = {library: library.stat().st_mtime_ns for library in (library_a, library_b)}
+    for checkout, environment in [(1, 0), (0, 1), (0, 0), (1, 1), (1, 0)]:
+        library, err = load(checkout, environments[environment])
+        assert library == (library_a, library_b)[environment]
+        assert "normbench:" not in err  # nothing compiled
+    assert {library: library.stat().st_mtime_ns for library in built} == built
+    for library in built:  # ninja ran each build once: one compile, one link
+        assert len((library.parent / ".ninja_log").read_text().splitlines()) == 3
+        assert "a/batchnorm" not in (library.parent / "build.ninja").read_text()
 
 
 def test_a_failed_compile_reports_the_compilers_error_lines(monkeypatch):

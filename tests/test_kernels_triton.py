@@ -113,8 +113,7 @@ def test_forward_train_matches_reference(shape, fmt, dtype, with_affine):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_is_computed_in_float32(shape, fmt, dtype):
     x = make_x(shape, fmt, dtype)
-    w, b = affine(shape[1], torch.float32)  # parameters of another dtype than x: cast in-kernel
-    b = b.double()
+    w, b = affine(shape[1], torch.float32)  # float32 parameters (torch's mixed precision)
     y, mean, invstd = tk.forward_train(x, w, b, EPS)
     y_ref, mean_ref, invstd_ref = reference.forward_train(x, w, b, EPS)
     assert_layout(y, x)
@@ -285,9 +284,11 @@ def test_split_choice(monkeypatch):
 def test_forward_eval_matches_reference(shape, fmt, dtype):
     x = make_x(shape, fmt, dtype)
     c = shape[1]
-    rm = torch.randn(c, device=DEVICE)
-    rv = torch.rand(c, device=DEVICE) + 0.5
-    w, b = affine(c, torch.float32)
+    # the parameters in x's dtype, or float32 for bfloat16 x (torch's mixed precision)
+    params = torch.float32 if dtype == torch.bfloat16 else dtype
+    rm = torch.randn(c, device=DEVICE, dtype=params)
+    rv = torch.rand(c, device=DEVICE, dtype=params) + 0.5
+    w, b = affine(c, params)
     for weight, bias in [(w, b), (None, None)]:
         y = tk.forward_eval(x, rm, rv, weight, bias, EPS)
         y_ref = reference.forward_eval(x, rm, rv, weight, bias, EPS)
@@ -299,7 +300,7 @@ def test_forward_eval_matches_reference(shape, fmt, dtype):
 @pytest.mark.parametrize("stat_dtype", [torch.float32, torch.float64, torch.float16])
 def test_update_running_stats(stat_dtype):
     c, count, momentum = 5, 48, 0.1
-    x = make_x((12, c, 2, 2), dtype=torch.float64)
+    x = make_x((12, c, 2, 2), dtype=stat_dtype)  # running statistics of x's dtype, as torch's
     _, mean, invstd = tk.forward_train(x, None, None, EPS)
     rm = torch.randn(c, device=DEVICE).to(stat_dtype)
     rv = (torch.rand(c, device=DEVICE) + 0.5).to(stat_dtype)
@@ -315,7 +316,7 @@ def test_update_running_stats(stat_dtype):
 @pytest.mark.parametrize("stat_dtype", [torch.float32, torch.float64])
 def test_update_running_stats_matches_reference(stat_dtype):
     c, count = 6, 40
-    x = make_x((10, c, 4))
+    x = make_x((10, c, 4), dtype=stat_dtype)
     _, mean, invstd = tk.forward_train(x, None, None, EPS)
     rm = torch.randn(c, device=DEVICE, dtype=stat_dtype)
     rv = torch.rand(c, device=DEVICE, dtype=stat_dtype) + 0.5

@@ -9,6 +9,9 @@
 - :mod:`~normbench.kernels.ops`: the ``normbench::`` torch operators (defined in C++
   with their CPU kernels and autograd; fakes and the Triton CUDA kernels registered
   in Python), and the ``reference`` backend's plain torch path.
+- :mod:`~normbench.kernels.checks`: the operators' argument checks (the C++ kernel's own,
+  in Python) for the Triton kernels and the fake implementations, and torch's
+  ``F.batch_norm`` contract for the paths that reach no operator.
 - :mod:`~normbench.kernels.function`: the functional :func:`batch_norm`, a
   drop-in for ``torch.nn.functional.batch_norm``, and :func:`batch_norm_tracked`,
   the training forward of ``torch.nn.BatchNorm*d`` (batch counter included).

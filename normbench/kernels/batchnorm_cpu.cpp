@@ -82,12 +82,144 @@ bool channels_last(const at::Tensor& t) {
          (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d));
 }
 
+// ---------------------------------------------------------------- argument checks
+//
+// Every tensor an operator reads or writes through a pointer is checked before its pointer is
+// read: its device, dtype and number of values, and where it is written, its layout. The
+// wording is torch's batch_norm's where torch refuses the same argument, and so is the order
+// (so that a call with two faults fails with torch's exception type): the parameters' sizes,
+// the input's dimensions, the devices, the input's dtype, the parameters' dtypes, the running
+// statistics' dimensions. A few integer comparisons a tensor: nothing next to a kernel's run.
+
+// The dtypes the kernels compute in.
+bool kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+bool reduced_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+const at::Tensor* given(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? &*t : nullptr;
+}
+
+// The number of values a parameter must have: x's channels (torch counts none in an input of
+// fewer than 2 dimensions, which it then refuses).
+int64_t channels_of(const at::Tensor& x) { return x.dim() >= 2 ? x.size(1) : 0; }
+
+// A tensor of one value per channel (weight, bias, running statistics, mean, invstd), in any
+// shape (torch takes a (1, C) weight; per_channel reads it in order).
+void check_size(const at::Tensor* t, const char* name, int64_t C) {
+  if (t == nullptr) return;
+  TORCH_CHECK(t->numel() == C, name, " should contain ", C, " elements not ", t->numel());
+}
+
+// x: (N, C, *) with C > 0 (zero channels would divide by zero below: SIGFPE).
+void check_input_shape(const at::Tensor& x) {
+  const int64_t dims = std::max<int64_t>(1, x.dim());
+  TORCH_CHECK_INDEX(x.dim() >= 2, "Dimension out of range (expected to be in range of [", -dims,
+                    ", ", dims - 1, "], but got 1)");
+  TORCH_CHECK_VALUE(x.size(1) > 0, "BatchNorm needs at least one channel, got input size ",
+                    x.sizes());
+}
+
+void check_device(const at::Tensor* t) {
+  if (t == nullptr) return;
+  TORCH_CHECK(t->is_cpu(), "Tensor on device ", t->device(), " is not on the expected device cpu!");
+}
+
+void check_input_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.is_cpu(), "normbench's CPU kernel got a ", x.device(), " tensor");
+  TORCH_CHECK_NOT_IMPLEMENTED(kernel_dtype(x.scalar_type()), "\"batch_norm\" not implemented for '",
+                              x.scalar_type(), "'");
+}
+
+// The parameters' dtypes as torch's batch_norm takes them on the CPU: the parameters given
+// (weight, bias, running_mean, running_var, in that order) all of x's dtype; or, when the
+// first is not, all float32 with a float16 or bfloat16 x (mixed precision).
+void check_dtypes(const at::Tensor& x, std::initializer_list<const at::Tensor*> params) {
+  const at::Tensor* first = nullptr;
+  for (const at::Tensor* p : params) {
+    if (p != nullptr) {
+      first = p;
+      break;
+    }
+  }
+  if (first == nullptr) return;
+  const auto type = x.scalar_type();
+  if (first->scalar_type() == type) {
+    for (const at::Tensor* p : params) {
+      TORCH_CHECK(p == nullptr || p->scalar_type() == type, "expected scalar type ", type,
+                  " but found ", p->scalar_type());
+    }
+    return;
+  }
+  for (const at::Tensor* p : params) {
+    TORCH_CHECK(p == nullptr || p->scalar_type() == at::kFloat,
+                "mixed dtype (CPU): expect parameter to have scalar type of Float");
+  }
+  TORCH_CHECK(reduced_float(type), "mixed dtype (CPU): all inputs must share same datatype.");
+}
+
+// Running statistics: autograd does not track them (torch's refusal, under grad mode; the
+// eval checks it in its autograd kernel, as its Function's forward runs without grad mode).
+void check_untracked(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && t.requires_grad()),
+              "The function 'batch_norm' is not differentiable with respect to argument '", name,
+              "'. This input cannot have requires_grad True.");
+}
+
+// A running statistic has one dimension, as torch asks; `written` (the update): no two of its
+// values in one place (an expanded tensor).
+void check_running_layout(const at::Tensor& t, const char* name, bool written) {
+  TORCH_CHECK(t.dim() == 1, "expected ", name, " to have 1 dims but tensor has ", t.dim());
+  TORCH_CHECK(!written || t.numel() <= 1 || t.stride(0) != 0,
+              "unsupported operation: more than one element of the written-to tensor refers to a "
+              "single memory location. Please clone() the tensor before performing the operation.");
+}
+
+// The batch's statistics handed back to the backward or the update: C values of a floating
+// dtype on the CPU.
+void check_statistic(const at::Tensor& t, const char* name, int64_t C) {
+  check_size(&t, name, C);
+  check_device(&t);
+  TORCH_CHECK(kernel_dtype(t.scalar_type()), name, " must be a floating-point tensor, got ",
+              t.scalar_type());
+}
+
+// The training forward's (and the statistics') arguments: x, and the weight and bias given.
+void check_affine(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                  const c10::optional<at::Tensor>& bias) {
+  const at::Tensor *w = given(weight), *b = given(bias);
+  check_size(w, "weight", channels_of(x));
+  check_size(b, "bias", channels_of(x));
+  check_input_shape(x);
+  check_device(w);
+  check_device(b);
+  check_input_dtype(x);
+  check_dtypes(x, {w, b});
+}
+
+// The eval's arguments, in torch's order: the running statistics, weight and bias of C
+// values, ..., the running statistics 1-d.
+void check_eval(const at::Tensor& x, const at::Tensor& running_mean, const at::Tensor& running_var,
+                const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+  const at::Tensor *w = given(weight), *b = given(bias);
+  const int64_t C = channels_of(x);
+  check_size(&running_mean, "running_mean", C);
+  check_size(&running_var, "running_var", C);
+  check_size(w, "weight", C);
+  check_size(b, "bias", C);
+  check_input_shape(x);
+  for (const at::Tensor* t : {&running_mean, &running_var, w, b}) check_device(t);
+  check_input_dtype(x);
+  check_dtypes(x, {w, b, &running_mean, &running_var});
+  check_running_layout(running_mean, "running_mean", /*written=*/false);
+  check_running_layout(running_var, "running_var", /*written=*/false);
+}
+
 Layout layout_of(const at::Tensor& input) {
-  TORCH_CHECK(input.dim() >= 2, "batch norm expects (N, C, *) input, got ", input.dim(), " dims");
-  TORCH_CHECK(input.device().is_cpu(), "normbench's CPU kernel got a ", input.device(), " tensor");
-  // zero channels would divide by zero below (SIGFPE); the Python front refuses them first
-  TORCH_CHECK_VALUE(input.size(1) > 0, "BatchNorm needs at least one channel, got input size ",
-                    input.sizes());
+  check_input_shape(input);
+  check_input_dtype(input);
   Layout lay;
   lay.N = input.size(0);
   lay.C = input.size(1);
@@ -345,23 +477,34 @@ int64_t grain_for(int64_t tasks, int64_t work_per_task) {
   return std::max<int64_t>(1, std::min(g, tasks));
 }
 
-// Per-channel constants, in the compute type, from an optional (C,) tensor of any float dtype.
+// Per-channel constants, in the compute type, from an optional tensor of C values of any float
+// dtype (checked by the operator: check_size, check_device), in their logical order: a 1-d
+// tensor by its stride (sliced, or expanded with stride 0), any other shape ((1, C), (C, 1, 1),
+// 0-d) as a flat view of it (a copy where it has no such view).
 // Read directly: a tensor op here would cost more than the whole kernel on small inputs.
 template <typename acc_t>
 std::vector<acc_t> per_channel(const c10::optional<at::Tensor>& t, int64_t C, acc_t fill) {
   std::vector<acc_t> out(C, fill);
   if (t.has_value() && t->defined()) {
-    TORCH_CHECK(t->numel() == C, "expected ", C, " per-channel values, got ", t->numel());
-    TORCH_CHECK(t->device().is_cpu(), "per-channel tensors must be on the CPU");
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "per_channel", [&] {
-      const scalar_t* p = t->data_ptr<scalar_t>();
-      const int64_t stride = t->dim() == 0 ? 0 : t->stride(0);
+    TORCH_CHECK(t->numel() == C && t->is_cpu(), "expected ", C,
+                " per-channel values on the CPU, got ", t->numel(), " on ", t->device());
+    const at::Tensor flat = t->dim() == 1 ? *t : t->reshape({C});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "per_channel", [&] {
+      const scalar_t* p = flat.const_data_ptr<scalar_t>();
+      const int64_t stride = flat.stride(0);
       for (int64_t c = 0; c < C; ++c) {
         out[c] = static_cast<acc_t>(static_cast<double>(p[c * stride]));
       }
     });
   }
   return out;
+}
+
+// A channel's shift for the shifted sums (its first value): 0 where that value is not
+// finite, so that an infinite value gives an infinite mean and a NaN variance, as torch's.
+template <typename acc_t>
+inline acc_t shift_of(acc_t first) {
+  return std::isfinite(first) ? first : acc_t(0);
 }
 
 // ---------------------------------------------------------------- planes (N, C, L)
@@ -531,8 +674,8 @@ inline void stream_vec(acc_t* p, const Vec<acc_t>& v) {
 #endif
 
 // The activation fused into the passes (a scalar or a Vec): max(z, 0), NaN kept as
-// torch.relu keeps it; and the gradient through it, dy where z > 0 and else 0, as torch's
-// threshold_backward gives it (z is recomputed from x by the same expression as the
+// torch.relu keeps it; and the gradient through it, 0 where z <= 0 and else dy (a NaN z
+// passing dy), as torch's threshold_backward gives it (z is recomputed from x by the same expression as the
 // forward's, so the mask is the forward's).
 template <typename T>
 inline T relu(T z) {
@@ -553,7 +696,7 @@ inline T activate(T z) {
 template <typename T>
 inline T relu_grad(T dy, T z) {
   const T zero{};
-  return z > zero ? dy : zero;
+  return z <= zero ? zero : dy;  // a NaN z passes dy, as threshold_backward
 }
 
 // Lanes [first, kWidth) of a vector: the mask that keeps a run's last values from a vector
@@ -1042,14 +1185,15 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
 
   auto finish = [&](int64_t c, acc_t shift, double s1, double s2) {
     const double m1 = s1 / count;
-    const double var = std::max(0.0, s2 / count - m1 * m1);
+    double var = s2 / count - m1 * m1;
+    if (var < 0.0) var = 0.0;  // rounding; a NaN (from an infinite value) stays, as torch's
     mean[c] = static_cast<acc_t>(shift + m1);
     invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
   };
 
   if (g.rows) {
     std::vector<acc_t> shift(g.C);
-    for (int64_t c = 0; c < g.C; ++c) shift[c] = static_cast<acc_t>(x[c]);
+    for (int64_t c = 0; c < g.C; ++c) shift[c] = shift_of(static_cast<acc_t>(x[c]));
     const acc_t* sh = shift.data();
     std::vector<double> s1, s2;
     reduce_rows(g, [&](int64_t m0, int64_t m1, double* p1, double* p2) {
@@ -1070,7 +1214,7 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
   }
 
   std::vector<acc_t> shift(g.C), scale(g.C);
-  for (int64_t c = 0; c < g.C; ++c) shift[c] = static_cast<acc_t>(x[c * g.L]);
+  for (int64_t c = 0; c < g.C; ++c) shift[c] = shift_of(static_cast<acc_t>(x[c * g.L]));
   // channel c's term (see planes_two_pass)
   auto moments = [&](int64_t c) {
     return [s = shift[c]](auto xv, auto, auto& u, auto& v) {
@@ -1093,6 +1237,7 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, double eps, bool relu) {
+  check_affine(input, weight, bias);
   const Layout g = layout_of(input);
   const auto acc = at::toOpMathType(input.scalar_type());
   auto y = empty_as(g.x);
@@ -1223,6 +1368,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd,
     bool relu) {
+  check_affine(input, weight, bias);
+  const int64_t C = input.size(1);
+  check_statistic(mean, "mean", C);
+  check_statistic(invstd, "invstd", C);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "grad_out should have the input's shape ",
+              input.sizes(), ", got ", grad_out.sizes());
+  check_device(&grad_out);
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "expected scalar type ",
+              input.scalar_type(), " but found ", grad_out.scalar_type());
   const Layout g = layout_of(input);
   // dy in the same layout as x, so one index serves both
   at::Tensor dy = g.rows && g.x.dim() >= 4 && !g.x.is_contiguous()
@@ -1256,12 +1410,18 @@ void eval_impl(const Layout& g, at::Tensor& y, const at::Tensor& running_mean,
   const scalar_t* x = g.x.data_ptr<scalar_t>();
   scalar_t* out = y.data_ptr<scalar_t>();
   const auto w = per_channel<acc_t>(weight, g.C, acc_t(1));
-  const auto b = per_channel<acc_t>(bias, g.C, acc_t(0));
-  const auto mean = per_channel<acc_t>(running_mean, g.C, acc_t(0));
+  auto b = per_channel<acc_t>(bias, g.C, acc_t(0));
+  auto mean = per_channel<acc_t>(running_mean, g.C, acc_t(0));
   const auto var = per_channel<acc_t>(running_var, g.C, acc_t(1));
   std::vector<acc_t> scale(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
     scale[c] = static_cast<acc_t>(w[c] / std::sqrt(static_cast<double>(var[c]) + eps));
+    if (!std::isfinite(scale[c])) {
+      // A zero variance with eps = 0 (or an infinite weight): torch computes
+      // x * scale + (bias - mean * scale), and so gives its NaNs and infinities.
+      b[c] = b[c] - mean[c] * scale[c];
+      mean[c] = acc_t(0);
+    }
   }
   if (g.rows) {
     rows_affine<kRelu>(g, x, out, mean.data(), scale.data(), b.data());
@@ -1282,6 +1442,7 @@ void eval_impl(const Layout& g, at::Tensor& y, const at::Tensor& running_mean,
 at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& running_mean,
                         const at::Tensor& running_var, const c10::optional<at::Tensor>& weight,
                         const c10::optional<at::Tensor>& bias, double eps, bool relu) {
+  check_eval(input, running_mean, running_var, weight, bias);
   const Layout g = layout_of(input);
   auto y = empty_as(g.x);
   if (g.x.numel() == 0) return y;
@@ -1295,7 +1456,8 @@ at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& running_mean,
   return y;
 }
 
-// running = (1 - momentum) * running + momentum * batch, the variance unbiased (count / (count - 1))
+// running = (1 - momentum) * running + momentum * batch, the variance unbiased (count / (count - 1));
+// the running statistics written through their stride (checked: 1-d, no two values in one place).
 void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                           const at::Tensor& invstd, double momentum, double eps, int64_t count) {
   const int64_t C = mean.numel();
@@ -1304,11 +1466,14 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
   const double unbias = count > 1 ? static_cast<double>(count) / (count - 1) : 1.0;
   auto update = [&](at::Tensor& running, auto batch_value) {
     if (!running.defined()) return;
-    TORCH_CHECK(running.is_contiguous() && running.numel() == C, "running statistics must be contiguous (C,)");
+    TORCH_CHECK(running.dim() == 1 && running.numel() == C, "running statistics must be (C,)");
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "update", [&] {
       scalar_t* r = running.data_ptr<scalar_t>();
+      const int64_t stride = running.stride(0);
       for (int64_t c = 0; c < C; ++c) {
-        r[c] = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(r[c]) + momentum * batch_value(c));
+        scalar_t& value = r[c * stride];
+        value = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(value) +
+                                      momentum * batch_value(c));
       }
     });
   };
@@ -1364,8 +1529,19 @@ c10::optional<at::Tensor> optional_of(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
-at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : t.to(dtype);
+// A parameter's gradient from the kernels ((C,), in the compute type) in the parameter's
+// dtype and shape: torch takes a (1, C) weight, whose gradient is (1, C). (Symbolic sizes
+// too: torch.compile traces the backward with them.)
+at::Tensor grad_as(const at::Tensor& grad, at::ScalarType dtype, const at::Tensor& param) {
+  at::Tensor out = grad.scalar_type() == dtype ? grad : grad.to(dtype);
+  return param.defined() && param.dim() != 1 ? out.reshape_symint(param.sym_sizes()) : out;
+}
+
+// The bias, where the backward needs it: for the fused ReLU's mask, or for its gradient's
+// shape where it is not (C,).
+at::Tensor bias_to_save(const c10::optional<at::Tensor>& bias, bool relu) {
+  const bool needed = bias.has_value() && bias->defined() && (relu || bias->dim() != 1);
+  return needed ? *bias : at::Tensor();
 }
 
 // Grad mode is on in a backward only for create_graph=True: the kernels' backward is not
@@ -1385,8 +1561,8 @@ struct ForwardFunction : public torch::autograd::Function<ForwardFunction> {
                                                 bool relu) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, mean, invstd] = call_forward(x, weight, bias, eps, relu);
-    ctx->save_for_backward({x, weight.value_or(at::Tensor()),
-                            relu ? bias.value_or(at::Tensor()) : at::Tensor(), mean, invstd});
+    ctx->save_for_backward({x, weight.value_or(at::Tensor()), bias_to_save(bias, relu), mean,
+                            invstd});
     ctx->saved_data["bias_dtype"] = bias.has_value() && bias->defined()
                                         ? static_cast<int64_t>(bias->scalar_type())
                                         : int64_t(-1);
@@ -1412,8 +1588,9 @@ struct ForwardFunction : public torch::autograd::Function<ForwardFunction> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [dx, dweight, dbias] = call_backward(grad_y, x, optional_of(weight), optional_of(bias),
                                               mean, invstd, ctx->saved_data["relu"].toBool());
-    return {dx, weight.defined() ? as_dtype(dweight, weight.scalar_type()) : at::Tensor(),
-            bias_dtype >= 0 ? as_dtype(dbias, static_cast<at::ScalarType>(bias_dtype)) : at::Tensor(),
+    return {dx, weight.defined() ? grad_as(dweight, weight.scalar_type(), weight) : at::Tensor(),
+            bias_dtype >= 0 ? grad_as(dbias, static_cast<at::ScalarType>(bias_dtype), bias)
+                            : at::Tensor(),
             at::Tensor(), at::Tensor()};
   }
 };
@@ -1430,7 +1607,7 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
     at::AutoDispatchBelowADInplaceOrView below;
     at::Tensor y = call_eval(x, running_mean, running_var, weight, bias, eps, relu);
     ctx->save_for_backward({x, running_mean, running_var, weight.value_or(at::Tensor()),
-                            relu ? y : at::Tensor()});
+                            relu ? y : at::Tensor(), bias_to_save(bias, /*relu=*/false)});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return {y};
@@ -1441,12 +1618,13 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
     refuse_double_backward();
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &running_mean = saved[1], &running_var = saved[2];
-    const at::Tensor &weight = saved[3], &y = saved[4];
+    const at::Tensor &weight = saved[3], &y = saved[4], &bias = saved[5];
     at::Tensor grad_y = grads[0];
     if (!grad_y.defined()) {
       return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
-    if (y.defined()) grad_y = grad_y * (y > 0);  // through the ReLU, as threshold_backward
+    // through the ReLU, as threshold_backward: no gradient where y <= 0 (a NaN y passes it)
+    if (y.defined()) grad_y = grad_y.masked_fill(y <= 0, 0);
     const int64_t C = x.size(1);
     std::vector<int64_t> shape(x.dim(), 1);
     shape[1] = C;
@@ -1454,16 +1632,21 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
     for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
     const double eps = ctx->saved_data["eps"].toDouble();
     const at::Tensor invstd = at::rsqrt(running_var.to(at::kDouble) + eps).to(grad_y.scalar_type());
-    const at::Tensor scale = weight.defined() ? invstd * weight.to(grad_y.scalar_type()) : invstd;
+    const at::Tensor scale =
+        weight.defined() ? invstd * weight.reshape({-1}).to(grad_y.scalar_type()) : invstd;
     at::Tensor dx, dweight, dbias;
     if (ctx->needs_input_grad(0)) dx = (grad_y * scale.reshape(shape)).to(x.scalar_type());
+    // needs_input_grad counts the tensors given: the bias is input 3 where no weight is
+    const size_t bias_input = weight.defined() ? 4 : 3;
     if (weight.defined() && ctx->needs_input_grad(3)) {
       const at::Tensor xhat = (x.to(grad_y.scalar_type()) -
                                running_mean.to(grad_y.scalar_type()).reshape(shape)) *
                               invstd.reshape(shape);
-      dweight = (grad_y * xhat).sum(dims).to(weight.scalar_type());
+      dweight = grad_as((grad_y * xhat).sum(dims), weight.scalar_type(), weight);
     }
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4)) dbias = grad_y.sum(dims);
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(bias_input)) {
+      dbias = grad_as(grad_y.sum(dims), grad_y.scalar_type(), bias);
+    }
     return {dx, at::Tensor(), at::Tensor(), dweight, dbias, at::Tensor(), at::Tensor()};
   }
 };
@@ -1478,6 +1661,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_autograd(
 at::Tensor eval_autograd(const at::Tensor& x, const at::Tensor& running_mean,
                          const at::Tensor& running_var, const c10::optional<at::Tensor>& weight,
                          const c10::optional<at::Tensor>& bias, double eps, bool relu) {
+  // torch's refusal of tracked running statistics, after its size checks (the Function's
+  // forward runs without grad mode: checked here; the kernel checks the rest, and the fake
+  // implementation where torch.compile traces with symbolic sizes)
+  if (!x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) {
+    const int64_t C = channels_of(x);
+    check_size(&running_mean, "running_mean", C);
+    check_size(&running_var, "running_var", C);
+    check_size(given(weight), "weight", C);
+    check_size(given(bias), "bias", C);
+  }
+  check_untracked(running_mean, "running_mean");
+  check_untracked(running_var, "running_var");
   return EvalFunction::apply(x, running_mean, running_var, weight, bias, eps, relu)[0];
 }
 
@@ -1491,16 +1686,51 @@ void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
                               double eps, int64_t count,
                               const c10::optional<at::Tensor>& num_batches_tracked,
                               bool cumulative) {
-  std::vector<at::Tensor> written{running_mean, running_var};
-  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
-    const at::Tensor& counter = *num_batches_tracked;
-    TORCH_CHECK(counter.scalar_type() == at::kLong && counter.numel() == 1,
-                "num_batches_tracked must be a one-element int64 tensor");
-    const int64_t batches = ++*counter.data_ptr<int64_t>();
-    if (cumulative) momentum = 1.0 / static_cast<double>(batches);
-    written.push_back(counter);
+  // Every argument checked before anything is written (see "argument checks").
+  const int64_t C = mean.numel();
+  check_statistic(mean, "mean", C);
+  check_statistic(invstd, "invstd", C);
+  TORCH_CHECK(invstd.scalar_type() == mean.scalar_type(), "expected scalar type ",
+              mean.scalar_type(), " but found ", invstd.scalar_type());
+  check_size(&running_mean, "running_mean", C);
+  check_size(&running_var, "running_var", C);
+  check_untracked(running_mean, "running_mean");
+  check_untracked(running_var, "running_var");
+  check_device(&running_mean);
+  check_device(&running_var);
+  // as torch: both running statistics of one dtype, the input's (the batch statistics' but
+  // for float16 and bfloat16 input, whose statistics are float32), or float32
+  const auto stat = running_mean.scalar_type();
+  TORCH_CHECK(stat == mean.scalar_type() || (mean.scalar_type() == at::kFloat && reduced_float(stat)),
+              "expected scalar type ", mean.scalar_type(), " but found ", stat);
+  TORCH_CHECK(running_var.scalar_type() == stat, "expected scalar type ", stat, " but found ",
+              running_var.scalar_type());
+  check_running_layout(running_mean, "running_mean", /*written=*/true);
+  check_running_layout(running_var, "running_var", /*written=*/true);
+  // The batch counter: torch's module adds 1 to whatever tensor it is, and reads it as a
+  // number for a cumulative average; an int64 of one value (the module's own) is
+  // incremented here directly, any other (as torch takes it) by add_.
+  const at::Tensor* counter_given = given(num_batches_tracked);
+  if (counter_given != nullptr) {
+    TORCH_CHECK(counter_given->is_cpu(), "num_batches_tracked must be on the CPU, got ",
+                counter_given->device());
+    TORCH_CHECK(!cumulative || counter_given->numel() == 1, "a Tensor with ",
+                counter_given->numel(), " elements cannot be converted to Scalar");
   } else {
     TORCH_CHECK(!cumulative, "a cumulative average needs num_batches_tracked");
+  }
+  std::vector<at::Tensor> written{running_mean, running_var};
+  if (counter_given != nullptr) {
+    const at::Tensor& counter = *counter_given;
+    double batches;
+    if (counter.scalar_type() == at::kLong && counter.numel() == 1) {
+      batches = static_cast<double>(++*counter.data_ptr<int64_t>());
+      written.push_back(counter);
+    } else {
+      at::Tensor(counter).add_(1);  // raises (before anything else is written) as torch's does
+      batches = cumulative ? counter.item<double>() : 0.0;
+    }
+    if (cumulative) momentum = 1.0 / batches;
   }
   update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count);
   for (const at::Tensor& t : written) {

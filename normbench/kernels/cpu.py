@@ -6,25 +6,38 @@ CUDA (Triton) implementations. :func:`extension` is ``torch.ops.normbench`` once
 
 The extension is built with ``torch.utils.cpp_extension.load`` (g++ and OpenMP,
 ``-O3 -march=native``) into ``~/.cache/normbench/kernels/<name>/`` (or
-``$NORMBENCH_KERNEL_CACHE``), where ``name`` hashes the source, the flags, the
-Python and torch versions and the CPU's instruction sets: a machine compiles it
-once, and a shared home on a cluster never hands one CPU's build to another.
+``$NORMBENCH_KERNEL_CACHE``), where ``name`` hashes everything the build depends on
+(:func:`build_key`): the source, the compile and link flags, the compiler (its path and
+``--version``), torch (its version and install folder, whose headers and libraries the
+build uses), Python (executable, prefix, version) and the CPU's instruction sets. So an
+environment compiles it once and keeps its build: two checkouts, a checkout and a wheel,
+or two venvs sharing the cache each get a build of their own instead of rebuilding each
+other's, and a shared home on a cluster never hands one CPU's build to another. The
+source is copied into the build folder, so the build (``build.ninja``) never names a
+checkout's path. Every compile says so on stderr, when it starts and how long it took.
 
 Concurrent processes take an exclusive ``flock`` on the cache entry, so one
 compiles while the others wait; the lock dies with its process, so a build killed
 half-way blocks nobody, and a build that does not load is wiped and redone once.
 Without a working compiler the reference implementation is used, with one warning.
+
+``NORMBENCH_KERNEL_SANITIZE=address`` builds it with AddressSanitizer (a build of its
+own), for the tests: the process must have ASan's runtime preloaded
+(``LD_PRELOAD=$(g++ -print-file-name=libasan.so)``), as Python itself is not built with it.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -64,10 +77,21 @@ ORDER_ENV = "NORMBENCH_KERNEL_PLANE_ORDER"
 ORDERS = ("auto", "channels", "samples")
 
 
+#: ``NORMBENCH_KERNEL_SANITIZE=address``: the build with AddressSanitizer (cached beside the
+#: others), which reports any read or write outside a tensor; the tests run the fuzz cases
+#: on it (tests/test_kernel_fuzz.py).
+SANITIZE_ENV = "NORMBENCH_KERNEL_SANITIZE"
+SANITIZERS = {
+    "": ([], []),
+    # -g: ASan's reports name the source lines
+    "address": (["-fsanitize=address", "-fno-omit-frame-pointer", "-g"], ["-fsanitize=address"]),
+}
+
+
 def check_environment() -> None:
-    """The kernel's environment variables (``ISA_ENV``, ``STREAM_ENV``, ``POOL_ENV``,
-    ``ORDER_ENV``), checked before any work: a UserError naming the one that is wrong (the
-    kernel itself would refuse it only when it runs, with a RuntimeError)."""
+    """The kernel's environment variables (``ISA_ENV``, ``SANITIZE_ENV``, ``STREAM_ENV``,
+    ``POOL_ENV``, ``ORDER_ENV``), checked before any work: a UserError naming the one that
+    is wrong (the kernel itself would refuse it only when it runs, with a RuntimeError)."""
     from normbench.errors import UserError
 
     try:
@@ -83,14 +107,30 @@ def check_environment() -> None:
         raise UserError(f"{ORDER_ENV}={order!r}: valid are {', '.join(ORDERS)}")
 
 
+def _sanitizer() -> str:
+    name = os.environ.get(SANITIZE_ENV, "")
+    if name not in SANITIZERS:
+        valid = ", ".join(repr(s) for s in SANITIZERS)
+        raise ValueError(f"{SANITIZE_ENV}={name!r}: valid are {valid} (unset: none)")
+    return name
+
+
 def cflags() -> list[str]:
-    """The compiler flags of this process's build: CFLAGS, for the ISA asked for."""
+    """The compiler flags of this process's build: CFLAGS, for the ISA asked for (and the
+    sanitizer, where one is)."""
     isa = os.environ.get(ISA_ENV, "native")
     if isa not in ISA_FLAGS:
         raise ValueError(f"{ISA_ENV}={isa!r}: valid are {', '.join(ISA_FLAGS)}")
+    sanitize = SANITIZERS[_sanitizer()][0]
     if isa == "native":
-        return list(CFLAGS)
-    return [f for f in CFLAGS if not f.startswith("-mprefer-vector-width")] + ISA_FLAGS[isa]
+        return list(CFLAGS) + sanitize
+    flags = [f for f in CFLAGS if not f.startswith("-mprefer-vector-width")]
+    return flags + ISA_FLAGS[isa] + sanitize
+
+
+def ldflags() -> list[str]:
+    """The link flags of this process's build."""
+    return LDFLAGS + SANITIZERS[_sanitizer()][1]
 
 
 _extension: Any | None = None
@@ -115,18 +155,41 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def extension_name() -> str:
+def _compiler() -> list[str]:
+    """The C++ compiler torch's build runs (``$CXX``, else ``c++``): as named, the file it
+    resolves to, and its ``--version``."""
+    name = os.environ.get("CXX", "c++")
+    path = shutil.which(name) or name
+    try:
+        version = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as err:  # no compiler: the build says so
+        version = f"unavailable: {type(err).__name__}"
+    return [name, os.path.realpath(path), version]
+
+
+def build_key() -> list[str]:
+    """Everything the build depends on, each part a line of the key that names it (see
+    the module's docstring): what differs between two environments gives two builds."""
     import torch
 
-    key = "\n".join(
-        [
-            SOURCE.read_text(),
-            " ".join(cflags() + LDFLAGS),
-            torch.__version__,
-            sys.version,
-            _cpu_signature(),
-        ]
-    )
+    return [
+        SOURCE.read_text(),
+        " ".join(cflags()),
+        " ".join(ldflags()),
+        *_compiler(),
+        torch.__version__,
+        str(Path(inspect.getfile(torch)).resolve().parent),  # its headers and libraries
+        sys.executable,
+        sys.prefix,
+        sys.version,
+        _cpu_signature(),
+    ]
+
+
+def extension_name() -> str:
+    key = "\n".join(build_key())
     return "normbench_bn_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -140,6 +203,19 @@ def _ninja_on_path() -> None:
         pass
 
 
+def _source_in(folder: Path) -> Path:
+    """The source, copied into the build folder once (the folder's name hashes its text):
+    the build then names no checkout's path, and its copy keeps its first mtime, so ninja
+    finds nothing newer than the library it built."""
+    copy = folder / SOURCE.name
+    text = SOURCE.read_text()
+    if not copy.exists() or copy.read_text() != text:
+        partial = folder / f".{SOURCE.name}.partial"
+        partial.write_text(text)
+        partial.replace(copy)
+    return copy
+
+
 def _build(name: str, folder: Path) -> str:
     # Importing cpp_extension logs a warning about CUDA_HOME on machines without CUDA:
     # irrelevant to a CPU build, and alarming in the middle of a training run.
@@ -150,9 +226,9 @@ def _build(name: str, folder: Path) -> str:
     # when torch loads it (torch.ops.load_library).
     load(
         name=name,
-        sources=[str(SOURCE)],
+        sources=[str(_source_in(folder))],
         extra_cflags=cflags(),
-        extra_ldflags=LDFLAGS,
+        extra_ldflags=ldflags(),
         build_directory=str(folder),
         verbose=False,
         is_python_module=False,
@@ -160,26 +236,74 @@ def _build(name: str, folder: Path) -> str:
     return str(folder / f"{name}.so")
 
 
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _build_reported(name: str, folder: Path) -> str:
+    """:func:`_build`, and a line on stderr when it compiles and when it is done, with the
+    time taken (a compile is a library that is new or newer afterwards)."""
+    from normbench.terminal import clean  # the cache folder may come from the environment
+
+    library = folder / f"{name}.so"
+    before = _mtime(library)
+    source = _mtime(folder / SOURCE.name)
+    expected = before is None or (source is not None and source > before)
+    where = clean(folder)
+    if expected:
+        sys.stderr.write(
+            f"normbench: compiling the CPU BatchNorm kernel (once per environment, "
+            f"about a minute) into {where}\n"
+        )
+        sys.stderr.flush()
+    start = time.monotonic()
+    built = _build(name, folder)
+    after = _mtime(library)
+    if after is not None and after != before:
+        seconds = time.monotonic() - start
+        sys.stderr.write(
+            f"normbench: compiled the CPU BatchNorm kernel in {seconds:.0f} s ({where})\n"
+        )
+    return built
+
+
 def _load() -> str:
     name = extension_name()
     folder = cache_root() / name
     folder.mkdir(parents=True, exist_ok=True)
     _ninja_on_path()
+    _check_sanitizer_runtime()
     with open(cache_root() / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process exits, however it exits
         # Holding the lock, nobody else is building: a lock file of torch's own is stale.
         (folder / "lock").unlink(missing_ok=True)
-        if not (folder / f"{name}.so").exists():
-            sys.stderr.write(
-                "normbench: compiling the CPU BatchNorm kernel (once per machine, ~45 s)...\n"
-            )
         try:
-            return _build(name, folder)
+            return _build_reported(name, folder)
         except (ImportError, OSError):
             # A build cut short (kill -9 during the link) leaves a library that will not load.
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
-            return _build(name, folder)
+            return _build_reported(name, folder)
+
+
+def _check_sanitizer_runtime() -> None:
+    """A sanitized library loads only into a process that has the sanitizer's runtime
+    first: refuse at once, rather than build a library that cannot load (twice)."""
+    if _sanitizer() != "address":
+        return
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return  # not Linux: the load will say
+    if "libasan" not in maps:
+        raise RuntimeError(
+            f"{SANITIZE_ENV}=address needs AddressSanitizer's runtime loaded first: run "
+            "Python with LD_PRELOAD=$(g++ -print-file-name=libasan.so) "
+            "ASAN_OPTIONS=detect_leaks=0"
+        )
 
 
 def extension() -> Any | None:

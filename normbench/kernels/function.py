@@ -4,6 +4,12 @@ This is the one place that knows torch's ``F.batch_norm`` contract (argument
 checks, the running-statistics update, eval mode); the normalization layers call
 :func:`batch_norm`, or :func:`batch_norm_train` where they need the batch
 statistics themselves, and never a kernel directly.
+
+The tensors themselves (sizes, devices, dtypes) are checked by the operators, before a
+kernel reads them (:mod:`normbench.kernels.checks` has the same rules in Python): what is
+checked here is what torch's ``F.batch_norm`` checks before its operator (the batch size,
+eps, the running statistics given together), and the one rule that spans two operators
+(the running statistics' dtype against the weight's, :func:`_check_dtypes`).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normbench.kernels import ops, reference
+from normbench.kernels import checks, ops, reference
 
 __all__ = [
     "batch_norm",
@@ -41,17 +47,41 @@ def _check_channels(size: torch.Size) -> None:
 
 
 def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None):
-    """An empty batch (N = 0, or no spatial positions) as torch treats it: an empty
-    output, zero gradients for weight and bias, no statistics (NaN) and the running
-    ones left as they are."""
-    shape = (1, -1, *([1] * (input.dim() - 2)))
-    y = input
+    """An empty batch (N = 0, or no spatial positions) as torch treats it, with none of its
+    checks: ``input * weight[0] + bias[0]`` (an empty output, of the dtype that gives, zero
+    gradients for weight and bias), no statistics (NaN), the running ones left as they are."""
+    y = input.clone()
     if weight is not None:
-        y = y * weight.reshape(shape)
+        y = y * weight[0]
     if bias is not None:
-        y = y + bias.reshape(shape)
-    none = torch.full((input.shape[1],), float("nan"), device=input.device)
+        y = y + bias[0]
+    channels = input.shape[1] if input.dim() > 1 else 0
+    acc = reference.accumulation_dtype(input.dtype) if input.is_floating_point() else torch.float32
+    none = torch.full((channels,), float("nan"), dtype=acc, device=input.device)
     return y, none, none.clone()
+
+
+def _check_dtypes(x: Tensor, weight, bias, running_mean: Tensor, running_var: Tensor) -> None:
+    """torch's dtype rule over the four parameters, in a few comparisons where all are the
+    input's dtype (else every check, in torch's order: :func:`checks.arguments`). The
+    training forward checks the weight's and bias's, the update the running statistics', but
+    neither sees the other's."""
+    dtype = x.dtype
+    if (
+        running_mean.dtype is dtype
+        and running_var.dtype is dtype
+        and (weight is None or weight.dtype is dtype)
+        and (bias is None or bias.dtype is dtype)
+    ):
+        return
+    checks.arguments(x, weight, bias, running_mean, running_var, written=True)
+
+
+def _one_running_statistic(input, weight, bias, running_mean, running_var) -> None:
+    """torch's refusal of one running statistic without the other, after its checks of the
+    sizes and devices."""
+    checks.placed(input, weight, bias, running_mean, running_var)
+    raise ValueError("running_mean and running_var must either both be None or neither be None")
 
 
 def supported_layout(x: Tensor) -> Tensor:
@@ -64,12 +94,17 @@ def supported_layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-def _check_training(size: torch.Size, eps: float) -> None:
-    """torch's checks of a training forward's input and eps, with its wording."""
+def _check_training(input: Tensor, eps: float, weight, bias, running_mean, running_var) -> None:
+    """torch's checks of a training forward's input and eps, with its wording; for an input
+    of fewer than 2 dimensions, then its checks of the parameters' sizes (against no
+    channels) before it refuses the input (the forward operator sees no running statistics)."""
+    size = input.size()
     _check_channels(size)
     _verify_batch_size(size)
     if eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if len(size) < 2 and input.numel() > 0:  # (torch checks nothing on an empty batch)
+        checks.placed(input, weight, bias, running_mean, running_var)
 
 
 def _train(
@@ -87,34 +122,42 @@ def _train(
 ):
     """The checked training forward; ``num_batches_tracked`` (given with the running
     statistics) is incremented with their update, in its call (one operator call less per
-    layer and step), and here where there is none: an empty batch, or an input the
-    checks refuse (torch counts a step before it checks the input)."""
+    layer and step), and here where there is none: an empty batch, or arguments that are
+    refused (torch counts a step before it checks them)."""
+    counted = False
     try:
-        _check_training(input.size(), eps)
+        _check_training(input, eps, weight, bias, running_mean, running_var)
         if input.numel() == 0:  # no statistics: the running ones stay, the batch is counted
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
+                counted = True
             y, mean, invstd = _empty_batch(input, weight, bias)
             return (torch.relu(y) if relu else y), mean, invstd
+        if (running_mean is None) != (running_var is None):
+            _one_running_statistic(input, weight, bias, running_mean, running_var)
         x = supported_layout(input)
         backend = ops.resolve_backend(backend, x)
-    except ValueError:
-        if num_batches_tracked is not None:
+        if running_mean is not None and running_var is not None:
+            _check_dtypes(x, weight, bias, running_mean, running_var)
+        # The update checks all its arguments before it counts the batch: an error from
+        # either operator comes before the count.
+        return ops.train(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            backend,
+            relu,
+            num_batches_tracked,
+            cumulative,
+        )
+    except Exception:
+        if num_batches_tracked is not None and not counted:
             num_batches_tracked.add_(1)
         raise
-    return ops.train(
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        momentum,
-        eps,
-        backend,
-        relu,
-        num_batches_tracked,
-        cumulative,
-    )
 
 
 def batch_norm_tracked(
@@ -137,12 +180,12 @@ def batch_norm_tracked(
     """
     tracked = running_mean is not None and running_var is not None
     counter = num_batches_tracked if tracked else None  # counted with the update (_train)
+    if momentum is None and counter is not None and counter.numel() != 1:
+        # torch's module counts, then reads the counter as a number: its ValueError
+        ops.count_batch(counter, 0.0, True)
     factor = 0.0 if momentum is None else momentum
     if num_batches_tracked is not None and not tracked:  # no update: counted here, first
         factor = ops.count_batch(num_batches_tracked, factor, momentum is None)
-    if (running_mean is None) != (running_var is None):
-        # torch's own check and wording
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
     y, _, _ = _train(
         input, weight, bias, running_mean, running_var, factor, eps, backend, relu,
         counter, counter is not None and momentum is None,
@@ -171,7 +214,9 @@ def batch_norm_stats(input: Tensor, eps: float, backend: str = "auto") -> tuple[
     """The batch's ``(mean, invstd)`` per channel, without gradient, exactly as
     :func:`batch_norm_train` computes them; for variants that need them before they
     normalise (batch renormalization's corrections). Checked as a training forward is."""
-    _check_training(input.size(), eps)
+    _check_training(input, eps, None, None, None, None)
+    if input.numel() == 0:  # no statistics, as the training forward's (torch checks nothing)
+        return _empty_batch(input, None, None)[1:]
     x = supported_layout(input)
     return ops.statistics(x, eps, ops.resolve_backend(backend, x))
 
@@ -201,15 +246,18 @@ def batch_norm(
     if not training:
         if eps < 0.0:
             raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        if input.numel() == 0:  # torch's empty batch, before any check of its own
+            y, _, _ = _empty_batch(input, weight, bias)
+            return torch.relu(y) if relu else y
         if running_mean is None or running_var is None:
-            raise RuntimeError("running_mean must be defined in evaluation mode")
+            # torch's refusal, after its size checks
+            checks.sizes(input, weight, bias, running_mean, running_var)
+            missing = "running_mean" if running_mean is None else "running_var"
+            raise RuntimeError(f"{missing} must be defined in evaluation mode")
         x = supported_layout(input)
         return ops.forward_eval(
             x, running_mean, running_var, weight, bias, eps, ops.resolve_backend(backend, x), relu
         )
 
-    if (running_mean is None) != (running_var is None):
-        # torch's own check and wording
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
     y, _, _ = _train(input, weight, bias, running_mean, running_var, momentum, eps, backend, relu)
     return y

@@ -34,8 +34,9 @@ which also registers their CPU kernels and their autograd, once for every device
 ``relu=True`` fuses the ReLU that models apply after the norm: the forward writes the
 activated output and the backward masks the gradient inside its own passes. Here, in
 Python: each operator's fake implementation (shapes only, for ``torch.compile`` and meta
-tensors) and the Triton kernels as their CUDA implementation
-(:func:`register_python_implementations`, run once when the library loads). Every call,
+tensors, after the operator's own checks: :mod:`normbench.kernels.checks`) and the Triton
+kernels as their CUDA implementation (:func:`register_python_implementations`, run once
+when the library loads). Every call,
 eager, compiled or traced, goes through the dispatcher to the device's kernel; there is
 no second path.
 
@@ -55,7 +56,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from normbench.kernels import cpu, reference
+from normbench.kernels import checks, cpu, reference
 
 BACKENDS: tuple[str, ...] = ("auto", "cpu", "triton", "reference")
 
@@ -131,6 +132,7 @@ def train(
     (:mod:`normbench.kernels.function`)."""
     update = running_mean is not None and running_var is not None
     if backend == "reference":
+        checks.arguments(x, weight, bias, running_mean, running_var, written=True)
         y, mean, invstd = reference.forward_train(x, weight, bias, eps)
         if relu:
             y = torch.relu(y)
@@ -166,6 +168,7 @@ def forward_eval(
     """``y`` normalised with the running statistics (then the ReLU with ``relu``);
     ``backend`` resolved."""
     if backend == "reference":
+        checks.arguments(x, weight, bias, running_mean, running_var)
         y = reference.forward_eval(x, running_mean, running_var, weight, bias, eps)
         return torch.relu(y) if relu else y
     return _eval(x, running_mean, running_var, weight, bias, eps, relu)
@@ -183,6 +186,7 @@ def statistics(x: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
     """The batch's ``(mean, invstd)`` alone, without gradient; ``backend`` resolved."""
     with torch.no_grad():
         if backend == "reference":
+            checks.forward(x, None, None)
             _, mean, invstd = reference.forward_train(x, None, None, eps)
             return mean, invstd
         return _stats(x, eps)
@@ -195,26 +199,42 @@ def _statistics_like(x: Tensor) -> Tensor:
     return x.new_empty(x.shape[1], dtype=reference.accumulation_dtype(x.dtype))
 
 
+# The fakes check what the operators check (checks.py mirrors batchnorm_cpu.cpp), so that a
+# traced call fails where an eager one does, and a meta tensor beside a CPU one (which the
+# dispatcher hands to these) is refused as torch refuses it.
+
+
 def _fake_forward(x, weight, bias, eps, relu=False):
+    checks.forward(x, weight, bias)
     return torch.empty_like(x), _statistics_like(x), _statistics_like(x)
 
 
 def _fake_backward(grad_out, x, weight, bias, mean, invstd, relu=False):
+    checks.backward(grad_out, x, weight, bias, mean, invstd)
     return torch.empty_like(x), _statistics_like(x), _statistics_like(x)
 
 
 def _fake_eval(x, running_mean, running_var, weight, bias, eps, relu=False):
+    checks.eval_(x, running_mean, running_var, weight, bias)
     return torch.empty_like(x)
 
 
 def _fake_update(
     running_mean, running_var, mean, invstd, momentum, eps, count, counter=None, cumulative=False
 ):
+    checks.update(running_mean, running_var, mean, invstd, counter)
+    _check_cumulative(counter, cumulative)
     return None
 
 
 def _fake_stats(x, eps):
+    checks.forward(x, None, None)
     return _statistics_like(x), _statistics_like(x)
+
+
+def _check_cumulative(counter, cumulative: bool) -> None:
+    if cumulative and counter is None:
+        raise RuntimeError("a cumulative average needs num_batches_tracked")
 
 
 FAKES = {
@@ -243,6 +263,9 @@ def _triton_implementations() -> dict:
         running_mean, running_var, mean, invstd, momentum, eps, count,
         counter=None, cumulative=False,
     ):  # fmt: skip
+        # every argument checked before the batch is counted (the kernel checks its own again)
+        checks.update(running_mean, running_var, mean, invstd, counter)
+        _check_cumulative(counter, cumulative)
         if counter is not None:  # float(counter), as torch's module reads it: a sync on CUDA
             momentum = count_batch(counter, momentum, cumulative)
         tk.update_running_stats(running_mean, running_var, mean, invstd, momentum, eps, count)

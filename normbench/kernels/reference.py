@@ -91,13 +91,23 @@ def forward_eval(
     bias: Tensor | None,
     eps: float,
 ) -> Tensor:
-    """Normalise with given statistics: ``(x - mean) / sqrt(var + eps) * weight + bias``."""
+    """Normalise with given statistics: ``(x - mean) / sqrt(var + eps) * weight + bias``;
+    where that scale is not finite (a zero variance with eps = 0), torch's
+    ``x * scale + (bias - mean * scale)``, whose NaNs and infinities torch gives."""
     dtype = accumulation_dtype(x.dtype)
     invstd = torch.rsqrt(running_var.to(dtype) + eps)
     xhat = (x.to(dtype) - _per_channel(running_mean.to(dtype), x.dim())) * _per_channel(
         invstd, x.dim()
     )
-    return _affine(xhat, weight, bias).to(x.dtype)
+    y = _affine(xhat, weight, bias)
+    scale = invstd if weight is None else invstd * weight.to(dtype).reshape(-1)
+    if not bool(scale.isfinite().all()):
+        shift = -running_mean.to(dtype) * scale
+        if bias is not None:
+            shift = shift + bias.to(dtype).reshape(-1)
+        torchs = x.to(dtype) * _per_channel(scale, x.dim()) + _per_channel(shift, x.dim())
+        y = torch.where(_per_channel(scale.isfinite(), x.dim()), y, torchs)
+    return y.to(x.dtype)
 
 
 def backward(

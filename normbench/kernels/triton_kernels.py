@@ -76,6 +76,8 @@ import os
 import torch
 from torch import Tensor
 
+from normbench.kernels import checks
+
 try:
     import triton
     import triton.language as tl
@@ -147,8 +149,25 @@ def _welford_combine(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
 @_jit()
 def _invstd(m2, count, eps):
     # Per channel, in float64: exact enough for float64 input, cheap at one value per program.
-    var = tl.maximum(m2.to(tl.float64) / tl.maximum(count.to(tl.float64), 1.0), 0.0)
-    return 1.0 / tl.sqrt(var + eps)
+    # A NaN variance (from an infinite value) stays NaN, as torch's (tl.maximum would drop
+    # it on a GPU).
+    var = m2.to(tl.float64) / tl.maximum(count.to(tl.float64), 1.0)
+    return 1.0 / tl.sqrt(tl.where(var < 0.0, 0.0, var) + eps)
+
+
+@_jit()
+def _finite_or_zero(v):
+    # A channel's shift: its first value, or 0 where that is infinite or NaN (v - v is 0
+    # exactly for finite v), so that the other values' statistics are not lost to it.
+    return tl.where(v - v == 0.0, v, 0.0)
+
+
+@_jit()
+def _eval_constants(mean, scale, bias):
+    # Eval with a scale that is not finite (a zero variance with eps = 0): torch's
+    # x * scale + (bias - mean * scale), whose NaNs and infinities it gives.
+    nonfinite = scale - scale != 0.0
+    return tl.where(nonfinite, 0.0, mean), tl.where(nonfinite, bias - mean * scale, bias)
 
 
 @_jit()
@@ -179,7 +198,7 @@ def _planes_stats(
     c = tl.program_id(0)
     s = tl.program_id(1)
     split = tl.num_programs(1)
-    shift = tl.load(x_ptr + c.to(tl.int64) * L).to(ACC)
+    shift = _finite_or_zero(tl.load(x_ptr + c.to(tl.int64) * L).to(ACC))
     rn = tl.arange(0, BLOCK_N)[:, None]
     rl = tl.arange(0, BLOCK_L)[None, :]
     mean = tl.zeros([BLOCK_N, BLOCK_L], ACC)
@@ -208,7 +227,7 @@ def _planes_normalize(
     c = tl.program_id(0)
     s = tl.program_id(1)
     if TRAIN:
-        shift = tl.load(x_ptr + c.to(tl.int64) * L).to(ACC)
+        shift = _finite_or_zero(tl.load(x_ptr + c.to(tl.int64) * L).to(ACC))
         k = tl.arange(0, BLOCK_S)
         kmask = k < split
         pm = tl.load(part_ptr + k * C + c, mask=kmask, other=0.0)
@@ -229,6 +248,8 @@ def _planes_normalize(
     bias = 0.0
     if HAS_B:
         bias = tl.load(b_ptr + c).to(ACC)
+    if not TRAIN:
+        mean, bias = _eval_constants(mean, scale, bias)
     rn = tl.arange(0, BLOCK_N)[:, None]
     rl = tl.arange(0, BLOCK_L)[None, :]
     start, stop = _tile_range(s, tiles_total, tiles_per_program)
@@ -243,14 +264,14 @@ def _planes_normalize(
 
 @_jit()
 def _relu_grad(g, v, mean, invstd, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """g where the forward's pre-activation (x - mean) * invstd * w + b is positive, else 0."""
+    """g, or 0 where the forward's pre-activation (x - mean) * invstd * w + b is <= 0."""
     scale = invstd
     if HAS_W:
         scale = invstd * w
     z = (v - mean) * scale
     if HAS_B:
         z = z + b
-    return tl.where(z > 0.0, g, 0.0)
+    return tl.where(z <= 0.0, 0.0, g)  # a NaN z passes g, as torch's threshold_backward
 
 
 @_jit(do_not_specialize=["tiles_total", "tiles_per_program"])
@@ -348,7 +369,7 @@ def _rows_stats(
     split = tl.num_programs(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    shift = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]  # row 0
+    shift = _finite_or_zero(tl.load(x_ptr + cols, mask=cmask, other=0.0).to(ACC))[None, :]
     rows = tl.arange(0, BLOCK_M)[:, None]
     mean = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
@@ -376,7 +397,7 @@ def _rows_normalize(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     if TRAIN:
-        shift = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(ACC)
+        shift = _finite_or_zero(tl.load(x_ptr + cols, mask=cmask, other=0.0).to(ACC))
         k = tl.arange(0, BLOCK_S)[:, None]
         pmask = (k < split) & cmask[None, :]
         poffs = k * C + cols[None, :]
@@ -399,6 +420,8 @@ def _rows_normalize(
     bias = tl.zeros([BLOCK_C], ACC)
     if HAS_B:
         bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    if not TRAIN:
+        mean, bias = _eval_constants(mean, scale, bias)
     shift = shift[None, :]
     mean = mean[None, :]
     scale = scale[None, :]
@@ -495,6 +518,16 @@ def _rows_grad_input(
 
 
 @_jit()
+def _store_from_float64(ptr, value, mask):
+    # float64 values stored in the pointer's dtype, through float32 for the others: Triton's
+    # interpreter turns float64 straight into bfloat16 garbage (NaN, denormals)
+    if ptr.dtype.element_ty == tl.float64:
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value.to(tl.float32).to(ptr.dtype.element_ty), mask=mask)
+
+
+@_jit()
 def _update_running(
     rmean_ptr, rvar_ptr, mean_ptr, invstd_ptr, C,
     momentum: tl.float64, eps: tl.float64, unbias: tl.float64,
@@ -506,14 +539,12 @@ def _update_running(
     if HAS_MEAN:
         old = tl.load(rmean_ptr + i, mask=mask, other=0.0).to(tl.float64)
         batch = tl.load(mean_ptr + i, mask=mask, other=0.0).to(tl.float64)
-        new = (1.0 - momentum) * old + momentum * batch
-        tl.store(rmean_ptr + i, new.to(rmean_ptr.dtype.element_ty), mask=mask)
+        _store_from_float64(rmean_ptr + i, (1.0 - momentum) * old + momentum * batch, mask)
     if HAS_VAR:
         old = tl.load(rvar_ptr + i, mask=mask, other=0.0).to(tl.float64)
         invstd = tl.load(invstd_ptr + i, mask=mask, other=1.0).to(tl.float64)
         batch = (1.0 / (invstd * invstd) - eps) * unbias
-        new = (1.0 - momentum) * old + momentum * batch
-        tl.store(rvar_ptr + i, new.to(rvar_ptr.dtype.element_ty), mask=mask)
+        _store_from_float64(rvar_ptr + i, (1.0 - momentum) * old + momentum * batch, mask)
 
 
 # ---------------------------------------------------------------------------- launch planning
@@ -631,6 +662,7 @@ def forward_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Normalise with the batch's statistics: ``(y, mean, invstd)``, as :mod:`reference`
     (``y`` through a ReLU with ``relu``, in the same pass)."""
+    checks.forward(x, weight, bias)  # before any pointer reaches a kernel
     p = _Plan(x)
     acc, ACC = _acc(x.dtype)
     y = torch.empty_like(p.x)
@@ -688,6 +720,7 @@ def backward(
     ``relu``, the gradient is first masked where the forward's ReLU was off (its
     pre-activation recomputed from ``x``, ``weight`` and ``bias``), inside both passes.
     """
+    checks.backward(grad_out, x, weight, bias, mean, invstd)
     p = _Plan(x)
     acc, ACC = _acc(x.dtype)
     dy = p.like(grad_out)
@@ -741,6 +774,7 @@ def forward_eval(
 ) -> Tensor:
     """Normalise with given statistics, one affine pass, as :mod:`reference` (through a
     ReLU with ``relu``, in the same pass)."""
+    checks.eval_(x, running_mean, running_var, weight, bias)
     p = _Plan(x)
     _, ACC = _acc(x.dtype)
     y = torch.empty_like(p.x)
@@ -787,21 +821,25 @@ def update_running_stats(
     The batch variance is unbiased: ``(invstd**-2 - eps) * count / (count - 1)``, with
     ``count`` the values per channel. Either running tensor may be None (left alone).
     """
+    checks.update(running_mean, running_var, mean, invstd)
     C = mean.numel()
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and (not t.is_contiguous() or t.numel() != C):
-            raise ValueError(f"{name} must be a contiguous tensor of {C} values")
     if C == 0 or (running_mean is None and running_var is None):
         return
     mean = _per_channel(mean, C, "mean")
     invstd = _per_channel(invstd, C, "invstd")
     unbias = count / (count - 1) if count > 1 else 1.0
     block = min(_pow2(C), 1024)
+    # The kernel writes C values in a row: a strided statistic (a slice) is updated in a
+    # contiguous copy, copied back.
+    rm, rv = (t.contiguous() if t is not None else None for t in (running_mean, running_var))
     with _on(mean.device):
         _update_running[(_cdiv(C, block),)](
-            running_mean if running_mean is not None else mean,
-            running_var if running_var is not None else invstd,
+            rm if rm is not None else mean,
+            rv if rv is not None else invstd,
             mean, invstd, C, float(momentum), float(eps), float(unbias),
-            HAS_MEAN=running_mean is not None, HAS_VAR=running_var is not None, BLOCK=block,
+            HAS_MEAN=rm is not None, HAS_VAR=rv is not None, BLOCK=block,
             num_warps=4,
         )  # fmt: skip
+    for given, written in ((running_mean, rm), (running_var, rv)):
+        if given is not None and written is not given:
+            given.copy_(written)

@@ -167,10 +167,13 @@ class BatchRenorm(nn.Module):
         # y = weight * (xhat * r + d) + bias: BatchNorm with weight * r and weight * d + bias
         # as its affine parameters, r and d constants to autograd (the affine parameters see
         # both); the kernel gives BatchNorm's gradient through mu_B and sigma_B.
+        # The parameters flattened: any shape of C values, as BatchNorm takes them.
         scale, shift = r, d
         if self.weight is not None:
-            scale = self.weight * r
-            shift = self.weight * d + self.bias
+            scale = self.weight.reshape(-1) * r
+            shift = self.weight.reshape(-1) * d
+        if self.bias is not None:
+            shift = shift + self.bias.reshape(-1)
         return batch_norm_train(input, scale, shift, self.eps, self.backend, self.relu)[0]
 
     def extra_repr(self) -> str:
