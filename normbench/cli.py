@@ -146,6 +146,7 @@ def _show_notice(message, category, filename, lineno, file=None, line=None) -> N
     else:
         terminal.show_warning(message, category, filename, lineno, file, line)
 
+
 Overrides = Annotated[
     list[str] | None,
     typer.Argument(
