@@ -85,7 +85,10 @@ SANITIZERS = {
     "": ([], []),
     # -g: ASan's reports name the source lines; -O1 (after CFLAGS' -O3, so it wins): every
     # load and store is still checked, and the build takes half as long
-    "address": (["-fsanitize=address", "-fno-omit-frame-pointer", "-g", "-O1"], ["-fsanitize=address"]),
+    "address": (
+        ["-fsanitize=address", "-fno-omit-frame-pointer", "-g", "-O1"],
+        ["-fsanitize=address"],
+    ),
 }
 
 
