@@ -453,16 +453,11 @@ class SweepProgress:
     works for every launcher), and each in-process run's own bar."""
 
     def __init__(self, sweep_plan: Plan, console=None, poll_s: float = 1.0):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
         from normbench import terminal
         from normbench.eta import SweepEta
+        from normbench.progress import Progress  # no blank line as it stops off a terminal
 
         self.plan = sweep_plan
         done = [job for job in sweep_plan.jobs if sweep_plan.skipped(job)]
