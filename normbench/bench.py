@@ -208,8 +208,8 @@ class RichProgress:
             TimeRemainingColumn,
         )
 
-        from normbench import terminal
         from normbench import progress as bars  # its Progress: no blank line as it stops
+        from normbench import terminal
 
         self.progress = bars.Progress(
             SpinnerColumn(),
