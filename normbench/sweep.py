@@ -342,6 +342,9 @@ def run_job(cfg) -> str:
     """Hydra's task function: one run; its status. Never raises for a failed run; a run
     stopped from outside (Ctrl-C, SIGTERM, SIGHUP, a scheduler) raises, after it is
     recorded."""
+    from normbench.terminal import clean_logs
+
+    clean_logs()  # in a worker or a cluster job too: what the job logs is shown cleaned
     try:  # the job's first imports (torch among them)
         from normbench import interrupts, queued
         from normbench.lock import slurm_job
@@ -349,9 +352,9 @@ def run_job(cfg) -> str:
     except Exception:
         # Hydra returns the exception to the sweep, which records its message: the
         # traceback goes to the job's log (a worker's, a cluster job's) only from here.
-        import traceback
+        from normbench.terminal import print_exception
 
-        traceback.print_exc()
+        print_exception()  # cleaned: the job's log may be the terminal
         raise
 
     retry = os.environ.get(RETRY_ENV) == "1"
@@ -382,11 +385,13 @@ def run_job(cfg) -> str:
                 raise SystemExit(1) from None
             raise
         except Exception as error:  # recorded as failed (or interrupted); the sweep goes on
-            import traceback
+            from normbench.terminal import print_exception
 
             why = interrupts.reason(error)  # submitit's time-limit error is not the run's fault
             if why is None:
-                traceback.print_exc()  # into the job's log (a worker's, a cluster job's)
+                # into the job's log (a worker's, a cluster job's; the terminal under the
+                # basic launcher), cleaned: a user's norm's message may hold escapes
+                print_exception()
             status = "interrupted" if why else "failed"
             record_unfinished(cfg, status, why or f"{type(error).__name__}: {error}")
             return status
