@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -342,9 +343,12 @@ def run_job(cfg) -> str:
     """Hydra's task function: one run; its status. Never raises for a failed run; a run
     stopped from outside (Ctrl-C, SIGTERM, SIGHUP, a scheduler) raises, after it is
     recorded."""
-    from normbench.terminal import clean_logs
+    from normbench import terminal
 
-    clean_logs()  # in a worker or a cluster job too: what the job logs is shown cleaned
+    terminal.clean_logs()  # in a worker or a cluster job too: what it logs shown cleaned
+    if os.environ.get(DRIVER_ENV) not in (None, str(os.getpid())):
+        # a job in a process of its own: its warnings as the CLI shows them
+        warnings.showwarning = terminal.show_warning
     try:  # the job's first imports (torch among them)
         from normbench import interrupts, queued
         from normbench.lock import slurm_job

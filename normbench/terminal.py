@@ -124,10 +124,18 @@ def show_warning(
     line: str | None = None,
 ) -> None:
     """``warnings.showwarning`` in Python's own format, control characters escaped (a
-    warning may quote a user's value, a path, a compiler's output)."""
+    warning may quote a user's value, a path, a compiler's output); normbench's notices
+    (:class:`~normbench.errors.Notice`) as one line, ``warning: ...``, as the CLI shows
+    them (in a sweep's worker or cluster job too)."""
     import warnings
 
-    shown = clean(warnings.formatwarning(message, category, filename, lineno, line), newlines=True)
+    from normbench.errors import Notice
+
+    if issubclass(category, Notice):
+        shown = f"warning: {clean(message)}\n"
+    else:
+        formatted = warnings.formatwarning(message, category, filename, lineno, line)
+        shown = clean(formatted, newlines=True)
     stream = file if file is not None else sys.stderr
     if stream is None:  # pythonw: nowhere to write, as Python's own
         return

@@ -136,6 +136,15 @@ def test_show_warning_cleans_pythons_format():
     assert stream.getvalue() == "g.py:1: RuntimeWarning: a\nb\n  x = 1\n"
 
 
+def test_show_warning_shows_normbenchs_notices_as_one_line():
+    """As a sweep's worker shows them (its process never ran the CLI's callback)."""
+    from normbench.errors import Notice
+
+    stream = io.StringIO()
+    terminal.show_warning(Notice(f"threads {HOSTILE}\n"), Notice, "f.py", 3, stream)
+    assert stream.getvalue() == f"warning: threads {SHOWN}\\n\n"
+
+
 def test_warnings_in_the_cli_are_shown_cleaned(capsys):
     """Once a command runs, Python's warnings show as show_warning does, and normbench's
     notices as one cleaned ``warning:`` line."""
