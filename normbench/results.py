@@ -1362,7 +1362,7 @@ def summary_table(
         # keys are never cut short: the numbers beside them wrap instead
         width = max(
             [len(terminal.clean(short_key(key)))]
-            + [len(terminal.clean(_format_value(v))) for v in summary.get(key, [])]
+            + [len(terminal.clean(_cell(key, v))) for v in summary.get(key, [])]
         )
         table.add_column(
             terminal.text(short_key(key)),
@@ -1391,7 +1391,7 @@ def summary_table(
     for column in extra:
         table.add_column(column.removeprefix("n_"), justify="right", style="yellow")
     for row in summary.to_dict("records"):
-        cells = [terminal.text(_format_value(row[k])) for k in keys] or ["all"]
+        cells = [terminal.text(_cell(k, row[k])) for k in keys] or ["all"]
         cells += [
             str(row["n"]),
             _percent(row["final_test_acc_mean"], row["final_test_acc_std"]),
@@ -1402,6 +1402,12 @@ def summary_table(
         cells += [str(row[c]) for c in extra]
         table.add_row(*cells)
     return table
+
+
+def _cell(key: str, value: Any) -> str:
+    """A key column's cell: a config value as typed (:func:`_format_value`); the label
+    :func:`compare_experiments` gives an experiment (a folder's name) as it is."""
+    return str(value) if key == "experiment" else _format_value(value)
 
 
 def selection_table(selection: pd.DataFrame, title: str):
