@@ -39,7 +39,8 @@ import numpy as np
 import pandas as pd
 
 from normbench.errors import UserError
-from normbench.results import t975
+from normbench.results import format_float, format_string, t975
+from normbench.terminal import clean
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -127,8 +128,6 @@ def _hashable(value: Any) -> Any:
 def _fmt(value: Any) -> str:
     """A config value as a user would type it, as the tables show it: values that differ
     never alike (``0.1``, ``0.1000000001``), an empty name visible (``''``)."""
-    from normbench.results import format_float, format_string
-
     value = _hashable(value)
     if value is None:
         return "null"
@@ -148,8 +147,6 @@ def _text(value: str) -> str:
     characters escaped (:func:`normbench.terminal.clean`: no glyph the font lacks, one
     line) and ``$`` escaped, so that it is never read as matplotlib's mathtext (which
     would draw ``$x$`` as math, or fail on ``$\\frac$``)."""
-    from normbench.terminal import clean
-
     return clean(value).replace("$", r"\$")
 
 
@@ -793,6 +790,7 @@ def _missing_glyphs(folder: Path, warn: Callable[[str], None] | None) -> Iterato
 
     missing: dict[str, None] = {}  # in the order met, once each
     fonts: dict[str, None] = {}
+    registry: dict = {}  # another warning repeated (once per figure) is shown once
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -805,7 +803,11 @@ def _missing_glyphs(folder: Path, warn: Callable[[str], None] | None) -> Iterato
                 fonts[found[2]] = None
             else:
                 warnings.warn_explicit(
-                    warning.message, warning.category, warning.filename, warning.lineno
+                    warning.message,
+                    warning.category,
+                    warning.filename,
+                    warning.lineno,
+                    registry=registry,
                 )
         if missing:
             chars = [f"{char} (U+{ord(char):04X})" for char in missing]
