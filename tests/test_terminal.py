@@ -201,7 +201,8 @@ def test_log_records_are_cleaned_as_they_are_made(record_factory):
     handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
     log = logging.getLogger("normbench-test-hydra")
     log.addHandler(handler)
-    log.propagate = False
+    log.propagate, log.disabled = False, False
+    log.setLevel(logging.INFO)  # whatever an earlier test left the root logger's level
     try:
         log.warning("\t#%d : %s", 0, f"norm={HOSTILE}[/x]")
         try:
