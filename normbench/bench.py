@@ -203,15 +203,15 @@ class RichProgress:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
-            Progress,
             SpinnerColumn,
             TextColumn,
             TimeRemainingColumn,
         )
 
+        from normbench import progress as bars  # its Progress: no blank line as it stops
         from normbench import terminal
 
-        self.progress = Progress(
+        self.progress = bars.Progress(
             SpinnerColumn(),
             TextColumn("{task.description}", markup=False),
             BarColumn(),

@@ -111,8 +111,11 @@ def main(
     from normbench.config import add_config_dir
 
     # A warning may quote a user's value or a compiler's output: shown cleaned, as text;
-    # normbench's notices as one line.
+    # normbench's notices as one line. So are a bug's traceback and what Hydra or a
+    # library logs (a user's overrides as Hydra echoes them in a sweep).
     warnings.showwarning = _show_notice
+    sys.excepthook = terminal.show_exception
+    terminal.clean_logs()
 
     try:
         for folder in config_dir or []:

@@ -25,11 +25,12 @@ windows, so nothing global is touched and nothing needs closing.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import textwrap
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,8 @@ import numpy as np
 import pandas as pd
 
 from normbench.errors import UserError
-from normbench.results import t975
+from normbench.results import format_float, format_string, t975
+from normbench.terminal import clean
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -124,17 +126,28 @@ def _hashable(value: Any) -> Any:
 
 
 def _fmt(value: Any) -> str:
-    """A config value as a user would type it."""
+    """A config value as a user would type it, as the tables show it: values that differ
+    never alike (``0.1``, ``0.1000000001``), an empty name visible (``''``)."""
     value = _hashable(value)
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
-        return f"{value:g}"
+        return format_float(value)
+    if isinstance(value, str):
+        return format_string(value)
     if isinstance(value, tuple):
         return "[" + ",".join(_fmt(v) for v in value) + "]"
     return str(value)
+
+
+def _text(value: str) -> str:
+    """Text from the runs (a norm's name, a config value) as a figure draws it: control
+    characters escaped (:func:`normbench.terminal.clean`: no glyph the font lacks, one
+    line) and ``$`` escaped, so that it is never read as matplotlib's mathtext (which
+    would draw ``$x$`` as math, or fail on ``$\\frac$``)."""
+    return clean(value).replace("$", r"\$")
 
 
 def _short(key: str) -> str:
@@ -411,6 +424,7 @@ def error_vs_batch_size(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> list[t
         ax = fig.add_subplot()
         top = blended_transform_factory(ax.transData, ax.transAxes)
         crosses: dict[int, int] = {}
+        handles: list[Any] = []  # the legend's, by hand: matplotlib's leaves out "_name"
         drawn = [label for label in prepared.labels if (points["label"] == label).any()]
         for index, label in enumerate(drawn):
             line = points[points["label"] == label]
@@ -419,7 +433,7 @@ def error_vs_batch_size(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> list[t
             # Lines set a little apart at each batch size, so that one that coincides
             # with another stays visible (a twentieth of a doubling between neighbours).
             dodge = 2 ** (0.05 * (index - (len(drawn) - 1) / 2))
-            ax.errorbar(
+            bars = ax.errorbar(
                 done["batch_size"].to_numpy() * dodge,
                 done["mean_error"].to_numpy(),
                 yerr=_clipped(done["mean_error"].to_numpy(), done["ci95"].to_numpy()),
@@ -429,8 +443,9 @@ def error_vs_batch_size(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> list[t
                 markersize=5,
                 linewidth=1.5,
                 capsize=3,
-                label=label,
+                label=_text(label),
             )
+            handles.append(bars)
             for bs, count in zip(line["batch_size"], line["diverged"], strict=True):
                 if count:
                     # Several norms diverging at one batch size sit side by side.
@@ -446,7 +461,7 @@ def error_vs_batch_size(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> list[t
         sizes = sorted(points["batch_size"].unique())
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator(sizes))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlim(sizes[0] / 2**0.5, sizes[-1] * 2**0.5)
         ax.margins(y=0.12)
@@ -457,14 +472,14 @@ def error_vs_batch_size(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> list[t
         ax.set_xlabel("batch size (images per step)")
         ax.set_ylabel("test error (%)")
         ax.grid(True, which="major", alpha=0.3)
-        title = f"{_described(frame)}: test error vs batch size"
+        title = f"{_text(_described(frame))}: test error vs batch size"
         if combo:
-            title += f"\n{_combo_text(combo)}"
+            title += f"\n{_text(_combo_text(combo))}"
         if tuned:
             named = ", ".join(k.removesuffix(".name") for k in tuned)
-            title += f"\n{named} chosen on validation for each norm and batch size"
+            title += f"\n{_text(named)} chosen on validation for each norm and batch size"
         ax.set_title(title)
-        handles, labels = ax.get_legend_handles_labels()
+        labels = [_text(label) for label in drawn]
         if diverged:
             handles.append(
                 Line2D([], [], marker="x", color="0.2", mew=2, linestyle="none", markersize=7)
@@ -571,7 +586,8 @@ def training_curves(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[tuple[str
                 x, y, ci = (line[c].to_numpy(dtype=float) for c in ("epoch", "mean_acc", "ci95"))
                 (drawn,) = ax.plot(
                     x, y, color=color, linestyle=line["style"].iloc[0], linewidth=1.5,
-                    marker=marker, markersize=3.5, markevery=max(1, len(x) // 12), label=label,
+                    marker=marker, markersize=3.5, markevery=max(1, len(x) // 12),
+                    label=_text(label),
                 )  # fmt: skip
                 if np.isfinite(ci).any():
                     low, high = np.clip(y - ci, 0, 100), np.clip(y + ci, 0, 100)
@@ -589,13 +605,14 @@ def training_curves(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[tuple[str
             pad = max(0.06 * (means.max() - means.min()), 0.5)
             axes[0].set_ylim(max(means.min() - pad, 0), min(means.max() + pad, 100.5))
         _label_outer(axes, len(sizes), ncols, "epoch", "test accuracy (%)")
-        title = f"{_described(frame)}: test accuracy per epoch"
+        title = f"{_text(_described(frame))}: test accuracy per epoch"
         if combo:
-            title += f"\n{_combo_text(combo)}"
+            title += f"\n{_text(_combo_text(combo))}"
         fig.suptitle(title, fontsize=11)
         ordered = [label for label in prepared.labels if label in handles]
         fig.legend(
-            [handles[label] for label in ordered], ordered, title="normalization",
+            [handles[label] for label in ordered], [_text(label) for label in ordered],
+            title="normalization",
             loc="outside right upper", fontsize=8, title_fontsize=8,
         )  # fmt: skip
         figures.append((_file_name("training_curves", combo, taken), fig))
@@ -660,19 +677,19 @@ def bn_inference(runs: pd.DataFrame) -> list[tuple[str, Figure]]:
                     linestyle=style, marker="o", markersize=4, capsize=2.5, label=name,
                 )  # fmt: skip
                 means += [v for v in y if np.isfinite(v)]
-            ax.set_title(label, fontsize=10)
+            ax.set_title(_text(label), fontsize=10)
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_locator(FixedLocator(sizes))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))
             ax.xaxis.set_minor_locator(NullLocator())
             ax.grid(True, alpha=0.3)
         _label_outer(axes, len(labels), ncols, "batch size", "test error (%)")
         if means:  # the means set the range; a wide interval is cut at the frame
             pad = max(0.1 * (max(means) - min(means)), 1.0)
             axes[0].set_ylim(max(min(means) - pad, 0), min(max(means) + pad, 100.5))
-        title = f"{_described(frame)}: BatchNorm's statistics at inference"
+        title = f"{_text(_described(frame))}: BatchNorm's statistics at inference"
         if combo:
-            title += f"\n{_combo_text(combo)}"
+            title += f"\n{_text(_combo_text(combo))}"
         fig.suptitle(title, fontsize=11)
         # colours tell the variants (one per panel); the legend tells the line styles
         handles = [Line2D([], [], color="0.3", linestyle=st, marker="o", markersize=4)
@@ -743,17 +760,66 @@ def plot_experiment(exp_dir: Path, warn: Callable[[str], None] | None = None) ->
         raise NothingToPlot(
             f"{exp_dir}: no completed runs to plot ({', '.join(found) or 'no runs'})"
         )
-    figures = (
-        error_vs_batch_size(selected, tuned)
-        + training_curves(runs, collected.metrics)
-        + bn_inference(runs)
-    )
     written = []
-    for name, figure in figures:
-        path = exp_dir / "plots" / name
-        write_figure(path, figure)
-        written.append(path)
+    with _missing_glyphs(exp_dir / "plots", warn):
+        figures = (
+            error_vs_batch_size(selected, tuned)
+            + training_curves(runs, collected.metrics)
+            + bn_inference(runs)
+        )
+        for name, figure in figures:
+            path = exp_dir / "plots" / name
+            write_figure(path, figure)
+            written.append(path)
     return written
+
+
+# matplotlib's warning for a character its fonts lack, as matplotlib 3.x words it
+_GLYPH = re.compile(r"Glyph (\d+) .*missing from font\(s\) (.+?)\.?$")
+
+
+@contextlib.contextmanager
+def _missing_glyphs(folder: Path, warn: Callable[[str], None] | None) -> Iterator[None]:
+    """matplotlib's warnings of characters its fonts lack (a run's name in a script the
+    font does not cover: one warning per character and figure, in Python's two lines)
+    as one line at the end, to ``warn`` (else a :class:`~normbench.errors.Notice`):
+    which characters, drawn as boxes. Other warnings pass on as they came."""
+    import warnings
+
+    from normbench.errors import Notice
+
+    missing: dict[str, None] = {}  # in the order met, once each
+    fonts: dict[str, None] = {}
+    registry: dict = {}  # another warning repeated (once per figure) is shown once
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for warning in caught:
+            found = _GLYPH.match(str(warning.message))
+            if found:
+                missing[chr(int(found[1]))] = None
+                fonts[found[2]] = None
+            else:
+                warnings.warn_explicit(
+                    warning.message,
+                    warning.category,
+                    warning.filename,
+                    warning.lineno,
+                    registry=registry,
+                )
+        if missing:
+            chars = [f"{char} (U+{ord(char):04X})" for char in missing]
+            shown = ", ".join(chars[:8]) + (f" and {len(chars) - 8} more" if len(chars) > 8 else "")
+            message = (
+                f"{folder}: the figures' font ({', '.join(fonts)}) has no glyph for {shown}: "
+                "drawn as boxes"
+            )
+            if warn is not None:
+                warn(message)
+            else:
+                warnings.warn(message, Notice, stacklevel=3)
 
 
 def _selection(exp_dir: Path, runs: pd.DataFrame, warn) -> tuple[pd.DataFrame, list[str]]:

@@ -1,21 +1,41 @@
 """A rich progress bar for one training run: epoch, step, loss, throughput, test accuracy.
 
 The run's label holds a user's values (a norm's name), so it is cleaned and shown as
-text (:mod:`normbench.terminal`), never as markup."""
+text (:mod:`normbench.terminal`), never as markup. :class:`Progress` is the rich progress
+display every normbench command draws (a run's, a sweep's, bench's)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import rich.progress
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeRemainingColumn,
 )
 
 from normbench import terminal
+
+
+class Progress(rich.progress.Progress):
+    """rich's progress display, whose stop writes no blank line. Off a terminal (a pipe, a
+    file, a SLURM log) rich writes the display's last state once as it stops (a log keeps
+    how far a run got), without ending its line; its ``Progress.stop`` then prints a line
+    break, which is a blank line when nothing was drawn: before an error refused at once,
+    that made the error two lines. Here the line break comes only after a drawn state."""
+
+    def stop(self) -> None:
+        if self.disable:
+            return
+        drawn = self.live.is_started and any(task.visible for task in self.tasks)
+        self.live.stop()
+        console = self.console
+        # a terminal (dumb ones too) ends the line in Live.stop; a transient display
+        # writes nothing off a terminal
+        if drawn and not (console.is_terminal or console.is_jupyter or self.live.transient):
+            console.line()
 
 
 class RunProgress:

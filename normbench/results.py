@@ -1257,13 +1257,46 @@ def short_key(key: str) -> str:
 
 
 def _format_value(value: Any) -> str:
+    """A config value as a table shows it, as a user would type it (``null``, ``true``,
+    ``0.1``, ``'  '``): two values that differ never show alike (:func:`format_float`,
+    :func:`format_string`)."""
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "null"
     if isinstance(value, bool | np.bool_):
         return str(bool(value)).lower()
     if isinstance(value, float | np.floating):
-        return str(int(value)) if float(value).is_integer() else f"{value:g}"
+        whole = float(value).is_integer() and abs(value) < 1e16  # 1e+20, not 21 digits
+        return str(int(value)) if whole else format_float(value)
+    if isinstance(value, str):
+        return format_string(value)
     return str(value)
+
+
+def format_float(value: float) -> str:
+    """``value`` as ``%g`` writes it (``0.1``, ``1e-05``) where that reads back as the
+    same number, else in the fewest digits that do (Python's and numpy's ``str``:
+    ``0.1000000001``), so that two values that differ never print alike."""
+    shown = f"{value:g}"
+    return shown if type(value)(shown) == value else str(value)
+
+
+#: Strings that would read as another type's value (null, a boolean, a number, a list)
+#: or hide their own edges: quoted when shown.
+_LITERALS = frozenset({"null", "~", "true", "false"})
+
+
+def format_string(value: str) -> str:
+    """A string value as it is, or quoted (Python's ``repr``) where it would otherwise
+    show as nothing or as another value: empty or blank (``''``, ``'  '``), with spaces
+    at an edge, starting with a quote or a bracket, or reading as ``null``, a boolean or
+    a number (``'0.1'``)."""
+    if not value or value != value.strip() or value[0] in "'\"[{" or value.lower() in _LITERALS:
+        return repr(value)
+    try:
+        float(value)
+    except ValueError:
+        return value
+    return repr(value)
 
 
 def _percent(mean: float, std: float) -> str:
@@ -1329,7 +1362,7 @@ def summary_table(
         # keys are never cut short: the numbers beside them wrap instead
         width = max(
             [len(terminal.clean(short_key(key)))]
-            + [len(terminal.clean(_format_value(v))) for v in summary.get(key, [])]
+            + [len(terminal.clean(_cell(key, v))) for v in summary.get(key, [])]
         )
         table.add_column(
             terminal.text(short_key(key)),
@@ -1346,9 +1379,10 @@ def summary_table(
     baselines = summary["baseline"].dropna().unique() if "baseline" in summary else []
     baseline = baselines[0] if len(baselines) and "norm.name" in keys else None
     if baseline is not None:
-        table.add_column(terminal.text(f"Δ {baseline}"), justify="right", no_wrap=True)
+        shown = _format_value(baseline)
+        table.add_column(terminal.text(f"Δ {shown}"), justify="right", no_wrap=True)
         caption = (f"{caption}; " if caption else "") + (
-            f"Δ: difference to {baseline} in percentage points ± its 95% CI, p: Welch's "
+            f"Δ: difference to {shown} in percentage points ± its 95% CI, p: Welch's "
             "t-test; – with fewer than two runs on a side"
         )
     table.caption = terminal.text(caption, "table.caption") if caption else None
@@ -1357,7 +1391,7 @@ def summary_table(
     for column in extra:
         table.add_column(column.removeprefix("n_"), justify="right", style="yellow")
     for row in summary.to_dict("records"):
-        cells = [terminal.text(_format_value(row[k])) for k in keys] or ["all"]
+        cells = [terminal.text(_cell(k, row[k])) for k in keys] or ["all"]
         cells += [
             str(row["n"]),
             _percent(row["final_test_acc_mean"], row["final_test_acc_std"]),
@@ -1368,6 +1402,12 @@ def summary_table(
         cells += [str(row[c]) for c in extra]
         table.add_row(*cells)
     return table
+
+
+def _cell(key: str, value: Any) -> str:
+    """A key column's cell: a config value as typed (:func:`_format_value`); the label
+    :func:`compare_experiments` gives an experiment (a folder's name) as it is."""
+    return str(value) if key == "experiment" else _format_value(value)
 
 
 def selection_table(selection: pd.DataFrame, title: str):

@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -342,6 +343,12 @@ def run_job(cfg) -> str:
     """Hydra's task function: one run; its status. Never raises for a failed run; a run
     stopped from outside (Ctrl-C, SIGTERM, SIGHUP, a scheduler) raises, after it is
     recorded."""
+    from normbench import terminal
+
+    terminal.clean_logs()  # in a worker or a cluster job too: what it logs shown cleaned
+    if os.environ.get(DRIVER_ENV) not in (None, str(os.getpid())):
+        # a job in a process of its own: its warnings as the CLI shows them
+        warnings.showwarning = terminal.show_warning
     try:  # the job's first imports (torch among them)
         from normbench import interrupts, queued
         from normbench.lock import slurm_job
@@ -349,9 +356,9 @@ def run_job(cfg) -> str:
     except Exception:
         # Hydra returns the exception to the sweep, which records its message: the
         # traceback goes to the job's log (a worker's, a cluster job's) only from here.
-        import traceback
+        from normbench.terminal import print_exception
 
-        traceback.print_exc()
+        print_exception()  # cleaned: the job's log may be the terminal
         raise
 
     retry = os.environ.get(RETRY_ENV) == "1"
@@ -382,11 +389,13 @@ def run_job(cfg) -> str:
                 raise SystemExit(1) from None
             raise
         except Exception as error:  # recorded as failed (or interrupted); the sweep goes on
-            import traceback
+            from normbench.terminal import print_exception
 
             why = interrupts.reason(error)  # submitit's time-limit error is not the run's fault
             if why is None:
-                traceback.print_exc()  # into the job's log (a worker's, a cluster job's)
+                # into the job's log (a worker's, a cluster job's; the terminal under the
+                # basic launcher), cleaned: a user's norm's message may hold escapes
+                print_exception()
             status = "interrupted" if why else "failed"
             record_unfinished(cfg, status, why or f"{type(error).__name__}: {error}")
             return status
@@ -453,16 +462,11 @@ class SweepProgress:
     works for every launcher), and each in-process run's own bar."""
 
     def __init__(self, sweep_plan: Plan, console=None, poll_s: float = 1.0):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
         from normbench import terminal
         from normbench.eta import SweepEta
+        from normbench.progress import Progress  # no blank line as it stops off a terminal
 
         self.plan = sweep_plan
         done = [job for job in sweep_plan.jobs if sweep_plan.skipped(job)]

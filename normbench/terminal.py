@@ -124,15 +124,69 @@ def show_warning(
     line: str | None = None,
 ) -> None:
     """``warnings.showwarning`` in Python's own format, control characters escaped (a
-    warning may quote a user's value, a path, a compiler's output)."""
+    warning may quote a user's value, a path, a compiler's output); normbench's notices
+    (:class:`~normbench.errors.Notice`) as one line, ``warning: ...``, as the CLI shows
+    them (in a sweep's worker or cluster job too)."""
     import warnings
 
-    shown = clean(warnings.formatwarning(message, category, filename, lineno, line), newlines=True)
+    from normbench.errors import Notice
+
+    if issubclass(category, Notice):
+        shown = f"warning: {clean(message)}\n"
+    else:
+        formatted = warnings.formatwarning(message, category, filename, lineno, line)
+        shown = clean(formatted, newlines=True)
     stream = file if file is not None else sys.stderr
     if stream is None:  # pythonw: nowhere to write, as Python's own
         return
     with contextlib.suppress(OSError):  # a closed pipe: a warning is not worth a traceback
         stream.write(shown)
+
+
+def show_exception(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+    """``sys.excepthook``: a traceback (a bug's, a user's norm failing inside a sweep's
+    job) as Python prints it, control characters escaped: its message may quote a user's
+    value or a received folder's text."""
+    import traceback
+
+    shown = "".join(traceback.format_exception(exc_type, exc, tb))
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError):
+            sys.stderr.write(clean(shown, newlines=True))
+            sys.stderr.flush()
+
+
+def print_exception() -> None:
+    """``traceback.print_exc()``, cleaned (:func:`show_exception`)."""
+    show_exception(*sys.exc_info())
+
+
+def clean_logs() -> None:
+    """Every log record made from now on in this process carries its message cleaned (tabs
+    as spaces, line breaks kept) and its traceback too: what Hydra logs when a user turns
+    its logging on (``hydra/hydra_logging=default``: ``#0 : norm=...``, the overrides as
+    typed), a launcher's, a library's. Records are cleaned as they are made, not where
+    they are written, as Hydra sets its handlers up anew for each job. Idempotent."""
+    import logging
+
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "cleans", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # bad arguments: logging reports them itself when it emits
+            return record
+        record.msg, record.args = clean(message.expandtabs(), newlines=True), ()
+        if record.exc_info and record.exc_info[0] is not None:
+            shown = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = clean(shown, newlines=True)
+        return record
+
+    factory.cleans = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
 
 
 def yaml(cfg: Any) -> str:

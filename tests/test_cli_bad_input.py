@@ -619,3 +619,85 @@ def test_an_environment_variables_value_is_escaped_in_its_error(monkeypatch):
     result = cli.invoke(app, ["check-norm", "custom_bn"])
     assert_one_line_error(result, "NORMBENCH_KERNEL_ISA=")
     assert_inert(result.stderr_bytes)
+
+
+# ------------------------------------------------------- errors off a terminal, logs, tracebacks
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", *TINY, "batch_size=5000"], "batch_size=5000 is larger than the training set"),
+        (["bench", "--impl", "bogus", "--out", "b.csv"], "unknown impl 'bogus'"),
+    ],
+    ids=["run", "bench"],
+)
+def test_an_error_after_the_progress_display_is_entered_is_exactly_one_line(
+    tmp_path, monkeypatch, args, expected
+):
+    """Off a terminal (here, as in a pipe or a log file), rich's display stopping wrote a
+    line break of its own before the error: two lines, the first blank."""
+    monkeypatch.chdir(tmp_path)
+    result = cli.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert expected in result.stderr and result.stdout == ""
+
+
+@pytest.fixture
+def logging_restored():
+    """The process's logging as it was: Hydra configures it when a sweep asks it to log."""
+    import logging
+
+    every = [logging.getLogger(), *logging.root.manager.loggerDict.values()]
+    saved = {
+        log: (log.handlers[:], log.level, log.propagate, log.disabled)
+        for log in every
+        if isinstance(log, logging.Logger)
+    }
+    factory = logging.getLogRecordFactory()
+    yield
+    for log in [logging.getLogger(), *logging.root.manager.loggerDict.values()]:
+        if isinstance(log, logging.Logger):
+            log.handlers[:], log.level, log.propagate, log.disabled = saved.get(
+                log, ([], logging.NOTSET, True, False)
+            )
+    logging.setLogRecordFactory(factory)
+
+
+def test_hydras_log_of_a_sweep_shows_the_overrides_escaped(tmp_path, logging_restored):
+    """Hydra's logging, turned on by the user, echoes every job's overrides as typed."""
+    out = tmp_path / f"out{HOSTILE}[/x]"
+    result = cli.invoke(
+        app,
+        ["sweep", f"out_dir='{out}'", *TINY, "norm=custom_bn",
+         "hydra/hydra_logging=default", "hydra/job_logging=default"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert_inert(result.stdout_bytes)
+    assert_inert(result.stderr_bytes)
+    assert "[HYDRA] Launching 1 jobs locally" in result.stdout
+    assert f"#0 : out_dir='{tmp_path}/out{SHOWN}[/x]'" in result.stdout
+
+
+def test_a_failing_norms_traceback_in_a_sweep_is_shown_escaped(tmp_path, monkeypatch):
+    """A user's norm that fails in training: the run is recorded failed, and its traceback
+    goes to the job's log, which under the basic launcher is the terminal."""
+    (tmp_path / "late_norm.py").write_text(
+        "import torch\n\n\n"
+        "class Late(torch.nn.BatchNorm2d):\n"
+        "    def forward(self, x):\n"
+        "        if torch.is_grad_enabled():  # in training, after normbench's check (no_grad)\n"
+        f"            raise ValueError({HOSTILE!r} + '[/x]')\n"
+        "        return super().forward(x)\n"
+    )
+    (tmp_path / "conf" / "norm").mkdir(parents=True)
+    (tmp_path / "conf" / "norm" / "late.yaml").write_text("name: late\n_target_: late_norm.Late\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["--config-dir", str(tmp_path / "conf"), "sweep", f"out_dir={tmp_path}", *TINY]
+    result = cli.invoke(app, [*args, "norm=late"])
+    assert result.exit_code == 1, result.output
+    assert_inert(result.stderr_bytes)
+    assert f"ValueError: {SHOWN}[/x]" in result.stderr
+    assert "0 completed, 1 failed" in result.stdout

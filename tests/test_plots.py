@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -458,3 +459,64 @@ def test_a_linked_figure_is_replaced_not_followed(tmp_path):
     figure = exp / "plots" / "error_vs_batch_size.png"
     assert not figure.is_symlink() and victim.read_text() == "mine"
     check_png(figure)
+
+
+# ------------------------------------------------------------- text from a received folder
+
+
+def _renamed(runs: pd.DataFrame, names: dict[str, str]) -> pd.DataFrame:
+    """``runs`` with their norms named as a received folder may name them."""
+    for column in ("norm", "norm.name"):
+        runs[column] = runs[column].map(names)
+    return runs
+
+
+def test_names_are_drawn_escaped_never_as_math_and_every_one_in_the_legend(tmp_path):
+    """A control character would be a glyph the font lacks, ``$...$`` math (``$\\frac$``
+    fails to draw), and matplotlib's own legend leaves out a name starting with ``_``
+    and an empty one."""
+    names = {"custom_bn": "evil\x1b[31m\u202e", "layer": "", "group": "$\\frac$_x"}
+    runs, metrics = frames(grid(sizes=(4, 16), seeds=(0, 1)))
+    runs = _renamed(runs, names)
+    shown = {r"evil\x1b[31m\u202e", "''", r"\$\frac\$_x"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not one glyph missing
+        ((_, errors),) = plots.error_vs_batch_size(runs)
+        ((_, curves),) = plots.training_curves(runs, metrics)
+        for figure in (errors, curves):
+            figure.savefig(tmp_path / "figure.png")  # draws every text: math would fail here
+    (ax,) = the_axes(errors)
+    assert set(legend_labels(ax.get_legend())) == shown
+    assert set(errorbars(ax)) == shown
+    (legend,) = curves.legends
+    assert set(legend_labels(legend)) == shown
+
+
+def test_glyphs_the_font_lacks_are_one_warning_line(tmp_path):
+    """A name in a script the font does not cover: one ``warning:`` line naming the
+    characters, not matplotlib's two-line warning per character and figure."""
+    exp = write_experiment(tmp_path, grid(norms=("custom_bn", "layer"), sizes=(4, 16), seeds=(0,)))
+    for folder in (exp / "runs").iterdir():
+        if "layer" in folder.name:
+            cfg = yaml.safe_load((folder / "config.yaml").read_text())
+            cfg["norm"]["name"] = "归一化"
+            (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+            record = json.loads((folder / "summary.json").read_text())
+            (folder / "summary.json").write_text(json.dumps({**record, "norm": "归一化"}))
+    result = CliRunner().invoke(app, ["plot", str(exp)])
+    assert result.exit_code == 0, result.output
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"warning: {exp}/plots: the figures' font (")  # DejaVu Sans
+    assert line.endswith("has no glyph for 归 (U+5F52), 一 (U+4E00), 化 (U+5316): drawn as boxes")
+    assert len(result.stdout.splitlines()) == 2  # the two figures written
+
+
+def test_values_that_differ_by_little_are_two_figures_named_apart():
+    runs, metrics = frames(grid(norms=("layer",), sizes=(4, 16), lrs=(0.1, 0.1000000001)))
+    figures = plots.error_vs_batch_size(runs)
+    assert [name for name, _ in figures] == [
+        "error_vs_batch_size__lr-0.1.png",
+        "error_vs_batch_size__lr-0.1000000001.png",
+    ]
+    titles = [the_axes(figure)[0].get_title() for _, figure in figures]
+    assert titles[0].endswith("\nlr=0.1") and titles[1].endswith("\nlr=0.1000000001")

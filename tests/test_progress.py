@@ -34,3 +34,33 @@ def test_a_runs_label_is_shown_as_text():
     shown = drawn(console.file.getvalue())
     assert f"evil{SHOWN} bs=8 epoch 1/2" in shown
     assert "\x1b]" not in console.file.getvalue()  # no title set, no screen cleared
+
+
+def test_off_a_terminal_a_bar_never_drawn_writes_nothing():
+    """A run refused before training (its bar not started) writes not even a line break
+    where stderr is a pipe or a file: the error after it is one line."""
+    console = terminal.Console(file=io.StringIO(), width=120)
+    assert not console.is_terminal
+    with RunProgress("custom_bn bs=8", console=console):
+        pass
+    assert console.file.getvalue() == ""
+
+
+def test_off_a_terminal_a_drawn_bar_is_its_last_state_on_one_line():
+    console = terminal.Console(file=io.StringIO(), width=120)
+    with RunProgress("custom_bn bs=8", console=console) as progress:
+        progress.on_start(total_steps=10, epochs=2)
+        progress.on_step(10, 2, 0.25, 1000.0)
+    (shown,) = console.file.getvalue().splitlines(keepends=True)
+    assert shown.startswith("custom_bn bs=8 epoch 2/2") and "10/10" in shown
+    assert shown.endswith("\n")
+
+
+def test_on_a_terminal_the_bar_stays_drawn_and_its_line_ends():
+    console = terminal.Console(file=io.StringIO(), force_terminal=True, width=120)
+    with RunProgress("custom_bn bs=8", console=console) as progress:
+        progress.on_start(total_steps=10, epochs=2)
+        progress.on_step(10, 2, 0.25, 1000.0)
+    shown = drawn(console.file.getvalue())
+    assert "custom_bn bs=8 epoch 2/2" in shown and shown.endswith("\n")
+    assert "\n\n" not in shown

@@ -5,6 +5,7 @@ import copy
 import hashlib
 import json
 import math
+import re
 import shutil
 import statistics
 
@@ -1003,3 +1004,49 @@ def test_a_key_the_runs_option_lacks_is_not_filled(tmp_path, make_run):
     runs = collected.runs.set_index("norm.name")
     assert runs.loc["group", "norm.groups"] == 4 and pd.isna(runs.loc["custom_bn", "norm.groups"])
     assert "defaulted" not in collected.runs
+
+
+# ------------------------------------------------------------------------------- cells
+
+
+def test_values_that_differ_show_differently_and_empty_names_show(tmp_path, make_run):
+    """lr 0.1 and 0.1000000001 are two rows that read apart (``%g`` showed both as 0.1);
+    an empty or blank norm name is quoted, not an empty cell."""
+    exp = tmp_path / "results" / "cells"
+    for norm in ("custom_bn", "", "  "):
+        for lr in (0.1, 0.1000000001):
+            make_run(exp, norm__name=norm, lr=lr)
+    result = invoke("results", exp)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    for norm in ("custom_bn", "''", "'  '"):
+        for lr in ("0.1", "0.1000000001"):
+            row = re.compile(rf"\s*{re.escape(norm)}\s+{re.escape(lr)}\s+1\s+90\.00\s")
+            assert sum(bool(row.match(line)) for line in lines) == 1, (norm, lr, result.stdout)
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [
+        (0.1, "0.1"),
+        (0.1000000001, "0.1000000001"),
+        (1e-05, "1e-05"),
+        (2.5e-05, "2.5e-05"),
+        (128.0, "128"),
+        (1e20, "1e+20"),
+        (float("nan"), "null"),
+        (None, "null"),
+        (True, "true"),
+        ("custom_bn", "custom_bn"),
+        ("", "''"),
+        ("  ", "'  '"),
+        (" a", "' a'"),
+        ("null", "'null'"),
+        ("true", "'true'"),
+        ("0.1", "'0.1'"),
+        ("[1, 2]", "'[1, 2]'"),
+        ("''", "\"''\""),
+    ],
+)
+def test_a_cell_shows_a_value_as_typed_and_apart_from_every_other(value, shown):
+    assert results._format_value(value) == shown

@@ -136,6 +136,15 @@ def test_show_warning_cleans_pythons_format():
     assert stream.getvalue() == "g.py:1: RuntimeWarning: a\nb\n  x = 1\n"
 
 
+def test_show_warning_shows_normbenchs_notices_as_one_line():
+    """As a sweep's worker shows them (its process never ran the CLI's callback)."""
+    from normbench.errors import Notice
+
+    stream = io.StringIO()
+    terminal.show_warning(Notice(f"threads {HOSTILE}\n"), Notice, "f.py", 3, stream)
+    assert stream.getvalue() == f"warning: threads {SHOWN}\\n\n"
+
+
 def test_warnings_in_the_cli_are_shown_cleaned(capsys):
     """Once a command runs, Python's warnings show as show_warning does, and normbench's
     notices as one cleaned ``warning:`` line."""
@@ -168,3 +177,55 @@ def test_yaml_is_inert_and_reads_back_as_the_same_values():
     assert "out_dir: plain/path\n" in shown
     plain = OmegaConf.create({"a": 1, "b": "x", "c": [0.5, "y"], "d": "1"})
     assert terminal.yaml(plain) == OmegaConf.to_yaml(plain, resolve=True)
+
+
+@pytest.fixture
+def record_factory():
+    """The process's log record factory, restored after the test."""
+    import logging
+
+    saved = logging.getLogRecordFactory()
+    yield
+    logging.setLogRecordFactory(saved)
+
+
+def test_log_records_are_cleaned_as_they_are_made(record_factory):
+    """What Hydra logs in a sweep (its ``#0 : norm=...`` line, the overrides as typed),
+    through handlers set up after clean_logs, as Hydra does for every job."""
+    import logging
+
+    terminal.clean_logs()
+    terminal.clean_logs()  # idempotent: one factory, not two wrapped
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    log = logging.getLogger("normbench-test-hydra")
+    log.addHandler(handler)
+    log.propagate, log.disabled = False, False
+    log.setLevel(logging.INFO)  # whatever an earlier test left the root logger's level
+    try:
+        log.warning("\t#%d : %s", 0, f"norm={HOSTILE}[/x]")
+        try:
+            raise ValueError(f"bad {HOSTILE}")
+        except ValueError:
+            log.exception("job %s failed", f"x{HOSTILE}")
+        log.warning("%d %d", 1)  # bad arguments: left for logging to report as it does
+    finally:
+        log.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == f"[normbench-test-hydra]         #0 : norm={SHOWN}[/x]"
+    assert lines[1] == f"[normbench-test-hydra] job x{SHOWN} failed"
+    assert lines[2] == "Traceback (most recent call last):"
+    assert f"ValueError: bad {SHOWN}" in lines
+    assert_inert(stream.getvalue().encode())
+
+
+def test_show_exception_writes_pythons_traceback_cleaned(capsys):
+    try:
+        raise RuntimeError(f"boom {HOSTILE}")
+    except RuntimeError as error:
+        terminal.show_exception(type(error), error, error.__traceback__)
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):\n")
+    assert err.endswith(f"RuntimeError: boom {SHOWN}\n")
+    assert_inert(err.encode())
