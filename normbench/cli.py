@@ -247,7 +247,7 @@ def sweep(
     try:
         plan = sweeps.plan(overrides or [], retry_failed=retry_failed)
     except KeyboardInterrupt:  # Ctrl-C, or a norm's own code raising it while checked
-        err.print("interrupted by SIGINT (Ctrl-C) while planning the sweep: nothing ran")
+        err.print("interrupted by SIGINT (Ctrl-C): the sweep stopped while planning; nothing ran")
         raise typer.Exit(130) from None
     skipped = len(plan.jobs) - len(plan.to_run) - len(plan.elsewhere)
     elsewhere = f", {len(plan.elsewhere)} in progress elsewhere" if plan.elsewhere else ""

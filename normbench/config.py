@@ -71,6 +71,12 @@ def add_config_dir(path: str | Path) -> None:
     if not folder.is_dir():
         what = "not a folder" if folder.exists() else "no such folder"
         raise UserError(f"--config-dir {path}: {what}")
+    if "${" in str(folder):
+        raise UserError(
+            f"--config-dir {path}: Hydra reads ${{...}} in its search path as an "
+            "interpolation, where a job resolves it: give the folder (or a link to it) a "
+            "name without ${"
+        )
     if folder in _user_dirs:
         return
     _user_dirs.append(folder)
@@ -102,10 +108,9 @@ def searchpath_overrides() -> list[str]:
 
     if not _user_dirs:
         return []
-    # quoted as Hydra's grammar reads a string (a folder may be named "a[b]" or "it's,x");
-    # "${" escaped, which a quoted string would read as an interpolation
+    # quoted as Hydra's grammar reads a string (a folder may be named "a[b]" or "it's,x")
     entries = (
-        QuotedString(text=f"file://{d}".replace("${", "\\${"), quote=Quote.single).with_quotes()
+        QuotedString(text=f"file://{d}", quote=Quote.single).with_quotes()
         for d in _user_dirs
     )
     return [f"hydra.searchpath=[{','.join(entries)}]"]
@@ -209,8 +214,7 @@ def check_group_overrides(overrides: Sequence[str]) -> list:
             # the user's own folders, named to Hydra directly: their options are valid too
             for entry in override.value() or []:
                 if isinstance(entry, str) and entry.startswith("file://"):
-                    # "\${" is OmegaConf's escape of "${", as the config will read it
-                    add_config_dir(entry.removeprefix("file://").replace("\\${", "${"))
+                    add_config_dir(entry.removeprefix("file://"))
     for override in parsed:
         group = override.key_or_group
         if group not in GROUPS or override.is_delete():
@@ -381,11 +385,15 @@ def unreadable_config(err: BaseException) -> str:
 
     if isinstance(err, OSError):
         return f"cannot read the config file {err.filename}: {err.strerror or err}"
-    if isinstance(err, UnicodeDecodeError):
-        return (
-            f"a config file is not UTF-8 text: {_first_line(err)} (the YAML files of your "
-            f"config folders: {', '.join(str(d) for d in _user_dirs) or 'none'})"
-        )
+    if isinstance(err, UnicodeDecodeError):  # which file, Python's error does not say
+        undecodable = []
+        for path in sorted(p for d in _user_dirs for p in d.glob("*/*.yaml")):
+            try:
+                path.read_bytes().decode("utf-8")
+            except (OSError, UnicodeDecodeError):
+                undecodable.append(str(path))
+        where = ", ".join(undecodable) or "a file of " + ", ".join(map(str, _user_dirs))
+        return f"{where}: not UTF-8 text: {_first_line(err)}"
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
     if isinstance(err, yaml.MarkedYAMLError) and mark is not None:
         what = "; ".join(str(part) for part in (err.context, err.problem) if part)
