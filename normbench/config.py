@@ -110,8 +110,7 @@ def searchpath_overrides() -> list[str]:
         return []
     # quoted as Hydra's grammar reads a string (a folder may be named "a[b]" or "it's,x")
     entries = (
-        QuotedString(text=f"file://{d}", quote=Quote.single).with_quotes()
-        for d in _user_dirs
+        QuotedString(text=f"file://{d}", quote=Quote.single).with_quotes() for d in _user_dirs
     )
     return [f"hydra.searchpath=[{','.join(entries)}]"]
 
