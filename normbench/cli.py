@@ -161,7 +161,8 @@ Overrides = Annotated[
 
 
 def user_errors(command):
-    """Print a UserError as one line and exit with status 2, without a traceback."""
+    """Print a UserError as one line and exit with status 2 (its ``exit_status``: 1 for a
+    user's code that failed in a run it recorded), without a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -169,7 +170,7 @@ def user_errors(command):
             return command(*args, **kwargs)
         except UserError as error:
             fail(error)
-            raise typer.Exit(2) from None
+            raise typer.Exit(getattr(error, "exit_status", 2)) from None
 
     return wrapper
 
@@ -194,6 +195,7 @@ def run(
     from normbench.config import compose
     from normbench.interrupts import Interrupted, exit_status, handle_signals, reason
     from normbench.progress import RunProgress
+    from normbench.runner import recorded
     from normbench.runner import run as run_experiment
 
     kernel_environment()
@@ -206,6 +208,9 @@ def run(
         err.print(
             f"{reason(stop)}: the run is recorded as interrupted and counts as not done; "
             "the same command again redoes it"
+            if recorded(stop)
+            else f"{reason(stop)}: stopped before the run trained; nothing of it is "
+            "recorded, the same command again runs it"
         )
         raise typer.Exit(exit_status(stop)) from None
     summary = outcome.summary
@@ -242,7 +247,11 @@ def sweep(
     from normbench.interrupts import Interrupted, exit_status, reason
 
     kernel_environment()
-    plan = sweeps.plan(overrides or [], retry_failed=retry_failed)
+    try:
+        plan = sweeps.plan(overrides or [], retry_failed=retry_failed)
+    except KeyboardInterrupt:  # Ctrl-C, or a norm's own code raising it while checked
+        err.print("interrupted by SIGINT (Ctrl-C): the sweep stopped while planning; nothing ran")
+        raise typer.Exit(130) from None
     skipped = len(plan.jobs) - len(plan.to_run) - len(plan.elsewhere)
     elsewhere = f", {len(plan.elsewhere)} in progress elsewhere" if plan.elsewhere else ""
     twice = plan.duplicates
@@ -442,15 +451,19 @@ def check_norm(
     from normbench.norms.registry import _REGISTRY, entry_point_norms, load_class
 
     kernel_environment()
-    if "." in target or ":" in target:
-        cls = load_class(target)
-    elif target in _REGISTRY or target in entry_point_norms():
-        from normbench.norms.registry import get_norm
+    try:
+        if "." in target or ":" in target:
+            cls = load_class(target)
+        elif target in _REGISTRY or target in entry_point_norms():
+            from normbench.norms.registry import get_norm
 
-        cls = get_norm(target)
-    else:
-        raise UserError(f"{target!r} is neither a dotted class path nor a norm's name")
-    results = run_checks(cls)
+            cls = get_norm(target)
+        else:
+            raise UserError(f"{target!r} is neither a dotted class path nor a norm's name")
+        results = run_checks(cls)
+    except KeyboardInterrupt:  # Ctrl-C, or the class's own code raising it
+        err.print("interrupted by SIGINT (Ctrl-C): the checks stopped, none is reported")
+        raise typer.Exit(130) from None
     table = Table(title=f"normbench check-norm {target}")
     table.add_column("check", style="bold")
     table.add_column("result")

@@ -69,7 +69,14 @@ def add_config_dir(path: str | Path) -> None:
 
     folder = Path(path).expanduser().resolve()
     if not folder.is_dir():
-        raise UserError(f"--config-dir {path}: no such folder")
+        what = "not a folder" if folder.exists() else "no such folder"
+        raise UserError(f"--config-dir {path}: {what}")
+    if "${" in str(folder):
+        raise UserError(
+            f"--config-dir {path}: Hydra reads ${{...}} in its search path as an "
+            "interpolation, where a job resolves it: give the folder (or a link to it) a "
+            "name without ${"
+        )
     if folder in _user_dirs:
         return
     _user_dirs.append(folder)
@@ -97,9 +104,15 @@ def config_dirs() -> list[Path]:
 
 def searchpath_overrides() -> list[str]:
     """The Hydra override that makes Hydra search the user's folders too (or nothing)."""
+    from hydra.core.override_parser.types import Quote, QuotedString
+
     if not _user_dirs:
         return []
-    return [f"hydra.searchpath=[{','.join(f'file://{d}' for d in _user_dirs)}]"]
+    # quoted as Hydra's grammar reads a string (a folder may be named "a[b]" or "it's,x")
+    entries = (
+        QuotedString(text=f"file://{d}", quote=Quote.single).with_quotes() for d in _user_dirs
+    )
+    return [f"hydra.searchpath=[{','.join(entries)}]"]
 
 
 def option_file(group: str, option: str) -> Path | None:
@@ -159,13 +172,15 @@ def _description(path: Path) -> str:
 
 
 def _closest(word: str, choices: Iterable[str]) -> str:
-    matches = difflib.get_close_matches(word, list(choices), n=1)
+    matches = difflib.get_close_matches(word, [c for c in choices if c != word], n=1)
     return f" (did you mean {matches[0]!r}?)" if matches else ""
 
 
 #: Parsed overrides by their text: a sweep's jobs repeat the same few (``norm=layer``),
-#: and Hydra's parser takes about 0.1 ms for each.
+#: and Hydra's parser takes about 0.1 ms for each. At most _PARSED_MAX of them are kept
+#: (a long-lived process parsing ever new values, a grid of many seeds).
 _parsed: dict[str, Any] = {}
+_PARSED_MAX = 10_000
 
 
 def parse_overrides(overrides: Sequence[str]) -> list:
@@ -174,16 +189,19 @@ def parse_overrides(overrides: Sequence[str]) -> list:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    new = [text for text in overrides if text not in _parsed]
+    # this call's answers are held here: emptying the shared cache cannot lose them
+    found = {text: _parsed[text] for text in overrides if text in _parsed}
+    new = [text for text in dict.fromkeys(overrides) if text not in found]
     if new:
         try:
             parsed = OverridesParser.create().parse_overrides(new)
         except OverrideParseException as err:
             raise UserError(f"cannot parse overrides: {_first_line(err)}") from None
-        if len(_parsed) > 10_000:  # a long-lived process parsing ever new values
+        found.update(zip(new, parsed, strict=True))
+        if len(_parsed) + len(new) > _PARSED_MAX:
             _parsed.clear()
         _parsed.update(zip(new, parsed, strict=True))
-    return [_parsed[text] for text in overrides]
+    return [found[text] for text in overrides]
 
 
 def check_group_overrides(overrides: Sequence[str]) -> list:
@@ -334,6 +352,7 @@ def compose(overrides: Sequence[str] = ()):
 
 
 def _compose_groups(structural: tuple[str, ...], overrides: Sequence[str]):
+    import yaml
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -345,10 +364,82 @@ def _compose_groups(structural: tuple[str, ...], overrides: Sequence[str]):
                 cfg = hydra_compose(config_name="config", overrides=list(structural))
         except (HydraException, OmegaConfBaseException) as err:
             raise UserError(_composition_message(err, overrides)) from None
+        except AssertionError:  # OmegaConf's, for a key set below a null value
+            below = _below_null(structural)
+            if below is None:
+                raise
+            raise UserError(below) from None
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:  # a config folder's file
+            raise UserError(unreadable_config(err)) from None
         if len(_composed) >= _COMPOSED_MAX:
             _composed.pop(next(iter(_composed)))
         _composed[structural] = cfg
     return _composed[structural]
+
+
+def unreadable_config(err: BaseException) -> str:
+    """A config file Hydra could not read (a user's config folder's: PyYAML's error, an
+    OSError, bytes that are not UTF-8) as one line naming the file, where and what."""
+    import yaml
+
+    if isinstance(err, OSError):
+        return f"cannot read the config file {err.filename}: {err.strerror or err}"
+    if isinstance(err, UnicodeDecodeError):  # which file, Python's error does not say
+        undecodable = []
+        for path in sorted(p for d in _user_dirs for p in d.glob("*/*.yaml")):
+            try:
+                path.read_bytes().decode("utf-8")
+            except (OSError, UnicodeDecodeError):
+                undecodable.append(str(path))
+        where = ", ".join(undecodable) or "a file of " + ", ".join(map(str, _user_dirs))
+        return f"{where}: not UTF-8 text: {_first_line(err)}"
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    if isinstance(err, yaml.MarkedYAMLError) and mark is not None:
+        what = "; ".join(str(part) for part in (err.context, err.problem) if part)
+        return (
+            f"{mark.name}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: "
+            f"{what or _first_line(err)}"
+        )
+    if isinstance(err, yaml.reader.ReaderError):
+        return f"{err.name}: invalid YAML at character {err.position}: {_first_line(err)}"
+    return f"a config file is not valid YAML: {_first_line(err)}"
+
+
+def _below_null(structural: Sequence[str]) -> str | None:
+    """For an override that sets a key below a null value (``hydra.sweeper.params.norm=x``
+    when no experiment preset sets ``hydra.sweeper.params``), which Hydra meets with an
+    AssertionError: what was wrong, in words; None when no override does so."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    parsed = parse_overrides(structural)
+    dotted = [o for o in parsed if "." in o.key_or_group and not o.is_delete()]
+    groups = [o.input_line for o in parsed if o not in dotted]
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=groups, return_hydra_config=True)
+    except Exception:  # the first error stands: this was to say it better
+        return None
+    missing = object()
+    for override in dotted:
+        parts = override.key_or_group.split(".")
+        for depth in range(1, len(parts)):
+            parent = ".".join(parts[:depth])
+            value = OmegaConf.select(cfg, parent, default=missing, throw_on_missing=False)
+            if value is missing:
+                break
+            if value is None:
+                rest = ".".join(parts[depth:])
+                hint = ""
+                if parent == "hydra.sweeper.params":
+                    values = override.input_line.split("=", 1)[1]
+                    hint = (
+                        " (an experiment preset that sweeps sets it); give the sweep on the "
+                        f"command line instead: {rest}={values}"
+                    )
+                return f"{override.input_line}: {parent} is null here, so it has no {rest}{hint}"
+    return None
 
 
 def _check_added_key(base, override) -> None:
@@ -357,6 +448,10 @@ def _check_added_key(base, override) -> None:
     key = override.key_or_group
     missing = object()
     if OmegaConf.select(base, key, default=missing, throw_on_missing=False) is missing:
+        chosen = OmegaConf.select(base, f"{key.partition('.')[0]}.name", default=None)
+        other = _other_options_key(key, (), chosen if isinstance(chosen, str) else None)
+        if other:  # another option of the group has it (optim=sgd +optim.eps=1e-8)
+            raise UserError(f"{override.input_line}: {other}; a + cannot add a key to it")
         raise UserError(
             f"unknown config key {key!r}{_closest(key, _known_keys())}; normbench reads "
             "only the keys it defines, so a + cannot add one (`normbench config` shows every key)"
@@ -421,23 +516,23 @@ def _composition_message(err: BaseException, overrides: Sequence[str]) -> str:
     return f"invalid config: {_first_line(err)}"
 
 
-def _other_options_key(key: str, overrides: Sequence[str]) -> str | None:
-    """For ``optim=adam optim.momentum=0.9``: the option chosen has no such key, but
-    another option of its group has; say which, and what the chosen one takes."""
+def _other_options_key(key: str, overrides: Sequence[str], chosen: str | None = None) -> str | None:
+    """For ``optim=adam optim.momentum=0.9``: the option chosen (``chosen``, or the one the
+    overrides pick) has no such key, but another option of its group has; say which, and
+    what the chosen one takes."""
     group, _, rest = key.partition(".")
     if group not in GROUPS or not rest:
         return None
-    chosen = default_options().get(group)
-    for override in overrides:
-        name, _, value = override.partition("=")
-        if name.lstrip("+") == group and value:
-            chosen = value
+    if chosen is None:
+        chosen = default_options().get(group)
+        for override in overrides:
+            name, _, value = override.partition("=")
+            if name.lstrip("+") == group and value:
+                chosen = value
     if chosen is None:
         return None
     # installed variants other than the chosen one are not imported to find out
-    having = [
-        o for o in group_options(group) if rest in _option_defaults(group, o, load=o == chosen)
-    ]
+    having = [o for o in group_options(group) if rest in option_keys(group, o, load=o == chosen)]
     if not having:
         return None
     own = sorted(k for k in _option_defaults(group, chosen) if k != "name")
@@ -502,6 +597,16 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 _TOO_LARGE = f"a number <= {FLOAT32_MAX:.4g} (float32's largest: runs compute in float32)"
 
+#: The smallest positive normal float32 (``torch.finfo(torch.float32).tiny``). A value that
+#: must be above 0 must be at least this: a smaller one is 0 in float32 (1e-46), or a
+#: subnormal that a GPU's kernels flush to 0, which an epsilon under a square root cannot be.
+FLOAT32_TINY = 1.1754943508222875e-38
+
+_TOO_SMALL = (
+    f"a number >= {FLOAT32_TINY:.4g} (float32's smallest normal: runs compute in float32, "
+    "where a smaller one is 0 or flushed to 0)"
+)
+
 
 def _int(low: int, high: int | None = None, null: bool = False):
     if high is not None and high > 10**6 and (high + 1) & high == 0:  # 2**63 - 1, readably
@@ -529,6 +634,8 @@ def _number(low: float, strict: bool, high: float | None = None, null: bool = Fa
         ok = _is_number(value) and (value > low if strict else value >= low)
         if ok and high is None and value > FLOAT32_MAX:
             return _TOO_LARGE
+        if ok and strict and low == 0 and value < FLOAT32_TINY:
+            return _TOO_SMALL
         return None if ok and (high is None or value <= high) else rule
 
     return check
@@ -668,6 +775,7 @@ def _by_default(default: Any):
 
 
 def _option_defaults(group: str, option: str, load: bool = True) -> dict[str, Any]:
+    import yaml
     from omegaconf import OmegaConf
 
     path = option_file(group, option)
@@ -678,7 +786,20 @@ def _option_defaults(group: str, option: str, load: bool = True) -> dict[str, An
             installed = entry_point_norms().get(option)
             return installed.config(load=load) if installed is not None else {}
         return {}
-    return _flatten(OmegaConf.to_container(OmegaConf.load(path)) or {})
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:  # a config folder's file
+        raise UserError(unreadable_config(err)) from None
+    return _flatten(loaded) if isinstance(loaded, dict) else {}
+
+
+def option_keys(group: str, option: str, load: bool = True) -> dict[str, Any]:
+    """An option's keys and defaults (:func:`_option_defaults`); {} for one whose file
+    does not load (that is said when it is picked)."""
+    try:
+        return _option_defaults(group, option, load=load)
+    except UserError:
+        return {}
 
 
 def validate(cfg) -> None:
@@ -735,7 +856,7 @@ def _check_learning_rate(cfg) -> None:
     message names the key that took it over."""
     limit = math.log(FLOAT32_MAX)
     peak = scaled_lr(cfg.lr, cfg.batch_size, cfg.ref_batch_size, cfg.lr_scaling)
-    if not 0 < peak <= FLOAT32_MAX:
+    if not FLOAT32_TINY <= peak <= FLOAT32_MAX:
         scaling = (
             ""
             if cfg.lr_scaling == "none"
@@ -744,7 +865,8 @@ def _check_learning_rate(cfg) -> None:
         )
         raise UserError(
             f"lr={cfg.lr!r}{scaling} gives a peak learning rate of {peak:.4g}: it must be "
-            f"above 0 and at most {FLOAT32_MAX:.4g} (float32's largest: runs compute in float32)"
+            f"at least {FLOAT32_TINY:.4g} and at most {FLOAT32_MAX:.4g} (float32's smallest "
+            "normal and largest: runs compute in float32)"
         )
     top = math.log(peak)
     schedule = cfg.schedule

@@ -1,12 +1,21 @@
 """The one exception type for mistakes a user can make.
 
-The CLI turns a ``UserError`` into a one-line message and exit status 2; any
-other exception is a bug and keeps its traceback.
+The CLI turns a ``UserError`` into a one-line message and exit status 2 (1 for a
+:class:`UserCodeFailed`); any other exception is a bug and keeps its traceback.
 """
 
 
 class UserError(Exception):
     """Bad input from the user: unknown option, invalid value, missing data set."""
+
+
+class UserCodeFailed(UserError):
+    """A user's code (their norm class) failed while a run trained, after the checks before
+    it had passed: the run is recorded as failed, with the traceback in its folder. One
+    line too, but exit status 1 (:attr:`exit_status`), as a sweep with failed runs: the
+    command was accepted and wrote its run, which did not complete."""
+
+    exit_status = 1
 
 
 class Notice(UserWarning):

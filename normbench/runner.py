@@ -8,6 +8,7 @@ a hash of the resolved config: the same config always lands in the same folder.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -19,7 +20,7 @@ from typing import Any
 
 from normbench import __version__, allocator, checkpoints, cores, interrupts
 from normbench.config import EXECUTION_KEYS, flatten, scaled_lr, validate
-from normbench.errors import UserError
+from normbench.errors import UserCodeFailed, UserError
 from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
 from normbench.results import (
     CONFIG_PREFIX,
@@ -33,6 +34,12 @@ from normbench.results import (
     write_json,
 )
 from normbench.results import write_text as write_text_file
+
+#: The file in a run's folder that holds the traceback of a user's norm that failed in it.
+ERROR_LOG = "error.log"
+
+#: Set on an interruption once the run has recorded it (:func:`recorded`).
+RECORDED = "_normbench_recorded"
 
 
 @dataclass
@@ -84,6 +91,7 @@ class _Prepared:
     device: str
     threads: cores.Threads
     memory_format: str  # the layout memory_format chose: contiguous or channels_last
+    norm: Any = None  # the NormSpec: whether a failure in training is a user's class's
 
 
 #: The last data set loaded, reused by the next run in this process (a sweep's jobs
@@ -176,7 +184,7 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
         ref_batch_size=cfg.ref_batch_size,
     )
     used = threads or cores.Threads(torch.get_num_threads(), "torch")
-    return _Prepared(data.to(device), model, optimizer, settings, device, used, memory_format)
+    return _Prepared(data.to(device), model, optimizer, settings, device, used, memory_format, norm)
 
 
 def _raise_out_of_memory(err: BaseException, cfg, what: str) -> None:
@@ -244,7 +252,8 @@ def _watch_forward(module, norm) -> None:
     def checked(x, *args, **kwargs):
         with user_code(what, (ValueError,)):
             y = forward(x, *args, **kwargs)
-        problem = output_problem(x, y)
+        with user_code(f"{what}: checking its output"):  # a tensor subclass's own code
+            problem = output_problem(x, y)
         if problem is not None:
             mode = "training" if module.training else "eval"
             raise UserError(f"{what} in {mode} mode: {problem}")
@@ -433,7 +442,7 @@ def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:
         if not force and status_of(previous) in (None, "interrupted"):
             resume, prepared = _resume(cfg, rid, folder, prepared)
         # From here on files are written; the summary, written last, marks the run done.
-        for name in ("summary.json", "metrics.csv"):  # the earlier attempt's, damaged or not
+        for name in ("summary.json", "metrics.csv", ERROR_LOG):  # the earlier attempt's
             _discard(folder / name)
         if resume is None:
             _discard(folder / checkpoints.FILE)
@@ -507,6 +516,7 @@ def _discard(path: Path) -> None:
 def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display, resume=None) -> RunOutcome:
     import torch
 
+    from normbench.norms.registry import describe_error, error_text
     from normbench.train import TrainResult, train
 
     saving = (prepared.model, prepared.optimizer) if cfg.checkpoint.save == "last" else None
@@ -533,15 +543,27 @@ def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display, resume=Non
     except NotWritten:
         raise  # the disk is full, or the folder gone read-only: nothing more can be written
     except BaseException as err:
-        why = interrupts.reason(err)
+        users = _users_failure(err, prepared.norm)
+        why = None if users else interrupts.reason(err)
         result = TrainResult(records=recorder.records, status="interrupted" if why else "failed")
-        result.message = why or f"{type(err).__name__}: {err}"
+        result.message = why or f"{type(err).__name__}: {error_text(err)}"
+        if users:
+            result.message = f"{prepared.norm.label()}: {describe_error(err)}"
+            write_text_file(folder / ERROR_LOG, _traceback(err))
         if not why:  # a failure is retried from the start; an interruption resumes
             _discard(folder / checkpoints.FILE)
         summary = summarize(
             cfg, rid, result, prepared, started, time.perf_counter() - clock, resumed
         )
         write_json(folder / "summary.json", summary)
+        if users:
+            raise UserCodeFailed(
+                f"{prepared.norm.label()} failed in training: {describe_error(err)}; the run "
+                f"is recorded as failed, its traceback is in {folder / ERROR_LOG}"
+            ) from None
+        if why:  # the CLI says so: this run's summary holds it
+            with contextlib.suppress(AttributeError):
+                setattr(err, RECORDED, True)
         raise
     if result.status == "diverged":
         # The partial epoch's training loss is recorded too: it shows where it broke.
@@ -551,6 +573,28 @@ def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display, resume=Non
     if not cfg.checkpoint.keep:
         _discard(folder / checkpoints.FILE)
     return RunOutcome(rid, folder, summary)
+
+
+def _users_failure(err: BaseException, norm) -> bool:
+    """Whether a run's exception is its user's norm class's doing (its traceback passes
+    through their code: :meth:`NormSpec.raised`), to be told as one line naming the class,
+    not as a traceback as normbench's own bugs are. An interruption never is."""
+    if norm is None or isinstance(err, KeyboardInterrupt | interrupts.Interrupted):
+        return False
+    return norm.raised(err)
+
+
+def _traceback(err: BaseException) -> str:
+    """The exception's full traceback, as Python prints it, for the run's error log."""
+    import traceback
+
+    return "".join(traceback.format_exception(err))
+
+
+def recorded(stop: BaseException) -> bool:
+    """Whether the run that ``stop`` (Ctrl-C, a signal) ended recorded itself as
+    interrupted: False when it stopped before it trained (nothing of it is on disk)."""
+    return getattr(stop, RECORDED, False)
 
 
 def _measure_inference(cfg, prepared: _Prepared, result, recorder: _Recorder) -> None:

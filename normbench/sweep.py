@@ -161,7 +161,7 @@ def expand(overrides: Sequence[str]) -> list[list[str]]:
     )
 
     overrides = expand_globs(overrides)
-    check_group_overrides(overrides)
+    _check_swept_options_keys(check_group_overrides(overrides))
     parser = OverridesParser.create()
     try:
         first = BasicSweeper.split_arguments(parser.parse_overrides(list(overrides)), None)[0][0]
@@ -178,6 +178,40 @@ def expand(overrides: Sequence[str]) -> list[list[str]]:
     except HydraException as err:
         raise UserError(f"invalid sweep: {str(err).splitlines()[0]}") from None
     return [list(job) for job in batches[0]]
+
+
+def _check_swept_options_keys(parsed: Sequence[Any]) -> None:
+    """A key set for a group the sweep sweeps (``norm=layer,custom_bn norm.momentum=0.1``)
+    that some of its options have and others lack: one message saying which, before any
+    job is composed. Every job gets the same settings, so no override sets it in some
+    jobs only."""
+    from normbench.config import GROUPS, option_file, option_keys
+
+    swept = {
+        o.key_or_group: list(o.sweep_string_iterator())
+        for o in parsed
+        if o.key_or_group in GROUPS and o.is_sweep_override()
+    }
+    for override in parsed:
+        group, _, rest = override.key_or_group.partition(".")
+        if group not in swept or not rest or override.is_delete() or override.package:
+            continue
+        # options with a YAML of their own: an installed package's is not imported to see
+        options = [o for o in swept[group] if option_file(group, o) is not None]
+        having = [o for o in options if _has_key(option_keys(group, o), rest)]
+        lacking = [o for o in options if o not in having]
+        if having and lacking:
+            verb = "has" if len(lacking) == 1 else "have"
+            raise UserError(
+                f"{override.input_line}: {group}={','.join(lacking)} of this sweep {verb} no "
+                f"{rest} ({','.join(having)} {'has' if len(having) == 1 else 'have'} it); "
+                "every job of a sweep gets the same settings: sweep "
+                f"{group}={','.join(having)} {override.input_line.lstrip('+')} on its own"
+            )
+
+
+def _has_key(flat: dict[str, Any], key: str) -> bool:
+    return key in flat or any(k.startswith(f"{key}.") for k in flat)
 
 
 def absolute_paths(overrides: Sequence[str], cfg) -> list[str]:
@@ -361,6 +395,7 @@ def run_job(cfg) -> str:
         print_exception()  # cleaned: the job's log may be the terminal
         raise
 
+    _adopt_config_dirs()
     retry = os.environ.get(RETRY_ENV) == "1"
     display = _display.run_display(cfg) if _display is not None else contextlib.nullcontext()
     watchdog = interrupts.watch_parent(os.environ.get(DRIVER_ENV))
@@ -389,15 +424,18 @@ def run_job(cfg) -> str:
                 raise SystemExit(1) from None
             raise
         except Exception as error:  # recorded as failed (or interrupted); the sweep goes on
-            from normbench.terminal import print_exception
+            from normbench.norms.registry import error_text
+            from normbench.terminal import clean, print_exception
 
             why = interrupts.reason(error)  # submitit's time-limit error is not the run's fault
-            if why is None:
-                # into the job's log (a worker's, a cluster job's; the terminal under the
-                # basic launcher), cleaned: a user's norm's message may hold escapes
-                print_exception()
+            message = why or f"{type(error).__name__}: {error_text(error)}"
+            if isinstance(error, UserError):  # a user's norm that failed: one line naming it
+                message = str(error)
+                print(clean(f"failed: {message}"), file=sys.stderr)
+            elif why is None:
+                print_exception()  # into the job's log (a worker's, a cluster job's), cleaned
             status = "interrupted" if why else "failed"
-            record_unfinished(cfg, status, why or f"{type(error).__name__}: {error}")
+            record_unfinished(cfg, status, message)
             return status
         finally:
             if watchdog is not None:
@@ -405,6 +443,23 @@ def run_job(cfg) -> str:
             if not stopped:  # a stopped job's marker stays: submitit may requeue it
                 queued.remove(run_dir(cfg), slurm_job())
     return "skipped" if outcome.skipped else outcome.summary["status"]
+
+
+def _adopt_config_dirs() -> None:
+    """In a job's own process (a worker, a cluster job): the user's config folders, from
+    the search path Hydra gave it, so that its messages name a norm's YAML file as the
+    driver's do (the driver has them from the command line already)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from normbench import config
+
+    if not HydraConfig.initialized():
+        return
+    for entry in HydraConfig.get().searchpath or []:
+        if isinstance(entry, str) and entry.startswith("file://"):
+            folder = Path(entry.removeprefix("file://")).resolve()
+            if folder.is_dir() and folder not in config._user_dirs:
+                config._user_dirs.append(folder)
 
 
 class SweepInterrupted(Exception):

@@ -179,8 +179,11 @@ def test_an_experiment_preset_overrides_the_defaults_and_the_command_line_wins()
         ("++bach_size=8", "unknown config key 'bach_size'"),
         ("+norm.momentm=0.2", "unknown config key 'norm.momentm'"),
         ("+batch_size=8", "batch_size is already in the config: set it without the +"),
+        # a key another option of the group has: which, and what this one takes
+        ("+optim.eps=1e-8", "+optim.eps=1e-8: optim=sgd has no eps (adam has it); optim=sgd "
+         "takes: momentum, nesterov, weight_decay; a + cannot add a key to it"),
     ],
-)
+)  # fmt: skip
 def test_a_plus_never_adds_a_key_normbench_does_not_read(override, expected):
     """A typo behind a + would otherwise train at the default under a new run id."""
     with pytest.raises(UserError) as info:
@@ -292,6 +295,29 @@ def test_values_beyond_float32_are_refused_naming_the_key(overrides, expected):
     assert expected in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["norm.eps=1e-46"], "norm.eps"),  # 0 in float32
+        (["norm.eps=1e-40"], "norm.eps"),  # a subnormal, flushed to 0 by GPU kernels
+        (["optim=adam", "optim.eps=1e-46"], "optim.eps"),
+        (["lr=1e-46"], "lr"),
+        (["schedule.name=step", "schedule.gamma=1e-46"], "schedule.gamma"),
+    ],
+)
+def test_positive_values_must_stay_positive_in_float32(overrides, key):
+    """A value refused at 0 is refused where float32 makes it 0 (or a subnormal); float32's
+    smallest normal itself is accepted."""
+    import torch
+    from omegaconf import OmegaConf
+
+    tiny = torch.finfo(torch.float32).tiny
+    with pytest.raises(UserError) as caught:
+        compose(overrides)
+    assert str(caught.value).startswith(f"{key} must be a number >= 1.175e-38 (float32's")
+    assert OmegaConf.select(compose([*overrides[:-1], f"{key}={tiny!r}"]), key) == tiny
+
+
 def test_the_largest_values_float32_holds_compose():
     import numpy as np
 
@@ -395,3 +421,93 @@ def test_a_user_option_shadowing_normbenchs_own_is_ignored_with_a_notice(tmp_pat
     assert compose(["norm=custom_bn"]).norm.momentum == 0.1 and compose().lr == 0.1
     assert config.option_file("norm", "custom_bn") == config.conf_dir() / "norm/custom_bn.yaml"
     assert compose(["norm=mine"]).norm._target_ == "torch.nn.LayerNorm"
+
+
+def test_parsed_overrides_survive_the_cache_emptying_mid_call(monkeypatch):
+    """The cache of parsed overrides is emptied when full: the texts a call needs (some
+    parsed before, some new) are all answered, however many."""
+    from normbench import config
+
+    monkeypatch.setattr(config, "_parsed", {})
+    monkeypatch.setattr(config, "_PARSED_MAX", 3)
+    config.parse_overrides(["epochs=1", "lr=0.1", "seed=1", "seed=2"])  # past the limit
+    texts = ["epochs=1", "seed=3", "lr=0.1", "seed=4", "seed=5", "epochs=1"]
+    parsed = config.parse_overrides(texts)
+    assert [o.input_line for o in parsed] == texts
+    assert set(config._parsed) == {"seed=3", "seed=4", "seed=5"}  # emptied, then filled
+
+
+@pytest.mark.parametrize("folder", ["cd[/x]", "q'uo,te", "sl\\ash", "sp ace]"])
+def test_a_config_folder_with_the_grammars_characters_in_its_name(tmp_path, monkeypatch, folder):
+    """Hydra's override grammar reads [ ] ' , \\ in the search path: the folder is quoted."""
+    from normbench import config
+
+    monkeypatch.setattr(config, "_user_dirs", [])
+    (tmp_path / folder / "norm").mkdir(parents=True)
+    (tmp_path / folder / "norm" / "mine.yaml").write_text(
+        "name: mine\n_target_: torch.nn.LayerNorm\n"
+    )
+    config.add_config_dir(tmp_path / folder)
+    assert compose(["norm=mine"]).norm._target_ == "torch.nn.LayerNorm"
+    assert config.option_file("norm", "mine") == tmp_path / folder / "norm" / "mine.yaml"
+
+
+def test_a_config_folder_that_hydra_would_interpolate_or_is_a_file(tmp_path, monkeypatch):
+    from normbench import config
+
+    monkeypatch.setattr(config, "_user_dirs", [])
+    (tmp_path / "a${x}").mkdir()
+    with pytest.raises(UserError, match=r"reads \$\{...\} in its search path"):
+        config.add_config_dir(tmp_path / "a${x}")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="file: not a folder"):
+        config.add_config_dir(tmp_path / "file")
+    with pytest.raises(UserError, match="nothing: no such folder"):
+        config.add_config_dir(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("name: bad\neps: [unclosed\n", "invalid YAML at line 3, column 1: while parsing a flow "
+         "sequence; expected ',' or ']', but got '<stream end>'"),
+        ("name: !!python/name:os.system\n", "invalid YAML at line 1, column 7: could not "
+         "determine a constructor for the tag 'tag:yaml.org,2002:python/name:os.system'"),
+        ("# a comment \x1b]0;x\x07\nname: bad\n", "invalid YAML at character 12: unacceptable "
+         "character #x001b: special characters are not allowed"),
+        (b"name: caf\xe9\n", "not UTF-8 text: 'utf-8' codec can't decode byte 0xe9"),
+    ],
+    ids=["syntax", "python tag", "escape byte", "latin-1"],
+)  # fmt: skip
+def test_a_malformed_option_file_is_one_line_everywhere(tmp_path, monkeypatch, text, expected):
+    from typer.testing import CliRunner
+
+    from normbench import config
+    from normbench.cli import app
+
+    monkeypatch.setattr(config, "_user_dirs", [])
+    (tmp_path / "conf" / "norm").mkdir(parents=True)
+    path = tmp_path / "conf" / "norm" / "bad.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    out = tmp_path / "out"
+    for command in ("run", "sweep", "config"):
+        norms = "norm=layer,bad" if command == "sweep" else "norm=bad"
+        result = CliRunner().invoke(
+            app, ["--config-dir", str(tmp_path / "conf"), command, norms, f"out_dir={out}"]
+        )
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and "\x1b" not in result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: ") and f"{path}: {expected}" in line, line
+    assert not out.exists()
+
+
+def test_a_key_below_a_null_is_one_line():
+    """hydra.sweeper.params is null unless an experiment preset sweeps."""
+    with pytest.raises(UserError) as caught:
+        compose(["hydra.sweeper.params.norm=zzz"])
+    assert str(caught.value) == (
+        "hydra.sweeper.params.norm=zzz: hydra.sweeper.params is null here, so it has no norm "
+        "(an experiment preset that sweeps sets it); give the sweep on the command line "
+        "instead: norm=zzz"
+    )

@@ -70,6 +70,16 @@ def test_presets_define_their_grids_and_the_command_line_wins():
             ["hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=1"],
             "signal_delay_s=120 is not below the time limit",
         ),
+        # a key of some of the swept options only: every job gets the same settings
+        (
+            ["norm=layer,custom_bn", "+norm.momentum=0.1"],
+            r"^\+norm.momentum=0.1: norm=layer of this sweep has no momentum \(custom_bn has "
+            r"it\); every job of a sweep gets the same settings: sweep norm=custom_bn "
+            r"norm.momentum=0.1 on its own$",
+        ),
+        (["norm=group,instance,ghost_bn", "norm.groups=4"], "norm=instance,ghost_bn of this"),
+        # null without a preset that sweeps
+        (["hydra.sweeper.params.norm=zzz"], "hydra.sweeper.params is null here"),
     ],
 )
 def test_a_bad_job_anywhere_fails_the_whole_sweep_before_training(tmp_path, overrides, message):
@@ -122,7 +132,7 @@ def test_a_run_that_raises_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypat
 
     def train_failing_for_layer(model, *args, **kwargs):
         if any(type(m).__name__ == "LayerNorm" for m in model.modules()):
-            raise RuntimeError("injected failure")
+            raise RuntimeError("injected failure \x1b]0;PWN\x07")
         return real_train(model, *args, **kwargs)
 
     monkeypatch.setattr(normbench.train, "train", train_failing_for_layer)
@@ -130,10 +140,15 @@ def test_a_run_that_raises_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypat
     result = cli.invoke(app, args)
     assert result.exit_code == 1
     assert "2 completed" in result.stdout and "1 failed" in result.stdout
+    # normbench's own failure (not a user's class): its traceback, escaped, as the basic
+    # launcher's jobs print it to the terminal
+    assert "Traceback (most recent call last):" in result.stderr
+    assert "RuntimeError: injected failure \\x1b]0;PWN\\x07" in result.stderr
+    assert "\x1b" not in result.stderr
     runs = summaries(tmp_path / "results" / "default")
     failed = [s for s in runs.values() if s["status"] == "failed"]
     assert len(failed) == 1 and failed[0]["norm"] == "layer"
-    assert failed[0]["error"] == "RuntimeError: injected failure"
+    assert failed[0]["error"] == "RuntimeError: injected failure \x1b]0;PWN\x07"  # as it was
 
     # Without --retry-failed the failed run counts as done; with it, it runs again.
     monkeypatch.setattr(normbench.train, "train", real_train)

@@ -70,17 +70,18 @@ def normbench(*args: str, cwd: Path, path: Path | None = None, timeout: float = 
 
 @pytest.fixture
 def user_files(tmp_path):
-    """A module of the user's on their path, and a config folder naming its class."""
+    """A module of the user's on their path, and a config folder naming its class (in a
+    folder whose name Hydra's override grammar would read: quoted in its search path)."""
     code = tmp_path / "code"
     code.mkdir()
     (code / "mynorms.py").write_text(MODULE)
-    conf = tmp_path / "myconf" / "norm"
+    conf = tmp_path / "my [conf],x" / "norm"
     conf.mkdir(parents=True)
     (conf / "scale.yaml").write_text(
         "# ScaleNorm: each sample over its L2 norm, one learned scale\n"
         "name: scale\n_target_: mynorms.ScaleNorm\neps: 1.0e-5\n"
     )
-    return code, tmp_path / "myconf"
+    return code, tmp_path / "my [conf],x"
 
 
 def test_a_norm_from_the_users_config_folder_sweeps_and_is_listed(tmp_path, user_files):
@@ -98,7 +99,7 @@ def test_a_norm_from_the_users_config_folder_sweeps_and_is_listed(tmp_path, user
     assert norms == {"scale", "layer"}
     # Hydra's own search path works the same
     again = normbench(
-        "run", f"hydra.searchpath=[file://{conf}]", "norm=scale", "epochs=2",
+        "run", f"hydra.searchpath=['file://{conf}']", "norm=scale", "epochs=2",
         "dataset.train_size=128", "threads=1", f"out_dir={tmp_path / 'out'}",
         cwd=tmp_path, path=code,
     )  # fmt: skip
@@ -240,6 +241,48 @@ class Pair(_Keeps):
 class EvalOnlyWrong(_Keeps):
     def forward(self, x):
         return x if self.training else x[:, :1]
+
+
+class OnMeta(_Keeps):
+    def forward(self, x):
+        return torch.empty_like(x, device="meta")
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise ValueError("str fails")
+
+
+class Unprintable(_Keeps):
+    def forward(self, x):
+        raise _Unprintable("out of luck")
+
+
+class FailsInTraining(_Keeps):
+    def forward(self, x):
+        if torch.is_grad_enabled():  # the checks before a run probe without gradients
+            raise RuntimeError("late failure \\x1b]0;PWN\\x07\\nand a second line")
+        return x * self.scale.view(1, -1, 1, 1)
+
+
+class _Boom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward boom")
+
+
+class FailsInBackward(_Keeps):
+    def forward(self, x):
+        return _Boom.apply(x * self.scale.view(1, -1, 1, 1))
+
+
+class InterruptsInInit(nn.Module):
+    def __init__(self, num_channels: int):
+        raise KeyboardInterrupt
 '''
 
 FAULTS = {
@@ -252,7 +295,13 @@ FAULTS = {
     "Doubles": "Doubles.forward in training mode: float32 input gave float64",
     "Pair": "Pair.forward in training mode: (128, 32, 8, 8) became a tuple, not a tensor",
     "EvalOnlyWrong": "EvalOnlyWrong.forward in eval mode: (128, 32, 8, 8) became (128, 1, 8, 8)",
+    "OnMeta": "OnMeta.forward in training mode: input on cpu gave an output on meta",
+    # its __str__ raises: its repr stands in
+    "Unprintable": "Unprintable.forward raised _Unprintable: _Unprintable('out of luck')",
 }
+
+#: Classes that pass the checks before a run and fail in it, or stop it.
+LATER = ("FailsInTraining", "FailsInBackward", "InterruptsInInit")
 
 
 @pytest.fixture
@@ -268,7 +317,7 @@ def faulty(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "_user_dirs", [])  # the CLI's --config-dir adds to it
     conf = tmp_path / "conf" / "norm"
     conf.mkdir(parents=True)
-    for name in FAULTS:
+    for name in (*FAULTS, *LATER):
         (conf / f"{name}.yaml").write_text(f"name: {name}\n_target_: faulty_norms.{name}\n")
     return tmp_path / "conf"
 
@@ -309,11 +358,131 @@ def test_check_norm_reports_exits_and_wrong_outputs_as_failed_checks(tmp_path, f
          "became a tuple, not a tensor"),
         ("Doubles", "FAILED images (N, C, H, W): AssertionError: in training mode float32 input "
          "gave float64"),
+        ("OnMeta", "FAILED images (N, C, H, W): AssertionError: in training mode input on cpu "
+         "gave an output on meta"),
+        ("Unprintable", "FAILED images (N, C, H, W): _Unprintable: _Unprintable('out of luck') "
+         "(at faulty_norms.py:"),
     ]:  # fmt: skip
         result = runner.invoke(app, ["check-norm", f"faulty_norms.{name}"])
         assert result.exit_code == 1, result.output
         assert "Traceback" not in result.output
         assert any(line.startswith(expected) for line in result.stderr.splitlines()), result.stderr
+
+
+def _plugin(conf: Path, name: str) -> str:
+    return f"norm={name} (_target_ faulty_norms.{name} in {conf / 'norm' / name}.yaml)"
+
+
+@pytest.mark.parametrize(
+    "name, shown, recorded",
+    [
+        ("FailsInTraining", "RuntimeError: late failure \\x1b]0;PWN\\x07",
+         "RuntimeError: late failure \x1b]0;PWN\x07"),
+        ("FailsInBackward", "RuntimeError: backward boom", "RuntimeError: backward boom"),
+    ],
+    ids=["forward", "backward"],
+)  # fmt: skip
+def test_a_user_norm_that_fails_in_training_is_one_line_and_its_traceback_a_file(
+    tmp_path, faulty, name, shown, recorded
+):
+    """Past the checks before a run, the user's forward (or backward) raises in training:
+    the run is recorded as failed with the error, the traceback goes to its error.log,
+    and the terminal gets one escaped line naming the class and that file; exit 1."""
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        ["--config-dir", str(faulty), "run", f"norm={name}", "epochs=1", "threads=1",
+         "dataset.train_size=128", f"out_dir={out}"],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "\x1b" not in result.output
+    (folder,) = (out / "default" / "runs").iterdir()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: {_plugin(faulty, name)} failed in training: {shown}; the run is recorded as "
+        f"failed, its traceback is in {folder / 'error.log'}"
+    ]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["error"] == f"{_plugin(faulty, name)}: {recorded}"
+    log = (folder / "error.log").read_text()
+    assert log.startswith("Traceback (most recent call last):")
+    assert "faulty_norms.py" in log and recorded in log  # the exact text, in a file
+
+
+def test_a_sweep_tells_a_user_norm_failing_in_training_in_one_line(tmp_path, faulty):
+    """The basic launcher runs the jobs in this process: the failed job is one escaped
+    line, the sweep goes on and counts it."""
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        ["--config-dir", str(faulty), "sweep", "norm=layer,FailsInTraining", "epochs=1",
+         "threads=1", "dataset.train_size=128", f"out_dir={out}"],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "\x1b" not in result.output
+    assert "1 completed, 1 failed" in result.stdout
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 1 and failed[0].startswith(
+        f"failed: {_plugin(faulty, 'FailsInTraining')} failed in training: RuntimeError: "
+        "late failure \\x1b]0;PWN\\x07; the run is recorded as failed, its traceback is in "
+    )
+    assert len(list(out.glob("default/runs/*/error.log"))) == 1
+
+
+def test_only_an_exception_through_the_users_code_is_theirs(faulty):
+    """A failure whose traceback passes through the user's class is theirs (one line); any
+    other (normbench's or torch's alone) is not, and keeps its traceback as a bug."""
+    import torch
+
+    from normbench.norms.registry import NormSpec
+
+    spec = NormSpec("RaisesInForward", target="faulty_norms.RaisesInForward")
+    with pytest.raises(RuntimeError) as theirs:
+        spec(4)(torch.zeros(2, 4, 3, 3))
+    with pytest.raises(RuntimeError) as ours:
+        torch.zeros(2) + torch.zeros(3)
+    assert spec.raised(theirs.value) and not spec.raised(ours.value)
+    try:  # raised from theirs (a wrapper that re-raises): still theirs
+        raise ValueError("wrapped") from theirs.value
+    except ValueError as wrapped:
+        assert spec.raised(wrapped)
+    assert not NormSpec("layer").raised(theirs.value)  # normbench's own class: never
+
+
+def test_an_interruption_in_a_users_constructor_says_what_is_true(tmp_path, faulty):
+    """A KeyboardInterrupt from the class's own code (or Ctrl-C) while the run is built:
+    nothing was recorded, and each command says so in one line, exit 130."""
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+
+    runner, out = CliRunner(), tmp_path / "out"
+    tiny = ["epochs=1", "threads=1", "dataset.train_size=128", f"out_dir={out}"]
+    expected = {
+        "run": "stopped before the run trained; nothing of it is recorded, the same command "
+        "again runs it",
+        "sweep": "the sweep stopped while planning; nothing ran",
+    }
+    for command, said in expected.items():
+        args = ["--config-dir", str(faulty), command, "norm=InterruptsInInit", *tiny]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 130, result.output
+        assert result.stderr.strip().splitlines() == [f"interrupted by SIGINT (Ctrl-C): {said}"]
+    assert not out.exists()
+    checked = runner.invoke(app, ["check-norm", "faulty_norms.InterruptsInInit"])
+    assert checked.exit_code == 130
+    assert checked.stderr.strip().splitlines() == [
+        "interrupted by SIGINT (Ctrl-C): the checks stopped, none is reported"
+    ]
 
 
 def test_broken_entry_points_trouble_only_the_commands_that_name_them(tmp_path, pip_build_flags):

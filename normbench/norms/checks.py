@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from normbench.interrupts import Interrupted
-from normbench.norms.registry import describe_error
+from normbench.norms.registry import describe_error, error_text
 
 CHANNELS = 12
 IMAGES = (6, CHANNELS, 5, 5)
@@ -58,13 +58,15 @@ def _dtype(dtype) -> str:
 
 def output_problem(x, y) -> str | None:
     """What is wrong with ``y`` as a norm layer's output for input ``x`` (a tensor of
-    ``x``'s shape and dtype), in words; None when nothing is."""
+    ``x``'s shape, dtype and device), in words; None when nothing is."""
     if not isinstance(y, torch.Tensor):
         return f"{tuple(x.shape)} became a {type(y).__name__}, not a tensor"
     if y.shape != x.shape:
         return f"{tuple(x.shape)} became {tuple(y.shape)}"
     if y.dtype != x.dtype:
         return f"{_dtype(x.dtype)} input gave {_dtype(y.dtype)}"
+    if y.device != x.device:
+        return f"input on {x.device} gave an output on {y.device}"
     return None
 
 
@@ -215,8 +217,8 @@ def check_norm(cls) -> list[Check]:
             where = traceback.extract_tb(err.__traceback__)[-1]
             if isinstance(err, SystemExit):  # its message is its exit code, if any
                 detail = describe_error(err)
-            else:
-                detail = f"{type(err).__name__}: {err}"
+            else:  # its message made safely: the class's own __str__ may raise
+                detail = f"{type(err).__name__}: {error_text(err)}"
             if not isinstance(err, AssertionError):
                 detail += f" (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
             results.append(Check(name, False, " ".join(detail.split())))

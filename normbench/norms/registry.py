@@ -55,13 +55,54 @@ def get_norm(name: str) -> type:
     raise UserError(f"unknown norm {name!r}; valid: {', '.join(valid)}")
 
 
+def error_text(err: BaseException) -> str:
+    """``str(err)``, whatever the exception's class (a user's) does: its ``__str__`` may
+    raise, so its ``repr`` then, and ``<unprintable ...>`` when that raises too."""
+    try:
+        return str(err.code if isinstance(err, SystemExit) and err.code is not None else err)
+    except Exception:
+        try:
+            return repr(err)
+        except Exception:
+            return f"<unprintable {type(err).__name__} object>"
+
+
 def describe_error(err: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    text = str(err).strip()
-    if isinstance(err, SystemExit):
-        text = "" if err.code is None else str(err.code)
+    """An exception as one line: its type and the first line of its message (made
+    safely: :func:`error_text`)."""
+    text = "" if isinstance(err, SystemExit) and err.code is None else error_text(err).strip()
     first = text.splitlines()[0] if text else ""
     return f"{type(err).__name__}: {first[:300]}" if first else type(err).__name__
+
+
+def user_files(cls: type) -> set[str]:
+    """The source files of a user's class and of its bases that are neither normbench's
+    nor torch's nor Python's: the code whose exceptions are the user's to fix."""
+    import sys
+
+    files = set()
+    for klass in getattr(cls, "__mro__", ()):
+        module = sys.modules.get(getattr(klass, "__module__", None) or "")
+        top = (module.__name__ if module else "").split(".")[0]
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and top not in ("normbench", "torch", "builtins"):
+            files.add(path)
+    return files
+
+
+def raised_in(err: BaseException, files: set[str]) -> bool:
+    """Whether ``err``'s traceback (or that of an exception it was raised from) passes
+    through one of ``files``: whether the code there raised it or called what did."""
+    import traceback
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        for frame, _ in traceback.walk_tb(err.__traceback__):
+            if frame.f_code.co_filename in files:
+                return True
+        err = err.__cause__
+    return False
 
 
 @contextlib.contextmanager
@@ -294,6 +335,11 @@ class NormSpec:
 
         path = option_file("norm", self.name)
         return f"_target_ {self.target}" + (f" in {path}" if path else "")
+
+    def raised(self, err: BaseException) -> bool:
+        """Whether ``err`` is this user's class's doing: its traceback passes through the
+        class's own code (:func:`user_files`). Never for normbench's own variants."""
+        return self.from_user and raised_in(err, user_files(self.cls))
 
     def label(self) -> str:
         """``norm=NAME`` and, for a user's class, where it comes from."""
