@@ -25,6 +25,7 @@ windows, so nothing global is touched and nothing needs closing.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import textwrap
@@ -759,13 +760,14 @@ def plot_experiment(exp_dir: Path, warn: Callable[[str], None] | None = None) ->
 def _selection(exp_dir: Path, runs: pd.DataFrame, warn) -> tuple[pd.DataFrame, list[str]]:
     """The runs the error figure draws: those ``selected.csv`` chose (``normbench results
     --select``), with the keys tuned; else every run."""
+    from normbench import received
     from normbench.comparisons import selected_runs, selection_keys, tuned_keys
 
     path = Path(exp_dir) / "selected.csv"
     if not path.is_file():
         return runs, []
-    try:
-        selection = pd.read_csv(path)
+    try:  # a regular file of a sane size only: a received folder's may be anything
+        selection = pd.read_csv(io.BytesIO(received.read_bytes(path, received.TABLE_MAX)))
         keys = selection_keys(selection)
         tuned = tuned_keys(selection)
     except (OSError, ValueError, KeyError, pd.errors.ParserError):
@@ -789,7 +791,7 @@ def plot_experiments(
     anything, :class:`NothingToPlot` is raised and nothing is written."""
     from normbench.results import check_real_folder, find_experiments
 
-    experiments = find_experiments(paths)
+    experiments = find_experiments(paths, warn)
     for exp_dir in experiments:  # every one before the first figure is written
         check_real_folder(exp_dir / "plots")
     written: list[Path] = []
