@@ -124,8 +124,14 @@ def _hashable(value: Any) -> Any:
     return value
 
 
+#: The most characters of one value a figure draws (a received folder's value may be a
+#: megabyte: drawing it took minutes). Longer than any name (results.NAME_MAX), so that
+#: norms drawn as lines never merge.
+_DRAWN_MAX = 300
+
+
 def _fmt(value: Any) -> str:
-    """A config value as a user would type it."""
+    """A config value as a user would type it (cut to ``_DRAWN_MAX`` characters)."""
     value = _hashable(value)
     if value is None:
         return "null"
@@ -134,8 +140,10 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, tuple):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
-    return str(value)
+        text = "[" + ",".join(_fmt(v) for v in value) + "]"
+    else:
+        text = str(value)
+    return text if len(text) <= _DRAWN_MAX else text[: _DRAWN_MAX - 1] + "…"
 
 
 def _short(key: str) -> str:

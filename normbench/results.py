@@ -487,7 +487,11 @@ def find_experiments(
         if not stat.S_ISDIR(mode):
             raise UserError(f"{path} is not a folder: expected an experiment folder")
         try:
-            if _is_experiment(path):
+            experiment = _is_experiment(path)
+        except OSError as err:  # not to be looked into
+            raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+        try:
+            if experiment:
                 experiments = [path] if _has_runs(path) else []
             elif path.name == "runs" and path.parent != path:
                 experiments = [path.parent] if _has_runs(path.parent) else []
@@ -656,6 +660,10 @@ _NUMBER_RULES: dict[str, tuple[bool, float, float | None, bool]] = {
     **dict.fromkeys(_AMOUNT_FIELDS, (False, 0, None, True)),
 }
 
+#: The longest a name may be: an option's (a YAML file's stem, as a file name) or an
+#: experiment's (a folder's name). A longer one is damage, not a name to draw or print.
+NAME_MAX = 255
+
 #: Summary fields (and the config's option names) that are text, or null.
 _TEXT_FIELDS = (
     "name", "model", "norm", "dataset", "optim",
@@ -734,6 +742,8 @@ def _summary_problem(summary: dict[str, Any]) -> str | None:
         value = summary.get(key)
         if value is not None and not isinstance(value, str):
             return f"{key} {_shown(value)} is not text"
+        if value is not None and len(value) > NAME_MAX:
+            return f"{key} is {len(value):,} characters long: no name is longer than {NAME_MAX}"
     return _oversized(summary)
 
 
