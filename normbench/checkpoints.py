@@ -13,6 +13,11 @@ disk), another format's, another run's, or whole but not this code's (the model 
 since: a key missing or resized; an optimizer, random-generator or loop state of the
 wrong kind). :func:`restore` checks everything it can before it changes anything, so
 such a file is refused, not half-restored; the runner then discards it and starts over.
+The random generators' and the schedule's states are checked by setting them on scratch
+objects first (a fresh generator, a schedule of a throw-away optimizer), so that what
+torch alone can tell (an mt19937 state that is not one) is found here, not after the
+first epoch trained on the live ones; every epoch's record must hold exactly the fields
+the training loop writes, each a number of its range.
 """
 
 from __future__ import annotations
@@ -67,6 +72,14 @@ def load(data: bytes, run_id: str) -> dict[str, Any]:
     return state
 
 
+def max_bytes(model: nn.Module) -> int:
+    """The most bytes a checkpoint of ``model`` may take: its state four times (the model,
+    an optimizer's two tensors per parameter at most, a margin) and 64 MiB for the rest
+    (the records, the random states, pickling). A larger file is not read into memory."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return 4 * state + (64 << 20)
+
+
 def unpack(data: bytes, run_id: str) -> dict[str, Any] | None:
     """:func:`load`, or None when the checkpoint is unusable."""
     try:
@@ -80,23 +93,29 @@ def restore(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     epochs: int | None = None,
+    validation: bool | None = None,
 ) -> dict[str, Any]:
     """Put the checkpoint's states back into ``model``, ``optimizer`` and torch's random
     generators; the loop's state, for ``train(resume=...)``. ``epochs``: the run's, which
-    the checkpoint's epoch may not pass.
+    the checkpoint's epoch may not pass; ``validation``: whether the run has a validation
+    split, so that its records hold ``val_loss`` and ``val_acc`` (None: either).
 
     Raises :class:`Unusable` when a state does not fit the running code. What can be
-    checked on its own is checked before anything is set; should a load fail after that,
-    ``model`` and ``optimizer`` may hold part of the state and must be built anew.
+    checked on its own is checked before anything is set (the random and schedule states
+    on scratch objects); should a load fail after that, ``model`` and ``optimizer`` may
+    hold part of the state and must be built anew.
     """
-    loop = _check_loop(state.get("loop"), len(optimizer.param_groups), epochs)
+    loop = _check_loop(state.get("loop"), len(optimizer.param_groups), epochs, validation)
     rng = _rng_state(state.get("torch_rng"), torch.get_rng_state(), "torch")
     cuda = state.get("cuda_rng")
     if cuda is not None and torch.cuda.is_available():
         current = torch.cuda.get_rng_state_all()
         if not isinstance(cuda, list | tuple) or len(cuda) != len(current):
             raise Unusable(f"its CUDA random states are not one per device ({len(current)})")
-        cuda = [_rng_state(s, c, "CUDA") for s, c in zip(cuda, current, strict=True)]
+        cuda = [
+            _rng_state(s, c, "CUDA", torch.device("cuda", index))
+            for index, (s, c) in enumerate(zip(cuda, current, strict=True))
+        ]
     else:
         cuda = None
     _check_model(state.get("model"), model)
@@ -204,14 +223,22 @@ def _same_kind(value: Any, reference: Any) -> bool:
     return type(value) is type(reference)
 
 
-def _rng_state(saved: Any, current: torch.Tensor, which: str) -> torch.Tensor:
-    """A random generator's saved state, when it is one of this torch's."""
+def _rng_state(
+    saved: Any, current: torch.Tensor, which: str, device: torch.device | None = None
+) -> torch.Tensor:
+    """A random generator's saved state, when it is one of this torch's: of the current
+    state's dtype and shape, and accepted by a scratch generator (on ``device``; the CPU's
+    by default), so that setting it on the live one cannot fail."""
     if (
         not isinstance(saved, torch.Tensor)
         or saved.dtype != current.dtype
         or saved.shape != current.shape
     ):
         raise Unusable(f"its {which} random state is not one of this torch's")
+    try:
+        torch.Generator(device=device or "cpu").set_state(saved)
+    except Exception as err:  # "Invalid mt19937 state", and whatever a later torch says
+        raise Unusable(f"its {which} random state is not valid: {_short(err)}") from None
     return saved
 
 
@@ -228,10 +255,42 @@ def _whole(value: Any, low: int, high: int | None = None) -> bool:
     )
 
 
-def _check_loop(loop: Any, groups: int, epochs: int | None) -> dict[str, Any]:
+#: The fields of every epoch's record the training loop checkpoints, and those it adds
+#: when the run has a validation split. (A diverged epoch's partial record and the last
+#: epoch's inference measurements never enter a checkpoint.)
+RECORD_FIELDS = (
+    "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s",
+    "img_per_s",
+)  # fmt: skip
+VALIDATION_FIELDS = ("val_loss", "val_acc")
+
+
+def _check_record(number: int, record: Any, validation: bool | None) -> None:
+    """One epoch's record: exactly the loop's fields, each a finite number of its range
+    (an accuracy in [0, 1], the others at least 0), the epoch its number."""
+    if not isinstance(record, dict) or record.get("epoch") != number:
+        raise Unusable(f"its record of epoch {number} is not one")
+    expected = set(RECORD_FIELDS)
+    if validation or (validation is None and "val_acc" in record):
+        expected |= set(VALIDATION_FIELDS)
+    if set(record) != expected:
+        lacking = sorted(expected - set(record))
+        extra = [reprlib.repr(key) for key in record if key not in expected]
+        what = f"lacks {_some(lacking)}" if lacking else f"has {_some(extra)}, not the loop's"
+        raise Unusable(f"its record of epoch {number} {what}")
+    for key, value in record.items():
+        if key == "epoch":
+            continue
+        if not _number(value) or not 0 <= value <= (1 if key.endswith("_acc") else math.inf):
+            raise Unusable(f"its record of epoch {number} has {key} {reprlib.repr(value)}")
+
+
+def _check_loop(
+    loop: Any, groups: int, epochs: int | None, validation: bool | None = None
+) -> dict[str, Any]:
     """The training loop's state: an epoch within the run, a step count, one record per
-    epoch so far (finite numbers, accuracies in [0, 1]), the schedule's and the batch
-    generator's states."""
+    epoch so far (:func:`_check_record`), the schedule's and the batch generator's
+    states (each set on a scratch object first)."""
     if not isinstance(loop, dict):
         raise Unusable("its loop state is not a record")
     epoch, steps, records = loop.get("epoch"), loop.get("steps"), loop.get("records")
@@ -246,18 +305,40 @@ def _check_loop(loop: Any, groups: int, epochs: int | None) -> dict[str, Any]:
     if not isinstance(records, list) or len(records) != epoch:
         raise Unusable(f"its records are not one per epoch up to {epoch}")
     for number, record in enumerate(records, start=1):
-        if not isinstance(record, dict) or record.get("epoch") != number:
-            raise Unusable(f"its record of epoch {number} is not one")
-        for key, value in record.items():
-            if not isinstance(key, str) or not _number(value):
-                raise Unusable(
-                    f"its record of epoch {number} has {reprlib.repr(key)}: {reprlib.repr(value)}"
-                )
-            if key.endswith("_acc") and not 0 <= value <= 1:
-                raise Unusable(f"its record of epoch {number} has {key} {reprlib.repr(value)}")
-    schedule = loop.get("scheduler")
+        _check_record(number, record, validation)
+    _check_schedule(loop.get("scheduler"), groups, steps)
+    _rng_state(loop.get("generator"), torch.Generator().get_state(), "batch order's")
+    return loop
+
+
+#: Schedule state keys the training loop's LambdaLR needs restored.
+_SCHEDULE_NEEDS = ("base_lrs", "last_epoch", "_step_count", "_last_lr", "lr_lambdas")
+
+
+def _scratch_schedule(groups: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR of ``groups`` parameter groups, as the training loop builds one, on a
+    throw-away optimizer."""
+    params = [{"params": [torch.zeros(1, requires_grad=True)]} for _ in range(groups)]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda step: 1.0] * groups)
+
+
+def _check_schedule(schedule: Any, groups: int, steps: int) -> None:
+    """The learning-rate schedule's state: the keys of this torch's LambdaLR (none
+    other: ``load_state_dict`` sets every key as an attribute, so an ``optimizer`` key
+    would replace the schedule's optimizer), each of its kind, the step count the loop's,
+    the rates one finite number per group; and a scratch schedule loads it and steps."""
+    import copy
+
     if not isinstance(schedule, dict) or schedule.get("last_epoch") != steps:
         raise Unusable("its learning-rate schedule's state does not match its step count")
+    scratch = _scratch_schedule(groups)
+    reference = scratch.state_dict()
+    extra = [reprlib.repr(key) for key in schedule if key not in reference]
+    lacking = [key for key in _SCHEDULE_NEEDS if key not in schedule]
+    if extra or lacking:
+        what = f"has {_some(extra)}" if extra else f"lacks {_some(lacking)}"
+        raise Unusable(f"its learning-rate schedule's state {what}, not this torch's LambdaLR")
     for key in ("base_lrs", "_last_lr"):
         rates = schedule.get(key)
         if not isinstance(rates, list) or len(rates) != groups or not all(map(_number, rates)):
@@ -270,5 +351,15 @@ def _check_loop(loop: Any, groups: int, epochs: int | None) -> dict[str, Any]:
         or any(f is not None for f in lambdas)
     ):
         raise Unusable("its learning-rate schedule's lr_lambdas are not the saved ones")
-    _rng_state(loop.get("generator"), torch.Generator().get_state(), "batch order's")
-    return loop
+    for key, value in schedule.items():
+        expected = reference[key]
+        whole = type(expected) is int
+        if (whole and not _whole(value, 0)) or not _same_kind(value, expected):
+            raise Unusable(f"its learning-rate schedule's {key} is {reprlib.repr(value)}")
+    try:  # as train() will: load (a copy: loading pops lr_lambdas), read the rate, step
+        scratch.load_state_dict(copy.deepcopy(schedule))
+        scratch.get_last_lr()
+        scratch.optimizer.step()
+        scratch.step()
+    except Exception as err:
+        raise Unusable(f"its learning-rate schedule's state does not load: {_short(err)}") from None

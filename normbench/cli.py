@@ -345,6 +345,7 @@ def results(
             "(default: every one under results/)",
             metavar="DIR",
             show_default=False,
+            readable=False,  # checked by normbench, in one line (click's is a boxed usage)
         ),
     ] = None,
     group_by: Annotated[
@@ -416,6 +417,7 @@ def plot(
             "(default: every one under results/)",
             metavar="DIR",
             show_default=False,
+            readable=False,  # checked by normbench, in one line (click's is a boxed usage)
         ),
     ] = None,
 ) -> None:

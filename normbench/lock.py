@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from normbench import received
 from normbench.errors import UserError
 
 LOCK_NAME = ".lock"
@@ -125,7 +126,7 @@ class Owner:
 
     def describe(self) -> str:
         if self.pid == -1 and self.host == "?":  # a lock file that could not be parsed
-            return f"a lock file normbench cannot read, touched {self.age_s:.0f} s ago"
+            return f"a lock file normbench cannot read as its own, touched {self.age_s:.0f} s ago"
         where = f"pid {self.pid} on {self.host}" + (
             f", SLURM job {self.slurm_job}" if self.slurm_job else ""
         )
@@ -195,39 +196,70 @@ def read_owner(folder: Path, stale_s: float = STALE_S) -> Owner | None:
     if not stat.S_ISREG(info.st_mode):
         raise LockNotAFile(path, info.st_mode)
     try:
-        text = path.read_text(errors="replace")
+        data = received.read_bytes(path, received.MARKER_MAX)
     except FileNotFoundError:  # released meanwhile
         return None
-    except OSError:  # not ours to read: judged by its heartbeat alone
-        text = ""
+    except OSError:  # not ours to read, or replaced by something else: its heartbeat alone
+        data = b""
     age = _heartbeat_age(Path(folder), info.st_mtime)
     beating = -stale_s <= age <= stale_s  # far ahead of every clock: no heartbeat
     age = max(0.0, age)
     try:
-        record = json.loads(text)
+        record = received.load_json(data.decode(errors="replace"))
     except ValueError:
         record = None
-    if not isinstance(record, dict):
-        return Owner("?", -1, None, age, local=False, alive=beating, token=None)
     me = _identity()
+    if not _well_formed(record, me):  # not what normbench writes: judged by its heartbeat
+        return Owner("?", -1, None, age, local=False, alive=beating, token=None)
     local = record.get("host") == me["host"] and record.get("boot_id") == me["boot_id"]
     pid = record.get("pid")
     if me["slurm_job"] and record.get("slurm_job") == me["slurm_job"]:
         # SLURM runs one instance of a job at a time: this is an earlier one (requeued).
         alive = pid == me["pid"] and local
-    elif local and isinstance(pid, int):
+    elif local:
         alive = _running(pid, record.get("start_time"))
     else:
         alive = beating
     return Owner(
-        host=str(record.get("host")),
-        pid=pid if isinstance(pid, int) else -1,
+        host=record["host"],
+        pid=pid,
         slurm_job=record.get("slurm_job"),
         age_s=age,
         local=local,
         alive=alive,
         token=record.get("token"),
     )
+
+
+#: The highest pid Linux gives (``PID_MAX_LIMIT``).
+PID_MAX = 2**22
+
+
+def _well_formed(record: Any, me: dict[str, Any]) -> bool:
+    """Whether a lock's record holds what :func:`_identity` writes, each field of its type
+    and range: a host and a boot id, a pid a process can have, a SLURM job or null, a
+    token; and, in a lock of this machine (whose process is checked), a start time in
+    clock ticks (null only where this machine has no /proc either). Anything else
+    (hand-written, another program's, damaged) is no lock normbench can check a process
+    of: its heartbeat alone says whether it lives, as for another machine's; a dead pid
+    saved with a null start time would otherwise look alive forever."""
+    if not isinstance(record, dict):
+        return False
+    pid, start, job = record.get("pid"), record.get("start_time"), record.get("slurm_job")
+    if not (
+        isinstance(record.get("host"), str)
+        and isinstance(record.get("boot_id"), str)
+        and type(pid) is int
+        and 0 < pid <= PID_MAX
+        and (job is None or isinstance(job, str))
+        and isinstance(record.get("token"), str)
+    ):
+        return False
+    if record["host"] != me["host"] or record["boot_id"] != me["boot_id"]:
+        return True  # another machine's: its start time is never compared
+    if isinstance(start, str) and start.isdigit():
+        return True
+    return start is None and me["start_time"] is None  # no /proc here either
 
 
 class RunBusy(Exception):
@@ -322,9 +354,11 @@ def break_lock(folder: Path, token: str | None) -> bool:
     except FileNotFoundError:
         return True  # someone else removed it: free
     try:
-        record = json.loads(aside.read_text())
-        moved = record.get("token") if isinstance(record, dict) else None
+        record = received.load_json(received.read_bytes(aside, received.MARKER_MAX))
     except (OSError, ValueError):
+        record = None
+    moved = record.get("token") if isinstance(record, dict) else None
+    if not _well_formed(record, _identity()):  # as read_owner saw it: no token
         moved = None
     if moved != token:
         # The lock was replaced between the check and the rename: put the new owner's

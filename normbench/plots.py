@@ -26,6 +26,7 @@ windows, so nothing global is touched and nothing needs closing.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import re
 import textwrap
@@ -125,9 +126,16 @@ def _hashable(value: Any) -> Any:
     return value
 
 
+#: The most characters of one value a figure draws (a received folder's value may be a
+#: megabyte: drawing it took minutes). Longer than any name (results.NAME_MAX), so that
+#: norms drawn as lines never merge.
+_DRAWN_MAX = 300
+
+
 def _fmt(value: Any) -> str:
     """A config value as a user would type it, as the tables show it: values that differ
-    never alike (``0.1``, ``0.1000000001``), an empty name visible (``''``)."""
+    never alike (``0.1``, ``0.1000000001``), an empty name visible (``''``); cut to
+    ``_DRAWN_MAX`` characters."""
     value = _hashable(value)
     if value is None:
         return "null"
@@ -136,10 +144,12 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return format_float(value)
     if isinstance(value, str):
-        return format_string(value)
-    if isinstance(value, tuple):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
-    return str(value)
+        text = format_string(value)
+    elif isinstance(value, tuple):
+        text = "[" + ",".join(_fmt(v) for v in value) + "]"
+    else:
+        text = str(value)
+    return text if len(text) <= _DRAWN_MAX else text[: _DRAWN_MAX - 1] + "…"
 
 
 def _text(value: str) -> str:
@@ -825,13 +835,14 @@ def _missing_glyphs(folder: Path, warn: Callable[[str], None] | None) -> Iterato
 def _selection(exp_dir: Path, runs: pd.DataFrame, warn) -> tuple[pd.DataFrame, list[str]]:
     """The runs the error figure draws: those ``selected.csv`` chose (``normbench results
     --select``), with the keys tuned; else every run."""
+    from normbench import received
     from normbench.comparisons import selected_runs, selection_keys, tuned_keys
 
     path = Path(exp_dir) / "selected.csv"
     if not path.is_file():
         return runs, []
-    try:
-        selection = pd.read_csv(path)
+    try:  # a regular file of a sane size only: a received folder's may be anything
+        selection = pd.read_csv(io.BytesIO(received.read_bytes(path, received.TABLE_MAX)))
         keys = selection_keys(selection)
         tuned = tuned_keys(selection)
     except (OSError, ValueError, KeyError, pd.errors.ParserError):
@@ -855,7 +866,7 @@ def plot_experiments(
     anything, :class:`NothingToPlot` is raised and nothing is written."""
     from normbench.results import check_real_folder, find_experiments
 
-    experiments = find_experiments(paths)
+    experiments = find_experiments(paths, warn)
     for exp_dir in experiments:  # every one before the first figure is written
         check_real_folder(exp_dir / "plots")
     written: list[Path] = []

@@ -16,7 +16,6 @@ lock still lets only one job train it.
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import subprocess
 import time
@@ -75,8 +74,11 @@ def write(run_dir: Path, slurm_job: str, name: str) -> None:
 
 def read(run_dir: Path) -> dict[str, Any] | None:
     """The run's marker, or None (none, or not one this module wrote)."""
-    try:
-        record = json.loads((Path(run_dir) / MARKER).read_text())
+    from normbench import received
+
+    try:  # a regular file of a few KB: a received folder's may be a pipe or a device
+        data = received.read_bytes(Path(run_dir) / MARKER, received.MARKER_MAX)
+        record = received.load_json(data)
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or not isinstance(record.get("slurm_job"), str):

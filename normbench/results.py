@@ -18,8 +18,10 @@ import io
 import json
 import math
 import os
+import re
 import secrets
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from normbench import terminal
+from normbench import received, terminal
 from normbench.errors import UserError
 
 #: Columns of every ``metrics.csv``: one row per (run, epoch, split, metric).
@@ -184,7 +186,7 @@ def check_writable(folder: Path) -> None:
     probe = folder / f".normbench-probe.{socket.gethostname()}.{os.getpid()}"
     try:
         path = folder
-        while not path.exists() and path.parent != path:
+        while not os.path.exists(path) and path.parent != path:  # (False: not to be seen)
             missing.append(path)
             path = path.parent
         for part in reversed(missing):
@@ -213,7 +215,11 @@ def check_real_folder(folder: Path) -> None:
     The files themselves need no such check: the rename that puts each in place replaces
     a link of its name, never what it points to."""
     folder = Path(folder)
-    if folder.is_symlink():
+    try:
+        linked = stat.S_ISLNK(os.lstat(folder).st_mode)
+    except OSError:  # not there yet, or not to be looked at: the write says so itself
+        linked = False
+    if linked:
         try:
             target = f" (to {os.readlink(folder)})"
         except OSError:
@@ -273,7 +279,8 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
     known status or a whole batch size; a finished run's metrics.csv damaged): such a run
     is not done, for the planner, the runner and the tables alike."""
     try:
-        record = json.loads((Path(run_dir) / "summary.json").read_bytes())
+        data = received.read_bytes(Path(run_dir) / "summary.json", received.SUMMARY_MAX)
+        record = received.load_json(data)
     except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
     if not isinstance(record, dict) or _summary_problem(record):
@@ -387,43 +394,80 @@ class Collected:
 # ------------------------------------------------------------------- finding experiments
 
 
+#: Errors of a path that is simply not there (as ``Path.is_dir`` ignores them); any other
+#: (no permission) means a folder that cannot be read.
+_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG)
+
+
 def _is_experiment(folder: Path) -> bool:
-    return (folder / "runs").is_dir()
+    """Whether ``folder`` holds a ``runs/`` folder; ``OSError`` when it cannot be read."""
+    try:
+        return stat.S_ISDIR(os.stat(folder / "runs").st_mode)
+    except OSError as err:
+        if err.errno in _ABSENT:
+            return False
+        raise
 
 
 def _has_runs(exp_dir: Path) -> bool:
     with os.scandir(exp_dir / "runs") as entries:
-        return any(e.is_dir() and not e.name.startswith(".") for e in entries)
+        return any(_is_folder(e) and not e.name.startswith(".") for e in entries)
 
 
-def _experiments_below(root: Path, depth: int) -> list[Path]:
-    """Experiment folders under ``root`` (not inside one), skipping hidden folders."""
+def _is_folder(entry: os.DirEntry) -> bool:
+    """Whether a folder entry is a folder, without opening it: a named pipe or a device is
+    never opened while searching; an entry that cannot be looked at is none."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _unreadable(path: Path, err: OSError) -> str:
+    return f"skipped {path}: cannot read it ({err.strerror or err})"
+
+
+def _experiments_below(root: Path, depth: int, warn: Callable[[str], None] | None) -> list[Path]:
+    """Experiment folders under ``root`` (not inside one), skipping hidden folders, and
+    folders that cannot be read (with a line to ``warn``)."""
     found: list[Path] = []
     if depth == 0:
         return found
     try:
-        children = sorted(
-            Path(e.path)
-            for e in os.scandir(root)
-            if e.is_dir() and not e.name.startswith(".") and e.name != "runs"
-        )
-    except OSError:
+        with os.scandir(root) as entries:
+            children = sorted(
+                Path(e.path)
+                for e in entries
+                if not e.name.startswith(".") and e.name != "runs" and _is_folder(e)
+            )
+    except OSError as err:
+        if warn is not None and err.errno not in _ABSENT:
+            warn(_unreadable(root, err))
         return found
     for child in children:
-        if _is_experiment(child):
+        try:
+            experiment = _is_experiment(child) and (_has_runs(child) or None)
+        except OSError as err:
+            if warn is not None:
+                warn(_unreadable(child, err))
+            continue
+        if experiment:
             found.append(child)
-        else:
-            found += _experiments_below(child, depth - 1)
+        elif experiment is False:
+            found += _experiments_below(child, depth - 1, warn)
     return found
 
 
-def find_experiments(paths: Sequence[Path] | None = None) -> list[Path]:
+def find_experiments(
+    paths: Sequence[Path] | None = None, warn: Callable[[str], None] | None = None
+) -> list[Path]:
     """The experiment folders named by ``paths``, or all under ``results/`` when None or empty.
 
     An experiment folder holds ``runs/<run_id>/``. A path that is not one but holds some
     (up to three levels down; hidden folders skipped) stands for them; a path to a
     ``runs/`` folder stands for its experiment. Raises :class:`UserError` for a path that
-    does not exist or holds no run folders.
+    does not exist, cannot be read or holds no run folders; folders below it that cannot
+    be read are skipped, each with a line to ``warn``.
     """
     if not paths:
         if not DEFAULT_RESULTS.is_dir():
@@ -434,17 +478,28 @@ def find_experiments(paths: Sequence[Path] | None = None) -> list[Path]:
         paths = [DEFAULT_RESULTS]
     found: dict[Path, Path] = {}
     for path in map(Path, paths):
-        if not path.exists():
-            raise UserError(f"{path}: no such folder")
-        if not path.is_dir():
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as err:
+            if err.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise UserError(f"{path}: no such folder") from None
+            raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+        if not stat.S_ISDIR(mode):
             raise UserError(f"{path} is not a folder: expected an experiment folder")
-        if _is_experiment(path):
-            experiments = [path]
-        elif path.name == "runs" and path.parent != path:
-            experiments = [path.parent]
-        else:
-            experiments = _experiments_below(path, _SEARCH_DEPTH)
-        experiments = [e for e in experiments if _has_runs(e)]
+        try:
+            experiment = _is_experiment(path)
+        except OSError as err:  # not to be looked into
+            raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+        try:
+            if experiment:
+                experiments = [path] if _has_runs(path) else []
+            elif path.name == "runs" and path.parent != path:
+                experiments = [path.parent] if _has_runs(path.parent) else []
+            else:
+                experiments = _experiments_below(path, _SEARCH_DEPTH, warn)
+        except OSError as err:  # the folder named, or its runs/, cannot be read
+            where = Path(err.filename) if err.filename else path
+            raise UserError(f"cannot read {where}: {err.strerror or err}") from None
         if not experiments:
             raise UserError(
                 f"{path} holds no runs: expected {path / 'runs'}/<run_id>/ "
@@ -468,16 +523,29 @@ CONFIG_PREFIX = "config."
 def read_config(text: str) -> dict[str, Any]:
     """A run's config.yaml as one flat record, ``config.flatten``'s dotted keys.
 
-    Raises ``ValueError`` (or ``yaml.YAMLError``) when the text is not a YAML mapping.
+    Raises ``ValueError`` (or ``yaml.YAMLError``) when the text is not a YAML mapping, or
+    uses anchors and aliases (``&a``, ``*a``): normbench never writes them
+    (``OmegaConf.to_yaml`` writes every value out), and a few hundred bytes of aliases
+    nested in aliases expand to gigabytes (a "billion laughs").
     """
     import yaml
 
     from normbench.config import flatten
 
-    loaded = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    if not isinstance(loaded, dict):
-        raise ValueError("config.yaml is not a mapping")
-    return flatten(loaded)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    if "&" in text or "*" in text:  # (an anchor or alias needs one: else no second pass)
+        for event in yaml.parse(text, Loader=loader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise ValueError(
+                    "config.yaml uses YAML anchors or aliases (&, *), which normbench never writes"
+                )
+    try:
+        loaded = yaml.load(text, Loader=loader)
+        if not isinstance(loaded, dict):
+            raise ValueError("config.yaml is not a mapping")
+        return flatten(loaded)
+    except RecursionError:
+        raise ValueError("config.yaml is nested too deep") from None
 
 
 def split_summary(summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -524,8 +592,7 @@ _METRIC_DTYPES = {"run_id": str, "epoch": "int64", "split": str, "metric": str, 
 def _metrics_body(path: str) -> bytes:
     """A metrics.csv without its header line, as bytes ending in a newline."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = received.read_bytes(path, received.METRICS_MAX)
     except FileNotFoundError:
         return b""
     if data and not data.endswith(b"\n"):  # normbench ends every line, the last one too
@@ -592,6 +659,10 @@ _NUMBER_RULES: dict[str, tuple[bool, float, float | None, bool]] = {
     **dict.fromkeys(_ACCURACY_FIELDS, (False, 0, 1, True)),
     **dict.fromkeys(_AMOUNT_FIELDS, (False, 0, None, True)),
 }
+
+#: The longest a name may be: an option's (a YAML file's stem, as a file name) or an
+#: experiment's (a folder's name). A longer one is damage, not a name to draw or print.
+NAME_MAX = 255
 
 #: Summary fields (and the config's option names) that are text, or null.
 _TEXT_FIELDS = (
@@ -671,6 +742,8 @@ def _summary_problem(summary: dict[str, Any]) -> str | None:
         value = summary.get(key)
         if value is not None and not isinstance(value, str):
             return f"{key} {_shown(value)} is not text"
+        if value is not None and len(value) > NAME_MAX:
+            return f"{key} is {len(value):,} characters long: no name is longer than {NAME_MAX}"
     return _oversized(summary)
 
 
@@ -680,24 +753,28 @@ def _read_runs(runs_dir: Path) -> _Read:
     reason; a second folder holding the same run (a copy) is counted once."""
     import yaml
 
-    with os.scandir(runs_dir) as entries:
-        names = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    try:
+        with os.scandir(runs_dir) as entries:
+            names = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    except OSError as err:  # made unreadable since it was found
+        raise UserError(f"cannot read {runs_dir}: {err.strerror or err}") from None
     read = _Read()
     base = os.fspath(runs_dir)
     for name in names:
         folder = os.path.join(base, name)
         try:
-            with open(os.path.join(folder, "summary.json"), "rb") as handle:
-                summary_bytes = handle.read()
+            summary_bytes = received.read_bytes(
+                os.path.join(folder, "summary.json"), received.SUMMARY_MAX
+            )
         except FileNotFoundError:
             read.incomplete.append(runs_dir / name)
             continue
-        except OSError as err:  # a folder in its place, no permission
+        except OSError as err:  # a folder or a pipe in its place, too large, no permission
             read.unreadable[runs_dir / name] = f"summary.json: {err.strerror or err}"
             continue
         try:
             try:
-                summary = json.loads(summary_bytes)
+                summary = received.load_json(summary_bytes)
             except ValueError as err:  # JSONDecodeError, UnicodeDecodeError: say which file
                 raise ValueError(f"summary.json is not JSON: {err}") from None
             if not isinstance(summary, dict):
@@ -705,10 +782,12 @@ def _read_runs(runs_dir: Path) -> _Read:
             problem = _summary_problem(summary)
             if problem:
                 raise ValueError(f"summary.json: {problem}")
+            if _SURROGATE_BYTES.search(summary_bytes):
+                summary = _escaped(summary)
             summary, config = split_summary(summary)
             if config is None:
-                with open(os.path.join(folder, "config.yaml"), encoding="utf-8") as handle:
-                    config = read_config(handle.read())
+                data = received.read_bytes(os.path.join(folder, "config.yaml"), received.CONFIG_MAX)
+                config = _escaped(read_config(data.decode()))
                 problem = _oversized(config)
                 if problem:
                     raise ValueError(f"config.yaml: {problem}")
@@ -719,13 +798,48 @@ def _read_runs(runs_dir: Path) -> _Read:
         except (ValueError, yaml.YAMLError) as err:  # JSONDecodeError, UnicodeDecodeError
             read.unreadable[runs_dir / name] = " ".join(str(err).split())[:200]
             continue
-        summary.setdefault("run_id", name)
+        if "run_id" not in summary:
+            summary["run_id"] = name if name.isascii() else _escape_surrogates(name)
         read.summaries.append(summary)
         read.configs.append(config)
         read.bodies.append(body)
         read.folders.append(runs_dir / name)
     _drop_copies(read)
     return read
+
+
+#: A lone surrogate in a summary.json's bytes: as JSON's escape (``\\ud800``; a pair of
+#: them is an escaped emoji) or UTF-8-encoded (which ``json.loads`` lets through).
+_SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate written as an escape, as :mod:`normbench.terminal`
+    shows it: an undecodable byte of a folder's name (Python's ``\\udcfe``) as ``\\xfe``,
+    any other (a JSON ``"\\ud800"``) as ``\\ud800``. No table format can hold one
+    (Parquet and CSV are UTF-8, which has none): the run is kept, its text escaped."""
+
+    def escape(match: re.Match) -> str:
+        code = ord(match.group())
+        return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+    return _SURROGATE.sub(escape, text)
+
+
+def _escaped(record: dict[str, Any]) -> dict[str, Any]:
+    """A record whose keys and text values hold no lone surrogate (lists and other values
+    reach the tables as their ``repr``, which escapes them already)."""
+    if all(
+        (key.isascii() or not _SURROGATE.search(key))
+        and (type(value) is not str or value.isascii() or not _SURROGATE.search(value))
+        for key, value in record.items()
+    ):
+        return record
+    return {
+        _escape_surrogates(key): _escape_surrogates(value) if type(value) is str else value
+        for key, value in record.items()
+    }
 
 
 def _drop_copies(read: _Read) -> None:
@@ -1251,15 +1365,24 @@ def _write_tables(exp_dir: Path, collected: Collected, baseline: str | None = No
 # ----------------------------------------------------------------------------- display
 
 
+#: The most characters of one value or key a table or a message shows: a received
+#: folder's text may be a megabyte long. The files written keep it whole.
+SHOWN_MAX = 200
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= SHOWN_MAX else text[: SHOWN_MAX - 1] + "…"
+
+
 def short_key(key: str) -> str:
-    """``norm.name`` -> ``norm``: a group's name is the group."""
-    return key.removesuffix(".name")
+    """``norm.name`` -> ``norm``: a group's name is the group (cut to ``SHOWN_MAX``)."""
+    return _cut(key.removesuffix(".name"))
 
 
 def _format_value(value: Any) -> str:
     """A config value as a table shows it, as a user would type it (``null``, ``true``,
     ``0.1``, ``'  '``): two values that differ never show alike (:func:`format_float`,
-    :func:`format_string`)."""
+    :func:`format_string`); cut to ``SHOWN_MAX`` characters."""
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "null"
     if isinstance(value, bool | np.bool_):
@@ -1268,8 +1391,8 @@ def _format_value(value: Any) -> str:
         whole = float(value).is_integer() and abs(value) < 1e16  # 1e+20, not 21 digits
         return str(int(value)) if whole else format_float(value)
     if isinstance(value, str):
-        return format_string(value)
-    return str(value)
+        return _cut(format_string(value))
+    return _cut(str(value))
 
 
 def format_float(value: float) -> str:
@@ -1527,7 +1650,7 @@ def report(
     from normbench.comparisons import baseline_of
     from normbench.comparisons import select as select_values
 
-    experiments = find_experiments(paths)
+    experiments = find_experiments(paths, warn)
     if compare and len(experiments) < 2:
         found = ", ".join(map(str, experiments))
         raise UserError(f"--compare needs two experiments or more; found one: {found}")

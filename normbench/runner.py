@@ -12,6 +12,8 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import os
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -418,6 +420,7 @@ def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:
     previous = read_summary(folder)
     if is_done(previous, redo_failed) and not force:
         return RunOutcome(rid, folder, previous, skipped=True)
+    check_run_folder(folder)  # nothing is written or removed through a link
     owner = read_owner(folder)
     if owner is not None and owner.alive:  # say so before loading anything
         raise RunInProgress(RunBusy(folder, owner))
@@ -462,12 +465,14 @@ def _resume(cfg, rid: str, folder: Path, prepared: _Prepared) -> tuple[dict | No
     and optimizer built anew, as a half-restored one must never train."""
     if cfg.checkpoint.save != "last":
         return None, prepared
+    from normbench import received
+
     path = folder / checkpoints.FILE
-    try:
-        data = path.read_bytes()
+    try:  # a regular file no larger than this model's checkpoint can be (not a pipe)
+        data = received.read_bytes(path, checkpoints.max_bytes(prepared.model))
     except FileNotFoundError:
         return None, prepared
-    except OSError as err:  # a folder in its place, no permission: discarded by the caller
+    except OSError as err:  # an empty folder or a pipe in its place, too large, no permission
         _warn_discarded(rid, err.strerror or str(err))
         return None, prepared
     try:
@@ -476,8 +481,9 @@ def _resume(cfg, rid: str, folder: Path, prepared: _Prepared) -> tuple[dict | No
         _warn_discarded(rid, str(why))
         return None, prepared
     try:
+        validation = prepared.data.num_val > 0
         return checkpoints.restore(
-            state, prepared.model, prepared.optimizer, _epochs(prepared)
+            state, prepared.model, prepared.optimizer, _epochs(prepared), validation
         ), prepared
     except checkpoints.Unusable as why:
         _warn_discarded(rid, str(why))
@@ -503,14 +509,51 @@ def _warn_discarded(rid: str, why: str) -> None:
     sys.stderr.flush()
 
 
-def _discard(path: Path) -> None:
-    """Remove a run file of an earlier attempt, whatever took its name (a folder too)."""
-    if path.is_dir() and not path.is_symlink():
-        import shutil
+#: The files a run writes into its folder, which a new attempt removes or replaces.
+RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", checkpoints.FILE)
 
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+
+def check_run_folder(folder: Path) -> None:
+    """A :class:`UserError` when the run could not be written without touching what is
+    not normbench's: its folder or the ``runs/`` folder holding it is a symbolic link (a
+    received folder's link may point anywhere: the files would be written, and the
+    earlier attempt's removed, there), or a folder with something in it stands where
+    one of the run's files goes (normbench removes its own files, never a folder's
+    contents). ``out_dir`` and the experiment folder may be links a user made."""
+    from normbench.results import check_real_folder
+
+    check_real_folder(folder.parent)
+    check_real_folder(folder)
+    for name in RUN_FILES:
+        path = folder / name
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                continue
+        except OSError:  # none; or a folder not to be looked at: the writes say so
+            continue
+        try:
+            with os.scandir(path) as entries:
+                empty = next(entries, None) is None
+        except OSError:  # a folder that cannot be looked into is not known to be empty
+            empty = False
+        if not empty:
+            raise UserError(
+                f"{path} is a folder with something in it, where the run's {name} goes: "
+                "normbench removes only its own files; move it away to run this run"
+            )
+
+
+def _discard(path: Path) -> None:
+    """Remove a run file of an earlier attempt: a link in its place is removed, not what
+    it points to; an empty folder in its place too (one with something in it was refused
+    by :func:`check_run_folder`)."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display, resume=None) -> RunOutcome:
@@ -633,6 +676,10 @@ def record_lost(
     from normbench.lock import break_lock
 
     folder = run_dir(cfg)
+    try:
+        check_run_folder(folder)
+    except UserError:  # written nowhere through a link: the sweep reports the run as lost
+        return False
     if not folder.is_dir():
         if not unstarted:
             return False  # the job never started this run: nothing to record
@@ -667,6 +714,10 @@ def record_unfinished(cfg, status: str, message: str) -> bool:
     summary, or owned elsewhere, is left as it is."""
     folder = run_dir(cfg)
     if read_summary(folder) is not None:
+        return False
+    try:
+        check_run_folder(folder)
+    except UserError:  # written nowhere through a link: the sweep reports the run as lost
         return False
     folder.mkdir(parents=True, exist_ok=True)
     try:

@@ -263,7 +263,7 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
     from normbench.lock import read_owner
     from normbench.queued import QueueCheck
     from normbench.results import check_writable, read_summary, status_of
-    from normbench.runner import experiment_dir, prepare, run_id
+    from normbench.runner import check_run_folder, experiment_dir, prepare, run_id
 
     # the user's config folders, for Hydra too; globs written out, as the plan has them
     overrides = with_searchpath(expand_globs(overrides))
@@ -295,10 +295,15 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
         if job.busy is not None:
             continue
         job.overrides = absolute_paths(_task_overrides(job_overrides), cfg)
+        check_run_folder(folder)  # a link, or a folder in a file's place: before anything runs
         if folder.parent.parent not in writable:  # once per experiment folder
             check_writable(folder.parent.parent)
             writable.add(folder.parent.parent)
-        if folder.exists():  # a run folder left read-only, or a file in its place
+        try:
+            there = folder.exists()
+        except OSError:  # a runs/ folder that cannot be looked into: its writes say so
+            there = True
+        if there:  # a run folder left read-only, or a file in its place
             check_writable(folder)
         # Seeds, learning rates and where results go do not change whether a job can run.
         shape = {k: v for k, v in flatten(cfg).items() if k not in {"seed", "lr", *EXECUTION_KEYS}}
@@ -331,8 +336,11 @@ def _check_report(jobs: Sequence[Job]) -> None:
         if report.baseline is None and not report.select:
             continue
         configs = {job.run_id: flatten(job.cfg) for job in members}
-        runs = folder / "runs"
-        for path in sorted(runs.iterdir()) if runs.is_dir() else []:
+        try:
+            found = sorted((folder / "runs").iterdir())
+        except OSError:  # none yet; or one that cannot be read: the plan's own jobs only
+            found = []
+        for path in found:
             if path.name not in configs:
                 config = split_summary(read_summary(path) or {})[1]
                 if config:

@@ -57,6 +57,15 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny, tmp_path, 
         assert resumed.summary[key] == straight.summary[key], key
 
 
+def test_a_run_without_a_validation_split_resumes_too(tiny, capsys):
+    """Its records lack val_loss and val_acc: exactly the fields the loop writes then."""
+    cfg = tiny("epochs=3", "dataset.val_size=0")
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg, display=StopAt(2))
+    assert runner.run(cfg).summary["resumed_from_epoch"] == 1
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_without_checkpoints_a_stopped_run_starts_over(tiny):
     cfg = tiny("epochs=4", "checkpoint.save=none")
     with pytest.raises(KeyboardInterrupt):
@@ -161,6 +170,39 @@ def _epoch(state):
     state["loop"]["epoch"] = 99
 
 
+# Damage torch itself finds only when the state is set (before: a traceback after the
+# model was restored, exit 1, the checkpoint kept and every rerun failing the same way),
+# or that a load accepts and that fails later (recorded failed) or trains silently.
+
+
+def _rng_zeros(state):
+    state["torch_rng"] = torch.zeros_like(state["torch_rng"])
+
+
+def _generator_zeros(state):
+    state["loop"]["generator"] = torch.zeros_like(state["loop"]["generator"])
+
+
+def _step_count(state):
+    state["loop"]["scheduler"]["_step_count"] = "x"
+
+
+def _scheduler_extra(state):
+    state["loop"]["scheduler"]["optimizer"] = {}
+
+
+def _record_bare(state):
+    state["loop"]["records"][0] = {"epoch": 1}
+
+
+def _record_extra(state):
+    state["loop"]["records"][1]["test_acc_extra"] = 0.5
+
+
+def _record_negative_loss(state):
+    state["loop"]["records"][0]["train_loss"] = -1.0
+
+
 def _version(state):
     state["version"] = 0
 
@@ -179,6 +221,19 @@ CORRUPTIONS = {
     "a schedule of the wrong kind": (_scheduler, "learning-rate schedule"),
     "an epoch past the run's": (_epoch, "epoch 99"),
     "another format version": (_version, "format version 0"),
+    "an invalid torch random state": (
+        _rng_zeros,
+        "torch random state is not valid: Invalid mt19937",
+    ),
+    "an invalid batch generator state": (
+        _generator_zeros,
+        "batch order's random state is not valid",
+    ),
+    "a schedule step count that is text": (_step_count, "schedule's _step_count is 'x'"),
+    "a schedule key LambdaLR lacks": (_scheduler_extra, "schedule's state has 'optimizer'"),
+    "a record without its fields": (_record_bare, "record of epoch 1 lacks epoch_time_s"),
+    "a record with a field too many": (_record_extra, "record of epoch 2 has 'test_acc_extra'"),
+    "a negative loss": (_record_negative_loss, "record of epoch 1 has train_loss -1.0"),
 }
 
 ARGS = ["epochs=3", "batch_size=64", "dataset.train_size=256", "threads=1"]
@@ -240,24 +295,46 @@ def test_a_checkpoint_the_code_cannot_use_is_discarded_with_one_warning(
 
 
 @pytest.mark.parametrize(
-    "damage",
-    [b"", b"\x00 not a checkpoint", "cut"],
-    ids=["empty", "garbage", "truncated"],
+    "damage, why",
+    [
+        (b"", "not a checkpoint torch can read"),
+        (b"\x00 not a checkpoint", "not a checkpoint torch can read"),
+        ("cut", "not a checkpoint torch can read"),
+        ("pipe", "a named pipe, not a file"),
+        ("zero", "a device, not a file"),
+        ("large", "1 GiB, more than the 65.4 MiB such a file may be"),
+    ],
+    ids=["empty", "garbage", "truncated", "pipe", "dev-zero", "too-large"],
 )
 def test_a_damaged_checkpoint_file_is_discarded_with_one_warning(
-    stopped_and_straight, tmp_path, damage
+    stopped_and_straight, tmp_path, damage, why
 ):
+    """Cut short or garbage; a pipe (before: `run` hung), a link to /dev/zero (read until
+    memory ran out), a file larger than this model's checkpoint can be (sparse here)."""
+    import os
     import shutil
+
+    from hostile import deadline
 
     stopped, straight = stopped_and_straight
     exp = shutil.copytree(stopped, tmp_path / "results" / "default")
     (folder,) = (exp / "runs").iterdir()
     path = folder / checkpoints.FILE
-    path.write_bytes(path.read_bytes()[:5000] if damage == "cut" else damage)
-    result = _run_cli(tmp_path / "results")
+    if damage in ("pipe", "zero"):
+        path.unlink()
+        os.mkfifo(path) if damage == "pipe" else path.symlink_to("/dev/zero")
+    elif damage == "large":
+        with open(path, "r+b") as handle:
+            handle.truncate(1 << 30)
+    else:
+        path.write_bytes(path.read_bytes()[:5000] if damage == "cut" else damage)
+    with deadline(60):
+        result = _run_cli(tmp_path / "results")
     assert result.exit_code == 0, result.output
     (warning,) = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert "not a checkpoint torch can read" in warning
+    assert why in warning, warning
+    assert not path.exists() and not path.is_symlink()
+    assert os.path.exists("/dev/zero")  # the link went, not what it points to
     assert json.loads((folder / "summary.json").read_text())["resumed_from_epoch"] is None
     pd.testing.assert_frame_equal(metrics(runner.RunOutcome("", folder, {})), straight)
 

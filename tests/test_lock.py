@@ -236,3 +236,52 @@ def test_a_run_whose_lock_is_a_folder_says_so_in_one_line(tmp_path):
         assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
         assert f"{folder / lock.LOCK_NAME} is a folder, not a run lock" in lines[0]
         assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"pid": 999999, "start_time": None},
+        {"pid": -1, "start_time": None},
+        {"pid": 0, "start_time": "1"},
+        {"pid": 2**70, "start_time": None},
+        {"pid": "12", "start_time": "1"},
+        {"pid": 4, "start_time": 7},
+        {"pid": 4, "start_time": "1", "token": 5},
+        {"pid": 4, "start_time": "1", "host": ["x"]},
+    ],
+    ids=[
+        "dead-pid-null-start",
+        "pid-1",
+        "pid0",
+        "pid-2**70",
+        "pid-text",
+        "start-int",
+        "token-int",
+        "host-list",
+    ],  # fmt: skip
+)
+def test_a_lock_not_as_normbench_writes_it_is_judged_by_its_heartbeat(tmp_path, fields):
+    """A lock of this machine whose fields are not what normbench writes (before: a dead
+    pid with a null start time matched the dead pid's null and blocked the run forever,
+    "in progress elsewhere ... last heartbeat 10802 s ago"; a pid of 2**70 could
+    overflow): alive while its heartbeat is fresh, stale after STALE_S."""
+    me = lock._identity()
+    write_lock(tmp_path, **{"host": me["host"], "boot_id": me["boot_id"], **fields})
+    owner = read_owner(tmp_path)
+    assert owner.alive and owner.describe().startswith("a lock file normbench cannot read")
+    with pytest.raises(RunBusy):
+        RunLock(tmp_path).acquire()
+    age(tmp_path, 3 * 3600)
+    assert not read_owner(tmp_path).alive
+    with RunLock(tmp_path) as held:
+        assert read_owner(tmp_path).token == held.token
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000, "{" + " " * (1 << 17) + "}"])
+def test_a_lock_nested_too_deep_or_too_large_is_garbage_not_a_crash(tmp_path, content):
+    (tmp_path / lock.LOCK_NAME).write_text(content)
+    age(tmp_path, 3 * 3600)
+    assert not read_owner(tmp_path).alive
+    with RunLock(tmp_path):
+        pass

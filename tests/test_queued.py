@@ -59,3 +59,17 @@ def test_a_marker_not_written_by_normbench_is_ignored(tmp_path):
     assert queued.read(tmp_path) is None
     (tmp_path / queued.MARKER).write_text("{not json")
     assert queued.QueueCheck().find(tmp_path) is None
+
+
+def test_a_marker_that_is_a_pipe_or_nested_too_deep_is_ignored_without_blocking(tmp_path):
+    """Before: a pipe named .queued in a received run folder hung the sweep's plan."""
+    import os
+
+    from hostile import deadline
+
+    os.mkfifo(tmp_path / queued.MARKER)
+    with deadline():
+        assert queued.read(tmp_path) is None
+    (tmp_path / queued.MARKER).unlink()
+    (tmp_path / queued.MARKER).write_text("[" * 100_000)  # before: RecursionError
+    assert queued.read(tmp_path) is None

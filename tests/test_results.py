@@ -5,6 +5,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -1050,3 +1051,159 @@ def test_values_that_differ_show_differently_and_empty_names_show(tmp_path, make
 )
 def test_a_cell_shows_a_value_as_typed_and_apart_from_every_other(value, shown):
     assert results._format_value(value) == shown
+
+
+# --------------------------------------------------------- what a received folder holds
+
+
+def test_text_that_is_not_unicode_is_kept_escaped(real_copy):
+    """A lone surrogate in a summary's value or key (JSON's "\\ud800"), and a run folder
+    named with an undecodable byte whose summary has no run_id: before, pyarrow and the
+    CSV writer raised UnicodeEncodeError and no table was written. Now every run is
+    aggregated, its text escaped as the terminal shows it, and the tables read back."""
+    first, second, third, _ = _runs_of(real_copy)
+    _edit_summary(first, error="bad \ud800 text")
+    _edit_summary(second, **{"config.\ud800": "x"})
+    record = json.loads((third / "summary.json").read_text())
+    del record["run_id"]
+    (third / "summary.json").write_text(json.dumps(record))
+    renamed = third.with_name(third.name + "\udcfe")  # the byte 0xfe, as os names it
+    third.rename(renamed)
+
+    for command in ("results", "plot"):
+        result = invoke(command, real_copy)
+        assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+        assert not _skipped(result), result.stderr
+    runs = pd.read_parquet(real_copy / "runs.parquet")
+    assert len(runs) == 4 and "bad \\ud800 text" in set(runs.error)
+    assert "\\ud800" in runs.columns and f"{third.name}\\xfe" in set(runs.run_id)
+    assert pd.read_csv(real_copy / "runs.csv").shape == runs.shape
+
+
+_NOT_A_FILE = {
+    "summary.json a pipe": ("summary.json", "pipe", "summary.json: a named pipe, not a file"),
+    "metrics.csv a pipe": ("metrics.csv", "pipe", "metrics.csv: a named pipe, not a file"),
+    "config.yaml a pipe": ("config.yaml", "pipe", "config.yaml: a named pipe, not a file"),
+    "summary.json to /dev/zero": ("summary.json", "zero", "summary.json: a device, not a file"),
+    "metrics.csv to /dev/zero": ("metrics.csv", "zero", "metrics.csv: a device, not a file"),
+    "summary.json of 2 MiB": ("summary.json", "large", "summary.json: 2 MiB, more than the 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(_NOT_A_FILE))
+def test_a_run_file_that_is_no_regular_file_or_too_large_skips_its_run(real_copy, case):
+    """Before: a pipe hung `results` (and `plot`, `run`, `sweep`) with no output; a link to
+    /dev/zero read until memory ran out. Now the run is skipped with one warning naming
+    the file and why; the planner counts it as not done (config.yaml: never read there)."""
+    from hostile import deadline
+
+    from normbench.results import read_summary
+
+    name, kind, why = _NOT_A_FILE[case]
+    first = _runs_of(real_copy)[0]
+    if name == "config.yaml":  # read only for a summary without the config's keys
+        record = json.loads((first / "summary.json").read_text())
+        own = {k: v for k, v in record.items() if not k.startswith("config.")}
+        (first / "summary.json").write_text(json.dumps(own))
+    path = first / name
+    path.unlink()
+    if kind == "pipe":
+        os.mkfifo(path)
+    elif kind == "zero":
+        path.symlink_to("/dev/zero")
+    else:
+        with open(path, "wb") as handle:
+            handle.truncate(2 << 20)
+    with deadline():
+        commands = ["results", "plot"] if case == "summary.json a pipe" else ["results"]
+        for command in commands:
+            result = invoke(command, real_copy)
+            assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+            (skipped,) = _skipped(result)
+            assert skipped.startswith(f"warning: skipped {first}: {why}"), skipped
+        assert len(pd.read_csv(real_copy / "runs.csv")) == 3
+        # not done for the planner either (config.yaml is the tables' only: not read there)
+        assert (read_summary(first) is None) == (name != "config.yaml")
+
+
+def test_a_yaml_alias_bomb_in_config_yaml_skips_its_run(real_copy):
+    """391 bytes of aliases nested in aliases (a "billion laughs"): before, 37 s, 4.9 GB
+    and 650 MB printed (one level more: MemoryError). normbench never writes anchors:
+    such a config.yaml is damage, one warning."""
+    import time
+
+    first = _runs_of(real_copy)[0]
+    record = json.loads((first / "summary.json").read_text())
+    (first / "summary.json").write_text(
+        json.dumps({k: v for k, v in record.items() if not k.startswith("config.")})
+    )
+    lines = ["a0: &a0 [" + ", ".join(['"lol"'] * 10) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 7)]
+    (first / "config.yaml").write_text("\n".join([*lines, "model: {widths: *a6}"]) + "\n")
+    start = time.perf_counter()
+    result = invoke("results", real_copy)
+    assert time.perf_counter() - start < 20 and result.exit_code == 0, result.output
+    (skipped,) = _skipped(result)
+    assert f"{first}: config.yaml uses YAML anchors or aliases" in skipped
+    assert len(result.stdout) < 10_000
+    # what normbench writes has none: a real run's config.yaml reads back
+    second = _runs_of(real_copy)[1]
+    assert results.read_config((second / "config.yaml").read_text())["norm.name"]
+
+
+def test_a_long_value_is_cut_on_the_terminal_and_kept_in_the_files(real_copy):
+    """A swept config value of 200,000 characters (a summary may hold up to 1 MiB):
+    before, the table printed it whole (a 100 MB summary: 450 MB printed) and a figure
+    drew it (minutes). Shown cut to SHOWN_MAX characters with an ellipsis, drawn cut;
+    runs.csv keeps it. A name that long is no name: its run is damaged."""
+    from hostile import deadline
+
+    first, second = _runs_of(real_copy)[:2]
+    long_value = "w" * 200_000
+    _edit_summary(first, **{"config.model.widths": long_value})
+    _edit_summary(second, norm="n" * 256)
+    with deadline(60):
+        result = invoke("results", real_copy)
+        assert result.exit_code == 0, result.output
+        assert "w" * (results.SHOWN_MAX - 1) + "…" in result.stdout
+        assert "w" * (results.SHOWN_MAX + 1) not in result.stdout
+        (skipped,) = _skipped(result)
+        assert skipped.endswith(": norm is 256 characters long: no name is longer than 255")
+        assert long_value in set(pd.read_csv(real_copy / "runs.csv")["model.widths"])
+        assert invoke("plot", real_copy).exit_code == 0
+
+
+def test_folders_that_cannot_be_read_are_skipped_or_one_line(real_experiment, tmp_path):
+    """Searched: a folder that cannot be read is skipped with a warning (before: a
+    PermissionError traceback), a pipe or a link to a device is never opened. Named: one
+    `error:` line, exit 2 (before: click's boxed usage error, or a traceback)."""
+    import stat
+
+    from hostile import as_user
+
+    root = tmp_path / "p"
+    good = shutil.copytree(real_experiment, root / "ok" / "base")
+    (root / "locked").mkdir()
+    (root / "a" / "b").mkdir(parents=True)
+    os.mkfifo(root / "a" / "b" / "pipe")
+    (root / "a" / "dev").symlink_to("/dev/zero")
+    named = shutil.copytree(real_experiment, tmp_path / "named")
+    runs_locked = shutil.copytree(real_experiment, tmp_path / "runs_locked")
+    for folder in (root / "locked", named, runs_locked / "runs"):
+        folder.chmod(0)
+    try:
+        searched, whole, runs, plot = as_user(
+            [["results", "p"], ["results", "named"], ["results", "runs_locked"], ["plot", "named"]],
+            tmp_path,
+        )
+    finally:
+        for folder in (root / "locked", named, runs_locked / "runs"):
+            folder.chmod(stat.S_IRWXU)
+    status, out, err = searched
+    assert status == 0 and "Traceback" not in err, err
+    assert err.splitlines() == ["warning: skipped p/locked: cannot read it (Permission denied)"]
+    assert "p/ok/base: 4 runs" in out and (good / "runs.csv").is_file()
+    named_ones = ((whole, "named"), (runs, "runs_locked/runs"), (plot, "named"))
+    for (status, _, err), where in named_ones:
+        assert status == 2 and "Traceback" not in err, err
+        assert err.splitlines() == [f"error: cannot read {where}: Permission denied"]

@@ -325,3 +325,73 @@ def test_a_run_folder_that_cannot_be_written_is_one_line_before_training(tmp_pat
             assert len(lines) == 1 and "Traceback" not in result.output, result.output
             assert f"cannot write {folder}: {expected}" in lines[0]
             assert _tree(tmp_path) == before
+
+
+def _victim(root):
+    """A folder of someone else's that a received link may point at."""
+    (root / "checkpoint.pt").mkdir(parents=True)
+    (root / "checkpoint.pt" / "data").write_text("x")
+    (root / "metrics.csv").write_text("x")
+    return root
+
+
+@pytest.mark.parametrize("link", ["run folder", "runs folder", "folder in a file's place"])
+def test_nothing_is_written_or_removed_through_a_link_or_in_a_folder(tmp_path, link):
+    """A run folder or a runs/ folder that is a symbolic link (before: exit 0, the
+    target's checkpoint.pt/ removed recursively, its metrics.csv replaced, config.yaml
+    and summary.json written there), or a folder with files where a run file goes
+    (before: removed recursively): `run` and `sweep` refuse in one line, exit 2,
+    before anything is written; the lost-job records write nothing there either."""
+    from typer.testing import CliRunner
+
+    from normbench.cli import app
+    from normbench.config import compose
+
+    args = [f"out_dir={tmp_path / 'results'}", "epochs=1", "dataset.train_size=128", "threads=1"]
+    cfg = compose(args)
+    folder = runner.run_dir(cfg)
+    victim = _victim(tmp_path / "victim")
+    if link == "run folder":
+        folder.parent.mkdir(parents=True)
+        folder.symlink_to(victim)
+        expected = f"{folder} is a symbolic link (to {victim})"
+    elif link == "runs folder":
+        folder.parent.parent.mkdir(parents=True)
+        folder.parent.symlink_to(victim)
+        expected = f"{folder.parent} is a symbolic link (to {victim})"
+    else:
+        folder.mkdir(parents=True)
+        (folder / "checkpoint.pt").symlink_to(victim / "checkpoint.pt")  # a link: removed
+        (folder / "summary.json").mkdir()
+        (folder / "summary.json" / "notes").write_text("mine")
+        expected = f"{folder / 'summary.json'} is a folder with something in it"
+    before = _tree(tmp_path)
+    for command in (["run", *args], ["sweep", *args, "seed=0,1"]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.output, result.output
+        assert lines[0].startswith(f"error: {expected}"), lines[0]
+        assert _tree(tmp_path) == before
+    assert not runner.record_unfinished(cfg, "failed", "lost")
+    assert not runner.record_lost(cfg, "lost", unstarted=True)
+    assert _tree(tmp_path) == before
+
+
+def test_an_empty_folder_in_a_run_files_place_is_removed_and_out_dir_may_be_a_link(tmp_path):
+    """The line drawn: out_dir (and the experiment folder) may be links a user made, as
+    results -> /scratch/results; an empty folder where a run file goes is removed (no
+    recursion needed), and the run goes on."""
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "results").symlink_to(tmp_path / "scratch")
+    from normbench.config import compose
+
+    cfg = compose(
+        [f"out_dir={tmp_path / 'results'}", "epochs=1", "dataset.train_size=128", "threads=1"]
+    )
+    folder = runner.run_dir(cfg)
+    (folder / "metrics.csv").mkdir(parents=True)
+    outcome = runner.run(cfg)
+    assert outcome.summary["status"] == "completed"
+    real = tmp_path / "scratch" / "default" / "runs" / outcome.run_id
+    assert (real / "metrics.csv").is_file() and (real / "summary.json").is_file()
