@@ -1,5 +1,6 @@
-"""Shared test setup: Triton's interpreter where there is no GPU; config composition; a
-fake sysfs listing of the CPU's caches; pip's build flags; the longest test file first."""
+"""Shared test setup: Triton's interpreter where there is no GPU; no user config folder
+carried from one test to the next; config composition; a fake sysfs listing of the CPU's
+caches; pip's build flags; the longest test file first."""
 
 import importlib.metadata
 import os
@@ -14,6 +15,16 @@ from normbench.config import compose
 # the interpreter, which is how tests/test_kernels_triton.py checks them here.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def no_user_config_dirs(monkeypatch):
+    """Each test starts with no user config folder: the CLI's ``--config-dir`` adds to a
+    process-wide list, which would otherwise carry a test's folder (its norms) into the
+    next tests of the same worker."""
+    from normbench import config
+
+    monkeypatch.setattr(config, "_user_dirs", [])
 
 
 @pytest.fixture
