@@ -3,7 +3,7 @@
 Without a GPU the kernels run on CPU tensors through ``TRITON_INTERPRET=1`` (set here too,
 before triton is imported, for a lone run of this file), which executes every program in
 numpy: shapes stay tiny. The split/merge path is forced on those tiny shapes by shrinking
-the module's tile and per-program thresholds.
+the launch module's tile and per-program thresholds (``triton_launch``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from normbench.kernels import reference  # noqa: E402
-from normbench.kernels import triton_kernels as tk  # noqa: E402
+from normbench.kernels import reference, triton_kernels  # noqa: E402
+from normbench.kernels import triton_launch as tk  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
@@ -352,7 +352,7 @@ def test_available_here():
 def test_import_without_triton_reports_unavailable(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("_triton_kernels_probe", tk.__file__)
+    spec = importlib.util.spec_from_file_location("_triton_kernels_probe", triton_kernels.__file__)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.available() is False
@@ -391,10 +391,10 @@ def test_every_launch_compiles_for_a_cuda_gpu(tmp_path):
 def test_interpreted_follows_the_variable_where_triton_has_no_knobs(monkeypatch):
     # triton 3.0 (torch 2.4's) has no triton.knobs: its interpreter is on when the
     # variable is "1" as triton is imported, which interpreted() then reads itself.
-    monkeypatch.setattr(tk, "triton", object())
+    monkeypatch.setattr(triton_kernels, "triton", object())
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert tk.interpreted()
+    assert triton_kernels.interpreted()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not tk.interpreted()
-    monkeypatch.setattr(tk, "triton", None)
-    assert not tk.interpreted()
+    assert not triton_kernels.interpreted()
+    monkeypatch.setattr(triton_kernels, "triton", None)
+    assert not triton_kernels.interpreted()

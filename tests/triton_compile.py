@@ -3,7 +3,7 @@
 Triton's interpreter (how the kernels' tests run without a GPU) executes the kernels' Python
 in numpy: it never type-checks them as the compiler does (loop-carried types, scalar and
 block mixes, float64 arguments, what a constexpr may be). This script runs the kernels'
-API (:mod:`normbench.kernels.triton_kernels`) on CPU tensors over a set of cases with each
+API (:mod:`normbench.kernels.triton_launch`) on CPU tensors over a set of cases with each
 launch intercepted, not executed, and compiles every distinct launch (kernel, argument
 types, constexprs, warps) to a cubin for ``--arch`` (default sm_90, the H100/H200) with
 ``triton.compile`` and the ``ptxas`` in triton's wheel. Prints one line per failure, a
@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from normbench.kernels import triton_kernels as tk  # noqa: E402
+from normbench.kernels import triton_launch as tk  # noqa: E402
 
 TYPES = {
     torch.float16: "fp16",

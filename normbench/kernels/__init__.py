@@ -5,7 +5,9 @@
   running-statistics update); every faster kernel is tested against it.
 - :mod:`~normbench.kernels.cpu`: the fused C++/OpenMP kernel (``batchnorm_cpu.cpp``),
   compiled at first use and cached.
-- :mod:`~normbench.kernels.triton_kernels`: the Triton kernels for CUDA.
+- :mod:`~normbench.kernels.triton_launch`: the Triton kernel for CUDA, the API of
+  ``reference`` (launch planning and launches); its device code, the ``@triton.jit``
+  kernels, is :mod:`~normbench.kernels.triton_kernels`.
 - :mod:`~normbench.kernels.ops`: the ``normbench::`` torch operators (defined in C++
   with their CPU kernels and autograd; fakes and the Triton CUDA kernels registered
   in Python), and the ``reference`` backend's plain torch path.
@@ -15,6 +17,10 @@
 - :mod:`~normbench.kernels.function`: the functional :func:`batch_norm`, a
   drop-in for ``torch.nn.functional.batch_norm``, and :func:`batch_norm_tracked`,
   the training forward of ``torch.nn.BatchNorm*d`` (batch counter included).
+
+Imports go one way, down: ``function`` -> ``ops`` -> ``cpu`` | ``triton_launch`` ->
+``triton_kernels`` -> ``checks`` | ``reference`` (``cpu`` and ``triton_launch`` import
+neither each other nor ``ops``; ``checks`` and ``reference`` import nothing here).
 
 Normalization layers call these (or :func:`batch_norm_train` when they need the
 batch statistics) and never a kernel directly, so swapping a kernel touches

@@ -1,8 +1,10 @@
 """The operators' library: ``batchnorm_cpu.cpp`` compiled at first use and cached per machine.
 
 Loading it registers the ``normbench::`` operators with torch's dispatcher (their schemas,
-CPU kernels and autograd, in C++); :mod:`normbench.kernels.ops` then adds their fake and
-CUDA (Triton) implementations. :func:`extension` is ``torch.ops.normbench`` once loaded.
+CPU kernels and autograd, in C++); :func:`extension` is ``torch.ops.normbench`` once
+loaded. This module builds and loads the library and imports nothing else of the package:
+:func:`normbench.kernels.ops.library` calls :func:`extension` and then adds the operators'
+fake and CUDA (Triton) implementations.
 
 The extension is built with ``torch.utils.cpp_extension.load`` (g++ and OpenMP,
 ``-O3 -march=native``) into ``~/.cache/normbench/kernels/<name>/`` (or
@@ -311,27 +313,35 @@ def _check_sanitizer_runtime() -> None:
 
 
 def extension() -> Any | None:
-    """``torch.ops.normbench``, its library built and loaded on first use, with every
-    implementation registered; None where it cannot be built."""
-    global _extension, _failure
+    """``torch.ops.normbench``, its library built and loaded on first use, with the C++
+    implementations (the operators' CPU kernels and autograd); None where it cannot be
+    built. :func:`normbench.kernels.ops.library` adds the Python ones (fakes, Triton)."""
+    global _extension
     if _extension is None and _failure is None:
         try:
             _load()
             import torch
 
-            from normbench.kernels import ops
-
-            ops.register_python_implementations()
             _extension = torch.ops.normbench
         except Exception as err:  # no compiler, no OpenMP, a read-only home: all mean "fall back"
-            _failure = _reason(err)
-            warnings.warn(
-                "normbench could not compile its CPU BatchNorm kernel; using the reference "
-                f"implementation instead, which is slower ({_failure})",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            fall_back(err, stacklevel=2)  # the warning names extension's caller
     return _extension
+
+
+def fall_back(err: Exception, stacklevel: int = 1) -> None:
+    """The library given up for this process, with one warning: ``err`` (from its build or
+    load, or from registering its Python implementations) is what :func:`failure` says,
+    and :func:`extension` is None from now on. ``stacklevel``: as ``warnings.warn``'s,
+    counted from the caller of this function (1: the caller itself)."""
+    global _extension, _failure
+    _extension = None
+    _failure = _reason(err)
+    warnings.warn(
+        "normbench could not compile its CPU BatchNorm kernel; using the reference "
+        f"implementation instead, which is slower ({_failure})",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def _reason(err: Exception) -> str:

@@ -36,7 +36,7 @@ activated output and the backward masks the gradient inside its own passes. Here
 Python: each operator's fake implementation (shapes only, for ``torch.compile`` and meta
 tensors, after the operator's own checks: :mod:`normbench.kernels.checks`) and the Triton
 kernels as their CUDA implementation (:func:`register_python_implementations`, run once
-when the library loads). Every call,
+by :func:`library` after the C++ library loads). Every call,
 eager, compiled or traced, goes through the dispatcher to the device's kernel; there is
 no second path.
 
@@ -66,15 +66,25 @@ _forward = _eval = _update = _stats = None
 
 
 def _triton() -> ModuleType | None:
-    from normbench.kernels import triton_kernels
+    # imported on first use, not with the package: runs on the CPU never import triton
+    from normbench.kernels import triton_launch
 
-    return triton_kernels if triton_kernels.available() else None
+    return triton_launch if triton_launch.available() else None
 
 
 def library():
     """``torch.ops.normbench`` with every implementation registered, or None where the
-    library cannot be built."""
-    return cpu.extension()
+    library cannot be built: :func:`normbench.kernels.cpu.extension` (the C++ library,
+    built and loaded on first use), then, once, :func:`register_python_implementations`,
+    whose failure is the library's (the reference runs instead, with one warning)."""
+    loaded = cpu.extension()
+    if loaded is not None and _forward is None:  # loaded, its Python implementations not yet
+        try:
+            register_python_implementations()
+        except Exception as err:  # a broken triton, say: the same fallback as a failed build
+            cpu.fall_back(err)
+            return None
+    return loaded
 
 
 def resolve_backend(backend: str, x: Tensor) -> str:
