@@ -11,9 +11,9 @@ frees the same activations (megabytes each) over and over:
 
 Either way the next step's tensors land on fresh pages, and the kernel zeroes each
 4 KiB page on its first touch: a page fault per 4 KiB written. On the 2-core VM
-this was measured on, an 8 MiB activation cost about 2,000 faults and 1.5 ms per
-BatchNorm step, more than the BatchNorm itself, for ``torch.nn.BatchNorm2d`` and
-normbench's alike (``benchmarks/`` and ``normbench bench`` count them).
+this was measured on, an activation's faults cost more time per BatchNorm step than
+the BatchNorm itself, for ``torch.nn.BatchNorm2d`` and normbench's alike
+(benchmarks/README.md; ``benchmarks/`` and ``normbench bench`` count them).
 
 :func:`keep_freed_memory` sets both thresholds once, as the PyTorch performance
 guides' advice to preload jemalloc or tcmalloc does for the same reason: blocks up

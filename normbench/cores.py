@@ -2,8 +2,8 @@
 
 torch's default, every core the process can see, is the wrong answer for a job that
 shares its machine: two jobs of 2 threads on 2 cores, or one next to another busy
-process, run 1.5-4x slower than with 1 thread each (measured on 2-core VMs: 2 threads
-next to one busy process took 3.4x as long on the ``quick`` preset's runs). So a run
+process, run much slower than with 1 thread each (measured on 2-core VMs, also
+next to one busy process on the ``quick`` preset's runs: benchmarks/README.md). So a run
 takes, unless ``threads=`` says otherwise:
 
 1. its **allotment**: on SLURM, ``SLURM_CPUS_PER_TASK`` or else the affinity mask SLURM
@@ -13,8 +13,8 @@ takes, unless ``threads=`` says otherwise:
    process may use);
 2. then, of those cores, the ones not kept busy by other processes when the run starts
    (sampled from ``/proc/stat`` for 0.1 s), at least 1. On an idle machine this is the
-   whole allotment, where more threads pay (1.3-1.8x faster steps at batch 8-128 on
-   28x28 or 32x32 images, 2 cores); next to a busy process it is what is left.
+   whole allotment, where more threads pay (faster steps at batch 8-128 on 28x28 or
+   32x32 images, 2 cores: benchmarks/README.md); next to a busy process it is what is left.
 
 The run records the number and where it came from (``threads``, ``threads_from``).
 """

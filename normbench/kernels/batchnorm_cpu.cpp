@@ -56,13 +56,14 @@ namespace {
 
 // One vector register: a channel's partial sums, a chunk. The machine's own width: GCC
 // lowers a vector type wider than the registers through the stack (64-byte vectors on an
-// AVX2 machine made the sums spill every add: the kernels ran 1.9-2.9x slower than here).
+// AVX2 machine made the sums spill every add, and the kernels measurably slower than here:
+// benchmarks/README.md).
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
 #elif defined(__AVX__)
 constexpr int kVecBytes = 32;
 #else  // SSE only (an old CPU, or a VM's CPU model without AVX): 32-byte vectors there made
-       // layer steps 1.1-2.2x slower
+       // layer steps slower (benchmarks/README.md)
 constexpr int kVecBytes = 16;
 #endif
 constexpr int64_t kLaneBlock = 256;     // values a lane sums in the compute type before a double add
@@ -244,10 +245,10 @@ Layout layout_of(const at::Tensor& input) {
 // stores: they go to memory without first reading each line for ownership, and without
 // evicting the cache's other data for lines nobody reads again soon. The default is a quarter
 // of the last-level cache (glibc's memcpy, too, streams copies above a fraction of it): an
-// output that large is mostly out of the cache again by the time the next layer reads it. AMD
-// EPYC (Zen 5, a 32 MiB L3), training forward+backward with cold caches: 1.20-1.25x faster at
-// 8 MB outputs on the AVX-512 path, 1.35-1.42x on the AVX2 path; streamed too, the small
-// outputs of a batch of 8 made small_cnn training 2% slower.
+// output that large is mostly out of the cache again by the time the next layer reads it.
+// Measured on an AMD EPYC, training forward+backward with cold caches: faster with large
+// outputs streamed, on the AVX-512 and the AVX2 paths; streamed too, the small outputs of a
+// batch of 8 made small_cnn training slower (benchmarks/README.md).
 // NORMBENCH_KERNEL_STREAM_BYTES sets the threshold instead (0: every output that can be).
 
 // The size of cpu0's level-`level` data (or unified) cache as Linux lists it, or with level
@@ -305,8 +306,8 @@ constexpr int64_t kLineBytes = 64;  // a cache line
 // Whether block_map streams `out`, of layout g: large enough, of a type the kernels compute
 // in (float, double), in planes of whole aligned cache lines. A line
 // partly streamed and partly stored (planes of 7x7 or 14x14 floats, which share lines with
-// their neighbours) made those layers 1.1-4x slower than plain stores; streaming only their
-// whole lines, with masked stores at the planes' edges, 1.5-8x slower.
+// their neighbours) made those layers slower than plain stores; so did streaming only their
+// whole lines, with masked stores at the planes' edges (benchmarks/README.md).
 bool streams(const at::Tensor& out, const Layout& g) {
 #if defined(__SSE2__)
   const auto type = out.scalar_type();
@@ -325,10 +326,10 @@ bool streams(const at::Tensor& out, const Layout& g) {
 // glibc returns a freed block above its mmap threshold (128 KiB at first; it adapts up to 32
 // MiB) to the kernel, which zeroes each 4 KiB page of the next one at its first write: a page
 // fault each. In a user's script (no allocator tuning, as normbench's runs have) a layer then
-// spends more time in faults than in the kernel. AMD EPYC (Zen 5), 2 threads, a training
-// step of BatchNorm2d at 128x16x32x32 (benchmarks/plain_layer.py): 2.4-2.7 ms where glibc's
-// defaults fault it in, 5.0-5.1 ms where every block is mapped afresh (activations above 32
-// MiB always are), 0.7-1.0 ms with this pool.
+// spends more time in faults than in the kernel. A training step of BatchNorm2d
+// (benchmarks/plain_layer.py) is fastest with this pool, slower where glibc's defaults fault
+// its outputs in, and slowest where every block is mapped afresh (activations above 32 MiB
+// always are): benchmarks/README.md.
 //
 // So the kernels' outputs of at least kPoolMinBytes come from a pool of the blocks that earlier
 // outputs left: exact sizes, the most recently freed first. It keeps at most pool_limit() bytes
@@ -515,8 +516,8 @@ inline acc_t shift_of(acc_t first) {
 // hardware prefetcher nothing to follow; a block's runs are prefetched a few ahead (about
 // kPrefetchBytes): the first pass's inputs for reading, the second pass's outputs for
 // writing (each line's store otherwise waits on its read for ownership, the run being a new
-// page to the hardware prefetcher: with them, fwd+bwd steps ran 9-24% faster with cold
-// caches than with the inputs' alone 4 KB ahead, AMD EPYC, AVX-512).
+// page to the hardware prefetcher: with them, fwd+bwd steps measured faster with cold caches
+// than with the inputs' prefetched alone, benchmarks/README.md).
 // A block's data (N runs) is small enough to be read again from the core's cache by the
 // second pass.
 
@@ -566,7 +567,7 @@ constexpr int kWidth = kVecBytes / sizeof(acc_t);
 #if defined(__F16C__)
 // float16 <-> float, one Vec<float> at a time (16 values with AVX-512, 8 with AVX2).
 // c10::Half converts one value per call, which the compiler does not vectorise: with it,
-// float16 layer steps ran 2.2-3x slower than torch's.
+// float16 layer steps ran slower than torch's (benchmarks/README.md).
 inline Vec<float> half_to_float(const c10::Half* p) {
   Vec<float> v;
 #if defined(__AVX512F__)
@@ -595,7 +596,8 @@ inline void float_to_half(c10::Half* p, const Vec<float>& v) {
 #endif
 
 // bfloat16 <-> float, one Vec<float> at a time, in GCC's vector extensions (converted element
-// by element with c10::BFloat16, bfloat16 layer steps ran 1.6x slower than torch's).
+// by element with c10::BFloat16, bfloat16 layer steps ran slower than torch's:
+// benchmarks/README.md).
 typedef uint16_t U16xW __attribute__((vector_size(kVecBytes / 2)));
 typedef uint32_t U32xW __attribute__((vector_size(kVecBytes)));
 
@@ -712,10 +714,10 @@ inline Mask<acc_t> lanes_from(int64_t first) {
 // the channel's term (its constants held by value, so they stay in registers), gives the
 // two summands of values a (from pa) and b (from pb), for vectors and for scalars.
 // The run is summed in four independent register sums, added into p1, p2 once: in a
-// microbenchmark, the sums of 8x8 planes ran 2-3x faster than with adds into p1, p2 in place.
+// microbenchmark, the sums of 8x8 planes ran faster that way than with adds into p1, p2 in place.
 // A run's last L % kWidth values (14x14 planes: 4 of 196) are one more vector, loaded to end
 // where the run ends, its lanes already summed masked off; element by element, they took a
-// quarter of the sums' time.
+// large share of the sums' time (benchmarks/README.md).
 template <typename acc_t, typename scalar_t, typename Term>
 inline void run_sums(const scalar_t* pa, const scalar_t* pb, int64_t L, const Term& t,
                      acc_t* p1, acc_t* p2) {
@@ -857,7 +859,8 @@ void block_map(const Layout& g, int64_t c0, int64_t c1, int64_t n0, int64_t n1,
       }
 #endif
       int64_t l = 0;
-      // unrolled: 8-20% faster at 14x14 and 28x28 planes than one vector an iteration
+      // unrolled: faster at 14x14 and 28x28 planes than one vector an iteration
+      // (benchmarks/README.md)
 #pragma GCC unroll 4
       for (; l + W <= L; l += W) {
         store_vec<acc_t>(po + l, f(load_vec<acc_t>(pa + l), load_vec<acc_t>(pb + l)));
@@ -892,29 +895,23 @@ int64_t plane_parts(const Layout& g) {
 // whose channel blocks would fill more than half the L2
 // (the channels order's second pass would miss it too); not with fewer samples than
 // threads (one would idle), nor with so many channels that a task's partial sums (2
-// vectors a channel) would not stay in L1. A training step of the layer, the two orders
-// interleaved in one process (benchmarks/plane_order.py), channels order's time over this
-// rule's: AMD EPYC Zen 5 (1 MiB L2, 32 MiB L3), 1.14-1.17x with 1 thread and 0.99-1.10x
-// with 2 at 128x16x32x32, 128x32x16x16, 128x64x8x8 and 256x32x16x16 (AVX2 path: 1.09-1.27x
-// and 1.01-1.13x); 1.13-1.27x at 256x16x32x32 and 512x64x8x8, whose blocks fill the L2; at
-// 256x64x56x56 (205 MB) 1.24-1.25x. AMD EPYC Zen 4 (the same caches): 1.04-1.32x on
-// the four shapes; where the inputs are between a quarter and half the L3 (128x32x28x28,
-// 128x64x14x14, 128x256x7x7, 32x32x56x56, and 64x256x14x14's and 128x128x14x14's
-// forward), 1.01-1.46x on the AVX-512 path and 1.07-1.54x on the AVX2 path (with a quarter
-// as the bound, as before, 128x64x14x14's steps took 1.17-1.26x longer). Where the inputs
-// do not fit half the cache and the blocks fit the L2 (64x256x14x14's backward, 25.6 MB),
-// the samples order was 0.89-1.03x on Zen 5, and the channels order stays; on Zen 4 that
-// backward alone ran 1.11-1.29x faster in it, but larger planes slower (64x128x28x28,
-// 25.6 MB: its forward 0.84x, its backward 0.75x with 2 threads).
-// On an Intel Xeon (model 207: 2 MiB L2, a 260 MiB L3 shared with its host) this rule takes
-// the samples order nearly everywhere, and at 14x14 to 56x56 planes (6.4-26 MB) the channels
-// order was 1.04-1.37x faster: one core read its L3 at 26% of its L2's speed
-// (benchmarks/cache_bandwidth.py), so the channels order's second pass from the L2 wins.
+// vectors a channel) would not stay in L1. Timed as a training step of the layer, the two
+// orders interleaved in one process (benchmarks/plane_order.py; the figures are in
+// benchmarks/README.md): on AMD EPYC Zen 5 and Zen 4, this rule's order was as fast or faster
+// on the shapes it gives the samples order, those whose channel blocks fill the L2 and those
+// whose inputs are between a quarter and half the L3 (with a quarter as the bound, as
+// before, those were slower). Where the inputs do not fit half the cache and the blocks fit
+// the L2, the samples order was no faster on Zen 5, and the channels order stays; on Zen 4
+// such a backward alone ran faster in it, but larger planes slower.
+// On an Intel Xeon (2 MiB L2, a 260 MiB L3 shared with its host) this rule takes the samples
+// order nearly everywhere, and at 14x14 to 56x56 planes the channels order was faster: one
+// core read its L3 at a fraction of its L2's speed (benchmarks/cache_bandwidth.py), so the
+// channels order's second pass from the L2 wins.
 // The rule stays until the same bandwidths are measured on an AMD EPYC: one by them could
-// serve both (whole small_cnn training steps moved within noise, 1.01-1.03x, either way).
+// serve both (whole small_cnn training steps moved within noise either way).
 // The samples order issues no software prefetches: memory read and written in order is the
 // hardware prefetchers' own case, and with the channels order's prefetches its layer steps
-// ran 1.02-1.34x slower.
+// ran slower.
 // NORMBENCH_KERNEL_PLANE_ORDER=channels or samples forces one order for every input.
 constexpr const char* kOrderEnv = "NORMBENCH_KERNEL_PLANE_ORDER";
 constexpr int64_t kMaxLaneBytes = 32 << 10;  // a task's partial sums in the samples order

@@ -95,7 +95,7 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     ``auto``: the operators on CPU and CUDA tensors (the reference where the library could
     not be built, or, on CUDA, where Triton is missing), the reference on other devices.
     """
-    # is_cpu, is_cuda: x.device builds a torch.device, ~8 us when the caches are cold
+    # is_cpu, is_cuda: x.device builds a torch.device, microseconds when the caches are cold
     if backend == "auto":
         if x.is_cpu:
             return "cpu" if library() is not None else "reference"

@@ -52,7 +52,8 @@ class InstanceNorm(nn.GroupNorm):
     """
 
     needs_spatial = True
-    # torch's group norm with one channel a group is slower on channels_last (0.80-1.00x a step)
+    # torch's group norm with one channel a group is slower on channels_last (a step measured:
+    # benchmarks/README.md)
     prefers_channels_last = False
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, **factory):
