@@ -852,6 +852,25 @@ def test_without_a_compiler_the_reference_runs_after_one_warning(monkeypatch):
     torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True), **TOL32)
 
 
+def test_a_failed_registration_falls_back_as_a_failed_build(monkeypatch):
+    # ops.library() registers the Python implementations after cpu.extension() has loaded
+    # the C++ library: a failure there (a broken triton, say) is the library's, one warning
+    def broken():
+        raise RuntimeError("triton exploded")
+
+    monkeypatch.setattr(cpu, "_extension", None)
+    monkeypatch.setattr(cpu, "_failure", None)
+    monkeypatch.setattr(cpu, "_load", lambda: None)  # the library is loaded already
+    monkeypatch.setattr(ops, "_forward", None)  # as if its implementations were not registered
+    monkeypatch.setattr(ops, "register_python_implementations", broken)
+    with pytest.warns(RuntimeWarning, match="could not compile.*triton exploded") as seen:
+        assert ops.library() is None
+        assert ops.library() is None
+    assert len(seen) == 1
+    assert cpu.extension() is None and "triton exploded" in cpu.failure()
+    assert ops.resolve_backend("auto", torch.zeros(2, 2)) == "reference"
+
+
 @pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)])
 def test_one_value_per_channel_error_matches_torch(shape):
     x = torch.randn(shape)
