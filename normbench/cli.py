@@ -194,9 +194,9 @@ def run(
     """Train one experiment and write its run folder (config.yaml, metrics.csv, summary.json)."""
     from normbench.config import compose
     from normbench.interrupts import Interrupted, exit_status, handle_signals, reason
-    from normbench.progress import RunProgress
     from normbench.runner import recorded
     from normbench.runner import run as run_experiment
+    from normbench.views.progress import RunProgress
 
     kernel_environment()
     cfg = compose(overrides or [])
@@ -245,6 +245,7 @@ def sweep(
     """
     from normbench import sweep as sweeps
     from normbench.interrupts import Interrupted, exit_status, reason
+    from normbench.views.progress import SweepProgress
 
     kernel_environment()
     try:
@@ -268,7 +269,7 @@ def sweep(
     for job in plan.elsewhere[:3]:
         err.print(f"  {job.run_id}: {job.busy.describe()}")
     try:
-        with sweeps.SweepProgress(plan, console=err) as progress:
+        with SweepProgress(plan, console=err) as progress:
             sweeps.launch(plan, display=progress)
     except (KeyboardInterrupt, Interrupted) as stop:
         if plan.left_running:
@@ -311,7 +312,7 @@ def sweep(
 def _report_experiments(sweep_plan) -> None:
     """Aggregate and plot each experiment folder of the sweep, and print its tables (with
     the selection and baseline its config's ``report`` asks for)."""
-    from normbench import plots, results
+    from normbench import reports
 
     settings = sweep_plan.jobs[0].cfg.report if sweep_plan.jobs else None
     select = list(settings.select) if settings is not None and settings.select else None
@@ -322,16 +323,16 @@ def _report_experiments(sweep_plan) -> None:
             err.print(f"{folder}: no runs yet, no tables")
             continue
         try:
-            printed = list(results.report([folder], warn=warn, select=select, baseline=baseline))
+            printed = list(reports.report([folder], warn=warn, select=select, baseline=baseline))
         except UserError as error:  # a selection the finished runs cannot make
             warn(f"{error}; tables without it")
-            printed = list(results.report([folder], warn=warn, baseline=baseline))
+            printed = list(reports.report([folder], warn=warn, baseline=baseline))
         for renderable in printed:
             out.print(renderable)
         try:
-            for path in plots.plot_experiment(folder):
+            for path in reports.plot_experiment(folder):
                 out.print(f"wrote {path}")
-        except plots.NothingToPlot as error:
+        except reports.NothingToPlot as error:
             err.print(terminal.styled(("no plots", "yellow"), f": {error}"))
 
 
@@ -390,7 +391,7 @@ def results(
 ) -> None:
     """Aggregate run folders into runs.csv, runs.parquet, metrics.csv and summary.csv per
     experiment, and print mean ± std of test accuracy over seeds per group."""
-    from normbench.results import report
+    from normbench.reports import report
 
     printed = report(dirs, group_by, warn=warn, select=select, baseline=baseline, compare=compare)
     for renderable in printed:
@@ -424,7 +425,7 @@ def plot(
     """Draw each experiment's figures as PNG into its plots folder: test error vs batch
     size per norm (log2 axis, 95% CI over seeds), test accuracy per epoch, and BatchNorm's
     statistics at inference."""
-    from normbench.plots import plot_experiments
+    from normbench.reports import plot_experiments
 
     for path in plot_experiments(dirs, warn=warn):
         out.print(str(path))
@@ -550,7 +551,9 @@ def bench(
     fractions of both copies' bandwidths; writes them as a CSV, one row per (shape, impl).
     """
     from normbench import bench as benchmark
-    from normbench.results import check_writable, write_csv
+    from normbench.rundir import check_writable, write_csv
+    from normbench.views.progress import RichProgress
+    from normbench.views.tables import bench_table
 
     kernel_environment()
     shapes = [benchmark.parse_shape(text) for text in shape] if shape else None
@@ -558,7 +561,7 @@ def bench(
         raise UserError(f"--out {out_path} is a folder: give a file name, as bench.csv")
     check_writable(out_path.parent)  # before minutes of measuring
     try:
-        with benchmark.RichProgress(console=err) as progress:
+        with RichProgress(console=err) as progress:
             frame = benchmark.run_bench(
                 shapes,
                 impl,
@@ -573,7 +576,7 @@ def bench(
     except KeyboardInterrupt:
         err.print("interrupted: nothing written")
         raise typer.Exit(130) from None
-    out.print(benchmark.table(frame))
+    out.print(bench_table(frame))
     write_csv(out_path, frame)
     out.print(f"wrote {out_path}")
 

@@ -145,7 +145,7 @@ def _record_lost(
 ) -> None:
     """Record the jobs' runs as interrupted; a SLURM job that ended without a result is
     recorded even if it never started its run (cancelled while queued)."""
-    from normbench.results import NotWritten
+    from normbench.errors import NotWritten
     from normbench.runner import record_lost
 
     for job in jobs:
@@ -298,7 +298,7 @@ def _cancel(pending: dict) -> list[str]:
     whose runs have recorded themselves already (the driver's stop signal reached them,
     :func:`stop_workers`) are given time to end by themselves first: submitit's local
     controller, cancelled, prints a traceback."""
-    from normbench.results import read_summary
+    from normbench.rundir import read_summary
 
     ending = [
         handle
@@ -376,8 +376,8 @@ def settle(plan, reason: str) -> None:
     ``interrupted`` with ``reason``, unless it recorded a result, and its lock removed.
     Runs owned by live processes elsewhere (cluster jobs, which their cancel stops) are
     left to record themselves."""
+    from normbench.errors import NotWritten
     from normbench.lock import break_lock, read_owner
-    from normbench.results import NotWritten
     from normbench.runner import record_unfinished
 
     _wait_released(_workers(plan.to_run), SETTLE_WAIT_S)

@@ -1,4 +1,4 @@
-"""Tests for normbench.comparisons: the value chosen on validation, against a table built
+"""Tests for normbench.analysis.stats: the value chosen on validation, against a table built
 by hand; differences to a baseline, against scipy's Welch test on a hand-made frame."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
+from scipy import stats as scipy_stats
 
-from normbench import comparisons
+from normbench.analysis import stats
 from normbench.errors import UserError
 
 
@@ -50,7 +50,7 @@ RUNS = frame(
 
 
 def test_selection_picks_the_best_mean_validation_value_per_group():
-    chosen = comparisons.select(RUNS, ["lr"])
+    chosen = stats.select(RUNS, ["lr"])
     by_group = {(r["norm.name"], r["batch_size"]): r for r in chosen.to_dict("records")}
     assert {k: v["lr"] for k, v in by_group.items()} == {
         ("bn", 8): 0.1,
@@ -63,37 +63,39 @@ def test_selection_picks_the_best_mean_validation_value_per_group():
     assert bn8["test_acc_at_best_val_mean"] == pytest.approx(0.92)
     std = np.std([0.91, 0.93], ddof=1)
     assert bn8["test_acc_at_best_val_std"] == pytest.approx(std)
-    assert bn8["test_acc_at_best_val_ci95"] == pytest.approx(stats.t.ppf(0.975, 1) * std / 2**0.5)
+    assert bn8["test_acc_at_best_val_ci95"] == pytest.approx(
+        scipy_stats.t.ppf(0.975, 1) * std / 2**0.5
+    )
     assert bn8["final_test_acc_mean"] == pytest.approx(0.91)
     assert math.isnan(by_group["gn", 8]["test_acc_at_best_val_std"])  # one seed: no spread
     assert set(chosen["tuned"]) == {"lr"}
     # the runs at the chosen values, every seed and status
-    picked = comparisons.selected_runs(RUNS, chosen)
+    picked = stats.selected_runs(RUNS, chosen)
     assert len(picked) == 2 + 2 + 1 + 1
 
 
 def test_selection_refuses_what_it_cannot_choose():
     with pytest.raises(UserError, match="not swept"):
-        comparisons.select(RUNS[RUNS["lr"] == 0.1], ["lr"])
+        stats.select(RUNS[RUNS["lr"] == 0.1], ["lr"])
     without_val = RUNS.assign(best_val_acc=None)
     with pytest.raises(UserError, match="validation accuracies"):
-        comparisons.select(without_val, ["lr"])
+        stats.select(without_val, ["lr"])
 
 
 def test_welch_matches_scipy():
     a = np.array([0.91, 0.93, 0.88, 0.95])
     b = np.array([0.85, 0.90, 0.80])
-    diff, half, p = comparisons.welch(a, b)
-    expected = stats.ttest_ind(a, b, equal_var=False)
+    diff, half, p = stats.welch(a, b)
+    expected = scipy_stats.ttest_ind(a, b, equal_var=False)
     assert diff == pytest.approx(a.mean() - b.mean())
     assert p == pytest.approx(expected.pvalue)
     va, vb = a.var(ddof=1) / 4, b.var(ddof=1) / 3
     dof = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)
-    assert half == pytest.approx(stats.t.ppf(0.975, dof) * math.sqrt(va + vb))
+    assert half == pytest.approx(scipy_stats.t.ppf(0.975, dof) * math.sqrt(va + vb))
     # the interval scipy gives for the same test (scipy >= 1.11)
     low, high = expected.confidence_interval(0.95)
     assert (diff - half, diff + half) == (pytest.approx(low), pytest.approx(high))
-    one = comparisons.welch(a, b[:1])
+    one = stats.welch(a, b[:1])
     assert one[0] == pytest.approx(a.mean() - b[0]) and math.isnan(one[1]) and math.isnan(one[2])
 
 
@@ -104,11 +106,11 @@ def test_differences_compare_each_group_with_the_baselines_same_group():
     keys = ["norm.name", "batch_size", "lr"]
     runs = RUNS.copy()
     runs.loc[len(runs)] = ("gn", 8, 0.1, 1, "completed", 0.7, 0.6, 0.70)
-    out = comparisons.differences(runs, summary, keys, "bn")
+    out = stats.differences(runs, summary, keys, "bn")
     gn8 = out.iloc[1]
     a, b = np.array([0.64, 0.70]), np.array([0.90, 0.92])
     assert gn8["diff_to_baseline"] == pytest.approx(a.mean() - b.mean())
-    assert gn8["p_value"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert gn8["p_value"] == pytest.approx(scipy_stats.ttest_ind(a, b, equal_var=False).pvalue)
     assert math.isnan(out.iloc[0]["diff_to_baseline"])  # the baseline itself
     gn64 = out.iloc[2]  # the baseline's only completed run at bs 64, lr 0.1: no interval
     assert gn64["diff_to_baseline"] == pytest.approx(0.56 - 0.78)
@@ -118,8 +120,8 @@ def test_differences_compare_each_group_with_the_baselines_same_group():
 
 def test_the_baseline_defaults_to_custom_bn_when_present():
     runs = RUNS.replace({"norm.name": {"bn": "custom_bn"}})
-    assert comparisons.baseline_of(runs, None) == "custom_bn"
-    assert comparisons.baseline_of(RUNS, None) is None
-    assert comparisons.baseline_of(RUNS, "gn") == "gn"
+    assert stats.baseline_of(runs, None) == "custom_bn"
+    assert stats.baseline_of(RUNS, None) is None
+    assert stats.baseline_of(RUNS, "gn") == "gn"
     with pytest.raises(UserError, match="not among"):
-        comparisons.baseline_of(RUNS, "layer")
+        stats.baseline_of(RUNS, "layer")

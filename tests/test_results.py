@@ -1,5 +1,6 @@
-"""Tests for normbench.results' aggregation: collecting run folders, statistics, keys,
-the four tables, skipped folders, and ``normbench results``."""
+"""Tests of aggregation (normbench.analysis, normbench.reports, normbench.rundir):
+collecting run folders, statistics, keys, the four tables, skipped folders, and
+``normbench results``."""
 
 import copy
 import hashlib
@@ -15,23 +16,17 @@ import pytest
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from normbench import results
+from normbench import reports, rundir
+from normbench.analysis import stats
+from normbench.analysis.collect import collect, find_experiments, read_config
+from normbench.analysis.keys import resolve_key, swept_keys
+from normbench.analysis.stats import SUMMARY_STAT_COLUMNS, group_stats
 from normbench.cli import app
 from normbench.config import compose, flatten
 from normbench.errors import UserError
-from normbench.results import (
-    METRIC_COLUMNS,
-    SUMMARY_FIELDS,
-    SUMMARY_STAT_COLUMNS,
-    TABLE_FILES,
-    aggregate,
-    collect,
-    find_experiments,
-    metrics_frame,
-    resolve_key,
-    summarize,
-    swept_keys,
-)
+from normbench.reports import TABLE_FILES, aggregate
+from normbench.rundir import METRIC_COLUMNS, SUMMARY_FIELDS, metrics_frame
+from normbench.views import text
 
 cli = CliRunner()
 
@@ -127,9 +122,9 @@ def make_run(base_config):
             else None,
             error={"failed": "RuntimeError: boom", "diverged": "loss is nan"}.get(status),
         )
-        results.write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
-        results.write_csv(folder / "metrics.csv", metrics_frame(rid, records))
-        results.write_json(folder / "summary.json", summary)
+        rundir.write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        rundir.write_csv(folder / "metrics.csv", metrics_frame(rid, records))
+        rundir.write_json(folder / "summary.json", summary)
         return folder
 
     return make
@@ -249,7 +244,7 @@ def test_a_failed_write_leaves_no_file(tmp_path):
 
     path = tmp_path / "plots" / "broken.png"
     with pytest.raises(RuntimeError, match="killed"):
-        results.write_figure(path, Broken())
+        rundir.write_figure(path, Broken())
     assert list(path.parent.iterdir()) == []
 
 
@@ -259,7 +254,7 @@ def test_write_figure_saves_a_png_atomically(tmp_path):
     figure = Figure(figsize=(2, 2))
     figure.add_subplot().plot([1, 2], [3, 4])
     path = tmp_path / "plots" / "curve.png"
-    results.write_figure(path, figure, dpi=50)
+    rundir.write_figure(path, figure, dpi=50)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["curve.png"]
 
@@ -278,7 +273,7 @@ def test_summary_statistics_match_hand_computed_values(tmp_path, make_run):
     make_run(exp, final=0.8, norm__name="layer", seed=0)
     make_run(exp, status="diverged", norm__name="group", seed=0)
 
-    summary = summarize(collect(exp).runs).set_index("norm.name")
+    summary = group_stats(collect(exp).runs).set_index("norm.name")
     assert list(summary.columns[-len(SUMMARY_STAT_COLUMNS) :]) == list(SUMMARY_STAT_COLUMNS)
     bn = summary.loc["custom_bn"]
     assert (bn.n, bn.n_diverged, bn.n_failed, bn.n_interrupted) == (3, 1, 1, 1)
@@ -312,8 +307,8 @@ def test_summary_statistics_match_hand_computed_values(tmp_path, make_run):
 def test_t_quantile_is_scipy_stats(tmp_path):
     from scipy.stats import t
 
-    assert results.t975(2.0) == pytest.approx(T975_DF2)
-    assert results.t975(9.0) == pytest.approx(t.ppf(0.975, 9))
+    assert stats.t975(2.0) == pytest.approx(T975_DF2)
+    assert stats.t975(9.0) == pytest.approx(t.ppf(0.975, 9))
 
 
 def test_default_groups_differ_only_in_seed(tmp_path, make_run):
@@ -329,7 +324,7 @@ def test_default_groups_differ_only_in_seed(tmp_path, make_run):
                 threads=seed + 1,
                 device=["auto", "cpu"][seed],
             )
-    summary = summarize(collect(exp).runs)
+    summary = group_stats(collect(exp).runs)
     assert len(summary) == 2 and list(summary.n) == [2, 2]
     assert list(summary["optim.momentum"]) == [0.8, 0.9]
     for key in ("seed", "threads", "device", "config.device", "name", "out_dir"):
@@ -339,23 +334,23 @@ def test_default_groups_differ_only_in_seed(tmp_path, make_run):
 
 def test_group_by_pools_coarser_groups(grid):
     runs = collect(grid).runs
-    by_norm = summarize(runs, ["norm"])
+    by_norm = group_stats(runs, ["norm"])
     assert list(by_norm.columns) == ["norm.name", *SUMMARY_STAT_COLUMNS]
     assert list(by_norm["norm.name"]) == ["custom_bn", "layer"] and list(by_norm.n) == [6, 6]
     custom = runs[runs["norm.name"] == "custom_bn"].final_test_acc
     assert by_norm.final_test_acc_mean[0] == pytest.approx(custom.mean())
     assert by_norm.final_test_acc_std[0] == pytest.approx(custom.std())
 
-    by_bs = summarize(runs, ["batch_size"])
+    by_bs = group_stats(runs, ["batch_size"])
     assert list(by_bs.batch_size) == [8, 32, 128] and list(by_bs.n) == [4, 4, 4]
-    both = summarize(runs, ["norm", "batch_size"])
+    both = group_stats(runs, ["norm", "batch_size"])
     assert len(both) == 6 and list(both.n) == [2] * 6
     assert list(zip(both["norm.name"], both.batch_size, strict=True))[:3] == [
         ("custom_bn", 8),
         ("custom_bn", 32),
         ("custom_bn", 128),
     ]
-    overall = summarize(runs, [])
+    overall = group_stats(runs, [])
     assert list(overall.columns) == list(SUMMARY_STAT_COLUMNS) and overall.n[0] == 12
 
 
@@ -465,13 +460,13 @@ def test_config_comes_from_the_summary_or_else_config_yaml(tmp_path):
 
     outcome = run(cfg)
     summary = json.loads((outcome.run_dir / "summary.json").read_text())
-    own, config = results.split_summary(summary)
+    own, config = rundir.split_summary(summary)
     assert config == flatten(cfg) and "config.norm.groups" not in own
     text = (outcome.run_dir / "config.yaml").read_text()
-    assert results.read_config(text) == config
+    assert read_config(text) == config
     # An older summary without the config keys: the aggregation falls back to config.yaml.
     (outcome.run_dir / "summary.json").write_text(json.dumps(own))
-    runs = results.collect(tmp_path / "default").runs
+    runs = collect(tmp_path / "default").runs
     assert runs.loc[0, "norm.groups"] == 8 and runs.loc[0, "norm.name"] == "group"
 
 
@@ -572,8 +567,8 @@ def test_results_compare_puts_experiments_side_by_side_in_one_table(tmp_path, ma
 
 def test_experiment_labels_are_names_or_paths_where_names_repeat(tmp_path):
     a, b = tmp_path / "x" / "study", tmp_path / "y" / "study"
-    assert results.experiment_labels([a, tmp_path / "z"]) == {a: "study", tmp_path / "z": "z"}
-    assert results.experiment_labels([a, b]) == {a: "x/study", b: "y/study"}
+    assert reports.experiment_labels([a, tmp_path / "z"]) == {a: "study", tmp_path / "z": "z"}
+    assert reports.experiment_labels([a, b]) == {a: "x/study", b: "y/study"}
 
 
 @pytest.mark.parametrize(
@@ -629,7 +624,7 @@ def test_leftovers_of_killed_writes_are_removed_by_the_next_write(tmp_path):
     import sys
     import time
 
-    from normbench.results import write_json
+    from normbench.rundir import write_json
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -654,8 +649,8 @@ def test_runs_that_differ_in_an_unswept_key_are_never_credited_to_the_norm(tmp_p
     never draw the two in one plot."""
     from typer.testing import CliRunner
 
-    from normbench import plots
     from normbench.cli import app
+    from normbench.views.figures import error_vs_batch_size
 
     common = [f"out_dir={tmp_path}", "epochs=1", "dataset.train_size=128", "threads=1"]
     runner = CliRunner()
@@ -665,13 +660,13 @@ def test_runs_that_differ_in_an_unswept_key_are_never_credited_to_the_norm(tmp_p
     runs = collect(tmp_path / "default").runs
     keys = swept_keys(runs)
     assert {"norm.name", "model.name", "optim.name", "lr"} <= set(keys)
-    summary = summarize(runs, keys)
+    summary = group_stats(runs, keys)
     assert len(summary) == 2
     assert set(zip(summary["norm.name"], summary["model.name"], strict=True)) == {
         ("custom_bn", "small_cnn"),
         ("layer", "mlp"),
     }
-    figures = plots.error_vs_batch_size(runs)
+    figures = error_vs_batch_size(runs)
     assert len(figures) == 2  # one per model (and optimizer), each with one norm
     for _, figure in figures:
         (ax,) = [a for a in figure.axes if a.get_visible()]
@@ -738,7 +733,7 @@ def test_a_summary_number_out_of_range_skips_its_run(real_copy, damage, why):
     """An integer beyond 64 bits (before: OverflowError, nothing aggregated), an accuracy
     outside [0, 1], a time that is not finite (before: accepted silently): the run is
     skipped with one warning naming it and the field; `results` and `plot` go on."""
-    from normbench.results import read_summary
+    from normbench.rundir import read_summary
 
     first = _runs_of(real_copy)[0]
     _edit_summary(first, **damage)
@@ -765,7 +760,7 @@ def test_a_summary_number_out_of_range_skips_its_run(real_copy, damage, why):
     ],
 )
 def test_a_metrics_value_out_of_range_skips_its_run(real_copy, line, why):
-    from normbench.results import read_summary
+    from normbench.rundir import read_summary
 
     first = _runs_of(real_copy)[0]
     with open(first / "metrics.csv", "a") as handle:
@@ -825,7 +820,7 @@ _BAD_ANY = [2**63, 2**64 + 7, -(2**63) - 1, 10**30, math.nan, math.inf, -math.in
 
 
 def _bad_number(rng, key):
-    whole, low, high, null = results._NUMBER_RULES[key]
+    whole, low, high, null = rundir._NUMBER_RULES[key]
     choices = list(_BAD_ANY)
     choices += [low - 1, -1.5] if whole else [low - 0.5]
     if whole:
@@ -842,7 +837,7 @@ def _damage_summary(rng, path) -> str:
     record = json.loads(data)
     kind = rng.choice(["number", "number", "config", "status", "text", "cut", "garbage", "type"])
     if kind == "number":
-        key = rng.choice(sorted(results._NUMBER_RULES))
+        key = rng.choice(sorted(rundir._NUMBER_RULES))
         record[key] = _bad_number(rng, key)
     elif kind == "config":
         key = rng.choice([k for k, v in record.items() if k.startswith("config.")])
@@ -914,7 +909,7 @@ def test_random_damage_to_one_run_skips_exactly_that_run(
     planner counts it as not done. Seeded: a failure names its example."""
     import random
 
-    from normbench.results import read_summary
+    from normbench.rundir import read_summary
 
     for example in range(examples):
         rng = random.Random(f"{command}-{example}")
@@ -1050,7 +1045,7 @@ def test_values_that_differ_show_differently_and_empty_names_show(tmp_path, make
     ],
 )
 def test_a_cell_shows_a_value_as_typed_and_apart_from_every_other(value, shown):
-    assert results._format_value(value) == shown
+    assert text.format_value(value) == shown
 
 
 # --------------------------------------------------------- what a received folder holds
@@ -1097,7 +1092,7 @@ def test_a_run_file_that_is_no_regular_file_or_too_large_skips_its_run(real_copy
     the file and why; the planner counts it as not done (config.yaml: never read there)."""
     from hostile import deadline
 
-    from normbench.results import read_summary
+    from normbench.rundir import read_summary
 
     name, kind, why = _NOT_A_FILE[case]
     first = _runs_of(real_copy)[0]
@@ -1148,7 +1143,7 @@ def test_a_yaml_alias_bomb_in_config_yaml_skips_its_run(real_copy):
     assert len(result.stdout) < 10_000
     # what normbench writes has none: a real run's config.yaml reads back
     second = _runs_of(real_copy)[1]
-    assert results.read_config((second / "config.yaml").read_text())["norm.name"]
+    assert read_config((second / "config.yaml").read_text())["norm.name"]
 
 
 def test_a_long_value_is_cut_on_the_terminal_and_kept_in_the_files(real_copy):
@@ -1165,8 +1160,8 @@ def test_a_long_value_is_cut_on_the_terminal_and_kept_in_the_files(real_copy):
     with deadline(60):
         result = invoke("results", real_copy)
         assert result.exit_code == 0, result.output
-        assert "w" * (results.SHOWN_MAX - 1) + "…" in result.stdout
-        assert "w" * (results.SHOWN_MAX + 1) not in result.stdout
+        assert "w" * (text.SHOWN_MAX - 1) + "…" in result.stdout
+        assert "w" * (text.SHOWN_MAX + 1) not in result.stdout
         (skipped,) = _skipped(result)
         assert skipped.endswith(": norm is 256 characters long: no name is longer than 255")
         assert long_value in set(pd.read_csv(real_copy / "runs.csv")["model.widths"])
