@@ -69,15 +69,18 @@ LOCAL_END_S = 10.0
 #: out; one array is one ``sbatch``, so a refused one submitted nothing).
 SUBMIT_RETRY_S = (2.0, 10.0)
 
+#: The plan :func:`normbench.sweep.launch` hands to Hydra (a ``sweep.Plan``), for
+#: normbench's sweeper to read in the same process: set here, so that this module needs
+#: nothing of the sweep's.
+launching: Any = None
+
 
 def launch_planned(sweeper) -> list[Any]:
     """The sweeper's ``sweep``: launch the planned runs with its launcher; never raises for
     a lost job (only for Ctrl-C or SIGTERM on the driver, after cancelling its jobs)."""
     from omegaconf import OmegaConf
 
-    from normbench import sweep
-
-    plan = sweep._launching
+    plan = launching
     assert plan is not None, "normbench's sweeper runs only inside normbench.sweep.launch"
     jobs = plan.to_run
     sweep_dir = Path(str(sweeper.config.hydra.sweep.dir))

@@ -395,9 +395,6 @@ class SweepDisplay(Protocol):
 #: The sweep's display, when jobs run in this process (the basic launcher).
 _display: SweepDisplay | None = None
 
-#: The plan :func:`launch` hands to Hydra; normbench's sweeper reads it (same process).
-_launching: Plan | None = None
-
 
 def run_job(cfg) -> str:
     """Hydra's task function: one run; its status. Never raises for a failed run; a run
@@ -502,7 +499,7 @@ def launch(sweep_plan: Plan, display: SweepDisplay | None = None) -> None:
     from normbench import interrupts, launchers
     from normbench.config import conf_dir
 
-    global _display, _launching
+    global _display
     saved_argv = sys.argv
     saved_env = {key: os.environ.get(key) for key in (RETRY_ENV, DRIVER_ENV)}
     first = sweep_plan.to_run[0]
@@ -514,7 +511,8 @@ def launch(sweep_plan: Plan, display: SweepDisplay | None = None) -> None:
     ]
     os.environ[RETRY_ENV] = "1" if sweep_plan.retry_failed else "0"
     os.environ[DRIVER_ENV] = str(os.getpid())
-    _display, _launching = display, sweep_plan
+    _display = display
+    launchers.launching = sweep_plan
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     try:
         # A stop signal reaches the jobs this process started too (launchers.stop_workers);
@@ -527,7 +525,7 @@ def launch(sweep_plan: Plan, display: SweepDisplay | None = None) -> None:
                 raise
     finally:
         sys.argv = saved_argv
-        _display = _launching = None
+        _display = launchers.launching = None
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -97,6 +97,21 @@ def swept_keys(runs: pd.DataFrame) -> list[str]:
     return kept
 
 
+def option_keys(key: str, keys: Sequence[str]) -> list[str]:
+    """The keys among ``keys`` that belong to the group option ``key`` names: for
+    ``norm.name``, the norm's own arguments (``norm.groups``, ``norm.momentum``)."""
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else key + "."
+    return [k for k in keys if k.startswith(prefix) and k != key]
+
+
+def other_keys(keys: Sequence[str], key: str) -> list[str]:
+    """``keys`` without ``key`` and its option's own keys (:func:`option_keys`): what
+    groups runs apart from a variant, for a comparison between variants (the tables'
+    differences to a baseline, the figures' lines)."""
+    own = {key, *option_keys(key, keys)}
+    return [k for k in keys if k not in own]
+
+
 def resolve_key(runs: pd.DataFrame, key: str) -> str:
     """The column of ``runs`` a user means by ``key``: ``norm`` -> ``norm.name``, ``model`` ->
     ``model.name``, ``batch_size`` -> ``batch_size``, ``train_size`` -> ``dataset.train_size``

@@ -16,6 +16,7 @@ difference to a baseline variant (Welch's test), and values tuned on validation.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -23,7 +24,13 @@ import numpy as np
 import pandas as pd
 
 from normbench.analysis.collect import defaults_note
-from normbench.analysis.keys import group_candidates, resolve_key, sort_frame, swept_keys
+from normbench.analysis.keys import (
+    group_candidates,
+    other_keys,
+    resolve_key,
+    sort_frame,
+    swept_keys,
+)
 from normbench.errors import UserError
 
 #: The accuracies :func:`group_stats` gives mean, std and 95% CI of.
@@ -60,6 +67,35 @@ def t975(dof: np.ndarray) -> np.ndarray:
     from scipy.special import stdtrit
 
     return stdtrit(dof, 0.975)
+
+
+def ci95(std, n) -> np.ndarray:
+    """The half-width of the 95% confidence interval of a mean of ``n`` values of sample
+    standard deviation ``std``: Student's t(0.975, n-1) · std / √n; NaN where n < 2.
+    Every interval a table or a figure shows is this one (arrays or scalars)."""
+    std, n = np.broadcast_arrays(np.asarray(std, dtype=float), np.asarray(n, dtype=float))
+    half = np.full(n.shape, np.nan)
+    many = n >= 2
+    half[many] = t975(n[many] - 1) * std[many] / np.sqrt(n[many])
+    return half
+
+
+def spread(values) -> tuple[float, float, float, int]:
+    """Mean, sample standard deviation (n-1; NaN when n < 2), :func:`ci95` and n, over
+    the finite values."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    n = len(v)
+    mean = float(v.mean()) if n else math.nan
+    std = float(v.std(ddof=1)) if n >= 2 else math.nan
+    return mean, std, float(ci95(std, n)), n
+
+
+def mean_ci(values) -> tuple[float, float, int]:
+    """Mean, half-width of its 95% confidence interval (:func:`ci95`; NaN when n < 2) and
+    n, over the finite values."""
+    mean, _, half, n = spread(values)
+    return mean, half, n
 
 
 def group_stats(
@@ -114,13 +150,9 @@ def group_stats(
         grouped[metrics].count(),
     )
     for metric in metrics:
-        n = count[metric].to_numpy(dtype=float)
-        half = np.full(len(n), np.nan)
-        many = n >= 2
-        half[many] = t975(n[many] - 1) * std[metric].to_numpy()[many] / np.sqrt(n[many])
         table[f"{metric}_mean"] = mean[metric]
         table[f"{metric}_std"] = std[metric].where(count[metric] >= 2)
-        table[f"{metric}_ci95"] = half
+        table[f"{metric}_ci95"] = ci95(std[metric].to_numpy(), count[metric].to_numpy())
     table = table.reset_index()
     if not keys:
         table = table.drop(columns="_all")
@@ -145,11 +177,7 @@ def _completed(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _stats(values: pd.Series) -> dict[str, float]:
-    v = pd.to_numeric(values, errors="coerce").dropna().to_numpy(dtype=float)
-    n = len(v)
-    mean = float(v.mean()) if n else np.nan
-    std = float(v.std(ddof=1)) if n >= 2 else np.nan
-    half = float(t975(np.array(n - 1.0)) * std / np.sqrt(n)) if n >= 2 else np.nan
+    mean, std, half, _ = spread(pd.to_numeric(values, errors="coerce"))
     return {"mean": mean, "std": std, "ci95": half}
 
 
@@ -290,7 +318,7 @@ def differences(
         return out
     values = pd.to_numeric(done[COMPARED], errors="coerce")
     # the group of the other keys: a norm's own arguments (norm.groups) do not count
-    others = [k for k in keys if not k.startswith("norm.")]
+    others = other_keys(keys, "norm.name")
     mine = _by(done, keys, values)
     theirs = _by(done[done["norm.name"] == baseline], others, values)
     compared = []

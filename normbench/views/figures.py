@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from normbench.analysis.stats import t975
+from normbench.analysis.keys import option_keys, other_keys, resolve_key, swept_keys
+from normbench.analysis.stats import ci95, mean_ci
 from normbench.terminal import clean
 from normbench.views.text import format_float, format_string
 
@@ -76,24 +77,6 @@ def norm_style(norm: str) -> tuple[str, str]:
         return _COLORS[i], _MARKERS[i]
     h = zlib.crc32(norm.encode())
     return _EXTRA_COLORS[h % len(_EXTRA_COLORS)], _EXTRA_MARKERS[h % len(_EXTRA_MARKERS)]
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float, int]:
-    """Mean, half-width of its 95% confidence interval (Student t, n-1 degrees of
-    freedom; NaN when n < 2) and n, over the finite values."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    n = len(v)
-    if n == 0:
-        return math.nan, math.nan, 0
-    if n == 1:
-        return float(v[0]), math.nan, 1
-    return float(v.mean()), _t975(n) * float(v.std(ddof=1)) / math.sqrt(n), n
-
-
-def _t975(n):
-    """The 97.5% quantile of Student's t with n-1 degrees of freedom (array or scalar)."""
-    return t975(np.asarray(n) - 1)
 
 
 # ----------------------------------------------------------------------------- the runs
@@ -168,12 +151,8 @@ def _sort_key(value: Any) -> tuple:
 
 
 def _prepare(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> _Runs:
-    from normbench.analysis.keys import resolve_key, swept_keys
-    from normbench.config import EXECUTION_KEYS
-
     norm_key = resolve_key(runs, "norm")
     bs_key = resolve_key(runs, "batch_size")
-    seed_key = resolve_key(runs, "seed")
     status = runs["status"].astype(str)
     failed = runs[status == "failed"]
     # Interrupted runs are not results: the next sweep redoes them (as unfinished ones).
@@ -182,18 +161,13 @@ def _prepare(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> _Runs:
     if frame.empty:
         return _Runs(frame, [], failed, [])
 
-    norm_prefix = norm_key.rsplit(".", 1)[0] + "." if "." in norm_key else "norm."
-    swept = [k for k in swept_keys(frame) if k in frame.columns]
-    own = {bs_key, seed_key, norm_key, "seed", "batch_size", "norm"}
-    extra = [
-        k
-        for k in swept
-        if k not in own
-        and k not in EXECUTION_KEYS
-        and k not in tuned
-        and not k.startswith(norm_prefix)
-    ]
-    norm_keys = [k for k in swept if k.startswith(norm_prefix) and k != norm_key]
+    # The swept keys (seed and execution keys never are), as the tables have them: the
+    # norm's own ones make variants of its line, the others but the batch size (and the
+    # keys tuned per point) one figure per combination of their values.
+    swept = swept_keys(frame)
+    norm_keys = option_keys(norm_key, swept)
+    norm_prefix = norm_key.rsplit(".", 1)[0] + "."
+    extra = [k for k in other_keys(swept, norm_key) if k != bs_key and k not in tuned]
 
     frame["_norm"] = frame[norm_key].map(_fmt)
     frame["_bs"] = frame[bs_key].astype(int)
@@ -372,8 +346,6 @@ def _count_failed(failed: pd.DataFrame, prepared: _Runs, combo, label, bs) -> in
     """Failed runs matching this point (by norm, batch size and the combination's values)."""
     if failed.empty:
         return 0
-    from normbench.analysis.keys import resolve_key
-
     norm = label.split(" (")[0]
     mask = (failed[resolve_key(failed, "norm")].map(_fmt) == norm) & (
         pd.to_numeric(failed[resolve_key(failed, "batch_size")], errors="coerce") == bs
@@ -525,9 +497,7 @@ def _curve_stats(prepared: _Runs, metrics: pd.DataFrame) -> pd.DataFrame:
     ].agg(["mean", "std", "count"])
     grouped = grouped.reset_index()
     n = grouped["count"].to_numpy()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        half = _t975(np.maximum(n, 2)) * grouped["std"].to_numpy() / np.sqrt(n)
-    half = np.where(n >= 2, half, np.nan)
+    half = ci95(grouped["std"].to_numpy(dtype=float), n)
     table = pd.DataFrame(
         {
             "combo": [dict(zip(prepared.extra, c, strict=True)) for c in grouped["_combo"]],
