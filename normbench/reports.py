@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from normbench import received
+from normbench import received, terminal
 from normbench.analysis.collect import Collected, collect, find_experiments
 from normbench.analysis.keys import resolve_key, swept_keys
 from normbench.analysis.stats import (
@@ -159,6 +159,36 @@ def report(
             yield selection_table(selection, f"{exp_dir}: chosen on validation")
     if side_by_side is not None:
         yield side_by_side
+
+
+def sweep_reports(
+    folders: Sequence[Path],
+    settings,
+    warn: Callable[[str], None],
+    note: Callable[[Any], None],
+) -> Iterator[Any]:
+    """A sweep's end: every experiment folder aggregated and plotted, with the selection
+    and baseline its config's ``report`` settings ask for (None: neither). Yields what to
+    print (:func:`report`'s lines and tables, the figures written); an experiment with
+    no runs or nothing to plot is told to ``note``, a selection the finished runs cannot
+    make to ``warn`` (the tables come without it)."""
+    select = list(settings.select) if settings is not None and settings.select else None
+    baseline = settings.baseline if settings is not None else None
+    for folder in folders:
+        if not (folder / "runs").is_dir():  # every job was lost before its run began
+            note(f"{folder}: no runs yet, no tables")
+            continue
+        try:
+            printed = list(report([folder], warn=warn, select=select, baseline=baseline))
+        except UserError as error:  # a selection the finished runs cannot make
+            warn(f"{error}; tables without it")
+            printed = list(report([folder], warn=warn, baseline=baseline))
+        yield from printed
+        try:
+            for path in plot_experiment(folder):
+                yield f"wrote {path}"
+        except NothingToPlot as error:
+            note(terminal.styled(("no plots", "yellow"), f": {error}"))
 
 
 def experiment_labels(experiments: Sequence[Path]) -> dict[Path, str]:

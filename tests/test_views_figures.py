@@ -168,18 +168,6 @@ def check_png(path, figure=None):
     return image
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
-def test_mean_ci_is_student_t():
-    mean, half, n = draw.mean_ci([1.0, 2.0, 6.0])
-    assert n == 3 and mean == pytest.approx(3.0)
-    assert half == pytest.approx(T975_DF2 * np.std([1, 2, 6], ddof=1) / math.sqrt(3))
-    assert draw.mean_ci([4.0])[:2] == (4.0, pytest.approx(math.nan, nan_ok=True))
-    assert math.isnan(draw.mean_ci([4.0])[1]) and draw.mean_ci([])[2] == 0
-    assert draw.mean_ci([1.0, float("nan"), 3.0])[2] == 2
-
-
 # ----------------------------------------------------------------------------- figure 1
 
 
