@@ -5,7 +5,7 @@ writes them: config.yaml (the real composed config through ``OmegaConf.to_yaml``
 with norm, batch size and seed varied), metrics.csv (10 epochs x 7 metrics) and
 summary.json (every summary field and the flattened config); about 2% diverged,
 1% failed, and 1% of the folders unfinished (config.yaml and a partial metrics.csv only). Then times
-:func:`normbench.results.collect` (reading) and :func:`normbench.results.aggregate`
+:func:`normbench.analysis.collect.collect` (reading) and :func:`normbench.reports.aggregate`
 (reading, summarising, writing the four tables), median of ``--repeats``; the files
 are in the page cache after the first repeat, as they are right after a sweep.
 
@@ -25,15 +25,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from normbench.analysis.collect import collect
+from normbench.analysis.keys import swept_keys
 from normbench.config import compose, flatten
-from normbench.results import (
-    CONFIG_PREFIX,
-    RECORD_METRICS,
-    SUMMARY_FIELDS,
-    aggregate,
-    collect,
-    swept_keys,
-)
+from normbench.reports import aggregate
+from normbench.rundir import CONFIG_PREFIX, RECORD_METRICS, SUMMARY_FIELDS
 
 NORMS = ("custom_bn", "torch_bn", "layer", "instance", "group", "batch_renorm", "ghost_bn", "none")
 BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -91,7 +87,7 @@ def summary_record(run_id, norm, batch_size, seed, status, rng, config: dict):
         torch_version="2.4.0",
         normbench_version="0.1.0",
     )
-    # as runner.summarize writes it: the flattened config rides along
+    # as runner.summary_record writes it: the flattened config rides along
     record.update({f"{CONFIG_PREFIX}{k}": v for k, v in {**config, "seed": seed}.items()})
     return record
 

@@ -63,8 +63,8 @@ Derived figures, per (shape, implementation):
 :func:`run_bench` validates its settings (a :class:`~normbench.errors.UserError`
 before anything runs), measures and returns one row per (shape, implementation),
 columns ``COLUMNS``; it prints nothing itself, it reports to a :class:`Progress`.
-:func:`table` renders such a frame for the terminal. torch and pandas are imported
-inside the functions, so importing this module is free.
+:func:`normbench.views.tables.bench_table` renders such a frame for the terminal.
+torch and pandas are imported inside the functions, so importing this module is free.
 """
 
 from __future__ import annotations
@@ -86,8 +86,6 @@ from normbench.errors import UserError
 
 if TYPE_CHECKING:
     import pandas as pd
-    from rich.console import Console
-    from rich.table import Table
     from rich.text import Text
 
 Shape = tuple[int, int, int, int]
@@ -194,52 +192,6 @@ class _Silent:
 
     def note(self, message: str | Text) -> None:
         pass
-
-
-class RichProgress:
-    """A :class:`Progress` drawn with rich: a spinner with the phase, and a bar over the rounds."""
-
-    def __init__(self, console: Console | None = None):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            SpinnerColumn,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        from normbench import progress as bars  # its Progress: no blank line as it stops
-        from normbench import terminal
-
-        self.progress = bars.Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}", markup=False),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console or terminal.Console(stderr=True),
-            transient=True,
-        )
-        self.task = self.progress.add_task("starting", total=None)
-
-    def __enter__(self) -> RichProgress:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
-
-    def status(self, message: str) -> None:
-        self.progress.update(self.task, description=message)
-
-    def start(self, total: int) -> None:
-        self.progress.update(self.task, total=total, completed=0)
-
-    def advance(self) -> None:
-        self.progress.advance(self.task)
-
-    def note(self, message: str | Text) -> None:
-        self.progress.console.print(message)
 
 
 # ---------------------------------------------------------------------------- settings
@@ -633,7 +585,7 @@ def _plane_order(config: Settings, shape: Shape) -> str | None:
     return f"{library.plane_order(x)}/{library.plane_order(x, True)}"
 
 
-def summarize(samples: pd.DataFrame, config: Settings, threads: int) -> pd.DataFrame:
+def timings(samples: pd.DataFrame, config: Settings, threads: int) -> pd.DataFrame:
     """:func:`measure`'s raw times as one row per (shape, impl), columns ``COLUMNS``."""
     import pandas as pd
     import torch
@@ -740,84 +692,6 @@ def run_bench(
         torch.set_num_threads(threads)
     try:
         samples = measure(config, progress)
-        return summarize(samples, config, torch.get_num_threads())
+        return timings(samples, config, torch.get_num_threads())
     finally:
         torch.set_num_threads(before)
-
-
-# ---------------------------------------------------------------------------- display
-
-
-def _figure(value: float) -> str:
-    """Four or five significant digits for times and rates from 0.001 to 9999."""
-    return f"{value:.3f}" if value < 10 else f"{value:.2f}" if value < 100 else f"{value:.1f}"
-
-
-def _size(nbytes: float) -> str:
-    """Bytes in the largest binary unit they reach: 8 MiB, 1.5 KiB, 1000 bytes."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.4g} {unit}"
-    return f"{int(nbytes)} bytes"
-
-
-def table(frame: pd.DataFrame) -> Table:
-    """:func:`run_bench`'s frame for the terminal: a section per shape, copy rows dimmed.
-
-    Narrow enough for 80 columns; the CSV holds every figure unrounded.
-    """
-    import pandas as pd
-    from rich import box
-    from rich.table import Table
-
-    first = frame.iloc[0]
-    title = (
-        f"BatchNorm2d training forward+backward, {first['dtype']}, "
-        f"{first['memory_format']}, {first['device']} "
-        f"({first['device_name']}), {first['threads']} threads, torch {first['torch_version']}: "
-        f"milliseconds, median and interquartile range of {first['repeats']} interleaved repeats"
-    )
-    malloc = "kept (normbench.allocator)" if first["malloc"] == "kept" else "glibc's defaults"
-    mib = first["machine_copy_bytes"] / (1 << 20)
-    stream = first["stream_bytes"]
-    streaming = "" if pd.isna(stream) else f"; cpu streams outputs from {_size(stream)} on"
-    caption = (
-        "GB/s as a fraction of the copy of the same size (%copy) and of the machine's copy "
-        f"bandwidth (%mem: {_figure(first['machine_copy_gbps'])} GB/s, 2 x {mib:.0f} MiB "
-        f"arrays); PF: page faults per step, mean; malloc: {malloc}{streaming}"
-    )
-    result = Table(
-        title=title,
-        caption=caption,
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    result.add_column("shape", style="bold", no_wrap=True)
-    result.add_column("impl", style="cyan", no_wrap=True)
-    result.add_column("median", justify="right", no_wrap=True)
-    result.add_column("IQR", justify="right", no_wrap=True)
-    result.add_column("GB/s", justify="right", no_wrap=True)
-    result.add_column("vs torch", justify="right", no_wrap=True)
-    result.add_column("%copy", justify="right", no_wrap=True)
-    result.add_column("%mem", justify="right", no_wrap=True)
-    result.add_column("PF", justify="right", no_wrap=True)
-    for i, (label, rows) in enumerate(frame.groupby("shape", sort=False)):
-        if i:
-            result.add_section()
-        for j, row in enumerate(rows.itertuples()):
-            speedup = row.speedup_vs_torch
-            result.add_row(
-                label if j == 0 else "",
-                row.impl,
-                _figure(row.median_ms),
-                f"{_figure(row.q1_ms)}-{_figure(row.q3_ms)}",
-                _figure(row.gbps),
-                "" if math.isnan(speedup) else f"{speedup:.2f}x",
-                f"{100 * row.frac_of_copy_bw:.0f}%",
-                f"{100 * row.frac_of_machine_bw:.0f}%",
-                f"{row.page_faults:.0f}",
-                style="dim" if row.impl == COPY else None,
-            )
-    return result

@@ -194,39 +194,21 @@ def run(
     """Train one experiment and write its run folder (config.yaml, metrics.csv, summary.json)."""
     from normbench.config import compose
     from normbench.interrupts import Interrupted, exit_status, handle_signals, reason
-    from normbench.progress import RunProgress
     from normbench.runner import recorded
     from normbench.runner import run as run_experiment
+    from normbench.views import lines
+    from normbench.views.progress import RunProgress
 
     kernel_environment()
     cfg = compose(overrides or [])
-    label = f"{cfg.norm.name} bs={cfg.batch_size}"
     try:
-        with handle_signals(), RunProgress(label, console=err) as progress:
+        with handle_signals(), RunProgress(lines.run_label(cfg), console=err) as progress:
             outcome = run_experiment(cfg, force=force, display=progress)
     except (KeyboardInterrupt, Interrupted) as stop:
-        err.print(
-            f"{reason(stop)}: the run is recorded as interrupted and counts as not done; "
-            "the same command again redoes it"
-            if recorded(stop)
-            else f"{reason(stop)}: stopped before the run trained; nothing of it is "
-            "recorded, the same command again runs it"
-        )
+        err.print(lines.run_stopped(reason(stop), recorded(stop)))
         raise typer.Exit(exit_status(stop)) from None
-    summary = outcome.summary
-    where = outcome.run_dir
-    if outcome.skipped:
-        out.print(f"already done ({summary['status']}), skipped; --force reruns it")
-    if summary["status"] == "diverged":
-        out.print(terminal.styled(("diverged", "yellow"), f": {summary['error']} · {where}"))
-        return
-    chosen = summary.get("test_acc_at_best_val")
-    at_best = (
-        f" ({100 * chosen:.2f}% at the best validation epoch, {summary['best_val_epoch']})"
-        if chosen is not None
-        else ""
-    )
-    out.print(f"test acc {100 * summary['final_test_acc']:.2f}%{at_best} · {where}")
+    for line in lines.run_outcome(outcome):
+        out.print(line)
 
 
 @app.command()
@@ -245,6 +227,9 @@ def sweep(
     """
     from normbench import sweep as sweeps
     from normbench.interrupts import Interrupted, exit_status, reason
+    from normbench.reports import sweep_reports
+    from normbench.views import lines
+    from normbench.views.progress import SweepProgress
 
     kernel_environment()
     try:
@@ -252,87 +237,25 @@ def sweep(
     except KeyboardInterrupt:  # Ctrl-C, or a norm's own code raising it while checked
         err.print("interrupted by SIGINT (Ctrl-C): the sweep stopped while planning; nothing ran")
         raise typer.Exit(130) from None
-    skipped = len(plan.jobs) - len(plan.to_run) - len(plan.elsewhere)
-    elsewhere = f", {len(plan.elsewhere)} in progress elsewhere" if plan.elsewhere else ""
-    twice = plan.duplicates
-    dropped = (
-        f" ({twice} duplicate grid point{'s' if twice > 1 else ''} dropped: the same run as "
-        "another)"
-        if twice
-        else ""
-    )
-    err.print(
-        f"sweep: {len(plan.jobs)} runs{dropped}, {skipped} already done{elsewhere}, "
-        f"{len(plan.to_run)} to run"
-    )
-    for job in plan.elsewhere[:3]:
-        err.print(f"  {job.run_id}: {job.busy.describe()}")
+    for line in lines.sweep_plan(plan):
+        err.print(line)
     try:
-        with sweeps.SweepProgress(plan, console=err) as progress:
+        with SweepProgress(plan, console=err) as progress:
             sweeps.launch(plan, display=progress)
     except (KeyboardInterrupt, Interrupted) as stop:
-        if plan.left_running:
-            left = plan.left_running
-            jobs = f"{len(left)} SLURM job{'s' if len(left) > 1 else ''}"
-            err.print(
-                f"{reason(stop)}: the sweep left its {jobs} running "
-                f"({', '.join(left[:8])}{', ...' if len(left) > 8 else ''}); the same sweep "
-                "again leaves the runs they have to them and redoes only what is not done"
-            )
-            raise typer.Exit(exit_status(stop)) from None
-        if plan.cancelled:
-            what = f"cancelled {len(plan.cancelled)} jobs ({', '.join(plan.cancelled[:8])}"
-            what += ", ...)" if len(plan.cancelled) > 8 else ")"
-        else:
-            what = "stopped its runs"
-        err.print(
-            f"{reason(stop)}: the sweep {what}; finished runs are kept and stopped ones "
-            "are recorded as interrupted; the same sweep again redoes only what is not done"
-        )
+        err.print(lines.sweep_stopped(plan, reason(stop)))
         raise typer.Exit(exit_status(stop)) from None
     if plan.refused:
         raise UserError(f"the scheduler refused the sweep's jobs: {plan.launcher_error}")
     counts = plan.outcome()
     if plan.launcher_error:
         err.print(f"sweep: the launcher failed: {plan.launcher_error}")
-    _report_experiments(plan)
-    shown = ("completed", "skipped", "diverged", "failed", "interrupted")
-    out.print(
-        ", ".join(
-            f"{counts[status]} {status}"
-            for status in (*shown, "running elsewhere", "not run")
-            if counts[status] or status in ("completed", "failed")
-        )
-    )
+    settings = plan.jobs[0].cfg.report if plan.jobs else None
+    for renderable in sweep_reports(plan.experiment_dirs, settings, warn, err.print):
+        out.print(renderable)
+    out.print(lines.sweep_counts(counts))
     if counts["failed"] or counts["interrupted"] or counts["not run"]:
         raise typer.Exit(1)
-
-
-def _report_experiments(sweep_plan) -> None:
-    """Aggregate and plot each experiment folder of the sweep, and print its tables (with
-    the selection and baseline its config's ``report`` asks for)."""
-    from normbench import plots, results
-
-    settings = sweep_plan.jobs[0].cfg.report if sweep_plan.jobs else None
-    select = list(settings.select) if settings is not None and settings.select else None
-    baseline = settings.baseline if settings is not None else None
-
-    for folder in sweep_plan.experiment_dirs:
-        if not (folder / "runs").is_dir():  # every job was lost before its run began
-            err.print(f"{folder}: no runs yet, no tables")
-            continue
-        try:
-            printed = list(results.report([folder], warn=warn, select=select, baseline=baseline))
-        except UserError as error:  # a selection the finished runs cannot make
-            warn(f"{error}; tables without it")
-            printed = list(results.report([folder], warn=warn, baseline=baseline))
-        for renderable in printed:
-            out.print(renderable)
-        try:
-            for path in plots.plot_experiment(folder):
-                out.print(f"wrote {path}")
-        except plots.NothingToPlot as error:
-            err.print(terminal.styled(("no plots", "yellow"), f": {error}"))
 
 
 @app.command()
@@ -390,7 +313,7 @@ def results(
 ) -> None:
     """Aggregate run folders into runs.csv, runs.parquet, metrics.csv and summary.csv per
     experiment, and print mean ± std of test accuracy over seeds per group."""
-    from normbench.results import report
+    from normbench.reports import report
 
     printed = report(dirs, group_by, warn=warn, select=select, baseline=baseline, compare=compare)
     for renderable in printed:
@@ -424,7 +347,7 @@ def plot(
     """Draw each experiment's figures as PNG into its plots folder: test error vs batch
     size per norm (log2 axis, 95% CI over seeds), test accuracy per epoch, and BatchNorm's
     statistics at inference."""
-    from normbench.plots import plot_experiments
+    from normbench.reports import plot_experiments
 
     for path in plot_experiments(dirs, warn=warn):
         out.print(str(path))
@@ -446,11 +369,9 @@ def check_norm(
     builds from (num_channels), keeps shape and dtype in training and eval, survives a
     state_dict round trip, passes gradients to every parameter and works in a model.
     Exit status 1 when a check fails."""
-    from rich.table import Table
-    from rich.text import Text
-
     from normbench.norms.checks import check_norm as run_checks
     from normbench.norms.registry import _REGISTRY, entry_point_norms, load_class
+    from normbench.views import lines
 
     kernel_environment()
     try:
@@ -466,14 +387,7 @@ def check_norm(
     except KeyboardInterrupt:  # Ctrl-C, or the class's own code raising it
         err.print("interrupted by SIGINT (Ctrl-C): the checks stopped, none is reported")
         raise typer.Exit(130) from None
-    table = Table(title=f"normbench check-norm {target}")
-    table.add_column("check", style="bold")
-    table.add_column("result")
-    table.add_column("detail")
-    for result in results:
-        mark = Text("passed", "green") if result.passed else Text("FAILED", "bold red")
-        table.add_row(result.name, mark, result.detail)
-    out.print(table)
+    out.print(lines.checks_table(target, results))
     failed = [r for r in results if not r.passed]
     if failed:
         for result in failed:  # whole lines, as the table may wrap them
@@ -487,21 +401,10 @@ def check_norm(
 @user_errors
 def list_options() -> None:
     """List the available options of every config group."""
-    from rich.table import Table
-
     from normbench.config import default_options, describe_groups
+    from normbench.views.lines import options_table
 
-    defaults = default_options()
-    table = Table(title="config groups: pick an option with group=option (* the default)")
-    table.add_column("group", style="bold")
-    table.add_column("option", style="cyan")
-    table.add_column("description")
-    for group, options in describe_groups().items():
-        for i, (option, description) in enumerate(options):
-            marker = " *" if defaults.get(group) == option else ""
-            table.add_row(group if i == 0 else "", option + marker, description)
-        table.add_section()
-    out.print(table)
+    out.print(options_table(describe_groups(), default_options()))
 
 
 @app.command()
@@ -550,7 +453,9 @@ def bench(
     fractions of both copies' bandwidths; writes them as a CSV, one row per (shape, impl).
     """
     from normbench import bench as benchmark
-    from normbench.results import check_writable, write_csv
+    from normbench.rundir import check_writable, write_csv
+    from normbench.views.progress import RichProgress
+    from normbench.views.tables import bench_table
 
     kernel_environment()
     shapes = [benchmark.parse_shape(text) for text in shape] if shape else None
@@ -558,7 +463,7 @@ def bench(
         raise UserError(f"--out {out_path} is a folder: give a file name, as bench.csv")
     check_writable(out_path.parent)  # before minutes of measuring
     try:
-        with benchmark.RichProgress(console=err) as progress:
+        with RichProgress(console=err) as progress:
             frame = benchmark.run_bench(
                 shapes,
                 impl,
@@ -573,7 +478,7 @@ def bench(
     except KeyboardInterrupt:
         err.print("interrupted: nothing written")
         raise typer.Exit(130) from None
-    out.print(benchmark.table(frame))
+    out.print(bench_table(frame))
     write_csv(out_path, frame)
     out.print(f"wrote {out_path}")
 

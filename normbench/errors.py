@@ -4,6 +4,10 @@ The CLI turns a ``UserError`` into a one-line message and exit status 2 (1 for a
 :class:`UserCodeFailed`); any other exception is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class UserError(Exception):
     """Bad input from the user: unknown option, invalid value, missing data set."""
@@ -16,6 +20,15 @@ class UserCodeFailed(UserError):
     command was accepted and wrote its run, which did not complete."""
 
     exit_status = 1
+
+
+class NotWritten(UserError):
+    """A file could not be written where the user asked: one line, exit status 2. Here,
+    below the run store and the lock that both raise it."""
+
+    def __init__(self, path: Path, error: OSError):
+        super().__init__(f"cannot write {path}: {error.strerror or error}")
+        self.path, self.error = path, error
 
 
 class Notice(UserWarning):

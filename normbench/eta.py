@@ -44,7 +44,7 @@ class SweepEta:
         return len(self.jobs) - len(self._pending)
 
     def _read_finished(self, now: float) -> None:
-        from normbench.results import read_summary
+        from normbench.rundir import read_summary
 
         for job in [*self._known, *self._pending.values()]:
             summary = read_summary(job.run_dir)

@@ -69,15 +69,18 @@ LOCAL_END_S = 10.0
 #: out; one array is one ``sbatch``, so a refused one submitted nothing).
 SUBMIT_RETRY_S = (2.0, 10.0)
 
+#: The plan :func:`normbench.sweep.launch` hands to Hydra (a ``sweep.Plan``), for
+#: normbench's sweeper to read in the same process: set here, so that this module needs
+#: nothing of the sweep's.
+launching: Any = None
+
 
 def launch_planned(sweeper) -> list[Any]:
     """The sweeper's ``sweep``: launch the planned runs with its launcher; never raises for
     a lost job (only for Ctrl-C or SIGTERM on the driver, after cancelling its jobs)."""
     from omegaconf import OmegaConf
 
-    from normbench import sweep
-
-    plan = sweep._launching
+    plan = launching
     assert plan is not None, "normbench's sweeper runs only inside normbench.sweep.launch"
     jobs = plan.to_run
     sweep_dir = Path(str(sweeper.config.hydra.sweep.dir))
@@ -145,7 +148,7 @@ def _record_lost(
 ) -> None:
     """Record the jobs' runs as interrupted; a SLURM job that ended without a result is
     recorded even if it never started its run (cancelled while queued)."""
-    from normbench.results import NotWritten
+    from normbench.errors import NotWritten
     from normbench.runner import record_lost
 
     for job in jobs:
@@ -298,7 +301,7 @@ def _cancel(pending: dict) -> list[str]:
     whose runs have recorded themselves already (the driver's stop signal reached them,
     :func:`stop_workers`) are given time to end by themselves first: submitit's local
     controller, cancelled, prints a traceback."""
-    from normbench.results import read_summary
+    from normbench.rundir import read_summary
 
     ending = [
         handle
@@ -376,8 +379,8 @@ def settle(plan, reason: str) -> None:
     ``interrupted`` with ``reason``, unless it recorded a result, and its lock removed.
     Runs owned by live processes elsewhere (cluster jobs, which their cancel stops) are
     left to record themselves."""
+    from normbench.errors import NotWritten
     from normbench.lock import break_lock, read_owner
-    from normbench.results import NotWritten
     from normbench.runner import record_unfinished
 
     _wait_released(_workers(plan.to_run), SETTLE_WAIT_S)

@@ -302,7 +302,7 @@ class RunLock:
         try:
             tmp.write_text(record)
         except OSError as err:  # a read-only run folder, a full disk: the user's to fix
-            from normbench.results import NotWritten
+            from normbench.errors import NotWritten
 
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)

@@ -59,7 +59,8 @@ class Queued:
 def write(run_dir: Path, slurm_job: str, name: str) -> None:
     """Mark the run as queued in ``slurm_job`` (named ``name``); a marker that cannot be
     written (a full disk) is left out: a rerun would then submit the run again."""
-    from normbench.results import NotWritten, write_json
+    from normbench.errors import NotWritten
+    from normbench.rundir import write_json
 
     record = {
         "slurm_job": str(slurm_job),

@@ -22,11 +22,10 @@ from typing import Any
 
 from normbench import __version__, allocator, checkpoints, cores, interrupts
 from normbench.config import EXECUTION_KEYS, flatten, scaled_lr, validate
-from normbench.errors import UserCodeFailed, UserError
+from normbench.errors import NotWritten, UserCodeFailed, UserError
 from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
-from normbench.results import (
+from normbench.rundir import (
     CONFIG_PREFIX,
-    NotWritten,
     check_writable,
     metrics_frame,
     read_summary,
@@ -35,7 +34,7 @@ from normbench.results import (
     write_csv,
     write_json,
 )
-from normbench.results import write_text as write_text_file
+from normbench.rundir import write_text as write_text_file
 
 #: The file in a run's folder that holds the traceback of a user's norm that failed in it.
 ERROR_LOG = "error.log"
@@ -300,7 +299,7 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def summarize(
+def summary_record(
     cfg,
     rid: str,
     result,
@@ -309,7 +308,7 @@ def summarize(
     wall: float | None,
     resumed_from: int | None = None,
 ) -> dict:
-    """The run's flat summary record (``results.SUMMARY_FIELDS``). ``prepared`` None: a
+    """The run's flat summary record (``rundir.SUMMARY_FIELDS``). ``prepared`` None: a
     run that stopped before it was built (what it would have measured is null)."""
     from importlib.metadata import version
 
@@ -520,7 +519,7 @@ def check_run_folder(folder: Path) -> None:
     earlier attempt's removed, there), or a folder with something in it stands where
     one of the run's files goes (normbench removes its own files, never a folder's
     contents). ``out_dir`` and the experiment folder may be links a user made."""
-    from normbench.results import check_real_folder
+    from normbench.rundir import check_real_folder
 
     check_real_folder(folder.parent)
     check_real_folder(folder)
@@ -595,7 +594,7 @@ def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display, resume=Non
             write_text_file(folder / ERROR_LOG, _traceback(err))
         if not why:  # a failure is retried from the start; an interruption resumes
             _discard(folder / checkpoints.FILE)
-        summary = summarize(
+        summary = summary_record(
             cfg, rid, result, prepared, started, time.perf_counter() - clock, resumed
         )
         write_json(folder / "summary.json", summary)
@@ -611,7 +610,9 @@ def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display, resume=Non
     if result.status == "diverged":
         # The partial epoch's training loss is recorded too: it shows where it broke.
         write_csv(folder / "metrics.csv", metrics_frame(rid, result.records))
-    summary = summarize(cfg, rid, result, prepared, started, time.perf_counter() - clock, resumed)
+    summary = summary_record(
+        cfg, rid, result, prepared, started, time.perf_counter() - clock, resumed
+    )
     write_json(folder / "summary.json", summary)
     if not cfg.checkpoint.keep:
         _discard(folder / checkpoints.FILE)
@@ -735,4 +736,4 @@ def _lost_summary(cfg, status: str, message: str) -> dict[str, Any]:
     from normbench.train import TrainResult
 
     result = TrainResult(status=status, message=message)
-    return summarize(cfg, run_id(cfg), result, None, None, None)
+    return summary_record(cfg, run_id(cfg), result, None, None, None)

@@ -23,15 +23,19 @@ import contextlib
 import json
 import os
 import sys
-import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from normbench.errors import UserError
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from normbench.train import Callbacks
 
 #: Set by the sweep command for its jobs (environment, so joblib and SLURM workers see it).
 RETRY_ENV = "NORMBENCH_RETRY_FAILED"
@@ -99,7 +103,7 @@ class Plan:
         ``failed``, ``interrupted`` (stopped from outside: redone by the next sweep),
         ``running elsewhere`` (owned by another process, no result yet) and ``not run``
         (no summary: a job never started)."""
-        from normbench.results import read_summary, status_of
+        from normbench.rundir import read_summary, status_of
 
         counts: Counter = Counter()
         for job in self.jobs:
@@ -262,7 +266,7 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
     from normbench.config import EXECUTION_KEYS, compose, expand_globs, flatten, with_searchpath
     from normbench.lock import read_owner
     from normbench.queued import QueueCheck
-    from normbench.results import check_writable, read_summary, status_of
+    from normbench.rundir import check_writable, read_summary, status_of
     from normbench.runner import check_run_folder, experiment_dir, prepare, run_id
 
     # the user's config folders, for Hydra too; globs written out, as the plan has them
@@ -325,8 +329,10 @@ def _check_report(jobs: Sequence[Job]) -> None:
     (with a validation split to choose on), among the grid's runs and those already in
     its folder, as the report will read them: a :class:`UserError` before anything runs,
     not after every run trained."""
+    from normbench.analysis.collect import frame_of
+    from normbench.analysis.keys import resolve_key, swept_keys
     from normbench.config import flatten
-    from normbench.results import _frame, read_summary, resolve_key, split_summary, swept_keys
+    from normbench.rundir import read_summary, split_summary
 
     experiments: dict[Path, list[Job]] = {}
     for job in jobs:
@@ -357,7 +363,7 @@ def _check_report(jobs: Sequence[Job]) -> None:
                 "report.select chooses on validation accuracy, but every run has "
                 "dataset.val_size=0 (no validation split); set dataset.val_size"
             )
-        frame = _frame(list(configs.values()))
+        frame = frame_of(list(configs.values()))
         frame.attrs["config_columns"] = list(frame.columns)
         swept = swept_keys(frame)
         for key in report.select or []:
@@ -374,11 +380,20 @@ def _check_report(jobs: Sequence[Job]) -> None:
 
 # ------------------------------------------------------------------------------ the jobs
 
-#: The sweep's display, when jobs run in this process (the basic launcher).
-_display: SweepProgress | None = None
 
-#: The plan :func:`launch` hands to Hydra; normbench's sweeper reads it (same process).
-_launching: Plan | None = None
+class SweepDisplay(Protocol):
+    """What a sweep shows while its jobs run (:class:`normbench.views.progress.SweepProgress`
+    draws it). The display follows the runs done from the run folders on its own; the
+    sweep hands it each run that trains in this process (the basic launcher), for that
+    run's own bar."""
+
+    def run_display(self, cfg) -> AbstractContextManager[Callbacks]:
+        """The training loop's callbacks for one run, shown while the run lasts."""
+        ...
+
+
+#: The sweep's display, when jobs run in this process (the basic launcher).
+_display: SweepDisplay | None = None
 
 
 def run_job(cfg) -> str:
@@ -474,7 +489,7 @@ class SweepInterrupted(Exception):
     """The sweep was stopped (Ctrl-C, SIGTERM); ``message`` says what became of its jobs."""
 
 
-def launch(sweep_plan: Plan, display: SweepProgress | None = None) -> None:
+def launch(sweep_plan: Plan, display: SweepDisplay | None = None) -> None:
     """Run the plan's runs left to run through Hydra's multirun (and the launcher its
     overrides pick). Nothing is launched when every run is done."""
     if not sweep_plan.to_run:
@@ -484,7 +499,7 @@ def launch(sweep_plan: Plan, display: SweepProgress | None = None) -> None:
     from normbench import interrupts, launchers
     from normbench.config import conf_dir
 
-    global _display, _launching
+    global _display
     saved_argv = sys.argv
     saved_env = {key: os.environ.get(key) for key in (RETRY_ENV, DRIVER_ENV)}
     first = sweep_plan.to_run[0]
@@ -496,7 +511,8 @@ def launch(sweep_plan: Plan, display: SweepProgress | None = None) -> None:
     ]
     os.environ[RETRY_ENV] = "1" if sweep_plan.retry_failed else "0"
     os.environ[DRIVER_ENV] = str(os.getpid())
-    _display, _launching = display, sweep_plan
+    _display = display
+    launchers.launching = sweep_plan
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     try:
         # A stop signal reaches the jobs this process started too (launchers.stop_workers);
@@ -509,125 +525,9 @@ def launch(sweep_plan: Plan, display: SweepProgress | None = None) -> None:
                 raise
     finally:
         sys.argv = saved_argv
-        _display = _launching = None
+        _display = launchers.launching = None
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-# ------------------------------------------------------------------------------ progress
-
-
-class SweepProgress:
-    """Runs done / total with an ETA (:mod:`normbench.eta`: from the run folders, so it
-    works for every launcher), and each in-process run's own bar."""
-
-    def __init__(self, sweep_plan: Plan, console=None, poll_s: float = 1.0):
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-
-        from normbench import terminal
-        from normbench.eta import SweepEta
-        from normbench.progress import Progress  # no blank line as it stops off a terminal
-
-        self.plan = sweep_plan
-        done = [job for job in sweep_plan.jobs if sweep_plan.skipped(job)]
-        self.eta = SweepEta(sweep_plan.to_run, done_before=done)
-        self.console = console or terminal.Console(stderr=True)
-        self.progress = Progress(
-            # descriptions hold a user's values (norm names): text, never markup
-            TextColumn("{task.description}", style="bold", markup=False),
-            BarColumn(bar_width=None),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[unit]}"),
-            TimeElapsedColumn(),
-            _eta_column(),
-            console=self.console,
-            expand=True,
-        )
-        self.poll_s = poll_s
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def __enter__(self) -> SweepProgress:
-        self.total = self.progress.add_task(
-            "sweep", total=len(self.plan.to_run), unit="runs", eta=_clock(None)
-        )
-        self.progress.start()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._refresh()
-        self.progress.stop()
-
-    def _refresh(self) -> None:
-        # The poll thread and a finishing in-process run both refresh: one at a time, as
-        # the ETA keeps what it has read (each summary is read once, for both figures).
-        with self._lock:
-            left = self.eta.seconds_left()
-            self.progress.update(self.total, completed=self.eta.finished, eta=_clock(left))
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            self._refresh()
-
-    @contextlib.contextmanager
-    def run_display(self, cfg) -> Iterator[Any]:
-        """A bar for one run drawn inside the sweep's display; removed when it ends."""
-        from normbench.terminal import clean
-
-        label = clean(f"{cfg.norm.name} bs={cfg.batch_size} seed={cfg.seed}")
-        bar = _RunBar(self.progress, label)
-        try:
-            yield bar
-        finally:
-            if bar.task is not None:
-                self.progress.remove_task(bar.task)
-            self._refresh()
-
-
-def _eta_column():
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class EtaColumn(ProgressColumn):
-        """The sweep's ETA from its ``eta`` field (:mod:`normbench.eta`); a run's bar,
-        whose steps come steadily, from rich's own rate of steps."""
-
-        def render(self, task) -> Text:
-            eta = task.fields.get("eta") or _clock(task.time_remaining)
-            return Text(f"eta {eta}", style="progress.remaining")
-
-    return EtaColumn()
-
-
-def _clock(seconds: float | None) -> str:
-    """Seconds as H:MM:SS, as rich shows times; ``-:--:--`` while there is no estimate."""
-    if seconds is None:
-        return "-:--:--"
-    whole = round(seconds)
-    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
-
-
-class _RunBar:
-    """One run's steps, as a task of the sweep's progress display (``train.Callbacks``)."""
-
-    def __init__(self, progress, label: str):
-        self.progress, self.label, self.task = progress, label, None
-        self.epochs = 0
-
-    def on_start(self, total_steps: int, epochs: int) -> None:
-        self.epochs = epochs
-        self.task = self.progress.add_task(self.label, total=total_steps, unit="steps")
-
-    def on_step(self, step: int, epoch: int, loss: float, img_per_s: float) -> None:
-        description = f"{self.label} · epoch {epoch}/{self.epochs} · loss {loss:.3f}"
-        self.progress.update(self.task, completed=step, description=description)
-
-    def on_epoch(self, record: dict[str, Any]) -> None:
-        pass

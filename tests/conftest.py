@@ -1,15 +1,22 @@
 """Shared test setup: Triton's interpreter where there is no GPU; no user config folder
-carried from one test to the next; config composition; a fake sysfs listing of the CPU's
-caches; pip's build flags; the longest test file first."""
+carried from one test to the next; config composition; run folders, real and synthetic;
+a fake sysfs listing of the CPU's caches; pip's build flags; the longest test file first."""
 
+import copy
+import hashlib
 import importlib.metadata
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from normbench import rundir
 from normbench.config import compose
+from normbench.rundir import METRIC_COLUMNS, SUMMARY_FIELDS, metrics_frame
 
 # Triton reads this when it is imported: without CUDA its kernels run on the CPU only as
 # the interpreter, which is how tests/test_kernels_triton.py checks them here.
@@ -94,3 +101,117 @@ LONGEST_FIRST = "test_launchers.py"
 
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path.name != LONGEST_FIRST)
+
+
+# ------------------------------------------- run folders (analysis, reports, views tests)
+
+
+@pytest.fixture(scope="session")
+def real_experiment(tmp_path_factory):
+    """Four real tiny runs (custom_bn and layer x seeds 0, 1) and one interrupted run,
+    trained once per session (worker): tests only read it, or copy it (``real_copy``)."""
+    from normbench import runner
+
+    out = tmp_path_factory.mktemp("real") / "results"
+    for norm in ("custom_bn", "layer"):
+        for seed in (0, 1):
+            cfg = compose(
+                [
+                    f"norm={norm}",
+                    f"seed={seed}",
+                    "dataset.train_size=128",
+                    "epochs=1",
+                    "batch_size=32",
+                    f"out_dir={out}",
+                    "threads=1",
+                ]
+            )
+            runner.run(cfg)
+    exp = out / "default"
+    # Killed during its first epoch: a config, the header-only metrics, stray temp files.
+    first = sorted((exp / "runs").iterdir())[0]
+    killed = exp / "runs" / "0000killed00"
+    killed.mkdir()
+    shutil.copy(first / "config.yaml", killed / "config.yaml")
+    (killed / "metrics.csv").write_text(",".join(METRIC_COLUMNS) + "\n")
+    (killed / ".summary.json.k3j4h5.tmp").write_text('{"run_id": "0000k')
+    (killed / ".metrics.csv.x8y9z0.tmp").write_text("run_id,epo")
+    return exp
+
+
+@pytest.fixture
+def real_copy(real_experiment, tmp_path):
+    """A copy of the real experiment that a test may write into."""
+    return shutil.copytree(real_experiment, tmp_path / "results" / "default")
+
+
+@pytest.fixture(scope="module")
+def base_config():
+    return OmegaConf.to_container(compose(["epochs=3", "dataset.train_size=128"]), resolve=True)
+
+
+@pytest.fixture
+def make_run(base_config):
+    """Write a synthetic run folder as the runner does, with exact accuracies."""
+
+    def make(exp, status="completed", final=0.9, best=None, at_best_val=None, **overrides):
+        cfg = copy.deepcopy(base_config)
+        for dotted, value in overrides.items():
+            node = cfg
+            *parents, last = dotted.split("__")
+            for part in parents:
+                node = node[part]
+            node[last] = value
+        rid = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+        folder = exp / "runs" / rid
+        acc = final if status == "completed" else None
+        records = [
+            {"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.5, "test_loss": 0.5, "lr": 0.1}
+            | ({"test_acc": acc} if acc is not None else {})
+            for e in range(1, cfg["epochs"] + 1)
+        ]
+        summary = dict.fromkeys(SUMMARY_FIELDS)
+        summary.update(
+            run_id=rid,
+            status=status,
+            name=cfg["name"],
+            model=cfg["model"]["name"],
+            norm=cfg["norm"]["name"],
+            dataset=cfg["dataset"]["name"],
+            optim=cfg["optim"]["name"],
+            batch_size=cfg["batch_size"],
+            lr=cfg["lr"],
+            epochs=cfg["epochs"],
+            seed=cfg["seed"],
+            threads=cfg["threads"],
+            device="cpu",
+            final_test_acc=acc,
+            best_test_acc=(best if best is not None else acc) if acc is not None else None,
+            test_acc_at_best_val=(at_best_val if at_best_val is not None else acc)
+            if acc is not None
+            else None,
+            error={"failed": "RuntimeError: boom", "diverged": "loss is nan"}.get(status),
+        )
+        rundir.write_text(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
+        rundir.write_csv(folder / "metrics.csv", metrics_frame(rid, records))
+        rundir.write_json(folder / "summary.json", summary)
+        return folder
+
+    return make
+
+
+@pytest.fixture
+def grid(tmp_path, make_run):
+    """custom_bn and layer x batch sizes 8, 32, 128 x seeds 0, 1 (accuracies known)."""
+    exp = tmp_path / "results" / "grid"
+    for n, norm in enumerate(("custom_bn", "layer")):
+        for b, bs in enumerate((8, 32, 128)):
+            for seed in (0, 1):
+                make_run(
+                    exp,
+                    final=0.5 + 0.1 * n + 0.01 * b + 0.001 * seed,
+                    norm__name=norm,
+                    batch_size=bs,
+                    seed=seed,
+                )
+    return exp

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from normbench import allocator, bench
 from normbench.cli import app
 from normbench.errors import UserError
+from normbench.views.tables import bench_table
 
 TINY = (4, 3, 5, 5)  # 300 values
 MACHINE_BYTES = 1 << 20  # the machine copy's arrays in these tests: small, the point is bookkeeping
@@ -128,7 +129,7 @@ def test_without_the_cpu_kernel_timed_no_streaming_threshold_is_reported():
         [TINY], ["torch"], device="cpu", repeats=1, warmup=0, machine_bytes=MACHINE_BYTES
     )
     assert frame["stream_bytes"].isna().all()
-    assert "streams" not in str(bench.table(frame).caption)
+    assert "streams" not in str(bench_table(frame).caption)
 
 
 @pytest.mark.parametrize(
@@ -136,7 +137,7 @@ def test_without_the_cpu_kernel_timed_no_streaming_threshold_is_reported():
 )
 def test_the_caption_names_the_streaming_threshold(frame, nbytes, text):
     assert f"cpu streams outputs from {text} on" in str(
-        bench.table(frame.assign(stream_bytes=nbytes)).caption
+        bench_table(frame.assign(stream_bytes=nbytes)).caption
     )
 
 
@@ -164,7 +165,7 @@ def test_summary_statistics_of_known_samples():
         + [(bench.MACHINE, "copy", i, ms / 1e3, 0) for i, ms in enumerate(machine_ms)],
         columns=["shape", "impl", "repeat", "seconds", "faults"],
     )
-    rows = bench.summarize(samples, config, threads=1).set_index("impl")
+    rows = bench.timings(samples, config, threads=1).set_index("impl")
     assert rows.loc["torch", ["median_ms", "q1_ms", "q3_ms", "min_ms"]].tolist() == pytest.approx(
         [3, 2, 4, 1]
     )

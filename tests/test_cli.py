@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from normbench.cli import app
 from normbench.config import GROUPS, group_options
-from normbench.results import METRIC_COLUMNS, SUMMARY_FIELDS
+from normbench.rundir import METRIC_COLUMNS, SUMMARY_FIELDS
 
 cli = CliRunner()
 

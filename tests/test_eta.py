@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from normbench import results
+from normbench import rundir
 from normbench.eta import SweepEta, configuration
 from normbench.lock import LOCK_NAME
-from normbench.results import SUMMARY_FIELDS, metrics_frame
+from normbench.rundir import SUMMARY_FIELDS, metrics_frame
 
 
 @dataclass
@@ -25,8 +25,8 @@ def finish(job: Job, wall: float, status: str = "completed") -> None:
     summary.update(run_id=job.run_dir.name, status=status, batch_size=2, epochs=1, seed=0)
     summary["wall_time_s"] = wall
     records = [{"epoch": 1, "train_loss": 1.0, "test_acc": 0.5}]
-    results.write_csv(job.run_dir / "metrics.csv", metrics_frame(job.run_dir.name, records))
-    results.write_json(job.run_dir / "summary.json", summary)
+    rundir.write_csv(job.run_dir / "metrics.csv", metrics_frame(job.run_dir.name, records))
+    rundir.write_json(job.run_dir / "summary.json", summary)
 
 
 def start(job: Job) -> None:

@@ -492,7 +492,7 @@ def test_a_stopped_sweep_records_runs_whose_process_died_and_frees_their_locks(t
     reason, and its stale lock goes too."""
     from normbench import launchers
     from normbench import sweep as sweeps
-    from normbench.results import read_summary
+    from normbench.rundir import read_summary
     from normbench.runner import record_unfinished
 
     plan = sweeps.plan([*TINY, f"out_dir={tmp_path}", "epochs=1,2"])
@@ -645,7 +645,7 @@ def test_a_lost_jobs_reason_keeps_the_runs_own_unless_the_scheduler_says_more(tm
     "unknown (UNKNOWN)"). A state that says more, as CANCELLED, replaces it."""
     from normbench import launchers
     from normbench import sweep as sweeps
-    from normbench.results import read_summary
+    from normbench.rundir import read_summary
     from normbench.runner import record_unfinished
 
     class SlurmJob:  # submitit's handle, as _lost_reason reads it
@@ -677,7 +677,7 @@ def test_a_job_that_failed_before_its_run_began_is_recorded(tmp_path):
 
     from normbench import launchers
     from normbench import sweep as sweeps
-    from normbench.results import read_summary
+    from normbench.rundir import read_summary
     from normbench.runner import record_unfinished
 
     args = [*TINY, f"out_dir={tmp_path}", "epochs=1,2,3"]

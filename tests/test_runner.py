@@ -12,7 +12,7 @@ from fixtures import write_dataset
 
 from normbench import runner
 from normbench.errors import UserError
-from normbench.results import METRIC_COLUMNS, SUMMARY_FIELDS
+from normbench.rundir import METRIC_COLUMNS, SUMMARY_FIELDS
 
 
 def test_run_writes_config_metrics_and_summary(tiny):

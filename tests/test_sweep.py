@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from normbench import sweep
 from normbench.cli import app
 from normbench.errors import UserError
-from normbench.results import read_summary
+from normbench.rundir import read_summary
+from normbench.views.progress import SweepProgress
 
 cli = CliRunner()
 
@@ -204,7 +205,7 @@ def test_a_sweep_killed_mid_way_resumes_where_it_stopped(tmp_path):
     partial = [p for p in experiment.glob("runs/*") if not (p / "summary.json").exists()]
     assert first and partial
     # The partial folder does not look complete, and aggregation copes with it.
-    from normbench.results import collect
+    from normbench.analysis.collect import collect
 
     collected = collect(experiment)
     assert len(collected.runs) == len(first) and collected.incomplete
@@ -411,7 +412,7 @@ def test_a_runs_bar_in_the_sweeps_display_shows_its_norm_as_text():
     cfg = compose(["norm=layer", "batch_size=8"])
     cfg.norm.name = "evil\x1b]0;PWNED\x07\x1b[2J\u202e[/x]"
     console = terminal.Console(file=io.StringIO(), force_terminal=True, width=200)
-    display = sweep.SweepProgress(sweep.Plan([]), console=console, poll_s=0.01)
+    display = SweepProgress(sweep.Plan([]), console=console, poll_s=0.01)
     with display, display.run_display(cfg) as bar:
         bar.on_start(total_steps=10, epochs=2)
         bar.on_step(5, 1, 0.25, 1000.0)

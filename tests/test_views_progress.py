@@ -1,4 +1,4 @@
-"""normbench.progress: a run's bar, drawn on a terminal, shows its label (a user's norm
+"""normbench.views.progress: a run's bar, drawn on a terminal, shows its label (a user's norm
 name) as text: control characters escaped, never read as markup."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import re
 import unicodedata
 
 from normbench import terminal
-from normbench.progress import RunProgress
+from normbench.views.progress import RunProgress
 
 HOSTILE = "\x1b]0;PWNED\x07\x1b[2J\x1b[31m\u202e\x9b[/x]"
 SHOWN = r"\x1b]0;PWNED\x07\x1b[2J\x1b[31m\u202e\x9b[/x]"

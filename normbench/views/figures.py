@@ -1,8 +1,8 @@
 """Figures of an experiment: test error against batch size per norm, and training curves.
 
-The builders take the frames of :func:`normbench.results.collect` and return
-``(file name, matplotlib Figure)`` pairs; only :func:`plot_experiment` writes,
-through :func:`normbench.results.write_figure`, into ``<experiment>/plots/``.
+The builders take the frames of :func:`normbench.analysis.collect.collect` and return
+``(file name, matplotlib Figure)`` pairs; only :func:`normbench.reports.plot_experiment`
+writes them, through :func:`normbench.rundir.write_figure`, into ``<experiment>/plots/``.
 
 - :func:`error_vs_batch_size`: Wu & He's Group Normalization figure (their Figure
   1): final test error (%) against batch size on a log2 axis, one line per norm,
@@ -25,23 +25,21 @@ windows, so nothing global is touched and nothing needs closing.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import re
 import textwrap
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from normbench.errors import UserError
-from normbench.results import format_float, format_string, t975
+from normbench.analysis.keys import option_keys, other_keys, resolve_key, swept_keys
+from normbench.analysis.stats import ci95, mean_ci
 from normbench.terminal import clean
+from normbench.views.text import format_float, format_string
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -72,10 +70,6 @@ _LINESTYLES = ("-", "--", ":", "-.")
 _FOOT_FONT = 7.5  # points
 
 
-class NothingToPlot(UserError):
-    """An experiment without a completed run: nothing is drawn or written."""
-
-
 def norm_style(norm: str) -> tuple[str, str]:
     """The (color, marker) of a norm: fixed for the built-in ones, a stable hash otherwise."""
     if norm in NORM_ORDER:
@@ -83,24 +77,6 @@ def norm_style(norm: str) -> tuple[str, str]:
         return _COLORS[i], _MARKERS[i]
     h = zlib.crc32(norm.encode())
     return _EXTRA_COLORS[h % len(_EXTRA_COLORS)], _EXTRA_MARKERS[h % len(_EXTRA_MARKERS)]
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float, int]:
-    """Mean, half-width of its 95% confidence interval (Student t, n-1 degrees of
-    freedom; NaN when n < 2) and n, over the finite values."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    n = len(v)
-    if n == 0:
-        return math.nan, math.nan, 0
-    if n == 1:
-        return float(v[0]), math.nan, 1
-    return float(v.mean()), _t975(n) * float(v.std(ddof=1)) / math.sqrt(n), n
-
-
-def _t975(n):
-    """The 97.5% quantile of Student's t with n-1 degrees of freedom (array or scalar)."""
-    return t975(np.asarray(n) - 1)
 
 
 # ----------------------------------------------------------------------------- the runs
@@ -175,12 +151,8 @@ def _sort_key(value: Any) -> tuple:
 
 
 def _prepare(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> _Runs:
-    from normbench.config import EXECUTION_KEYS
-    from normbench.results import resolve_key, swept_keys
-
     norm_key = resolve_key(runs, "norm")
     bs_key = resolve_key(runs, "batch_size")
-    seed_key = resolve_key(runs, "seed")
     status = runs["status"].astype(str)
     failed = runs[status == "failed"]
     # Interrupted runs are not results: the next sweep redoes them (as unfinished ones).
@@ -189,18 +161,13 @@ def _prepare(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> _Runs:
     if frame.empty:
         return _Runs(frame, [], failed, [])
 
-    norm_prefix = norm_key.rsplit(".", 1)[0] + "." if "." in norm_key else "norm."
-    swept = [k for k in swept_keys(frame) if k in frame.columns]
-    own = {bs_key, seed_key, norm_key, "seed", "batch_size", "norm"}
-    extra = [
-        k
-        for k in swept
-        if k not in own
-        and k not in EXECUTION_KEYS
-        and k not in tuned
-        and not k.startswith(norm_prefix)
-    ]
-    norm_keys = [k for k in swept if k.startswith(norm_prefix) and k != norm_key]
+    # The swept keys (seed and execution keys never are), as the tables have them: the
+    # norm's own ones make variants of its line, the others but the batch size (and the
+    # keys tuned per point) one figure per combination of their values.
+    swept = swept_keys(frame)
+    norm_keys = option_keys(norm_key, swept)
+    norm_prefix = norm_key.rsplit(".", 1)[0] + "."
+    extra = [k for k in other_keys(swept, norm_key) if k != bs_key and k not in tuned]
 
     frame["_norm"] = frame[norm_key].map(_fmt)
     frame["_bs"] = frame[bs_key].astype(int)
@@ -379,8 +346,6 @@ def _count_failed(failed: pd.DataFrame, prepared: _Runs, combo, label, bs) -> in
     """Failed runs matching this point (by norm, batch size and the combination's values)."""
     if failed.empty:
         return 0
-    from normbench.results import resolve_key
-
     norm = label.split(" (")[0]
     mask = (failed[resolve_key(failed, "norm")].map(_fmt) == norm) & (
         pd.to_numeric(failed[resolve_key(failed, "batch_size")], errors="coerce") == bs
@@ -394,7 +359,7 @@ def _count_failed(failed: pd.DataFrame, prepared: _Runs, combo, label, bs) -> in
 def error_vs_batch_size(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> list[tuple[str, Figure]]:
     """Final test error (%) against batch size (log2 axis), one line per norm.
 
-    ``runs``: :func:`normbench.results.collect`'s ``runs`` frame. Returns one
+    ``runs``: :func:`normbench.analysis.collect.collect`'s ``runs`` frame. Returns one
     ``("error_vs_batch_size[__key-value...].png", Figure)`` per combination of the
     other swept keys; none when no run completed. Points are means over seeds of
     the completed runs, bars their 95% CI (none for a single seed); a cross at the
@@ -532,9 +497,7 @@ def _curve_stats(prepared: _Runs, metrics: pd.DataFrame) -> pd.DataFrame:
     ].agg(["mean", "std", "count"])
     grouped = grouped.reset_index()
     n = grouped["count"].to_numpy()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        half = _t975(np.maximum(n, 2)) * grouped["std"].to_numpy() / np.sqrt(n)
-    half = np.where(n >= 2, half, np.nan)
+    half = ci95(grouped["std"].to_numpy(dtype=float), n)
     table = pd.DataFrame(
         {
             "combo": [dict(zip(prepared.extra, c, strict=True)) for c in grouped["_combo"]],
@@ -555,7 +518,7 @@ def training_curves(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[tuple[str
     """Test accuracy (%) per epoch: a grid with one subplot per batch size, one line per
     norm (mean over seeds of the completed runs; band: 95% CI), a shared y axis.
 
-    ``runs`` and ``metrics`` are :func:`normbench.results.collect`'s frames. Returns
+    ``runs`` and ``metrics`` are :func:`normbench.analysis.collect.collect`'s frames. Returns
     one ``("training_curves[__key-value...].png", Figure)`` per combination of the
     other swept keys; none when no completed run has test accuracies.
     """
@@ -728,158 +691,3 @@ def _failed_in(prepared: _Runs, combo: dict[str, Any]) -> int:
         if key in failed.columns:
             mask &= failed[key].map(lambda v, want=value: _hashable(v) == want)
     return int(mask.sum())
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-def plot_experiment(exp_dir: Path, warn: Callable[[str], None] | None = None) -> list[Path]:
-    """Collect an experiment's runs, draw every figure and write them as PNG into
-    ``<exp_dir>/plots/``; returns the paths written, error figures first.
-
-    Raises :class:`NothingToPlot` (a UserError; nothing written) when no run of the
-    experiment completed.
-    """
-    from normbench.results import (
-        check_real_folder,
-        check_writable,
-        collect,
-        nothing_readable,
-        warnings,
-        write_figure,
-    )
-
-    exp_dir = Path(exp_dir)
-    check_real_folder(exp_dir / "plots")  # a link a received folder brought: never followed
-    check_writable(exp_dir / "plots")  # a read-only folder, a file named plots: say so first
-    collected = collect(exp_dir)
-    damaged = nothing_readable(exp_dir, collected)
-    if damaged:
-        raise NothingToPlot(damaged)
-    if warn is not None:
-        for line in warnings(collected):
-            warn(line)
-    runs = collected.runs
-    selected, tuned = _selection(exp_dir, runs, warn)
-    completed = 0 if runs.empty else int((runs["status"] == "completed").sum())
-    if not completed:
-        counts = {} if runs.empty else runs["status"].value_counts().to_dict()
-        found = [f"{n} {status}" for status, n in sorted(counts.items())]
-        if collected.incomplete:
-            found.append(f"{len(collected.incomplete)} unfinished")
-        raise NothingToPlot(
-            f"{exp_dir}: no completed runs to plot ({', '.join(found) or 'no runs'})"
-        )
-    written = []
-    with _missing_glyphs(exp_dir / "plots", warn):
-        figures = (
-            error_vs_batch_size(selected, tuned)
-            + training_curves(runs, collected.metrics)
-            + bn_inference(runs)
-        )
-        for name, figure in figures:
-            path = exp_dir / "plots" / name
-            write_figure(path, figure)
-            written.append(path)
-    return written
-
-
-# matplotlib's warning for a character its fonts lack, as matplotlib 3.x words it
-_GLYPH = re.compile(r"Glyph (\d+) .*missing from font\(s\) (.+?)\.?$")
-
-
-@contextlib.contextmanager
-def _missing_glyphs(folder: Path, warn: Callable[[str], None] | None) -> Iterator[None]:
-    """matplotlib's warnings of characters its fonts lack (a run's name in a script the
-    font does not cover: one warning per character and figure, in Python's two lines)
-    as one line at the end, to ``warn`` (else a :class:`~normbench.errors.Notice`):
-    which characters, drawn as boxes. Other warnings pass on as they came."""
-    import warnings
-
-    from normbench.errors import Notice
-
-    missing: dict[str, None] = {}  # in the order met, once each
-    fonts: dict[str, None] = {}
-    registry: dict = {}  # another warning repeated (once per figure) is shown once
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-    finally:
-        for warning in caught:
-            found = _GLYPH.match(str(warning.message))
-            if found:
-                missing[chr(int(found[1]))] = None
-                fonts[found[2]] = None
-            else:
-                warnings.warn_explicit(
-                    warning.message,
-                    warning.category,
-                    warning.filename,
-                    warning.lineno,
-                    registry=registry,
-                )
-        if missing:
-            chars = [f"{char} (U+{ord(char):04X})" for char in missing]
-            shown = ", ".join(chars[:8]) + (f" and {len(chars) - 8} more" if len(chars) > 8 else "")
-            message = (
-                f"{folder}: the figures' font ({', '.join(fonts)}) has no glyph for {shown}: "
-                "drawn as boxes"
-            )
-            if warn is not None:
-                warn(message)
-            else:
-                warnings.warn(message, Notice, stacklevel=3)
-
-
-def _selection(exp_dir: Path, runs: pd.DataFrame, warn) -> tuple[pd.DataFrame, list[str]]:
-    """The runs the error figure draws: those ``selected.csv`` chose (``normbench results
-    --select``), with the keys tuned; else every run."""
-    from normbench import received
-    from normbench.comparisons import selected_runs, selection_keys, tuned_keys
-
-    path = Path(exp_dir) / "selected.csv"
-    if not path.is_file():
-        return runs, []
-    try:  # a regular file of a sane size only: a received folder's may be anything
-        selection = pd.read_csv(io.BytesIO(received.read_bytes(path, received.TABLE_MAX)))
-        keys = selection_keys(selection)
-        tuned = tuned_keys(selection)
-    except (OSError, ValueError, KeyError, pd.errors.ParserError):
-        selection, keys, tuned = None, [], []
-    if selection is None or not set(keys) <= set(runs.columns) or not tuned:
-        if warn is not None:
-            warn(f"{path} does not match these runs: drawing every run")
-        return runs, []
-    # read back from CSV, the key columns' types follow the runs' own
-    for key in keys:
-        selection[key] = selection[key].astype(runs[key].dtype, errors="ignore")
-    return selected_runs(runs, selection), tuned
-
-
-def plot_experiments(
-    paths: Sequence[Path] | None, warn: Callable[[str], None] | None = None
-) -> list[Path]:
-    """:func:`plot_experiment` for every experiment under ``paths`` (the rules of
-    :func:`normbench.results.find_experiments`). An experiment with nothing to plot
-    is reported to ``warn`` (when there are several) and skipped; when none has
-    anything, :class:`NothingToPlot` is raised and nothing is written."""
-    from normbench.results import check_real_folder, find_experiments
-
-    experiments = find_experiments(paths, warn)
-    for exp_dir in experiments:  # every one before the first figure is written
-        check_real_folder(exp_dir / "plots")
-    written: list[Path] = []
-    problems: list[str] = []
-    for exp_dir in experiments:
-        try:
-            written += plot_experiment(exp_dir, warn)
-        except NothingToPlot as error:
-            problems.append(str(error))
-            if warn is not None and len(experiments) > 1:
-                warn(str(error))
-    if not written:
-        if len(problems) == 1:
-            raise NothingToPlot(problems[0])
-        raise NothingToPlot(f"nothing to plot in {len(experiments)} experiments: no completed runs")
-    return written

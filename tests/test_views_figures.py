@@ -1,4 +1,5 @@
-"""Tests for normbench.plots: the figures' numbers, axes and files, and ``normbench plot``.
+"""Tests for normbench.views.figures and reports' plotting: the figures' numbers, axes
+and files, and ``normbench plot``.
 
 Runs are synthetic: frames built here for the figure builders, and run folders
 (summary.json, config.yaml, metrics.csv) written by hand for the paths that read
@@ -21,10 +22,11 @@ from matplotlib.container import ErrorbarContainer
 from matplotlib.image import imread
 from typer.testing import CliRunner
 
-from normbench import plots
+from normbench import reports
 from normbench.cli import app
 from normbench.errors import UserError
-from normbench.results import METRIC_COLUMNS
+from normbench.rundir import METRIC_COLUMNS
+from normbench.views import figures as draw
 
 NORMS = ("custom_bn", "layer", "group")
 SIZES = (2, 8, 32)
@@ -166,24 +168,12 @@ def check_png(path, figure=None):
     return image
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
-def test_mean_ci_is_student_t():
-    mean, half, n = plots.mean_ci([1.0, 2.0, 6.0])
-    assert n == 3 and mean == pytest.approx(3.0)
-    assert half == pytest.approx(T975_DF2 * np.std([1, 2, 6], ddof=1) / math.sqrt(3))
-    assert plots.mean_ci([4.0])[:2] == (4.0, pytest.approx(math.nan, nan_ok=True))
-    assert math.isnan(plots.mean_ci([4.0])[1]) and plots.mean_ci([])[2] == 0
-    assert plots.mean_ci([1.0, float("nan"), 3.0])[2] == 2
-
-
 # ----------------------------------------------------------------------------- figure 1
 
 
 def test_error_vs_batch_size_draws_means_and_hand_computed_intervals():
     runs, _ = frames(grid())
-    figures = plots.error_vs_batch_size(runs)
+    figures = draw.error_vs_batch_size(runs)
     assert [name for name, _ in figures] == ["error_vs_batch_size.png"]
     (ax,) = the_axes(figures[0][1])
     bars = errorbars(ax)
@@ -200,7 +190,7 @@ def test_error_vs_batch_size_draws_means_and_hand_computed_intervals():
             assert line.get_ydata()[i] == pytest.approx(mean)
             (low, high) = sorted(collection.get_segments()[i][:, 1])
             assert (low, high) == (pytest.approx(mean - half), pytest.approx(mean + half))
-        assert line.get_color() == plots.norm_style(norm)[0]
+        assert line.get_color() == draw.norm_style(norm)[0]
     assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
     assert list(ax.get_xticks()) == list(SIZES)
     formatter = ax.xaxis.get_major_formatter()
@@ -215,14 +205,14 @@ def test_one_seed_draws_no_bar_and_diverged_runs_are_marked_not_averaged():
     status |= {("layer", 8, 0): "diverged", ("layer", 8, 1): "diverged"}
     status |= {("layer", 8, 2): "diverged", ("group", 32, 0): "failed"}
     runs, _ = frames(grid(status=status))
-    stats = plots.error_stats(runs)
+    stats = draw.error_stats(runs)
     point = stats[(stats["label"] == "custom_bn") & (stats["batch_size"] == 2)].iloc[0]
     assert (point["n"], point["diverged"]) == (1, 2) and math.isnan(point["ci95"])
     assert point["mean_error"] == pytest.approx(100 * (1 - final_acc("custom_bn", 2, 2)))
     failed = stats[(stats["label"] == "group") & (stats["batch_size"] == 32)].iloc[0]
     assert (failed["n"], failed["failed"]) == (2, 1)
 
-    ((_, figure),) = plots.error_vs_batch_size(runs)
+    ((_, figure),) = draw.error_vs_batch_size(runs)
     (ax,) = the_axes(figure)
     bars = errorbars(ax)
     line, _caps, (collection,) = bars["custom_bn"].lines
@@ -232,7 +222,7 @@ def test_one_seed_draws_no_bar_and_diverged_runs_are_marked_not_averaged():
     crosses = [line for line in ax.lines if line.get_marker() == "x"]
     assert sorted(float(c.get_xdata()[0]) for c in crosses) == [2, 8]
     assert {c.get_color() for c in crosses} == {
-        plots.norm_style(n)[0] for n in ("custom_bn", "layer")
+        draw.norm_style(n)[0] for n in ("custom_bn", "layer")
     }
     counts = sorted(text.get_text() for text in ax.texts)
     assert counts == ["2", "3"]
@@ -242,14 +232,14 @@ def test_one_seed_draws_no_bar_and_diverged_runs_are_marked_not_averaged():
 
     # A point whose runs all failed has no row, but the footnote still counts them.
     status |= {("group", 2, seed): "failed" for seed in SEEDS}
-    ((_, figure),) = plots.error_vs_batch_size(frames(grid(status=status))[0])
+    ((_, figure),) = draw.error_vs_batch_size(frames(grid(status=status))[0])
     footnote = " ".join(text.get_text() for text in figure.texts).replace("\n", " ")
     assert "4 failed runs" in footnote
 
 
 def test_one_figure_per_combination_of_other_swept_keys():
     runs, metrics = frames(grid(lrs=(0.1, 0.05), optims=("sgd", "adam")))
-    figures = plots.error_vs_batch_size(runs)
+    figures = draw.error_vs_batch_size(runs)
     names = [name for name, _ in figures]
     assert names == [
         "error_vs_batch_size__lr-0.05__optim-adam.png",
@@ -262,7 +252,7 @@ def test_one_figure_per_combination_of_other_swept_keys():
     assert ax.get_title().endswith("lr=0.05, optim=adam")
     expected = np.mean([100 * (1 - final_acc("layer", 8, s, lr=0.05)) for s in SEEDS])
     assert errorbars(ax)["layer"].lines[0].get_ydata()[1] == pytest.approx(expected)
-    curves = plots.training_curves(runs, metrics)
+    curves = draw.training_curves(runs, metrics)
     assert [name for name, _ in curves] == [
         n.replace("error_vs_batch_size", "training_curves") for n in names
     ]
@@ -273,24 +263,24 @@ def test_a_norms_own_swept_key_splits_its_line_and_keeps_its_color():
     runs, _ = frames(grid(norms=("custom_bn", "group")))
     is_group = runs["norm"] == "group"
     runs.loc[is_group, "norm.groups"] = np.where(runs.loc[is_group, "seed"] == 0, 4, 8)
-    ((name, figure),) = plots.error_vs_batch_size(runs)
+    ((name, figure),) = draw.error_vs_batch_size(runs)
     assert name == "error_vs_batch_size.png"  # not a figure per norm.groups
     (ax,) = the_axes(figure)
     bars = errorbars(ax)
     assert list(bars) == ["custom_bn", "group (groups=4)", "group (groups=8)"]
     group4, group8 = (bars[f"group (groups={g})"].lines[0] for g in (4, 8))
-    assert group4.get_color() == group8.get_color() == plots.norm_style("group")[0]
+    assert group4.get_color() == group8.get_color() == draw.norm_style("group")[0]
     assert group4.get_linestyle() != group8.get_linestyle()
 
 
 def test_a_single_batch_size_still_renders(tmp_path):
     runs, metrics = frames(grid(sizes=(16,)))
-    ((_, figure),) = plots.error_vs_batch_size(runs)
+    ((_, figure),) = draw.error_vs_batch_size(runs)
     (ax,) = the_axes(figure)
     assert list(errorbars(ax)["layer"].lines[0].get_xdata()) == [16]
     low, high = ax.get_xlim()
     assert low < 16 < high and list(ax.get_xticks()) == [16]
-    ((_, curves),) = plots.training_curves(runs, metrics)
+    ((_, curves),) = draw.training_curves(runs, metrics)
     assert [ax.get_title() for ax in the_axes(curves)] == ["batch size 16"]
     figure.savefig(tmp_path / "one.png")
     check_png(tmp_path / "one.png", figure)
@@ -302,7 +292,7 @@ def test_a_single_batch_size_still_renders(tmp_path):
 def test_training_curves_one_panel_per_batch_size_shared_y_in_percent():
     status = {("group", 8, 1): "diverged"}
     runs, metrics = frames(grid(status=status))
-    ((name, figure),) = plots.training_curves(runs, metrics)
+    ((name, figure),) = draw.training_curves(runs, metrics)
     assert name == "training_curves.png"
     axes = the_axes(figure)
     assert [ax.get_title() for ax in axes] == [f"batch size {bs}" for bs in SIZES]
@@ -316,7 +306,7 @@ def test_training_curves_one_panel_per_batch_size_shared_y_in_percent():
             mean = np.mean([accuracies(norm, bs, s) for s in seeds], axis=0) * 100
             assert list(line.get_xdata()) == list(range(1, EPOCHS + 1))
             assert line.get_ydata() == pytest.approx(mean)
-            assert line.get_color() == plots.norm_style(norm)[0]
+            assert line.get_color() == draw.norm_style(norm)[0]
     low, high = axes[0].get_ylim()
     means = [line.get_ydata() for ax in axes for line in ax.get_lines()]
     assert low <= np.min(means) and np.max(means) <= high <= 100.5
@@ -325,7 +315,7 @@ def test_training_curves_one_panel_per_batch_size_shared_y_in_percent():
     assert "small_cnn on digits" in figure.get_suptitle()
     footnote = " ".join(text.get_text() for text in figure.texts).replace("\n", " ")
     assert "1 diverged run" in footnote
-    stats = plots.curve_stats(runs, metrics)
+    stats = draw.curve_stats(runs, metrics)
     row = stats[(stats["label"] == "group") & (stats["batch_size"] == 8)].iloc[0]
     assert row["n"] == 2
     values = [100 * accuracies("group", 8, s)[0] for s in (0, 2)]
@@ -337,18 +327,18 @@ def test_no_completed_runs_no_figures():
     runs, metrics = frames(
         grid(status={(n, b, s): "failed" for n in NORMS for b in SIZES for s in SEEDS})
     )
-    assert plots.error_vs_batch_size(runs) == []
-    assert plots.training_curves(runs, metrics) == []
+    assert draw.error_vs_batch_size(runs) == []
+    assert draw.training_curves(runs, metrics) == []
 
 
 # ----------------------------------------------------------------------------- on disk
 
 
 def test_plot_experiment_writes_readable_pngs(tmp_path):
-    from normbench.results import collect
+    from normbench.analysis.collect import collect
 
     exp = write_experiment(tmp_path / "results", grid(lrs=(0.1, 0.05)))
-    written = plots.plot_experiment(exp)
+    written = reports.plot_experiment(exp)
     assert [p.name for p in written] == [
         "error_vs_batch_size__lr-0.05.png",
         "error_vs_batch_size__lr-0.1.png",
@@ -358,7 +348,7 @@ def test_plot_experiment_writes_readable_pngs(tmp_path):
     assert all(p.parent == exp / "plots" for p in written)
     assert sorted(p.name for p in (exp / "plots").iterdir()) == sorted(p.name for p in written)
     collected = collect(exp)
-    built = plots.error_vs_batch_size(collected.runs) + plots.training_curves(
+    built = draw.error_vs_batch_size(collected.runs) + draw.training_curves(
         collected.runs, collected.metrics
     )
     for path, (_, figure) in zip(written, built, strict=True):
@@ -370,7 +360,7 @@ def test_only_failed_runs_message_and_nothing_written(tmp_path):
     failed = {(n, b, s): "failed" for n in NORMS for b in SIZES for s in SEEDS}
     exp = write_experiment(tmp_path / "results", grid(status=failed))
     with pytest.raises(UserError, match=r"no completed runs to plot \(27 failed\)"):
-        plots.plot_experiment(exp)
+        reports.plot_experiment(exp)
     assert not (exp / "plots").exists()
 
     result = CliRunner().invoke(app, ["plot", str(exp)])
@@ -407,9 +397,9 @@ def test_cli_plot_missing_dir_exits_2(tmp_path):
 def test_intervals_stop_at_what_an_error_can_be():
     """A wide interval near 0% error is drawn down to 0, not below (the 95% CI of the
     mean is clipped to [0, 100]); the table does the same."""
-    from normbench.results import _interval
+    from normbench.views.tables import _interval
 
-    bars = plots._clipped(np.array([1.0, 50.0, 99.0]), np.array([3.0, 3.0, 3.0]))
+    bars = draw._clipped(np.array([1.0, 50.0, 99.0]), np.array([3.0, 3.0, 3.0]))
     assert bars.tolist() == [[1.0, 3.0, 3.0], [3.0, 3.0, 1.0]]
     assert _interval(0.99, 0.05) == "[94.00, 100.00]" and _interval(0.01, 0.05) == "[0.00, 6.00]"
 
@@ -417,11 +407,11 @@ def test_intervals_stop_at_what_an_error_can_be():
 def test_file_names_keep_a_plus_so_large_and_small_values_differ():
     """lr=1e+06 and lr=1e-06 are two figures with two names."""
     taken: set[str] = set()
-    big = plots._file_name("training_curves", {"lr": 1e6}, taken)
-    small = plots._file_name("training_curves", {"lr": 1e-6}, taken)
+    big = draw._file_name("training_curves", {"lr": 1e6}, taken)
+    small = draw._file_name("training_curves", {"lr": 1e-6}, taken)
     assert big == "training_curves__lr-1e+06.png"
     assert small == "training_curves__lr-1e-06.png"
-    odd = plots._file_name("training_curves", {"model.name": "a b/c"}, taken)
+    odd = draw._file_name("training_curves", {"model.name": "a b/c"}, taken)
     assert odd == "training_curves__model-a-b-c.png"
 
 
@@ -481,8 +471,8 @@ def test_names_are_drawn_escaped_never_as_math_and_every_one_in_the_legend(tmp_p
     shown = {r"evil\x1b[31m\u202e", "''", r"\$\frac\$_x"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # not one glyph missing
-        ((_, errors),) = plots.error_vs_batch_size(runs)
-        ((_, curves),) = plots.training_curves(runs, metrics)
+        ((_, errors),) = draw.error_vs_batch_size(runs)
+        ((_, curves),) = draw.training_curves(runs, metrics)
         for figure in (errors, curves):
             figure.savefig(tmp_path / "figure.png")  # draws every text: math would fail here
     (ax,) = the_axes(errors)
@@ -513,7 +503,7 @@ def test_glyphs_the_font_lacks_are_one_warning_line(tmp_path):
 
 def test_values_that_differ_by_little_are_two_figures_named_apart():
     runs, metrics = frames(grid(norms=("layer",), sizes=(4, 16), lrs=(0.1, 0.1000000001)))
-    figures = plots.error_vs_batch_size(runs)
+    figures = draw.error_vs_batch_size(runs)
     assert [name for name, _ in figures] == [
         "error_vs_batch_size__lr-0.1.png",
         "error_vs_batch_size__lr-0.1000000001.png",

@@ -1,6 +1,8 @@
-"""Comparisons a paper can rest on: a value tuned on validation, and differences to a
-baseline that say whether the seeds run resolve them.
+"""Statistics over seeds: mean, std and 95% confidence interval per group of runs, the
+difference to a baseline variant (Welch's test), and values tuned on validation.
 
+- :func:`group_stats`: one row per group of runs (those that differ only in their seed,
+  or the keys given), the accuracies' mean, std and 95% CI over the completed runs.
 - :func:`select` (``normbench results --select lr``): for every group of the other swept
   keys (norm x batch size, say), the value of the selected key with the best mean
   validation accuracy over seeds, and the test accuracy of the runs at that value. The
@@ -14,13 +16,150 @@ baseline that say whether the seeds run resolve them.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
+from normbench.analysis.collect import defaults_note
+from normbench.analysis.keys import (
+    group_candidates,
+    other_keys,
+    resolve_key,
+    sort_frame,
+    swept_keys,
+)
 from normbench.errors import UserError
+
+#: The accuracies :func:`group_stats` gives mean, std and 95% CI of.
+#: ``best_test_acc`` (a choice made on the test set) is kept in the runs, never summarised.
+STAT_METRICS: tuple[str, ...] = (
+    "final_test_acc",
+    "test_acc_at_best_val",
+    "test_acc_precise_bn",
+    "test_acc_batch_stats",
+)
+
+
+#: Columns of ``summary.csv`` after the group keys.
+SUMMARY_STAT_COLUMNS: tuple[str, ...] = (
+    "n",
+    "n_diverged",
+    "n_failed",
+    "n_interrupted",
+    *(f"{metric}_{stat}" for metric in STAT_METRICS for stat in ("mean", "std", "ci95")),
+    # final_test_acc against the baseline variant's in the same group of the other keys
+    "baseline",
+    "diff_to_baseline",
+    "diff_ci95",
+    "p_value",
+)
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def t975(dof: np.ndarray) -> np.ndarray:
+    """Student's t 97.5% quantile: ``scipy.stats.t.ppf(0.975, dof)``, which is this
+    function of scipy.special (importing scipy.stats costs a second)."""
+    from scipy.special import stdtrit
+
+    return stdtrit(dof, 0.975)
+
+
+def ci95(std, n) -> np.ndarray:
+    """The half-width of the 95% confidence interval of a mean of ``n`` values of sample
+    standard deviation ``std``: Student's t(0.975, n-1) · std / √n; NaN where n < 2.
+    Every interval a table or a figure shows is this one (arrays or scalars)."""
+    std, n = np.broadcast_arrays(np.asarray(std, dtype=float), np.asarray(n, dtype=float))
+    half = np.full(n.shape, np.nan)
+    many = n >= 2
+    half[many] = t975(n[many] - 1) * std[many] / np.sqrt(n[many])
+    return half
+
+
+def spread(values) -> tuple[float, float, float, int]:
+    """Mean, sample standard deviation (n-1; NaN when n < 2), :func:`ci95` and n, over
+    the finite values."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    n = len(v)
+    mean = float(v.mean()) if n else math.nan
+    std = float(v.std(ddof=1)) if n >= 2 else math.nan
+    return mean, std, float(ci95(std, n)), n
+
+
+def mean_ci(values) -> tuple[float, float, int]:
+    """Mean, half-width of its 95% confidence interval (:func:`ci95`; NaN when n < 2) and
+    n, over the finite values."""
+    mean, _, half, n = spread(values)
+    return mean, half, n
+
+
+def group_stats(
+    runs: pd.DataFrame, group_by: Sequence[str] | None = None, baseline: str | None = None
+) -> pd.DataFrame:
+    """Statistics per group of runs, one row per group, sorted by the group keys.
+
+    ``group_by`` None: groups of runs that differ only in their seed (every config column
+    but the seed and the execution keys is a group key). Otherwise the given keys (short
+    names allowed, see :func:`~normbench.analysis.keys.resolve_key`), pooling every run of
+    a coarser group.
+
+    Columns: the group keys, ``n`` (completed runs: only they enter the statistics),
+    ``n_diverged``, ``n_failed``, ``n_interrupted``, then for ``final_test_acc`` and
+    ``test_acc_at_best_val``:
+    ``_mean``, ``_std`` (sample, n-1) and ``_ci95``, the half-width of the 95% confidence
+    interval of the mean, Student's t(0.975, n-1) · std / √n. With n = 1, std and CI are
+    NaN; with n = 0, all six are. Then ``baseline`` (the reference variant: ``baseline``,
+    or custom_bn when present; see :func:`baseline_of`), ``diff_to_baseline``,
+    ``diff_ci95`` and ``p_value``: Welch's comparison of the group's final test accuracy
+    with the baseline's in the same group of the other keys.
+    """
+    if group_by is None:
+        keys = group_candidates(runs)
+    else:
+        keys = list(dict.fromkeys(resolve_key(runs, k) for k in group_by))
+    status = runs["status"] if "status" in runs else pd.Series(index=runs.index, dtype=object)
+    completed = status.eq("completed")
+    data = pd.DataFrame(
+        {
+            "n": completed.astype("int64"),
+            "n_diverged": status.eq("diverged").astype("int64"),
+            "n_failed": status.eq("failed").astype("int64"),
+            "n_interrupted": status.eq("interrupted").astype("int64"),
+        },
+        index=runs.index,
+    )
+    for metric in STAT_METRICS:
+        values = runs[metric] if metric in runs else pd.Series(index=runs.index, dtype=float)
+        data[metric] = pd.to_numeric(values, errors="coerce").where(completed)
+    by = [runs[k] for k in keys] if keys else [pd.Series(0, index=runs.index, name="_all")]
+    grouped = data.groupby(by, dropna=False, sort=False)
+    table = grouped[["n", "n_diverged", "n_failed", "n_interrupted"]].sum()
+    noted = "defaulted" in runs and runs["defaulted"].notna().any()
+    if noted:  # the same groups in the same order: which keys took defaults, in how many runs
+        notes = runs["defaulted"].groupby(by, dropna=False, sort=False).agg(defaults_note)
+        table["defaulted"] = notes.to_numpy()
+    metrics = list(STAT_METRICS)
+    mean, std, count = (
+        grouped[metrics].mean(),
+        grouped[metrics].std(ddof=1),
+        grouped[metrics].count(),
+    )
+    for metric in metrics:
+        table[f"{metric}_mean"] = mean[metric]
+        table[f"{metric}_std"] = std[metric].where(count[metric] >= 2)
+        table[f"{metric}_ci95"] = ci95(std[metric].to_numpy(), count[metric].to_numpy())
+    table = table.reset_index()
+    if not keys:
+        table = table.drop(columns="_all")
+    table = differences(runs, table, keys, baseline_of(runs, baseline))
+    table = table[[*keys, *SUMMARY_STAT_COLUMNS, *(["defaulted"] if noted else [])]]
+    return table.loc[sort_frame(table, keys)].reset_index(drop=True)
+
 
 #: The accuracy a selection is made on, and the ones it reports.
 SELECT_ON = "best_val_acc"
@@ -38,13 +177,7 @@ def _completed(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _stats(values: pd.Series) -> dict[str, float]:
-    from normbench.results import t975
-
-    v = pd.to_numeric(values, errors="coerce").dropna().to_numpy(dtype=float)
-    n = len(v)
-    mean = float(v.mean()) if n else np.nan
-    std = float(v.std(ddof=1)) if n >= 2 else np.nan
-    half = float(t975(np.array(n - 1.0)) * std / np.sqrt(n)) if n >= 2 else np.nan
+    mean, std, half, _ = spread(pd.to_numeric(values, errors="coerce"))
     return {"mean": mean, "std": std, "ci95": half}
 
 
@@ -56,8 +189,6 @@ def select(runs: pd.DataFrame, over: Sequence[str]) -> pd.DataFrame:
     ``test_acc_at_best_val`` and ``final_test_acc``.
     Ties go to the value listed first (sorted). Raises :class:`UserError` when the runs
     have no validation accuracy or ``over`` is not swept."""
-    from normbench.results import _sort_frame, resolve_key, swept_keys
-
     keys = list(dict.fromkeys(resolve_key(runs, k) for k in over))
     swept = swept_keys(runs)
     for key in keys:
@@ -76,7 +207,7 @@ def select(runs: pd.DataFrame, over: Sequence[str]) -> pd.DataFrame:
     scores = done.assign(_score=pd.to_numeric(done[SELECT_ON], errors="coerce"))
     by = [*groups, *keys]
     means = scores.groupby(by, dropna=False, sort=False)["_score"].mean().reset_index()
-    means = means.loc[_sort_frame(means, by)].dropna(subset=["_score"])
+    means = means.loc[sort_frame(means, by)].dropna(subset=["_score"])
     # the first best candidate of each group (idxmax keeps the first of equals)
     if groups:
         best = means.loc[means.groupby(groups, dropna=False, sort=False)["_score"].idxmax()]
@@ -155,8 +286,6 @@ def welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     the last two with fewer than two values on either side."""
     from scipy import stats
 
-    from normbench.results import t975
-
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     diff = float(a.mean() - b.mean()) if len(a) and len(b) else np.nan
     if len(a) < 2 or len(b) < 2:
@@ -189,7 +318,7 @@ def differences(
         return out
     values = pd.to_numeric(done[COMPARED], errors="coerce")
     # the group of the other keys: a norm's own arguments (norm.groups) do not count
-    others = [k for k in keys if not k.startswith("norm.")]
+    others = other_keys(keys, "norm.name")
     mine = _by(done, keys, values)
     theirs = _by(done[done["norm.name"] == baseline], others, values)
     compared = []

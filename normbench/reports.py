@@ -1,0 +1,378 @@
+"""An experiment's tables and figures: aggregating its runs into runs.csv,
+runs.parquet, metrics.csv, summary.csv (and selected.csv), and drawing its figures into
+``plots/``. Files are written through :mod:`normbench.rundir`; what is shown is returned
+(rich tables from :mod:`normbench.views.tables`), never printed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from normbench import received, terminal
+from normbench.analysis.collect import Collected, collect, find_experiments
+from normbench.analysis.keys import resolve_key, swept_keys
+from normbench.analysis.stats import (
+    baseline_of,
+    group_stats,
+    selected_runs,
+    selection_keys,
+    tuned_keys,
+)
+from normbench.analysis.stats import select as select_values
+from normbench.errors import UserError
+from normbench.rundir import (
+    check_real_folder,
+    check_writable,
+    write_bytes,
+    write_csv,
+    write_figure,
+    write_parquet,
+)
+from normbench.views.figures import bn_inference, error_vs_batch_size, training_curves
+from normbench.views.tables import (
+    budget_text,
+    defaults_text,
+    describe,
+    nothing_readable,
+    selection_table,
+    summary_table,
+    warnings,
+)
+from normbench.views.text import short_key
+
+
+#: The tables :func:`aggregate` writes into an experiment folder.
+class NothingToPlot(UserError):
+    """An experiment without a completed run: nothing is drawn or written."""
+
+
+TABLE_FILES: tuple[str, ...] = ("runs.csv", "runs.parquet", "metrics.csv", "summary.csv")
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def aggregate(exp_dir: Path) -> tuple[Collected, pd.DataFrame]:
+    """Collect an experiment (:func:`collect`), summarise it over seeds (:func:`group_stats`
+    with no ``group_by``) and write its four tables (``TABLE_FILES``) beside ``runs/``,
+    each atomically. Returns ``(collected, summary)``.
+
+    - ``runs.csv``, ``runs.parquet``: ``collected.runs``, one row per run;
+    - ``metrics.csv``: ``collected.metrics``, every run's metrics, long (``METRIC_COLUMNS``);
+    - ``summary.csv``: the summary, one row per group of runs that differ only in seed.
+    """
+    collected = collect(exp_dir)
+    return collected, _write_tables(Path(exp_dir), collected)
+
+
+def _write_tables(exp_dir: Path, collected: Collected, baseline: str | None = None) -> pd.DataFrame:
+    summary = group_stats(collected.runs, baseline=baseline)
+    write_parquet(exp_dir / "runs.parquet", collected.runs)
+    write_csv(exp_dir / "runs.csv", collected.runs)
+    if collected.metrics_csv:
+        write_bytes(exp_dir / "metrics.csv", collected.metrics_csv)
+    else:
+        write_csv(exp_dir / "metrics.csv", collected.metrics)
+    write_csv(exp_dir / "summary.csv", summary)
+    return summary
+
+
+def report(
+    paths: Sequence[Path] | None = None,
+    group_by: Sequence[str] | None = None,
+    warn: Callable[[str], None] | None = None,
+    select: Sequence[str] | None = None,
+    baseline: str | None = None,
+    compare: bool = False,
+) -> Iterator[Any]:
+    """``normbench results``: aggregate every experiment under ``paths``
+    (:func:`find_experiments`) and yield what to print: per experiment, its run counts,
+    where the tables went, and the summary table grouped by ``group_by`` (default: the
+    swept keys), with differences to ``baseline``. ``select``: keys tuned on validation
+    (:func:`normbench.analysis.stats.select`), written to ``selected.csv`` and shown as a
+    table. ``compare``: one table of every experiment instead of one each, with an
+    ``experiment`` column first (:func:`compare_experiments`). Every folder and key is
+    checked before any table is written.
+    """
+    experiments = find_experiments(paths, warn)
+    if compare and len(experiments) < 2:
+        found = ", ".join(map(str, experiments))
+        raise UserError(f"--compare needs two experiments or more; found one: {found}")
+    plans = []
+    unusable: list[str] = []  # experiments whose every run is damaged: no tables
+    for exp_dir in experiments:
+        check_writable(exp_dir)  # a read-only folder says so before any work
+        collected = collect(exp_dir)
+        problem = nothing_readable(exp_dir, collected)
+        if problem:
+            unusable.append(problem)
+            continue
+        runs = collected.runs
+        if runs.empty:
+            keys, reference, selection = [], None, None
+        else:
+            if group_by:
+                keys = list(dict.fromkeys(resolve_key(runs, k) for k in group_by))
+            else:
+                keys = swept_keys(runs)
+            reference = baseline_of(runs, baseline)
+            selection = select_values(runs, select) if select else None
+        plans.append((exp_dir, collected, keys, reference, selection))
+    if unusable and not plans:  # a bad folder handed over: say so, write nothing
+        if len(unusable) == 1:
+            raise UserError(f"{unusable[0]}: no tables written")
+        raise UserError(f"no run of the {len(unusable)} experiments can be read: {unusable[0]}")
+    if warn is not None:
+        for line in unusable:
+            warn(f"{line}: no tables for it")
+    side_by_side = (
+        compare_experiments({exp: c.runs for exp, c, *_ in plans}, group_by, baseline)
+        if compare
+        else None
+    )
+    for exp_dir, collected, keys, reference, selection in plans:
+        _write_tables(exp_dir, collected, reference)
+        written = list(TABLE_FILES)
+        if selection is not None:
+            write_csv(exp_dir / "selected.csv", selection)
+            written.append("selected.csv")
+        if warn is not None:
+            for line in warnings(collected):
+                warn(line)
+        yield describe(exp_dir, collected)
+        yield f"wrote {', '.join(written)} to {exp_dir}"
+        if not collected.runs.empty and side_by_side is None:
+            by = ", ".join(map(short_key, keys)) or "all runs"
+            title = f"{exp_dir}: test accuracy over seeds, by {by}"
+            summary = group_stats(collected.runs, keys, reference)
+            notes = (budget_text(collected.runs), defaults_text(collected))
+            yield summary_table(summary, keys, title, "; ".join(filter(None, notes)) or None)
+        if selection is not None:
+            yield selection_table(selection, f"{exp_dir}: chosen on validation")
+    if side_by_side is not None:
+        yield side_by_side
+
+
+def sweep_reports(
+    folders: Sequence[Path],
+    settings,
+    warn: Callable[[str], None],
+    note: Callable[[Any], None],
+) -> Iterator[Any]:
+    """A sweep's end: every experiment folder aggregated and plotted, with the selection
+    and baseline its config's ``report`` settings ask for (None: neither). Yields what to
+    print (:func:`report`'s lines and tables, the figures written); an experiment with
+    no runs or nothing to plot is told to ``note``, a selection the finished runs cannot
+    make to ``warn`` (the tables come without it)."""
+    select = list(settings.select) if settings is not None and settings.select else None
+    baseline = settings.baseline if settings is not None else None
+    for folder in folders:
+        if not (folder / "runs").is_dir():  # every job was lost before its run began
+            note(f"{folder}: no runs yet, no tables")
+            continue
+        try:
+            printed = list(report([folder], warn=warn, select=select, baseline=baseline))
+        except UserError as error:  # a selection the finished runs cannot make
+            warn(f"{error}; tables without it")
+            printed = list(report([folder], warn=warn, baseline=baseline))
+        yield from printed
+        try:
+            for path in plot_experiment(folder):
+                yield f"wrote {path}"
+        except NothingToPlot as error:
+            note(terminal.styled(("no plots", "yellow"), f": {error}"))
+
+
+def experiment_labels(experiments: Sequence[Path]) -> dict[Path, str]:
+    """Short names for experiment folders: their own names, or, where two share a name,
+    their paths from the folder the experiments have in common."""
+    names = [Path(exp).name for exp in experiments]
+    if len(set(names)) == len(names):
+        return dict(zip(experiments, names, strict=True))
+    resolved = [Path(exp).resolve() for exp in experiments]
+    common = Path(os.path.commonpath(resolved))
+    return {
+        exp: str(path.relative_to(common)) or path.name
+        for exp, path in zip(experiments, resolved, strict=True)
+    }
+
+
+def compare_experiments(
+    runs_by_experiment: dict[Path, pd.DataFrame],
+    group_by: Sequence[str] | None = None,
+    baseline: str | None = None,
+):
+    """One summary table of several experiments side by side (``normbench results A B
+    --compare``): their runs together with an ``experiment`` column, grouped by it and by
+    ``group_by`` (default: every key that differs between the runs of all of them), so
+    a row is one experiment's group; differences to ``baseline`` stay within each
+    experiment."""
+    labels = experiment_labels(list(runs_by_experiment))
+    frames = [
+        runs.assign(experiment=labels[exp])
+        for exp, runs in runs_by_experiment.items()
+        if not runs.empty
+    ]
+    if not frames:
+        return f"{', '.join(labels.values())}: no runs to compare"
+    runs = pd.concat(frames, ignore_index=True)
+    if group_by:
+        keys = list(dict.fromkeys(resolve_key(runs, k) for k in group_by))
+    else:
+        keys = swept_keys(runs)
+    keys = ["experiment", *(k for k in keys if k != "experiment")]
+    summary = group_stats(runs, keys, baseline_of(runs, baseline))
+    by = ", ".join(map(short_key, keys))
+    title = f"{' vs '.join(labels.values())}: test accuracy over seeds, by {by}"
+    return summary_table(summary, keys, title, budget_text(runs))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def plot_experiment(exp_dir: Path, warn: Callable[[str], None] | None = None) -> list[Path]:
+    """Collect an experiment's runs, draw every figure and write them as PNG into
+    ``<exp_dir>/plots/``; returns the paths written, error figures first.
+
+    Raises :class:`NothingToPlot` (a UserError; nothing written) when no run of the
+    experiment completed.
+    """
+
+    exp_dir = Path(exp_dir)
+    check_real_folder(exp_dir / "plots")  # a link a received folder brought: never followed
+    check_writable(exp_dir / "plots")  # a read-only folder, a file named plots: say so first
+    collected = collect(exp_dir)
+    damaged = nothing_readable(exp_dir, collected)
+    if damaged:
+        raise NothingToPlot(damaged)
+    if warn is not None:
+        for line in warnings(collected):
+            warn(line)
+    runs = collected.runs
+    selected, tuned = _selection(exp_dir, runs, warn)
+    completed = 0 if runs.empty else int((runs["status"] == "completed").sum())
+    if not completed:
+        counts = {} if runs.empty else runs["status"].value_counts().to_dict()
+        found = [f"{n} {status}" for status, n in sorted(counts.items())]
+        if collected.incomplete:
+            found.append(f"{len(collected.incomplete)} unfinished")
+        raise NothingToPlot(
+            f"{exp_dir}: no completed runs to plot ({', '.join(found) or 'no runs'})"
+        )
+    written = []
+    with _missing_glyphs(exp_dir / "plots", warn):
+        figures = (
+            error_vs_batch_size(selected, tuned)
+            + training_curves(runs, collected.metrics)
+            + bn_inference(runs)
+        )
+        for name, figure in figures:
+            path = exp_dir / "plots" / name
+            write_figure(path, figure)
+            written.append(path)
+    return written
+
+
+# matplotlib's warning for a character its fonts lack, as matplotlib 3.x words it
+_GLYPH = re.compile(r"Glyph (\d+) .*missing from font\(s\) (.+?)\.?$")
+
+
+@contextlib.contextmanager
+def _missing_glyphs(folder: Path, warn: Callable[[str], None] | None) -> Iterator[None]:
+    """matplotlib's warnings of characters its fonts lack (a run's name in a script the
+    font does not cover: one warning per character and figure, in Python's two lines)
+    as one line at the end, to ``warn`` (else a :class:`~normbench.errors.Notice`):
+    which characters, drawn as boxes. Other warnings pass on as they came."""
+    import warnings
+
+    from normbench.errors import Notice
+
+    missing: dict[str, None] = {}  # in the order met, once each
+    fonts: dict[str, None] = {}
+    registry: dict = {}  # another warning repeated (once per figure) is shown once
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for warning in caught:
+            found = _GLYPH.match(str(warning.message))
+            if found:
+                missing[chr(int(found[1]))] = None
+                fonts[found[2]] = None
+            else:
+                warnings.warn_explicit(
+                    warning.message,
+                    warning.category,
+                    warning.filename,
+                    warning.lineno,
+                    registry=registry,
+                )
+        if missing:
+            chars = [f"{char} (U+{ord(char):04X})" for char in missing]
+            shown = ", ".join(chars[:8]) + (f" and {len(chars) - 8} more" if len(chars) > 8 else "")
+            message = (
+                f"{folder}: the figures' font ({', '.join(fonts)}) has no glyph for {shown}: "
+                "drawn as boxes"
+            )
+            if warn is not None:
+                warn(message)
+            else:
+                warnings.warn(message, Notice, stacklevel=3)
+
+
+def _selection(exp_dir: Path, runs: pd.DataFrame, warn) -> tuple[pd.DataFrame, list[str]]:
+    """The runs the error figure draws: those ``selected.csv`` chose (``normbench results
+    --select``), with the keys tuned; else every run."""
+
+    path = Path(exp_dir) / "selected.csv"
+    if not path.is_file():
+        return runs, []
+    try:  # a regular file of a sane size only: a received folder's may be anything
+        selection = pd.read_csv(io.BytesIO(received.read_bytes(path, received.TABLE_MAX)))
+        keys = selection_keys(selection)
+        tuned = tuned_keys(selection)
+    except (OSError, ValueError, KeyError, pd.errors.ParserError):
+        selection, keys, tuned = None, [], []
+    if selection is None or not set(keys) <= set(runs.columns) or not tuned:
+        if warn is not None:
+            warn(f"{path} does not match these runs: drawing every run")
+        return runs, []
+    # read back from CSV, the key columns' types follow the runs' own
+    for key in keys:
+        selection[key] = selection[key].astype(runs[key].dtype, errors="ignore")
+    return selected_runs(runs, selection), tuned
+
+
+def plot_experiments(
+    paths: Sequence[Path] | None, warn: Callable[[str], None] | None = None
+) -> list[Path]:
+    """:func:`plot_experiment` for every experiment under ``paths`` (the rules of
+    :func:`normbench.analysis.collect.find_experiments`). An experiment with nothing to plot
+    is reported to ``warn`` (when there are several) and skipped; when none has
+    anything, :class:`NothingToPlot` is raised and nothing is written."""
+    experiments = find_experiments(paths, warn)
+    for exp_dir in experiments:  # every one before the first figure is written
+        check_real_folder(exp_dir / "plots")
+    written: list[Path] = []
+    problems: list[str] = []
+    for exp_dir in experiments:
+        try:
+            written += plot_experiment(exp_dir, warn)
+        except NothingToPlot as error:
+            problems.append(str(error))
+            if warn is not None and len(experiments) > 1:
+                warn(str(error))
+    if not written:
+        if len(problems) == 1:
+            raise NothingToPlot(problems[0])
+        raise NothingToPlot(f"nothing to plot in {len(experiments)} experiments: no completed runs")
+    return written

@@ -1,0 +1,316 @@
+"""Every rich table normbench prints, and the lines of text around them: an experiment's
+summary and selection tables, run counts and skipped folders, bench's timings, the
+checks of ``check-norm`` and the options of ``list``.
+
+Keys, values and titles come from run folders or a user: they are shown as text, cleaned
+(:mod:`normbench.terminal`), never as markup.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from normbench import terminal
+from normbench.analysis.collect import Collected
+from normbench.analysis.stats import selection_keys
+from normbench.rundir import STATUSES
+from normbench.views.text import format_value, plural, short_key
+
+
+def _percent(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{100 * mean:.2f}" if math.isnan(std) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _interval(mean: float, half: float) -> str:
+    """An accuracy's 95% interval in %, clipped to what an accuracy can be: [0, 100]."""
+    if math.isnan(mean) or math.isnan(half):
+        return "–"
+    low, high = max(mean - half, 0.0), min(mean + half, 1.0)
+    return f"[{100 * low:.2f}, {100 * high:.2f}]"
+
+
+def budget_text(runs: pd.DataFrame) -> str | None:
+    """What the runs held fixed across batch sizes, for a table's caption: epochs or
+    optimizer steps (``budget``, ``max_steps``)."""
+
+    def values(key: str) -> list:
+        column = runs.get(key, runs.get(f"config.{key}"))
+        return [] if column is None else sorted(column.dropna().unique().tolist(), key=str)
+
+    steps, budget = values("max_steps"), values("budget")
+    epochs, reference = values("epochs"), values("ref_batch_size")
+    if steps:
+        return f"budget: {', '.join(map(str, steps))} optimizer steps at every batch size"
+    if budget == ["steps"]:
+        return (
+            f"budget: the optimizer steps of {', '.join(map(str, epochs))} epochs at batch size "
+            f"{', '.join(map(str, reference))}, at every batch size (steps held fixed)"
+        )
+    if budget in (["epochs"], []):
+        return (
+            f"budget: {', '.join(map(str, epochs))} epochs at every batch size (epochs held fixed)"
+        )
+    return "budget: mixed (epochs and steps held fixed in different runs)"
+
+
+def summary_table(
+    summary: pd.DataFrame, keys: Sequence[str], title: str, caption: str | None = None
+):
+    """A rich Table of :func:`~normbench.analysis.stats.group_stats`'s frame grouped by
+    ``keys``: the key columns, n,
+    the final test accuracy in percent (mean ± std over the completed runs) and the 95%
+    CI of its mean as [low, high]; with one run there is no std or CI, with none "–". With
+    a baseline variant, the difference to it (percentage points, 95% CI, Welch's p).
+    Diverged and failed counts get columns when any run did. (Best accuracies are in
+    summary.csv; the table stays narrow enough for a terminal.) Keys, values and the
+    title come from run folders: they are shown as text, cleaned (:mod:`normbench.terminal`)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        title=terminal.text(title, "table.title"),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for key in keys:
+        numeric = key in summary and pd.api.types.is_numeric_dtype(summary[key])
+        justify = "right" if numeric and not pd.api.types.is_bool_dtype(summary[key]) else "left"
+        # keys are never cut short: the numbers beside them wrap instead
+        width = max(
+            [len(terminal.clean(short_key(key)))]
+            + [len(terminal.clean(_cell(key, v))) for v in summary.get(key, [])]
+        )
+        table.add_column(
+            terminal.text(short_key(key)),
+            style="bold",
+            no_wrap=True,
+            justify=justify,
+            min_width=width,
+        )
+    if not keys:
+        table.add_column("runs", style="bold")
+    table.add_column("n", justify="right", no_wrap=True, min_width=len(str(summary["n"].max())))
+    table.add_column("final acc %", justify="right", no_wrap=True)
+    table.add_column("95% CI", justify="right")  # what wraps when the terminal is narrow
+    baselines = summary["baseline"].dropna().unique() if "baseline" in summary else []
+    baseline = baselines[0] if len(baselines) and "norm.name" in keys else None
+    if baseline is not None:
+        shown = format_value(baseline)
+        table.add_column(terminal.text(f"Δ {shown}"), justify="right", no_wrap=True)
+        caption = (f"{caption}; " if caption else "") + (
+            f"Δ: difference to {shown} in percentage points ± its 95% CI, p: Welch's "
+            "t-test; – with fewer than two runs on a side"
+        )
+    table.caption = terminal.text(caption, "table.caption") if caption else None
+    counted = ("n_diverged", "n_failed", "n_interrupted")
+    extra = [c for c in counted if c in summary and summary[c].sum() > 0]
+    for column in extra:
+        table.add_column(column.removeprefix("n_"), justify="right", style="yellow")
+    for row in summary.to_dict("records"):
+        cells = [terminal.text(_cell(k, row[k])) for k in keys] or ["all"]
+        cells += [
+            str(row["n"]),
+            _percent(row["final_test_acc_mean"], row["final_test_acc_std"]),
+            _interval(row["final_test_acc_mean"], row["final_test_acc_ci95"]),
+        ]
+        if baseline is not None:
+            cells.append(terminal.text(_difference(row, baseline)))
+        cells += [str(row[c]) for c in extra]
+        table.add_row(*cells)
+    return table
+
+
+def _cell(key: str, value: Any) -> str:
+    """A key column's cell: a config value as typed (:func:`format_value`); the label
+    :func:`normbench.reports.compare_experiments` gives an experiment (a folder's name) as it is."""
+    return str(value) if key == "experiment" else format_value(value)
+
+
+def selection_table(selection: pd.DataFrame, title: str):
+    """A rich Table of :func:`normbench.analysis.stats.select`'s frame: the group keys, the
+    value chosen, n, the validation accuracy that chose it and the test accuracy there
+    (at each run's best validation epoch: mean ± std, 95% CI)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        title=terminal.text(title, "table.title"),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    keys = selection_keys(selection)
+    tuned = set(str(selection["tuned"].iloc[0]).split(",")) if len(selection) else set()
+    for key in keys:
+        style = "bold cyan" if key in tuned else "bold"
+        table.add_column(terminal.text(short_key(key)), style=style, no_wrap=True)
+    table.add_column("n", justify="right")
+    table.add_column("val acc %", justify="right")
+    table.add_column("test acc %", justify="right", no_wrap=True)
+    table.add_column("95% CI", justify="right", no_wrap=True)
+    for row in selection.to_dict("records"):
+        test = "test_acc_at_best_val"
+        table.add_row(
+            *[terminal.text(format_value(row[k])) for k in keys],
+            str(row["n"]),
+            f"{100 * row['best_val_acc_mean']:.2f}",
+            _percent(row[f"{test}_mean"], row[f"{test}_std"]),
+            _interval(row[f"{test}_mean"], row[f"{test}_ci95"]),
+        )
+    return table
+
+
+def _difference(row: dict[str, Any], baseline: str) -> str:
+    """``+1.2±0.8 p=0.012`` in percentage points; "–" where the seeds give no
+    interval (fewer than two runs on a side): a difference alone is no result."""
+    if row.get("norm.name") == baseline:
+        return "baseline"
+    diff, half, p = row["diff_to_baseline"], row["diff_ci95"], row["p_value"]
+    if any(isinstance(v, float) and math.isnan(v) for v in (diff, half, p)):
+        return "–"
+    return f"{100 * diff:+.1f}±{100 * half:.1f} p={p:.2g}"
+
+
+def defaults_text(collected: Collected) -> str | None:
+    """The keys filled with defaults, for a table's caption (None: none)."""
+    if not collected.defaulted:
+        return None
+    parts = [
+        f"{key} = {', '.join(map(format_value, values))} for {plural(count, 'run')}"
+        for key, (values, count) in collected.defaulted.items()
+    ]
+    return "defaults filled in where older runs lack a key: " + "; ".join(parts)
+
+
+def describe(exp_dir: Path, collected: Collected) -> str:
+    """One line: how many runs the experiment has, by status, and how many were skipped."""
+    counts = collected.counts()
+    parts = [f"{counts[s]} {s}" for s in STATUSES if counts[s] or s != "interrupted"]
+    if counts["other"]:
+        parts.append(f"{counts['other']} other")
+    line = f"{exp_dir}: {plural(len(collected.runs), 'run')} ({', '.join(parts)})"
+    if counts["incomplete"]:
+        line += f"; {counts['incomplete']} incomplete (no summary.json yet) skipped"
+    if counts["unreadable"]:
+        shown = ", ".join(str(p) for p in collected.unreadable[:3])
+        more = "..." if counts["unreadable"] > 3 else ""
+        line += f"; {counts['unreadable']} unreadable skipped ({shown}{more})"
+    if collected.copies:
+        copies = len(collected.copies)
+        line += f"; {copies} {'copy' if copies == 1 else 'copies'} of other runs counted once"
+    return line
+
+
+def warnings(collected: Collected) -> list[str]:
+    """One line per run folder skipped, naming it and why."""
+    lines = [f"skipped {path}: {why}" for path, why in collected.problems.items()]
+    lines += [
+        f"{plural(count, 'run')} of {len(collected.runs)} lack {key} (written by an older "
+        f"normbench): grouped with its default, {', '.join(map(format_value, values))}"
+        for key, (values, count) in collected.defaulted.items()
+    ]
+    return lines + [
+        f"skipped {path}: a copy of a run read from another folder" for path in collected.copies
+    ]
+
+
+def nothing_readable(exp_dir: Path, collected: Collected) -> str | None:
+    """One line when an experiment has run folders but none can be read because they are
+    damaged (not merely unfinished): the first one and why; None otherwise."""
+    if not collected.runs.empty or not collected.unreadable:
+        return None
+    first, why = next(iter(collected.problems.items()))
+    more = len(collected.unreadable) - 1
+    line = f"{exp_dir}: none of its runs can be read ({first}: {why}"
+    line += f"; and {more} more)" if more else ")"
+    if collected.incomplete:
+        line += f", {len(collected.incomplete)} not finished"
+    return line
+
+
+# ------------------------------------------------------------------------------- bench
+
+
+def _bench_figure(value: float) -> str:
+    """Four or five significant digits for times and rates from 0.001 to 9999."""
+    return f"{value:.3f}" if value < 10 else f"{value:.2f}" if value < 100 else f"{value:.1f}"
+
+
+def _bytes_text(nbytes: float) -> str:
+    """Bytes in the largest binary unit they reach: 8 MiB, 1.5 KiB, 1000 bytes."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.4g} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
+def bench_table(frame: pd.DataFrame):
+    """:func:`normbench.bench.run_bench`'s frame for the terminal: a section per shape,
+    copy rows dimmed.
+
+    Narrow enough for 80 columns; the CSV holds every figure unrounded.
+    """
+    from rich import box
+    from rich.table import Table
+
+    from normbench import bench
+
+    first = frame.iloc[0]
+    title = (
+        f"BatchNorm2d training forward+backward, {first['dtype']}, "
+        f"{first['memory_format']}, {first['device']} "
+        f"({first['device_name']}), {first['threads']} threads, torch {first['torch_version']}: "
+        f"milliseconds, median and interquartile range of {first['repeats']} interleaved repeats"
+    )
+    malloc = "kept (normbench.allocator)" if first["malloc"] == "kept" else "glibc's defaults"
+    mib = first["machine_copy_bytes"] / (1 << 20)
+    stream = first["stream_bytes"]
+    streaming = "" if pd.isna(stream) else f"; cpu streams outputs from {_bytes_text(stream)} on"
+    caption = (
+        "GB/s as a fraction of the copy of the same size (%copy) and of the machine's copy "
+        f"bandwidth (%mem: {_bench_figure(first['machine_copy_gbps'])} GB/s, 2 x {mib:.0f} MiB "
+        f"arrays); PF: page faults per step, mean; malloc: {malloc}{streaming}"
+    )
+    result = Table(
+        title=title,
+        caption=caption,
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    result.add_column("shape", style="bold", no_wrap=True)
+    result.add_column("impl", style="cyan", no_wrap=True)
+    result.add_column("median", justify="right", no_wrap=True)
+    result.add_column("IQR", justify="right", no_wrap=True)
+    result.add_column("GB/s", justify="right", no_wrap=True)
+    result.add_column("vs torch", justify="right", no_wrap=True)
+    result.add_column("%copy", justify="right", no_wrap=True)
+    result.add_column("%mem", justify="right", no_wrap=True)
+    result.add_column("PF", justify="right", no_wrap=True)
+    for i, (label, rows) in enumerate(frame.groupby("shape", sort=False)):
+        if i:
+            result.add_section()
+        for j, row in enumerate(rows.itertuples()):
+            speedup = row.speedup_vs_torch
+            result.add_row(
+                label if j == 0 else "",
+                row.impl,
+                _bench_figure(row.median_ms),
+                f"{_bench_figure(row.q1_ms)}-{_bench_figure(row.q3_ms)}",
+                _bench_figure(row.gbps),
+                "" if math.isnan(speedup) else f"{speedup:.2f}x",
+                f"{100 * row.frac_of_copy_bw:.0f}%",
+                f"{100 * row.frac_of_machine_bw:.0f}%",
+                f"{row.page_faults:.0f}",
+                style="dim" if row.impl == bench.COPY else None,
+            )
+    return result
