@@ -341,7 +341,8 @@ _ABSENT = object()
 
 
 def _apply(cfg, override, overrides: Sequence[str]) -> None:
-    """One value override (``key=value``, ``++key=value``, ``~key``) applied to ``cfg`` as Hydra applies it, once the schema has checked the value."""
+    """One value override (``key=value``, ``++key=value``, ``~key``) applied to ``cfg``
+    as Hydra applies it, once the schema has checked the value."""
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 

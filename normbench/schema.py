@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import typing
 from collections.abc import Callable, Iterable, Iterator
@@ -565,6 +566,7 @@ def config_groups() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("group"))
 
 
+@functools.cache
 def rules() -> dict[str, Rule]:
     """Every declared key's rule by its dotted name; a group's keys from all its options
     (one name, one rule: ``optim.weight_decay`` is the same for sgd and adam)."""
