@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from normbench import __version__, allocator, checkpoints, cores, interrupts
-from normbench.config import EXECUTION_KEYS, flatten, scaled_lr, validate
+from normbench.config import EXECUTION_KEYS, flatten, resolve_device, scaled_lr
 from normbench.errors import NotWritten, UserCodeFailed, UserError
 from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
 from normbench.rundir import (
@@ -51,9 +51,11 @@ class RunOutcome:
     skipped: bool = False
 
 
-def run_id(cfg) -> str:
-    """A stable hash of the resolved config, seed included, output and execution keys left out."""
-    record = {k: v for k, v in flatten(cfg).items() if k not in EXECUTION_KEYS}
+def run_id(cfg, flat: dict[str, Any] | None = None) -> str:
+    """A stable hash of the resolved config, seed included, output and execution keys left
+    out. ``flat``: the config already flattened (``config.flatten``), where the caller has it."""
+    flat = flatten(cfg) if flat is None else flat
+    record = {k: v for k, v in flat.items() if k not in EXECUTION_KEYS}
     text = json.dumps(record, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -64,15 +66,6 @@ def experiment_dir(cfg) -> Path:
 
 def run_dir(cfg) -> Path:
     return experiment_dir(cfg) / "runs" / run_id(cfg)
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` as the device it picks; validate() has refused cuda without CUDA already."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _kwargs(node) -> dict[str, Any]:
@@ -112,16 +105,15 @@ def load_data(cfg):
 
 
 def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
-    """Check every value, load the data (unless given), build model and optimizer; write
-    nothing. ``threads``: set torch's thread count first (a run's; a sweep's check
-    leaves it)."""
+    """Load the data (unless given), check what depends on it, build model and optimizer;
+    write nothing. ``cfg`` is validated already (``config.compose``, or the sweep's job).
+    ``threads``: set torch's thread count first (a run's; a sweep's check leaves it)."""
     import torch
 
     from normbench.models import build_model, choose_memory_format, set_memory_format
     from normbench.norms import NormSpec
-    from normbench.train import TrainSettings, make_optimizer
+    from normbench.train import make_optimizer
 
-    validate(cfg)
     device = resolve_device(cfg.device)
     if threads is not None:
         torch.set_num_threads(threads.count)
@@ -171,21 +163,25 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
         optimizer = make_optimizer(model.parameters(), lr, cfg.optim.name, **_kwargs(cfg.optim))
     except (TypeError, ValueError) as err:
         raise UserError(f"invalid optim={cfg.optim.name} settings: {err}") from None
-    settings = TrainSettings(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=lr,
-        schedule=cfg.schedule.name,
-        warmup_epochs=cfg.schedule.warmup_epochs,
-        milestones=tuple(cfg.schedule.milestones or ()),
-        gamma=cfg.schedule.gamma,
-        max_steps=cfg.max_steps,
-        eval_batch_size=cfg.eval_batch_size,
-        budget=cfg.budget,
-        ref_batch_size=cfg.ref_batch_size,
-    )
+    settings = train_settings(cfg, lr)
     used = threads or cores.Threads(torch.get_num_threads(), "torch")
     return _Prepared(data.to(device), model, optimizer, settings, device, used, memory_format, norm)
+
+
+def train_settings(cfg, lr: float):
+    """The training loop's settings: each field of ``TrainSettings`` is the config key of
+    its name, at the top or in ``schedule``; ``lr`` is the peak after batch-size scaling."""
+    import dataclasses
+
+    from normbench.train import TrainSettings
+
+    schedule = cfg.schedule
+    values = {
+        f.name: cfg[f.name] if f.name in cfg else schedule[f.name]
+        for f in dataclasses.fields(TrainSettings)
+    }
+    values.update(lr=lr, schedule=schedule.name, milestones=tuple(schedule.milestones or ()))
+    return TrainSettings(**values)
 
 
 def _raise_out_of_memory(err: BaseException, cfg, what: str) -> None:
@@ -415,7 +411,7 @@ def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:
     from omegaconf import OmegaConf
 
     rid = run_id(cfg)
-    folder = run_dir(cfg)
+    folder = experiment_dir(cfg) / "runs" / rid
     previous = read_summary(folder)
     if is_done(previous, redo_failed) and not force:
         return RunOutcome(rid, folder, previous, skipped=True)
