@@ -25,16 +25,17 @@ from normbench.config import EXECUTION_KEYS, flatten, resolve_device, scaled_lr
 from normbench.errors import NotWritten, UserCodeFailed, UserError
 from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
 from normbench.rundir import (
-    CONFIG_PREFIX,
     check_writable,
     metrics_frame,
     read_summary,
     status_of,
+    summary_of,
     write_bytes,
     write_csv,
     write_json,
 )
 from normbench.rundir import write_text as write_text_file
+from normbench.schema import RunRecord, record_fields
 
 #: The file in a run's folder that holds the traceback of a user's norm that failed in it.
 ERROR_LOG = "error.log"
@@ -304,10 +305,13 @@ def summary_record(
     wall: float | None,
     resumed_from: int | None = None,
 ) -> dict:
-    """The run's flat summary record (``rundir.SUMMARY_FIELDS``). ``prepared`` None: a
-    run that stopped before it was built (what it would have measured is null)."""
+    """What the run writes to summary.json: its :class:`~normbench.schema.RunRecord` (a
+    field missing or misspelt here fails), then its config (``rundir.summary_of``).
+    ``prepared`` None: a run that stopped before it was built (what it would have measured
+    is null)."""
     from importlib.metadata import version
 
+    config = flatten(cfg)
     done = [r for r in result.records if "test_acc" in r]
     validated = [r for r in done if "val_acc" in r]
     # the first epoch of the best validation accuracy (ties: the earlier, as early stopping)
@@ -316,55 +320,45 @@ def summary_record(
     train_time = sum(r["epoch_time_s"] for r in done)
     images = sum(r["img_per_s"] * r["epoch_time_s"] for r in done)
     built = prepared is not None
-    return {
-        "run_id": rid,
-        "status": result.status,
-        "name": cfg.name,
-        "model": cfg.model.name,
-        "norm": cfg.norm.name,
-        "dataset": cfg.dataset.name,
-        "optim": cfg.optim.name,
-        "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
-        "lr_effective": prepared.settings.lr if built else None,
-        "epochs": cfg.epochs,
-        "max_steps": cfg.max_steps,
-        "seed": cfg.seed,
-        "steps": result.steps,
-        "final_test_acc": done[-1]["test_acc"] if done else None,
-        "best_test_acc": max(r["test_acc"] for r in done) if done else None,
-        "final_val_acc": validated[-1]["val_acc"] if validated else None,
-        "best_val_acc": best["val_acc"] if best else None,
-        "best_val_epoch": best["epoch"] if best else None,
-        # the honest figure: test accuracy of the epoch chosen on validation
-        "test_acc_at_best_val": best["test_acc"] if best else None,
-        # BatchNorm's population statistics re-estimated, and batch statistics at test time
-        "test_acc_precise_bn": last.get("test_acc_precise_bn"),
-        "test_acc_batch_stats": last.get("test_acc_batch_stats"),
-        "bn_eval_time_s": last.get("bn_eval_time_s"),
-        "resumed_from_epoch": resumed_from,  # the checkpoint's epoch this session went on from
-        "final_test_loss": done[-1]["test_loss"] if done else None,
-        "final_train_loss": last.get("train_loss"),
-        "final_train_acc": last.get("train_acc"),
-        "train_time_s": train_time,
-        "wall_time_s": wall,
-        "img_per_s": images / train_time if train_time > 0 else None,
-        "num_params": sum(p.numel() for p in prepared.model.parameters()) if built else None,
-        "device": prepared.device if built else None,
-        "threads": prepared.threads.count if built else None,
-        "threads_from": prepared.threads.source if built else None,
-        "memory_format": prepared.memory_format if built else None,
-        "error": result.message,
-        "started_at": started,
-        "finished_at": _now(),
+    record = RunRecord(
+        run_id=rid,
+        status=result.status,
+        # the config values the record holds (name, model, norm, batch_size, lr, ...)
+        **{f.name: config[f.config] for f in record_fields() if f.config},
+        lr_effective=prepared.settings.lr if built else None,
+        steps=result.steps,
+        final_test_acc=done[-1]["test_acc"] if done else None,
+        best_test_acc=max(r["test_acc"] for r in done) if done else None,
+        final_val_acc=validated[-1]["val_acc"] if validated else None,
+        best_val_acc=best["val_acc"] if best else None,
+        best_val_epoch=best["epoch"] if best else None,
+        test_acc_at_best_val=best["test_acc"] if best else None,
+        test_acc_precise_bn=last.get("test_acc_precise_bn"),
+        test_acc_batch_stats=last.get("test_acc_batch_stats"),
+        bn_eval_time_s=last.get("bn_eval_time_s"),
+        resumed_from_epoch=resumed_from,
+        final_test_loss=done[-1]["test_loss"] if done else None,
+        final_train_loss=last.get("train_loss"),
+        final_train_acc=last.get("train_acc"),
+        train_time_s=train_time,
+        wall_time_s=wall,
+        img_per_s=images / train_time if train_time > 0 else None,
+        num_params=sum(p.numel() for p in prepared.model.parameters()) if built else None,
+        device=prepared.device if built else None,
+        threads=prepared.threads.count if built else None,
+        threads_from=prepared.threads.source if built else None,
+        memory_format=prepared.memory_format if built else None,
+        error=result.message,
+        started_at=started,
+        finished_at=_now(),
         # A driver recording a lost job need not import torch: the installed package says.
-        "torch_version": sys.modules["torch"].__version__
+        torch_version=sys.modules["torch"].__version__
         if "torch" in sys.modules
         else version("torch"),
-        "normbench_version": __version__,
-        # The config, flattened, so that aggregating thousands of runs reads one file each.
-        **{f"{CONFIG_PREFIX}{key}": value for key, value in flatten(cfg).items()},
-    }
+        normbench_version=__version__,
+    )
+    # The config rides along, so that aggregating thousands of runs reads one file each.
+    return summary_of(record, config)
 
 
 #: Statuses that make a run done: a sweep skips it. Failed and diverged runs count as done
