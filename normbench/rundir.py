@@ -264,25 +264,25 @@ def write_figure(path: Path, figure, **savefig: Any) -> None:
 #
 # A run's summary.json carries its config, flattened, under ``config.<dotted key>``
 # (:func:`summary_of`), so aggregation reads one JSON file per run. Parsing thousands of
-# config.yaml files would cost more than everything else together (PyYAML's C loader:
-# 0.3 ms each); config.yaml is read only for a summary written without those keys. A
+# config.yaml files would cost more than everything else together: config.yaml is read
+# only for a summary written without those keys. A
 # config key that a record field holds (``norm.name`` is ``norm``) is written once, as
 # that field; summaries written before carry it twice, and read the same.
 
 CONFIG_PREFIX = "config."
 
 #: The config keys the record's fields hold: config key -> field.
-_CARRIED: dict[str, str] = {f.config: f.name for f in record_fields() if f.config}
+_HELD: dict[str, str] = {f.config: f.name for f in record_fields() if f.config}
 #: Where a config key goes among the others: the rank of its top-level key.
 _SLOT: dict[str, int] = {key: rank for rank, key in enumerate(config_slots())}
-_HELD_RANK: dict[str, int] = {key: _SLOT[key.partition(".")[0]] for key in _CARRIED}
+_HELD_RANK: dict[str, int] = {key: _SLOT[key.partition(".")[0]] for key in _HELD}
 
 
 def summary_of(record: RunRecord, config: dict[str, Any]) -> dict[str, Any]:
     """What a run writes to summary.json: the record's fields, then ``config`` (flattened,
     ``config.flatten``) under ``config.<key>``, less the keys the record holds."""
     own = {f.name: getattr(record, f.name) for f in record_fields()}
-    rest = {f"{CONFIG_PREFIX}{k}": v for k, v in config.items() if k not in _CARRIED}
+    rest = {f"{CONFIG_PREFIX}{k}": v for k, v in config.items() if k not in _HELD}
     return {**own, **rest}
 
 
@@ -293,7 +293,7 @@ def split_summary(summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     own = {k: v for k, v in summary.items() if not k.startswith(CONFIG_PREFIX)}
     if not config:
         return own, None
-    held = [(_HELD_RANK[k], k, own[f]) for k, f in _CARRIED.items() if k not in config and f in own]
+    held = [(_HELD_RANK[k], k, own[f]) for k, f in _HELD.items() if k not in config and f in own]
     if not held:  # written before the record held them: both names, one value
         return own, config
     held.sort(key=lambda item: item[0])  # (stable: in record order within a rank)
