@@ -265,9 +265,9 @@ def write_figure(path: Path, figure, **savefig: Any) -> None:
 # A run's summary.json carries its config, flattened, under ``config.<dotted key>``
 # (:func:`summary_of`), so aggregation reads one JSON file per run. Parsing thousands of
 # config.yaml files would cost more than everything else together: config.yaml is read
-# only for a summary written without those keys. A
-# config key that a record field holds (``norm.name`` is ``norm``) is written once, as
-# that field; summaries written before carry it twice, and read the same.
+# only for a summary written without those keys. A config key that a record field holds
+# (``norm.name`` is ``norm``) is written once, as that field; summaries written before
+# carry it twice, and read the same.
 
 CONFIG_PREFIX = "config."
 
