@@ -81,8 +81,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from normbench.config import LAYOUTS
+from normbench.config import LAYOUTS, resolve_device
 from normbench.errors import UserError
+from normbench.schema import rules
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -103,7 +104,6 @@ DEFAULT_SHAPES: tuple[Shape, ...] = (
     (2, 16, 32, 32),
 )
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 #: ~80 ms per repeat over the default shapes on a 2-core CPU: ~35 s in all.
 DEFAULT_REPEATS = 400
 DEFAULT_WARMUP = 10
@@ -240,16 +240,12 @@ def _check_shape(shape: Sequence[int]) -> Shape:
     return tuple(shape)  # type: ignore[return-value]
 
 
-def _resolve_device(device: str) -> str:
-    import torch
+#: ``--threads`` takes what a run's ``threads`` takes (the schema's rule).
+_THREADS = rules()["threads"]
 
-    if device not in DEVICES:
-        raise UserError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but CUDA is not available here; use --device auto or cpu")
-    return device
+
+def _resolve_device(device: str) -> str:
+    return resolve_device(device, spelled="--device ")
 
 
 def _unavailable(impl: str, device: str) -> str | None:
@@ -333,7 +329,7 @@ def settings(
         raise UserError(f"--repeats must be at least 1, got {repeats}")
     if warmup < 0:
         raise UserError(f"--warmup must be at least 0, got {warmup}")
-    if threads is not None and threads < 1:
+    if threads is not None and _THREADS.check(threads) is not None:
         raise UserError(f"--threads must be at least 1, got {threads}")
     if machine_bytes is not None and machine_bytes < 4:
         raise UserError(f"machine_bytes must be at least 4, got {machine_bytes}")

@@ -9,48 +9,36 @@ and checks every value before anything runs.
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import os
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from normbench import schema
 from normbench.errors import UserError
-
-#: The config groups; their options are the YAML files in ``normbench/conf/<group>/``.
-GROUPS: tuple[str, ...] = ("model", "norm", "dataset", "optim", "experiment")
-
-#: Keys that say where or how a run executes, not what it computes: left out of the run id.
-EXECUTION_KEYS: tuple[str, ...] = (
-    "name",
-    "out_dir",
-    "device",
-    "threads",
-    "memory_format",
-    "dataset.root",
-    "dataset.download",
-    "report.select",
-    "report.baseline",
-    "checkpoint.save",
-    "checkpoint.keep",
+from normbench.schema import (  # noqa: F401 - the names callers know config by
+    DEVICES,
+    EXECUTION_KEYS,
+    FLOAT32_MAX,
+    FLOAT32_TINY,
+    LAYOUTS,
+    MEMORY_FORMATS,
 )
 
-LR_SCALINGS = ("none", "linear", "sqrt")
-BUDGETS = ("epochs", "steps")
-SCHEDULES = ("constant", "cosine", "step")
-DEVICES = ("auto", "cpu", "cuda")
-#: The memory layouts a run (``memory_format``) and ``normbench bench`` can use; their torch
-#: formats are ``models.torch_memory_format``'s.
-LAYOUTS = ("contiguous", "channels_last")
-#: ``memory_format``: auto picks one of LAYOUTS per run (models.choose_memory_format)
-MEMORY_FORMATS = ("auto", *LAYOUTS)
+#: The config groups; their options are the YAML files in ``normbench/conf/<group>/``.
+GROUPS: tuple[str, ...] = (*schema.config_groups(), "experiment")
+
+#: Groups a run cannot do without (``experiment`` is optional).
+REQUIRED_GROUPS: tuple[str, ...] = schema.config_groups()
+
+#: Every declared key's rule (``normbench.schema``), by its dotted name.
+_RULES = schema.rules()
 
 
 def conf_dir() -> Path:
     """The configs, ``normbench/conf/``: package data, in a wheel as in a checkout."""
-    return Path(__file__).resolve().parent / "conf"
+    return schema.CONF_DIR
 
 
 #: Config folders a user adds (``normbench --config-dir DIR``, or ``hydra.searchpath`` with
@@ -171,9 +159,7 @@ def _description(path: Path) -> str:
     return ""
 
 
-def _closest(word: str, choices: Iterable[str]) -> str:
-    matches = difflib.get_close_matches(word, [c for c in choices if c != word], n=1)
-    return f" (did you mean {matches[0]!r}?)" if matches else ""
+_closest = schema.closest
 
 
 #: Parsed overrides by their text: a sweep's jobs repeat the same few (``norm=layer``),
@@ -318,12 +304,11 @@ def compose(overrides: Sequence[str] = ()):
     """The resolved, validated config for one run, from Hydra overrides (``key=value``).
 
     Hydra composes the config groups (and checks ``hydra.*`` keys); the value overrides
-    are then applied on top as Hydra itself applies them after composition, so the jobs
-    of a sweep that share their groups share one composition. A ``+key`` that the config
-    does not have is refused: normbench reads no key it does not define.
+    are then checked against the schema and applied on top, as Hydra itself applies them
+    after composition, so the jobs of a sweep that share their groups share one
+    composition. A ``+key`` that the config does not have is refused: normbench reads no
+    key it does not define.
     """
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -342,33 +327,92 @@ def compose(overrides: Sequence[str] = ()):
         if override.is_add() or override.is_force_add():
             _check_added_key(base, override)
     cfg = copy.deepcopy(base)
+    for override in values:
+        _apply(cfg, override, overrides)
     try:
-        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
         OmegaConf.resolve(cfg)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UserError(_composition_message(err, overrides)) from None
+    except OmegaConfBaseException as err:
+        raise UserError(_schema_problem(err) or f"invalid config: {_first_line(err)}") from None
     validate(cfg)
     return cfg
+
+
+_ABSENT = object()
+
+
+def _apply(cfg, override, overrides: Sequence[str]) -> None:
+    """One value override (``key=value``, ``++key=value``, ``~key``) applied to ``cfg``
+    as Hydra applies it, once the schema has checked the value."""
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    key = override.key_or_group
+    value = override.value()
+    found = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+    if found is _ABSENT:
+        if override.is_delete():
+            raise UserError(f"invalid config: cannot delete {key!r}: it is not in the config")
+        raise UserError(_unknown_key(key, overrides))
+    try:
+        if override.is_delete():
+            if value is not None and value != found:
+                raise UserError(
+                    f"invalid config: cannot delete {key!r}: its value is {found!r}, not {value!r}"
+                )
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            with open_dict(node):
+                del node[leaf]
+        else:
+            # an interpolation (${...}) is checked once resolved, by validate()
+            if not (isinstance(value, str) and "${" in value):
+                problem = check_value(key, value, cfg)
+                if problem is not None:
+                    raise UserError(problem)
+            OmegaConf.update(cfg, key, value, merge=True)
+    except OmegaConfBaseException as err:
+        raise UserError(_schema_problem(err) or f"invalid config: {_first_line(err)}") from None
+
+
+def _schema_problem(err: BaseException) -> str | None:
+    """For OmegaConf refusing a value of a key the schema declares (in a YAML file Hydra
+    merged, or once resolved): the schema's message, from the key and value OmegaConf
+    names; None for anything else."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        key = getattr(err, "full_key", None)
+        if isinstance(key, str) and key in _RULES:
+            value = getattr(err, "value", None)
+            return check_value(key, value) or f"{key} must be {_RULES[key].text}, got {value!r}"
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _initialized():
+    """Hydra initialized on normbench's configs (a context manager)."""
+    from hydra import initialize_config_dir
+
+    return initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3")
 
 
 def _compose_groups(structural: tuple[str, ...], overrides: Sequence[str]):
     import yaml
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     if structural not in _composed:
         try:
-            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            with _initialized():
                 cfg = hydra_compose(config_name="config", overrides=list(structural))
         except (HydraException, OmegaConfBaseException) as err:
             raise UserError(_composition_message(err, overrides)) from None
-        except AssertionError:  # OmegaConf's, for a key set below a null value
-            below = _below_null(structural)
-            if below is None:
+        except AssertionError as err:  # OmegaConf's, for a key set below a null value
+            found = _hydra_override_problem(parse_overrides(structural))
+            if found is None:
                 raise
-            raise UserError(below) from None
+            raise UserError(found) from err
         except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:  # a config folder's file
             raise UserError(unreadable_config(err)) from None
         if len(_composed) >= _COMPOSED_MAX:
@@ -405,31 +449,51 @@ def unreadable_config(err: BaseException) -> str:
     return f"a config file is not valid YAML: {_first_line(err)}"
 
 
-def _below_null(structural: Sequence[str]) -> str | None:
-    """For an override that sets a key below a null value (``hydra.sweeper.params.norm=x``
-    when no experiment preset sets ``hydra.sweeper.params``), which Hydra meets with an
-    AssertionError: what was wrong, in words; None when no override does so."""
+def _hydra_override_problem(parsed: Sequence) -> str | None:
+    """What is wrong with the overrides of Hydra's own config, found by checking them
+    against it: a ``hydra/<group>`` option it does not have (a launcher whose plugin is
+    not installed), a ``hydra.*`` key it does not have (which needs a +), or a key set
+    below a null value (``hydra.sweeper.params.norm=x`` when no experiment preset sets
+    ``hydra.sweeper.params``); None when none is wrong."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    parsed = parse_overrides(structural)
+    picked = [o for o in parsed if "/" in o.key_or_group and not o.is_delete()]
+    groups = [
+        o.input_line
+        for o in parsed
+        if o.key_or_group in GROUPS or "/" in o.key_or_group or o.key_or_group == "hydra.searchpath"
+    ]
     dotted = [o for o in parsed if "." in o.key_or_group and not o.is_delete()]
-    groups = [o.input_line for o in parsed if o not in dotted]
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        with _initialized():
+            loader = GlobalHydra.instance().config_loader()
+            for override in picked:
+                value = override.value()
+                options = loader.get_group_options(override.key_or_group)
+                if not options or not isinstance(value, str) or value in options:
+                    continue
+                return _unknown_hydra_option(override.key_or_group, value, options)
             cfg = hydra_compose("config", overrides=groups, return_hydra_config=True)
     except Exception:  # the first error stands: this was to say it better
         return None
-    missing = object()
+    launcher = next((o.value() for o in parsed if o.key_or_group == "hydra/launcher"), "basic")
     for override in dotted:
         parts = override.key_or_group.split(".")
-        for depth in range(1, len(parts)):
+        for depth in range(1, len(parts) + 1):
             parent = ".".join(parts[:depth])
-            value = OmegaConf.select(cfg, parent, default=missing, throw_on_missing=False)
-            if value is missing:
-                break
-            if value is None:
+            value = OmegaConf.select(cfg, parent, default=_ABSENT, throw_on_missing=False)
+            if value is _ABSENT:
+                if parts[0] != "hydra" or override.is_add() or override.is_force_add():
+                    break
+                # Launchers take settings their config does not list (ray.init's num_cpus).
+                return (
+                    f"{override.key_or_group} is not in Hydra's config (with hydra/launcher="
+                    f"{launcher}); to add a setting it leaves out, prefix a +: "
+                    f"+{override.input_line.lstrip('+~')}"
+                )
+            if value is None and depth < len(parts):
                 rest = ".".join(parts[depth:])
                 hint = ""
                 if parent == "hydra.sweeper.params":
@@ -440,6 +504,16 @@ def _below_null(structural: Sequence[str]) -> str | None:
                     )
                 return f"{override.input_line}: {parent} is null here, so it has no {rest}{hint}"
     return None
+
+
+def _unknown_hydra_option(group: str, value: str, options: Sequence[str]) -> str:
+    extra = LAUNCHER_EXTRAS.get(value) if group == "hydra/launcher" else None
+    if extra:
+        return (
+            f"{group}={value} is not installed; it comes with normbench's {extra!r} "
+            f'extra: pip install "normbench[{extra}]" (in a clone: pip install -e ".[{extra}]")'
+        )
+    return f"unknown {group}={value}; available: {', '.join(options)}"
 
 
 def _check_added_key(base, override) -> None:
@@ -478,42 +552,23 @@ LAUNCHER_EXTRAS = {
 
 
 def _composition_message(err: BaseException, overrides: Sequence[str]) -> str:
-    """Hydra's messages are long and mention its internals; say what the user got wrong."""
-    text = str(err)
-    missing = re.search(r"Could not find 'hydra/launcher/([\w-]+)'", text)
-    if missing:
-        name = missing.group(1)
-        extra = LAUNCHER_EXTRAS.get(name)
-        if extra:
-            return (
-                f"hydra/launcher={name} is not installed; it comes with normbench's {extra!r} "
-                f'extra: pip install "normbench[{extra}]" (in a clone: pip install -e ".[{extra}]")'
-            )
-        options = re.search(r"Available options in '[^']*':\n((?:\t[^\n]*\n?)*)", text)
-        listed = options.group(1).split() if options else ["basic"]
-        return f"unknown hydra/launcher={name}; available: {', '.join(listed)}"
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if f"Could not override '{key}'" in text or f"Key '{key}'" in text:
-            if key.startswith("hydra."):
-                # Launchers take settings their config does not list (ray.init's num_cpus).
-                launcher = next(
-                    (o.split("=", 1)[1] for o in overrides if o.startswith("hydra/launcher=")),
-                    "basic",
-                )
-                return (
-                    f"{key} is not in Hydra's config (with hydra/launcher={launcher}); "
-                    f"to add a setting it leaves out, prefix a +: +{override.lstrip('+~')}"
-                )
-            other = _other_options_key(key, overrides)
-            if other:
-                return other
-            known = _known_keys()
-            return (
-                f"unknown config key {key!r}{_closest(key, known)}; "
-                "`normbench config` shows every key"
-            )
-    return f"invalid config: {_first_line(err)}"
+    """What the user got wrong when Hydra could not compose, found by checking the
+    overrides (against the schema, Hydra's options and Hydra's config), not by reading
+    Hydra's message, which is long and names its internals."""
+    found = _schema_problem(err) or _hydra_override_problem(parse_overrides(overrides))
+    return found or f"invalid config: {_first_line(err)}"
+
+
+def _unknown_key(key: str, overrides: Sequence[str]) -> str:
+    """For ``key=value`` where the config has no ``key``: another option of its group that
+    has it, or the closest key."""
+    other = _other_options_key(key, overrides)
+    if other:
+        return other
+    return (
+        f"unknown config key {key!r}{_closest(key, _known_keys())}; "
+        "`normbench config` shows every key"
+    )
 
 
 def _other_options_key(key: str, overrides: Sequence[str], chosen: str | None = None) -> str | None:
@@ -545,9 +600,8 @@ def _other_options_key(key: str, overrides: Sequence[str], chosen: str | None = 
 
 def _known_keys() -> list[str]:
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+    with _initialized():
         cfg = hydra_compose(config_name="config")
     return list(_flatten(cfg))
 
@@ -577,192 +631,18 @@ def flatten(cfg) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- validation
 #
 # Every key gets a type and a range check, in the user's words, before anything is built:
-# a value that passes here does not crash a model, a norm or an optimizer later. Keys
-# with a rule below are checked by it; any other key of a group option (a new variant's
-# own argument) must have the type of its default in the option's YAML.
+# a value that passes here does not crash a model, a norm or an optimizer later. A key the
+# schema declares is checked by its rule (normbench.schema); any other key of a group
+# option (a new variant's own argument) must have the type of its default in its YAML.
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-#: The largest float32. Runs compute in float32, and torch converts every setting that
-#: enters a tensor operation (a learning rate, momentum, weight decay, an epsilon) to the
-#: parameters' dtype: a larger value stops the first optimizer step with an overflow.
-FLOAT32_MAX = 3.4028234663852886e38
-
-_TOO_LARGE = f"a number <= {FLOAT32_MAX:.4g} (float32's largest: runs compute in float32)"
-
-#: The smallest positive normal float32 (``torch.finfo(torch.float32).tiny``). A value that
-#: must be above 0 must be at least this: a smaller one is 0 in float32 (1e-46), or a
-#: subnormal that a GPU's kernels flush to 0, which an epsilon under a square root cannot be.
-FLOAT32_TINY = 1.1754943508222875e-38
-
-_TOO_SMALL = (
-    f"a number >= {FLOAT32_TINY:.4g} (float32's smallest normal: runs compute in float32, "
-    "where a smaller one is 0 or flushed to 0)"
-)
-
-
-def _int(low: int, high: int | None = None, null: bool = False):
-    if high is not None and high > 10**6 and (high + 1) & high == 0:  # 2**63 - 1, readably
-        top = f" and <= 2**{high.bit_length()} - 1"
-    else:
-        top = f" and <= {high}" if high is not None else ""
-    rule = f"an integer >= {low}{top}" + (" or null" if null else "")
-
-    def check(value: Any) -> str | None:
-        if null and value is None:
-            return None
-        ok = _is_int(value) and value >= low and (high is None or value <= high)
-        return None if ok else rule
-
-    return check
-
-
-def _number(low: float, strict: bool, high: float | None = None, null: bool = False):
-    rule = f"a number {'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high else "")
-    rule += " or null" if null else ""
-
-    def check(value: Any) -> str | None:
-        if null and value is None:
-            return None
-        ok = _is_number(value) and (value > low if strict else value >= low)
-        if ok and high is None and value > FLOAT32_MAX:
-            return _TOO_LARGE
-        if ok and strict and low == 0 and value < FLOAT32_TINY:
-            return _TOO_SMALL
-        return None if ok and (high is None or value <= high) else rule
-
-    return check
-
-
-def _one_of(*choices: str):
-    def check(value: Any) -> str | None:
-        if value in choices:
-            return None
-        return f"one of {', '.join(choices)}" + (_closest(str(value), choices) if value else "")
-
-    return check
-
-
-def _boolean(null: bool = False):
-    rule = "true or false" + (" or null" if null else "")
-    return lambda value: None if isinstance(value, bool) or (null and value is None) else rule
-
-
-def _text(value: Any) -> str | None:
-    return None if isinstance(value, str) and value.strip() else "a non-empty string"
-
-
-def _ints(low: int, empty: bool):
-    rule = f"a list of integers >= {low}" + ("" if empty else " (at least one)")
-
-    def check(value: Any) -> str | None:
-        items = list(value) if isinstance(value, list | tuple) else None
-        ok = items is not None and (empty or items) and all(_is_int(v) and v >= low for v in items)
-        return None if ok else rule
-
-    return check
-
-
-def _val_size(value: Any) -> str | None:
-    fraction = isinstance(value, float) and 0 <= value < 1
-    return (
-        None
-        if fraction or (_is_int(value) and value >= 0)
-        else ("a fraction in [0, 1) of the training images or a count of them (0: none)")
-    )
-
-
-def _key_list(value: Any) -> str | None:
-    ok = value is None or (
-        isinstance(value, list) and value and all(isinstance(k, str) and k for k in value)
-    )
-    return None if ok else "a list of config keys, as [lr], or null"
-
-
-def _baseline(value: Any) -> str | None:
-    if value is None or value in group_options("norm"):
-        return None
-    return f"a norm ({', '.join(group_options('norm'))}) or null"
-
-
-def _betas(value: Any) -> str | None:
-    items = list(value) if isinstance(value, list | tuple) else []
-    ok = len(items) == 2 and all(_is_number(b) and 0 <= b < 1 for b in items)
-    return None if ok else "two numbers in [0, 1), as [0.9, 0.999]"
-
-
-def _fractions(value: Any) -> str | None:
-    items = list(value) if isinstance(value, list | tuple) else None
-    ok = items is not None and all(_is_number(m) and 0 < m < 1 for m in items)
-    return None if ok else "a list of fractions of training between 0 and 1"
-
-
-#: The rule of every key normbench defines (dotted names).
-RULES: dict[str, Any] = {
-    "name": _text,
-    "out_dir": _text,
-    "batch_size": _int(1),
-    "eval_batch_size": _int(1),
-    "lr": _number(0, strict=True),
-    "lr_scaling": _one_of(*LR_SCALINGS),
-    "ref_batch_size": _int(1),
-    "epochs": _int(1),
-    "budget": _one_of(*BUDGETS),
-    "max_steps": _int(1, null=True),
-    # torch's generators take 64-bit seeds; numpy's and others' signed ones
-    "seed": _int(0, 2**63 - 1),
-    "device": _one_of(*DEVICES),
-    "threads": _int(1, null=True),
-    "memory_format": _one_of(*MEMORY_FORMATS),
-    "schedule.name": _one_of(*SCHEDULES),
-    "schedule.warmup_epochs": _number(0, strict=False),
-    "schedule.milestones": _fractions,
-    "schedule.gamma": _number(0, strict=True),
-    "model.widths": _ints(1, empty=False),
-    "model.width": _int(1),
-    "model.hidden": _ints(1, empty=True),
-    "norm.eps": _number(0, strict=True),
-    "norm.momentum": _number(0, strict=False, high=1, null=True),
-    "norm.groups": _int(1),
-    "norm.r_max": _number(1, strict=False),
-    "norm.d_max": _number(0, strict=False),
-    "norm.warmup_steps": _int(0),
-    "norm.ramp_steps": _int(0),
-    "norm.virtual_batch_size": _int(1),
-    "norm.backend": _one_of("auto", "cpu", "triton", "reference"),
-    "dataset.root": _text,
-    "dataset.download": _boolean(),
-    "dataset.train_size": _int(1, null=True),
-    "dataset.test_size": _int(1, null=True),
-    "dataset.val_size": _val_size,
-    "dataset.augment": _boolean(null=True),
-    "optim.momentum": _number(0, strict=False),
-    "optim.weight_decay": _number(0, strict=False),
-    "optim.nesterov": _boolean(),
-    "optim.betas": _betas,
-    "optim.eps": _number(0, strict=True),
-    "eval.precise_bn_batches": _int(1),
-    "checkpoint.save": _one_of("last", "none"),
-    "checkpoint.keep": _boolean(),
-    "report.select": _key_list,
-    "report.baseline": _baseline,
-}
-
-#: Groups a run cannot do without (``experiment`` is optional).
-REQUIRED_GROUPS = ("model", "norm", "dataset", "optim")
+_is_int = schema.is_int
+_is_number = schema.is_number
 
 
 def _by_default(default: Any):
     """The type check of a key with no rule: the type of its default value."""
     if isinstance(default, bool):
-        return _boolean()
+        return schema.Flag().check
     if _is_int(default):
         return lambda value: None if _is_int(value) else "an integer"
     if isinstance(default, float):
@@ -790,7 +670,9 @@ def _option_defaults(group: str, option: str, load: bool = True) -> dict[str, An
         loaded = OmegaConf.to_container(OmegaConf.load(path))
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:  # a config folder's file
         raise UserError(unreadable_config(err)) from None
-    return _flatten(loaded) if isinstance(loaded, dict) else {}
+    if not isinstance(loaded, dict):
+        return {}
+    return _flatten({k: v for k, v in loaded.items() if k != "defaults"})  # its schema's name
 
 
 def option_keys(group: str, option: str, load: bool = True) -> dict[str, Any]:
@@ -813,15 +695,16 @@ def validate(cfg) -> None:
         if not hasattr(node, "get") or not isinstance(node.get("name"), str):
             valid = ", ".join(group_options(group))
             raise UserError(f"{group} is missing ({group}=null or ~{group}); pick one of: {valid}")
-    for key, value in flatten(cfg).items():
-        check = RULES.get(key)
-        group = key.split(".", 1)[0]
-        if check is None and group in REQUIRED_GROUPS and key != f"{group}.name":
-            default = _option_defaults(group, cfg[group].name).get(key.split(".", 1)[1])
-            check = _by_default(default)
-        rule = check(value) if check is not None else None
-        if rule is not None:
-            raise UserError(f"{key} must be {rule}, got {value!r}")
+    flat = flatten(cfg)
+    for key, value in flat.items():
+        problem = check_value(key, value, cfg)
+        if problem is not None:
+            raise UserError(problem)
+    for item in schema.root_keys():
+        if item.name not in flat:  # ~key: normbench reads every key it declares
+            raise UserError(
+                f"{item.name} is missing (~{item.name}): normbench reads it; set a value instead"
+            )
     _require(
         os.sep not in cfg.name and cfg.name not in (".", ".."),
         "name",
@@ -831,10 +714,36 @@ def validate(cfg) -> None:
     _check_learning_rate(cfg)
     _check_path_lengths(cfg)
     if cfg.device == "cuda":
-        import torch
+        resolve_device("cuda")
 
-        if not torch.cuda.is_available():
-            raise UserError("device=cuda but CUDA is not available here; use device=auto or cpu")
+
+def check_value(key: str, value: Any, cfg=None) -> str | None:
+    """What is wrong with ``key=value`` (the message), or None: the schema's rule for a
+    key it declares; for another key of a group option, the type of its default there
+    (``cfg``: the config, to know which option)."""
+    rule = _RULES.get(key)
+    if rule is not None:
+        problem = rule.check(value, group_options)
+    else:
+        group, _, rest = key.partition(".")
+        if cfg is None or group not in REQUIRED_GROUPS or not rest or rest == "name":
+            return None
+        default = _option_defaults(group, cfg[group].name).get(rest)
+        problem = _by_default(default)(value)
+    return None if problem is None else f"{key} must be {problem}, got {value!r}"
+
+
+def resolve_device(name: str, spelled: str = "device=") -> str:
+    """``auto`` as the device it picks; a :class:`UserError` for an unknown device or for
+    cuda where CUDA is not available (``spelled``: how the user set it, ``--device ``)."""
+    if name not in DEVICES:
+        raise UserError(f"unknown device {name!r}; valid: {', '.join(DEVICES)}")
+    import torch
+
+    available = torch.cuda.is_available()
+    if name == "cuda" and not available:
+        raise UserError(f"{spelled}cuda but CUDA is not available here; use {spelled}auto or cpu")
+    return ("cuda" if available else "cpu") if name == "auto" else name
 
 
 def _require(ok: bool, key: str, rule: str, value: Any) -> None:

@@ -33,6 +33,7 @@ import pandas as pd
 
 from normbench import received
 from normbench.errors import NotWritten, UserError
+from normbench.schema import STATUSES, RunRecord, config_slots, record_fields
 
 #: Columns of every ``metrics.csv``: one row per (run, epoch, split, metric).
 METRIC_COLUMNS: tuple[str, ...] = ("run_id", "epoch", "split", "metric", "value")
@@ -52,55 +53,11 @@ RECORD_METRICS: dict[str, tuple[str, str]] = {
     "img_per_s": ("train", "img_per_s"),
 }
 
-#: Fields every ``summary.json`` holds, in this order (more may follow).
-SUMMARY_FIELDS: tuple[str, ...] = (
-    "run_id",
-    "status",
-    "name",
-    "model",
-    "norm",
-    "dataset",
-    "optim",
-    "batch_size",
-    "lr",
-    "lr_effective",
-    "epochs",
-    "max_steps",
-    "seed",
-    "steps",
-    "final_test_acc",
-    "best_test_acc",
-    "final_val_acc",
-    "best_val_acc",
-    "best_val_epoch",
-    "test_acc_at_best_val",
-    "test_acc_precise_bn",
-    "test_acc_batch_stats",
-    "bn_eval_time_s",
-    "resumed_from_epoch",
-    "final_test_loss",
-    "final_train_loss",
-    "final_train_acc",
-    "train_time_s",
-    "wall_time_s",
-    "img_per_s",
-    "num_params",
-    "device",
-    "threads",
-    "threads_from",
-    "memory_format",
-    "error",
-    "started_at",
-    "finished_at",
-    "torch_version",
-    "normbench_version",
-)
+#: Fields every ``summary.json`` holds, in this order (its ``config.<key>`` entries follow):
+#: :class:`~normbench.schema.RunRecord`'s.
+SUMMARY_FIELDS: tuple[str, ...] = tuple(f.name for f in record_fields())
 
 RUN_FILES = ("config.yaml", "metrics.csv", "summary.json")
-
-#: A run's ``status``: ``interrupted`` runs (stopped from outside) are redone by the next
-#: sweep; the others are results (failed and diverged ones unless ``--retry-failed``).
-STATUSES: tuple[str, ...] = ("completed", "diverged", "failed", "interrupted")
 
 
 def metrics_frame(run_id: str, records: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -303,21 +260,56 @@ def write_figure(path: Path, figure, **savefig: Any) -> None:
     _write_atomic(Path(path), lambda handle: figure.savefig(handle, **savefig), binary=True)
 
 
-# ------------------------------------------------------------------------- reading configs
+# ---------------------------------------------------------------- summary.json's config
 #
 # A run's summary.json carries its config, flattened, under ``config.<dotted key>``
-# (runner.summary_record), so aggregation reads one JSON file per run. Parsing thousands of
-# config.yaml files would cost more than everything else together (PyYAML's C loader:
-# 0.3 ms each); config.yaml is read only for a summary written without those keys.
+# (:func:`summary_of`), so aggregation reads one JSON file per run. Parsing thousands of
+# config.yaml files would cost more than everything else together: config.yaml is read
+# only for a summary written without those keys. A config key that a record field holds
+# (``norm.name`` is ``norm``) is written once, as that field; summaries written before
+# carry it twice, and read the same.
 
 CONFIG_PREFIX = "config."
 
+#: The config keys the record's fields hold: config key -> field.
+_HELD: dict[str, str] = {f.config: f.name for f in record_fields() if f.config}
+#: Where a config key goes among the others: the rank of its top-level key.
+_SLOT: dict[str, int] = {key: rank for rank, key in enumerate(config_slots())}
+_HELD_RANK: dict[str, int] = {key: _SLOT[key.partition(".")[0]] for key in _HELD}
+
+
+def summary_of(record: RunRecord, config: dict[str, Any]) -> dict[str, Any]:
+    """What a run writes to summary.json: the record's fields, then ``config`` (flattened,
+    ``config.flatten``) under ``config.<key>``, less the keys the record holds."""
+    own = {f.name: getattr(record, f.name) for f in record_fields()}
+    rest = {f"{CONFIG_PREFIX}{k}": v for k, v in config.items() if k not in _HELD}
+    return {**own, **rest}
+
 
 def split_summary(summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """A summary record's own fields, and its config (None when it carries none)."""
+    """A summary record's own fields, and its config (None when it carries none), whole:
+    the keys the record holds put back in their place (``norm.name`` before ``norm.eps``)."""
     config = {k[len(CONFIG_PREFIX) :]: v for k, v in summary.items() if k.startswith(CONFIG_PREFIX)}
     own = {k: v for k, v in summary.items() if not k.startswith(CONFIG_PREFIX)}
-    return own, config or None
+    if not config:
+        return own, None
+    held = [(_HELD_RANK[k], k, own[f]) for k, f in _HELD.items() if k not in config and f in own]
+    if not held:  # written before the record held them: both names, one value
+        return own, config
+    held.sort(key=lambda item: item[0])  # (stable: in record order within a rank)
+    whole: dict[str, Any] = {}
+    pending = iter(held)
+    upcoming = next(pending, None)
+    for key, value in config.items():
+        rank = _SLOT.get(key.partition(".")[0])
+        while upcoming is not None and rank is not None and upcoming[0] <= rank:
+            whole[upcoming[1]] = upcoming[2]
+            upcoming = next(pending, None)
+        whole[key] = value
+    while upcoming is not None:
+        whole[upcoming[1]] = upcoming[2]
+        upcoming = next(pending, None)
+    return own, whole
 
 
 METRICS_HEADER = ",".join(METRIC_COLUMNS).encode()
@@ -353,41 +345,25 @@ def metrics_body(path: str) -> bytes:
 #: The range of the integers a table holds (int64: pandas' and Parquet's integers).
 _INT64 = (-(2**63), 2**63 - 1)
 
-_ACCURACY_FIELDS = (
-    "final_test_acc", "best_test_acc", "final_val_acc", "best_val_acc", "test_acc_at_best_val",
-    "test_acc_precise_bn", "test_acc_batch_stats", "final_train_acc",
-)  # fmt: skip
-_AMOUNT_FIELDS = (
-    "lr", "lr_effective", "final_test_loss", "final_train_loss", "bn_eval_time_s",
-    "train_time_s", "wall_time_s", "img_per_s",
-)  # fmt: skip
-
-#: Summary fields that hold numbers: (whole numbers only, lowest value, highest value
-#: or None, null allowed). A value outside its range is damage as much as text is: an
-#: accuracy of 5.0 would enter a table's mean as if measured.
+#: The record's number fields (:class:`~normbench.schema.RunRecord`): (whole numbers only,
+#: lowest value, highest value or None, null allowed). A value outside its range is damage
+#: as much as text is: an accuracy of 5.0 would enter a table's mean as if measured.
 _NUMBER_RULES: dict[str, tuple[bool, float, float | None, bool]] = {
-    "batch_size": (True, 1, None, False),
-    "epochs": (True, 1, None, False),
-    "seed": (True, 0, None, False),
-    "max_steps": (True, 1, None, True),
-    "steps": (True, 0, None, True),
-    "best_val_epoch": (True, 1, None, True),
-    "resumed_from_epoch": (True, 0, None, True),
-    "num_params": (True, 0, None, True),
-    "threads": (True, 1, None, True),
-    **dict.fromkeys(_ACCURACY_FIELDS, (False, 0, 1, True)),
-    **dict.fromkeys(_AMOUNT_FIELDS, (False, 0, None, True)),
+    f.name: (f.whole, 0 if f.low is None else f.low, f.high, f.null)
+    for f in record_fields()
+    if f.number
 }
 
 #: The longest a name may be: an option's (a YAML file's stem, as a file name) or an
 #: experiment's (a folder's name). A longer one is damage, not a name to draw or print.
 NAME_MAX = 255
 
-#: Summary fields (and the config's option names) that are text, or null.
+#: Summary fields that are names (text, or null), and the config's option names that
+#: summaries written before the record held them carry too.
 _TEXT_FIELDS = (
-    "name", "model", "norm", "dataset", "optim",
-    *(f"{CONFIG_PREFIX}{group}.name" for group in ("model", "norm", "dataset", "optim")),
-)  # fmt: skip
+    *(f.name for f in record_fields() if f.names),
+    *(f"{CONFIG_PREFIX}{f.config}" for f in record_fields() if f.names and "." in f.config),
+)
 
 
 def _shown(value: Any) -> str:

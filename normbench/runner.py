@@ -21,20 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from normbench import __version__, allocator, checkpoints, cores, interrupts
-from normbench.config import EXECUTION_KEYS, flatten, scaled_lr, validate
+from normbench.config import EXECUTION_KEYS, flatten, resolve_device, scaled_lr
 from normbench.errors import NotWritten, UserCodeFailed, UserError
 from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
 from normbench.rundir import (
-    CONFIG_PREFIX,
     check_writable,
     metrics_frame,
     read_summary,
     status_of,
+    summary_of,
     write_bytes,
     write_csv,
     write_json,
 )
 from normbench.rundir import write_text as write_text_file
+from normbench.schema import RunRecord, record_fields
 
 #: The file in a run's folder that holds the traceback of a user's norm that failed in it.
 ERROR_LOG = "error.log"
@@ -51,9 +52,11 @@ class RunOutcome:
     skipped: bool = False
 
 
-def run_id(cfg) -> str:
-    """A stable hash of the resolved config, seed included, output and execution keys left out."""
-    record = {k: v for k, v in flatten(cfg).items() if k not in EXECUTION_KEYS}
+def run_id(cfg, flat: dict[str, Any] | None = None) -> str:
+    """A stable hash of the resolved config, seed included, output and execution keys left
+    out. ``flat``: the config already flattened (``config.flatten``), where the caller has it."""
+    flat = flatten(cfg) if flat is None else flat
+    record = {k: v for k, v in flat.items() if k not in EXECUTION_KEYS}
     text = json.dumps(record, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -64,15 +67,6 @@ def experiment_dir(cfg) -> Path:
 
 def run_dir(cfg) -> Path:
     return experiment_dir(cfg) / "runs" / run_id(cfg)
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` as the device it picks; validate() has refused cuda without CUDA already."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _kwargs(node) -> dict[str, Any]:
@@ -112,16 +106,15 @@ def load_data(cfg):
 
 
 def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
-    """Check every value, load the data (unless given), build model and optimizer; write
-    nothing. ``threads``: set torch's thread count first (a run's; a sweep's check
-    leaves it)."""
+    """Load the data (unless given), check what depends on it, build model and optimizer;
+    write nothing. ``cfg`` is validated already (``config.compose``, or the sweep's job).
+    ``threads``: set torch's thread count first (a run's; a sweep's check leaves it)."""
     import torch
 
     from normbench.models import build_model, choose_memory_format, set_memory_format
     from normbench.norms import NormSpec
-    from normbench.train import TrainSettings, make_optimizer
+    from normbench.train import make_optimizer
 
-    validate(cfg)
     device = resolve_device(cfg.device)
     if threads is not None:
         torch.set_num_threads(threads.count)
@@ -171,21 +164,25 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
         optimizer = make_optimizer(model.parameters(), lr, cfg.optim.name, **_kwargs(cfg.optim))
     except (TypeError, ValueError) as err:
         raise UserError(f"invalid optim={cfg.optim.name} settings: {err}") from None
-    settings = TrainSettings(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=lr,
-        schedule=cfg.schedule.name,
-        warmup_epochs=cfg.schedule.warmup_epochs,
-        milestones=tuple(cfg.schedule.milestones or ()),
-        gamma=cfg.schedule.gamma,
-        max_steps=cfg.max_steps,
-        eval_batch_size=cfg.eval_batch_size,
-        budget=cfg.budget,
-        ref_batch_size=cfg.ref_batch_size,
-    )
+    settings = train_settings(cfg, lr)
     used = threads or cores.Threads(torch.get_num_threads(), "torch")
     return _Prepared(data.to(device), model, optimizer, settings, device, used, memory_format, norm)
+
+
+def train_settings(cfg, lr: float):
+    """The training loop's settings: each field of ``TrainSettings`` is the config key of
+    its name, at the top or in ``schedule``; ``lr`` is the peak after batch-size scaling."""
+    import dataclasses
+
+    from normbench.train import TrainSettings
+
+    schedule = cfg.schedule
+    values = {
+        f.name: cfg[f.name] if f.name in cfg else schedule[f.name]
+        for f in dataclasses.fields(TrainSettings)
+    }
+    values.update(lr=lr, schedule=schedule.name, milestones=tuple(schedule.milestones or ()))
+    return TrainSettings(**values)
 
 
 def _raise_out_of_memory(err: BaseException, cfg, what: str) -> None:
@@ -308,10 +305,13 @@ def summary_record(
     wall: float | None,
     resumed_from: int | None = None,
 ) -> dict:
-    """The run's flat summary record (``rundir.SUMMARY_FIELDS``). ``prepared`` None: a
-    run that stopped before it was built (what it would have measured is null)."""
+    """What the run writes to summary.json: its :class:`~normbench.schema.RunRecord` (a
+    field missing or misspelt here fails), then its config (``rundir.summary_of``).
+    ``prepared`` None: a run that stopped before it was built (what it would have measured
+    is null)."""
     from importlib.metadata import version
 
+    config = flatten(cfg)
     done = [r for r in result.records if "test_acc" in r]
     validated = [r for r in done if "val_acc" in r]
     # the first epoch of the best validation accuracy (ties: the earlier, as early stopping)
@@ -320,55 +320,45 @@ def summary_record(
     train_time = sum(r["epoch_time_s"] for r in done)
     images = sum(r["img_per_s"] * r["epoch_time_s"] for r in done)
     built = prepared is not None
-    return {
-        "run_id": rid,
-        "status": result.status,
-        "name": cfg.name,
-        "model": cfg.model.name,
-        "norm": cfg.norm.name,
-        "dataset": cfg.dataset.name,
-        "optim": cfg.optim.name,
-        "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
-        "lr_effective": prepared.settings.lr if built else None,
-        "epochs": cfg.epochs,
-        "max_steps": cfg.max_steps,
-        "seed": cfg.seed,
-        "steps": result.steps,
-        "final_test_acc": done[-1]["test_acc"] if done else None,
-        "best_test_acc": max(r["test_acc"] for r in done) if done else None,
-        "final_val_acc": validated[-1]["val_acc"] if validated else None,
-        "best_val_acc": best["val_acc"] if best else None,
-        "best_val_epoch": best["epoch"] if best else None,
-        # the honest figure: test accuracy of the epoch chosen on validation
-        "test_acc_at_best_val": best["test_acc"] if best else None,
-        # BatchNorm's population statistics re-estimated, and batch statistics at test time
-        "test_acc_precise_bn": last.get("test_acc_precise_bn"),
-        "test_acc_batch_stats": last.get("test_acc_batch_stats"),
-        "bn_eval_time_s": last.get("bn_eval_time_s"),
-        "resumed_from_epoch": resumed_from,  # the checkpoint's epoch this session went on from
-        "final_test_loss": done[-1]["test_loss"] if done else None,
-        "final_train_loss": last.get("train_loss"),
-        "final_train_acc": last.get("train_acc"),
-        "train_time_s": train_time,
-        "wall_time_s": wall,
-        "img_per_s": images / train_time if train_time > 0 else None,
-        "num_params": sum(p.numel() for p in prepared.model.parameters()) if built else None,
-        "device": prepared.device if built else None,
-        "threads": prepared.threads.count if built else None,
-        "threads_from": prepared.threads.source if built else None,
-        "memory_format": prepared.memory_format if built else None,
-        "error": result.message,
-        "started_at": started,
-        "finished_at": _now(),
+    record = RunRecord(
+        run_id=rid,
+        status=result.status,
+        # the config values the record holds (name, model, norm, batch_size, lr, ...)
+        **{f.name: config[f.config] for f in record_fields() if f.config},
+        lr_effective=prepared.settings.lr if built else None,
+        steps=result.steps,
+        final_test_acc=done[-1]["test_acc"] if done else None,
+        best_test_acc=max(r["test_acc"] for r in done) if done else None,
+        final_val_acc=validated[-1]["val_acc"] if validated else None,
+        best_val_acc=best["val_acc"] if best else None,
+        best_val_epoch=best["epoch"] if best else None,
+        test_acc_at_best_val=best["test_acc"] if best else None,
+        test_acc_precise_bn=last.get("test_acc_precise_bn"),
+        test_acc_batch_stats=last.get("test_acc_batch_stats"),
+        bn_eval_time_s=last.get("bn_eval_time_s"),
+        resumed_from_epoch=resumed_from,
+        final_test_loss=done[-1]["test_loss"] if done else None,
+        final_train_loss=last.get("train_loss"),
+        final_train_acc=last.get("train_acc"),
+        train_time_s=train_time,
+        wall_time_s=wall,
+        img_per_s=images / train_time if train_time > 0 else None,
+        num_params=sum(p.numel() for p in prepared.model.parameters()) if built else None,
+        device=prepared.device if built else None,
+        threads=prepared.threads.count if built else None,
+        threads_from=prepared.threads.source if built else None,
+        memory_format=prepared.memory_format if built else None,
+        error=result.message,
+        started_at=started,
+        finished_at=_now(),
         # A driver recording a lost job need not import torch: the installed package says.
-        "torch_version": sys.modules["torch"].__version__
+        torch_version=sys.modules["torch"].__version__
         if "torch" in sys.modules
         else version("torch"),
-        "normbench_version": __version__,
-        # The config, flattened, so that aggregating thousands of runs reads one file each.
-        **{f"{CONFIG_PREFIX}{key}": value for key, value in flatten(cfg).items()},
-    }
+        normbench_version=__version__,
+    )
+    # The config rides along, so that aggregating thousands of runs reads one file each.
+    return summary_of(record, config)
 
 
 #: Statuses that make a run done: a sweep skips it. Failed and diverged runs count as done
@@ -415,7 +405,7 @@ def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:
     from omegaconf import OmegaConf
 
     rid = run_id(cfg)
-    folder = run_dir(cfg)
+    folder = experiment_dir(cfg) / "runs" / rid
     previous = read_summary(folder)
     if is_done(previous, redo_failed) and not force:
         return RunOutcome(rid, folder, previous, skipped=True)

@@ -57,6 +57,7 @@ class Job:
     # the live owner (lock.Owner) when another process has the run, or its SLURM job still
     # queued from an earlier sweep (queued.Queued)
     busy: Any = None
+    flat: dict[str, Any] = field(default_factory=dict)  # the config, flattened (config.flatten)
 
 
 @dataclass
@@ -223,13 +224,11 @@ def absolute_paths(overrides: Sequence[str], cfg) -> list[str]:
     this directory, so that a launcher that changes directory (``hydra.job.chdir``, a
     cluster job starting elsewhere) finds the same folders."""
     from hydra.core.override_parser.types import Quote, QuotedString
+    from omegaconf import OmegaConf
 
-    from normbench.config import flatten
-
-    flat = flatten(cfg)
     result = list(overrides)
     for key in PATH_KEYS:
-        value = flat.get(key)
+        value = OmegaConf.select(cfg, key, default=None)
         if not isinstance(value, str) or os.path.isabs(value):
             continue
         text = QuotedString(text=os.path.abspath(value), quote=Quote.single).with_quotes()
@@ -281,13 +280,14 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
             cfg = compose(job_overrides)
         except UserError as err:
             raise UserError(f"in sweep job {' '.join(job_overrides)}: {err}") from None
-        rid = run_id(cfg)
+        flat = flatten(cfg)
+        rid = run_id(cfg, flat)
         folder = experiment_dir(cfg) / "runs" / rid
         if folder in planned:
             result.duplicates += 1
             continue
         planned.add(folder)
-        job = Job(job_overrides, cfg, rid, folder, status_of(read_summary(folder)))
+        job = Job(job_overrides, cfg, rid, folder, status_of(read_summary(folder)), flat=flat)
         result.jobs.append(job)
         if result.skipped(job):
             continue
@@ -310,7 +310,7 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
         if there:  # a run folder left read-only, or a file in its place
             check_writable(folder)
         # Seeds, learning rates and where results go do not change whether a job can run.
-        shape = {k: v for k, v in flatten(cfg).items() if k not in {"seed", "lr", *EXECUTION_KEYS}}
+        shape = {k: v for k, v in flat.items() if k not in {"seed", "lr", *EXECUTION_KEYS}}
         key = json.dumps(shape, sort_keys=True, default=str)
         if key in checked:
             continue
@@ -331,7 +331,6 @@ def _check_report(jobs: Sequence[Job]) -> None:
     not after every run trained."""
     from normbench.analysis.collect import frame_of
     from normbench.analysis.keys import resolve_key, swept_keys
-    from normbench.config import flatten
     from normbench.rundir import read_summary, split_summary
 
     experiments: dict[Path, list[Job]] = {}
@@ -341,7 +340,7 @@ def _check_report(jobs: Sequence[Job]) -> None:
         report = members[0].cfg.report
         if report.baseline is None and not report.select:
             continue
-        configs = {job.run_id: flatten(job.cfg) for job in members}
+        configs = {job.run_id: job.flat for job in members}
         try:
             found = sorted((folder / "runs").iterdir())
         except OSError:  # none yet; or one that cannot be read: the plan's own jobs only
@@ -408,6 +407,7 @@ def run_job(cfg) -> str:
         warnings.showwarning = terminal.show_warning
     try:  # the job's first imports (torch among them)
         from normbench import interrupts, queued
+        from normbench.config import validate
         from normbench.lock import slurm_job
         from normbench.runner import RunInProgress, record_unfinished, run, run_dir
     except Exception:
@@ -428,6 +428,9 @@ def run_job(cfg) -> str:
     with interrupts.handle_signals():
         try:
             with display as bar:
+                if os.environ.get(DRIVER_ENV) != str(os.getpid()):
+                    # Hydra composed this job here; the plan checked its twin elsewhere
+                    validate(cfg)
                 outcome = run(cfg, redo_failed=retry, display=bar)
         except RunInProgress:
             return "running elsewhere"

@@ -32,15 +32,11 @@ from normbench.analysis.keys import (
     swept_keys,
 )
 from normbench.errors import UserError
+from normbench.schema import record_fields
 
-#: The accuracies :func:`group_stats` gives mean, std and 95% CI of.
-#: ``best_test_acc`` (a choice made on the test set) is kept in the runs, never summarised.
-STAT_METRICS: tuple[str, ...] = (
-    "final_test_acc",
-    "test_acc_at_best_val",
-    "test_acc_precise_bn",
-    "test_acc_batch_stats",
-)
+#: The accuracies :func:`group_stats` gives mean, std and 95% CI of: the run record's
+#: fields marked ``stat`` (:class:`~normbench.schema.RunRecord`).
+STAT_METRICS: tuple[str, ...] = tuple(f.name for f in record_fields() if f.stat)
 
 
 #: Columns of ``summary.csv`` after the group keys.

@@ -38,6 +38,7 @@ import pandas as pd
 
 from normbench.analysis.keys import option_keys, other_keys, resolve_key, swept_keys
 from normbench.analysis.stats import ci95, mean_ci
+from normbench.schema import record_fields
 from normbench.terminal import clean
 from normbench.views.text import format_float, format_string
 
@@ -251,16 +252,18 @@ def _file_name(stem: str, combo: dict[str, Any], taken: set[str]) -> str:
 
 
 def _described(frame: pd.DataFrame) -> str:
-    """``small_cnn on digits`` for the title, from the runs' model and data set."""
+    """``small_cnn on digits`` for the title, from the runs' model and data set (the
+    columns the tables group by: ``model.name``)."""
+    from normbench.errors import UserError
 
-    def values(*columns: str) -> str:
-        for column in columns:
-            if column in frame.columns:
-                found = sorted({_fmt(v) for v in frame[column]})
-                return ", ".join(found)
-        return "?"
+    def values(key: str) -> str:
+        try:
+            column = resolve_key(frame, key)
+        except UserError:
+            return "?"
+        return ", ".join(sorted({_fmt(v) for v in frame[column]}))
 
-    return f"{values('model', 'model.name')} on {values('dataset', 'dataset.name')}"
+    return f"{values('model')} on {values('dataset')}"
 
 
 def _seeds_text(counts: Sequence[int]) -> str:
@@ -592,11 +595,10 @@ def training_curves(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[tuple[str
     return figures
 
 
-#: BatchNorm's three inference estimators: (summary field, legend label, line style).
-ESTIMATORS = (
-    ("final_test_acc", "running averages", "-"),
-    ("test_acc_precise_bn", "PreciseBN", "--"),
-    ("test_acc_batch_stats", "batch statistics", ":"),
+#: BatchNorm's inference estimators: (summary field, legend label, line style), the run
+#: record's fields that name one (:class:`~normbench.schema.RunRecord`).
+ESTIMATORS: tuple[tuple[str, str, str], ...] = tuple(
+    (f.name, *f.estimator) for f in record_fields() if f.estimator
 )
 
 
