@@ -369,7 +369,7 @@ def check_norm(
     builds from (num_channels), keeps shape and dtype in training and eval, survives a
     state_dict round trip, passes gradients to every parameter and works in a model.
     Exit status 1 when a check fails."""
-    from normbench.norms.checks import check_norm as run_checks
+    from normbench.checknorm import check_norm as run_checks
     from normbench.norms.registry import _REGISTRY, entry_point_norms, load_class
     from normbench.views import lines
 
@@ -478,7 +478,7 @@ def bench(
     except KeyboardInterrupt:
         err.print("interrupted: nothing written")
         raise typer.Exit(130) from None
-    out.print(bench_table(frame))
+    out.print(bench_table(frame, benchmark.COPY))
     write_csv(out_path, frame)
     out.print(f"wrote {out_path}")
 

@@ -241,7 +241,7 @@ def _watch_forward(module, norm) -> None:
     """Make ``module.forward`` (a user's norm layer, in the probe's copy) check what it
     returns and name the norm for anything it raises (its ValueError passes: the probe
     reports that as a combination that cannot train)."""
-    from normbench.norms.checks import output_problem
+    from normbench.checknorm import output_problem
     from normbench.norms.registry import user_code
 
     forward = module.forward

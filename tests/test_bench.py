@@ -129,7 +129,7 @@ def test_without_the_cpu_kernel_timed_no_streaming_threshold_is_reported():
         [TINY], ["torch"], device="cpu", repeats=1, warmup=0, machine_bytes=MACHINE_BYTES
     )
     assert frame["stream_bytes"].isna().all()
-    assert "streams" not in str(bench_table(frame).caption)
+    assert "streams" not in str(bench_table(frame, bench.COPY).caption)
 
 
 @pytest.mark.parametrize(
@@ -137,7 +137,7 @@ def test_without_the_cpu_kernel_timed_no_streaming_threshold_is_reported():
 )
 def test_the_caption_names_the_streaming_threshold(frame, nbytes, text):
     assert f"cpu streams outputs from {text} on" in str(
-        bench_table(frame.assign(stream_bytes=nbytes)).caption
+        bench_table(frame.assign(stream_bytes=nbytes), bench.COPY).caption
     )
 
 

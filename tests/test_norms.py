@@ -757,7 +757,7 @@ def test_variants_with_their_own_activation_get_no_second_one():
 @pytest.mark.parametrize("name", norm_names())
 def test_every_variant_passes_the_checks_users_run(name):
     """``normbench check-norm`` runs these on a user's class; normbench's own pass."""
-    from normbench.norms.checks import check_norm
+    from normbench.checknorm import check_norm
 
     failed = [f"{c.name}: {c.detail}" for c in check_norm(get_norm(name)) if not c.passed]
     assert not failed, failed

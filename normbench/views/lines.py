@@ -113,7 +113,7 @@ def sweep_counts(counts: Mapping[str, int]) -> str:
 
 
 def checks_table(target: str, results: Sequence[Any]):
-    """``check-norm``'s results (``norms.checks.Check``) as a table: check, passed or
+    """``check-norm``'s results (``checknorm.Check``) as a table: check, passed or
     FAILED, detail."""
     from rich.table import Table
     from rich.text import Text
