@@ -10,7 +10,7 @@ import math
 
 from torch import nn
 
-from normbench.models import register_model
+from normbench.models.registry import register_model
 
 
 @register_model("mlp")

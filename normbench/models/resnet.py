@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normbench.models import register_model
+from normbench.models.registry import register_model
 
 
 class BasicBlock(nn.Module):

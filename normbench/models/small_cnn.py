@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from normbench.models import register_model
+from normbench.models.registry import register_model
 
 
 @register_model("small_cnn")
