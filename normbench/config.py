@@ -606,18 +606,7 @@ def _known_keys() -> list[str]:
     return list(_flatten(cfg))
 
 
-def _flatten(node, prefix: str = "") -> dict[str, Any]:
-    """``{"a.b": value}`` for every leaf of a nested config (lists stay leaves)."""
-    from omegaconf import DictConfig
-
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, DictConfig | dict):
-            flat.update(_flatten(value, f"{path}."))
-        else:
-            flat[path] = value
-    return flat
+_flatten = schema.flat
 
 
 def flatten(cfg) -> dict[str, Any]:

@@ -577,30 +577,24 @@ def config_groups() -> tuple[str, ...]:
 
 
 @functools.cache
+def declared_keys() -> tuple[Key, ...]:
+    """Every key the schema declares: the root's, then each group's options'."""
+    every = root_keys()
+    for grp in config_groups():
+        every.extend(key for keys in group_keys(grp).values() for key in keys)
+    return tuple(every)
+
+
 def rules() -> dict[str, Rule]:
     """Every declared key's rule by its dotted name; a group's keys from all its options
     (one name, one rule: ``optim.weight_decay`` is the same for sgd and adam)."""
-    found: dict[str, Rule] = {}
-    every = [*root_keys()]
-    for grp in config_groups():
-        for keys in group_keys(grp).values():
-            every.extend(keys)
-    for item in every:
-        if item.rule is not None:
-            found.setdefault(item.name, item.rule)
-    return found
-
-
-def _execution_keys() -> tuple[str, ...]:
-    every = [*root_keys()]
-    for grp in config_groups():
-        for keys in group_keys(grp).values():
-            every.extend(keys)
-    return tuple(dict.fromkeys(k.name for k in every if k.execution))
+    return {k.name: k.rule for k in reversed(declared_keys()) if k.rule is not None}
 
 
 #: Keys that say where or how a run executes, not what it computes: left out of the run id.
-EXECUTION_KEYS: tuple[str, ...] = _execution_keys()
+EXECUTION_KEYS: tuple[str, ...] = tuple(
+    dict.fromkeys(key.name for key in declared_keys() if key.execution)
+)
 
 
 def register() -> None:
@@ -625,7 +619,7 @@ def reference_markdown() -> str:
     key's type, default (from normbench's YAML files), allowed values, whether it is an
     execution key and its help."""
     root = _load(CONF_DIR / "config.yaml")
-    root = _flat({k: v for k, v in root.items() if k not in ("defaults", "hydra")})
+    root = flat({k: v for k, v in root.items() if k not in ("defaults", "hydra")})
     parts = [
         "Every key, its type, its default and what it may be. Execution keys say where or "
         "how a run executes, not what it computes: they are left out of the run id, so "
@@ -642,7 +636,7 @@ def reference_markdown() -> str:
     picks = {grp: option for entry in picks for grp, option in entry.items()}
     for grp in config_groups():
         files = sorted((CONF_DIR / grp).glob("*.yaml"))
-        values = {path.stem: _flat(_load(path)) for path in files}
+        values = {path.stem: flat(_load(path)) for path in files}
         values[""] = {"name": picks.get(grp)}  # the name: the option picked by default
         for schema, members in group_keys(grp).items():
             # norm's and dataset's: one table for every option; a model's or optimizer's own
@@ -671,14 +665,15 @@ def _load(path: Path, keep: bool = False) -> dict:
     return {k: v for k, v in loaded.items() if keep or k != "defaults"}
 
 
-def _flat(node: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
+def flat(node, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of a nested mapping (a config; lists stay leaves)."""
+    found: dict[str, Any] = {}
     for name, value in node.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{name}."))
+        if hasattr(value, "items"):
+            found.update(flat(value, f"{prefix}{name}."))
         else:
-            flat[f"{prefix}{name}"] = value
-    return flat
+            found[f"{prefix}{name}"] = value
+    return found
 
 
 def _shown(value: Any) -> str:
