@@ -364,6 +364,9 @@ def _apply(cfg, override, overrides: Sequence[str]) -> None:
             with open_dict(node):
                 del node[leaf]
         else:
+            if hasattr(found, "items") and not isinstance(value, dict):
+                keys = ", ".join(found)
+                raise UserError(f"{key} holds keys ({keys}): set one of them, as {key}.KEY=VALUE")
             # an interpolation (${...}) is checked once resolved, by validate()
             if not (isinstance(value, str) and "${" in value):
                 problem = check_value(key, value, cfg)

@@ -174,3 +174,10 @@ def test_the_schema_imports_neither_torch_nor_hydra():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_value_for_a_section_of_keys_is_one_line():
+    from normbench.errors import UserError
+
+    with pytest.raises(UserError, match=r"schedule holds keys \(name, warmup_epochs, milestones"):
+        compose(["schedule=3"])
