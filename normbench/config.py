@@ -364,6 +364,9 @@ def _apply(cfg, override, overrides: Sequence[str]) -> None:
             with open_dict(node):
                 del node[leaf]
         else:
+            if hasattr(found, "items") and not isinstance(value, dict):
+                keys = ", ".join(found)
+                raise UserError(f"{key} holds keys ({keys}): set one of them, as {key}.KEY=VALUE")
             # an interpolation (${...}) is checked once resolved, by validate()
             if not (isinstance(value, str) and "${" in value):
                 problem = check_value(key, value, cfg)
@@ -606,18 +609,7 @@ def _known_keys() -> list[str]:
     return list(_flatten(cfg))
 
 
-def _flatten(node, prefix: str = "") -> dict[str, Any]:
-    """``{"a.b": value}`` for every leaf of a nested config (lists stay leaves)."""
-    from omegaconf import DictConfig
-
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, DictConfig | dict):
-            flat.update(_flatten(value, f"{path}."))
-        else:
-            flat[path] = value
-    return flat
+_flatten = schema.flat
 
 
 def flatten(cfg) -> dict[str, Any]:

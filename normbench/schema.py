@@ -452,24 +452,32 @@ class Dataset:
 
 @dataclass
 class SmallCNN:
+    """model=small_cnn: three conv3x3-norm-ReLU layers, global average pooling, linear."""
+
     name: str = key(None, "the model (picked as model=NAME)")
     widths: list[int] = key(Wholes(1, empty=False), "the channels of the three conv layers")
 
 
 @dataclass
 class ResNet20:
+    """model=resnet20: He et al.'s CIFAR ResNet-20, 3 stages x 3 basic blocks."""
+
     name: str = key(None, "the model (picked as model=NAME)")
     width: int = key(Whole(1), "channels of the first stage; later stages double it")
 
 
 @dataclass
 class MLP:
+    """model=mlp: a multilayer perceptron on flattened images (1d norm layers)."""
+
     name: str = key(None, "the model (picked as model=NAME)")
     hidden: list[int] = key(Wholes(1, empty=True), "the hidden layers' widths")
 
 
 @dataclass
 class SGD:
+    """optim=sgd: SGD with momentum (Nesterov optional) and weight decay."""
+
     name: str = key(None, "the optimizer (picked as optim=NAME)")
     momentum: Any = key(Number(0, strict=False), "momentum factor")
     nesterov: bool = key(Flag(), "Nesterov momentum")
@@ -478,6 +486,8 @@ class SGD:
 
 @dataclass
 class Adam:
+    """optim=adam: torch.optim.Adam; weight_decay is an L2 term added to the gradient."""
+
     name: str = key(None, "the optimizer (picked as optim=NAME)")
     betas: list[Any] = key(Betas(), "decay rates of the gradient's first and second moments")
     eps: Any = key(Number(0, strict=True), "added to the denominator")
@@ -496,7 +506,7 @@ class NormArgs:
         Number(0, strict=False, high=1, null=True),
         "running statistics' update rate; null = cumulative average",
     )
-    groups: int = key(Whole(1), "at most this many groups: the largest divisor of C that is <=")
+    groups: int = key(Whole(1), "at most this many groups (the largest divisor of C up to it)")
     r_max: Any = key(Number(1, strict=False), "clip of r = batch std / running std")
     d_max: Any = key(Number(0, strict=False), "clip of d = (batch - running mean) / running std")
     warmup_steps: int = key(Whole(0), "training steps of plain BatchNorm first")
@@ -567,30 +577,24 @@ def config_groups() -> tuple[str, ...]:
 
 
 @functools.cache
+def declared_keys() -> tuple[Key, ...]:
+    """Every key the schema declares: the root's, then each group's options'."""
+    every = root_keys()
+    for grp in config_groups():
+        every.extend(key for keys in group_keys(grp).values() for key in keys)
+    return tuple(every)
+
+
 def rules() -> dict[str, Rule]:
     """Every declared key's rule by its dotted name; a group's keys from all its options
     (one name, one rule: ``optim.weight_decay`` is the same for sgd and adam)."""
-    found: dict[str, Rule] = {}
-    every = [*root_keys()]
-    for grp in config_groups():
-        for keys in group_keys(grp).values():
-            every.extend(keys)
-    for item in every:
-        if item.rule is not None:
-            found.setdefault(item.name, item.rule)
-    return found
-
-
-def _execution_keys() -> tuple[str, ...]:
-    every = [*root_keys()]
-    for grp in config_groups():
-        for keys in group_keys(grp).values():
-            every.extend(keys)
-    return tuple(dict.fromkeys(k.name for k in every if k.execution))
+    return {k.name: k.rule for k in reversed(declared_keys()) if k.rule is not None}
 
 
 #: Keys that say where or how a run executes, not what it computes: left out of the run id.
-EXECUTION_KEYS: tuple[str, ...] = _execution_keys()
+EXECUTION_KEYS: tuple[str, ...] = tuple(
+    dict.fromkeys(key.name for key in declared_keys() if key.execution)
+)
 
 
 def register() -> None:
@@ -615,7 +619,7 @@ def reference_markdown() -> str:
     key's type, default (from normbench's YAML files), allowed values, whether it is an
     execution key and its help."""
     root = _load(CONF_DIR / "config.yaml")
-    root = _flat({k: v for k, v in root.items() if k not in ("defaults", "hydra")})
+    root = flat({k: v for k, v in root.items() if k not in ("defaults", "hydra")})
     parts = [
         "Every key, its type, its default and what it may be. Execution keys say where or "
         "how a run executes, not what it computes: they are left out of the run id, so "
@@ -626,41 +630,50 @@ def reference_markdown() -> str:
     for section in SECTIONS:
         members = [k for k in keys if k.name.startswith(f"{section}.")]
         parts.append(_table(section, members[0].owner.__doc__, members, root.get))
+    picks = [
+        e for e in _load(CONF_DIR / "config.yaml", keep=True)["defaults"] if isinstance(e, dict)
+    ]
+    picks = {grp: option for entry in picks for grp, option in entry.items()}
     for grp in config_groups():
         files = sorted((CONF_DIR / grp).glob("*.yaml"))
-        values = {path.stem: _flat(_load(path)) for path in files}
+        values = {path.stem: flat(_load(path)) for path in files}
+        values[""] = {"name": picks.get(grp)}  # the name: the option picked by default
         for schema, members in group_keys(grp).items():
-            picked = (
-                sorted(values)
-                if grp in ("norm", "dataset")
-                else [schema]  # a model's or optimizer's own schema
-            )
+            # norm's and dataset's: one table for every option; a model's or optimizer's own
+            picked = sorted(values) if grp in ("norm", "dataset") else [schema]
             title = grp if grp in ("norm", "dataset") else f"{grp}={schema}"
             doc = members[0].owner.__doc__ or f"The keys of {grp}={schema}."
 
             def default(name: str, picked=picked, values=values) -> str:
                 rest = name.split(".", 1)[1]
+                if rest == "name" and len(picked) > 1:
+                    picked = [""]
                 return _varying({o: values[o][rest] for o in picked if rest in values[o]})
 
-            parts.append(_table(title, doc, members, default, shown=False))
+            names = ", ".join(o for o in sorted(values) if o) if len(picked) > 1 else schema
+            parts.append(_table(title, doc, members, default, shown=False, names=names))
     return "\n".join(parts)
 
 
-def _load(path: Path) -> dict:
+def _load(path: Path, keep: bool = False) -> dict:
+    """A YAML file's values (``keep``: its defaults list too)."""
     from omegaconf import OmegaConf
 
     loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    return {k: v for k, v in loaded.items() if k != "defaults"} if isinstance(loaded, dict) else {}
+    if not isinstance(loaded, dict):
+        return {}
+    return {k: v for k, v in loaded.items() if keep or k != "defaults"}
 
 
-def _flat(node: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
+def flat(node, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of a nested mapping (a config; lists stay leaves)."""
+    found: dict[str, Any] = {}
     for name, value in node.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{name}."))
+        if hasattr(value, "items"):
+            found.update(flat(value, f"{prefix}{name}."))
         else:
-            flat[f"{prefix}{name}"] = value
-    return flat
+            found[f"{prefix}{name}"] = value
+    return found
 
 
 def _shown(value: Any) -> str:
@@ -688,8 +701,14 @@ def _cell(text: str) -> str:
 
 
 def _table(
-    title: str, doc: str | None, keys: list[Key], default: Callable, shown: bool = True
+    title: str,
+    doc: str | None,
+    keys: list[Key],
+    default: Callable,
+    shown: bool = True,
+    names: str = "",
 ) -> str:
+    """One group's table; ``names``: the options a ``name`` key picks among."""
     lines = [f"## {title}\n"]
     if doc:
         lines.append(" ".join(doc.split()) + "\n")
@@ -703,7 +722,7 @@ def _table(
             f"`{item.name}`",
             rule.kind if rule is not None else "string",
             f"`{value}`" if value else "",
-            rule.text if rule is not None else "an option's name",
+            rule.text if rule is not None else (f"one of {names}" if "," in names else names),
             "yes" if item.execution else "no",
             item.help,
         ]
