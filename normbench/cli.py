@@ -108,7 +108,7 @@ def main(
     ] = False,
 ) -> None:
     """normbench: an experiment runner for normalization studies."""
-    from normbench.config import add_config_dir
+    from normbench.options import add_config_dir
 
     # A warning may quote a user's value or a compiler's output: shown cleaned, as text;
     # normbench's notices as one line. So are a bug's traceback and what Hydra or a

@@ -26,90 +26,20 @@ from normbench.schema import (  # noqa: F401 - the names callers know config by
     MEMORY_FORMATS,
 )
 
-#: The config groups; their options are the YAML files in ``normbench/conf/<group>/``.
-GROUPS: tuple[str, ...] = (*schema.config_groups(), "experiment")
-
-#: Groups a run cannot do without (``experiment`` is optional).
-REQUIRED_GROUPS: tuple[str, ...] = schema.config_groups()
-
 #: Every declared key's rule (``normbench.schema``), by its dotted name.
 _RULES = schema.rules()
 
 
-def conf_dir() -> Path:
-    """The configs, ``normbench/conf/``: package data, in a wheel as in a checkout."""
-    return schema.CONF_DIR
-
-
-#: Config folders a user adds (``normbench --config-dir DIR``, or ``hydra.searchpath`` with
-#: ``file://`` entries): their ``<group>/<option>.yaml`` files are options too, a norm's
-#: with a ``_target_`` naming its class.
-_user_dirs: list[Path] = []
-
-
-def add_config_dir(path: str | Path) -> None:
-    """Search ``path`` for config options as well (after normbench's own). An option of
-    normbench's own that the folder has too (``norm/custom_bn.yaml``) keeps normbench's,
-    as Hydra's search path does: a :class:`~normbench.errors.Notice` says so."""
-    import warnings
-
-    from normbench.errors import Notice
-
-    folder = Path(path).expanduser().resolve()
-    if not folder.is_dir():
-        what = "not a folder" if folder.exists() else "no such folder"
-        raise UserError(f"--config-dir {path}: {what}")
-    if "${" in str(folder):
-        raise UserError(
-            f"--config-dir {path}: Hydra reads ${{...}} in its search path as an "
-            "interpolation, where a job resolves it: give the folder (or a link to it) a "
-            "name without ${"
-        )
-    if folder in _user_dirs:
-        return
-    _user_dirs.append(folder)
-    if (folder / "config.yaml").is_file():
-        warnings.warn(
-            f"{folder / 'config.yaml'} is ignored: normbench's own config.yaml is the root "
-            "config; a folder of yours adds options to the groups (norm/NAME.yaml, ...)",
-            Notice,
-            stacklevel=2,
-        )
-    for group in GROUPS:
-        for own in sorted((folder / group).glob("*.yaml")):
-            if (conf_dir() / group / own.name).is_file():
-                warnings.warn(
-                    f"{own} is ignored: normbench's own {group}={own.stem} comes first "
-                    f"(Hydra's search path); give yours another name, as {group}/my_{own.name}",
-                    Notice,
-                    stacklevel=2,
-                )
-
-
-def config_dirs() -> list[Path]:
-    return [conf_dir(), *_user_dirs]
-
-
-def searchpath_overrides() -> list[str]:
-    """The Hydra override that makes Hydra search the user's folders too (or nothing)."""
-    from hydra.core.override_parser.types import Quote, QuotedString
-
-    if not _user_dirs:
-        return []
-    # quoted as Hydra's grammar reads a string (a folder may be named "a[b]" or "it's,x")
-    entries = (
-        QuotedString(text=f"file://{d}", quote=Quote.single).with_quotes() for d in _user_dirs
-    )
-    return [f"hydra.searchpath=[{','.join(entries)}]"]
-
-
-def option_file(group: str, option: str) -> Path | None:
-    """The YAML file of a group's option: normbench's own first, then the user's folders."""
-    for folder in config_dirs():
-        path = folder / group / f"{option}.yaml"
-        if path.is_file():
-            return path
-    return None
+from normbench.options import (  # noqa: E402 - config works with the options
+    GROUPS,
+    REQUIRED_GROUPS,
+    add_config_dir,
+    conf_dir,
+    config_dirs,
+    option_file,
+    searchpath_overrides,
+    user_dirs,
+)
 
 
 def group_options(group: str) -> list[str]:
@@ -433,12 +363,12 @@ def unreadable_config(err: BaseException) -> str:
         return f"cannot read the config file {err.filename}: {err.strerror or err}"
     if isinstance(err, UnicodeDecodeError):  # which file, Python's error does not say
         undecodable = []
-        for path in sorted(p for d in _user_dirs for p in d.glob("*/*.yaml")):
+        for path in sorted(p for d in user_dirs() for p in d.glob("*/*.yaml")):
             try:
                 path.read_bytes().decode("utf-8")
             except (OSError, UnicodeDecodeError):
                 undecodable.append(str(path))
-        where = ", ".join(undecodable) or "a file of " + ", ".join(map(str, _user_dirs))
+        where = ", ".join(undecodable) or "a file of " + ", ".join(map(str, user_dirs()))
         return f"{where}: not UTF-8 text: {_first_line(err)}"
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
     if isinstance(err, yaml.MarkedYAMLError) and mark is not None:

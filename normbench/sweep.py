@@ -123,7 +123,7 @@ def _sweeper_params(overrides: Sequence[str]) -> list[str]:
     """An experiment preset's ``hydra.sweeper.params``, as ``key=values`` overrides."""
     from hydra import compose, initialize_config_dir
 
-    from normbench.config import conf_dir
+    from normbench.options import conf_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
@@ -477,15 +477,15 @@ def _adopt_config_dirs() -> None:
     driver's do (the driver has them from the command line already)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from normbench import config
+    from normbench.options import adopt_config_dir
 
     if not HydraConfig.initialized():
         return
     for entry in HydraConfig.get().searchpath or []:
         if isinstance(entry, str) and entry.startswith("file://"):
             folder = Path(entry.removeprefix("file://")).resolve()
-            if folder.is_dir() and folder not in config._user_dirs:
-                config._user_dirs.append(folder)
+            if folder.is_dir():
+                adopt_config_dir(folder)
 
 
 class SweepInterrupted(Exception):
@@ -500,7 +500,7 @@ def launch(sweep_plan: Plan, display: SweepDisplay | None = None) -> None:
     import hydra
 
     from normbench import interrupts, launchers
-    from normbench.config import conf_dir
+    from normbench.options import conf_dir
 
     global _display
     saved_argv = sys.argv

@@ -29,9 +29,9 @@ def no_user_config_dirs(monkeypatch):
     """Each test starts with no user config folder: the CLI's ``--config-dir`` adds to a
     process-wide list, which would otherwise carry a test's folder (its norms) into the
     next tests of the same worker."""
-    from normbench import config
+    from normbench import options
 
-    monkeypatch.setattr(config, "_user_dirs", [])
+    monkeypatch.setattr(options, "_user_dirs", [])
 
 
 @pytest.fixture

@@ -223,7 +223,7 @@ def test_composition_matches_hydras_own(overrides):
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from normbench.config import conf_dir
+    from normbench.options import conf_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         reference = hydra_compose(config_name="config", overrides=overrides)
@@ -369,7 +369,8 @@ def test_glob_is_written_out_as_hydras_own_glob_expands_it():
     from hydra._internal.utils import create_config_search_path
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from normbench.config import conf_dir, expand_globs
+    from normbench.config import expand_globs
+    from normbench.options import conf_dir
 
     loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir())))
     parser = OverridesParser.create(config_loader=loader)
@@ -401,10 +402,10 @@ def test_a_glob_that_cannot_expand_is_one_error(glob, expected):
 def test_a_user_option_shadowing_normbenchs_own_is_ignored_with_a_notice(tmp_path, monkeypatch):
     """Hydra's search path has normbench's folder first: the built-in wins, and the user
     is told which file is ignored."""
-    from normbench import config
+    from normbench import config, options
     from normbench.errors import Notice
 
-    monkeypatch.setattr(config, "_user_dirs", [])
+    monkeypatch.setattr(options, "_user_dirs", [])
     (tmp_path / "norm").mkdir()
     (tmp_path / "norm" / "custom_bn.yaml").write_text("name: custom_bn\nmomentum: 0.5\n")
     (tmp_path / "norm" / "mine.yaml").write_text("name: mine\n_target_: torch.nn.LayerNorm\n")
@@ -440,9 +441,9 @@ def test_parsed_overrides_survive_the_cache_emptying_mid_call(monkeypatch):
 @pytest.mark.parametrize("folder", ["cd[/x]", "q'uo,te", "sl\\ash", "sp ace]"])
 def test_a_config_folder_with_the_grammars_characters_in_its_name(tmp_path, monkeypatch, folder):
     """Hydra's override grammar reads [ ] ' , \\ in the search path: the folder is quoted."""
-    from normbench import config
+    from normbench import config, options
 
-    monkeypatch.setattr(config, "_user_dirs", [])
+    monkeypatch.setattr(options, "_user_dirs", [])
     (tmp_path / folder / "norm").mkdir(parents=True)
     (tmp_path / folder / "norm" / "mine.yaml").write_text(
         "name: mine\n_target_: torch.nn.LayerNorm\n"
@@ -453,9 +454,9 @@ def test_a_config_folder_with_the_grammars_characters_in_its_name(tmp_path, monk
 
 
 def test_a_config_folder_that_hydra_would_interpolate_or_is_a_file(tmp_path, monkeypatch):
-    from normbench import config
+    from normbench import config, options
 
-    monkeypatch.setattr(config, "_user_dirs", [])
+    monkeypatch.setattr(options, "_user_dirs", [])
     (tmp_path / "a${x}").mkdir()
     with pytest.raises(UserError, match=r"reads \$\{...\} in its search path"):
         config.add_config_dir(tmp_path / "a${x}")
@@ -482,10 +483,10 @@ def test_a_config_folder_that_hydra_would_interpolate_or_is_a_file(tmp_path, mon
 def test_a_malformed_option_file_is_one_line_everywhere(tmp_path, monkeypatch, text, expected):
     from typer.testing import CliRunner
 
-    from normbench import config
+    from normbench import options
     from normbench.cli import app
 
-    monkeypatch.setattr(config, "_user_dirs", [])
+    monkeypatch.setattr(options, "_user_dirs", [])
     (tmp_path / "conf" / "norm").mkdir(parents=True)
     path = tmp_path / "conf" / "norm" / "bad.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())

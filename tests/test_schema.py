@@ -7,7 +7,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from normbench import schema
+from normbench import options, schema
 from normbench.config import EXECUTION_KEYS, GROUPS, compose, flatten, group_options
 
 
@@ -94,7 +94,7 @@ def test_omegaconf_refuses_a_wrong_type_in_a_file_with_the_schemas_message(tmp_p
     from normbench import config
     from normbench.errors import UserError
 
-    monkeypatch.setattr(config, "_user_dirs", [])
+    monkeypatch.setattr(options, "_user_dirs", [])
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nepochs: many\n")
     config.add_config_dir(tmp_path)

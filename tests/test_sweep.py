@@ -243,7 +243,7 @@ def test_joblib_runs_jobs_in_parallel_with_shared_cores(tmp_path):
 def test_submitit_slurm_config_composes():
     from hydra import compose, initialize_config_dir
 
-    from normbench.config import conf_dir
+    from normbench.options import conf_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(
@@ -391,7 +391,7 @@ def test_the_lr_batch_study_tunes_the_rate_on_validation_in_one_sweep(tmp_path):
 
 
 def test_every_preset_states_its_budget():
-    from normbench.config import conf_dir
+    from normbench.options import conf_dir
 
     for path in (conf_dir() / "experiment").glob("*.yaml"):
         assert "\nbudget: " in path.read_text(), f"{path.name} must say budget: epochs|steps"

@@ -308,13 +308,13 @@ LATER = ("FailsInTraining", "FailsInBackward", "InterruptsInInit")
 def faulty(tmp_path, monkeypatch):
     """The faulty classes importable here, and a config folder naming each; in-process, as
     a user's code that fails must not end or hang normbench's process either."""
-    from normbench import config
+    from normbench import options
 
     code = tmp_path / "code"
     code.mkdir()
     (code / "faulty_norms.py").write_text(FAULTY)
     monkeypatch.syspath_prepend(str(code))
-    monkeypatch.setattr(config, "_user_dirs", [])  # the CLI's --config-dir adds to it
+    monkeypatch.setattr(options, "_user_dirs", [])  # the CLI's --config-dir adds to it
     conf = tmp_path / "conf" / "norm"
     conf.mkdir(parents=True)
     for name in (*FAULTS, *LATER):

@@ -415,7 +415,8 @@ _MISSING = object()
 def _root_defaults() -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from normbench.config import conf_dir, flatten
+    from normbench.config import flatten
+    from normbench.options import conf_dir
 
     root = OmegaConf.to_container(OmegaConf.load(conf_dir() / "config.yaml"), resolve=False)
     return flatten({k: v for k, v in root.items() if k not in ("defaults", "hydra")})
@@ -429,7 +430,8 @@ def _option_defaults(group: str, option: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from normbench.config import config_dirs, flatten
+    from normbench.config import flatten
+    from normbench.options import config_dirs
 
     if not isinstance(option, str):
         return {}
@@ -447,7 +449,8 @@ def _option_defaults(group: str, option: Any) -> dict[str, Any]:
 def _fill_defaults(configs: list[dict[str, Any]]):
     """``configs`` with the keys some of them lack filled in with their defaults; the
     keys filled per run, and per key the defaults used and the number of runs."""
-    from normbench.config import EXECUTION_KEYS, REQUIRED_GROUPS
+    from normbench.options import REQUIRED_GROUPS
+    from normbench.schema import EXECUTION_KEYS
 
     filled: list[list[str]] = [[] for _ in configs]
     used: dict[str, tuple[list[Any], int]] = {}

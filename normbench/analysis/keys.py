@@ -52,7 +52,7 @@ def config_columns(runs: pd.DataFrame) -> list[str]:
 def _top_level_config_keys() -> set[str]:
     from omegaconf import OmegaConf
 
-    from normbench.config import conf_dir
+    from normbench.options import conf_dir
 
     return set(OmegaConf.load(conf_dir() / "config.yaml")) - {"defaults", "hydra"}
 

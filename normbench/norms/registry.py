@@ -331,7 +331,7 @@ class NormSpec:
             return installed.plugin
         if not self.target:
             return None
-        from normbench.config import option_file
+        from normbench.options import option_file
 
         path = option_file("norm", self.name)
         return f"_target_ {self.target}" + (f" in {path}" if path else "")
