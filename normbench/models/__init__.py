@@ -49,7 +49,7 @@ def choose_memory_format(setting: str, device: str, model, norm) -> str:
     ``auto`` is channels_last on the CPU for a model with 2-d convolutions and a variant
     that declares it runs faster so (``prefers_channels_last``): there torch's
     convolutions and pooling are faster on channels_last and a training step of
-    small_cnn or resnet20 ran faster (benchmarks/README.md); else
+    small_cnn or resnet20 ran faster (docs/configuration.md#memory-layout); else
     contiguous, the layout a variant may assume (its ``view``s), and on CUDA, where it
     has not been measured.
     """
