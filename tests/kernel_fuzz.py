@@ -76,8 +76,8 @@ SAME_WORDING = (
 #: Names in torch's messages that normbench's give as its own.
 RENAMED = {"'native_batch_norm'": "'batch_norm'"}
 
-#: Where normbench departs from torch on purpose (the README's kernel section says so), each
-#: a test of the case, of normbench's error (None: it computed) and of torch's:
+#: Where normbench departs from torch on purpose (docs/kernel.md#every-argument-checked says
+#: so), each a test of the case, of normbench's error (None: it computed) and of torch's:
 #: - a running statistic written in training that is expanded (several channels in one memory
 #:   location) is refused, where torch writes its channels over each other;
 #: - torch's CPU kernel has a second path for non-contiguous arguments, which takes what its

@@ -83,7 +83,8 @@ def test_normspec_reads_class_attributes():
         spec = NormSpec(name)
         assert spec.centers == (name != "none")
         assert spec.needs_spatial == (name == "instance")
-        # measured slower, or no faster, a step on channels_last (README, Memory layout)
+        # measured slower, or no faster, a step on channels_last
+        # (docs/configuration.md#memory-layout)
         assert spec.prefers_channels_last == (name not in ("instance", "frn", "evonorm_s0"))
     layer = NormSpec("group", {"groups": 4})(12)
     assert isinstance(layer, GroupNorm) and layer.num_groups == 4

@@ -248,7 +248,7 @@ def test_submitit_slurm_config_composes():
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(
             "config",
-            # the README's SLURM example
+            # the SLURM example of docs/sweeps-and-clusters.md#on-a-slurm-cluster
             overrides=[
                 "experiment=batch_size_study",
                 "dataset.root=/shared/data",
