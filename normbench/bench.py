@@ -1,64 +1,14 @@
 """``normbench bench``: normbench's BatchNorm kernels timed against ``torch.nn.BatchNorm2d``.
 
-One timed unit is a training step of one BatchNorm layer: the module's forward in
-training mode (batch statistics, running statistics updated) and ``y.backward(dy)``
-with a fixed ``dy``, the input requiring grad; the parameters' and the input's
-``.grad`` are set to None before every unit, outside the timing. On CUDA the device
-is synchronised before and after a unit, so a time covers the kernels, not their
-launch alone.
-
-Implementations (``IMPLS``):
-
-- ``torch``: ``torch.nn.BatchNorm2d``, the baseline;
-- ``reference``: :class:`normbench.norms.BatchNorm2d` with ``backend="reference"``
-  (plain torch operations);
-- ``cpu``: the same with ``backend="cpu"``, the compiled C++ kernel (CPU tensors only);
-- ``triton``: the same with ``backend="triton"`` (CUDA tensors only: never Triton's
-  interpreter, which measures Python, not a kernel).
-
-Next to them, per shape, ``copy``: ``dst.copy_(src)`` of a float32 tensor with the
-input's number of elements, the bandwidth this machine delivers for data of that
-size, from wherever such data sits (a last-level cache holds a small shape's).
-And the machine's copy bandwidth as STREAM measures it: ``dst.copy_(src)`` of float32
-arrays four times the largest cache (``machine_copy_bytes``: at least 64 MiB, at most
-1 GiB), from memory, timed before the shapes and again after each block of them (see
-below), so it is measured under the same load as they are.
-
-The machine is noisy (other processes, frequency changes), so the measurements are
-interleaved, and figures are medians and quartiles over the repeats, never means:
-
-- within a shape, each repeat runs every implementation and the copy once, in an
-  order shuffled per repeat (seeded), so drift hits all of them alike;
-- the repeats run in blocks of ``BLOCK``, the shapes taking turns block by block
-  (in shuffled order), so a burst of load spreads over every shape rather than
-  ruining one. A shape's block starts with an untimed round, which brings its
-  allocations back to their steady state and its data back into the last-level
-  cache as far as it fits. How far depends on what the process holds and on what
-  else the machine runs: on the 2-core VM this was written on, copy ran at ~50 GB/s
-  while its data fitted in the 64-128 MB of last-level cache the VM got, and at
-  ~27-30 GB/s from DRAM, and one shape was measured either way in different runs.
-  Compare figures taken in the same run;
-- before every unit, a buffer a few times larger than a core's own caches
-  (``FLUSH_BYTES``) is read, untimed, so every unit starts with its data out of
-  them, whichever unit ran just before (triton's ``do_bench`` does the same).
-
-Derived figures, per (shape, implementation):
-
-- ``bytes``: the least traffic a unit needs: ``5 * numel * itemsize`` (the forward
-  reads ``x`` and writes ``y``; the backward reads ``x`` and ``dy`` and writes
-  ``dx``), and ``2 * numel * 4`` for the copy (reads and writes float32);
-- ``gbps``: ``bytes / median`` in 1e9 bytes per second;
-- ``speedup_vs_torch``: torch's median / this median (empty without a torch row);
-- ``frac_of_copy_bw``: ``gbps`` / the copy's ``gbps`` at the same shape;
-- ``machine_copy_gbps``: the machine copy's ``2 * bytes / median``, the same on every
-  row, and ``frac_of_machine_bw``: ``gbps`` / that;
-- ``stream_bytes``: the size from which the CPU kernel writes its outputs with streaming
-  stores (``normbench::stream_threshold``; empty where the kernel is not built);
-- ``plane_order``: on ``cpu`` rows, the order the CPU kernel reads the shape in, for
-  the forward and the backward (``normbench::plane_order``: ``channels``, ``samples``);
-- ``page_faults``: minor page faults per unit, the mean (a unit that writes fresh
-  pages pays one fault per 4 KiB; :mod:`normbench.allocator` explains why, and
-  :func:`run_bench` tunes malloc as training runs do: ``malloc`` says whether).
+One timed unit is a training step of one BatchNorm layer (the forward in training mode,
+then ``y.backward(dy)``), for each implementation of ``IMPLS`` and, per shape, a
+``copy`` of the same size: the bandwidth the machine delivers for data of that size.
+The machine's copy bandwidth is measured as STREAM does, under the same load as the
+shapes. The machine is noisy, so the measurements are interleaved (each repeat runs
+every implementation in a shuffled order; the shapes take turns in blocks of ``BLOCK``
+repeats), every unit starts with its data out of the core's own caches (a read of
+``FLUSH_BYTES`` before it, untimed), and figures are medians and quartiles, never means.
+The method and every column are described in docs/kernel.md ("Benchmarking the kernel").
 
 :func:`run_bench` validates its settings (a :class:`~normbench.errors.UserError`
 before anything runs), measures and returns one row per (shape, implementation),
@@ -104,7 +54,6 @@ DEFAULT_SHAPES: tuple[Shape, ...] = (
     (2, 16, 32, 32),
 )
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
-#: ~80 ms per repeat over the default shapes on a 2-core CPU: ~35 s in all.
 DEFAULT_REPEATS = 400
 DEFAULT_WARMUP = 10
 DEFAULT_OUT = Path("results") / "bench" / "bench.csv"
@@ -141,7 +90,7 @@ COLUMNS: tuple[str, ...] = (
     "min_ms",
     "repeats",  # timed units per implementation and shape
     "warmup",
-    "bytes",  # minimum traffic of one unit (module docstring)
+    "bytes",  # minimum traffic of one unit: 5 x numel x itemsize; 2 x numel x 4 for copy
     "gbps",  # bytes / median, 1e9 bytes per second
     "speedup_vs_torch",  # torch median / median
     "frac_of_copy_bw",  # gbps / copy gbps at the shape
@@ -383,7 +332,7 @@ def _cpu_kernel_ready(progress: Progress, required: bool) -> bool:
     if (cpu.cache_root() / name / f"{name}.so").exists():
         progress.status("loading the CPU kernel")
     else:
-        progress.status("compiling the CPU kernel (once per machine, ~45 s)")
+        progress.status("compiling the CPU kernel (once per machine)")
     if cpu.extension() is not None:
         return True
     why = f"the C++ kernel could not be compiled ({cpu.failure()})"
