@@ -598,6 +598,27 @@ def timings(samples: pd.DataFrame, config: Settings, threads: int) -> pd.DataFra
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
+def bench_to_csv(
+    out_path: Path,
+    shape_texts: Sequence[str] | None,
+    impls: Iterable[str] | None,
+    progress: Progress | None = None,
+    **options,
+) -> pd.DataFrame:
+    """``normbench bench``: the shapes as typed (``"128,64,8,8"``; None: the defaults)
+    measured by :func:`run_bench` (``options``: its keywords) and written to ``out_path``
+    as CSV. The path is checked before minutes of measuring."""
+    from normbench.rundir import check_writable, write_csv
+
+    shapes = [parse_shape(text) for text in shape_texts] if shape_texts else None
+    if out_path.is_dir():
+        raise UserError(f"--out {out_path} is a folder: give a file name, as bench.csv")
+    check_writable(out_path.parent)
+    frame = run_bench(shapes, impls, progress=progress, **options)
+    write_csv(out_path, frame)
+    return frame
+
+
 def run_bench(
     shapes: Iterable[Sequence[int]] | None = None,
     impls: Iterable[str] | None = None,

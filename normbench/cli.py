@@ -370,20 +370,12 @@ def check_norm(
     state_dict round trip, passes gradients to every parameter and works in a model.
     Exit status 1 when a check fails."""
     from normbench.checknorm import check_norm as run_checks
-    from normbench.norms.registry import _REGISTRY, entry_point_norms, load_class
+    from normbench.norms.registry import norm_class
     from normbench.views import lines
 
     kernel_environment()
     try:
-        if "." in target or ":" in target:
-            cls = load_class(target)
-        elif target in _REGISTRY or target in entry_point_norms():
-            from normbench.norms.registry import get_norm
-
-            cls = get_norm(target)
-        else:
-            raise UserError(f"{target!r} is neither a dotted class path nor a norm's name")
-        results = run_checks(cls)
+        results = run_checks(norm_class(target))
     except KeyboardInterrupt:  # Ctrl-C, or the class's own code raising it
         err.print("interrupted by SIGINT (Ctrl-C): the checks stopped, none is reported")
         raise typer.Exit(130) from None
@@ -453,19 +445,15 @@ def bench(
     fractions of both copies' bandwidths; writes them as a CSV, one row per (shape, impl).
     """
     from normbench import bench as benchmark
-    from normbench.rundir import check_writable, write_csv
     from normbench.views.progress import RichProgress
     from normbench.views.tables import bench_table
 
     kernel_environment()
-    shapes = [benchmark.parse_shape(text) for text in shape] if shape else None
-    if out_path.is_dir():
-        raise UserError(f"--out {out_path} is a folder: give a file name, as bench.csv")
-    check_writable(out_path.parent)  # before minutes of measuring
     try:
         with RichProgress(console=err) as progress:
-            frame = benchmark.run_bench(
-                shapes,
+            frame = benchmark.bench_to_csv(
+                out_path,
+                shape,
                 impl,
                 device=device,
                 dtype=dtype,
@@ -479,7 +467,6 @@ def bench(
         err.print("interrupted: nothing written")
         raise typer.Exit(130) from None
     out.print(bench_table(frame, benchmark.COPY))
-    write_csv(out_path, frame)
     out.print(f"wrote {out_path}")
 
 

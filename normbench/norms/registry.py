@@ -55,6 +55,16 @@ def get_norm(name: str) -> type:
     raise UserError(f"unknown norm {name!r}; valid: {', '.join(valid)}")
 
 
+def norm_class(target: str) -> type:
+    """The class ``normbench check-norm TARGET`` names: a dotted path (``mypkg.MyNorm``,
+    ``mypkg:MyNorm``) or a variant's name."""
+    if "." in target or ":" in target:
+        return load_class(target)
+    if target in _REGISTRY or target in entry_point_norms():
+        return get_norm(target)
+    raise UserError(f"{target!r} is neither a dotted class path nor a norm's name")
+
+
 def error_text(err: BaseException) -> str:
     """``str(err)``, whatever the exception's class (a user's) does: its ``__str__`` may
     raise, so its ``repr`` then, and ``<unprintable ...>`` when that raises too."""
