@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from normbench.config import LAYOUTS, resolve_device
+from normbench.config import LAYOUTS
 from normbench.errors import UserError
 from normbench.schema import rules
+from normbench.validation import resolve_device
 
 if TYPE_CHECKING:
     import pandas as pd

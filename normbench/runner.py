@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from normbench import __version__, allocator, checkpoints, cores, interrupts
-from normbench.config import EXECUTION_KEYS, flatten, resolve_device, scaled_lr
+from normbench.config import EXECUTION_KEYS, flatten
 from normbench.errors import NotWritten, UserCodeFailed, UserError
 from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
 from normbench.rundir import (
@@ -36,6 +36,7 @@ from normbench.rundir import (
 )
 from normbench.rundir import write_text as write_text_file
 from normbench.schema import RunRecord, record_fields
+from normbench.validation import resolve_device, scaled_lr
 
 #: The file in a run's folder that holds the traceback of a user's norm that failed in it.
 ERROR_LOG = "error.log"

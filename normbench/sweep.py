@@ -190,7 +190,8 @@ def _check_swept_options_keys(parsed: Sequence[Any]) -> None:
     that some of its options have and others lack: one message saying which, before any
     job is composed. Every job gets the same settings, so no override sets it in some
     jobs only."""
-    from normbench.config import GROUPS, option_file, option_keys
+    from normbench.config import GROUPS, option_file
+    from normbench.validation import option_keys
 
     swept = {
         o.key_or_group: list(o.sweep_string_iterator())
@@ -407,9 +408,9 @@ def run_job(cfg) -> str:
         warnings.showwarning = terminal.show_warning
     try:  # the job's first imports (torch among them)
         from normbench import interrupts, queued
-        from normbench.config import validate
         from normbench.lock import slurm_job
         from normbench.runner import RunInProgress, record_unfinished, run, run_dir
+        from normbench.validation import validate
     except Exception:
         # Hydra returns the exception to the sweep, which records its message: the
         # traceback goes to the job's log (a worker's, a cluster job's) only from here.

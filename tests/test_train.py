@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from normbench.config import scaled_lr
 from normbench.data import load_dataset
 from normbench.models import build_model
 from normbench.norms import NormSpec
 from normbench.train import TrainSettings, lr_factor, make_optimizer, train
+from normbench.validation import scaled_lr
 
 TIMING = {"epoch_time_s", "img_per_s"}
 
