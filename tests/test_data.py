@@ -3,6 +3,7 @@ subsets, errors that leave the disk untouched, batching and augmentation."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 from urllib.error import URLError
@@ -14,6 +15,7 @@ import torchvision.datasets
 import yaml
 from fixtures import TORCHVISION_DATASETS, TinyData, write_dataset
 
+from normbench import schema
 from normbench.data import (
     DATASETS,
     PAD,
@@ -472,7 +474,10 @@ def test_dataset_config_matches_load_dataset(name):
     lines = path.read_text().splitlines()
     assert lines[0].startswith("# ") and len(lines[0]) > 10  # the description `list` shows
     cfg = yaml.safe_load(path.read_text())
+    # the schema it is checked against first (its keys' types and rules), then its values
+    assert cfg.pop("defaults") == ["/schema/dataset/images@_here_", "_self_"]
     assert list(cfg) == list(inspect.signature(load_dataset).parameters)
+    assert list(cfg) == [f.name for f in dataclasses.fields(schema.Dataset)]
     assert cfg["name"] == name
     assert cfg["root"] == "data" and cfg["download"] is False
     assert cfg["train_size"] is None and cfg["test_size"] is None and cfg["augment"] is None
