@@ -12,7 +12,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -343,13 +343,29 @@ def plot(
             readable=False,  # checked by normbench, in one line (click's is a boxed usage)
         ),
     ] = None,
+    fmt: Annotated[
+        Literal["png", "pdf", "svg"],  # normbench.views.figures.FORMATS (a test holds them equal)
+        typer.Option(
+            "--format",
+            help="File format: png (150 dpi), or pdf and svg (vector, text kept as text "
+            "a paper's editor can change)",
+        ),
+    ] = "png",
+    log_error: Annotated[
+        bool,
+        typer.Option(
+            "--log-error",
+            help="Logarithmic test-error axes (error vs batch size, BatchNorm at inference): "
+            "small errors apart",
+        ),
+    ] = False,
 ) -> None:
-    """Draw each experiment's figures as PNG into its plots folder: test error vs batch
-    size per norm (log2 axis, 95% CI over seeds), test accuracy per epoch, and BatchNorm's
-    statistics at inference."""
+    """Draw each experiment's figures into its plots folder: test error vs batch size per
+    norm (log2 axis, 95% CI over seeds; the runs chosen on validation when there is a
+    selected.csv), test accuracy per epoch, and BatchNorm's statistics at inference."""
     from normbench.reports import plot_experiments
 
-    for path in plot_experiments(dirs, warn=warn):
+    for path in plot_experiments(dirs, warn=warn, fmt=fmt, log_error=log_error):
         out.print(str(path))
 
 

@@ -36,7 +36,8 @@ from normbench.rundir import (
     write_figure,
     write_parquet,
 )
-from normbench.views.figures import bn_inference, error_vs_batch_size, training_curves
+from normbench.views.figures import FORMATS, error_vs_batch_size, save_settings, training_curves
+from normbench.views.inference_figures import bn_inference
 from normbench.views.tables import (
     budget_text,
     defaults_text,
@@ -238,14 +239,25 @@ def compare_experiments(
 # ----------------------------------------------------------------------------- writing
 
 
-def plot_experiment(exp_dir: Path, warn: Callable[[str], None] | None = None) -> list[Path]:
-    """Collect an experiment's runs, draw every figure and write them as PNG into
-    ``<exp_dir>/plots/``; returns the paths written, error figures first.
+def plot_experiment(
+    exp_dir: Path,
+    warn: Callable[[str], None] | None = None,
+    *,
+    fmt: str = "png",
+    log_error: bool = False,
+) -> list[Path]:
+    """Collect an experiment's runs, draw every figure and write them into
+    ``<exp_dir>/plots/`` as ``fmt`` (png, pdf or svg: :data:`~normbench.views.figures.FORMATS`);
+    returns the paths written, error figures first. ``log_error``: logarithmic error axes.
+    With a ``selected.csv``, the error and BatchNorm-inference figures draw the runs it
+    chose.
 
     Raises :class:`NothingToPlot` (a UserError; nothing written) when no run of the
     experiment completed.
     """
+    import matplotlib
 
+    _check_format(fmt)
     exp_dir = Path(exp_dir)
     check_real_folder(exp_dir / "plots")  # a link a received folder brought: never followed
     check_writable(exp_dir / "plots")  # a read-only folder, a file named plots: say so first
@@ -268,17 +280,23 @@ def plot_experiment(exp_dir: Path, warn: Callable[[str], None] | None = None) ->
             f"{exp_dir}: no completed runs to plot ({', '.join(found) or 'no runs'})"
         )
     written = []
-    with _missing_glyphs(exp_dir / "plots", warn):
+    rc, options = save_settings(fmt)
+    with _missing_glyphs(exp_dir / "plots", warn), matplotlib.rc_context(rc):
         figures = (
-            error_vs_batch_size(selected, tuned)
+            error_vs_batch_size(selected, tuned, log=log_error)
             + training_curves(runs, collected.metrics)
-            + bn_inference(runs)
+            + bn_inference(selected, tuned, log=log_error)
         )
         for name, figure in figures:
-            path = exp_dir / "plots" / name
-            write_figure(path, figure)
+            path = (exp_dir / "plots" / name).with_suffix(f".{fmt}")
+            write_figure(path, figure, **options)
             written.append(path)
     return written
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise UserError(f"figure format {fmt!r}: one of {', '.join(FORMATS)}")
 
 
 # matplotlib's warning for a character its fonts lack, as matplotlib 3.x words it
@@ -353,12 +371,18 @@ def _selection(exp_dir: Path, runs: pd.DataFrame, warn) -> tuple[pd.DataFrame, l
 
 
 def plot_experiments(
-    paths: Sequence[Path] | None, warn: Callable[[str], None] | None = None
+    paths: Sequence[Path] | None,
+    warn: Callable[[str], None] | None = None,
+    *,
+    fmt: str = "png",
+    log_error: bool = False,
 ) -> list[Path]:
-    """:func:`plot_experiment` for every experiment under ``paths`` (the rules of
-    :func:`normbench.analysis.collect.find_experiments`). An experiment with nothing to plot
-    is reported to ``warn`` (when there are several) and skipped; when none has
-    anything, :class:`NothingToPlot` is raised and nothing is written."""
+    """:func:`plot_experiment` (as ``fmt``, with ``log_error``) for every experiment under
+    ``paths`` (the rules of :func:`normbench.analysis.collect.find_experiments`). An
+    experiment with nothing to plot is reported to ``warn`` (when there are several) and
+    skipped; when none has anything, :class:`NothingToPlot` is raised and nothing is
+    written."""
+    _check_format(fmt)
     experiments = find_experiments(paths, warn)
     for exp_dir in experiments:  # every one before the first figure is written
         check_real_folder(exp_dir / "plots")
@@ -366,7 +390,7 @@ def plot_experiments(
     problems: list[str] = []
     for exp_dir in experiments:
         try:
-            written += plot_experiment(exp_dir, warn)
+            written += plot_experiment(exp_dir, warn, fmt=fmt, log_error=log_error)
         except NothingToPlot as error:
             problems.append(str(error))
             if warn is not None and len(experiments) > 1:

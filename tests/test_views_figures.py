@@ -26,7 +26,9 @@ from normbench import reports
 from normbench.cli import app
 from normbench.errors import UserError
 from normbench.rundir import METRIC_COLUMNS
+from normbench.views import axes
 from normbench.views import figures as draw
+from normbench.views import inference_figures
 
 NORMS = ("custom_bn", "layer", "group")
 SIZES = (2, 8, 32)
@@ -188,9 +190,17 @@ def test_error_vs_batch_size_draws_means_and_hand_computed_intervals():
             mean = np.mean(errors)
             half = T975_DF2 * np.std(errors, ddof=1) / math.sqrt(len(errors))
             assert line.get_ydata()[i] == pytest.approx(mean)
+            # the bar stops at the frame the means set (3 seeds: t(0.975, 2) = 4.3)
             (low, high) = sorted(collection.get_segments()[i][:, 1])
-            assert (low, high) == (pytest.approx(mean - half), pytest.approx(mean + half))
+            bottom, top = ax.get_ylim()
+            assert (low, high) == (
+                pytest.approx(max(mean - half, bottom)),
+                pytest.approx(min(mean + half, top)),
+            )
         assert line.get_color() == draw.norm_style(norm)[0]
+    means = [100 * (1 - np.mean([final_acc(n, b, s) for s in SEEDS])) for n in NORMS for b in SIZES]
+    pad = max(0.12 * (max(means) - min(means)), 0.5)  # an eighth of their span, or half a point
+    assert ax.get_ylim() == pytest.approx((min(means) - pad, max(means) + pad))
     assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
     assert list(ax.get_xticks()) == list(SIZES)
     formatter = ax.xaxis.get_major_formatter()
@@ -396,12 +406,33 @@ def test_cli_plot_missing_dir_exits_2(tmp_path):
 
 def test_intervals_stop_at_what_an_error_can_be():
     """A wide interval near 0% error is drawn down to 0, not below (the 95% CI of the
-    mean is clipped to [0, 100]); the table does the same."""
+    mean is clipped to the axis, at most [0, 100]); the table does the same."""
     from normbench.views.tables import _interval
 
-    bars = draw._clipped(np.array([1.0, 50.0, 99.0]), np.array([3.0, 3.0, 3.0]))
+    bars, low, high = axes.clip_bars([1.0, 50.0, 99.0], [3.0, 3.0, 3.0], (0.0, 100.0))
     assert bars.tolist() == [[1.0, 3.0, 3.0], [3.0, 3.0, 1.0]]
+    assert low.tolist() == [True, False, False] and high.tolist() == [False, False, True]
     assert _interval(0.99, 0.05) == "[94.00, 100.00]" and _interval(0.01, 0.05) == "[0.00, 6.00]"
+
+
+def test_bars_stop_at_the_axis_and_say_which_end_was_cut():
+    """Hand-computed: a bar stops at a limit, flagged at the end it was cut; one seed
+    (NaN half-width) has no bar and no flag; no limits clip nothing."""
+    bars, low, high = axes.clip_bars(
+        [5.0, 5.0, 5.0, 5.0], [1.0, 4.0, 9.0, np.nan], (2.0, 8.0)
+    )
+    assert bars[:, :3].tolist() == [[1.0, 3.0, 3.0], [1.0, 3.0, 3.0]]
+    assert np.isnan(bars[:, 3]).all()
+    assert low.tolist() == [False, True, True, False]
+    assert high.tolist() == [False, True, True, False]
+    bars, low, high = axes.clip_bars([5.0], [9.0], None)
+    assert bars.tolist() == [[9.0], [9.0]] and not low.any() and not high.any()
+    # the range: the means' span plus an eighth of it (at least half a point), in [0, 100]
+    assert axes.mean_range([2.0, 10.0, np.nan]) == pytest.approx((2.0 - 0.96, 10.0 + 0.96))
+    assert axes.mean_range([0.2, 0.4]) == pytest.approx((0.0, 0.9))
+    assert axes.mean_range([np.nan]) is None
+    factor = max((10 / 0.5) ** 0.12, 1.15)  # a log axis: the margin is a factor
+    assert axes.mean_range([0.0, 0.5, 10.0], log=True) == pytest.approx((0.5 / factor, 10 * factor))
 
 
 def test_file_names_keep_a_plus_so_large_and_small_values_differ():

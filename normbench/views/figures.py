@@ -2,15 +2,24 @@
 
 The builders take the frames of :func:`normbench.analysis.collect.collect` and return
 ``(file name, matplotlib Figure)`` pairs; only :func:`normbench.reports.plot_experiment`
-writes them, through :func:`normbench.rundir.write_figure`, into ``<experiment>/plots/``.
+writes them, through :func:`normbench.rundir.write_figure`, into ``<experiment>/plots/``
+(:func:`save_settings`: PNG, or PDF and SVG with their text kept as text).
 
 - :func:`error_vs_batch_size`: Wu & He's Group Normalization figure (their Figure
-  1): final test error (%) against batch size on a log2 axis, one line per norm,
-  mean over seeds of the completed runs with 95% Student-t confidence intervals.
+  1): test error (%) against batch size on a log2 axis, one line per norm, mean over
+  seeds of the completed runs with 95% Student-t confidence intervals. The error is
+  the final epoch's, or, for the runs a selection chose (``selected.csv``), that of
+  the accuracy the selected table reports (at the best-validation epoch).
   Batch sizes where runs diverged get a cross at the top of the axes, with the
   number of diverged runs beside it; failed runs are counted in the footnote.
 - :func:`training_curves`: test accuracy (%) per epoch, mean over seeds of the
   completed runs with a 95% band, one subplot per batch size, one line per norm.
+- :func:`normbench.views.inference_figures.bn_inference`: BatchNorm's three ways of
+  normalising at test time, built from this module's preparation of the runs.
+
+The means set each value axis, not the intervals, which with two or three seeds can
+span most of the scale (:mod:`normbench.views.axes`): a bar or band past it stops at the
+frame, and a bar's clipped end is marked. An error axis may be logarithmic (``log``).
 
 When config keys other than the norm, the batch size and the seed vary (``lr``,
 ``model``, ``optim.momentum``, ...), each builder draws one figure per combination
@@ -40,6 +49,13 @@ from normbench.analysis.keys import option_keys, other_keys, resolve_key, swept_
 from normbench.analysis.stats import ci95, mean_ci
 from normbench.schema import record_fields
 from normbench.terminal import clean
+from normbench.views.axes import (
+    batch_size_axis,
+    clip_band,
+    clipped_errorbar,
+    mean_range,
+    set_value_axis,
+)
 from normbench.views.text import format_float, format_string
 
 if TYPE_CHECKING:
@@ -47,6 +63,25 @@ if TYPE_CHECKING:
 
 #: Dots per inch of every figure: sharp on screen and on paper, small files.
 DPI = 150
+
+#: The file formats a figure is written in (``normbench plot --format``); the first is
+#: the default, and the one a sweep's end writes.
+FORMATS: tuple[str, ...] = ("png", "pdf", "svg")
+
+
+def save_settings(fmt: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """How a figure is saved as ``fmt``: (matplotlib rcParams for the save, ``savefig``'s
+    keywords). PDF embeds its fonts as TrueType (``pdf.fonttype`` 42: text a paper's
+    editor can change, not Type 3 glyphs) and SVG keeps text as text; neither carries a
+    creation date, so that the same runs give the same file."""
+    if fmt not in FORMATS:
+        raise ValueError(f"figure format {fmt!r}: one of {', '.join(FORMATS)}")
+    rc = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none", "svg.hashsalt": "normbench"}
+    metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
+    options: dict[str, Any] = {"format": fmt}
+    if metadata is not None:
+        options["metadata"] = metadata
+    return rc, options
 
 #: The built-in norms, in the order of the design; each keeps its color and marker.
 NORM_ORDER: tuple[str, ...] = (
@@ -289,31 +324,64 @@ def _figure(width: float, height: float, footnote: str) -> Figure:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    if footnote:
-        lines = textwrap.wrap(footnote, width=int(width * 72 / (_FOOT_FONT * 0.52)))
-        fig.text(0.01, 0.01, "\n".join(lines), fontsize=_FOOT_FONT, color="0.3", va="bottom")
-        reserved = (len(lines) * _FOOT_FONT * 1.25 + 6) / (height * 72)
-        fig.get_layout_engine().set(rect=(0, reserved, 1, 1 - reserved))
+    _footnote(fig, footnote)
     return fig
+
+
+def _footnote(fig: Figure, footnote: str) -> None:
+    """``footnote`` in small type under everything else of ``fig`` (made by :func:`_figure`,
+    once): the layout keeps its lines free."""
+    if not footnote:
+        return
+    width, height = fig.get_size_inches()
+    lines = textwrap.wrap(footnote, width=int(width * 72 / (_FOOT_FONT * 0.52)))
+    fig.text(0.01, 0.01, "\n".join(lines), fontsize=_FOOT_FONT, color="0.3", va="bottom")
+    reserved = (len(lines) * _FOOT_FONT * 1.25 + 6) / (height * 72)
+    fig.get_layout_engine().set(rect=(0, reserved, 1, 1 - reserved))
 
 
 # ----------------------------------------------------------------------------- figure 1
 
+#: The accuracy whose error a figure draws by default: the run's last epoch.
+FINAL = "final_test_acc"
+#: The one a selection reports (``normbench results --select``): at the epoch of the
+#: run's best validation accuracy; the error figure of the selected runs draws it.
+AT_BEST_VAL = "test_acc_at_best_val"
+#: The accuracies the error figure can draw, and how its axis and footnote name them.
+ERROR_METRICS: dict[str, str] = {
+    FINAL: "after the last epoch",
+    AT_BEST_VAL: "at the best-validation epoch",
+}
 
-def error_stats(runs: pd.DataFrame) -> pd.DataFrame:
+
+def error_metric(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> str:
+    """The accuracy :func:`error_vs_batch_size` draws: with keys chosen on validation
+    (``tuned``), the one the selected table reports (:data:`AT_BEST_VAL`), when the runs
+    recorded it; else the final one."""
+    if tuned and AT_BEST_VAL in runs:
+        done = runs[runs["status"] == "completed"]
+        if pd.to_numeric(done[AT_BEST_VAL], errors="coerce").notna().any():
+            return AT_BEST_VAL
+    return FINAL
+
+
+
+def error_stats(runs: pd.DataFrame, metric: str = FINAL) -> pd.DataFrame:
     """The numbers of :func:`error_vs_batch_size`: one row per (extra-key combination,
     line, batch size) with ``combo`` (dict), ``label``, ``norm``, ``batch_size``,
     ``n`` (completed runs), ``mean_error`` and ``ci95`` (half-width; NaN when n < 2)
-    in %, ``diverged`` and ``failed`` (counts of runs not in the mean)."""
-    return _error_stats(_prepare(runs))
+    in %, ``diverged`` and ``failed`` (counts of runs not in the mean). ``metric``: the
+    accuracy whose error it is (one of :data:`ERROR_METRICS`)."""
+    return _error_stats(_prepare(runs), metric)
 
 
-def _error_stats(prepared: _Runs) -> pd.DataFrame:
+def _error_stats(prepared: _Runs, metric: str = FINAL) -> pd.DataFrame:
     rows = []
     for combo, frame in _combos(prepared):
         for (label, bs), group in frame.groupby(["_label", "_bs"], sort=False):
             done = group[group["status"] == "completed"]
-            errors = 100.0 * (1.0 - pd.to_numeric(done["final_test_acc"], errors="coerce"))
+            values = done[metric] if metric in done else pd.Series(np.nan, index=done.index)
+            errors = 100.0 * (1.0 - pd.to_numeric(values, errors="coerce"))
             mean, ci, n = mean_ci(errors.to_numpy())
             failed = prepared.failed
             rows.append(
@@ -359,25 +427,36 @@ def _count_failed(failed: pd.DataFrame, prepared: _Runs, combo, label, bs) -> in
     return int(mask.sum())
 
 
-def error_vs_batch_size(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> list[tuple[str, Figure]]:
-    """Final test error (%) against batch size (log2 axis), one line per norm.
+def error_vs_batch_size(
+    runs: pd.DataFrame,
+    tuned: Sequence[str] = (),
+    *,
+    log: bool = False,
+    metric: str | None = None,
+) -> list[tuple[str, Figure]]:
+    """Test error (%) against batch size (log2 axis), one line per norm.
 
     ``runs``: :func:`normbench.analysis.collect.collect`'s ``runs`` frame. Returns one
     ``("error_vs_batch_size[__key-value...].png", Figure)`` per combination of the
     other swept keys; none when no run completed. Points are means over seeds of
-    the completed runs, bars their 95% CI (none for a single seed); a cross at the
-    top marks a batch size where runs of that norm diverged, with their number.
+    the completed runs, bars their 95% CI (none for a single seed); the means set the
+    y range (:mod:`normbench.views.axes`): a bar past it stops at the frame, marked by
+    a triangle. A cross at the top marks a batch size where runs of that norm diverged,
+    with their number.
     ``tuned``: keys whose value was chosen on validation for each point (``runs`` are
-    the selected ones): they vary along a line, not between figures, and the title says so.
+    the selected ones): they vary along a line, not between figures, the title says so,
+    and the error drawn is that of the accuracy the selection reports
+    (:func:`error_metric`). ``metric``: that accuracy, named (:data:`ERROR_METRICS`).
+    ``log``: a logarithmic error axis.
     """
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
     from matplotlib.transforms import blended_transform_factory
 
     if not (runs["status"] == "completed").any():
         return []
+    metric = metric or error_metric(runs, tuned)
     prepared = _prepare(runs, tuned)
-    stats = _error_stats(prepared)
+    stats = _error_stats(prepared, metric)
     figures: list[tuple[str, Figure]] = []
     taken: set[str] = set()
     for combo, frame in _combos(prepared):
@@ -385,24 +464,13 @@ def error_vs_batch_size(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> list[t
         # Failed runs are counted per combination: a batch size where every run failed
         # has no row in ``points``.
         diverged, failed = int(points["diverged"].sum()), _failed_in(prepared, combo)
-        notes = [
-            f"Mean test error after the last epoch over seeds of completed runs "
-            f"({_seeds_text(points['n'].tolist())}); bars: 95% CI (Student t, within 0-100%), "
-            "none for one seed; lines set slightly apart at each batch size so that none hides "
-            "another.",
-        ]
-        if diverged:
-            notes.append(
-                f"×: batch sizes where runs diverged ({diverged} in all; number beside), "
-                "left out of the means."
-            )
-        if failed:
-            notes.append(_not_shown(0, failed))
-        fig = _figure(7.2, 4.8, " ".join(notes))
+        limits = mean_range(points["mean_error"], log=log, headroom=0.08 if diverged else 0.0)
+        fig = _figure(7.2, 4.8, "")  # the footnote last: it says whether a bar was clipped
         ax = fig.add_subplot()
         top = blended_transform_factory(ax.transData, ax.transAxes)
         crosses: dict[int, int] = {}
         handles: list[Any] = []  # the legend's, by hand: matplotlib's leaves out "_name"
+        clipped = False
         drawn = [label for label in prepared.labels if (points["label"] == label).any()]
         for index, label in enumerate(drawn):
             line = points[points["label"] == label]
@@ -411,18 +479,13 @@ def error_vs_batch_size(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> list[t
             # Lines set a little apart at each batch size, so that one that coincides
             # with another stays visible (a twentieth of a doubling between neighbours).
             dodge = 2 ** (0.05 * (index - (len(drawn) - 1) / 2))
-            bars = ax.errorbar(
-                done["batch_size"].to_numpy() * dodge,
-                done["mean_error"].to_numpy(),
-                yerr=_clipped(done["mean_error"].to_numpy(), done["ci95"].to_numpy()),
-                color=color,
-                marker=marker,
-                linestyle=line["style"].iloc[0],
-                markersize=5,
-                linewidth=1.5,
-                capsize=3,
+            bars, cut = clipped_errorbar(
+                ax, done["batch_size"].to_numpy() * dodge, done["mean_error"].to_numpy(),
+                done["ci95"].to_numpy(), limits, color=color, marker=marker,
+                linestyle=line["style"].iloc[0], markersize=5, linewidth=1.5, capsize=3,
                 label=_text(label),
-            )
+            )  # fmt: skip
+            clipped |= cut
             handles.append(bars)
             for bs, count in zip(line["batch_size"], line["diverged"], strict=True):
                 if count:
@@ -437,18 +500,13 @@ def error_vs_batch_size(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> list[t
                         textcoords="offset points", fontsize=7, color=color,
                     )  # fmt: skip
         sizes = sorted(points["batch_size"].unique())
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_locator(FixedLocator(sizes))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))
-        ax.xaxis.set_minor_locator(NullLocator())
+        batch_size_axis(ax, sizes)
         ax.set_xlim(sizes[0] / 2**0.5, sizes[-1] * 2**0.5)
-        ax.margins(y=0.12)
-        if not (points["n"] > 0).any():
-            ax.set_ylim(0, 100)
-        elif ax.get_ylim()[0] < 0:  # a wide interval must not suggest a negative error
-            ax.set_ylim(bottom=0)
+        if limits is None and not log:  # no mean to show
+            limits = (0.0, 100.0)
+        set_value_axis(ax, limits, log)
         ax.set_xlabel("batch size (images per step)")
-        ax.set_ylabel("test error (%)")
+        ax.set_ylabel(f"test error (%) {ERROR_METRICS[metric]}")
         ax.grid(True, which="major", alpha=0.3)
         title = f"{_text(_described(frame))}: test error vs batch size"
         if combo:
@@ -467,8 +525,42 @@ def error_vs_batch_size(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> list[t
             handles, labels, title="normalization", loc="upper left",
             bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=8, title_fontsize=8,
         )  # fmt: skip
+        notes = [
+            f"Mean test error {ERROR_METRICS[metric]} ({metric}) over seeds of completed "
+            f"runs ({_seeds_text(points['n'].tolist())}); bars: 95% CI (Student t), none "
+            "for one seed; lines set slightly apart at each batch size so that none hides "
+            "another.",
+        ]
+        if clipped:
+            notes.append(CLIPPED_NOTE)
+        if log:
+            notes.append(_log_note(points["mean_error"]))
+        if diverged:
+            notes.append(
+                f"×: batch sizes where runs diverged ({diverged} in all; number beside), "
+                "left out of the means."
+            )
+        if failed:
+            notes.append(_not_shown(0, failed))
+        _footnote(fig, " ".join(n for n in notes if n))
         figures.append((_file_name("error_vs_batch_size", combo, taken), fig))
     return figures
+
+
+#: The footnote's words for bars that ran past the range the means set.
+CLIPPED_NOTE = (
+    "The means set the y range: ▲/▼ on the frame mark a 95% CI that runs beyond it."
+)
+
+
+def _log_note(means) -> str:
+    """A log axis' footnote: that it is one, and how many means of 0% it cannot show."""
+    values = np.asarray(means, dtype=float)
+    zeros = int((values[np.isfinite(values)] <= 0).sum())
+    note = "Logarithmic error axis."
+    if zeros:
+        note += f" {zeros} mean{'s' if zeros != 1 else ''} of 0% error not shown on it."
+    return note
 
 
 # ----------------------------------------------------------------------------- figure 2
@@ -545,13 +637,18 @@ def training_curves(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[tuple[str
         per_run = curves.groupby(["label", "batch_size"])["n"].max().tolist()
         note = (
             f"Mean test accuracy after each epoch over seeds of completed runs "
-            f"({_seeds_text(per_run)}); bands: 95% CI (Student t). " + _not_shown(diverged, failed)
+            f"({_seeds_text(per_run)}); bands: 95% CI (Student t)."
         )
-        fig = _figure(1.2 + 3.3 * ncols + 1.6, 0.9 + 2.6 * nrows, note.strip())
+        # The means set the y range, not the bands: with two or three seeds a 95% band
+        # can span most of the scale and would squash every curve; a band that runs
+        # past the range is cut there, and the footnote says so.
+        limits = mean_range(curves["mean_acc"], bounds=(0.0, 100.5))
+        fig = _figure(1.2 + 3.3 * ncols + 1.6, 0.9 + 2.6 * nrows, "")
         axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
         for ax in axes[len(sizes) :]:
             ax.set_visible(False)
         handles: dict[str, Any] = {}
+        cut = False
         for ax, bs in zip(axes, sizes, strict=False):
             panel = curves[curves["batch_size"] == bs]
             for label in prepared.labels:
@@ -566,20 +663,17 @@ def training_curves(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[tuple[str
                     label=_text(label),
                 )  # fmt: skip
                 if np.isfinite(ci).any():
-                    low, high = np.clip(y - ci, 0, 100), np.clip(y + ci, 0, 100)
+                    low, high, clipped = clip_band(y - ci, y + ci, limits)
+                    cut |= clipped
                     ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
                 handles.setdefault(label, drawn)
             ax.set_title(f"batch size {bs}", fontsize=10)
             ax.grid(True, alpha=0.3)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        # The means set the y range, not the bands: with two or three seeds a 95% band
-        # can span most of the scale and would squash every curve; a band that runs
-        # past the range is cut at the frame, which shows that it does.
-        means = curves["mean_acc"].to_numpy(dtype=float)
-        means = means[np.isfinite(means)]
-        if len(means):
-            pad = max(0.06 * (means.max() - means.min()), 0.5)
-            axes[0].set_ylim(max(means.min() - pad, 0), min(means.max() + pad, 100.5))
+        set_value_axis(axes[0], limits)
+        if cut:
+            note += " The means set the y range: bands are cut where they run beyond it."
+        _footnote(fig, f"{note} {_not_shown(diverged, failed)}".strip())
         _label_outer(axes, len(sizes), ncols, "epoch", "test accuracy (%)")
         title = f"{_text(_described(frame))}: test accuracy per epoch"
         if combo:
@@ -596,92 +690,11 @@ def training_curves(runs: pd.DataFrame, metrics: pd.DataFrame) -> list[tuple[str
 
 
 #: BatchNorm's inference estimators: (summary field, legend label, line style), the run
-#: record's fields that name one (:class:`~normbench.schema.RunRecord`).
+#: record's fields that name one (:class:`~normbench.schema.RunRecord`); their figure is
+#: :func:`normbench.views.inference_figures.bn_inference`.
 ESTIMATORS: tuple[tuple[str, str, str], ...] = tuple(
     (f.name, *f.estimator) for f in record_fields() if f.estimator
 )
-
-
-def bn_inference(runs: pd.DataFrame) -> list[tuple[str, Figure]]:
-    """Test error (%) against batch size for the three ways BatchNorm can normalise at
-    inference (:mod:`normbench.inference`), one subplot per variant with running
-    statistics; means over seeds of the completed runs, bars their 95% CI. One
-    ``("bn_inference[__key-value...].png", Figure)`` per combination of the other swept
-    keys; none when no run measured them."""
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-
-    if "test_acc_precise_bn" not in runs or runs["test_acc_precise_bn"].isna().all():
-        return []
-    prepared = _prepare(runs)
-    figures: list[tuple[str, Figure]] = []
-    taken: set[str] = set()
-    for combo, frame in _combos(prepared):
-        done = frame[(frame["status"] == "completed") & frame["test_acc_precise_bn"].notna()]
-        labels = [label for label in prepared.labels if (done["_label"] == label).any()]
-        if not labels:
-            continue
-        sizes = sorted(done["_bs"].unique())
-        ncols = min(len(labels), 3)
-        nrows = math.ceil(len(labels) / ncols)
-        counts = done.groupby(["_label", "_bs"]).size().tolist()
-        note = (
-            f"Mean test error over seeds of completed runs ({_seeds_text(counts)}); bars: "
-            "95% CI (Student t). Running averages: the statistics training kept; PreciseBN: "
-            "a true average of per-batch statistics over training batches with the final "
-            "weights; batch statistics: each test batch of the training batch size "
-            "normalised by itself."
-        )
-        fig = _figure(1.0 + 3.4 * ncols + 1.6, 1.0 + 2.8 * nrows, note)
-        axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
-        for ax in axes[len(labels) :]:
-            ax.set_visible(False)
-        means: list[float] = []
-        for ax, label in zip(axes, labels, strict=False):
-            rows = done[done["_label"] == label]
-            color, _ = norm_style(rows["_norm"].iloc[0])
-            for field, name, style in ESTIMATORS:
-                points = []
-                for bs, group in rows.groupby("_bs"):
-                    errors = 100.0 * (1.0 - pd.to_numeric(group[field], errors="coerce"))
-                    mean, ci, n = mean_ci(errors.to_numpy())
-                    points.append((bs, mean, ci if n > 1 else np.nan))
-                x, y, ci = (np.array(v, dtype=float) for v in zip(*points, strict=True))
-                ax.errorbar(
-                    x, y, yerr=_clipped(y, ci), color=color,
-                    linestyle=style, marker="o", markersize=4, capsize=2.5, label=name,
-                )  # fmt: skip
-                means += [v for v in y if np.isfinite(v)]
-            ax.set_title(_text(label), fontsize=10)
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_locator(FixedLocator(sizes))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))
-            ax.xaxis.set_minor_locator(NullLocator())
-            ax.grid(True, alpha=0.3)
-        _label_outer(axes, len(labels), ncols, "batch size", "test error (%)")
-        if means:  # the means set the range; a wide interval is cut at the frame
-            pad = max(0.1 * (max(means) - min(means)), 1.0)
-            axes[0].set_ylim(max(min(means) - pad, 0), min(max(means) + pad, 100.5))
-        title = f"{_text(_described(frame))}: BatchNorm's statistics at inference"
-        if combo:
-            title += f"\n{_text(_combo_text(combo))}"
-        fig.suptitle(title, fontsize=11)
-        # colours tell the variants (one per panel); the legend tells the line styles
-        handles = [Line2D([], [], color="0.3", linestyle=st, marker="o", markersize=4)
-                   for _, _, st in ESTIMATORS]  # fmt: skip
-        fig.legend(
-            handles, [name for _, name, _ in ESTIMATORS], title="test-time statistics",
-            loc="outside right upper", fontsize=8, title_fontsize=8,
-        )  # fmt: skip
-        figures.append((_file_name("bn_inference", combo, taken), fig))
-    return figures
-
-
-def _clipped(mean: np.ndarray, half: np.ndarray) -> np.ndarray:
-    """Error bars (below, above) of a percentage: the 95% interval, clipped to [0, 100]."""
-    mean, half = np.asarray(mean, dtype=float), np.asarray(half, dtype=float)
-    # NaN (one seed) stays NaN: no bar at all
-    return np.vstack([np.minimum(half, mean), np.minimum(half, 100.0 - mean)])
 
 
 def _failed_in(prepared: _Runs, combo: dict[str, Any]) -> int:
