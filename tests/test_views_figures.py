@@ -26,9 +26,8 @@ from normbench import reports
 from normbench.cli import app
 from normbench.errors import UserError
 from normbench.rundir import METRIC_COLUMNS
-from normbench.views import axes
+from normbench.views import axes, inference_figures
 from normbench.views import figures as draw
-from normbench.views import inference_figures
 
 NORMS = ("custom_bn", "layer", "group")
 SIZES = (2, 8, 32)
@@ -132,8 +131,9 @@ def frames(runs):
     return pd.DataFrame(rows), pd.DataFrame(metrics, columns=list(METRIC_COLUMNS))
 
 
-def write_experiment(root, runs, name="study"):
-    """Run folders as ``normbench run`` leaves them, written by hand."""
+def write_experiment(root, runs, name="study", fields=None):
+    """Run folders as ``normbench run`` leaves them, written by hand. ``fields(cfg, acc)``:
+    more recorded fields of a run (validation, BatchNorm estimators)."""
     exp = root / name
     for rid, cfg, state, accs in runs:
         folder = exp / "runs" / rid
@@ -144,6 +144,8 @@ def write_experiment(root, runs, name="study"):
         pd.DataFrame(rows, columns=list(METRIC_COLUMNS)).to_csv(folder / "metrics.csv", index=False)
         acc = accs[-1] if state == "completed" else None
         record = summary({**cfg, "name": name}, rid, state, acc)
+        if fields is not None and acc is not None:
+            record |= fields(cfg, acc)
         (folder / "summary.json").write_text(json.dumps(record))
     return exp
 
@@ -158,6 +160,15 @@ def errorbars(ax) -> dict[str, ErrorbarContainer]:
 
 def legend_labels(legend) -> list[str]:
     return [text.get_text() for text in legend.get_texts()]
+
+
+def footnote_of(figure) -> str:
+    return " ".join(text.get_text() for text in figure.texts).replace("\n", " ")
+
+
+def marks(ax, gid: str) -> list[float]:
+    """The x of the triangles marking intervals clipped at one end of the frame."""
+    return sorted(float(x) for line in ax.lines if line.get_gid() == gid for x in line.get_xdata())
 
 
 def check_png(path, figure=None):
@@ -418,9 +429,7 @@ def test_intervals_stop_at_what_an_error_can_be():
 def test_bars_stop_at_the_axis_and_say_which_end_was_cut():
     """Hand-computed: a bar stops at a limit, flagged at the end it was cut; one seed
     (NaN half-width) has no bar and no flag; no limits clip nothing."""
-    bars, low, high = axes.clip_bars(
-        [5.0, 5.0, 5.0, 5.0], [1.0, 4.0, 9.0, np.nan], (2.0, 8.0)
-    )
+    bars, low, high = axes.clip_bars([5.0, 5.0, 5.0, 5.0], [1.0, 4.0, 9.0, np.nan], (2.0, 8.0))
     assert bars[:, :3].tolist() == [[1.0, 3.0, 3.0], [1.0, 3.0, 3.0]]
     assert np.isnan(bars[:, 3]).all()
     assert low.tolist() == [False, True, True, False]
@@ -541,3 +550,220 @@ def test_values_that_differ_by_little_are_two_figures_named_apart():
     ]
     titles = [the_axes(figure)[0].get_title() for _, figure in figures]
     assert titles[0].endswith("\nlr=0.1") and titles[1].endswith("\nlr=0.1000000001")
+
+
+# ------------------------------------------------------------------- axes set by the means
+
+
+def _errors_frame(errors: dict[tuple[str, int], tuple[float, float]]) -> pd.DataFrame:
+    """Two seeds per (norm, batch size), with the given test errors (%)."""
+    norms = sorted({n for n, _ in errors}, key=NORMS.index)
+    sizes = sorted({b for _, b in errors})
+    runs, _ = frames(grid(norms=norms, sizes=sizes, seeds=(0, 1)))
+    for (norm, bs), pair in errors.items():
+        for seed, error in enumerate(pair):
+            mine = (runs["norm"] == norm) & (runs["batch_size"] == bs) & (runs["seed"] == seed)
+            runs.loc[mine, "final_test_acc"] = 1 - error / 100
+    return runs
+
+
+def test_the_means_set_the_error_axis_and_a_huge_interval_is_clipped_and_marked():
+    """Two seeds (t(0.975, 1) = 12.7): one point's 95% CI spans -23..28%; the axis still
+    follows the means (2.25-3.75% error, padded by half a point), that bar stops at both
+    ends of the frame with a triangle at each, the tight bars are whole."""
+    errors = {("custom_bn", 2): (2.24, 2.26), ("custom_bn", 8): (0.5, 4.5)}
+    errors |= {("custom_bn", 32): (3.24, 3.26), ("layer", 2): (2.74, 2.76)}
+    errors |= {("layer", 8): (3.24, 3.26), ("layer", 32): (3.74, 3.76)}
+    ((_, figure),) = draw.error_vs_batch_size(_errors_frame(errors))
+    (ax,) = the_axes(figure)
+    assert ax.get_ylim() == pytest.approx((1.75, 4.25))
+    bars = errorbars(ax)
+    _, _, (wide,) = bars["custom_bn"].lines
+    assert sorted(wide.get_segments()[1][:, 1]) == pytest.approx([1.75, 4.25])
+    half = 12.706204736174696 * np.std([2.74, 2.76], ddof=1) / math.sqrt(2)
+    _, _, (tight,) = bars["layer"].lines
+    assert sorted(tight.get_segments()[0][:, 1]) == pytest.approx([2.75 - half, 2.75 + half])
+    x = 8 * 2 ** (0.05 * -0.5)  # custom_bn, set a fortieth of a doubling to the left
+    assert marks(ax, axes.CLIPPED_HIGH) == pytest.approx([x])
+    assert marks(ax, axes.CLIPPED_LOW) == pytest.approx([x])
+    assert "▲/▼ on the frame mark a 95% CI that runs beyond it" in footnote_of(figure)
+
+    errors[("custom_bn", 8)] = (2.49, 2.51)  # nothing clipped: no mark, no note
+    ((_, figure),) = draw.error_vs_batch_size(_errors_frame(errors))
+    (ax,) = the_axes(figure)
+    assert marks(ax, axes.CLIPPED_HIGH) == marks(ax, axes.CLIPPED_LOW) == []
+    assert "▲" not in footnote_of(figure)
+
+
+def test_a_log_error_axis():
+    """``log``: the error axis is logarithmic, its range the means' times and divided by a
+    factor; a mean of 0% error cannot be on it, and the footnote says so. The accuracy
+    axis of the training curves is never logarithmic."""
+    errors = {("custom_bn", 2): (0.99, 1.01), ("custom_bn", 8): (0.0, 0.0)}
+    errors |= {("layer", 2): (9.99, 10.01), ("layer", 8): (3.99, 4.01)}
+    runs = _errors_frame(errors)
+    ((_, figure),) = draw.error_vs_batch_size(runs, log=True)
+    (ax,) = the_axes(figure)
+    assert ax.get_yscale() == "log"
+    factor = max(10**0.12, 1.15)  # the means span a decade, 1% to 10%
+    assert ax.get_ylim() == pytest.approx((1 / factor, 10 * factor))
+    assert "Logarithmic error axis. 1 mean of 0% error not shown on it." in footnote_of(figure)
+    ((_, linear),) = draw.error_vs_batch_size(runs)
+    assert the_axes(linear)[0].get_yscale() == "linear"
+
+    runs = runs.assign(test_acc_precise_bn=runs["final_test_acc"] - 0.01,
+                       test_acc_batch_stats=runs["final_test_acc"] - 0.02)  # fmt: skip
+    ((_, figure),) = inference_figures.bn_inference(runs, log=True)
+    assert {ax.get_yscale() for ax in the_axes(figure)} == {"log"}
+
+
+def test_training_curve_bands_are_cut_at_the_range_the_curves_set():
+    runs, metrics = frames(grid(seeds=(0, 1)))  # two seeds: bands of about 6 points
+    ((_, figure),) = draw.training_curves(runs, metrics)
+    stats = draw.curve_stats(runs, metrics)
+    low, high = stats["mean_acc"].min(), stats["mean_acc"].max()
+    pad = max(0.12 * (high - low), 0.5)
+    panels = the_axes(figure)
+    assert panels[0].get_ylim() == pytest.approx((low - pad, high + pad))
+    bands = [c for ax in panels for c in ax.collections]
+    assert len(bands) == len(NORMS) * len(SIZES)
+    edges = np.concatenate([path.vertices[:, 1] for c in bands for path in c.get_paths()])
+    assert edges.min() == pytest.approx(low - pad) and edges.max() == pytest.approx(high + pad)
+    assert "bands are cut where they run beyond it" in footnote_of(figure)
+
+
+# ------------------------------------------------------------------ the selection's figures
+
+
+def test_the_selected_figure_draws_the_error_at_the_best_validation_epoch():
+    """With keys chosen on validation, the error is that of ``test_acc_at_best_val``
+    (what the selected table reports), and the axis and footnote say so; without, the
+    final epoch's. Runs without it (older ones) fall back to the final epoch's."""
+    runs, _ = frames(grid())
+    runs["test_acc_at_best_val"] = runs["final_test_acc"] - 0.03
+    ((_, chosen),) = draw.error_vs_batch_size(runs, tuned=["lr"])
+    ((_, final),) = draw.error_vs_batch_size(runs)
+    for figure, shift, words in ((chosen, 3, "best-validation"), (final, 0, "last epoch")):
+        (ax,) = the_axes(figure)
+        line = errorbars(ax)["group"].lines[0]
+        expected = [np.mean([100 * (1 - final_acc("group", bs, s)) for s in SEEDS]) + shift
+                    for bs in SIZES]  # fmt: skip
+        assert list(line.get_ydata()) == pytest.approx(expected)
+        assert words in ax.get_ylabel()
+    assert "test_acc_at_best_val" in footnote_of(chosen)
+    title = the_axes(chosen)[0].get_title()
+    assert "test error at the best-validation epoch vs batch size" in title
+    assert "lr chosen on validation" in title
+    stats = draw.error_stats(runs, metric=draw.AT_BEST_VAL)
+    assert stats["mean_error"].iloc[0] == pytest.approx(
+        np.mean([100 * (1 - final_acc("custom_bn", 2, s)) + 3 for s in SEEDS])
+    )
+    older = runs.drop(columns="test_acc_at_best_val")
+    assert draw.error_metric(older, ["lr"]) == draw.FINAL == draw.error_metric(runs)
+
+
+def _chosen(norm: str) -> float:
+    """The lr validation prefers in :func:`_validated`'s runs."""
+    return 0.05 if norm == "group" else 0.1
+
+
+def _validated(cfg: dict, acc: float) -> dict:
+    """Validation, test at the best-validation epoch, and BatchNorm's estimators (for
+    custom_bn, the only norm with running statistics here)."""
+    norm = cfg["norm"]["name"]
+    out = {
+        "best_val_acc": acc + (0.02 if cfg["lr"] == _chosen(norm) else 0.0),
+        "test_acc_at_best_val": acc - 0.03,
+        "test_acc_precise_bn": None,
+        "test_acc_batch_stats": None,
+    }
+    if norm == "custom_bn":
+        out |= {"test_acc_precise_bn": acc + 0.001, "test_acc_batch_stats": acc - 0.01}
+    return out
+
+
+def test_a_selection_draws_its_metric_and_bn_inference_over_the_chosen_runs(tmp_path, monkeypatch):
+    """``selected.csv`` (``results --select lr``): one error figure and one BatchNorm
+    figure over the runs chosen, not one per lr; the error is test_acc_at_best_val's;
+    the training curves stay per lr."""
+    exp = write_experiment(tmp_path / "results", grid(lrs=(0.1, 0.05)), fields=_validated)
+    list(reports.report([exp], select=["lr"]))
+    assert (exp / "selected.csv").is_file()
+    drawn = {}
+
+    def spy(builder):
+        def wrapper(*args, **kwargs):
+            figures = builder(*args, **kwargs)
+            drawn.update(figures)
+            return figures
+
+        return wrapper
+
+    for name in ("error_vs_batch_size", "bn_inference"):
+        monkeypatch.setattr(reports, name, spy(getattr(reports, name)))
+    written = reports.plot_experiment(exp)
+    assert [p.name for p in written] == [
+        "error_vs_batch_size.png",
+        "training_curves__lr-0.05.png",
+        "training_curves__lr-0.1.png",
+        "bn_inference.png",
+    ]
+    (ax,) = the_axes(drawn["error_vs_batch_size.png"])
+    for norm, container in errorbars(ax).items():
+        lr = _chosen(norm)
+        expected = [np.mean([100 * (1 - final_acc(norm, bs, s, lr) + 0.03) for s in SEEDS])
+                    for bs in SIZES]  # fmt: skip
+        assert list(container.lines[0].get_ydata()) == pytest.approx(expected), norm
+    (panel,) = the_axes(drawn["bn_inference.png"])
+    running = errorbars(panel)["running averages"].lines[0]
+    expected = [np.mean([100 * (1 - final_acc("custom_bn", bs, s, 0.1)) for s in SEEDS])
+                for bs in SIZES]  # fmt: skip
+    assert list(running.get_ydata()) == pytest.approx(expected)
+    assert "lr chosen on validation" in drawn["bn_inference.png"].get_suptitle()
+
+
+# ----------------------------------------------------------------------------- file formats
+
+
+def test_figures_as_pdf_and_svg_keep_their_text(tmp_path):
+    """``--format pdf``: a PDF with its fonts embedded as TrueType (pdf.fonttype 42, text
+    a paper's editor can change; no Type 3 glyphs); ``svg``: XML whose text is text.
+    Neither carries a date: the same runs give the same file."""
+    from xml.etree import ElementTree
+
+    exp = write_experiment(tmp_path / "results", grid(sizes=(4, 16)))
+    pdfs = reports.plot_experiment(exp, fmt="pdf")
+    assert [p.name for p in pdfs] == ["error_vs_batch_size.pdf", "training_curves.pdf"]
+    for path in pdfs:
+        data = path.read_bytes()
+        assert data.startswith(b"%PDF") and b"/FontFile2" in data and b"/Type3" not in data
+    first = pdfs[0].read_bytes()
+    assert reports.plot_experiment(exp, fmt="pdf")[0].read_bytes() == first
+
+    result = CliRunner().invoke(app, ["plot", str(exp), "--format", "svg", "--log-error"])
+    assert result.exit_code == 0, result.output
+    svgs = [Path(p) for p in result.stdout.split()]
+    assert [p.name for p in svgs] == ["error_vs_batch_size.svg", "training_curves.svg"]
+    for path in svgs:
+        root = ElementTree.parse(path).getroot()
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+        texts = " ".join(
+            "".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")
+        )
+        assert "batch size" in texts or "epoch" in texts
+    assert sorted(p.suffix for p in (exp / "plots").iterdir()) == [".pdf", ".pdf", ".svg", ".svg"]
+
+
+def test_a_format_not_offered_is_refused_and_nothing_written(tmp_path):
+    import typing
+
+    from normbench import cli
+
+    exp = write_experiment(tmp_path / "results", grid(sizes=(4, 16)))
+    result = CliRunner().invoke(app, ["plot", str(exp), "--format", "jpg"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    with pytest.raises(UserError, match="figure format 'jpg': one of png, pdf, svg"):
+        reports.plot_experiments([exp], fmt="jpg")
+    assert not (exp / "plots").exists()
+    hint = typing.get_type_hints(cli.plot, include_extras=True)["fmt"]
+    assert typing.get_args(typing.get_args(hint)[0]) == draw.FORMATS

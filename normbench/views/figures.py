@@ -76,12 +76,18 @@ def save_settings(fmt: str) -> tuple[dict[str, Any], dict[str, Any]]:
     creation date, so that the same runs give the same file."""
     if fmt not in FORMATS:
         raise ValueError(f"figure format {fmt!r}: one of {', '.join(FORMATS)}")
-    rc = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none", "svg.hashsalt": "normbench"}
+    rc = {
+        "pdf.fonttype": 42,
+        "ps.fonttype": 42,
+        "svg.fonttype": "none",
+        "svg.hashsalt": "normbench",  # the SVG's element ids the same from one save to the next
+    }
     metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
     options: dict[str, Any] = {"format": fmt}
     if metadata is not None:
         options["metadata"] = metadata
     return rc, options
+
 
 #: The built-in norms, in the order of the design; each keeps its color and marker.
 NORM_ORDER: tuple[str, ...] = (
@@ -104,6 +110,9 @@ _EXTRA_MARKERS = ("h", "<", ">", "p", "d")
 _LINESTYLES = ("-", "--", ":", "-.")
 
 _FOOT_FONT = 7.5  # points
+# The mean width of a character of the footnote, in ems (DejaVu Sans, with room to spare:
+# a line wrapped short is better than one cut at the edge of the figure).
+_CHAR_WIDTH = 0.57
 
 
 def norm_style(norm: str) -> tuple[str, str]:
@@ -334,7 +343,7 @@ def _footnote(fig: Figure, footnote: str) -> None:
     if not footnote:
         return
     width, height = fig.get_size_inches()
-    lines = textwrap.wrap(footnote, width=int(width * 72 / (_FOOT_FONT * 0.52)))
+    lines = textwrap.wrap(footnote, width=int(width * 72 / (_FOOT_FONT * _CHAR_WIDTH)))
     fig.text(0.01, 0.01, "\n".join(lines), fontsize=_FOOT_FONT, color="0.3", va="bottom")
     reserved = (len(lines) * _FOOT_FONT * 1.25 + 6) / (height * 72)
     fig.get_layout_engine().set(rect=(0, reserved, 1, 1 - reserved))
@@ -363,7 +372,6 @@ def error_metric(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> str:
         if pd.to_numeric(done[AT_BEST_VAL], errors="coerce").notna().any():
             return AT_BEST_VAL
     return FINAL
-
 
 
 def error_stats(runs: pd.DataFrame, metric: str = FINAL) -> pd.DataFrame:
@@ -508,7 +516,8 @@ def error_vs_batch_size(
         ax.set_xlabel("batch size (images per step)")
         ax.set_ylabel(f"test error (%) {ERROR_METRICS[metric]}")
         ax.grid(True, which="major", alpha=0.3)
-        title = f"{_text(_described(frame))}: test error vs batch size"
+        what = "test error" if metric == FINAL else f"test error {ERROR_METRICS[metric]}"
+        title = f"{_text(_described(frame))}: {what} vs batch size"
         if combo:
             title += f"\n{_text(_combo_text(combo))}"
         if tuned:
@@ -548,9 +557,7 @@ def error_vs_batch_size(
 
 
 #: The footnote's words for bars that ran past the range the means set.
-CLIPPED_NOTE = (
-    "The means set the y range: ▲/▼ on the frame mark a 95% CI that runs beyond it."
-)
+CLIPPED_NOTE = "The means set the y range: ▲/▼ on the frame mark a 95% CI that runs beyond it."
 
 
 def _log_note(means) -> str:
