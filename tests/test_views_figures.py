@@ -744,6 +744,7 @@ def test_figures_as_pdf_and_svg_keep_their_text(tmp_path):
     assert result.exit_code == 0, result.output
     svgs = [Path(p) for p in result.stdout.split()]
     assert [p.name for p in svgs] == ["error_vs_batch_size.svg", "training_curves.svg"]
+    shown = []
     for path in svgs:
         root = ElementTree.parse(path).getroot()
         assert root.tag == "{http://www.w3.org/2000/svg}svg"
@@ -751,6 +752,8 @@ def test_figures_as_pdf_and_svg_keep_their_text(tmp_path):
             "".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")
         )
         assert "batch size" in texts or "epoch" in texts
+        shown.append(texts)
+    assert "Logarithmic error axis." in shown[0] and "Logarithmic" not in shown[1]
     assert sorted(p.suffix for p in (exp / "plots").iterdir()) == [".pdf", ".pdf", ".svg", ".svg"]
 
 
