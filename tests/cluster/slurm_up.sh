@@ -191,6 +191,8 @@ if ! alive "$STATE/mysql/mariadbd.pid" mariadbd; then
     mariadb-install-db --user=mysql --datadir="$STATE/mysql" >"$STATE/log/mariadb-install-db.log" 2>&1 \
       || die "mariadb-install-db failed (log: $STATE/log/mariadb-install-db.log)"
   fi
+  # its log among the others', written by mariadbd as the mysql user
+  touch "$STATE/log/mariadbd.log" && chown mysql:mysql "$STATE/log/mariadbd.log"
   # --skip-networking: the unix socket only; setsid: out of the caller's session, so that
   # Ctrl-C or the end of the caller's terminal does not reach it
   setsid /usr/sbin/mariadbd --user=mysql --datadir="$STATE/mysql" --skip-networking \
