@@ -55,7 +55,10 @@ foreign() {
   local own=""; alive "$1" "$2" && own=$(cat "$1")
   local pid
   for pid in $(pgrep -x "$2" || true); do
-    [ "$pid" = "$own" ] || die "$2 (pid $pid) runs but was not started by this script: stop it first"
+    if [ "$pid" != "$own" ]; then
+      log "ERROR: $2 (pid $pid) runs but was not started by this script: stop it first"
+      exit 1
+    fi
   done
 }
 # wait_for SECONDS CMD...: until CMD succeeds
