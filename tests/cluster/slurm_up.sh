@@ -4,8 +4,9 @@
 #   munged -> mariadbd (unix socket only) -> slurmdbd -> slurmctld -> slurmd
 #
 # Node "localhost" (127.0.0.1) with every CPU, partition "debug" (the default). Run as root
-# on Debian 12 (or Ubuntu): missing packages are installed with apt-get; no systemd is
-# needed, the daemons are started here and stopped by slurm_down.sh (by their PIDs).
+# on Debian 12 (where it is tested): missing packages are installed with apt-get; no
+# systemd is needed, the daemons are started here and stopped by slurm_down.sh (by their
+# PIDs).
 #
 # Idempotent: when the cluster is already up with this script's configuration it returns
 # at once and touches nothing (tests that share the cluster keep their jobs); a daemon
