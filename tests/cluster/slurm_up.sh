@@ -77,11 +77,19 @@ if ((${#missing[@]})); then
   log "apt-get install ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt_log=$(mktemp /tmp/slurm_up.apt.XXXXXX.log)
+  # The packages' own init scripts must not start their daemons (a mariadbd on the default
+  # data folder would hold the socket ours needs): Debian's policy-rc.d, exit 101 =
+  # "forbidden", for the time of the install, where there is none.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   # The package lists may be missing (a fresh container) or stale: update once, then install.
   apt-get update -q >"$apt_log" 2>&1 || { tail -n 20 "$apt_log"; die "apt-get update failed (log: $apt_log)"; }
   apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$apt_log" 2>&1 \
     || { tail -n 20 "$apt_log"; die "apt-get install failed (log: $apt_log)"; }
   rm -f "$apt_log"
+  if trap -p EXIT | grep -q policy-rc.d; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
   log "installed"
 fi
 
