@@ -8,15 +8,16 @@ the reason, the sweep ends with counts and tables and exit status 1, and the nex
 redoes only that run; each job runs with the threads it was allotted; Ctrl-C on the
 driver cancels its jobs.
 
-The SLURM cluster is brought up by ``../shared/cluster/slurm_up.sh`` (or the script
-``NORMBENCH_SLURM_UP`` names) when it is not up; where that cannot be done (not root, no
-script) the SLURM tests skip with the reason, except under CI (``CI`` set), where they
-fail. Every grid is tiny (digits, a few hundred images).
+The clusters are the project's own (``tests/cluster/``): the SLURM cluster is brought up
+by ``tests/cluster/slurm_up.sh`` (or the script ``NORMBENCH_SLURM_UP`` names) when it is
+not up, and left up; the Ray cluster by ``tests/cluster/ray_up.sh`` for this module and
+stopped by ``ray_down.sh``. Where that cannot be done (not root) the SLURM and Ray tests
+skip with the reason, except under CI (``CI`` set), where they fail. Every grid is tiny
+(digits, a few hundred images).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import os
@@ -32,7 +33,8 @@ import pytest
 from pty_session import Terminal
 
 REPO = Path(__file__).resolve().parent.parent
-SLURM_UP = Path(os.environ.get("NORMBENCH_SLURM_UP", REPO.parent / "shared/cluster/slurm_up.sh"))
+CLUSTER = REPO / "tests" / "cluster"  # the test clusters' scripts: up and down by hand, too
+SLURM_UP = Path(os.environ.get("NORMBENCH_SLURM_UP", CLUSTER / "slurm_up.sh"))
 
 TINY = ["dataset.train_size=256", "batch_size=16", "norm=layer"]
 
@@ -536,38 +538,21 @@ def ray_cluster():
         pytest.skip("Ray's launcher is not installed (pip install -e '.[ray]')")
     if os.geteuid() != 0 or not shutil.which("ip"):
         unavailable("a loopback-only network namespace for Ray needs root and iproute2")
-    ray_bin = Path(sys.executable).with_name("ray")
-    subprocess.run(["ip", "netns", "add", NETNS], check=True)
+    # this environment's ray, the one whose hydra-ray-launcher the sweeps use
+    env = {**os.environ, "RAY": str(Path(sys.executable).with_name("ray"))}
     try:
-        subprocess.run(["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"], check=True)
-        subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                NETNS,
-                str(ray_bin),
-                "start",
-                "--head",
-                "--port",
-                "6379",
-                "--num-cpus",
-                "2",
-                "--include-dashboard=false",
-                "--disable-usage-stats",
-            ],
-            check=True,
+        up = subprocess.run(
+            ["bash", str(CLUSTER / "ray_up.sh"), NETNS],
+            env=env,
             capture_output=True,
+            text=True,
             timeout=120,
         )
+        if up.returncode != 0:
+            pytest.fail(f"ray_up.sh failed:\n{up.stdout[-2000:]}{up.stderr[-2000:]}")
         yield NETNS
     finally:
-        # never `ray stop`: it kills every Ray process on the machine by name
-        pids = subprocess.run(["ip", "netns", "pids", NETNS], capture_output=True, text=True)
-        for pid in pids.stdout.split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", NETNS], check=False)
+        subprocess.run(["bash", str(CLUSTER / "ray_down.sh"), NETNS], capture_output=True)
 
 
 RAY = [
