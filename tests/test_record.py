@@ -191,3 +191,13 @@ def test_new_summaries_are_checked_under_the_records_names(tiny, tmp_path):
     summary["batch_size"] = 1.5
     found = _experiment(tmp_path / "exp", [summary])
     assert "batch_size 1.5 is not a whole number" in next(iter(found.problems.values()))
+
+
+def test_renorm_ramp_end_step_is_a_nullable_count_a_run_fills_in(tiny):
+    """Filled by a built run (tests/test_batchrenorm.py); null where nothing was built, as
+    whatever it would have measured."""
+    field = {f.name: f for f in schema.record_fields()}["renorm_ramp_end_step"]
+    assert (field.whole, field.null, field.low, field.config) == (True, True, 0, None)
+    lost = runner._lost_summary(tiny("norm=batch_renorm"), "failed", "lost")
+    assert lost["renorm_ramp_end_step"] is None
+    assert rundir.summary_problem({**lost, "renorm_ramp_end_step": -1})
