@@ -181,6 +181,7 @@ OVERRIDE_SETS = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore::normbench.errors.Notice")  # the old key's (said once)
 @pytest.mark.parametrize("overrides", OVERRIDE_SETS, ids=lambda o: " ".join(o) or "defaults")
 def test_composition_matches_hydras_own(overrides):
     """compose() lets Hydra compose the groups once and applies values itself: the result
