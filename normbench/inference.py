@@ -8,7 +8,10 @@ At the end of a run two other estimators are measured on the test set (Wu & John
 
 - **precise**: the population statistics re-estimated with the final weights, as
   PreciseBN does: a true average of the per-batch means and (unbiased) variances over
-  ``batches`` training batches of the training batch size, no augmentation;
+  about ``images`` training images (:func:`precise_batches`: batches of the training
+  batch size, at most one pass over the training set), no augmentation. Sized in
+  images, not batches, so that every batch size averages as many: Wu & Johnson find
+  ~10^4 images enough for the population statistics (``eval.precise_bn_images``);
 - **batch statistics**: each test batch of the training batch size normalised with its
   own statistics, as a model that never switched to eval mode would.
 
@@ -76,6 +79,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(y)
 
 
+def precise_batches(images: int, num_train: int, batch_size: int) -> int:
+    """The training batches PreciseBN averages for ``images`` images: ``ceil(min(images,
+    num_train) / batch_size)``, at most the full batches of one pass over the training set
+    (the last partial batch is dropped, as in training)."""
+    return min(-(-min(images, num_train) // batch_size), num_train // batch_size)
+
+
 def training_batches(data: DataSplits, batch_size: int, count: int, seed: int):
     """``count`` training batches of ``batch_size`` (no augmentation, a fixed shuffle
     from ``seed``), at most one pass over the training set."""
@@ -91,18 +101,18 @@ def measure(
     data: DataSplits,
     batch_size: int,
     eval_batch_size: int,
-    precise_batches: int,
+    precise_images: int,
     seed: int,
 ) -> dict[str, float]:
     """``test_acc_precise_bn`` and ``test_acc_batch_stats`` of a trained ``model``; {} when
-    it has no running statistics. The model is left as it was."""
+    it has no running statistics. PreciseBN averages ``precise_images`` training images
+    (:func:`precise_batches`). The model is left as it was."""
     if not running_stat_layers(model):
         return {}
     was_training = model.training
     try:
-        precise = precise_statistics(
-            model, training_batches(data, batch_size, precise_batches, seed)
-        )
+        count = precise_batches(precise_images, data.num_train, batch_size)
+        precise = precise_statistics(model, training_batches(data, batch_size, count, seed))
         batch_stats = copy.deepcopy(model).train()
         return {
             # eval mode: the batch size changes nothing but the speed

@@ -36,7 +36,7 @@ from normbench.rundir import (
 )
 from normbench.rundir import write_text as write_text_file
 from normbench.schema import RunRecord, record_fields
-from normbench.validation import resolve_device, scaled_lr
+from normbench.validation import resolve_device, scaled_lr, settle
 
 #: The file in a run's folder that holds the traceback of a user's norm that failed in it.
 ERROR_LOG = "error.log"
@@ -114,6 +114,7 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
 
     from normbench.models import build_model, choose_memory_format, set_memory_format
     from normbench.norms import NormSpec
+    from normbench.norms.batchrenorm import schedule_steps
     from normbench.train import make_optimizer
 
     device = resolve_device(cfg.device)
@@ -136,9 +137,11 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
             f"use a ref_batch_size of at most {data.num_train}"
         )
     torch.manual_seed(cfg.seed)
-    kwargs = _kwargs(cfg.norm)
-    norm = NormSpec(cfg.norm.name, kwargs, target=kwargs.pop("_target_", None))
     lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.ref_batch_size, cfg.lr_scaling)
+    settings = train_settings(cfg, lr)
+    # Batch Renorm's schedule, given as shares of the run, in the steps the layer counts
+    kwargs = schedule_steps(_kwargs(cfg.norm), settings.total_steps(data.num_train))
+    norm = NormSpec(cfg.norm.name, kwargs, target=kwargs.pop("_target_", None))
     try:
         model = build_model(
             cfg.model.name,
@@ -165,7 +168,6 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
         optimizer = make_optimizer(model.parameters(), lr, cfg.optim.name, **_kwargs(cfg.optim))
     except (TypeError, ValueError) as err:
         raise UserError(f"invalid optim={cfg.optim.name} settings: {err}") from None
-    settings = train_settings(cfg, lr)
     used = threads or cores.Threads(torch.get_num_threads(), "torch")
     return _Prepared(data.to(device), model, optimizer, settings, device, used, memory_format, norm)
 
@@ -321,6 +323,8 @@ def summary_record(
     train_time = sum(r["epoch_time_s"] for r in done)
     images = sum(r["img_per_s"] * r["epoch_time_s"] for r in done)
     built = prepared is not None
+    if built:  # (torch is imported then; a driver recording a lost job need not)
+        from normbench.norms.batchrenorm import ramp_end_step
     record = RunRecord(
         run_id=rid,
         status=result.status,
@@ -328,6 +332,7 @@ def summary_record(
         **{f.name: config[f.config] for f in record_fields() if f.config},
         lr_effective=prepared.settings.lr if built else None,
         steps=result.steps,
+        renorm_ramp_end_step=ramp_end_step(prepared.norm.kwargs) if built else None,
         final_test_acc=done[-1]["test_acc"] if done else None,
         best_test_acc=max(r["test_acc"] for r in done) if done else None,
         final_val_acc=validated[-1]["val_acc"] if validated else None,
@@ -405,6 +410,7 @@ def run(cfg, *, force: bool = False, redo_failed: bool = True, display=None) -> 
 def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:
     from omegaconf import OmegaConf
 
+    settle(cfg, notify=False)  # a sweep's job as Hydra composed it: the plan's form, told
     rid = run_id(cfg)
     folder = experiment_dir(cfg) / "runs" / rid
     previous = read_summary(folder)
@@ -643,7 +649,7 @@ def _measure_inference(cfg, prepared: _Prepared, result, recorder: _Recorder) ->
         prepared.data,
         cfg.batch_size,
         cfg.eval_batch_size,
-        cfg.eval.precise_bn_batches,
+        cfg.eval.precise_bn_images,
         cfg.seed,
     )
     if measured:

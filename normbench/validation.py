@@ -135,6 +135,7 @@ def _flatten(cfg) -> dict[str, Any]:
 
 def validate(cfg) -> None:
     """Check every value a user can set; raise :class:`UserError` on the first bad one.
+    The replaced keys are translated in place (:func:`settle`).
 
     Limits that depend on the data (batch size vs training set) and on the norm's
     own arguments are checked where those are known: in the runner, before it writes.
@@ -149,8 +150,11 @@ def validate(cfg) -> None:
         problem = check_value(key, value, cfg)
         if problem is not None:
             raise UserError(problem)
+    settle(cfg)
+    flat = _flatten(cfg)
     for item in schema.root_keys():
-        if item.name not in flat:  # ~key: normbench reads every key it declares
+        if item.name not in flat and item.name not in REPLACED:
+            # ~key: normbench reads every key it declares
             raise UserError(
                 f"{item.name} is missing (~{item.name}): normbench reads it; set a value instead"
             )
@@ -161,9 +165,77 @@ def validate(cfg) -> None:
         cfg.name,
     )
     _check_learning_rate(cfg)
+    _check_renorm_schedule(cfg)
     _check_path_lengths(cfg)
     if cfg.device == "cuda":
         resolve_device("cuda")
+
+
+#: Keys the schema replaced, still read: each with the key that holds its value now. A
+#: composed config never holds them (:func:`settle`), so no run id depends on them.
+REPLACED = {"eval.precise_bn_batches": "eval.precise_bn_images"}
+
+
+def settle(cfg, notify: bool = True) -> None:
+    """Put ``cfg`` (checked) in the one form a run's id is taken from, in place:
+
+    - ``eval.precise_bn_batches`` (the key ``eval.precise_bn_images`` replaced), when
+      given, sets ``precise_bn_images`` to ``precise_bn_batches x batch_size`` (the
+      images PreciseBN averaged with it), with a :class:`~normbench.errors.Notice` when
+      ``notify``; the key is dropped either way.
+    - Of a Batch Renorm phase given as a count of steps (``norm.warmup_steps``), the share
+      (``norm.warmup_fraction``) is set to null: the count wins, and a share that changes
+      nothing changes no run id.
+
+    Settling a settled config changes nothing (the runner settles the configs Hydra
+    composes for a sweep's jobs)."""
+    import warnings
+
+    from omegaconf import open_dict
+
+    from normbench.errors import Notice
+
+    section = cfg.get("eval")
+    if hasattr(section, "items") and "precise_bn_batches" in section:
+        batches = section.precise_bn_batches
+        if batches is not None:
+            images = batches * cfg.batch_size
+            section.precise_bn_images = images
+            if notify:
+                warnings.warn(
+                    f"eval.precise_bn_batches={batches} is replaced by eval.precise_bn_images: "
+                    f"read as {images} images ({batches} batches of batch_size="
+                    f"{cfg.batch_size})",
+                    Notice,
+                    stacklevel=2,
+                )
+        with open_dict(section):
+            del section["precise_bn_batches"]
+    norm = cfg.get("norm")
+    if hasattr(norm, "items"):
+        for share, count in schema.RENORM_PHASES:
+            if norm.get(count) is not None and norm.get(share) is not None:
+                norm[share] = None
+
+
+def _check_renorm_schedule(cfg) -> None:
+    """Batch Renorm's phases: each given as a share or a count (:func:`settle` nulled the
+    share of a count), and the shares together at most the whole run."""
+    norm = cfg.norm
+    shares = []
+    for share, count in schema.RENORM_PHASES:
+        if share in norm or count in norm:
+            if norm.get(share) is None and norm.get(count) is None:
+                raise UserError(
+                    f"norm.{share} and norm.{count} are both null: set one of them "
+                    f"(norm.{share}: a share of the run's training steps)"
+                )
+            if norm.get(share) is not None:
+                shares.append((share, norm.get(share)))
+    # (a float's rounding tolerated: 0.7 + 0.3 is whole)
+    if len(shares) > 1 and math.fsum(value for _, value in shares) > 1 + 1e-12:
+        given = " + ".join(f"norm.{name}={value!r}" for name, value in shares)
+        raise UserError(f"{given} must be at most 1: the phases' shares of the run's steps")
 
 
 def check_value(key: str, value: Any, cfg=None) -> str | None:

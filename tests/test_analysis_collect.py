@@ -347,9 +347,9 @@ def _as_older_version(folder, *keys):
 
 
 def test_a_key_older_runs_lack_takes_its_default_and_the_tables_say_so(real_copy):
-    """Seed 0's runs written by an older normbench, without eval.precise_bn_batches (a
+    """Seed 0's runs written by an older normbench, without eval.precise_bn_images (a
     root key) and norm.eps (an option's key): before, every group split in two on the
-    null; now those runs take the defaults (200, and each norm's own eps), the groups
+    null; now those runs take the defaults (10000, and each norm's own eps), the groups
     stay whole, and the warning, the table's caption, runs.csv and summary.csv say which
     keys were filled in for how many runs."""
     from normbench.config import compose
@@ -359,29 +359,67 @@ def test_a_key_older_runs_lack_takes_its_default_and_the_tables_say_so(real_copy
     older = [p for p in runs if seeds[p] == 0]
     assert len(older) == 2
     for folder in older:
-        _as_older_version(folder, "eval.precise_bn_batches", "norm.eps")
+        _as_older_version(folder, "eval.precise_bn_images", "norm.eps")
 
     result = invoke("results", real_copy)
     assert result.exit_code == 0, result.output
     assert (
-        "warning: 2 runs of 4 lack eval.precise_bn_batches (written by an older normbench): "
-        "grouped with its default, 200"
+        "warning: 2 runs of 4 lack eval.precise_bn_images (written by an older normbench): "
+        "grouped with its default, 10000"
     ) in result.stderr
     assert "warning: 2 runs of 4 lack norm.eps" in result.stderr
     assert "defaults filled in where older runs lack a key" in " ".join(result.stdout.split())
 
     summary = pd.read_csv(real_copy / "summary.csv")
     assert list(summary["norm.name"]) == ["custom_bn", "layer"] and list(summary.n) == [2, 2]
-    assert "eval.precise_bn_batches" in summary.columns  # a group key, not a split
-    assert set(summary["eval.precise_bn_batches"]) == {200}
-    assert list(summary.defaulted) == ["eval.precise_bn_batches: 1 run; norm.eps: 1 run"] * 2
+    assert "eval.precise_bn_images" in summary.columns  # a group key, not a split
+    assert set(summary["eval.precise_bn_images"]) == {10000}
+    assert list(summary.defaulted) == ["eval.precise_bn_images: 1 run; norm.eps: 1 run"] * 2
     table = pd.read_csv(real_copy / "runs.csv")
     by_seed = dict(zip(table.seed, table.defaulted.fillna(""), strict=False))
-    assert by_seed == {0: "eval.precise_bn_batches,norm.eps", 1: ""}
+    assert by_seed == {0: "eval.precise_bn_images,norm.eps", 1: ""}
     for norm in ("custom_bn", "layer"):
         eps = compose([f"norm={norm}"]).norm.eps
         assert set(table.loc[table["norm.name"] == norm, "norm.eps"]) == {eps}
     assert swept_keys(collect(real_copy).runs) == ["norm.name"]
+
+
+def test_older_runs_precise_bn_batches_read_as_the_images_they_averaged(tmp_path, make_run):
+    """A run written before eval.precise_bn_images replaced eval.precise_bn_batches: its
+    batches x batch_size images (4 x 32), the same batches PreciseBN takes now; no column,
+    no group, no default of the old key."""
+    exp = tmp_path / "exp"
+    make_run(exp, seed=0, batch_size=32, eval={"precise_bn_batches": 4})
+    make_run(exp, seed=1, batch_size=32, eval__precise_bn_images=128)
+    collected = collect(exp)
+    assert "eval.precise_bn_batches" not in collected.runs
+    assert list(collected.runs["eval.precise_bn_images"]) == [128, 128]
+    assert swept_keys(collected.runs) == [] and collected.defaulted == {}
+    # all runs older: the same
+    older = collect_only(tmp_path / "old", make_run, eval={"precise_bn_batches": 3})
+    assert "eval.precise_bn_batches" not in older.runs
+    assert list(older.runs["eval.precise_bn_images"]) == [3 * 128, 3 * 128]
+
+
+def collect_only(exp, make_run, **overrides):
+    for seed in (0, 1):
+        make_run(exp, seed=seed, **overrides)
+    return collect(exp)
+
+
+def test_older_batch_renorm_runs_keep_their_counts_and_take_no_share(tmp_path, make_run):
+    """batch_renorm written when its schedule was in steps: the shares it lacks are null
+    (its counts ruled), not the YAML's shares; they differ from a run of the shares."""
+    exp = tmp_path / "exp"
+    now = OmegaConf.to_container(compose(["norm=batch_renorm"]).norm)
+    before = {k: v for k, v in now.items() if not k.endswith("_fraction")}
+    before.update(warmup_steps=500, ramp_steps=2000)
+    make_run(exp, seed=0, norm=before)
+    make_run(exp, seed=1, norm=now)
+    runs = collect(exp).runs.set_index("seed")
+    assert pd.isna(runs.loc[0, "norm.warmup_fraction"]) and runs.loc[0, "norm.warmup_steps"] == 500
+    assert runs.loc[1, "norm.warmup_fraction"] == 0.04 and pd.isna(runs.loc[1, "norm.warmup_steps"])
+    assert "defaulted" not in runs
 
 
 def test_a_key_the_runs_option_lacks_is_not_filled(tmp_path, make_run):

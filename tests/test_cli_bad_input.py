@@ -152,6 +152,13 @@ def test_a_disk_that_fills_during_a_run_gives_one_line_and_nothing_complete(tmp_
         (["~norm"], "norm is missing"),
         (["norm=group", "norm.groups=abc"], "norm.groups must be an integer >= 1, got 'abc'"),
         (["norm=batch_renorm", "norm.warmup_steps=-1"], "norm.warmup_steps must be"),
+        (["norm=batch_renorm", "norm.ramp_fraction=2"], "norm.ramp_fraction must be a number"),
+        (
+            ["norm=batch_renorm", "norm.warmup_fraction=0.5", "norm.ramp_fraction=0.75"],
+            "norm.warmup_fraction=0.5 + norm.ramp_fraction=0.75 must be at most 1",
+        ),
+        (["eval.precise_bn_images=0"], "eval.precise_bn_images must be an integer >= 1"),
+        (["eval.precise_bn_batches=-2"], "eval.precise_bn_batches must be an integer >= 1"),
         (["norm=ghost_bn", "norm.virtual_batch_size=0"], "norm.virtual_batch_size must be"),
         (["optim=adam", "optim.betas=[0.9,1.5]"], "optim.betas must be two numbers"),
         (["optim.nesterov=maybe"], "optim.nesterov must be true or false"),

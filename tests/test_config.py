@@ -177,22 +177,27 @@ OVERRIDE_SETS = [
     ["model=mlp", "model.hidden=[64]", "norm=batch_renorm", "norm.r_max=2.5"],
     ["~norm.eps", "optim=adam", "optim.betas=[0.8,0.99]", "hydra/launcher=joblib"],
     ["++lr=0.3", "schedule.milestones=[0.25]", "dataset.train_size=100", "name=x"],
+    ["norm=batch_renorm", "norm.warmup_steps=100", "eval.precise_bn_batches=50", "batch_size=8"],
 ]
 
 
+@pytest.mark.filterwarnings("ignore::normbench.errors.Notice")  # the old key's (said once)
 @pytest.mark.parametrize("overrides", OVERRIDE_SETS, ids=lambda o: " ".join(o) or "defaults")
 def test_composition_matches_hydras_own(overrides):
     """compose() lets Hydra compose the groups once and applies values itself: the result
-    is exactly Hydra's composition of all the overrides."""
+    is exactly Hydra's composition of all the overrides, settled as the runner settles a
+    sweep's job (the replaced keys translated: validation.settle)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     from normbench.options import conf_dir
+    from normbench.validation import settle
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         reference = hydra_compose(config_name="config", overrides=overrides)
     OmegaConf.resolve(reference)
+    settle(reference, notify=False)
     assert OmegaConf.to_container(compose(overrides)) == OmegaConf.to_container(reference)
 
 

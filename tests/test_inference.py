@@ -91,7 +91,7 @@ def test_measure_leaves_the_model_and_skips_variants_without_running_statistics(
     data = load_dataset("digits", train_size=64, test_size=40, val_size=0)
     model = build_model("small_cnn", NormSpec("custom_bn"), 1, 10, (8, 8))
     state = copy.deepcopy(model.state_dict())
-    measured = inference.measure(model, data, 16, 1000, precise_batches=200, seed=0)
+    measured = inference.measure(model, data, 16, 1000, precise_images=3200, seed=0)
     assert set(measured) == {"test_acc_precise_bn", "test_acc_batch_stats"}
     assert all(0 <= v <= 1 for v in measured.values())
     for key, value in model.state_dict().items():
@@ -100,6 +100,43 @@ def test_measure_leaves_the_model_and_skips_variants_without_running_statistics(
     assert len(list(inference.training_batches(data, 16, 200, seed=0))) == 4
     layer = build_model("small_cnn", NormSpec("layer"), 1, 10, (8, 8))
     assert inference.measure(layer, data, 16, 1000, 200, 0) == {}
+
+
+@pytest.mark.parametrize(
+    ("images", "num_train", "batch_size", "batches"),
+    [
+        (10000, 60000, 128, 79),  # ceil(10000 / 128): 10,112 images, the last batch whole
+        (10000, 60000, 2, 5000),  # as many images at batch size 2 (not 400: issue 25)
+        (10000, 8000, 128, 62),  # capped by the training set: its 62 full batches
+        (7990, 8000, 128, 62),  # ceil(7990 / 128) = 63 > the 62 full batches of one pass
+        (256, 8000, 128, 2),  # exactly two batches
+        (1, 8000, 128, 1),  # at least one batch
+        (200 * 8, 300, 8, 37),  # an old run's 200 batches at 8: one pass, 300 // 8
+    ],
+)
+def test_precise_bn_is_sized_in_images(images, num_train, batch_size, batches):
+    assert inference.precise_batches(images, num_train, batch_size) == batches
+
+
+def test_measure_averages_the_batches_its_images_make(monkeypatch):
+    """measure() hands PreciseBN ceil(images / batch_size) training batches of batch_size."""
+    from normbench.data import load_dataset
+    from normbench.models import build_model
+
+    seen = []
+    original = inference.precise_statistics
+
+    def counting(model, batches):
+        batches = list(batches)
+        seen.append([len(b) for b in batches])
+        return original(model, batches)
+
+    monkeypatch.setattr(inference, "precise_statistics", counting)
+    data = load_dataset("digits", train_size=100, test_size=20, val_size=0)
+    model = build_model("small_cnn", NormSpec("custom_bn"), 1, 10, (8, 8))
+    inference.measure(model, data, 8, 1000, precise_images=20, seed=0)
+    inference.measure(model, data, 8, 1000, precise_images=10000, seed=0)
+    assert seen == [[8] * 3, [8] * 12]  # ceil(20 / 8); capped at 100 // 8
 
 
 def test_a_run_records_the_three_estimators(tiny):

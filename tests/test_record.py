@@ -36,7 +36,7 @@ HELD = {
 def test_summary_fields_are_the_records_fields_in_order():
     assert tuple(f.name for f in dataclasses.fields(schema.RunRecord)) == SUMMARY_FIELDS
     assert SUMMARY_FIELDS[:2] == ("run_id", "status")
-    assert len(SUMMARY_FIELDS) == len(set(SUMMARY_FIELDS)) == 40
+    assert len(SUMMARY_FIELDS) == len(set(SUMMARY_FIELDS)) == 41
 
 
 def test_statistics_and_figures_take_their_fields_from_the_record():
@@ -60,7 +60,8 @@ def test_number_rules_follow_the_records_types_and_ranges():
     rules = rundir._NUMBER_RULES
     whole = {
         "batch_size": (1, False), "epochs": (1, False), "seed": (0, False),
-        "max_steps": (1, True), "steps": (0, True), "best_val_epoch": (1, True),
+        "max_steps": (1, True), "steps": (0, True), "renorm_ramp_end_step": (0, True),
+        "best_val_epoch": (1, True),
         "resumed_from_epoch": (0, True), "num_params": (0, True), "threads": (1, True),
     }  # fmt: skip
     accuracies = [f for f in SUMMARY_FIELDS if f.endswith("_acc") or "_acc_" in f]
@@ -110,10 +111,12 @@ def test_summary_holds_each_value_once_and_gives_the_whole_config_back(tiny, opt
 
 
 def test_run_ids_hash_the_config_not_the_record(tiny):
-    # a run of the baseline sweep before the record held its config values (issue 24)
+    # a run of the baseline sweep before the record held its config values (issue 24); its
+    # id was 2aa4efb44efb until eval.precise_bn_images replaced eval.precise_bn_batches
+    # (issue 25), which changed every run's config and so every run id
     cfg = tiny("norm=custom_bn", "batch_size=8", "lr=0.1", "seed=1", "epochs=2", "name=cmp",
                "dataset.train_size=300", "threads=null")  # fmt: skip
-    assert runner.run_id(cfg) == "2aa4efb44efb"
+    assert runner.run_id(cfg) == "90925413f0d3"
 
 
 def test_split_summary_without_a_config_reads_config_yaml():
@@ -188,3 +191,13 @@ def test_new_summaries_are_checked_under_the_records_names(tiny, tmp_path):
     summary["batch_size"] = 1.5
     found = _experiment(tmp_path / "exp", [summary])
     assert "batch_size 1.5 is not a whole number" in next(iter(found.problems.values()))
+
+
+def test_renorm_ramp_end_step_is_a_nullable_count_a_run_fills_in(tiny):
+    """Filled by a built run (tests/test_batchrenorm.py); null where nothing was built, as
+    whatever it would have measured."""
+    field = {f.name: f for f in schema.record_fields()}["renorm_ramp_end_step"]
+    assert (field.whole, field.null, field.low, field.config) == (True, True, 0, None)
+    lost = runner._lost_summary(tiny("norm=batch_renorm"), "failed", "lost")
+    assert lost["renorm_ramp_end_step"] is None
+    assert rundir.summary_problem({**lost, "renorm_ramp_end_step": -1})

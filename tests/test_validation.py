@@ -135,3 +135,55 @@ def test_a_long_out_dir_is_refused_against_the_file_systems_limits(tmp_path):
         compose([f"dataset.root={deep}"])
     assert not any(tmp_path.iterdir())
     compose([f"out_dir={tmp_path / ('a' * name_max)}"])  # the longest name that fits
+
+
+# ---------------------------------------------------------- keys replaced, still read
+
+
+def test_the_old_precise_bn_batches_is_read_as_images_with_a_notice():
+    """eval.precise_bn_batches=200 (replaced by eval.precise_bn_images): 200 x batch_size
+    images, said once; the composed config holds only the new key (so run ids too)."""
+    from omegaconf import OmegaConf
+
+    from normbench.errors import Notice
+
+    with pytest.warns(Notice) as notices:
+        cfg = compose(["eval.precise_bn_batches=200", "batch_size=8"])
+    assert [str(n.message) for n in notices] == [
+        "eval.precise_bn_batches=200 is replaced by eval.precise_bn_images: read as 1600 "
+        "images (200 batches of batch_size=8)"
+    ]
+    assert OmegaConf.to_container(cfg.eval) == {"precise_bn_images": 1600}
+    assert compose(["eval.precise_bn_images=1600", "batch_size=8"]) == cfg
+    assert OmegaConf.to_container(compose().eval) == {"precise_bn_images": 10000}
+
+
+def test_the_old_key_in_a_users_preset_is_read_too(tmp_path):
+    from normbench import config
+    from normbench.errors import Notice
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "old.yaml").write_text(
+        "# @package _global_\nbatch_size: 16\neval:\n  precise_bn_batches: 10\n"
+    )
+    config.add_config_dir(tmp_path)
+    with pytest.warns(Notice, match="read as 160 images"):
+        assert compose(["experiment=old"]).eval.precise_bn_images == 160
+
+
+def test_settling_a_settled_config_changes_nothing():
+    """(the runner settles the configs Hydra composes for a sweep's jobs again)"""
+    import copy
+
+    from normbench.validation import settle
+
+    cfg = compose(["norm=batch_renorm", "norm.ramp_steps=9"])
+    again = copy.deepcopy(cfg)
+    settle(again)
+    assert again == cfg and cfg.norm.ramp_fraction is None
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "2.5"])
+def test_a_bad_old_key_is_refused_naming_it(value):
+    with pytest.raises(UserError, match="eval.precise_bn_batches must be .*, got"):
+        compose([f"eval.precise_bn_batches={value}"])

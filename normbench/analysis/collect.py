@@ -40,6 +40,7 @@ from normbench.rundir import (
     split_summary,
     summary_problem,
 )
+from normbench.schema import RENORM_PHASES, is_int
 
 #: Where ``normbench results`` looks when given no folder (the default ``out_dir``).
 DEFAULT_RESULTS = Path("results")
@@ -446,12 +447,38 @@ def _option_defaults(group: str, option: Any) -> dict[str, Any]:
     return {}
 
 
+_PHASES = tuple((f"norm.{share}", f"norm.{count}") for share, count in RENORM_PHASES)
+
+
+def _replaced(config: dict[str, Any]) -> dict[str, Any]:
+    """An older run's config with the keys replaced since read as a run now composes them
+    (``validation.settle``): ``eval.precise_bn_batches`` as ``eval.precise_bn_images`` =
+    batches x batch_size, the images PreciseBN averaged (the same batches either way);
+    batch_renorm's phases, given in steps then, with a null share (the count won), not
+    the share its YAML's default would invent."""
+    old = "eval.precise_bn_batches"
+    phases = _PHASES if config.get("norm.name") == "batch_renorm" else ()
+    if old not in config and all(s in config or c not in config for s, c in phases):
+        return config  # (the common case, at once)
+    config = dict(config)
+    if old in config:
+        batches, size = config.pop(old), config.get("batch_size")
+        if "eval.precise_bn_images" not in config and is_int(batches) and is_int(size):
+            config["eval.precise_bn_images"] = batches * size
+    for share, count in phases:
+        if count in config and share not in config:
+            config[share] = None
+    return config
+
+
 def _fill_defaults(configs: list[dict[str, Any]]):
-    """``configs`` with the keys some of them lack filled in with their defaults; the
-    keys filled per run, and per key the defaults used and the number of runs."""
+    """``configs`` with the keys some of them lack filled in with their defaults (the keys
+    replaced since read as now: :func:`_replaced`); the keys filled per run, and per key
+    the defaults used and the number of runs."""
     from normbench.options import REQUIRED_GROUPS
     from normbench.schema import EXECUTION_KEYS
 
+    configs = [_replaced(config) for config in configs]
     filled: list[list[str]] = [[] for _ in configs]
     used: dict[str, tuple[list[Any], int]] = {}
     every = len(set().union(*configs))

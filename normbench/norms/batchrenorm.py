@@ -14,26 +14,87 @@ agree once the clips stop binding. The running statistics are a mean and a
 standard deviation (buffers ``running_mean`` and ``running_std``; ``sigma``
 already contains eps).
 
+The running averages use torch's BatchNorm formula, ``running = (1 - momentum) *
+running + momentum * batch`` (``lerp``); the default ``momentum=0.01`` is ten times
+smaller than torch's 0.1, so their memory is about ``1 / momentum`` = 100 steps
+instead of 10: smoother, and staler after a short run.
+
 As in the paper, training starts as plain BatchNorm (``r_max = 1``,
 ``d_max = 0``) for ``warmup_steps`` steps, while the running statistics are
 still poor, then the limits widen linearly to ``r_max`` and ``d_max`` over
-``ramp_steps`` steps (:meth:`BatchRenorm.renorm_limits`).
+``ramp_steps`` steps (:meth:`BatchRenorm.renorm_limits`). The layer counts in
+steps; a run's config gives them as shares of its training steps too
+(``norm.warmup_fraction``, ``norm.ramp_fraction``), which :func:`schedule_steps`
+turns into steps before the model is built.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from normbench.kernels import BACKENDS, batch_norm, batch_norm_stats, batch_norm_train
 from normbench.norms.registry import register_norm
+from normbench.schema import RENORM_PHASES
 
-__all__ = ["BatchRenorm", "BatchRenorm2d"]
+__all__ = ["BatchRenorm", "BatchRenorm2d", "ramp_end_step", "schedule_steps"]
+
+
+def schedule_steps(kwargs: dict[str, Any], total_steps: int) -> dict[str, Any]:
+    """A norm's keyword arguments with Batch Renorm's schedule in steps, as the layer takes
+    it: each phase given as a share of the run's ``total_steps`` (``warmup_fraction``,
+    ``ramp_fraction``) becomes ``warmup_steps``/``ramp_steps``, a count given wins over
+    its phase's share. The phases' ends are rounded (half up) from their cumulative
+    shares, so warm-up plus ramp never exceeds the run when the shares sum to at most 1.
+    Arguments without the share keys come back as they are; a phase whose share and
+    count are both null is a ValueError."""
+    if not any(share in kwargs for share, _ in RENORM_PHASES):
+        return kwargs
+    out = {k: v for k, v in kwargs.items() if k not in {share for share, _ in RENORM_PHASES}}
+    start = 0  # where the phase starts, in steps
+    shares: float | None = 0.0  # the phases' shares so far, while all were given as shares
+    for share, count in RENORM_PHASES:
+        if share not in kwargs and count not in kwargs:
+            continue  # a variant without this phase
+        steps, fraction = kwargs.get(count), kwargs.get(share)
+        if steps is None and fraction is None:
+            raise ValueError(f"{count} and {share} are both null: set one of them")
+        if steps is None and shares is not None:
+            shares += fraction
+            steps = _rounded(shares, total_steps) - start
+        elif steps is None:
+            steps = _rounded(fraction, total_steps)
+        else:
+            shares = None
+        out[count] = steps
+        start += steps
+    return out
+
+
+def ramp_end_step(kwargs: dict[str, Any]) -> int | None:
+    """The step from which the limits hold their values (``warmup_steps + ramp_steps`` of
+    arguments in steps: :func:`schedule_steps`'); None for a variant without them."""
+    if kwargs.get("warmup_steps") is None or kwargs.get("ramp_steps") is None:
+        return None
+    return kwargs["warmup_steps"] + kwargs["ramp_steps"]
+
+
+def _rounded(share: float, total_steps: int) -> int:
+    return math.floor(share * total_steps + 0.5)
 
 
 @register_norm("batch_renorm")
 class BatchRenorm(nn.Module):
     """Batch Renormalization over any ``(N, C, *)`` input (see the module docstring).
+
+    ``momentum``: the running averages' update, ``running = (1 - momentum) * running +
+    momentum * batch`` as in ``torch.nn.BatchNorm2d`` (momentum 0.1 there); 0.01 here
+    remembers about 100 steps rather than 10. ``warmup_steps``/``ramp_steps``: the
+    correction's schedule in training steps (:func:`schedule_steps` gives them from a
+    run's shares).
 
     In training the kernel normalises with the batch's statistics and applies
     ``weight * r`` and ``weight * d + bias`` as its affine parameters (r and d constants

@@ -105,10 +105,18 @@ class Schedule:
 class Eval:
     """At the end of a run, for variants with running statistics (BatchNorm's family)."""
 
-    precise_bn_batches: int = key(
+    precise_bn_images: int = key(
         Whole(1),
-        "training batches averaged to re-estimate the population statistics (PreciseBN; "
-        "at most one pass over the training set)",
+        "training images averaged to re-estimate the population statistics (PreciseBN), in "
+        "batches of batch_size: ceil(images / batch_size) batches, at most one pass over the "
+        "training set",
+    )
+    # The key it replaced, still read: the config that composes holds precise_bn_images =
+    # precise_bn_batches x batch_size instead (normbench.validation.settle), never this one.
+    precise_bn_batches: int | None = key(
+        Whole(1, null=True),
+        "replaced by precise_bn_images; still read, as precise_bn_batches x batch_size images",
+        default=None,
     )
 
 
@@ -272,13 +280,34 @@ class NormArgs:
     groups: int = key(Whole(1), "at most this many groups (the largest divisor of C up to it)")
     r_max: Any = key(Number(1, strict=False), "clip of r = batch std / running std")
     d_max: Any = key(Number(0, strict=False), "clip of d = (batch - running mean) / running std")
-    warmup_steps: int = key(Whole(0), "training steps of plain BatchNorm first")
-    ramp_steps: int = key(Whole(0), "steps over which r_max and d_max grow to their values")
+    warmup_fraction: Any = key(
+        Number(0, strict=False, high=1, null=True),
+        "the share of the run's training steps spent as plain BatchNorm first",
+    )
+    ramp_fraction: Any = key(
+        Number(0, strict=False, high=1, null=True),
+        "the share of the run's training steps over which r_max and d_max then grow to "
+        "their values",
+    )
+    warmup_steps: int | None = key(
+        Whole(0, null=True), "warmup_fraction as a count of training steps; set, it wins"
+    )
+    ramp_steps: int | None = key(
+        Whole(0, null=True), "ramp_fraction as a count of training steps; set, it wins"
+    )
     virtual_batch_size: int = key(Whole(1), "samples per virtual batch")
     backend: str = key(
         Choice(BACKENDS),
         "kernel: auto (by device), cpu (compiled C++), triton (CUDA) or reference",
     )
+
+
+#: The phases of Batch Renorm's schedule (:class:`NormArgs`): each phase's share of the
+#: run's training steps and its count of steps, of which a count given wins.
+RENORM_PHASES: tuple[tuple[str, str], ...] = (
+    ("warmup_fraction", "warmup_steps"),
+    ("ramp_fraction", "ramp_steps"),
+)
 
 
 #: Each group option's schema, by group and option: the option's YAML names it in its

@@ -66,6 +66,10 @@ class RunRecord:
     max_steps: int | None = recorded(1, config="max_steps")
     seed: int = recorded(0, config="seed")
     steps: int | None = recorded(0)
+    # Batch Renorm's: the step from which r_max and d_max hold their values (warm-up plus
+    # ramp, in steps, fractions resolved); a run whose steps stop short never used them.
+    # Null for variants without that schedule (and a run that stopped before it was built).
+    renorm_ramp_end_step: int | None = recorded(0)
     final_test_acc: float | None = recorded(
         **_ACCURACY, stat=True, estimator=("running averages", "-")
     )
