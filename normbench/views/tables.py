@@ -98,26 +98,13 @@ def summary_table(
     summary.csv; the table stays narrow enough for a terminal.) Keys, values and the
     title come from run folders: they are shown as text, cleaned (:mod:`normbench.terminal`)."""
     table = _table(title)
-    for key in keys:
-        numeric = key in summary and pd.api.types.is_numeric_dtype(summary[key])
-        justify = "right" if numeric and not pd.api.types.is_bool_dtype(summary[key]) else "left"
-        # keys are never cut short: the numbers beside them wrap instead
-        width = max(
-            [len(terminal.clean(short_key(key)))]
-            + [len(terminal.clean(_cell(key, v))) for v in summary.get(key, [])]
-        )
-        table.add_column(
-            terminal.text(short_key(key)),
-            style="bold",
-            no_wrap=True,
-            justify=justify,
-            min_width=width,
-        )
+    _key_columns(table, summary, keys)
     if not keys:
         table.add_column("runs", style="bold")
     table.add_column("n", justify="right", no_wrap=True, min_width=len(str(summary["n"].max())))
     table.add_column("final acc %", justify="right", no_wrap=True)
-    table.add_column("95% CI", justify="right")  # what wraps when the terminal is narrow
+    # what wraps when the terminal is narrow
+    table.add_column("95% CI", justify="right", overflow="fold")
     baselines = summary["baseline"].dropna().unique() if "baseline" in summary else []
     baseline = baselines[0] if len(baselines) and "norm.name" in keys else None
     if baseline is not None:
@@ -131,7 +118,7 @@ def summary_table(
         table.add_column(column.removeprefix("n_"), justify="right", style="yellow")
     flagged = _has_flags(summary)
     if flagged:
-        table.add_column("flags", style="yellow")
+        _flags_column(table)
     for row in summary.to_dict("records"):
         cells = [terminal.text(_cell(k, row[k])) for k in keys] or ["all"]
         cells += [
@@ -148,33 +135,57 @@ def summary_table(
     return table
 
 
+def _key_columns(table, frame: pd.DataFrame, keys: Sequence[str], tuned=()) -> None:
+    """A column per key; keys are never cut short: the numbers beside them wrap instead."""
+    for key in keys:
+        numeric = key in frame and _numeric(frame, key)
+        width = max(
+            [len(terminal.clean(short_key(key)))]
+            + [len(terminal.clean(_cell(key, v))) for v in frame.get(key, [])]
+        )
+        table.add_column(
+            terminal.text(short_key(key)),
+            style="bold cyan" if key in tuned else "bold",
+            no_wrap=True,
+            justify="right" if numeric else "left",
+            min_width=width,
+        )
+
+
 def comparison_caption(baseline: str) -> str:
     """What the comparison columns mean, for a table's caption."""
     return (
         f"Δ: difference to {baseline} in percentage points ± its 95% CI; p: paired t-test "
-        "where both sides ran the same seeds, else Welch's (test); p_holm: Holm-adjusted "
-        "over the table; – where not resolved"
+        "where both sides ran the same seeds, else Welch's (test), and (Holm-adjusted over "
+        "the table); – where not resolved"
     )
+
+
+#: The ``test`` column's words as the rich tables show them.
+_TESTS = {"paired t": "paired", "welch": "welch"}
 
 
 def _comparison_columns(table, baseline: str) -> None:
     table.add_column(terminal.text(f"Δ {baseline}"), justify="right", no_wrap=True)
-    table.add_column("p", justify="right", no_wrap=True)
-    table.add_column("p_holm", justify="right", no_wrap=True)
+    table.add_column("p (Holm)", justify="right", overflow="fold")
     table.add_column("test", no_wrap=True)
 
 
 def _comparison_cells(row: dict[str, Any], baseline: str) -> list[str]:
-    """The difference, p, Holm's p and the test of a row (``baseline`` for the reference)."""
+    """The difference, p with Holm's p and the test of a row (``baseline`` for the
+    reference)."""
     if row.get("norm.name") == baseline:
-        return ["baseline", "", "", ""]
-    test = row.get("test")
+        return ["baseline", "", ""]
+    p, holm = row.get("p_value"), row.get("p_holm")
     return [
         _difference(row["diff_to_baseline"], row["diff_ci95"], "no_variance" in _flags(row)),
-        _p(row.get("p_value")),
-        _p(row.get("p_holm")),
-        test if isinstance(test, str) and test != "none" else "–",
+        "–" if _missing(p) else f"{_p(p)} ({_p(holm)})",
+        _TESTS.get(row.get("test"), "–"),
     ]
+
+
+def _flags_column(table) -> None:
+    table.add_column("flags", style="yellow", overflow="fold")
 
 
 def _difference(diff: float, half: float, exact: bool = False) -> str:
@@ -223,13 +234,11 @@ def selection_table(selection: pd.DataFrame, title: str):
     table = _table(title)
     keys = selection_keys(selection)
     tuned = set(str(selection["tuned"].iloc[0]).split(",")) if len(selection) else set()
-    for key in keys:
-        style = "bold cyan" if key in tuned else "bold"
-        table.add_column(terminal.text(short_key(key)), style=style, no_wrap=True)
+    _key_columns(table, selection, keys, tuned)
     table.add_column("n", justify="right")
-    table.add_column("val acc %", justify="right")
+    table.add_column("val acc %", justify="right", overflow="fold")
     table.add_column("test acc %", justify="right", no_wrap=True)
-    table.add_column("95% CI", justify="right", no_wrap=True)
+    table.add_column("95% CI", justify="right", overflow="fold")
     baselines = selection["baseline"].dropna().unique() if "baseline" in selection else []
     baseline = baselines[0] if len(baselines) and "norm.name" in keys else None
     if baseline is not None:
@@ -241,7 +250,7 @@ def selection_table(selection: pd.DataFrame, title: str):
         )
     flagged = _has_flags(selection)
     if flagged:
-        table.add_column("flags", style="yellow")
+        _flags_column(table)
     for row in selection.to_dict("records"):
         test = "test_acc_at_best_val"
         cells = [
@@ -270,25 +279,24 @@ def estimator_table(summary: pd.DataFrame, keys: Sequence[str], title: str):
         return None
     shown = summary[summary[list(columns)].notna().any(axis=1)]
     table = _table(title)
-    for key in keys:
-        table.add_column(terminal.text(short_key(key)), style="bold", no_wrap=True)
+    _key_columns(table, shown, keys)
     table.add_column("n", justify="right")
-    table.add_column("running avg %", justify="right", no_wrap=True)
-    for label in ("PreciseBN Δ", "p", "p_holm", "batch stats Δ", "p", "p_holm"):
-        table.add_column(label, justify="right", no_wrap=True)
+    table.add_column("running avg %", justify="right", overflow="fold")
+    for label in ("PreciseBN Δ", "p (Holm)", "batch stats Δ", "p (Holm)"):
+        table.add_column(label, justify="right", overflow="fold")
     table.caption = terminal.text(
         "Δ: the estimator's test accuracy minus the running averages' in the same runs, "
-        "percentage points ± 95% CI; p: paired t-test; p_holm: Holm-adjusted over the table",
+        "percentage points ± 95% CI; p: paired t-test (Holm-adjusted over the table)",
         "table.caption",
     )
     for row in shown.to_dict("records"):
         cells = [terminal.text(_cell(k, row[k])) for k in keys]
         cells += [str(row["n"]), _percent(row["final_test_acc_mean"], math.nan)]
         for name in ("precise_bn", "batch_stats"):
+            p = row[f"{name}_p"]
             cells += [
                 _difference(row[f"{name}_diff"], row[f"{name}_ci95"]),
-                _p(row[f"{name}_p"]),
-                _p(row[f"{name}_p_holm"]),
+                "–" if _missing(p) else f"{_p(p)} ({_p(row[f'{name}_p_holm'])})",
             ]
         table.add_row(*cells)
     return table
