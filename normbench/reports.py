@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -109,7 +110,7 @@ def thresholds_of(stale_threshold: float | None, undertrained_gap: float | None)
         problem = None if value is None else check_value(f"report.{name}", value)
         if problem:
             raise UserError(f"--{name.replace('_', '-')}: {problem}")
-    return Thresholds.of(type("Given", (), given)())
+    return Thresholds.of(SimpleNamespace(**given))
 
 
 def report(

@@ -73,6 +73,17 @@ FLAG_MARKS: dict[str, str] = {
 }
 
 
+def _whole_words(table) -> Any:
+    """``table`` with every column at least as wide as its longest word (header and
+    cells): a narrow terminal wraps its cells between words (``[96.23,`` over
+    ``99.88]``), never inside a number."""
+    for column in table.columns:
+        texts = [str(column.header), *map(str, column.cells)]
+        longest = max((len(word) for text in texts for word in text.split()), default=0)
+        column.min_width = max(column.min_width or 0, longest)
+    return table
+
+
 def _table(title: str):
     from rich import box
     from rich.table import Table
@@ -102,9 +113,9 @@ def summary_table(
     if not keys:
         table.add_column("runs", style="bold")
     table.add_column("n", justify="right", no_wrap=True, min_width=len(str(summary["n"].max())))
-    table.add_column("final acc %", justify="right", no_wrap=True)
     # what wraps when the terminal is narrow
-    table.add_column("95% CI", justify="right", overflow="fold")
+    table.add_column("final acc %", justify="right")
+    table.add_column("95% CI", justify="right")
     baselines = summary["baseline"].dropna().unique() if "baseline" in summary else []
     baseline = baselines[0] if len(baselines) and "norm.name" in keys else None
     if baseline is not None:
@@ -132,7 +143,7 @@ def summary_table(
         if flagged:
             cells.append(marks(row.get("flags")))
         table.add_row(*cells)
-    return table
+    return _whole_words(table)
 
 
 def _key_columns(table, frame: pd.DataFrame, keys: Sequence[str], tuned=()) -> None:
@@ -167,7 +178,7 @@ _TESTS = {"paired t": "paired", "welch": "welch"}
 
 def _comparison_columns(table, baseline: str) -> None:
     table.add_column(terminal.text(f"Δ {baseline}"), justify="right", no_wrap=True)
-    table.add_column("p (Holm)", justify="right", overflow="fold")
+    table.add_column("p (Holm)", justify="right")
     table.add_column("test", no_wrap=True)
 
 
@@ -185,7 +196,7 @@ def _comparison_cells(row: dict[str, Any], baseline: str) -> list[str]:
 
 
 def _flags_column(table) -> None:
-    table.add_column("flags", style="yellow", overflow="fold")
+    table.add_column("flags", style="yellow")
 
 
 def _difference(diff: float, half: float, exact: bool = False) -> str:
@@ -217,7 +228,7 @@ def _has_flags(frame: pd.DataFrame) -> bool:
 def marks(value: Any) -> str:
     """A ``flags`` cell as the rich tables show it: the short marks, comma-separated."""
     names = _flags({"flags": value})
-    return ",".join(FLAG_MARKS.get(name, name) for name in names)
+    return ", ".join(FLAG_MARKS.get(name, name) for name in names)
 
 
 def _cell(key: str, value: Any) -> str:
@@ -236,9 +247,9 @@ def selection_table(selection: pd.DataFrame, title: str):
     tuned = set(str(selection["tuned"].iloc[0]).split(",")) if len(selection) else set()
     _key_columns(table, selection, keys, tuned)
     table.add_column("n", justify="right")
-    table.add_column("val acc %", justify="right", overflow="fold")
-    table.add_column("test acc %", justify="right", no_wrap=True)
-    table.add_column("95% CI", justify="right", overflow="fold")
+    table.add_column("val acc %", justify="right")
+    table.add_column("test acc %", justify="right")
+    table.add_column("95% CI", justify="right")
     baselines = selection["baseline"].dropna().unique() if "baseline" in selection else []
     baseline = baselines[0] if len(baselines) and "norm.name" in keys else None
     if baseline is not None:
@@ -265,7 +276,7 @@ def selection_table(selection: pd.DataFrame, title: str):
         if flagged:
             cells.append(marks(row.get("flags")))
         table.add_row(*cells)
-    return table
+    return _whole_words(table)
 
 
 def estimator_table(summary: pd.DataFrame, keys: Sequence[str], title: str):
@@ -281,9 +292,9 @@ def estimator_table(summary: pd.DataFrame, keys: Sequence[str], title: str):
     table = _table(title)
     _key_columns(table, shown, keys)
     table.add_column("n", justify="right")
-    table.add_column("running avg %", justify="right", overflow="fold")
+    table.add_column("running avg %", justify="right")
     for label in ("PreciseBN Δ", "p (Holm)", "batch stats Δ", "p (Holm)"):
-        table.add_column(label, justify="right", overflow="fold")
+        table.add_column(label, justify="right")
     table.caption = terminal.text(
         "Δ: the estimator's test accuracy minus the running averages' in the same runs, "
         "percentage points ± 95% CI; p: paired t-test (Holm-adjusted over the table)",
@@ -294,12 +305,14 @@ def estimator_table(summary: pd.DataFrame, keys: Sequence[str], title: str):
         cells += [str(row["n"]), _percent(row["final_test_acc_mean"], math.nan)]
         for name in ("precise_bn", "batch_stats"):
             p = row[f"{name}_p"]
+            # every run's difference the same: no test, the difference is exact
+            exact = _missing(p) and row["n"] >= 2
             cells += [
-                _difference(row[f"{name}_diff"], row[f"{name}_ci95"]),
+                _difference(row[f"{name}_diff"], row[f"{name}_ci95"], exact),
                 "–" if _missing(p) else f"{_p(p)} ({_p(row[f'{name}_p_holm'])})",
             ]
         table.add_row(*cells)
-    return table
+    return _whole_words(table)
 
 
 def _row_label(row: dict[str, Any], keys: Sequence[str]) -> str:
