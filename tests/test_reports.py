@@ -66,7 +66,7 @@ def test_results_command_prints_the_summary_table(real_copy):
     assert "4 runs (4 completed, 0 diverged, 0 failed)" in out
     assert "1 incomplete" in out and str(real_copy) in out
     # 80 columns: with the comparison's columns, a header or a cell may wrap between words
-    assert "final" in out and "acc %" in out and "95% CI" in out
+    assert "final" in out and "acc" in out and "95% CI" in out
     collected = collect(real_copy)
     for norm, rows in collected.runs.groupby("norm.name"):
         mean, std = rows.final_test_acc.mean(), rows.final_test_acc.std()
