@@ -1,6 +1,7 @@
 """Every rich table normbench prints, and the lines of text around them: an experiment's
-summary and selection tables, run counts and skipped folders, bench's timings, the
-checks of ``check-norm`` and the options of ``list``.
+summary, estimator and selection tables with their flags' warning lines, the same
+tables as Markdown, LaTeX or CSV text (``results --format``, report.md), run counts and
+skipped folders, and bench's timings.
 
 Keys, values and titles come from run folders or a user: they are shown as text, cleaned
 (:mod:`normbench.terminal`), never as markup.
