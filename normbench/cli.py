@@ -296,8 +296,8 @@ def results(
     baseline: Annotated[
         str | None,
         typer.Option(
-            help="The norm the others are compared with (difference, 95% CI, Welch's p; "
-            "default: custom_bn when present)",
+            help="The norm the others are compared with (difference, 95% CI, p: paired by "
+            "seed where both ran the same seeds, else Welch's; default: custom_bn when present)",
             metavar="NORM",
             show_default=False,
         ),
@@ -310,12 +310,50 @@ def results(
             "instead of one table each",
         ),
     ] = False,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="table (rich, the default), or markdown, latex, csv: the tables' CSV columns "
+            "as text to paste (counts and files written go to stderr)",
+            metavar="FORMAT",
+        ),
+    ] = "table",
+    stale_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Flag stale_running_stats above this mean |PreciseBN - running averages|, "
+            "in accuracy points (default: report.stale_threshold)",
+            metavar="POINTS",
+            show_default=False,
+        ),
+    ] = None,
+    undertrained_gap: Annotated[
+        float | None,
+        typer.Option(
+            help="Flag under_trained this far below the table's best training accuracy, in "
+            "accuracy points (default: report.undertrained_gap)",
+            metavar="POINTS",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Aggregate run folders into runs.csv, runs.parquet, metrics.csv and summary.csv per
-    experiment, and print mean ± std of test accuracy over seeds per group."""
-    from normbench.reports import report
+    """Aggregate run folders into runs.csv, runs.parquet, metrics.csv, summary.csv and
+    report.md per experiment, and print mean ± std of test accuracy over seeds per group,
+    the differences to the baseline with their test, and a warning line per flag."""
+    from normbench.reports import report, thresholds_of
 
-    printed = report(dirs, group_by, warn=warn, select=select, baseline=baseline, compare=compare)
+    printed = report(
+        dirs,
+        group_by,
+        warn=warn,
+        select=select,
+        baseline=baseline,
+        compare=compare,
+        fmt=fmt,
+        thresholds=thresholds_of(stale_threshold, undertrained_gap),
+        note=err.print,
+    )
     for renderable in printed:
         out.print(renderable)
 

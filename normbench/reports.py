@@ -1,7 +1,9 @@
 """An experiment's tables and figures: aggregating its runs into runs.csv,
-runs.parquet, metrics.csv, summary.csv (and selected.csv), and drawing its figures into
-``plots/``. Files are written through :mod:`normbench.rundir`; what is shown is returned
-(rich tables from :mod:`normbench.views.tables`), never printed here.
+runs.parquet, metrics.csv, summary.csv (and selected.csv), drawing its figures into
+``plots/``, and gathering tables, warnings and figures into ``report.md``. Files are
+written through :mod:`normbench.rundir`; what is shown is returned (rich tables, or the
+text of Markdown, LaTeX and CSV tables, from :mod:`normbench.views.tables`), never
+printed here.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
 
 from normbench import received, terminal
 from normbench.analysis.collect import Collected, collect, find_experiments
+from normbench.analysis.flags import Thresholds
 from normbench.analysis.keys import resolve_key, swept_keys
 from normbench.analysis.stats import (
     baseline_of,
@@ -35,14 +39,19 @@ from normbench.rundir import (
     write_csv,
     write_figure,
     write_parquet,
+    write_text,
 )
 from normbench.views.figures import FORMATS, error_vs_batch_size, save_settings, training_curves
 from normbench.views.inference_figures import bn_inference
 from normbench.views.tables import (
+    FORMATS,
     budget_text,
     defaults_text,
     describe,
+    estimator_table,
+    flag_lines,
     nothing_readable,
+    paper_text,
     selection_table,
     summary_table,
     warnings,
@@ -74,8 +83,13 @@ def aggregate(exp_dir: Path) -> tuple[Collected, pd.DataFrame]:
     return collected, _write_tables(Path(exp_dir), collected)
 
 
-def _write_tables(exp_dir: Path, collected: Collected, baseline: str | None = None) -> pd.DataFrame:
-    summary = group_stats(collected.runs, baseline=baseline)
+def _write_tables(
+    exp_dir: Path,
+    collected: Collected,
+    baseline: str | None = None,
+    thresholds: Thresholds | None = None,
+) -> pd.DataFrame:
+    summary = group_stats(collected.runs, baseline=baseline, thresholds=thresholds)
     write_parquet(exp_dir / "runs.parquet", collected.runs)
     write_csv(exp_dir / "runs.csv", collected.runs)
     if collected.metrics_csv:
@@ -86,6 +100,20 @@ def _write_tables(exp_dir: Path, collected: Collected, baseline: str | None = No
     return summary
 
 
+def thresholds_of(stale_threshold: float | None, undertrained_gap: float | None) -> Thresholds:
+    """The flags' thresholds ``normbench results`` was given (None: the config's default),
+    checked by the config's rules (``report.stale_threshold``, ``report.undertrained_gap``):
+    a :class:`UserError` naming the option otherwise."""
+    from normbench.validation import check_value
+
+    given = {"stale_threshold": stale_threshold, "undertrained_gap": undertrained_gap}
+    for name, value in given.items():
+        problem = None if value is None else check_value(f"report.{name}", value)
+        if problem:
+            raise UserError(f"--{name.replace('_', '-')}: {problem}")
+    return Thresholds.of(SimpleNamespace(**given))
+
+
 def report(
     paths: Sequence[Path] | None = None,
     group_by: Sequence[str] | None = None,
@@ -93,16 +121,29 @@ def report(
     select: Sequence[str] | None = None,
     baseline: str | None = None,
     compare: bool = False,
+    fmt: str = "table",
+    thresholds: Thresholds | None = None,
+    note: Callable[[Any], None] | None = None,
+    draw: bool = False,
 ) -> Iterator[Any]:
     """``normbench results``: aggregate every experiment under ``paths``
     (:func:`find_experiments`) and yield what to print: per experiment, its run counts,
     where the tables went, and the summary table grouped by ``group_by`` (default: the
-    swept keys), with differences to ``baseline``. ``select``: keys tuned on validation
+    swept keys), with differences to ``baseline``, BatchNorm's inference estimators
+    compared and a warning line per flag. ``select``: keys tuned on validation
     (:func:`normbench.analysis.stats.select`), written to ``selected.csv`` and shown as a
     table. ``compare``: one table of every experiment instead of one each, with an
-    ``experiment`` column first (:func:`compare_experiments`). Every folder and key is
-    checked before any table is written.
+    ``experiment`` column first (:func:`compare_experiments`). ``fmt``: ``table`` (rich
+    tables) or ``markdown``, ``latex``, ``csv`` (:data:`~normbench.views.tables.FORMATS`:
+    the tables as text, the counts and the lines of files written to ``note``).
+    ``thresholds``: the flags' (None: the config's defaults). ``draw``: each experiment's
+    figures too (:func:`plot_experiment`, as a sweep's end). Each experiment gets a
+    ``report.md`` (:func:`write_report`). Every folder and key is checked before any
+    table is written.
     """
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    thresholds = thresholds or Thresholds.of()
     experiments = find_experiments(paths, warn)
     if compare and len(experiments) < 2:
         found = ", ".join(map(str, experiments))
@@ -125,7 +166,7 @@ def report(
             else:
                 keys = swept_keys(runs)
             reference = baseline_of(runs, baseline)
-            selection = select_values(runs, select) if select else None
+            selection = select_values(runs, select, reference, thresholds) if select else None
         plans.append((exp_dir, collected, keys, reference, selection))
     if unusable and not plans:  # a bad folder handed over: say so, write nothing
         if len(unusable) == 1:
@@ -135,12 +176,15 @@ def report(
         for line in unusable:
             warn(f"{line}: no tables for it")
     side_by_side = (
-        compare_experiments({exp: c.runs for exp, c, *_ in plans}, group_by, baseline)
+        compare_experiments(
+            {exp: c.runs for exp, c, *_ in plans}, group_by, baseline, fmt, thresholds, warn
+        )
         if compare
         else None
     )
+    told = note if fmt != "table" and note is not None else None
     for exp_dir, collected, keys, reference, selection in plans:
-        _write_tables(exp_dir, collected, reference)
+        _write_tables(exp_dir, collected, reference, thresholds)
         written = list(TABLE_FILES)
         if selection is not None:
             write_csv(exp_dir / "selected.csv", selection)
@@ -148,18 +192,91 @@ def report(
         if warn is not None:
             for line in warnings(collected):
                 warn(line)
-        yield describe(exp_dir, collected)
-        yield f"wrote {', '.join(written)} to {exp_dir}"
-        if not collected.runs.empty and side_by_side is None:
+        written.append("report.md")
+        counts = [describe(exp_dir, collected), f"wrote {', '.join(written)} to {exp_dir}"]
+        if told is not None:
+            for line in counts:
+                told(line)
+        else:
+            yield from counts
+        sections: list[str] = []
+        if not collected.runs.empty:
             by = ", ".join(map(short_key, keys)) or "all runs"
+            summary = group_stats(collected.runs, keys, reference, thresholds)
             title = f"{exp_dir}: test accuracy over seeds, by {by}"
-            summary = group_stats(collected.runs, keys, reference)
             notes = (budget_text(collected.runs), defaults_text(collected))
-            yield summary_table(summary, keys, title, "; ".join(filter(None, notes)) or None)
+            caption = "; ".join(filter(None, notes)) or None
+            lines = flag_lines(summary, keys, thresholds)
+            sections.append(_markdown(summary, keys, title, [*filter(None, [caption]), *lines]))
+            if side_by_side is None:
+                table = summary_table(summary, keys, title, caption)
+                estimators = estimator_table(
+                    summary, keys, f"{exp_dir}: BatchNorm at inference, by {by}"
+                )
+                yield from _shown(
+                    summary, keys, title, caption, lines, fmt, table, warn, estimators
+                )
         if selection is not None:
-            yield selection_table(selection, f"{exp_dir}: chosen on validation")
+            title = f"{exp_dir}: chosen on validation"
+            chosen = selection_keys(selection)
+            lines = flag_lines(selection, chosen, thresholds)
+            sections.append(_markdown(selection, chosen, title, lines))
+            table = selection_table(selection, title)
+            yield from _shown(selection, chosen, title, None, lines, fmt, table, warn)
+        if draw:
+            try:
+                for path in plot_experiment(exp_dir):
+                    yield f"wrote {path}"
+            except NothingToPlot as error:
+                if note is not None:
+                    note(terminal.styled(("no plots", "yellow"), f": {error}"))
+        write_report(exp_dir, counts[0], sections)
     if side_by_side is not None:
-        yield side_by_side
+        yield from side_by_side
+
+
+def _shown(
+    frame: pd.DataFrame,
+    keys: Sequence[str],
+    title: str,
+    caption: str | None,
+    lines: Sequence[str],
+    fmt: str,
+    table: Any,
+    warn: Callable[[str], None] | None,
+    extra: Any = None,
+) -> list[Any]:
+    """What to print of one table: the rich ``table`` (and ``extra``, the estimators'
+    table) with a warning line per flag under it; or ``frame`` as text in ``fmt``, its
+    flag lines under it (for CSV, to ``warn``: a CSV holds nothing but the table)."""
+    if fmt == "table":
+        flagged = [terminal.styled(("warning:", "yellow"), f" {line}") for line in lines]
+        return [table, *flagged, *([extra] if extra is not None else [])]
+    if fmt == "csv" and warn is not None:
+        for line in lines:
+            warn(line)
+    notes = [*filter(None, [caption]), *lines]
+    return [terminal.text(paper_text(frame, keys, title, notes, fmt), newlines=True)]
+
+
+def _markdown(frame: pd.DataFrame, keys: Sequence[str], title: str, notes: Sequence[str]) -> str:
+    return paper_text(frame, keys, title, notes, "markdown")
+
+
+def write_report(exp_dir: Path, counts: str, sections: Sequence[str]) -> Path:
+    """``<exp_dir>/report.md``: the experiment's name, its run counts, its tables in
+    Markdown with their notes and warning lines (``sections``), and its figures
+    (``plots/*.png`` as they are now) as images; written through :mod:`normbench.rundir`."""
+    exp_dir = Path(exp_dir)
+    parts = [f"# {exp_dir.name}", counts, *sections]
+    plots = exp_dir / "plots"
+    figures = sorted(p.name for p in plots.glob("*.png") if p.is_file()) if plots.is_dir() else []
+    if figures:
+        parts.append("## Figures")
+        parts += [f"![{name}](plots/{name})" for name in figures]
+    path = exp_dir / "report.md"
+    write_text(path, "\n\n".join(part.rstrip("\n") for part in parts) + "\n")
+    return path
 
 
 def sweep_reports(
@@ -168,28 +285,25 @@ def sweep_reports(
     warn: Callable[[str], None],
     note: Callable[[Any], None],
 ) -> Iterator[Any]:
-    """A sweep's end: every experiment folder aggregated and plotted, with the selection
-    and baseline its config's ``report`` settings ask for (None: neither). Yields what to
-    print (:func:`report`'s lines and tables, the figures written); an experiment with
-    no runs or nothing to plot is told to ``note``, a selection the finished runs cannot
-    make to ``warn`` (the tables come without it)."""
+    """A sweep's end: every experiment folder aggregated and plotted, with the selection,
+    baseline and flag thresholds its config's ``report`` settings ask for (None: none, and
+    the defaults). Yields what to print (:func:`report`'s lines and tables, the figures
+    written); an experiment with no runs or nothing to plot is told to ``note``, a
+    selection the finished runs cannot make to ``warn`` (the tables come without it)."""
     select = list(settings.select) if settings is not None and settings.select else None
     baseline = settings.baseline if settings is not None else None
+    thresholds = Thresholds.of(settings)
     for folder in folders:
         if not (folder / "runs").is_dir():  # every job was lost before its run began
             note(f"{folder}: no runs yet, no tables")
             continue
+        common = {"warn": warn, "baseline": baseline, "thresholds": thresholds, "note": note}
         try:
-            printed = list(report([folder], warn=warn, select=select, baseline=baseline))
+            printed = list(report([folder], select=select, draw=True, **common))
         except UserError as error:  # a selection the finished runs cannot make
             warn(f"{error}; tables without it")
-            printed = list(report([folder], warn=warn, baseline=baseline))
+            printed = list(report([folder], draw=True, **common))
         yield from printed
-        try:
-            for path in plot_experiment(folder):
-                yield f"wrote {path}"
-        except NothingToPlot as error:
-            note(terminal.styled(("no plots", "yellow"), f": {error}"))
 
 
 def experiment_labels(experiments: Sequence[Path]) -> dict[Path, str]:
@@ -210,12 +324,15 @@ def compare_experiments(
     runs_by_experiment: dict[Path, pd.DataFrame],
     group_by: Sequence[str] | None = None,
     baseline: str | None = None,
-):
+    fmt: str = "table",
+    thresholds: Thresholds | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> list[Any]:
     """One summary table of several experiments side by side (``normbench results A B
     --compare``): their runs together with an ``experiment`` column, grouped by it and by
     ``group_by`` (default: every key that differs between the runs of all of them), so
     a row is one experiment's group; differences to ``baseline`` stay within each
-    experiment."""
+    experiment. What to print: the table in ``fmt`` and its flags' warning lines."""
     labels = experiment_labels(list(runs_by_experiment))
     frames = [
         runs.assign(experiment=labels[exp])
@@ -223,17 +340,21 @@ def compare_experiments(
         if not runs.empty
     ]
     if not frames:
-        return f"{', '.join(labels.values())}: no runs to compare"
+        return [f"{', '.join(labels.values())}: no runs to compare"]
     runs = pd.concat(frames, ignore_index=True)
     if group_by:
         keys = list(dict.fromkeys(resolve_key(runs, k) for k in group_by))
     else:
         keys = swept_keys(runs)
     keys = ["experiment", *(k for k in keys if k != "experiment")]
-    summary = group_stats(runs, keys, baseline_of(runs, baseline))
+    thresholds = thresholds or Thresholds.of()
+    summary = group_stats(runs, keys, baseline_of(runs, baseline), thresholds)
     by = ", ".join(map(short_key, keys))
     title = f"{' vs '.join(labels.values())}: test accuracy over seeds, by {by}"
-    return summary_table(summary, keys, title, budget_text(runs))
+    caption = budget_text(runs)
+    table = summary_table(summary, keys, title, caption)
+    lines = flag_lines(summary, keys, thresholds)
+    return _shown(summary, keys, title, caption, lines, fmt, table, warn)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -65,11 +65,12 @@ def test_results_command_prints_the_summary_table(real_copy):
     out = result.stdout
     assert "4 runs (4 completed, 0 diverged, 0 failed)" in out
     assert "1 incomplete" in out and str(real_copy) in out
-    assert "final acc %" in out and "95% CI" in out
+    # 80 columns: with the comparison's columns, a header or a cell may wrap between words
+    assert "final" in out and "acc" in out and "95% CI" in out
     collected = collect(real_copy)
     for norm, rows in collected.runs.groupby("norm.name"):
         mean, std = rows.final_test_acc.mean(), rows.final_test_acc.std()
-        assert f"{norm}" in out and f"{100 * mean:.2f} ± {100 * std:.2f}" in out
+        assert f"{norm}" in out and f"{100 * mean:.2f} ±" in out and f"{100 * std:.2f}" in out
     for name in TABLE_FILES:
         assert (real_copy / name).is_file()
 
@@ -199,3 +200,75 @@ def test_an_experiment_whose_runs_are_all_damaged_is_a_user_error(
     assert result.exit_code == 0, result.output
     assert f"warning: {bad}: none of its runs can be read" in result.stderr
     assert (good / "runs.csv").exists() and not (bad / "runs.csv").exists()
+
+
+# ------------------------------------------------------------ formats and report.md
+
+
+@pytest.mark.parametrize("fmt", ["markdown", "latex", "csv"])
+def test_results_prints_tables_to_paste_and_nothing_else_on_stdout(real_copy, fmt):
+    import io
+
+    result = invoke("results", real_copy, "--format", fmt, "--select", "norm")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "4 runs (4 completed" in result.stderr and "wrote " in result.stderr
+    assert "4 runs" not in out
+    if fmt == "csv":
+        first, second = out.strip("\n").split("\n\n")
+        printed = list(pd.read_csv(io.StringIO(first)).columns)
+        assert printed == ["norm.name", *SUMMARY_STAT_COLUMNS]  # the table's keys, the CSV's
+        assert "tuned" in pd.read_csv(io.StringIO(second)).columns
+    elif fmt == "markdown":
+        tables = [line for line in out.splitlines() if line.startswith("| norm")]
+        assert len(tables) == 2
+        header = [cell.strip() for cell in tables[0].strip("|").split("|")]
+        assert header == ["norm.name", *SUMMARY_STAT_COLUMNS]
+    else:
+        assert out.count("\\begin{tabular}") == 2 and out.count("\\end{tabular}") == 2
+        assert "final\\_test\\_acc\\_mean" in out
+
+
+def test_a_bad_format_or_threshold_is_a_user_error(real_copy):
+    for args, message in (
+        (["--format", "html"], "--format must be one of table, markdown, latex, csv"),
+        (["--stale-threshold", "-1"], "--stale-threshold: report.stale_threshold must be"),
+        (["--undertrained-gap", "101"], "--undertrained-gap: report.undertrained_gap must be"),
+    ):
+        result = invoke("results", real_copy, *args)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith(f"error: {message}"), result.stderr
+        assert result.stderr.strip().count("\n") == 0
+        assert not (real_copy / "summary.csv").exists() and not (real_copy / "report.md").exists()
+
+
+def test_report_md_gathers_tables_warnings_and_figures(real_copy):
+    """report.md after `results`: the counts, the summary table in Markdown with its
+    caption and warning lines; after `plot` and `results` again, the figures too."""
+    result = invoke("results", real_copy, "--select", "norm")
+    assert result.exit_code == 0, result.output
+    text = (real_copy / "report.md").read_text()
+    assert text.startswith(f"# {real_copy.name}\n\n{real_copy}: 4 runs (4 completed")
+    summary = pd.read_csv(real_copy / "summary.csv")
+    headers = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("| norm.name")
+    ]
+    assert headers[0] == ["norm.name", *SUMMARY_STAT_COLUMNS] and "tuned" in headers[1]
+    assert set(headers[0]) <= set(summary.columns)
+    assert "test accuracy over seeds" in text and "chosen on validation" in text
+    assert "- budget: 1 epochs at every batch size" in text
+    # two seeds per norm: the few_seeds warning, under the table and in the terminal
+    assert "- few_seeds (few), 2 of 2 rows: fewer than 3 seeds on a side" in text
+    assert "warning: few_seeds (few), 2 of 2 rows" in result.stdout
+    assert "## Figures" not in text
+
+    assert invoke("plot", real_copy).exit_code == 0
+    assert invoke("results", real_copy).exit_code == 0
+    text = (real_copy / "report.md").read_text()
+    assert "## Figures" in text
+    assert "![error_vs_batch_size.png](plots/error_vs_batch_size.png)" in text
+    for line in text.splitlines():
+        if line.startswith("!["):
+            assert (real_copy / line.split("](")[1].rstrip(")")).is_file()

@@ -34,6 +34,8 @@ def test_execution_keys_are_the_schemas_execution_fields():
         "dataset.download",
         "report.select",
         "report.baseline",
+        "report.stale_threshold",
+        "report.undertrained_gap",
         "checkpoint.save",
         "checkpoint.keep",
     }

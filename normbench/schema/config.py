@@ -148,6 +148,18 @@ class Report:
         "the variant differences are taken to; null: custom_bn when present",
         execution=True,
     )
+    stale_threshold: Any = key(
+        Number(0, strict=False, high=100),
+        "flag stale_running_stats where running averages and PreciseBN differ by more "
+        "than this on average (accuracy points)",
+        execution=True,
+    )
+    undertrained_gap: Any = key(
+        Number(0, strict=False, high=100),
+        "flag under_trained where a group's mean training accuracy is more than this "
+        "below the table's best (accuracy points)",
+        execution=True,
+    )
 
 
 @dataclass
