@@ -382,7 +382,8 @@ def plot(
         ),
     ] = None,
     fmt: Annotated[
-        Literal["png", "pdf", "svg"],  # normbench.views.figures.FORMATS (a test holds them equal)
+        # normbench.views.figures.FIGURE_FORMATS (a test holds them equal)
+        Literal["png", "pdf", "svg"],
         typer.Option(
             "--format",
             help="File format: png (150 dpi), or pdf and svg (vector, text kept as text "

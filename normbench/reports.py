@@ -41,10 +41,15 @@ from normbench.rundir import (
     write_parquet,
     write_text,
 )
-from normbench.views.figures import FORMATS, error_vs_batch_size, save_settings, training_curves
+from normbench.views.figures import (
+    FIGURE_FORMATS,
+    error_vs_batch_size,
+    save_settings,
+    training_curves,
+)
 from normbench.views.inference_figures import bn_inference
 from normbench.views.tables import (
-    FORMATS,
+    TABLE_FORMATS,
     budget_text,
     defaults_text,
     describe,
@@ -134,15 +139,15 @@ def report(
     (:func:`normbench.analysis.stats.select`), written to ``selected.csv`` and shown as a
     table. ``compare``: one table of every experiment instead of one each, with an
     ``experiment`` column first (:func:`compare_experiments`). ``fmt``: ``table`` (rich
-    tables) or ``markdown``, ``latex``, ``csv`` (:data:`~normbench.views.tables.FORMATS`:
+    tables) or ``markdown``, ``latex``, ``csv`` (:data:`~normbench.views.tables.TABLE_FORMATS`:
     the tables as text, the counts and the lines of files written to ``note``).
     ``thresholds``: the flags' (None: the config's defaults). ``draw``: each experiment's
     figures too (:func:`plot_experiment`, as a sweep's end). Each experiment gets a
     ``report.md`` (:func:`write_report`). Every folder and key is checked before any
     table is written.
     """
-    if fmt not in FORMATS:
-        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt not in TABLE_FORMATS:
+        raise UserError(f"--format must be one of {', '.join(TABLE_FORMATS)}, got {fmt!r}")
     thresholds = thresholds or Thresholds.of()
     experiments = find_experiments(paths, warn)
     if compare and len(experiments) < 2:
@@ -368,7 +373,8 @@ def plot_experiment(
     log_error: bool = False,
 ) -> list[Path]:
     """Collect an experiment's runs, draw every figure and write them into
-    ``<exp_dir>/plots/`` as ``fmt`` (png, pdf or svg: :data:`~normbench.views.figures.FORMATS`);
+    ``<exp_dir>/plots/`` as ``fmt`` (png, pdf or svg:
+    :data:`~normbench.views.figures.FIGURE_FORMATS`);
     returns the paths written, error figures first. ``log_error``: logarithmic error axes.
     With a ``selected.csv``, the error and BatchNorm-inference figures draw the runs it
     chose.
@@ -416,8 +422,8 @@ def plot_experiment(
 
 
 def _check_format(fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise UserError(f"figure format {fmt!r}: one of {', '.join(FORMATS)}")
+    if fmt not in FIGURE_FORMATS:
+        raise UserError(f"figure format {fmt!r}: one of {', '.join(FIGURE_FORMATS)}")
 
 
 # matplotlib's warning for a character its fonts lack, as matplotlib 3.x words it

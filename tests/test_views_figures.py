@@ -769,4 +769,4 @@ def test_a_format_not_offered_is_refused_and_nothing_written(tmp_path):
         reports.plot_experiments([exp], fmt="jpg")
     assert not (exp / "plots").exists()
     hint = typing.get_type_hints(cli.plot, include_extras=True)["fmt"]
-    assert typing.get_args(typing.get_args(hint)[0]) == draw.FORMATS
+    assert typing.get_args(typing.get_args(hint)[0]) == draw.FIGURE_FORMATS

@@ -66,7 +66,7 @@ DPI = 150
 
 #: The file formats a figure is written in (``normbench plot --format``); the first is
 #: the default, and the one a sweep's end writes.
-FORMATS: tuple[str, ...] = ("png", "pdf", "svg")
+FIGURE_FORMATS: tuple[str, ...] = ("png", "pdf", "svg")
 
 
 def save_settings(fmt: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -74,8 +74,8 @@ def save_settings(fmt: str) -> tuple[dict[str, Any], dict[str, Any]]:
     keywords). PDF embeds its fonts as TrueType (``pdf.fonttype`` 42: text a paper's
     editor can change, not Type 3 glyphs) and SVG keeps text as text; neither carries a
     creation date, so that the same runs give the same file."""
-    if fmt not in FORMATS:
-        raise ValueError(f"figure format {fmt!r}: one of {', '.join(FORMATS)}")
+    if fmt not in FIGURE_FORMATS:
+        raise ValueError(f"figure format {fmt!r}: one of {', '.join(FIGURE_FORMATS)}")
     rc = {
         "pdf.fonttype": 42,
         "ps.fonttype": 42,

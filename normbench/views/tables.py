@@ -364,7 +364,7 @@ def flag_lines(frame: pd.DataFrame, keys: Sequence[str], thresholds) -> list[str
 
 #: ``normbench results --format``: the rich table (the default), or the frame's columns
 #: (those of its CSV) as Markdown, a LaTeX tabular or CSV.
-FORMATS: tuple[str, ...] = ("table", "markdown", "latex", "csv")
+TABLE_FORMATS: tuple[str, ...] = ("table", "markdown", "latex", "csv")
 
 
 def _shown(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
@@ -425,7 +425,7 @@ def _comment(line: str) -> str:
 def paper_text(
     frame: pd.DataFrame, keys: Sequence[str], title: str, notes: Sequence[str], fmt: str
 ) -> str:
-    """One table in a text ``fmt`` (:data:`FORMATS` but "table") with its title and its
+    """One table in a text ``fmt`` (:data:`TABLE_FORMATS` but "table") with its title and its
     notes (the warning lines and the caption): Markdown, a title line, the table and a
     list; LaTeX, the tabular between comment lines; CSV, the table alone (the notes go
     to the terminal's warnings, by the caller)."""
