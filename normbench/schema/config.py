@@ -110,6 +110,12 @@ class Eval:
         "training batches averaged to re-estimate the population statistics (PreciseBN; "
         "at most one pass over the training set)",
     )
+    bn_stats: bool = key(
+        Flag(),
+        "per-layer BatchNorm diagnostics at the end of every epoch, to <run_dir>/bn_stats.csv: "
+        "running vs true statistics, batch spread, train/eval gap (false: none)",
+        execution=True,
+    )
 
 
 @dataclass
