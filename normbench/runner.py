@@ -273,7 +273,7 @@ class _Recorder:
         self.records: list[dict[str, Any]] = []
         # (model, optimizer) whose states go into the checkpoint; None: no checkpoint
         self.saving = checkpoint
-        self.bn_stats = None  # (diagnostics.EpochDiagnostics, rundir.BnStatsLog): measured
+        self.bn_stats = None  # diagnostics.EpochDiagnostics, when the run measures them
 
     def on_start(self, total_steps: int, epochs: int) -> None:
         if self.display is not None:
@@ -287,7 +287,7 @@ class _Recorder:
         self.records.append(record)
         write_csv(self.path, metrics_frame(self.run_id, self.records))
         if self.bn_stats is not None:
-            self.bn_stats[1].add(self.bn_stats[0](record["epoch"]))
+            self.bn_stats(record["epoch"])
         if self.display is not None:
             self.display.on_epoch(record)
 
@@ -626,8 +626,8 @@ def _start_bn_stats(cfg, prepared: _Prepared, recorder: _Recorder, loop) -> None
     bn = EpochDiagnostics(prepared.model, prepared.data, prepared.settings.batch_size, cfg.seed)
     if not (cfg.eval.bn_stats and bn.layers):  # (a model without running statistics: none)
         return _discard(path)
-    prepared.bn_stats = bn  # a resumed run's file keeps its earlier epochs' rows
-    recorder.bn_stats = (bn, BnStatsLog(path, recorder.run_id, loop and loop["epoch"]))
+    bn.write = BnStatsLog(path, recorder.run_id, loop and loop["epoch"]).add  # (resumed: kept)
+    prepared.bn_stats = recorder.bn_stats = bn
 
 
 def _users_failure(err: BaseException, norm) -> bool:
