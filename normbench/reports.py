@@ -29,13 +29,17 @@ from normbench.analysis.stats import (
 from normbench.analysis.stats import select as select_values
 from normbench.errors import UserError
 from normbench.rundir import (
+    BN_STATS_FILE,
+    bn_stats_frame,
     check_real_folder,
     check_writable,
+    read_bn_stats,
     write_bytes,
     write_csv,
     write_figure,
     write_parquet,
 )
+from normbench.views.bn_figures import bn_stats_figures
 from normbench.views.figures import bn_inference, error_vs_batch_size, training_curves
 from normbench.views.tables import (
     budget_text,
@@ -82,7 +86,28 @@ def _write_tables(exp_dir: Path, collected: Collected, baseline: str | None = No
     else:
         write_csv(exp_dir / "metrics.csv", collected.metrics)
     write_csv(exp_dir / "summary.csv", summary)
+    bn_stats = bn_stats_table(exp_dir, collected.runs)
+    if not bn_stats.empty:  # (no run measured any: no file)
+        write_csv(exp_dir / BN_STATS_FILE, bn_stats)
     return summary
+
+
+def bn_stats_table(exp_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """Every run's per-layer BatchNorm diagnostics (``runs/<run_id>/bn_stats.csv``), in
+    the runs' order; a run without the file adds nothing, a damaged one is skipped."""
+    folder = Path(exp_dir) / "runs"
+    try:
+        names = set(os.listdir(folder))
+    except OSError:
+        names = set()
+    frames = []
+    for rid in runs.get("run_id", ()):
+        if rid not in names:  # (a run id is never joined into a path unchecked)
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            frame = read_bn_stats(folder / rid / BN_STATS_FILE)
+            frames.append(frame[frame["run_id"] == rid])
+    return pd.concat(frames, ignore_index=True) if frames else bn_stats_frame("", [])
 
 
 def report(
@@ -273,6 +298,7 @@ def plot_experiment(exp_dir: Path, warn: Callable[[str], None] | None = None) ->
             error_vs_batch_size(selected, tuned)
             + training_curves(runs, collected.metrics)
             + bn_inference(runs)
+            + bn_stats_figures(runs, bn_stats_table(exp_dir, runs))
         )
         for name, figure in figures:
             path = exp_dir / "plots" / name
