@@ -36,6 +36,7 @@ def test_execution_keys_are_the_schemas_execution_fields():
         "report.baseline",
         "checkpoint.save",
         "checkpoint.keep",
+        "eval.bn_stats",
     }
 
 
