@@ -49,9 +49,8 @@ from normbench.inference import running_stat_layers
 from normbench.kernels import batch_norm_stats
 
 #: Training images the diagnostics average over each epoch (cut into batches of the training
-#: batch size; fewer when the training set is smaller). Cheap enough to run every epoch
-#: (benchmarks/README.md): about a fifth of an epoch of the quick preset's digits, forward
-#: passes only.
+#: batch size; fewer when the training set is smaller): forward passes only, few enough to
+#: run every epoch of a small data set's run (their cost: benchmarks/README.md).
 IMAGES = 128
 
 #: The fewest batches measured, so that the batches' spread is defined at large batch sizes.
