@@ -33,14 +33,18 @@ from normbench.analysis.stats import (
 from normbench.analysis.stats import select as select_values
 from normbench.errors import UserError
 from normbench.rundir import (
+    BN_STATS_FILE,
+    bn_stats_frame,
     check_real_folder,
     check_writable,
+    read_bn_stats,
     write_bytes,
     write_csv,
     write_figure,
     write_parquet,
     write_text,
 )
+from normbench.views.bn_figures import bn_stats_figures
 from normbench.views.figures import (
     FIGURE_FORMATS,
     error_vs_batch_size,
@@ -102,6 +106,9 @@ def _write_tables(
     else:
         write_csv(exp_dir / "metrics.csv", collected.metrics)
     write_csv(exp_dir / "summary.csv", summary)
+    bn_stats = bn_stats_table(exp_dir, collected.runs)
+    if not bn_stats.empty:  # (no run measured any: no file)
+        write_csv(exp_dir / BN_STATS_FILE, bn_stats)
     return summary
 
 
@@ -117,6 +124,24 @@ def thresholds_of(stale_threshold: float | None, undertrained_gap: float | None)
         if problem:
             raise UserError(f"--{name.replace('_', '-')}: {problem}")
     return Thresholds.of(SimpleNamespace(**given))
+
+
+def bn_stats_table(exp_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """Every run's per-layer BatchNorm diagnostics (``runs/<run_id>/bn_stats.csv``), in
+    the runs' order; a run without the file adds nothing, a damaged one is skipped."""
+    folder = Path(exp_dir) / "runs"
+    try:
+        names = set(os.listdir(folder))
+    except OSError:
+        names = set()
+    frames = []
+    for rid in runs.get("run_id", ()):
+        if rid not in names:  # (a run id is never joined into a path unchecked)
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            frame = read_bn_stats(folder / rid / BN_STATS_FILE)
+            frames.append(frame[frame["run_id"] == rid])
+    return pd.concat(frames, ignore_index=True) if frames else bn_stats_frame("", [])
 
 
 def report(
@@ -413,6 +438,7 @@ def plot_experiment(
             error_vs_batch_size(selected, tuned, log=log_error)
             + training_curves(runs, collected.metrics)
             + bn_inference(selected, tuned, log=log_error)
+            + bn_stats_figures(runs, bn_stats_table(exp_dir, runs))
         )
         for name, figure in figures:
             path = (exp_dir / "plots" / name).with_suffix(f".{fmt}")

@@ -59,6 +59,24 @@ SUMMARY_FIELDS: tuple[str, ...] = tuple(f.name for f in record_fields())
 
 RUN_FILES = ("config.yaml", "metrics.csv", "summary.json")
 
+#: A run's per-layer BatchNorm diagnostics (``eval.bn_stats``; :mod:`normbench.diagnostics`
+#: measures them) and, beside ``runs/``, the experiment's: one row per (run, epoch, layer).
+BN_STATS_FILE = "bn_stats.csv"
+
+#: The diagnostics' measures, each averaged over the layer's channels: column -> what it is.
+BN_STATS_MEASURES: dict[str, str] = {
+    "mean_shift": "|running mean - true mean| / true std",
+    "var_log_ratio": "|ln(running variance / true variance)|",
+    "batch_mean_spread": "std of batch means / true std",
+    "batch_var_spread": "std of batch variances / true variance",
+    "train_eval_gap": "RMS(train-mode - eval-mode output) / train-mode output std",
+}
+
+#: Columns of every ``bn_stats.csv``: ``channels`` of the layer, ``batches`` measured.
+BN_STATS_COLUMNS: tuple[str, ...] = (
+    "run_id", "epoch", "layer", "channels", "batches", *BN_STATS_MEASURES,
+)  # fmt: skip
+
 
 def metrics_frame(run_id: str, records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """The training loop's per-epoch records as a long table (``METRIC_COLUMNS``)."""
@@ -70,6 +88,52 @@ def metrics_frame(run_id: str, records: Iterable[dict[str, Any]]) -> pd.DataFram
     ]
     frame = pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
     return frame.astype({"epoch": "int64", "value": "float64"})
+
+
+def bn_stats_frame(run_id: str, rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """The diagnostics' rows (each with ``epoch``, ``layer`` and the measures) as a table of
+    ``BN_STATS_COLUMNS``."""
+    frame = pd.DataFrame([{"run_id": run_id, **row} for row in rows], columns=BN_STATS_COLUMNS)
+    types = {"epoch": "int64", "channels": "int64", "batches": "int64"}
+    return frame.astype({**types, **dict.fromkeys(BN_STATS_MEASURES, "float64")})
+
+
+def read_bn_stats(path: Path, through: int | None = None) -> pd.DataFrame:
+    """A ``bn_stats.csv`` (rows of epochs up to ``through``, when given), its columns
+    ``BN_STATS_COLUMNS``; an empty table when it is missing. ``ValueError`` when it is not
+    such a table (damaged, another file, too large for one)."""
+    try:
+        data = received.read_bytes(path, received.METRICS_MAX)
+    except FileNotFoundError:
+        return bn_stats_frame("", [])
+    try:
+        frame = pd.read_csv(io.BytesIO(data), dtype={"run_id": str, "layer": str})
+        frame = bn_stats_frame("", frame[list(BN_STATS_COLUMNS)].to_dict("records"))
+    except (KeyError, TypeError, UnicodeDecodeError, OverflowError, pd.errors.ParserError) as err:
+        raise ValueError(
+            f"{path} is not a table of {', '.join(BN_STATS_COLUMNS)} ({err})"
+        ) from None
+    if (frame["epoch"] < 1).any():
+        raise ValueError(f"{path}: an epoch below 1")
+    return frame if through is None else frame[frame["epoch"] <= through].reset_index(drop=True)
+
+
+class BnStatsLog:
+    """A run's ``bn_stats.csv``, written whole again as each epoch's rows come (:meth:`add`).
+    It starts with the rows of epochs up to ``through`` already in the file (a resumed run's,
+    its checkpoint's epoch; none from a damaged file), else empty."""
+
+    def __init__(self, path: Path, run_id: str, through: int | None = None):
+        self.path, self.run_id = Path(path), run_id
+        self.rows: list[dict[str, Any]] = []
+        if through:
+            with contextlib.suppress(ValueError, OSError):
+                self.rows = read_bn_stats(self.path, through).to_dict("records")
+        write_csv(self.path, bn_stats_frame(run_id, self.rows))
+
+    def add(self, rows: Iterable[dict[str, Any]]) -> None:
+        self.rows += rows
+        write_csv(self.path, bn_stats_frame(self.run_id, self.rows))
 
 
 #: A temporary file's name: ``.<name>.<host>.<pid>.<random>.tmp`` beside its target, so a

@@ -25,6 +25,8 @@ from normbench.config import EXECUTION_KEYS, flatten
 from normbench.errors import NotWritten, UserCodeFailed, UserError
 from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
 from normbench.rundir import (
+    BN_STATS_FILE,
+    BnStatsLog,
     check_writable,
     metrics_frame,
     read_summary,
@@ -88,6 +90,7 @@ class _Prepared:
     threads: cores.Threads
     memory_format: str  # the layout memory_format chose: contiguous or channels_last
     norm: Any = None  # the NormSpec: whether a failure in training is a user's class's
+    bn_stats: Any = None  # diagnostics.EpochDiagnostics, when the run measures them
 
 
 #: The last data set loaded, reused by the next run in this process (a sweep's jobs
@@ -272,6 +275,7 @@ class _Recorder:
         self.records: list[dict[str, Any]] = []
         # (model, optimizer) whose states go into the checkpoint; None: no checkpoint
         self.saving = checkpoint
+        self.bn_stats = None  # diagnostics.EpochDiagnostics, when the run measures them
 
     def on_start(self, total_steps: int, epochs: int) -> None:
         if self.display is not None:
@@ -284,6 +288,8 @@ class _Recorder:
     def on_epoch(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         write_csv(self.path, metrics_frame(self.run_id, self.records))
+        if self.bn_stats is not None:
+            self.bn_stats(record["epoch"])
         if self.display is not None:
             self.display.on_epoch(record)
 
@@ -362,6 +368,7 @@ def summary_record(
         if "torch" in sys.modules
         else version("torch"),
         normbench_version=__version__,
+        bn_stats_time_s=getattr(prepared and prepared.bn_stats, "seconds", None),
     )
     # The config rides along, so that aggregating thousands of runs reads one file each.
     return summary_of(record, config)
@@ -506,7 +513,7 @@ def _warn_discarded(rid: str, why: str) -> None:
 
 
 #: The files a run writes into its folder, which a new attempt removes or replaces.
-RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", checkpoints.FILE)
+RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", checkpoints.FILE, BN_STATS_FILE)
 
 
 def check_run_folder(folder: Path) -> None:
@@ -564,6 +571,7 @@ def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display, resume=Non
     loop = resume  # restored by _resume into the model, optimizer and random generators
     if loop is not None:
         recorder.records = list(loop["records"])
+    _start_bn_stats(cfg, prepared, recorder, loop)
     resumed = loop["epoch"] if loop else None
     started, clock = _now(), time.perf_counter()
     try:
@@ -614,6 +622,18 @@ def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display, resume=Non
     if not cfg.checkpoint.keep:
         _discard(folder / checkpoints.FILE)
     return RunOutcome(rid, folder, summary)
+
+
+def _start_bn_stats(cfg, prepared: _Prepared, recorder: _Recorder, loop) -> None:
+    """Per-layer BatchNorm diagnostics each epoch (``eval.bn_stats``); else no bn_stats.csv."""
+    from normbench.diagnostics import EpochDiagnostics
+
+    path = recorder.path.with_name(BN_STATS_FILE)
+    bn = EpochDiagnostics(prepared.model, prepared.data, prepared.settings.batch_size, cfg.seed)
+    if not (cfg.eval.bn_stats and bn.layers):  # (a model without running statistics: none)
+        return _discard(path)
+    bn.write = BnStatsLog(path, recorder.run_id, loop and loop["epoch"]).add  # (resumed: kept)
+    prepared.bn_stats = recorder.bn_stats = bn
 
 
 def _users_failure(err: BaseException, norm) -> bool:

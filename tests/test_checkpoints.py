@@ -55,6 +55,10 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny, tmp_path, 
     pd.testing.assert_frame_equal(metrics(resumed), metrics(straight))
     for key in ("final_test_acc", "test_acc_at_best_val", "steps", "test_acc_precise_bn"):
         assert resumed.summary[key] == straight.summary[key], key
+    if norm != "group":  # the diagnostics' rows of epochs 1-3 kept, those of 4-5 added
+        bn_stats = [pd.read_csv(o.run_dir / "bn_stats.csv") for o in (resumed, straight)]
+        pd.testing.assert_frame_equal(*bn_stats)
+        assert sorted(set(bn_stats[0].epoch)) == [1, 2, 3, 4, 5]
 
 
 def test_a_run_without_a_validation_split_resumes_too(tiny, capsys):

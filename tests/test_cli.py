@@ -65,7 +65,8 @@ def test_run_end_to_end_on_digits(tmp_path):
     runs = list((out / "default" / "runs").iterdir())
     assert len(runs) == 1
     folder = runs[0]
-    assert {p.name for p in folder.iterdir()} == {"config.yaml", "metrics.csv", "summary.json"}
+    names = {p.name for p in folder.iterdir()}
+    assert names == {"config.yaml", "metrics.csv", "summary.json", "bn_stats.csv"}
     summary = json.loads((folder / "summary.json").read_text())
     assert set(SUMMARY_FIELDS) <= set(summary)
     assert summary["status"] == "completed" and summary["norm"] == "custom_bn"

@@ -66,7 +66,7 @@ def test_number_rules_follow_the_records_types_and_ranges():
     }  # fmt: skip
     accuracies = [f for f in SUMMARY_FIELDS if f.endswith("_acc") or "_acc_" in f]
     amounts = ["lr", "lr_effective", "final_test_loss", "final_train_loss", "bn_eval_time_s",
-               "train_time_s", "wall_time_s", "img_per_s"]  # fmt: skip
+               "train_time_s", "wall_time_s", "img_per_s", "bn_stats_time_s"]  # fmt: skip
     assert set(rules) == {*whole, *accuracies, *amounts}
     for key, (low, null) in whole.items():
         assert rules[key] == (True, low, None, null), key

@@ -272,3 +272,32 @@ def test_report_md_gathers_tables_warnings_and_figures(real_copy):
     for line in text.splitlines():
         if line.startswith("!["):
             assert (real_copy / line.split("](")[1].rstrip(")")).is_file()
+
+
+def test_aggregate_gathers_every_runs_bn_stats_and_plot_draws_them(real_copy):
+    from normbench.rundir import BN_STATS_COLUMNS
+
+    collected, _ = aggregate(real_copy)
+    table = pd.read_csv(real_copy / "bn_stats.csv", dtype={"run_id": str, "layer": str})
+    assert list(table.columns) == list(BN_STATS_COLUMNS)
+    runs = collected.runs.set_index("run_id")
+    bn_runs = [r for r in runs.index if runs.loc[r, "norm"] == "custom_bn"]
+    assert sorted(set(table.run_id)) == sorted(bn_runs) and len(bn_runs) == 2
+    for rid in bn_runs:  # each run's own file, as it is
+        own = pd.read_csv(
+            real_copy / "runs" / rid / "bn_stats.csv", dtype={"run_id": str, "layer": str}
+        )
+        got = table[table.run_id == rid].reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, own, check_dtype=False)
+    written = {p.name for p in reports.plot_experiment(real_copy)}
+    assert {"bn_layers_mean_shift.png", "bn_layers_train_eval_gap.png"} <= written
+
+
+def test_aggregate_skips_a_damaged_bn_stats_and_writes_none_without_any(tmp_path, make_run):
+    exp = tmp_path / "exp"
+    make_run(exp, seed=0)
+    aggregate(exp)
+    assert not (exp / "bn_stats.csv").exists()  # no run measured any
+    (folder,) = (exp / "runs").iterdir()
+    (folder / "bn_stats.csv").write_text("not,a\ntable\n")
+    assert reports.bn_stats_table(exp, collect(exp).runs).empty

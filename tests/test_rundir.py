@@ -78,3 +78,23 @@ def test_leftovers_of_killed_writes_are_removed_by_the_next_write(tmp_path):
     write_json(tmp_path / "summary.json", {"status": "completed"})
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["summary.json", alive.name, foreign_new.name, other_file.name])
+
+
+def test_bn_stats_log_keeps_the_resumed_epochs_rows_only(tmp_path):
+    path = tmp_path / rundir.BN_STATS_FILE
+    row = dict.fromkeys(rundir.BN_STATS_MEASURES, 0.5)
+    log = rundir.BnStatsLog(path, "abc")
+    assert rundir.read_bn_stats(path).empty  # the header from the start
+    for epoch in (1, 2, 3):  # epoch 3 written, the run killed before its checkpoint
+        log.add([{"epoch": epoch, "layer": name, "channels": 4, "batches": 2, **row}
+                 for name in ("a", "b")])  # fmt: skip
+    table = rundir.read_bn_stats(path)
+    assert list(table.columns) == list(rundir.BN_STATS_COLUMNS) and len(table) == 6
+    resumed = rundir.BnStatsLog(path, "abc", through=2)  # its checkpoint's epoch
+    assert [r["epoch"] for r in resumed.rows] == [1, 1, 2, 2]
+    assert list(rundir.read_bn_stats(path).epoch) == [1, 1, 2, 2]
+    path.write_text("garbage\n")  # a damaged file: the earlier rows are lost, not the run
+    assert rundir.BnStatsLog(path, "abc", through=2).rows == []
+    with pytest.raises(ValueError):
+        path.write_text("garbage\n")
+        rundir.read_bn_stats(path)

@@ -12,7 +12,7 @@ from fixtures import write_dataset
 
 from normbench import runner
 from normbench.errors import UserError
-from normbench.rundir import METRIC_COLUMNS, SUMMARY_FIELDS
+from normbench.rundir import BN_STATS_COLUMNS, METRIC_COLUMNS, SUMMARY_FIELDS
 
 
 def test_run_writes_config_metrics_and_summary(tiny):
@@ -21,6 +21,7 @@ def test_run_writes_config_metrics_and_summary(tiny):
     folder = outcome.run_dir
     assert folder == runner.experiment_dir(cfg) / "runs" / outcome.run_id
     assert sorted(p.name for p in folder.iterdir()) == [
+        "bn_stats.csv",  # (eval.bn_stats, on by default)
         "config.yaml",
         "metrics.csv",
         "summary.json",
@@ -102,6 +103,33 @@ def test_same_config_gives_identical_metrics(tiny, tmp_path):
         return frame[~frame.metric.isin(timing)].reset_index(drop=True)
 
     pd.testing.assert_frame_equal(metrics("a"), metrics("b"))
+
+
+def test_bn_stats_has_one_row_per_layer_and_epoch_and_changes_no_result(tiny, tmp_path):
+    timing = ["epoch_time_s", "img_per_s"]
+    on = runner.run(tiny("epochs=2", f"out_dir={tmp_path / 'on'}"))
+    off = runner.run(tiny("epochs=2", "eval.bn_stats=false", f"out_dir={tmp_path / 'off'}"))
+    assert on.run_id == off.run_id  # an execution key: the same run
+    table = pd.read_csv(on.run_dir / "bn_stats.csv", dtype={"layer": str})
+    assert list(table.columns) == list(BN_STATS_COLUMNS)
+    assert set(table.run_id) == {on.run_id}
+    # small_cnn's three BatchNorm layers, in the model's order, each epoch
+    assert list(zip(table.epoch, table.layer, strict=True)) == [
+        (e, layer) for e in (1, 2) for layer in ("1", "5", "9")
+    ]
+    assert (table.channels.tolist(), set(table.batches)) == ([32, 64, 128] * 2, {2})
+    assert table.drop(columns=["run_id", "layer"]).notna().all().all()
+    assert on.summary["bn_stats_time_s"] > 0
+    # eval.bn_stats=false: no file, nothing measured, the same training bit for bit
+    assert not (off.run_dir / "bn_stats.csv").exists()
+    assert off.summary["bn_stats_time_s"] is None
+    metrics = [pd.read_csv(o.run_dir / "metrics.csv") for o in (on, off)]
+    a, b = (m[~m.metric.isin(timing)].reset_index(drop=True) for m in metrics)
+    pd.testing.assert_frame_equal(a, b)
+    # a norm without running statistics: none either
+    layer = runner.run(tiny("norm=layer", f"out_dir={tmp_path / 'on'}"))
+    assert not (layer.run_dir / "bn_stats.csv").exists()
+    assert layer.summary["bn_stats_time_s"] is None
 
 
 def test_a_diverged_run_is_recorded_not_raised(tiny):

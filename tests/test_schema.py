@@ -38,6 +38,7 @@ def test_execution_keys_are_the_schemas_execution_fields():
         "report.undertrained_gap",
         "checkpoint.save",
         "checkpoint.keep",
+        "eval.bn_stats",
     }
 
 

@@ -118,6 +118,12 @@ class Eval:
         "replaced by precise_bn_images; still read, as precise_bn_batches x batch_size images",
         default=None,
     )
+    bn_stats: bool = key(
+        Flag(),
+        "per-layer BatchNorm diagnostics at the end of every epoch, to <run_dir>/bn_stats.csv: "
+        "running vs true statistics, batch spread, train/eval gap (false: none)",
+        execution=True,
+    )
 
 
 @dataclass

@@ -105,6 +105,8 @@ class RunRecord:
     finished_at: str | None = recorded()
     torch_version: str | None = recorded()
     normbench_version: str | None = recorded()
+    # this session's time in the per-layer BatchNorm diagnostics (null: none measured)
+    bn_stats_time_s: float | None = recorded(0)
 
 
 @dataclass(frozen=True)
