@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normbench import __version__, allocator, checkpoints, cores, interrupts
+from normbench import __version__, checkpoints, cores, interrupts
+from normbench.build import Prepared, prepare
 from normbench.config import EXECUTION_KEYS, flatten
 from normbench.errors import NotWritten, UserCodeFailed, UserError
 from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
@@ -38,7 +39,7 @@ from normbench.rundir import (
 )
 from normbench.rundir import write_text as write_text_file
 from normbench.schema import RunRecord, record_fields
-from normbench.validation import resolve_device, scaled_lr, settle
+from normbench.validation import settle
 
 #: The file in a run's folder that holds the traceback of a user's norm that failed in it.
 ERROR_LOG = "error.log"
@@ -70,200 +71,6 @@ def experiment_dir(cfg) -> Path:
 
 def run_dir(cfg) -> Path:
     return experiment_dir(cfg) / "runs" / run_id(cfg)
-
-
-def _kwargs(node) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
-
-
-@dataclass
-class _Prepared:
-    """Everything a run needs, built and checked before any file is written."""
-
-    data: Any
-    model: Any
-    optimizer: Any
-    settings: Any
-    device: str
-    threads: cores.Threads
-    memory_format: str  # the layout memory_format chose: contiguous or channels_last
-    norm: Any = None  # the NormSpec: whether a failure in training is a user's class's
-    bn_stats: Any = None  # diagnostics.EpochDiagnostics, when the run measures them
-
-
-#: The last data set loaded, reused by the next run in this process (a sweep's jobs
-#: under the basic launcher): the tensors are never modified, only indexed.
-_data_cache: dict[str, Any] = {}
-
-
-def load_data(cfg):
-    """The run's data set in memory (a :class:`UserError` when it is missing)."""
-    from normbench.data import load_dataset
-
-    key = json.dumps(flatten(cfg.dataset), sort_keys=True, default=str)
-    if key not in _data_cache:
-        _data_cache.clear()  # one data set at a time: CIFAR is 600 MB as float32
-        _data_cache[key] = load_dataset(**_kwargs(cfg.dataset), name=cfg.dataset.name)
-    return _data_cache[key]
-
-
-def prepare(cfg, data=None, threads: cores.Threads | None = None) -> _Prepared:
-    """Load the data (unless given), check what depends on it, build model and optimizer;
-    write nothing. ``cfg`` is validated already (``config.compose``, or the sweep's job).
-    ``threads``: set torch's thread count first (a run's; a sweep's check leaves it)."""
-    import torch
-
-    from normbench.models import build_model, choose_memory_format, set_memory_format
-    from normbench.norms import NormSpec
-    from normbench.norms.batchrenorm import schedule_steps
-    from normbench.train import make_optimizer
-
-    device = resolve_device(cfg.device)
-    if threads is not None:
-        torch.set_num_threads(threads.count)
-    # Freed activations stay in the heap for the next step, not page-faulted in again.
-    allocator.keep_freed_memory()
-
-    data = load_data(cfg) if data is None else data
-    if cfg.batch_size > data.num_train:
-        raise UserError(
-            f"batch_size={cfg.batch_size} is larger than the training set "
-            f"({data.num_train} images of {cfg.dataset.name})"
-        )
-    if cfg.budget == "steps" and cfg.max_steps is None and cfg.ref_batch_size > data.num_train:
-        raise UserError(
-            f"ref_batch_size={cfg.ref_batch_size} is larger than the training set "
-            f"({data.num_train} images of {cfg.dataset.name}): budget=steps gives every run "
-            "the optimizer steps `epochs` epochs take at ref_batch_size, which would be none; "
-            f"use a ref_batch_size of at most {data.num_train}"
-        )
-    torch.manual_seed(cfg.seed)
-    lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.ref_batch_size, cfg.lr_scaling)
-    settings = train_settings(cfg, lr)
-    # Batch Renorm's schedule, given as shares of the run, in the steps the layer counts
-    kwargs = schedule_steps(_kwargs(cfg.norm), settings.total_steps(data.num_train))
-    norm = NormSpec(cfg.norm.name, kwargs, target=kwargs.pop("_target_", None))
-    try:
-        model = build_model(
-            cfg.model.name,
-            norm,
-            data.in_channels,
-            data.num_classes,
-            data.image_size,
-            **_kwargs(cfg.model),
-        )
-    except (TypeError, ValueError) as err:
-        raise UserError(
-            f"cannot build model={cfg.model.name} with norm={norm.name}: {err}"
-        ) from None
-    except (RuntimeError, MemoryError) as err:
-        _raise_out_of_memory(err, cfg, "its parameters")
-    model = model.to(device)
-    memory_format = choose_memory_format(cfg.memory_format, device, model, norm)
-    set_memory_format(model, memory_format)
-    try:
-        _check_trains(model, data.train_x[: cfg.batch_size].to(device), cfg, norm)
-    except (RuntimeError, MemoryError) as err:
-        _raise_out_of_memory(err, cfg, f"a step at batch_size={cfg.batch_size}")
-    try:
-        optimizer = make_optimizer(model.parameters(), lr, cfg.optim.name, **_kwargs(cfg.optim))
-    except (TypeError, ValueError) as err:
-        raise UserError(f"invalid optim={cfg.optim.name} settings: {err}") from None
-    used = threads or cores.Threads(torch.get_num_threads(), "torch")
-    return _Prepared(data.to(device), model, optimizer, settings, device, used, memory_format, norm)
-
-
-def train_settings(cfg, lr: float):
-    """The training loop's settings: each field of ``TrainSettings`` is the config key of
-    its name, at the top or in ``schedule``; ``lr`` is the peak after batch-size scaling."""
-    import dataclasses
-
-    from normbench.train import TrainSettings
-
-    schedule = cfg.schedule
-    values = {
-        f.name: cfg[f.name] if f.name in cfg else schedule[f.name]
-        for f in dataclasses.fields(TrainSettings)
-    }
-    values.update(lr=lr, schedule=schedule.name, milestones=tuple(schedule.milestones or ()))
-    return TrainSettings(**values)
-
-
-def _raise_out_of_memory(err: BaseException, cfg, what: str) -> None:
-    """An allocation the machine refused (model widths or a batch far too large) as one
-    :class:`UserError` naming the model's settings; any other error is raised again."""
-    text = str(err)
-    if not (
-        isinstance(err, MemoryError)
-        or "can't allocate memory" in text
-        or "out of memory" in text.lower()
-    ):
-        raise err
-    settings = " ".join(f"model.{k}={v}" for k, v in _kwargs(cfg.model).items())
-    # torch's own words, less its "[enforce fail at alloc_cpu.cpp:127] err == 0." prefix
-    reason = text.rsplit("DefaultCPUAllocator: ", 1)[-1]
-    raise UserError(
-        f"model={cfg.model.name} {settings}: {what} need more memory than this machine "
-        f"gives: {' '.join(reason.split())[:200]}"
-    ) from None
-
-
-def _check_trains(model, batch, cfg, norm) -> None:
-    """One training-mode forward pass on a copy of the model, so that a combination the
-    norm cannot train (BatchNorm on one value per channel, instance norm without space)
-    fails here, as a user error, and not half-way through a written run. A user's norm
-    (``norm.from_user``) is checked in eval mode too, and each of its layers must return
-    a tensor of its input's shape and dtype; whatever its code raises is one line naming
-    it (:func:`normbench.norms.registry.user_code`)."""
-    import copy
-
-    import torch
-
-    from normbench.norms.registry import user_code
-
-    with user_code(f"{norm.label()}: copying the model"):
-        probe = copy.deepcopy(model).train()
-    modes = [True]
-    if norm.from_user:
-        cls = norm.cls
-        for module in probe.modules():
-            if isinstance(module, cls):
-                _watch_forward(module, norm)
-        modes.append(False)
-    try:
-        with torch.no_grad():
-            for training in modes:
-                probe.train(training)(batch)
-    except ValueError as err:
-        raise UserError(
-            f"model={cfg.model.name} with norm={cfg.norm.name} cannot train at "
-            f"batch_size={cfg.batch_size}: {err}"
-        ) from None
-
-
-def _watch_forward(module, norm) -> None:
-    """Make ``module.forward`` (a user's norm layer, in the probe's copy) check what it
-    returns and name the norm for anything it raises (its ValueError passes: the probe
-    reports that as a combination that cannot train)."""
-    from normbench.checknorm import output_problem
-    from normbench.norms.registry import user_code
-
-    forward = module.forward
-    what = f"{norm.label()}: {type(module).__name__}.forward"
-
-    def checked(x, *args, **kwargs):
-        with user_code(what, (ValueError,)):
-            y = forward(x, *args, **kwargs)
-        with user_code(f"{what}: checking its output"):  # a tensor subclass's own code
-            problem = output_problem(x, y)
-        if problem is not None:
-            mode = "training" if module.training else "eval"
-            raise UserError(f"{what} in {mode} mode: {problem}")
-        return y
-
-    module.forward = checked
 
 
 class _Recorder:
@@ -309,7 +116,7 @@ def summary_record(
     cfg,
     rid: str,
     result,
-    prepared: _Prepared | None,
+    prepared: Prepared | None,
     started: str | None,
     wall: float | None,
     resumed_from: int | None = None,
@@ -460,7 +267,7 @@ def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:
         lock.release()
 
 
-def _resume(cfg, rid: str, folder: Path, prepared: _Prepared) -> tuple[dict | None, _Prepared]:
+def _resume(cfg, rid: str, folder: Path, prepared: Prepared) -> tuple[dict | None, Prepared]:
     """The loop's state to go on from, restored into the prepared model, optimizer and
     torch's random generators; None when the run starts over. A checkpoint the code
     cannot go on from (cut short, another version's, a model that changed since) is
@@ -493,7 +300,7 @@ def _resume(cfg, rid: str, folder: Path, prepared: _Prepared) -> tuple[dict | No
         return None, prepare(cfg, threads=prepared.threads)
 
 
-def _epochs(prepared: _Prepared) -> int:
+def _epochs(prepared: Prepared) -> int:
     """The run's epochs, as the training loop counts them."""
     from normbench.data import steps_per_epoch
 
@@ -559,7 +366,7 @@ def _discard(path: Path) -> None:
         pass
 
 
-def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display, resume=None) -> RunOutcome:
+def _train(cfg, rid: str, folder: Path, prepared: Prepared, display, resume=None) -> RunOutcome:
     import torch
 
     from normbench.norms.registry import describe_error, error_text
@@ -624,7 +431,7 @@ def _train(cfg, rid: str, folder: Path, prepared: _Prepared, display, resume=Non
     return RunOutcome(rid, folder, summary)
 
 
-def _start_bn_stats(cfg, prepared: _Prepared, recorder: _Recorder, loop) -> None:
+def _start_bn_stats(cfg, prepared: Prepared, recorder: _Recorder, loop) -> None:
     """Per-layer BatchNorm diagnostics each epoch (``eval.bn_stats``); else no bn_stats.csv."""
     from normbench.diagnostics import EpochDiagnostics
 
@@ -658,7 +465,7 @@ def recorded(stop: BaseException) -> bool:
     return getattr(stop, RECORDED, False)
 
 
-def _measure_inference(cfg, prepared: _Prepared, result, recorder: _Recorder) -> None:
+def _measure_inference(cfg, prepared: Prepared, result, recorder: _Recorder) -> None:
     """BatchNorm's other inference estimators (:mod:`normbench.inference`), recorded on
     the last epoch; the run's model keeps its running statistics."""
     from normbench.inference import measure

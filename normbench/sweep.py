@@ -263,11 +263,12 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
     are the same run as an earlier one (same run folder) are dropped (``duplicates``).
     ``glob(...)`` over a group's options is expanded as Hydra's basic sweeper does, and the
     report's ``baseline`` and ``select`` are checked against the grid."""
+    from normbench.build import prepare
     from normbench.config import EXECUTION_KEYS, compose, expand_globs, flatten, with_searchpath
     from normbench.lock import read_owner
     from normbench.queued import QueueCheck
     from normbench.rundir import check_writable, read_summary, status_of
-    from normbench.runner import check_run_folder, experiment_dir, prepare, run_id
+    from normbench.runner import check_run_folder, experiment_dir, run_id
 
     # the user's config folders, for Hydra too; globs written out, as the plan has them
     overrides = with_searchpath(expand_globs(overrides))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from normbench import runner
+from normbench import build, runner
 from normbench.errors import UserError
 from normbench.norms.batchrenorm import BatchRenorm, BatchRenorm2d, ramp_end_step, schedule_steps
 
@@ -119,7 +119,7 @@ def test_other_variants_have_no_schedule_keys(tiny):
 def test_the_runner_builds_the_layers_from_the_runs_steps(tiny, overrides, total):
     cfg = tiny("norm=batch_renorm", "norm.warmup_fraction=0.25", "norm.ramp_fraction=0.5",
                *overrides)  # fmt: skip
-    prepared = runner.prepare(cfg)
+    prepared = build.prepare(cfg)
     assert prepared.settings.total_steps(256) == total
     layers = [m for m in prepared.model.modules() if isinstance(m, BatchRenorm)]
     assert layers

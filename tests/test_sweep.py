@@ -285,12 +285,14 @@ def test_a_complete_sweep_hands_nothing_to_hydra_and_checks_nothing(tmp_path, mo
     launches = list((tmp_path / "results" / "default" / ".hydra").iterdir())
     assert len(launches) == 1
 
+    import normbench.build
     import normbench.runner
 
     def no_check(*args, **kwargs):
         raise AssertionError("a done run was built again")
 
-    monkeypatch.setattr(normbench.runner, "prepare", no_check)
+    monkeypatch.setattr(normbench.build, "prepare", no_check)  # the plan's checks
+    monkeypatch.setattr(normbench.runner, "prepare", no_check)  # a run's own
     again = cli.invoke(app, ["sweep", *args])
     assert again.exit_code == 0, again.output
     assert "2 runs, 2 already done, 0 to run" in again.stderr and "2 skipped" in again.stdout
