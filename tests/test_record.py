@@ -36,7 +36,7 @@ HELD = {
 def test_summary_fields_are_the_records_fields_in_order():
     assert tuple(f.name for f in dataclasses.fields(schema.RunRecord)) == SUMMARY_FIELDS
     assert SUMMARY_FIELDS[:2] == ("run_id", "status")
-    assert len(SUMMARY_FIELDS) == len(set(SUMMARY_FIELDS)) == 41
+    assert len(SUMMARY_FIELDS) == len(set(SUMMARY_FIELDS)) == 42
 
 
 def test_statistics_and_figures_take_their_fields_from_the_record():

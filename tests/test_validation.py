@@ -153,7 +153,7 @@ def test_the_old_precise_bn_batches_is_read_as_images_with_a_notice():
         "eval.precise_bn_batches=200 is replaced by eval.precise_bn_images: read as 1600 "
         "images (200 batches of batch_size=8)"
     ]
-    assert OmegaConf.to_container(cfg.eval) == {"precise_bn_images": 1600}
+    assert OmegaConf.to_container(cfg.eval) == {"precise_bn_images": 1600, "bn_stats": True}
     assert compose(["eval.precise_bn_images=1600", "batch_size=8"]) == cfg
     assert OmegaConf.to_container(compose().eval) == {"precise_bn_images": 10000}
 
