@@ -155,7 +155,7 @@ def test_the_old_precise_bn_batches_is_read_as_images_with_a_notice():
     ]
     assert OmegaConf.to_container(cfg.eval) == {"precise_bn_images": 1600, "bn_stats": True}
     assert compose(["eval.precise_bn_images=1600", "batch_size=8"]) == cfg
-    assert OmegaConf.to_container(compose().eval) == {"precise_bn_images": 10000}
+    assert OmegaConf.to_container(compose().eval) == {"precise_bn_images": 10000, "bn_stats": True}
 
 
 def test_the_old_key_in_a_users_preset_is_read_too(tmp_path):
