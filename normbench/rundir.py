@@ -189,6 +189,11 @@ _PLACE_ERRORS = {
 }
 
 
+#: How often :func:`check_writable` looks again for the folders it needs, when one that
+#: another process made went away under it.
+_MKDIR_TRIES = 20
+
+
 def check_writable(folder: Path) -> None:
     """Create and remove a probe file in ``folder`` (and the folders it needs, which are
     removed again): a :class:`NotWritten` now, before any work, rather than at its end."""
@@ -197,13 +202,28 @@ def check_writable(folder: Path) -> None:
     created: list[Path] = []
     probe = folder / f".normbench-probe.{socket.gethostname()}.{os.getpid()}"
     try:
-        path = folder
-        while not os.path.exists(path) and path.parent != path:  # (False: not to be seen)
-            missing.append(path)
-            path = path.parent
-        for part in reversed(missing):
-            part.mkdir()
-            created.append(part)
+        for attempt in range(_MKDIR_TRIES):
+            missing = []
+            path = folder
+            while not os.path.exists(path) and path.parent != path:  # (False: not to be seen)
+                missing.append(path)
+                path = path.parent
+            try:
+                for part in reversed(missing):
+                    try:
+                        part.mkdir()
+                    except FileExistsError:
+                        # Another job made it between our look and our mkdir (a sweep's
+                        # parallel jobs share their experiment's folders): it is theirs to
+                        # remove, and a file in its place fails below.
+                        continue
+                    created.append(part)
+                break
+            except FileNotFoundError:
+                # A parent another job had made, and removed again after its own check,
+                # went away under us: look again.
+                if attempt == _MKDIR_TRIES - 1:
+                    raise
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             os.write(fd, b"\0" * 4096)  # a full disk refuses data, not always the name

@@ -1,6 +1,8 @@
 """Tests for normbench.rundir: atomic writes of run files and tables, the umask, leftovers
 of killed writers."""
 
+from pathlib import Path
+
 import pytest
 
 from normbench import rundir
@@ -98,3 +100,32 @@ def test_bn_stats_log_keeps_the_resumed_epochs_rows_only(tmp_path):
     with pytest.raises(ValueError):
         path.write_text("garbage\n")
         rundir.read_bn_stats(path)
+
+
+def _probe_many(args) -> str | None:
+    """One of several processes checking sibling run folders under an experiment folder
+    that none of them has made yet, as a sweep's parallel jobs start."""
+    root, index, rounds = args
+    from normbench.rundir import check_writable
+
+    for _ in range(rounds):
+        try:
+            check_writable(Path(root) / "exp" / "runs" / f"run{index}")
+        except Exception as err:  # the failure itself is the finding
+            return f"{type(err).__name__}: {err}"
+    return None
+
+
+def test_parallel_jobs_checking_sibling_folders_never_fail_each_other(tmp_path):
+    """Each check makes the folders it needs and removes them again; jobs that start
+    together make and remove the same parents: neither one's mkdir nor its removal may
+    fail the other's check (a sweep under joblib lost a run to "File exists")."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        failures = pool.map(_probe_many, [(str(tmp_path), i, 80) for i in range(4)])
+    assert failures == [None] * 4
+    # No probe is left behind; a parent that one job made while another was using it
+    # stays (empty): the one using it did not make it, and the one that made it could not
+    # remove it then.
+    assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
