@@ -482,6 +482,26 @@ def test_the_selected_table_has_its_test_and_flags(bn_renorm):
     runs = pd.concat([bn_renorm, other, third], ignore_index=True)
     runs.attrs = dict(bn_renorm.attrs)
     assert not stats.select(runs, ["lr"])["flags"].str.contains("lr_at_edge").any()
+    # a larger lr that was tried and diverged on every seed bounds the grid as well
+    diverged = third.assign(status="diverged", best_val_acc=np.nan, test_acc_at_best_val=np.nan)
+    runs = pd.concat([bn_renorm, other, diverged], ignore_index=True)
+    runs.attrs = dict(bn_renorm.attrs)
+    assert not stats.select(runs, ["lr"])["flags"].str.contains("lr_at_edge").any()
+
+
+def test_stale_running_statistics_are_running_averages_that_precise_bn_beats():
+    """PreciseBN well above the running averages: stale; well below (Batch Renorm, whose
+    weights were trained against its running averages): not stale."""
+    lagging = pd.DataFrame({"final_test_acc": [0.60, 0.70], "test_acc_precise_bn": [0.98, 0.97]})
+    assert stats.flags.stale_gap(lagging) == pytest.approx(0.325)
+    assert stats.flags.stale_running_stats(lagging, 2.0)
+    ahead = lagging.rename(
+        columns={"final_test_acc": "test_acc_precise_bn", "test_acc_precise_bn": "final_test_acc"}
+    )
+    assert not stats.flags.stale_running_stats(ahead, 2.0)
+    close = pd.DataFrame({"final_test_acc": [0.97], "test_acc_precise_bn": [0.985]})
+    assert not stats.flags.stale_running_stats(close, 2.0)
+    assert stats.flags.stale_running_stats(close, 1.0)
 
 
 def test_flag_helpers():

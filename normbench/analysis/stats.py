@@ -274,7 +274,9 @@ def select(
             for stat, value in _stats(values).items():
                 row[f"{metric}_{stat}"] = value
         rows.append(row)
-        tried = means[_matches(means, choice, groups)]  # the values this group ran
+        # the values this group tried: those that diverged or failed too (a larger lr
+        # that diverged bounds the grid: the choice below it is no edge of what was tried)
+        tried = runs[_matches(runs, choice, groups)]
         edges.append(any(flags.at_edge(choice[key], tried[key]) for key in keys))
     columns = [*by, "tuned", "n", f"{SELECT_ON}_mean"] + [
         f"{m}_{s}" for m in REPORTED for s in ("mean", "std", "ci95")

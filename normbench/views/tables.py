@@ -334,7 +334,7 @@ def flag_lines(frame: pd.DataFrame, keys: Sequence[str], thresholds) -> list[str
     why = {
         "lr_at_edge": "the value chosen on validation is the smallest or largest of those "
         "tried: the best may lie outside the grid",
-        "stale_running_stats": f"the running averages differ from PreciseBN by more than "
+        "stale_running_stats": f"PreciseBN beats the running averages by more than "
         f"{thresholds.stale:g} points on average: the final accuracy measures stale "
         "statistics, not the variant (see test_acc_precise_bn)",
         "renorm_ramp_not_reached": "Batch Renorm runs ended before their r_max/d_max ramp "
