@@ -9,6 +9,7 @@ and checks every value before anything runs (:mod:`normbench.validation`).
 from __future__ import annotations
 
 import copy
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from normbench.options import (
     searchpath_overrides,
 )
 from normbench.schema import EXECUTION_KEYS, LAYOUTS  # noqa: F401 - the names callers know config by
+from normbench.schema.rule import closest_key
 from normbench.validation import (
     check_value,
     first_line,
@@ -75,6 +77,45 @@ def _description(path: Path) -> str:
 
 
 _closest = schema.closest
+
+#: What a user may call a norm by (the name in a paper, torch's class) and the options
+#: that are it, with a word on each where there are several. Only the suggestion of an
+#: unknown option reads it: ``norm=BN`` stays an error, as Hydra's options are file names
+#: (a ``BN.yaml`` of the user's own is another option). Keys are lowercase, without
+#: ``_``, ``-``, spaces and a ``1d``/``2d``/``3d`` ending (:func:`_alias_key`).
+NORM_ALIASES: dict[str, tuple[tuple[str, str], ...]] = {
+    **dict.fromkeys(
+        ("batchnorm", "bn", "batchnormalization"),
+        (("custom_bn", "normbench's BatchNorm"), ("torch_bn", "torch.nn.BatchNorm2d")),
+    ),
+    **dict.fromkeys(("layernorm", "ln", "layernormalization"), (("layer", ""),)),
+    **dict.fromkeys(("groupnorm", "gn", "groupnormalization"), (("group", ""),)),
+    **dict.fromkeys(("instancenorm", "in", "instancenormalization"), (("instance", ""),)),
+    **dict.fromkeys(("batchrenorm", "brn", "batchrenormalization"), (("batch_renorm", ""),)),
+    **dict.fromkeys(("ghostbatchnorm", "ghostbn", "gbn"), (("ghost_bn", ""),)),
+    **dict.fromkeys(("filterresponsenorm", "filterresponsenormalization"), (("frn", ""),)),
+    **dict.fromkeys(("rmsnorm",), (("rms", ""),)),
+    **dict.fromkeys(("evonorm", "evonorms0"), (("evonorm_s0", ""),)),
+    **dict.fromkeys(("identity", "nonorm"), (("none", ""),)),
+}
+
+
+def _alias_key(value: str) -> str:
+    folded = "".join(char for char in value.lower() if char not in "_- ")
+    folded = folded.removeprefix("nn.").removeprefix("torch.nn.")
+    return folded[:-2] if folded[-2:] in ("1d", "2d", "3d") else folded
+
+
+def suggestion(group: str, value: str, valid: Sequence[str]) -> str:
+    """`` (did you mean ...?)`` for an unknown option of ``group``: the options its common
+    name stands for (``norm=BatchNorm``: custom_bn or torch_bn), else the closest by
+    spelling, else nothing."""
+    if group == "norm":
+        meant = [(o, word) for o, word in NORM_ALIASES.get(_alias_key(value), ()) if o in valid]
+        if meant:
+            shown = [f"{o!r} ({word})" if word else repr(o) for o, word in meant]
+            return f" (did you mean {' or '.join(shown)}?)"
+    return _closest(value, valid)
 
 
 #: Parsed overrides by their text: a sweep's jobs repeat the same few (``norm=layer``),
@@ -132,7 +173,8 @@ def check_group_overrides(overrides: Sequence[str]) -> list:
         for value in values:
             if value not in valid:
                 raise UserError(
-                    f"unknown {group} {value!r}{_closest(value, valid)}; valid: {', '.join(valid)}"
+                    f"unknown {group} {value!r}{suggestion(group, value, valid)}; "
+                    f"valid: {', '.join(valid)}"
                 )
     return parsed
 
@@ -268,7 +310,7 @@ def _apply(cfg, override, overrides: Sequence[str]) -> None:
     if found is _ABSENT:
         if override.is_delete():
             raise UserError(f"invalid config: cannot delete {key!r}: it is not in the config")
-        raise UserError(_unknown_key(key, overrides))
+        raise UserError(_unknown_key(key, overrides, _flatten(cfg)))
     try:
         if override.is_delete():
             if value is not None and value != found:
@@ -418,7 +460,7 @@ def _check_added_key(base, override) -> None:
         if other:  # another option of the group has it (optim=sgd +optim.eps=1e-8)
             raise UserError(f"{override.input_line}: {other}; a + cannot add a key to it")
         raise UserError(
-            f"unknown config key {key!r}{_closest(key, _known_keys())}; normbench reads "
+            f"unknown config key {key!r}{closest_key(key, _flatten(base))}; normbench reads "
             "only the keys it defines, so a + cannot add one (`normbench config` shows every key)"
         )
     if override.is_add():
@@ -445,16 +487,36 @@ def _composition_message(err: BaseException, overrides: Sequence[str]) -> str:
     return found or f"invalid config: {first_line(err)}"
 
 
-def _unknown_key(key: str, overrides: Sequence[str]) -> str:
-    """For ``key=value`` where the config has no ``key``: another option of its group that
-    has it, or the closest key."""
+def _unknown_key(key: str, overrides: Sequence[str], keys: Sequence[str]) -> str:
+    """For ``key=value`` where the config (whose keys are ``keys``, as composed with the
+    options the overrides pick) has no ``key``: another option of its group that has it,
+    or the closest key, among its neighbours' first (:func:`~normbench.schema.rule.closest_key`)."""
     other = _other_options_key(key, overrides)
     if other:
         return other
-    return (
-        f"unknown config key {key!r}{_closest(key, _known_keys())}; "
-        "`normbench config` shows every key"
-    )
+    hint = closest_key(key, keys) or _other_options_closest(key)
+    return f"unknown config key {key!r}{hint}; `normbench config` shows every key"
+
+
+def _other_options_closest(key: str) -> str:
+    """`` (did you mean 'norm.groups'? norm=group has it)`` for ``norm.grups`` where the
+    chosen option has no key near it: the nearest key of the group's other options (those
+    of normbench and the user's folders: installed variants are not imported for this)."""
+    group, _, rest = key.partition(".")
+    if group not in GROUPS or not rest:
+        return ""
+    having: dict[str, list[str]] = {}
+    for option in group_options(group):
+        for name in option_keys(group, option, load=False):
+            if name not in ("name", "_target_"):
+                having.setdefault(name, []).append(option)
+    matches = difflib.get_close_matches(rest, list(having), n=1)
+    if not matches:
+        return ""
+    options = having[matches[0]]
+    which = " or ".join(f"{group}={o}" for o in options[:3]) + (" ..." if len(options) > 3 else "")
+    verb = "has" if len(options) == 1 else "have"
+    return f" (did you mean '{group}.{matches[0]}'? {which} {verb} it)"
 
 
 def _other_options_key(key: str, overrides: Sequence[str], chosen: str | None = None) -> str | None:
@@ -482,14 +544,6 @@ def _other_options_key(key: str, overrides: Sequence[str], chosen: str | None = 
         f"{group}={chosen} has no {rest} ({', '.join(having)} {verb} it); "
         f"{group}={chosen} takes: {', '.join(own) or 'nothing'}"
     )
-
-
-def _known_keys() -> list[str]:
-    from hydra import compose as hydra_compose
-
-    with _initialized():
-        cfg = hydra_compose(config_name="config")
-    return list(_flatten(cfg))
 
 
 _flatten = schema.flat

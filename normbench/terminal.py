@@ -98,17 +98,50 @@ def styled(*parts: str | tuple[str, str]) -> Text:
     return shown
 
 
+#: The width a :class:`Console` that fits its content takes off a terminal: wide enough
+#: that no table of normbench's wraps a cell (a table is as wide as its content, and
+#: rich makes no line wider than that).
+UNBOUNDED_WIDTH = 100_000
+
+
 class Console(rich.console.Console):
     """A rich Console that shows every string as text: cleaned (:func:`clean`: a line
     break is shown as ``\\n``, so a string is one line), never read as markup or emoji
     codes (``:warning:``), not highlighted.
     That holds for strings printed and for those inside what is printed (a table's
     cells, title, caption). Styles come with ``Text``; a progress bar's ``TextColumn``
-    formats its own markup, so it is made with ``markup=False`` and a cleaned label."""
+    formats its own markup, so it is made with ``markup=False`` and a cleaned label.
 
-    def __init__(self, **kwargs: Any):
+    With ``fit`` (the default for standard output), a console that writes to no terminal
+    (a pipe, a file, a CI log) and is given no width (no ``width``, no ``COLUMNS``) is as
+    wide as what it prints: a table keeps one row per line instead of rich's 80 columns,
+    where cells wrap onto lines of their own. On a terminal it is the terminal's width,
+    as rich has it. Standard error's console keeps rich's width: its progress displays
+    fill the width they are given (``expand``)."""
+
+    def __init__(self, *, fit: bool | None = None, **kwargs: Any):
         kwargs.setdefault("highlight", False)
         super().__init__(markup=False, emoji=False, **kwargs)
+        self.fit = not kwargs.get("stderr", False) if fit is None else fit
+
+    @property
+    def size(self) -> rich.console.ConsoleDimensions:
+        size = super().size
+        # the file is looked up as it is written to (rich's default is sys.stdout at the
+        # time, which a test runner swaps), so this is decided each time too
+        if (
+            self.fit
+            and self._width is None
+            and "COLUMNS" not in self._environ
+            and not self.is_terminal
+            and not self.is_jupyter
+        ):
+            return rich.console.ConsoleDimensions(UNBOUNDED_WIDTH, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        rich.console.Console.size.fset(self, new_size)  # type: ignore[attr-defined]
 
     def render_str(self, text: str, **kwargs: Any) -> Text:
         kwargs.update(markup=False, emoji=False)

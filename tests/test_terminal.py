@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import os
 import re
+import subprocess
+import sys
 import unicodedata
 import warnings
 
@@ -229,3 +231,97 @@ def test_show_exception_writes_pythons_traceback_cleaned(capsys):
     assert err.startswith("Traceback (most recent call last):\n")
     assert err.endswith(f"RuntimeError: boom {SHOWN}\n")
     assert_inert(err.encode())
+
+
+# --------------------------------------------- width off a terminal (a pipe, a file, a log)
+
+
+def wide_table() -> Table:
+    table = Table(title="a title longer than eighty columns " * 3, caption="a caption " * 12)
+    for name in ("norm", "final acc %", "95% CI", "p (Holm)"):
+        table.add_column(name)
+    table.add_row("batch_renorm_with_a_long_name " * 3, "99.17 ± 0.12", "[98.84, 99.50]", "0.031")
+    return table
+
+
+def test_off_a_terminal_a_table_is_as_wide_as_its_content(monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    console = terminal.Console(file=io.StringIO())
+    assert not console.is_terminal and console.width == terminal.UNBOUNDED_WIDTH
+    console.print(wide_table())
+    lines = console.file.getvalue().splitlines()
+    (row,) = [line for line in lines if "batch_renorm" in line]  # one row, one line
+    rule = next(line for line in lines if "━" in line or "─" in line)
+    # as wide as its widest cells, with no padding to the console's width
+    assert max(map(len, lines)) == len(rule) > 80
+    assert "a title longer" in lines[0] and lines[0].count("a title") == 3  # one line
+
+
+@pytest.mark.parametrize(
+    "kwargs, columns",
+    [
+        ({}, "80"),  # COLUMNS says how wide: as rich has it
+        ({"width": 80}, None),
+        ({"stderr": True}, None),  # progress displays fill their width: rich's 80
+        ({"fit": False}, None),
+        ({"force_terminal": True}, None),  # a terminal: its width
+    ],
+)
+def test_given_a_width_or_a_terminal_a_table_wraps_as_before(monkeypatch, kwargs, columns):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    if columns:
+        monkeypatch.setenv("COLUMNS", columns)
+    console = terminal.Console(file=io.StringIO(), **kwargs)
+    assert console.width < 1000
+    console.print(wide_table())
+    lines = SGR.sub(b"", console.file.getvalue().encode()).decode().splitlines()
+    assert max(map(len, lines)) <= console.width
+    assert len([line for line in lines if "batch_renorm" in line]) > 1  # the cell wraps
+
+
+def test_text_lines_stay_single_lines_off_a_terminal(monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    console = terminal.Console(file=io.StringIO(), soft_wrap=True)
+    message = "warning: " + "a long warning " * 20
+    console.print(terminal.line("warning:", message, "yellow"))
+    console.print(message)
+    assert console.file.getvalue().splitlines() == [f"warning: {message}", message]
+
+
+def _results_to_a_file(folder, tmp_path, columns: str | None) -> list[str]:
+    """``normbench results FOLDER > file``: standard output a file, not a terminal."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    if columns is not None:
+        env["COLUMNS"] = columns
+    out = tmp_path / f"out{columns}.txt"
+    with out.open("w") as file:
+        done = subprocess.run(
+            [sys.executable, "-m", "normbench.cli", "results", str(folder)],
+            stdout=file,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            text=True,
+        )
+    assert done.returncode == 0, done.stderr
+    return out.read_text(encoding="utf-8").splitlines()
+
+
+def test_results_piped_to_a_file_print_one_line_per_row(grid, tmp_path):
+    lines = _results_to_a_file(grid, tmp_path, None)
+    rule = next(i for i, line in enumerate(lines) if set(line.strip()) == {"─"})
+    table = [line for line in lines if line.startswith(" ")]  # header, rule, rows
+    rows = [line for line in lines[rule + 1 :] if line.startswith((" custom_bn", " layer"))]
+    # 2 norms x 3 batch sizes, one line each; the header one line
+    assert len(rows) == 6 and all(len(row.split()) >= 9 for row in rows)
+    assert "final acc %" in lines[rule - 1] and "p (Holm)" in lines[rule - 1]
+    # as wide as its content: no line wider than the rule (rich's 80 columns no limit)
+    assert max(map(len, table)) == len(lines[rule]) > 80
+    # the caption and each flag's warning: one line each, however long
+    assert len([line for line in lines if line.startswith(("budget:", "warning:"))]) == 3
+
+    wrapped = _results_to_a_file(grid, tmp_path, "80")  # COLUMNS set: rich's width, as before
+    table80 = [line for line in wrapped if line.startswith(" ")]
+    assert max(map(len, table80)) <= 80
+    assert len(table80) > len(table)  # cells wrap onto lines of their own
+    assert len([line for line in wrapped if line.startswith(("budget:", "warning:"))]) == 3

@@ -50,6 +50,22 @@ def closest(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {matches[0]!r}?)" if matches else ""
 
 
+def closest_key(key: str, keys: Iterable[str]) -> str:
+    """:func:`closest` for a dotted config key: among the keys beside it first, by what
+    follows their common prefix (``norm.grups`` with ``norm=group``: ``norm.groups``; the
+    shared ``norm.`` makes no unrelated key look close), then among the others by the
+    whole key (``nrom.eps``: ``norm.eps``), then by its last part (``optim.lrr``: ``lr``)."""
+    parent, dot, leaf = key.rpartition(".")
+    siblings = {k[len(parent) + 1 :]: k for k in keys if dot and k.startswith(f"{parent}.")}
+    others = [k for k in keys if k not in siblings.values() and k != key]
+    for word, pool in ((leaf, siblings), (key, others), (leaf, others)):
+        names = {name: name for name in pool} if isinstance(pool, list) else pool
+        matches = difflib.get_close_matches(word, [n for n in names if n != word], n=1)
+        if matches:
+            return f" (did you mean {names[matches[0]]!r}?)"
+    return ""
+
+
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
