@@ -156,6 +156,57 @@ def test_a_plus_never_adds_a_key_normbench_does_not_read(override, expected):
     assert expected in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "overrides, meant",
+    [
+        # among the chosen option's own keys (the default config has no norm.groups)
+        (["norm=group", "norm.grups=4"], "'norm.groups'"),
+        (["norm=group", "+norm.grups=4"], "'norm.groups'"),
+        (["norm=group", "norm.group=4"], "'norm.groups'"),
+        # the default option has no such key: another option's, named
+        (["norm.grups=4"], "'norm.groups'? norm=evonorm_s0 or norm=group have it"),
+        (["optim.betaz=1"], "'optim.betas'? optim=adam has it"),
+        (["nrom.eps=1"], "'norm.eps'"),  # a misspelt section
+        (["optim.lrr=0.1"], "'lr'"),  # a top-level key put under a group
+        (["bach_size=8"], "'batch_size'"),
+    ],
+)
+def test_an_unknown_key_suggests_the_nearest_key_beside_it(overrides, meant):
+    with pytest.raises(UserError) as info:
+        compose(overrides)
+    assert f"(did you mean {meant}" in str(info.value)
+
+
+BN = "(did you mean 'custom_bn' (normbench's BatchNorm) or 'torch_bn' (torch.nn.BatchNorm2d)?)"
+
+
+@pytest.mark.parametrize(
+    "name, meant",
+    [
+        ("BatchNorm", BN),
+        ("batchnorm", BN),
+        ("BN", BN),
+        ("nn.BatchNorm2d", BN),
+        ("LayerNorm", "(did you mean 'layer'?)"),
+        ("LN", "(did you mean 'layer'?)"),
+        ("GroupNorm", "(did you mean 'group'?)"),
+        ("gn", "(did you mean 'group'?)"),
+        ("InstanceNorm", "(did you mean 'instance'?)"),
+        ("IN", "(did you mean 'instance'?)"),
+        ("BRN", "(did you mean 'batch_renorm'?)"),
+        ("BatchRenorm", "(did you mean 'batch_renorm'?)"),
+        ("custom_bm", "(did you mean 'custom_bn'?)"),  # a typo: by spelling
+    ],
+)
+def test_a_norm_by_its_common_name_is_refused_with_the_options_it_stands_for(name, meant):
+    """Hydra's options are file names: an alias is never taken as the option, only said."""
+    with pytest.raises(UserError) as info:
+        compose([f"norm={name}"])
+    message = str(info.value)
+    assert message.startswith(f"unknown norm {name!r} {meant}; valid: ")
+    assert "\n" not in message and "\n" not in repr(message)
+
+
 def test_hydra_keys_that_need_a_plus_say_so():
     with pytest.raises(UserError) as info:
         compose(["hydra/launcher=joblib", "hydra.launcher.inner_max_num_threads=1"])

@@ -153,3 +153,105 @@ def test_manual_commands_parse(page):
     group = _cli()
     for words, _ in _commands(page.read_text(encoding="utf-8")):
         _check(list(words), group)
+
+
+# ------------------------------------ the README's example output is what the code prints
+
+
+def _output_blocks() -> list[list[str]]:
+    """The README's output blocks (fenced with no language): their lines."""
+    blocks, current, lang = [], [], None
+    for line in README.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith("```"):
+            if lang is None:
+                lang, current = line.strip()[3:], []
+            else:
+                if lang == "":
+                    blocks.append(current)
+                lang = None
+        elif lang is not None:
+            current.append(line)
+    return blocks
+
+
+def _transcripts() -> list[tuple[str, list[str]]]:
+    """Each ``$ normbench ...`` line of an output block and the lines shown after it."""
+    found = []
+    for lines in _output_blocks():
+        starts = [i for i, line in enumerate(lines) if line.startswith("$ normbench ")]
+        for i, start in enumerate(starts):
+            end = starts[i + 1] if i + 1 < len(starts) else len(lines)
+            found.append((lines[start].removeprefix("$ "), lines[start + 1 : end]))
+    return found
+
+
+def test_readme_has_transcripts():
+    commands = [command for command, _ in _transcripts()]
+    assert commands == ["normbench run norm=batchnorm", "normbench run norm=group norm.grups=4"]
+
+
+@pytest.mark.parametrize("command, shown", _transcripts(), ids=lambda v: str(v)[:40])
+def test_readme_transcripts_are_what_the_command_prints(command, shown, tmp_path, monkeypatch):
+    """A fast command (a mistake's message, a listing) run as shown: its output, line for
+    line, is the README's."""
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)  # a mistake writes nothing, and if it did: not here
+    result = CliRunner().invoke(app, shlex.split(command)[1:])
+    assert result.output.splitlines() == shown
+    if shown and shown[0].startswith("error: "):
+        assert result.exit_code == 2 and not list(tmp_path.iterdir())
+
+
+def _quick_block() -> list[str]:
+    (block,) = [b for b in _output_blocks() if b and b[0].startswith("sweep: 18 runs")]
+    return block
+
+
+def test_readme_quick_sweep_names_the_files_and_figures_the_code_writes():
+    """The quick sweep's output (an excerpt: 80 s to make, its numbers the CPU's): the
+    lines whose wording is the code's, checked against the code's names."""
+    from normbench.reports import TABLE_FILES
+    from normbench.views.bn_figures import FIGURE_MEASURES
+
+    block = _quick_block()
+    assert f"wrote {', '.join([*TABLE_FILES, 'report.md'])} to results/quick" in block
+    # every figure the code draws for BatchNorm variants at several batch sizes, by the
+    # names its views give them (each _file_name("...") in normbench/views/)
+    views = "".join(p.read_text() for p in (ROOT / "normbench" / "views").glob("*.py"))
+    stems = re.findall(r'_file_name\(f?"(\w+?)(?:\{measure\})?"', views)
+    names = [s + m if s.endswith("_") else s for s in stems for m in FIGURE_MEASURES]
+    expected = {f"wrote results/quick/plots/{name}.png" for name in names}
+    assert {line for line in block if line.startswith("wrote results/quick/plots/")} == expected
+    assert block[-1].endswith("completed, 0 failed")
+
+
+def test_readme_quick_sweep_titles_and_notes_are_the_codes(grid, monkeypatch):
+    """The quick sweep's table titles, caption and warning wording against what
+    ``normbench results`` prints for a synthetic experiment."""
+    from normbench.reports import report
+
+    monkeypatch.chdir(grid.parent.parent)
+    console_lines: list[str] = []
+    for item in report([grid.relative_to(grid.parent.parent)]):
+        if isinstance(item, str):
+            console_lines.append(item)
+        elif hasattr(item, "plain"):
+            console_lines.append(item.plain)
+        elif getattr(item, "title", None) is not None:
+            console_lines.append(str(getattr(item.title, "plain", item.title)))
+            if item.caption is not None:
+                console_lines.append(str(getattr(item.caption, "plain", item.caption)))
+
+    def shape(line: str) -> str:  # the wording, without the numbers and names that differ
+        line = line.replace("results/grid", "results/quick")
+        line = re.sub(r"\[norm=.*", "[...]", line)
+        return re.sub(r"\d+", "N", line)
+
+    ours = {shape(line) for line in console_lines}
+    block = _quick_block()
+    titles = [line for line in block if ": test accuracy over seeds, by " in line]
+    notes = [line for line in block if line.startswith(("budget:", "warning: few_seeds"))]
+    assert titles and notes
+    for line in [*titles, *notes]:
+        assert shape(line) in ours, line

@@ -188,3 +188,19 @@ def test_a_value_for_a_section_of_keys_is_one_line():
 
     with pytest.raises(UserError, match=r"schedule holds keys \(name, warmup_epochs, milestones"):
         compose(["schedule=3"])
+
+
+@pytest.mark.parametrize(
+    "key, meant",
+    [
+        ("norm.grups", " (did you mean 'norm.groups'?)"),  # beside it, by the part after norm.
+        ("nrom.groups", " (did you mean 'norm.groups'?)"),  # the whole key
+        ("norm.lrr", " (did you mean 'lr'?)"),  # the last part, among the others
+        ("norm.xyzzy", ""),
+    ],
+)
+def test_closest_key_looks_beside_the_key_first(key, meant):
+    from normbench.schema.rule import closest_key
+
+    keys = ["norm.name", "norm.eps", "norm.groups", "lr", "batch_size"]
+    assert closest_key(key, keys) == meant
