@@ -342,7 +342,7 @@ def sweep_reports(
             note(f"{folder}: no runs yet, no tables")
             continue
         runs = runs_fingerprint(folder)  # before collecting: a run ending meanwhile redraws
-        kept = _kept(folder, runs, wanted, thresholds, warn)
+        kept = _kept(folder, runs, wanted, thresholds)
         if kept is not None:
             yield from kept
             continue
@@ -358,8 +358,11 @@ def sweep_reports(
             warn_and_keep(f"{error}; tables without it")
             printed = list(report([folder], draw=True, shown=shown, **common))
         yield from printed
-        if not noted and "keys" in shown:  # (nothing drawn, or no table: drawn again)
-            stamp = {"version": __version__, **shown, "warned": warned, "settings": wanted}
+        # Warned of (a damaged run), nothing drawn, no table: made again each time.
+        prefix = f"{folder}: "
+        if not noted and not warned and str(shown.get("counts", "")).startswith(prefix):
+            shown["counts"] = shown["counts"].removeprefix(prefix)  # the folder may move
+            stamp = {"version": __version__, **shown, "settings": wanted}
             stamp |= {"runs": runs, "outputs": outputs_fingerprint(folder)}
             write_text(folder / STAMP_FILE, json.dumps(stamp) + "\n")
 
@@ -417,7 +420,6 @@ def _kept(
     runs: dict[str, list[int] | None],
     wanted: dict[str, Any],
     thresholds: Thresholds,
-    warn: Callable[[str], None],
 ) -> list[Any] | None:
     """What to print for an experiment whose tables are kept (its stamp matches its runs,
     settings and files); None when they are to be made again."""
@@ -431,10 +433,10 @@ def _kept(
             or stamp.get("outputs") != outputs_fingerprint(exp_dir)
         ):
             return None
-        keys, counts, caption = list(stamp["keys"]), str(stamp["counts"]), stamp.get("caption")
+        keys, caption = list(stamp["keys"]), stamp.get("caption")
+        counts = f"{exp_dir}: {stamp['counts']}"
         summary = _read_table(exp_dir / "summary.csv")
         selection = _read_table(exp_dir / "selected.csv") if stamp["selection"] else None
-        warned = [str(line) for line in stamp["warned"]]
     except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError):
         return None  # none, another version's, damaged: made again
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.stat(path).st_mtime))
@@ -442,8 +444,6 @@ def _kept(
         counts,
         f"{exp_dir}: no run changed since the tables of {when}: tables and figures kept",
     ]
-    for line in warned:
-        warn(line)
     if keys and not summary.empty:
         by = ", ".join(map(short_key, keys)) or "all runs"
         title = f"{exp_dir}: test accuracy over seeds, by {by}"
