@@ -5,8 +5,8 @@ Every variant (``custom_bn``, ``torch_bn``, ``layer``, ``instance``, ``group``,
 the first time the registry is asked for one, or one of the names below is used: the
 variants import torch, and a command that only composes configs (a sweep with nothing
 to run) must not. Models get their layers through :class:`NormSpec`. Adding a variant is
-one module here with a ``@register_norm`` class, one entry in ``VARIANTS`` below, and
-one ``normbench/conf/norm/<name>.yaml``.
+one module here with a ``@register_norm`` class, one entry in
+``normbench.norms.registry.VARIANTS``, and one ``normbench/conf/norm/<name>.yaml``.
 
 Every variant takes ``(num_channels, **kwargs)`` and channels-first
 ``(N, C, *)`` input. Class attributes read by :class:`NormSpec`: ``centers``
@@ -20,30 +20,17 @@ torch's, on normbench's kernel.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import Any
 
-from normbench.norms.registry import NormSpec, get_norm, norm_names, register_norm
-
-#: normbench's own variants: each module here and the names it gives this package, in the
-#: order ``norm_names()`` lists their variants.
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "batchnorm": ("BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "TorchBatchNorm"),
-    "groupnorm": ("GroupNorm", "InstanceNorm", "LayerNorm", "group_count"),
-    "batchrenorm": ("BatchRenorm", "BatchRenorm2d"),
-    "ghostbn": ("GhostBatchNorm",),
-    "identity": ("NoNorm",),
-    "frn": ("FilterResponseNorm",),
-    "rmsnorm": ("RMSNorm",),
-    "evonorm": ("EvoNormS0",),
-}
-
-
-def load_variants() -> None:
-    """Import every variant's module (registering its variants); at once after the first."""
-    for module in VARIANTS:
-        importlib.import_module(f"{__name__}.{module}")
+from normbench.norms.registry import (
+    VARIANTS,
+    NormSpec,
+    get_norm,
+    load_variants,
+    norm_names,
+    register_norm,
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -39,9 +39,30 @@ def register_norm(name: str) -> Callable[[type], type]:
     return decorate
 
 
-def _builtin(cls: type) -> bool:
-    from normbench.norms import VARIANTS
+#: normbench's own variants: each module of this package and the names it gives the package
+#: (``normbench.norms.BatchNorm2d``), in the order ``norm_names()`` lists their variants.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "batchnorm": ("BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "TorchBatchNorm"),
+    "groupnorm": ("GroupNorm", "InstanceNorm", "LayerNorm", "group_count"),
+    "batchrenorm": ("BatchRenorm", "BatchRenorm2d"),
+    "ghostbn": ("GhostBatchNorm",),
+    "identity": ("NoNorm",),
+    "frn": ("FilterResponseNorm",),
+    "rmsnorm": ("RMSNorm",),
+    "evonorm": ("EvoNormS0",),
+}
 
+
+def load_variants() -> None:
+    """Import every variant's module (registering its variants); at once after the first.
+    They import torch: a command that only composes configs never calls this."""
+    from importlib import import_module
+
+    for module in VARIANTS:
+        import_module(f"{__package__}.{module}")
+
+
+def _builtin(cls: type) -> bool:
     package, _, module = cls.__module__.rpartition(".")
     return package == __package__ and module in VARIANTS
 
@@ -49,8 +70,6 @@ def _builtin(cls: type) -> bool:
 def _load() -> dict[str, type]:
     """The registry, with every one of normbench's own variants in it (their modules
     import torch, so they are imported when first asked for, not with the package)."""
-    from normbench.norms import load_variants
-
     load_variants()
     return _REGISTRY
 
@@ -59,8 +78,6 @@ def norm_names() -> list[str]:
     """Registered variant names, normbench's own in ``normbench.norms.VARIANTS``' order
     (whichever module was imported first), then any registered since (normbench's own
     only; installed packages' are :func:`entry_point_norms`)."""
-    from normbench.norms import VARIANTS
-
     order = list(VARIANTS)
 
     def rank(name: str) -> int:
