@@ -1,18 +1,24 @@
 """Re-planning a complete sweep: how long a repeated ``normbench sweep`` takes when every
 run is done already.
 
-Writes a grid of N completed runs (8 norms x batch sizes x learning rates x seeds on
-digits; default 1,000) where ``normbench sweep`` puts them: the run ids are the real
-ones of the grid's composed configs, each folder holds config.yaml, metrics.csv and a
-summary.json (as :mod:`aggregate_speed` writes them). Then times, median of
-``--repeats``:
+Writes two grids of completed runs where ``normbench sweep`` puts them: 6 runs (2 norms
+x 3 batch sizes) and N (8 norms x batch sizes x learning rates x seeds on digits;
+default 1,000). The run ids are the real ones of the grid's composed configs, each
+folder holds config.yaml, metrics.csv and a summary.json (as :mod:`aggregate_speed`
+writes them). Then times, median of ``--repeats``:
 
 - ``plan``: :func:`normbench.sweep.plan` in this process (expand the grid, compose every
   job, find it done), and per run;
-- the whole command, ``normbench sweep <grid>`` in a new process (imports, plan, no job
-  launched, tables, plots), which must start no training and launch nothing.
+- the whole command, ``normbench sweep <grid>`` in a new process as a user runs it
+  (imports, plan, no job launched, the tables shown), which must start no training and
+  launch nothing. Each grid's first sweep makes its tables and figures (not timed); the
+  timed ones find no run changed.
 
-Usage: python benchmarks/plan_speed.py [--seeds 5] [--repeats 3] [--keep DIR]
+``--compare DIR``: the same commands with the normbench of another checkout (DIR on
+PYTHONPATH, e.g. a ``git worktree`` of an earlier commit), each on a copy of the runs of
+its own, interleaved with this checkout's, repeat by repeat.
+
+Usage: python benchmarks/plan_speed.py [--seeds 5] [--repeats 5] [--keep DIR] [--compare DIR]
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,6 +65,10 @@ def grid(out_dir: Path, seeds: int) -> list[str]:
     ]
 
 
+def small_grid(out_dir: Path) -> list[str]:
+    return [f"out_dir={out_dir}", "name=six", "norm=custom_bn,layer", "batch_size=8,16,32"]
+
+
 def write_completed(overrides: list[str]) -> int:
     """A completed run folder for every job of the grid; how many."""
     fake = _aggregate_speed()
@@ -75,20 +87,37 @@ def write_completed(overrides: list[str]) -> int:
     return len(jobs)
 
 
+def sweep_command(overrides: list[str], count: int, source: Path | None) -> float:
+    """Wall time of ``normbench sweep`` over a complete grid, in a new process (``source``:
+    another checkout's normbench)."""
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    command = [sys.executable, "-m", "normbench.cli", "sweep", *overrides]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if done.returncode != 0 or f"{count} skipped" not in done.stdout:
+        sys.exit(f"the repeated sweep did not skip every run:\n{done.stdout}{done.stderr}")
+    return wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5, help="seeds per cell (200 runs each)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--keep", type=Path, default=None, help="write here and keep it")
+    parser.add_argument("--compare", type=Path, default=None, help="another checkout to time")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        out_dir = (args.keep or Path(tmp)).resolve()
-        overrides = grid(out_dir, args.seeds)
+        root = (args.keep or Path(tmp)).resolve()
         start = time.perf_counter()
-        count = write_completed(overrides)
-        print(f"wrote {count} completed runs in {time.perf_counter() - start:.1f} s: {out_dir}")
+        count = write_completed(grid(root / "this", args.seeds))
+        small = write_completed(small_grid(root / "this"))
+        print(f"wrote {count} + {small} completed runs in {time.perf_counter() - start:.1f} s")
 
+        overrides = grid(root / "this", args.seeds)
         plan_times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
@@ -101,20 +130,30 @@ def main() -> None:
             f"(median of {args.repeats})"
         )
 
-        command = [sys.executable, "-m", "normbench.cli", "sweep", *overrides]
-        wall = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            done = subprocess.run(command, capture_output=True, text=True)
-            wall.append(time.perf_counter() - start)
-            if done.returncode != 0 or f"{count} skipped" not in done.stdout:
-                sys.exit(f"the repeated sweep did not skip every run:\n{done.stdout}{done.stderr}")
-        launched = list(out_dir.glob("plan_speed/.hydra/*/multirun.yaml"))
+        sources: dict[str, Path | None] = {"this checkout": None}
+        if args.compare is not None:
+            sources[str(args.compare)] = args.compare.resolve()
+            # its own copy (modification times kept), so neither redraws the other's tables
+            shutil.copytree(root / "this", root / "other", copy_function=shutil.copy2)
+        cases = {}
+        for label, source in sources.items():
+            folder = root / ("this" if source is None else "other")
+            for runs, overrides in ((small, small_grid(folder)), (count, grid(folder, args.seeds))):
+                sweep_command(overrides, runs, source)  # makes the tables (and their stamp)
+                cases[(label, runs)] = (overrides, source)
+        wall: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
+        for _ in range(args.repeats):  # interleaved: a load that comes and goes hits all
+            for case, (overrides, source) in cases.items():
+                wall[case].append(sweep_command(overrides, case[1], source))
+        launched = list(root.glob("*/*/.hydra/*/multirun.yaml"))
         print(
-            f"normbench sweep (imports, plan, tables, plots; {len(launched)} launches): "
-            f"{statistics.median(wall):.2f} s, median of {args.repeats} "
-            f"({', '.join(f'{w:.2f}' for w in wall)})"
+            f"normbench sweep, every run done ({len(launched)} launches), median of {args.repeats}:"
         )
+        for (label, runs), times in wall.items():
+            print(
+                f"  {label}, {runs} runs: {statistics.median(times):.2f} s "
+                f"({', '.join(f'{w:.2f}' for w in times)})"
+            )
 
 
 if __name__ == "__main__":

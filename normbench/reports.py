@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from normbench import received, terminal
+from normbench import __version__, received, terminal
 from normbench.analysis.collect import Collected, collect, find_experiments
 from normbench.analysis.flags import Thresholds
 from normbench.analysis.keys import resolve_key, swept_keys
@@ -155,6 +157,7 @@ def report(
     thresholds: Thresholds | None = None,
     note: Callable[[Any], None] | None = None,
     draw: bool = False,
+    shown: dict[str, Any] | None = None,
 ) -> Iterator[Any]:
     """``normbench results``: aggregate every experiment under ``paths``
     (:func:`find_experiments`) and yield what to print: per experiment, its run counts,
@@ -169,7 +172,8 @@ def report(
     ``thresholds``: the flags' (None: the config's defaults). ``draw``: each experiment's
     figures too (:func:`plot_experiment`, as a sweep's end). Each experiment gets a
     ``report.md`` (:func:`write_report`). Every folder and key is checked before any
-    table is written.
+    table is written. ``shown``: filled with what the tables were shown with (the counts
+    line, keys, caption), for :func:`sweep_reports` to show them again unchanged.
     """
     if fmt not in TABLE_FORMATS:
         raise UserError(f"--format must be one of {', '.join(TABLE_FORMATS)}, got {fmt!r}")
@@ -224,6 +228,8 @@ def report(
                 warn(line)
         written.append("report.md")
         counts = [describe(exp_dir, collected), f"wrote {', '.join(written)} to {exp_dir}"]
+        if shown is not None:
+            shown.update(counts=counts[0], keys=list(keys), selection=selection is not None)
         if told is not None:
             for line in counts:
                 told(line)
@@ -236,6 +242,8 @@ def report(
             title = f"{exp_dir}: test accuracy over seeds, by {by}"
             notes = (budget_text(collected.runs), defaults_text(collected))
             caption = "; ".join(filter(None, notes)) or None
+            if shown is not None:
+                shown["caption"] = caption
             lines = flag_lines(summary, keys, thresholds)
             sections.append(_markdown(summary, keys, title, [*filter(None, [caption]), *lines]))
             if side_by_side is None:
@@ -319,21 +327,145 @@ def sweep_reports(
     baseline and flag thresholds its config's ``report`` settings ask for (None: none, and
     the defaults). Yields what to print (:func:`report`'s lines and tables, the figures
     written); an experiment with no runs or nothing to plot is told to ``note``, a
-    selection the finished runs cannot make to ``warn`` (the tables come without it)."""
+    selection the finished runs cannot make to ``warn`` (the tables come without it).
+
+    An experiment none of whose runs changed since its tables were last written here (and
+    whose tables, figures and report settings are as they were then: :data:`STAMP_FILE`)
+    keeps them: one line says so, and its tables are shown again from ``summary.csv``
+    (and ``selected.csv``), without collecting the runs or drawing a figure."""
     select = list(settings.select) if settings is not None and settings.select else None
     baseline = settings.baseline if settings is not None else None
     thresholds = Thresholds.of(settings)
+    wanted = {"select": select, "baseline": baseline, "thresholds": vars(thresholds)}
     for folder in folders:
         if not (folder / "runs").is_dir():  # every job was lost before its run began
             note(f"{folder}: no runs yet, no tables")
             continue
-        common = {"warn": warn, "baseline": baseline, "thresholds": thresholds, "note": note}
+        runs = runs_fingerprint(folder)  # before collecting: a run ending meanwhile redraws
+        kept = _kept(folder, runs, wanted, thresholds)
+        if kept is not None:
+            yield from kept
+            continue
+        warned: list[str] = []
+        noted: list[Any] = []
+        warn_and_keep, note_and_keep = _told(warn, warned), _told(note, noted)
+        common = {"warn": warn_and_keep, "note": note_and_keep}
+        common |= {"baseline": baseline, "thresholds": thresholds}
+        shown: dict[str, Any] = {}
         try:
-            printed = list(report([folder], select=select, draw=True, **common))
+            printed = list(report([folder], select=select, draw=True, shown=shown, **common))
         except UserError as error:  # a selection the finished runs cannot make
-            warn(f"{error}; tables without it")
-            printed = list(report([folder], draw=True, **common))
+            warn_and_keep(f"{error}; tables without it")
+            printed = list(report([folder], draw=True, shown=shown, **common))
         yield from printed
+        # Warned of (a damaged run), nothing drawn, no table: made again each time.
+        prefix = f"{folder}: "
+        if not noted and not warned and str(shown.get("counts", "")).startswith(prefix):
+            shown["counts"] = shown["counts"].removeprefix(prefix)  # the folder may move
+            stamp = {"version": __version__, **shown, "settings": wanted}
+            stamp |= {"runs": runs, "outputs": outputs_fingerprint(folder)}
+            write_text(folder / STAMP_FILE, json.dumps(stamp) + "\n")
+
+
+def _told(tell: Callable[[Any], None], into: list[Any]) -> Callable[[Any], None]:
+    """``tell``, keeping what it was told in ``into`` too."""
+
+    def told(line: Any) -> None:
+        into.append(line)
+        tell(line)
+
+    return told
+
+
+#: Beside an experiment's tables: what :func:`sweep_reports` made them from (each run's
+#: summary.json, the report settings, normbench's version) and the files it wrote, so that
+#: a sweep's end where nothing changed keeps them.
+STAMP_FILE = ".tables.json"
+
+#: Files of an experiment folder its tables are (``plots/*`` too).
+_OUTPUTS = (*TABLE_FILES, "selected.csv", BN_STATS_FILE, "report.md")
+
+
+def _stat(path: Path) -> list[int] | None:
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return [info.st_size, info.st_mtime_ns]
+
+
+def runs_fingerprint(exp_dir: Path) -> dict[str, list[int] | None]:
+    """Every run folder's name with its summary.json's size and modification time (None:
+    none yet): which changes when a run ends, is redone, or is added or removed."""
+    runs = Path(exp_dir) / "runs"
+    try:
+        names = sorted(os.listdir(runs))
+    except OSError:
+        return {}
+    return {name: _stat(runs / name / "summary.json") for name in names}
+
+
+def outputs_fingerprint(exp_dir: Path) -> dict[str, list[int] | None]:
+    """The experiment's tables, report and figures (``plots/*``), as :func:`_stat` sees them."""
+    exp_dir = Path(exp_dir)
+    try:
+        plots = [f"plots/{name}" for name in sorted(os.listdir(exp_dir / "plots"))]
+    except OSError:
+        plots = []
+    return {name: _stat(exp_dir / name) for name in [*_OUTPUTS, *plots]}
+
+
+def _kept(
+    exp_dir: Path,
+    runs: dict[str, list[int] | None],
+    wanted: dict[str, Any],
+    thresholds: Thresholds,
+) -> list[Any] | None:
+    """What to print for an experiment whose tables are kept (its stamp matches its runs,
+    settings and files); None when they are to be made again."""
+    path = exp_dir / STAMP_FILE
+    try:
+        stamp = json.loads(received.read_bytes(path, received.TABLE_MAX))
+        if (
+            stamp.get("version") != __version__
+            or stamp.get("settings") != wanted
+            or stamp.get("runs") != runs
+            or stamp.get("outputs") != outputs_fingerprint(exp_dir)
+        ):
+            return None
+        keys, caption = list(stamp["keys"]), stamp.get("caption")
+        counts = f"{exp_dir}: {stamp['counts']}"
+        summary = _read_table(exp_dir / "summary.csv")
+        selection = _read_table(exp_dir / "selected.csv") if stamp["selection"] else None
+    except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError):
+        return None  # none, another version's, damaged: made again
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.stat(path).st_mtime))
+    printed: list[Any] = [
+        counts,
+        f"{exp_dir}: no run changed since the tables of {when}: tables and figures kept",
+    ]
+    if keys and not summary.empty:
+        by = ", ".join(map(short_key, keys)) or "all runs"
+        title = f"{exp_dir}: test accuracy over seeds, by {by}"
+        table = summary_table(summary, keys, title, caption)
+        estimators = estimator_table(summary, keys, f"{exp_dir}: BatchNorm at inference, by {by}")
+        lines = flag_lines(summary, keys, thresholds)
+        printed += _shown(summary, keys, title, caption, lines, "table", table, None, estimators)
+    if selection is not None:
+        title = f"{exp_dir}: chosen on validation"
+        chosen = selection_keys(selection)
+        lines = flag_lines(selection, chosen, thresholds)
+        table = selection_table(selection, title)
+        printed += _shown(selection, chosen, title, None, lines, "table", table, None)
+    return printed
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """A table :func:`report` wrote, read back as it was shown (no flags: ``""``)."""
+    frame = pd.read_csv(io.BytesIO(received.read_bytes(path, received.TABLE_MAX)))
+    if "flags" in frame:
+        frame["flags"] = frame["flags"].fillna("").astype(str)
+    return frame
 
 
 def experiment_labels(experiments: Sequence[Path]) -> dict[Path, str]:

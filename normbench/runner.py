@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normbench import __version__, checkpoints, cores, interrupts
+from normbench import __version__, cores, interrupts
 from normbench.build import Prepared, prepare
 from normbench.config import EXECUTION_KEYS, flatten
 from normbench.errors import NotWritten, UserCodeFailed, UserError
@@ -103,6 +103,8 @@ class _Recorder:
     def checkpoint(self, loop: dict[str, Any]) -> None:
         if self.saving is None:
             return
+        from normbench import checkpoints
+
         model, optimizer = self.saving
         data = checkpoints.pack(self.run_id, model, optimizer, loop)
         write_bytes(self.path.with_name(checkpoints.FILE), data)
@@ -230,6 +232,8 @@ def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:
     previous = read_summary(folder)
     if is_done(previous, redo_failed) and not force:
         return RunOutcome(rid, folder, previous, skipped=True)
+    from normbench import checkpoints  # torch: not for a run that is done
+
     check_run_folder(folder)  # nothing is written or removed through a link
     owner = read_owner(folder)
     if owner is not None and owner.alive:  # say so before loading anything
@@ -275,7 +279,7 @@ def _resume(cfg, rid: str, folder: Path, prepared: Prepared) -> tuple[dict | Non
     and optimizer built anew, as a half-restored one must never train."""
     if cfg.checkpoint.save != "last":
         return None, prepared
-    from normbench import received
+    from normbench import checkpoints, received
 
     path = folder / checkpoints.FILE
     try:  # a regular file no larger than this model's checkpoint can be (not a pipe)
@@ -319,8 +323,11 @@ def _warn_discarded(rid: str, why: str) -> None:
     sys.stderr.flush()
 
 
-#: The files a run writes into its folder, which a new attempt removes or replaces.
-RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", checkpoints.FILE, BN_STATS_FILE)
+def run_files() -> tuple[str, ...]:
+    """The files a run writes into its folder, which a new attempt removes or replaces."""
+    from normbench import checkpoints  # torch: imported only where a run is to be written
+
+    return ("config.yaml", "metrics.csv", "summary.json", checkpoints.FILE, BN_STATS_FILE)
 
 
 def check_run_folder(folder: Path) -> None:
@@ -334,7 +341,7 @@ def check_run_folder(folder: Path) -> None:
 
     check_real_folder(folder.parent)
     check_real_folder(folder)
-    for name in RUN_FILES:
+    for name in run_files():
         path = folder / name
         try:
             if not stat.S_ISDIR(os.lstat(path).st_mode):
@@ -369,6 +376,7 @@ def _discard(path: Path) -> None:
 def _train(cfg, rid: str, folder: Path, prepared: Prepared, display, resume=None) -> RunOutcome:
     import torch
 
+    from normbench import checkpoints
     from normbench.norms.registry import describe_error, error_text
     from normbench.train import TrainResult, train
 

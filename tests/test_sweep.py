@@ -501,3 +501,92 @@ def test_a_baseline_among_the_runs_already_in_the_folder_is_accepted(tmp_path):
     assert [job.cfg.norm.name for job in planned.jobs] == ["group"]
     with pytest.raises(UserError, match="report.baseline=instance is not among"):
         sweep.plan([*tiny_args(tmp_path, "norm=group", "max_steps=1"), "report.baseline=instance"])
+
+
+# -------------------------------------------------------------------- nothing to do
+
+
+@pytest.fixture(scope="module")
+def complete_sweep(tmp_path_factory) -> tuple[Path, str]:
+    """A sweep of two tiny runs, with its tables and figures (the tests copy it), and what
+    it printed."""
+    out = tmp_path_factory.mktemp("complete") / "results"
+    args = ["sweep", f"out_dir={out}", *TINY, "norm=custom_bn,layer", "name=done"]
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out, result.stdout
+
+
+def _copy(complete_sweep, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A copy of the complete sweep (modification times kept: a folder moved keeps its
+    tables), and the command that runs it."""
+    import shutil
+
+    out = tmp_path / "results"
+    shutil.copytree(complete_sweep[0], out)
+    return out / "done", ["sweep", f"out_dir={out}", *TINY, "norm=custom_bn,layer", "name=done"]
+
+
+def _outputs(experiment: Path) -> dict[str, int]:
+    files = [*experiment.glob("*.csv"), *experiment.glob("*.md"), *experiment.glob("plots/*")]
+    assert len(list(experiment.glob("plots/*"))) >= 3
+    return {str(p.relative_to(experiment)): p.stat().st_mtime_ns for p in files}
+
+
+def _shown_tables(stdout: str) -> list[str]:
+    """What a sweep printed, but the lines about files written or kept."""
+    return [line for line in stdout.splitlines() if "wrote" not in line and "kept" not in line]
+
+
+def test_a_complete_sweep_keeps_its_tables_and_shows_them_again(complete_sweep, tmp_path):
+    experiment, args = _copy(complete_sweep, tmp_path)
+    written = _outputs(experiment)
+    again = cli.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert f"{experiment}: no run changed since the tables of " in again.stdout
+    assert "tables and figures kept" in again.stdout and "wrote" not in again.stdout
+    assert _outputs(experiment) == written  # nothing rewritten
+    first = complete_sweep[1].replace(str(complete_sweep[0]), str(experiment.parent))
+    # the same tables (the last line counts the runs skipped)
+    assert _shown_tables(again.stdout)[:-1] == _shown_tables(first)[:-1]
+    assert "test accuracy over seeds" in again.stdout and "2 skipped" in again.stdout
+
+
+@pytest.mark.parametrize("change", ["rerun", "more", "plot_removed", "results"])
+def test_a_changed_run_or_file_redraws_the_tables(complete_sweep, tmp_path, change):
+    experiment, args = _copy(complete_sweep, tmp_path)
+    before = _outputs(experiment)
+    if change == "rerun":  # a run redone (its summary written anew)
+        path = next(experiment.glob("runs/*/summary.json"))
+        path.write_text(path.read_text())
+    elif change == "more":
+        args = [*args[:-2], "norm=custom_bn,layer,group", args[-1]]
+    elif change == "plot_removed":
+        next(experiment.glob("plots/*.png")).unlink()
+    else:  # `normbench results` always makes the tables again, and the sweep then too
+        results = cli.invoke(app, ["results", str(experiment)])
+        assert results.exit_code == 0, results.output
+        assert (experiment / "summary.csv").stat().st_mtime_ns > before["summary.csv"]
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "kept" not in result.stdout and "wrote" in result.stdout
+    after = _outputs(experiment)
+    assert after["summary.csv"] > before["summary.csv"]
+    assert all(after[name] > stamp for name, stamp in before.items() if name.startswith("plots"))
+
+
+def test_a_complete_sweep_imports_no_torch(complete_sweep, tmp_path):
+    experiment, args = _copy(complete_sweep, tmp_path)
+    script = (
+        "import sys\n"
+        "from normbench.cli import app\n"
+        "try:\n"
+        f"    app({args!r})\n"
+        "except SystemExit as end:\n"
+        "    assert not end.code, end.code\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 skipped" in done.stdout and "torch imported: False" in done.stdout
+    assert "tables and figures kept" in done.stdout

@@ -27,13 +27,31 @@ batch statistics) and never a kernel directly, so swapping a kernel touches
 nothing above this package.
 """
 
-from normbench.kernels.function import (
-    batch_norm,
-    batch_norm_stats,
-    batch_norm_tracked,
-    batch_norm_train,
-)
-from normbench.kernels.ops import BACKENDS, resolve_backend
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from normbench.kernels.function import (
+        batch_norm,
+        batch_norm_stats,
+        batch_norm_tracked,
+        batch_norm_train,
+    )
+    from normbench.kernels.ops import BACKENDS, resolve_backend
+
+# Imported on first use (PEP 562), not with the package: the package's torch-free modules
+# (``cpu.check_environment``, which every command that trains calls first) then import
+# no torch, and a sweep with nothing to run never does.
+_LAZY = {
+    "batch_norm": "function",
+    "batch_norm_stats": "function",
+    "batch_norm_tracked": "function",
+    "batch_norm_train": "function",
+    "BACKENDS": "ops",
+    "resolve_backend": "ops",
+}
 
 __all__ = [
     "BACKENDS",
@@ -43,3 +61,11 @@ __all__ = [
     "batch_norm_tracked",
     "resolve_backend",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value

@@ -1,11 +1,12 @@
 """Normalization variants, each registered under its config name.
 
-Importing this package registers every variant (``custom_bn``, ``torch_bn``,
-``layer``, ``instance``, ``group``, ``batch_renorm``, ``ghost_bn``, ``none``, ``frn``,
-``rms``, ``evonorm_s0``);
-models get their layers through :class:`NormSpec`. Adding a variant is one
-module here with a ``@register_norm`` class, one import line below, and one
-``normbench/conf/norm/<name>.yaml``.
+Every variant (``custom_bn``, ``torch_bn``, ``layer``, ``instance``, ``group``,
+``batch_renorm``, ``ghost_bn``, ``none``, ``frn``, ``rms``, ``evonorm_s0``) is registered
+the first time the registry is asked for one, or one of the names below is used: the
+variants import torch, and a command that only composes configs (a sweep with nothing
+to run) must not. Models get their layers through :class:`NormSpec`. Adding a variant is
+one module here with a ``@register_norm`` class, one entry in
+``normbench.norms.registry.VARIANTS``, and one ``normbench/conf/norm/<name>.yaml``.
 
 Every variant takes ``(num_channels, **kwargs)`` and channels-first
 ``(N, C, *)`` input. Class attributes read by :class:`NormSpec`: ``centers``
@@ -17,23 +18,30 @@ a ReLU after the layer; True for variants with their own, as ``frn`` and ``evono
 torch's, on normbench's kernel.
 """
 
-from normbench.norms.registry import NormSpec, get_norm, norm_names, register_norm  # noqa: I001
+from __future__ import annotations
 
-# registration order is the order ``norm_names()`` lists them in
-from normbench.norms.batchnorm import (
-    BatchNorm,
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    TorchBatchNorm,
+import sys
+from typing import Any
+
+from normbench.norms.registry import (
+    VARIANTS,
+    NormSpec,
+    get_norm,
+    load_variants,
+    norm_names,
+    register_norm,
 )
-from normbench.norms.groupnorm import GroupNorm, InstanceNorm, LayerNorm, group_count
-from normbench.norms.batchrenorm import BatchRenorm, BatchRenorm2d
-from normbench.norms.ghostbn import GhostBatchNorm
-from normbench.norms.identity import NoNorm
-from normbench.norms.frn import FilterResponseNorm
-from normbench.norms.rmsnorm import RMSNorm
-from normbench.norms.evonorm import EvoNormS0
+
+
+def __getattr__(name: str) -> Any:
+    for module, names in VARIANTS.items():
+        if name in names:
+            load_variants()
+            value = getattr(sys.modules[f"{__name__}.{module}"], name)
+            globals()[name] = value
+            return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BatchNorm",

@@ -28,6 +28,8 @@ def register_norm(name: str) -> Callable[[type], type]:
     """Class decorator: make ``cls`` available as ``norm=<name>``."""
 
     def decorate(cls: type) -> type:
+        if not _builtin(cls):  # a name normbench's own variants take is refused
+            _load()
         if name in _REGISTRY:
             raise ValueError(f"norm {name!r} is registered twice")
         _REGISTRY[name] = cls
@@ -37,16 +39,59 @@ def register_norm(name: str) -> Callable[[type], type]:
     return decorate
 
 
+#: normbench's own variants: each module of this package and the names it gives the package
+#: (``normbench.norms.BatchNorm2d``), in the order ``norm_names()`` lists their variants.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "batchnorm": ("BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "TorchBatchNorm"),
+    "groupnorm": ("GroupNorm", "InstanceNorm", "LayerNorm", "group_count"),
+    "batchrenorm": ("BatchRenorm", "BatchRenorm2d"),
+    "ghostbn": ("GhostBatchNorm",),
+    "identity": ("NoNorm",),
+    "frn": ("FilterResponseNorm",),
+    "rmsnorm": ("RMSNorm",),
+    "evonorm": ("EvoNormS0",),
+}
+
+
+def load_variants() -> None:
+    """Import every variant's module (registering its variants); at once after the first.
+    They import torch: a command that only composes configs never calls this."""
+    from importlib import import_module
+
+    for module in VARIANTS:
+        import_module(f"{__package__}.{module}")
+
+
+def _builtin(cls: type) -> bool:
+    package, _, module = cls.__module__.rpartition(".")
+    return package == __package__ and module in VARIANTS
+
+
+def _load() -> dict[str, type]:
+    """The registry, with every one of normbench's own variants in it (their modules
+    import torch, so they are imported when first asked for, not with the package)."""
+    load_variants()
+    return _REGISTRY
+
+
 def norm_names() -> list[str]:
-    """Registered variant names, in registration order (normbench's own only; installed
-    packages' are :func:`entry_point_norms`)."""
-    return list(_REGISTRY)
+    """Registered variant names, normbench's own in ``normbench.norms.VARIANTS``' order
+    (whichever module was imported first), then any registered since (normbench's own
+    only; installed packages' are :func:`entry_point_norms`)."""
+    order = list(VARIANTS)
+
+    def rank(name: str) -> int:
+        cls = _load()[name]
+        module = cls.__module__.rpartition(".")[2]
+        return order.index(module) if _builtin(cls) else len(order)
+
+    return sorted(_load(), key=rank)  # stable: a module's variants in their own order
 
 
 def get_norm(name: str) -> type:
     """The class of variant ``name``: normbench's own, or an installed package's (only
     that package's entry point is imported)."""
-    if name in _REGISTRY:
+    if name in _load():
         return _REGISTRY[name]
     installed = entry_point_norms()
     if name in installed:
@@ -60,7 +105,7 @@ def norm_class(target: str) -> type:
     ``mypkg:MyNorm``) or a variant's name."""
     if "." in target or ":" in target:
         return load_class(target)
-    if target in _REGISTRY or target in entry_point_norms():
+    if target in _load() or target in entry_point_norms():
         return get_norm(target)
     raise UserError(f"{target!r} is neither a dotted class path nor a norm's name")
 
@@ -280,8 +325,11 @@ def _read_entry_points() -> dict[str, InstalledNorm]:
     from importlib.metadata import entry_points
 
     found = {}
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        if point.name not in _REGISTRY:
+    points = entry_points(group=ENTRY_POINT_GROUP)
+    if not points:  # (the usual case: normbench's own names not needed, torch not imported)
+        return found
+    for point in points:
+        if point.name not in _load():
             package = getattr(getattr(point, "dist", None), "name", None) or ""
             found[point.name] = InstalledNorm(point.name, point.value, package)
     return found
@@ -329,7 +377,7 @@ class NormSpec:
     def from_user(self) -> bool:
         """Whether the class is a user's (a config folder's ``_target_``, an installed
         package's entry point): its exceptions are the user's to fix, not normbench's bugs."""
-        return self.target is not None or self.name not in _REGISTRY
+        return self.target is not None or self.name not in _load()
 
     @functools.cached_property
     def plugin(self) -> str | None:
