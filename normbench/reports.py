@@ -237,30 +237,23 @@ def report(
             yield from counts
         sections: list[str] = []
         if not collected.runs.empty:
-            by = ", ".join(map(short_key, keys)) or "all runs"
             summary = group_stats(collected.runs, keys, reference, thresholds)
-            title = f"{exp_dir}: test accuracy over seeds, by {by}"
             notes = (budget_text(collected.runs), defaults_text(collected))
             caption = "; ".join(filter(None, notes)) or None
             if shown is not None:
                 shown["caption"] = caption
-            lines = flag_lines(summary, keys, thresholds)
+            title, lines, show = _summary_section(
+                exp_dir, summary, keys, caption, thresholds, fmt, warn
+            )
             sections.append(_markdown(summary, keys, title, [*filter(None, [caption]), *lines]))
             if side_by_side is None:
-                table = summary_table(summary, keys, title, caption)
-                estimators = estimator_table(
-                    summary, keys, f"{exp_dir}: BatchNorm at inference, by {by}"
-                )
-                yield from _shown(
-                    summary, keys, title, caption, lines, fmt, table, warn, estimators
-                )
+                yield from show()
         if selection is not None:
-            title = f"{exp_dir}: chosen on validation"
-            chosen = selection_keys(selection)
-            lines = flag_lines(selection, chosen, thresholds)
+            title, chosen, lines, printed = _selection_section(
+                exp_dir, selection, thresholds, fmt, warn
+            )
             sections.append(_markdown(selection, chosen, title, lines))
-            table = selection_table(selection, title)
-            yield from _shown(selection, chosen, title, None, lines, fmt, table, warn)
+            yield from printed
         if draw:
             try:
                 for path in plot_experiment(exp_dir):
@@ -271,6 +264,47 @@ def report(
         write_report(exp_dir, counts[0], sections)
     if side_by_side is not None:
         yield from side_by_side
+
+
+def _summary_section(
+    exp_dir: Path,
+    summary: pd.DataFrame,
+    keys: Sequence[str],
+    caption: str | None,
+    thresholds: Thresholds,
+    fmt: str,
+    warn: Callable[[str], None] | None,
+) -> tuple[str, list[str], Callable[[], list[Any]]]:
+    """The summary table's title, its flag lines and a function giving what to print of
+    it in ``fmt`` (the BatchNorm-at-inference table after it; called only where it is
+    shown: not under ``--compare``): as :func:`report` shows it, and :func:`sweep_reports`
+    again from ``summary.csv``."""
+    by = ", ".join(map(short_key, keys)) or "all runs"
+    title = f"{exp_dir}: test accuracy over seeds, by {by}"
+    lines = flag_lines(summary, keys, thresholds)
+
+    def show() -> list[Any]:
+        table = summary_table(summary, keys, title, caption)
+        estimators = estimator_table(summary, keys, f"{exp_dir}: BatchNorm at inference, by {by}")
+        return _shown(summary, keys, title, caption, lines, fmt, table, warn, estimators)
+
+    return title, lines, show
+
+
+def _selection_section(
+    exp_dir: Path,
+    selection: pd.DataFrame,
+    thresholds: Thresholds,
+    fmt: str,
+    warn: Callable[[str], None] | None,
+) -> tuple[str, list[str], list[str], list[Any]]:
+    """The selected table's title, keys, flag lines and what to print of it in ``fmt``
+    (as :func:`_summary_section`)."""
+    title = f"{exp_dir}: chosen on validation"
+    chosen = selection_keys(selection)
+    lines = flag_lines(selection, chosen, thresholds)
+    table = selection_table(selection, title)
+    return title, chosen, lines, _shown(selection, chosen, title, None, lines, fmt, table, warn)
 
 
 def _shown(
@@ -445,18 +479,9 @@ def _kept(
         f"{exp_dir}: no run changed since the tables of {when}: tables and figures kept",
     ]
     if keys and not summary.empty:
-        by = ", ".join(map(short_key, keys)) or "all runs"
-        title = f"{exp_dir}: test accuracy over seeds, by {by}"
-        table = summary_table(summary, keys, title, caption)
-        estimators = estimator_table(summary, keys, f"{exp_dir}: BatchNorm at inference, by {by}")
-        lines = flag_lines(summary, keys, thresholds)
-        printed += _shown(summary, keys, title, caption, lines, "table", table, None, estimators)
+        printed += _summary_section(exp_dir, summary, keys, caption, thresholds, "table", None)[2]()
     if selection is not None:
-        title = f"{exp_dir}: chosen on validation"
-        chosen = selection_keys(selection)
-        lines = flag_lines(selection, chosen, thresholds)
-        table = selection_table(selection, title)
-        printed += _shown(selection, chosen, title, None, lines, "table", table, None)
+        printed += _selection_section(exp_dir, selection, thresholds, "table", None)[3]
     return printed
 
 

@@ -97,6 +97,13 @@ def _table(title: str):
     )
 
 
+def _compared_with(frame: pd.DataFrame, keys: Sequence[str]):
+    """The baseline norm ``frame``'s rows are compared with, when its table has the norm
+    among its keys (None: no comparison columns)."""
+    baselines = frame["baseline"].dropna().unique() if "baseline" in frame else []
+    return baselines[0] if len(baselines) and "norm.name" in keys else None
+
+
 def summary_table(
     summary: pd.DataFrame, keys: Sequence[str], title: str, caption: str | None = None
 ):
@@ -117,8 +124,7 @@ def summary_table(
     # what wraps when the terminal is narrow
     table.add_column("final acc %", justify="right")
     table.add_column("95% CI", justify="right")
-    baselines = summary["baseline"].dropna().unique() if "baseline" in summary else []
-    baseline = baselines[0] if len(baselines) and "norm.name" in keys else None
+    baseline = _compared_with(summary, keys)
     if baseline is not None:
         shown = format_value(baseline)
         _comparison_columns(table, shown)
@@ -251,8 +257,7 @@ def selection_table(selection: pd.DataFrame, title: str):
     table.add_column("val acc %", justify="right")
     table.add_column("test acc %", justify="right")
     table.add_column("95% CI", justify="right")
-    baselines = selection["baseline"].dropna().unique() if "baseline" in selection else []
-    baseline = baselines[0] if len(baselines) and "norm.name" in keys else None
+    baseline = _compared_with(selection, keys)
     if baseline is not None:
         shown = format_value(baseline)
         _comparison_columns(table, shown)
