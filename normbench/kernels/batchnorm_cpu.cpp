@@ -1397,6 +1397,190 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   return {dx, dweight, dbias};
 }
 
+// ---------------------------------------------------------------- the backward in two halves
+//
+// Synchronized BatchNorm (normbench/distributed.py) needs the backward's two per-channel sums
+// of every process before any process can write dx: batch_norm_backward_reduce is the
+// backward's first pass alone (its sums, as dweight = sum(g * xhat) and dbias = sum(g), g the
+// gradient masked by the fused ReLU), batch_norm_backward_apply its second pass alone, from
+// sums and a count given (those of the whole synchronized group). Reduce then apply with the
+// local sums is the backward.
+
+template <typename scalar_t, bool kRelu>
+void backward_reduce_impl(const Layout& g, const at::Tensor& dy_t, at::Tensor& dweight_t,
+                          at::Tensor& dbias_t, const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias, const at::Tensor& mean_t,
+                          const at::Tensor& invstd_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = g.x.data_ptr<scalar_t>();
+  const scalar_t* dy = dy_t.data_ptr<scalar_t>();
+  acc_t* dweight = dweight_t.data_ptr<acc_t>();
+  acc_t* dbias = dbias_t.data_ptr<acc_t>();
+  const auto w = per_channel<acc_t>(weight, g.C, acc_t(1));
+  const auto mean = per_channel<acc_t>(mean_t, g.C, acc_t(0));
+  const auto invstd = per_channel<acc_t>(invstd_t, g.C, acc_t(1));
+  const auto b = kRelu ? per_channel<acc_t>(bias, g.C, acc_t(0)) : std::vector<acc_t>();
+  std::vector<acc_t> scale(kRelu ? g.C : 0);
+  for (size_t c = 0; c < scale.size(); ++c) scale[c] = invstd[c] * w[c];
+  auto finish = [&](int64_t c, double sum_dy, double sum_dy_xmu) {
+    dweight[c] = static_cast<acc_t>(sum_dy_xmu * static_cast<double>(invstd[c]));
+    dbias[c] = static_cast<acc_t>(sum_dy);
+  };
+  if (g.rows) {
+    const acc_t* mu = mean.data();
+    const acc_t *sc = scale.data(), *sh = b.data();
+    std::vector<double> s1, s2;
+    reduce_rows(g, [&](int64_t m0, int64_t m1, double* p1, double* p2) {
+      auto grad_sums = [mu, sc, sh](auto dyv, auto xv, auto at, auto& u, auto& v) {
+        if constexpr (kRelu) {
+          u = relu_grad(dyv, (xv - at(mu)) * at(sc) + at(sh));
+        } else {
+          u = dyv;
+        }
+        v = u * (xv - at(mu));
+      };
+      row_sums<acc_t>(m0, m1, g.C, dy, x, grad_sums, p1, p2);
+    }, s1, s2);
+    for (int64_t c = 0; c < g.C; ++c) finish(c, s1[c], s2[c]);
+    return;
+  }
+  auto grad_sums = [&](int64_t c) {
+    return [m = mean[c], k = kRelu ? scale[c] : acc_t(0), h = kRelu ? b[c] : acc_t(0)](
+               auto dyv, auto xv, auto& u, auto& v) {
+      if constexpr (kRelu) {
+        u = relu_grad(dyv, (xv - m) * k + h);
+      } else {
+        u = dyv;
+      }
+      v = u * (xv - m);
+    };
+  };
+  auto unused = [](int64_t) { return [](auto a, auto) { return a; }; };
+  planes_two_pass<acc_t, false>(g, dy, x, grad_sums, finish, static_cast<scalar_t*>(nullptr),
+                                unused, false);
+}
+
+template <typename scalar_t, bool kRelu>
+void backward_apply_impl(const Layout& g, const at::Tensor& dy_t, at::Tensor& dx_t,
+                         const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& bias, const at::Tensor& mean_t,
+                         const at::Tensor& invstd_t, const at::Tensor& sum_dy_t,
+                         const at::Tensor& sum_dy_xhat_t, double count) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = g.x.data_ptr<scalar_t>();
+  const scalar_t* dy = dy_t.data_ptr<scalar_t>();
+  scalar_t* dx = dx_t.data_ptr<scalar_t>();
+  const auto w = per_channel<acc_t>(weight, g.C, acc_t(1));
+  const auto mean = per_channel<acc_t>(mean_t, g.C, acc_t(0));
+  const auto invstd = per_channel<acc_t>(invstd_t, g.C, acc_t(1));
+  const auto sum_dy = per_channel<double>(sum_dy_t, g.C, 0.0);
+  const auto sum_dy_xhat = per_channel<double>(sum_dy_xhat_t, g.C, 0.0);
+  const auto b = kRelu ? per_channel<acc_t>(bias, g.C, acc_t(0)) : std::vector<acc_t>();
+  std::vector<acc_t> scale(kRelu ? g.C : 0);
+  for (size_t c = 0; c < scale.size(); ++c) scale[c] = invstd[c] * w[c];
+  // dx = invstd * w * (g - sum_dy / count - xhat * sum_dy_xhat / count), as k1 g + k2 (x - mean) + k3
+  std::vector<acc_t> k1(g.C), k2(g.C), k3(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    const double is = invstd[c];
+    const double a = is * w[c];
+    k1[c] = static_cast<acc_t>(a);
+    k2[c] = static_cast<acc_t>(-a * is * sum_dy_xhat[c] / count);
+    k3[c] = static_cast<acc_t>(-a * sum_dy[c] / count);
+  }
+  if (g.rows) {
+    const acc_t *mu = mean.data(), *sc = scale.data(), *sh = b.data();
+    const acc_t *a = k1.data(), *bq = k2.data(), *cq = k3.data();
+    rows_map<acc_t>(g, dy, x, dx, [&](auto dyv, auto xv, auto at) {
+      auto gv = dyv;
+      if constexpr (kRelu) gv = relu_grad(dyv, (xv - at(mu)) * at(sc) + at(sh));
+      return gv * at(a) + (xv - at(mu)) * at(bq) + at(cq);
+    });
+    return;
+  }
+  auto grad_input = [&](int64_t c) {
+    return [m = mean[c], k = kRelu ? scale[c] : acc_t(0), h = kRelu ? b[c] : acc_t(0),
+            q1 = k1[c], q2 = k2[c], q3 = k3[c]](auto dyv, auto xv) {
+      auto gv = dyv;
+      if constexpr (kRelu) gv = relu_grad(dyv, (xv - m) * k + h);
+      return gv * q1 + (xv - m) * q2 + q3;
+    };
+  };
+  const bool stream = streams(dx_t, g);
+  const int64_t cb = block_channels(g, sizeof(scalar_t));
+  const int64_t blocks = (g.C + cb - 1) / cb;
+  at::parallel_for(0, blocks, grain_for(blocks, g.M * cb), [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t c0 = blk * cb;
+      block_map<acc_t>(g, c0, std::min(g.C, c0 + cb), 0, g.N, dy, x, dx, grad_input, stream);
+    }
+  });
+}
+
+// dy in the same layout as x, so one index serves both; the backward's checks.
+at::Tensor checked_grad(const at::Tensor& grad_out, const at::Tensor& input, const Layout& g) {
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "grad_out should have the input's shape ",
+              input.sizes(), ", got ", grad_out.sizes());
+  check_device(&grad_out);
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "expected scalar type ",
+              input.scalar_type(), " but found ", grad_out.scalar_type());
+  return g.rows && g.x.dim() >= 4 && !g.x.is_contiguous()
+             ? grad_out.contiguous(g.x.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                                   : at::MemoryFormat::ChannelsLast3d)
+             : grad_out.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce(
+    const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd,
+    bool relu) {
+  check_affine(input, weight, bias);
+  const int64_t C = input.size(1);
+  check_statistic(mean, "mean", C);
+  check_statistic(invstd, "invstd", C);
+  const Layout g = layout_of(input);
+  at::Tensor dy = checked_grad(grad_out, input, g);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  auto dweight = empty_channels(g.C, acc);
+  auto dbias = empty_channels(g.C, acc);
+  if (g.M == 0) return {dweight.zero_(), dbias.zero_()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "backward_reduce", [&] {
+    if (relu) {
+      backward_reduce_impl<scalar_t, true>(g, dy, dweight, dbias, weight, bias, mean, invstd);
+    } else {
+      backward_reduce_impl<scalar_t, false>(g, dy, dweight, dbias, weight, bias, mean, invstd);
+    }
+  });
+  return {dweight, dbias};
+}
+
+at::Tensor backward_apply(const at::Tensor& grad_out, const at::Tensor& input,
+                          const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+                          const at::Tensor& invstd, const at::Tensor& sum_dy,
+                          const at::Tensor& sum_dy_xhat, int64_t count, bool relu) {
+  check_affine(input, weight, bias);
+  const int64_t C = input.size(1);
+  check_statistic(mean, "mean", C);
+  check_statistic(invstd, "invstd", C);
+  check_statistic(sum_dy, "sum_dy", C);
+  check_statistic(sum_dy_xhat, "sum_dy_xhat", C);
+  TORCH_CHECK(count > 0, "count must be positive, got ", count);
+  const Layout g = layout_of(input);
+  at::Tensor dy = checked_grad(grad_out, input, g);
+  auto dx = empty_as(g.x);
+  if (g.M == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "backward_apply", [&] {
+    if (relu) {
+      backward_apply_impl<scalar_t, true>(g, dy, dx, weight, bias, mean, invstd, sum_dy,
+                                          sum_dy_xhat, static_cast<double>(count));
+    } else {
+      backward_apply_impl<scalar_t, false>(g, dy, dx, weight, bias, mean, invstd, sum_dy,
+                                           sum_dy_xhat, static_cast<double>(count));
+    }
+  });
+  return dx;
+}
+
 // ---------------------------------------------------------------- eval and running statistics
 
 template <typename scalar_t, bool kRelu>
@@ -1748,6 +1932,13 @@ TORCH_LIBRARY(normbench, m) {
         "Tensor invstd, float momentum, float eps, int count, "
         "Tensor(c!)? num_batches_tracked=None, bool cumulative=False) -> ()");
   m.def("batch_norm_stats(Tensor x, float eps) -> (Tensor, Tensor)");
+  // The backward's two passes apart, for synchronized BatchNorm (see "the backward in two
+  // halves"): the sums, as (dweight, dbias); dx from sums and a count given.
+  m.def("batch_norm_backward_reduce(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, "
+        "Tensor mean, Tensor invstd, bool relu=False) -> (Tensor, Tensor)");
+  m.def("batch_norm_backward_apply(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, "
+        "Tensor mean, Tensor invstd, Tensor sum_dy, Tensor sum_dy_xhat, int count, "
+        "bool relu=False) -> Tensor");
   // The size from which outputs are streamed (see "streaming stores"), for reports.
   m.def("stream_threshold() -> int", &stream_threshold);
   // The order the kernels read a tensor in (see "the planes layout's order"), for reports.
@@ -1766,6 +1957,8 @@ TORCH_LIBRARY_IMPL(normbench, CPU, m) {
   m.impl("batch_norm_eval", &forward_eval);
   m.impl("update_running_stats", &update_running_stats_cpu);
   m.impl("batch_norm_stats", &batch_stats);
+  m.impl("batch_norm_backward_reduce", &backward_reduce);
+  m.impl("batch_norm_backward_apply", &backward_apply);
 }
 
 TORCH_LIBRARY_IMPL(normbench, Autograd, m) {
@@ -1775,4 +1968,7 @@ TORCH_LIBRARY_IMPL(normbench, Autograd, m) {
   // autograd): past the autograd keys at once, without the fallback's per-call checks.
   m.impl("update_running_stats", torch::CppFunction::makeFallthrough());
   m.impl("batch_norm_stats", torch::CppFunction::makeFallthrough());
+  // called inside synchronized BatchNorm's own autograd Function (Python), never differentiated
+  m.impl("batch_norm_backward_reduce", torch::CppFunction::makeFallthrough());
+  m.impl("batch_norm_backward_apply", torch::CppFunction::makeFallthrough());
 }

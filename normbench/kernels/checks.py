@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["arguments", "backward", "dtypes", "eval_", "forward", "placed", "sizes", "update"]
+__all__ = ["arguments", "backward", "backward_apply", "dtypes", "eval_", "forward", "placed", "sizes", "update"]
 
 #: The dtypes the kernels compute in.
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -150,6 +150,29 @@ def backward(
         raise RuntimeError(
             f"expected scalar type {dtype_name(x.dtype)} but found {dtype_name(grad_out.dtype)}"
         )
+
+
+def backward_apply(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: int,
+) -> None:
+    """``batch_norm_backward_apply``'s arguments: the backward's, the two sums of C values,
+    a positive count."""
+    forward(x, weight, bias)
+    _statistic(mean, "mean", x.shape[1], x.device)
+    _statistic(invstd, "invstd", x.shape[1], x.device)
+    _statistic(sum_dy, "sum_dy", x.shape[1], x.device)
+    _statistic(sum_dy_xhat, "sum_dy_xhat", x.shape[1], x.device)
+    if count <= 0:
+        raise RuntimeError(f"count must be positive, got {count}")
+    backward(grad_out, x, weight, bias, mean, invstd)
 
 
 def eval_(

@@ -16,6 +16,13 @@ which also registers their CPU kernels and their autograd, once for every device
 - ``normbench::batch_norm_stats(x, eps) -> (mean, invstd)``, the batch's statistics alone,
   as the forward computes them (not differentiable), for variants that need them before
   they normalise (batch renormalization).
+- ``normbench::batch_norm_backward_reduce(grad_out, x, weight?, bias?, mean, invstd,
+  relu=False) -> (sum_dy_xhat, sum_dy)`` and ``normbench::batch_norm_backward_apply(grad_out,
+  x, weight?, bias?, mean, invstd, sum_dy, sum_dy_xhat, count, relu=False) -> dx``: the
+  backward's two passes apart (its sums, which are ``dweight`` and ``dbias``; ``dx`` from
+  sums and a count given), for synchronized BatchNorm, whose processes add up their sums
+  in between (:mod:`normbench.distributed`). Not differentiable. On CUDA they run as plain
+  torch operations (:mod:`normbench.kernels.reference`'s), not Triton kernels.
 - ``normbench::stream_threshold() -> int``: the bytes from which the CPU kernels write
   their outputs with streaming stores (``NORMBENCH_KERNEL_STREAM_BYTES``, else a quarter
   of the last-level cache), for reports such as ``normbench bench``'s.
@@ -62,7 +69,7 @@ BACKENDS: tuple[str, ...] = ("auto", "cpu", "triton", "reference")
 
 # The operators' overloads, looked up once the library is loaded (an attribute lookup on
 # torch.ops costs microseconds per call).
-_forward = _eval = _update = _stats = None
+_forward = _eval = _update = _stats = _reduce = _apply = None
 
 
 def _triton() -> ModuleType | None:
@@ -202,6 +209,47 @@ def statistics(x: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
         return _stats(x, eps)
 
 
+def backward_reduce(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    backend: str,
+    relu: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The backward's sums per channel, ``(sum(g * xhat), sum(g))`` (the local ``dweight``
+    and ``dbias``), without ``dx``; ``backend`` resolved."""
+    if backend == "reference":
+        checks.backward(dy, x, weight, bias, mean, invstd)
+        return reference.backward_reduce(dy, x, weight, bias, mean, invstd, relu)
+    return _reduce(dy, x, weight, bias, mean, invstd, relu)
+
+
+def backward_apply(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: int,
+    backend: str,
+    relu: bool = False,
+) -> Tensor:
+    """``dx`` from the sums of a whole batch of ``count`` values per channel (a
+    synchronized group's); ``backend`` resolved."""
+    if backend == "reference":
+        checks.backward_apply(dy, x, weight, bias, mean, invstd, sum_dy, sum_dy_xhat, count)
+        return reference.backward_apply(
+            dy, x, weight, bias, mean, invstd, sum_dy, sum_dy_xhat, count, relu
+        )
+    return _apply(dy, x, weight, bias, mean, invstd, sum_dy, sum_dy_xhat, count, relu)
+
+
 # ------------------------------------------------------------------------------ registrations
 
 
@@ -242,6 +290,16 @@ def _fake_stats(x, eps):
     return _statistics_like(x), _statistics_like(x)
 
 
+def _fake_reduce(grad_out, x, weight, bias, mean, invstd, relu=False):
+    checks.backward(grad_out, x, weight, bias, mean, invstd)
+    return _statistics_like(x), _statistics_like(x)
+
+
+def _fake_apply(grad_out, x, weight, bias, mean, invstd, sum_dy, sum_dy_xhat, count, relu=False):
+    checks.backward_apply(grad_out, x, weight, bias, mean, invstd, sum_dy, sum_dy_xhat, count)
+    return torch.empty_like(x)
+
+
 def _check_cumulative(counter, cumulative: bool) -> None:
     if cumulative and counter is None:
         raise RuntimeError("a cumulative average needs num_batches_tracked")
@@ -253,6 +311,8 @@ FAKES = {
     "batch_norm_eval": _fake_eval,
     "update_running_stats": _fake_update,
     "batch_norm_stats": _fake_stats,
+    "batch_norm_backward_reduce": _fake_reduce,
+    "batch_norm_backward_apply": _fake_apply,
 }
 
 
@@ -284,12 +344,27 @@ def _triton_implementations() -> dict:
         _, mean, invstd = tk.forward_train(x, None, None, eps)
         return mean, invstd
 
+    def backward_reduce(grad_out, x, weight, bias, mean, invstd, relu=False):
+        checks.backward(grad_out, x, weight, bias, mean, invstd)
+        return reference.backward_reduce(grad_out, x, weight, bias, mean, invstd, relu)
+
+    def backward_apply(
+        grad_out, x, weight, bias, mean, invstd, sum_dy, sum_dy_xhat, count, relu=False
+    ):
+        checks.backward_apply(grad_out, x, weight, bias, mean, invstd, sum_dy, sum_dy_xhat, count)
+        return reference.backward_apply(
+            grad_out, x, weight, bias, mean, invstd, sum_dy, sum_dy_xhat, count, relu
+        )
+
     return {
         "batch_norm_forward": forward,
         "batch_norm_backward": backward,
         "batch_norm_eval": forward_eval,
         "update_running_stats": update,
         "batch_norm_stats": stats,
+        # plain torch operations on CUDA (synchronized BatchNorm's two halves of the backward)
+        "batch_norm_backward_reduce": backward_reduce,
+        "batch_norm_backward_apply": backward_apply,
     }
 
 
@@ -299,7 +374,7 @@ _libraries: list = []  # kept alive: a Library's registrations end with it
 def register_python_implementations() -> None:
     """The operators' fake implementations, and the Triton kernels for CUDA where Triton
     is installed; once, after the C++ library has defined the operators."""
-    global _forward, _eval, _update, _stats
+    global _forward, _eval, _update, _stats, _reduce, _apply
     if _forward is not None:  # registered already
         return
     for name, fake in FAKES.items():
@@ -314,6 +389,8 @@ def register_python_implementations() -> None:
     _eval = ops.batch_norm_eval.default
     _update = ops.update_running_stats.default
     _stats = ops.batch_norm_stats.default
+    _reduce = ops.batch_norm_backward_reduce.default
+    _apply = ops.batch_norm_backward_apply.default
 
 
 @contextlib.contextmanager

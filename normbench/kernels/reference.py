@@ -27,6 +27,8 @@ from torch import Tensor
 __all__ = [
     "accumulation_dtype",
     "backward",
+    "backward_apply",
+    "backward_reduce",
     "forward_eval",
     "forward_train",
     "memory_format",
@@ -171,3 +173,50 @@ def update_running_stats(
         running_mean.lerp_(mean.to(running_mean.dtype), momentum)
         var = (invstd.double().pow(-2) - eps) * (count / max(count - 1, 1))
         running_var.lerp_(var.to(running_var.dtype), momentum)
+
+
+def _masked_grad(
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+    invstd: Tensor, relu: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(g, xhat)`` in the statistics' dtype: ``dy``, masked where the fused ReLU's input
+    ``xhat * weight + bias`` was not positive (a NaN input passes ``dy``, as torch's
+    ``threshold_backward``), and the normalised input."""
+    dtype, ndim = mean.dtype, x.dim()
+    xhat = (x.to(dtype) - _per_channel(mean, ndim)) * _per_channel(invstd, ndim)
+    g = dy.to(dtype)
+    if relu:
+        g = torch.where(_affine(xhat, weight, bias) <= 0, torch.zeros_like(g), g)
+    return g, xhat
+
+
+def backward_reduce(
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+    invstd: Tensor, relu: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The backward's sums alone, ``(sum(g * xhat), sum(g))`` per channel (``dweight`` and
+    ``dbias`` of :func:`backward`; ``g`` is ``dy`` masked by the fused ReLU with ``relu``):
+    what synchronized BatchNorm adds up over its processes."""
+    g, xhat = _masked_grad(dy, x, weight, bias, mean, invstd, relu)
+    dims = _reduce_dims(x)
+    return (g * xhat).sum(dim=dims), g.sum(dim=dims)
+
+
+def backward_apply(
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+    invstd: Tensor, sum_dy: Tensor, sum_dy_xhat: Tensor, count: int, relu: bool = False,
+) -> Tensor:
+    """``dx`` from the sums of a whole (synchronized) batch of ``count`` values per channel::
+
+        dx = invstd * weight * (g - sum_dy / count - xhat * sum_dy_xhat / count)
+
+    :func:`backward`'s ``dx`` when the sums are :func:`backward_reduce`'s of ``x`` alone."""
+    g, xhat = _masked_grad(dy, x, weight, bias, mean, invstd, relu)
+    dtype, ndim = mean.dtype, x.dim()
+    scale = invstd if weight is None else invstd * weight.to(dtype).reshape(-1)
+    dx = _per_channel(scale, ndim) * (
+        g
+        - _per_channel(sum_dy.to(dtype) / count, ndim)
+        - xhat * _per_channel(sum_dy_xhat.to(dtype) / count, ndim)
+    )
+    return dx.to(x.dtype).contiguous(memory_format=memory_format(x))
