@@ -16,7 +16,9 @@
   ``F.batch_norm`` contract for the paths that reach no operator.
 - :mod:`~normbench.kernels.function`: the functional :func:`batch_norm`, a
   drop-in for ``torch.nn.functional.batch_norm``, and :func:`batch_norm_tracked`,
-  the training forward of ``torch.nn.BatchNorm*d`` (batch counter included).
+  the training forward of ``torch.nn.BatchNorm*d`` (batch counter included), and
+  :func:`batch_norm_synced`, that of a batch spread across processes (synchronized
+  BatchNorm: the reductions are the caller's, :mod:`normbench.distributed`'s).
 
 Imports go one way, down: ``function`` -> ``ops`` -> ``cpu`` | ``triton_launch`` ->
 ``triton_kernels`` -> ``checks`` | ``reference`` (``cpu`` and ``triton_launch`` import
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from normbench.kernels.function import (
         batch_norm,
         batch_norm_stats,
+        batch_norm_synced,
         batch_norm_tracked,
         batch_norm_train,
     )
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "batch_norm": "function",
     "batch_norm_stats": "function",
+    "batch_norm_synced": "function",
     "batch_norm_tracked": "function",
     "batch_norm_train": "function",
     "BACKENDS": "ops",
@@ -57,6 +61,7 @@ __all__ = [
     "BACKENDS",
     "batch_norm",
     "batch_norm_stats",
+    "batch_norm_synced",
     "batch_norm_train",
     "batch_norm_tracked",
     "resolve_backend",

@@ -22,7 +22,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["arguments", "backward", "backward_apply", "dtypes", "eval_", "forward", "placed", "sizes", "update"]
+__all__ = [
+    "arguments",
+    "backward",
+    "backward_apply",
+    "dtypes",
+    "eval_",
+    "forward",
+    "placed",
+    "sizes",
+    "update",
+]
 
 #: The dtypes the kernels compute in.
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

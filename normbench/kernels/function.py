@@ -14,6 +14,8 @@ eps, the running statistics given together), and the one rule that spans two ope
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -22,6 +24,7 @@ from normbench.kernels import checks, ops, reference
 __all__ = [
     "batch_norm",
     "batch_norm_stats",
+    "batch_norm_synced",
     "batch_norm_tracked",
     "batch_norm_train",
     "supported_layout",
@@ -260,4 +263,112 @@ def batch_norm(
         )
 
     y, _, _ = _train(input, weight, bias, running_mean, running_var, momentum, eps, backend, relu)
+    return y
+
+
+# ------------------------------------------------------------------------------ synchronized
+
+
+class _Synced(torch.autograd.Function):
+    """The affine pass with a whole group's statistics (the kernel's eval operator), whose
+    backward adds up the kernel's sums of the local part with ``reduce_sums`` before the
+    kernel's ``dx`` pass. ``dweight`` and ``dbias`` are the local part's (data parallelism
+    adds up the parameters' gradients itself), as torch's SyncBatchNorm's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, invstd, eps, total, backend, relu, reduce_sums):
+        # weight and bias in the statistics' dtype (a float16/bfloat16 layer's too: float32,
+        # torch's mixed rule), for the operators; their gradients go back in their own
+        acc = mean.dtype
+        w = None if weight is None else weight.detach().to(acc)
+        b = None if bias is None else bias.detach().to(acc)
+        y = ops.forward_eval(x, mean, var, w, b, eps, backend, relu)
+        ctx.save_for_backward(x, w, b, mean, invstd)
+        ctx.total, ctx.backend, ctx.relu, ctx.reduce_sums = total, backend, relu, reduce_sums
+        ctx.params = weight, bias
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, w, b, mean, invstd = ctx.saved_tensors
+        if dy.dtype != x.dtype:
+            dy = dy.to(x.dtype)
+        dweight, dbias = ops.backward_reduce(dy, x, w, b, mean, invstd, ctx.backend, ctx.relu)
+        # every process takes part in the reduction, whatever it needs (the collectives match)
+        sum_dy_xhat, sum_dy = ctx.reduce_sums(dweight, dbias)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = ops.backward_apply(
+                dy, x, w, b, mean, invstd, sum_dy, sum_dy_xhat, ctx.total, ctx.backend, ctx.relu
+            )
+        weight, bias = ctx.params
+        grad_w = grad_b = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_w = dweight.to(weight.dtype).reshape(weight.shape)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_b = dbias.to(bias.dtype).reshape(bias.shape)
+        return (dx, grad_w, grad_b) + (None,) * 8
+
+
+def batch_norm_synced(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    reduce_statistics: Callable,
+    reduce_sums: Callable,
+    backend: str = "auto",
+    relu: bool = False,
+) -> Tensor:
+    """:func:`batch_norm_tracked` over a batch spread across processes (synchronized
+    BatchNorm's training forward), the kernels knowing nothing of processes: the caller's
+    ``reduce_statistics(count, mean, var) -> (count, mean, var)`` combines the local part's
+    per-channel count, mean and biased variance (float64) into the whole batch's, the same
+    on every process, and ``reduce_sums(a, b) -> (a, b)`` adds up the backward's two sums
+    (:mod:`normbench.distributed` has both; each one collective). The running statistics
+    (when given) move towards the whole batch's, the variance unbiased by its count."""
+    _check_channels(input.size())
+    if eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if input.dim() < 2:
+        checks.placed(input, weight, bias, running_mean, running_var)
+    if (running_mean is None) != (running_var is None):
+        _one_running_statistic(input, weight, bias, running_mean, running_var)
+    x = supported_layout(input)
+    backend = ops.resolve_backend(backend, x)
+    if running_mean is not None and running_var is not None:
+        _check_dtypes(x, weight, bias, running_mean, running_var)
+    else:
+        checks.forward(x, weight, bias)
+    acc = reference.accumulation_dtype(x.dtype)
+    # the local statistics with eps 0, so that the biased variance comes back from invstd
+    # (a zero variance: invstd inf, var 0); an empty part: count 0, which adds nothing
+    count = x.numel() // x.shape[1]
+    if count:
+        mean, invstd = ops.statistics(x, 0.0, backend)
+    else:
+        mean = invstd = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+    var = invstd.to(torch.float64).pow(-2)
+    total, mean64, var64 = reduce_statistics(count, mean.to(torch.float64), var)
+    if total <= 1:  # torch's check, on the whole group's count
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{input.size()} ({total} values per channel in the whole synchronized group)"
+        )
+    mean, var, invstd = mean64.to(acc), var64.to(acc), (var64 + eps).rsqrt().to(acc)
+    y = _Synced.apply(x, weight, bias, mean, var, invstd, eps, total, backend, relu, reduce_sums)
+    if running_mean is not None and running_var is not None:
+        counter = num_batches_tracked
+        factor = 0.0 if momentum is None else momentum
+        ops.update(
+            running_mean, running_var, mean, invstd, factor, eps, total, backend,
+            counter, counter is not None and momentum is None,
+        )  # fmt: skip
+    elif num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     return y

@@ -172,6 +172,36 @@ def train(
     return y, mean, invstd
 
 
+def update(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    momentum: float,
+    eps: float,
+    count: int,
+    backend: str,
+    num_batches_tracked: Tensor | None = None,
+    cumulative: bool = False,
+) -> None:
+    """The running statistics moved towards a batch's ``(mean, invstd)`` of ``count`` values
+    per channel (the variance unbiased by ``count``), ``num_batches_tracked`` incremented
+    first when given; ``backend`` resolved. For statistics not of the training forward's own
+    (a synchronized group's)."""
+    if backend == "reference":
+        checks.update(running_mean, running_var, mean, invstd, num_batches_tracked)
+        if num_batches_tracked is not None:
+            momentum = count_batch(num_batches_tracked, momentum, cumulative)
+        reference.update_running_stats(
+            running_mean, running_var, mean, invstd, momentum, eps, count
+        )
+        return
+    _update(
+        running_mean, running_var, mean, invstd, momentum, eps, count,
+        num_batches_tracked, cumulative,
+    )  # fmt: skip
+
+
 def forward_eval(
     x: Tensor,
     running_mean: Tensor,

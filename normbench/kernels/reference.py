@@ -176,8 +176,13 @@ def update_running_stats(
 
 
 def _masked_grad(
-    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
-    invstd: Tensor, relu: bool,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    relu: bool,
 ) -> tuple[Tensor, Tensor]:
     """``(g, xhat)`` in the statistics' dtype: ``dy``, masked where the fused ReLU's input
     ``xhat * weight + bias`` was not positive (a NaN input passes ``dy``, as torch's
@@ -191,8 +196,13 @@ def _masked_grad(
 
 
 def backward_reduce(
-    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
-    invstd: Tensor, relu: bool = False,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    relu: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The backward's sums alone, ``(sum(g * xhat), sum(g))`` per channel (``dweight`` and
     ``dbias`` of :func:`backward`; ``g`` is ``dy`` masked by the fused ReLU with ``relu``):
@@ -203,8 +213,16 @@ def backward_reduce(
 
 
 def backward_apply(
-    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
-    invstd: Tensor, sum_dy: Tensor, sum_dy_xhat: Tensor, count: int, relu: bool = False,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: int,
+    relu: bool = False,
 ) -> Tensor:
     """``dx`` from the sums of a whole (synchronized) batch of ``count`` values per channel::
 

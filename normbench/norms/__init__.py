@@ -1,7 +1,7 @@
 """Normalization variants, each registered under its config name.
 
 Every variant (``custom_bn``, ``torch_bn``, ``layer``, ``instance``, ``group``,
-``batch_renorm``, ``ghost_bn``, ``none``, ``frn``, ``rms``, ``evonorm_s0``) is registered
+``batch_renorm``, ``ghost_bn``, ``sync_bn``, ``none``, ``frn``, ``rms``, ``evonorm_s0``) is registered
 the first time the registry is asked for one, or one of the names below is used: the
 variants import torch, and a command that only composes configs (a sweep with nothing
 to run) must not. Models get their layers through :class:`NormSpec`. Adding a variant is
@@ -14,8 +14,8 @@ Every variant takes ``(num_channels, **kwargs)`` and channels-first
 ``needs_spatial`` (default False) and ``carries_activation`` (default False: models put
 a ReLU after the layer; True for variants with their own, as ``frn`` and ``evonorm_s0``).
 
-``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d`` are drop-in replacements for
-torch's, on normbench's kernel.
+``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d`` and ``SyncBatchNorm`` are drop-in
+replacements for torch's, on normbench's kernel.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ __all__ = [
     "NoNorm",
     "NormSpec",
     "RMSNorm",
+    "SyncBatchNorm",
     "TorchBatchNorm",
     "get_norm",
     "group_count",

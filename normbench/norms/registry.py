@@ -46,6 +46,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "groupnorm": ("GroupNorm", "InstanceNorm", "LayerNorm", "group_count"),
     "batchrenorm": ("BatchRenorm", "BatchRenorm2d"),
     "ghostbn": ("GhostBatchNorm",),
+    "syncbn": ("SyncBatchNorm",),
     "identity": ("NoNorm",),
     "frn": ("FilterResponseNorm",),
     "rmsnorm": ("RMSNorm",),

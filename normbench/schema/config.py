@@ -314,6 +314,11 @@ class NormArgs:
         Whole(0, null=True), "ramp_fraction as a count of training steps; set, it wins"
     )
     virtual_batch_size: int = key(Whole(1), "samples per virtual batch")
+    group_size: int | None = key(
+        Whole(1, null=True),
+        "processes whose batches one BatchNorm normalizes over together (consecutive ranks); "
+        "null = all processes, 1 = each process alone",
+    )
     backend: str = key(
         Choice(BACKENDS),
         "kernel: auto (by device), cpu (compiled C++), triton (CUDA) or reference",

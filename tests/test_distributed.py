@@ -1,0 +1,369 @@
+"""normbench.distributed and sync_bn on real processes: two CPU processes with gloo.
+
+One start of two processes (this file run as a script, ``--rank``) runs every check that
+needs them and saves its results; the tests compare them, in this process, with
+independent references: normbench's custom_bn and ghost_bn over the whole batch in one
+process, and torch's SyncBatchNorm algorithm written out in float64 (torch's own
+``nn.SyncBatchNorm`` refuses CPU tensors, and its operators have no CPU kernels, so the
+workers run its math instead: all_gather of mean, invstd and count, its combination and its
+backward; where a torch runs it on the CPU, the workers run torch's module too).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from normbench.errors import UserError
+
+WORLD = 2
+C = 3
+BATCH = 8  # the global batch; each process gets BATCH / WORLD (or SPLIT's uneven parts)
+SPLIT = (3, 5)  # the uneven case: per-rank samples
+STEPS = 2
+TOL = 1e-10
+
+# name -> (module kwargs, per-rank split, channels_last)
+CASES = {
+    "global": ({}, None, False),
+    "relu": ({"relu": True}, None, False),
+    "channels_last": ({}, None, True),
+    "cumulative": ({"momentum": None}, None, False),
+    "reference": ({"backend": "reference"}, None, False),
+    "uneven": ({}, SPLIT, False),
+    "group_of_2": ({"group_size": 2}, None, False),
+    "local": ({"group_size": 1}, None, False),
+    "no_affine": ({"affine": False}, None, False),
+}
+
+
+def _data(step: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(BATCH, C, 5, 5, generator=g, dtype=torch.float64) * 3 + 7
+    dy = torch.randn(BATCH, C, 5, 5, generator=g, dtype=torch.float64)
+    return x.to(dtype), dy.to(dtype)
+
+
+def _params(dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(C, generator=g, dtype=dtype), torch.randn(C, generator=g, dtype=dtype)
+
+
+def _bounds(rank: int, split) -> tuple[int, int]:
+    sizes = split or (BATCH // WORLD,) * WORLD
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+def _steps(layer, rank: int, split, channels_last: bool, dtype=torch.float64) -> dict:
+    """``STEPS`` training steps of ``layer`` on this rank's part: outputs and gradients per
+    step, the running statistics after."""
+    out: dict = {"y": [], "dx": [], "dw": [], "db": []}
+    lo, hi = _bounds(rank, split)
+    for step in range(STEPS):
+        x, dy = _data(step, dtype)
+        x, dy = x[lo:hi].clone(), dy[lo:hi]
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        if layer.weight is not None:
+            layer.weight.grad = layer.bias.grad = None
+        y = layer(x)
+        (y * dy).sum().backward()
+        out["y"].append(y.detach())
+        out["dx"].append(x.grad)
+        if layer.weight is not None:
+            out["dw"].append(layer.weight.grad.clone())
+            out["db"].append(layer.bias.grad.clone())
+    out["state"] = {k: v.clone() for k, v in layer.state_dict().items()}
+    return out
+
+
+def _torch_sync_math(x, w, b, running_mean, running_var, momentum, eps, dy) -> dict:
+    """torch.nn.SyncBatchNorm's training step (torch/nn/modules/_functions.py) in plain float64
+    operations: all_gather of each rank's (mean, invstd, count), torch's combination of them,
+    the running statistics' update (unbiased by the whole count), then its backward: sum_dy and
+    sum_dy_xmu all_reduced, the local weight and bias gradients."""
+    import torch.distributed as dist
+
+    dims = [0, *range(2, x.dim())]
+    n = x.numel() // x.shape[1]
+    mean = x.mean(dims)
+    invstd = ((x - mean.view(1, -1, 1, 1)).square().mean(dims) + eps).rsqrt()
+    combined = torch.cat([mean, invstd, torch.tensor([float(n)], dtype=x.dtype)])
+    parts = [torch.empty_like(combined) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, combined)
+    table = torch.stack(parts)
+    means, invstds, counts = table[:, :C], table[:, C : 2 * C], table[:, 2 * C :]
+    # batch_norm_gather_stats_with_counts: Welford's merge of (count, mean, var) in turn
+    total = torch.zeros(1, dtype=x.dtype)
+    g_mean = torch.zeros(C, dtype=x.dtype)
+    g_m2 = torch.zeros(C, dtype=x.dtype)
+    for i in range(table.shape[0]):
+        ni, mi = counts[i], means[i]
+        m2i = (invstds[i].pow(-2) - eps) * ni
+        delta = mi - g_mean
+        new_total = total + ni
+        g_mean = g_mean + delta * ni / new_total
+        g_m2 = g_m2 + m2i + delta.square() * total * ni / new_total
+        total = new_total
+    var = g_m2 / total
+    g_invstd = (var + eps).rsqrt()
+    running_mean.mul_(1 - momentum).add_(momentum * g_mean)
+    running_var.mul_(1 - momentum).add_(momentum * var * total / (total - 1))
+    shape = (1, -1, 1, 1)
+    xhat = (x - g_mean.view(shape)) * g_invstd.view(shape)
+    y = xhat * w.view(shape) + b.view(shape)
+    sum_dy = dy.sum(dims)
+    sum_dy_xmu = (dy * (x - g_mean.view(shape))).sum(dims)
+    both = torch.cat([sum_dy, sum_dy_xmu])
+    dist.all_reduce(both)
+    mean_dy, mean_dy_xmu = both[:C] / total, both[C:] / total
+    dx = (
+        (dy - mean_dy.view(shape) - (x - g_mean.view(shape)) * g_invstd.view(shape).square()
+         * mean_dy_xmu.view(shape))
+        * g_invstd.view(shape) * w.view(shape)
+    )  # fmt: skip
+    return {
+        "y": y, "dx": dx, "dw": sum_dy_xmu * g_invstd, "db": sum_dy,
+        "running_mean": running_mean, "running_var": running_var,
+    }  # fmt: skip
+
+
+def _worker(rank: int, folder: Path) -> None:
+    import torch.distributed as dist
+
+    from normbench import distributed
+    from normbench.norms import SyncBatchNorm
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder / 'store'}", rank=rank, world_size=WORLD
+    )
+    results: dict = {}
+    w, b = _params()
+    for name, (kwargs, split, channels_last) in CASES.items():
+        layer = SyncBatchNorm(C, dtype=torch.float64, **kwargs)
+        if layer.weight is not None:
+            with torch.no_grad():
+                layer.weight.copy_(w)
+                layer.bias.copy_(b)
+        results[name] = _steps(layer, rank, split, channels_last)
+
+    # torch's algorithm, float64, on this rank's part of step 0
+    lo, hi = _bounds(rank, None)
+    x, dy = _data(0)
+    rm, rv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    results["torch_math"] = _torch_sync_math(x[lo:hi], w, b, rm, rv, 0.1, 1e-5, dy[lo:hi])
+
+    # float32: normbench's layer against the same algorithm
+    layer = SyncBatchNorm(C)
+    with torch.no_grad():
+        layer.weight.copy_(w.float())
+        layer.bias.copy_(b.float())
+    results["float32"] = _steps(layer, rank, None, False, torch.float32)
+
+    # torch's own module, where this torch runs it on the CPU
+    try:
+        module = torch.nn.SyncBatchNorm(C, dtype=torch.float64)
+        with torch.no_grad():
+            module.weight.copy_(w)
+            module.bias.copy_(b)
+        results["torch_module"] = _steps(module, rank, None, False)
+    except ValueError as err:
+        results["torch_module"] = str(err)
+
+    # group sizes: the groups of consecutive ranks, and a size that does not divide
+    results["ranks"] = distributed.sync_ranks(1, 4), distributed.sync_ranks(None, 4)
+    try:
+        SyncBatchNorm(C, group_size=3)(torch.randn(4, C, 2, 2))
+        results["refused"] = None
+    except UserError as err:
+        results["refused"] = str(err)
+
+    torch.save(results, folder / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """The two processes' results (one start of both for every test here)."""
+    folder = tmp_path_factory.mktemp("distributed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--rank", str(rank), str(folder)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in range(WORLD)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, output in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, output
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _single(layer, split=None, channels_last=False, dtype=torch.float64) -> dict:
+    """The same steps in one process over the whole batch."""
+    return _steps(layer, 0, (BATCH,) if split is None else (sum(split),), channels_last, dtype)
+
+
+def _layer(cls, dtype=torch.float64, **kwargs):
+    w, b = _params(dtype)
+    layer = cls(C, dtype=dtype, **kwargs)
+    if layer.weight is not None:
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+    return layer
+
+
+def _close(a, b, tol=TOL):
+    assert a.shape == b.shape
+    assert (a.double() - b.double()).abs().max().item() <= tol, (a - b).abs().max()
+
+
+def _assert_whole_batch(parts: list[dict], whole: dict, split=None, tol=TOL) -> None:
+    """Each rank's outputs and input gradients are its rows of the whole batch's; the weight
+    and bias gradients add up to the whole batch's; running statistics as the whole batch's,
+    the same bits on every rank."""
+    for step in range(STEPS):
+        for key in ("y", "dx"):
+            _close(torch.cat([p[key][step] for p in parts]), whole[key][step], tol)
+        if whole["dw"]:
+            for key in ("dw", "db"):
+                _close(sum(p[key][step] for p in parts), whole[key][step], tol)
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(parts[0]["state"][key], parts[1]["state"][key])
+        _close(parts[0]["state"][key], whole["state"][key], tol)
+
+
+@pytest.mark.parametrize(
+    "case", ["global", "relu", "channels_last", "cumulative", "reference", "uneven",
+             "group_of_2", "no_affine"],
+)  # fmt: skip
+def test_sync_bn_is_custom_bn_over_the_whole_batch(ranks, case):
+    """sync_bn on two processes with half the batch each (or 3 and 5 samples) gives custom_bn's
+    results over the whole batch in one process, to 1e-10 in float64."""
+    from normbench.norms import BatchNorm
+
+    kwargs, split, channels_last = CASES[case]
+    kwargs = {k: v for k, v in kwargs.items() if k != "group_size"}
+    whole = _single(_layer(BatchNorm, **kwargs), split, channels_last)
+    _assert_whole_batch([r[case] for r in ranks], whole, split)
+
+
+def test_group_size_1_is_ghost_bn_of_the_per_process_batch(ranks):
+    """group_size=1: each process alone, ghost_bn with a ghost batch of B/2 (outputs and
+    gradients); each rank's running statistics are custom_bn's over its own half."""
+    from normbench.norms import BatchNorm, GhostBatchNorm
+
+    parts = [r["local"] for r in ranks]
+    ghost = _single(_layer(GhostBatchNorm, virtual_batch_size=BATCH // WORLD))
+    for step in range(STEPS):
+        for key in ("y", "dx"):
+            assert torch.equal(torch.cat([p[key][step] for p in parts]), ghost[key][step])
+        for key in ("dw", "db"):
+            _close(sum(p[key][step] for p in parts), ghost[key][step])
+    for rank, part in enumerate(parts):
+        own = _steps(_layer(BatchNorm), rank, None, False)
+        for key, value in own["state"].items():
+            assert torch.equal(part["state"][key], value), key
+
+
+def test_sync_bn_follows_torch_sync_batch_norm_math(ranks):
+    """Against torch.nn.SyncBatchNorm's algorithm (its all_gather of mean, invstd and count,
+    combination and backward, in float64 on the same inputs and processes): step 0's outputs,
+    gradients and running statistics; float32 within float32's tolerance."""
+    for r in ranks:
+        ref = r["torch_math"]
+        for key in ("y", "dx", "dw", "db"):
+            _close(r["global"][key][0], ref[key])
+            _close(r["float32"][key][0], ref[key], 1e-4)
+    # the running statistics after one step: the second step's layer moved them again, so
+    # check them with a one-step run of the whole batch
+    from normbench.norms import BatchNorm
+
+    layer = _layer(BatchNorm)
+    x, dy = _data(0)
+    layer(x)
+    for key in ("running_mean", "running_var"):
+        _close(ranks[0]["torch_math"][key], getattr(layer, key))
+        assert torch.equal(ranks[0]["torch_math"][key], ranks[1]["torch_math"][key])
+    module = ranks[0]["torch_module"]
+    if isinstance(module, str):  # torch's module refuses the CPU (its operators have no CPU kernel)
+        assert "GPU" in module
+    else:
+        _assert_whole_batch([r["torch_module"] for r in ranks], _single(_layer(BatchNorm)))
+
+
+def test_group_size_must_divide_the_processes(ranks):
+    assert ranks[0]["ranks"] == ([[0], [1], [2], [3]], [[0, 1, 2, 3]])
+    message = ranks[0]["refused"]
+    assert message is not None and "does not divide the 2 processes" in message
+    assert "\n" not in message
+
+
+def test_group_size_checks_without_processes():
+    from normbench import distributed
+
+    assert distributed.sync_ranks(2, 4) == [[0, 1], [2, 3]]
+    with pytest.raises(UserError, match="group_size=3 does not divide the 4 processes"):
+        distributed.sync_ranks(3, 4)
+    with pytest.raises(UserError, match="at least 1"):
+        distributed.check_group_size(0, 4)
+    assert distributed.world_size() == 1
+    assert distributed.sync_group(None) is None
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_one_process_is_custom_bn_exactly(relu):
+    """With no process group, sync_bn is custom_bn bit for bit (float32, the CPU kernel)."""
+    from normbench.norms import BatchNorm, SyncBatchNorm
+
+    torch.manual_seed(0)
+    a, b = SyncBatchNorm(4, relu=relu), BatchNorm(4, relu=relu)
+    for _ in range(2):
+        x = torch.randn(6, 4, 5, 5, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_(True)
+        ya, yb = a(x), b(x2)
+        assert torch.equal(ya, yb)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        assert torch.equal(x.grad, x2.grad)
+        assert torch.equal(a.weight.grad, b.weight.grad)
+    for key, value in b.state_dict().items():
+        assert torch.equal(a.state_dict()[key], value)
+
+
+def test_state_dict_moves_to_and_from_torch_sync_batch_norm():
+    from normbench.norms import SyncBatchNorm
+
+    torch.manual_seed(1)
+    ours = SyncBatchNorm(4)
+    ours(torch.randn(8, 4, 3, 3) * 2 + 1)
+    theirs = torch.nn.SyncBatchNorm(4)
+    theirs.load_state_dict(ours.state_dict())
+    back = SyncBatchNorm(4)
+    back.load_state_dict(theirs.state_dict())
+    assert list(theirs.state_dict()) == list(ours.state_dict())
+    for key, value in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value)
+    with pytest.raises(ValueError, match="not both"):
+        SyncBatchNorm(4, process_group=object(), group_size=2)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--rank"]:
+        _worker(int(sys.argv[2]), Path(sys.argv[3]))
