@@ -307,7 +307,7 @@ def test_glob_is_written_out_as_hydras_own_glob_expands_it():
             f"{key}={','.join(hydras.sweep_string_iterator())}",
             "lr=0.1",
         ]
-    assert expand_globs(["norm=glob(*_bn)"]) == ["norm=custom_bn,ghost_bn,torch_bn"]
+    assert expand_globs(["norm=glob(*_bn)"]) == ["norm=custom_bn,ghost_bn,sync_bn,torch_bn"]
 
 
 @pytest.mark.parametrize(

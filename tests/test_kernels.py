@@ -759,6 +759,13 @@ def opcheck_every_operator(x, relu):
             (xg, mean, invstd, None, b.detach()[None].requires_grad_(), 1e-5, relu),
         ),
         (nb.batch_norm_stats, (x, 1e-5)),
+        # the backward's two halves (synchronized BatchNorm)
+        (nb.batch_norm_backward_reduce, (dy, x, w.detach(), b.detach(), mean, invstd, relu)),
+        (nb.batch_norm_backward_reduce, (dy, x, None, None, mean, invstd, relu)),
+        (
+            nb.batch_norm_backward_apply,
+            (dy, x, w.detach(), b.detach(), mean, invstd, mean, invstd, 300, relu),
+        ),
         (
             nb.update_running_stats,
             (torch.zeros(3, device=x.device), torch.ones(3, device=x.device), mean, invstd)

@@ -1,8 +1,8 @@
 """Normalization variants, each registered under its config name.
 
 Every variant (``custom_bn``, ``torch_bn``, ``layer``, ``instance``, ``group``,
-``batch_renorm``, ``ghost_bn``, ``sync_bn``, ``none``, ``frn``, ``rms``, ``evonorm_s0``) is registered
-the first time the registry is asked for one, or one of the names below is used: the
+``batch_renorm``, ``ghost_bn``, ``sync_bn``, ``none``, ``frn``, ``rms``, ``evonorm_s0``) is
+registered the first time the registry is asked for one, or one of the names below is used: the
 variants import torch, and a command that only composes configs (a sweep with nothing
 to run) must not. Models get their layers through :class:`NormSpec`. Adding a variant is
 one module here with a ``@register_norm`` class, one entry in

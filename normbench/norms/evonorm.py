@@ -41,12 +41,14 @@ class EvoNormS0(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         n, c = input.shape[:2]
         shape = (1, -1, *([1] * (input.dim() - 2)))
+        dtype = input.dtype  # float16/bfloat16 (autocast) computed in float32, returned as it
+        input = input.to(torch.promote_types(dtype, torch.float32))
         grouped = input.reshape(n, self.num_groups, -1)
         # the biased variance, as the paper's moments
         var = grouped.var(dim=2, unbiased=False, keepdim=True)
         std = torch.sqrt(var + self.eps).expand_as(grouped).reshape(input.shape)
         gate = input * torch.sigmoid(self.v.reshape(shape) * input)
-        return gate / std * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return (gate / std * self.weight.reshape(shape) + self.bias.reshape(shape)).to(dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, groups={self.groups} ({self.num_groups}), eps={self.eps}"

@@ -50,10 +50,12 @@ class FilterResponseNorm(nn.Module):
                 f"(N, C, *spatial) input, got shape {tuple(input.shape)}"
             )
         dims = input.dim()
-        nu2 = input.pow(2).mean(dim=tuple(range(2, dims)), keepdim=True)
-        x = input * torch.rsqrt(nu2 + self.eps)
+        # float16/bfloat16 (autocast) computed in float32, returned in the input's dtype
+        x = input.to(torch.promote_types(input.dtype, torch.float32))
+        nu2 = x.pow(2).mean(dim=tuple(range(2, dims)), keepdim=True)
+        x = x * torch.rsqrt(nu2 + self.eps)
         y = _per_channel(self.weight, dims) * x + _per_channel(self.bias, dims)
-        return torch.maximum(y, _per_channel(self.tau, dims))
+        return torch.maximum(y, _per_channel(self.tau, dims)).to(input.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}"

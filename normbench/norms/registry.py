@@ -46,11 +46,11 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "groupnorm": ("GroupNorm", "InstanceNorm", "LayerNorm", "group_count"),
     "batchrenorm": ("BatchRenorm", "BatchRenorm2d"),
     "ghostbn": ("GhostBatchNorm",),
-    "syncbn": ("SyncBatchNorm",),
     "identity": ("NoNorm",),
     "frn": ("FilterResponseNorm",),
     "rmsnorm": ("RMSNorm",),
     "evonorm": ("EvoNormS0",),
+    "syncbn": ("SyncBatchNorm",),
 }
 
 

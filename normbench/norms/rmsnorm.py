@@ -32,8 +32,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         dims = tuple(range(1, input.dim()))
-        x = input * torch.rsqrt(input.pow(2).mean(dim=dims, keepdim=True) + self.eps)
-        return x * self.weight.reshape(1, -1, *([1] * (input.dim() - 2)))
+        # float16/bfloat16 (autocast) computed in float32, returned in the input's dtype
+        x = input.to(torch.promote_types(input.dtype, torch.float32))
+        x = x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + self.eps)
+        return (x * self.weight.reshape(1, -1, *([1] * (input.dim() - 2)))).to(input.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}"
