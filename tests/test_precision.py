@@ -54,7 +54,9 @@ def test_low_precision_statistics_are_float32_of_the_exact_sums(dtype, layout, b
         n = x.numel() // 8
         torch.testing.assert_close(rm.double(), 0.1 * ref_mean, rtol=1e-6, atol=1e-6)
         ref_var = ref_invstd.pow(-2) - 1e-5
-        torch.testing.assert_close(rv.double(), 0.9 + 0.1 * ref_var * n / (n - 1), rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            rv.double(), 0.9 + 0.1 * ref_var * n / (n - 1), rtol=1e-5, atol=0
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
