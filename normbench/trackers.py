@@ -76,12 +76,16 @@ def epoch_metrics(record: dict[str, Any], keys=None) -> dict[str, float]:
 
 
 def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """The summary record's numbers (``summary/final_test_acc``), flags left out."""
+    """The summary record's measured numbers (``summary/final_test_acc``); its config
+    values (batch_size, lr) are the run's parameters already."""
+    from normbench.schema import record_fields
+
     record, _ = split_summary(summary)
+    held = {f.name for f in record_fields() if f.config}
     return {
         f"summary/{key}": float(value)
         for key, value in record.items()
-        if isinstance(value, int | float) and not isinstance(value, bool)
+        if key not in held and isinstance(value, int | float) and not isinstance(value, bool)
     }
 
 
