@@ -19,6 +19,7 @@ from normbench.errors import UserError
 from normbench.options import (
     GROUPS,
     REQUIRED_GROUPS,
+    SEVERAL_GROUPS,
     add_config_dir,
     conf_dir,
     option_file,
@@ -167,9 +168,14 @@ def check_group_overrides(overrides: Sequence[str]) -> list:
             values = list(override.sweep_string_iterator())
         else:
             value = override.value()
-            if value is None and group in REQUIRED_GROUPS:
+            if value is None and group in (*REQUIRED_GROUPS, *SEVERAL_GROUPS):
                 raise UserError(f"{group} cannot be null; pick one of: {', '.join(valid)}")
-            values = [] if value is None else [str(value)]
+            if isinstance(value, list) and group not in SEVERAL_GROUPS:
+                raise UserError(
+                    f"{override.input_line}: {group} takes one option; to run each, "
+                    f"sweep them as {group}={','.join(map(str, value)) or 'a,b'}"
+                )
+            values = [] if value is None else [str(v) for v in _as_list(value)]
         for value in values:
             if value not in valid:
                 raise UserError(
@@ -177,6 +183,10 @@ def check_group_overrides(overrides: Sequence[str]) -> list:
                     f"valid: {', '.join(valid)}"
                 )
     return parsed
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, list) else [value]
 
 
 def _is_glob(override) -> bool:

@@ -15,8 +15,12 @@ from normbench.errors import UserError
 #: The config groups; their options are the YAML files in ``normbench/conf/<group>/``.
 GROUPS: tuple[str, ...] = (*schema.config_groups(), "experiment")
 
-#: Groups a run cannot do without (``experiment`` is optional).
-REQUIRED_GROUPS: tuple[str, ...] = schema.config_groups()
+#: Groups a run cannot do without (``experiment`` and ``logger`` are optional).
+REQUIRED_GROUPS: tuple[str, ...] = schema.required_groups()
+
+#: Groups of which a run may pick several options at once, as a list (Hydra merges them):
+#: ``logger=[tensorboard,mlflow]``.
+SEVERAL_GROUPS: tuple[str, ...] = ("logger",)
 
 
 def conf_dir() -> Path:

@@ -322,6 +322,27 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
     return record
 
 
+#: A run's experiment trackers' own ids of its logged runs (``normbench.trackers``), by
+#: tracker: a resumed run goes on with them.
+TRACKERS_FILE = "trackers.json"
+
+
+def read_trackers(run_dir: Path) -> dict[str, str]:
+    """The trackers' run ids kept in the run folder; {} when none are (or unreadable)."""
+    try:
+        data = received.read_bytes(Path(run_dir) / TRACKERS_FILE, received.SUMMARY_MAX)
+        record = received.load_json(data)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    return {k: v for k, v in record.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def write_trackers(run_dir: Path, ids: dict[str, str]) -> None:
+    write_json(Path(run_dir) / TRACKERS_FILE, ids)
+
+
 def status_of(summary: dict[str, Any] | None) -> str | None:
     """A summary's status, or None when it has none that is a string."""
     status = summary.get("status") if summary else None

@@ -27,6 +27,7 @@ from normbench.errors import NotWritten, UserCodeFailed, UserError
 from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
 from normbench.rundir import (
     BN_STATS_FILE,
+    TRACKERS_FILE,
     BnStatsLog,
     check_writable,
     metrics_frame,
@@ -77,8 +78,9 @@ class _Recorder:
     """Saves metrics.csv (and the checkpoint, when one is kept) after every epoch and
     passes the loop's reports on to a display."""
 
-    def __init__(self, run_id: str, path: Path, display=None, checkpoint=None):
+    def __init__(self, run_id: str, path: Path, display=None, checkpoint=None, trackers=None):
         self.run_id, self.path, self.display = run_id, path, display
+        self.trackers = trackers  # normbench.trackers.Trackers: the run's, or None
         self.records: list[dict[str, Any]] = []
         # (model, optimizer) whose states go into the checkpoint; None: no checkpoint
         self.saving = checkpoint
@@ -95,6 +97,8 @@ class _Recorder:
     def on_epoch(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         write_csv(self.path, metrics_frame(self.run_id, self.records))
+        if self.trackers:
+            self.trackers.log_epoch(record)
         if self.bn_stats is not None:
             self.bn_stats(record["epoch"])
         if self.display is not None:
@@ -261,8 +265,9 @@ def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:
         # From here on files are written; the summary, written last, marks the run done.
         for name in ("summary.json", "metrics.csv", ERROR_LOG):  # the earlier attempt's
             _discard(folder / name)
-        if resume is None:
+        if resume is None:  # a new attempt: a new checkpoint, new trackers' runs
             _discard(folder / checkpoints.FILE)
+            _discard(folder / TRACKERS_FILE)
         write_text_file(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         records = resume["records"] if resume else []
         write_csv(folder / "metrics.csv", metrics_frame(rid, records))
@@ -327,7 +332,14 @@ def run_files() -> tuple[str, ...]:
     """The files a run writes into its folder, which a new attempt removes or replaces."""
     from normbench import checkpoints  # torch: imported only where a run is to be written
 
-    return ("config.yaml", "metrics.csv", "summary.json", checkpoints.FILE, BN_STATS_FILE)
+    return (
+        "config.yaml",
+        "metrics.csv",
+        "summary.json",
+        checkpoints.FILE,
+        BN_STATS_FILE,
+        TRACKERS_FILE,
+    )
 
 
 def check_run_folder(folder: Path) -> None:
@@ -378,16 +390,18 @@ def _train(cfg, rid: str, folder: Path, prepared: Prepared, display, resume=None
 
     from normbench import checkpoints
     from normbench.norms.registry import describe_error, error_text
+    from normbench.trackers import open_trackers
     from normbench.train import TrainResult, train
 
     saving = (prepared.model, prepared.optimizer) if cfg.checkpoint.save == "last" else None
-    recorder = _Recorder(rid, folder / "metrics.csv", display, saving)
-    generator = torch.Generator().manual_seed(cfg.seed)
     loop = resume  # restored by _resume into the model, optimizer and random generators
+    resumed = loop["epoch"] if loop else None
+    trackers = open_trackers(cfg, rid, folder, resumed)
+    recorder = _Recorder(rid, folder / "metrics.csv", display, saving, trackers)
+    generator = torch.Generator().manual_seed(cfg.seed)
     if loop is not None:
         recorder.records = list(loop["records"])
     _start_bn_stats(cfg, prepared, recorder, loop)
-    resumed = loop["epoch"] if loop else None
     started, clock = _now(), time.perf_counter()
     try:
         with interrupts.handle_signals():
@@ -418,6 +432,7 @@ def _train(cfg, rid: str, folder: Path, prepared: Prepared, display, resume=None
             cfg, rid, result, prepared, started, time.perf_counter() - clock, resumed
         )
         write_json(folder / "summary.json", summary)
+        trackers.finish(result.records, summary)
         if users:
             raise UserCodeFailed(
                 f"{prepared.norm.label()} failed in training: {describe_error(err)}; the run "
@@ -434,6 +449,7 @@ def _train(cfg, rid: str, folder: Path, prepared: Prepared, display, resume=None
         cfg, rid, result, prepared, started, time.perf_counter() - clock, resumed
     )
     write_json(folder / "summary.json", summary)
+    trackers.finish(result.records, summary)
     if not cfg.checkpoint.keep:
         _discard(folder / checkpoints.FILE)
     return RunOutcome(rid, folder, summary)

@@ -73,7 +73,9 @@ def test_every_option_of_every_group_composes():
     for group in GROUPS:
         for option in group_options(group):
             cfg = compose([f"{group}={option}"])
-            if group != "experiment":
+            if group == "logger":  # a tracker's keys under its name; none: no keys
+                assert list(cfg.logger or {}) == ([] if option == "none" else [option])
+            elif group != "experiment":
                 assert cfg[group].name == option
 
 
@@ -126,6 +128,7 @@ def test_default_options_are_those_config_yaml_picks():
         "norm": "custom_bn",
         "dataset": "digits",
         "optim": "sgd",
+        "logger": "none",
     }
 
 

@@ -22,9 +22,20 @@ def test_execution_keys_are_the_schemas_execution_fields():
     for group in GROUPS:
         keys.extend(key for option in schema.group_keys(group).values() for key in option)
     declared = {key.name for key in keys if key.execution}
-    assert set(EXECUTION_KEYS) == declared
-    # the run ids of every run written so far rest on exactly these
-    assert set(EXECUTION_KEYS) == {
+    assert set(EXECUTION_KEYS) == declared | {"logger"}  # (logger=[]: the group's node, null)
+    # the run ids of every run written so far rest on exactly these, and the trackers'
+    # keys, which no run held before them (logger=none holds none)
+    trackers = {k for k in EXECUTION_KEYS if k == "logger" or k.startswith("logger.")}
+    assert trackers == {
+        "logger",
+        "logger.tensorboard.dir",
+        "logger.mlflow.tracking_uri",
+        "logger.mlflow.artifact_dir",
+        "logger.wandb.mode",
+        "logger.wandb.project",
+        "logger.wandb.dir",
+    }
+    assert set(EXECUTION_KEYS) - trackers == {
         "name",
         "out_dir",
         "device",

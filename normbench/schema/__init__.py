@@ -45,6 +45,7 @@ from normbench.schema.config import (
     group_keys,
     key,
     register,
+    required_groups,
     root_keys,
     rules,
 )
@@ -130,6 +131,7 @@ __all__ = [
     "Wholes",
     "closest",
     "config_groups",
+    "required_groups",
     "config_slots",
     "declared_keys",
     "flat",

@@ -73,10 +73,13 @@ def key(
     return field(default=default, metadata=metadata)
 
 
-def group(help: str) -> Any:  # noqa: A002
+def group(help: str, *, required: bool = True, execution: bool = False) -> Any:  # noqa: A002
     """A config group's field in the root config: its option's node (typed by the option's
-    own schema, or open for norms); None when none is picked."""
-    return field(default=None, metadata={"group": True, "help": help, "execution": False})
+    own schema, or open for norms); None when none is picked. ``required``: a run cannot do
+    without one (``logger`` can). ``execution``: the group's keys say how a run executes
+    (left out of the run id, the group's node itself too)."""
+    metadata = {"group": True, "help": help, "execution": execution, "required": required}
+    return field(default=None, metadata=metadata)
 
 
 # Number fields are typed Any for OmegaConf: a float field would turn ``lr=1`` into 1.0,
@@ -212,6 +215,12 @@ class Config:
     norm: Any = group("the normalization variant (conf/norm/)")
     dataset: Any = group("the data set (conf/dataset/)")
     optim: Any = group("the optimizer (conf/optim/)")
+    logger: Any = group(
+        "experiment trackers (conf/logger/): none, or one or a list, as "
+        "logger=[tensorboard,mlflow]",
+        required=False,
+        execution=True,  # tracking a run changes nothing it computes
+    )
 
 
 # ------------------------------------------------------------------- the groups' options
@@ -281,6 +290,59 @@ class Adam:
     betas: list[Any] = key(Betas(), "decay rates of the gradient's first and second moments")
     eps: Any = key(Number(0, strict=True), "added to the denominator")
     weight_decay: Any = key(Number(0, strict=False), "L2 term added to the gradient")
+
+
+@dataclass
+class TensorBoardLogger:
+    """logger=tensorboard: event files through torch.utils.tensorboard, one folder per run
+    (<dir>/<run_id>); needs normbench[tensorboard]."""
+
+    dir: str = key(
+        Text(), "the folder of the runs' event folders (tensorboard --logdir DIR)", execution=True
+    )
+
+
+@dataclass
+class MLflowLogger:
+    """logger=mlflow: one MLflow run per normbench run, in the experiment named after the
+    sweep; needs normbench[mlflow]."""
+
+    tracking_uri: str = key(
+        Text(),
+        "where runs are tracked: a database (sqlite:///PATH) or a server (http://HOST:PORT)",
+        execution=True,
+    )
+    artifact_dir: str = key(
+        Text(),
+        "where a new experiment's artifacts go (when normbench creates it in a local store)",
+        execution=True,
+    )
+
+
+@dataclass
+class WandbLogger:
+    """logger=wandb: one Weights & Biases run per normbench run, grouped by the sweep's
+    name; needs normbench[wandb]."""
+
+    mode: str = key(
+        Choice(("offline", "online", "disabled")),
+        "offline: files only, uploaded later with `wandb sync` | online: to the server "
+        "(after `wandb login`) | disabled",
+        execution=True,
+    )
+    project: str = key(Text(), "the W&B project the runs go to", execution=True)
+    dir: str = key(
+        Text(), "the folder wandb writes its run files into (<dir>/wandb/)", execution=True
+    )
+
+
+#: The trackers of the ``logger`` group, by option: each option's keys are under its own
+#: name (``logger.mlflow.tracking_uri``), so that several can be picked at once.
+LOGGER_SCHEMAS: dict[str, type] = {
+    "tensorboard": TensorBoardLogger,
+    "mlflow": MLflowLogger,
+    "wandb": WandbLogger,
+}
 
 
 @dataclass
@@ -382,13 +444,21 @@ def root_keys() -> list[Key]:
 
 def group_keys(group: str) -> dict[str, list[Key]]:
     """A group's keys per option schema (``norm``: the arguments variants share)."""
+    if group == "logger":  # several at once: each tracker's keys under its name
+        return {name: list(_keys(cls, f"logger.{name}.")) for name, cls in LOGGER_SCHEMAS.items()}
     schemas = {"": NormArgs} if group == "norm" else OPTION_SCHEMAS.get(group, {})
     return {name: list(_keys(cls, f"{group}.")) for name, cls in schemas.items()}
 
 
 def config_groups() -> tuple[str, ...]:
-    """The root config's group fields, in order (model, norm, dataset, optim)."""
+    """The root config's group fields, in order (model, norm, dataset, optim, logger)."""
     return tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("group"))
+
+
+def required_groups() -> tuple[str, ...]:
+    """The groups a run cannot do without (all but ``logger``)."""
+    fields = dataclasses.fields(Config)
+    return tuple(f.name for f in fields if f.metadata.get("group") and f.metadata["required"])
 
 
 @functools.cache
@@ -408,7 +478,15 @@ def rules() -> dict[str, Rule]:
 
 #: Keys that say where or how a run executes, not what it computes: left out of the run id.
 EXECUTION_KEYS: tuple[str, ...] = tuple(
-    dict.fromkeys(key.name for key in declared_keys() if key.execution)
+    dict.fromkeys(
+        [key.name for key in declared_keys() if key.execution]
+        # an execution group's node, when it holds no keys (logger=[]: null)
+        + [
+            f.name
+            for f in dataclasses.fields(Config)
+            if f.metadata.get("group") and f.metadata["execution"]
+        ]
+    )
 )
 
 
@@ -423,6 +501,8 @@ def register() -> None:
     for grp, schemas in OPTION_SCHEMAS.items():
         for name, node in schemas.items():
             store.store(group=f"schema/{grp}", name=name, node=node, provider="normbench")
+    for name, node in LOGGER_SCHEMAS.items():
+        store.store(group="schema/logger", name=name, node=node, provider="normbench")
 
 
 def flat(node, prefix: str = "") -> dict[str, Any]:
