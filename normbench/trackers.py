@@ -250,6 +250,12 @@ class MLflow:
         self.id, self.client = None, None
 
     def start(self, run_id, config, experiment, resume):
+        # A sweep's parallel jobs open one SQLite store at once: the first creates its
+        # tables (alembic migrations), which others racing it break; one at a time here.
+        with _store_lock(self.uri):
+            self._start(run_id, config, experiment, resume)
+
+    def _start(self, run_id, config, experiment, resume):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -335,6 +341,26 @@ class Wandb:
         if self.run is not None:
             self.run.finish(exit_code=0 if status == "completed" else 1)
             self.run = None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """An exclusive lock beside a local SQLite store (``<db>.lock``) while it is held;
+    nothing for a server, which serializes its own clients."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        yield
+        return
+    import fcntl
+
+    path = Path(uri[len(prefix) :].split("?", 1)[0] + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _wandb_id() -> str:

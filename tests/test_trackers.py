@@ -187,6 +187,7 @@ def test_wandb_logs_offline_and_a_resumed_run_keeps_its_id(tiny, tmp_path):
 
 
 def test_a_sweep_logs_each_run_once_in_its_experiment(tmp_path):
+    # Two joblib workers open the new store at once: its creation must not race.
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [
         "sweep",
@@ -199,11 +200,14 @@ def test_a_sweep_logs_each_run_once_in_its_experiment(tmp_path):
         "batch_size=16,32",
         "logger=mlflow",
         f"logger.mlflow.tracking_uri={store}",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
     ]
     cli = CliRunner()
     for _ in range(2):  # the second: both runs skipped, nothing logged again
         result = cli.invoke(app, args)
         assert result.exit_code == 0, result.output
+        assert "warning: logger" not in result.output
 
     runs = search_runs(store, "grid")
     assert sorted(runs["params.batch_size"]) == ["16", "32"]
