@@ -251,7 +251,8 @@ def sweep(
     if plan.launcher_error:
         err.print(f"sweep: the launcher failed: {plan.launcher_error}")
     settings = plan.jobs[0].cfg.report if plan.jobs else None
-    for renderable in sweep_reports(plan.experiment_dirs, settings, warn, err.print):
+    logger = plan.jobs[0].cfg.get("logger") if plan.jobs else None
+    for renderable in sweep_reports(plan.experiment_dirs, settings, warn, err.print, logger):
         out.print(renderable)
     out.print(lines.sweep_counts(counts))
     if counts["failed"] or counts["interrupted"] or counts["not run"]:

@@ -230,6 +230,7 @@ def report(
         counts = [describe(exp_dir, collected), f"wrote {', '.join(written)} to {exp_dir}"]
         if shown is not None:
             shown.update(counts=counts[0], keys=list(keys), selection=selection is not None)
+            shown["runs"] = len(collected.runs)
         if told is not None:
             for line in counts:
                 told(line)
@@ -257,6 +258,8 @@ def report(
         if draw:
             try:
                 for path in plot_experiment(exp_dir):
+                    if shown is not None:
+                        shown.setdefault("figures", []).append(path)
                     yield f"wrote {path}"
             except NothingToPlot as error:
                 if note is not None:
@@ -356,12 +359,15 @@ def sweep_reports(
     settings,
     warn: Callable[[str], None],
     note: Callable[[Any], None],
+    logger=None,
 ) -> Iterator[Any]:
     """A sweep's end: every experiment folder aggregated and plotted, with the selection,
     baseline and flag thresholds its config's ``report`` settings ask for (None: none, and
     the defaults). Yields what to print (:func:`report`'s lines and tables, the figures
     written); an experiment with no runs or nothing to plot is told to ``note``, a
     selection the finished runs cannot make to ``warn`` (the tables come without it).
+    ``logger``: the sweep's ``logger`` settings; the figures drawn go to its trackers
+    (:func:`normbench.trackers.log_figures`).
 
     An experiment none of whose runs changed since its tables were last written here (and
     whose tables, figures and report settings are as they were then: :data:`STAMP_FILE`)
@@ -392,7 +398,13 @@ def sweep_reports(
             warn_and_keep(f"{error}; tables without it")
             printed = list(report([folder], draw=True, shown=shown, **common))
         yield from printed
+        if shown.get("figures"):
+            from normbench.trackers import log_figures
+
+            log_figures(logger, folder, shown["figures"], shown.get("runs", 0))
         # Warned of (a damaged run), nothing drawn, no table: made again each time.
+        shown.pop("figures", None)
+        shown.pop("runs", None)
         prefix = f"{folder}: "
         if not noted and not warned and str(shown.get("counts", "")).startswith(prefix):
             shown["counts"] = shown["counts"].removeprefix(prefix)  # the folder may move

@@ -53,6 +53,9 @@ class Tracker(Protocol):
     def log_summary(self, epoch: int, summary: dict[str, Any]) -> None:
         """The run's summary record (``summary.json`` less its config)."""
 
+    def log_figures(self, step: int, figures: list[Path]) -> None:
+        """Image files (``plots/<name>``) at step ``step``."""
+
     def finish(self, status: str) -> None:
         """Close the tool's run with the run's status (completed, failed, ...)."""
 
@@ -160,7 +163,10 @@ class Trackers:
             metrics = epoch_metrics(last, late)
             self._each("failed at the end", lambda t: t.log_epoch(epoch, metrics))
         self._each("failed at the end", lambda t: t.log_summary(epoch, summary))
-        status = summary.get("status", "failed")
+        self.close(summary.get("status", "failed"))
+
+    def close(self, status: str) -> None:
+        """Each tracker's run closed with ``status``."""
         for name, tracker in list(self.active.items()):
             try:
                 with _quiet():
@@ -175,27 +181,56 @@ def open_trackers(cfg, run_id: str, folder: Path, resumed_epoch: int | None) -> 
     their earlier runs when the run resumes after ``resumed_epoch``; their ids are kept
     in the run folder. None picked: nothing is imported or written."""
     node = cfg.get("logger")
-    picked = [name for name in TRACKERS if hasattr(node, "get") and node.get(name) is not None]
-    if not picked:
+    if not _picked(node):
         return Trackers(folder, {})
-    earlier = read_trackers(folder) if resumed_epoch else {}
     config = {k: v for k, v in flatten(cfg).items() if not k.startswith("logger")}
+    return _start(node, folder, run_id, config, cfg.name, resumed_epoch)
+
+
+def _picked(node) -> list[str]:
+    """The trackers a ``logger`` node picks, in :data:`TRACKERS`' order."""
+    return [name for name in TRACKERS if hasattr(node, "get") and node.get(name) is not None]
+
+
+def _start(node, folder: Path, name: str, config, experiment: str, resumed: int | None):
+    """The picked trackers started (each that fails warned of and left out), going on
+    with the runs whose ids ``folder`` keeps when ``resumed`` (the step logged up to)."""
+    earlier = read_trackers(folder) if resumed else {}
     started: dict[str, Tracker] = {}
-    for name in picked:
-        settings = dict(node.get(name))
-        resume = Resume(earlier.get(name), resumed_epoch or 0)
+    for tool in _picked(node):
+        settings = dict(node.get(tool))
+        resume = Resume(earlier.get(tool), resumed or 0)
         try:
-            tracker = TRACKERS[name](settings)
+            tracker = TRACKERS[tool](settings)
             with _quiet():
-                tracker.start(run_id, config, cfg.name, resume)
+                tracker.start(name, config, experiment, resume)
         except Exception as err:
-            _warn(name, "failed to start", err)
+            _warn(tool, "failed to start", err)
             continue
-        started[name] = tracker
-    ids = {name: t.id for name, t in started.items() if t.id}
+        started[tool] = tracker
+    ids = {tool: t.id for tool, t in started.items() if t.id}
     if ids:
         write_trackers(folder, ids)
     return Trackers(folder, started)
+
+
+#: The tracker runs that hold an experiment's figures are named so (one per experiment).
+FIGURES_RUN = "figures"
+
+
+def log_figures(node, experiment_dir: Path, figures: list[Path], step: int) -> None:
+    """A sweep's figures of the experiment in ``experiment_dir`` to the trackers the
+    ``logger`` settings ``node`` picks: into one tracker run per experiment, named
+    :data:`FIGURES_RUN`, whose ids the experiment folder keeps (``trackers.json``), so
+    that each later sweep logs into the same run, at ``step`` (the runs the figures show)."""
+    if not figures or not _picked(node):
+        return
+    experiment_dir = Path(experiment_dir)
+    step = max(step, 1)
+    trackers = _start(node, experiment_dir, FIGURES_RUN, {}, experiment_dir.name, step - 1)
+    paths = [Path(p) for p in figures]
+    trackers._each("failed to log the figures", lambda t: t.log_figures(step, paths))
+    trackers.close("completed")
 
 
 def _param(value: Any) -> str | int | float | bool:
@@ -235,6 +270,14 @@ class TensorBoard:
             self.writer.file_writer.add_summary(part)
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, epoch)
+
+    def log_figures(self, step, figures):
+        from matplotlib.image import imread
+
+        for path in figures:
+            image = imread(path)  # (height, width, channels), floats in [0, 1] for a PNG
+            self.writer.add_image(f"plots/{path.stem}", image, step, dataformats="HWC")
+        self.writer.flush()
 
     def finish(self, status):
         if self.writer is not None:
@@ -295,6 +338,10 @@ class MLflow:
         batch = [Metric(key, value, now, step) for key, value in metrics.items()]
         self.client.log_batch(self.id, metrics=batch)
 
+    def log_figures(self, step, figures):
+        for path in figures:  # the same path each time: the newest figures replace the last
+            self.client.log_artifact(self.id, str(path), artifact_path="plots")
+
     def log_summary(self, epoch, summary):
         self._metrics(epoch, summary_metrics(summary))
         self.client.set_tag(self.id, "normbench.status", summary.get("status"))
@@ -333,6 +380,11 @@ class Wandb:
 
     def log_epoch(self, epoch, metrics):
         self.run.log({**metrics, "epoch": epoch}, step=epoch)
+
+    def log_figures(self, step, figures):
+        import wandb
+
+        self.run.log({f"plots/{path.stem}": wandb.Image(str(path)) for path in figures}, step=step)
 
     def log_summary(self, epoch, summary):
         self.run.summary.update({**summary_metrics(summary), "status": summary.get("status")})

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from normbench import runner
 from normbench.cli import app
 from normbench.rundir import TRACKERS_FILE
+from normbench.trackers import FIGURES_RUN, log_figures
 
 pytest.importorskip("mlflow")
 pytest.importorskip("wandb")
@@ -210,8 +211,66 @@ def test_a_sweep_logs_each_run_once_in_its_experiment(tmp_path):
         assert "warning: logger" not in result.output
 
     runs = search_runs(store, "grid")
+    figures = runs["tags.mlflow.runName"] == FIGURES_RUN
+    assert figures.sum() == 1  # the sweep's figures: one run, the second sweep drew none
+    runs = runs[~figures]
     assert sorted(runs["params.batch_size"]) == ["16", "32"]
     assert set(runs.status) == {"FINISHED"}
+    drawn = sorted(p.name for p in (tmp_path / "results" / "grid" / "plots").glob("*.png"))
+    assert drawn  # what the sweep drew is what MLflow holds
+    from mlflow.tracking import MlflowClient
+
+    held = MlflowClient(store).list_artifacts(runs_id_of(store, "grid"), "plots")
+    assert sorted(Path(a.path).name for a in held) == drawn
+
+
+def runs_id_of(store: str, experiment: str) -> str:
+    runs = search_runs(store, experiment)
+    return runs.run_id[runs["tags.mlflow.runName"] == FIGURES_RUN].item()
+
+
+def test_figures_go_to_one_run_per_experiment_at_the_runs_they_show(tmp_path):
+    """log_figures, as a sweep's end calls it: TensorBoard's images at the step of the
+    runs they show, a later sweep's in the same folder; W&B's in one run whose id the
+    experiment folder keeps, its images in the offline run's media."""
+    from matplotlib import pyplot as plt
+    from omegaconf import OmegaConf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    experiment = tmp_path / "results" / "grid"
+    (experiment / "plots").mkdir(parents=True)
+    figure = experiment / "plots" / "error_vs_batch_size.png"
+    plt.imsave(figure, [[0.0, 1.0], [1.0, 0.0]])  # 2 x 2 pixels
+    node = OmegaConf.create(
+        {
+            "tensorboard": {"dir": str(experiment / "tensorboard")},
+            "wandb": {"mode": "offline", "project": "normbench", "dir": str(experiment)},
+        }
+    )
+    log_figures(node, experiment, [figure], 2)
+    log_figures(node, experiment, [figure], 4)  # a later sweep with more runs
+
+    events = EventAccumulator(str(experiment / "tensorboard" / FIGURES_RUN))
+    events.Reload()
+    images = events.Images("plots/error_vs_batch_size")
+    assert [(i.step, i.width, i.height) for i in images] == [(2, 2, 2), (4, 2, 2)]
+    kept = json.loads((experiment / TRACKERS_FILE).read_text())
+    files = sorted(experiment.glob(f"wandb/offline-run-*/run-{kept['wandb']}.wandb"))
+    assert len(files) == 2  # one W&B run, logged into twice
+    steps = []
+    for file in files:
+        for record in wandb_records(file):
+            if record.WhichOneof("record_type") != "history":
+                continue
+            row = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                for i in record.history.item
+            }
+            if row.get("plots/error_vs_batch_size/_type") == "image-file":
+                steps.append(row["_step"])
+                image = file.parent / "files" / row["plots/error_vs_batch_size/path"]
+                assert plt.imread(image).shape[:2] == (2, 2)
+    assert steps == [2, 4]
 
 
 # ------------------------------------------------------------------------------ failures
