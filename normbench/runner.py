@@ -149,6 +149,7 @@ def summary_record(
     train_time = sum(r["epoch_time_s"] for r in done)
     images = sum(r["img_per_s"] * r["epoch_time_s"] for r in done)
     built = prepared is not None
+    world = cfg.processes * cfg.nodes
     if built:  # (torch is imported then; a driver recording a lost job need not)
         from normbench.norms.batchrenorm import ramp_end_step
     record = RunRecord(
@@ -157,6 +158,11 @@ def summary_record(
         # the config values the record holds (name, model, norm, batch_size, lr, ...)
         **{f.name: config[f.config] for f in record_fields() if f.config},
         lr_effective=prepared.settings.lr if built else None,
+        world_size=world,
+        batch_size_per_process=cfg.batch_size // world,
+        norm_batch_size=prepared.norm.norm_batch_size(cfg.batch_size // world, world)
+        if built
+        else None,
         steps=result.steps,
         renorm_ramp_end_step=ramp_end_step(prepared.norm.kwargs) if built else None,
         final_test_acc=done[-1]["test_acc"] if done else None,
