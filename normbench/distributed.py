@@ -78,6 +78,11 @@ def check_parallel(cfg, device: str) -> None:
             f"(processes={cfg.processes} x nodes={cfg.nodes}): batch_size is the global "
             f"batch; use a multiple of {world}"
         )
+    if cfg.nodes > 1:
+        raise UserError(
+            f"nodes={cfg.nodes}: runs on several nodes are not supported yet; use "
+            "processes=P on one node"
+        )
     group_size = cfg.norm.get("group_size") if hasattr(cfg.norm, "get") else None
     if world > 1 and group_size is not None:
         check_group_size(group_size, world)

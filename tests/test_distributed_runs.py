@@ -65,6 +65,7 @@ def test_new_keys_at_their_defaults_keep_every_run_id():
     [
         (["batch_size=100", "processes=3"], "batch_size=100 does not split over 3 processes"),
         (["batch_size=64", "processes=2", "nodes=2", "batch_size=66"], "over 4 processes"),
+        (["nodes=2"], "nodes=2: runs on several nodes are not supported yet"),
         (["precision=fp16", "device=cpu"], "precision=fp16 needs CUDA"),
         (["processes=2", "norm=sync_bn", "norm.group_size=3"], "norm.group_size=3 does not"),
         (["precision=fp32"], "precision must be one of 32, bf16, fp16"),
