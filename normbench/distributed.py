@@ -33,6 +33,7 @@ from normbench.errors import UserError
 __all__ = [
     "SyncGroup",
     "check_group_size",
+    "check_parallel",
     "reduce_statistics",
     "reduce_sums",
     "sync_group",
@@ -63,6 +64,33 @@ def check_group_size(group_size: int | None, size: int) -> int:
             f"groups; use a divisor of {size}"
         )
     return group_size
+
+
+def check_parallel(cfg, device: str) -> None:
+    """A run's data-parallel and precision settings, checked before anything is written
+    (one :class:`UserError` line each): the global ``batch_size`` must split evenly over
+    ``processes x nodes``, a sync_bn ``norm.group_size`` must divide that world size, and
+    fp16 needs CUDA (``device``: the device the run resolves to)."""
+    world = cfg.processes * cfg.nodes
+    if cfg.batch_size % world:
+        raise UserError(
+            f"batch_size={cfg.batch_size} does not split over {world} processes "
+            f"(processes={cfg.processes} x nodes={cfg.nodes}): batch_size is the global "
+            f"batch; use a multiple of {world}"
+        )
+    if cfg.nodes > 1:
+        raise UserError(
+            f"nodes={cfg.nodes}: runs on several nodes are not supported yet; use "
+            "processes=P on one node"
+        )
+    group_size = cfg.norm.get("group_size") if hasattr(cfg.norm, "get") else None
+    if world > 1 and group_size is not None:
+        check_group_size(group_size, world)
+    if str(cfg.precision) == "fp16" and device != "cuda":
+        raise UserError(
+            "precision=fp16 needs CUDA (float16 training takes a gradient scaler on a GPU); "
+            "on the CPU use precision=bf16"
+        )
 
 
 def sync_ranks(group_size: int | None, size: int) -> list[list[int]]:
@@ -101,7 +129,7 @@ def sync_group(group_size: int | None = None, process_group: Any = None) -> Sync
     (as every process builds the same model)."""
     import torch.distributed as dist
 
-    if not dist.is_available() or not dist.is_initialized():
+    if _local_only or not dist.is_available() or not dist.is_initialized():
         return None
     if process_group is not None:
         size = dist.get_world_size(process_group)
@@ -163,3 +191,210 @@ def reduce_sums(first: Any, second: Any, sync: SyncGroup) -> tuple[Any, Any]:
     both = torch.cat([first.reshape(-1), second.reshape(-1)]).to(torch.float64)
     dist.all_reduce(both, group=sync.group)
     return both[:channels], both[channels:]
+
+
+# ------------------------------------------------------------------ data-parallel runs
+#
+# A run on P processes (``processes``): the launching process keeps the run's lock and
+# starts P workers with torch's elastic launcher; each joins the process group (gloo on
+# the CPU, NCCL on CUDA), trains a DistributedDataParallel copy of the model on its slice
+# of every global batch, and rank 0 alone writes the run folder.
+
+#: The exit status of a rank that stopped because another did (a collective failed: a
+#: peer died or hung past the process group's timeout); the launcher names the others.
+PEER_LOST = 75
+
+# Set by :func:`local`: synchronized BatchNorm normalizes this process's batch alone.
+_local_only = False
+
+
+class Rank:
+    """This process's place in a data-parallel run: ``rank`` of ``world`` processes,
+    ``local_rank`` on its node (its GPU)."""
+
+    __slots__ = ("local_rank", "rank", "world")
+
+    def __init__(self, rank: int, world: int, local_rank: int) -> None:
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+
+    def __repr__(self) -> str:
+        return f"Rank({self.rank} of {self.world}, local {self.local_rank})"
+
+    def share(self, count: int) -> slice:
+        """This rank's contiguous part of ``count`` items: equal parts, the first
+        ``count % world`` ranks one more (a global batch divides evenly)."""
+        base, extra = divmod(count, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+
+def join(device: str, timeout_s: float) -> Rank:
+    """Join the process group of the run this process is a worker of (the launcher's
+    environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); NCCL with this
+    process's GPU on CUDA, gloo on the CPU. A collective waits at most ``timeout_s``."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    rank = Rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), 0)
+    rank.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(rank.local_rank)
+    dist.init_process_group(
+        "nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    return rank
+
+
+def leave() -> None:
+    """Leave the process group (where one was joined)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: Any, device: str) -> Any:
+    """``model`` as DistributedDataParallel: gradients averaged over the processes in
+    buckets as backward goes; rank 0's buffers (running statistics) broadcast each step,
+    as torch does by default, so every rank evaluates the same model."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.cuda.current_device()] if device == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def all_sum(values: list[float], device: Any) -> list[float]:
+    """``values`` added over every process (float64, one ``all_reduce``); as they are
+    where there is no process group."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return list(values)
+    both = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(both)
+    return both.tolist()
+
+
+class local:  # noqa: N801 - a context, used as ``with distributed.local():``
+    """Inside it, synchronized BatchNorm synchronizes with nobody: rank 0 measuring the
+    model alone (PreciseBN, per-layer diagnostics) calls no collective the others would
+    have to join."""
+
+    def __enter__(self) -> None:
+        global _local_only
+        self.before, _local_only = _local_only, True
+
+    def __exit__(self, *exc) -> None:
+        global _local_only
+        _local_only = self.before
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another process did (closed
+    its connection, or let the process group's timeout pass)."""
+    import torch.distributed as dist
+
+    kinds = tuple(
+        getattr(dist, name) for name in ("DistError", "DistBackendError") if hasattr(dist, name)
+    )
+    if isinstance(err, kinds):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        word in text for word in ("Connection closed by peer", "Connection reset", "Gloo", "gloo",
+                                  "NCCL", "Timed out", "timed out", "Socket Timeout")
+    )  # fmt: skip
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free now (for the rendezvous of a local run)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RanksFailed(Exception):
+    """One or more of a run's processes ended with an error, a signal or an exit status;
+    ``reason`` names them (the ranks that stopped only because another did are left out
+    where another is named)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def launch(entry: Any, args: tuple, processes: int, run_id: str) -> None:
+    """Run ``entry(*args)`` in ``processes`` workers on this machine with torch's elastic
+    launcher (rendezvous on 127.0.0.1 at a free port, no restarts: a failed run is
+    resumed by the next ``normbench run``, from its checkpoint). Returns when every worker
+    has returned; :class:`RanksFailed` when one failed (the others are stopped: SIGTERM,
+    then SIGKILL after a grace period, so none outlives the launch)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # the agent's own log lines (each rank's start, its failures, its stopping of the
+    # rest) would only repeat, in its format, what the run records and the CLI says
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=f"normbench-{run_id}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+        shutdown_timeout=10,
+    )
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from normbench.interrupts import STOP_REASONS, Interrupted
+
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    # the agent puts its own handlers in (it stops the workers, then raises): put back ours
+    before = {signum: signal.getsignal(signum) for signum in handled}
+    config.signals_to_handle = ",".join(signal.Signals(s).name for s in handled)
+    try:
+        elastic_launch(config, entry)(*args)
+    except ChildFailedError as err:
+        raise RanksFailed(failure_reason(err.failures)) from None
+    except SignalException as err:
+        if err.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        why = STOP_REASONS.get(err.sigval, f"stopped by {signal.Signals(err.sigval).name}")
+        raise Interrupted(why, err.sigval) from None
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def failure_reason(failures: dict[int, Any]) -> str:
+    """Which ranks failed and how (exit status or signal), the cause first: ranks that
+    stopped because a peer did (:data:`PEER_LOST`) are named only when nothing else is."""
+    import signal
+
+    def how(failure) -> str:
+        code = failure.exitcode
+        if code is not None and code < 0:
+            try:
+                return f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        if code == PEER_LOST:
+            return "lost its peers (a collective failed or timed out)"
+        return f"exited with status {code}"
+
+    causes = {r: f for r, f in failures.items() if f.exitcode != PEER_LOST} or failures
+    return "; ".join(f"rank {r} {how(f)}" for r, f in sorted(causes.items()))

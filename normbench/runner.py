@@ -39,7 +39,7 @@ from normbench.rundir import (
     write_json,
 )
 from normbench.rundir import write_text as write_text_file
-from normbench.schema import RunRecord, record_fields
+from normbench.schema import ID_DEFAULTS, RunRecord, record_fields
 from normbench.validation import settle
 
 #: The file in a run's folder that holds the traceback of a user's norm that failed in it.
@@ -61,7 +61,11 @@ def run_id(cfg, flat: dict[str, Any] | None = None) -> str:
     """A stable hash of the resolved config, seed included, output and execution keys left
     out. ``flat``: the config already flattened (``config.flatten``), where the caller has it."""
     flat = flatten(cfg) if flat is None else flat
-    record = {k: v for k, v in flat.items() if k not in EXECUTION_KEYS}
+    record = {
+        k: v
+        for k, v in flat.items()
+        if k not in EXECUTION_KEYS and not (k in ID_DEFAULTS and str(v) == str(ID_DEFAULTS[k]))
+    }
     text = json.dumps(record, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -100,7 +104,10 @@ class _Recorder:
         if self.trackers:
             self.trackers.log_epoch(record)
         if self.bn_stats is not None:
-            self.bn_stats(record["epoch"])
+            from normbench import distributed
+
+            with distributed.local():  # rank 0 alone: no collective the others would join
+                self.bn_stats(record["epoch"])
         if self.display is not None:
             self.display.on_epoch(record)
 
@@ -142,6 +149,7 @@ def summary_record(
     train_time = sum(r["epoch_time_s"] for r in done)
     images = sum(r["img_per_s"] * r["epoch_time_s"] for r in done)
     built = prepared is not None
+    world = cfg.processes * cfg.nodes
     if built:  # (torch is imported then; a driver recording a lost job need not)
         from normbench.norms.batchrenorm import ramp_end_step
     record = RunRecord(
@@ -150,6 +158,11 @@ def summary_record(
         # the config values the record holds (name, model, norm, batch_size, lr, ...)
         **{f.name: config[f.config] for f in record_fields() if f.config},
         lr_effective=prepared.settings.lr if built else None,
+        world_size=world,
+        batch_size_per_process=cfg.batch_size // world,
+        norm_batch_size=prepared.norm.norm_batch_size(cfg.batch_size // world, world)
+        if built
+        else None,
         steps=result.steps,
         renorm_ramp_end_step=ramp_end_step(prepared.norm.kwargs) if built else None,
         final_test_acc=done[-1]["test_acc"] if done else None,
@@ -271,9 +284,108 @@ def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:
         write_text_file(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         records = resume["records"] if resume else []
         write_csv(folder / "metrics.csv", metrics_frame(rid, records))
+        if cfg.processes * cfg.nodes > 1:  # the lock stays here, with the launcher
+            return _train_parallel(cfg, rid, folder, prepared.threads, display)
         return _train(cfg, rid, folder, prepared, display, resume)
     finally:
         lock.release()
+
+
+def _train_parallel(cfg, rid: str, folder: Path, threads: cores.Threads, display) -> RunOutcome:
+    """Train on ``processes`` workers (:func:`distributed.launch`), rank 0 writing the run
+    folder and sending its progress here for ``display``. A worker that fails ends the
+    run as ``interrupted`` (the others stopped: a collective failed, or the agent's
+    SIGTERM), with the ranks that failed and how, and the next run resumes it; a failure
+    rank 0 recorded as its own (failed) stays."""
+    import multiprocessing
+    import threading
+
+    from normbench import distributed
+
+    events = multiprocessing.get_context("spawn").SimpleQueue()
+    relay = threading.Thread(target=_relay, args=(events, display), daemon=True)
+    relay.start()
+    try:
+        distributed.launch(_rank_main, (cfg, rid, folder, threads, events), cfg.processes, rid)
+    except distributed.RanksFailed as failed:
+        summary = read_summary(folder)
+        if status_of(summary) == "failed":
+            raise RuntimeError(f"run {rid} failed: {summary.get('error')}") from None
+        record = dict(summary) if summary else _lost_summary(cfg, "interrupted", "")
+        record.update(status="interrupted", error=failed.reason)
+        write_json(folder / "summary.json", record)
+        stop = interrupts.Interrupted(f"a process of the run stopped: {failed.reason}")
+        setattr(stop, RECORDED, True)
+        raise stop from None
+    except BaseException as stop:
+        summary = read_summary(folder)
+        if status_of(summary) in (None, "interrupted"):  # (rank 0 may have recorded it)
+            record = dict(summary) if summary else _lost_summary(cfg, "interrupted", "")
+            record.update(status="interrupted", error=interrupts.reason(stop) or str(stop))
+            write_json(folder / "summary.json", record)
+            with contextlib.suppress(AttributeError):
+                setattr(stop, RECORDED, True)
+        raise
+    finally:
+        events.put(None)
+        relay.join(timeout=5)
+    return RunOutcome(rid, folder, read_summary(folder))
+
+
+def _relay(events, display) -> None:
+    """Rank 0's progress reports, passed on to the launcher's display until None comes."""
+    while (event := events.get()) is not None:
+        if display is not None:
+            name, args = event
+            getattr(display, name)(*args)
+
+
+class _Forward:
+    """Rank 0's display: each report goes to the launching process (:func:`_relay`)."""
+
+    def __init__(self, events) -> None:
+        self.events = events
+
+    def on_start(self, *args) -> None:
+        self.events.put(("on_start", args))
+
+    def on_step(self, *args) -> None:
+        self.events.put(("on_step", args))
+
+    def on_epoch(self, *args) -> None:
+        self.events.put(("on_epoch", args))
+
+
+def _rank_main(cfg, rid: str, folder: Path, threads: cores.Threads, events) -> None:
+    """One worker of a data-parallel run: join the process group, build the run (its
+    threads: the run's over the processes), resume from the checkpoint where there is one
+    (each rank reads it), train; rank 0 writes the folder. A rank stopped by another's
+    failure exits with :data:`distributed.PEER_LOST`."""
+    import torch
+
+    from normbench import distributed
+    from normbench.train import train
+    from normbench.validation import resolve_device
+
+    device = resolve_device(cfg.device)
+    share = cores.Threads(max(1, threads.count // cfg.processes), threads.source)
+    with interrupts.handle_signals():
+        rank = distributed.join(device, cfg.dist_timeout_s)
+        try:
+            prepared = prepare(cfg, threads=share)
+            resume, prepared = _resume(cfg, rid, folder, prepared)
+            if rank.rank == 0:
+                _train(cfg, rid, folder, prepared, _Forward(events), resume, rank)
+            else:
+                generator = torch.Generator().manual_seed(cfg.seed)
+                data, optimizer, settings = prepared.data, prepared.optimizer, prepared.settings
+                train(prepared.model, data, optimizer, settings, generator, None, resume, rank)
+        except Exception as err:
+            if distributed.lost_peer(err):
+                raise SystemExit(distributed.PEER_LOST) from None
+            raise
+        finally:
+            distributed.leave()
 
 
 def _resume(cfg, rid: str, folder: Path, prepared: Prepared) -> tuple[dict | None, Prepared]:
@@ -385,10 +497,13 @@ def _discard(path: Path) -> None:
         pass
 
 
-def _train(cfg, rid: str, folder: Path, prepared: Prepared, display, resume=None) -> RunOutcome:
+def _train(
+    cfg, rid: str, folder: Path, prepared: Prepared, display, resume=None, rank=None
+) -> RunOutcome:
+    """Train and record the run (``rank``: rank 0 of a data-parallel run's, which writes)."""
     import torch
 
-    from normbench import checkpoints
+    from normbench import checkpoints, distributed
     from normbench.norms.registry import describe_error, error_text
     from normbench.trackers import open_trackers
     from normbench.train import TrainResult, train
@@ -413,6 +528,7 @@ def _train(cfg, rid: str, folder: Path, prepared: Prepared, display, resume=None
                 generator,
                 recorder,
                 resume=loop,
+                rank=rank,
             )
             if result.status == "completed":
                 _measure_inference(cfg, prepared, result, recorder)
@@ -421,6 +537,8 @@ def _train(cfg, rid: str, folder: Path, prepared: Prepared, display, resume=None
     except BaseException as err:
         users = _users_failure(err, prepared.norm)
         why = None if users else interrupts.reason(err)
+        if why is None and rank is not None and distributed.lost_peer(err):
+            why = f"another process of the run stopped ({error_text(err)})"
         result = TrainResult(records=recorder.records, status="interrupted" if why else "failed")
         result.message = why or f"{type(err).__name__}: {error_text(err)}"
         if users:
@@ -492,17 +610,19 @@ def recorded(stop: BaseException) -> bool:
 def _measure_inference(cfg, prepared: Prepared, result, recorder: _Recorder) -> None:
     """BatchNorm's other inference estimators (:mod:`normbench.inference`), recorded on
     the last epoch; the run's model keeps its running statistics."""
+    from normbench import distributed
     from normbench.inference import measure
 
     clock = time.perf_counter()
-    measured = measure(
-        prepared.model,
-        prepared.data,
-        cfg.batch_size,
-        cfg.eval_batch_size,
-        cfg.eval.precise_bn_images,
-        cfg.seed,
-    )
+    with distributed.local():  # rank 0 alone, of a data-parallel run
+        measured = measure(
+            prepared.model,
+            prepared.data,
+            cfg.batch_size,
+            cfg.eval_batch_size,
+            cfg.eval.precise_bn_images,
+            cfg.seed,
+        )
     if measured:
         result.records[-1].update(measured, bn_eval_time_s=time.perf_counter() - clock)
         write_csv(recorder.path, metrics_frame(recorder.run_id, result.records))

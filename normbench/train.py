@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normbench import distributed
 from normbench.data import DataSplits, eval_batches, steps_per_epoch, train_batches
 
 
@@ -33,6 +34,7 @@ class TrainSettings:
     # the optimizer steps `epochs` take at ref_batch_size (small batches see less data)
     budget: str = "epochs"
     ref_batch_size: int = 128
+    precision: str = "32"  # 32 | bf16 | fp16: autocast's dtype around forward and loss
 
     def total_steps(self, num_train: int) -> int:
         """The run's optimizer steps: ``max_steps`` when set, else what the budget gives."""
@@ -85,17 +87,44 @@ def make_optimizer(params, lr: float, name: str, **kwargs) -> torch.optim.Optimi
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+#: autocast's dtype for each ``precision`` (32: none).
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device: torch.device):
+    """The context the forward pass and loss run in: autocast to bfloat16 or float16
+    (normbench's norms compute their statistics in float32 and return the input's
+    dtype), or nothing at 32."""
+    dtype = AUTOCAST.get(str(precision))
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int):
-    """Mean cross-entropy and accuracy over ``(x, y)`` in eval mode."""
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    precision: str = "32",
+    rank: distributed.Rank | None = None,
+):
+    """Mean cross-entropy and accuracy over ``(x, y)`` in eval mode. Of a data-parallel
+    run (``rank``) each process takes its share of ``(x, y)``, and the sums are added
+    over the processes (one ``all_reduce``): every rank gets the whole set's figures."""
     model.eval()
-    loss = torch.zeros((), device=x.device)
+    if rank is not None:
+        part = rank.share(len(y))
+        x, y = x[part], y[part]
+    loss = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.long, device=x.device)
     for xb, yb in eval_batches(x, y, batch_size):
-        out = model(xb)
-        loss += F.cross_entropy(out, yb, reduction="sum")
+        with autocast(precision, x.device):
+            out = model(xb)
+            loss += F.cross_entropy(out.float(), yb, reduction="sum")
         correct += (out.argmax(1) == yb).sum()
-    return loss.item() / len(y), correct.item() / len(y)
+    sums = [loss.item(), correct.item(), len(y)]
+    total, hits, count = distributed.all_sum(sums, x.device) if rank is not None else sums
+    return total / count, hits / count
 
 
 def train(
@@ -106,6 +135,7 @@ def train(
     generator: torch.Generator,
     callbacks: Callbacks | None = None,
     resume: dict[str, Any] | None = None,
+    rank: distributed.Rank | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data``; evaluate on the test split (and the validation
     split, when there is one) after every epoch.
@@ -129,6 +159,11 @@ def train(
         ),
     )
     result = TrainResult()
+    net = distributed.wrap(model, data.train_x.device.type) if rank is not None else model
+    part = rank.share(settings.batch_size) if rank is not None else slice(None)
+    device = data.train_x.device
+    # float16's small range: the loss scaled up before backward, the gradients down after
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
     first = 1
     if resume is not None:
         scheduler.load_state_dict(resume["scheduler"])
@@ -148,9 +183,13 @@ def train(
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         for xb, yb in train_batches(data, settings.batch_size, generator):
-            out = model(xb)
-            loss = F.cross_entropy(out, yb)
+            xb, yb = xb[part], yb[part]  # the same draws for every process: its slice
+            with autocast(settings.precision, device):
+                out = net(xb)
+                loss = F.cross_entropy(out.float(), yb)
             value = loss.item()
+            if rank is not None:  # the global batch's mean, on every rank
+                value = distributed.all_sum([value * len(yb)], device)[0] / settings.batch_size
             if not math.isfinite(value):
                 result.status = "diverged"
                 result.message = (
@@ -159,24 +198,27 @@ def train(
                 result.records.append({"epoch": epoch, "train_loss": value, "lr": lr})
                 return result
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             result.steps += 1
-            seen += len(yb)
-            loss_sum += value * len(yb)
+            seen += settings.batch_size
+            loss_sum += value * settings.batch_size
             correct += (out.argmax(1) == yb).sum()
             if callbacks is not None:
                 callbacks.on_step(result.steps, epoch, value, seen / (time.perf_counter() - start))
             if result.steps >= total:
                 break
         elapsed = time.perf_counter() - start
-        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, settings.eval_batch_size)
+        hits = distributed.all_sum([correct.item()], device)[0] if rank else correct.item()
+        evaluation = (settings.eval_batch_size, settings.precision, rank)
+        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, *evaluation)
         record = {
             "epoch": epoch,
             "train_loss": loss_sum / seen,
-            "train_acc": correct.item() / seen,
+            "train_acc": hits / seen,
             "test_loss": test_loss,
             "test_acc": test_acc,
             "lr": lr,
@@ -185,7 +227,7 @@ def train(
         }
         if data.num_val:  # the split every choice is made on; the test split is never used
             record["val_loss"], record["val_acc"] = evaluate(
-                model, data.val_x, data.val_y, settings.eval_batch_size
+                model, data.val_x, data.val_y, *evaluation
             )
         result.records.append(record)
         if callbacks is not None:

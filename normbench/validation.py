@@ -169,6 +169,10 @@ def validate(cfg) -> None:
     _check_path_lengths(cfg)
     if cfg.device == "cuda":
         resolve_device("cuda")
+    from normbench.distributed import check_parallel  # (imports no torch)
+
+    # the device only where it matters: resolving auto imports torch
+    check_parallel(cfg, resolve_device(cfg.device) if cfg.precision == "fp16" else cfg.device)
 
 
 #: Keys the schema replaced, still read: each with the key that holds its value now. A

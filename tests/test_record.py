@@ -27,6 +27,9 @@ HELD = {
     "epochs": "epochs",
     "max_steps": "max_steps",
     "seed": "seed",
+    "processes": "processes",
+    "nodes": "nodes",
+    "precision": "precision",
 }
 
 
@@ -36,7 +39,7 @@ HELD = {
 def test_summary_fields_are_the_records_fields_in_order():
     assert tuple(f.name for f in dataclasses.fields(schema.RunRecord)) == SUMMARY_FIELDS
     assert SUMMARY_FIELDS[:2] == ("run_id", "status")
-    assert len(SUMMARY_FIELDS) == len(set(SUMMARY_FIELDS)) == 42
+    assert len(SUMMARY_FIELDS) == len(set(SUMMARY_FIELDS)) == 48
 
 
 def test_statistics_and_figures_take_their_fields_from_the_record():
@@ -63,6 +66,8 @@ def test_number_rules_follow_the_records_types_and_ranges():
         "max_steps": (1, True), "steps": (0, True), "renorm_ramp_end_step": (0, True),
         "best_val_epoch": (1, True),
         "resumed_from_epoch": (0, True), "num_params": (0, True), "threads": (1, True),
+        "processes": (1, True), "nodes": (1, True), "world_size": (1, True),
+        "batch_size_per_process": (1, True), "norm_batch_size": (1, True),
     }  # fmt: skip
     accuracies = [f for f in SUMMARY_FIELDS if f.endswith("_acc") or "_acc_" in f]
     amounts = ["lr", "lr_effective", "final_test_loss", "final_train_loss", "bn_eval_time_s",

@@ -41,6 +41,7 @@ def test_execution_keys_are_the_schemas_execution_fields():
         "device",
         "threads",
         "memory_format",
+        "dist_timeout_s",
         "dataset.root",
         "dataset.download",
         "report.select",

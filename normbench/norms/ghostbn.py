@@ -37,6 +37,11 @@ class GhostBatchNorm(BatchNorm):
     before, since BatchNorm cannot normalise it).
     """
 
+    @staticmethod
+    def norm_batch_size(per_process: int, world: int, kwargs: dict) -> int:
+        """A virtual batch (the process's batch where that is no larger)."""
+        return min(per_process, kwargs.get("virtual_batch_size", 32))
+
     def __init__(
         self,
         num_features: int,

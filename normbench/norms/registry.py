@@ -452,6 +452,20 @@ class NormSpec:
         parameters = inspect.signature(cls).parameters.values()
         return any(p.name == "relu" or p.kind is p.VAR_KEYWORD for p in parameters)
 
+    def norm_batch_size(self, per_process: int, world: int) -> int | None:
+        """The batch one layer normalizes over in training, of a run whose processes take
+        ``per_process`` images each out of ``world``: the class's own
+        ``norm_batch_size(per_process, world, kwargs)`` where it declares one (ghost
+        batches, synchronized groups); else the process's batch for BatchNorm's family
+        (a subclass of torch's ``_BatchNorm``); None for variants without batch statistics."""
+        from torch.nn.modules.batchnorm import _BatchNorm
+
+        cls = self.cls
+        declared = getattr(cls, "norm_batch_size", None)
+        if declared is not None:
+            return declared(per_process, world, self.kwargs)
+        return per_process if isinstance(cls, type) and issubclass(cls, _BatchNorm) else None
+
     def __call__(self, num_channels: int):
         return self.build(num_channels)
 

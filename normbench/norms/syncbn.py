@@ -39,6 +39,11 @@ class SyncBatchNorm(BatchNorm):
     group to synchronize with instead. ``backend`` and ``relu`` as :class:`BatchNorm`'s.
     """
 
+    @staticmethod
+    def norm_batch_size(per_process: int, world: int, kwargs: dict) -> int:
+        """The batches of a group of ``group_size`` processes (None: all of them)."""
+        return per_process * (kwargs.get("group_size") or world)
+
     def __init__(
         self,
         num_features: int,

@@ -37,6 +37,7 @@ from normbench.schema.rule import (
     DEVICES,
     LR_SCALINGS,
     MEMORY_FORMATS,
+    PRECISIONS,
     SCHEDULES,
     Betas,
     Choice,
@@ -66,10 +67,17 @@ def key(
     *,
     execution: bool = False,
     default: Any = MISSING,
+    id_default: Any = MISSING,
 ) -> Any:
     """A schema field: its rule, its help line, whether it is an execution key (left out of
-    the run id). Its value comes from the YAML files (``default`` stays ``???``)."""
+    the run id). Its value comes from the YAML files (``default`` stays ``???``).
+
+    ``id_default``: for a key added after runs existed, its YAML default; at that value it
+    is left out of the run id, so that every earlier run keeps its id (a run that sets
+    another value gets a new one)."""
     metadata = {"rule": rule, "help": help, "execution": execution}
+    if id_default is not MISSING:
+        metadata["id_default"] = id_default
     return field(default=default, metadata=metadata)
 
 
@@ -204,6 +212,27 @@ class Config:
     memory_format: str = key(
         Choice(MEMORY_FORMATS),
         "the layout of images and activations (auto: channels_last on the CPU where it is faster)",
+        execution=True,
+    )
+    # Not execution keys: the processes change what a local BatchNorm normalizes over, the
+    # precision the numerics. Added after runs existed: at their defaults, out of the id.
+    processes: int = key(
+        Whole(1),
+        "data-parallel processes per node (torch.distributed; each takes batch_size / "
+        "(processes x nodes) of every batch)",
+        id_default=1,
+    )
+    nodes: int = key(Whole(1), "nodes of a data-parallel run (SLURM)", id_default=1)
+    precision: str = key(
+        Choice(PRECISIONS, ints=True),
+        "32: float32 | bf16: bfloat16 autocast (CPU and CUDA) | fp16: float16 autocast "
+        "with a gradient scaler (CUDA only)",
+        id_default="32",
+    )
+    dist_timeout_s: int = key(
+        Whole(1),
+        "seconds a process of a data-parallel run waits for the others in a collective: "
+        "a process that died or hangs ends the run (interrupted) within this time",
         execution=True,
     )
     # in config.yaml's order, which the composed config (and so summary.json) keeps
@@ -427,6 +456,11 @@ class Key:
     def execution(self) -> bool:
         return bool(self.field.metadata.get("execution"))
 
+    @property
+    def id_default(self) -> Any:
+        """The value at which the key is left out of the run id; MISSING: never left out."""
+        return self.field.metadata.get("id_default", MISSING)
+
 
 def _keys(cls: type, prefix: str = "") -> Iterator[Key]:
     hints = typing.get_type_hints(cls)
@@ -488,6 +522,12 @@ EXECUTION_KEYS: tuple[str, ...] = tuple(
         ]
     )
 )
+
+
+#: Keys left out of the run id at one value (their default; added after runs existed), by name.
+ID_DEFAULTS: dict[str, Any] = {
+    key.name: key.id_default for key in declared_keys() if key.id_default is not MISSING
+}
 
 
 def register() -> None:

@@ -65,6 +65,16 @@ class RunRecord:
     epochs: int = recorded(1, config="epochs")
     max_steps: int | None = recorded(1, config="max_steps")
     seed: int = recorded(0, config="seed")
+    # data parallelism and numerics (null in summaries written before they existed: one
+    # process, float32); batch_size stays the global batch
+    processes: int | None = recorded(1, config="processes")
+    nodes: int | None = recorded(1, config="nodes")
+    world_size: int | None = recorded(1)  # processes x nodes
+    batch_size_per_process: int | None = recorded(1)
+    # what one norm layer normalizes over in training: the per-process batch (local
+    # BatchNorm), times the group for sync_bn, the ghost batch; null without batch statistics
+    norm_batch_size: int | None = recorded(1)
+    precision: str | None = recorded(config="precision")
     steps: int | None = recorded(0)
     # Batch Renorm's: the step from which r_max and d_max hold their values (warm-up plus
     # ramp, in steps, fractions resolved); a run whose steps stop short never used them.

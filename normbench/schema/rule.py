@@ -26,6 +26,9 @@ LAYOUTS = ("contiguous", "channels_last")
 #: ``memory_format``: auto picks one of LAYOUTS per run (models.choose_memory_format)
 MEMORY_FORMATS = ("auto", *LAYOUTS)
 BACKENDS = ("auto", "cpu", "triton", "reference")
+#: ``precision``: float32 | bfloat16 (CPU and CUDA) | float16 (CUDA, with a gradient scaler).
+#: Strings: Hydra reads ``precision=32`` as an integer, which the string field turns into "32".
+PRECISIONS = ("32", "bf16", "fp16")
 
 #: The largest float32. Runs compute in float32, and torch converts every setting that
 #: enters a tensor operation (a learning rate, momentum, weight decay, an epsilon) to the
@@ -154,9 +157,11 @@ class Number(Rule):
 
 @dataclass(frozen=True)
 class Choice(Rule):
-    """One of ``choices``."""
+    """One of ``choices``; ``ints``: a choice that is a number's digits may be given as that
+    integer (Hydra reads ``precision=32`` as one; the string field holds "32")."""
 
     choices: tuple[str, ...]
+    ints: bool = False
     kind = "string"
 
     @property
@@ -164,7 +169,7 @@ class Choice(Rule):
         return f"one of {', '.join(self.choices)}"
 
     def check(self, value, options=None):
-        if value in self.choices:
+        if value in self.choices or (self.ints and is_int(value) and str(value) in self.choices):
             return None
         return self.text + (closest(str(value), self.choices) if value else "")
 
