@@ -6,8 +6,9 @@ are done already (or owned by a live process elsewhere), and checks every job le
 run before anything trains: each config composes and validates, and each distinct
 (data set, model, norm, batch size, ...) builds and survives one training-mode forward
 pass. One bad value anywhere fails the whole sweep with one message. Planning a
-complete sweep costs a few milliseconds per run: the jobs share Hydra's compositions
-(:func:`normbench.config.compose`), and a done run is one small JSON read.
+complete sweep costs about a millisecond per run: a job's values are read without
+composing it (:func:`normbench.config.compose_plain`: the jobs share Hydra's
+compositions), and a done run is one small JSON read.
 
 :func:`launch` then hands only the runs left to Hydra (``--multirun``, with normbench's
 sweeper, :mod:`hydra_plugins.normbench_sweeper`, in place of the basic one): the basic
