@@ -15,8 +15,9 @@ writes them). Then times, median of ``--repeats``:
   timed ones find no run changed.
 
 ``--compare DIR``: the same commands with the normbench of another checkout (DIR on
-PYTHONPATH, e.g. a ``git worktree`` of an earlier commit), each on a copy of the runs of
-its own, interleaved with this checkout's, repeat by repeat.
+PYTHONPATH and the process's working folder, e.g. a ``git worktree`` of an earlier
+commit; each process is checked to import the checkout it should), each on a copy of the
+runs of its own, interleaved with this checkout's, repeat by repeat.
 
 Usage: python benchmarks/plan_speed.py [--seeds 5] [--repeats 5] [--keep DIR] [--compare DIR]
 """
@@ -87,15 +88,32 @@ def write_completed(overrides: list[str]) -> int:
     return len(jobs)
 
 
+#: This checkout (the one this file is in).
+HERE = Path(__file__).resolve().parents[1]
+
+
+def _process(source: Path | None) -> tuple[dict[str, str], Path]:
+    """The environment and folder a new process imports ``source``'s normbench (None: this
+    checkout's) with: ``python -m`` puts its working folder first on the path, so it
+    starts in the checkout itself, never in another."""
+    folder = (source or HERE).resolve()
+    return {**os.environ, "PYTHONPATH": str(folder)}, folder
+
+
+def imported_from(source: Path | None) -> str:
+    """Where a new process set up as the timed ones are finds normbench."""
+    env, cwd = _process(source)
+    command = [sys.executable, "-c", "import normbench; print(normbench.__file__)"]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd).stdout
+
+
 def sweep_command(overrides: list[str], count: int, source: Path | None) -> float:
     """Wall time of ``normbench sweep`` over a complete grid, in a new process (``source``:
     another checkout's normbench)."""
-    env = dict(os.environ)
-    if source is not None:
-        env["PYTHONPATH"] = str(source)
+    env, cwd = _process(source)
     command = [sys.executable, "-m", "normbench.cli", "sweep", *overrides]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
     wall = time.perf_counter() - start
     if done.returncode != 0 or f"{count} skipped" not in done.stdout:
         sys.exit(f"the repeated sweep did not skip every run:\n{done.stdout}{done.stderr}")
@@ -137,6 +155,9 @@ def main() -> None:
             shutil.copytree(root / "this", root / "other", copy_function=shutil.copy2)
         cases = {}
         for label, source in sources.items():
+            found = Path(imported_from(source).strip()).resolve()
+            if not found.is_relative_to((source or HERE).resolve()):
+                sys.exit(f"{label}: a new process imports normbench from {found}")
             folder = root / ("this" if source is None else "other")
             for runs, overrides in ((small, small_grid(folder)), (count, grid(folder, args.seeds))):
                 sweep_command(overrides, runs, source)  # makes the tables (and their stamp)

@@ -240,8 +240,79 @@ def named_options(overrides: Sequence[str], group: str) -> list[str]:
 #: sweeps), reused by :func:`compose` for every job that shares them: a sweep of a
 #: thousand runs composes a handful of times, not a thousand (Hydra's composition is
 #: the slow part of planning).
-_composed: dict[tuple[str, ...], Any] = {}
+_composed: dict[tuple[str, ...], _Composition] = {}
 _COMPOSED_MAX = 64
+
+
+class Plain(dict):
+    """A composed config as plain nested dicts and lists, read as a DictConfig is read
+    (``cfg.norm.name``, ``cfg.get("eval")``): what :func:`compose_plain` gives."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+
+def _plain_copy(node: Any) -> Any:
+    if isinstance(node, dict):
+        return Plain({key: _plain_copy(value) for key, value in node.items()})
+    if isinstance(node, list):
+        return [_plain_copy(value) for value in node]
+    return node
+
+
+class _Composition:
+    """Hydra's composition for one set of structural overrides and, for
+    :func:`compose_plain`, what its jobs share: the config as plain containers and the
+    value each ``key=value`` override leaves in it (converted by OmegaConf to the key's
+    type) or the message it fails with."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self._plain: Any = _ABSENT
+        self._scratch = None  # a copy of cfg that value overrides are applied to, one by one
+        self._applied: dict[str, tuple[Any, str | None]] = {}
+
+    def plain(self) -> tuple[Plain, dict[str, Any]] | None:
+        """The config as :class:`Plain` containers, and flattened; None where a value
+        override could change more than its own key (an interpolation, a missing value)."""
+        from omegaconf import OmegaConf
+
+        if self._plain is _ABSENT:
+            tree = OmegaConf.to_container(self.cfg, resolve=False)
+            flat = _flatten(tree)
+            leaves = [v for v in flat.values() for v in (v if isinstance(v, list) else [v])]
+            if any(isinstance(v, str) and ("${" in v or v == "???") for v in leaves):
+                self._plain = None
+            else:
+                self._plain = (_plain_copy(tree), flat)
+        return self._plain
+
+    def applied(self, override, overrides: Sequence[str]) -> tuple[Any, str | None]:
+        """What :func:`_apply` makes of ``override`` here: (the value, None), (None, its
+        message) or (_ABSENT, None) where the value is not a plain one."""
+        from omegaconf import Container, OmegaConf
+
+        text = override.input_line
+        if text not in self._applied:
+            if self._scratch is None:
+                self._scratch = copy.deepcopy(self.cfg)
+            try:
+                _apply(self._scratch, override, overrides)
+            except UserError as err:
+                self._applied[text] = (None, str(err))
+            else:
+                value = OmegaConf.select(self._scratch, override.key_or_group)
+                plain = not isinstance(value, Container | dict | list)
+                self._applied[text] = (value if plain else _ABSENT, None)
+        return self._applied[text]
 
 
 def _is_value_override(override) -> bool:
@@ -280,17 +351,8 @@ def compose(overrides: Sequence[str] = ()):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = with_searchpath(overrides)
-    parsed = check_group_overrides(overrides)
-    for override in parsed:
-        if override.is_sweep_override() and not override.key_or_group.startswith("hydra"):
-            raise UserError(
-                f"{override.input_line} gives several values: that is a sweep, which "
-                "`normbench sweep` runs one job per value; here give one value"
-            )
-    structural = tuple(o.input_line for o in parsed if not _is_value_override(o))
-    values = [o for o in parsed if _is_value_override(o)]
-    base = _compose_groups(structural, overrides)
+    overrides, structural, values = _split(overrides)
+    base = _compose_groups(structural, overrides).cfg
     for override in values:
         if override.is_add() or override.is_force_add():
             _check_added_key(base, override)
@@ -301,6 +363,71 @@ def compose(overrides: Sequence[str] = ()):
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise UserError(_schema_problem(err) or f"invalid config: {first_line(err)}") from None
+    validate(cfg)
+    return cfg
+
+
+def _split(overrides: Sequence[str]) -> tuple[list[str], tuple[str, ...], list]:
+    """:func:`compose`'s first checks: the overrides (with the user's config folders),
+    the structural ones' texts and the value overrides (parsed)."""
+    overrides = with_searchpath(overrides)
+    parsed = check_group_overrides(overrides)
+    for override in parsed:
+        if override.is_sweep_override() and not override.key_or_group.startswith("hydra"):
+            raise UserError(
+                f"{override.input_line} gives several values: that is a sweep, which "
+                "`normbench sweep` runs one job per value; here give one value"
+            )
+    structural = tuple(o.input_line for o in parsed if not _is_value_override(o))
+    return overrides, structural, [o for o in parsed if _is_value_override(o)]
+
+
+def compose_plain(overrides: Sequence[str] = ()):
+    """The config :func:`compose` gives, with its values and its errors, as :class:`Plain`
+    containers: what a sweep's plan reads of a job (its run id, its folder) without an
+    OmegaConf copy per job, the slow part of composing.
+
+    The jobs that share their structural overrides share Hydra's composition, as for
+    :func:`compose`; each value override is applied once per composition by
+    :func:`_apply` (its conversion to the key's type, or its message) and its value set
+    in a plain copy, which :func:`~normbench.validation.validate` then checks whole, as
+    it checks a composed config. Where a value override could change more than its own
+    key's value (``+key``, ``~key``, a group's option name, a mapping or a list, an
+    interpolation in the config or the value), the config is :func:`compose`'s own."""
+    overrides, structural, values = _split(overrides)
+    composition = _compose_groups(structural, overrides)
+    plain = composition.plain()
+    if plain is None:
+        return compose(overrides)
+    tree, flat = plain
+    settings = []
+    for override in values:
+        key = override.key_or_group
+        value = override.value()
+        if (
+            override.is_add()
+            or override.is_force_add()
+            or override.is_delete()
+            or key not in flat
+            or isinstance(flat[key], list)
+            or (key.partition(".")[0] in GROUPS and key.partition(".")[2] == "name")
+            or not isinstance(value, str | int | float | bool | type(None))
+            or (isinstance(value, str) and "${" in value)
+        ):
+            return compose(overrides)
+        value, problem = composition.applied(override, overrides)
+        if problem is not None:
+            raise UserError(problem)
+        if value is _ABSENT:
+            return compose(overrides)
+        settings.append((key, value))
+    cfg = _plain_copy(tree)
+    for key, value in settings:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
     validate(cfg)
     return cfg
 
@@ -367,7 +494,7 @@ def _initialized():
     return initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3")
 
 
-def _compose_groups(structural: tuple[str, ...], overrides: Sequence[str]):
+def _compose_groups(structural: tuple[str, ...], overrides: Sequence[str]) -> _Composition:
     import yaml
     from hydra import compose as hydra_compose
     from hydra.errors import HydraException
@@ -388,7 +515,7 @@ def _compose_groups(structural: tuple[str, ...], overrides: Sequence[str]):
             raise UserError(unreadable_config(err)) from None
         if len(_composed) >= _COMPOSED_MAX:
             _composed.pop(next(iter(_composed)))
-        _composed[structural] = cfg
+        _composed[structural] = _Composition(cfg)
     return _composed[structural]
 
 

@@ -6,8 +6,9 @@ are done already (or owned by a live process elsewhere), and checks every job le
 run before anything trains: each config composes and validates, and each distinct
 (data set, model, norm, batch size, ...) builds and survives one training-mode forward
 pass. One bad value anywhere fails the whole sweep with one message. Planning a
-complete sweep costs a few milliseconds per run: the jobs share Hydra's compositions
-(:func:`normbench.config.compose`), and a done run is one small JSON read.
+complete sweep costs about a millisecond per run: a job's values are read without
+composing it (:func:`normbench.config.compose_plain`: the jobs share Hydra's
+compositions), and a done run is one small JSON read.
 
 :func:`launch` then hands only the runs left to Hydra (``--multirun``, with normbench's
 sweeper, :mod:`hydra_plugins.normbench_sweeper`, in place of the basic one): the basic
@@ -50,7 +51,9 @@ PATH_KEYS = ("out_dir", "dataset.root")
 @dataclass
 class Job:
     overrides: list[str]  # as the grid gives them (and the launcher gets them)
-    cfg: Any
+    # the config as planned: compose's, or compose_plain's plain containers, which
+    # ``cfg`` composes from the grid's overrides when first asked for
+    planned: Any
     run_id: str
     run_dir: Path
     previous: str | None  # status already on disk, or None
@@ -58,6 +61,18 @@ class Job:
     # queued from an earlier sweep (queued.Queued)
     busy: Any = None
     flat: dict[str, Any] = field(default_factory=dict)  # the config, flattened (config.flatten)
+    grid: list[str] = field(default_factory=list)  # the grid's overrides, as planned
+
+    @property
+    def cfg(self):
+        """The job's config, :func:`normbench.config.compose`'s (OmegaConf): a run that
+        is done needs only its values, so a plan composes it for the runs it checks and
+        launches, and for whoever asks."""
+        from normbench.config import Plain, compose
+
+        if isinstance(self.planned, Plain):
+            self.planned = compose(self.grid)
+        return self.planned
 
 
 @dataclass
@@ -264,7 +279,13 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
     ``glob(...)`` over a group's options is expanded as Hydra's basic sweeper does, and the
     report's ``baseline`` and ``select`` are checked against the grid."""
     from normbench.build import prepare
-    from normbench.config import EXECUTION_KEYS, compose, expand_globs, flatten, with_searchpath
+    from normbench.config import (
+        EXECUTION_KEYS,
+        compose_plain,
+        expand_globs,
+        flatten,
+        with_searchpath,
+    )
     from normbench.lock import read_owner
     from normbench.queued import QueueCheck
     from normbench.rundir import check_writable, read_summary, status_of
@@ -279,17 +300,18 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
     planned: set[Path] = set()
     for job_overrides in expand(overrides):
         try:
-            cfg = compose(job_overrides)
+            planned_cfg = compose_plain(job_overrides)  # compose's values, no OmegaConf copy
         except UserError as err:
             raise UserError(f"in sweep job {' '.join(job_overrides)}: {err}") from None
-        flat = flatten(cfg)
-        rid = run_id(cfg, flat)
-        folder = experiment_dir(cfg) / "runs" / rid
+        flat = flatten(planned_cfg)
+        rid = run_id(planned_cfg, flat)
+        folder = experiment_dir(planned_cfg) / "runs" / rid
         if folder in planned:
             result.duplicates += 1
             continue
         planned.add(folder)
-        job = Job(job_overrides, cfg, rid, folder, status_of(read_summary(folder)), flat=flat)
+        previous = status_of(read_summary(folder))
+        job = Job(job_overrides, planned_cfg, rid, folder, previous, flat=flat, grid=job_overrides)
         result.jobs.append(job)
         if result.skipped(job):
             continue
@@ -300,6 +322,7 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
         job.busy = queue.find(folder)
         if job.busy is not None:
             continue
+        cfg = job.cfg
         job.overrides = absolute_paths(_task_overrides(job_overrides), cfg)
         check_run_folder(folder)  # a link, or a folder in a file's place: before anything runs
         if folder.parent.parent not in writable:  # once per experiment folder
@@ -339,7 +362,7 @@ def _check_report(jobs: Sequence[Job]) -> None:
     for job in jobs:
         experiments.setdefault(job.run_dir.parent.parent, []).append(job)
     for folder, members in experiments.items():
-        report = members[0].cfg.report
+        report = members[0].planned.report  # compose_plain's or compose's: both read alike
         if report.baseline is None and not report.select:
             continue
         configs = {job.run_id: job.flat for job in members}

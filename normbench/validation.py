@@ -16,6 +16,7 @@ it.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -127,10 +128,16 @@ def option_keys(group: str, option: str, load: bool = True) -> dict[str, Any]:
 
 def _flatten(cfg) -> dict[str, Any]:
     """A composed config's keys and resolved values (``normbench.config.flatten``, which
-    callers use; validation stays below config)."""
+    callers use; validation stays below config). ``cfg``: a DictConfig, or plain
+    containers (``normbench.config.compose_plain``'s)."""
     from omegaconf import OmegaConf
 
-    return schema.flat(OmegaConf.to_container(cfg, resolve=True))
+    return schema.flat(cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True))
+
+
+@functools.cache
+def _root_key_names() -> tuple[str, ...]:
+    return tuple(item.name for item in schema.root_keys())
 
 
 def validate(cfg) -> None:
@@ -152,12 +159,10 @@ def validate(cfg) -> None:
             raise UserError(problem)
     settle(cfg)
     flat = _flatten(cfg)
-    for item in schema.root_keys():
-        if item.name not in flat and item.name not in REPLACED:
+    for name in _root_key_names():
+        if name not in flat and name not in REPLACED:
             # ~key: normbench reads every key it declares
-            raise UserError(
-                f"{item.name} is missing (~{item.name}): normbench reads it; set a value instead"
-            )
+            raise UserError(f"{name} is missing (~{name}): normbench reads it; set a value instead")
     _require(
         os.sep not in cfg.name and cfg.name not in (".", ".."),
         "name",
@@ -193,9 +198,10 @@ def settle(cfg, notify: bool = True) -> None:
 
     Settling a settled config changes nothing (the runner settles the configs Hydra
     composes for a sweep's jobs)."""
+    import contextlib
     import warnings
 
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf, open_dict
 
     from normbench.errors import Notice
 
@@ -213,7 +219,8 @@ def settle(cfg, notify: bool = True) -> None:
                     Notice,
                     stacklevel=2,
                 )
-        with open_dict(section):
+        # (plain containers, compose_plain's, take any key: nothing to open)
+        with open_dict(section) if OmegaConf.is_config(section) else contextlib.nullcontext():
             del section["precise_bn_batches"]
     norm = cfg.get("norm")
     if hasattr(norm, "items"):

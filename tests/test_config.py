@@ -441,3 +441,119 @@ def test_a_key_below_a_null_is_one_line():
         "(an experiment preset that sweeps sets it); give the sweep on the command line "
         "instead: norm=zzz"
     )
+
+
+# ------------------------------------------------ compose_plain: a sweep's plan, cheaper
+
+#: Value overrides on compositions of every kind, good and bad: compose_plain must give
+#: compose's values (types and order too) or its message, and the same notices.
+PLAIN_CASES = [
+    [],
+    ["lr=1", "batch_size=16", "seed=3"],  # an int where a float goes: converted
+    ["lr=1", "lr=0.5", "lr_scaling=sqrt"],  # the last of one key wins
+    ["norm=group", "norm.groups=4", "batch_size=8"],
+    ["norm=batch_renorm", "norm.warmup_steps=100", "eval.precise_bn_batches=50", "batch_size=8"],
+    ["norm=batch_renorm", "norm.warmup_fraction=0.7", "norm.ramp_fraction=0.6"],
+    ["experiment=quick", "norm=layer", "lr=0.05", "seed=2"],
+    ["experiment=batch_size_study", "dataset=digits", "epochs=2"],
+    ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "lr=0.3"],
+    ["model=mlp", "model.hidden=[64]", "optim=adam", "optim.betas=[0.8,0.99]"],  # lists
+    ["~norm.eps", "lr=0.2"],
+    ["++lr=0.3", "+norm.momentum=0.2"],
+    ["eval_batch_size=${batch_size}", "batch_size=64"],  # an interpolation
+    ["name=exp", "out_dir=/tmp/elsewhere", "dataset.root=data2", "threads=2"],
+    ["report.baseline=layer", "report.stale_threshold=3"],
+    ["checkpoint.keep=true", "eval.bn_stats=false", "max_steps=10", "budget=steps"],
+    # bad values: the first one's message, in compose's order
+    ["lr=-1"],
+    ["lr=abc"],
+    ["batch_size=0", "epochs=-1"],
+    ["epochs=2.5"],
+    ["norm=group", "norm.groups=0"],
+    ["norm=group", "norm.groups=abc"],
+    ["norm=group", "norm.grups=4"],
+    ["norm.name=layer"],
+    ["name=a/b"],
+    ["name=.."],
+    ["lr=1e38", "lr_scaling=linear", "batch_size=4096"],
+    ["schedule.name=step", "schedule.gamma=1e30", "lr=1"],
+    ["optim=adam", "optim.betas=[0.99999999,0.9]", "lr=1e35"],
+    ["memory_format=sideways"],
+    ["budget=forever"],
+    [f"out_dir={'x' * 300}"],
+    ["report.select=lr"],
+    ["checkpoint.save=sometimes", "lr=-1"],
+]
+
+
+def _outcome(make, overrides):
+    """Every key's (name, type, value), or the message; and the notices."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = [(k, type(v), v) for k, v in flatten(make(overrides)).items()]
+        except UserError as err:
+            result = f"error: {err}"
+    return result, [str(w.message) for w in caught]
+
+
+def _same_as_compose(cases):
+    from normbench.config import compose_plain
+
+    for overrides in cases:
+        for _ in range(2):  # the second time from what the first left cached
+            assert _outcome(compose_plain, overrides) == _outcome(compose, overrides), overrides
+
+
+def test_compose_plain_gives_composes_values_and_messages():
+    assert any(isinstance(_outcome(compose, o)[0], str) for o in PLAIN_CASES)
+    _same_as_compose(PLAIN_CASES)
+    # one composition's jobs in any order: what one job's values left behind changes none
+    _same_as_compose([["lr=abc"], ["lr=0.3"], ["lr=2"], ["batch_size=3", "lr=abc"], ["lr=2"]])
+
+
+def test_compose_plain_of_a_users_options_and_an_installed_one(tmp_path, monkeypatch):
+    """Options of a user's folder (keys of their own, checked by their defaults' types, an
+    interpolation) and of an installed package (its constructor's defaults)."""
+    from normbench import config, options
+    from normbench.norms import registry
+
+    monkeypatch.setattr(options, "_user_dirs", [])
+    (tmp_path / "conf" / "norm").mkdir(parents=True)
+    (tmp_path / "conf" / "norm" / "mine.yaml").write_text(
+        "name: mine\n_target_: torch.nn.LayerNorm\nscale: 2.0\nflag: true\nlabel: x\n"
+    )
+    (tmp_path / "conf" / "norm" / "linked.yaml").write_text(
+        "name: linked\n_target_: torch.nn.LayerNorm\nwidth: ${batch_size}\n"
+    )
+    config.add_config_dir(tmp_path / "conf")
+    site = tmp_path / "site"
+    (site / "plain_norms-0.1.dist-info").mkdir(parents=True)
+    (site / "plain_norms-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: plain-norms\nVersion: 0.1\n"
+    )
+    (site / "plain_norms-0.1.dist-info" / "entry_points.txt").write_text(
+        "[normbench.norms]\nshifted = plain_norms:Shifted\n"
+    )
+    (site / "plain_norms.py").write_text(
+        '"""A variant without torch."""\n\n\nclass Shifted:\n'
+        "    def __init__(self, num_channels, eps=1e-5, shift=2, center=True):\n"
+        "        self.shift = shift\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(registry, "_stored", {})
+    assert "shifted" in registry.entry_point_norms()
+    cases = [
+        ["norm=mine", "norm.scale=3", "norm.flag=false", "norm.label=y", "lr=0.2"],
+        ["norm=mine", "norm.scale=abc"],
+        ["norm=mine", "norm.flag=2"],
+        ["norm=mine", "norm.label=3"],
+        ["norm=linked", "batch_size=16"],
+        ["norm=shifted", "norm.shift=5", "norm.eps=0.001", "seed=4"],
+        ["norm=shifted", "norm.shift=x"],
+        ["norm=shifted", "norm.center=1"],
+        ["norm=shifted", "norm.missing=1"],
+    ]
+    _same_as_compose(cases)

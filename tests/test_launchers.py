@@ -145,12 +145,36 @@ def slurm_args(name: str, *more: str) -> list[str]:
     ]
 
 
-def test_slurm_grid_completes_and_a_rerun_submits_nothing(slurm, tmp_path):
+def test_slurm_grid_completes_a_cancelled_job_is_redone_and_a_rerun_submits_nothing(
+    slurm, tmp_path
+):
+    """Two runs: one completes, one is scancelled while it trains. The sweep ends normally
+    with counts and tables (exit 1); the next sweep redoes only the cancelled run, each job
+    with the one CPU it was given; the one after finds the grid done and submits nothing
+    (one grid for the three: a SLURM sweep costs tens of seconds here)."""
     name = f"nb{uuid.uuid4().hex[:8]}"
-    args = [*TINY, "epochs=1,2", *slurm_args(name, "hydra.launcher.timeout_min=5")]
-    first = sweep(tmp_path, *args)
-    assert first.returncode == 0, first.stderr
-    assert "2 completed" in first.stdout
+    # 40 epochs: a second or more of training after the lock, for the scancel to find it
+    args = [*TINY, "epochs=1,40", *slurm_args(name, "hydra.launcher.timeout_min=5")]
+    driver = start_sweep(tmp_path, *args)
+    try:
+        owner = wait_for(lambda: lock_of(tmp_path, 40), 120, "the 40-epoch run to start")
+        subprocess.run(["scancel", owner["slurm_job"]], check=True)
+        out, err = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 1, err
+    assert "1 completed" in out and "1 interrupted" in out
+    runs = summaries(tmp_path)
+    assert runs[1]["status"] == "completed"
+    assert runs[40]["status"] == "interrupted"
+    assert f"SLURM job {owner['slurm_job']}: cancelled" in runs[40]["error"]
+    assert (tmp_path / "results" / "default" / "summary.csv").is_file()
+    assert not list((tmp_path / "results" / "default" / "runs").glob("*/.lock"))
+
+    before = slurm_jobs(name)
+    redo = sweep(tmp_path, *args)  # no --retry-failed
+    assert redo.returncode == 0, redo.stderr
+    assert "1 completed" in redo.stdout and "1 skipped" in redo.stdout
     runs = summaries(tmp_path)
     assert {r["status"] for r in runs.values()} == {"completed"} and len(runs) == 2
     # each job ran with the one CPU it was given
@@ -160,41 +184,18 @@ def test_slurm_grid_completes_and_a_rerun_submits_nothing(slurm, tmp_path):
     for table in ("runs.csv", "summary.csv", "metrics.csv"):
         assert (tmp_path / "results" / "default" / table).is_file()
     jobs = slurm_jobs(name)
-    assert sorted(jobs.values()) == ["COMPLETED", "COMPLETED"]
+    assert len(jobs) == len(before) + 1
+    # the two jobs that trained a run to its end, and the cancelled one
+    assert sorted(state.split()[0] for state in jobs.values()) == [
+        "CANCELLED",
+        "COMPLETED",
+        "COMPLETED",
+    ]
 
     again = sweep(tmp_path, *args)
     assert again.returncode == 0, again.stderr
     assert "2 skipped" in again.stdout and "0 completed" in again.stdout
     assert slurm_jobs(name) == jobs  # no job submitted
-
-
-def test_slurm_a_cancelled_job_is_interrupted_and_redone(slurm, tmp_path):
-    """Two runs: one completes, one is scancelled while it trains. The sweep ends normally
-    with counts and tables (exit 1); the next sweep redoes only the cancelled run."""
-    name = f"nb{uuid.uuid4().hex[:8]}"
-    args = [*TINY, "epochs=1,120", *slurm_args(name, "hydra.launcher.timeout_min=5")]
-    driver = start_sweep(tmp_path, *args)
-    try:
-        owner = wait_for(lambda: lock_of(tmp_path, 120), 120, "the 120-epoch run to start")
-        subprocess.run(["scancel", owner["slurm_job"]], check=True)
-        out, err = driver.communicate(timeout=300)
-    finally:
-        driver.kill()
-    assert driver.returncode == 1, err
-    assert "1 completed" in out and "1 interrupted" in out
-    runs = summaries(tmp_path)
-    assert runs[1]["status"] == "completed"
-    assert runs[120]["status"] == "interrupted"
-    assert f"SLURM job {owner['slurm_job']}: cancelled" in runs[120]["error"]
-    assert (tmp_path / "results" / "default" / "summary.csv").is_file()
-    assert not list((tmp_path / "results" / "default" / "runs").glob("*/.lock"))
-
-    before = slurm_jobs(name)
-    redo = sweep(tmp_path, *args)  # no --retry-failed
-    assert redo.returncode == 0, redo.stderr
-    assert "1 completed" in redo.stdout and "1 skipped" in redo.stdout
-    assert summaries(tmp_path)[120]["status"] == "completed"
-    assert len(slurm_jobs(name)) == len(before) + 1
 
 
 def test_slurm_time_limit_is_recorded_as_interrupted(slurm, tmp_path):
@@ -355,10 +356,11 @@ def test_submitit_local_shares_the_cores_and_records_a_killed_job(tmp_path):
     with SIGKILL is recorded interrupted; the rerun redoes only it."""
     from normbench.cores import affinity
 
-    args = [*TINY, "epochs=2,120", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"]
+    # 40 epochs: a second or more of training after the lock, for the kill to find it
+    args = [*TINY, "epochs=2,40", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"]
     driver = start_sweep(tmp_path, *args)
     try:
-        owner = wait_for(lambda: lock_of(tmp_path, 120), 120, "the 120-epoch run to start")
+        owner = wait_for(lambda: lock_of(tmp_path, 40), 120, "the 40-epoch run to start")
         os.kill(owner["pid"], signal.SIGKILL)
         out, err = driver.communicate(timeout=300)
     finally:
@@ -369,8 +371,8 @@ def test_submitit_local_shares_the_cores_and_records_a_killed_job(tmp_path):
     cores = len(affinity())
     assert runs[2]["threads"] == max(1, cores // 2)
     assert runs[2]["threads_from"] == f"submitit_local: {cores} cores / 2 jobs"
-    assert runs[120]["status"] == "interrupted"
-    assert "exited without a result" in runs[120]["error"]  # what submitit_local can tell
+    assert runs[40]["status"] == "interrupted"
+    assert "exited without a result" in runs[40]["error"]  # what submitit_local can tell
 
     again = sweep(tmp_path, *args)
     assert again.returncode == 0, again.stderr
@@ -381,11 +383,12 @@ def test_submitit_local_shares_the_cores_and_records_a_killed_job(tmp_path):
 
 
 def test_joblib_a_killed_worker_is_recorded_and_the_sweep_ends(tmp_path):
-    args = [*TINY, "epochs=120,121", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    # 60 epochs: seconds of training, for both workers to be seen training at once
+    args = [*TINY, "epochs=60,61", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     driver = start_sweep(tmp_path, *args)
     try:
         owner = wait_for(
-            lambda: lock_of(tmp_path, 121) and lock_of(tmp_path, 120), 120, "both runs to start"
+            lambda: lock_of(tmp_path, 61) and lock_of(tmp_path, 60), 120, "both runs to start"
         )
         os.kill(owner["pid"], signal.SIGKILL)  # as the OOM killer would
         out, err = driver.communicate(timeout=300)
@@ -394,11 +397,11 @@ def test_joblib_a_killed_worker_is_recorded_and_the_sweep_ends(tmp_path):
     assert driver.returncode == 1, err
     assert "Traceback" not in err
     runs = summaries(tmp_path)
-    assert runs[120]["status"] == "interrupted"
-    assert "TerminatedWorkerError" in runs[120]["error"]
+    assert runs[60]["status"] == "interrupted"
+    assert "TerminatedWorkerError" in runs[60]["error"]
     assert (tmp_path / "results" / "default" / "runs.csv").is_file()
     # joblib stops the other worker too: its run is interrupted, or finished first
-    assert runs[121]["status"] in ("interrupted", "completed")
+    assert runs[61]["status"] in ("interrupted", "completed")
     again = sweep(tmp_path, *args)
     assert again.returncode == 0, again.stderr
     assert {r["status"] for r in summaries(tmp_path).values()} == {"completed"}

@@ -590,3 +590,72 @@ def test_a_complete_sweep_imports_no_torch(complete_sweep, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 skipped" in done.stdout and "torch imported: False" in done.stdout
     assert "tables and figures kept" in done.stdout
+
+
+def test_a_complete_sweep_composes_no_job(complete_sweep, tmp_path, monkeypatch):
+    """A done run's id and folder come from its values (config.compose_plain): no job is
+    composed through OmegaConf, only the grid's first (expand: its preset's grid)."""
+    from normbench import config
+
+    experiment, args = _copy(complete_sweep, tmp_path)
+    composed = []
+    real = config.compose
+    monkeypatch.setattr(config, "compose", lambda o=(): composed.append(o) or real(o))
+    planned = sweep.plan(args[1:])
+    assert not planned.to_run and len(planned.jobs) == 2 and len(composed) == 1
+    assert planned.jobs[1].cfg.norm.name == "layer"  # composed when asked for
+    assert len(composed) == 2
+
+
+@pytest.mark.filterwarnings("ignore::normbench.errors.Notice")  # precise_bn_batches's
+@pytest.mark.parametrize(
+    "grid",
+    [
+        ["norm=glob(*_bn)", "batch_size=8,16", "lr=0.1,1", "seed=range(2)"],
+        ["norm=group", "norm.groups=1,4", "dataset.train_size=128,256", "++epochs=2"],
+        ["experiment=quick", "norm=layer,batch_renorm", "eval.precise_bn_batches=2"],
+        ["model=mlp,small_cnn", "optim=adam", "optim.betas=[0.8,0.9]", "~norm.eps"],
+        ["norm=batch_renorm", "norm.warmup_steps=0,5", "eval_batch_size=${batch_size}"],
+    ],
+    ids=["glob", "nested", "preset", "lists", "interpolation"],
+)
+def test_a_plans_run_ids_are_those_of_composing_each_job(tmp_path, monkeypatch, grid):
+    """The plan reads each job's values without composing it: its run ids, folders and
+    values are those of config.compose on every job."""
+    from normbench.config import compose, flatten
+    from normbench.runner import run_dir
+
+    monkeypatch.setattr("normbench.build.prepare", lambda cfg: None)  # not this test's
+    planned = sweep.plan(tiny_args(tmp_path, *grid))
+    assert len(planned.jobs) > 1
+    for job in planned.jobs:
+        cfg = compose(job.grid)
+        assert job.flat == flatten(cfg) and job.run_dir == run_dir(cfg)
+        assert flatten(job.cfg) == job.flat
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "lr=0.1,-1",
+        "norm.groups=4,abc",
+        "name=ok,a/b",
+        "lr=1,2e38",  # its peak after lr_scaling: over float32's largest
+        "schedule.gamma=1e30 schedule.name=cosine,step",  # a key set, another one swept
+    ],
+)
+def test_a_bad_grid_point_is_composes_one_line(tmp_path, bad):
+    """The plan's message for a bad value in one grid point is compose's for that job."""
+    from normbench.config import compose
+
+    *fixed, swept = bad.split()
+    scaled = ["batch_size=64", "ref_batch_size=32", "lr_scaling=linear"]
+    args = tiny_args(tmp_path, "norm=group", *scaled, *fixed, swept)
+    job = sweep.expand(args)[-1]  # the grid's last point: the bad value
+    with pytest.raises(UserError) as composed:
+        compose(job)
+    with pytest.raises(UserError) as planned:
+        sweep.plan(args)
+    assert str(planned.value) == f"in sweep job {' '.join(job)}: {composed.value}"
+    assert "\n" not in str(planned.value)
+    assert not (tmp_path / "results").exists()
