@@ -430,13 +430,14 @@ def test_a_runs_bar_in_the_sweeps_display_shows_its_norm_as_text():
 
 
 def test_a_glob_sweeps_the_options_it_matches(tmp_path):
-    """``norm=glob(*_bn)`` plans the jobs ``norm=custom_bn,ghost_bn,torch_bn`` plans (the
+    """``norm=glob(*_bn)`` plans the jobs ``norm=custom_bn,ghost_bn,sync_bn,torch_bn`` plans (the
     options Hydra's glob matches: tests/test_config.py checks that against Hydra's own)."""
     globbed = sweep.plan(["norm=glob(*_bn)", *tiny_args(tmp_path)])
-    listed = sweep.plan(["norm=custom_bn,ghost_bn,torch_bn", *tiny_args(tmp_path)])
+    listed = sweep.plan(["norm=custom_bn,ghost_bn,sync_bn,torch_bn", *tiny_args(tmp_path)])
     assert [job.run_id for job in globbed.jobs] == [job.run_id for job in listed.jobs]
-    assert [job.cfg.norm.name for job in globbed.jobs] == ["custom_bn", "ghost_bn", "torch_bn"]
-    assert "norm=custom_bn,ghost_bn,torch_bn" in globbed.overrides
+    names = [job.cfg.norm.name for job in globbed.jobs]
+    assert names == ["custom_bn", "ghost_bn", "sync_bn", "torch_bn"]
+    assert "norm=custom_bn,ghost_bn,sync_bn,torch_bn" in globbed.overrides
 
 
 @pytest.mark.parametrize(

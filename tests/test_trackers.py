@@ -5,6 +5,7 @@ metrics.csv and summary.json; resumed runs, sweeps and trackers that fail."""
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -130,7 +131,20 @@ def search_runs(store: str, experiment: str) -> pd.DataFrame:
         mlflow.set_tracking_uri(None)
 
 
-def wandb_records(run_file: Path):
+def wandb_records(run_file: Path, wait_s: float = 60.0):
+    """:func:`read_wandb_records` once the file holds the run's ``exit`` record: wandb's
+    service writes the offline file on after ``finish()`` returns (seconds, on a busy
+    machine)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = list(read_wandb_records(run_file))
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{run_file}: no exit record after {wait_s} s"
+        time.sleep(0.1)
+
+
+def read_wandb_records(run_file: Path):
     """The records of a W&B run file (run-<id>.wandb), as wandb's own protocol buffers:
     LevelDB's log format (32 KiB blocks of checksummed, typed chunks) after W&B's 7-byte
     header, which wandb 0.31 ships no Python reader for."""
@@ -270,7 +284,7 @@ def test_figures_go_to_one_run_per_experiment_at_the_runs_they_show(tmp_path):
                 steps.append(row["_step"])
                 image = file.parent / "files" / row["plots/error_vs_batch_size/path"]
                 assert plt.imread(image).shape[:2] == (2, 2)
-    assert steps == [2, 4]
+    assert sorted(steps) == [2, 4], (steps, [str(f) for f in files])
 
 
 # ------------------------------------------------------------------------------ failures
