@@ -60,7 +60,7 @@ def test_runs_that_differ_in_an_unswept_key_are_never_credited_to_the_norm(tmp_p
     never draw the two in one plot."""
 
     from normbench.cli import app
-    from normbench.views.figures import error_vs_batch_size
+    from normbench.views.error_figures import error_vs_batch_size
 
     common = [f"out_dir={tmp_path}", "epochs=1", "dataset.train_size=128", "threads=1"]
     runner = CliRunner()
