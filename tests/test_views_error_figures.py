@@ -172,9 +172,7 @@ def test_processes_move_the_norm_batch_and_two_global_batches_are_two_figures():
     # at 128, 64, 32 images per process (the only line with points: none dodged)
     assert sorted(custom.lines[0].get_xdata()) == pytest.approx([64, 128, 256])
     # layer at each number of processes: one reference line each, told apart
-    assert legend_of(ax)[1:] == [
-        f"layer (processes={p}) (no batch statistics)" for p in (1, 2, 4)
-    ]
+    assert legend_of(ax)[1:] == [f"layer (processes={p}) (no batch statistics)" for p in (1, 2, 4)]
 
 
 def test_ghost_batches_are_points_of_one_line():
@@ -213,3 +211,13 @@ def test_cli_plot_against_the_norm_batch(tmp_path, make_run):
     assert (exp / "plots" / "error_vs_norm_batch_size.png").is_file()
     assert not (exp / "plots" / "error_vs_batch_size.png").exists()
     assert invoke("plot", exp, "--x", "lr").exit_code == 2
+
+
+def test_the_cli_offers_the_schemas_x_axes():
+    import typing
+
+    from normbench import cli
+    from normbench.schema.config import X_AXES
+
+    hint = typing.get_type_hints(cli.plot, include_extras=True)["x"]
+    assert typing.get_args(typing.get_args(hint)[0]) == X_AXES == tuple(error_figures.X_LABELS)

@@ -216,7 +216,7 @@ def keys_along(runs: pd.DataFrame, x: str) -> list[str]:
     still tell runs without a norm batch apart are kept: :func:`unplaced_keys`)."""
     keys = swept_keys(runs)
     column = x_column(runs, x)
-    if column in keys:
+    if x == "batch_size":
         return keys
     norm_key = resolve_key(runs, "norm")
     moved = moved_with_x(runs, column, keys, norm_key)

@@ -59,14 +59,12 @@ ERROR_METRICS: dict[str, str] = {
     AT_BEST_VAL: "at the best-validation epoch",
 }
 
-#: Per x axis (:data:`normbench.schema.config.X_AXES`): the axis label, the title's
-#: words and the file name's stem.
-X_LABELS: dict[str, tuple[str, str, str]] = {
-    "batch_size": ("batch size (images per step)", "batch size", "error_vs_batch_size"),
+#: Per x axis (:data:`normbench.schema.config.X_AXES`): the axis label and the title's words.
+X_LABELS: dict[str, tuple[str, str]] = {
+    "batch_size": ("batch size (images per step)", "batch size"),
     "norm_batch_size": (
         "norm batch size (images one BatchNorm normalizes over)",
         "norm batch size",
-        "error_vs_norm_batch_size",
     ),
 }
 
@@ -180,7 +178,7 @@ def error_vs_batch_size(
     metric = metric or error_metric(runs, tuned)
     prepared = _prepare(runs, tuned, x)
     stats = _error_stats(prepared, metric, x)
-    xlabel, xwords, stem = X_LABELS[x]
+    xlabel, xwords = X_LABELS[x]
     figures: list[tuple[str, Figure]] = []
     taken: set[str] = set()
     for combo, frame in _combos(prepared):
@@ -280,7 +278,10 @@ def error_vs_batch_size(
         if failed:
             notes.append(_not_shown(0, failed))
         _footnote(fig, " ".join(n for n in notes if n))
-        figures.append((_file_name(stem, combo, taken), fig))
+        # against the norm batch a file of its own (error_vs_norm_batch_size), so that the
+        # two can lie side by side
+        name = _file_name("error_vs_batch_size", combo, taken).replace("batch_size", x, 1)
+        figures.append((name, fig))
     return figures
 
 
