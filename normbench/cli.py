@@ -278,7 +278,8 @@ def results(
             "--group-by",
             "-g",
             help="Group the table by this key instead of every swept key; repeat for "
-            "several (norm, batch_size, lr, model, optim.momentum, ...)",
+            "several, or separate them with commas (norm, batch_size, lr, model, "
+            "optim.momentum, a recorded field: norm,norm_batch_size)",
             metavar="KEY",
             show_default=False,
         ),
@@ -399,13 +400,23 @@ def plot(
             "small errors apart",
         ),
     ] = False,
+    x: Annotated[
+        # normbench.schema.config.X_AXES (a test holds them equal)
+        Literal["batch_size", "norm_batch_size"],
+        typer.Option(
+            "--x",
+            help="The error figure's x axis: batch_size (the global batch) or norm_batch_size "
+            "(what one BatchNorm normalizes over: sync_bn's groups, ghost batches and processes "
+            "as points along one line)",
+        ),
+    ] = "batch_size",
 ) -> None:
     """Draw each experiment's figures into its plots folder: test error vs batch size per
     norm (log2 axis, 95% CI over seeds; the runs chosen on validation when there is a
     selected.csv), test accuracy per epoch, and BatchNorm's statistics at inference."""
     from normbench.reports import plot_experiments
 
-    for path in plot_experiments(dirs, warn=warn, fmt=fmt, log_error=log_error):
+    for path in plot_experiments(dirs, warn=warn, fmt=fmt, log_error=log_error, x=x):
         out.print(str(path))
 
 

@@ -24,7 +24,7 @@ import pandas as pd
 from normbench import __version__, received, terminal
 from normbench.analysis.collect import Collected, collect, find_experiments
 from normbench.analysis.flags import Thresholds
-from normbench.analysis.keys import resolve_key, swept_keys
+from normbench.analysis.keys import keys_along, resolve_key, swept_keys, x_column
 from normbench.analysis.stats import (
     baseline_of,
     group_stats,
@@ -47,12 +47,8 @@ from normbench.rundir import (
     write_text,
 )
 from normbench.views.bn_figures import bn_stats_figures
-from normbench.views.figures import (
-    FIGURE_FORMATS,
-    error_vs_batch_size,
-    save_settings,
-    training_curves,
-)
+from normbench.views.error_figures import error_vs_batch_size
+from normbench.views.figures import FIGURE_FORMATS, save_settings, training_curves
 from normbench.views.inference_figures import bn_inference
 from normbench.views.tables import (
     TABLE_FORMATS,
@@ -158,6 +154,7 @@ def report(
     note: Callable[[Any], None] | None = None,
     draw: bool = False,
     shown: dict[str, Any] | None = None,
+    x: str = "batch_size",
 ) -> Iterator[Any]:
     """``normbench results``: aggregate every experiment under ``paths``
     (:func:`find_experiments`) and yield what to print: per experiment, its run counts,
@@ -173,7 +170,9 @@ def report(
     figures too (:func:`plot_experiment`, as a sweep's end). Each experiment gets a
     ``report.md`` (:func:`write_report`). Every folder and key is checked before any
     table is written. ``shown``: filled with what the tables were shown with (the counts
-    line, keys, caption), for :func:`sweep_reports` to show them again unchanged.
+    line, keys, caption), for :func:`sweep_reports` to show them again unchanged. ``x``:
+    the error figure's x axis; with ``norm_batch_size``, the summary table is grouped by
+    it in place of the keys that move it (:func:`~normbench.analysis.keys.keys_along`).
     """
     if fmt not in TABLE_FORMATS:
         raise UserError(f"--format must be one of {', '.join(TABLE_FORMATS)}, got {fmt!r}")
@@ -196,9 +195,12 @@ def report(
             keys, reference, selection = [], None, None
         else:
             if group_by:
-                keys = list(dict.fromkeys(resolve_key(runs, k) for k in group_by))
+                keys = _grouped_by(runs, group_by)
             else:
-                keys = swept_keys(runs)
+                try:
+                    keys = keys_along(runs, x)
+                except UserError as error:
+                    raise UserError(f"{exp_dir}: {error}") from None
             reference = baseline_of(runs, baseline)
             selection = select_values(runs, select, reference, thresholds) if select else None
         plans.append((exp_dir, collected, keys, reference, selection))
@@ -257,7 +259,7 @@ def report(
             yield from printed
         if draw:
             try:
-                for path in plot_experiment(exp_dir):
+                for path in plot_experiment(exp_dir, x=x):
                     if shown is not None:
                         shown.setdefault("figures", []).append(path)
                     yield f"wrote {path}"
@@ -267,6 +269,12 @@ def report(
         write_report(exp_dir, counts[0], sections)
     if side_by_side is not None:
         yield from side_by_side
+
+
+def _grouped_by(runs: pd.DataFrame, group_by: Sequence[str]) -> list[str]:
+    """The columns ``--group-by`` names, repeated or comma-separated (``norm,norm_batch_size``)."""
+    named = [k.strip() for keys in group_by for k in keys.split(",") if k.strip()]
+    return list(dict.fromkeys(resolve_key(runs, k) for k in named))
 
 
 def _summary_section(
@@ -376,7 +384,8 @@ def sweep_reports(
     select = list(settings.select) if settings is not None and settings.select else None
     baseline = settings.baseline if settings is not None else None
     thresholds = Thresholds.of(settings)
-    wanted = {"select": select, "baseline": baseline, "thresholds": vars(thresholds)}
+    x = getattr(settings, "x", None) or "batch_size"
+    wanted = {"select": select, "baseline": baseline, "thresholds": vars(thresholds), "x": x}
     for folder in folders:
         if not (folder / "runs").is_dir():  # every job was lost before its run began
             note(f"{folder}: no runs yet, no tables")
@@ -393,9 +402,9 @@ def sweep_reports(
         common |= {"baseline": baseline, "thresholds": thresholds}
         shown: dict[str, Any] = {}
         try:
-            printed = list(report([folder], select=select, draw=True, shown=shown, **common))
-        except UserError as error:  # a selection the finished runs cannot make
-            warn_and_keep(f"{error}; tables without it")
+            printed = list(report([folder], select=select, draw=True, shown=shown, x=x, **common))
+        except UserError as error:  # a selection the runs cannot make, runs without x
+            warn_and_keep(f"{error}; tables and figures without it")
             printed = list(report([folder], draw=True, shown=shown, **common))
         yield from printed
         if shown.get("figures"):
@@ -541,10 +550,7 @@ def compare_experiments(
     if not frames:
         return [f"{', '.join(labels.values())}: no runs to compare"]
     runs = pd.concat(frames, ignore_index=True)
-    if group_by:
-        keys = list(dict.fromkeys(resolve_key(runs, k) for k in group_by))
-    else:
-        keys = swept_keys(runs)
+    keys = _grouped_by(runs, group_by) if group_by else swept_keys(runs)
     keys = ["experiment", *(k for k in keys if k != "experiment")]
     thresholds = thresholds or Thresholds.of()
     summary = group_stats(runs, keys, baseline_of(runs, baseline), thresholds)
@@ -565,16 +571,18 @@ def plot_experiment(
     *,
     fmt: str = "png",
     log_error: bool = False,
+    x: str = "batch_size",
 ) -> list[Path]:
     """Collect an experiment's runs, draw every figure and write them into
     ``<exp_dir>/plots/`` as ``fmt`` (png, pdf or svg:
     :data:`~normbench.views.figures.FIGURE_FORMATS`);
     returns the paths written, error figures first. ``log_error``: logarithmic error axes.
+    ``x``: the error figure's x axis (:data:`~normbench.schema.config.X_AXES`).
     With a ``selected.csv``, the error and BatchNorm-inference figures draw the runs it
     chose.
 
     Raises :class:`NothingToPlot` (a UserError; nothing written) when no run of the
-    experiment completed.
+    experiment completed, or its runs lack ``x`` (recorded before normbench wrote it).
     """
     import matplotlib
 
@@ -600,11 +608,15 @@ def plot_experiment(
         raise NothingToPlot(
             f"{exp_dir}: no completed runs to plot ({', '.join(found) or 'no runs'})"
         )
+    try:
+        x_column(selected, x)
+    except UserError as error:
+        raise NothingToPlot(f"{exp_dir}: {error}") from None
     written = []
     rc, options = save_settings(fmt)
     with _missing_glyphs(exp_dir / "plots", warn), matplotlib.rc_context(rc):
         figures = (
-            error_vs_batch_size(selected, tuned, log=log_error)
+            error_vs_batch_size(selected, tuned, log=log_error, x=x)
             + training_curves(runs, collected.metrics)
             + bn_inference(selected, tuned, log=log_error)
             + bn_stats_figures(runs, bn_stats_table(exp_dir, runs))
@@ -698,8 +710,9 @@ def plot_experiments(
     *,
     fmt: str = "png",
     log_error: bool = False,
+    x: str = "batch_size",
 ) -> list[Path]:
-    """:func:`plot_experiment` (as ``fmt``, with ``log_error``) for every experiment under
+    """:func:`plot_experiment` (as ``fmt``, with ``log_error`` and ``x``) for every experiment under
     ``paths`` (the rules of :func:`normbench.analysis.collect.find_experiments`). An
     experiment with nothing to plot is reported to ``warn`` (when there are several) and
     skipped; when none has anything, :class:`NothingToPlot` is raised and nothing is
@@ -712,7 +725,7 @@ def plot_experiments(
     problems: list[str] = []
     for exp_dir in experiments:
         try:
-            written += plot_experiment(exp_dir, warn, fmt=fmt, log_error=log_error)
+            written += plot_experiment(exp_dir, warn, fmt=fmt, log_error=log_error, x=x)
         except NothingToPlot as error:
             problems.append(str(error))
             if warn is not None and len(experiments) > 1:

@@ -1,12 +1,13 @@
 """Tests for normbench.reports: the tables written, ``normbench results`` and its
 comparisons, links replaced, damaged experiments."""
 
+import io
 import math
 import shutil
 
 import pandas as pd
 import pytest
-from run_folders import invoke, runs_of
+from run_folders import edit_summary, invoke, runs_of
 
 from normbench import reports
 from normbench.analysis.collect import collect
@@ -301,3 +302,65 @@ def test_aggregate_skips_a_damaged_bn_stats_and_writes_none_without_any(tmp_path
     (folder,) = (exp / "runs").iterdir()
     (folder / "bn_stats.csv").write_text("not,a\ntable\n")
     assert reports.bn_stats_table(exp, collect(exp).runs).empty
+
+
+def _sync_study(exp, make_run):
+    """sync_bn over groups of 1 and 2 of 2 processes, custom_bn local, layer: 2 seeds, the
+    norm batch recorded as a 2-process run records it."""
+    for seed in (0, 1):
+        for norm, group, nbs, final in [
+            ("sync_bn", 1, 32, 0.80),
+            ("sync_bn", 2, 64, 0.84),
+            ("custom_bn", None, 32, 0.82),
+            ("layer", None, None, 0.70),
+        ]:
+            more = {"norm__group_size": group} if group else {}
+            folder = make_run(
+                exp, final=final + 0.01 * seed, seed=seed, norm__name=norm, batch_size=64,
+                processes=2, **more,
+            )  # fmt: skip
+            edit_summary(folder, processes=2, world_size=2, norm_batch_size=nbs)
+
+
+def test_results_group_by_the_norm_batch(tmp_path, make_run):
+    exp = tmp_path / "results" / "sync"
+    _sync_study(exp, make_run)
+    result = invoke("results", exp, "--group-by", "norm,norm_batch_size", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    shown = pd.read_csv(io.StringIO(result.stdout))
+    assert list(shown.columns[:2]) == ["norm.name", "norm_batch_size"]
+    means = {
+        (norm, None if pd.isna(nbs) else int(nbs)): mean
+        for norm, nbs, mean in shown[["norm.name", "norm_batch_size", "final_test_acc_mean"]].values
+    }
+    assert means == pytest.approx(
+        {("custom_bn", 32): 0.825, ("layer", None): 0.705, ("sync_bn", 32): 0.805,
+         ("sync_bn", 64): 0.845}
+    )  # fmt: skip
+    # sync_bn is compared with custom_bn where both normalize over 32 images
+    assert "diff_to_baseline" in shown and shown["diff_to_baseline"].notna().sum() == 1
+
+
+def test_a_sweeps_report_against_the_norm_batch(tmp_path, make_run):
+    from types import SimpleNamespace
+
+    exp = tmp_path / "results" / "sync"
+    _sync_study(exp, make_run)
+    settings = SimpleNamespace(
+        select=None, baseline=None, stale_threshold=2.0, undertrained_gap=10.0,
+        x="norm_batch_size",
+    )  # fmt: skip
+    warned: list[str] = []
+    printed = list(reports.sweep_reports([exp], settings, warned.append, lambda line: None))
+    assert not warned
+    assert (exp / "plots" / "error_vs_norm_batch_size.png").is_file()
+    assert any("by norm, norm_batch_size" in str(getattr(p, "title", "")) for p in printed)
+
+    # runs recorded before the norm batch: tables and figures by the global batch, told why
+    for folder in runs_of(exp):
+        edit_summary(folder, norm_batch_size=None, world_size=None)
+    printed = list(reports.sweep_reports([exp], settings, warned.append, lambda line: None))
+    (line,) = warned
+    assert "x axis norm_batch_size: 8 of 8 runs were recorded before" in line
+    assert line.endswith("tables and figures without it")
+    assert (exp / "plots" / "error_vs_batch_size.png").is_file()

@@ -48,6 +48,7 @@ def test_execution_keys_are_the_schemas_execution_fields():
         "report.baseline",
         "report.stale_threshold",
         "report.undertrained_gap",
+        "report.x",
         "checkpoint.save",
         "checkpoint.keep",
         "eval.bn_stats",

@@ -26,7 +26,7 @@ from normbench import reports
 from normbench.cli import app
 from normbench.errors import UserError
 from normbench.rundir import METRIC_COLUMNS
-from normbench.views import axes, inference_figures
+from normbench.views import axes, error_figures, inference_figures
 from normbench.views import figures as draw
 
 NORMS = ("custom_bn", "layer", "group")
@@ -186,7 +186,7 @@ def check_png(path, figure=None):
 
 def test_error_vs_batch_size_draws_means_and_hand_computed_intervals():
     runs, _ = frames(grid())
-    figures = draw.error_vs_batch_size(runs)
+    figures = error_figures.error_vs_batch_size(runs)
     assert [name for name, _ in figures] == ["error_vs_batch_size.png"]
     (ax,) = the_axes(figures[0][1])
     bars = errorbars(ax)
@@ -226,14 +226,14 @@ def test_one_seed_draws_no_bar_and_diverged_runs_are_marked_not_averaged():
     status |= {("layer", 8, 0): "diverged", ("layer", 8, 1): "diverged"}
     status |= {("layer", 8, 2): "diverged", ("group", 32, 0): "failed"}
     runs, _ = frames(grid(status=status))
-    stats = draw.error_stats(runs)
+    stats = error_figures.error_stats(runs)
     point = stats[(stats["label"] == "custom_bn") & (stats["batch_size"] == 2)].iloc[0]
     assert (point["n"], point["diverged"]) == (1, 2) and math.isnan(point["ci95"])
     assert point["mean_error"] == pytest.approx(100 * (1 - final_acc("custom_bn", 2, 2)))
     failed = stats[(stats["label"] == "group") & (stats["batch_size"] == 32)].iloc[0]
     assert (failed["n"], failed["failed"]) == (2, 1)
 
-    ((_, figure),) = draw.error_vs_batch_size(runs)
+    ((_, figure),) = error_figures.error_vs_batch_size(runs)
     (ax,) = the_axes(figure)
     bars = errorbars(ax)
     line, _caps, (collection,) = bars["custom_bn"].lines
@@ -253,14 +253,14 @@ def test_one_seed_draws_no_bar_and_diverged_runs_are_marked_not_averaged():
 
     # A point whose runs all failed has no row, but the footnote still counts them.
     status |= {("group", 2, seed): "failed" for seed in SEEDS}
-    ((_, figure),) = draw.error_vs_batch_size(frames(grid(status=status))[0])
+    ((_, figure),) = error_figures.error_vs_batch_size(frames(grid(status=status))[0])
     footnote = " ".join(text.get_text() for text in figure.texts).replace("\n", " ")
     assert "4 failed runs" in footnote
 
 
 def test_one_figure_per_combination_of_other_swept_keys():
     runs, metrics = frames(grid(lrs=(0.1, 0.05), optims=("sgd", "adam")))
-    figures = draw.error_vs_batch_size(runs)
+    figures = error_figures.error_vs_batch_size(runs)
     names = [name for name, _ in figures]
     assert names == [
         "error_vs_batch_size__lr-0.05__optim-adam.png",
@@ -284,7 +284,7 @@ def test_a_norms_own_swept_key_splits_its_line_and_keeps_its_color():
     runs, _ = frames(grid(norms=("custom_bn", "group")))
     is_group = runs["norm"] == "group"
     runs.loc[is_group, "norm.groups"] = np.where(runs.loc[is_group, "seed"] == 0, 4, 8)
-    ((name, figure),) = draw.error_vs_batch_size(runs)
+    ((name, figure),) = error_figures.error_vs_batch_size(runs)
     assert name == "error_vs_batch_size.png"  # not a figure per norm.groups
     (ax,) = the_axes(figure)
     bars = errorbars(ax)
@@ -296,7 +296,7 @@ def test_a_norms_own_swept_key_splits_its_line_and_keeps_its_color():
 
 def test_a_single_batch_size_still_renders(tmp_path):
     runs, metrics = frames(grid(sizes=(16,)))
-    ((_, figure),) = draw.error_vs_batch_size(runs)
+    ((_, figure),) = error_figures.error_vs_batch_size(runs)
     (ax,) = the_axes(figure)
     assert list(errorbars(ax)["layer"].lines[0].get_xdata()) == [16]
     low, high = ax.get_xlim()
@@ -348,7 +348,7 @@ def test_no_completed_runs_no_figures():
     runs, metrics = frames(
         grid(status={(n, b, s): "failed" for n in NORMS for b in SIZES for s in SEEDS})
     )
-    assert draw.error_vs_batch_size(runs) == []
+    assert error_figures.error_vs_batch_size(runs) == []
     assert draw.training_curves(runs, metrics) == []
 
 
@@ -369,7 +369,7 @@ def test_plot_experiment_writes_readable_pngs(tmp_path):
     assert all(p.parent == exp / "plots" for p in written)
     assert sorted(p.name for p in (exp / "plots").iterdir()) == sorted(p.name for p in written)
     collected = collect(exp)
-    built = draw.error_vs_batch_size(collected.runs) + draw.training_curves(
+    built = error_figures.error_vs_batch_size(collected.runs) + draw.training_curves(
         collected.runs, collected.metrics
     )
     for path, (_, figure) in zip(written, built, strict=True):
@@ -511,7 +511,7 @@ def test_names_are_drawn_escaped_never_as_math_and_every_one_in_the_legend(tmp_p
     shown = {r"evil\x1b[31m\u202e", "''", r"\$\frac\$_x"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # not one glyph missing
-        ((_, errors),) = draw.error_vs_batch_size(runs)
+        ((_, errors),) = error_figures.error_vs_batch_size(runs)
         ((_, curves),) = draw.training_curves(runs, metrics)
         for figure in (errors, curves):
             figure.savefig(tmp_path / "figure.png")  # draws every text: math would fail here
@@ -543,7 +543,7 @@ def test_glyphs_the_font_lacks_are_one_warning_line(tmp_path):
 
 def test_values_that_differ_by_little_are_two_figures_named_apart():
     runs, metrics = frames(grid(norms=("layer",), sizes=(4, 16), lrs=(0.1, 0.1000000001)))
-    figures = draw.error_vs_batch_size(runs)
+    figures = error_figures.error_vs_batch_size(runs)
     assert [name for name, _ in figures] == [
         "error_vs_batch_size__lr-0.1.png",
         "error_vs_batch_size__lr-0.1000000001.png",
@@ -574,7 +574,7 @@ def test_the_means_set_the_error_axis_and_a_huge_interval_is_clipped_and_marked(
     errors = {("custom_bn", 2): (2.24, 2.26), ("custom_bn", 8): (0.5, 4.5)}
     errors |= {("custom_bn", 32): (3.24, 3.26), ("layer", 2): (2.74, 2.76)}
     errors |= {("layer", 8): (3.24, 3.26), ("layer", 32): (3.74, 3.76)}
-    ((_, figure),) = draw.error_vs_batch_size(_errors_frame(errors))
+    ((_, figure),) = error_figures.error_vs_batch_size(_errors_frame(errors))
     (ax,) = the_axes(figure)
     assert ax.get_ylim() == pytest.approx((1.75, 4.25))
     bars = errorbars(ax)
@@ -589,7 +589,7 @@ def test_the_means_set_the_error_axis_and_a_huge_interval_is_clipped_and_marked(
     assert "▲/▼ on the frame mark a 95% CI that runs beyond it" in footnote_of(figure)
 
     errors[("custom_bn", 8)] = (2.49, 2.51)  # nothing clipped: no mark, no note
-    ((_, figure),) = draw.error_vs_batch_size(_errors_frame(errors))
+    ((_, figure),) = error_figures.error_vs_batch_size(_errors_frame(errors))
     (ax,) = the_axes(figure)
     assert marks(ax, axes.CLIPPED_HIGH) == marks(ax, axes.CLIPPED_LOW) == []
     assert "▲" not in footnote_of(figure)
@@ -602,13 +602,13 @@ def test_a_log_error_axis():
     errors = {("custom_bn", 2): (0.99, 1.01), ("custom_bn", 8): (0.0, 0.0)}
     errors |= {("layer", 2): (9.99, 10.01), ("layer", 8): (3.99, 4.01)}
     runs = _errors_frame(errors)
-    ((_, figure),) = draw.error_vs_batch_size(runs, log=True)
+    ((_, figure),) = error_figures.error_vs_batch_size(runs, log=True)
     (ax,) = the_axes(figure)
     assert ax.get_yscale() == "log"
     factor = max(10**0.12, 1.15)  # the means span a decade, 1% to 10%
     assert ax.get_ylim() == pytest.approx((1 / factor, 10 * factor))
     assert "Logarithmic error axis. 1 mean of 0% error not shown on it." in footnote_of(figure)
-    ((_, linear),) = draw.error_vs_batch_size(runs)
+    ((_, linear),) = error_figures.error_vs_batch_size(runs)
     assert the_axes(linear)[0].get_yscale() == "linear"
 
     runs = runs.assign(test_acc_precise_bn=runs["final_test_acc"] - 0.01,
@@ -641,8 +641,8 @@ def test_the_selected_figure_draws_the_error_at_the_best_validation_epoch():
     final epoch's. Runs without it (older ones) fall back to the final epoch's."""
     runs, _ = frames(grid())
     runs["test_acc_at_best_val"] = runs["final_test_acc"] - 0.03
-    ((_, chosen),) = draw.error_vs_batch_size(runs, tuned=["lr"])
-    ((_, final),) = draw.error_vs_batch_size(runs)
+    ((_, chosen),) = error_figures.error_vs_batch_size(runs, tuned=["lr"])
+    ((_, final),) = error_figures.error_vs_batch_size(runs)
     for figure, shift, words in ((chosen, 3, "best-validation"), (final, 0, "last epoch")):
         (ax,) = the_axes(figure)
         line = errorbars(ax)["group"].lines[0]
@@ -654,12 +654,16 @@ def test_the_selected_figure_draws_the_error_at_the_best_validation_epoch():
     title = the_axes(chosen)[0].get_title()
     assert "test error at the best-validation epoch vs batch size" in title
     assert "lr chosen on validation" in title
-    stats = draw.error_stats(runs, metric=draw.AT_BEST_VAL)
+    stats = error_figures.error_stats(runs, metric=error_figures.AT_BEST_VAL)
     assert stats["mean_error"].iloc[0] == pytest.approx(
         np.mean([100 * (1 - final_acc("custom_bn", 2, s)) + 3 for s in SEEDS])
     )
     older = runs.drop(columns="test_acc_at_best_val")
-    assert draw.error_metric(older, ["lr"]) == draw.FINAL == draw.error_metric(runs)
+    assert (
+        error_figures.error_metric(older, ["lr"])
+        == error_figures.FINAL
+        == error_figures.error_metric(runs)
+    )
 
 
 def _chosen(norm: str) -> float:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from normbench.errors import UserError
+from normbench.schema.config import X_AXES
 
 #: Swept keys come in this order, when they vary; the others follow in config order.
 KEY_ORDER: tuple[str, ...] = ("norm.name", "batch_size", "lr", "model.name", "dataset.name")
@@ -132,3 +133,94 @@ def resolve_key(runs: pd.DataFrame, key: str) -> str:
     close = difflib.get_close_matches(key, short + columns, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise UserError(f"unknown key {key!r}{hint}; valid: {', '.join(short) or 'none (no runs)'}")
+
+
+# ------------------------------------------------------------------------- the x axis
+
+
+#: The keys besides a norm's own that feed its normalization batch: tried in this order,
+#: the first that does not follow from it splits the figures (the global batch first, so
+#: that a study of processes at one global batch draws one figure per global batch).
+_FEEDS = ("batch_size", "nodes", "processes")
+
+
+def x_column(runs: pd.DataFrame, x: str) -> str:
+    """The column of ``runs`` that ``x`` (one of ``X_AXES``: the error figure's x axes,
+    declared with ``report.x``) is. Raises
+    :class:`UserError` for another name, and for ``norm_batch_size`` when runs that were
+    not stopped before they were built lack it (recorded by an older normbench: neither it
+    nor ``world_size`` in their summary)."""
+    if x not in X_AXES:
+        raise UserError(f"x axis {x!r}: one of {', '.join(X_AXES)}")
+    if x == "batch_size":
+        return resolve_key(runs, x)
+    built = runs[~runs["status"].astype(str).isin(("failed", "interrupted"))]
+    if x in runs.columns:
+        recorded = built[x].notna()
+        if "world_size" in runs.columns:
+            recorded |= built["world_size"].notna()
+        old = int((~recorded).sum())
+    else:
+        old = len(built)
+    if old:
+        raise UserError(
+            f"x axis {x}: {old} of {len(built)} runs were recorded before normbench wrote "
+            f"{x} (rerun them with --force, or draw them by batch_size)"
+        )
+    return x
+
+
+def moved_with_x(runs: pd.DataFrame, x_col: str, keys: Sequence[str], norm_key: str) -> list[str]:
+    """The keys among ``keys`` (swept ones, ``norm_key`` among them) that move the x axis
+    ``x_col`` instead of telling runs apart: with the global batch, ``batch_size`` itself;
+    with the norm batch, those of ``batch_size``, ``nodes``, ``processes`` and the norm's
+    own keys (``norm.group_size``, ``norm.virtual_batch_size``) whose value follows from
+    the norm batch and the keys left: sync_bn's ``group_size=1,2,4,8`` are one line along
+    x, not four. A key that does not follow (two runs at one norm batch differ in it) is
+    left to tell runs apart, ``batch_size`` first: a study of processes at two global
+    batches is a figure per global batch. Runs without a norm batch (null: no batch
+    statistics) do not take part in the test."""
+    if _base_key(x_col) == "batch_size" or x_col not in runs.columns:
+        return [k for k in keys if k == x_col]
+    feeds = [k for name in _FEEDS for k in keys if _base_key(k) == name]
+    moved = feeds + option_keys(norm_key, keys)
+    placed = runs[runs[x_col].notna()]
+    if placed.empty:
+        return []
+    # as text, so that list values and nulls group too
+    text = {k: placed[k].map(repr) for k in keys if k in placed.columns}
+    while True:
+        by = [text[k] for k in keys if k not in moved and k in text] + [placed[x_col]]
+        spread = [
+            k for k in moved if k in text and text[k].groupby(by, dropna=False).nunique().max() > 1
+        ]
+        if not spread:
+            return moved
+        moved.remove(spread[0])
+
+
+def unplaced_keys(runs: pd.DataFrame, x_col: str, moved: Sequence[str], keys: Sequence[str]):
+    """The keys among ``moved`` that still tell apart runs without a norm batch (null
+    ``x_col``) that the other ``keys`` do not: layer at 1 and at 8 processes."""
+    loose = runs[runs[x_col].isna()] if x_col in runs.columns else runs.iloc[:0]
+    if loose.empty:
+        return []
+    by = [loose[k].map(repr) for k in keys if k not in moved] or [pd.Series(0, loose.index)]
+    return [k for k in moved if loose[k].map(repr).groupby(by).nunique().max() > 1]
+
+
+def keys_along(runs: pd.DataFrame, x: str) -> list[str]:
+    """The keys a sweep's summary table groups by when its figures draw against ``x``:
+    the swept keys (:func:`swept_keys`), and with ``norm_batch_size`` that column, after
+    the norm's keys, in place of the keys that move it (:func:`moved_with_x`; those that
+    still tell runs without a norm batch apart are kept: :func:`unplaced_keys`)."""
+    keys = swept_keys(runs)
+    column = x_column(runs, x)
+    if x == "batch_size":
+        return keys
+    norm_key = resolve_key(runs, "norm")
+    moved = moved_with_x(runs, column, keys, norm_key)
+    moved = set(moved) - set(unplaced_keys(runs, column, moved, keys))
+    kept = [k for k in keys if k not in moved]
+    norm = [k for k in kept if k == norm_key or k in option_keys(norm_key, kept)]
+    return norm + [column] + [k for k in kept if k not in norm]

@@ -152,6 +152,11 @@ class Checkpoint:
     )
 
 
+#: What the error figure can put on its x axis (``report.x``, ``normbench plot --x``): the
+#: global batch, or the batch one BatchNorm normalizes over (the run record's field).
+X_AXES: tuple[str, ...] = ("batch_size", "norm_batch_size")
+
+
 @dataclass
 class Report:
     """How a sweep's tables sum its runs up (`normbench results` takes the same as
@@ -175,6 +180,12 @@ class Report:
         Number(0, strict=False, high=100),
         "flag under_trained where a group's mean training accuracy is more than this "
         "below the table's best (accuracy points)",
+        execution=True,
+    )
+    x: str = key(
+        Choice(X_AXES),
+        "the error figure's x axis: batch_size (global) | norm_batch_size (what one "
+        "BatchNorm normalizes over; the summary table grouped by it too)",
         execution=True,
     )
 

@@ -1,12 +1,14 @@
-"""Figures of an experiment: test error against batch size per norm, and training curves.
+"""Figures of an experiment: what they share (the runs prepared, styles, footnotes), and
+training curves.
 
 The builders take the frames of :func:`normbench.analysis.collect.collect` and return
 ``(file name, matplotlib Figure)`` pairs; only :func:`normbench.reports.plot_experiment`
 writes them, through :func:`normbench.rundir.write_figure`, into ``<experiment>/plots/``
 (:func:`save_settings`: PNG, or PDF and SVG with their text kept as text).
 
-- :func:`error_vs_batch_size`: Wu & He's Group Normalization figure (their Figure
-  1): test error (%) against batch size on a log2 axis, one line per norm, mean over
+- :func:`normbench.views.error_figures.error_vs_batch_size`: Wu & He's Group
+  Normalization figure (their Figure 1): test error (%) against batch size (the global
+  one, or the one BatchNorm normalizes over) on a log2 axis, one line per norm, mean over
   seeds of the completed runs with 95% Student-t confidence intervals. The error is
   the final epoch's, or, for the runs a selection chose (``selected.csv``), that of
   the accuracy the selected table reports (at the best-validation epoch).
@@ -45,14 +47,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from normbench.analysis.keys import option_keys, other_keys, resolve_key, swept_keys
-from normbench.analysis.stats import ci95, mean_ci
+from normbench.analysis.keys import (
+    moved_with_x,
+    option_keys,
+    other_keys,
+    resolve_key,
+    swept_keys,
+    unplaced_keys,
+    x_column,
+)
+from normbench.analysis.stats import ci95
 from normbench.schema import record_fields
 from normbench.terminal import clean
 from normbench.views.axes import (
-    batch_size_axis,
     clip_band,
-    clipped_errorbar,
     mean_range,
     set_value_axis,
 )
@@ -131,10 +139,11 @@ def norm_style(norm: str) -> tuple[str, str]:
 class _Runs:
     """The runs to draw, with the columns the figures group by."""
 
-    frame: pd.DataFrame  # non-failed runs; adds _norm, _label, _style, _bs, _combo
-    extra: list[str]  # swept config keys other than norm, batch size, seed
+    frame: pd.DataFrame  # non-failed runs; adds _norm, _label, _style, _bs (x), _combo
+    extra: list[str]  # swept config keys other than norm, those moving x, seed
     failed: pd.DataFrame  # failed runs (not drawn; counted)
     labels: list[str]  # line labels in legend order
+    x: str = "batch_size"  # the column on the x axis (NaN in _bs: a run without one)
 
 
 def _hashable(value: Any) -> Any:
@@ -195,27 +204,34 @@ def _sort_key(value: Any) -> tuple:
     return (1, 0, _fmt(value))
 
 
-def _prepare(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> _Runs:
+def _prepare(runs: pd.DataFrame, tuned: Sequence[str] = (), x: str = "batch_size") -> _Runs:
     norm_key = resolve_key(runs, "norm")
-    bs_key = resolve_key(runs, "batch_size")
+    x_key = x_column(runs, x)
     status = runs["status"].astype(str)
     failed = runs[status == "failed"]
     # Interrupted runs are not results: the next sweep redoes them (as unfinished ones).
     frame = runs[~status.isin(("failed", "interrupted"))].copy()
     frame = frame.reset_index(drop=True)
     if frame.empty:
-        return _Runs(frame, [], failed, [])
+        return _Runs(frame, [], failed, [], x_key)
 
     # The swept keys (seed and execution keys never are), as the tables have them: the
-    # norm's own ones make variants of its line, the others but the batch size (and the
-    # keys tuned per point) one figure per combination of their values.
+    # norm's own ones make variants of its line, the others but those that move x (and
+    # the keys tuned per point) one figure per combination of their values.
     swept = swept_keys(frame)
-    norm_keys = option_keys(norm_key, swept)
+    keys = [k for k in swept if k not in tuned]
+    moved = moved_with_x(frame, x_key, keys, norm_key)
+    # what moves x still tells apart the runs of a norm that has no x (its reference lines)
+    loose = unplaced_keys(frame, x_key, moved, keys)
+    norm_keys = [k for k in option_keys(norm_key, swept) if k not in moved]
     norm_prefix = norm_key.rsplit(".", 1)[0] + "."
-    extra = [k for k in other_keys(swept, norm_key) if k != bs_key and k not in tuned]
+    extra = [k for k in other_keys(keys, norm_key) if k not in moved]
 
     frame["_norm"] = frame[norm_key].map(_fmt)
-    frame["_bs"] = frame[bs_key].astype(int)
+    if x == "batch_size":
+        frame["_bs"] = frame[x_key].astype(int)
+    else:  # NaN: a norm without batch statistics
+        frame["_bs"] = pd.to_numeric(frame[x_key], errors="coerce")
     frame["_combo"] = [
         tuple(_hashable(v) for v in row) for row in frame[extra].itertuples(index=False)
     ]
@@ -223,32 +239,39 @@ def _prepare(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> _Runs:
     frame["_label"] = frame["_norm"]
     frame["_style"] = "-"
     order: list[tuple] = []
-    for norm, rows in frame.groupby("_norm", sort=False):
-        varying = [k for k in norm_keys if rows[k].map(_hashable).nunique(dropna=False) > 1]
-        variants = sorted(
-            {tuple(_hashable(v) for v in r) for r in rows[varying].itertuples(index=False)},
-            key=lambda t: tuple(_sort_key(v) for v in t),
-        )
-        for i, variant in enumerate(variants):
-            label = norm
-            if varying:
-                inner = ", ".join(
-                    f"{k.removeprefix(norm_prefix)}={_fmt(v)}"
-                    for k, v in zip(varying, variant, strict=True)
-                )
-                label = f"{norm} ({inner})"
-            mask = rows.index[
-                [
-                    tuple(_hashable(v) for v in r) == variant
-                    for r in rows[varying].itertuples(index=False)
+    for norm, runs_of_norm in frame.groupby("_norm", sort=False):
+        placed = runs_of_norm["_bs"].notna()
+        i = 0
+        for rows, own in ((runs_of_norm[placed], norm_keys), (runs_of_norm[~placed], loose)):
+            if rows.empty:
+                continue
+            own = list(dict.fromkeys([*norm_keys, *own]))
+            varying = [k for k in own if rows[k].map(_hashable).nunique(dropna=False) > 1]
+            variants = sorted(
+                {tuple(_hashable(v) for v in r) for r in rows[varying].itertuples(index=False)},
+                key=lambda t: tuple(_sort_key(v) for v in t),
+            )
+            for variant in variants:
+                label = norm
+                if varying:
+                    inner = ", ".join(
+                        f"{k.removeprefix(norm_prefix)}={_fmt(v)}"
+                        for k, v in zip(varying, variant, strict=True)
+                    )
+                    label = f"{norm} ({inner})"
+                mask = rows.index[
+                    [
+                        tuple(_hashable(v) for v in r) == variant
+                        for r in rows[varying].itertuples(index=False)
+                    ]
                 ]
-            ]
-            frame.loc[mask, "_label"] = label
-            frame.loc[mask, "_style"] = _LINESTYLES[i % len(_LINESTYLES)]
-            rank = NORM_ORDER.index(norm) if norm in NORM_ORDER else len(NORM_ORDER)
-            order.append((rank, norm, i, label))
-    labels = [label for *_, label in sorted(order)]
-    return _Runs(frame, extra, failed, labels)
+                frame.loc[mask, "_label"] = label
+                frame.loc[mask, "_style"] = _LINESTYLES[i % len(_LINESTYLES)]
+                rank = NORM_ORDER.index(norm) if norm in NORM_ORDER else len(NORM_ORDER)
+                order.append((rank, norm, i, label))
+                i += 1
+    labels = list(dict.fromkeys(label for *_, label in sorted(order)))
+    return _Runs(frame, extra, failed, labels, x_key)
 
 
 def _combos(prepared: _Runs) -> list[tuple[dict[str, Any], pd.DataFrame]]:
@@ -347,213 +370,6 @@ def _footnote(fig: Figure, footnote: str) -> None:
     fig.text(0.01, 0.01, "\n".join(lines), fontsize=_FOOT_FONT, color="0.3", va="bottom")
     reserved = (len(lines) * _FOOT_FONT * 1.25 + 6) / (height * 72)
     fig.get_layout_engine().set(rect=(0, reserved, 1, 1 - reserved))
-
-
-# ----------------------------------------------------------------------------- figure 1
-
-#: The accuracy whose error a figure draws by default: the run's last epoch.
-FINAL = "final_test_acc"
-#: The one a selection reports (``normbench results --select``): at the epoch of the
-#: run's best validation accuracy; the error figure of the selected runs draws it.
-AT_BEST_VAL = "test_acc_at_best_val"
-#: The accuracies the error figure can draw, and how its axis and footnote name them.
-ERROR_METRICS: dict[str, str] = {
-    FINAL: "after the last epoch",
-    AT_BEST_VAL: "at the best-validation epoch",
-}
-
-
-def error_metric(runs: pd.DataFrame, tuned: Sequence[str] = ()) -> str:
-    """The accuracy :func:`error_vs_batch_size` draws: with keys chosen on validation
-    (``tuned``), the one the selected table reports (:data:`AT_BEST_VAL`), when the runs
-    recorded it; else the final one."""
-    if tuned and AT_BEST_VAL in runs:
-        done = runs[runs["status"] == "completed"]
-        if pd.to_numeric(done[AT_BEST_VAL], errors="coerce").notna().any():
-            return AT_BEST_VAL
-    return FINAL
-
-
-def error_stats(runs: pd.DataFrame, metric: str = FINAL) -> pd.DataFrame:
-    """The numbers of :func:`error_vs_batch_size`: one row per (extra-key combination,
-    line, batch size) with ``combo`` (dict), ``label``, ``norm``, ``batch_size``,
-    ``n`` (completed runs), ``mean_error`` and ``ci95`` (half-width; NaN when n < 2)
-    in %, ``diverged`` and ``failed`` (counts of runs not in the mean). ``metric``: the
-    accuracy whose error it is (one of :data:`ERROR_METRICS`)."""
-    return _error_stats(_prepare(runs), metric)
-
-
-def _error_stats(prepared: _Runs, metric: str = FINAL) -> pd.DataFrame:
-    rows = []
-    for combo, frame in _combos(prepared):
-        for (label, bs), group in frame.groupby(["_label", "_bs"], sort=False):
-            done = group[group["status"] == "completed"]
-            values = done[metric] if metric in done else pd.Series(np.nan, index=done.index)
-            errors = 100.0 * (1.0 - pd.to_numeric(values, errors="coerce"))
-            mean, ci, n = mean_ci(errors.to_numpy())
-            failed = prepared.failed
-            rows.append(
-                {
-                    "combo": combo,
-                    "label": label,
-                    "norm": group["_norm"].iloc[0],
-                    "style": group["_style"].iloc[0],
-                    "batch_size": int(bs),
-                    "n": n,
-                    "mean_error": mean,
-                    "ci95": ci,
-                    "diverged": int((group["status"] == "diverged").sum()),
-                    "failed": _count_failed(failed, prepared, combo, label, bs),
-                }
-            )
-    table = pd.DataFrame(
-        rows,
-        columns=[
-            "combo", "label", "norm", "style", "batch_size", "n",
-            "mean_error", "ci95", "diverged", "failed",
-        ],
-    )  # fmt: skip
-    if table.empty:
-        return table
-    rank = {label: i for i, label in enumerate(prepared.labels)}
-    table["_rank"] = table["label"].map(rank)
-    table = table.sort_values(["_rank", "batch_size"], kind="stable").drop(columns="_rank")
-    return table.reset_index(drop=True)
-
-
-def _count_failed(failed: pd.DataFrame, prepared: _Runs, combo, label, bs) -> int:
-    """Failed runs matching this point (by norm, batch size and the combination's values)."""
-    if failed.empty:
-        return 0
-    norm = label.split(" (")[0]
-    mask = (failed[resolve_key(failed, "norm")].map(_fmt) == norm) & (
-        pd.to_numeric(failed[resolve_key(failed, "batch_size")], errors="coerce") == bs
-    )
-    for key, value in combo.items():
-        if key in failed.columns:
-            mask &= failed[key].map(lambda v, want=value: _hashable(v) == want)
-    return int(mask.sum())
-
-
-def error_vs_batch_size(
-    runs: pd.DataFrame,
-    tuned: Sequence[str] = (),
-    *,
-    log: bool = False,
-    metric: str | None = None,
-) -> list[tuple[str, Figure]]:
-    """Test error (%) against batch size (log2 axis), one line per norm.
-
-    ``runs``: :func:`normbench.analysis.collect.collect`'s ``runs`` frame. Returns one
-    ``("error_vs_batch_size[__key-value...].png", Figure)`` per combination of the
-    other swept keys; none when no run completed. Points are means over seeds of
-    the completed runs, bars their 95% CI (none for a single seed); the means set the
-    y range (:mod:`normbench.views.axes`): a bar past it stops at the frame, marked by
-    a triangle. A cross at the top marks a batch size where runs of that norm diverged,
-    with their number.
-    ``tuned``: keys whose value was chosen on validation for each point (``runs`` are
-    the selected ones): they vary along a line, not between figures, the title says so,
-    and the error drawn is that of the accuracy the selection reports
-    (:func:`error_metric`). ``metric``: that accuracy, named (:data:`ERROR_METRICS`).
-    ``log``: a logarithmic error axis.
-    """
-    from matplotlib.lines import Line2D
-    from matplotlib.transforms import blended_transform_factory
-
-    if not (runs["status"] == "completed").any():
-        return []
-    metric = metric or error_metric(runs, tuned)
-    prepared = _prepare(runs, tuned)
-    stats = _error_stats(prepared, metric)
-    figures: list[tuple[str, Figure]] = []
-    taken: set[str] = set()
-    for combo, frame in _combos(prepared):
-        points = stats[[c == combo for c in stats["combo"]]]
-        # Failed runs are counted per combination: a batch size where every run failed
-        # has no row in ``points``.
-        diverged, failed = int(points["diverged"].sum()), _failed_in(prepared, combo)
-        limits = mean_range(points["mean_error"], log=log, headroom=0.08 if diverged else 0.0)
-        fig = _figure(7.2, 4.8, "")  # the footnote last: it says whether a bar was clipped
-        ax = fig.add_subplot()
-        top = blended_transform_factory(ax.transData, ax.transAxes)
-        crosses: dict[int, int] = {}
-        handles: list[Any] = []  # the legend's, by hand: matplotlib's leaves out "_name"
-        clipped = False
-        drawn = [label for label in prepared.labels if (points["label"] == label).any()]
-        for index, label in enumerate(drawn):
-            line = points[points["label"] == label]
-            color, marker = norm_style(line["norm"].iloc[0])
-            done = line[line["n"] > 0]
-            # Lines set a little apart at each batch size, so that one that coincides
-            # with another stays visible (a twentieth of a doubling between neighbours).
-            dodge = 2 ** (0.05 * (index - (len(drawn) - 1) / 2))
-            bars, cut = clipped_errorbar(
-                ax, done["batch_size"].to_numpy() * dodge, done["mean_error"].to_numpy(),
-                done["ci95"].to_numpy(), limits, color=color, marker=marker,
-                linestyle=line["style"].iloc[0], markersize=5, linewidth=1.5, capsize=3,
-                label=_text(label),
-            )  # fmt: skip
-            clipped |= cut
-            handles.append(bars)
-            for bs, count in zip(line["batch_size"], line["diverged"], strict=True):
-                if count:
-                    # Several norms diverging at one batch size sit side by side.
-                    k = crosses.get(bs, 0)
-                    crosses[bs] = k + 1
-                    x = bs * 2 ** (0.12 * k)
-                    ax.plot([x], [0.95], marker="x", color=color, markersize=7, mew=2,
-                            linestyle="none", transform=top, clip_on=False)  # fmt: skip
-                    ax.annotate(
-                        str(count), (x, 0.95), xycoords=top, xytext=(0, 5), ha="center",
-                        textcoords="offset points", fontsize=7, color=color,
-                    )  # fmt: skip
-        sizes = sorted(points["batch_size"].unique())
-        batch_size_axis(ax, sizes)
-        ax.set_xlim(sizes[0] / 2**0.5, sizes[-1] * 2**0.5)
-        if limits is None and not log:  # no mean to show
-            limits = (0.0, 100.0)
-        set_value_axis(ax, limits, log)
-        ax.set_xlabel("batch size (images per step)")
-        ax.set_ylabel(f"test error (%) {ERROR_METRICS[metric]}")
-        ax.grid(True, which="major", alpha=0.3)
-        what = "test error" if metric == FINAL else f"test error {ERROR_METRICS[metric]}"
-        title = f"{_text(_described(frame))}: {what} vs batch size"
-        if combo:
-            title += f"\n{_text(_combo_text(combo))}"
-        if tuned:
-            named = ", ".join(k.removesuffix(".name") for k in tuned)
-            title += f"\n{_text(named)} chosen on validation for each norm and batch size"
-        ax.set_title(title)
-        labels = [_text(label) for label in drawn]
-        if diverged:
-            handles.append(
-                Line2D([], [], marker="x", color="0.2", mew=2, linestyle="none", markersize=7)
-            )
-            labels.append("diverged")
-        ax.legend(
-            handles, labels, title="normalization", loc="upper left",
-            bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=8, title_fontsize=8,
-        )  # fmt: skip
-        notes = [
-            f"Mean test error {ERROR_METRICS[metric]} ({metric}) over seeds of completed "
-            f"runs ({_seeds_text(points['n'].tolist())}); bars: 95% CI (Student t), none "
-            "for one seed; lines set slightly apart at each batch size so that none hides "
-            "another.",
-        ]
-        if clipped:
-            notes.append(CLIPPED_NOTE)
-        if log:
-            notes.append(_log_note(points["mean_error"]))
-        if diverged:
-            notes.append(
-                f"×: batch sizes where runs diverged ({diverged} in all; number beside), "
-                "left out of the means."
-            )
-        if failed:
-            notes.append(_not_shown(0, failed))
-        _footnote(fig, " ".join(n for n in notes if n))
-        figures.append((_file_name("error_vs_batch_size", combo, taken), fig))
-    return figures
 
 
 #: The footnote's words for bars that ran past the range the means set.
