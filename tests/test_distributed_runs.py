@@ -82,6 +82,31 @@ def odd(tmp_path, monkeypatch):
     return env
 
 
+def _workers_left() -> list[int]:
+    """The processes of this one's fork server (:data:`distributed.START_METHOD`): the
+    workers of its runs, none once they have ended."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver._forkserver_pid
+    deadline = time.monotonic() + 5
+    while (left := _children(server)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def _children(parent: int | None) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                found.append(int(entry.name))
+    return found
+
+
 def _cli(tmp_path, env, *overrides: str) -> subprocess.Popen:
     """``normbench run`` of the odd norm on 2 processes, in a session of its own."""
     args = [sys.executable, "-m", "normbench.cli", "--config-dir", str(tmp_path / "conf"), "run",
@@ -154,20 +179,21 @@ def _in_session(sid: int) -> list[int]:
 def test_a_killed_rank_interrupts_the_run_and_the_rerun_resumes_it_as_one_process_runs(
     tmp_path, odd
 ):
-    env = odd("die", 5)  # rank 1 dies at the first step of epoch 2
-    status, text = _ended(_cli(tmp_path, env))
-    assert (tmp_path / "odd").exists() and status != 0, text
-    (folder,) = (tmp_path / "out" / "default" / "runs").iterdir()
+    odd("die", 5)  # rank 1 dies at the first step of epoch 2
+    cfg = compose(["norm=odd", "processes=2", f"out_dir={tmp_path / 'out'}", *RUN])
+    with pytest.raises(Interrupted, match="rank 1 exited with status 3"):
+        runner.run(cfg)
+    assert (tmp_path / "odd").exists()
+    assert not _workers_left(), "a worker outlived the run"
+    folder = runner.run_dir(cfg)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "interrupted", summary
     assert "rank 1 exited with status 3" in summary["error"]
     assert (folder / "checkpoint.pt").exists()  # epoch 1's, which the rerun goes on from
     assert read_owner(folder) is None
 
-    # the rerun, in this process (its workers get its environment and sys.path)
-    rerun = runner.run(compose(["norm=odd", "processes=2", f"out_dir={tmp_path / 'out'}", *RUN]))
+    rerun = runner.run(cfg)
     summary = rerun.summary
-    assert rerun.run_dir == folder
     assert summary["status"] == "completed" and summary["resumed_from_epoch"] == 1
     assert (summary["processes"], summary["nodes"], summary["world_size"]) == (2, 1, 2)
     assert summary["batch_size_per_process"] == 16 and summary["norm_batch_size"] == 32
