@@ -26,6 +26,7 @@ none of it).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from normbench.errors import UserError
@@ -233,7 +234,6 @@ def join(device: str, timeout_s: float) -> Rank:
     environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); NCCL with this
     process's GPU on CUDA, gloo on the CPU. A collective waits at most ``timeout_s``."""
     import datetime
-    import os
 
     import torch
     import torch.distributed as dist
@@ -330,12 +330,141 @@ class RanksFailed(Exception):
         self.reason = reason
 
 
+#: How the workers of a local run start: forked from multiprocessing's fork server, a
+#: clean process (no threads, no CUDA, none of the launcher's files or locks) that
+#: :func:`prestart` sets importing what every worker needs while the launching process
+#: checks and builds the run. A spawned worker would import all of it anew, after the
+#: launch, each on its own.
+START_METHOD = "forkserver"
+
+
+#: What every worker of a data-parallel run imports before its first step (the fork
+#: server imports it once: :func:`prestart`); "__main__" is the launching program, which
+#: multiprocessing imports in each worker otherwise. Torch imports its compiler's
+#: modules (torch._dynamo) with the first optimizer built, hence that one.
+WORKER_MODULES = [
+    "__main__",
+    "torch",
+    "torch._dynamo",
+    "torch.distributed",
+    "torch.nn.parallel",
+    "torch.distributed.elastic.multiprocessing.api",
+    "normbench.runner",
+    "normbench.build",
+    "normbench.train",
+    "normbench.models",
+    "normbench.norms",
+    "normbench.kernels.ops",
+    "normbench.checkpoints",
+    "normbench.trackers",
+    "normbench.diagnostics",
+    "normbench.inference",
+]
+
+
+def shareable(data: Any) -> bool:
+    """Whether the launcher's data set (a ``DataSplits`` on the CPU) goes to the workers
+    rather than each loading its own (decoding files, importing their readers): its
+    tensors go through shared memory, copied there once, where /dev/shm has room for
+    twice its size (a container's default is small)."""
+    size = sum(
+        t.numel() * t.element_size() for t in vars(data).values() if hasattr(t, "element_size")
+    )
+    try:
+        shm = os.statvfs("/dev/shm")
+    except OSError:
+        return False
+    return 2 * size < shm.f_bavail * shm.f_frsize
+
+
+def relay(events: Any, display: Any) -> None:
+    """Rank 0's progress reports (:class:`Forward`), passed on to the launcher's display
+    until None comes."""
+    while (event := events.get()) is not None:
+        if display is not None:
+            name, args = event
+            getattr(display, name)(*args)
+
+
+class Forward:
+    """Rank 0's display: each report goes to the launching process (:func:`relay`)."""
+
+    def __init__(self, events: Any) -> None:
+        self.events = events
+
+    def on_start(self, *args) -> None:
+        self.events.put(("on_start", args))
+
+    def on_step(self, *args) -> None:
+        self.events.put(("on_step", args))
+
+    def on_epoch(self, *args) -> None:
+        self.events.put(("on_epoch", args))
+
+
+def prestart(modules: list[str]) -> None:
+    """Start the fork server of :func:`launch`'s workers now, importing ``modules``
+    (module names), so that this is done by the time the workers are wanted. The server
+    serves every later launch of this process, and ends with it."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    global _server_env
+    multiprocessing.get_context(START_METHOD).set_forkserver_preload(list(modules))
+    if _server_env is None:
+        _server_env = dict(os.environ)
+    forkserver.ensure_running()
+
+
+# The environment the fork server started with, which its workers inherit.
+_server_env: dict[str, str] | None = None
+
+
+def worker_environment() -> dict[str, dict[str, str]]:
+    """What a worker needs to run in this process's environment as it is now, not as it
+    was when the fork server started (:func:`take_environment`)."""
+    return {"now": dict(os.environ), "server": dict(_server_env or os.environ)}
+
+
+def take_environment(env: dict[str, dict[str, str]] | None) -> None:
+    """In a worker: the launcher's environment (``env`` from :func:`worker_environment`),
+    and over it what the elastic agent set for this worker (its rank, the rendezvous)."""
+    if env is None:
+        return
+    agent = {k: v for k, v in os.environ.items() if env["server"].get(k) != v}
+    os.environ.clear()
+    os.environ.update(env["now"])
+    os.environ.update(agent)
+
+
+#: Seconds a process that lost its peers waits before it exits: the launcher names the
+#: first process it sees end, and the one that failed first is the cause.
+PEER_LOST_WAIT_S = 1.0
+
+
+def peer_lost() -> None:
+    """End this worker because another did (:data:`PEER_LOST`), after
+    :data:`PEER_LOST_WAIT_S` (the launcher stops it sooner once it has seen the other)."""
+    import time
+
+    time.sleep(PEER_LOST_WAIT_S)
+    raise SystemExit(PEER_LOST)
+
+
+def context() -> Any:
+    """The multiprocessing context of the workers (for what the launcher hands them)."""
+    import multiprocessing
+
+    return multiprocessing.get_context(START_METHOD)
+
+
 def launch(entry: Any, args: tuple, processes: int, run_id: str) -> None:
     """Run ``entry(*args)`` in ``processes`` workers on this machine with torch's elastic
     launcher (rendezvous on 127.0.0.1 at a free port, no restarts: a failed run is
-    resumed by the next ``normbench run``, from its checkpoint). Returns when every worker
-    has returned; :class:`RanksFailed` when one failed (the others are stopped: SIGTERM,
-    then SIGKILL after a grace period, so none outlives the launch)."""
+    resumed by the next ``normbench run``, from its checkpoint; workers started as
+    :data:`START_METHOD` says). Returns when every worker has returned;
+    :class:`RanksFailed` when one failed (the others are stopped: SIGTERM, then SIGKILL
+    after a grace period, so none outlives the launch)."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -343,7 +472,10 @@ def launch(entry: Any, args: tuple, processes: int, run_id: str) -> None:
 
     # the agent's own log lines (each rank's start, its failures, its stopping of the
     # rest) would only repeat, in its format, what the run records and the CLI says
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    # (its tracebacks of the rank that failed too: the run's error names it, in a line;
+    # and torch.multiprocessing's warning that it stops the others)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.multiprocessing").setLevel(logging.ERROR)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -353,7 +485,7 @@ def launch(entry: Any, args: tuple, processes: int, run_id: str) -> None:
         rdzv_endpoint=f"127.0.0.1:{free_port()}",
         max_restarts=0,
         monitor_interval=0.1,
-        start_method="spawn",
+        start_method=START_METHOD,
         shutdown_timeout=10,
     )
     import signal

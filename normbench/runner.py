@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from normbench import __version__, cores, interrupts
-from normbench.build import Prepared, prepare
+from normbench.build import Prepared, load_data, prepare
 from normbench.config import EXECUTION_KEYS, flatten
 from normbench.errors import NotWritten, UserCodeFailed, UserError
 from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
@@ -259,6 +259,10 @@ def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:
     # place), or the folders it goes into when it does not exist yet
     check_writable(folder)
 
+    if cfg.processes * cfg.nodes > 1:  # its workers' imports, while this one prepares
+        from normbench import distributed
+
+        distributed.prestart(distributed.WORKER_MODULES)
     prepared = prepare(cfg, threads=cores.choose(cfg.threads))
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -297,16 +301,19 @@ def _train_parallel(cfg, rid: str, folder: Path, threads: cores.Threads, display
     run as ``interrupted`` (the others stopped: a collective failed, or the agent's
     SIGTERM), with the ranks that failed and how, and the next run resumes it; a failure
     rank 0 recorded as its own (failed) stays."""
-    import multiprocessing
     import threading
 
     from normbench import distributed
 
-    events = multiprocessing.get_context("spawn").SimpleQueue()
-    relay = threading.Thread(target=_relay, args=(events, display), daemon=True)
+    events = distributed.context().SimpleQueue()
+    relay = threading.Thread(target=distributed.relay, args=(events, display), daemon=True)
     relay.start()
+    env = distributed.worker_environment()
+    data = load_data(cfg)  # the launcher's, from its cache (on the CPU)
+    shared = data if distributed.shareable(data) else None
+    args = (cfg, rid, folder, threads, events, env, shared)
     try:
-        distributed.launch(_rank_main, (cfg, rid, folder, threads, events), cfg.processes, rid)
+        distributed.launch(_rank_main, args, cfg.processes, rid)
     except distributed.RanksFailed as failed:
         summary = read_summary(folder)
         if status_of(summary) == "failed":
@@ -332,33 +339,11 @@ def _train_parallel(cfg, rid: str, folder: Path, threads: cores.Threads, display
     return RunOutcome(rid, folder, read_summary(folder))
 
 
-def _relay(events, display) -> None:
-    """Rank 0's progress reports, passed on to the launcher's display until None comes."""
-    while (event := events.get()) is not None:
-        if display is not None:
-            name, args = event
-            getattr(display, name)(*args)
-
-
-class _Forward:
-    """Rank 0's display: each report goes to the launching process (:func:`_relay`)."""
-
-    def __init__(self, events) -> None:
-        self.events = events
-
-    def on_start(self, *args) -> None:
-        self.events.put(("on_start", args))
-
-    def on_step(self, *args) -> None:
-        self.events.put(("on_step", args))
-
-    def on_epoch(self, *args) -> None:
-        self.events.put(("on_epoch", args))
-
-
-def _rank_main(cfg, rid: str, folder: Path, threads: cores.Threads, events) -> None:
-    """One worker of a data-parallel run: join the process group, build the run (its
-    threads: the run's over the processes), resume from the checkpoint where there is one
+def _rank_main(cfg, rid, folder, threads: cores.Threads, events, env=None, data=None) -> None:
+    """One worker of a data-parallel run: take the launcher's environment (``env``:
+    :func:`distributed.worker_environment`), join the process group, build the run (its
+    threads: the run's over the processes; ``data``: the launcher's data set, or None
+    to load it), resume from the checkpoint where there is one
     (each rank reads it), train; rank 0 writes the folder. A rank stopped by another's
     failure exits with :data:`distributed.PEER_LOST`."""
     import torch
@@ -367,22 +352,23 @@ def _rank_main(cfg, rid: str, folder: Path, threads: cores.Threads, events) -> N
     from normbench.train import train
     from normbench.validation import resolve_device
 
+    distributed.take_environment(env)
     device = resolve_device(cfg.device)
     share = cores.Threads(max(1, threads.count // cfg.processes), threads.source)
     with interrupts.handle_signals():
         rank = distributed.join(device, cfg.dist_timeout_s)
         try:
-            prepared = prepare(cfg, threads=share)
+            prepared = prepare(cfg, data, threads=share)
             resume, prepared = _resume(cfg, rid, folder, prepared)
             if rank.rank == 0:
-                _train(cfg, rid, folder, prepared, _Forward(events), resume, rank)
+                _train(cfg, rid, folder, prepared, distributed.Forward(events), resume, rank)
             else:
                 generator = torch.Generator().manual_seed(cfg.seed)
                 data, optimizer, settings = prepared.data, prepared.optimizer, prepared.settings
                 train(prepared.model, data, optimizer, settings, generator, None, resume, rank)
         except Exception as err:
             if distributed.lost_peer(err):
-                raise SystemExit(distributed.PEER_LOST) from None
+                distributed.peer_lost()
             raise
         finally:
             distributed.leave()
@@ -535,9 +521,12 @@ def _train(
     except NotWritten:
         raise  # the disk is full, or the folder gone read-only: nothing more can be written
     except BaseException as err:
-        users = _users_failure(err, prepared.norm)
+        # a collective that failed because another process did fails wherever it was
+        # called from, a user's norm layer too: not that code's failure
+        lost = rank is not None and distributed.lost_peer(err)
+        users = not lost and _users_failure(err, prepared.norm)
         why = None if users else interrupts.reason(err)
-        if why is None and rank is not None and distributed.lost_peer(err):
+        if why is None and lost:
             why = f"another process of the run stopped ({error_text(err)})"
         result = TrainResult(records=recorder.records, status="interrupted" if why else "failed")
         result.message = why or f"{type(err).__name__}: {error_text(err)}"

@@ -1,12 +1,14 @@
 """Data-parallel runs on real processes (runner, distributed.launch, train with a rank):
 the keys and their refusals, a whole 2-process run against the 1-process run of the same
-config, a rank killed mid-run and the rerun that resumes it, no process left behind, and
-bf16 runs of every variant on the CPU."""
+config, a rank killed mid-run and the rerun that resumes it, a hung rank ended by the
+process group's timeout, Ctrl-C on the launcher, no process left behind, and bf16 runs
+of every variant on the CPU."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,35 +18,113 @@ import pandas as pd
 import pytest
 
 from normbench import runner
-from normbench.config import compose
+from normbench.config import add_config_dir, compose
 from normbench.errors import UserError
+from normbench.interrupts import Interrupted
+from normbench.lock import read_owner
 from normbench.norms.registry import norm_names
 
-# A user's norm (a config folder's _target_): sync_bn whose rank 1 dies (os._exit(3)) at
-# its STEP-th training forward, on the first attempt only (the marker file says so).
-DYING = """
+# A user's norm (a config folder's _target_): sync_bn whose rank 1, at its ODD_STEP-th
+# training step, on the first attempt only (the marker file says so), does ODD_DOES: "die"
+# (os._exit(3)), "hang" (sleeps an hour) or "slow" (sleeps 0.1 s each step from then on).
+ODD = """
 import os
+import time
+
 import torch
 from normbench.norms import SyncBatchNorm
 
-STEP = 5
 
-class DyingSyncBatchNorm(SyncBatchNorm):
-    steps = 0
+class OddSyncBatchNorm(SyncBatchNorm):
+    calls = 0
 
     def forward(self, x):
         if self.training and torch.is_grad_enabled() and os.environ.get("RANK") == "1":
-            type(self).steps += 1
-            marker = os.environ["NORMBENCH_TEST_MARKER"]
-            if type(self).steps == STEP * 3 and not os.path.exists(marker):  # 3 layers a step
+            type(self).calls += 1
+            marker, does = os.environ["ODD_MARKER"], os.environ["ODD_DOES"]
+            if type(self).calls == int(os.environ["ODD_STEP"]) * 3:  # 3 layers a step
+                if os.path.exists(marker):
+                    return super().forward(x)
                 open(marker, "w").close()
-                os._exit(3)
+                if does == "die":
+                    os._exit(3)
+                if does == "hang":
+                    time.sleep(3600)
+            if does == "slow" and type(self).calls % 3 == 0 and os.path.exists(marker):
+                time.sleep(0.1)
         return super().forward(x)
 """
 
-# 4 steps an epoch (batch 32 of 128 images), 3 epochs: rank 1 dies in epoch 2
-RUN = ["batch_size=32", "dataset.train_size=128", "epochs=3", "threads=2", "eval.bn_stats=false",
+# 4 steps an epoch (batch 32 of 128 images), 2 epochs
+RUN = ["batch_size=32", "dataset.train_size=128", "epochs=2", "threads=2", "eval.bn_stats=false",
        "eval.precise_bn_images=64"]  # fmt: skip
+
+
+@pytest.fixture
+def odd(tmp_path, monkeypatch):
+    """The odd norm's code and config folder; the environment a run of it needs, here
+    (for runs in this process) and as a dict (for the CLI's subprocess)."""
+    code, conf = tmp_path / "code", tmp_path / "conf" / "norm"
+    code.mkdir()
+    conf.mkdir(parents=True)
+    (code / "odd.py").write_text(ODD)
+    (conf / "odd.yaml").write_text("name: odd\n_target_: odd.OddSyncBatchNorm\n")
+    monkeypatch.syspath_prepend(str(code))
+    add_config_dir(tmp_path / "conf")
+
+    def env(does: str, step: int) -> dict[str, str]:
+        values = {"ODD_DOES": does, "ODD_STEP": str(step), "ODD_MARKER": str(tmp_path / "odd")}
+        for key, value in values.items():
+            monkeypatch.setenv(key, value)
+        path = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))
+        return {**os.environ, "PYTHONPATH": path}
+
+    return env
+
+
+def _workers_left() -> list[int]:
+    """The processes of this one's fork server (:data:`distributed.START_METHOD`): the
+    workers of its runs, none once they have ended."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver._forkserver_pid
+    deadline = time.monotonic() + 5
+    while (left := _children(server)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def _children(parent: int | None) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                found.append(int(entry.name))
+    return found
+
+
+def _cli(tmp_path, env, *overrides: str) -> subprocess.Popen:
+    """``normbench run`` of the odd norm on 2 processes, in a session of its own."""
+    args = [sys.executable, "-m", "normbench.cli", "--config-dir", str(tmp_path / "conf"), "run",
+            "norm=odd", "processes=2", f"out_dir={tmp_path / 'out'}", *RUN, *overrides]  # fmt: skip
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def _ended(proc: subprocess.Popen) -> tuple[int, str]:
+    """The CLI's exit status and output, once it and every process of its session are gone."""
+    stdout, stderr = proc.communicate(timeout=120)
+    # (multiprocessing's fork server and resource tracker end once their parent is gone)
+    deadline = time.monotonic() + 5
+    while _in_session(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _in_session(proc.pid)]
+    assert not left, f"a process outlived the run: {left}"
+    return proc.returncode, stdout + stderr
 
 
 def test_new_keys_at_their_defaults_keep_every_run_id():
@@ -96,44 +176,24 @@ def _in_session(sid: int) -> list[int]:
     return found
 
 
-def test_a_killed_rank_interrupts_the_run_and_the_rerun_resumes_it_as_one_process_runs(tmp_path):
-    code, conf = tmp_path / "code", tmp_path / "conf" / "norm"
-    code.mkdir()
-    conf.mkdir(parents=True)
-    (code / "dying.py").write_text(DYING)
-    (conf / "dying.yaml").write_text("name: dying\n_target_: dying.DyingSyncBatchNorm\n")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")])),
-        "NORMBENCH_TEST_MARKER": str(tmp_path / "died"),
-    }
-    out = tmp_path / "out"
-    args = [sys.executable, "-m", "normbench.cli", "--config-dir", str(tmp_path / "conf"), "run",
-            "norm=dying", "processes=2", f"out_dir={out}", *RUN]  # fmt: skip
-
-    def cli():
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)  # fmt: skip
-        stdout, stderr = proc.communicate(timeout=240)
-        # (multiprocessing's resource tracker ends on its own once its parent is gone)
-        deadline = time.monotonic() + 5
-        while _in_session(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _in_session(proc.pid)]
-        assert not left, f"a process outlived the run: {left}"
-        return proc.returncode, stdout + stderr
-
-    code_, text = cli()
-    assert (tmp_path / "died").exists() and code_ != 0, text
-    (folder,) = (out / "default" / "runs").iterdir()
+def test_a_killed_rank_interrupts_the_run_and_the_rerun_resumes_it_as_one_process_runs(
+    tmp_path, odd
+):
+    odd("die", 5)  # rank 1 dies at the first step of epoch 2
+    cfg = compose(["norm=odd", "processes=2", f"out_dir={tmp_path / 'out'}", *RUN])
+    with pytest.raises(Interrupted, match="rank 1 exited with status 3"):
+        runner.run(cfg)
+    assert (tmp_path / "odd").exists()
+    assert not _workers_left(), "a worker outlived the run"
+    folder = runner.run_dir(cfg)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "interrupted", summary
     assert "rank 1 exited with status 3" in summary["error"]
     assert (folder / "checkpoint.pt").exists()  # epoch 1's, which the rerun goes on from
+    assert read_owner(folder) is None
 
-    code_, text = cli()
-    assert code_ == 0, text
-    summary = json.loads((folder / "summary.json").read_text())
+    rerun = runner.run(cfg)
+    summary = rerun.summary
     assert summary["status"] == "completed" and summary["resumed_from_epoch"] == 1
     assert (summary["processes"], summary["nodes"], summary["world_size"]) == (2, 1, 2)
     assert summary["batch_size_per_process"] == 16 and summary["norm_batch_size"] == 32
@@ -144,6 +204,38 @@ def test_a_killed_rank_interrupts_the_run_and_the_rerun_resumes_it_as_one_proces
     assert alone.summary["status"] == "completed"
     assert alone.summary["norm_batch_size"] == 32 and alone.summary["world_size"] == 1
     pd.testing.assert_series_equal(_metrics(folder), _metrics(alone.run_dir), rtol=1e-5, atol=1e-6)
+
+
+def test_a_hung_rank_ends_the_run_within_the_process_group_timeout(tmp_path, odd):
+    odd("hang", 2)
+    cfg = compose(["norm=odd", "processes=2", f"out_dir={tmp_path / 'out'}", "dist_timeout_s=5",
+                   *RUN])  # fmt: skip
+    start = time.monotonic()
+    with pytest.raises(Interrupted, match="lost its peers"):
+        runner.run(cfg)
+    # the timeout, rank 0's wait before it exits, the agent's stop of the hung rank
+    assert time.monotonic() - start < 5 + 25
+    folder = runner.run_dir(cfg)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary
+    assert "rank 0 lost its peers (a collective failed or timed out)" in summary["error"]
+    assert read_owner(folder) is None
+
+
+def test_ctrl_c_on_the_launcher_stops_every_process_and_records_the_run(tmp_path, odd):
+    env = odd("slow", 2)  # rank 1 marks its second step, then takes 0.1 s a step
+    proc = _cli(tmp_path, env, "epochs=100")
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "odd").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run never trained"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # to the launching process alone
+    status, text = _ended(proc)
+    assert status == 130, text
+    (folder,) = (tmp_path / "out" / "default" / "runs").iterdir()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary
+    assert read_owner(folder) is None
 
 
 def test_group_size_one_normalizes_over_each_process_batch():
