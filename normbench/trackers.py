@@ -365,6 +365,16 @@ class Wandb:
         self.id = resume.id or _wandb_id()
         folder = Path(self.settings["dir"])
         folder.mkdir(parents=True, exist_ok=True)
+        # wandb.init puts its own sys.exit and sys.excepthook in place for the rest of the
+        # process: a sweep's later runs, a user's norm calling sys.exit, would go through
+        # them; the process's own are put back.
+        hooks = sys.exit, sys.excepthook
+        try:
+            self._init(wandb, run_id, config, experiment, resume, folder)
+        finally:
+            sys.exit, sys.excepthook = hooks
+
+    def _init(self, wandb, run_id, config, experiment, resume, folder):
         self.run = wandb.init(
             project=self.settings["project"],
             group=experiment,

@@ -5,6 +5,7 @@ metrics.csv and summary.json; resumed runs, sweeps and trackers that fail."""
 
 import json
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -171,7 +172,9 @@ def read_wandb_records(run_file: Path):
 
 def test_wandb_logs_offline_and_a_resumed_run_keeps_its_id(tiny, tmp_path):
     cfg = tiny("epochs=3", "logger=[wandb,tensorboard]", "name=study")
+    hooks = sys.exit, sys.excepthook
     outcome, first = interrupted_then_resumed(cfg)
+    assert (sys.exit, sys.excepthook) == hooks  # wandb's own are not left in the process
     files = sorted((tmp_path / "results" / "study" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert [f.name for f in files] == [f"run-{first['wandb']}.wandb"] * 2  # one id, 2 attempts
     history, config, summary = {}, {}, {}
