@@ -308,7 +308,24 @@ def _check_loop(
         _check_record(number, record, validation)
     _check_schedule(loop.get("scheduler"), groups, steps)
     _rng_state(loop.get("generator"), torch.Generator().get_state(), "batch order's")
+    _check_scaler(loop.get("scaler"))
     return loop
+
+
+def _check_scaler(state: Any) -> None:
+    """fp16's gradient scaler state (None: none): GradScaler's keys, each a finite
+    positive number (the growth tracker a whole one, from 0)."""
+    if state is None:
+        return
+    keys = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+    if not isinstance(state, dict) or set(state) != set(keys):
+        raise Unusable("its gradient scaler state is not GradScaler's")
+    for key in keys:
+        value = state[key]
+        low = 0 if key == "_growth_tracker" else 1 if key == "growth_interval" else None
+        ok = _whole(value, low) if low is not None else _number(value) and 0 < value < math.inf
+        if not ok:
+            raise Unusable(f"its gradient scaler's {key} is {reprlib.repr(value)}")
 
 
 #: Schedule state keys the training loop's LambdaLR needs restored.

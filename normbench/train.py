@@ -171,6 +171,8 @@ def train(
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
             group["lr"] = lr
         generator.set_state(resume["generator"])
+        if resume.get("scaler"):  # fp16: the loss scale it had grown or backed off to
+            scaler.load_state_dict(resume["scaler"])
         result.records, result.steps = list(resume["records"]), resume["steps"]
         first = resume["epoch"] + 1
     if callbacks is not None:
@@ -240,6 +242,7 @@ def train(
                         "records": result.records,
                         "scheduler": scheduler.state_dict(),
                         "generator": generator.get_state(),
+                        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     }
                 )
         if not math.isfinite(test_loss):

@@ -211,6 +211,11 @@ def _version(state):
     state["version"] = 0
 
 
+def _scaler(state):
+    scaler = {"scale": float("nan"), "growth_factor": 2.0, "backoff_factor": 0.5}
+    state["loop"]["scaler"] = {**scaler, "growth_interval": 2000, "_growth_tracker": 0}
+
+
 CORRUPTIONS = {
     "a model key missing": (_drop_key, "lacks 0.weight"),
     "a model tensor resized": (_resize, "0.weight has shape [31, 1, 3, 3], the model"),
@@ -225,6 +230,7 @@ CORRUPTIONS = {
     "a schedule of the wrong kind": (_scheduler, "learning-rate schedule"),
     "an epoch past the run's": (_epoch, "epoch 99"),
     "another format version": (_version, "format version 0"),
+    "a gradient scaler's scale that is not a number": (_scaler, "gradient scaler's scale is nan"),
     "an invalid torch random state": (
         _rng_zeros,
         "torch random state is not valid: Invalid mt19937",

@@ -172,3 +172,64 @@ def test_a_step_budget_gives_every_batch_size_the_steps_of_the_reference():
         assert steps.total_steps(n) == 3 * (n // 32)  # whatever the batch size
     capped = TrainSettings(epochs=3, batch_size=8, lr=0.1, budget="steps", max_steps=7)
     assert capped.total_steps(n) == 7  # max_steps, when set, decides
+
+
+class _Checkpoints:
+    """Callbacks keeping what the loop hands its checkpoint after each epoch, with the
+    model's and optimizer's states at that moment (as the run's checkpoint holds them)."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer, self.saved = model, optimizer, {}
+
+    def on_start(self, total, epochs):
+        pass
+
+    def on_step(self, step, epoch, loss, img_per_s):
+        pass
+
+    def on_epoch(self, record):
+        pass
+
+    def checkpoint(self, loop):
+        import copy
+
+        states = (self.model.state_dict(), self.optimizer.state_dict(), torch.get_rng_state())
+        self.saved[loop["epoch"]] = copy.deepcopy((loop, *states))
+
+
+def test_fp16_keeps_its_loss_scale_in_the_checkpoint_and_a_resume_goes_on_with_it(digits):
+    """fp16's gradient scaler state goes into the checkpoint, and a resumed run takes it
+    back: resumed with it, the run is the uninterrupted one; resumed with another loss
+    scale, it is not (torch's CPU autocast takes float16 too: no GPU needed here)."""
+
+    def build():
+        torch.manual_seed(0)
+        model = build_model(
+            "small_cnn", NormSpec("custom_bn"), digits.in_channels, digits.num_classes,
+            digits.image_size,
+        )  # fmt: skip
+        return model, make_optimizer(model.parameters(), 0.05, "sgd", momentum=0.9)
+
+    settings = TrainSettings(epochs=2, batch_size=64, lr=0.05, precision="fp16")
+    model, optimizer = build()
+    kept = _Checkpoints(model, optimizer)
+    straight = train(model, digits, optimizer, settings, torch.Generator().manual_seed(0), kept)
+    loop, model_state, optimizer_state, rng = kept.saved[1]
+    assert loop["scaler"]["scale"] > 0
+
+    def resumed(scale):
+        import copy
+
+        model, optimizer = build()
+        model.load_state_dict(model_state)
+        # (a copy: the optimizer takes the momentum tensors as they are, and steps them)
+        optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        torch.set_rng_state(rng)
+        state = {**loop, "scaler": {**loop["scaler"], "scale": scale}}
+        generator = torch.Generator()
+        result = train(model, digits, optimizer, settings, generator, resume=state)
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in result.records]
+
+    expected = [{k: v for k, v in r.items() if k not in TIMING} for r in straight.records]
+    assert resumed(loop["scaler"]["scale"]) == expected
+    assert resumed(2.0**-24) != expected  # the scale taken back is the one used
