@@ -18,6 +18,11 @@ functions to time each phase of the run:
   process's exit;
 - other: the rest of the wall time (the loop's bookkeeping, the summary, the lock).
 
+A variant may carry overrides of its runs only, ``NORM:KEY=VALUE`` (more with more
+colons): ``custom_bn:processes=2:threads=2`` against ``custom_bn:threads=2`` times 2
+processes x 1 thread against 1 process x 2 threads on the same global batch (a
+data-parallel run's phases other than training are not seen: its processes are its own).
+
 The variants alternate run by run (a shuffled order each repeat), and each ratio pairs
 runs of the same repeat: the machine's speed drifts between runs. ``--before DIR`` runs
 every variant a second time on another checkout of normbench (its folder holding the
@@ -26,7 +31,8 @@ and after a change in one invocation.
 
 Usage: python benchmarks/run_overhead.py [--norms custom_bn torch_bn] [--epochs 4]
        [--train-images 60000] [--test-images 10000] [--batch-size 128] [--repeats 3]
-       [--threads N] [--override KEY=VALUE ...] [--before DIR] [--quick] [--csv out.csv]
+       [--threads N] [--override KEY=VALUE ...] [--before DIR] [--digits COPIES]
+       [--quick] [--csv out.csv]
 """
 
 from __future__ import annotations
@@ -69,6 +75,37 @@ def write_mnist(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
         for name, magic, array in (("images-idx3", 0x803, images), ("labels-idx1", 0x801, labels)):
             header = struct.pack(">i", magic) + b"".join(struct.pack(">i", d) for d in array.shape)
             (raw / f"{prefix}-{name}-ubyte").write_bytes(header + array.tobytes())
+
+
+def write_digits(root: Path, copies: int, seed: int = 0) -> tuple[int, int]:
+    """scikit-learn's 8x8 digits, scaled 3x and padded to 28x28, in MNIST's IDX format: a
+    data set that can be learned (accuracy means something), MNIST-sized. The training
+    images ``copies`` times, each copy shifted by up to 2 pixels; (train, test) counts."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.kron(bunch.images, np.ones((3, 3))) * (255 / 16)  # (n, 24, 24)
+    images = np.pad(images, ((0, 0), (2, 2), (2, 2))).astype(np.uint8)
+    labels = bunch.target.astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    test, train = order[:360], order[360:]
+    shifted = [
+        np.roll(images[train], tuple(rng.integers(-2, 3, size=2)), axis=(1, 2))
+        for _ in range(copies)
+    ]
+    splits = {
+        "train": (np.concatenate(shifted), np.tile(labels[train], copies)),
+        "t10k": (images[test], labels[test]),
+    }
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, (x, y) in splits.items():
+        for name, magic, array in (("images-idx3", 0x803, x), ("labels-idx1", 0x801, y)):
+            header = struct.pack(">i", magic) + b"".join(struct.pack(">i", d) for d in array.shape)
+            (raw / f"{prefix}-{name}-ubyte").write_bytes(header + array.tobytes())
+    return len(splits["train"][1]), len(test)
 
 
 # --------------------------------------------------------------------------- the child
@@ -137,18 +174,26 @@ def child(args: argparse.Namespace) -> None:
     folder = next(Path(args.out).glob("*/runs/*/summary.json"))
     summary = json.loads(folder.read_text())
     clock.seconds["training"] = summary["train_time_s"]
-    clock.seconds["startup"] = clock.loop_start - spawned
+    # a data-parallel run trains in processes of its own: its phases are not seen here
+    started = clock.loop_start
+    clock.seconds["startup"] = float("nan") if started is None else started - spawned
     print(json.dumps({"seconds": clock.seconds, "summary": summary, "ended": time.time()}))
 
 
 # --------------------------------------------------------------------------- the parent
 
 
+def variant_overrides(variant: str) -> list[str]:
+    """``norm[:KEY=VALUE...]``: the norm and the variant's own overrides."""
+    norm, *extra = variant.split(":")
+    return [f"norm={norm}", *extra]
+
+
 def one_run(norm: str, root: Path, args: argparse.Namespace, tree: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as out:
         overrides = [
             f"out_dir={out}",
-            f"norm={norm}",
+            *variant_overrides(norm),
             "model=small_cnn",
             "dataset=mnist",
             f"dataset.root={root}",
@@ -183,6 +228,7 @@ def one_run(norm: str, root: Path, args: argparse.Namespace, tree: str | None = 
         **{f"{k}_s": v for k, v in seconds.items()},
         "run_img_per_s": steps * args.batch_size / wall,
         "train_img_per_s": measured["summary"]["img_per_s"],
+        "test_acc": measured["summary"]["final_test_acc"],
     }
 
 
@@ -199,7 +245,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         "median seconds per phase (share of the run's wall time):",
     ]
     labels = [n + tag for tag in ("", "@before")[: 1 + bool(args.before)] for n in args.norms]
-    header = f"{'phase':<12}" + "".join(f"{n:>22}" for n in labels)
+    width = max(22, *(len(n) + 2 for n in labels))
+    header = f"{'phase':<12}" + "".join(f"{n:>{width}}" for n in labels)
     lines.append(header)
     for phase in ("wall", *PHASES):
         cells = []
@@ -208,8 +255,10 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
             value = statistics.median(part[f"{phase}_s"])
             share = statistics.median(part[f"{phase}_s"] / part["wall_s"])
             cells.append(f"{value:9.2f} s ({share:6.1%})")
-        lines.append(f"{phase:<12}" + "".join(f"{c:>22}" for c in cells))
+        lines.append(f"{phase:<12}" + "".join(f"{c:>{width}}" for c in cells))
     outside = {n: statistics.median(1 - f.training_s / f.wall_s) for n, f in frame.groupby("norm")}
+    accuracy = {n: statistics.median(f.test_acc) for n, f in frame.groupby("norm")}
+    lines.append("final test accuracy: " + ", ".join(f"{n} {v:.2%}" for n, v in accuracy.items()))
     lines.append("outside training steps: " + ", ".join(f"{n} {v:.1%}" for n, v in outside.items()))
     pairs = [
         (n + tag, args.norms[-1] + tag)
@@ -255,6 +304,14 @@ def main() -> None:
     parser.add_argument("--norms", nargs="+", default=["custom_bn", "torch_bn"])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--train-images", type=int, default=60000)
+    parser.add_argument(
+        "--digits",
+        type=int,
+        default=None,
+        metavar="COPIES",
+        help="learnable images instead of random ones: scikit-learn's digits at 28x28, the "
+        "1,437 training images COPIES times (shifted), its 360 test images",
+    )
     parser.add_argument("--test-images", type=int, default=10000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -277,7 +334,10 @@ def main() -> None:
         args.epochs, args.train_images, args.test_images, args.repeats = 1, 512, 256, 1
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        write_mnist(Path(root), args.train_images, args.test_images)
+        if args.digits:
+            args.train_images, args.test_images = write_digits(Path(root), args.digits)
+        else:
+            write_mnist(Path(root), args.train_images, args.test_images)
         trees = [None] + ([str(Path(args.before).resolve())] if args.before else [])
         runs = [(norm, tree) for tree in trees for norm in args.norms]
         for repeat in range(args.repeats):

@@ -155,12 +155,9 @@ def sync_group(group_size: int | None = None, process_group: Any = None) -> Sync
 
 def reduce_statistics(count: int, mean: Any, var: Any, sync: SyncGroup) -> tuple[int, Any, Any]:
     """The group's ``(count, mean, var)`` per channel from each process's own: ``count``
-    values per channel, their ``mean`` and biased ``var`` (C values each, of any float
-    dtype: the table is float64). One ``all_reduce``; float64 results, the same bits on
-    every process of the group. A process with no values (count 0) adds nothing.
-
-    Called by every synchronized layer twice a step, so it takes as few tensor operations
-    as it can: each costs more than the arithmetic at small shapes."""
+    values per channel, their ``mean`` and biased ``var`` (C values each). One
+    ``all_reduce``; float64 results, the same bits on every process of the group. A process
+    with no values (count 0) adds nothing."""
     import torch
     import torch.distributed as dist
 
@@ -169,21 +166,20 @@ def reduce_statistics(count: int, mean: Any, var: Any, sync: SyncGroup) -> tuple
     if count > 0:
         row = table[sync.index]
         row[0] = count
-        torch.cat((mean.reshape(-1), var.reshape(-1)), out=row[1:])
-        row[1 + channels :].mul_(count)  # M2
+        row[1 : 1 + channels] = mean.reshape(-1)
+        row[1 + channels :] = var.reshape(-1).to(torch.float64) * count  # M2
     dist.all_reduce(table, group=sync.group)
-    counts = table[:, 0]
+    counts = table[:, :1]
     total = int(counts.sum().item())
+    means, m2s = table[:, 1 : 1 + channels], table[:, 1 + channels :]
     if total == 0:
         nan = torch.full((channels,), float("nan"), dtype=torch.float64, device=mean.device)
         return 0, nan, nan.clone()
-    means, m2s = table[:, 1 : 1 + channels], table[:, 1 + channels :]
     # Chan et al.'s merge of k parts at once: the parts' M2 plus their means' spread
     # around the whole mean (each deviation taken directly, not as a difference of squares)
-    merged = torch.mv(means.T, counts).div_(total)
-    spread = (means - merged).square_()
-    m2 = torch.addmv(m2s.sum(0), spread.T, counts)
-    return total, merged, m2.div_(total)
+    merged = (counts * means).sum(0) / total
+    m2 = m2s.sum(0) + (counts * (means - merged).square()).sum(0)
+    return total, merged, m2 / total
 
 
 def reduce_sums(first: Any, second: Any, sync: SyncGroup) -> tuple[Any, Any]:
@@ -192,8 +188,7 @@ def reduce_sums(first: Any, second: Any, sync: SyncGroup) -> tuple[Any, Any]:
     import torch.distributed as dist
 
     channels = first.numel()
-    both = torch.empty(2 * channels, dtype=torch.float64, device=first.device)
-    torch.cat((first.reshape(-1), second.reshape(-1)), out=both)
+    both = torch.cat([first.reshape(-1), second.reshape(-1)]).to(torch.float64)
     dist.all_reduce(both, group=sync.group)
     return both[:channels], both[channels:]
 

@@ -328,8 +328,7 @@ def batch_norm_synced(
     """:func:`batch_norm_tracked` over a batch spread across processes (synchronized
     BatchNorm's training forward), the kernels knowing nothing of processes: the caller's
     ``reduce_statistics(count, mean, var) -> (count, mean, var)`` combines the local part's
-    per-channel count, mean (the input's accumulation dtype) and biased variance (float64)
-    into the whole batch's (float64), the same
+    per-channel count, mean and biased variance (float64) into the whole batch's, the same
     on every process, and ``reduce_sums(a, b) -> (a, b)`` adds up the backward's two sums
     (:mod:`normbench.distributed` has both; each one collective). The running statistics
     (when given) move towards the whole batch's, the variance unbiased by its count."""
@@ -355,7 +354,7 @@ def batch_norm_synced(
     else:
         mean = invstd = torch.zeros(x.shape[1], dtype=acc, device=x.device)
     var = invstd.to(torch.float64).pow(-2)
-    total, mean64, var64 = reduce_statistics(count, mean, var)
+    total, mean64, var64 = reduce_statistics(count, mean.to(torch.float64), var)
     if total <= 1:  # torch's check, on the whole group's count
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size "
