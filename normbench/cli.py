@@ -8,6 +8,7 @@ stderr and exit status 2.
 from __future__ import annotations
 
 import functools
+import gc
 import re
 import sys
 import warnings
@@ -207,6 +208,9 @@ def run(
     except (KeyboardInterrupt, Interrupted) as stop:
         err.print(lines.run_stopped(reason(stop), recorded(stop)))
         raise typer.Exit(exit_status(stop)) from None
+    # The run is over: the interpreter's exit need not search torch's millions of
+    # objects for cycles (it took longer than a run's writing; benchmarks/README.md).
+    gc.freeze()
     for line in lines.run_outcome(outcome):
         out.print(line)
 

@@ -495,6 +495,21 @@ def train_batches(
         yield x, data.train_y[index]
 
 
+#: The most images an eval-mode step takes on the CPU, whatever ``eval_batch_size`` says: a
+#: step whose activations stay in the cores' caches ran faster than one of 1,000 images
+#: (benchmarks/README.md, "Whole training runs").
+CPU_EVAL_IMAGES = 256
+
+
+def eval_step_size(batch_size: int, x: Tensor) -> int:
+    """Images per step of an eval-mode pass over ``x``: ``batch_size`` (the run's
+    ``eval_batch_size``), at most :data:`CPU_EVAL_IMAGES` where ``x`` is on the CPU. In
+    eval mode a layer's output for an image does not depend on the other images of its
+    step, so the step's size changes the speed, not the figures (up to the last bits of
+    float32 sums a convolution may add in another order)."""
+    return min(batch_size, CPU_EVAL_IMAGES) if x.is_cpu else batch_size
+
+
 def eval_batches(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """``x`` and ``y`` in order, in batches of ``batch_size`` (the last may be smaller)."""
     if batch_size < 1:

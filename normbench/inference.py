@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normbench.data import DataSplits, eval_batches
+from normbench.data import DataSplits, eval_batches, eval_step_size
 
 
 def running_stat_layers(model: nn.Module) -> list[nn.Module]:
@@ -116,7 +116,9 @@ def measure(
         batch_stats = copy.deepcopy(model).train()
         return {
             # eval mode: the batch size changes nothing but the speed
-            "test_acc_precise_bn": accuracy(precise, data.test_x, data.test_y, eval_batch_size),
+            "test_acc_precise_bn": accuracy(
+                precise, data.test_x, data.test_y, eval_step_size(eval_batch_size, data.test_x)
+            ),
             "test_acc_batch_stats": accuracy(batch_stats, data.test_x, data.test_y, batch_size),
         }
     finally:

@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from normbench import distributed
-from normbench.data import DataSplits, eval_batches, steps_per_epoch, train_batches
+from normbench.data import (
+    DataSplits,
+    eval_batches,
+    eval_step_size,
+    steps_per_epoch,
+    train_batches,
+)
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,7 @@ def evaluate(
         x, y = x[part], y[part]
     loss = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.long, device=x.device)
-    for xb, yb in eval_batches(x, y, batch_size):
+    for xb, yb in eval_batches(x, y, eval_step_size(batch_size, x)):
         with autocast(precision, x.device):
             out = model(xb)
             loss += F.cross_entropy(out.float(), yb, reduction="sum")

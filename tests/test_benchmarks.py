@@ -111,3 +111,25 @@ def test_cache_bandwidth_sizes_each_level_and_times_every_repeat(monkeypatch, fa
     gbps = cache_bandwidth.measure(sizes, repeats=3, min_bytes=1 << 17)
     assert list(gbps) == ["small", "large"]
     assert all(len(values) == 3 and all(v > 0 for v in values) for values in gbps.values())
+
+
+def test_the_run_overhead_script_times_every_phase_of_a_quick_run():
+    script = BENCHMARKS / "run_overhead.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick", "--norms", "custom_bn"],
+        capture_output=True, text=True, timeout=600, cwd=script.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for phase in ("startup", "training", "evaluation", "precise_bn", "bn_stats", "exit"):
+        assert phase in done.stdout
+    assert "outside training steps: custom_bn" in done.stdout
+
+
+def test_the_sync_bn_script_times_two_gloo_processes():
+    script = BENCHMARKS / "sync_bn.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        capture_output=True, text=True, timeout=600, cwd=script.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "4x8x8x8" in done.stdout and done.stdout.rstrip().endswith("x")
