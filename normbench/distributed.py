@@ -7,18 +7,17 @@ module holds what the layers need from it, and nothing of the runner's:
   over. ``group_size`` k makes groups of k consecutive ranks (k = 1: each process alone,
   local BatchNorm; k = the world size, or None: every process); a k that does not divide
   the world size is refused with one :class:`~normbench.errors.UserError` line.
-- :func:`reduce_statistics`: the per-channel batch statistics of every process in a group
-  combined into the group's, with one ``all_reduce`` per call. Each process writes its
-  ``(count, mean, M2)`` into its own row of a zeroed ``(k, 1 + 2C)`` float64 table, and the
-  sum over the group is every row at once, exact (adding zeros rounds nothing); every
-  process then merges the rows in the same order by the parallel-variance formula (Chan,
-  Golub & LeVeque), so the merged statistics, and the running statistics made from them,
-  are the same bits on every rank, and a large mean against the spread costs no precision
-  (a sum of squares would lose it: ``E[x^2] - E[x]^2``). The table is k times a sum's size;
-  at BatchNorm's sizes (C values per layer) that is a few KiB, and torch's SyncBatchNorm
-  exchanges as much (an ``all_gather`` of every rank's mean and invstd).
-- :func:`reduce_sums`: the backward's two per-channel sums, added over the group in float64
-  with one ``all_reduce`` (they are plain sums around the group's mean: no cancellation).
+- :func:`reduce_sum`: synchronized BatchNorm's reductions, one ``all_reduce`` each, twice
+  a step. In the forward each process writes its ``(count, mean, M2)`` into its own row of
+  a zeroed ``(k, 1 + 2C)`` float64 table, and the sum over the group is every row at once,
+  exact (adding zeros rounds nothing); every process then merges the rows in the same
+  order by the parallel-variance formula (Chan, Golub & LeVeque; the kernel's
+  ``batch_norm_merge_stats``, one call), so the merged statistics, and the running
+  statistics made from them, are the same bits on every rank, and a large mean against
+  the spread costs no precision (a sum of squares would lose it: ``E[x^2] - E[x]^2``). The
+  table is k times a sum's size; at BatchNorm's sizes (C values per layer) that is a few
+  KiB, and torch's SyncBatchNorm exchanges as much (an ``all_gather`` of every rank's mean
+  and invstd). In the backward, the two per-channel sums, in float64.
 
 torch is imported inside the functions (the package's commands that never train import
 none of it).
@@ -35,8 +34,7 @@ __all__ = [
     "SyncGroup",
     "check_group_size",
     "check_parallel",
-    "reduce_statistics",
-    "reduce_sums",
+    "reduce_sum",
     "sync_group",
     "sync_ranks",
     "world_size",
@@ -102,8 +100,8 @@ def sync_ranks(group_size: int | None, size: int) -> list[list[int]]:
 
 class SyncGroup:
     """The processes one layer synchronizes with: ``group`` (a process group; None for the
-    default one), this process's ``index`` in it (its row in :func:`reduce_statistics`'s
-    table) and its ``size``."""
+    default one), this process's ``index`` in it (its row in the statistics'
+    table: :func:`reduce_sum`) and its ``size``."""
 
     __slots__ = ("group", "index", "size")
 
@@ -154,44 +152,16 @@ def sync_group(group_size: int | None = None, process_group: Any = None) -> Sync
     return _groups[key]
 
 
-def reduce_statistics(count: int, mean: Any, var: Any, sync: SyncGroup) -> tuple[int, Any, Any]:
-    """The group's ``(count, mean, var)`` per channel from each process's own: ``count``
-    values per channel, their ``mean`` and biased ``var`` (C values each). One
-    ``all_reduce``; float64 results, the same bits on every process of the group. A process
-    with no values (count 0) adds nothing."""
-    import torch
+def reduce_sum(values: Any, sync: SyncGroup) -> None:
+    """``values`` (float64) added up over the group in place, with one ``all_reduce``:
+    synchronized BatchNorm's two reductions a step (``batch_norm_synced``'s
+    ``all_reduce``). The forward's is a ``(k, 1 + 2C)`` table of every process's count,
+    mean and M2, each in its own row and zeros elsewhere, so the sum is every row at once,
+    exact (adding zeros rounds nothing); the backward's, its two per-channel sums (plain
+    sums around the group's mean: no cancellation)."""
     import torch.distributed as dist
 
-    channels = mean.numel()
-    table = torch.zeros(sync.size, 1 + 2 * channels, dtype=torch.float64, device=mean.device)
-    if count > 0:
-        row = table[sync.index]
-        row[0] = count
-        row[1 : 1 + channels] = mean.reshape(-1)
-        row[1 + channels :] = var.reshape(-1).to(torch.float64) * count  # M2
-    dist.all_reduce(table, group=sync.group)
-    counts = table[:, :1]
-    total = int(counts.sum().item())
-    means, m2s = table[:, 1 : 1 + channels], table[:, 1 + channels :]
-    if total == 0:
-        nan = torch.full((channels,), float("nan"), dtype=torch.float64, device=mean.device)
-        return 0, nan, nan.clone()
-    # Chan et al.'s merge of k parts at once: the parts' M2 plus their means' spread
-    # around the whole mean (each deviation taken directly, not as a difference of squares)
-    merged = (counts * means).sum(0) / total
-    m2 = m2s.sum(0) + (counts * (means - merged).square()).sum(0)
-    return total, merged, m2 / total
-
-
-def reduce_sums(first: Any, second: Any, sync: SyncGroup) -> tuple[Any, Any]:
-    """Two per-channel sums added over the group, in float64, with one ``all_reduce``."""
-    import torch
-    import torch.distributed as dist
-
-    channels = first.numel()
-    both = torch.cat([first.reshape(-1), second.reshape(-1)]).to(torch.float64)
-    dist.all_reduce(both, group=sync.group)
-    return both[:channels], both[channels:]
+    dist.all_reduce(values, group=sync.group)
 
 
 # ------------------------------------------------------------------ data-parallel runs

@@ -777,6 +777,10 @@ def opcheck_every_operator(x, relu):
             + (0.1, 1e-5, 100, torch.zeros((), dtype=torch.long, device=x.device), True),
         ),
     ]
+    # synchronized BatchNorm's statistics: the local row, the merge
+    checks.append((nb.batch_norm_stats_table, (x, 3, 1)))
+    table = nb.batch_norm_stats_table(x, 2, 0) + nb.batch_norm_stats_table(x[:2], 2, 1)
+    checks.append((nb.batch_norm_merge_stats, (table, 1e-5, torch.float32)))
     for op, args in checks:
         torch.library.opcheck(op, args)
 
@@ -788,6 +792,60 @@ def test_opcheck(layout, relu):
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     opcheck_every_operator(x, relu)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_synced_statistics_are_the_whole_batchs(backend, dtype):
+    """Parts of a batch (uneven, one empty), each in its own row of the statistics' table,
+    the tables summed and merged: the whole batch's mean and biased variance (float64 math
+    on the same values; a mean of 1e4 against a spread of 1 too), its count, and invstd
+    with eps; float64 to 1e-12, float32 and bfloat16 input (float32 statistics) to
+    float32's precision."""
+    g = torch.Generator().manual_seed(3)
+    whole = (torch.randn(11, 4, 3, 2, generator=g, dtype=torch.float64) + 1e4).to(dtype)
+    whole = whole.contiguous(memory_format=torch.channels_last)
+    pieces = [whole[:5], whole[5:5], whole[5:11]]
+    table = sum(ops.statistics_table(p, len(pieces), i, backend) for i, p in enumerate(pieces))
+    assert table.dtype == torch.float64 and table.shape == (3, 9)
+    acc = reference.accumulation_dtype(dtype)
+    mean, var, invstd, count = ops.merge_statistics(table, 1e-5, acc, backend)
+    assert int(count) == 11 * 3 * 2 and count.dtype == torch.long
+    assert mean.dtype == var.dtype == invstd.dtype == acc
+    x = whole.double()
+    want_var, want_mean = torch.var_mean(x, dim=[0, 2, 3], unbiased=False)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(mean.double(), want_mean, rtol=tol, atol=0)
+    torch.testing.assert_close(var.double(), want_var, rtol=30 * tol, atol=0)
+    torch.testing.assert_close(invstd.double(), (want_var + 1e-5).rsqrt(), rtol=30 * tol, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_synced_statistics_of_no_values_and_refusals(backend):
+    """A table with no values merges into NaN statistics and a count of 0; a part outside
+    the table, a table not (parts, 1 + 2C) of float64, and statistics of a dtype other than
+    float32/float64 are refused, with the same message by the operator and its Python
+    checks (the fakes')."""
+    x = torch.randn(0, 3, 2)
+    table = ops.statistics_table(x, 2, 1, backend)
+    assert torch.equal(table, torch.zeros(2, 7, dtype=torch.float64))
+    mean, var, invstd, count = ops.merge_statistics(table, 1e-5, torch.float32, backend)
+    assert int(count) == 0 and mean.isnan().all() and var.isnan().all() and invstd.isnan().all()
+    refused = [
+        (ops.statistics_table, (torch.randn(4, 3), 2, 2), "got part 2 of 2"),
+        (ops.statistics_table, (torch.randn(4, 3), 0, 0), "got part 0 of 0"),
+        (ops.merge_statistics, (torch.zeros(2, 6, dtype=torch.float64), 1e-5, torch.float32),
+         "table must be (parts, 1 + 2C)"),
+        (ops.merge_statistics, (torch.zeros(2, 7), 1e-5, torch.float32), "found Float"),
+        (ops.merge_statistics, (torch.zeros(2, 7, dtype=torch.float64), 1e-5, torch.float16),
+         "must be Float or Double"),
+    ]  # fmt: skip
+    for fn, args, message in refused:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            fn(*args, backend)
+        meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            fn(*meta, "cpu")  # the fake
 
 
 @pytest.mark.parametrize(

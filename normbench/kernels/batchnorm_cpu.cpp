@@ -1166,11 +1166,13 @@ void rows_affine(const Layout& g, const scalar_t* x, scalar_t* out, const acc_t*
 
 // ---------------------------------------------------------------- forward (training)
 
-// kOutput = false: the statistics alone (batch_norm_stats), y is not written.
+// kOutput = false: the statistics alone (batch_norm_stats), y is not written. `exact`, where
+// given (2C values): the mean and the biased variance in float64 too, before they are rounded
+// to the statistics' dtype (synchronized BatchNorm's table).
 template <typename scalar_t, bool kRelu, bool kOutput = true>
 void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor& invstd_t,
                   const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                  double eps) {
+                  double eps, double* exact = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x = g.x.data_ptr<scalar_t>();
   scalar_t* out = kOutput ? y.data_ptr<scalar_t>() : nullptr;
@@ -1186,6 +1188,10 @@ void forward_impl(const Layout& g, at::Tensor& y, at::Tensor& mean_t, at::Tensor
     if (var < 0.0) var = 0.0;  // rounding; a NaN (from an infinite value) stays, as torch's
     mean[c] = static_cast<acc_t>(shift + m1);
     invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+    if (exact != nullptr) {
+      exact[c] = static_cast<double>(shift) + m1;
+      exact[g.C + c] = var;
+    }
   };
 
   if (g.rows) {
@@ -1264,6 +1270,98 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& input, double e
     forward_impl<scalar_t, false, false>(g, none, mean, invstd, c10::nullopt, c10::nullopt, eps);
   });
   return {mean, invstd};
+}
+
+// ---------------------------------------------------------------- synchronized statistics
+//
+// Synchronized BatchNorm's statistics in two operators around its all_reduce (docs/kernel.md,
+// "Synchronized BatchNorm"): each process's table of `parts` rows of (count, mean, M2), zero
+// but for its own `part`, whose sum over the processes is every row (adding zeros rounds
+// nothing); then every process merges the same rows in the same order (Chan et al.), so the
+// group's statistics are the same bits on all of them. One call each, not the forty-odd
+// small tensor operations they were in Python (benchmarks/README.md).
+
+// The local part's row: its count, and its mean and M2 in float64 as the forward computes
+// them, before they are rounded to the statistics' dtype (a float32 mean of 1e4 would be
+// off by a thousandth, which its spread around the whole mean would square).
+at::Tensor stats_table(const at::Tensor& input, int64_t parts, int64_t part) {
+  TORCH_CHECK(parts >= 1 && part >= 0 && part < parts,
+              "part must be one of the parts' rows, 0 to parts - 1, got part ", part, " of ",
+              parts);
+  const Layout g = layout_of(input);
+  const int64_t width = 1 + 2 * g.C;
+  at::Tensor table = at::detail::empty_cpu({parts, width}, at::kDouble);
+  double* out = table.data_ptr<double>();
+  std::fill(out, out + parts * width, 0.0);
+  if (g.M == 0) return table;  // no values: a row of zeros, which adds nothing
+  const auto acc = at::toOpMathType(input.scalar_type());
+  auto mean = empty_channels(g.C, acc);
+  auto invstd = empty_channels(g.C, acc);
+  at::Tensor none;
+  double* row = out + part * width;
+  // (eps 1: the invstd it gives is not used)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "stats_table", [&] {
+    forward_impl<scalar_t, false, false>(g, none, mean, invstd, c10::nullopt, c10::nullopt, 1.0,
+                                         row + 1);
+  });
+  const double count = static_cast<double>(g.M);
+  row[0] = count;
+  for (int64_t c = 0; c < g.C; ++c) row[1 + g.C + c] *= count;  // M2 = var * count
+  return table;
+}
+
+// The rows merged: (mean, var, invstd) in `dtype` (the statistics' accumulation dtype), and
+// the total count (an int64 scalar); NaN statistics and count 0 where no row has values.
+// Computed in float64 from the rows in order: the mean weighted by the counts, then M2 as
+// the parts' M2 plus each part's count times its mean's squared deviation from the whole
+// mean (taken directly: no difference of squares).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_stats(const at::Tensor& table,
+                                                                       double eps,
+                                                                       at::ScalarType dtype) {
+  TORCH_CHECK(table.dim() == 2 && table.size(0) >= 1 && table.size(1) >= 3 &&
+                  table.size(1) % 2 == 1,
+              "table must be (parts, 1 + 2C) with C >= 1, got ", table.sizes());
+  check_device(&table);
+  TORCH_CHECK(table.scalar_type() == at::kDouble, "expected scalar type ", at::kDouble,
+              " but found ", table.scalar_type());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "the statistics' dtype must be Float or Double, got ", dtype);
+  const at::Tensor t = table.contiguous();
+  const int64_t parts = t.size(0), width = t.size(1), C = (width - 1) / 2;
+  const double* p = t.const_data_ptr<double>();
+  auto mean_t = empty_channels(C, dtype);
+  auto var_t = empty_channels(C, dtype);
+  auto invstd_t = empty_channels(C, dtype);
+  double total = 0.0;
+  for (int64_t r = 0; r < parts; ++r) total += p[r * width];
+  at::Tensor count_t = at::detail::empty_cpu(c10::IntArrayRef{}, at::kLong);
+  *count_t.data_ptr<int64_t>() = static_cast<int64_t>(total);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "merge_stats", [&] {
+    scalar_t* mean = mean_t.data_ptr<scalar_t>();
+    scalar_t* var = var_t.data_ptr<scalar_t>();
+    scalar_t* invstd = invstd_t.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      if (total == 0.0) {
+        mean[c] = var[c] = invstd[c] = static_cast<scalar_t>(NAN);
+        continue;
+      }
+      double weighted = 0.0;
+      for (int64_t r = 0; r < parts; ++r) weighted += p[r * width] * p[r * width + 1 + c];
+      const double merged = weighted / total;
+      double m2 = 0.0, spread = 0.0;
+      for (int64_t r = 0; r < parts; ++r) {
+        const double* row = p + r * width;
+        m2 += row[1 + C + c];
+        const double d = row[1 + c] - merged;
+        spread += row[0] * (d * d);
+      }
+      const double v = (m2 + spread) / total;
+      mean[c] = static_cast<scalar_t>(merged);
+      var[c] = static_cast<scalar_t>(v);
+      invstd[c] = static_cast<scalar_t>(1.0 / std::sqrt(v + eps));
+    }
+  });
+  return {mean_t, var_t, invstd_t, count_t};
 }
 
 // ---------------------------------------------------------------- backward
@@ -1939,6 +2037,12 @@ TORCH_LIBRARY(normbench, m) {
   m.def("batch_norm_backward_apply(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, "
         "Tensor mean, Tensor invstd, Tensor sum_dy, Tensor sum_dy_xhat, int count, "
         "bool relu=False) -> Tensor");
+  // Synchronized BatchNorm's statistics (see "synchronized statistics"): the local part's
+  // row of a zeroed (parts, 1 + 2C) float64 table; the rows merged into (mean, var, invstd)
+  // of the given dtype and the total count.
+  m.def("batch_norm_stats_table(Tensor x, int parts, int part) -> Tensor");
+  m.def("batch_norm_merge_stats(Tensor table, float eps, ScalarType dtype) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // The size from which outputs are streamed (see "streaming stores"), for reports.
   m.def("stream_threshold() -> int", &stream_threshold);
   // The order the kernels read a tensor in (see "the planes layout's order"), for reports.
@@ -1959,6 +2063,8 @@ TORCH_LIBRARY_IMPL(normbench, CPU, m) {
   m.impl("batch_norm_stats", &batch_stats);
   m.impl("batch_norm_backward_reduce", &backward_reduce);
   m.impl("batch_norm_backward_apply", &backward_apply);
+  m.impl("batch_norm_stats_table", &stats_table);
+  m.impl("batch_norm_merge_stats", &merge_stats);
 }
 
 TORCH_LIBRARY_IMPL(normbench, Autograd, m) {
@@ -1971,4 +2077,6 @@ TORCH_LIBRARY_IMPL(normbench, Autograd, m) {
   // called inside synchronized BatchNorm's own autograd Function (Python), never differentiated
   m.impl("batch_norm_backward_reduce", torch::CppFunction::makeFallthrough());
   m.impl("batch_norm_backward_apply", torch::CppFunction::makeFallthrough());
+  m.impl("batch_norm_stats_table", torch::CppFunction::makeFallthrough());
+  m.impl("batch_norm_merge_stats", torch::CppFunction::makeFallthrough());
 }

@@ -29,8 +29,10 @@ __all__ = [
     "dtypes",
     "eval_",
     "forward",
+    "merge_statistics",
     "placed",
     "sizes",
+    "statistics_table",
     "update",
 ]
 
@@ -292,3 +294,28 @@ def arguments(
     dtypes(x, weight, bias, running_mean, running_var)
     _running_layout(running_mean, "running_mean", written)
     _running_layout(running_var, "running_var", written)
+
+
+def statistics_table(x: Tensor, parts: int, part: int) -> None:
+    """``batch_norm_stats_table``'s arguments: ``part`` one of the ``parts`` rows, ``x``
+    an input the kernels compute."""
+    if not (parts >= 1 and 0 <= part < parts):
+        raise RuntimeError(
+            f"part must be one of the parts' rows, 0 to parts - 1, got part {part} of {parts}"
+        )
+    _input_shape(x)
+    _input_dtype(x)
+
+
+def merge_statistics(table: Tensor, dtype: torch.dtype) -> None:
+    """``batch_norm_merge_stats``'s arguments: a float64 ``(parts, 1 + 2C)`` table,
+    statistics of float32 or float64."""
+    shape = table.shape
+    if not (table.dim() == 2 and shape[0] >= 1 and shape[1] >= 3 and shape[1] % 2 == 1):
+        raise RuntimeError(f"table must be (parts, 1 + 2C) with C >= 1, got {list(shape)}")
+    if table.dtype != torch.float64:
+        raise RuntimeError(f"expected scalar type Double but found {dtype_name(table.dtype)}")
+    if dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(
+            f"the statistics' dtype must be Float or Double, got {dtype_name(dtype)}"
+        )

@@ -271,12 +271,12 @@ def batch_norm(
 
 class _Synced(torch.autograd.Function):
     """The affine pass with a whole group's statistics (the kernel's eval operator), whose
-    backward adds up the kernel's sums of the local part with ``reduce_sums`` before the
+    backward adds up the kernel's sums of the local part with ``all_reduce`` before the
     kernel's ``dx`` pass. ``dweight`` and ``dbias`` are the local part's (data parallelism
     adds up the parameters' gradients itself), as torch's SyncBatchNorm's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, invstd, eps, total, backend, relu, reduce_sums):
+    def forward(ctx, x, weight, bias, mean, var, invstd, eps, total, backend, relu, all_reduce):
         # weight and bias in the statistics' dtype (a float16/bfloat16 layer's too: float32,
         # torch's mixed rule), for the operators; their gradients go back in their own
         acc = mean.dtype
@@ -284,7 +284,7 @@ class _Synced(torch.autograd.Function):
         b = None if bias is None else bias.detach().to(acc)
         y = ops.forward_eval(x, mean, var, w, b, eps, backend, relu)
         ctx.save_for_backward(x, w, b, mean, invstd)
-        ctx.total, ctx.backend, ctx.relu, ctx.reduce_sums = total, backend, relu, reduce_sums
+        ctx.total, ctx.backend, ctx.relu, ctx.all_reduce = total, backend, relu, all_reduce
         ctx.params = weight, bias
         return y
 
@@ -295,8 +295,14 @@ class _Synced(torch.autograd.Function):
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
         dweight, dbias = ops.backward_reduce(dy, x, w, b, mean, invstd, ctx.backend, ctx.relu)
-        # every process takes part in the reduction, whatever it needs (the collectives match)
-        sum_dy_xhat, sum_dy = ctx.reduce_sums(dweight, dbias)
+        # both sums in one float64 tensor (a copy: the local ones are the parameters'
+        # gradients), added up over the group in place; every process takes part in the
+        # reduction, whatever it needs (the collectives match). (A cat into a float64
+        # buffer, and unbinding a (2, C) view, were slower than these.)
+        channels = dweight.numel()
+        sums = torch.cat((dweight, dbias)).to(torch.float64)
+        ctx.all_reduce(sums)
+        sum_dy_xhat, sum_dy = sums[:channels], sums[channels:]
         dx = None
         if ctx.needs_input_grad[0]:
             dx = ops.backward_apply(
@@ -320,18 +326,23 @@ def batch_norm_synced(
     bias: Tensor | None,
     momentum: float | None,
     eps: float,
-    reduce_statistics: Callable,
-    reduce_sums: Callable,
+    all_reduce: Callable[[Tensor], object],
+    part: int = 0,
+    parts: int = 1,
     backend: str = "auto",
     relu: bool = False,
 ) -> Tensor:
-    """:func:`batch_norm_tracked` over a batch spread across processes (synchronized
-    BatchNorm's training forward), the kernels knowing nothing of processes: the caller's
-    ``reduce_statistics(count, mean, var) -> (count, mean, var)`` combines the local part's
-    per-channel count, mean and biased variance (float64) into the whole batch's, the same
-    on every process, and ``reduce_sums(a, b) -> (a, b)`` adds up the backward's two sums
-    (:mod:`normbench.distributed` has both; each one collective). The running statistics
-    (when given) move towards the whole batch's, the variance unbiased by its count."""
+    """:func:`batch_norm_tracked` over a batch spread across ``parts`` processes
+    (synchronized BatchNorm's training forward; this one's place among them is ``part``),
+    the kernels knowing nothing of processes: the caller's ``all_reduce(t)`` adds up a
+    float64 tensor over the processes in place (:func:`normbench.distributed.reduce_sum`:
+    one collective), called twice a step, the same on every process. The forward sums a
+    ``(parts, 1 + 2C)`` table whose row ``part`` is this part's count, mean and M2
+    (``batch_norm_stats_table``), which every process merges the same way
+    (``batch_norm_merge_stats``); the backward sums its two per-channel sums. The running
+    statistics (when given) move towards the whole batch's, the variance unbiased by its
+    count. Where the kernel runs on CUDA, the group's count is read back to the host once
+    a step (the operators take it as a number)."""
     _check_channels(input.size())
     if eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
@@ -345,23 +356,19 @@ def batch_norm_synced(
         _check_dtypes(x, weight, bias, running_mean, running_var)
     else:
         checks.forward(x, weight, bias)
+    # the local count, mean and M2 (an empty part: zeros, which add nothing), one call; the
+    # group's merged statistics, one call
+    table = ops.statistics_table(x, parts, part, backend)
+    all_reduce(table)
     acc = reference.accumulation_dtype(x.dtype)
-    # the local statistics with eps 0, so that the biased variance comes back from invstd
-    # (a zero variance: invstd inf, var 0); an empty part: count 0, which adds nothing
-    count = x.numel() // x.shape[1]
-    if count:
-        mean, invstd = ops.statistics(x, 0.0, backend)
-    else:
-        mean = invstd = torch.zeros(x.shape[1], dtype=acc, device=x.device)
-    var = invstd.to(torch.float64).pow(-2)
-    total, mean64, var64 = reduce_statistics(count, mean.to(torch.float64), var)
+    mean, var, invstd, count = ops.merge_statistics(table, eps, acc, backend)
+    total = int(count)
     if total <= 1:  # torch's check, on the whole group's count
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size "
             f"{input.size()} ({total} values per channel in the whole synchronized group)"
         )
-    mean, var, invstd = mean64.to(acc), var64.to(acc), (var64 + eps).rsqrt().to(acc)
-    y = _Synced.apply(x, weight, bias, mean, var, invstd, eps, total, backend, relu, reduce_sums)
+    y = _Synced.apply(x, weight, bias, mean, var, invstd, eps, total, backend, relu, all_reduce)
     if running_mean is not None and running_var is not None:
         counter = num_batches_tracked
         factor = 0.0 if momentum is None else momentum

@@ -23,6 +23,13 @@ which also registers their CPU kernels and their autograd, once for every device
   sums and a count given), for synchronized BatchNorm, whose processes add up their sums
   in between (:mod:`normbench.distributed`). Not differentiable. On CUDA they run as plain
   torch operations (:mod:`normbench.kernels.reference`'s), not Triton kernels.
+- ``normbench::batch_norm_stats_table(x, parts, part) -> table`` and
+  ``normbench::batch_norm_merge_stats(table, eps, dtype) -> (mean, var, invstd, count)``:
+  synchronized BatchNorm's statistics around its all_reduce, each one call: the local
+  part's count, mean and M2 in row ``part`` of a zeroed ``(parts, 1 + 2C)`` float64 table,
+  and the rows (summed over the processes) merged in float64 by Chan et al.'s formula into
+  statistics of ``dtype`` and the total count (an int64 scalar). On CUDA plain torch
+  operations (the reference's).
 - ``normbench::stream_threshold() -> int``: the bytes from which the CPU kernels write
   their outputs with streaming stores (``NORMBENCH_KERNEL_STREAM_BYTES``, else a quarter
   of the last-level cache), for reports such as ``normbench bench``'s.
@@ -69,7 +76,7 @@ BACKENDS: tuple[str, ...] = ("auto", "cpu", "triton", "reference")
 
 # The operators' overloads, looked up once the library is loaded (an attribute lookup on
 # torch.ops costs microseconds per call).
-_forward = _eval = _update = _stats = _reduce = _apply = None
+_forward = _eval = _update = _stats = _reduce = _apply = _table = _merge = None
 
 
 def _triton() -> ModuleType | None:
@@ -280,6 +287,28 @@ def backward_apply(
     return _apply(dy, x, weight, bias, mean, invstd, sum_dy, sum_dy_xhat, count, relu)
 
 
+def statistics_table(x: Tensor, parts: int, part: int, backend: str) -> Tensor:
+    """``x``'s count, mean and M2 per channel in row ``part`` of a zeroed ``(parts, 1 + 2C)``
+    float64 table (synchronized BatchNorm's, summed over its processes); ``backend``
+    resolved."""
+    if backend == "reference":
+        checks.statistics_table(x, parts, part)
+        with torch.no_grad():
+            return reference.statistics_table(x, parts, part)
+    return _table(x, parts, part)
+
+
+def merge_statistics(
+    table: Tensor, eps: float, dtype: torch.dtype, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A summed :func:`statistics_table`'s rows merged: ``(mean, var, invstd)`` of ``dtype``
+    and the total count (an int64 scalar); ``backend`` resolved."""
+    if backend == "reference":
+        checks.merge_statistics(table, dtype)
+        return reference.merge_statistics(table, eps, dtype)
+    return _merge(table, eps, dtype)
+
+
 # ------------------------------------------------------------------------------ registrations
 
 
@@ -330,6 +359,23 @@ def _fake_apply(grad_out, x, weight, bias, mean, invstd, sum_dy, sum_dy_xhat, co
     return torch.empty_like(x)
 
 
+def _fake_table(x, parts, part):
+    checks.statistics_table(x, parts, part)
+    return x.new_empty((parts, 1 + 2 * x.shape[1]), dtype=torch.float64)
+
+
+def _fake_merge(table, eps, dtype):
+    checks.merge_statistics(table, dtype)
+    channels = (table.shape[1] - 1) // 2
+    stat = table.new_empty(channels, dtype=dtype)
+    return (
+        stat,
+        torch.empty_like(stat),
+        torch.empty_like(stat),
+        table.new_empty((), dtype=torch.long),
+    )
+
+
 def _check_cumulative(counter, cumulative: bool) -> None:
     if cumulative and counter is None:
         raise RuntimeError("a cumulative average needs num_batches_tracked")
@@ -343,6 +389,8 @@ FAKES = {
     "batch_norm_stats": _fake_stats,
     "batch_norm_backward_reduce": _fake_reduce,
     "batch_norm_backward_apply": _fake_apply,
+    "batch_norm_stats_table": _fake_table,
+    "batch_norm_merge_stats": _fake_merge,
 }
 
 
@@ -386,6 +434,14 @@ def _triton_implementations() -> dict:
             grad_out, x, weight, bias, mean, invstd, sum_dy, sum_dy_xhat, count, relu
         )
 
+    def stats_table(x, parts, part):
+        checks.statistics_table(x, parts, part)
+        return reference.statistics_table(x, parts, part)
+
+    def merge_stats(table, eps, dtype):
+        checks.merge_statistics(table, dtype)
+        return reference.merge_statistics(table, eps, dtype)
+
     return {
         "batch_norm_forward": forward,
         "batch_norm_backward": backward,
@@ -395,6 +451,9 @@ def _triton_implementations() -> dict:
         # plain torch operations on CUDA (synchronized BatchNorm's two halves of the backward)
         "batch_norm_backward_reduce": backward_reduce,
         "batch_norm_backward_apply": backward_apply,
+        # and its statistics' table and merge
+        "batch_norm_stats_table": stats_table,
+        "batch_norm_merge_stats": merge_stats,
     }
 
 
@@ -404,7 +463,7 @@ _libraries: list = []  # kept alive: a Library's registrations end with it
 def register_python_implementations() -> None:
     """The operators' fake implementations, and the Triton kernels for CUDA where Triton
     is installed; once, after the C++ library has defined the operators."""
-    global _forward, _eval, _update, _stats, _reduce, _apply
+    global _forward, _eval, _update, _stats, _reduce, _apply, _table, _merge
     if _forward is not None:  # registered already
         return
     for name, fake in FAKES.items():
@@ -421,6 +480,8 @@ def register_python_implementations() -> None:
     _stats = ops.batch_norm_stats.default
     _reduce = ops.batch_norm_backward_reduce.default
     _apply = ops.batch_norm_backward_apply.default
+    _table = ops.batch_norm_stats_table.default
+    _merge = ops.batch_norm_merge_stats.default
 
 
 @contextlib.contextmanager

@@ -32,6 +32,8 @@ __all__ = [
     "forward_eval",
     "forward_train",
     "memory_format",
+    "merge_statistics",
+    "statistics_table",
     "update_running_stats",
 ]
 
@@ -238,3 +240,40 @@ def backward_apply(
         - xhat * _per_channel(sum_dy_xhat.to(dtype) / count, ndim)
     )
     return dx.to(x.dtype).contiguous(memory_format=memory_format(x))
+
+
+def statistics_table(x: Tensor, parts: int, part: int) -> Tensor:
+    """Synchronized BatchNorm's local row: a zeroed ``(parts, 1 + 2C)`` float64 table whose
+    row ``part`` is ``x``'s count, mean and M2 (``count * var``, the biased variance) per
+    channel, in float64 whatever ``x``'s dtype (a mean rounded to float32 would lose what
+    the merge needs of it); all zeros for an empty ``x``. Summed over the processes it
+    holds every process's row."""
+    channels = x.shape[1]
+    table = torch.zeros(parts, 1 + 2 * channels, dtype=torch.float64, device=x.device)
+    count = x.numel() // channels
+    if count:
+        var, mean = torch.var_mean(x.to(torch.float64), dim=_reduce_dims(x), unbiased=False)
+        row = table[part]
+        row[0] = count
+        row[1 : 1 + channels] = mean
+        row[1 + channels :] = var * count
+    return table
+
+
+def merge_statistics(
+    table: Tensor, eps: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The rows of a :func:`statistics_table` summed over processes, merged in float64 by
+    the parallel-variance formula (Chan, Golub & LeVeque): ``(mean, var, invstd)`` in
+    ``dtype`` and the total count (an int64 scalar); NaN statistics and count 0 where no
+    row has values."""
+    channels = (table.shape[1] - 1) // 2
+    counts = table[:, :1]
+    total = counts.sum()
+    means, m2s = table[:, 1 : 1 + channels], table[:, 1 + channels :]
+    # each part's M2 plus its mean's spread around the whole mean, the deviation taken
+    # directly (not as a difference of squares)
+    merged = (counts * means).sum(0) / total
+    var = (m2s.sum(0) + (counts * (means - merged).square()).sum(0)) / total
+    invstd = (var + eps).rsqrt()
+    return merged.to(dtype), var.to(dtype), invstd.to(dtype), total.to(torch.long)

@@ -86,8 +86,9 @@ class SyncBatchNorm(BatchNorm):
             self.bias,
             self.momentum,
             self.eps,
-            lambda count, mean, var: distributed.reduce_statistics(count, mean, var, sync),
-            lambda first, second: distributed.reduce_sums(first, second, sync),
+            lambda sums: distributed.reduce_sum(sums, sync),
+            sync.index,
+            sync.size,
             self.backend,
             self.relu,
         )
