@@ -33,6 +33,7 @@ from normbench.errors import UserError
 __all__ = [
     "SyncGroup",
     "check_group_size",
+    "check_nodes",
     "check_parallel",
     "reduce_sum",
     "sync_group",
@@ -69,18 +70,14 @@ def check_parallel(cfg, device: str) -> None:
     """A run's data-parallel and precision settings, checked before anything is written
     (one :class:`UserError` line each): the global ``batch_size`` must split evenly over
     ``processes x nodes``, a sync_bn ``norm.group_size`` must divide that world size, and
-    fp16 needs CUDA (``device``: the device the run resolves to)."""
+    fp16 needs CUDA (``device``: the device the run resolves to). ``nodes > 1`` is checked
+    where it is known how the run starts (:func:`check_nodes`)."""
     world = cfg.processes * cfg.nodes
     if cfg.batch_size % world:
         raise UserError(
             f"batch_size={cfg.batch_size} does not split over {world} processes "
             f"(processes={cfg.processes} x nodes={cfg.nodes}): batch_size is the global "
             f"batch; use a multiple of {world}"
-        )
-    if cfg.nodes > 1:
-        raise UserError(
-            f"nodes={cfg.nodes}: runs on several nodes are not supported yet; use "
-            "processes=P on one node"
         )
     group_size = cfg.norm.get("group_size") if hasattr(cfg.norm, "get") else None
     if world > 1 and group_size is not None:
@@ -89,6 +86,17 @@ def check_parallel(cfg, device: str) -> None:
         raise UserError(
             "precision=fp16 needs CUDA (float16 training takes a gradient scaler on a GPU); "
             "on the CPU use precision=bf16"
+        )
+
+
+def check_nodes(nodes: int, slurm: bool) -> None:
+    """A run on several nodes starts only as a SLURM job's tasks (``slurm``: it does, or
+    the sweep's launcher submits it so); elsewhere a UserError line."""
+    if nodes > 1 and not slurm:
+        raise UserError(
+            f"nodes={nodes}: a run on several nodes starts only on SLURM (normbench sweep "
+            "hydra/launcher=submitit_slurm, one task per process); on one machine use "
+            "processes=P"
         )
 
 
@@ -500,3 +508,84 @@ def failure_reason(failures: dict[int, Any]) -> str:
 
     causes = {r: f for r, f in failures.items() if f.exitcode != PEER_LOST} or failures
     return "; ".join(f"rank {r} {how(f)}" for r, f in sorted(causes.items()))
+
+
+# ------------------------------------------------------------------ SLURM's tasks
+#
+# On SLURM a data-parallel run is one job of processes x nodes tasks (srun starts them:
+# the sweep's launcher sets tasks_per_node and nodes), each task one rank. Nothing is
+# launched here: each task reads its place from SLURM's environment and joins the
+# process group at an address and port every task derives alike.
+
+#: The TCP ports of the rendezvous of SLURM runs: ``PORT_BASE + job id % PORT_SPAN``, so
+#: that every task of a job finds the same one without asking, and two jobs on one node
+#: collide only when their ids are PORT_SPAN apart.
+PORT_BASE = 15000
+PORT_SPAN = 10000
+
+
+def slurm_task(world: int) -> Rank | None:
+    """This process as one of the ``world`` tasks of a SLURM job step that runs a run's
+    processes (rank ``SLURM_PROCID`` of ``SLURM_NTASKS``, local rank ``SLURM_LOCALID``);
+    None where it is not one (no step, or a step of one task: a run's processes are then
+    started here). A UserError line when the step's tasks are not the run's processes."""
+    env = os.environ
+    if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
+        return None
+    tasks = int(env.get("SLURM_NTASKS") or env.get("SLURM_STEP_NUM_TASKS") or 1)
+    if tasks <= 1:
+        return None
+    if tasks != world:
+        raise UserError(
+            f"this SLURM job step has {tasks} tasks, but the run has {world} processes "
+            "(processes x nodes): a data-parallel run on SLURM is one task per process"
+        )
+    return Rank(int(env["SLURM_PROCID"]), tasks, int(env.get("SLURM_LOCALID") or 0))
+
+
+def rendezvous() -> tuple[str, int]:
+    """Where the tasks of this SLURM job meet: the first host of ``SLURM_JOB_NODELIST``
+    (``scontrol show hostnames``; rank 0 runs there) and a port from the job's id."""
+    import subprocess
+
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    host = "127.0.0.1"
+    if nodelist:
+        listed = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True
+        )
+        names = listed.stdout.split() if listed.returncode == 0 else []
+        # (a node list scontrol cannot expand, or no scontrol: a list of one host as it is)
+        host = names[0] if names else nodelist.split(",")[0]
+    job = int(os.environ.get("SLURM_JOB_ID", "0"))
+    return host, PORT_BASE + job % PORT_SPAN
+
+
+def join_task(rank: Rank, device: str, timeout_s: float) -> Rank:
+    """Join the process group of the run this SLURM task is ``rank`` of (:func:`join`,
+    through the environment torch's ``env://`` reads, set here from SLURM's)."""
+    host, port = rendezvous()
+    os.environ.update(
+        RANK=str(rank.rank),
+        WORLD_SIZE=str(rank.world),
+        LOCAL_RANK=str(rank.local_rank),
+        MASTER_ADDR=host,
+        MASTER_PORT=str(port),
+    )
+    return join(device, timeout_s)
+
+
+def tell(decision: Any) -> None:
+    """Rank 0: send ``decision`` (a picklable value) to every other rank (:func:`hear`)."""
+    import torch.distributed as dist
+
+    dist.broadcast_object_list([decision], src=0)
+
+
+def hear() -> Any:
+    r"""Another rank: what rank 0 :func:`tell`\ s."""
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -190,6 +190,9 @@ def _launch_submitit(launcher, jobs: Sequence, plan) -> list[Any]:
     from normbench import interrupts, queued
 
     executor = _executor(launcher)
+    slurm = launcher._EXECUTOR == "slurm"  # local jobs are polled, not looked up
+    if slurm:
+        _one_task_per_process(executor, jobs)
     Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     state = Singleton.get_state()
     arguments = [
@@ -198,7 +201,6 @@ def _launch_submitit(launcher, jobs: Sequence, plan) -> list[Any]:
     ]
     submitted = _submit(executor, launcher, arguments)
     pending = dict(zip(submitted, jobs, strict=True))
-    slurm = launcher._EXECUTOR == "slurm"  # local jobs are polled, not looked up
     if slurm:  # a rerun while they wait (this driver killed) leaves them to their jobs
         for handle, job in pending.items():
             queued.write(job.run_dir, handle.job_id, launcher.params.get("name", ""))
@@ -212,7 +214,7 @@ def _launch_submitit(launcher, jobs: Sequence, plan) -> list[Any]:
             for handle in [h for h in pending if h.done()]:
                 job = pending.pop(handle)
                 try:
-                    returns.append(handle.results()[0])
+                    returns.append(_result(handle))
                     _record_failed_returns([(job, returns[-1])])
                 except Exception as err:  # the job ended without a result
                     reason, specific = _lost_reason(handle, err)
@@ -231,6 +233,30 @@ def _launch_submitit(launcher, jobs: Sequence, plan) -> list[Any]:
                 queued.remove(job.run_dir, handle.job_id)
         raise
     return returns
+
+
+#: srun's setting for a data-parallel run's tasks: a task that exits with an error ends
+#: the others (its peers' collectives would otherwise wait out the process group's
+#: timeout, and a hung one the job's time limit).
+SRUN_ARGS = ["--kill-on-bad-exit=1"]
+
+
+def _one_task_per_process(executor, jobs: Sequence) -> None:
+    """A sweep of data-parallel runs on SLURM: each job ``processes`` tasks on each of its
+    ``nodes`` nodes, a task per rank (the plan checked that every job asks for the same,
+    and that the user's launcher settings do not say otherwise)."""
+    flat = jobs[0].flat
+    processes, nodes = int(flat["processes"]), int(flat["nodes"])
+    if processes * nodes > 1:
+        executor.update_parameters(tasks_per_node=processes, nodes=nodes, slurm_srun_args=SRUN_ARGS)
+
+
+def _result(handle) -> Any:
+    """What the job's Hydra job returned: rank 0's task's, for a job of several tasks (the
+    task that ran the run's record; the others return nothing of it)."""
+    if handle.num_tasks > 1:
+        return handle.task(0).results()[0]
+    return handle.results()[0]
 
 
 #: Words of a submission refused for a passing reason (a busy or restarting controller);

@@ -25,6 +25,7 @@ from normbench.build import Prepared, load_data, prepare
 from normbench.config import EXECUTION_KEYS, flatten
 from normbench.errors import NotWritten, UserCodeFailed, UserError
 from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
+from normbench.ranks import follow, resume_run
 from normbench.rundir import (
     BN_STATS_FILE,
     TRACKERS_FILE,
@@ -241,11 +242,27 @@ def run(cfg, *, force: bool = False, redo_failed: bool = True, display=None) -> 
 
 
 def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:
-    from omegaconf import OmegaConf
+    from normbench import distributed
 
     settle(cfg, notify=False)  # a sweep's job as Hydra composed it: the plan's form, told
     rid = run_id(cfg)
     folder = experiment_dir(cfg) / "runs" / rid
+    task = distributed.slurm_task(cfg.processes * cfg.nodes)  # one of a SLURM job's tasks
+    distributed.check_nodes(cfg.nodes, slurm=task is not None)
+    if task is not None:
+        return _run_task(cfg, rid, folder, task, force=force, redo_failed=redo_failed)
+    return _own(cfg, rid, folder, force=force, redo_failed=redo_failed, display=display)
+
+
+def _own(cfg, rid, folder, *, force: bool, redo_failed: bool, display, start=None) -> RunOutcome:
+    """Check, lock, prepare and train the run, writing its folder. ``start``: how rank 0
+    of a SLURM job's tasks trains it (:func:`_run_task`), given the prepared run and the
+    loop's state to resume from; None: this process trains it, or the processes it
+    launches."""
+    from omegaconf import OmegaConf
+
+    from normbench import distributed
+
     previous = read_summary(folder)
     if is_done(previous, redo_failed) and not force:
         return RunOutcome(rid, folder, previous, skipped=True)
@@ -259,11 +276,12 @@ def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:
     # place), or the folders it goes into when it does not exist yet
     check_writable(folder)
 
-    if cfg.processes * cfg.nodes > 1:  # its workers' imports, while this one prepares
-        from normbench import distributed
-
+    if start is None and cfg.processes * cfg.nodes > 1:  # its workers' imports, meanwhile
         distributed.prestart(distributed.WORKER_MODULES)
-    prepared = prepare(cfg, threads=cores.choose(cfg.threads))
+    # a SLURM task's check of the model alone: its peers are not checking theirs with it
+    alone = distributed.local() if start is not None else contextlib.nullcontext()
+    with alone:
+        prepared = prepare(cfg, threads=cores.choose(cfg.threads))
 
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -278,7 +296,8 @@ def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:
         # An interrupted run goes on from its last epoch; any other starts over.
         resume = None
         if not force and status_of(previous) in (None, "interrupted"):
-            resume, prepared = _resume(cfg, rid, folder, prepared)
+            with alone:
+                resume, prepared = resume_run(cfg, rid, folder, prepared)
         # From here on files are written; the summary, written last, marks the run done.
         for name in ("summary.json", "metrics.csv", ERROR_LOG):  # the earlier attempt's
             _discard(folder / name)
@@ -288,11 +307,49 @@ def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:
         write_text_file(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         records = resume["records"] if resume else []
         write_csv(folder / "metrics.csv", metrics_frame(rid, records))
+        if start is not None:
+            return start(prepared, resume)
         if cfg.processes * cfg.nodes > 1:  # the lock stays here, with the launcher
             return _train_parallel(cfg, rid, folder, prepared.threads, display)
         return _train(cfg, rid, folder, prepared, display, resume)
     finally:
         lock.release()
+
+
+def _run_task(cfg, rid: str, folder: Path, task, *, force: bool, redo_failed: bool) -> RunOutcome:
+    """This process as one task (``task``: its rank) of a SLURM job that runs the run's
+    processes, one per task (the sweep's launcher asked for processes x nodes tasks).
+    Every task joins the process group first. Rank 0 then does what a one-process run
+    does (checks, takes the lock, prepares, resumes, writes the folder) and tells the
+    others whether the run trains, and from which epoch (:func:`distributed.tell`);
+    they then build the run, restore the checkpoint where there is one, and train with
+    it, writing nothing. A rank that fails ends its process: a collective of the
+    others fails or times out, and SLURM ends the job's step."""
+    from normbench import distributed
+    from normbench.validation import resolve_device
+
+    distributed.join_task(task, resolve_device(cfg.device), cfg.dist_timeout_s)
+    try:
+        if task.rank > 0:
+            status = follow(cfg, rid, folder, task)
+            return RunOutcome(rid, folder, {"status": status}, skipped=status is None)
+        told = False
+
+        def start(prepared: Prepared, resume) -> RunOutcome:
+            nonlocal told
+            told = True
+            distributed.tell(("train", resume["epoch"] if resume else None))
+            return _train(cfg, rid, folder, prepared, None, resume, task)
+
+        try:
+            return _own(cfg, rid, folder, force=force, redo_failed=redo_failed, display=None,
+                        start=start)  # fmt: skip
+        finally:
+            if not told:  # skipped (done, owned elsewhere), refused, or stopped
+                with contextlib.suppress(Exception):  # (the others may be gone)
+                    distributed.tell(None)
+    finally:
+        distributed.leave()
 
 
 def _train_parallel(cfg, rid: str, folder: Path, threads: cores.Threads, display) -> RunOutcome:
@@ -359,7 +416,7 @@ def _rank_main(cfg, rid, folder, threads: cores.Threads, events, env=None, data=
         rank = distributed.join(device, cfg.dist_timeout_s)
         try:
             prepared = prepare(cfg, data, threads=share)
-            resume, prepared = _resume(cfg, rid, folder, prepared)
+            resume, prepared = resume_run(cfg, rid, folder, prepared)
             if rank.rank == 0:
                 _train(cfg, rid, folder, prepared, distributed.Forward(events), resume, rank)
             else:
@@ -372,58 +429,6 @@ def _rank_main(cfg, rid, folder, threads: cores.Threads, events, env=None, data=
             raise
         finally:
             distributed.leave()
-
-
-def _resume(cfg, rid: str, folder: Path, prepared: Prepared) -> tuple[dict | None, Prepared]:
-    """The loop's state to go on from, restored into the prepared model, optimizer and
-    torch's random generators; None when the run starts over. A checkpoint the code
-    cannot go on from (cut short, another version's, a model that changed since) is
-    not a user error: one warning line, and the run trains from the start on a model
-    and optimizer built anew, as a half-restored one must never train."""
-    if cfg.checkpoint.save != "last":
-        return None, prepared
-    from normbench import checkpoints, received
-
-    path = folder / checkpoints.FILE
-    try:  # a regular file no larger than this model's checkpoint can be (not a pipe)
-        data = received.read_bytes(path, checkpoints.max_bytes(prepared.model))
-    except FileNotFoundError:
-        return None, prepared
-    except OSError as err:  # an empty folder or a pipe in its place, too large, no permission
-        _warn_discarded(rid, err.strerror or str(err))
-        return None, prepared
-    try:
-        state = checkpoints.load(data, rid)
-    except checkpoints.Unusable as why:
-        _warn_discarded(rid, str(why))
-        return None, prepared
-    try:
-        validation = prepared.data.num_val > 0
-        return checkpoints.restore(
-            state, prepared.model, prepared.optimizer, _epochs(prepared), validation
-        ), prepared
-    except checkpoints.Unusable as why:
-        _warn_discarded(rid, str(why))
-        return None, prepare(cfg, threads=prepared.threads)
-
-
-def _epochs(prepared: Prepared) -> int:
-    """The run's epochs, as the training loop counts them."""
-    from normbench.data import steps_per_epoch
-
-    per_epoch = steps_per_epoch(prepared.data.num_train, prepared.settings.batch_size)
-    return -(-prepared.settings.total_steps(prepared.data.num_train) // per_epoch)
-
-
-def _warn_discarded(rid: str, why: str) -> None:
-    """One line on stderr (above any progress bar, which has not started yet)."""
-    from normbench.terminal import clean
-
-    sys.stderr.write(
-        f"warning: run {rid}: its checkpoint cannot be resumed ({clean(why)}): "
-        "discarded, training from the first epoch\n"
-    )
-    sys.stderr.flush()
 
 
 def run_files() -> tuple[str, ...]:

@@ -136,12 +136,7 @@ class Plan:
 
 def _sweeper_params(overrides: Sequence[str]) -> list[str]:
     """An experiment preset's ``hydra.sweeper.params``, as ``key=values`` overrides."""
-    from hydra import compose, initialize_config_dir
-
-    from normbench.options import conf_dir
-
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    cfg = _hydra_config(overrides)
     _check_launcher(cfg.hydra.launcher)
     params = cfg.hydra.sweeper.get("params") or {}
     return [f"{key}={value}" for key, value in params.items()]
@@ -165,6 +160,67 @@ def _check_launcher(launcher) -> None:
                 "its time-limit signal as it starts; make the delay a fraction of the limit "
                 "(SLURM may send it up to 60 s early)"
             )
+
+
+class _Tasks:
+    """A sweep's processes and nodes against its launcher, job by job as the plan composes
+    them (one line each, before anything is submitted). On SLURM each job is one task per
+    process (the launcher is given ``tasks_per_node=processes``, ``nodes=nodes``:
+    :mod:`normbench.launchers`), so every job of the sweep must ask for the same, and a
+    ``hydra.launcher.tasks_per_node`` or ``nodes`` the user set otherwise is refused;
+    elsewhere a run on several nodes is (:func:`normbench.distributed.check_nodes`). The
+    launcher's config is composed only for a sweep that has data-parallel jobs or sets
+    these keys."""
+
+    KEYS = ("tasks_per_node", "nodes")
+
+    def __init__(self, overrides: Sequence[str]) -> None:
+        self.first: tuple[int, int] | None = None
+        self.launcher: Any = None
+        self.explicit = {
+            key
+            for key in self.KEYS
+            for o in overrides
+            if o.split("=", 1)[0].lstrip("+~") == f"hydra.launcher.{key}"
+        }
+
+    def check(self, flat: dict[str, Any], job_overrides: Sequence[str]) -> None:
+        from normbench.distributed import check_nodes
+
+        shape = (int(flat["processes"]), int(flat["nodes"]))
+        self.first = self.first or shape
+        if shape == self.first == (1, 1) and not self.explicit:
+            return
+        if self.launcher is None:
+            self.launcher = _hydra_config(job_overrides).hydra.launcher
+        if not str(self.launcher.get("_target_", "")).endswith("SlurmLauncher"):
+            check_nodes(shape[1], slurm=False)
+            return
+        if shape != self.first:
+            raise UserError(
+                f"processes={self.first[0]} nodes={self.first[1]} and processes={shape[0]} "
+                f"nodes={shape[1]} in one SLURM sweep: each job is one task per process, and "
+                "every job of a sweep must ask for the same; sweep them separately"
+            )
+        for key, want in zip(self.KEYS, shape, strict=True):
+            have = self.launcher.get(key)
+            if have != want and (have != 1 or key in self.explicit):
+                raise UserError(
+                    f"hydra.launcher.{key}={have} conflicts with processes={shape[0]} "
+                    f"nodes={shape[1]}: a data-parallel run on SLURM is one task per process, "
+                    f"and normbench sets tasks_per_node=processes and nodes=nodes; leave "
+                    f"hydra.launcher.{key} out"
+                )
+
+
+def _hydra_config(overrides: Sequence[str]):
+    """The config with Hydra's own (``hydra.launcher``, ``hydra.sweeper``) for ``overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    from normbench.options import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
 def expand(overrides: Sequence[str]) -> list[list[str]]:
@@ -298,12 +354,14 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
     checked: set[str] = set()
     writable: set[Path] = set()
     planned: set[Path] = set()
+    tasks = _Tasks(overrides)
     for job_overrides in expand(overrides):
         try:
             planned_cfg = compose_plain(job_overrides)  # compose's values, no OmegaConf copy
         except UserError as err:
             raise UserError(f"in sweep job {' '.join(job_overrides)}: {err}") from None
         flat = flatten(planned_cfg)
+        tasks.check(flat, job_overrides)
         rid = run_id(planned_cfg, flat)
         folder = experiment_dir(planned_cfg) / "runs" / rid
         if folder in planned:
@@ -444,6 +502,10 @@ def run_job(cfg) -> str:
         raise
 
     _adopt_config_dirs()
+    from normbench.ranks import follower
+
+    # a SLURM task of rank > 0 of a data-parallel run: rank 0's task records the run
+    quiet = follower(cfg)
     retry = os.environ.get(RETRY_ENV) == "1"
     display = _display.run_display(cfg) if _display is not None else contextlib.nullcontext()
     watchdog = interrupts.watch_parent(os.environ.get(DRIVER_ENV))
@@ -461,7 +523,8 @@ def run_job(cfg) -> str:
             return "running elsewhere"
         except (KeyboardInterrupt, interrupts.Interrupted) as stop:
             stopped = True
-            record_unfinished(cfg, "interrupted", interrupts.reason(stop))
+            if not quiet:
+                record_unfinished(cfg, "interrupted", interrupts.reason(stop))
             if watchdog is not None and watchdog.fired:
                 os._exit(1)  # a worker whose driver is gone: nothing to return to
             if os.environ.get(DRIVER_ENV) not in (None, str(os.getpid())):
@@ -486,12 +549,14 @@ def run_job(cfg) -> str:
             elif why is None:
                 print_exception()  # into the job's log (a worker's, a cluster job's), cleaned
             status = "interrupted" if why else "failed"
+            if quiet:  # its process ends with an error: SLURM ends the job's step
+                raise SystemExit(1) from None
             record_unfinished(cfg, status, message)
             return status
         finally:
             if watchdog is not None:
                 watchdog.stop()
-            if not stopped:  # a stopped job's marker stays: submitit may requeue it
+            if not (stopped or quiet):  # a stopped job's marker stays: submitit may requeue it
                 queued.remove(run_dir(cfg), slurm_job())
     return "skipped" if outcome.skipped else outcome.summary["status"]
 

@@ -145,7 +145,6 @@ def test_new_keys_at_their_defaults_keep_every_run_id():
     [
         (["batch_size=100", "processes=3"], "batch_size=100 does not split over 3 processes"),
         (["batch_size=64", "processes=2", "nodes=2", "batch_size=66"], "over 4 processes"),
-        (["nodes=2"], "nodes=2: runs on several nodes are not supported yet"),
         (["precision=fp16", "device=cpu"], "precision=fp16 needs CUDA"),
         (["processes=2", "norm=sync_bn", "norm.group_size=3"], "norm.group_size=3 does not"),
         (["precision=fp32"], "precision must be one of 32, bf16, fp16"),
@@ -154,6 +153,19 @@ def test_new_keys_at_their_defaults_keep_every_run_id():
 def test_refusals(overrides, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         compose(overrides)
+
+
+def test_a_run_on_several_nodes_starts_only_on_slurm(tmp_path, monkeypatch):
+    """Outside a SLURM job's tasks, nodes > 1 is refused in one line, nothing written;
+    inside a step whose tasks are not the run's processes too."""
+    cfg = compose(["nodes=2", "batch_size=32", f"out_dir={tmp_path}"])
+    with pytest.raises(UserError, match="^nodes=2: a run on several nodes starts only on SLURM"):
+        runner.run(cfg)
+    for name, value in {"SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "3"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match="^this SLURM job step has 3 tasks, but the run has 2 proc"):
+        runner.run(cfg)
+    assert not list(tmp_path.iterdir())
 
 
 def _metrics(folder: Path) -> pd.DataFrame:

@@ -198,6 +198,56 @@ def test_slurm_grid_completes_a_cancelled_job_is_redone_and_a_rerun_submits_noth
     assert slurm_jobs(name) == jobs  # no job submitted
 
 
+def test_slurm_a_data_parallel_sweep_runs_each_job_as_a_task_per_process(slurm, tmp_path):
+    """processes=2 on SLURM: each job is 2 tasks of one CPU (sacct: the job's step has 2
+    tasks), each task a rank; the runs complete as world size 2, and sync_bn's losses
+    and accuracies, epoch by epoch, are those of the same runs on one process under
+    custom_bn (the global batch's statistics either way), trained here."""
+    import pandas as pd
+
+    from normbench import runner
+    from normbench.config import compose
+
+    name = f"nb{uuid.uuid4().hex[:8]}"
+    run = ["dataset.train_size=256", "batch_size=32", "epochs=2", "eval.bn_stats=false",
+           "eval.precise_bn_images=64"]  # fmt: skip
+    args = [*run, "norm=sync_bn", "processes=2", "seed=0,1"]
+    done = sweep(tmp_path, *args, *slurm_args(name, "hydra.launcher.timeout_min=5"), timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "2 completed" in done.stdout
+    runs = {}
+    for path in (tmp_path / "results" / "default" / "runs").glob("*/summary.json"):
+        record = json.loads(path.read_text())
+        runs[record["seed"]] = (record, path.parent)
+    assert sorted(runs) == [0, 1]
+    for record, _ in runs.values():
+        assert record["status"] == "completed"
+        assert (record["world_size"], record["processes"], record["nodes"]) == (2, 2, 1)
+        assert (record["threads"], record["threads_from"]) == (1, "SLURM_CPUS_PER_TASK")
+    steps = subprocess.run(
+        ["sacct", "-n", "-P", "--name", name, "-S", "now-3hours", "-o", "JobID,NTasks,State"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    # each job's step (its srun): 2 tasks, completed
+    tasks = [line.split("|") for line in steps if line.split("|")[0].endswith(".0")]
+    assert len(tasks) == 2 and all(t[1:] == ["2", "COMPLETED"] for t in tasks), steps
+
+    def metrics(folder: Path) -> pd.Series:
+        frame = pd.read_csv(folder / "metrics.csv")
+        wanted = frame[frame.metric.isin(["loss", "acc"])]
+        return wanted.set_index(["epoch", "split", "metric"]).value.sort_index()
+
+    for seed, (_, folder) in runs.items():
+        out = f"out_dir={tmp_path / 'one'}"
+        alone = runner.run(compose([*run, "norm=custom_bn", f"seed={seed}", out, "threads=1"]))
+        assert alone.summary["world_size"] == 1
+        pd.testing.assert_series_equal(
+            metrics(folder), metrics(alone.run_dir), rtol=1e-5, atol=1e-6
+        )
+
+
 def test_slurm_time_limit_is_recorded_as_interrupted(slurm, tmp_path):
     """A run longer than its job's time limit: SLURM's time-limit signal (SIGUSR2,
     ``signal_delay_s`` before the limit, or up to 60 s earlier) reaches submitit, which

@@ -79,6 +79,25 @@ def test_presets_define_their_grids_and_the_command_line_wins():
             r"norm.momentum=0.1 on its own$",
         ),
         (["norm=group,instance,ghost_bn", "norm.groups=4"], "norm=instance,ghost_bn of this"),
+        # a data-parallel sweep on SLURM: a task per process, the same for every job
+        (
+            ["hydra/launcher=submitit_slurm", "processes=1,2", "batch_size=16"],
+            "^processes=1 nodes=1 and processes=2 nodes=1 in one SLURM sweep: each job",
+        ),
+        (
+            ["hydra/launcher=submitit_slurm", "processes=2", "hydra.launcher.tasks_per_node=4"],
+            "^hydra.launcher.tasks_per_node=4 conflicts with processes=2 nodes=1: ",
+        ),
+        (  # 1, the launcher's default, set by the user
+            ["hydra/launcher=submitit_slurm", "processes=2", "hydra.launcher.tasks_per_node=1"],
+            "^hydra.launcher.tasks_per_node=1 conflicts with processes=2",
+        ),
+        (
+            ["hydra/launcher=submitit_slurm", "hydra.launcher.nodes=2"],
+            "^hydra.launcher.nodes=2 conflicts with processes=1 nodes=1",
+        ),
+        (["nodes=2"], "^nodes=2: a run on several nodes starts only on SLURM"),
+        (["hydra/launcher=joblib", "nodes=1,2"], "^nodes=2: a run on several nodes starts"),
         # null without a preset that sweeps
         (["hydra.sweeper.params.norm=zzz"], "hydra.sweeper.params is null here"),
     ],
