@@ -177,6 +177,25 @@ def handle_signals(on_stop: Callable[[int], None] | None = None) -> Iterator[Non
         _depth -= 1
 
 
+@contextlib.contextmanager
+def held_back() -> Iterator[None]:
+    """The stop signals (SIGINT, SIGTERM, SIGHUP, submitit's time-limit signal) blocked
+    while inside and delivered as it is left, where their handlers raise at a safe point.
+    For importing torch: an exception raised halfway through leaves its C extensions half
+    registered, and the next import of them aborts the process (pybind11's "cannot
+    initialize type ...: an object with that name is already defined"), so a run stopped
+    while it started could not record itself. Elsewhere than the main thread: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, _submitit_signal()}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def descends_from(pid: int, ancestor: int) -> bool:
     """Whether process ``pid`` is a descendant of ``ancestor`` on this machine (from /proc:
     False where there is none)."""

@@ -266,7 +266,10 @@ def _own(cfg, rid, folder, *, force: bool, redo_failed: bool, display, start=Non
     previous = read_summary(folder)
     if is_done(previous, redo_failed) and not force:
         return RunOutcome(rid, folder, previous, skipped=True)
-    from normbench import checkpoints  # torch: not for a run that is done
+    with interrupts.held_back():  # torch whole, or not at all (held_back)
+        import torch.distributed  # noqa: F401 - torch's C extensions, all registered here
+
+        from normbench import checkpoints  # torch: not for a run that is done
 
     check_run_folder(folder)  # nothing is written or removed through a link
     owner = read_owner(folder)

@@ -488,8 +488,14 @@ def run_job(cfg) -> str:
     if os.environ.get(DRIVER_ENV) not in (None, str(os.getpid())):
         # a job in a process of its own: its warnings as the CLI shows them
         warnings.showwarning = terminal.show_warning
+    from normbench import interrupts  # (no torch)
+
+    # A stop signal (a time limit) while torch imports would leave it half imported, and
+    # the job could not record its run: held back until the job's recording scope below.
+    held = contextlib.ExitStack()
+    held.enter_context(interrupts.held_back())
     try:  # the job's first imports (torch among them)
-        from normbench import interrupts, queued
+        from normbench import queued
         from normbench.lock import slurm_job
         from normbench.runner import RunInProgress, record_unfinished, run, run_dir
         from normbench.validation import validate
@@ -499,21 +505,27 @@ def run_job(cfg) -> str:
         from normbench.terminal import print_exception
 
         print_exception()  # cleaned: the job's log may be the terminal
+        held.close()
         raise
 
-    _adopt_config_dirs()
-    from normbench.ranks import follower
+    try:
+        _adopt_config_dirs()
+        from normbench.ranks import follower
 
-    # a SLURM task of rank > 0 of a data-parallel run: rank 0's task records the run
-    quiet = follower(cfg)
-    retry = os.environ.get(RETRY_ENV) == "1"
-    display = _display.run_display(cfg) if _display is not None else contextlib.nullcontext()
-    watchdog = interrupts.watch_parent(os.environ.get(DRIVER_ENV))
+        # a SLURM task of rank > 0 of a data-parallel run: rank 0's task records the run
+        quiet = follower(cfg)
+        retry = os.environ.get(RETRY_ENV) == "1"
+        display = _display.run_display(cfg) if _display is not None else contextlib.nullcontext()
+        watchdog = interrupts.watch_parent(os.environ.get(DRIVER_ENV))
+    except BaseException:
+        held.close()
+        raise
     stopped = False
     # From the job's first moment to its record: a time-limit signal while torch imports
     # counts too, and a second signal cannot cut the record short.
     with interrupts.handle_signals():
         try:
+            held.close()  # a stop signal that came while importing is delivered here
             with display as bar:
                 if os.environ.get(DRIVER_ENV) != str(os.getpid()):
                     # Hydra composed this job here; the plan checked its twin elsewhere

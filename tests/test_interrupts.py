@@ -183,3 +183,34 @@ def test_closing_the_terminal_records_the_run_interrupted(tmp_path):
     (summary,) = [json.loads(p.read_text()) for p in runs.glob("*/summary.json")]
     assert summary["status"] == "interrupted" and "SIGHUP" in summary["error"]
     assert not list(runs.glob("*/.lock"))
+
+
+HELD_BACK = """
+import os, signal, sys
+from normbench import interrupts
+
+order = []
+with interrupts.handle_signals():
+    try:
+        with interrupts.held_back():
+            os.kill(os.getpid(), signal.SIGTERM)
+            import json  # noqa: F401 - stands for torch's import
+            order.append("imported")
+        order.append("after")
+    except interrupts.Interrupted:
+        order.append("stopped")
+print(",".join(order))
+print(signal.pthread_sigmask(signal.SIG_BLOCK, []) == set())
+"""
+
+
+def test_a_stop_signal_while_held_back_is_delivered_as_it_is_left():
+    """A SIGTERM while torch imports (interrupts.held_back) does not raise halfway through
+    the import: it is delivered where the scope is left, and nothing stays blocked."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", HELD_BACK], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.split() == ["imported,stopped", "True"], done.stderr
