@@ -492,6 +492,8 @@ def _kept(
         counts = f"{exp_dir}: {stamp['counts']}"
         summary = _read_table(exp_dir / "summary.csv")
         selection = _read_table(exp_dir / "selected.csv") if stamp["selection"] else None
+        if not set(keys) <= set(summary.columns):  # shown by keys summary.csv lacks
+            return None  # (grouped by the norm batch, report.x): made again
     except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError):
         return None  # none, another version's, damaged: made again
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.stat(path).st_mtime))

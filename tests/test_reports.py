@@ -355,6 +355,11 @@ def test_a_sweeps_report_against_the_norm_batch(tmp_path, make_run):
     assert not warned
     assert (exp / "plots" / "error_vs_norm_batch_size.png").is_file()
     assert any("by norm, norm_batch_size" in str(getattr(p, "title", "")) for p in printed)
+    # the same sweep again, no run changed: the table shown by the norm batch again (its
+    # keys are not summary.csv's: made again, not read back)
+    again = list(reports.sweep_reports([exp], settings, warned.append, lambda line: None))
+    assert not warned
+    assert any("by norm, norm_batch_size" in str(getattr(p, "title", "")) for p in again)
 
     # runs recorded before the norm batch: tables and figures by the global batch, told why
     for folder in runs_of(exp):
