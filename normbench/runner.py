@@ -266,9 +266,7 @@ def _own(cfg, rid, folder, *, force: bool, redo_failed: bool, display, start=Non
     previous = read_summary(folder)
     if is_done(previous, redo_failed) and not force:
         return RunOutcome(rid, folder, previous, skipped=True)
-    with interrupts.held_back():  # torch whole, or not at all (held_back)
-        import torch.distributed  # noqa: F401 - torch's C extensions, all registered here
-
+    with interrupts.held_back():  # torch whole (its C extensions), or not at all
         from normbench import checkpoints  # torch: not for a run that is done
 
     check_run_folder(folder)  # nothing is written or removed through a link
