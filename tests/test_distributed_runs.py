@@ -95,6 +95,12 @@ def _workers_left() -> list[int]:
 
 
 def _children(parent: int | None) -> list[int]:
+    return _processes(1, parent)  # stat's field after the state: the parent's pid
+
+
+def _processes(field: int, value: int | None) -> list[int]:
+    """The processes whose /proc stat field ``field`` (counted after the command name's
+    closing parenthesis) is ``value``."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -102,7 +108,7 @@ def _children(parent: int | None) -> list[int]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == parent:
+            if int(fields[field]) == value:
                 found.append(int(entry.name))
     return found
 
@@ -176,16 +182,7 @@ def _metrics(folder: Path) -> pd.DataFrame:
 
 def _in_session(sid: int) -> list[int]:
     """The processes still in session ``sid`` (the CLI's, and every worker it started)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid:
-                found.append(int(entry.name))
-    return found
+    return _processes(3, sid)
 
 
 def test_a_killed_rank_interrupts_the_run_and_the_rerun_resumes_it_as_one_process_runs(
