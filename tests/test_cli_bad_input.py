@@ -303,10 +303,20 @@ def test_data_files_torchvision_reads_but_are_wrong(tmp_path, monkeypatch, broke
 # ------------------------------------------------------- damaged run files among many
 
 
-def _experiment(tmp_path: Path) -> Path:
-    args = ["sweep", f"out_dir={tmp_path}", *TINY, "norm=layer,group,instance"]
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> Path:
+    """A real 3-run sweep, trained once for the module (the tests damage copies of it)."""
+    out = tmp_path_factory.mktemp("swept")
+    args = ["sweep", f"out_dir={out}", *TINY, "norm=layer,group,instance"]
     assert cli.invoke(app, args).exit_code == 0
-    return tmp_path / "default"
+    return out / "default"
+
+
+@pytest.fixture
+def experiment(swept, tmp_path) -> Path:
+    """A copy of the module's sweep, as ``<tmp_path>/default``: a sweep with
+    ``out_dir=<tmp_path>`` finds its runs done."""
+    return Path(shutil.copytree(swept, tmp_path / "default"))
 
 
 DAMAGE = {
@@ -339,8 +349,7 @@ def _edit(run: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_a_damaged_run_file_is_skipped_with_a_warning(tmp_path, damage):
-    experiment = _experiment(tmp_path)
+def test_a_damaged_run_file_is_skipped_with_a_warning(experiment, tmp_path, damage):
     runs = sorted((experiment / "runs").iterdir())
     victim = runs[0]
     DAMAGE[damage](victim)
@@ -363,8 +372,7 @@ def test_a_damaged_run_file_is_skipped_with_a_warning(tmp_path, damage):
     assert json.loads((victim / "summary.json").read_text())["status"] == "completed"
 
 
-def test_the_same_run_copied_into_a_second_folder_is_counted_once(tmp_path):
-    experiment = _experiment(tmp_path)
+def test_the_same_run_copied_into_a_second_folder_is_counted_once(experiment, tmp_path):
     first = sorted((experiment / "runs").iterdir())[0]
     shutil.copytree(first, experiment / "runs" / f"{first.name}-backup")
     result = cli.invoke(app, ["results", str(experiment)])
@@ -377,8 +385,7 @@ def test_the_same_run_copied_into_a_second_folder_is_counted_once(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["results", "plot"])
-def test_results_and_plot_on_a_folder_they_cannot_write(tmp_path, command):
-    experiment = _experiment(tmp_path)
+def test_results_and_plot_on_a_folder_they_cannot_write(experiment, tmp_path, command):
     mount = tmp_path / "ro"
     with tmpfs(mount, "4m"):
         shutil.copytree(experiment, mount / "default")
@@ -389,8 +396,7 @@ def test_results_and_plot_on_a_folder_they_cannot_write(tmp_path, command):
         assert tree(mount) == before
 
 
-def test_plot_where_plots_is_a_file(tmp_path):
-    experiment = _experiment(tmp_path)
+def test_plot_where_plots_is_a_file(experiment, tmp_path):
     shutil.rmtree(experiment / "plots")
     (experiment / "plots").write_text("not a folder")
     result = cli.invoke(app, ["plot", str(experiment)])

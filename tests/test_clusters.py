@@ -1,7 +1,8 @@
 """The test clusters' scripts (``tests/cluster/``): each is there, executable and valid
 bash, and bringing up the SLURM cluster when it is already up returns at once and
 changes nothing (the other tests' jobs run on it meanwhile). Bringing the clusters up
-from nothing is tests/test_launchers.py's (its ``slurm`` and ``ray_cluster`` fixtures)."""
+from nothing is the fixtures' of tests/test_launchers_slurm.py (``slurm``) and
+tests/test_launchers.py (``ray_cluster``)."""
 
 from __future__ import annotations
 

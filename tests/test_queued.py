@@ -8,7 +8,7 @@ import subprocess
 import time
 import uuid
 
-from test_launchers import slurm  # noqa: F401  (the module's one-node cluster)
+from test_launchers_slurm import slurm  # noqa: F401  (the module's one-node cluster)
 
 from normbench import queued
 
