@@ -9,10 +9,17 @@ rounds, each the mean of ``--steps`` calls):
 - sync_bn: normbench's SyncBatchNorm (every process one group), forward + backward;
 - all_reduce: the two collectives sync_bn makes per step, alone: a float64 table of
   ``processes x (1 + 2C)`` (the forward's count, means and M2s) and ``2C`` float64 sums
-  (the backward's).
+  (the backward's), back to back;
+- in step: the same two collectives as they take place inside sync_bn's own steps, timed
+  around each call (:func:`normbench.distributed.reduce_sum`), which includes waiting for
+  the other process to reach it.
 
-The ratio is sync_bn / (custom_bn + all_reduce): what synchronizing costs beyond the
-collectives themselves (the target: at most 1.3x). Shapes are per process.
+The ratios are sync_bn / (custom_bn + all_reduce), and sync_bn / (custom_bn + in step):
+what synchronizing costs beyond the collectives themselves (the target: at most 1.3x),
+against the collectives alone and against the collectives where they run. With gloo on
+the loopback each small all_reduce costs hundreds of microseconds on a 2-core VM, and
+more in a step (the processes reach it at different times) than back to back. Shapes are
+per process.
 
 Usage: python benchmarks/sync_bn.py [--shapes 64x32x28x28 64x64x14x14 8x32x28x28]
        [--repeats 7] [--steps 20] [--threads 1] [--quick]
@@ -45,7 +52,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
     import torch
     import torch.distributed as dist
 
-    from normbench import allocator
+    from normbench import allocator, distributed
     from normbench.norms.batchnorm import BatchNorm
     from normbench.norms.syncbn import SyncBatchNorm
 
@@ -54,6 +61,16 @@ def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
+    # sync_bn's collectives timed where they run: its reduce_sum, wrapped
+    spent: list[float] = []
+    reduce_sum = distributed.reduce_sum
+
+    def timed_reduce_sum(values, sync):
+        start = time.perf_counter()
+        reduce_sum(values, sync)
+        spent.append(time.perf_counter() - start)
+
+    distributed.reduce_sum = timed_reduce_sum
     rows = []
     for text in args.shapes:
         shape = parse_shape(text)
@@ -77,13 +94,16 @@ def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
             dist.all_reduce(sums)
 
         cases = {"custom_bn": step(local), "sync_bn": step(synced), "all_reduce": collectives}
-        times: dict[str, list[float]] = {name: [] for name in cases}
+        times: dict[str, list[float]] = {name: [] for name in [*cases, "in_step"]}
         for fn in cases.values():  # warm-up
             _mean_seconds(fn, 3)
         for _ in range(args.repeats):
             for name, fn in cases.items():  # the same order on both processes
                 dist.barrier()
+                spent.clear()
                 times[name].append(_mean_seconds(fn, args.steps))
+                if name == "sync_bn":
+                    times["in_step"].append(sum(spent) / args.steps)
         medians = {name: statistics.median(values) for name, values in times.items()}
         rows.append((text, medians))
     results.put((rank, rows))
@@ -137,14 +157,19 @@ def main() -> None:
         f"{WORLD} gloo processes x {args.threads} thread(s), channels_last, median of "
         f"{args.repeats} x {args.steps} steps, torch {torch.__version__}, CPU: {cpu_name()}"
     )
-    print(f"{'shape':<14}{'custom_bn':>12}{'sync_bn':>12}{'all_reduce':>12}{'ratio':>9}")
+    print(
+        f"{'shape':<14}{'custom_bn':>12}{'sync_bn':>12}{'all_reduce':>12}{'in step':>12}"
+        f"{'ratio':>9}{'in step':>9}"
+    )
     for (shape, r0), (_, r1) in zip(got[0], got[1], strict=True):
         # the slower process's figure: the step waits on it
         t = {name: max(r0[name], r1[name]) for name in r0}
-        ratio = t["sync_bn"] / (t["custom_bn"] + t["all_reduce"])
+        alone = t["sync_bn"] / (t["custom_bn"] + t["all_reduce"])
+        in_step = t["sync_bn"] / (t["custom_bn"] + t["in_step"])
         print(
             f"{shape:<14}{t['custom_bn'] * 1e6:>10.0f}us{t['sync_bn'] * 1e6:>10.0f}us"
-            f"{t['all_reduce'] * 1e6:>10.0f}us{ratio:>8.2f}x"
+            f"{t['all_reduce'] * 1e6:>10.0f}us{t['in_step'] * 1e6:>10.0f}us"
+            f"{alone:>8.2f}x{in_step:>8.2f}x"
         )
 
 
