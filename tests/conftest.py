@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,13 @@ from omegaconf import OmegaConf
 from normbench import rundir
 from normbench.config import compose
 from normbench.rundir import METRIC_COLUMNS, SUMMARY_FIELDS, metrics_frame
+
+# A suite started where SIGINT is ignored (a background job of a non-interactive shell,
+# `(bash .ci/run &)`, inherits SIG_IGN, and Python then leaves it so) would hand that on to
+# every process it starts, and the tests of Ctrl-C would find nothing to stop: Python's
+# own handler, as under a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Triton reads this when it is imported: without CUDA its kernels run on the CPU only as
 # the interpreter, which is how tests/test_kernels_triton.py checks them here.

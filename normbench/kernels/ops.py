@@ -461,14 +461,16 @@ _libraries: list = []  # kept alive: a Library's registrations end with it
 
 
 def register_python_implementations() -> None:
-    """The operators' fake implementations, and the Triton kernels for CUDA where Triton
-    is installed; once, after the C++ library has defined the operators."""
+    """The operators' fake implementations, and the Triton kernels for CUDA where CUDA is
+    available and Triton installed; once, after the C++ library has defined the operators."""
     global _forward, _eval, _update, _stats, _reduce, _apply, _table, _merge
     if _forward is not None:  # registered already
         return
     for name, fake in FAKES.items():
         torch.library.register_fake(f"normbench::{name}")(fake)
-    if _triton() is not None:
+    # CUDA tensors exist only where CUDA does: a run on a machine without it never imports
+    # triton (a fifth of a second of every run's start)
+    if torch.cuda.is_available() and _triton() is not None:
         library = torch.library.Library("normbench", "IMPL")
         for name, fn in _triton_implementations().items():
             library.impl(name, fn, "CUDA")
