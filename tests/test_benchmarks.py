@@ -10,6 +10,7 @@ running it.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,19 @@ def test_the_sync_bn_script_times_two_gloo_processes():
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "4x8x8x8" in done.stdout and done.stdout.rstrip().endswith("x")
+
+
+def test_the_ddp_step_script_splits_a_step_into_computation_and_reduction():
+    script = BENCHMARKS / "ddp_step.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        capture_output=True, text=True, timeout=600, cwd=script.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # "name   12.34 ms ..." lines
+    figures = dict(re.findall(r"^(\S.*?)\s+([\d.]+) ms", done.stdout, flags=re.MULTILINE))
+    step, computation = float(figures["step (DDP)"]), float(figures["no_sync (computation)"])
+    reduction = float(figures["gradient reduction"])
+    assert step > 0 and computation > 0
+    assert abs(step - computation - reduction) < 0.011  # the printed figures add up
+    assert "94,186 float32" in done.stdout  # small_cnn's parameters, in one all_reduce
