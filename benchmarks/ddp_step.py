@@ -11,6 +11,8 @@ times, interleaved in one loop (median of ``--repeats`` rounds, each the mean of
   optimizer's step);
 - no_sync: the same step inside DDP's ``no_sync()`` (no gradient all_reduce): the
   computation alone;
+- bare: the same step on the model itself, not wrapped in DDP (no DDP hooks; the other
+  process runs its own bare steps meanwhile);
 - all_reduce: one all_reduce of a float32 buffer the size of the model's gradients
   (DDP puts small_cnn's ~94k parameters in one bucket), alone.
 
@@ -78,7 +80,17 @@ def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
         with net.no_sync():
             step()
 
-    cases = {"step": step, "no_sync": no_sync, "all_reduce": lambda: dist.all_reduce(flat)}
+    def bare():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    cases = {
+        "step": step,
+        "no_sync": no_sync,
+        "bare": bare,
+        "all_reduce": lambda: dist.all_reduce(flat),
+    }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for fn in cases.values():  # warm-up
         _mean_seconds(fn, 3)
@@ -147,6 +159,7 @@ def main() -> None:
     )
     print(f"step (DDP)             {t['step'] * 1e3:8.2f} ms")
     print(f"no_sync (computation)  {t['no_sync'] * 1e3:8.2f} ms")
+    print(f"bare (no DDP)          {t['bare'] * 1e3:8.2f} ms")
     print(f"gradient reduction     {added * 1e3:8.2f} ms ({added / t['step']:.1%} of the step)")
     print(f"all_reduce alone       {t['all_reduce'] * 1e3:8.2f} ms ({numel:,} float32)")
     print(f"images/s               {args.batch_size / t['step']:8.0f}")
