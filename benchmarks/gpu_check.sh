@@ -7,13 +7,19 @@
 #      the four CPU shapes scaled to a GPU, and at batch 2, with the GPU's copy bandwidth;
 #   3. a 1-epoch `normbench run device=cuda` of every norm on the embedded digits set;
 #   4. small_cnn on MNIST-sized inputs (28x28, batch 128): custom_bn against torch_bn, each
-#      in both memory layouts (memory_format=auto keeps CUDA contiguous until measured).
-# Its figures go to $OUT (default results/gpu_check), eight files, so that the device tool
+#      in both memory layouts (memory_format=auto keeps CUDA contiguous until measured);
+#   5. precision and processes: small_cnn at 28x28 in float32, bf16 and fp16 (custom_bn and
+#      torch_bn; the CPU has no fp16), and, where the machine has two GPUs or more, a
+#      2-process run on NCCL (sync_bn, 64 images a process) beside the 1-process custom_bn
+#      run of the same global batch of 128, whose training losses it should match.
+# Its figures go to $OUT (default results/gpu_check), ten files, so that the device tool
 # brings them all back: summary.txt (the machine and every step's outcome), tests.log,
 # bench.csv and bench.txt, runs.txt (each run's last line, and the end of its errors when
-# it failed), runs.csv and results.txt (the runs' rows and table), layout.txt. Each step has
-# a time limit (GPU_CHECK_LIMITS, seconds for the four steps), so the whole run stays well under
-# the device tool's 10 minutes a command and what was measured comes back.
+# it failed), runs.csv and results.txt (the runs' rows and table), layout.txt,
+# precision.txt and processes.txt. Each step has a time limit (GPU_CHECK_LIMITS, seconds for
+# the five steps), so the whole run stays under the device tool's 10 minutes a command and
+# what was measured comes back. GPU_CHECK_STEPS picks steps (default "1 2 3 4 5"), to run
+# one again alone. (The steps' bodies are not indented: their heredocs would break.)
 #
 # Usage, from the repository with the project installed: bash benchmarks/gpu_check.sh
 # On the device tool's GPU machine, whose image holds torch, triton, pandas, typer and rich
@@ -28,7 +34,11 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-results/gpu_check}
 DEVICE=${DEVICE:-cuda}
-read -r LIMIT_TESTS LIMIT_BENCH LIMIT_RUNS LIMIT_LAYOUT <<<"${GPU_CHECK_LIMITS:-210 140 140 60}"
+read -r LIMIT_TESTS LIMIT_BENCH LIMIT_RUNS LIMIT_LAYOUT LIMIT_PRECISION \
+  <<<"${GPU_CHECK_LIMITS:-200 130 130 55 60}"
+STEPS=" ${GPU_CHECK_STEPS:-1 2 3 4 5} "
+# wanted N: step N is among GPU_CHECK_STEPS
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 status=0
 PY=$(command -v python || command -v python3)
@@ -90,6 +100,7 @@ step() {
   return "$rc"
 }
 
+if wanted 1; then
 echo "== 1. Triton kernels on ${DEVICE}" | tee -a "$OUT/summary.txt"
 parallel=()
 # pytest-xdist, where installed (the device image has it), compiles the kernels in parallel
@@ -103,7 +114,9 @@ step tests "$LIMIT_TESTS" "$PY" -m pytest -q -p no:cacheprovider "${parallel[@]}
   tests/test_fused_relu.py >"$OUT/tests.log" 2>&1
 tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
 echo "(tests: $((SECONDS - start)) s)" | tee -a "$OUT/summary.txt"
+fi
 
+if wanted 2; then
 echo "== 2. normbench bench --device ${DEVICE}" | tee -a "$OUT/summary.txt"
 if [ "$DEVICE" = cuda ]; then
   # the CPU shapes (128x16x32x32, 128x32x16x16, 128x64x8x8, 256x32x16x16) scaled to a GPU
@@ -137,7 +150,9 @@ else
   tail -5 "$OUT/bench.txt" | tee -a "$OUT/summary.txt"
 fi
 echo "(bench: $((SECONDS - start)) s)" | tee -a "$OUT/summary.txt"
+fi
 
+if wanted 3; then
 echo "== 3. one epoch of every norm on ${DEVICE}" | tee -a "$OUT/summary.txt"
 runs=$(mktemp -d)
 : >"$OUT/runs.txt"
@@ -160,7 +175,9 @@ cat "$OUT/runs.txt" >>"$OUT/summary.txt"
 normbench results "$runs/gpu_check" >"$OUT/results.txt" 2>&1 || status=1
 [ -f "$runs/gpu_check/runs.csv" ] && cp "$runs/gpu_check/runs.csv" "$OUT/runs.csv"
 rm -rf "$runs"
+fi
 
+if wanted 4; then
 echo "== 4. small_cnn at 28x28 on ${DEVICE}: custom_bn vs torch_bn, both memory layouts" |
   tee -a "$OUT/summary.txt"
 start=$SECONDS
@@ -172,6 +189,60 @@ COLUMNS=160 step layout "$LIMIT_LAYOUT" "$PY" benchmarks/norm_speed.py --synthet
   >"$OUT/layout.txt" 2>&1
 tail -11 "$OUT/layout.txt" | tee -a "$OUT/summary.txt"
 echo "(layout: $((SECONDS - start)) s)" | tee -a "$OUT/summary.txt"
+fi
+
+if wanted 5; then
+  echo "== 5. precision and processes on ${DEVICE}" | tee -a "$OUT/summary.txt"
+  start=$SECONDS
+  variants=(custom_bn custom_bn:precision=bf16 torch_bn torch_bn:precision=bf16)
+  # fp16 (with its gradient scaler) runs on CUDA only: the CPU refuses it in one line
+  [ "$DEVICE" = cuda ] && variants+=(custom_bn:precision=fp16 torch_bn:precision=fp16)
+  COLUMNS=160 step precision "$LIMIT_PRECISION" "$PY" benchmarks/norm_speed.py \
+    --synthetic-mnist 6000 --epochs 1 --repeats 2 --batch-sizes 128 \
+    --override device="$DEVICE" --norms "${variants[@]}" >"$OUT/precision.txt" 2>&1
+  tail -13 "$OUT/precision.txt" | tee -a "$OUT/summary.txt"
+  gpus=0
+  [ "$DEVICE" = cuda ] && gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+  : >"$OUT/processes.txt"
+  if [ "$DEVICE" = cuda ] && [ "$gpus" -lt 2 ]; then
+    echo "processes: one GPU here ($gpus): no NCCL check" | tee -a "$OUT/processes.txt"
+  else
+    # the same global batch on 1 and 2 processes (NCCL on CUDA, gloo on the CPU); their
+    # per-epoch training losses compared from metrics.csv
+    dp=$(mktemp -d)
+    common=(device="$DEVICE" epochs=2 batch_size=128 name=gpu_check_dp out_dir="$dp"
+      eval.bn_stats=false)
+    for setting in "norm=custom_bn processes=1" "norm=sync_bn processes=2"; do
+      left=$((LIMIT_PRECISION - (SECONDS - start)))
+      # shellcheck disable=SC2086  # the setting's words are overrides
+      step "processes $setting" "$((left > 10 ? left : 10))" normbench run "${common[@]}" \
+        $setting --force >"$dp/out.txt" 2>"$dp/err.txt"
+      echo "$setting: rc=$? $(tail -1 "$dp/out.txt")" | tee -a "$OUT/processes.txt"
+      tail -3 "$dp/err.txt" | sed 's/^/    /' >>"$OUT/processes.txt"
+    done
+    "$PY" - "$dp/gpu_check_dp" <<'EOF' 2>&1 | tee -a "$OUT/processes.txt"
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+losses = {}
+for summary in Path(sys.argv[1]).glob("runs/*/summary.json"):
+    record = json.loads(summary.read_text())
+    metrics = pd.read_csv(summary.parent / "metrics.csv")
+    train = metrics[(metrics.split == "train") & (metrics.metric == "loss")]
+    losses[f"{record['norm']} x{record['world_size']}"] = train.set_index("epoch").value
+print("train loss per epoch:", {k: [round(v, 5) for v in s] for k, s in losses.items()})
+if len(losses) == 2:
+    one, two = losses.values()
+    print(f"largest relative difference: {((one - two).abs() / one.abs()).max():.2e}")
+EOF
+    rm -rf "$dp"
+  fi
+  cat "$OUT/processes.txt" >>"$OUT/summary.txt"
+  echo "(precision and processes: $((SECONDS - start)) s)" | tee -a "$OUT/summary.txt"
+fi
 
 echo "gpu_check: exit $status; figures in $OUT" | tee -a "$OUT/summary.txt"
 exit $status
