@@ -39,7 +39,8 @@ class OddSyncBatchNorm(SyncBatchNorm):
     calls = 0
 
     def forward(self, x):
-        if self.training and torch.is_grad_enabled() and os.environ.get("RANK") == "1":
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))  # local, SLURM task
+        if self.training and torch.is_grad_enabled() and rank == "1":
             type(self).calls += 1
             marker, does = os.environ["ODD_MARKER"], os.environ["ODD_DOES"]
             if type(self).calls == int(os.environ["ODD_STEP"]) * 3:  # 3 layers a step

@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -327,3 +328,48 @@ def test_slurm_a_hung_up_driver_leaves_its_jobs_to_run(slurm, tmp_path):
     finally:
         driver.kill()
         subprocess.run(["scancel", "--name", name], check=True)
+
+
+def test_slurm_a_task_that_dies_interrupts_the_run_and_the_rerun_resumes_it(slurm, tmp_path):
+    """processes=2 on SLURM, the task of rank 1 exits at the first step of epoch 2 (a user
+    norm that does it once, tests/test_distributed_runs.py's): rank 0's collective fails,
+    it records the run interrupted with the reason (its checkpoint of epoch 1 kept) and
+    srun ends the job; the sweep ends with exit 1, and the next one resumes the run from
+    its checkpoint, on 2 tasks again, to its end."""
+    from test_distributed_runs import ODD, RUN
+
+    code, conf = tmp_path / "code", tmp_path / "conf" / "norm"
+    code.mkdir()
+    conf.mkdir(parents=True)
+    (code / "odd.py").write_text(ODD)
+    (conf / "odd.yaml").write_text("name: odd\n_target_: odd.OddSyncBatchNorm\n")
+    marker = tmp_path / "odd"
+    env = {**os.environ, "ODD_DOES": "die", "ODD_STEP": "5", "ODD_MARKER": str(marker)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))
+    name = f"nb{uuid.uuid4().hex[:8]}"
+    command = [
+        sys.executable, "-m", "normbench.cli", "--config-dir", str(tmp_path / "conf"), "sweep",
+        "norm=odd", "processes=2", *[a for a in RUN if not a.startswith("threads=")],
+        *slurm_args(name, "hydra.launcher.timeout_min=5"),
+    ]  # fmt: skip
+
+    def swept() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+        )
+
+    first = swept()
+    assert first.returncode == 1, first.stderr
+    assert "1 interrupted" in first.stdout and marker.exists()
+    (folder,) = (tmp_path / "results" / "default" / "runs").iterdir()
+    record = json.loads((folder / "summary.json").read_text())
+    assert record["status"] == "interrupted"
+    assert "another process of the run stopped" in record["error"], record["error"]
+    assert (folder / "checkpoint.pt").exists() and not (folder / ".lock").exists()
+
+    again = swept()
+    assert again.returncode == 0, again.stderr
+    assert "1 completed" in again.stdout
+    record = json.loads((folder / "summary.json").read_text())
+    assert record["status"] == "completed" and record["resumed_from_epoch"] == 1
+    assert (record["world_size"], record["processes"]) == (2, 2)
