@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CLUSTER = REPO / "tests" / "cluster"  # the test clusters' scripts: up and down by hand, too
-SLURM_UP = Path(os.environ.get("NORMBENCH_SLURM_UP", CLUSTER / "slurm_up.sh"))
 
 TINY = ["dataset.train_size=256", "batch_size=16", "norm=layer"]
 

@@ -1,7 +1,8 @@
 """The scripts under benchmarks/: the shell ones at least parse; plane_order.py and
 layout_speed.py run; norm_speed.py's ratios pair runs of the same repeat and its
 variants set their environment and config for their runs only; cache_bandwidth.py sizes
-an array per level and times each level.
+an array per level and times each level; run_overhead.py, sync_bn.py and ddp_step.py run
+their quick forms.
 
 benchmarks/gpu_check.sh runs only where a GPU is lent, a few minutes at a time: a syntax
 error found there would cost that session its run. ``bash -n`` reads a script without
@@ -144,7 +145,7 @@ def test_the_ddp_step_script_splits_a_step_into_computation_and_reduction():
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     # "name   12.34 ms ..." lines
-    figures = dict(re.findall(r"^(\S.*?)\s+([\d.]+) ms", done.stdout, flags=re.MULTILINE))
+    figures = dict(re.findall(r"^(\S.*?)\s+(-?[\d.]+) ms", done.stdout, flags=re.MULTILINE))
     step, computation = float(figures["step (DDP)"]), float(figures["no_sync (computation)"])
     reduction = float(figures["gradient reduction"])
     assert step > 0 and computation > 0

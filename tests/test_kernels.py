@@ -8,6 +8,8 @@ import contextlib
 import math
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -1297,3 +1299,20 @@ def test_the_triton_implementations_check_their_arguments_before_launching(trito
     with pytest.raises(RuntimeError, match="^expected running_mean to have 1 dims"):
         batch_norm(x, torch.zeros(1, 16, device=device).double(),
                    torch.ones(16, device=device).double(), backend=triton_backend)  # fmt: skip
+
+
+def test_a_machine_without_cuda_never_imports_triton():
+    """The operators' CUDA implementations (Triton's) are registered only where CUDA is:
+    a CPU-only process loads the library and runs the kernel without importing triton
+    (a fifth of a second of every run's start)."""
+    code = (
+        "import sys, torch\n"
+        "from normbench.kernels import ops\n"
+        "x = torch.randn(4, 3)\n"
+        "print(ops.resolve_backend('auto', x), 'triton' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    backend, imported = done.stdout.split()
+    assert backend == "cpu"
+    assert imported == str(torch.cuda.is_available())
