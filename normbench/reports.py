@@ -411,13 +411,14 @@ def sweep_reports(
             from normbench.trackers import log_figures
 
             log_figures(logger, folder, shown["figures"], shown.get("runs", 0))
-        # Warned of (a damaged run), nothing drawn, no table: made again each time.
-        shown.pop("figures", None)
-        shown.pop("runs", None)
+        # The stamp keeps what the tables were shown with (the figures drawn and the run
+        # count went to the trackers above), the settings, and what they were made from.
+        stamped = {key: shown[key] for key in STAMPED if key in shown}
         prefix = f"{folder}: "
-        if not noted and not warned and str(shown.get("counts", "")).startswith(prefix):
-            shown["counts"] = shown["counts"].removeprefix(prefix)  # the folder may move
-            stamp = {"version": __version__, **shown, "settings": wanted}
+        # Warned of (a damaged run), nothing drawn, no table: made again each time.
+        if not noted and not warned and str(stamped.get("counts", "")).startswith(prefix):
+            stamped["counts"] = stamped["counts"].removeprefix(prefix)  # the folder may move
+            stamp = {"version": __version__, **stamped, "settings": wanted}
             stamp |= {"runs": runs, "outputs": outputs_fingerprint(folder)}
             write_text(folder / STAMP_FILE, json.dumps(stamp) + "\n")
 
@@ -436,6 +437,9 @@ def _told(tell: Callable[[Any], None], into: list[Any]) -> Callable[[Any], None]
 #: summary.json, the report settings, normbench's version) and the files it wrote, so that
 #: a sweep's end where nothing changed keeps them.
 STAMP_FILE = ".tables.json"
+#: What :func:`report` showed the tables with, as the stamp keeps it (read back by
+#: :func:`_kept`).
+STAMPED = ("counts", "keys", "selection", "caption")
 
 #: Files of an experiment folder its tables are (``plots/*`` too).
 _OUTPUTS = (*TABLE_FILES, "selected.csv", BN_STATS_FILE, "report.md")
