@@ -28,20 +28,10 @@ Usage: python benchmarks/ddp_step.py [--norm custom_bn] [--batch-size 128] [--re
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
-import time
 
-WORLD = 2
-
-
-def _mean_seconds(fn, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps
+from run_overhead import cpu_name
+from sync_bn import WORLD, join_gloo, mean_seconds, run_ranks
 
 
 def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
@@ -50,15 +40,10 @@ def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
-    from normbench import allocator
     from normbench.models import build_model, set_memory_format
     from normbench.norms import NormSpec
 
-    torch.set_num_threads(args.threads)
-    allocator.keep_freed_memory()  # as a run does
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
+    join_gloo(rank, port, args.threads)
     torch.manual_seed(0)  # the same initial model on both (DDP checks it)
     model = build_model("small_cnn", NormSpec(args.norm, {}), 1, 10, (28, 28))
     set_memory_format(model, "channels_last")
@@ -93,34 +78,18 @@ def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for fn in cases.values():  # warm-up
-        _mean_seconds(fn, 3)
+        mean_seconds(fn, 3)
     for _ in range(args.repeats):
         for name, fn in cases.items():  # the same order on both processes
             dist.barrier()
-            times[name].append(_mean_seconds(fn, args.steps))
+            times[name].append(mean_seconds(fn, args.steps))
     medians = {name: statistics.median(values) for name, values in times.items()}
-    results.put((rank, medians, numel))
+    results.put((rank, (medians, numel)))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_name() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return "unknown"
-    names = (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "Model name" in ln)
-    return next(names, "?")
 
 
 def main() -> None:
     import torch
-    import torch.multiprocessing as mp
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--norm", default="custom_bn")
@@ -134,21 +103,9 @@ def main() -> None:
         args.batch_size, args.repeats, args.steps = 8, 2, 2
     if args.batch_size % WORLD:
         parser.error(f"--batch-size must divide by {WORLD}")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    port = free_port()
-    processes = [
-        context.Process(target=worker, args=(rank, port, args, results)) for rank in range(WORLD)
-    ]
-    for p in processes:
-        p.start()
-    got = {}
-    for _ in processes:
-        rank, medians, numel = results.get()
-        got[rank] = medians
-    for p in processes:
-        p.join()
+    ranks = run_ranks(worker, args)
+    got = {rank: medians for rank, (medians, _) in ranks.items()}
+    numel = ranks[0][1]
     # the slower process's figure: the step waits on it
     t = {name: max(got[0][name], got[1][name]) for name in got[0]}
     added = t["step"] - t["no_sync"]

@@ -31,8 +31,11 @@ import argparse
 import os
 import socket
 import statistics
-import subprocess
 import time
+from collections.abc import Callable
+from typing import Any
+
+from run_overhead import cpu_name
 
 WORLD = 2
 
@@ -41,26 +44,58 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.lower().split("x"))
 
 
-def _mean_seconds(fn, steps: int) -> float:
+def mean_seconds(fn, steps: int) -> float:
+    """``fn()``'s mean time over ``steps`` calls in a row."""
     start = time.perf_counter()
     for _ in range(steps):
         fn()
     return (time.perf_counter() - start) / steps
 
 
-def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
+def join_gloo(rank: int, port: int, threads: int) -> None:
+    """In a worker of :func:`run_ranks`: ``threads`` threads, freed memory kept as a run
+    keeps it, and the gloo process group of the :data:`WORLD` workers joined."""
     import torch
     import torch.distributed as dist
 
-    from normbench import allocator, distributed
-    from normbench.norms.batchnorm import BatchNorm
-    from normbench.norms.syncbn import SyncBatchNorm
+    from normbench import allocator
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     allocator.keep_freed_memory()  # as a run does
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
+
+
+def run_ranks(worker: Callable, args: argparse.Namespace) -> dict[int, Any]:
+    """``worker(rank, port, args, results)`` in :data:`WORLD` spawned processes, gloo on the
+    loopback; what each put into ``results`` as ``(rank, value)``, by rank."""
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    port = free_port()
+    processes = [
+        context.Process(target=worker, args=(rank, port, args, results)) for rank in range(WORLD)
+    ]
+    for p in processes:
+        p.start()
+    got = dict(results.get() for _ in processes)
+    for p in processes:
+        p.join()
+    return got
+
+
+def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from normbench import distributed
+    from normbench.norms.batchnorm import BatchNorm
+    from normbench.norms.syncbn import SyncBatchNorm
+
+    join_gloo(rank, port, args.threads)
     # sync_bn's collectives timed where they run: its reduce_sum, wrapped
     spent: list[float] = []
     reduce_sum = distributed.reduce_sum
@@ -96,12 +131,12 @@ def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
         cases = {"custom_bn": step(local), "sync_bn": step(synced), "all_reduce": collectives}
         times: dict[str, list[float]] = {name: [] for name in [*cases, "in_step"]}
         for fn in cases.values():  # warm-up
-            _mean_seconds(fn, 3)
+            mean_seconds(fn, 3)
         for _ in range(args.repeats):
             for name, fn in cases.items():  # the same order on both processes
                 dist.barrier()
                 spent.clear()
-                times[name].append(_mean_seconds(fn, args.steps))
+                times[name].append(mean_seconds(fn, args.steps))
                 if name == "sync_bn":
                     times["in_step"].append(sum(spent) / args.steps)
         medians = {name: statistics.median(values) for name, values in times.items()}
@@ -116,21 +151,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_name() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return "unknown"
-    names = (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "Model name" in ln)
-    name = next(names, "?")
-    flags = next((ln for ln in text.splitlines() if ln.startswith("Flags")), "").split()
-    extra = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return name + (f" ({', '.join(extra)})" if extra else "")
-
-
 def main() -> None:
     import torch
-    import torch.multiprocessing as mp
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["64x32x28x28", "64x64x14x14", "8x32x28x28"])
@@ -141,18 +163,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.shapes, args.repeats, args.steps = ["4x8x8x8"], 2, 2
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    port = free_port()
-    processes = [
-        context.Process(target=worker, args=(rank, port, args, results)) for rank in range(WORLD)
-    ]
-    for p in processes:
-        p.start()
-    got = dict(results.get() for _ in processes)
-    for p in processes:
-        p.join()
+    got = run_ranks(worker, args)
     print(
         f"{WORLD} gloo processes x {args.threads} thread(s), channels_last, median of "
         f"{args.repeats} x {args.steps} steps, torch {torch.__version__}, CPU: {cpu_name()}"
