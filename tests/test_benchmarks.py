@@ -22,6 +22,18 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 SCRIPTS = sorted(BENCHMARKS.glob("*.sh"))
 
 
+def run_script(name: str, *args: str) -> str:
+    """``benchmarks/<name>`` with ``args``, run from its folder as a user runs it: its
+    output, once it has exited 0."""
+    script = BENCHMARKS / name
+    done = subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True, text=True, timeout=600, cwd=script.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_there_are_shell_scripts():
     assert {p.name for p in SCRIPTS} >= {"gpu_check.sh", "gpu_wheels.sh"}
 
@@ -34,25 +46,17 @@ def test_the_shell_script_parses(script):
 
 def test_the_plane_order_script_times_both_orders():
     # a tiny shape, two repeats: the script runs and names what auto took
-    script = BENCHMARKS / "plane_order.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--shape", "4,3,8,8", "--repeats", "2"],
-        capture_output=True, text=True, timeout=600, cwd=script.parent,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "4x3x8x8" in done.stdout
-    assert "channels/channels" in done.stdout  # 768 bytes: within any core's L2
+    out = run_script("plane_order.py", "--shape", "4,3,8,8", "--repeats", "2")
+    assert "4x3x8x8" in out
+    assert "channels/channels" in out  # 768 bytes: within any core's L2
 
 
 def test_the_layout_script_times_both_layouts_and_names_autos_choice():
-    script = BENCHMARKS / "layout_speed.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--norms", "custom_bn", "instance", "--batch-size", "2",
-         "--image-size", "8", "--repeats", "2"],
-        capture_output=True, text=True, timeout=600, cwd=script.parent,
+    out = run_script(
+        "layout_speed.py", "--norms", "custom_bn", "instance", "--batch-size", "2",
+        "--image-size", "8", "--repeats", "2",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    rows = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if "│" in line}
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if "│" in line}
     assert rows["custom_bn"].rstrip(" │").endswith("channels_last")
     assert rows["instance"].rstrip(" │").endswith("contiguous")
 
@@ -116,38 +120,23 @@ def test_cache_bandwidth_sizes_each_level_and_times_every_repeat(monkeypatch, fa
 
 
 def test_the_run_overhead_script_times_every_phase_of_a_quick_run():
-    script = BENCHMARKS / "run_overhead.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--quick", "--norms", "custom_bn"],
-        capture_output=True, text=True, timeout=600, cwd=script.parent,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    out = run_script("run_overhead.py", "--quick", "--norms", "custom_bn")
     for phase in ("startup", "training", "evaluation", "precise_bn", "bn_stats", "exit"):
-        assert phase in done.stdout
-    assert "outside training steps: custom_bn" in done.stdout
+        assert phase in out
+    assert "outside training steps: custom_bn" in out
 
 
 def test_the_sync_bn_script_times_two_gloo_processes():
-    script = BENCHMARKS / "sync_bn.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--quick"],
-        capture_output=True, text=True, timeout=600, cwd=script.parent,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "4x8x8x8" in done.stdout and done.stdout.rstrip().endswith("x")
+    out = run_script("sync_bn.py", "--quick")
+    assert "4x8x8x8" in out and out.rstrip().endswith("x")
 
 
 def test_the_ddp_step_script_splits_a_step_into_computation_and_reduction():
-    script = BENCHMARKS / "ddp_step.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--quick"],
-        capture_output=True, text=True, timeout=600, cwd=script.parent,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    out = run_script("ddp_step.py", "--quick")
     # "name   12.34 ms ..." lines
-    figures = dict(re.findall(r"^(\S.*?)\s+(-?[\d.]+) ms", done.stdout, flags=re.MULTILINE))
+    figures = dict(re.findall(r"^(\S.*?)\s+(-?[\d.]+) ms", out, flags=re.MULTILINE))
     step, computation = float(figures["step (DDP)"]), float(figures["no_sync (computation)"])
     reduction = float(figures["gradient reduction"])
     assert step > 0 and computation > 0
     assert abs(step - computation - reduction) < 0.011  # the printed figures add up
-    assert "94,186 float32" in done.stdout  # small_cnn's parameters, in one all_reduce
+    assert "94,186 float32" in out  # small_cnn's parameters, in one all_reduce
