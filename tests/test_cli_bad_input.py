@@ -423,6 +423,7 @@ def test_bench_out_is_checked_before_measuring(tmp_path, target, monkeypatch):
         ("NORMBENCH_KERNEL_STREAM_BYTES", "8MB", "NORMBENCH_KERNEL_STREAM_BYTES='8MB': expected"),
         ("NORMBENCH_KERNEL_POOL_BYTES", "1GiB", "NORMBENCH_KERNEL_POOL_BYTES='1GiB': expected"),
         ("NORMBENCH_KERNEL_PLANE_ORDER", "rows", "NORMBENCH_KERNEL_PLANE_ORDER='rows': valid"),
+        ("NORMBENCH_KERNEL_DEBUG", "on", "NORMBENCH_KERNEL_DEBUG='on': valid are '0' and '1'"),
     ],
 )
 @pytest.mark.parametrize("command", ["run", "sweep", "bench", "check-norm"])

@@ -272,6 +272,22 @@ def test_each_code_path_matches_the_reference(isa_checks, isa):
     assert out.strip().endswith("ok")
 
 
+def test_the_debug_build_is_a_build_of_its_own(monkeypatch):
+    """NORMBENCH_KERNEL_DEBUG=1 builds without optimization (its -O0 after CFLAGS' -O3, so
+    it wins) and with debug information, under a name of its own; 0 is the optimized
+    build; anything else is refused."""
+    plain = cpu.extension_name()
+    monkeypatch.setenv(cpu.DEBUG_ENV, "0")
+    assert cpu.extension_name() == plain
+    monkeypatch.setenv(cpu.DEBUG_ENV, "1")
+    flags = cpu.cflags()
+    assert "-g" in flags and flags.index("-O0") > flags.index("-O3")
+    assert cpu.extension_name() != plain
+    monkeypatch.setenv(cpu.DEBUG_ENV, "yes")
+    with pytest.raises(ValueError, match="NORMBENCH_KERNEL_DEBUG='yes': valid are '0' and '1'"):
+        cpu.cflags()
+
+
 def test_an_unknown_isa_is_refused(monkeypatch):
     monkeypatch.setenv(cpu.ISA_ENV, "avx1024")
     valid = "valid are native, avx2, sse"
