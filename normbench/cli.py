@@ -195,7 +195,7 @@ def run(
     """Train one experiment and write its run folder (config.yaml, metrics.csv, summary.json)."""
     from normbench.config import compose
     from normbench.interrupts import Interrupted, exit_status, handle_signals, reason
-    from normbench.runner import recorded
+    from normbench.runner import recorded, resumable
     from normbench.runner import run as run_experiment
     from normbench.views import lines
     from normbench.views.progress import RunProgress
@@ -206,7 +206,8 @@ def run(
         with handle_signals(), RunProgress(lines.run_label(cfg), console=err) as progress:
             outcome = run_experiment(cfg, force=force, display=progress)
     except (KeyboardInterrupt, Interrupted) as stop:
-        err.print(lines.run_stopped(reason(stop), recorded(stop)))
+        done = recorded(stop)
+        err.print(lines.run_stopped(reason(stop), done, done and resumable(cfg)))
         raise typer.Exit(exit_status(stop)) from None
     # The run is over: the interpreter's exit need not search torch's millions of
     # objects for cycles (it took longer than a run's writing; benchmarks/README.md).

@@ -25,6 +25,7 @@ none of it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -80,7 +81,7 @@ def check_parallel(cfg, device: str) -> None:
             f"batch; use a multiple of {world}"
         )
     group_size = cfg.norm.get("group_size") if hasattr(cfg.norm, "get") else None
-    if world > 1 and group_size is not None:
+    if group_size is not None:  # one process too: group_size=2 would record a batch never seen
         check_group_size(group_size, world)
     if str(cfg.precision) == "fp16" and device != "cuda":
         raise UserError(
@@ -385,13 +386,46 @@ def prestart(modules: list[str]) -> None:
     (module names), so that this is done by the time the workers are wanted. The server
     serves every later launch of this process, and ends with it."""
     import multiprocessing
-    from multiprocessing import forkserver
+    import signal
+    import threading
+    from multiprocessing import forkserver, resource_tracker
 
     global _server_env
     multiprocessing.get_context(START_METHOD).set_forkserver_preload(list(modules))
     if _server_env is None:
         _server_env = dict(os.environ)
-    forkserver.ensure_running()
+    # Ctrl-C at a terminal goes to its whole process group: the server, importing torch,
+    # and a worker, before its run began, each printed a KeyboardInterrupt traceback.
+    # Started with SIGINT ignored, they keep ignoring it (an ignored signal stays so
+    # across exec, Python leaves it so, and the server's workers inherit it; so does
+    # interrupts.handle_signals): the launching process alone takes it, and its elastic
+    # agent stops the workers (SIGTERM), which then record the run.
+    # multiprocessing's resource tracker (the server's and the launcher's queue register
+    # their semaphores there) ignores SIGINT and SIGTERM, but a terminal's SIGHUP ended it,
+    # and the tracker started anew printed a KeyError traceback for each semaphore it
+    # had not seen: it starts ignoring SIGHUP too (not so the server, whose workers must
+    # take SIGHUP). It ends when the launching process does.
+    if threading.current_thread() is threading.main_thread():
+        with _ignoring(signal.SIGINT, signal.SIGHUP):
+            resource_tracker.ensure_running()
+        with _ignoring(signal.SIGINT):
+            forkserver.ensure_running()
+    else:
+        forkserver.ensure_running()
+
+
+@contextlib.contextmanager
+def _ignoring(*signums: int):
+    """The signals ``signums`` ignored while inside (the main thread only): what this
+    process starts meanwhile starts ignoring them."""
+    import signal
+
+    before = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 # The environment the fork server started with, which its workers inherit.
@@ -449,10 +483,14 @@ def launch(entry: Any, args: tuple, processes: int, run_id: str) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     # the agent's own log lines (each rank's start, its failures, its stopping of the
-    # rest) would only repeat, in its format, what the run records and the CLI says
-    # (its tracebacks of the rank that failed too: the run's error names it, in a line;
-    # and torch.multiprocessing's warning that it stops the others)
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # rest: "Received 2 death signal, shutting down workers") would only repeat, in its
+    # format, what the run records and the CLI says (its tracebacks of the rank that
+    # failed too: the run's error names it, in a line; and torch.multiprocessing's warning
+    # that it stops the others). Each of its modules' loggers sets a level of its own
+    # (torch's get_logger), which a parent's does not override: each is quieted.
+    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("torch.multiprocessing").setLevel(logging.ERROR)
     config = LaunchConfig(
         min_nodes=1,
@@ -472,7 +510,14 @@ def launch(entry: Any, args: tuple, processes: int, run_id: str) -> None:
 
     from normbench.interrupts import STOP_REASONS, Interrupted
 
-    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    # The agent stops the workers with the signal it got. Not SIGINT, which the workers
+    # ignore (prestart): the agent would wait out its shutdown timeout, then kill them
+    # before rank 0 recorded the run. Ctrl-C raises KeyboardInterrupt here instead
+    # (interrupts.handle_signals), and the agent stops them with SIGTERM on its way out.
+    # SIGHUP where the process was not started to ignore it (nohup), as handle_signals.
+    handled = [signal.SIGTERM] + [
+        s for s in (signal.SIGHUP,) if signal.getsignal(s) is not signal.SIG_IGN
+    ]
     # the agent puts its own handlers in (it stops the workers, then raises): put back ours
     before = {signum: signal.getsignal(signum) for signum in handled}
     config.signals_to_handle = ",".join(signal.Signals(s).name for s in handled)
@@ -481,8 +526,6 @@ def launch(entry: Any, args: tuple, processes: int, run_id: str) -> None:
     except ChildFailedError as err:
         raise RanksFailed(failure_reason(err.failures)) from None
     except SignalException as err:
-        if err.sigval == signal.SIGINT:
-            raise KeyboardInterrupt from None
         why = STOP_REASONS.get(err.sigval, f"stopped by {signal.Signals(err.sigval).name}")
         raise Interrupted(why, err.sigval) from None
     finally:
@@ -504,6 +547,9 @@ def failure_reason(failures: dict[int, Any]) -> str:
                 return f"was killed by signal {-code}"
         if code == PEER_LOST:
             return "lost its peers (a collective failed or timed out)"
+        if code is not None and 128 < code < 128 + signal.NSIG:  # a signal it recorded itself
+            with contextlib.suppress(ValueError):
+                return f"was stopped by {signal.Signals(code - 128).name}"
         return f"exited with status {code}"
 
     causes = {r: f for r, f in failures.items() if f.exitcode != PEER_LOST} or failures

@@ -90,17 +90,21 @@ class _Recorder:
         # (model, optimizer) whose states go into the checkpoint; None: no checkpoint
         self.saving = checkpoint
         self.bn_stats = None  # diagnostics.EpochDiagnostics, when the run measures them
+        self.steps = 0  # the optimizer steps of the epochs recorded (a resume's, before)
+        self.step = 0  # the loop's last step
 
     def on_start(self, total_steps: int, epochs: int) -> None:
         if self.display is not None:
             self.display.on_start(total_steps, epochs)
 
     def on_step(self, step: int, epoch: int, loss: float, img_per_s: float) -> None:
+        self.step = step
         if self.display is not None:
             self.display.on_step(step, epoch, loss, img_per_s)
 
     def on_epoch(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        self.steps = self.step
         write_csv(self.path, metrics_frame(self.run_id, self.records))
         if self.trackers:
             self.trackers.log_epoch(record)
@@ -413,23 +417,30 @@ def _rank_main(cfg, rid, folder, threads: cores.Threads, events, env=None, data=
     distributed.take_environment(env)
     device = resolve_device(cfg.device)
     share = cores.Threads(max(1, threads.count // cfg.processes), threads.source)
-    with interrupts.handle_signals():
-        rank = distributed.join(device, cfg.dist_timeout_s)
-        try:
-            prepared = prepare(cfg, data, threads=share)
-            resume, prepared = resume_run(cfg, rid, folder, prepared)
-            if rank.rank == 0:
-                _train(cfg, rid, folder, prepared, distributed.Forward(events), resume, rank)
-            else:
-                generator = torch.Generator().manual_seed(cfg.seed)
-                data, optimizer, settings = prepared.data, prepared.optimizer, prepared.settings
-                train(prepared.model, data, optimizer, settings, generator, None, resume, rank)
-        except Exception as err:
-            if distributed.lost_peer(err):
-                distributed.peer_lost()
-            raise
-        finally:
-            distributed.leave()
+    try:
+        with interrupts.handle_signals():
+            rank = distributed.join(device, cfg.dist_timeout_s)
+            try:
+                prepared = prepare(cfg, data, threads=share)
+                resume, prepared = resume_run(cfg, rid, folder, prepared)
+                if rank.rank == 0:
+                    _train(cfg, rid, folder, prepared, distributed.Forward(events), resume, rank)
+                else:
+                    generator = torch.Generator().manual_seed(cfg.seed)
+                    data, optimizer = prepared.data, prepared.optimizer
+                    settings = prepared.settings
+                    train(prepared.model, data, optimizer, settings, generator, None, resume, rank)
+            except Exception as err:
+                if distributed.lost_peer(err):
+                    distributed.peer_lost()
+                raise
+            finally:
+                distributed.leave()
+    except (KeyboardInterrupt, interrupts.Interrupted) as stop:
+        # stopped from outside (the agent's SIGTERM, once the launcher was stopped; a signal
+        # to this process): rank 0 recorded the run, and the launcher says so. The shell's
+        # status for the signal, without the traceback multiprocessing prints for each rank
+        raise SystemExit(interrupts.exit_status(stop)) from None
 
 
 def run_files() -> tuple[str, ...]:
@@ -507,7 +518,7 @@ def _train(
     recorder = _Recorder(rid, folder / "metrics.csv", display, saving, trackers)
     generator = torch.Generator().manual_seed(cfg.seed)
     if loop is not None:
-        recorder.records = list(loop["records"])
+        recorder.records, recorder.steps = list(loop["records"]), loop["steps"]
     _start_bn_stats(cfg, prepared, recorder, loop)
     started, clock = _now(), time.perf_counter()
     try:
@@ -534,7 +545,11 @@ def _train(
         why = None if users else interrupts.reason(err)
         if why is None and lost:
             why = f"another process of the run stopped ({error_text(err)})"
-        result = TrainResult(records=recorder.records, status="interrupted" if why else "failed")
+        result = TrainResult(
+            records=recorder.records,
+            status="interrupted" if why else "failed",
+            steps=recorder.steps,  # those of the epochs on record, which a resume goes on after
+        )
         result.message = why or f"{type(err).__name__}: {error_text(err)}"
         if users:
             result.message = f"{prepared.norm.label()}: {describe_error(err)}"
@@ -594,6 +609,14 @@ def _traceback(err: BaseException) -> str:
     import traceback
 
     return "".join(traceback.format_exception(err))
+
+
+def resumable(cfg) -> bool:
+    """Whether the run's folder keeps a checkpoint (its last finished epoch), which the
+    next run of its config goes on from."""
+    from normbench import checkpoints
+
+    return (run_dir(cfg) / checkpoints.FILE).is_file()
 
 
 def recorded(stop: BaseException) -> bool:

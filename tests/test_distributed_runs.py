@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,6 +155,7 @@ def test_new_keys_at_their_defaults_keep_every_run_id():
         (["batch_size=64", "processes=2", "nodes=2", "batch_size=66"], "over 4 processes"),
         (["precision=fp16", "device=cpu"], "precision=fp16 needs CUDA"),
         (["processes=2", "norm=sync_bn", "norm.group_size=3"], "norm.group_size=3 does not"),
+        (["norm=sync_bn", "norm.group_size=2"], "norm.group_size=2 does not divide the 1 proc"),
         (["precision=fp32"], "precision must be one of 32, bf16, fp16"),
     ],
 )
@@ -232,20 +234,77 @@ def test_a_hung_rank_ends_the_run_within_the_process_group_timeout(tmp_path, odd
     assert read_owner(folder) is None
 
 
-def test_ctrl_c_on_the_launcher_stops_every_process_and_records_the_run(tmp_path, odd):
+#: What the CLI says and records of each stop signal.
+SAID = {
+    signal.SIGINT: "interrupted by SIGINT (Ctrl-C)",
+    signal.SIGTERM: "terminated by SIGTERM",
+    signal.SIGHUP: "hung up by SIGHUP",
+}
+
+
+@pytest.mark.parametrize(
+    ("signum", "to", "when"),
+    [
+        (signal.SIGINT, "launcher", "training"),  # kill -INT on the launching process alone
+        (signal.SIGINT, "session", "training"),  # Ctrl-C at its terminal
+        (signal.SIGINT, "session", "starting"),  # the same, while the fork server imports
+        (signal.SIGTERM, "session", "training"),  # kill -- -PGID
+        (signal.SIGHUP, "session", "training"),  # the terminal closed
+    ],
+)
+def test_a_stop_signal_ends_every_process_in_one_line_and_records_the_run(
+    tmp_path, odd, signum, to, when
+):
+    """Every process of the session got Ctrl-C or SIGHUP from a terminal, or SIGTERM:
+    one line saying so, the shell's exit status, nothing left running, and a run that
+    had trained recorded as interrupted with the steps of its finished epochs. (The fork
+    server and each worker printed a KeyboardInterrupt traceback; SIGTERM printed each
+    rank's; the elastic agent logged a line of its own; the resource tracker, ended by
+    SIGHUP and started again, printed a KeyError traceback per semaphore; and the agent
+    stopped the workers with the SIGINT they ignore, then killed them 10 s later, before
+    rank 0 recorded the run.)"""
     env = odd("slow", 2)  # rank 1 marks its second step, then takes 0.1 s a step
     proc = _cli(tmp_path, env, "epochs=100")
+    runs = tmp_path / "out" / "default" / "runs"
+
+    def ready() -> bool:
+        if when == "starting":  # the fork server is there, importing torch
+            return any(b"forkserver" in _cmdline(pid) for pid in _children(proc.pid))
+        return bool(list(runs.glob("*/checkpoint.pt")))  # an epoch done, to resume after
+
     deadline = time.monotonic() + 120
-    while not (tmp_path / "odd").exists() and proc.poll() is None:
-        assert time.monotonic() < deadline, "the run never trained"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # to the launching process alone
+    while not ready() and proc.poll() is None:
+        assert time.monotonic() < deadline, f"the run never got to {when}"
+        time.sleep(0.02)
+    if to == "launcher":
+        proc.send_signal(signum)
+    else:
+        os.killpg(proc.pid, signum)
     status, text = _ended(proc)
-    assert status == 130, text
-    (folder,) = (tmp_path / "out" / "default" / "runs").iterdir()
+    assert status == 128 + signum, text
+    assert "Traceback" not in text and not re.search(r"(?m)^[IWEF]\d{4} ", text), text
+    last = text.strip().splitlines()[-1]
+    if when == "starting":
+        assert last == f"{SAID[signum]}: stopped before the run trained; nothing of it is " + (
+            "recorded, the same command again runs it"
+        )
+        return
+    assert last.startswith(SAID[signum]), text
+    assert last.endswith("the same command again resumes it after its last finished epoch")
+    (folder,) = runs.iterdir()
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "interrupted", summary
+    assert summary["error"].startswith(SAID[signum]), summary
+    epochs = pd.read_csv(folder / "metrics.csv").epoch.nunique()
+    assert summary["steps"] == 4 * epochs, summary  # 4 steps an epoch
     assert read_owner(folder) is None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_group_size_one_normalizes_over_each_process_batch():
@@ -256,6 +315,7 @@ def test_group_size_one_normalizes_over_each_process_batch():
     assert NormSpec("sync_bn", {"group_size": None}).norm_batch_size(16, 4) == 64
     assert NormSpec("ghost_bn", {"virtual_batch_size": 8}).norm_batch_size(16, 4) == 8
     assert NormSpec("torch_bn", {}).norm_batch_size(16, 4) == 16
+    assert NormSpec("batch_renorm", {}).norm_batch_size(16, 4) == 16  # not a _BatchNorm
     assert NormSpec("layer", {}).norm_batch_size(16, 4) is None
 
 

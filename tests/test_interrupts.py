@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 
+import pandas as pd
 import pytest
 from pty_session import Terminal
 
@@ -109,9 +110,13 @@ def test_a_signal_during_a_run_records_it_interrupted(tmp_path, signum, status, 
     _, err = process.communicate(timeout=60)
     assert process.returncode == status
     assert said in err and "recorded as interrupted" in err and "Traceback" not in err
+    assert "the same command again resumes it after its last finished epoch" in err
     (summary,) = [json.loads(p.read_text()) for p in runs.glob("*/summary.json")]
     assert summary["status"] == "interrupted" and said.split()[-1] in summary["error"]
     assert not list(runs.glob("*/.lock"))
+    # the steps of the epochs on record (it said 0 after dozens of epochs)
+    epochs = pd.read_csv(next(runs.glob("*/metrics.csv"))).epoch.nunique()
+    assert epochs > 0 and summary["steps"] > 0 and summary["steps"] % epochs == 0
 
 
 def test_a_worker_stops_when_its_parent_dies(tmp_path):

@@ -444,6 +444,16 @@ def test_bars_stop_at_the_axis_and_say_which_end_was_cut():
     assert axes.mean_range([0.0, 0.5, 10.0], log=True) == pytest.approx((0.5 / factor, 10 * factor))
 
 
+def test_a_name_from_a_keys_closed_set_is_drawn_and_named_as_typed():
+    """precision=32 in a title and a file name as the user typed it, not quoted
+    ('32', which gave files named precision--32 beside precision-bf16)."""
+    taken: set[str] = set()
+    assert draw._file_name("training_curves", {"precision": "32"}, taken) == (
+        "training_curves__precision-32.png"
+    )
+    assert draw._combo_text({"precision": "32", "lr": 0.1}) == "precision=32, lr=0.1"
+
+
 def test_file_names_keep_a_plus_so_large_and_small_values_differ():
     """lr=1e+06 and lr=1e-06 are two figures with two names."""
     taken: set[str] = set()

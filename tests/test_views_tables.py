@@ -53,6 +53,17 @@ def test_a_cell_shows_a_value_as_typed_and_apart_from_every_other(value, shown):
     assert text.format_value(value) == shown
 
 
+def test_a_name_from_a_keys_closed_set_shows_as_it_is():
+    """precision's 32 is one of three names (32, bf16, fp16), never a number: shown as
+    typed, where the same text under a key that could hold a number is quoted. A value
+    outside the key's names is shown by the general rule."""
+    assert text.format_value("32", "precision") == "32"
+    assert text.format_value("bf16", "precision") == "bf16"
+    assert text.format_value("32", "norm.foo") == "'32'"
+    assert text.format_value("16", "precision") == "'16'"  # not one of its names
+    assert text.format_value(" 32", "precision") == "' 32'"
+
+
 def test_a_long_value_is_cut_on_the_terminal_and_kept_in_the_files(real_copy):
     """A swept config value of 200,000 characters (a summary may hold up to 1 MiB):
     before, the table printed it whole (a 100 MB summary: 450 MB printed) and a figure

@@ -113,8 +113,9 @@ def _debug() -> bool:
 
 def check_environment() -> None:
     """The kernel's environment variables (``ISA_ENV``, ``SANITIZE_ENV``, ``DEBUG_ENV``,
-    ``STREAM_ENV``, ``POOL_ENV``, ``ORDER_ENV``), checked before any work: a UserError naming the one that
-    is wrong (the kernel itself would refuse it only when it runs, with a RuntimeError)."""
+    ``STREAM_ENV``, ``POOL_ENV``, ``ORDER_ENV``), checked before any work: a UserError
+    naming the one that is wrong (the kernel itself would refuse it only when it runs,
+    with a RuntimeError)."""
     from normbench.errors import UserError
 
     try:

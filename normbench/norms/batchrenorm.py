@@ -107,6 +107,12 @@ class BatchRenorm(nn.Module):
     #: Models ask for the fused layer where they apply norm then ReLU (NormSpec).
     fuses_relu = True
 
+    @staticmethod
+    def norm_batch_size(per_process: int, world: int, kwargs: dict) -> int:
+        """The process's own batch: its statistics are the batch's, as BatchNorm's (it is
+        not a subclass of torch's ``_BatchNorm``, which NormSpec's default looks for)."""
+        return per_process
+
     def __init__(
         self,
         num_features: int,

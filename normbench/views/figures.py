@@ -162,10 +162,10 @@ def _hashable(value: Any) -> Any:
 _DRAWN_MAX = 300
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, key: str | None = None) -> str:
     """A config value as a user would type it, as the tables show it: values that differ
-    never alike (``0.1``, ``0.1000000001``), an empty name visible (``''``); cut to
-    ``_DRAWN_MAX`` characters."""
+    never alike (``0.1``, ``0.1000000001``), an empty name visible (``''``), a name from
+    ``key``'s closed set as it is (:func:`format_string`); cut to ``_DRAWN_MAX`` characters."""
     value = _hashable(value)
     if value is None:
         return "null"
@@ -174,7 +174,7 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return format_float(value)
     if isinstance(value, str):
-        text = format_string(value)
+        text = format_string(value, key)
     elif isinstance(value, tuple):
         text = "[" + ",".join(_fmt(v) for v in value) + "]"
     else:
@@ -255,7 +255,7 @@ def _prepare(runs: pd.DataFrame, tuned: Sequence[str] = (), x: str = "batch_size
                 label = norm
                 if varying:
                     inner = ", ".join(
-                        f"{k.removeprefix(norm_prefix)}={_fmt(v)}"
+                        f"{k.removeprefix(norm_prefix)}={_fmt(v, k)}"
                         for k, v in zip(varying, variant, strict=True)
                     )
                     label = f"{norm} ({inner})"
@@ -285,7 +285,7 @@ def _combos(prepared: _Runs) -> list[tuple[dict[str, Any], pd.DataFrame]]:
 
 
 def _combo_text(combo: dict[str, Any]) -> str:
-    return ", ".join(f"{_short(k)}={_fmt(v)}" for k, v in combo.items())
+    return ", ".join(f"{_short(k)}={_fmt(v, k)}" for k, v in combo.items())
 
 
 def _label_outer(axes, panels: int, ncols: int, xlabel: str, ylabel: str) -> None:
@@ -305,7 +305,7 @@ def _file_name(stem: str, combo: dict[str, Any], taken: set[str]) -> str:
     """A file name safe on every file system, unique among ``taken``."""
     name = stem
     if combo:
-        parts = [f"{_short(k)}-{_fmt(v)}" for k, v in combo.items()]
+        parts = [f"{_short(k)}-{_fmt(v, k)}" for k, v in combo.items()]
         # '+' kept: lr=1e+06 must not read as lr-1e-06 (it is safe on every file system)
         suffix = re.sub(r"[^A-Za-z0-9._+-]+", "-", "__".join(parts)).strip("-.")
         if len(suffix) > 120:

@@ -16,12 +16,18 @@ def run_label(cfg) -> str:
     return f"{cfg.norm.name} bs={cfg.batch_size}"
 
 
-def run_stopped(reason: str | None, recorded: bool) -> str:
-    """What became of a run stopped by ``reason`` (Ctrl-C, a signal)."""
+def run_stopped(reason: str | None, recorded: bool, resumable: bool = False) -> str:
+    """What became of a run stopped by ``reason`` (Ctrl-C, a signal); ``resumable``: its
+    folder keeps a checkpoint, which the same command goes on from."""
     if recorded:
+        again = (
+            "resumes it after its last finished epoch"
+            if resumable
+            else "runs it again from the start"
+        )
         return (
             f"{reason}: the run is recorded as interrupted and counts as not done; "
-            "the same command again redoes it"
+            f"the same command again {again}"
         )
     return (
         f"{reason}: stopped before the run trained; nothing of it is "

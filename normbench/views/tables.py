@@ -241,7 +241,7 @@ def marks(value: Any) -> str:
 def _cell(key: str, value: Any) -> str:
     """A key column's cell: a config value as typed (:func:`format_value`); the label
     :func:`normbench.reports.compare_experiments` gives an experiment (a folder's name) as it is."""
-    return str(value) if key == "experiment" else format_value(value)
+    return str(value) if key == "experiment" else format_value(value, key)
 
 
 def selection_table(selection: pd.DataFrame, title: str):
@@ -271,7 +271,7 @@ def selection_table(selection: pd.DataFrame, title: str):
     for row in selection.to_dict("records"):
         test = "test_acc_at_best_val"
         cells = [
-            *[terminal.text(format_value(row[k])) for k in keys],
+            *[terminal.text(format_value(row[k], k)) for k in keys],
             str(row["n"]),
             f"{100 * row['best_val_acc_mean']:.2f}",
             _percent(row[f"{test}_mean"], row[f"{test}_std"]),
@@ -448,7 +448,7 @@ def defaults_text(collected: Collected) -> str | None:
     if not collected.defaulted:
         return None
     parts = [
-        f"{key} = {', '.join(map(format_value, values))} for {plural(count, 'run')}"
+        f"{key} = {', '.join(format_value(v, key) for v in values)} for {plural(count, 'run')}"
         for key, (values, count) in collected.defaulted.items()
     ]
     return "defaults filled in where older runs lack a key: " + "; ".join(parts)
@@ -478,7 +478,7 @@ def warnings(collected: Collected) -> list[str]:
     lines = [f"skipped {path}: {why}" for path, why in collected.problems.items()]
     lines += [
         f"{plural(count, 'run')} of {len(collected.runs)} lack {key} (written by an older "
-        f"normbench): grouped with its default, {', '.join(map(format_value, values))}"
+        f"normbench): grouped with its default, {', '.join(format_value(v, key) for v in values)}"
         for key, (values, count) in collected.defaulted.items()
     ]
     return lines + [
