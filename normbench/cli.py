@@ -154,7 +154,10 @@ def _show_notice(message, category, filename, lineno, file=None, line=None) -> N
 Overrides = Annotated[
     list[str] | None,
     typer.Argument(
-        help="Hydra overrides, e.g. norm=layer batch_size=8 model=resnet20",
+        help="Hydra overrides, e.g. norm=layer batch_size=8 model=resnet20, or "
+        "norm=sync_bn processes=2 precision=bf16 (data-parallel, mixed precision). "
+        "`normbench config` prints every key with its value, `normbench list` the options "
+        "of each group",
         metavar="KEY=VALUE",
         show_default=False,
     ),

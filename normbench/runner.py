@@ -270,13 +270,12 @@ def _own(cfg, rid, folder, *, force: bool, redo_failed: bool, display, start=Non
     previous = read_summary(folder)
     if is_done(previous, redo_failed) and not force:
         return RunOutcome(rid, folder, previous, skipped=True)
-    with interrupts.held_back():  # torch whole (its C extensions), or not at all
-        from normbench import checkpoints  # torch: not for a run that is done
-
     check_run_folder(folder)  # nothing is written or removed through a link
     owner = read_owner(folder)
-    if owner is not None and owner.alive:  # say so before loading anything
+    if owner is not None and owner.alive:  # say so before loading anything (torch too)
         raise RunInProgress(RunBusy(folder, owner))
+    with interrupts.held_back():  # torch whole (its C extensions), or not at all
+        from normbench import checkpoints  # torch: not for a run that is done or busy
     # not after an hour of training: the run folder itself (read-only, a file in its
     # place), or the folders it goes into when it does not exist yet
     check_writable(folder)
@@ -367,6 +366,7 @@ def _train_parallel(cfg, rid: str, folder: Path, threads: cores.Threads, display
 
     from normbench import distributed
 
+    cores.per_process(threads, cfg.processes, warn=True)  # said once, by the launcher
     events = distributed.context().SimpleQueue()
     relay = threading.Thread(target=distributed.relay, args=(events, display), daemon=True)
     relay.start()
@@ -416,7 +416,7 @@ def _rank_main(cfg, rid, folder, threads: cores.Threads, events, env=None, data=
 
     distributed.take_environment(env)
     device = resolve_device(cfg.device)
-    share = cores.Threads(max(1, threads.count // cfg.processes), threads.source)
+    share = cores.per_process(threads, cfg.processes)
     try:
         with interrupts.handle_signals():
             rank = distributed.join(device, cfg.dist_timeout_s)

@@ -87,3 +87,24 @@ def test_idle_cores_are_measured_from_proc_stat(two_cores):
 def test_this_machines_proc_stat_reads():
     measured = cores.idle_cores(cores.affinity(), sample_s=0.05)
     assert measured is None or 0 <= measured <= len(cores.affinity()) + 1e-9
+
+
+def test_a_data_parallel_runs_threads_are_shared_and_too_many_processes_said(monkeypatch):
+    """Each process gets its share (at least one thread), the source saying how; more
+    processes than CPUs is one Notice from the launcher (it ran 32 to a core unsaid)."""
+    import warnings
+
+    from normbench.errors import Notice
+
+    monkeypatch.setattr(cores, "affinity", lambda: {0, 1})
+    total = cores.Threads(2, "affinity mask")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none: 2 processes on 2 CPUs
+        share = cores.per_process(total, 2, warn=True)
+    assert share == cores.Threads(1, "affinity mask; 2 over 2 processes")
+    with pytest.warns(Notice, match=r"processes=64 is more than the 2 CPUs .* about 32 processes"):
+        share = cores.per_process(total, 64, warn=True)
+    assert share.count == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the ranks' own shares say nothing
+        cores.per_process(total, 64)

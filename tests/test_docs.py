@@ -257,3 +257,15 @@ def test_readme_quick_sweep_titles_and_notes_are_the_codes(grid, monkeypatch):
     assert titles and notes
     for line in [*titles, *notes]:
         assert shape(line) in ours, line
+
+
+def test_the_manual_names_every_field_of_the_summary_record():
+    """docs/results.md's list of summary.json's fields holds each field of the record
+    (normbench.schema.RunRecord): it lacked the six of data-parallel runs."""
+    from normbench.schema import record_fields
+
+    text = (ROOT / "docs" / "results.md").read_text()
+    section = text.split("### The summary record", 1)[1].split("\n### ", 1)[0]
+    named = set(re.findall(r"`([a-z_0-9]+)`", section))
+    missing = [f.name for f in record_fields() if f.name not in named]
+    assert not missing, f"docs/results.md's summary record does not name {missing}"

@@ -173,6 +173,8 @@ def test_processes_move_the_norm_batch_and_two_global_batches_are_two_figures():
     assert sorted(custom.lines[0].get_xdata()) == pytest.approx([64, 128, 256])
     # layer at each number of processes: one reference line each, told apart
     assert legend_of(ax)[1:] == [f"layer (processes={p}) (no batch statistics)" for p in (1, 2, 4)]
+    # the global batch said once: batch_size=256 in the keys' line, not again under it
+    assert ax.get_title().count("256") == 1, ax.get_title()
 
 
 def test_ghost_batches_are_points_of_one_line():

@@ -239,7 +239,7 @@ def error_vs_batch_size(
         if combo:
             title += f"\n{_text(_combo_text(combo))}"
         if x != "batch_size":
-            title += _global_batch(frame)
+            title += _global_batch(frame, combo)
         if tuned:
             named = ", ".join(k.removesuffix(".name") for k in tuned)
             title += f"\n{_text(named)} chosen on validation for each norm and {xwords}"
@@ -308,11 +308,15 @@ def _references(ax, points: pd.DataFrame, order, handles: list, labels: list) ->
     return count
 
 
-def _global_batch(frame: pd.DataFrame) -> str:
+def _global_batch(frame: pd.DataFrame, combo: dict) -> str:
     """``\\nbatch size 256 on 8 processes`` where the figure's runs share them: what the
-    norm batch is a part of."""
+    norm batch is a part of. Not what the title's line of the figure's keys (``combo``)
+    says already (``batch_size=256``, ``processes=2``)."""
     parts = []
+    said = {"world_size"} & set(combo) or {"processes", "nodes"} & set(combo)
     for key, words in (("batch_size", "batch size {}"), ("world_size", "on {} process")):
+        if key in combo or (key == "world_size" and said):
+            continue
         if key in frame.columns:
             values = pd.to_numeric(frame[key], errors="coerce").dropna().unique()
             if len(values) == 1:
