@@ -210,7 +210,8 @@ def run(
             outcome = run_experiment(cfg, force=force, display=progress)
     except (KeyboardInterrupt, Interrupted) as stop:
         done = recorded(stop)
-        err.print(lines.run_stopped(reason(stop), done, done and resumable(cfg)))
+        # --force starts over: the checkpoint is not the same command's to go on from
+        err.print(lines.run_stopped(reason(stop), done, done and not force and resumable(cfg)))
         raise typer.Exit(exit_status(stop)) from None
     # The run is over: the interpreter's exit need not search torch's millions of
     # objects for cycles (it took longer than a run's writing; benchmarks/README.md).

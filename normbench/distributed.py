@@ -61,8 +61,8 @@ def check_group_size(group_size: int | None, size: int) -> int:
         raise UserError(f"norm.group_size must be a whole number of at least 1, got {group_size!r}")
     if size % group_size:
         raise UserError(
-            f"norm.group_size={group_size} does not divide the {size} processes into whole "
-            f"groups; use a divisor of {size}"
+            f"norm.group_size={group_size} does not divide the {size} "
+            f"process{'es' if size != 1 else ''} into whole groups; use a divisor of {size}"
         )
     return group_size
 
@@ -82,7 +82,10 @@ def check_parallel(cfg, device: str) -> None:
         )
     group_size = cfg.norm.get("group_size") if hasattr(cfg.norm, "get") else None
     if group_size is not None:  # one process too: group_size=2 would record a batch never seen
-        check_group_size(group_size, world)
+        try:
+            check_group_size(group_size, world)
+        except UserError as err:  # which job of a sweep: its processes and nodes
+            raise UserError(f"{err} (processes={cfg.processes} x nodes={cfg.nodes})") from None
     if str(cfg.precision) == "fp16" and device != "cuda":
         raise UserError(
             "precision=fp16 needs CUDA (float16 training takes a gradient scaler on a GPU); "
@@ -417,7 +420,8 @@ def prestart(modules: list[str]) -> None:
 @contextlib.contextmanager
 def _ignoring(*signums: int):
     """The signals ``signums`` ignored while inside (the main thread only): what this
-    process starts meanwhile starts ignoring them."""
+    process starts meanwhile starts ignoring them. (One that comes meanwhile, in those
+    milliseconds, is lost: blocking it instead would leave it blocked in what starts.)"""
     import signal
 
     before = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
@@ -425,7 +429,25 @@ def _ignoring(*signums: int):
         yield
     finally:
         for signum, handler in before.items():
-            signal.signal(signum, handler)
+            # None: a handler installed from C, which Python cannot put back
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+def stop_server() -> None:
+    """End the fork server :func:`prestart` started, now (nothing where none runs). It
+    ignores SIGINT: a run stopped before its workers were launched left it importing
+    torch, seconds of a core, after the launching process had gone."""
+    import signal
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver  # the module's one server; it has no public stop
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(OSError):
+        server._stop()  # reaps it and forgets it: a later prestart starts another
 
 
 # The environment the fork server started with, which its workers inherit.
@@ -504,33 +526,21 @@ def launch(entry: Any, args: tuple, processes: int, run_id: str) -> None:
         start_method=START_METHOD,
         shutdown_timeout=10,
     )
-    import signal
+    from normbench import interrupts
 
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-
-    from normbench.interrupts import STOP_REASONS, Interrupted
-
-    # The agent stops the workers with the signal it got. Not SIGINT, which the workers
-    # ignore (prestart): the agent would wait out its shutdown timeout, then kill them
-    # before rank 0 recorded the run. Ctrl-C raises KeyboardInterrupt here instead
-    # (interrupts.handle_signals), and the agent stops them with SIGTERM on its way out.
-    # SIGHUP where the process was not started to ignore it (nohup), as handle_signals.
-    handled = [signal.SIGTERM] + [
-        s for s in (signal.SIGHUP,) if signal.getsignal(s) is not signal.SIG_IGN
-    ]
-    # the agent puts its own handlers in (it stops the workers, then raises): put back ours
-    before = {signum: signal.getsignal(signum) for signum in handled}
-    config.signals_to_handle = ",".join(signal.Signals(s).name for s in handled)
+    # No signal is handed to the agent (an empty list: it finds no signal by that name,
+    # which it logs, quietly here). It would stop the workers with the signal it got: with
+    # SIGINT, which they ignore (prestart), it waited out its shutdown timeout and killed
+    # them before rank 0 recorded the run; and a second signal during that shutdown cut
+    # it short. Here the stop signals raise in this thread (interrupts.handle_signals;
+    # a second one is ignored), and the agent, on its way out, stops the workers with
+    # SIGTERM and waits for them: rank 0 records the run.
+    config.signals_to_handle = ""
     try:
-        elastic_launch(config, entry)(*args)
+        with interrupts.handle_signals():
+            elastic_launch(config, entry)(*args)
     except ChildFailedError as err:
         raise RanksFailed(failure_reason(err.failures)) from None
-    except SignalException as err:
-        why = STOP_REASONS.get(err.sigval, f"stopped by {signal.Signals(err.sigval).name}")
-        raise Interrupted(why, err.sigval) from None
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
 
 
 def failure_reason(failures: dict[int, Any]) -> str:

@@ -242,7 +242,13 @@ def run(cfg, *, force: bool = False, redo_failed: bool = True, display=None) -> 
     # A stop signal raises once: a second one cannot cut short the record or the lock's
     # release (interrupts.handle_signals).
     with interrupts.handle_signals():
-        return _run(cfg, force=force, redo_failed=redo_failed, display=display)
+        try:
+            return _run(cfg, force=force, redo_failed=redo_failed, display=display)
+        except (KeyboardInterrupt, interrupts.Interrupted):
+            from normbench import distributed
+
+            distributed.stop_server()  # a data-parallel run's, its workers stopped
+            raise
 
 
 def _run(cfg, *, force: bool, redo_failed: bool, display) -> RunOutcome:

@@ -155,7 +155,10 @@ def test_new_keys_at_their_defaults_keep_every_run_id():
         (["batch_size=64", "processes=2", "nodes=2", "batch_size=66"], "over 4 processes"),
         (["precision=fp16", "device=cpu"], "precision=fp16 needs CUDA"),
         (["processes=2", "norm=sync_bn", "norm.group_size=3"], "norm.group_size=3 does not"),
-        (["norm=sync_bn", "norm.group_size=2"], "norm.group_size=2 does not divide the 1 proc"),
+        (
+            ["norm=sync_bn", "norm.group_size=2"],
+            "does not divide the 1 process into whole groups; use a divisor of 1 .processes=1 x",
+        ),
         (["precision=fp32"], "precision must be one of 32, bf16, fp16"),
     ],
 )
@@ -245,7 +248,8 @@ SAID = {
 @pytest.mark.parametrize(
     ("signum", "to", "when"),
     [
-        (signal.SIGINT, "launcher", "training"),  # kill -INT on the launching process alone
+        # kill -INT on the launching process alone, then kill on it while it stops the workers
+        (signal.SIGINT, "launcher", "training"),
         (signal.SIGINT, "session", "training"),  # Ctrl-C at its terminal
         (signal.SIGINT, "session", "starting"),  # the same, while the fork server imports
         (signal.SIGTERM, "session", "training"),  # kill -- -PGID
@@ -262,7 +266,7 @@ def test_a_stop_signal_ends_every_process_in_one_line_and_records_the_run(
     rank's; the elastic agent logged a line of its own; the resource tracker, ended by
     SIGHUP and started again, printed a KeyError traceback per semaphore; and the agent
     stopped the workers with the SIGINT they ignore, then killed them 10 s later, before
-    rank 0 recorded the run.)"""
+    rank 0 recorded the run; a second signal cut its stopping of the workers short.)"""
     env = odd("slow", 2)  # rank 1 marks its second step, then takes 0.1 s a step
     proc = _cli(tmp_path, env, "epochs=100")
     runs = tmp_path / "out" / "default" / "runs"
@@ -278,6 +282,8 @@ def test_a_stop_signal_ends_every_process_in_one_line_and_records_the_run(
         time.sleep(0.02)
     if to == "launcher":
         proc.send_signal(signum)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # ignored: it cut the stopping short, unrecorded
     else:
         os.killpg(proc.pid, signum)
     status, text = _ended(proc)

@@ -91,32 +91,35 @@ def test_submitits_time_limit_handler_is_wrapped(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("signum", "status", "said"),
-    [(signal.SIGTERM, 143, "terminated by SIGTERM"), (signal.SIGHUP, 129, "hung up by SIGHUP")],
+    ("signum", "status", "said", "force"),
+    [
+        (signal.SIGTERM, 143, "terminated by SIGTERM", False),
+        (signal.SIGHUP, 129, "hung up by SIGHUP", True),
+    ],
 )
-def test_a_signal_during_a_run_records_it_interrupted(tmp_path, signum, status, said):
+def test_a_signal_during_a_run_records_it_interrupted(tmp_path, signum, status, said, force):
     """`normbench run` sent SIGTERM, or SIGHUP from another terminal: exit 128 + the
     signal, one line, the summary says why, no lock (SIGHUP was: the process died at
-    once, no summary and a stale lock)."""
-    process = subprocess.Popen(
-        _run_command(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    once, no summary and a stale lock). The line says what the same command does next:
+    go on from the checkpoint, or (--force) start over."""
+    command = _run_command(tmp_path) + (["--force"] if force else [])
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = tmp_path / "default" / "runs"
     deadline = time.time() + 120
-    while time.time() < deadline and not list(runs.glob("*/metrics.csv")):
+    while time.time() < deadline and not list(runs.glob("*/checkpoint.pt")):  # an epoch done
         time.sleep(0.05)
-    time.sleep(0.5)
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
     assert process.returncode == status
     assert said in err and "recorded as interrupted" in err and "Traceback" not in err
-    assert "the same command again resumes it after its last finished epoch" in err
+    again = "runs it again from the start" if force else "resumes it after its last finished epoch"
+    assert f"the same command again {again}" in err
     (summary,) = [json.loads(p.read_text()) for p in runs.glob("*/summary.json")]
     assert summary["status"] == "interrupted" and said.split()[-1] in summary["error"]
     assert not list(runs.glob("*/.lock"))
-    # the steps of the epochs on record (it said 0 after dozens of epochs)
+    # the steps of the epochs on record, one each (it said 0 after dozens of epochs)
     epochs = pd.read_csv(next(runs.glob("*/metrics.csv"))).epoch.nunique()
-    assert epochs > 0 and summary["steps"] > 0 and summary["steps"] % epochs == 0
+    assert epochs > 0 and summary["steps"] == epochs
 
 
 def test_a_worker_stops_when_its_parent_dies(tmp_path):

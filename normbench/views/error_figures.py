@@ -313,7 +313,9 @@ def _global_batch(frame: pd.DataFrame, combo: dict) -> str:
     norm batch is a part of. Not what the title's line of the figure's keys (``combo``)
     says already (``batch_size=256``, ``processes=2``)."""
     parts = []
-    said = {"world_size"} & set(combo) or {"processes", "nodes"} & set(combo)
+    nodes = pd.to_numeric(frame.get("nodes", pd.Series([1])), errors="coerce").dropna()
+    # processes=2 in the keys says the world size where the runs are on one node
+    said = "world_size" in combo or ("processes" in combo and set(nodes) <= {1})
     for key, words in (("batch_size", "batch size {}"), ("world_size", "on {} process")):
         if key in combo or (key == "world_size" and said):
             continue
