@@ -200,6 +200,12 @@ def _launch_submitit(launcher, jobs: Sequence, plan) -> list[Any]:
         for idx, job in enumerate(jobs)
     ]
     submitted = _submit(executor, launcher, arguments)
+    if not slurm:
+        # submitit waits 15 s for a finished job's result file to appear (a cluster's
+        # shared file system may show it late). A local job writes it before its process
+        # ends, on this machine's disk: a killed one's absence is known at once.
+        for handle in submitted:
+            handle._results_timeout_s = 0
     pending = dict(zip(submitted, jobs, strict=True))
     if slurm:  # a rerun while they wait (this driver killed) leaves them to their jobs
         for handle, job in pending.items():

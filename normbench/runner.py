@@ -562,6 +562,8 @@ def _train(
             write_text_file(folder / ERROR_LOG, _traceback(err))
         if not why:  # a failure is retried from the start; an interruption resumes
             _discard(folder / checkpoints.FILE)
+        if result.records:  # the epochs the summary counts: a stop may have cut that write
+            write_csv(folder / "metrics.csv", metrics_frame(rid, result.records))
         summary = summary_record(
             cfg, rid, result, prepared, started, time.perf_counter() - clock, resumed
         )

@@ -296,7 +296,7 @@ def _damage_one_run(rng, exp):
     return folder, what
 
 
-@pytest.mark.parametrize("command, examples", [("results", 40), ("plot", 6)])
+@pytest.mark.parametrize("command, examples", [("results", 24), ("plot", 6)])
 def test_random_damage_to_one_run_skips_exactly_that_run(
     real_experiment, tmp_path, command, examples
 ):
