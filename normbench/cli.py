@@ -197,7 +197,13 @@ def run(
 ) -> None:
     """Train one experiment and write its run folder (config.yaml, metrics.csv, summary.json)."""
     from normbench.config import compose
-    from normbench.interrupts import Interrupted, exit_status, handle_signals, reason
+    from normbench.interrupts import (
+        Interrupted,
+        exit_status,
+        handle_signals,
+        ignore_further_stops,
+        reason,
+    )
     from normbench.runner import recorded, resumable
     from normbench.runner import run as run_experiment
     from normbench.views import lines
@@ -209,6 +215,7 @@ def run(
         with handle_signals(), RunProgress(lines.run_label(cfg), console=err) as progress:
             outcome = run_experiment(cfg, force=force, display=progress)
     except (KeyboardInterrupt, Interrupted) as stop:
+        ignore_further_stops()
         done = recorded(stop)
         # --force starts over: the checkpoint is not the same command's to go on from
         err.print(lines.run_stopped(reason(stop), done, done and not force and resumable(cfg)))
@@ -235,7 +242,7 @@ def sweep(
     hydra/launcher=submitit_slurm submits them to SLURM (pip install -e ".[slurm]").
     """
     from normbench import sweep as sweeps
-    from normbench.interrupts import Interrupted, exit_status, reason
+    from normbench.interrupts import Interrupted, exit_status, ignore_further_stops, reason
     from normbench.reports import sweep_reports
     from normbench.views import lines
     from normbench.views.progress import SweepProgress
@@ -252,6 +259,7 @@ def sweep(
         with SweepProgress(plan, console=err) as progress:
             sweeps.launch(plan, display=progress)
     except (KeyboardInterrupt, Interrupted) as stop:
+        ignore_further_stops()
         err.print(lines.sweep_stopped(plan, reason(stop)))
         raise typer.Exit(exit_status(stop)) from None
     if plan.refused:

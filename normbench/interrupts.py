@@ -56,6 +56,15 @@ def reason(error: BaseException) -> str | None:
     return None
 
 
+def ignore_further_stops() -> None:
+    """From now on, ignore the stop signals (main thread only): a command that was stopped
+    and has recorded it is ending with the first signal's status. A second signal in the
+    moment between its handlers' removal and its exit killed it, exit status and all."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def exit_status(stop: BaseException) -> int:
     """128 + the number of the signal that stopped the process, as a shell reports a
     process that signal ended: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""

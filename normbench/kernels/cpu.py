@@ -88,7 +88,7 @@ SANITIZERS = {
     "": ([], []),
     # -g1: line tables alone, enough for ASan's reports to name the source lines; -O0 (after
     # CFLAGS' -O3, so it wins): every load and store is checked as written, and the build
-    # takes a third of -O1 -g's time (21 s against 61 s on one Xeon core)
+    # takes a third of -O1 -g's time (benchmarks/README.md)
     "address": (
         ["-fsanitize=address", "-fno-omit-frame-pointer", "-g1", "-O0"],
         ["-fsanitize=address"],
