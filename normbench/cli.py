@@ -248,6 +248,9 @@ def sweep(
     from normbench.views.progress import SweepProgress
 
     kernel_environment()
+    from normbench.launchers import result_wait_s
+
+    result_wait_s()  # its environment variable checked before any work
     try:
         plan = sweeps.plan(overrides or [], retry_failed=retry_failed)
     except KeyboardInterrupt:  # Ctrl-C, or a norm's own code raising it while checked

@@ -65,6 +65,33 @@ STOP_WAIT_S = 15.0
 SETTLE_WAIT_S = 5.0
 LOCAL_END_S = 10.0
 
+#: ``NORMBENCH_RESULT_WAIT_S``: seconds the driver waits for a finished SLURM job's result
+#: file to appear before it counts the job as ended without one (submitit's own 15 s, the
+#: default: a cluster's shared file system may show a file written on another node late).
+#: 0 where the submitit folder is on a disk every node sees at once (a one-node cluster,
+#: as the tests'). Local jobs never wait: their result is written on this machine.
+RESULT_WAIT_ENV = "NORMBENCH_RESULT_WAIT_S"
+
+
+def result_wait_s() -> float | None:
+    """:data:`RESULT_WAIT_ENV`'s seconds (None: unset, submitit's own); a UserError for a
+    value that is not a number of seconds, 0 or more."""
+    import math
+
+    from normbench.errors import UserError
+
+    value = os.environ.get(RESULT_WAIT_ENV)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not math.isfinite(seconds) or seconds < 0:
+        raise UserError(f"{RESULT_WAIT_ENV}={value!r}: expected a number of seconds, 0 or more")
+    return seconds
+
+
 #: Seconds to wait before each new try of a refused submission (a busy controller times
 #: out; one array is one ``sbatch``, so a refused one submitted nothing).
 SUBMIT_RETRY_S = (2.0, 10.0)
@@ -199,13 +226,14 @@ def _launch_submitit(launcher, jobs: Sequence, plan) -> list[Any]:
         (list(job.overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", state)
         for idx, job in enumerate(jobs)
     ]
+    wait = result_wait_s() if slurm else 0.0  # (checked before anything is submitted)
     submitted = _submit(executor, launcher, arguments)
-    if not slurm:
+    if wait is not None:
         # submitit waits 15 s for a finished job's result file to appear (a cluster's
         # shared file system may show it late). A local job writes it before its process
         # ends, on this machine's disk: a killed one's absence is known at once.
         for handle in submitted:
-            handle._results_timeout_s = 0
+            handle._results_timeout_s = wait
     pending = dict(zip(submitted, jobs, strict=True))
     if slurm:  # a rerun while they wait (this driver killed) leaves them to their jobs
         for handle, job in pending.items():

@@ -1,4 +1,5 @@
-"""Shared test setup: Triton's interpreter where there is no GPU; no user config folder
+"""Shared test setup: Triton's interpreter where there is no GPU; no wait for SLURM
+jobs' result files on the one-node cluster; no user config folder
 carried from one test to the next; config composition; run folders, real and synthetic;
 a fake sysfs listing of the CPU's caches; pip's build flags; the longest test file first."""
 
@@ -25,6 +26,11 @@ from normbench.rundir import METRIC_COLUMNS, SUMMARY_FIELDS, metrics_frame
 # own handler, as under a terminal.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# The test cluster has one node, whose submitit folders are on this disk: a job's result
+# file is there when the job ends, and submitit's 15 s wait for a shared file system to
+# show it (a cancelled or killed job's, which never comes) is not the tests' to pay.
+os.environ.setdefault("NORMBENCH_RESULT_WAIT_S", "0")
 
 # Triton reads this when it is imported: without CUDA its kernels run on the CPU only as
 # the interpreter, which is how tests/test_kernels_triton.py checks them here.

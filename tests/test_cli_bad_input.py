@@ -715,3 +715,14 @@ def test_a_failing_norms_traceback_in_a_sweep_is_shown_escaped(tmp_path, monkeyp
     assert_inert(result.stderr_bytes)
     assert f"ValueError: {SHOWN}[/x]" in result.stderr
     assert "0 completed, 1 failed" in result.stdout
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "nan", "inf"])
+def test_a_bad_result_wait_is_refused_before_the_sweep_plans(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("NORMBENCH_RESULT_WAIT_S", value)
+    monkeypatch.chdir(tmp_path)
+    result = cli.invoke(app, ["sweep", *TINY, f"out_dir={tmp_path / 'out'}"])
+    assert_one_line_error(
+        result, f"NORMBENCH_RESULT_WAIT_S={value!r}: expected a number of seconds, 0 or more"
+    )
+    assert not (tmp_path / "out").exists()
