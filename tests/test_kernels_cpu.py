@@ -179,7 +179,8 @@ def test_two_checkouts_and_two_environments_never_rebuild_each_others_kernel(tmp
     assert {library: library.stat().st_mtime_ns for library in built} == built
     for library in built:  # ninja ran each build once: one compile, one link
         assert len((library.parent / ".ninja_log").read_text().splitlines()) == 3
-        assert "a/batchnorm" not in (library.parent / "build.ninja").read_text()
+        build = (library.parent / "build.ninja").read_text()
+        assert not any(str(source.parent) in build for source in checkouts)  # no checkout named
 
 
 def test_a_failed_compile_reports_the_compilers_error_lines(monkeypatch):

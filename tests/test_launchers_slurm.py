@@ -85,11 +85,12 @@ def test_slurm_grid_completes_a_cancelled_job_is_redone_and_a_rerun_submits_noth
     with the one CPU it was given; the one after finds the grid done and submits nothing
     (one grid for the three: a SLURM sweep costs tens of seconds here)."""
     name = f"nb{uuid.uuid4().hex[:8]}"
-    # 40 epochs: a second or more of training after the lock, for the scancel to find it
-    args = [*TINY, "epochs=1,40", *slurm_args(name, "hydra.launcher.timeout_min=5")]
+    # 120 epochs: several seconds of training after the lock, for the scancel to find it on
+    # a loaded machine (40 epochs, about 2.5 s, once finished first under CI)
+    args = [*TINY, "epochs=1,120", *slurm_args(name, "hydra.launcher.timeout_min=5")]
     driver = start_sweep(tmp_path, *args)
     try:
-        owner = wait_for(lambda: lock_of(tmp_path, 40), 120, "the 40-epoch run to start")
+        owner = wait_for(lambda: lock_of(tmp_path, 120), 120, "the 120-epoch run to start")
         subprocess.run(["scancel", owner["slurm_job"]], check=True)
         out, err = driver.communicate(timeout=300)
     finally:
@@ -98,8 +99,8 @@ def test_slurm_grid_completes_a_cancelled_job_is_redone_and_a_rerun_submits_noth
     assert "1 completed" in out and "1 interrupted" in out
     runs = summaries(tmp_path)
     assert runs[1]["status"] == "completed"
-    assert runs[40]["status"] == "interrupted"
-    assert f"SLURM job {owner['slurm_job']}: cancelled" in runs[40]["error"]
+    assert runs[120]["status"] == "interrupted"
+    assert f"SLURM job {owner['slurm_job']}: cancelled" in runs[120]["error"]
     assert (tmp_path / "results" / "default" / "summary.csv").is_file()
     assert not list((tmp_path / "results" / "default" / "runs").glob("*/.lock"))
 
