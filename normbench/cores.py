@@ -175,24 +175,27 @@ def choose(threads: int | None) -> Threads:
     return Threads(usable, f"{given.source}, {usable} of {given.count} idle")
 
 
-def per_process(threads: Threads, processes: int, warn: bool = False) -> Threads:
+def warn_oversubscribed(processes: int) -> None:
+    """A :class:`~normbench.errors.Notice` where a data-parallel run's processes outnumber
+    the CPUs this process may use (``processes=64`` on 2 cores ran 32 to a core, without a
+    word). Said once, by the launcher."""
+    cpus = len(affinity())
+    if processes > cpus:
+        import warnings
+
+        from normbench.errors import Notice
+
+        warnings.warn(
+            f"processes={processes} is more than the {cpus} CPUs this process may use: "
+            f"about {-(-processes // cpus)} processes share each CPU, one thread each "
+            "(on a CPU, processes study the normalization batch, not speed)",
+            Notice,
+            stacklevel=2,
+        )
+
+
+def per_process(threads: Threads, processes: int) -> Threads:
     """One process's share of a data-parallel run's ``threads`` (at least one each), its
-    source saying so. ``warn``: a :class:`~normbench.errors.Notice` where the processes
-    outnumber the CPUs this process may use (``processes=64`` on 2 cores ran 32 to a
-    core, without a word)."""
-    if warn:
-        cpus = len(affinity())
-        if processes > cpus:
-            import warnings
-
-            from normbench.errors import Notice
-
-            warnings.warn(
-                f"processes={processes} is more than the {cpus} CPUs this process may use: "
-                f"about {-(-processes // cpus)} processes share each CPU, one thread each "
-                "(on a CPU, processes study the normalization batch, not speed)",
-                Notice,
-                stacklevel=2,
-            )
+    source saying so."""
     share = max(1, threads.count // processes)
     return Threads(share, f"{threads.source}; {threads.count} over {processes} processes")

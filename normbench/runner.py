@@ -372,7 +372,7 @@ def _train_parallel(cfg, rid: str, folder: Path, threads: cores.Threads, display
 
     from normbench import distributed
 
-    cores.per_process(threads, cfg.processes, warn=True)  # said once, by the launcher
+    cores.warn_oversubscribed(cfg.processes)
     events = distributed.context().SimpleQueue()
     relay = threading.Thread(target=distributed.relay, args=(events, display), daemon=True)
     relay.start()

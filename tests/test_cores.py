@@ -100,11 +100,11 @@ def test_a_data_parallel_runs_threads_are_shared_and_too_many_processes_said(mon
     total = cores.Threads(2, "affinity mask")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # none: 2 processes on 2 CPUs
-        share = cores.per_process(total, 2, warn=True)
+        cores.warn_oversubscribed(2)
+        share = cores.per_process(total, 2)  # the ranks' own shares say nothing
     assert share == cores.Threads(1, "affinity mask; 2 over 2 processes")
     with pytest.warns(Notice, match=r"processes=64 is more than the 2 CPUs .* about 32 processes"):
-        share = cores.per_process(total, 64, warn=True)
-    assert share.count == 1
+        cores.warn_oversubscribed(64)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the ranks' own shares say nothing
-        cores.per_process(total, 64)
+        warnings.simplefilter("error")
+        assert cores.per_process(total, 64).count == 1
