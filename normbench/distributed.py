@@ -457,7 +457,11 @@ _server_env: dict[str, str] | None = None
 def worker_environment() -> dict[str, dict[str, str]]:
     """What a worker needs to run in this process's environment as it is now, not as it
     was when the fork server started (:func:`take_environment`)."""
-    return {"now": dict(os.environ), "server": dict(_server_env or os.environ)}
+    return {
+        "now": dict(os.environ),
+        "server": dict(_server_env or os.environ),
+        "launcher": {"pid": str(os.getpid())},  # which the workers watch
+    }
 
 
 def take_environment(env: dict[str, dict[str, str]] | None) -> None:

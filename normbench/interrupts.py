@@ -224,10 +224,20 @@ def descends_from(pid: int, ancestor: int) -> bool:
 
 
 class ParentWatch:
-    """Stops this process's run when its parent (the sweep's driver) is gone."""
+    """Stops this process's run when its parent (the sweep's driver) is gone, or, given
+    ``alive``, when that says the watched process is gone (saying ``reason``)."""
 
-    def __init__(self, parent: int, poll_s: float):
+    def __init__(
+        self,
+        parent: int,
+        poll_s: float,
+        alive: Callable[[], bool] | None = None,
+        reason: str = "the sweep's driver process died",
+    ):
         self.parent, self.poll_s = parent, poll_s
+        # reparented: the driver died (kill -9, OOM)
+        self.alive = alive or (lambda: os.getppid() == parent)
+        self.reason = reason
         self.fired = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="driver-watch", daemon=True)
@@ -235,10 +245,10 @@ class ParentWatch:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
-            if os.getppid() != self.parent:  # reparented: the driver died (kill -9, OOM)
+            if not self.alive():
                 self.fired = True
                 global _pending_reason
-                _pending_reason = "the sweep's driver process died"
+                _pending_reason = self.reason
                 os.kill(os.getpid(), signal.SIGTERM)
                 # A job not yet inside a run has no handler: SIGTERM ends it. One whose
                 # run does not stop within a minute is ended here.
@@ -248,6 +258,23 @@ class ParentWatch:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not ended (a zombie, not yet reaped by its
+    parent, has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def watch_launcher(pid: int, poll_s: float = 1.0) -> ParentWatch:
+    """In a worker of a data-parallel run: a watch that stops the run when the launching
+    process ``pid`` is gone. Its elastic agent stops the workers when it is stopped; killed
+    outright (kill -9, the OOM killer), it left them training, orphans of its fork server."""
+    return ParentWatch(pid, poll_s, alive=lambda: running(pid), reason="the launching process died")
 
 
 def watch_parent(driver: str | None, poll_s: float = 1.0) -> ParentWatch | None:

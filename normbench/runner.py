@@ -421,6 +421,8 @@ def _rank_main(cfg, rid, folder, threads: cores.Threads, events, env=None, data=
     from normbench.validation import resolve_device
 
     distributed.take_environment(env)
+    launcher = (env or {}).get("launcher", {}).get("pid")
+    watch = interrupts.watch_launcher(int(launcher)) if launcher else None
     device = resolve_device(cfg.device)
     share = cores.per_process(threads, cfg.processes)
     try:
@@ -444,9 +446,13 @@ def _rank_main(cfg, rid, folder, threads: cores.Threads, events, env=None, data=
                 distributed.leave()
     except (KeyboardInterrupt, interrupts.Interrupted) as stop:
         # stopped from outside (the agent's SIGTERM, once the launcher was stopped; a signal
-        # to this process): rank 0 recorded the run, and the launcher says so. The shell's
-        # status for the signal, without the traceback multiprocessing prints for each rank
+        # to this process; the launcher's death): rank 0 recorded the run, and the launcher
+        # says so. The shell's status for the signal, without the traceback multiprocessing
+        # prints for each rank
         raise SystemExit(interrupts.exit_status(stop)) from None
+    finally:
+        if watch is not None:
+            watch.stop()
 
 
 def run_files() -> tuple[str, ...]:

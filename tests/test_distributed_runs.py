@@ -306,6 +306,34 @@ def test_a_stop_signal_ends_every_process_in_one_line_and_records_the_run(
     assert read_owner(folder) is None
 
 
+def test_a_launcher_killed_outright_leaves_no_worker_training(tmp_path, odd):
+    """kill -9 (or the OOM killer) on the launching process: its workers see it gone
+    within a second or two, rank 0 records the run interrupted, every process of the
+    session ends, and its checkpoint and lock leave the same command free to resume it.
+    (They trained on, orphans of the fork server, which their pipes kept alive.)"""
+    env = odd("slow", 2)
+    proc = _cli(tmp_path, env, "epochs=100")
+    runs = tmp_path / "out" / "default" / "runs"
+    deadline = time.monotonic() + 120
+    while not list(runs.glob("*/checkpoint.pt")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run never finished an epoch"
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 30  # the watch's poll, rank 0's record, the server's end
+    while _in_session(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [_cmdline(pid) for pid in _in_session(proc.pid)]
+    assert not left, f"a process outlived the launcher: {left}"
+    (folder,) = runs.iterdir()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary
+    assert summary["error"].startswith("the launching process died"), summary
+    owner = read_owner(folder)  # the dead launcher's lock, if any, blocks nobody
+    assert owner is None or not owner.alive
+    assert (folder / "checkpoint.pt").exists()  # which the same command goes on from
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
