@@ -241,6 +241,7 @@ class ParentWatch:
         self.fired = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="driver-watch", daemon=True)
+        _watches.append(self)
         self._thread.start()
 
     def _watch(self) -> None:
@@ -258,23 +259,59 @@ class ParentWatch:
 
     def stop(self) -> None:
         self._stop.set()
+        with contextlib.suppress(ValueError):
+            _watches.remove(self)
 
 
-def running(pid: int) -> bool:
-    """Whether process ``pid`` exists and has not ended (a zombie, not yet reaped by its
-    parent, has ended)."""
+#: The watches open in this process (:func:`watched_gone`).
+_watches: list[ParentWatch] = []
+
+
+def start_time(pid: int) -> str | None:
+    """When process ``pid`` started (/proc: clock ticks since boot), or None where it is
+    not running (a zombie, not yet reaped by its parent, has ended). With the pid it
+    names one process: a pid is used again, the pair is not."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # fields 3 on: the state, ..., the start time
+    return None if fields[0] == "Z" else fields[19]
 
 
-def watch_launcher(pid: int, poll_s: float = 1.0) -> ParentWatch:
+def watch_launcher(pid: int, poll_s: float = 1.0) -> ParentWatch | None:
     """In a worker of a data-parallel run: a watch that stops the run when the launching
     process ``pid`` is gone. Its elastic agent stops the workers when it is stopped; killed
-    outright (kill -9, the OOM killer), it left them training, orphans of its fork server."""
-    return ParentWatch(pid, poll_s, alive=lambda: running(pid), reason="the launching process died")
+    outright (kill -9, the OOM killer), it left them training, orphans of its fork server.
+    None without /proc (macOS), where a process's start time cannot be read."""
+    if start_time(os.getpid()) is None:
+        return None
+    started = start_time(pid)
+    return ParentWatch(
+        pid,
+        poll_s,
+        alive=lambda: started is not None and start_time(pid) == started,
+        reason="the launching process died",
+    )
+
+
+def watched_gone() -> str | None:
+    """The reason of an open watch whose process is gone, looked at now rather than at the
+    watch's next poll: a collective that failed because another worker saw the launcher
+    gone first failed for that reason, not for the other worker's own."""
+    for watch in list(_watches):
+        if not watch.alive():
+            return watch.reason
+    return None
+
+
+def recording() -> None:
+    """This process is recording how its run ended (a failure, or a peer's): a stop
+    signal from now until the outermost :func:`handle_signals` is left is ignored, as a
+    second one is, so that it never cuts the record short."""
+    global _stopping
+    if _depth and _stopping is None and threading.current_thread() is threading.main_thread():
+        _stopping = 0
 
 
 def watch_parent(driver: str | None, poll_s: float = 1.0) -> ParentWatch | None:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normbench import received
+from normbench import interrupts, received
 from normbench.errors import UserError
 
 LOCK_NAME = ".lock"
@@ -65,16 +65,6 @@ def _boot_id() -> str:
         return ""
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot, from /proc), or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: fields follow the last ')'.
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
 def pid_running(pid: int) -> bool:
     """Whether some process on this machine has ``pid``."""
     try:
@@ -88,9 +78,9 @@ def pid_running(pid: int) -> bool:
 
 def _running(pid: int, start_time: str | None) -> bool:
     """Whether ``pid`` still runs the process that started at ``start_time``."""
-    if _start_time(os.getpid()) is None:  # no /proc (macOS): the pid alone must do
+    if interrupts.start_time(os.getpid()) is None:  # no /proc (macOS): the pid alone must do
         return pid_running(pid)
-    return _start_time(pid) == start_time
+    return interrupts.start_time(pid) == start_time
 
 
 def slurm_job() -> str | None:
@@ -107,7 +97,7 @@ def _identity() -> dict[str, Any]:
         "host": socket.gethostname(),
         "boot_id": _boot_id(),
         "pid": pid,
-        "start_time": _start_time(pid),
+        "start_time": interrupts.start_time(pid),
         "slurm_job": slurm_job(),
     }
 

@@ -550,13 +550,16 @@ def _train(
     except NotWritten:
         raise  # the disk is full, or the folder gone read-only: nothing more can be written
     except BaseException as err:
+        interrupts.recording()  # a stop signal now (a watch's, say) would cut the record
         # a collective that failed because another process did fails wherever it was
         # called from, a user's norm layer too: not that code's failure
         lost = rank is not None and distributed.lost_peer(err)
         users = not lost and _users_failure(err, prepared.norm)
         why = None if users else interrupts.reason(err)
         if why is None and lost:
-            why = f"another process of the run stopped ({error_text(err)})"
+            why = interrupts.watched_gone() or (
+                f"another process of the run stopped ({error_text(err)})"
+            )
         result = TrainResult(
             records=recorder.records,
             status="interrupted" if why else "failed",

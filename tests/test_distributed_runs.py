@@ -319,16 +319,17 @@ def test_a_launcher_killed_outright_leaves_no_worker_training(tmp_path, odd):
         assert time.monotonic() < deadline, "the run never finished an epoch"
         time.sleep(0.02)
     proc.kill()
-    proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=30)
     deadline = time.monotonic() + 30  # the watch's poll, rank 0's record, the server's end
     while _in_session(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     left = [_cmdline(pid) for pid in _in_session(proc.pid)]
     assert not left, f"a process outlived the launcher: {left}"
     (folder,) = runs.iterdir()
+    assert (folder / "summary.json").exists(), out + err + str(list(folder.iterdir()))
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "interrupted", summary
-    assert summary["error"].startswith("the launching process died"), summary
+    assert summary["error"].startswith("the launching process died"), (summary, out + err)
     owner = read_owner(folder)  # the dead launcher's lock, if any, blocks nobody
     assert owner is None or not owner.alive
     assert (folder / "checkpoint.pt").exists()  # which the same command goes on from

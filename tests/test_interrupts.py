@@ -54,6 +54,47 @@ def test_a_second_stop_signal_is_ignored_while_the_first_is_handled():
     assert interrupts.exit_status(KeyboardInterrupt()) == 130
 
 
+def test_a_stop_signal_while_a_run_records_its_failure_is_ignored():
+    """A run recording how it ended without a signal (a collective failed because another
+    worker stopped) must not be cut short by a stop signal that then comes (its own watch's
+    SIGTERM: the summary was never written). Outside a scope, or in the next one, stop
+    signals stop again."""
+    with interrupts.handle_signals():
+        interrupts.recording()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(os.getpid(), signum)
+            time.sleep(0.2)
+    with pytest.raises(Interrupted, match="SIGTERM"), interrupts.handle_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    interrupts.recording()  # outside every scope: nothing to hold back, and nothing held
+    with pytest.raises(KeyboardInterrupt), interrupts.handle_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+
+
+def test_a_launcher_watch_names_the_launcher_gone_as_soon_as_it_is():
+    """A data-parallel worker's watch on its launcher: alive while it runs; once it has
+    ended (a zombie is ended, its pid used again is another process), ``watched_gone``
+    says so at once, before the watch's own poll, and a stopped watch says nothing."""
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    started = interrupts.start_time(launcher.pid)
+    assert started is not None and started == interrupts.start_time(launcher.pid)
+    watch = interrupts.watch_launcher(launcher.pid, poll_s=3600)
+    try:
+        assert interrupts.watched_gone() is None
+        launcher.kill()
+        deadline = time.time() + 10
+        while interrupts.start_time(launcher.pid) is not None and time.time() < deadline:
+            time.sleep(0.01)  # a zombie until reaped: ended already
+        assert interrupts.watched_gone() == "the launching process died"
+    finally:
+        watch.stop()
+        launcher.wait()
+    assert interrupts.watched_gone() is None
+    assert interrupts.start_time(launcher.pid) is None
+
+
 def test_a_signal_ignored_at_start_stays_ignored():
     """Under `nohup` SIGHUP is ignored, as its user asked: a run does not stop for it."""
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
