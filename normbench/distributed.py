@@ -29,6 +29,7 @@ import contextlib
 import os
 from typing import Any
 
+from normbench import interrupts
 from normbench.errors import UserError
 
 __all__ = [
@@ -460,7 +461,9 @@ def worker_environment() -> dict[str, dict[str, str]]:
     return {
         "now": dict(os.environ),
         "server": dict(_server_env or os.environ),
-        "launcher": {"pid": str(os.getpid())},  # which the workers watch
+        # which the workers watch: the pid and start time name this process, not one that
+        # is given its pid once it is gone
+        "launcher": {"pid": str(os.getpid()), "start": interrupts.start_time(os.getpid()) or ""},
     }
 
 

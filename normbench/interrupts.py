@@ -81,13 +81,18 @@ _pending_reason: str | None = None
 _depth = 0
 #: The signal that is stopping this process, once one came: later ones are ignored.
 _stopping: int | None = None
+#: ``_stopping`` while :func:`recording`: a stop signal then waits in ``_deferred``.
+_RECORDING = 0
+_deferred: int | None = None
 #: What the open scopes asked to do when a stop signal comes, before it raises.
 _on_stop: list[Callable[[int], None]] = []
 
 
 def _stop(signum: int, frame) -> None:
-    global _stopping
+    global _stopping, _deferred
     if _stopping is not None:
+        if _stopping == _RECORDING and _deferred is None:
+            _deferred = signum  # raised once the record is written
         return  # already stopping: the run is recording itself, which must not be cut short
     _stopping = signum
     if signum == signal.SIGHUP:
@@ -157,7 +162,7 @@ def handle_signals(on_stop: Callable[[int], None] | None = None) -> Iterator[Non
     runs first, in the main thread (a sweep's driver stops its workers there). Scopes
     nest: a run inside a sweep's driver shares the driver's. Elsewhere than the main
     thread (signals cannot be handled there) it does nothing."""
-    global _depth, _stopping
+    global _depth, _stopping, _deferred
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -167,7 +172,7 @@ def handle_signals(on_stop: Callable[[int], None] | None = None) -> Iterator[Non
         _on_stop.append(on_stop)
     try:
         if _depth == 1:
-            _stopping = None
+            _stopping = _deferred = None
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 current = signal.getsignal(signum)
                 if current is signal.SIG_IGN and signum != signal.SIGTERM:
@@ -279,18 +284,19 @@ def start_time(pid: int) -> str | None:
     return None if fields[0] == "Z" else fields[19]
 
 
-def watch_launcher(pid: int, poll_s: float = 1.0) -> ParentWatch | None:
+def watch_launcher(launcher: dict[str, str], poll_s: float = 1.0) -> ParentWatch | None:
     """In a worker of a data-parallel run: a watch that stops the run when the launching
-    process ``pid`` is gone. Its elastic agent stops the workers when it is stopped; killed
-    outright (kill -9, the OOM killer), it left them training, orphans of its fork server.
-    None without /proc (macOS), where a process's start time cannot be read."""
-    if start_time(os.getpid()) is None:
+    process (``launcher``: its ``pid`` and ``start`` time, :func:`start_time`) is gone.
+    Its elastic agent stops the workers when it is stopped; killed outright (kill -9, the
+    OOM killer), it left them training, orphans of its fork server. None without /proc
+    (macOS), where a process's start time cannot be read."""
+    if start_time(os.getpid()) is None or not launcher.get("start"):
         return None
-    started = start_time(pid)
+    pid, started = int(launcher["pid"]), launcher["start"]
     return ParentWatch(
         pid,
         poll_s,
-        alive=lambda: started is not None and start_time(pid) == started,
+        alive=lambda: start_time(pid) == started,
         reason="the launching process died",
     )
 
@@ -305,13 +311,29 @@ def watched_gone() -> str | None:
     return None
 
 
-def recording() -> None:
-    """This process is recording how its run ended (a failure, or a peer's): a stop
-    signal from now until the outermost :func:`handle_signals` is left is ignored, as a
-    second one is, so that it never cuts the record short."""
-    global _stopping
-    if _depth and _stopping is None and threading.current_thread() is threading.main_thread():
-        _stopping = 0
+@contextlib.contextmanager
+def recording() -> Iterator[None]:
+    """While inside, this process records how its run ended without a signal (its own
+    failure, a peer's): a stop signal that comes meanwhile (its watch's SIGTERM, say) waits
+    until the record is written and raises as the block is left. It cut the record short
+    (no summary). A process already stopping by a signal ignores further ones anyway.
+    (Blocking the signal would not do: it goes to another thread, which leaves the
+    Python handler to the main thread at once.)"""
+    global _stopping, _deferred
+    if (
+        not _depth
+        or _stopping is not None
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+    _stopping = _RECORDING
+    try:
+        yield
+    finally:
+        deferred, _deferred, _stopping = _deferred, None, None
+        if deferred is not None:
+            _stop(deferred, None)  # raises
 
 
 def watch_parent(driver: str | None, poll_s: float = 1.0) -> ParentWatch | None:

@@ -421,10 +421,10 @@ def _rank_main(cfg, rid, folder, threads: cores.Threads, events, env=None, data=
     from normbench.validation import resolve_device
 
     distributed.take_environment(env)
-    launcher = (env or {}).get("launcher", {}).get("pid")
-    watch = interrupts.watch_launcher(int(launcher)) if launcher else None
     device = resolve_device(cfg.device)
     share = cores.per_process(threads, cfg.processes)
+    launcher = (env or {}).get("launcher") or {}
+    watch = interrupts.watch_launcher(launcher) if launcher else None
     try:
         with interrupts.handle_signals():
             rank = distributed.join(device, cfg.dist_timeout_s)
@@ -550,34 +550,35 @@ def _train(
     except NotWritten:
         raise  # the disk is full, or the folder gone read-only: nothing more can be written
     except BaseException as err:
-        interrupts.recording()  # a stop signal now (a watch's, say) would cut the record
-        # a collective that failed because another process did fails wherever it was
-        # called from, a user's norm layer too: not that code's failure
-        lost = rank is not None and distributed.lost_peer(err)
-        users = not lost and _users_failure(err, prepared.norm)
-        why = None if users else interrupts.reason(err)
-        if why is None and lost:
-            why = interrupts.watched_gone() or (
-                f"another process of the run stopped ({error_text(err)})"
+        # a stop signal now (a watch's, say) would cut the record short: it waits
+        with interrupts.recording():
+            # a collective that failed because another process did fails wherever it was
+            # called from, a user's norm layer too: not that code's failure
+            lost = rank is not None and distributed.lost_peer(err)
+            users = not lost and _users_failure(err, prepared.norm)
+            why = None if users else interrupts.reason(err)
+            if why is None and lost:
+                why = interrupts.watched_gone() or (
+                    f"another process of the run stopped ({error_text(err)})"
+                )
+            result = TrainResult(
+                records=recorder.records,
+                status="interrupted" if why else "failed",
+                steps=recorder.steps,  # those of the epochs on record, which a resume goes on after
             )
-        result = TrainResult(
-            records=recorder.records,
-            status="interrupted" if why else "failed",
-            steps=recorder.steps,  # those of the epochs on record, which a resume goes on after
-        )
-        result.message = why or f"{type(err).__name__}: {error_text(err)}"
-        if users:
-            result.message = f"{prepared.norm.label()}: {describe_error(err)}"
-            write_text_file(folder / ERROR_LOG, _traceback(err))
-        if not why:  # a failure is retried from the start; an interruption resumes
-            _discard(folder / checkpoints.FILE)
-        if result.records:  # the epochs the summary counts: a stop may have cut that write
-            write_csv(folder / "metrics.csv", metrics_frame(rid, result.records))
-        summary = summary_record(
-            cfg, rid, result, prepared, started, time.perf_counter() - clock, resumed
-        )
-        write_json(folder / "summary.json", summary)
-        trackers.finish(result.records, summary)
+            result.message = why or f"{type(err).__name__}: {error_text(err)}"
+            if users:
+                result.message = f"{prepared.norm.label()}: {describe_error(err)}"
+                write_text_file(folder / ERROR_LOG, _traceback(err))
+            if not why:  # a failure is retried from the start; an interruption resumes
+                _discard(folder / checkpoints.FILE)
+            if result.records:  # the epochs the summary counts: a stop may have cut that write
+                write_csv(folder / "metrics.csv", metrics_frame(rid, result.records))
+            summary = summary_record(
+                cfg, rid, result, prepared, started, time.perf_counter() - clock, resumed
+            )
+            write_json(folder / "summary.json", summary)
+            trackers.finish(result.records, summary)
         if users:
             raise UserCodeFailed(
                 f"{prepared.norm.label()} failed in training: {describe_error(err)}; the run "

@@ -54,33 +54,44 @@ def test_a_second_stop_signal_is_ignored_while_the_first_is_handled():
     assert interrupts.exit_status(KeyboardInterrupt()) == 130
 
 
-def test_a_stop_signal_while_a_run_records_its_failure_is_ignored():
+def test_a_stop_signal_while_a_run_records_its_failure_waits_for_the_record():
     """A run recording how it ended without a signal (a collective failed because another
-    worker stopped) must not be cut short by a stop signal that then comes (its own watch's
-    SIGTERM: the summary was never written). Outside a scope, or in the next one, stop
-    signals stop again."""
-    with interrupts.handle_signals():
-        interrupts.recording()
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    worker stopped) must not be cut short by a stop signal that comes meanwhile (its own
+    watch's SIGTERM: the summary was never written): the signal raises once the record is
+    written, and only the first of several. A recording that no signal interrupted leaves
+    the scope stoppable (a sweep's driver, recording one run's failure, goes on to the
+    next run and must still stop for Ctrl-C)."""
+    written = []
+    stopping = pytest.raises(Interrupted, match="SIGTERM")
+    with stopping, interrupts.handle_signals(), interrupts.recording():
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             os.kill(os.getpid(), signum)
             time.sleep(0.2)
-    with pytest.raises(Interrupted, match="SIGTERM"), interrupts.handle_signals():
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1)
-    interrupts.recording()  # outside every scope: nothing to hold back, and nothing held
-    with pytest.raises(KeyboardInterrupt), interrupts.handle_signals():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)
+        written.append("summary")
+    assert written == ["summary"]
+    with interrupts.handle_signals():  # a sweep's driver
+        with interrupts.handle_signals(), interrupts.recording():  # one run's failure
+            written.append("failed run")
+        with pytest.raises(KeyboardInterrupt), interrupts.handle_signals():  # the next run
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert written == ["summary", "failed run"]
+    with interrupts.recording():  # outside every scope: nothing to hold back
+        written.append("outside")
 
 
 def test_a_launcher_watch_names_the_launcher_gone_as_soon_as_it_is():
     """A data-parallel worker's watch on its launcher: alive while it runs; once it has
-    ended (a zombie is ended, its pid used again is another process), ``watched_gone``
-    says so at once, before the watch's own poll, and a stopped watch says nothing."""
+    ended (a zombie is ended, and a process with its pid but another start time is
+    another process), ``watched_gone`` says so at once, before the watch's own poll, and
+    a stopped watch says nothing."""
     launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     started = interrupts.start_time(launcher.pid)
     assert started is not None and started == interrupts.start_time(launcher.pid)
-    watch = interrupts.watch_launcher(launcher.pid, poll_s=3600)
+    watch = interrupts.watch_launcher({"pid": str(launcher.pid), "start": started}, poll_s=3600)
+    other = interrupts.watch_launcher({"pid": str(launcher.pid), "start": "1"}, poll_s=3600)
+    other.stop()  # (a watch that fired would stop this process)
+    assert other.alive() is False  # the same pid, another start: another process
     try:
         assert interrupts.watched_gone() is None
         launcher.kill()
