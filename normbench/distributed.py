@@ -212,9 +212,10 @@ class Rank:
         return slice(start, start + base + (self.rank < extra))
 
 
-def join(device: str, timeout_s: float) -> Rank:
+def join(device: str, timeout_s: float, store: Any = None) -> Rank:
     """Join the process group of the run this process is a worker of (the launcher's
-    environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); NCCL with this
+    environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; ``store``: the
+    rendezvous store, where not the one that environment names); NCCL with this
     process's GPU on CUDA, gloo on the CPU. A collective waits at most ``timeout_s``."""
     import datetime
 
@@ -225,9 +226,13 @@ def join(device: str, timeout_s: float) -> Rank:
     rank.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
         torch.cuda.set_device(rank.local_rank)
-    dist.init_process_group(
-        "nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
-    )
+    backend, timeout = "nccl" if device == "cuda" else "gloo", datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(
+            backend, store=store, rank=rank.rank, world_size=rank.world, timeout=timeout
+        )
     return rank
 
 
@@ -625,9 +630,19 @@ def rendezvous() -> tuple[str, int]:
 
 
 def join_task(rank: Rank, device: str, timeout_s: float) -> Rank:
-    """Join the process group of the run this SLURM task is ``rank`` of (:func:`join`,
-    through the environment torch's ``env://`` reads, set here from SLURM's)."""
+    """Join the process group of the run this SLURM task is ``rank`` of (:func:`join`;
+    the environment torch's ``env://`` reads is set here from SLURM's). Rank 0 serves the
+    rendezvous store at :func:`rendezvous`'s port; every key is the job's own (a
+    ``PrefixStore`` named for the job), so that the tasks of another job that finds the
+    same port (its id :data:`PORT_SPAN` apart) wait for their own rank 0 and time out,
+    rather than joining this job's run as its ranks. A port already taken fails rank 0
+    with one line that says so."""
+    import datetime
+
+    import torch.distributed as dist
+
     host, port = rendezvous()
+    job = os.environ.get("SLURM_JOB_ID", "0")
     os.environ.update(
         RANK=str(rank.rank),
         WORLD_SIZE=str(rank.world),
@@ -635,7 +650,23 @@ def join_task(rank: Rank, device: str, timeout_s: float) -> Rank:
         MASTER_ADDR=host,
         MASTER_PORT=str(port),
     )
-    return join(device, timeout_s)
+    try:
+        store = dist.TCPStore(
+            host,
+            port,
+            rank.world,
+            is_master=rank.rank == 0,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            wait_for_workers=False,  # (the process group's own barrier waits for them)
+        )
+    except RuntimeError as err:
+        if rank.rank != 0 or "EADDRINUSE" not in str(err):
+            raise
+        raise RuntimeError(
+            f"the rendezvous port {port} on {host} of SLURM job {job} is taken (by another "
+            f"program, or a job whose id is a multiple of {PORT_SPAN} away)"
+        ) from None
+    return join(device, timeout_s, store=dist.PrefixStore(f"normbench/slurm-job-{job}/", store))
 
 
 def tell(decision: Any) -> None:

@@ -367,3 +367,72 @@ def test_state_dict_moves_to_and_from_torch_sync_batch_norm():
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--rank"]:
         _worker(int(sys.argv[2]), Path(sys.argv[3]))
+
+
+SLURM_TASK = """
+import sys
+
+import torch
+
+from normbench import distributed
+
+rank, value = int(sys.argv[1]), float(sys.argv[2])
+try:
+    distributed.join_task(distributed.Rank(rank, 2, rank), "cpu", 6.0)
+except RuntimeError as err:
+    print(str(err).splitlines()[0])
+    sys.exit(3)
+total = torch.tensor([value])
+torch.distributed.all_reduce(total)
+print(f"sum {total.item():g}")
+distributed.leave()
+"""
+
+
+def test_slurm_jobs_that_find_the_same_port_never_join_each_others_runs():
+    """Two SLURM jobs whose ids are PORT_SPAN apart take the same rendezvous port. Job B's
+    rank 0 finds it taken and says so in one line; B's rank 1, which reaches job A's
+    store, waits for its own job's keys and times out, rather than joining A's run as
+    its rank 1 (A's all_reduce then summed B's numbers); A completes with its own two
+    ranks. (Each task as SLURM starts it: SLURM_JOB_ID in the environment, 127.0.0.1.)"""
+    import random
+    import socket
+    import time
+
+    from normbench import distributed
+
+    job_a = random.randrange(1000, 10000)
+    job_b = job_a + distributed.PORT_SPAN
+    port = distributed.PORT_BASE + job_a % distributed.PORT_SPAN
+
+    def task(job: int, rank: int, value: float) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        env["SLURM_JOB_ID"] = str(job)
+        return subprocess.Popen(
+            [sys.executable, "-c", SLURM_TASK, str(rank), str(value)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def listening() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    a0 = task(job_a, 0, 1)
+    deadline = time.monotonic() + 60
+    while not listening():
+        assert a0.poll() is None and time.monotonic() < deadline, a0.communicate()
+        time.sleep(0.05)
+    b0, b1 = task(job_b, 0, 100), task(job_b, 1, 1000)
+    out, err = b0.communicate(timeout=60)
+    assert b0.returncode == 3, err
+    assert out.strip() == (
+        f"the rendezvous port {port} on 127.0.0.1 of SLURM job {job_b} is taken (by another "
+        f"program, or a job whose id is a multiple of {distributed.PORT_SPAN} away)"
+    )
+    a1 = task(job_a, 1, 10)
+    for rank in (a0, a1):
+        out, err = rank.communicate(timeout=60)
+        assert rank.returncode == 0, err
+        assert out.strip() == "sum 11"  # A's own ranks: 1 + 10
+    out, err = b1.communicate(timeout=60)
+    assert b1.returncode != 0 and "sum" not in out, out + err
