@@ -204,6 +204,7 @@ def run(
         ignore_further_stops,
         reason,
     )
+    from normbench.ranks import follower
     from normbench.runner import recorded, resumable
     from normbench.runner import run as run_experiment
     from normbench.views import lines
@@ -216,6 +217,8 @@ def run(
             outcome = run_experiment(cfg, force=force, display=progress)
     except (KeyboardInterrupt, Interrupted) as stop:
         ignore_further_stops()
+        if follower(cfg):  # a SLURM task of rank > 0: rank 0 says how the run stopped
+            raise typer.Exit(exit_status(stop)) from None
         done = recorded(stop)
         # --force starts over: the checkpoint is not the same command's to go on from
         err.print(lines.run_stopped(reason(stop), done, done and not force and resumable(cfg)))
@@ -223,6 +226,8 @@ def run(
     # The run is over: the interpreter's exit need not search torch's millions of
     # objects for cycles (it took longer than a run's writing; benchmarks/README.md).
     gc.freeze()
+    if outcome.follower:  # rank 0 of the SLURM step says how the run went (`srun -n P`)
+        return
     for line in lines.run_outcome(outcome):
         out.print(line)
 

@@ -56,6 +56,8 @@ class RunOutcome:
     run_dir: Path
     summary: dict[str, Any]
     skipped: bool = False
+    #: a SLURM task of rank > 0: rank 0 recorded the run; ``summary`` holds its status alone
+    follower: bool = False
 
 
 def run_id(cfg, flat: dict[str, Any] | None = None) -> str:
@@ -342,7 +344,9 @@ def _run_task(cfg, rid: str, folder: Path, task, *, force: bool, redo_failed: bo
     try:
         if task.rank > 0:
             status = follow(cfg, rid, folder, task)
-            return RunOutcome(rid, folder, {"status": status}, skipped=status is None)
+            return RunOutcome(
+                rid, folder, {"status": status}, skipped=status is None, follower=True
+            )
         told = False
 
         def start(prepared: Prepared, resume) -> RunOutcome:
