@@ -313,12 +313,14 @@ def watched_gone() -> str | None:
 
 @contextlib.contextmanager
 def recording() -> Iterator[None]:
-    """While inside, this process records how its run ended without a signal (its own
-    failure, a peer's): a stop signal that comes meanwhile (its watch's SIGTERM, say) waits
-    until the record is written and raises as the block is left. It cut the record short
-    (no summary). A process already stopping by a signal ignores further ones anyway.
-    (Blocking the signal would not do: it goes to another thread, which leaves the
-    Python handler to the main thread at once.)"""
+    """While inside, this process writes what must not be cut in two: how its run ended
+    without a signal (its own failure, a peer's), or an epoch's metrics and checkpoint. A
+    stop signal that comes meanwhile (its watch's SIGTERM, a Ctrl-C) waits until the block
+    is done and raises as it is left. (It had cut a run's record short, leaving no
+    summary, and had stopped a run between an epoch's metrics and its checkpoint, which
+    the resume then trained again.) A process already stopping by a signal ignores
+    further ones anyway. (Blocking the signal would not do: it goes to another thread,
+    which leaves the Python handler to the main thread at once.)"""
     global _stopping, _deferred
     if (
         not _depth

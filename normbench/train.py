@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normbench import distributed
+from normbench import distributed, interrupts
 from normbench.data import (
     DataSplits,
     eval_batches,
@@ -239,18 +239,22 @@ def train(
             )
         result.records.append(record)
         if callbacks is not None:
-            callbacks.on_epoch(record)
-            if hasattr(callbacks, "checkpoint") and math.isfinite(test_loss):
-                callbacks.checkpoint(
-                    {
-                        "epoch": epoch,
-                        "steps": result.steps,
-                        "records": result.records,
-                        "scheduler": scheduler.state_dict(),
-                        "generator": generator.get_state(),
-                        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                    }
-                )
+            # The epoch's metrics and its checkpoint, both or neither: a stop signal here
+            # waits for the checkpoint (a run stopped between them recorded an epoch that
+            # its resume then trained again)
+            with interrupts.recording():
+                callbacks.on_epoch(record)
+                if hasattr(callbacks, "checkpoint") and math.isfinite(test_loss):
+                    callbacks.checkpoint(
+                        {
+                            "epoch": epoch,
+                            "steps": result.steps,
+                            "records": result.records,
+                            "scheduler": scheduler.state_dict(),
+                            "generator": generator.get_state(),
+                            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                        }
+                    )
         if not math.isfinite(test_loss):
             # Training went on but the running statistics or weights broke evaluation.
             result.status = "diverged"

@@ -61,6 +61,38 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny, tmp_path, 
         assert sorted(set(bn_stats[0].epoch)) == [1, 2, 3, 4, 5]
 
 
+class SignalAtEpochEnd(StopAt):
+    """A display that sends this process SIGINT (a real Ctrl-C) as epoch ``epoch`` is
+    recorded: after its metrics, before its checkpoint."""
+
+    def on_step(self, step, epoch, loss, img_per_s):
+        pass
+
+    def on_epoch(self, record):
+        if record["epoch"] == self.epoch:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_stop_between_an_epochs_metrics_and_its_checkpoint_waits_for_the_checkpoint(tiny):
+    """Ctrl-C as an epoch is recorded stops the run once that epoch's checkpoint is
+    written: the interrupted summary's steps and metrics are the checkpoint's, and the
+    resume goes on after that epoch. (It stopped in between: the summary counted the
+    epoch, the checkpoint held the one before, and the resume trained the epoch again.)"""
+    cfg = tiny("epochs=4", "batch_size=32")
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg, display=SignalAtEpochEnd(2))
+    folder = runner.run_dir(cfg)
+    summary = json.loads((folder / "summary.json").read_text())
+    state = checkpoints.unpack((folder / checkpoints.FILE).read_bytes(), runner.run_id(cfg))
+    assert summary["status"] == "interrupted" and state["loop"]["epoch"] == 2
+    assert summary["steps"] == state["loop"]["steps"] > 0
+    assert sorted(set(pd.read_csv(folder / "metrics.csv").epoch)) == [1, 2]
+    assert runner.run(cfg).summary["resumed_from_epoch"] == 2
+
+
 def test_a_run_without_a_validation_split_resumes_too(tiny, capsys):
     """Its records lack val_loss and val_acc: exactly the fields the loop writes then."""
     cfg = tiny("epochs=3", "dataset.val_size=0")
