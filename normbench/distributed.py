@@ -605,7 +605,8 @@ def slurm_task(world: int) -> Rank | None:
         return None
     if tasks != world:
         raise UserError(
-            f"this SLURM job step has {tasks} tasks, but the run has {world} processes "
+            f"this SLURM job step has {tasks} tasks, but the run has {world} "
+            f"process{'es' if world != 1 else ''} "
             "(processes x nodes): a data-parallel run on SLURM is one task per process"
         )
     return Rank(int(env["SLURM_PROCID"]), tasks, int(env.get("SLURM_LOCALID") or 0))

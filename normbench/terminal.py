@@ -247,3 +247,8 @@ def yaml(cfg: Any) -> str:
         container, default_flow_style=False, allow_unicode=True, sort_keys=False, Dumper=Dumper
     )
     return clean(dumped, newlines=True)
+
+
+def plural(n: int, word: str) -> str:
+    """``n`` and ``word``, an s added unless n is one: "1 run", "2 runs"."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

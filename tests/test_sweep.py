@@ -479,7 +479,7 @@ def test_cli_duplicate_grid_points_are_dropped_and_counted_once(tmp_path):
     result = cli.invoke(app, ["sweep", *tiny_args(tmp_path, "lr=0.1,0.10", "max_steps=1")])
     assert result.exit_code == 0, result.output
     assert result.stderr.splitlines()[0] == (
-        "sweep: 1 runs (1 duplicate grid point dropped: the same run as another), "
+        "sweep: 1 run (1 duplicate grid point dropped: the same run as another), "
         "0 already done, 1 to run"
     )
     assert result.stdout.splitlines()[-1] == "1 completed, 0 failed"

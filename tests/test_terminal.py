@@ -325,3 +325,9 @@ def test_results_piped_to_a_file_print_one_line_per_row(grid, tmp_path):
     assert max(map(len, table80)) <= 80
     assert len(table80) > len(table)  # cells wrap onto lines of their own
     assert len([line for line in wrapped if line.startswith(("budget:", "warning:"))]) == 3
+
+
+def test_counts_are_said_in_the_singular_for_one():
+    from normbench.terminal import plural
+
+    assert [plural(n, "run") for n in (0, 1, 2)] == ["0 runs", "1 run", "2 runs"]

@@ -68,8 +68,8 @@ def sweep_plan(plan) -> list[str]:
         else ""
     )
     lines = [
-        f"sweep: {len(plan.jobs)} runs{dropped}, {skipped} already done{elsewhere}, "
-        f"{len(plan.to_run)} to run"
+        f"sweep: {terminal.plural(len(plan.jobs), 'run')}{dropped}, {skipped} already "
+        f"done{elsewhere}, {len(plan.to_run)} to run"
     ]
     lines += [f"  {job.run_id}: {job.busy.describe()}" for job in plan.elsewhere[:3]]
     return lines
@@ -87,7 +87,8 @@ def sweep_stopped(plan, reason: str | None) -> str:
             "again leaves the runs they have to them and redoes only what is not done"
         )
     if plan.cancelled:
-        what = f"cancelled {len(plan.cancelled)} jobs ({', '.join(plan.cancelled[:8])}"
+        jobs = terminal.plural(len(plan.cancelled), "job")
+        what = f"cancelled {jobs} ({', '.join(plan.cancelled[:8])}"
         what += ", ...)" if len(plan.cancelled) > 8 else ")"
     else:
         what = "stopped its runs"

@@ -21,7 +21,8 @@ from normbench import terminal
 from normbench.analysis.collect import Collected
 from normbench.analysis.stats import selection_keys
 from normbench.rundir import STATUSES
-from normbench.views.text import format_value, plural, short_key
+from normbench.terminal import plural
+from normbench.views.text import format_value, short_key
 
 
 def _percent(mean: float, std: float) -> str:

@@ -83,7 +83,3 @@ def format_string(value: str, key: str | None = None) -> str:
     except ValueError:
         return value
     return repr(value)
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
