@@ -557,11 +557,16 @@ def _hydra_override_problem(parsed: Sequence) -> str | None:
             if value is _ABSENT:
                 if parts[0] != "hydra" or override.is_add() or override.is_force_add():
                     break
-                # Launchers take settings their config does not list (ray.init's num_cpus).
+                # Launchers take settings their config does not list (ray.init's num_cpus);
+                # a key spelled like one it lists is likely that one misspelled (n_jobz)
+                above = OmegaConf.select(cfg, ".".join(parts[: depth - 1]), default=None)
+                keys = list(above.keys()) if OmegaConf.is_dict(above) else []
+                near = difflib.get_close_matches(parts[depth - 1], [str(k) for k in keys], n=1)
+                meant = ".".join([*parts[: depth - 1], near[0]]) if near else ""
                 return (
                     f"{override.key_or_group} is not in Hydra's config (with hydra/launcher="
-                    f"{launcher}); to add a setting it leaves out, prefix a +: "
-                    f"+{override.input_line.lstrip('+~')}"
+                    f"{launcher}{f'; did you mean {meant}?' if meant else ''}); to add a "
+                    f"setting it leaves out, prefix a +: +{override.input_line.lstrip('+~')}"
                 )
             if value is None and depth < len(parts):
                 rest = ".".join(parts[depth:])

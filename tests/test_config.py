@@ -217,7 +217,11 @@ def test_hydra_keys_that_need_a_plus_say_so():
     key = "hydra.launcher.inner_max_num_threads"
     assert f"{key} is not in Hydra's config (with hydra/launcher=joblib)" in message
     assert "+hydra.launcher.inner_max_num_threads=1" in message
-    assert "normbench config" not in message
+    assert "normbench config" not in message and "did you mean" not in message
+    # a misspelled setting it lists: named first (the + alone made it an ignored setting)
+    with pytest.raises(UserError, match=r"\(with hydra/launcher=joblib; did you mean "
+                       r"hydra\.launcher\.n_jobs\?\); to add a setting"):  # fmt: skip
+        compose(["hydra/launcher=joblib", "hydra.launcher.n_jobz=2"])
     # as told: accepted
     compose(["hydra/launcher=joblib", "+hydra.launcher.inner_max_num_threads=1"])
     assert compose(["++batch_size=8"]).batch_size == 8  # ++ on a known key overrides it
