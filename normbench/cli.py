@@ -210,14 +210,15 @@ def run(
     from normbench.views import lines
     from normbench.views.progress import RunProgress
 
-    kernel_environment()
-    cfg = compose(overrides or [])
-    try:
+    cfg = None
+    try:  # (Ctrl-C while the config is composed, too: it ended the command unsaid)
+        kernel_environment()
+        cfg = compose(overrides or [])
         with handle_signals(), RunProgress(lines.run_label(cfg), console=err) as progress:
             outcome = run_experiment(cfg, force=force, display=progress)
     except (KeyboardInterrupt, Interrupted) as stop:
         ignore_further_stops()
-        if follower(cfg):  # a SLURM task of rank > 0: rank 0 says how the run stopped
+        if cfg is not None and follower(cfg):  # a SLURM task of rank > 0: rank 0 says it
             raise typer.Exit(exit_status(stop)) from None
         done = recorded(stop)
         # --force starts over: the checkpoint is not the same command's to go on from

@@ -159,3 +159,17 @@ def test_failed_download_says_where_to_place_the_files(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "download" in result.stderr and str(root) in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_ctrl_c_while_the_config_is_composed_is_one_line_too(monkeypatch):
+    """A Ctrl-C in the second or so that Hydra composes the config ended the command with
+    status 130 and not a word; it says what the one after it says."""
+    import normbench.config
+
+    def interrupted(overrides):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(normbench.config, "compose", interrupted)
+    result = invoke("run", "epochs=1")
+    assert result.exit_code == 130
+    assert "interrupted by SIGINT (Ctrl-C): stopped before the run trained" in result.output
