@@ -308,9 +308,13 @@ def _submit(executor, launcher, arguments) -> list:
     the scheduler's words. (A submission that reached the controller though reported
     failed would start a run twice: the run's lock lets one job train and the other
     skip.)"""
+    import io
+
     for wait in (*SUBMIT_RETRY_S, None):
         try:
-            return executor.map_array(launcher, *zip(*arguments, strict=True))
+            # submitit prints sbatch's error lines before it raises them: said once, below
+            with contextlib.redirect_stderr(io.StringIO()):
+                return executor.map_array(launcher, *zip(*arguments, strict=True))
         except Exception as err:
             text = str(err).lower()
             if not any(word in text for word in TRANSIENT):

@@ -218,6 +218,7 @@ def test_slurm_refusing_the_jobs_is_one_line_and_exit_2(slurm, tmp_path):
         "failed: Invalid partition name specified"
     ) in done.stderr
     assert "trying again" not in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.count("Invalid partition name") == 1  # (submitit printed sbatch's too)
     assert not (tmp_path / "results" / "default" / "runs").exists()
     assert not list((tmp_path / "results").rglob("*.pkl"))
 
