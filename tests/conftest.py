@@ -48,6 +48,20 @@ def no_user_config_dirs(monkeypatch):
     monkeypatch.setattr(options, "_user_dirs", [])
 
 
+@pytest.fixture(autouse=True)
+def stop_signals_as_they_were():
+    """Each test leaves the stop signals' handlers as it found them: a CLI command run in
+    this process that was stopped ignores further stop signals as it ends
+    (``interrupts.ignore_further_stops``), which the worker's next tests, and every process
+    they start, inherited (the tests of Ctrl-C and SIGHUP then found nothing to stop)."""
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {signum: signal.getsignal(signum) for signum in stops}
+    yield
+    for signum, handler in before.items():
+        if signal.getsignal(signum) is not handler and handler is not None:
+            signal.signal(signum, handler)
+
+
 @pytest.fixture
 def tiny(tmp_path):
     """Compose a seconds-long config writing under ``tmp_path``."""
