@@ -376,9 +376,9 @@ import torch
 
 from normbench import distributed
 
-rank, value = int(sys.argv[1]), float(sys.argv[2])
+rank, value, timeout_s = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 try:
-    distributed.join_task(distributed.Rank(rank, 2, rank), "cpu", 6.0)
+    distributed.join_task(distributed.Rank(rank, 2, rank), "cpu", timeout_s)
 except RuntimeError as err:
     print(str(err).splitlines()[0])
     sys.exit(3)
@@ -408,8 +408,11 @@ def test_slurm_jobs_that_find_the_same_port_never_join_each_others_runs():
     def task(job: int, rank: int, value: float) -> subprocess.Popen:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         env["SLURM_JOB_ID"] = str(job)
+        # A waits for its rank 1 however long a loaded machine takes to start it (6 s did
+        # not do under CI); B's rank 1 is to give up, soon
+        timeout_s = 120 if job == job_a else 6
         return subprocess.Popen(
-            [sys.executable, "-c", SLURM_TASK, str(rank), str(value)],
+            [sys.executable, "-c", SLURM_TASK, str(rank), str(value), str(timeout_s)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
 
