@@ -189,6 +189,12 @@ def measure(model: nn.Module, batches: Sequence[Tensor]) -> list[dict[str, objec
         count = x.numel() // x.shape[1]
         mean, invstd = (torch.stack(part) for part in zip(*seen[name], strict=True))
         means, variances = batch_statistics(mean, invstd, count, layer_eps(layer))
+        if getattr(layer, "pool", False):
+            # the gap of the norm's own output, as without the pooling fused into it
+            layer.pool = False
+            train_out = layer.train()(x)
+            for buffer, value in saved:
+                buffer.copy_(value)
         eval_out = layer.eval()(x)  # (a hook no more: the handles are removed)
         rows.append(
             {

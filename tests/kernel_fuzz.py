@@ -225,6 +225,9 @@ def draw(seed: int, index: int) -> dict:
         case["count"] = rng.choice([0, 1, 2, 17, 1000])
         case["cumulative"] = rng.random() < 0.3
         case["stats"] = rng.choices(["batch", "random", "wrong size", "int"], [75, 15, 5, 5])[0]
+    if api == "module" and case["relu"] and dims == 4 and rng.random() < 0.6:
+        # the layer with the pooling fused in (_module): mostly the layout its operators read
+        case["x"]["layout"] = "channels_last"
     return case
 
 
@@ -673,15 +676,26 @@ def _torch_tracked(x, rm, rv, counter, w, b, momentum, eps, relu):
     return torch.relu(y) if relu else y
 
 
+class _TorchPooled(torch.nn.BatchNorm2d):
+    """torch's BatchNorm2d, then ReLU and a 2x2 max-pooling: what normbench's BatchNorm2d
+    with ``relu=True, pool=True`` computes (its buffers where the module's are)."""
+
+    def forward(self, input):
+        return F.max_pool2d(torch.relu(super().forward(input)), 2)
+
+
 def _module(case: dict) -> None:
     """``BatchNorm1d/2d/3d`` (by the input's dimensions) against torch's, with the case's
-    weight and bias (any shape, dtype or device) put in place of the module's."""
+    weight and bias (any shape, dtype or device) put in place of the module's; a 4-d
+    case with ``relu`` is the layer with the ReLU and the 2x2 max-pooling fused in
+    (``relu=True, pool=True``) against torch's three in a row."""
     import torch.nn as nn
 
     from normbench import norms
 
     x, w, b, _, _, _ = _args(case)
     name = {2: "BatchNorm1d", 3: "BatchNorm1d", 5: "BatchNorm3d"}.get(x.dim(), "BatchNorm2d")
+    pooled = case["relu"] and x.dim() == 4
     channels = _channels(x)
     kwargs = {
         "eps": max(case["eps"], 1e-5),
@@ -690,8 +704,12 @@ def _module(case: dict) -> None:
         "track_running_stats": case["track"],
     }
 
+    def torch_class():
+        return _TorchPooled if pooled else getattr(nn, name)
+
     def make(cls, double: bool = False, flat: bool = False):
-        m = cls(channels, **kwargs).train(case["training"])
+        extra = {"relu": True, "pool": True} if pooled and cls is getattr(norms, name) else {}
+        m = cls(channels, **kwargs, **extra).train(case["training"])
         if m.running_mean is not None:  # running statistics away from 0 and 1
             gen = torch.Generator().manual_seed(case["values_seed"])
             m.running_mean.copy_(torch.randn(channels, generator=gen))
@@ -707,9 +725,9 @@ def _module(case: dict) -> None:
                     setattr(m, kind, nn.Parameter(value, requires_grad=grad))
         return m.double() if double else m
 
-    ours_m, theirs_m = make(getattr(norms, name)), make(getattr(nn, name))
-    theirs64 = make(getattr(nn, name), double=True)
-    peer_m = make(getattr(nn, name), flat=True)
+    ours_m, theirs_m = make(getattr(norms, name)), make(torch_class())
+    theirs64 = make(torch_class(), double=True)
+    peer_m = make(torch_class(), flat=True)
     x_leaf = x.detach().requires_grad_(True) if x.is_floating_point() else x
     x_ours, x_theirs, x64 = clone(x_leaf), clone(x_leaf), float64(x_leaf)
     x_peer = repaired(x_leaf)

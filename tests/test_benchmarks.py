@@ -1,8 +1,8 @@
 """The scripts under benchmarks/: the shell ones at least parse; plane_order.py and
 layout_speed.py run; norm_speed.py's ratios pair runs of the same repeat and its
 variants set their environment and config for their runs only; cache_bandwidth.py sizes
-an array per level and times each level; run_overhead.py, sync_bn.py and ddp_step.py run
-their quick forms.
+an array per level and times each level; run_overhead.py, sync_bn.py, ddp_step.py and pool_fusion.py
+run their quick forms.
 
 benchmarks/gpu_check.sh runs only where a GPU is lent, a few minutes at a time: a syntax
 error found there would cost that session its run. ``bash -n`` reads a script without
@@ -140,3 +140,13 @@ def test_the_ddp_step_script_splits_a_step_into_computation_and_reduction():
     assert step > 0 and computation > 0
     assert abs(step - computation - reduction) < 0.011  # the printed figures add up
     assert "94,186 float32" in out  # small_cnn's parameters, in one all_reduce
+
+
+def test_the_pool_fusion_script_times_the_three_forms_of_both_layers():
+    out = run_script("pool_fusion.py", "--quick")
+    rows = [line for line in out.splitlines() if line.startswith(("8x32x28x28", "8x64x14x14"))]
+    assert len(rows) == 2
+    for row in rows:
+        ratios = re.findall(r"(fused|composed|torch) [\d.]+ ms \(([\d.]+)x", row)
+        assert [name for name, _ in ratios] == ["fused", "composed", "torch"]
+        assert float(ratios[0][1]) == 1.0

@@ -233,6 +233,23 @@ for (dtype, tol), (shape, fmt), stream, order in itertools.product(dtypes, shape
         expected = reference.backward(dy * mask, x, w, rmean, rinvstd)
         for ours, theirs in zip(grads, expected):
             torch.testing.assert_close(ours.double(), theirs.double(), rtol=tol, atol=tol)
+# the norm, ReLU and 2x2 max-pooling in one layer: odd planes, channels that fill no vector
+# and several that do
+for dtype, tol in dtypes[:2]:
+    for shape in ((6, 5, 8, 8), (3, 19, 7, 9), (2, 40, 4, 6)):
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(shape[1], dtype=dtype), torch.randn(shape[1], dtype=dtype)
+        mean, invstd = nb.batch_norm_stats(x, 1e-5)
+        out, choice = nb.relu_pool_forward(x, w, b, mean, invstd)
+        dy = torch.randn_like(out)
+        got = (out, *nb.relu_pool_backward(dy, x, choice, w, b, mean, invstd))
+        xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+        z = torch.nn.functional.batch_norm(xr, None, None, wr, br, True, 0.0, 1e-5)
+        yr = torch.nn.functional.max_pool2d(torch.relu(z), 2)
+        yr.backward(dy.double())
+        for ours, theirs in zip(got, (yr, xr.grad, wr.grad, br.grad)):
+            torch.testing.assert_close(ours.double(), theirs.double(), rtol=tol, atol=tol)
 print("ok")
 """
 
@@ -266,7 +283,8 @@ def test_each_code_path_matches_the_reference(isa_checks, isa):
     """NORMBENCH_KERNEL_ISA=avx2 builds the path AVX2-only CPUs take (on an AVX-512 CPU
     too), ``sse`` the path of CPUs without AVX: their kernels pass the reference in every
     dtype, layout and with the fused ReLU, with streaming stores (where the path has them)
-    and without, in both orders of the channels-first layout."""
+    and without, in both orders of the channels-first layout; and the norm, ReLU and
+    max-pooling in one layer against torch's three in float32 and float64."""
     process = isa_checks[isa]
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err

@@ -37,10 +37,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from normbench.kernels.function import (
         batch_norm,
+        batch_norm_relu_pool,
         batch_norm_stats,
         batch_norm_synced,
         batch_norm_tracked,
         batch_norm_train,
+        relu_pool_applies,
     )
     from normbench.kernels.ops import BACKENDS, resolve_backend
 
@@ -49,6 +51,8 @@ if TYPE_CHECKING:
 # no torch, and a sweep with nothing to run never does.
 _LAZY = {
     "batch_norm": "function",
+    "batch_norm_relu_pool": "function",
+    "relu_pool_applies": "function",
     "batch_norm_stats": "function",
     "batch_norm_synced": "function",
     "batch_norm_tracked": "function",
@@ -60,10 +64,12 @@ _LAZY = {
 __all__ = [
     "BACKENDS",
     "batch_norm",
+    "batch_norm_relu_pool",
     "batch_norm_stats",
     "batch_norm_synced",
     "batch_norm_train",
     "batch_norm_tracked",
+    "relu_pool_applies",
     "resolve_backend",
 ]
 

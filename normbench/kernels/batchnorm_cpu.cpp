@@ -2017,6 +2017,293 @@ void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
   }
 }
 
+
+// ---------------------------------------------------------------- the ReLU and 2x2 max-pooling fused
+//
+// small_cnn's norm-ReLU-maxpool(2) as one layer (docs/kernel.md, "Pooling fused"): the forward
+// writes the pooled output and, per output value, which of its window's four inputs it took
+// (a byte; kDead where the ReLU zeroed the window's maximum), never the full-size activation;
+// the backward reads that byte instead of a full-size gradient, so torch's max_pool2d_backward
+// (a zero-filled full-size gradient, then a scatter) and one full-size read and write each way
+// are gone. The gradient is torch's: max_pool2d(relu(z)) sends it to the window's first largest
+// value (a NaN taking it as torch's does), and the ReLU passes it where that value is above 0.
+// Channels_last (N, H, W, C) float and double input only, as small_cnn has it on the CPU
+// (norms/batchnorm.py composes the unfused operators for everything else). Windows of 2x2,
+// stride 2, floor mode: an odd last row or column is pooled by no window (but normalised and
+// counted in the statistics, and given the statistics' part of the gradient).
+
+constexpr uint8_t kDead = 255;  // the window's maximum was <= 0: its gradient is zero
+
+// A vector's lanes' choice bytes (kWidth<T> of them, loaded and stored with memcpy).
+template <typename T>
+struct PoolLanes {
+  typedef uint8_t Bytes __attribute__((vector_size(kWidth<T>)));
+};
+
+// A window's four inputs, in row-major order: `top` is its row of x (W * C values), wo its
+// column of windows.
+template <typename T>
+inline void window_inputs(const T* top, int64_t W, int64_t C, int64_t wo, const T* in[4]) {
+  in[0] = top + 2 * wo * C;
+  in[1] = in[0] + C;
+  in[2] = in[0] + W * C;
+  in[3] = in[2] + C;
+}
+
+// x: (N, C, H, W) channels_last float/double, at least 2x2; mean and invstd: C values of x's dtype.
+void check_pooled(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                  const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+                  const at::Tensor& invstd) {
+  check_affine(x, weight, bias);
+  TORCH_CHECK(x.dim() == 4, "the pooled layer takes (N, C, H, W) input, got ", x.dim(),
+              " dimensions");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "the pooled layer computes in float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.size(2) >= 2 && x.size(3) >= 2, "the pooled layer needs at least 2x2 planes, got ",
+              x.size(2), "x", x.size(3));
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "the pooled layer reads channels_last input only");
+  check_statistic(mean, "mean", x.size(1));
+  check_statistic(invstd, "invstd", x.size(1));
+}
+
+// (pooled output, choice): out (N, C, H / 2, W / 2) channels_last; choice (N, H / 2, W / 2, C)
+// bytes: 0-3 the window's input taken (row-major in the window), kDead where it was <= 0.
+std::tuple<at::Tensor, at::Tensor> relu_pool_forward(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd) {
+  check_pooled(x, weight, bias, mean, invstd);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Ho = H / 2, Wo = W / 2;
+  auto out = at::empty({N, C, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto choice = at::empty({N, Ho, Wo, C}, x.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_pool_forward", [&] {
+    using T = scalar_t;
+    using V = Vec<T>;
+    using Mk = Mask<T>;
+    using Bytes = typename PoolLanes<T>::Bytes;
+    constexpr int L = kWidth<T>;
+    const std::vector<T> m = per_channel<T>(mean, C, T(0));
+    std::vector<T> k = per_channel<T>(invstd, C, T(1));
+    const std::vector<T> w = per_channel<T>(weight, C, T(1));
+    const std::vector<T> h = per_channel<T>(bias, C, T(0));
+    for (int64_t c = 0; c < C; ++c) k[c] *= w[c];  // the forward's scale: invstd * weight
+    const T *xp = x.const_data_ptr<T>(), *mp = m.data(), *kp = k.data(), *hp = h.data();
+    T* op = out.data_ptr<T>();
+    uint8_t* cp = choice.data_ptr<uint8_t>();
+    at::parallel_for(0, N * Ho, grain_for(N * Ho, 4 * Wo * C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / Ho, ho = r % Ho;
+        const T* top = xp + (n * H + 2 * ho) * W * C;
+        for (int64_t wo = 0; wo < Wo; ++wo) {
+          const T* in[4];
+          window_inputs(top, W, C, wo, in);
+          T* o = op + (r * Wo + wo) * C;
+          uint8_t* ch = cp + (r * Wo + wo) * C;
+          int64_t c = 0;
+          for (; c + L <= C; c += L) {  // L channels at a time, as the scalar loop below
+            const V mv = load_vec<T>(mp + c), kv = load_vec<T>(kp + c), hv = load_vec<T>(hp + c);
+            V best = (load_vec<T>(in[0] + c) - mv) * kv + hv;
+            Mk at{};
+            for (int j = 1; j < 4; ++j) {
+              const V z = (load_vec<T>(in[j] + c) - mv) * kv + hv;
+              const Mk take = (z > best) | (z != z);
+              best = take ? z : best;
+              at = take ? Mk{} + j : at;
+            }
+            const Mk dead = best <= V{};
+            store_vec<T>(o + c, dead ? V{} : best);
+            const Bytes code = __builtin_convertvector(dead ? Mk{} + kDead : at, Bytes);
+            std::memcpy(ch + c, &code, sizeof(code));
+          }
+          for (; c < C; ++c) {
+            T best = (in[0][c] - mp[c]) * kp[c] + hp[c];
+            uint8_t at = 0;
+            for (uint8_t j = 1; j < 4; ++j) {
+              const T z = (in[j][c] - mp[c]) * kp[c] + hp[c];
+              if (z > best || z != z) {  // max_pool2d's rule: the first largest, or a NaN
+                best = z;
+                at = j;
+              }
+            }
+            const bool dead = best <= T(0);  // a NaN lives, as relu and its gradient keep it
+            o[c] = dead ? T(0) : best;
+            ch[c] = dead ? kDead : at;
+          }
+        }
+      }
+    });
+  });
+  return {out, choice};
+}
+
+// (dx, dweight, dbias) of the layer whose forward gave `choice`, from the pooled output's
+// gradient: z's gradient dz is grad_out at the input each window took (zero elsewhere and in
+// a dead window), then BatchNorm's backward of dz, as batch_norm_backward with relu computes
+// it from the whole dz (batch_stats; without, the statistics are constants, as the eval's
+// running ones: dx = invstd * weight * dz). Two passes: the sums (over the pooled values only: the rest of dz is
+// zero), then dx over every input value.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_pool_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& choice,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats) {
+  check_pooled(x, weight, bias, mean, invstd);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Ho = H / 2, Wo = W / 2;
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == N && grad_out.size(1) == C &&
+                  grad_out.size(2) == Ho && grad_out.size(3) == Wo,
+              "grad_out must be the pooled output's shape ", at::IntArrayRef({N, C, Ho, Wo}),
+              ", got ", grad_out.sizes());
+  check_device(&grad_out);
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out must be of x's dtype ",
+              x.scalar_type(), ", got ", grad_out.scalar_type());
+  TORCH_CHECK(choice.scalar_type() == at::kByte && choice.dim() == 4 && choice.size(0) == N &&
+                  choice.size(1) == Ho && choice.size(2) == Wo && choice.size(3) == C &&
+                  choice.is_contiguous(),
+              "choice must be relu_pool_forward's contiguous uint8 (N, H/2, W/2, C) tensor, got ",
+              choice.scalar_type(), " ", choice.sizes());
+  check_device(&choice);
+  const at::Tensor g = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
+  auto dx = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const auto acc = at::toOpMathType(x.scalar_type());
+  auto dweight = empty_channels(C, acc);
+  auto dbias = empty_channels(C, acc);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_pool_backward", [&] {
+    using T = scalar_t;
+    using V = Vec<T>;
+    using Mk = Mask<T>;
+    using Bytes = typename PoolLanes<T>::Bytes;
+    constexpr int L = kWidth<T>;
+    const std::vector<T> m = per_channel<T>(mean, C, T(0));
+    const std::vector<T> k = per_channel<T>(invstd, C, T(1));
+    const std::vector<T> w = per_channel<T>(weight, C, T(1));
+    const T *xp = x.const_data_ptr<T>(), *gp = g.const_data_ptr<T>(), *mp = m.data();
+    const uint8_t* cp = choice.const_data_ptr<uint8_t>();
+    // Pass 1: sum(dz) and sum(dz * (x - mean)) per channel, over a task's rows of windows in
+    // T and across rows in double; tasks' partial sums reduced after.
+    const int64_t threads = at::get_num_threads();
+    std::vector<double> partial(2 * C * threads, 0.0);
+    at::parallel_for(0, N * Ho, grain_for(N * Ho, 4 * Wo * C), [&](int64_t r0, int64_t r1) {
+      double* s = partial.data() + 2 * C * at::get_thread_num();
+      std::vector<T> row(2 * C);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / Ho, ho = r % Ho;
+        const T* top = xp + (n * H + 2 * ho) * W * C;
+        std::fill(row.begin(), row.end(), T(0));
+        T *sd = row.data(), *sdx = row.data() + C;
+        for (int64_t wo = 0; wo < Wo; ++wo) {
+          const T* in[4];
+          window_inputs(top, W, C, wo, in);
+          const T* gr = gp + (r * Wo + wo) * C;
+          const uint8_t* ch = cp + (r * Wo + wo) * C;
+          int64_t c = 0;
+          for (; c + L <= C; c += L) {
+            Bytes code;
+            std::memcpy(&code, ch + c, sizeof(code));
+            const Mk j = __builtin_convertvector(code, Mk);
+            const V xv = j == 0   ? load_vec<T>(in[0] + c)
+                         : j == 1 ? load_vec<T>(in[1] + c)
+                         : j == 2 ? load_vec<T>(in[2] + c)
+                                  : load_vec<T>(in[3] + c);
+            const Mk live = j != kDead;
+            const V d = live ? load_vec<T>(gr + c) : V{};
+            store_vec<T>(sd + c, load_vec<T>(sd + c) + d);
+            store_vec<T>(sdx + c, load_vec<T>(sdx + c) + d * (live ? xv - load_vec<T>(mp + c) : V{}));
+          }
+          for (; c < C; ++c) {
+            const uint8_t j = ch[c];
+            const T xv = j == 0 ? in[0][c] : j == 1 ? in[1][c] : j == 2 ? in[2][c] : in[3][c];
+            const T d = j == kDead ? T(0) : gr[c];
+            sd[c] += d;
+            sdx[c] += d * (j == kDead ? T(0) : xv - mp[c]);
+          }
+        }
+        for (int64_t c = 0; c < 2 * C; ++c) s[c] += static_cast<double>(row[c]);
+      }
+    });
+    std::vector<double> sum_d(C, 0.0), sum_dx(C, 0.0);
+    for (int64_t t = 0; t < threads; ++t) {
+      for (int64_t c = 0; c < C; ++c) {
+        sum_d[c] += partial[2 * C * t + c];
+        sum_dx[c] += partial[2 * C * t + C + c];
+      }
+    }
+    // dx = invstd * w * (dz - sum(dz) / M - xhat * sum(dz * xhat) / M), xhat = (x - mean) * invstd:
+    // dx = a * dz + (b * (x - mean) + e) per channel.
+    const double M = static_cast<double>(N * H * W);
+    std::vector<T> a(C), b(C), e(C);
+    auto* dw = dweight.data_ptr<T>();
+    auto* db = dbias.data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      const double kc = static_cast<double>(k[c]), wc = static_cast<double>(w[c]);
+      const double sum_dxhat = sum_dx[c] * kc;
+      dw[c] = static_cast<T>(sum_dxhat);
+      db[c] = static_cast<T>(sum_d[c]);
+      a[c] = static_cast<T>(kc * wc);
+      // running statistics (eval) are constants: no gradient through them
+      b[c] = batch_stats ? static_cast<T>(-kc * wc * kc * sum_dxhat / M) : T(0);
+      e[c] = batch_stats ? static_cast<T>(-kc * wc * sum_d[c] / M) : T(0);
+    }
+    const T *ap = a.data(), *bp = b.data(), *ep = e.data();
+    T* dxp = dx.data_ptr<T>();
+    // Pass 2: every input value, a row (n, h) of W * C at a time. Without batch statistics
+    // dx = a * dz alone: x is not read (a NaN in it gives no NaN gradient, as torch's).
+    auto pass2 = [&](auto batch_tag) {
+      constexpr bool kBatch = decltype(batch_tag)::value;
+      auto rest = [&](const V& xv, int64_t c) {  // the statistics' part, L channels
+        return load_vec<T>(bp + c) * (xv - load_vec<T>(mp + c)) + load_vec<T>(ep + c);
+      };
+      at::parallel_for(0, N * H, grain_for(N * H, W * C), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t n = r / H, hh = r % H;
+          const T* xr = xp + r * W * C;
+          T* dr = dxp + r * W * C;
+          const bool pooled_row = hh < 2 * Ho;
+          const uint8_t dy = static_cast<uint8_t>(2 * (hh & 1));
+          for (int64_t ww = 0; ww < W; ++ww) {
+            const T* xv = xr + ww * C;
+            T* out = dr + ww * C;
+            if (pooled_row && ww < 2 * Wo) {
+              const int64_t at = (n * Ho + hh / 2) * Wo + ww / 2;
+              const T* gr = gp + at * C;
+              const uint8_t* ch = cp + at * C;
+              const uint8_t mine = dy + static_cast<uint8_t>(ww & 1);
+              int64_t c = 0;
+              for (; c + L <= C; c += L) {
+                Bytes code;
+                std::memcpy(&code, ch + c, sizeof(code));
+                const Mk j = __builtin_convertvector(code, Mk);
+                const V d = j == static_cast<int>(mine) ? load_vec<T>(gr + c) : V{};
+                if constexpr (kBatch) {
+                  store_vec<T>(out + c, load_vec<T>(ap + c) * d + rest(load_vec<T>(xv + c), c));
+                } else {
+                  store_vec<T>(out + c, load_vec<T>(ap + c) * d);
+                }
+              }
+              for (; c < C; ++c) {
+                const T d = ch[c] == mine ? gr[c] : T(0);
+                out[c] = kBatch ? ap[c] * d + (bp[c] * (xv[c] - mp[c]) + ep[c]) : ap[c] * d;
+              }
+            } else {
+              int64_t c = 0;
+              for (; c + L <= C; c += L) {
+                store_vec<T>(out + c, kBatch ? rest(load_vec<T>(xv + c), c) : V{});
+              }
+              for (; c < C; ++c) out[c] = kBatch ? bp[c] * (xv[c] - mp[c]) + ep[c] : T(0);
+            }
+          }
+        }
+      });
+    };
+    if (batch_stats) {
+      pass2(std::true_type{});
+    } else {
+      pass2(std::false_type{});
+    }
+  });
+  return {dx, dweight, dbias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(normbench, m) {
@@ -2030,6 +2317,12 @@ TORCH_LIBRARY(normbench, m) {
         "Tensor invstd, float momentum, float eps, int count, "
         "Tensor(c!)? num_batches_tracked=None, bool cumulative=False) -> ()");
   m.def("batch_norm_stats(Tensor x, float eps) -> (Tensor, Tensor)");
+  // The norm, its ReLU and 2x2 max-pooling in one layer (see "the ReLU and 2x2 max-pooling
+  // fused"): the pooled output and each value's choice; the backward from them.
+  m.def("relu_pool_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd) "
+        "-> (Tensor, Tensor)");
+  m.def("relu_pool_backward(Tensor grad_out, Tensor x, Tensor choice, Tensor? weight, "
+        "Tensor? bias, Tensor mean, Tensor invstd, bool batch_stats=True) -> (Tensor, Tensor, Tensor)");
   // The backward's two passes apart, for synchronized BatchNorm (see "the backward in two
   // halves"): the sums, as (dweight, dbias); dx from sums and a count given.
   m.def("batch_norm_backward_reduce(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, "
@@ -2061,6 +2354,8 @@ TORCH_LIBRARY_IMPL(normbench, CPU, m) {
   m.impl("batch_norm_eval", &forward_eval);
   m.impl("update_running_stats", &update_running_stats_cpu);
   m.impl("batch_norm_stats", &batch_stats);
+  m.impl("relu_pool_forward", &relu_pool_forward);
+  m.impl("relu_pool_backward", &relu_pool_backward);
   m.impl("batch_norm_backward_reduce", &backward_reduce);
   m.impl("batch_norm_backward_apply", &backward_apply);
   m.impl("batch_norm_stats_table", &stats_table);
@@ -2074,6 +2369,8 @@ TORCH_LIBRARY_IMPL(normbench, Autograd, m) {
   // autograd): past the autograd keys at once, without the fallback's per-call checks.
   m.impl("update_running_stats", torch::CppFunction::makeFallthrough());
   m.impl("batch_norm_stats", torch::CppFunction::makeFallthrough());
+  m.impl("relu_pool_forward", torch::CppFunction::makeFallthrough());
+  m.impl("relu_pool_backward", torch::CppFunction::makeFallthrough());
   // called inside synchronized BatchNorm's own autograd Function (Python), never differentiated
   m.impl("batch_norm_backward_reduce", torch::CppFunction::makeFallthrough());
   m.impl("batch_norm_backward_apply", torch::CppFunction::makeFallthrough());

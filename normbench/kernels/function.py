@@ -23,10 +23,12 @@ from normbench.kernels import checks, ops, reference
 
 __all__ = [
     "batch_norm",
+    "batch_norm_relu_pool",
     "batch_norm_stats",
     "batch_norm_synced",
     "batch_norm_tracked",
     "batch_norm_train",
+    "relu_pool_applies",
     "supported_layout",
 ]
 
@@ -264,6 +266,84 @@ def batch_norm(
 
     y, _, _ = _train(input, weight, bias, running_mean, running_var, momentum, eps, backend, relu)
     return y
+
+
+# ------------------------------------------------------------------------------ pooled
+
+
+class _ReluPool(torch.autograd.Function):
+    """The norm with its ``(mean, invstd)`` given, its ReLU and a 2x2 max-pooling, as one
+    pair of CPU operators. With ``batch_stats`` the statistics are the batch's, and their
+    gradient is part of the backward's; else (running statistics) they are constants."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, batch_stats):
+        out, choice = ops.relu_pool_forward(x, weight, bias, mean, invstd)
+        ctx.save_for_backward(x, choice, weight, bias, mean, invstd)
+        ctx.batch_stats = batch_stats
+        ctx.mark_non_differentiable(choice)
+        return out, choice
+
+    @staticmethod
+    def backward(ctx, grad_out, _):
+        x, choice, weight, bias, mean, invstd = ctx.saved_tensors
+        dx, dweight, dbias = ops.relu_pool_backward(
+            grad_out, x, choice, weight, bias, mean, invstd, ctx.batch_stats
+        )
+        wanted = ctx.needs_input_grad
+        return (
+            dx if wanted[0] else None,
+            dweight if wanted[1] else None,
+            dbias if wanted[2] else None,
+            None,
+            None,
+            None,
+        )
+
+
+def relu_pool_applies(input: Tensor, backend: str) -> bool:
+    """Whether :func:`batch_norm_relu_pool` runs ``input`` as one fused layer (a
+    channels_last (N, C, H, W) float32 or float64 CPU tensor with 2x2 planes or larger,
+    on the C++ kernel); elsewhere a layer composes the unfused operators."""
+    return ops.relu_pool_applies(input, backend)
+
+
+def batch_norm_relu_pool(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+) -> Tensor:
+    """``F.max_pool2d(torch.relu(bn(input)), 2)`` in one pass each way, ``bn`` a
+    ``torch.nn.BatchNorm2d``'s forward in the mode ``training`` says (the batch counter
+    and the running statistics' update included, as :func:`batch_norm_tracked`); for an
+    ``input`` :func:`relu_pool_applies` accepts. The gradient is the composition's: each
+    window's first largest value takes it, where the ReLU passes it."""
+    batch_stats = training or running_mean is None or running_var is None
+    if batch_stats:
+        _check_training(input, eps, weight, bias, running_mean, running_var)
+        if (running_mean is None) != (running_var is None):
+            _one_running_statistic(input, weight, bias, running_mean, running_var)
+        mean, invstd = ops.statistics(input, eps, "cpu")
+        if training and running_mean is not None:
+            _check_dtypes(input, weight, bias, running_mean, running_var)
+            count = input.numel() // input.shape[1]
+            ops.update(
+                running_mean, running_var, mean, invstd, 0.0 if momentum is None else momentum,
+                eps, count, "cpu", num_batches_tracked,
+                momentum is None and num_batches_tracked is not None,
+            )  # fmt: skip
+    else:
+        if eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        mean = running_mean.detach()
+        invstd = (running_var.detach().double() + eps).rsqrt().to(running_var.dtype)
+    return _ReluPool.apply(input, weight, bias, mean, invstd, batch_stats)[0]
 
 
 # ------------------------------------------------------------------------------ synchronized

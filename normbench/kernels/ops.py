@@ -30,6 +30,13 @@ which also registers their CPU kernels and their autograd, once for every device
   and the rows (summed over the processes) merged in float64 by Chan et al.'s formula into
   statistics of ``dtype`` and the total count (an int64 scalar). On CUDA plain torch
   operations (the reference's).
+- ``normbench::relu_pool_forward(x, weight?, bias?, mean, invstd) -> (out, choice)`` and
+  ``normbench::relu_pool_backward(grad_out, x, choice, weight?, bias?, mean, invstd,
+  batch_stats=True) -> (dx, dweight, dbias)`` (``batch_stats=False``: the statistics are
+  constants, as running ones are): the norm with statistics given, its ReLU and a 2x2 max-pooling
+  of stride 2 in one pass each way (``choice``: which of its window's four values each
+  output took, a byte, 255 where the ReLU zeroed it). CPU only, channels_last float32 and
+  float64 (``relu_pool`` here; the layers compose the unfused operators elsewhere).
 - ``normbench::stream_threshold() -> int``: the bytes from which the CPU kernels write
   their outputs with streaming stores (``NORMBENCH_KERNEL_STREAM_BYTES``, else a quarter
   of the last-level cache), for reports such as ``normbench bench``'s.
@@ -77,6 +84,7 @@ BACKENDS: tuple[str, ...] = ("auto", "cpu", "triton", "reference")
 # The operators' overloads, looked up once the library is loaded (an attribute lookup on
 # torch.ops costs microseconds per call).
 _forward = _eval = _update = _stats = _reduce = _apply = _table = _merge = None
+_pool_forward = _pool_backward = None
 
 
 def _triton() -> ModuleType | None:
@@ -287,6 +295,47 @@ def backward_apply(
     return _apply(dy, x, weight, bias, mean, invstd, sum_dy, sum_dy_xhat, count, relu)
 
 
+def relu_pool_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(max_pool2d(relu(y), 2), choice)`` with ``y`` normalised by the ``(mean, invstd)``
+    given, in one pass (the CPU operator: :func:`relu_pool_applies` says where it runs)."""
+    return _pool_forward(x, weight, bias, mean, invstd)
+
+
+def relu_pool_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    choice: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    batch_stats: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)`` of :func:`relu_pool_forward`: with ``batch_stats`` the
+    statistics are the batch's (their gradient included, as ``batch_norm_backward``'s),
+    else constants (running statistics)."""
+    return _pool_backward(grad_out, x, choice, weight, bias, mean, invstd, batch_stats)
+
+
+def relu_pool_applies(x: Tensor, backend: str) -> bool:
+    """Whether :func:`relu_pool_forward` runs ``x`` (``backend`` unresolved): a
+    channels_last (N, C, H, W) float32 or float64 CPU tensor of at least one value and
+    2x2 planes, on the ``cpu`` backend."""
+    return (
+        x.dim() == 4
+        and x.dtype in (torch.float32, torch.float64)
+        and x.shape[2] >= 2
+        and x.shape[3] >= 2
+        and x.numel() > 0
+        and x.is_cpu
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and backend in ("auto", "cpu")
+        and resolve_backend(backend, x) == "cpu"
+    )
+
+
 def statistics_table(x: Tensor, parts: int, part: int, backend: str) -> Tensor:
     """``x``'s count, mean and M2 per channel in row ``part`` of a zeroed ``(parts, 1 + 2C)``
     float64 table (synchronized BatchNorm's, summed over its processes); ``backend``
@@ -359,6 +408,18 @@ def _fake_apply(grad_out, x, weight, bias, mean, invstd, sum_dy, sum_dy_xhat, co
     return torch.empty_like(x)
 
 
+def _fake_pool_forward(x, weight, bias, mean, invstd):
+    checks.forward(x, weight, bias)
+    n, c, h, w = x.shape
+    out = x.new_empty((n, c, h // 2, w // 2)).contiguous(memory_format=torch.channels_last)
+    return out, x.new_empty((n, h // 2, w // 2, c), dtype=torch.uint8)
+
+
+def _fake_pool_backward(grad_out, x, choice, weight, bias, mean, invstd, batch_stats=True):
+    checks.forward(x, weight, bias)
+    return torch.empty_like(x), _statistics_like(x), _statistics_like(x)
+
+
 def _fake_table(x, parts, part):
     checks.statistics_table(x, parts, part)
     return x.new_empty((parts, 1 + 2 * x.shape[1]), dtype=torch.float64)
@@ -391,6 +452,8 @@ FAKES = {
     "batch_norm_backward_apply": _fake_apply,
     "batch_norm_stats_table": _fake_table,
     "batch_norm_merge_stats": _fake_merge,
+    "relu_pool_forward": _fake_pool_forward,
+    "relu_pool_backward": _fake_pool_backward,
 }
 
 
@@ -464,6 +527,7 @@ def register_python_implementations() -> None:
     """The operators' fake implementations, and the Triton kernels for CUDA where CUDA is
     available and Triton installed; once, after the C++ library has defined the operators."""
     global _forward, _eval, _update, _stats, _reduce, _apply, _table, _merge
+    global _pool_forward, _pool_backward
     if _forward is not None:  # registered already
         return
     for name, fake in FAKES.items():
@@ -484,6 +548,8 @@ def register_python_implementations() -> None:
     _apply = ops.batch_norm_backward_apply.default
     _table = ops.batch_norm_stats_table.default
     _merge = ops.batch_norm_merge_stats.default
+    _pool_forward = ops.relu_pool_forward.default
+    _pool_backward = ops.relu_pool_backward.default
 
 
 @contextlib.contextmanager

@@ -18,15 +18,14 @@ def small_cnn(norm, in_channels, num_classes, image_size, widths=(32, 64, 128)) 
         raise ValueError(f"model.widths needs 3 channel counts, got {list(widths)}")
     c1, c2, c3 = widths
     # A bias before a centring norm is cancelled by its mean subtraction: leave it out.
-    # norm.with_activation: the norm and its ReLU, fused into one layer where it can be.
+    # norm.with_activation: the norm and its ReLU, fused into one layer where it can be;
+    # with_activation_pool: and the max-pooling after them.
     bias = not norm.centers
     return nn.Sequential(
         nn.Conv2d(in_channels, c1, 3, padding=1, bias=bias),
-        *norm.with_activation(c1),
-        nn.MaxPool2d(2),
+        *norm.with_activation_pool(c1),
         nn.Conv2d(c1, c2, 3, padding=1, bias=bias),
-        *norm.with_activation(c2),
-        nn.MaxPool2d(2),
+        *norm.with_activation_pool(c2),
         nn.Conv2d(c2, c3, 3, padding=1, bias=bias),
         *norm.with_activation(c3),
         nn.AdaptiveAvgPool2d(1),

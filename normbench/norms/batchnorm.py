@@ -11,10 +11,17 @@ like their torch namesakes, as drop-in replacements.
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normbench.kernels import BACKENDS, batch_norm, batch_norm_tracked
+from normbench.kernels import (
+    BACKENDS,
+    batch_norm,
+    batch_norm_relu_pool,
+    batch_norm_tracked,
+    relu_pool_applies,
+)
 from normbench.norms.registry import register_norm
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "TorchBatchNorm"]
@@ -36,13 +43,21 @@ class BatchNorm(_BatchNorm):
     (the compiled C++ kernel), ``triton`` or ``reference``. And ``relu=True`` makes it
     the norm and the ReLU after it in one layer (as timm's ``BatchNormAct2d``): the kernel
     writes the activated output and masks the gradient inside its own backward, one pass
-    less each way than a ReLU module after it, with the same results.
+    less each way than a ReLU module after it, with the same results. ``pool=True`` (with
+    ``relu=True``) adds the 2x2 max-pooling of stride 2 that follows in small_cnn
+    (``F.max_pool2d(y, 2)``): on the CPU kernel with channels_last float32 or float64
+    input, the layer writes the pooled output in the normalizing pass and its backward
+    takes the pooled gradient without the full-size one (docs/kernel.md); elsewhere it
+    composes the two, with the same results.
     """
 
     prefers_channels_last = True  # memory_format=auto: channels_last on the CPU (faster)
 
     #: Models ask for the fused layer where they apply norm then ReLU (NormSpec).
     fuses_relu = True
+    #: ... and norm, ReLU, then 2x2 max-pooling. A subclass fuses the pooling only where it
+    #: declares this itself (NormSpec.fuses_pool): its own forward may not apply it.
+    fuses_pool = True
 
     def __init__(
         self,
@@ -55,17 +70,41 @@ class BatchNorm(_BatchNorm):
         dtype=None,
         backend: str = "auto",
         relu: bool = False,
+        pool: bool = False,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown norm backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        if pool and not relu:
+            raise ValueError("pool=True fuses the ReLU and the pooling after it: needs relu=True")
+        if pool and type(self).forward is not BatchNorm.forward:
+            raise ValueError(f"{type(self).__name__} does not fuse pooling (pool=True)")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.backend = backend
         self.relu = relu
+        self.pool = pool
 
     def _check_input_dim(self, input: Tensor) -> None:
         _check_at_least_2d(input)
 
     def forward(self, input: Tensor) -> Tensor:
+        if not self.pool:
+            return self._normalize(input)
+        self._check_input_dim(input)
+        if input.dim() == 4 and relu_pool_applies(input, self.backend):
+            return batch_norm_relu_pool(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.num_batches_tracked if self.track_running_stats else None,
+                self.weight,
+                self.bias,
+                self.training,
+                self.momentum,
+                self.eps,
+            )
+        return F.max_pool2d(self._normalize(input), 2)
+
+    def _normalize(self, input: Tensor) -> Tensor:
         # torch's _BatchNorm.forward, on normbench's functions
         self._check_input_dim(input)
         if self.training and self.track_running_stats:
@@ -100,7 +139,11 @@ class BatchNorm(_BatchNorm):
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", relu=True" if self.relu else "")
+        return (
+            super().extra_repr()
+            + (", relu=True" if self.relu else "")
+            + (", pool=True" if self.pool else "")
+        )
 
 
 class BatchNorm1d(BatchNorm):

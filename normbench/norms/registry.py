@@ -452,6 +452,14 @@ class NormSpec:
         parameters = inspect.signature(cls).parameters.values()
         return any(p.name == "relu" or p.kind is p.VAR_KEYWORD for p in parameters)
 
+    @property
+    def fuses_pool(self) -> bool:
+        """Whether the layer takes ``pool=True`` (with ``relu=True``) to apply the ReLU and
+        the 2x2 max-pooling after it in its own passes: a class that declares
+        ``fuses_pool = True`` itself (normbench's BatchNorm), not one that inherits it,
+        since a subclass's own forward may not pool."""
+        return bool(vars(self.cls).get("fuses_pool", False)) and self.fuses_relu
+
     def norm_batch_size(self, per_process: int, world: int) -> int | None:
         """The batch one layer normalizes over in training, of a run whose processes take
         ``per_process`` images each out of ``world``: the class's own
@@ -479,6 +487,18 @@ class NormSpec:
         if self.fuses_relu:
             return self.build(num_channels, relu=True), nn.Identity()
         return self(num_channels), self.activation()
+
+    def with_activation_pool(self, num_channels: int):
+        """``(layer, activation, pooling)`` where a model applies the norm, a ReLU and a
+        2x2 max-pooling of stride 2: the layer with both fused in and two ``nn.Identity``
+        after it where the variant fuses them (:attr:`fuses_pool`), else
+        :meth:`with_activation` and ``nn.MaxPool2d(2)``. Three modules without parameters
+        but the first either way: a model's state_dict keys are the same for all."""
+        from torch import nn
+
+        if self.fuses_pool:
+            return self.build(num_channels, relu=True, pool=True), nn.Identity(), nn.Identity()
+        return *self.with_activation(num_channels), nn.MaxPool2d(2)
 
     def activation(self):
         """What a model puts after the layer where it would put a ReLU: a ReLU, or nothing

@@ -1,0 +1,287 @@
+"""The norm, its ReLU and the 2x2 max-pooling after it in one layer (``pool=True``, handed out
+by NormSpec.with_activation_pool): against torch's BatchNorm2d, ReLU and MaxPool2d in a row,
+in float64 and float32, on the fused operators and on the paths that compose them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normbench.diagnostics import measure
+from normbench.kernels import relu_pool_applies
+from normbench.models import build_model
+from normbench.norms import BatchNorm2d, NormSpec
+from normbench.norms.syncbn import SyncBatchNorm
+
+LAST = torch.channels_last
+# odd planes (a last row or column no window pools), channels that fill no vector, one
+# sample, one channel
+SHAPES = [(6, 8, 6, 6), (3, 5, 7, 9), (2, 17, 5, 4), (1, 3, 2, 2), (4, 1, 3, 5), (5, 40, 4, 6)]
+
+
+def ops():
+    from normbench.kernels import ops as kernel_ops
+
+    assert kernel_ops.library() is not None, "the C++ kernel did not build"
+    return torch.ops.normbench
+
+
+def composed(x, weight, bias, mean, invstd, dy, batch_stats=True):
+    """torch's BatchNorm (batch statistics, or the constants given), ReLU, max_pool2d; and
+    the gradients of ``(y * dy).sum()``."""
+    x, weight, bias = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    if batch_stats:
+        z = F.batch_norm(x, None, None, weight, bias, True, 0.0, 1e-5)
+    else:
+        shape = (1, -1, 1, 1)
+        z = (x - mean.view(shape)) * invstd.view(shape) * weight.view(shape) + bias.view(shape)
+    y = F.max_pool2d(torch.relu(z), 2)
+    y.backward(dy)
+    return y.detach(), x.grad, weight.grad, bias.grad
+
+
+def inputs(shape, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=generator, dtype=dtype) * 2 + 0.3).contiguous(
+        memory_format=LAST
+    )
+    weight = torch.randn(c, generator=generator, dtype=dtype)
+    bias = torch.randn(c, generator=generator, dtype=dtype)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_operators_match_batch_norm_relu_max_pool_in_float64(shape):
+    lib = ops()
+    x, weight, bias = inputs(shape, torch.float64)
+    mean, invstd = lib.batch_norm_stats(x, 1e-5)
+    out, choice = lib.relu_pool_forward(x, weight, bias, mean, invstd)
+    dy = torch.randn_like(out)
+    dx, dweight, dbias = lib.relu_pool_backward(dy, x, choice, weight, bias, mean, invstd)
+    expected = composed(x, weight, bias, mean, invstd, dy)
+    for got, want in zip((out, dx, dweight, dbias), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    assert out.is_contiguous(memory_format=LAST) and dx.is_contiguous(memory_format=LAST)
+    n, c, h, w = shape
+    assert choice.dtype == torch.uint8 and choice.shape == (n, h // 2, w // 2, c)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_operators_match_in_float32_within_its_rounding(shape):
+    lib = ops()
+    x, weight, bias = inputs(shape, torch.float32, seed=1)
+    mean, invstd = lib.batch_norm_stats(x, 1e-5)
+    out, choice = lib.relu_pool_forward(x, weight, bias, mean, invstd)
+    dy = torch.randn_like(out)
+    got = (out, *lib.relu_pool_backward(dy, x, choice, weight, bias, mean, invstd))
+    # the float64 composition of the same float32 values: the truth both round from
+    want = composed(x.double(), weight.double(), bias.double(), mean, invstd, dy.double())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_constant_statistics_give_the_eval_gradient():
+    lib = ops()
+    x, weight, bias = inputs((4, 6, 6, 8), torch.float64, seed=2)
+    mean = torch.randn(6, dtype=torch.float64)
+    invstd = torch.rand(6, dtype=torch.float64) + 0.5
+    out, choice = lib.relu_pool_forward(x, weight, bias, mean, invstd)
+    dy = torch.randn_like(out)
+    got = (out, *lib.relu_pool_backward(dy, x, choice, weight, bias, mean, invstd, False))
+    want = composed(x, weight, bias, mean, invstd, dy, batch_stats=False)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+def test_ties_nan_and_dead_windows_send_the_gradient_where_torch_does():
+    """Equal maxima: the first in the window takes the gradient (max_pool2d's rule); a NaN
+    takes it; a window whose maximum the ReLU zeroed passes none."""
+    lib = ops()
+    nan = float("nan")
+    windows = [
+        [2.0, 2.0, 1.0, 2.0],  # a tie: the first
+        [1.0, 3.0, 3.0, 0.5],  # a tie after a smaller one
+        [-1.0, -2.0, -0.5, -3.0],  # dead
+        [0.0, -1.0, 0.0, -2.0],  # a maximum of exactly 0: dead
+        [1.0, nan, 2.0, 0.0],  # NaN
+        [-1.0, -1.0, nan, 5.0],  # NaN then larger: the NaN stays
+    ]
+    # one channel, one 2x2 window per sample, the statistics constants (identity norm)
+    x = torch.tensor(windows, dtype=torch.float64).view(len(windows), 1, 2, 2)
+    x = x.contiguous(memory_format=LAST)
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    out, choice = lib.relu_pool_forward(x, one, zero, zero, one)
+    dy = torch.arange(1.0, len(windows) + 1, dtype=torch.float64).view(-1, 1, 1, 1)
+    dx, _, _ = lib.relu_pool_backward(dy, x, choice, one, zero, zero, one, False)
+    want_y, want_dx, _, _ = composed(x, one, zero, zero, one, dy, batch_stats=False)
+    torch.testing.assert_close(out, want_y, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(dx, want_dx, equal_nan=True, rtol=0, atol=0)
+    assert choice.flatten().tolist() == [0, 1, 255, 255, 1, 2]
+
+
+def _forward(*, take=lambda x: x, statistics=None):
+    return lambda lib, x_, c, g: lib.relu_pool_forward(
+        take(x_), None, None, *(statistics(x_) if statistics else stats(x_))
+    )
+
+
+def _backward(grad=lambda g: g, choice=lambda c: c):
+    return lambda lib, x, c, g: lib.relu_pool_backward(grad(g), x, choice(c), None, None, *stats(x))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (_forward(take=lambda x: x.contiguous()), "channels_last"),
+        (_forward(take=lambda x: x.half()), "float32 or float64"),
+        (_forward(take=lambda x: x[:, :, :1]), "2x2"),
+        (_forward(statistics=lambda x: (stats(x)[0][:2], stats(x)[1])), "mean"),
+        (_backward(grad=lambda g: g[:, :, :1]), "grad_out"),
+        (_backward(grad=lambda g: g.double()), "dtype"),
+        (_backward(choice=lambda c: c.int()), "choice"),
+        (_backward(choice=lambda c: c[:1]), "choice"),
+        (_backward(choice=lambda c: c.transpose(1, 2)), "choice"),
+    ],
+)
+def test_operators_refuse_tensors_they_cannot_read(call, message):
+    """Every tensor is checked before a pointer is read: a clear RuntimeError, no crash."""
+    lib = ops()
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=LAST)
+    out, choice = lib.relu_pool_forward(x, None, None, *stats(x))
+    with pytest.raises(RuntimeError, match=message):
+        call(lib, x, choice, torch.randn_like(out))
+
+
+def stats(x):
+    return x.mean((0, 2, 3)), (x.var((0, 2, 3), correction=0) + 1e-5).rsqrt()
+
+
+def pair(dtype, momentum=0.1, **kwargs):
+    """The fused layer and torch's BatchNorm2d, ReLU and MaxPool2d, with equal parameters."""
+    fused = BatchNorm2d(8, momentum=momentum, relu=True, pool=True, **kwargs).to(dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.randn(8) * 0.5 + 1)
+        fused.bias.copy_(torch.randn(8) * 0.5)
+    norm = nn.BatchNorm2d(8, momentum=momentum).to(dtype)
+    norm.load_state_dict(fused.state_dict())
+    return fused, nn.Sequential(norm, nn.ReLU(), nn.MaxPool2d(2))
+
+
+def steps(layer, xs, layout):
+    """Training steps over ``xs``, then an eval-mode forward and backward: every output,
+    gradient and buffer along the way."""
+    seen = []
+    layer.train()
+    norm = layer[0] if isinstance(layer, nn.Sequential) else layer
+    for x in xs:
+        x = x.clone().contiguous(memory_format=layout).requires_grad_()
+        y = layer(x)
+        y.backward(torch.ones_like(y) + y.detach())  # a gradient that differs by position
+        seen += [y, x.grad, norm.weight.grad.clone(), norm.bias.grad.clone(), *norm.buffers()]
+    layer.eval()
+    x = xs[0].clone().contiguous(memory_format=layout).requires_grad_()
+    y = layer(x)
+    y.sum().backward()
+    return seen + [y, x.grad]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize(
+    "layout, backend, dtype",
+    [
+        (LAST, "auto", torch.float64),  # the fused operators
+        (torch.contiguous_format, "auto", torch.float64),  # composed: a layout they do not read
+        (LAST, "reference", torch.float64),  # composed: another backend
+    ],
+)
+def test_layer_matches_torch_batch_norm_relu_max_pool(momentum, layout, backend, dtype):
+    torch.manual_seed(0)
+    fused, plain = pair(dtype, momentum, backend=backend)
+    xs = [torch.randn(4, 8, 7, 6, dtype=dtype) * 2 + 1 for _ in range(3)]
+    x0 = xs[0].contiguous(memory_format=layout)
+    assert relu_pool_applies(x0, backend) == (layout == LAST and backend == "auto")
+    for got, want in zip(steps(fused, xs, layout), steps(plain, xs, layout), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_bfloat16_input_composes_with_the_same_results():
+    torch.manual_seed(0)
+    fused, plain = pair(torch.float32)
+    x = (torch.randn(4, 8, 6, 6) * 2).to(torch.bfloat16).contiguous(memory_format=LAST)
+    assert not relu_pool_applies(x, "auto")
+    with torch.no_grad():
+        got = fused(x)
+        want = F.max_pool2d(torch.relu(BatchNorm2d(8).to(torch.float32).train()(x)), 2)
+        plain_fused = copy.deepcopy(fused)
+        plain_fused.pool = False
+        torch.testing.assert_close(got, F.max_pool2d(plain_fused.train()(x), 2))
+    assert got.dtype == torch.bfloat16 and want.shape == got.shape
+
+
+def test_pool_needs_relu_and_a_forward_that_applies_it():
+    with pytest.raises(ValueError, match="needs relu=True"):
+        BatchNorm2d(4, pool=True)
+
+    class Own(BatchNorm2d):  # a forward of its own, which would not pool
+        def forward(self, input):
+            return input
+
+    with pytest.raises(ValueError, match="does not fuse pooling"):
+        Own(4, relu=True, pool=True)
+    with pytest.raises(TypeError):  # sync_bn's constructor does not take it at all
+        SyncBatchNorm(4, relu=True, pool=True)
+    # a subclass is not asked for it unless it declares it itself
+    assert NormSpec("custom_bn").fuses_pool
+    assert not NormSpec("sync_bn").fuses_pool and not NormSpec("ghost_bn").fuses_pool
+    assert not NormSpec("torch_bn").fuses_pool
+
+
+def test_small_cnn_keeps_its_state_dict_keys_and_trains_as_with_torch_layers():
+    """custom_bn's small_cnn (norms with the pooling fused) loads torch_bn's checkpoint,
+    and a few float64 steps of both give the same losses and parameters."""
+    torch.manual_seed(0)
+    fused = build_model("small_cnn", NormSpec("custom_bn"), 1, 10, (28, 28)).double()
+    plain = build_model("small_cnn", NormSpec("torch_bn"), 1, 10, (28, 28)).double()
+    assert fused[1].pool and isinstance(fused[3], nn.Identity)
+    assert isinstance(plain[3], nn.MaxPool2d)
+    plain.load_state_dict(fused.state_dict())
+    fused, plain = (m.to(memory_format=LAST) for m in (fused, plain))
+    x = torch.randn(16, 1, 28, 28, dtype=torch.float64).contiguous(memory_format=LAST)
+    y = torch.randint(0, 10, (16,))
+    losses = {}
+    for name, model in (("fused", fused), ("plain", plain)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        losses[name] = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            losses[name].append(loss.item())
+    assert losses["fused"] == pytest.approx(losses["plain"], rel=0, abs=1e-10)
+    pairs = zip(fused.state_dict().items(), plain.state_dict().items(), strict=True)
+    for (key, a), (_, b) in pairs:
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=key)
+
+
+def test_diagnostics_measure_the_norms_output_not_the_pooled_one():
+    """bn_stats's train/eval gap of a layer with the pooling fused is that of the same
+    layer without it: the norm's (and ReLU's) output, as for every other variant."""
+    torch.manual_seed(0)
+    pooled = nn.Sequential(nn.Conv2d(1, 4, 3), BatchNorm2d(4, relu=True, pool=True))
+    unpooled = copy.deepcopy(pooled)
+    unpooled[1].pool = False
+    shifted = torch.randn(8, 1, 10, 10) * 3
+    for model in (pooled, unpooled):  # running statistics away from the batches'
+        model.train()(shifted)
+    batches = [torch.randn(8, 1, 10, 10).contiguous(memory_format=LAST) for _ in range(2)]
+    got = measure(pooled.to(memory_format=LAST), batches)
+    want = measure(unpooled.to(memory_format=LAST), batches)
+    assert got[0]["train_eval_gap"] == pytest.approx(want[0]["train_eval_gap"], rel=1e-6)
+    assert got[0]["train_eval_gap"] > 0.01
+    assert pooled[1].pool  # the run's model is untouched
