@@ -285,3 +285,95 @@ def test_diagnostics_measure_the_norms_output_not_the_pooled_one():
     assert got[0]["train_eval_gap"] == pytest.approx(want[0]["train_eval_gap"], rel=1e-6)
     assert got[0]["train_eval_gap"] > 0.01
     assert pooled[1].pool  # the run's model is untouched
+
+
+def test_training_without_tracking_leaves_the_running_statistics_alone():
+    """track_running_stats=False set after construction: batch statistics, the buffers
+    neither read nor written in training (torch's rule), read in eval."""
+    torch.manual_seed(0)
+    fused, plain = pair(torch.float64)
+    for layer in (fused, plain[0]):
+        layer.track_running_stats = False
+    xs = [torch.randn(4, 8, 6, 6, dtype=torch.float64) * 2 + 1 for _ in range(2)]
+    for got, want in zip(steps(fused, xs, LAST), steps(plain, xs, LAST), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    assert torch.equal(fused.running_mean, torch.zeros(8, dtype=torch.float64))
+
+
+def test_a_refused_step_writes_no_running_statistic_and_is_counted_as_torchs():
+    """Arguments the forward refuses are refused before the running statistics are written,
+    with torch's exception type; the batch is counted all the same, as torch counts it."""
+    fused, plain = pair(torch.float32)
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=LAST)
+    for layer in (fused, plain[0]):
+        layer.weight = nn.Parameter(torch.ones(5))  # 5 values for 8 channels
+    with pytest.raises(RuntimeError) as theirs:
+        plain(x)
+    with pytest.raises(type(theirs.value)):
+        fused(x)
+    assert torch.equal(fused.running_mean, torch.zeros(8))
+    assert int(fused.num_batches_tracked) == int(plain[0].num_batches_tracked) == 1
+
+
+def test_eval_refuses_running_statistics_torch_refuses():
+    fused, plain = pair(torch.float32)
+    fused.eval(), plain.eval()
+    for layer in (fused, plain[0]):
+        layer.running_var = layer.running_var.double()  # float64 beside float32 input
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=LAST)
+    with pytest.raises(RuntimeError) as theirs:
+        plain(x)
+    with pytest.raises(type(theirs.value)):
+        fused(x)
+
+
+def test_a_double_backward_raises_rather_than_dropping_terms():
+    fused, _ = pair(torch.float64)
+    x = torch.randn(4, 8, 6, 6, dtype=torch.float64).contiguous(memory_format=LAST)
+    x.requires_grad_()
+    (dx,) = torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward"):
+        dx.sum().backward()
+
+
+def test_pooling_takes_4d_input_only():
+    layer = BatchNorm2d(5, relu=True, pool=True)
+    layer._check_input_dim = lambda input: None  # (BatchNorm2d's own check refuses it first)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        layer(torch.randn(4, 5, 8))
+
+
+def test_a_forged_choice_byte_counts_as_a_dead_window_in_every_sum():
+    """A choice byte the forward never writes (4 to 254) reads nothing out of place and
+    contributes to neither dx nor the parameters' gradients."""
+    lib = ops()
+    x, weight, bias = inputs((2, 16, 4, 4), torch.float32)
+    mean, invstd = lib.batch_norm_stats(x, 1e-5)
+    _, choice = lib.relu_pool_forward(x, weight, bias, mean, invstd)
+    forged = torch.full_like(choice, 7)
+    dy = torch.randn(2, 16, 2, 2).contiguous(memory_format=LAST)
+    dead = torch.full_like(choice, 255)
+    got = lib.relu_pool_backward(dy, x, forged, weight, bias, mean, invstd)
+    want = lib.relu_pool_backward(dy, x, dead, weight, bias, mean, invstd)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_opcheck_the_pooled_operators():
+    """torch.library.opcheck (schema, fake, autograd registration, aot dispatch): the fakes
+    give the operators' shapes and refuse what they refuse."""
+    lib = ops()
+    x, weight, bias = inputs((3, 4, 5, 6), torch.float32)
+    mean, invstd = lib.batch_norm_stats(x, 1e-5)
+    out, choice = lib.relu_pool_forward(x, weight, bias, mean, invstd)
+    dy = torch.randn_like(out)
+    for op, args in [
+        (lib.relu_pool_forward, (x, weight, bias, mean, invstd)),
+        (lib.relu_pool_forward, (x, None, None, mean, invstd)),
+        (lib.relu_pool_backward, (dy, x, choice, weight, bias, mean, invstd)),
+        (lib.relu_pool_backward, (dy, x, choice, None, None, mean, invstd, False)),
+    ]:
+        torch.library.opcheck(op, args)
+    meta = x.to("meta")
+    with pytest.raises(RuntimeError, match="channels_last"):
+        lib.relu_pool_forward(meta.contiguous(), None, None, mean.to("meta"), invstd.to("meta"))

@@ -2205,7 +2205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_pool_backward(
                          : j == 1 ? load_vec<T>(in[1] + c)
                          : j == 2 ? load_vec<T>(in[2] + c)
                                   : load_vec<T>(in[3] + c);
-            const Mk live = j != kDead;
+            const Mk live = j < 4;  // (a forged byte above 3: dead here as in pass 2)
             const V d = live ? load_vec<T>(gr + c) : V{};
             store_vec<T>(sd + c, load_vec<T>(sd + c) + d);
             store_vec<T>(sdx + c, load_vec<T>(sdx + c) + d * (live ? xv - load_vec<T>(mp + c) : V{}));
@@ -2213,9 +2213,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_pool_backward(
           for (; c < C; ++c) {
             const uint8_t j = ch[c];
             const T xv = j == 0 ? in[0][c] : j == 1 ? in[1][c] : j == 2 ? in[2][c] : in[3][c];
-            const T d = j == kDead ? T(0) : gr[c];
+            const bool live = j < 4;
+            const T d = live ? gr[c] : T(0);
             sd[c] += d;
-            sdx[c] += d * (j == kDead ? T(0) : xv - mp[c]);
+            sdx[c] += d * (live ? xv - mp[c] : T(0));
           }
         }
         for (int64_t c = 0; c < 2 * C; ++c) s[c] += static_cast<double>(row[c]);

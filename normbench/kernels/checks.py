@@ -141,6 +141,24 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
     dtypes(x, weight, bias)
 
 
+def pooled(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor):
+    """``relu_pool_forward``'s and ``relu_pool_backward``'s common arguments: the forward's,
+    and x a channels_last (N, C, H, W) float32 or float64 tensor of 2x2 planes or larger."""
+    forward(x, weight, bias)
+    if x.dim() != 4:
+        raise RuntimeError(f"the pooled layer takes (N, C, H, W) input, got {x.dim()} dimensions")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"the pooled layer computes in float32 or float64, got {x.dtype}")
+    if x.shape[2] < 2 or x.shape[3] < 2:
+        raise RuntimeError(
+            f"the pooled layer needs at least 2x2 planes, got {x.shape[2]}x{x.shape[3]}"
+        )
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        raise RuntimeError("the pooled layer reads channels_last input only")
+    _statistic(mean, "mean", x.shape[1], x.device)
+    _statistic(invstd, "invstd", x.shape[1], x.device)
+
+
 def backward(
     grad_out: Tensor,
     x: Tensor,

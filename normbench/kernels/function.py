@@ -285,6 +285,7 @@ class _ReluPool(torch.autograd.Function):
         return out, choice
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (a double backward raises, as the kernel's)
     def backward(ctx, grad_out, _):
         x, choice, weight, bias, mean, invstd = ctx.saved_tensors
         dx, dweight, dbias = ops.relu_pool_backward(
@@ -325,10 +326,21 @@ def batch_norm_relu_pool(
     ``input`` :func:`relu_pool_applies` accepts. The gradient is the composition's: each
     window's first largest value takes it, where the ReLU passes it."""
     batch_stats = training or running_mean is None or running_var is None
-    if batch_stats:
+    if not batch_stats:  # eval: the running statistics, checked as the eval operator does
+        if eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        checks.eval_(input, running_mean, running_var, weight, bias)
+        mean = running_mean.detach()
+        invstd = (running_var.detach().double() + eps).rsqrt().to(running_var.dtype)
+        return _ReluPool.apply(input, weight, bias, mean, invstd, False)[0]
+    # As _train: every argument checked before the running statistics are written; a
+    # batch that fails is counted all the same (torch counts before it checks).
+    counted = False
+    try:
         _check_training(input, eps, weight, bias, running_mean, running_var)
         if (running_mean is None) != (running_var is None):
             _one_running_statistic(input, weight, bias, running_mean, running_var)
+        checks.forward(input, weight, bias)
         mean, invstd = ops.statistics(input, eps, "cpu")
         if training and running_mean is not None:
             _check_dtypes(input, weight, bias, running_mean, running_var)
@@ -338,12 +350,12 @@ def batch_norm_relu_pool(
                 eps, count, "cpu", num_batches_tracked,
                 momentum is None and num_batches_tracked is not None,
             )  # fmt: skip
-    else:
-        if eps < 0.0:
-            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-        mean = running_mean.detach()
-        invstd = (running_var.detach().double() + eps).rsqrt().to(running_var.dtype)
-    return _ReluPool.apply(input, weight, bias, mean, invstd, batch_stats)[0]
+            counted = True
+    except Exception:
+        if training and num_batches_tracked is not None and not counted:
+            num_batches_tracked.add_(1)
+        raise
+    return _ReluPool.apply(input, weight, bias, mean, invstd, True)[0]
 
 
 # ------------------------------------------------------------------------------ synchronized

@@ -409,14 +409,25 @@ def _fake_apply(grad_out, x, weight, bias, mean, invstd, sum_dy, sum_dy_xhat, co
 
 
 def _fake_pool_forward(x, weight, bias, mean, invstd):
-    checks.forward(x, weight, bias)
+    checks.pooled(x, weight, bias, mean, invstd)
     n, c, h, w = x.shape
     out = x.new_empty((n, c, h // 2, w // 2)).contiguous(memory_format=torch.channels_last)
     return out, x.new_empty((n, h // 2, w // 2, c), dtype=torch.uint8)
 
 
 def _fake_pool_backward(grad_out, x, choice, weight, bias, mean, invstd, batch_stats=True):
-    checks.forward(x, weight, bias)
+    checks.pooled(x, weight, bias, mean, invstd)
+    n, c, h, w = x.shape
+    if tuple(grad_out.shape) != (n, c, h // 2, w // 2):
+        raise RuntimeError(
+            f"grad_out must be the pooled output's shape {[n, c, h // 2, w // 2]}, "
+            f"got {list(grad_out.shape)}"
+        )
+    if choice.dtype != torch.uint8 or tuple(choice.shape) != (n, h // 2, w // 2, c):
+        raise RuntimeError(
+            "choice must be relu_pool_forward's contiguous uint8 (N, H/2, W/2, C) tensor, "
+            f"got {choice.dtype} {list(choice.shape)}"
+        )
     return torch.empty_like(x), _statistics_like(x), _statistics_like(x)
 
 

@@ -90,12 +90,16 @@ class BatchNorm(_BatchNorm):
         if not self.pool:
             return self._normalize(input)
         self._check_input_dim(input)
-        if input.dim() == 4 and relu_pool_applies(input, self.backend):
+        if input.dim() != 4:  # (max_pool2d would take 3-d input as one unbatched image)
+            raise ValueError(f"pool=True takes (N, C, H, W) input (got {input.dim()}D input)")
+        if relu_pool_applies(input, self.backend):
+            # the buffers as _normalize passes them: in training only where it tracks them
+            buffers = not self.training or self.track_running_stats
             return batch_norm_relu_pool(
                 input,
-                self.running_mean,
-                self.running_var,
-                self.num_batches_tracked if self.track_running_stats else None,
+                self.running_mean if buffers else None,
+                self.running_var if buffers else None,
+                self.num_batches_tracked if self.training and self.track_running_stats else None,
                 self.weight,
                 self.bias,
                 self.training,
