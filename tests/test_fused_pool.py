@@ -377,3 +377,39 @@ def test_opcheck_the_pooled_operators():
     meta = x.to("meta")
     with pytest.raises(RuntimeError, match="channels_last"):
         lib.relu_pool_forward(meta.contiguous(), None, None, mean.to("meta"), invstd.to("meta"))
+
+
+def test_parameters_of_shape_1_c_get_gradients_of_their_shape():
+    """torch's forward takes a (1, C) weight and bias (as the fuzz cases give them): their
+    gradients come back in that shape (torch's layer, given (C,) ones, is the reference)."""
+    torch.manual_seed(0)
+    fused, plain = pair(torch.float64)
+    weight = torch.linspace(0.5, 1.5, 8, dtype=torch.float64)
+    bias = torch.linspace(-0.5, 0.5, 8, dtype=torch.float64)
+    fused.weight, fused.bias = nn.Parameter(weight[None]), nn.Parameter(bias[None])
+    plain[0].weight, plain[0].bias = nn.Parameter(weight.clone()), nn.Parameter(bias.clone())
+    xs = [torch.randn(4, 8, 6, 6, dtype=torch.float64)]
+    got, want = steps(fused, xs, LAST), steps(plain, xs, LAST)
+    assert got[2].shape == (1, 8) and got[3].shape == (1, 8)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.reshape(w.shape), w, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("where", [(0, 0, 1, 0), (0, 0, 0, 4), (0, 0, 4, 1), (0, 1, 0, 0)])
+def test_an_infinite_value_the_pooling_drops_makes_the_weights_gradient_nan_as_torchs(where):
+    """dweight sums dz * xhat over every value, dz 0 where the pooling or the ReLU passed
+    nothing: 0 * inf is NaN there, as in torch's composition (eval mode: the statistics are
+    the running ones, finite). Places: a value a window did not take, the odd last column,
+    the odd last row, a dead window's."""
+    lib = ops()
+    x = torch.full((1, 2, 5, 5), -1.0, dtype=torch.float64)
+    x[0, 0, :4, :4] = torch.arange(16.0, dtype=torch.float64).view(4, 4) + 1
+    x[where] = float("-inf")  # never a window's largest: no window takes it
+    x = x.contiguous(memory_format=LAST)
+    one, zero = torch.ones(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    out, choice = lib.relu_pool_forward(x, one, zero, zero, one)
+    dy = torch.ones_like(out)
+    got = lib.relu_pool_backward(dy, x, choice, one, zero, zero, one, False)
+    want = composed(x, one, zero, zero, one, dy, batch_stats=False)[1:]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, equal_nan=True, rtol=0, atol=0)

@@ -2180,12 +2180,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_pool_backward(
     const T *xp = x.const_data_ptr<T>(), *gp = g.const_data_ptr<T>(), *mp = m.data();
     const uint8_t* cp = choice.const_data_ptr<uint8_t>();
     // Pass 1: sum(dz) and sum(dz * (x - mean)) per channel, over a task's rows of windows in
-    // T and across rows in double; tasks' partial sums reduced after.
+    // T and across rows in double; tasks' partial sums reduced after. Every value of x is in
+    // the second sum, with its dz of 0 where the pooling or the ReLU passed it nothing: as
+    // torch's sum over the whole dz, it is NaN where a value of x is not finite (0 * inf).
     const int64_t threads = at::get_num_threads();
     std::vector<double> partial(2 * C * threads, 0.0);
     at::parallel_for(0, N * Ho, grain_for(N * Ho, 4 * Wo * C), [&](int64_t r0, int64_t r1) {
       double* s = partial.data() + 2 * C * at::get_thread_num();
       std::vector<T> row(2 * C);
+      // values no window pools (an odd last column or row): dz = 0
+      auto unpooled = [&](const T* xe, T* sdx) {
+        for (int64_t c = 0; c < C; ++c) sdx[c] += T(0) * (xe[c] - mp[c]);
+      };
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = r / Ho, ho = r % Ho;
         const T* top = xp + (n * H + 2 * ho) * W * C;
@@ -2200,24 +2206,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_pool_backward(
           for (; c + L <= C; c += L) {
             Bytes code;
             std::memcpy(&code, ch + c, sizeof(code));
-            const Mk j = __builtin_convertvector(code, Mk);
-            const V xv = j == 0   ? load_vec<T>(in[0] + c)
-                         : j == 1 ? load_vec<T>(in[1] + c)
-                         : j == 2 ? load_vec<T>(in[2] + c)
-                                  : load_vec<T>(in[3] + c);
-            const Mk live = j < 4;  // (a forged byte above 3: dead here as in pass 2)
-            const V d = live ? load_vec<T>(gr + c) : V{};
-            store_vec<T>(sd + c, load_vec<T>(sd + c) + d);
-            store_vec<T>(sdx + c, load_vec<T>(sdx + c) + d * (live ? xv - load_vec<T>(mp + c) : V{}));
+            const Mk j = __builtin_convertvector(code, Mk);  // a forged byte above 3: dead
+            const V g = load_vec<T>(gr + c), mv = load_vec<T>(mp + c);
+            V sum = load_vec<T>(sdx + c);
+            for (int i = 0; i < 4; ++i) {
+              sum += (j == i ? g : V{}) * (load_vec<T>(in[i] + c) - mv);
+            }
+            store_vec<T>(sdx + c, sum);
+            store_vec<T>(sd + c, load_vec<T>(sd + c) + (j < 4 ? g : V{}));
           }
           for (; c < C; ++c) {
             const uint8_t j = ch[c];
-            const T xv = j == 0 ? in[0][c] : j == 1 ? in[1][c] : j == 2 ? in[2][c] : in[3][c];
-            const bool live = j < 4;
-            const T d = live ? gr[c] : T(0);
-            sd[c] += d;
-            sdx[c] += d * (live ? xv - mp[c] : T(0));
+            for (uint8_t i = 0; i < 4; ++i) sdx[c] += (j == i ? gr[c] : T(0)) * (in[i][c] - mp[c]);
+            sd[c] += j < 4 ? gr[c] : T(0);
           }
+        }
+        if (W & 1) {
+          unpooled(top + (W - 1) * C, sdx);
+          unpooled(top + (2 * W - 1) * C, sdx);
+        }
+        if ((H & 1) && ho == Ho - 1) {
+          for (int64_t ww = 0; ww < W; ++ww) unpooled(top + (2 * W + ww) * C, sdx);
         }
         for (int64_t c = 0; c < 2 * C; ++c) s[c] += static_cast<double>(row[c]);
       }

@@ -292,10 +292,11 @@ class _ReluPool(torch.autograd.Function):
             grad_out, x, choice, weight, bias, mean, invstd, ctx.batch_stats
         )
         wanted = ctx.needs_input_grad
+        # in the parameters' own shapes: torch takes a (1, C) weight too
         return (
             dx if wanted[0] else None,
-            dweight if wanted[1] else None,
-            dbias if wanted[2] else None,
+            dweight.reshape(weight.shape) if wanted[1] else None,
+            dbias.reshape(bias.shape) if wanted[2] else None,
             None,
             None,
             None,
