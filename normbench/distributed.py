@@ -426,10 +426,14 @@ def prestart(modules: list[str]) -> None:
 @contextlib.contextmanager
 def _ignoring(*signums: int):
     """The signals ``signums`` ignored while inside (the main thread only): what this
-    process starts meanwhile starts ignoring them. (One that comes meanwhile, in those
-    milliseconds, is lost: blocking it instead would leave it blocked in what starts.)"""
+    process starts meanwhile starts ignoring them. Blocked too, first: one that comes
+    meanwhile waits, and this process's own handler takes it as the block is lifted (Linux
+    keeps a blocked signal pending though it is ignored). Ignored alone, a Ctrl-C in those
+    milliseconds was lost, and the run went on to its end. What starts meanwhile starts
+    with them blocked as well as ignored, which is the same to it."""
     import signal
 
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
     before = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
     try:
         yield
@@ -437,6 +441,7 @@ def _ignoring(*signums: int):
         for signum, handler in before.items():
             # None: a handler installed from C, which Python cannot put back
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def stop_server() -> None:

@@ -517,7 +517,11 @@ def run_job(cfg) -> str:
         retry = os.environ.get(RETRY_ENV) == "1"
         display = _display.run_display(cfg) if _display is not None else contextlib.nullcontext()
         watchdog = interrupts.watch_parent(os.environ.get(DRIVER_ENV))
-    except BaseException:
+    except BaseException as error:
+        if isinstance(error, Exception):  # its traceback in the job's log, as above
+            from normbench.terminal import print_exception
+
+            print_exception()
         held.close()
         raise
     stopped = False

@@ -439,3 +439,30 @@ def test_slurm_jobs_that_find_the_same_port_never_join_each_others_runs():
         assert out.strip() == "sum 11"  # A's own ranks: 1 + 10
     out, err = b1.communicate(timeout=60)
     assert b1.returncode != 0 and "sum" not in out, out + err
+
+
+IGNORING = """
+import os, signal, subprocess, sys
+from normbench import distributed
+
+seen = []
+signal.signal(signal.SIGINT, lambda *a: seen.append("handled"))
+with distributed._ignoring(signal.SIGINT):
+    os.kill(os.getpid(), signal.SIGINT)  # as a Ctrl-C while the fork server starts
+    child = subprocess.run([sys.executable, "-c", "import signal; "
+                            "print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"],
+                           capture_output=True, text=True).stdout.strip()
+    seen.append("inside")
+print(",".join(seen), child, signal.pthread_sigmask(signal.SIG_BLOCK, []) == set())
+"""
+
+
+def test_a_signal_while_the_servers_start_is_handled_once_they_have():
+    """What starts inside ``_ignoring`` (the fork server, the resource tracker) ignores
+    SIGINT; a SIGINT that comes meanwhile is not lost (it was: a Ctrl-C in those
+    milliseconds let the run go on to its end) but handled by the launching process's own
+    handler as the scope is left; nothing stays blocked."""
+    done = subprocess.run(
+        [sys.executable, "-c", IGNORING], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.split() == ["inside,handled", "True", "True"], done.stderr
