@@ -426,11 +426,14 @@ def prestart(modules: list[str]) -> None:
 @contextlib.contextmanager
 def _ignoring(*signums: int):
     """The signals ``signums`` ignored while inside (the main thread only): what this
-    process starts meanwhile starts ignoring them. Blocked too, first: one that comes
-    meanwhile waits, and this process's own handler takes it as the block is lifted (Linux
-    keeps a blocked signal pending though it is ignored). Ignored alone, a Ctrl-C in those
-    milliseconds was lost, and the run went on to its end. What starts meanwhile starts
-    with them blocked as well as ignored, which is the same to it."""
+    process starts meanwhile starts ignoring them. Blocked too, first, in this thread: one
+    that comes meanwhile waits (Linux keeps a blocked signal pending though it is ignored),
+    and this process's own handler takes it as the block is lifted. Ignored alone, a Ctrl-C
+    in those milliseconds was lost, and the run went on to its end. Not where another
+    thread of the process (a progress display's) does not block it: the kernel hands it
+    that thread, which drops it while it is ignored, so a Ctrl-C in those milliseconds can
+    still be lost there. What starts meanwhile starts with them blocked as well as ignored,
+    which is the same to it."""
     import signal
 
     held = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
