@@ -42,9 +42,8 @@ if TYPE_CHECKING:
         batch_norm_synced,
         batch_norm_tracked,
         batch_norm_train,
-        relu_pool_applies,
     )
-    from normbench.kernels.ops import BACKENDS, resolve_backend
+    from normbench.kernels.ops import BACKENDS, relu_pool_applies, resolve_backend
 
 # Imported on first use (PEP 562), not with the package: the package's torch-free modules
 # (``cpu.check_environment``, which every command that trains calls first) then import
@@ -52,12 +51,12 @@ if TYPE_CHECKING:
 _LAZY = {
     "batch_norm": "function",
     "batch_norm_relu_pool": "function",
-    "relu_pool_applies": "function",
     "batch_norm_stats": "function",
     "batch_norm_synced": "function",
     "batch_norm_tracked": "function",
     "batch_norm_train": "function",
     "BACKENDS": "ops",
+    "relu_pool_applies": "ops",
     "resolve_backend": "ops",
 }
 

@@ -2050,7 +2050,8 @@ inline void window_inputs(const T* top, int64_t W, int64_t C, int64_t wo, const 
   in[3] = in[2] + C;
 }
 
-// x: (N, C, H, W) channels_last float/double, at least 2x2; mean and invstd: C values of x's dtype.
+// x: (N, C, H, W) channels_last float/double, at least 2x2; mean and invstd: C values of a
+// floating dtype (per_channel reads them in x's).
 void check_pooled(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                   const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
                   const at::Tensor& invstd) {

@@ -159,6 +159,31 @@ def pooled(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, 
     _statistic(invstd, "invstd", x.shape[1], x.device)
 
 
+def pooled_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    choice: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+) -> None:
+    """``relu_pool_backward``'s arguments: :func:`pooled`'s, ``grad_out`` of the pooled
+    output's shape, ``choice`` the forward's uint8 (N, H/2, W/2, C) tensor."""
+    pooled(x, weight, bias, mean, invstd)
+    n, c, h, w = x.shape
+    if tuple(grad_out.shape) != (n, c, h // 2, w // 2):
+        raise RuntimeError(
+            f"grad_out must be the pooled output's shape {[n, c, h // 2, w // 2]}, "
+            f"got {list(grad_out.shape)}"
+        )
+    if choice.dtype != torch.uint8 or tuple(choice.shape) != (n, h // 2, w // 2, c):
+        raise RuntimeError(
+            "choice must be relu_pool_forward's contiguous uint8 (N, H/2, W/2, C) tensor, "
+            f"got {choice.dtype} {list(choice.shape)}"
+        )
+
+
 def backward(
     grad_out: Tensor,
     x: Tensor,

@@ -28,7 +28,6 @@ __all__ = [
     "batch_norm_synced",
     "batch_norm_tracked",
     "batch_norm_train",
-    "relu_pool_applies",
     "supported_layout",
 ]
 
@@ -303,13 +302,6 @@ class _ReluPool(torch.autograd.Function):
         )
 
 
-def relu_pool_applies(input: Tensor, backend: str) -> bool:
-    """Whether :func:`batch_norm_relu_pool` runs ``input`` as one fused layer (a
-    channels_last (N, C, H, W) float32 or float64 CPU tensor with 2x2 planes or larger,
-    on the C++ kernel); elsewhere a layer composes the unfused operators."""
-    return ops.relu_pool_applies(input, backend)
-
-
 def batch_norm_relu_pool(
     input: Tensor,
     running_mean: Tensor | None,
@@ -324,7 +316,8 @@ def batch_norm_relu_pool(
     """``F.max_pool2d(torch.relu(bn(input)), 2)`` in one pass each way, ``bn`` a
     ``torch.nn.BatchNorm2d``'s forward in the mode ``training`` says (the batch counter
     and the running statistics' update included, as :func:`batch_norm_tracked`); for an
-    ``input`` :func:`relu_pool_applies` accepts. The gradient is the composition's: each
+    ``input`` :func:`normbench.kernels.ops.relu_pool_applies` accepts (elsewhere a layer
+    composes the unfused operators). The gradient is the composition's: each
     window's first largest value takes it, where the ReLU passes it."""
     batch_stats = training or running_mean is None or running_var is None
     if not batch_stats:  # eval: the running statistics, checked as the eval operator does
@@ -335,8 +328,8 @@ def batch_norm_relu_pool(
         invstd = (running_var.detach().double() + eps).rsqrt().to(running_var.dtype)
         return _ReluPool.apply(input, weight, bias, mean, invstd, False)[0]
     # As _train: every argument checked before the running statistics are written; a
-    # batch that fails is counted all the same (torch counts before it checks).
-    counted = False
+    # batch that fails is counted all the same (torch counts before it checks). The
+    # update, last, counts it only once its own checks pass.
     try:
         _check_training(input, eps, weight, bias, running_mean, running_var)
         if (running_mean is None) != (running_var is None):
@@ -351,9 +344,8 @@ def batch_norm_relu_pool(
                 eps, count, "cpu", num_batches_tracked,
                 momentum is None and num_batches_tracked is not None,
             )  # fmt: skip
-            counted = True
     except Exception:
-        if training and num_batches_tracked is not None and not counted:
+        if training and num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         raise
     return _ReluPool.apply(input, weight, bias, mean, invstd, True)[0]

@@ -416,18 +416,7 @@ def _fake_pool_forward(x, weight, bias, mean, invstd):
 
 
 def _fake_pool_backward(grad_out, x, choice, weight, bias, mean, invstd, batch_stats=True):
-    checks.pooled(x, weight, bias, mean, invstd)
-    n, c, h, w = x.shape
-    if tuple(grad_out.shape) != (n, c, h // 2, w // 2):
-        raise RuntimeError(
-            f"grad_out must be the pooled output's shape {[n, c, h // 2, w // 2]}, "
-            f"got {list(grad_out.shape)}"
-        )
-    if choice.dtype != torch.uint8 or tuple(choice.shape) != (n, h // 2, w // 2, c):
-        raise RuntimeError(
-            "choice must be relu_pool_forward's contiguous uint8 (N, H/2, W/2, C) tensor, "
-            f"got {choice.dtype} {list(choice.shape)}"
-        )
+    checks.pooled_backward(grad_out, x, choice, weight, bias, mean, invstd)
     return torch.empty_like(x), _statistics_like(x), _statistics_like(x)
 
 
