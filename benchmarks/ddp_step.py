@@ -2,13 +2,15 @@
 
 Each of the two processes (``torch.multiprocessing``, gloo over the loopback, one thread
 each unless ``--threads``) trains its own slice of a global batch (``--batch-size``, 128:
-64 images each) of 28x28 random images, the model wrapped in torch's
-DistributedDataParallel as ``normbench run processes=2`` wraps it, channels_last, SGD. It
-times, interleaved in one loop (median of ``--repeats`` rounds, each the mean of
-``--steps`` steps), the same on both processes:
+64 images each) of 28x28 random images, channels_last, SGD. It times, interleaved in one
+loop (median of ``--repeats`` rounds, each the mean of ``--steps`` steps), the same on
+both processes:
 
-- step: a whole DDP step (forward, backward with DDP's gradient all_reduce, the
-  optimizer's step);
+- step: a whole step as ``normbench run processes=2`` takes it (the model wrapped by
+  :func:`normbench.distributed.wrap`: DistributedDataParallel with normbench's
+  communication hook, the loss carried by the gradients' all_reduce, its wait spinning);
+- two collectives: the step as runs took it before that hook: DDP's own hook (its wait
+  sleeping) and the loss's own all_reduce between forward and backward;
 - no_sync: the same step inside DDP's ``no_sync()`` (no gradient all_reduce): the
   computation alone;
 - bare: the same step on the model itself, not wrapped in DDP (no DDP hooks; the other
@@ -40,6 +42,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
+    from normbench import distributed
     from normbench.models import build_model, set_memory_format
     from normbench.norms import NormSpec
 
@@ -47,8 +50,9 @@ def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
     torch.manual_seed(0)  # the same initial model on both (DDP checks it)
     model = build_model("small_cnn", NormSpec(args.norm, {}), 1, 10, (28, 28))
     set_memory_format(model, "channels_last")
-    net = DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    net, reduction = distributed.wrap(model, "cpu")
+    before = DistributedDataParallel(model)  # torch's own hook
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     per_process = args.batch_size // WORLD
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(per_process, 1, 28, 28, generator=g)
@@ -57,13 +61,26 @@ def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
     flat = torch.zeros(numel)
 
     def step():
+        loss = F.cross_entropy(net(x), y)
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y).backward()
+        reduction.loss = loss.detach() * len(y)
+        loss.backward()
+        reduction.finish()
+        optimizer.step()
+
+    def two_collectives():
+        loss = F.cross_entropy(before(x), y)
+        both = torch.tensor([loss.item() * len(y)], dtype=torch.float64)
+        dist.all_reduce(both)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
         optimizer.step()
 
     def no_sync():
-        with net.no_sync():
-            step()
+        with before.no_sync():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(before(x), y).backward()
+            optimizer.step()
 
     def bare():
         optimizer.zero_grad(set_to_none=True)
@@ -72,6 +89,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
 
     cases = {
         "step": step,
+        "two_collectives": two_collectives,
         "no_sync": no_sync,
         "bare": bare,
         "all_reduce": lambda: dist.all_reduce(flat),
@@ -115,6 +133,7 @@ def main() -> None:
         f"{args.steps} steps, torch {torch.__version__}, CPU: {cpu_name()}"
     )
     print(f"step (DDP)             {t['step'] * 1e3:8.2f} ms")
+    print(f"two collectives (old)  {t['two_collectives'] * 1e3:8.2f} ms")
     print(f"no_sync (computation)  {t['no_sync'] * 1e3:8.2f} ms")
     print(f"bare (no DDP)          {t['bare'] * 1e3:8.2f} ms")
     print(f"gradient reduction     {added * 1e3:8.2f} ms ({added / t['step']:.1%} of the step)")

@@ -9,7 +9,8 @@ rounds, each the mean of ``--steps`` calls):
 - sync_bn: normbench's SyncBatchNorm (every process one group), forward + backward;
 - all_reduce: the two collectives sync_bn makes per step, alone: a float64 table of
   ``processes x (1 + 2C)`` (the forward's count, means and M2s) and ``2C`` float64 sums
-  (the backward's), back to back;
+  (the backward's), back to back, through :func:`normbench.distributed.reduce_sum` as
+  sync_bn makes them (its wait spinning, not sleeping: ``distributed.finish``);
 - in step: the same two collectives as they take place inside sync_bn's own steps, timed
   around each call (:func:`normbench.distributed.reduce_sum`), which includes waiting for
   the other process to reach it.
@@ -17,8 +18,9 @@ rounds, each the mean of ``--steps`` calls):
 The ratios are sync_bn / (custom_bn + all_reduce), and sync_bn / (custom_bn + in step):
 what synchronizing costs beyond the collectives themselves (the target: at most 1.3x),
 against the collectives alone and against the collectives where they run. With gloo on
-the loopback each small all_reduce costs hundreds of microseconds on a 2-core VM, and
-more in a step (the processes reach it at different times) than back to back. Shapes are
+the loopback each small all_reduce costs hundreds of microseconds on a 2-core VM where
+the waiting process sleeps, and more in a step (the processes reach it at different
+times) than back to back. Shapes are
 per process.
 
 Usage: python benchmarks/sync_bn.py [--shapes 64x32x28x28 64x64x14x14 8x32x28x28]
@@ -81,7 +83,18 @@ def run_ranks(worker: Callable, args: argparse.Namespace) -> dict[int, Any]:
     ]
     for p in processes:
         p.start()
-    got = dict(results.get() for _ in processes)
+    got: dict[int, Any] = {}
+    while len(got) < WORLD:  # a worker that died puts nothing: stop, not wait forever
+        if not results.empty():
+            rank, value = results.get()
+            got[rank] = value
+            continue
+        failed = [(rank, p.exitcode) for rank, p in enumerate(processes) if p.exitcode]
+        if failed:
+            for p in processes:
+                p.kill()
+            raise SystemExit(f"worker {failed[0][0]} failed (exit status {failed[0][1]})")
+        time.sleep(0.05)
     for p in processes:
         p.join()
     return got
@@ -106,6 +119,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
         spent.append(time.perf_counter() - start)
 
     distributed.reduce_sum = timed_reduce_sum
+    everyone = distributed.SyncGroup(None, rank, WORLD)
     rows = []
     for text in args.shapes:
         shape = parse_shape(text)
@@ -124,9 +138,9 @@ def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
 
             return run
 
-        def collectives(table=table, sums=sums):
-            dist.all_reduce(table)
-            dist.all_reduce(sums)
+        def collectives(table=table, sums=sums, everyone=everyone):  # as sync_bn makes them
+            reduce_sum(table, everyone)
+            reduce_sum(sums, everyone)
 
         cases = {"custom_bn": step(local), "sync_bn": step(synced), "all_reduce": collectives}
         times: dict[str, list[float]] = {name: [] for name in [*cases, "in_step"]}

@@ -165,7 +165,9 @@ def train(
         ),
     )
     result = TrainResult()
-    net = distributed.wrap(model, data.train_x.device.type) if rank is not None else model
+    net, reduction = model, None
+    if rank is not None:
+        net, reduction = distributed.wrap(model, data.train_x.device.type)
     part = rank.share(settings.batch_size) if rank is not None else slice(None)
     device = data.train_x.device
     # float16's small range: the loss scaled up before backward, the gradients down after
@@ -195,9 +197,13 @@ def train(
             with autocast(settings.precision, device):
                 out = net(xb)
                 loss = F.cross_entropy(out.float(), yb)
-            value = loss.item()
-            if rank is not None:  # the global batch's mean, on every rank
-                value = distributed.all_sum([value * len(yb)], device)[0] / settings.batch_size
+            optimizer.zero_grad(set_to_none=True)
+            if reduction is not None:  # the loss travels with the gradients' all_reduce
+                reduction.loss = loss.detach() * len(yb)
+            scaler.scale(loss).backward()
+            # The global batch's mean loss, the same on every rank, so that all stop at
+            # the same step; checked before the optimizer takes the step
+            value = loss.item() if reduction is None else reduction.finish() / settings.batch_size
             if not math.isfinite(value):
                 result.status = "diverged"
                 result.message = (
@@ -205,8 +211,6 @@ def train(
                 )
                 result.records.append({"epoch": epoch, "train_loss": value, "lr": lr})
                 return result
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
             lr = optimizer.param_groups[0]["lr"]
             scaler.step(optimizer)
             scaler.update()

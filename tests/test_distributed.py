@@ -135,6 +135,71 @@ def _torch_sync_math(x, w, b, running_mean, running_var, momentum, eps, dy) -> d
     }  # fmt: skip
 
 
+DDP_STEPS = 4
+DDP_NORMS = ("custom_bn", "batch_renorm")  # local BatchNorm; one whose forward reads buffers
+
+
+def _ddp_model(norm: str):
+    from normbench.norms import NormSpec
+
+    torch.manual_seed(3)
+    # Batch Renorm's corrections from the first step: its forward reads its buffers
+    spec = NormSpec(norm, {"warmup_steps": 0, "ramp_steps": 1} if norm == "batch_renorm" else {})
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), spec.build(4), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 4, 5),
+    )  # fmt: skip
+
+
+def _ddp_steps(rank: int, norm: str) -> dict:
+    """``DDP_STEPS`` SGD steps of a small float32 model, on this rank's 3 images of 6, two
+    ways: normbench's wrap (its gradient reduction carrying the loss and rank 0's buffers)
+    and torch's DistributedDataParallel as it comes (buffers broadcast before each forward,
+    the loss all_reduced on its own). Per step: this rank's loss, the parameters and
+    buffers after it; normbench's global loss; then a step whose rank 1 images are NaN."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    from normbench import distributed
+
+    out: dict = {}
+    for way in ("normbench", "torch"):
+        model = _ddp_model(norm)
+        if way == "normbench":
+            net, reduction = distributed.wrap(model, "cpu")
+        else:
+            net, reduction = DistributedDataParallel(model), None
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        record: dict = {"loss": [], "total": [], "params": [], "buffers": []}
+        for step in range(DDP_STEPS + 1):
+            g = torch.Generator().manual_seed(50 + step)
+            x = torch.randn(6, 1, 6, 6, generator=g) * 2 + 1
+            y = torch.randint(0, 5, (6,), generator=g)
+            x, y = x[3 * rank : 3 * rank + 3], y[3 * rank : 3 * rank + 3]
+            if step == DDP_STEPS and rank == 1:
+                x = torch.full_like(x, float("nan"))
+            loss = F.cross_entropy(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            if reduction is not None:
+                reduction.loss = loss.detach() * len(y)
+            loss.backward()
+            if reduction is not None:
+                record["total"].append(reduction.finish())
+            else:
+                both = torch.tensor([loss.item() * len(y)], dtype=torch.float64)
+                dist.all_reduce(both)
+                record["total"].append(both.item())
+            if step == DDP_STEPS:
+                break
+            optimizer.step()
+            record["loss"].append(loss.item())
+            record["params"].append([p.detach().clone() for p in model.parameters()])
+            record["buffers"].append({k: v.clone() for k, v in model.named_buffers()})
+        out[way] = record
+    return out
+
+
 def _worker(rank: int, folder: Path) -> None:
     import torch.distributed as dist
 
@@ -185,6 +250,8 @@ def _worker(rank: int, folder: Path) -> None:
         results["refused"] = None
     except UserError as err:
         results["refused"] = str(err)
+
+    results["ddp"] = {norm: _ddp_steps(rank, norm) for norm in DDP_NORMS}
 
     torch.save(results, folder / f"rank{rank}.pt")
     dist.barrier()
@@ -306,6 +373,37 @@ def test_sync_bn_follows_torch_sync_batch_norm_math(ranks):
         assert "GPU" in module
     else:
         _assert_whole_batch([r["torch_module"] for r in ranks], _single(_layer(BatchNorm)))
+
+
+@pytest.mark.parametrize("norm", DDP_NORMS)
+def test_a_data_parallel_step_is_torch_ddps_with_one_collective(ranks, norm):
+    """normbench's gradient reduction (the loss and rank 0's buffers in the gradients'
+    all_reduce) against torch's DistributedDataParallel as it comes (buffers broadcast
+    before each forward): each rank's losses and the parameters after every step are the
+    same, so rank 1's forwards met the buffers DDP would have given it (Batch Renorm's
+    read them); rank 0's buffers are the same; every rank's buffers are rank 0's after
+    each step, which DDP's broadcast leaves until the next forward; the global loss is
+    the sum over the processes, and a NaN on one rank reaches every rank at that step."""
+    for rank in range(WORLD):
+        ours, theirs = ranks[rank]["ddp"][norm]["normbench"], ranks[rank]["ddp"][norm]["torch"]
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6, abs=1e-7)
+        assert ours["total"] == pytest.approx(theirs["total"], rel=1e-6, nan_ok=True)
+        assert torch.isnan(torch.tensor(ours["total"][-1]))
+        for mine, torchs in zip(ours["params"], theirs["params"], strict=True):
+            for a, b in zip(mine, torchs, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        for step, buffers in enumerate(ours["buffers"]):
+            assert buffers, "the model has buffers to carry"
+            for name, value in buffers.items():
+                zero = ranks[0]["ddp"][norm]["normbench"]["buffers"][step][name]
+                assert torch.equal(value, zero), (rank, step, name)
+                torch.testing.assert_close(
+                    value, ranks[0]["ddp"][norm]["torch"]["buffers"][step][name],
+                    rtol=1e-6, atol=1e-7,
+                )  # fmt: skip
+    losses = [ranks[r]["ddp"][norm]["normbench"]["loss"] for r in range(WORLD)]
+    totals = ranks[0]["ddp"][norm]["normbench"]["total"][:-1]
+    assert totals == pytest.approx([3 * (a + b) for a, b in zip(*losses, strict=True)], rel=1e-6)
 
 
 def test_group_size_must_divide_the_processes(ranks):

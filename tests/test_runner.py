@@ -210,6 +210,37 @@ def test_threads_are_applied_and_recorded(tiny):
         torch.set_num_threads(before)
 
 
+def test_rank_0_measures_alone_on_the_runs_threads_and_goes_back_to_its_share(
+    monkeypatch, tmp_path
+):
+    """A data-parallel run's rank 0 takes the end-of-run measures alone, once the others
+    have finished: on the run's threads (``alone_threads``), not its share; then its own."""
+    from types import SimpleNamespace
+
+    from normbench import inference
+
+    seen = []
+
+    def measure(*args):
+        seen.append(torch.get_num_threads())
+        return {}
+
+    monkeypatch.setattr(inference, "measure", measure)
+    cfg = SimpleNamespace(batch_size=8, eval_batch_size=8, seed=0,
+                          eval=SimpleNamespace(precise_bn_images=64))  # fmt: skip
+    prepared = SimpleNamespace(model=None, data=None)
+    result, recorder = SimpleNamespace(records=[{}]), SimpleNamespace(path=tmp_path / "m.csv")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        runner._measure_inference(cfg, prepared, result, recorder, 2)
+        assert seen == [2] and torch.get_num_threads() == 1
+        runner._measure_inference(cfg, prepared, result, recorder)  # a one-process run's
+        assert seen == [2, 1] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(
     "override, layout",
     [
