@@ -7,7 +7,7 @@ loop (median of ``--repeats`` rounds, each the mean of ``--steps`` steps), the s
 both processes:
 
 - step: a whole step as ``normbench run processes=2`` takes it (the model wrapped by
-  :func:`normbench.distributed.wrap`: DistributedDataParallel with normbench's
+  :func:`normbench.ddp.wrap`: DistributedDataParallel with normbench's
   communication hook, the loss carried by the gradients' all_reduce, its wait spinning);
 - two collectives: the step as runs took it before that hook: DDP's own hook (its wait
   sleeping) and the loss's own all_reduce between forward and backward;
@@ -42,7 +42,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
-    from normbench import distributed
+    from normbench import ddp
     from normbench.models import build_model, set_memory_format
     from normbench.norms import NormSpec
 
@@ -50,7 +50,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, results) -> None:
     torch.manual_seed(0)  # the same initial model on both (DDP checks it)
     model = build_model("small_cnn", NormSpec(args.norm, {}), 1, 10, (28, 28))
     set_memory_format(model, "channels_last")
-    net, reduction = distributed.wrap(model, "cpu")
+    net, reduction = ddp.wrap(model, "cpu")
     before = DistributedDataParallel(model)  # torch's own hook
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     per_process = args.batch_size // WORLD

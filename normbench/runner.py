@@ -436,9 +436,8 @@ def _rank_main(cfg, rid, folder, threads: cores.Threads, events, env=None, data=
                 prepared = prepare(cfg, data, threads=share)
                 resume, prepared = resume_run(cfg, rid, folder, prepared)
                 if rank.rank == 0:
-                    # measuring alone once the others are done, it takes the run's threads
-                    _train(cfg, rid, folder, prepared, distributed.Forward(events), resume, rank,
-                           alone_threads=threads.count)  # fmt: skip
+                    forward = distributed.Forward(events)  # alone at the end: all threads
+                    _train(cfg, rid, folder, prepared, forward, resume, rank, threads.count)
                 else:
                     generator = torch.Generator().manual_seed(cfg.seed)
                     data, optimizer = prepared.data, prepared.optimizer
@@ -519,18 +518,10 @@ def _discard(path: Path) -> None:
 
 
 def _train(
-    cfg,
-    rid: str,
-    folder: Path,
-    prepared: Prepared,
-    display,
-    resume=None,
-    rank=None,
-    alone_threads: int | None = None,
+    cfg, rid: str, folder: Path, prepared: Prepared, display, resume=None, rank=None, alone=None
 ) -> RunOutcome:
     """Train and record the run (``rank``: rank 0 of a data-parallel run's, which writes;
-    ``alone_threads``: its threads for the end-of-run measures, which it takes alone once
-    the other processes have finished training, where its own are a share of the run's)."""
+    ``alone``: the run's threads, its own a share, for the measures it takes alone)."""
     import torch
 
     from normbench import checkpoints, distributed
@@ -561,7 +552,7 @@ def _train(
                 rank=rank,
             )
             if result.status == "completed":
-                _measure_inference(cfg, prepared, result, recorder, alone_threads)
+                _measure_inference(cfg, prepared, result, recorder, alone)
     except NotWritten:
         raise  # the disk is full, or the folder gone read-only: nothing more can be written
     except BaseException as err:
@@ -658,31 +649,21 @@ def recorded(stop: BaseException) -> bool:
     return getattr(stop, RECORDED, False)
 
 
-def _measure_inference(
-    cfg, prepared: Prepared, result, recorder: _Recorder, threads: int | None = None
-) -> None:
+def _measure_inference(cfg, prepared: Prepared, result, recorder: _Recorder, threads=None) -> None:
     """BatchNorm's other inference estimators (:mod:`normbench.inference`), recorded on
-    the last epoch, on ``threads`` threads where given; the run's model keeps its running
+    the last epoch (on ``threads`` threads where given); the model keeps its running
     statistics."""
     import torch
 
     from normbench import distributed
     from normbench.inference import measure
 
-    clock = time.perf_counter()
-    before = torch.get_num_threads()
+    clock, before = time.perf_counter(), torch.get_num_threads()
+    sizes = (cfg.batch_size, cfg.eval_batch_size, cfg.eval.precise_bn_images, cfg.seed)
+    torch.set_num_threads(threads or before)
     try:
-        if threads is not None:
-            torch.set_num_threads(threads)
         with distributed.local():  # rank 0 alone, of a data-parallel run
-            measured = measure(
-                prepared.model,
-                prepared.data,
-                cfg.batch_size,
-                cfg.eval_batch_size,
-                cfg.eval.precise_bn_images,
-                cfg.seed,
-            )
+            measured = measure(prepared.model, prepared.data, *sizes)
     finally:
         torch.set_num_threads(before)
     if measured:

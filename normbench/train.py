@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normbench import distributed, interrupts
+from normbench import ddp, distributed, interrupts
 from normbench.data import (
     DataSplits,
     eval_batches,
@@ -129,7 +129,7 @@ def evaluate(
             loss += F.cross_entropy(out.float(), yb, reduction="sum")
         correct += (out.argmax(1) == yb).sum()
     sums = [loss.item(), correct.item(), len(y)]
-    total, hits, count = distributed.all_sum(sums, x.device) if rank is not None else sums
+    total, hits, count = ddp.all_sum(sums, x.device) if rank is not None else sums
     return total / count, hits / count
 
 
@@ -167,7 +167,7 @@ def train(
     result = TrainResult()
     net, reduction = model, None
     if rank is not None:
-        net, reduction = distributed.wrap(model, data.train_x.device.type)
+        net, reduction = ddp.wrap(model, data.train_x.device.type)
     part = rank.share(settings.batch_size) if rank is not None else slice(None)
     device = data.train_x.device
     # float16's small range: the loss scaled up before backward, the gradients down after
@@ -224,7 +224,7 @@ def train(
             if result.steps >= total:
                 break
         elapsed = time.perf_counter() - start
-        hits = distributed.all_sum([correct.item()], device)[0] if rank else correct.item()
+        hits = ddp.all_sum([correct.item()], device)[0] if rank else correct.item()
         evaluation = (settings.eval_batch_size, settings.precision, rank)
         test_loss, test_acc = evaluate(model, data.test_x, data.test_y, *evaluation)
         record = {

@@ -1,4 +1,5 @@
-"""normbench.distributed and sync_bn on real processes: two CPU processes with gloo.
+"""normbench.distributed, sync_bn and normbench.ddp's training step on real processes: two
+CPU processes with gloo.
 
 One start of two processes (this file run as a script, ``--rank``) runs every check that
 needs them and saves its results; the tests compare them, in this process, with
@@ -161,13 +162,13 @@ def _ddp_steps(rank: int, norm: str) -> dict:
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
-    from normbench import distributed
+    from normbench import ddp
 
     out: dict = {}
     for way in ("normbench", "torch"):
         model = _ddp_model(norm)
         if way == "normbench":
-            net, reduction = distributed.wrap(model, "cpu")
+            net, reduction = ddp.wrap(model, "cpu")
         else:
             net, reduction = DistributedDataParallel(model), None
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
