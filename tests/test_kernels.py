@@ -1247,6 +1247,21 @@ def test_eval_with_a_zero_variance_and_no_eps_gives_torchs_nans(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_the_eval_weight_gradient_with_an_infinite_invstd_is_torchs(backend):
+    """eps = 0 with a zero running variance: torch scales sum(dy * (x - mean)) by the
+    infinite invstd after the sum (+-inf; NaN only where the sum is 0). Scaled per value,
+    dy's mixed signs made inf - inf = NaN (kernel fuzz, seed 13, case 3254)."""
+    x = torch.tensor([[1.0, 2.0, 3.0], [2.0, 3.0, 0.0], [4.0, 1.0, 1.0]])
+    rm, rv = torch.tensor([0.5, 1.0, 1.0]), torch.zeros(3)
+    dy = torch.tensor([[1.0, -1.0, 1.0], [-0.5, 2.0, 1.0], [1.0, -3.0, -1.0]])
+    w, wt = (torch.ones(3, requires_grad=True) for _ in range(2))
+    batch_norm(x, rm, rv, w, None, training=False, eps=0.0, backend=backend).backward(dy)
+    F.batch_norm(x, rm, rv, wt, None, training=False, eps=0.0).backward(dy)
+    torch.testing.assert_close(w.grad, wt.grad, equal_nan=True)
+    assert w.grad.isinf().all()  # +-inf in every channel: none is NaN
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_the_fused_relu_passes_the_gradient_where_its_input_is_nan_as_torch(backend):
     """torch's threshold_backward zeroes the gradient where the output is <= 0: a NaN passes
     it (the kernels zeroed it: the bias's gradient was 0 where torch's is the sum of dy)."""

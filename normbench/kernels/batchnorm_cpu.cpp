@@ -1918,10 +1918,12 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
     // needs_input_grad counts the tensors given: the bias is input 3 where no weight is
     const size_t bias_input = weight.defined() ? 4 : 3;
     if (weight.defined() && ctx->needs_input_grad(3)) {
-      const at::Tensor xhat = (x.to(grad_y.scalar_type()) -
-                               running_mean.to(grad_y.scalar_type()).reshape(shape)) *
-                              invstd.reshape(shape);
-      dweight = grad_as((grad_y * xhat).sum(dims), weight.scalar_type(), weight);
+      // sum(dy * (x - mean)) * invstd, scaled after the sum as torch's eval backward scales
+      // it: with invstd infinite (eps 0, a running variance of 0) a per-value scale made
+      // inf - inf = NaN of a sum that is +-inf in torch's
+      const at::Tensor centred =
+          x.to(grad_y.scalar_type()) - running_mean.to(grad_y.scalar_type()).reshape(shape);
+      dweight = grad_as((grad_y * centred).sum(dims) * invstd, weight.scalar_type(), weight);
     }
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(bias_input)) {
       dbias = grad_as(grad_y.sum(dims), grad_y.scalar_type(), bias);

@@ -100,8 +100,12 @@ def forward_eval(
     ``x * scale + (bias - mean * scale)``, whose NaNs and infinities torch gives."""
     dtype = accumulation_dtype(x.dtype)
     invstd = torch.rsqrt(running_var.to(dtype) + eps)
+    # A channel whose invstd is not finite takes torch's expression below (its scale is not
+    # finite either); the plain one, which torch.where drops there, must not reach the
+    # gradient: its 0 * inf made the weight's gradient NaN where torch's is +-inf
+    kept = torch.where(invstd.isfinite(), invstd, torch.zeros_like(invstd))
     xhat = (x.to(dtype) - _per_channel(running_mean.to(dtype), x.dim())) * _per_channel(
-        invstd, x.dim()
+        kept, x.dim()
     )
     y = _affine(xhat, weight, bias)
     scale = invstd if weight is None else invstd * weight.to(dtype).reshape(-1)
