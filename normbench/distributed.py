@@ -193,8 +193,8 @@ def finish(work: Any, spin: bool) -> None:
     raised (a lost peer, the process group's timeout). With ``spin`` (gloo, on the CPU)
     the first :data:`SPIN_S` of the wait yield the core in a loop instead of sleeping:
     a sleeping process is woken by the other's data through gloo's threads, and on a
-    virtual machine whose idle core has halted that wake-up cost a data-parallel step
-    1-3 ms (benchmarks/README.md). Longer waits (a slow or lost peer) sleep as before."""
+    virtual machine whose idle core has halted that wake-up was most of a data-parallel
+    step's wait (benchmarks/README.md). Longer waits (a slow or lost peer) sleep as before."""
     if spin:
         deadline = time.perf_counter() + SPIN_S
         while not work.is_completed() and time.perf_counter() < deadline:
