@@ -2036,11 +2036,80 @@ void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
 
 constexpr uint8_t kDead = 255;  // the window's maximum was <= 0: its gradient is zero
 
-// A vector's lanes' choice bytes (kWidth<T> of them, loaded and stored with memcpy).
+// A vector's lanes' choice bytes (kWidth<T> of them) to and from the lanes' integers. With
+// intrinsics where the ISA has the instruction: GCC 12 lowers __builtin_convertvector from 16
+// bytes to 16 int32s one byte at a time (about 70 instructions where one does), which made
+// relu_pool_backward compute-bound (benchmarks/README.md, "The choice bytes' conversion").
+// (The vector types of the generic path: declared in a class template, since GCC 12 does not
+// take a vector_size that depends on a function template's parameter as a vector.)
 template <typename T>
-struct PoolLanes {
+struct ChoiceLanes {
   typedef uint8_t Bytes __attribute__((vector_size(kWidth<T>)));
+  typedef uint16_t Halves __attribute__((vector_size(2 * kWidth<T>)));
 };
+
+template <typename T>
+inline Mask<T> load_choice(const uint8_t* p) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "float or double lanes");
+  constexpr int L = kWidth<T>;
+  Mask<T> m;
+#if defined(__AVX512F__)
+  const __m128i b = L == 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                            : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m512i v = sizeof(T) == 4 ? _mm512_cvtepu8_epi32(b) : _mm512_cvtepu8_epi64(b);
+  std::memcpy(&m, &v, sizeof(m));
+#elif defined(__AVX2__)
+  __m128i b;
+  if constexpr (L == 8) {
+    b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  } else {
+    int32_t four;
+    std::memcpy(&four, p, 4);
+    b = _mm_cvtsi32_si128(four);
+  }
+  const __m256i v = sizeof(T) == 4 ? _mm256_cvtepu8_epi32(b) : _mm256_cvtepu8_epi64(b);
+  std::memcpy(&m, &v, sizeof(m));
+#else  // SSE (or another ISA): the conversion in two widening steps, which GCC vectorises
+  using Bytes = typename ChoiceLanes<T>::Bytes;
+  using Halves = typename ChoiceLanes<T>::Halves;
+  Bytes b;
+  std::memcpy(&b, p, sizeof(b));
+  const Halves h = __builtin_convertvector(b, Halves);
+  m = __builtin_convertvector(h, Mask<T>);
+#endif
+  return m;
+}
+
+// The lanes' integers (each 0-255) as kWidth<T> bytes at p.
+template <typename T>
+inline void store_choice(uint8_t* p, const Mask<T>& m) {
+  constexpr int L = kWidth<T>;
+#if defined(__AVX512F__)  // one vpmovdb / vpmovqb, as GCC gives it
+  using Bytes = typename ChoiceLanes<T>::Bytes;
+  const Bytes b = __builtin_convertvector(m, Bytes);
+  std::memcpy(p, &b, sizeof(b));
+#elif defined(__AVX2__)
+  __m256i v;
+  std::memcpy(&v, &m, sizeof(v));
+  if constexpr (sizeof(T) == 8) {  // each int64's low half, in the low 128 bits
+    v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+  }
+  const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i b = _mm_packus_epi16(w, w);
+  if constexpr (L == 8) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), b);
+  } else {
+    const int32_t four = _mm_cvtsi128_si32(b);
+    std::memcpy(p, &four, 4);
+  }
+#else
+  using Bytes = typename ChoiceLanes<T>::Bytes;
+  using Halves = typename ChoiceLanes<T>::Halves;
+  const Halves h = __builtin_convertvector(m, Halves);
+  const Bytes b = __builtin_convertvector(h, Bytes);
+  std::memcpy(p, &b, sizeof(b));
+#endif
+}
 
 // A window's four inputs, in row-major order: `top` is its row of x (W * C values), wo its
 // column of windows.
@@ -2084,7 +2153,6 @@ std::tuple<at::Tensor, at::Tensor> relu_pool_forward(
     using T = scalar_t;
     using V = Vec<T>;
     using Mk = Mask<T>;
-    using Bytes = typename PoolLanes<T>::Bytes;
     constexpr int L = kWidth<T>;
     const std::vector<T> m = per_channel<T>(mean, C, T(0));
     std::vector<T> k = per_channel<T>(invstd, C, T(1));
@@ -2116,8 +2184,7 @@ std::tuple<at::Tensor, at::Tensor> relu_pool_forward(
             }
             const Mk dead = best <= V{};
             store_vec<T>(o + c, dead ? V{} : best);
-            const Bytes code = __builtin_convertvector(dead ? Mk{} + kDead : at, Bytes);
-            std::memcpy(ch + c, &code, sizeof(code));
+            store_choice<T>(ch + c, dead ? Mk{} + kDead : at);
           }
           for (; c < C; ++c) {
             T best = (in[0][c] - mp[c]) * kp[c] + hp[c];
@@ -2175,7 +2242,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_pool_backward(
     using T = scalar_t;
     using V = Vec<T>;
     using Mk = Mask<T>;
-    using Bytes = typename PoolLanes<T>::Bytes;
     constexpr int L = kWidth<T>;
     const std::vector<T> m = per_channel<T>(mean, C, T(0));
     const std::vector<T> k = per_channel<T>(invstd, C, T(1));
@@ -2207,9 +2273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_pool_backward(
           const uint8_t* ch = cp + (r * Wo + wo) * C;
           int64_t c = 0;
           for (; c + L <= C; c += L) {
-            Bytes code;
-            std::memcpy(&code, ch + c, sizeof(code));
-            const Mk j = __builtin_convertvector(code, Mk);  // a forged byte above 3: dead
+            const Mk j = load_choice<T>(ch + c);  // a forged byte above 3: dead
             const V g = load_vec<T>(gr + c), mv = load_vec<T>(mp + c);
             V sum = load_vec<T>(sdx + c);
             for (int i = 0; i < 4; ++i) {
@@ -2283,9 +2347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_pool_backward(
               const uint8_t mine = dy + static_cast<uint8_t>(ww & 1);
               int64_t c = 0;
               for (; c + L <= C; c += L) {
-                Bytes code;
-                std::memcpy(&code, ch + c, sizeof(code));
-                const Mk j = __builtin_convertvector(code, Mk);
+                const Mk j = load_choice<T>(ch + c);
                 const V d = j == static_cast<int>(mine) ? load_vec<T>(gr + c) : V{};
                 if constexpr (kBatch) {
                   store_vec<T>(out + c, load_vec<T>(ap + c) * d + rest(load_vec<T>(xv + c), c));
