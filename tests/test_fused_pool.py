@@ -138,7 +138,7 @@ def _backward(grad=lambda g: g, choice=lambda c: c):
     "call, message",
     [
         (_forward(take=lambda x: x.contiguous()), "channels_last"),
-        (_forward(take=lambda x: x.half()), "float32 or float64"),
+        (_forward(take=lambda x: x.int()), "not implemented for 'Int'"),
         (_forward(take=lambda x: x[:, :, :1]), "2x2"),
         (_forward(statistics=lambda x: (stats(x)[0][:2], stats(x)[1])), "mean"),
         (_backward(grad=lambda g: g[:, :, :1]), "grad_out"),
@@ -209,18 +209,70 @@ def test_layer_matches_torch_batch_norm_relu_max_pool(momentum, layout, backend,
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
-def test_bfloat16_input_composes_with_the_same_results():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_fuses_with_the_compositions_results(dtype):
+    """bfloat16 and float16 input (the convolutions' output under autocast) takes the
+    fused operators, with float32 parameters and statistics: the same outputs and running
+    statistics as the kernel's norm-ReLU layer then F.max_pool2d, bit for bit, and the
+    same gradients (summed in another order: within float32's rounding, and dx within one
+    rounding of its dtype), over training steps and in eval mode."""
     torch.manual_seed(0)
-    fused, plain = pair(torch.float32)
-    x = (torch.randn(4, 8, 6, 6) * 2).to(torch.bfloat16).contiguous(memory_format=LAST)
-    assert not relu_pool_applies(x, "auto")
+    fused = BatchNorm2d(40, relu=True, pool=True)  # channels that fill vectors and a tail
     with torch.no_grad():
-        got = fused(x)
-        want = F.max_pool2d(torch.relu(BatchNorm2d(8).to(torch.float32).train()(x)), 2)
-        plain_fused = copy.deepcopy(fused)
-        plain_fused.pool = False
-        torch.testing.assert_close(got, F.max_pool2d(plain_fused.train()(x), 2))
-    assert got.dtype == torch.bfloat16 and want.shape == got.shape
+        fused.weight.copy_(torch.randn(40) * 0.5 + 1)
+        fused.bias.copy_(torch.randn(40) * 0.5)
+    plain = copy.deepcopy(fused)
+    plain.pool = False
+    xs = [(torch.randn(4, 40, 7, 6) * 2 + 1).to(dtype) for _ in range(3)]
+    assert relu_pool_applies(xs[0].contiguous(memory_format=LAST), "auto")
+
+    def run(layer, pool):
+        seen = []
+        for x, training in zip(xs, (True, True, False), strict=True):
+            layer.train(training)
+            x = x.clone().contiguous(memory_format=LAST).requires_grad_()
+            y = layer(x)
+            y = F.max_pool2d(y, 2) if pool else y
+            y.backward((torch.ones_like(y) + y.detach()) * 0.25)
+            seen.append((y, x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+            seen.append(tuple(b.clone() for b in layer.buffers()))
+            layer.weight.grad = layer.bias.grad = None
+        return seen
+
+    exact = torch.finfo(dtype).eps
+    for (got_y, got_dx, *got_p), (want_y, want_dx, *want_p) in zip(
+        run(fused, False)[::2], run(plain, True)[::2], strict=True
+    ):
+        assert got_y.dtype == dtype and got_dx.dtype == dtype
+        torch.testing.assert_close(got_y, want_y, rtol=0, atol=0)
+        torch.testing.assert_close(got_dx, want_dx, rtol=exact, atol=exact)
+        for got, want in zip(got_p, want_p, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(run(fused, False)[1::2], run(plain, True)[1::2], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels", [1, 40])
+def test_reduced_precision_values_that_round_alike_tie_as_in_the_composition(dtype, channels):
+    """A window's z of 1001, 1001.0078, 1000.5 and 999 (bias 1000) differ in float32, but
+    the norm layer's output rounds them alike (all 1000 in bfloat16, the first two 1001 in
+    float16): max_pool2d takes the first of them, and so does the fused layer, and the
+    gradient goes there (the vector path and the scalar one)."""
+    lib = ops()
+    window = torch.tensor([1.0, 1.0078125, 0.5, -1.0]).reshape(1, 1, 2, 2)
+    x = window.expand(1, channels, 2, 2).to(dtype).contiguous(memory_format=LAST)
+    one, zero = torch.ones(channels), torch.zeros(channels)
+    out, choice = lib.relu_pool_forward(x, one, one * 1000, zero, one)
+    y = lib.batch_norm_eval(x, zero, one, one, one * 1000, 0.0, True)
+    want, index = F.max_pool2d(y, 2, return_indices=True)
+    assert index.flatten().tolist() == [0] * channels
+    assert choice.flatten().tolist() == [0] * channels
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    dx, _, _ = lib.relu_pool_backward(torch.ones_like(out), x, choice, one, one, zero, one, False)
+    expected = torch.zeros_like(x)
+    expected[:, :, 0, 0] = 1
+    torch.testing.assert_close(dx, expected, rtol=0, atol=0)
 
 
 def test_pool_needs_relu_and_a_forward_that_applies_it():

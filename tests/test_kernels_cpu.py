@@ -250,6 +250,21 @@ for dtype, tol in dtypes[:2]:
         yr.backward(dy.double())
         for ours, theirs in zip(got, (yr, xr.grad, wr.grad, br.grad)):
             torch.testing.assert_close(ours.double(), theirs.double(), rtol=tol, atol=tol)
+# in float16 and bfloat16 (float32 parameters): the composition of the path's own norm-ReLU
+# and max_pool2d, the output bit for bit (ties of values that round alike included)
+for dtype in (torch.float16, torch.bfloat16):
+    for shape in ((3, 19, 7, 9), (2, 40, 4, 6)):
+        x = (torch.randn(shape) * 2 + 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(shape[1]), torch.randn(shape[1])
+        y, mean, invstd = nb.batch_norm_forward(x, w, b, 1e-5, True)
+        out, choice = nb.relu_pool_forward(x, w, b, mean, invstd)
+        want, index = torch.nn.functional.max_pool2d(y, 2, return_indices=True)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        dy = torch.randn_like(out)
+        dx, dw, db = nb.relu_pool_backward(dy, x, choice, w, b, mean, invstd, False)
+        yr = y.detach().float().requires_grad_()
+        torch.nn.functional.max_pool2d(yr, 2).backward(dy.float())
+        torch.testing.assert_close(db, (yr.grad * (y > 0)).sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
 print("ok")
 """
 

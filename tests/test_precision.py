@@ -11,7 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from normbench.kernels import batch_norm_stats, batch_norm_synced, batch_norm_tracked
+from normbench.kernels import (
+    batch_norm,
+    batch_norm_stats,
+    batch_norm_synced,
+    batch_norm_tracked,
+)
 
 LOW = [torch.bfloat16, torch.float16]
 #: the dtype's rounding: half an ulp of 1 (bfloat16: 8 significant bits, float16: 11)
@@ -88,6 +93,35 @@ def test_synced_with_one_part_is_the_tracked_forward(dtype, relu):
     tol = 1e-12 if dtype == torch.float64 else 4 * ULP[torch.bfloat16] * 8
     for ours, theirs in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(ours.double(), theirs.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_eval_gradients_are_computed_in_float32(dtype, relu):
+    """The eval-mode backward (running statistics) of a float16/bfloat16 input with float32
+    parameters computes in float32, as torch's: weight and bias gradients match float64
+    of the same values to float32's precision (in bfloat16 arithmetic they were off by
+    about bfloat16's epsilon), dx within one rounding of its dtype."""
+    x0 = _input(dtype, mean=0.5)
+    dy = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    rm, rv = torch.linspace(-0.5, 0.5, 8), torch.linspace(0.5, 2.0, 8)
+    got, want = [], []
+    for exact in (False, True):
+        cast = (lambda t: t.double()) if exact else (lambda t: t)
+        x = cast(x0).clone().requires_grad_(True)
+        w = cast(torch.linspace(0.5, 1.5, 8)).requires_grad_(True)
+        b = cast(torch.linspace(-1.0, 1.0, 8)).requires_grad_(True)
+        if exact:
+            y = torch.nn.functional.batch_norm(x, rm.double(), rv.double(), w, b, False, 0.1, 1e-5)
+            y = torch.relu(y) if relu else y
+        else:
+            y = batch_norm(x, rm, rv, w, b, training=False, relu=relu)
+        (y.double() * dy.double()).sum().backward()
+        (want if exact else got).extend([x.grad, w.grad, b.grad])
+    assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == torch.float32
+    torch.testing.assert_close(got[0].double(), want[0], rtol=ULP[dtype] * 2, atol=ULP[dtype])
+    for ours, theirs in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-4)
 
 
 def _variants():

@@ -602,9 +602,19 @@ typedef uint16_t U16xW __attribute__((vector_size(kVecBytes / 2)));
 typedef uint32_t U32xW __attribute__((vector_size(kVecBytes)));
 
 inline Vec<float> bfloat16_to_float(const c10::BFloat16* p) {
+  U32xW bits;
+#if defined(__AVX512F__)  // one vpmovzxwd: GCC 12 widens a 16-lane vector in halves
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  std::memcpy(&bits, &w, sizeof(bits));
+#elif defined(__AVX2__)
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&bits, &w, sizeof(bits));
+#else
   U16xW h;
   std::memcpy(&h, p, sizeof(h));
-  const U32xW bits = __builtin_convertvector(h, U32xW) << 16;
+  bits = __builtin_convertvector(h, U32xW);
+#endif
+  bits <<= 16;
   Vec<float> v;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
@@ -1910,9 +1920,12 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
     std::vector<int64_t> dims{0};
     for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
     const double eps = ctx->saved_data["eps"].toDouble();
-    const at::Tensor invstd = at::rsqrt(running_var.to(at::kDouble) + eps).to(grad_y.scalar_type());
-    const at::Tensor scale =
-        weight.defined() ? invstd * weight.reshape({-1}).to(grad_y.scalar_type()) : invstd;
+    // in float32 for bfloat16 and float16 gradients, as torch's eval backward computes them
+    // (its products and sums rounded to bfloat16 were off by about bfloat16's epsilon)
+    const auto acc = at::toOpMathType(grad_y.scalar_type());
+    grad_y = grad_y.to(acc);
+    const at::Tensor invstd = at::rsqrt(running_var.to(at::kDouble) + eps).to(acc);
+    const at::Tensor scale = weight.defined() ? invstd * weight.reshape({-1}).to(acc) : invstd;
     at::Tensor dx, dweight, dbias;
     if (ctx->needs_input_grad(0)) dx = (grad_y * scale.reshape(shape)).to(x.scalar_type());
     // needs_input_grad counts the tensors given: the bias is input 3 where no weight is
@@ -2121,7 +2134,64 @@ inline void window_inputs(const T* top, int64_t W, int64_t C, int64_t wo, const 
   in[3] = in[2] + C;
 }
 
-// x: (N, C, H, W) channels_last float/double, at least 2x2; mean and invstd: C values of a
+// v rounded to the storage type S and back (bfloat16 and float16 in float vectors), in
+// registers: bfloat16 by the bits (as float_to_bfloat16 rounds: to nearest even, a NaN kept
+// a NaN), float16 by F16C's conversions; elsewhere through memory.
+template <typename S, typename T>
+inline Vec<T> rounded_to(const Vec<T>& v) {
+  if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float>) {
+    U32xW bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const U32xW r = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) & 0xFFFF0000u;
+    Vec<float> out;
+    std::memcpy(&out, &r, sizeof(out));
+    return v != v ? v : out;
+#if defined(__F16C__)
+  } else if constexpr (std::is_same_v<S, c10::Half> && std::is_same_v<T, float>) {
+    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    Vec<float> out;
+#if defined(__AVX512F__)
+    __m512 f;
+    std::memcpy(&f, &v, sizeof(f));
+    const __m512 r = _mm512_cvtph_ps(_mm512_cvtps_ph(f, kRound));
+#else
+    __m256 f;
+    std::memcpy(&f, &v, sizeof(f));
+    const __m256 r = _mm256_cvtph_ps(_mm256_cvtps_ph(f, kRound));
+#endif
+    std::memcpy(&out, &r, sizeof(out));
+    return out;
+#endif
+  } else {
+    S t[kWidth<T>];
+    store_vec<T>(t, v);
+    return load_vec<T>(t);
+  }
+}
+
+// What a window's max-pooling compares, from z in the compute type T: z itself where x is
+// of T (float, double); in a reduced type S (bfloat16, float16), relu(z) rounded to S, the
+// norm layer's output that the composed max_pool2d reads, so that its ties (two values that
+// round alike) are broken as the composition breaks them, by the first.
+template <typename S, typename T>
+inline Vec<T> pooled_keys(const Vec<T>& z) {  // (T named: a Vec<T> does not deduce it)
+  if constexpr (std::is_same_v<S, T>) {
+    return z;
+  } else {
+    return rounded_to<S, T>(relu(z));
+  }
+}
+
+template <typename S, typename T>
+inline T pooled_key(T z) {
+  if constexpr (std::is_same_v<S, T>) {
+    return z;
+  } else {
+    return static_cast<T>(static_cast<S>(relu(z)));
+  }
+}
+
+// x: (N, C, H, W) channels_last float/double/bfloat16/float16, at least 2x2; mean and invstd: C values of a
 // floating dtype (per_channel reads them in x's).
 void check_pooled(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                   const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
@@ -2129,8 +2199,10 @@ void check_pooled(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
   check_affine(x, weight, bias);
   TORCH_CHECK(x.dim() == 4, "the pooled layer takes (N, C, H, W) input, got ", x.dim(),
               " dimensions");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "the pooled layer computes in float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                  reduced_float(x.scalar_type()),
+              "the pooled layer reads float32, float64, bfloat16 or float16, got ",
+              x.scalar_type());
   TORCH_CHECK(x.size(2) >= 2 && x.size(3) >= 2, "the pooled layer needs at least 2x2 planes, got ",
               x.size(2), "x", x.size(3));
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
@@ -2149,8 +2221,10 @@ std::tuple<at::Tensor, at::Tensor> relu_pool_forward(
   const int64_t Ho = H / 2, Wo = W / 2;
   auto out = at::empty({N, C, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   auto choice = at::empty({N, Ho, Wo, C}, x.options().dtype(at::kByte));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_pool_forward", [&] {
-    using T = scalar_t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "relu_pool_forward", [&] {
+    using S = scalar_t;              // x's and the output's type
+    using T = at::opmath_type<S>;    // the compute type: float for bfloat16 and float16
+    constexpr bool kReduced = !std::is_same_v<S, T>;
     using V = Vec<T>;
     using Mk = Mask<T>;
     constexpr int L = kWidth<T>;
@@ -2159,45 +2233,53 @@ std::tuple<at::Tensor, at::Tensor> relu_pool_forward(
     const std::vector<T> w = per_channel<T>(weight, C, T(1));
     const std::vector<T> h = per_channel<T>(bias, C, T(0));
     for (int64_t c = 0; c < C; ++c) k[c] *= w[c];  // the forward's scale: invstd * weight
-    const T *xp = x.const_data_ptr<T>(), *mp = m.data(), *kp = k.data(), *hp = h.data();
-    T* op = out.data_ptr<T>();
+    const S* xp = x.const_data_ptr<S>();
+    const T *mp = m.data(), *kp = k.data(), *hp = h.data();
+    S* op = out.data_ptr<S>();
     uint8_t* cp = choice.data_ptr<uint8_t>();
     at::parallel_for(0, N * Ho, grain_for(N * Ho, 4 * Wo * C), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = r / Ho, ho = r % Ho;
-        const T* top = xp + (n * H + 2 * ho) * W * C;
+        const S* top = xp + (n * H + 2 * ho) * W * C;
         for (int64_t wo = 0; wo < Wo; ++wo) {
-          const T* in[4];
+          const S* in[4];
           window_inputs(top, W, C, wo, in);
-          T* o = op + (r * Wo + wo) * C;
+          S* o = op + (r * Wo + wo) * C;
           uint8_t* ch = cp + (r * Wo + wo) * C;
           int64_t c = 0;
           for (; c + L <= C; c += L) {  // L channels at a time, as the scalar loop below
             const V mv = load_vec<T>(mp + c), kv = load_vec<T>(kp + c), hv = load_vec<T>(hp + c);
-            V best = (load_vec<T>(in[0] + c) - mv) * kv + hv;
+            V taken = (load_vec<T>(in[0] + c) - mv) * kv + hv;  // z of the input taken
+            V best = pooled_keys<S, T>(taken);
             Mk at{};
             for (int j = 1; j < 4; ++j) {
               const V z = (load_vec<T>(in[j] + c) - mv) * kv + hv;
-              const Mk take = (z > best) | (z != z);
-              best = take ? z : best;
+              const V key = pooled_keys<S, T>(z);
+              const Mk take = (key > best) | (key != key);
+              best = take ? key : best;
+              if constexpr (kReduced) taken = take ? z : taken;
               at = take ? Mk{} + j : at;
             }
-            const Mk dead = best <= V{};
+            if constexpr (!kReduced) taken = best;
+            const Mk dead = taken <= V{};  // as the ReLU's gradient: z <= 0
             store_vec<T>(o + c, dead ? V{} : best);
             store_choice<T>(ch + c, dead ? Mk{} + kDead : at);
           }
           for (; c < C; ++c) {
-            T best = (in[0][c] - mp[c]) * kp[c] + hp[c];
+            T taken = (static_cast<T>(in[0][c]) - mp[c]) * kp[c] + hp[c];
+            T best = pooled_key<S>(taken);
             uint8_t at = 0;
             for (uint8_t j = 1; j < 4; ++j) {
-              const T z = (in[j][c] - mp[c]) * kp[c] + hp[c];
-              if (z > best || z != z) {  // max_pool2d's rule: the first largest, or a NaN
-                best = z;
+              const T z = (static_cast<T>(in[j][c]) - mp[c]) * kp[c] + hp[c];
+              const T key = pooled_key<S>(z);
+              if (key > best || key != key) {  // max_pool2d's rule: the first largest, or a NaN
+                best = key;
+                taken = z;
                 at = j;
               }
             }
-            const bool dead = best <= T(0);  // a NaN lives, as relu and its gradient keep it
-            o[c] = dead ? T(0) : best;
+            const bool dead = taken <= T(0);  // a NaN lives, as relu and its gradient keep it
+            o[c] = dead ? S(0) : static_cast<S>(best);
             ch[c] = dead ? kDead : at;
           }
         }
@@ -2238,15 +2320,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_pool_backward(
   const auto acc = at::toOpMathType(x.scalar_type());
   auto dweight = empty_channels(C, acc);
   auto dbias = empty_channels(C, acc);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_pool_backward", [&] {
-    using T = scalar_t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "relu_pool_backward", [&] {
+    using S = scalar_t;            // x's, grad_out's and dx's type
+    using T = at::opmath_type<S>;  // the compute type (and dweight's, dbias')
     using V = Vec<T>;
     using Mk = Mask<T>;
     constexpr int L = kWidth<T>;
     const std::vector<T> m = per_channel<T>(mean, C, T(0));
     const std::vector<T> k = per_channel<T>(invstd, C, T(1));
     const std::vector<T> w = per_channel<T>(weight, C, T(1));
-    const T *xp = x.const_data_ptr<T>(), *gp = g.const_data_ptr<T>(), *mp = m.data();
+    const S *xp = x.const_data_ptr<S>(), *gp = g.const_data_ptr<S>();
+    const T* mp = m.data();
     const uint8_t* cp = choice.const_data_ptr<uint8_t>();
     // Pass 1: sum(dz) and sum(dz * (x - mean)) per channel, over a task's rows of windows in
     // T and across rows in double; tasks' partial sums reduced after. Every value of x is in
@@ -2258,18 +2342,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_pool_backward(
       double* s = partial.data() + 2 * C * at::get_thread_num();
       std::vector<T> row(2 * C);
       // values no window pools (an odd last column or row): dz = 0
-      auto unpooled = [&](const T* xe, T* sdx) {
-        for (int64_t c = 0; c < C; ++c) sdx[c] += T(0) * (xe[c] - mp[c]);
+      auto unpooled = [&](const S* xe, T* sdx) {
+        for (int64_t c = 0; c < C; ++c) sdx[c] += T(0) * (static_cast<T>(xe[c]) - mp[c]);
       };
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = r / Ho, ho = r % Ho;
-        const T* top = xp + (n * H + 2 * ho) * W * C;
+        const S* top = xp + (n * H + 2 * ho) * W * C;
         std::fill(row.begin(), row.end(), T(0));
         T *sd = row.data(), *sdx = row.data() + C;
         for (int64_t wo = 0; wo < Wo; ++wo) {
-          const T* in[4];
+          const S* in[4];
           window_inputs(top, W, C, wo, in);
-          const T* gr = gp + (r * Wo + wo) * C;
+          const S* gr = gp + (r * Wo + wo) * C;
           const uint8_t* ch = cp + (r * Wo + wo) * C;
           int64_t c = 0;
           for (; c + L <= C; c += L) {
@@ -2284,8 +2368,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_pool_backward(
           }
           for (; c < C; ++c) {
             const uint8_t j = ch[c];
-            for (uint8_t i = 0; i < 4; ++i) sdx[c] += (j == i ? gr[c] : T(0)) * (in[i][c] - mp[c]);
-            sd[c] += j < 4 ? gr[c] : T(0);
+            const T gc = static_cast<T>(gr[c]);
+            for (uint8_t i = 0; i < 4; ++i) {
+              sdx[c] += (j == i ? gc : T(0)) * (static_cast<T>(in[i][c]) - mp[c]);
+            }
+            sd[c] += j < 4 ? gc : T(0);
           }
         }
         if (W & 1) {
@@ -2322,7 +2409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_pool_backward(
       e[c] = batch_stats ? static_cast<T>(-kc * wc * sum_d[c] / M) : T(0);
     }
     const T *ap = a.data(), *bp = b.data(), *ep = e.data();
-    T* dxp = dx.data_ptr<T>();
+    S* dxp = dx.data_ptr<S>();
     // Pass 2: every input value, a row (n, h) of W * C at a time. Without batch statistics
     // dx = a * dz alone: x is not read (a NaN in it gives no NaN gradient, as torch's).
     auto pass2 = [&](auto batch_tag) {
@@ -2333,16 +2420,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_pool_backward(
       at::parallel_for(0, N * H, grain_for(N * H, W * C), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t n = r / H, hh = r % H;
-          const T* xr = xp + r * W * C;
-          T* dr = dxp + r * W * C;
+          const S* xr = xp + r * W * C;
+          S* dr = dxp + r * W * C;
           const bool pooled_row = hh < 2 * Ho;
           const uint8_t dy = static_cast<uint8_t>(2 * (hh & 1));
           for (int64_t ww = 0; ww < W; ++ww) {
-            const T* xv = xr + ww * C;
-            T* out = dr + ww * C;
+            const S* xv = xr + ww * C;
+            S* out = dr + ww * C;
             if (pooled_row && ww < 2 * Wo) {
               const int64_t at = (n * Ho + hh / 2) * Wo + ww / 2;
-              const T* gr = gp + at * C;
+              const S* gr = gp + at * C;
               const uint8_t* ch = cp + at * C;
               const uint8_t mine = dy + static_cast<uint8_t>(ww & 1);
               int64_t c = 0;
@@ -2356,15 +2443,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relu_pool_backward(
                 }
               }
               for (; c < C; ++c) {
-                const T d = ch[c] == mine ? gr[c] : T(0);
-                out[c] = kBatch ? ap[c] * d + (bp[c] * (xv[c] - mp[c]) + ep[c]) : ap[c] * d;
+                const T d = ch[c] == mine ? static_cast<T>(gr[c]) : T(0);
+                const T xc = static_cast<T>(xv[c]);
+                out[c] = static_cast<S>(kBatch ? ap[c] * d + (bp[c] * (xc - mp[c]) + ep[c]) : ap[c] * d);
               }
             } else {
               int64_t c = 0;
               for (; c + L <= C; c += L) {
                 store_vec<T>(out + c, kBatch ? rest(load_vec<T>(xv + c), c) : V{});
               }
-              for (; c < C; ++c) out[c] = kBatch ? bp[c] * (xv[c] - mp[c]) + ep[c] : T(0);
+              for (; c < C; ++c) {
+                out[c] = static_cast<S>(kBatch ? bp[c] * (static_cast<T>(xv[c]) - mp[c]) + ep[c] : T(0));
+              }
             }
           }
         }

@@ -141,14 +141,21 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
     dtypes(x, weight, bias)
 
 
+#: The dtypes the pooled operators read (bfloat16 and float16 computed in float32).
+POOLED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def pooled(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor):
     """``relu_pool_forward``'s and ``relu_pool_backward``'s common arguments: the forward's,
-    and x a channels_last (N, C, H, W) float32 or float64 tensor of 2x2 planes or larger."""
+    and x a channels_last (N, C, H, W) tensor of :data:`POOLED_DTYPES`, of 2x2 planes or
+    larger."""
     forward(x, weight, bias)
     if x.dim() != 4:
         raise RuntimeError(f"the pooled layer takes (N, C, H, W) input, got {x.dim()} dimensions")
-    if x.dtype not in (torch.float32, torch.float64):
-        raise RuntimeError(f"the pooled layer computes in float32 or float64, got {x.dtype}")
+    if x.dtype not in POOLED_DTYPES:
+        raise RuntimeError(
+            f"the pooled layer reads float32, float64, bfloat16 or float16, got {x.dtype}"
+        )
     if x.shape[2] < 2 or x.shape[3] < 2:
         raise RuntimeError(
             f"the pooled layer needs at least 2x2 planes, got {x.shape[2]}x{x.shape[3]}"

@@ -35,8 +35,9 @@ which also registers their CPU kernels and their autograd, once for every device
   batch_stats=True) -> (dx, dweight, dbias)`` (``batch_stats=False``: the statistics are
   constants, as running ones are): the norm with statistics given, its ReLU and a 2x2 max-pooling
   of stride 2 in one pass each way (``choice``: which of its window's four values each
-  output took, a byte, 255 where the ReLU zeroed it). CPU only, channels_last float32 and
-  float64 (``relu_pool`` here; the layers compose the unfused operators elsewhere).
+  output took, a byte, 255 where the ReLU zeroed it). CPU only, channels_last float32,
+  float64, bfloat16 and float16 (the last two computed in float32: ``relu_pool`` here; the
+  layers compose the unfused operators elsewhere).
 - ``normbench::stream_threshold() -> int``: the bytes from which the CPU kernels write
   their outputs with streaming stores (``NORMBENCH_KERNEL_STREAM_BYTES``, else a quarter
   of the last-level cache), for reports such as ``normbench bench``'s.
@@ -321,11 +322,11 @@ def relu_pool_backward(
 
 def relu_pool_applies(x: Tensor, backend: str) -> bool:
     """Whether :func:`relu_pool_forward` runs ``x`` (``backend`` unresolved): a
-    channels_last (N, C, H, W) float32 or float64 CPU tensor of at least one value and
-    2x2 planes, on the ``cpu`` backend."""
+    channels_last (N, C, H, W) float32, float64, bfloat16 or float16 CPU tensor of at
+    least one value and 2x2 planes, on the ``cpu`` backend."""
     return (
         x.dim() == 4
-        and x.dtype in (torch.float32, torch.float64)
+        and x.dtype in checks.POOLED_DTYPES
         and x.shape[2] >= 2
         and x.shape[3] >= 2
         and x.numel() > 0

@@ -45,10 +45,10 @@ class BatchNorm(_BatchNorm):
     writes the activated output and masks the gradient inside its own backward, one pass
     less each way than a ReLU module after it, with the same results. ``pool=True`` (with
     ``relu=True``) adds the 2x2 max-pooling of stride 2 that follows in small_cnn
-    (``F.max_pool2d(y, 2)``): on the CPU kernel with channels_last float32 or float64
-    input, the layer writes the pooled output in the normalizing pass and its backward
-    takes the pooled gradient without the full-size one (docs/kernel.md); elsewhere it
-    composes the two, with the same results.
+    (``F.max_pool2d(y, 2)``): on the CPU kernel with channels_last input (float32,
+    float64, bfloat16 or float16), the layer writes the pooled output in the normalizing
+    pass and its backward takes the pooled gradient without the full-size one
+    (docs/kernel.md); elsewhere it composes the two, with the same results.
     """
 
     prefers_channels_last = True  # memory_format=auto: channels_last on the CPU (faster)
