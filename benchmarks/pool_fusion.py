@@ -8,7 +8,11 @@ dtype runs), and against torch's ``nn.BatchNorm2d``, ``nn.ReLU`` and ``nn.MaxPoo
 ``torch_bn`` runs). The three alternate within each repeat, in one process (the machine's
 speed drifts); the medians and the ratios to the fused layer are printed, with the CPU.
 
-Usage: python benchmarks/pool_fusion.py [--repeats 30] [--batch-size 128] [--quick]
+``--dtype bfloat16`` (or ``float16``) times the layers on that input with float32 parameters,
+as ``precision=bf16`` hands them the convolutions' output under autocast.
+
+Usage: python benchmarks/pool_fusion.py [--repeats 30] [--batch-size 128] [--dtype float32]
+       [--quick]
 """
 
 from __future__ import annotations
@@ -53,16 +57,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--dtype", choices=["float32", "float64", "bfloat16", "float16"], default="float32"
+    )
     parser.add_argument("--quick", action="store_true", help="3 repeats of batch 8")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.batch_size = 3, 8
     keep_freed_memory()  # as a run has it (normbench.allocator)
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    dtype = getattr(torch, args.dtype)
+    print(
+        f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{args.dtype} input"
+    )
     for channels, size in ((32, 28), (64, 14)):
         shape = (args.batch_size, channels, size, size)
-        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-        grad = torch.randn(shape[0], channels, size // 2, size // 2)
+        x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+        grad = torch.randn(shape[0], channels, size // 2, size // 2).to(dtype)
         grad = grad.contiguous(memory_format=torch.channels_last)
         candidates = layers(channels)
         times: dict[str, list[float]] = {name: [] for name in candidates}

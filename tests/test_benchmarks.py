@@ -142,8 +142,10 @@ def test_the_ddp_step_script_splits_a_step_into_computation_and_reduction():
     assert "94,186 float32" in out  # small_cnn's parameters, in one all_reduce
 
 
-def test_the_pool_fusion_script_times_the_three_forms_of_both_layers():
-    out = run_script("pool_fusion.py", "--quick")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_pool_fusion_script_times_the_three_forms_of_both_layers(dtype):
+    out = run_script("pool_fusion.py", "--quick", "--dtype", dtype)
+    assert f"{dtype} input" in out
     rows = [line for line in out.splitlines() if line.startswith(("8x32x28x28", "8x64x14x14"))]
     assert len(rows) == 2
     for row in rows:
