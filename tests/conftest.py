@@ -26,6 +26,9 @@ from normbench.rundir import METRIC_COLUMNS, SUMMARY_FIELDS, metrics_frame
 # own handler, as under a terminal.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+# Likewise SIGHUP under `nohup pytest`: the tests of a closed terminal need the default.
+if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 # The test cluster has one node, whose submitit folders are on this disk: a job's result
 # file is there when the job ends, and submitit's 15 s wait for a shared file system to

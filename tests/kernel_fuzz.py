@@ -87,8 +87,9 @@ RENAMED = {"'native_batch_norm'": "'batch_norm'"}
 #:   exception types (NotImplementedError, or a RuntimeError of mean() or of a bool
 #:   subtraction), after or before its other checks: normbench refuses it, cleanly, in its
 #:   own order;
-#: - torch's meta kernels take an input of any dtype: normbench's refuse what its CPU kernel
-#:   would (a meta input stands for a CPU or CUDA one).
+#: - torch's meta kernels take an input of any dtype, and a 1-d input: normbench's refuse
+#:   what its CPU kernel would (a meta input stands for a CPU or CUDA one; torch's CPU
+#:   kernel raises the same IndexError for a 1-d input).
 DIFFERENCES = {
     "expanded running statistics": lambda case, ours, theirs: (
         isinstance(ours, RuntimeError)
@@ -115,6 +116,12 @@ DIFFERENCES = {
         isinstance(ours, NotImplementedError)
         and case["x"]["device"] == "meta"
         and case["x"]["dtype"] not in FLOATS
+    ),
+    "torch's meta kernel on a 1-d input": lambda case, ours, theirs: (
+        isinstance(ours, IndexError)
+        and "Dimension out of range" in str(ours)
+        and case["x"]["device"] == "meta"
+        and len(case["x"]["shape"]) == 1
     ),
     "torch's errors for an integer input": lambda case, ours, theirs: (
         isinstance(ours, (RuntimeError, NotImplementedError, IndexError, ValueError))
