@@ -71,10 +71,13 @@ def wait_for(predicate, timeout: float, what: str):
 
 def lock_of(cwd: Path, epochs: int) -> dict | None:
     """The lock record of the run with ``epochs`` epochs, once it trains."""
-    for path in (cwd / "results" / "default" / "runs").glob("*/config.yaml"):
-        if f"\nepochs: {epochs}\n" in f"\n{path.read_text()}":
-            try:
+    try:
+        configs = list((cwd / "results" / "default" / "runs").glob("*/config.yaml"))
+        for path in configs:
+            if f"\nepochs: {epochs}\n" in f"\n{path.read_text()}":
                 return json.loads((path.parent / ".lock").read_text())
-            except (OSError, ValueError):
-                return None
+    except (OSError, ValueError):
+        # Not there yet, or going: a job's check that it can write its folder makes the
+        # missing parents and removes them again (rundir), under this glob's feet.
+        return None
     return None
