@@ -224,7 +224,7 @@ def train(
             if result.steps >= total:
                 break
         elapsed = time.perf_counter() - start
-        hits = ddp.all_sum([correct.item()], device)[0] if rank else correct.item()
+        hits = ddp.all_sum([correct.item()], device)[0] if rank is not None else correct.item()
         evaluation = (settings.eval_batch_size, settings.precision, rank)
         test_loss, test_acc = evaluate(model, data.test_x, data.test_y, *evaluation)
         record = {

@@ -620,11 +620,17 @@ inline Vec<float> bfloat16_to_float(const c10::BFloat16* p) {
   return v;
 }
 
+// Float bits rounded to nearest even at bfloat16's precision, in their top 16 bits (the
+// low ones are the caller's to drop): c10::BFloat16's rounding, NaN aside.
+inline U32xW bfloat16_rounding(const U32xW& bits) {
+  return bits + (((bits >> 16) & 1u) + 0x7FFFu);
+}
+
 // Rounded to nearest even, NaN to 0x7FC0: c10::BFloat16's own conversion.
 inline void float_to_bfloat16(c10::BFloat16* p, const Vec<float>& v) {
   U32xW bits;
   std::memcpy(&bits, &v, sizeof(bits));
-  const U32xW rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const U32xW rounded = bfloat16_rounding(bits) >> 16;
   const U32xW nan = U32xW{} + 0x7FC0u;
   const U16xW h = __builtin_convertvector(v != v ? nan : rounded, U16xW);
   std::memcpy(p, &h, sizeof(h));
@@ -1934,12 +1940,11 @@ struct EvalFunction : public torch::autograd::Function<EvalFunction> {
       // sum(dy * (x - mean)) * invstd, scaled after the sum as torch's eval backward scales
       // it: with invstd infinite (eps 0, a running variance of 0) a per-value scale made
       // inf - inf = NaN of a sum that is +-inf in torch's
-      const at::Tensor centred =
-          x.to(grad_y.scalar_type()) - running_mean.to(grad_y.scalar_type()).reshape(shape);
+      const at::Tensor centred = x.to(acc) - running_mean.to(acc).reshape(shape);
       dweight = grad_as((grad_y * centred).sum(dims) * invstd, weight.scalar_type(), weight);
     }
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(bias_input)) {
-      dbias = grad_as(grad_y.sum(dims), grad_y.scalar_type(), bias);
+      dbias = grad_as(grad_y.sum(dims), acc, bias);
     }
     return {dx, at::Tensor(), at::Tensor(), dweight, dbias, at::Tensor(), at::Tensor()};
   }
@@ -2142,7 +2147,7 @@ inline Vec<T> rounded_to(const Vec<T>& v) {
   if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float>) {
     U32xW bits;
     std::memcpy(&bits, &v, sizeof(bits));
-    const U32xW r = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) & 0xFFFF0000u;
+    const U32xW r = bfloat16_rounding(bits) & 0xFFFF0000u;
     Vec<float> out;
     std::memcpy(&out, &r, sizeof(out));
     return v != v ? v : out;
@@ -2191,8 +2196,8 @@ inline T pooled_key(T z) {
   }
 }
 
-// x: (N, C, H, W) channels_last float/double/bfloat16/float16, at least 2x2; mean and invstd: C values of a
-// floating dtype (per_channel reads them in x's).
+// x: (N, C, H, W) channels_last float/double/bfloat16/float16, at least 2x2; mean and
+// invstd: C values of a floating dtype (per_channel reads them in the compute type).
 void check_pooled(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                   const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
                   const at::Tensor& invstd) {
