@@ -7,8 +7,9 @@ per-sample Python. Augmentation (random crop with zero padding, horizontal
 flip) is one vectorised gather per batch, so it runs wherever the data lives.
 
 ``digits`` is scikit-learn's bundled copy of the UCI handwritten digits, so a
-machine without network can always run. The other data sets are read by
-torchvision's own dataset classes from their usual layout under ``root``:
+machine without network can always run (its split is cached by
+:mod:`normbench.digits`). The other data sets are read by torchvision's own dataset
+classes from their usual layout under ``root``:
 normbench never parses the files itself, and keeps torchvision's integrity
 checks.
 
@@ -43,8 +44,6 @@ PAD = 4  # pixels of zero padding around an image before its random crop (max sh
 _VAL_SPLIT_SEED = 20240611  # the validation split: fixed, whatever the run's seed
 _TRAIN_SUBSET_SEED = 0
 _TEST_SUBSET_SEED = 1
-_DIGITS_SPLIT_SEED = 0  # sklearn's train_test_split random_state for digits
-_DIGITS_TEST_FRACTION = 0.2  # 1797 images -> 1437 train / 360 test
 
 
 @dataclass(frozen=True)
@@ -265,28 +264,17 @@ def _where_to_get(cls: type) -> str:
 
 
 def _load_digits():
-    import numpy as np
     import torch
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
-    bunch = load_digits()
-    images = bunch.images.astype(np.uint8)[:, None]  # (1797, 1, 8, 8), values 0..16
-    labels = bunch.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)),
-        test_size=_DIGITS_TEST_FRACTION,
-        stratify=labels,
-        random_state=_DIGITS_SPLIT_SEED,
-    )
-    # Sorted: the split is a set of images; keep the data set's own order within it.
-    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    from normbench import digits
+
+    train_x, train_y, test_x, test_y = digits.split()
     return (
-        torch.from_numpy(images[train_idx]),
-        torch.from_numpy(labels[train_idx]),
-        torch.from_numpy(images[test_idx]),
-        torch.from_numpy(labels[test_idx]),
-        16,
+        torch.from_numpy(train_x),
+        torch.from_numpy(train_y),
+        torch.from_numpy(test_x),
+        torch.from_numpy(test_y),
+        digits.LEVELS,
     )
 
 

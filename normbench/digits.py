@@ -1,0 +1,122 @@
+"""scikit-learn's handwritten digits, split into training and test images once and cached.
+
+Importing scikit-learn takes about a second (it imports scipy), as long as several
+epochs of a digits run. The split (``train_test_split``, stratified, a fixed seed)
+depends only on scikit-learn's version, so the first run of a version stores it in
+``~/.cache/normbench/digits/`` (or ``$NORMBENCH_DATA_CACHE``) and later runs read that
+file, a few milliseconds, without importing scikit-learn.
+
+The file is never trusted: it is read without pickles, and one whose arrays differ in
+name, dtype, shape or range from a split of the 1,797 images is recomputed and replaced.
+A folder that cannot be written costs the second, nothing else. The file is written to
+a temporary name and renamed, so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+TEST_FRACTION = 0.2  # 1797 images -> 1437 train / 360 test
+SPLIT_SEED = 0  # train_test_split's random_state
+IMAGES = 1797
+LEVELS = 16  # grey levels 0..16
+CLASSES = 10
+_TRAIN = IMAGES - math.ceil(IMAGES * TEST_FRACTION)  # train_test_split rounds the test size up
+_KEYS = ("train_x", "train_y", "test_x", "test_y")
+
+
+def cache_folder() -> Path:
+    root = os.environ.get("NORMBENCH_DATA_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "normbench"
+    return base / "digits"
+
+
+def _cache_file() -> Path | None:
+    try:
+        version = metadata.version("scikit-learn")
+    except metadata.PackageNotFoundError:
+        return None
+    # The version names the file: a character outside [0-9A-Za-z.+-_] never reaches a path.
+    safe = "".join(c if c.isalnum() or c in ".+-_" else "_" for c in version)
+    return cache_folder() / f"split-{safe}.npz"
+
+
+def split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(train_x, train_y, test_x, test_y)``: uint8 images ``(N, 1, 8, 8)`` with values
+    0..16 and int64 labels 0..9, each split in the data set's own order."""
+    path = _cache_file()
+    if path is not None:
+        cached = _read(path)
+        if cached is not None:
+            return cached
+    arrays = _compute()
+    if path is not None:
+        _write(path, arrays)
+    return arrays
+
+
+def _compute() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.uint8)[:, None]  # (1797, 1, 8, 8), values 0..16
+    labels = bunch.target.astype(np.int64)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=TEST_FRACTION, stratify=labels, random_state=SPLIT_SEED
+    )
+    # Sorted: the split is a set of images; keep the data set's own order within it.
+    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The cached split, or None where the file is missing or not a split of the digits."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if sorted(npz.files) != sorted(_KEYS):
+                return None
+            arrays = tuple(npz[key] for key in _KEYS)
+    except Exception:  # noqa: BLE001 - whatever a damaged file raises, the cure is to recompute
+        return None
+    return arrays if _valid(*arrays) else None
+
+
+def _valid(train_x, train_y, test_x, test_y) -> bool:
+    shapes = {
+        "train_x": (_TRAIN, 1, 8, 8),
+        "train_y": (_TRAIN,),
+        "test_x": (IMAGES - _TRAIN, 1, 8, 8),
+        "test_y": (IMAGES - _TRAIN,),
+    }
+    for key, array, dtype, top in (
+        ("train_x", train_x, np.uint8, LEVELS),
+        ("train_y", train_y, np.int64, CLASSES - 1),
+        ("test_x", test_x, np.uint8, LEVELS),
+        ("test_y", test_y, np.int64, CLASSES - 1),
+    ):
+        if array.dtype != dtype or array.shape != shapes[key]:
+            return False
+        if array.min() < 0 or array.max() > top:
+            return False
+    return True
+
+
+def _write(path: Path, arrays: tuple[np.ndarray, ...]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".split-", suffix=".npz")
+    except OSError:
+        return  # a folder that cannot be written: the split is computed on every run
+    try:
+        with os.fdopen(fd, "wb") as out:
+            np.savez(out, **dict(zip(_KEYS, arrays, strict=True)))
+        os.replace(temp, path)
+    except OSError:
+        Path(temp).unlink(missing_ok=True)

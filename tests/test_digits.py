@@ -1,0 +1,142 @@
+"""normbench.digits: scikit-learn's split of the digits, cached, and a damaged cache ignored."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from normbench import digits
+
+
+def sklearn_split():
+    """The split as scikit-learn makes it, independently of normbench's cache."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.uint8)[:, None]
+    labels = bunch.target.astype(np.int64)
+    train, test = train_test_split(
+        np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0
+    )
+    train, test = np.sort(train), np.sort(test)
+    return images[train], labels[train], images[test], labels[test]
+
+
+def same(got, want) -> bool:
+    return len(got) == len(want) == 4 and all(
+        a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+        for a, b in zip(got, want, strict=True)
+    )
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMBENCH_DATA_CACHE", str(tmp_path))
+    return tmp_path / "digits"
+
+
+def cached_files(folder):
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_the_split_is_sklearns_and_a_second_process_reads_it_without_sklearn(cache):
+    want = sklearn_split()
+    assert [len(a) for a in want] == [1437, 1437, 360, 360]
+    assert same(digits.split(), want)
+    (name,) = cached_files(cache)  # one file, no temporary left beside it
+    assert name.startswith("split-") and name.endswith(".npz")
+
+    code = (
+        "import sys, numpy as np\n"
+        "from normbench import digits\n"
+        "arrays = digits.split()\n"
+        "assert 'sklearn' not in sys.modules, 'scikit-learn imported'\n"
+        "np.savez(sys.argv[1], *arrays)\n"
+    )
+    out = cache.parent / "out.npz"
+    env = {**os.environ, "NORMBENCH_DATA_CACHE": str(cache.parent)}
+    done = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    with np.load(out) as npz:
+        assert same([npz[f"arr_{i}"] for i in range(4)], want)
+
+
+def _damages(good: bytes, arrays):
+    """Files that are not a split of the digits, each with what is wrong with it."""
+    train_x, train_y, test_x, test_y = arrays
+    yield "empty", b""
+    yield "truncated", good[: len(good) // 2]
+    yield "not a zip", b"PK\x03\x04" + b"\x00" * 64
+    rng = np.random.default_rng(0)
+    for i in range(6):  # random bytes flipped inside the file
+        data = bytearray(good)
+        for at in rng.integers(0, len(data), size=8):
+            data[at] ^= 0xFF
+        yield f"flipped {i}", bytes(data)
+
+    def npz(**arrays):
+        from io import BytesIO
+
+        buffer = BytesIO()
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    base = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+    yield "a key missing", npz(**{k: v for k, v in base.items() if k != "test_y"})
+    yield "an extra key", npz(**base, extra=np.zeros(1))
+    yield "labels as int32", npz(**{**base, "train_y": train_y.astype(np.int32)})
+    yield "images as float", npz(**{**base, "test_x": test_x.astype(np.float32)})
+    yield "a label of 10", npz(**{**base, "test_y": np.where(test_y == 3, 10, test_y)})
+    yield "a level of 17", npz(**{**base, "train_x": np.where(train_x == 16, 17, train_x)})
+    yield "images swapped", npz(**{**base, "train_x": test_x, "test_x": train_x})
+    yield "an object array", npz(**{**base, "train_y": np.array([None] * len(train_y))})
+
+
+def test_a_damaged_or_foreign_cache_file_is_recomputed_and_replaced(cache):
+    want = sklearn_split()
+    digits.split()
+    (name,) = cached_files(cache)
+    path = cache / name
+    good = path.read_bytes()
+    for what, data in _damages(good, want):
+        path.write_bytes(data)
+        assert same(digits.split(), want), what
+        assert cached_files(cache) == [name], what
+        with np.load(path, allow_pickle=False) as npz:  # replaced by a good file
+            assert same([npz[k] for k in ("train_x", "train_y", "test_x", "test_y")], want)
+
+
+def test_a_flipped_byte_never_passes_for_the_split(cache):
+    """Fuzz: whatever a damaged file holds, the split returned is scikit-learn's."""
+    want = sklearn_split()
+    digits.split()
+    (name,) = cached_files(cache)
+    path = cache / name
+    good = path.read_bytes()
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        data = bytearray(good)
+        at = int(rng.integers(0, len(data)))
+        data[at] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(data))
+        assert same(digits.split(), want)
+
+
+def test_a_cache_that_cannot_be_written_only_costs_the_recomputation(cache):
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_text("a file where the folder would be")
+    assert same(digits.split(), sklearn_split())
+    assert cache.read_text() == "a file where the folder would be"
+
+
+def test_the_cache_file_is_a_plain_npz(cache):
+    digits.split()
+    (name,) = cached_files(cache)
+    with zipfile.ZipFile(cache / name) as z:
+        assert sorted(z.namelist()) == ["test_x.npy", "test_y.npy", "train_x.npy", "train_y.npy"]
