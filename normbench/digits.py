@@ -38,13 +38,16 @@ def cache_folder() -> Path:
 
 
 def _cache_file() -> Path | None:
+    """The cache file of the installed scikit-learn, or None where there is no place for
+    one (no home folder to be found) or no version to name it by."""
     try:
         version = metadata.version("scikit-learn")
-    except metadata.PackageNotFoundError:
+        folder = cache_folder()
+    except (metadata.PackageNotFoundError, RuntimeError):  # RuntimeError: no home folder
         return None
     # The version names the file: a character outside [0-9A-Za-z.+-_] never reaches a path.
-    safe = "".join(c if c.isalnum() or c in ".+-_" else "_" for c in version)
-    return cache_folder() / f"split-{safe}.npz"
+    safe = "".join(c if (c.isascii() and c.isalnum()) or c in ".+-_" else "_" for c in version)
+    return folder / f"split-{safe}.npz"
 
 
 def split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -140,3 +140,20 @@ def test_the_cache_file_is_a_plain_npz(cache):
     (name,) = cached_files(cache)
     with zipfile.ZipFile(cache / name) as z:
         assert sorted(z.namelist()) == ["test_x.npy", "test_y.npy", "train_x.npy", "train_y.npy"]
+
+
+def test_no_home_folder_only_costs_the_recomputation(monkeypatch):
+    monkeypatch.delenv("NORMBENCH_DATA_CACHE", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(digits.Path, "home", staticmethod(no_home))
+    assert same(digits.split(), sklearn_split())
+
+
+def test_a_hostile_version_string_never_leaves_the_cache_folder(cache, monkeypatch):
+    monkeypatch.setattr(digits.metadata, "version", lambda name: "../../1.0\n/évil")
+    assert same(digits.split(), sklearn_split())
+    (name,) = cached_files(cache)
+    assert name == "split-.._.._1.0___vil.npz"
