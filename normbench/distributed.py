@@ -348,6 +348,7 @@ WORKER_MODULES = [
     "normbench.trackers",
     "normbench.diagnostics",
     "normbench.inference",
+    "normbench.preloaded",  # last: freezes the collector over the modules above
 ]
 
 

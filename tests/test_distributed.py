@@ -565,3 +565,39 @@ def test_a_signal_while_the_servers_start_is_handled_once_they_have():
         [sys.executable, "-c", IGNORING], capture_output=True, text=True, timeout=60
     )
     assert done.stdout.split() == ["inside,handled", "True", "True"], done.stderr
+
+
+FROZEN = """
+import gc, multiprocessing
+from normbench import distributed
+
+def freeze_count(queue):
+    queue.put(gc.get_freeze_count())
+
+if __name__ == "__main__":
+    distributed.prestart(["json", "normbench.preloaded"])
+    context = multiprocessing.get_context(distributed.START_METHOD)
+    queue = context.Queue()
+    worker = context.Process(target=freeze_count, args=(queue,))
+    worker.start()
+    print(queue.get(timeout=60), gc.get_freeze_count())
+    worker.join()
+"""
+
+
+def test_the_fork_server_freezes_the_collector_over_its_imports(tmp_path):
+    """The fork server's last preload (``normbench.preloaded``) freezes its heap: the
+    workers forked from it inherit the frozen objects (and the server's exit no longer
+    collects torch's objects, a second after the run's end); the launching process's own
+    collector is left alone."""
+    from normbench import distributed
+
+    assert distributed.WORKER_MODULES[-1] == "normbench.preloaded"
+    script = tmp_path / "frozen.py"
+    script.write_text(FROZEN)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    in_worker, in_launcher = map(int, done.stdout.split())
+    assert in_worker > 1000 and in_launcher == 0
