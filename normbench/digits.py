@@ -3,20 +3,24 @@
 Importing scikit-learn takes about a second (it imports scipy), as long as several
 epochs of a digits run. The split (``train_test_split``, stratified, a fixed seed)
 depends only on scikit-learn's version, so the first run of a version stores it in
-``~/.cache/normbench/digits/`` (or ``$NORMBENCH_DATA_CACHE``) and later runs read that
+``~/.cache/normbench/digits/`` (or ``$NORMBENCH_DATA_CACHE/digits/``) and later runs read that
 file, a few milliseconds, without importing scikit-learn.
 
-The file is never trusted: it is read without pickles, and one whose arrays differ in
-name, dtype, shape or range from a split of the 1,797 images is recomputed and replaced.
-A folder that cannot be written costs the second, nothing else. The file is written to
-a temporary name and renamed, so a reader never sees half of one.
+The file is never trusted: only a small regular file is read, without pickles, and one
+whose arrays differ in name, dtype, shape or range from a split of the 1,797 images is
+recomputed and replaced. A folder that cannot be written costs the second, nothing
+else. The file is written to a temporary name and renamed, so a reader never sees half
+of one.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
+import secrets
+import stat
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -29,6 +33,7 @@ LEVELS = 16  # grey levels 0..16
 CLASSES = 10
 _TRAIN = IMAGES - math.ceil(IMAGES * TEST_FRACTION)  # train_test_split rounds the test size up
 _KEYS = ("train_x", "train_y", "test_x", "test_y")
+MAX_FILE_BYTES = 1 << 20  # the split's file is 130 kB
 
 
 def cache_folder() -> Path:
@@ -47,7 +52,8 @@ def _cache_file() -> Path | None:
         return None
     # The version names the file: a character outside [0-9A-Za-z.+-_] never reaches a path.
     safe = "".join(c if (c.isascii() and c.isalnum()) or c in ".+-_" else "_" for c in version)
-    return folder / f"split-{safe}.npz"
+    # The split's settings name it too: a file of other settings is another file.
+    return folder / f"split-seed{SPLIT_SEED}-test{TEST_FRACTION}-{safe}.npz"
 
 
 def split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -80,11 +86,30 @@ def _compute() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """The cached split, or None where the file is missing or not a split of the digits."""
+    """The cached split, or None where the file is missing or not a split of the digits.
+    Only a regular file of at most :data:`MAX_FILE_BYTES` is read (a named pipe would
+    block the run, a huge one exhaust its memory), and only uncompressed entries no
+    larger than the split's arrays (a small compressed entry may unpack to gigabytes)."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if sorted(npz.files) != sorted(_KEYS):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES:
+            return None
+        data = file.read(MAX_FILE_BYTES + 1)
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            entries = archive.infolist()
+            if sorted(e.filename for e in entries) != sorted(f"{key}.npy" for key in _KEYS):
                 return None
+            if any(
+                e.compress_type != zipfile.ZIP_STORED or e.file_size > MAX_FILE_BYTES
+                for e in entries
+            ):
+                return None
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = tuple(npz[key] for key in _KEYS)
     except Exception:  # noqa: BLE001 - whatever a damaged file raises, the cure is to recompute
         return None
@@ -92,6 +117,9 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] |
 
 
 def _valid(train_x, train_y, test_x, test_y) -> bool:
+    """The arrays' dtypes, shapes (C order) and value ranges are a split's. (The zip's
+    checksums catch a damaged byte; a file someone wrote with other values in range
+    passes, as anything else they could write in the user's own folders would.)"""
     shapes = {
         "train_x": (_TRAIN, 1, 8, 8),
         "train_y": (_TRAIN,),
@@ -104,7 +132,7 @@ def _valid(train_x, train_y, test_x, test_y) -> bool:
         ("test_x", test_x, np.uint8, LEVELS),
         ("test_y", test_y, np.int64, CLASSES - 1),
     ):
-        if array.dtype != dtype or array.shape != shapes[key]:
+        if array.dtype != dtype or array.shape != shapes[key] or not array.flags.c_contiguous:
             return False
         if array.min() < 0 or array.max() > top:
             return False
@@ -112,14 +140,23 @@ def _valid(train_x, train_y, test_x, test_y) -> bool:
 
 
 def _write(path: Path, arrays: tuple[np.ndarray, ...]) -> None:
+    """``arrays`` to ``path``, through a temporary file in its folder renamed over it (a
+    reader sees the old file or the new one), created with the umask's permissions; the
+    temporary is removed whatever stops the write (an error, Ctrl-C)."""
+    temp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".split-", suffix=".npz")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError:
         return  # a folder that cannot be written: the split is computed on every run
+    done = False
     try:
         with os.fdopen(fd, "wb") as out:
             np.savez(out, **dict(zip(_KEYS, arrays, strict=True)))
         os.replace(temp, path)
+        done = True
     except OSError:
-        Path(temp).unlink(missing_ok=True)
+        pass  # a full disk, say: the split is computed again next time
+    finally:
+        if not done:
+            temp.unlink(missing_ok=True)

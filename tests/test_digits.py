@@ -96,6 +96,22 @@ def _damages(good: bytes, arrays):
     yield "a level of 17", npz(**{**base, "train_x": np.where(train_x == 16, 17, train_x)})
     yield "images swapped", npz(**{**base, "train_x": test_x, "test_x": train_x})
     yield "an object array", npz(**{**base, "train_y": np.array([None] * len(train_y))})
+    yield "Fortran order", npz(**{**base, "train_x": np.asfortranarray(train_x)})
+    yield "over a megabyte", good + bytes(1 << 20)
+
+    def compressed(**arrays):
+        from io import BytesIO
+
+        buffer = BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        return buffer.getvalue()
+
+    yield "the split, compressed", compressed(**base)
+    # 8 MB of zeros in a few kB: read only the entry's header, never unpacked
+    yield (
+        "a small file unpacking large",
+        compressed(**{**base, "train_x": np.zeros((8 << 20,), np.uint8)}),
+    )
 
 
 def test_a_damaged_or_foreign_cache_file_is_recomputed_and_replaced(cache):
@@ -110,6 +126,8 @@ def test_a_damaged_or_foreign_cache_file_is_recomputed_and_replaced(cache):
         assert cached_files(cache) == [name], what
         with np.load(path, allow_pickle=False) as npz:  # replaced by a good file
             assert same([npz[k] for k in ("train_x", "train_y", "test_x", "test_y")], want)
+        with zipfile.ZipFile(path) as archive:  # (the compressed split too: rewritten)
+            assert {e.compress_type for e in archive.infolist()} == {zipfile.ZIP_STORED}, what
 
 
 def test_a_flipped_byte_never_passes_for_the_split(cache):
@@ -156,4 +174,77 @@ def test_a_hostile_version_string_never_leaves_the_cache_folder(cache, monkeypat
     monkeypatch.setattr(digits.metadata, "version", lambda name: "../../1.0\n/évil")
     assert same(digits.split(), sklearn_split())
     (name,) = cached_files(cache)
-    assert name == "split-.._.._1.0___vil.npz"
+    assert name == "split-seed0-test0.2-.._.._1.0___vil.npz"
+
+
+def test_the_split_is_a_stratified_partition_of_sklearns_images():
+    """Independently of how the split is made: train and test together are the 1,797
+    images and labels of ``load_digits``, each once and in the data set's order, and each
+    class is split in proportion."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    train_x, train_y, test_x, test_y = digits.split()
+    assert len(train_y) == 1437 and len(test_y) == 360
+    rows = lambda x, y: [x[i].tobytes() + bytes([y[i]]) for i in range(len(y))]  # noqa: E731
+    everything = rows(bunch.images.astype(np.uint8)[:, None], bunch.target)
+    train, test = rows(train_x, train_y), rows(test_x, test_y)
+    assert sorted(train + test) == sorted(everything)
+    position = {row: i for i, row in enumerate(everything)}
+    assert len(position) == len(everything)  # no two images alike with their labels
+    for part in (train, test):  # each in the data set's own order
+        at = [position[row] for row in part]
+        assert at == sorted(at)
+    for label in range(10):
+        share = (bunch.target == label).sum() * 360 / 1797
+        assert abs((test_y == label).sum() - share) <= 1
+
+
+def test_a_named_pipe_in_the_files_place_never_blocks(cache):
+    want = sklearn_split()
+    digits.split()
+    (name,) = cached_files(cache)
+    (cache / name).unlink()
+    os.mkfifo(cache / name)
+    assert same(digits.split(), want)  # not waiting for a writer that never comes
+    assert (cache / name).is_file()  # replaced by the split
+
+
+def test_processes_starting_together_on_an_empty_cache_agree(cache):
+    code = (
+        "import hashlib, sys\n"
+        "from normbench import digits\n"
+        "print(hashlib.sha256(b''.join(a.tobytes() for a in digits.split())).hexdigest())\n"
+    )
+    env = {**os.environ, "NORMBENCH_DATA_CACHE": str(cache.parent)}
+    started = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    hashes = {p.communicate(timeout=120)[0].strip() for p in started}
+    assert all(p.returncode == 0 for p in started)
+    import hashlib
+
+    want = hashlib.sha256(b"".join(a.tobytes() for a in sklearn_split())).hexdigest()
+    assert hashes == {want}
+    (name,) = cached_files(cache)  # one file, no temporary left
+    assert name.endswith(".npz")
+
+
+def test_without_scikit_learns_version_nothing_is_cached(cache, monkeypatch):
+    def missing(name):
+        raise digits.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(digits.metadata, "version", missing)
+    assert same(digits.split(), sklearn_split())
+    assert cached_files(cache) == []
+
+
+def test_the_cache_file_follows_the_umask(cache):
+    before = os.umask(0o027)
+    try:
+        digits.split()
+    finally:
+        os.umask(before)
+    (name,) = cached_files(cache)
+    assert (cache / name).stat().st_mode & 0o777 == 0o640
