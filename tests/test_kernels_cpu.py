@@ -327,3 +327,65 @@ def test_an_unknown_isa_is_refused(monkeypatch):
     valid = "valid are native, avx2, sse"
     with pytest.raises(ValueError, match=f"NORMBENCH_KERNEL_ISA='avx1024': {valid}"):
         cpu.cflags()
+
+
+LOAD_AGAIN_DRIVER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from normbench.kernels import cpu
+
+    cpu.SOURCE = Path(sys.argv[1])
+    print(cpu._load())
+    print("torch.utils.cpp_extension" in sys.modules)
+    """
+)
+
+
+def test_a_library_built_before_loads_without_torchs_build_machinery(tmp_path):
+    """Once built and loaded, the library is marked (its size and mtime): the next process
+    loads it directly, without importing ``torch.utils.cpp_extension`` (setuptools) or
+    running ninja and the compiler's checks; a library changed since is loaded the long
+    way, which marks it anew."""
+    source = tmp_path / "batchnorm_cpu.cpp"
+    source.write_text(TINY_SOURCE)
+    env = {**os.environ, "NORMBENCH_KERNEL_CACHE": str(tmp_path / "cache")}
+
+    def load() -> tuple[Path, bool, str]:
+        done = subprocess.run(
+            [sys.executable, "-c", LOAD_AGAIN_DRIVER, str(source)],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        path, long_way = done.stdout.split()
+        return Path(path), long_way == "True", done.stderr
+
+    library, long_way, err = load()
+    assert long_way and "compiling" in err
+    mark = library.parent / cpu.BUILT_MARK
+    info = library.stat()
+    assert mark.read_text() == f"{info.st_size} {info.st_mtime_ns}\n"
+    assert load()[:2] == (library, False)
+    os.utime(library, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # relinked, say
+    again, long_way, err = load()
+    assert again == library and long_way and "compiling" not in err  # ninja: up to date
+    assert mark.read_text() == f"{info.st_size} {info.st_mtime_ns + 10**9}\n"
+
+
+def test_a_marked_library_that_does_not_load_is_built_the_long_way(cache, monkeypatch):
+    name = cpu.extension_name()
+    folder = cache / name
+    folder.mkdir(parents=True)
+    library = folder / f"{name}.so"
+    library.write_bytes(b"not a library")
+    (folder / cpu.BUILT_MARK).write_text(cpu._identity(library))
+    calls = []
+
+    def build(name, folder):
+        calls.append(name)
+        library.write_bytes(b"rebuilt, still not a library")
+        return str(library)
+
+    monkeypatch.setattr(cpu, "_build", build)
+    assert cpu._load() == str(library) and calls == [name]
+    assert (folder / cpu.BUILT_MARK).read_text() == cpu._identity(library)

@@ -18,9 +18,12 @@ other's, and a shared home on a cluster never hands one CPU's build to another. 
 source is copied into the build folder, so the build (``build.ninja``) never names a
 checkout's path. Every compile says so on stderr, when it starts and how long it took.
 
-Concurrent processes take an exclusive ``flock`` on the cache entry, so one
-compiles while the others wait; the lock dies with its process, so a build killed
-half-way blocks nobody, and a build that does not load is wiped and redone once.
+A build that loaded is marked (``built``: the library's size and mtime), and later
+processes load that very file with ``torch.ops.load_library``, without importing
+``cpp_extension`` or running its checks. Concurrent processes take an exclusive
+``flock`` on the cache entry, so one compiles while the others wait; the lock dies with
+its process, so a build killed half-way blocks nobody, and a build that does not load is
+wiped and redone once.
 Without a working compiler the reference implementation is used, with one warning.
 
 ``NORMBENCH_KERNEL_SANITIZE=address`` builds it with AddressSanitizer (a build of its
@@ -302,15 +305,69 @@ def _load() -> str:
     _check_sanitizer_runtime()
     with open(cache_root() / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process exits, however it exits
+        library = folder / f"{name}.so"
+        if _loaded_as_built(folder, library):
+            return str(library)
         # Holding the lock, nobody else is building: a lock file of torch's own is stale.
         (folder / "lock").unlink(missing_ok=True)
         try:
-            return _build_reported(name, folder)
+            built = _build_reported(name, folder)
         except (ImportError, OSError):
             # A build cut short (kill -9 during the link) leaves a library that will not load.
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
-            return _build_reported(name, folder)
+            built = _build_reported(name, folder)
+        _mark_built(folder, library)
+        return built
+
+
+#: The file beside a library that torch's build loaded: the library's size and mtime then.
+BUILT_MARK = "built"
+
+
+def _identity(library: Path) -> str | None:
+    try:
+        info = library.stat()
+    except OSError:
+        return None
+    return f"{info.st_size} {info.st_mtime_ns}\n"
+
+
+def _mark_built(folder: Path, library: Path) -> None:
+    """Records that ``library`` was built and loaded: later processes load it directly
+    (:func:`_loaded_as_built`) rather than through ``cpp_extension.load``, whose import
+    (setuptools) and checks (ninja's, the compiler's version) took 0.1-0.2 s a process
+    for a library the folder's name already ties to its source and flags."""
+    identity = _identity(library)
+    if identity is None:
+        return
+    partial = folder / f".{BUILT_MARK}.partial"
+    try:
+        partial.write_text(identity)
+        partial.replace(folder / BUILT_MARK)
+    except OSError:
+        partial.unlink(missing_ok=True)  # (a read-only cache: every load takes the long way)
+
+
+def _loaded_as_built(folder: Path, library: Path) -> bool:
+    """Loads ``library`` with ``torch.ops.load_library`` where it is the very file the
+    last build marked (the same size and mtime: one relinked or cut short is not), and
+    says whether it did; else the caller builds (ninja finds it up to date) and loads it
+    the long way, which marks it anew."""
+    try:
+        mark = (folder / BUILT_MARK).read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if mark != _identity(library):
+        return False
+    import torch
+
+    try:
+        torch.ops.load_library(str(library))
+    except OSError:  # (ctypes: not a library) the long way rebuilds it
+        (folder / BUILT_MARK).unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _check_sanitizer_runtime() -> None:
