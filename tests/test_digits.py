@@ -80,11 +80,11 @@ def _damages(good: bytes, arrays):
             data[at] ^= 0xFF
         yield f"flipped {i}", bytes(data)
 
-    def npz(**arrays):
+    def npz(save=np.savez, **arrays):
         from io import BytesIO
 
         buffer = BytesIO()
-        np.savez(buffer, **arrays)
+        save(buffer, **arrays)
         return buffer.getvalue()
 
     base = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
@@ -98,19 +98,11 @@ def _damages(good: bytes, arrays):
     yield "an object array", npz(**{**base, "train_y": np.array([None] * len(train_y))})
     yield "Fortran order", npz(**{**base, "train_x": np.asfortranarray(train_x)})
     yield "over a megabyte", good + bytes(1 << 20)
-
-    def compressed(**arrays):
-        from io import BytesIO
-
-        buffer = BytesIO()
-        np.savez_compressed(buffer, **arrays)
-        return buffer.getvalue()
-
-    yield "the split, compressed", compressed(**base)
+    yield "the split, compressed", npz(np.savez_compressed, **base)
     # 8 MB of zeros in a few kB: read only the entry's header, never unpacked
     yield (
         "a small file unpacking large",
-        compressed(**{**base, "train_x": np.zeros((8 << 20,), np.uint8)}),
+        npz(np.savez_compressed, **{**base, "train_x": np.zeros((8 << 20,), np.uint8)}),
     )
 
 

@@ -33,6 +33,7 @@ own), for the tests: the process must have ASan's runtime preloaded
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import inspect
@@ -237,10 +238,21 @@ def _source_in(folder: Path) -> Path:
     copy = folder / SOURCE.name
     text = SOURCE.read_text()
     if not copy.exists() or copy.read_text() != text:
-        partial = folder / f".{SOURCE.name}.partial"
-        partial.write_text(text)
-        partial.replace(copy)
+        _write_replacing(copy, text)
     return copy
+
+
+def _write_replacing(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a partial file renamed over it, so that another
+    process reads the old text or the new, never part of it; the partial file is removed
+    when the write fails."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text)
+        partial.replace(path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _build(name: str, folder: Path) -> str:
@@ -336,17 +348,14 @@ def _identity(library: Path) -> str | None:
 def _mark_built(folder: Path, library: Path) -> None:
     """Records that ``library`` was built and loaded: later processes load it directly
     (:func:`_loaded_as_built`) rather than through ``cpp_extension.load``, whose import
-    (setuptools) and checks (ninja's, the compiler's version) took 0.1-0.2 s a process
-    for a library the folder's name already ties to its source and flags."""
+    (setuptools) and checks (ninja's, the compiler's version) cost each process time
+    (benchmarks/README.md, "Loading a built kernel") for a library the folder's name
+    already ties to its source and flags."""
     identity = _identity(library)
     if identity is None:
         return
-    partial = folder / f".{BUILT_MARK}.partial"
-    try:
-        partial.write_text(identity)
-        partial.replace(folder / BUILT_MARK)
-    except OSError:
-        partial.unlink(missing_ok=True)  # (a read-only cache: every load takes the long way)
+    with contextlib.suppress(OSError):  # (a read-only cache: every load takes the long way)
+        _write_replacing(folder / BUILT_MARK, identity)
 
 
 def _loaded_as_built(folder: Path, library: Path) -> bool:
