@@ -30,7 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-FILE = "checkpoint.pt"
+from normbench.rundir import CHECKPOINT_FILE
+
+FILE = CHECKPOINT_FILE
 VERSION = 1
 
 

@@ -21,6 +21,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 class Interrupted(BaseException):
@@ -90,6 +91,9 @@ _on_stop: list[Callable[[int], None]] = []
 
 def _stop(signum: int, frame) -> None:
     global _stopping, _deferred
+    if _holding and _stopping is None:
+        _note(signum, frame)  # raised where held_back is left
+        return
     if _stopping is not None:
         if _stopping == _RECORDING and _deferred is None:
             _deferred = signum  # raised once the record is written
@@ -138,6 +142,9 @@ def _wrap_submitit(previous):
 
     def handler(received, frame):
         global _stopping
+        if _holding and _stopping is None:
+            _note(received, frame)  # raised where held_back is left
+            return
         try:
             previous(received, frame)
         except SystemExit:
@@ -177,11 +184,12 @@ def handle_signals(on_stop: Callable[[int], None] | None = None) -> Iterator[Non
                 current = signal.getsignal(signum)
                 if current is signal.SIG_IGN and signum != signal.SIGTERM:
                     continue
-                saved[signum] = signal.signal(signum, _stop)
+                saved[signum] = _beneath(signum, signal.signal(signum, _stop))
         usr = _submitit_signal()
-        current = signal.getsignal(usr)
+        current = _beneath(usr, signal.getsignal(usr))
         if callable(current) and getattr(current, "__module__", None) != __name__:
-            saved[usr] = signal.signal(usr, _wrap_submitit(current))
+            signal.signal(usr, _wrap_submitit(current))
+            saved[usr] = current
         yield
     finally:
         for signum, handler in saved.items():
@@ -193,21 +201,71 @@ def handle_signals(on_stop: Callable[[int], None] | None = None) -> Iterator[Non
 
 @contextlib.contextmanager
 def held_back() -> Iterator[None]:
-    """The stop signals (SIGINT, SIGTERM, SIGHUP, submitit's time-limit signal) blocked
-    while inside and delivered as it is left, where their handlers raise at a safe point.
-    For importing torch: an exception raised halfway through leaves its C extensions half
-    registered, and the next import of them aborts the process (pybind11's "cannot
-    initialize type ...: an object with that name is already defined"), so a run stopped
-    while it started could not record itself. Elsewhere than the main thread: nothing."""
+    """The stop signals (SIGINT, SIGTERM, SIGHUP, submitit's time-limit signal) held while
+    inside and delivered as it is left, where their handlers raise at a safe point. For
+    importing torch: an exception raised halfway through leaves its C extensions half
+    registered (the next import of them aborts the process: pybind11's "cannot initialize
+    type ...: an object with that name is already defined"), or leaves torch half
+    initialized, its next use failing (a SLURM time limit recorded as the run's failure),
+    so a run stopped while it started could not record itself. Elsewhere than the main
+    thread: nothing.
+
+    A signal that comes is noted and raised again on the way out, not blocked: a thread's
+    signal mask is its own, and a signal to the process goes to any thread that does not
+    block it (a native library's, such as OpenBLAS's pool), whose C-level handler has
+    Python run the handler in the main thread all the same. Inside
+    :func:`handle_signals` its handlers note the signal themselves; elsewhere a noting
+    handler stands in for the one in force (which :func:`handle_signals`, entered inside,
+    takes as the one to put back). A signal the process ignores stays ignored."""
+    global _holding
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, _submitit_signal()}
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    noting: list[int] = []
+    _holding += 1
     try:
+        if _holding == 1:
+            for signum in (*_HELD, _submitit_signal()):
+                current = signal.getsignal(signum)
+                if current is signal.SIG_IGN or current is None or signum in noting:
+                    continue  # ignored; or set outside Python, and could not be put back
+                if getattr(current, "__module__", None) == __name__:
+                    continue  # handle_signals' handlers: they note it while held
+                _beneath_note[signum] = signal.signal(signum, _note)
+                noting.append(signum)
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        _holding -= 1
+        for signum in noting:
+            underneath = _beneath_note.pop(signum)
+            if signal.getsignal(signum) is _note:  # else replaced inside, by handle_signals
+                signal.signal(signum, underneath)
+        if not _holding:
+            came = list(_noted)
+            _noted.clear()
+            for signum in came:  # to the handler now in force (or the default action), now
+                signal.raise_signal(signum)
+
+
+#: The signals :func:`held_back` holds.
+_HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: How many :func:`held_back` scopes the main thread is inside, and the signals that came
+#: meanwhile, in order.
+_holding = 0
+_noted: list[int] = []
+#: The handler :func:`held_back`'s noting handler stands in for, by signal.
+_beneath_note: dict[int, Any] = {}
+
+
+def _note(signum: int, frame) -> None:
+    if signum not in _noted:
+        _noted.append(signum)
+
+
+def _beneath(signum: int, handler: Any) -> Any:
+    """The handler in force for ``signum`` as it will be once :func:`held_back` is left:
+    ``handler`` itself, unless it is held_back's noting handler."""
+    return _beneath_note.get(signum, handler) if handler is _note else handler
 
 
 def descends_from(pid: int, ancestor: int) -> bool:

@@ -59,6 +59,10 @@ SUMMARY_FIELDS: tuple[str, ...] = tuple(f.name for f in record_fields())
 
 RUN_FILES = ("config.yaml", "metrics.csv", "summary.json")
 
+#: A run's checkpoint (:mod:`normbench.checkpoints`), named here, where no torch is
+#: imported: a run's files are listed before torch is (and where none will be).
+CHECKPOINT_FILE = "checkpoint.pt"
+
 #: A run's per-layer BatchNorm diagnostics (``eval.bn_stats``; :mod:`normbench.diagnostics`
 #: measures them) and, beside ``runs/``, the experiment's: one row per (run, epoch, layer).
 BN_STATS_FILE = "bn_stats.csv"

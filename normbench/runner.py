@@ -28,6 +28,8 @@ from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
 from normbench.ranks import follow, resume_run
 from normbench.rundir import (
     BN_STATS_FILE,
+    CHECKPOINT_FILE,
+    RUN_FILES,
     TRACKERS_FILE,
     BnStatsLog,
     check_writable,
@@ -462,16 +464,7 @@ def _rank_main(cfg, rid, folder, threads: cores.Threads, events, env=None, data=
 
 def run_files() -> tuple[str, ...]:
     """The files a run writes into its folder, which a new attempt removes or replaces."""
-    from normbench import checkpoints  # torch: imported only where a run is to be written
-
-    return (
-        "config.yaml",
-        "metrics.csv",
-        "summary.json",
-        checkpoints.FILE,
-        BN_STATS_FILE,
-        TRACKERS_FILE,
-    )
+    return (*RUN_FILES, CHECKPOINT_FILE, BN_STATS_FILE, TRACKERS_FILE)
 
 
 def check_run_folder(folder: Path) -> None:

@@ -246,14 +246,18 @@ def test_closing_the_terminal_records_the_run_interrupted(tmp_path):
 
 
 HELD_BACK = """
-import os, signal, sys
+import os, signal, sys, threading
 from normbench import interrupts
 
+if sys.argv[1] == "thread":  # another thread, its signal mask its own (OpenBLAS's pool)
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
 order = []
 with interrupts.handle_signals():
     try:
         with interrupts.held_back():
             os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100_000):  # where a handler that came would have run
+                pass
             import json  # noqa: F401 - stands for torch's import
             order.append("imported")
         order.append("after")
@@ -261,16 +265,112 @@ with interrupts.handle_signals():
         order.append("stopped")
 print(",".join(order))
 print(signal.pthread_sigmask(signal.SIG_BLOCK, []) == set())
+print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
 """
 
 
-def test_a_stop_signal_while_held_back_is_delivered_as_it_is_left():
+@pytest.mark.parametrize("threads", ["alone", "thread"])
+def test_a_stop_signal_while_held_back_is_delivered_as_it_is_left(threads):
     """A SIGTERM while torch imports (interrupts.held_back) does not raise halfway through
-    the import: it is delivered where the scope is left, and nothing stays blocked."""
-    import subprocess
-    import sys
-
+    the import: it is delivered where the scope is left, and nothing stays blocked or
+    replaced. Also with a second thread, to which the kernel sends a signal the main
+    thread blocks (was: blocked in the main thread only, the handler ran mid-import)."""
     done = subprocess.run(
-        [sys.executable, "-c", HELD_BACK], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", HELD_BACK, threads], capture_output=True, text=True, timeout=60
     )
-    assert done.stdout.split() == ["imported,stopped", "True"], done.stderr
+    assert done.stdout.split() == ["imported,stopped", "True", "True"], done.stderr
+
+
+HELD_THEN_HANDLED = """
+import contextlib, os, signal, sys
+from normbench import interrupts
+
+order = []
+signal.signal(signal.SIGTERM, lambda signum, frame: order.append("bypassed"))  # submitit's
+for early in (True, False):
+    held = contextlib.ExitStack()
+    held.enter_context(interrupts.held_back())  # a sweep job's imports
+    if early:
+        os.kill(os.getpid(), signal.SIGTERM)
+    with interrupts.handle_signals():
+        try:
+            held.close()
+            order.append("released")
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100_000):
+                pass
+            order.append("ran on")
+        except interrupts.Interrupted:
+            order.append("stopped")
+os.kill(os.getpid(), signal.SIGTERM)
+print(",".join(order))
+"""
+
+
+def test_held_back_left_inside_handle_signals_hands_over_to_its_handlers():
+    """A sweep job's order: its imports held back, then the run's signal handling entered,
+    then the imports' scope left. A signal that came while importing stops the run where
+    the scope is left; once left, the next one stops it too (was: the scope put back the
+    handler it had replaced, submitit's, which ignores SIGTERM, over handle_signals'); and
+    after both, the handler from before is back."""
+    done = subprocess.run(
+        [sys.executable, "-c", HELD_THEN_HANDLED], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.split() == ["stopped,released,stopped,bypassed"], done.stderr
+
+TORCH_WATCH = """
+import json, os, sys
+from pathlib import Path
+
+class FirstTorchImport:  # notes whether normbench.interrupts.held_back holds the signals
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and self in sys.meta_path:
+            sys.meta_path.remove(self)
+            interrupts = sys.modules.get("normbench.interrupts")
+            held = getattr(interrupts, "_holding", 0)
+            Path(os.environ["TORCH_WATCH_DIR"], f"{os.getpid()}.json").write_text(
+                json.dumps([held, sys.argv])
+            )
+        return None
+
+sys.meta_path.insert(0, FirstTorchImport())
+"""
+
+
+def test_a_run_imports_torch_only_where_the_stop_signals_are_held_back(tmp_path):
+    """A time limit's signal while torch imports left it half initialized, and the run
+    was recorded ``failed`` (AttributeError: partially initialized module 'torch'), not
+    ``interrupted`` (seen on SLURM: the runner listed the run's files through the
+    checkpoint module, importing torch before its held-back import). Every process that
+    trains a run, ``normbench run``'s and a sweep job's, first imports torch held back."""
+    hook, seen = tmp_path / "hook", tmp_path / "seen"
+    hook.mkdir()
+    seen.mkdir()
+    (hook / "sitecustomize.py").write_text(TORCH_WATCH)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+        "TORCH_WATCH_DIR": str(seen),
+    }
+    out = f"out_dir={tmp_path / 'out'}"
+    tiny = ["epochs=1", "dataset.train_size=64", "batch_size=16", "threads=1", out]
+    for command in (["run"], ["sweep", "hydra/launcher=submitit_local", "seed=1"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "normbench.cli", *command, *tiny],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+    held = [json.loads(path.read_text()) for path in seen.glob("*.json")]
+    # normbench run's process, and the sweep's job's (submitit's job script); the
+    # sweep's driver imports torch to check the planned model, before any run starts
+    trainers = [
+        (count, argv)
+        for count, argv in held
+        if argv[1:2] == ["run"] or argv[0].endswith(os.path.join("submitit", "core", "_submit.py"))
+    ]
+    assert len(trainers) == 2, held
+    assert all(count == 1 for count, _ in trainers), trainers

@@ -194,7 +194,7 @@ def test_slurm_time_limit_is_recorded_as_interrupted(slurm, tmp_path):
     ]
     done = sweep(tmp_path, *args, timeout=300)
     assert done.returncode == 1, done.stderr
-    assert "1 interrupted" in done.stdout, done.stderr
+    assert "1 interrupted" in done.stdout, (done.stderr, summaries(tmp_path))
     (run,) = summaries(tmp_path).values()
     assert run["status"] == "interrupted" and "time limit" in run["error"]
     os.chdir(tmp_path)  # the grid's relative out_dir
