@@ -129,8 +129,9 @@ def leave_dead_terminal() -> None:
             continue
 
 
-def _submitit_signal() -> int:
-    # submitit's own setting for the signal SLURM sends before the time limit
+def submitit_signal() -> int:
+    """The signal SLURM sends a submitit job before its time limit (or to preempt it):
+    submitit's own setting, SIGUSR2 unless ``SUBMITIT_PREEMPT_SIGNAL`` says otherwise."""
     name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
     return getattr(signal, f"SIG{name}", signal.SIGUSR2)
 
@@ -185,7 +186,7 @@ def handle_signals(on_stop: Callable[[int], None] | None = None) -> Iterator[Non
                 if current is signal.SIG_IGN and signum != signal.SIGTERM:
                     continue
                 saved[signum] = _beneath(signum, signal.signal(signum, _stop))
-        usr = _submitit_signal()
+        usr = submitit_signal()
         current = _beneath(usr, signal.getsignal(usr))
         if callable(current) and getattr(current, "__module__", None) != __name__:
             signal.signal(usr, _wrap_submitit(current))
@@ -225,7 +226,7 @@ def held_back() -> Iterator[None]:
     _holding += 1
     try:
         if _holding == 1:
-            for signum in (*_HELD, _submitit_signal()):
+            for signum in (*_HELD, submitit_signal()):
                 current = signal.getsignal(signum)
                 if current is signal.SIG_IGN or current is None or signum in noting:
                     continue  # ignored; or set outside Python, and could not be put back

@@ -345,11 +345,63 @@ def _lost_reason(handle, err: BaseException) -> tuple[str, bool]:
     two sacct calls, had replaced a time limit's own reason)."""
     state = str(getattr(handle, "state", "") or "").split()
     name = state[0].upper() if state else ""
-    job = f"{'SLURM ' if 'Slurm' in type(handle).__name__ else ''}job {handle.job_id}"
+    slurm = "Slurm" in type(handle).__name__
+    job = f"{'SLURM ' if slurm else ''}job {handle.job_id}"
+    if slurm and name in UNINFORMATIVE_STATES:
+        early = _time_limit_before_the_run(handle, err)
+        if early is not None:
+            return f"SLURM time limit or preemption: {job} {early} ({' '.join(state)})", True
     if name:
         word = JOB_STATES.get(name, name.lower())
         return f"{job}: {word} ({' '.join(state)})", name not in UNINFORMATIVE_STATES
     return f"{job} ended without a result: {type(err).__name__}: {_first_line(err)}", False
+
+
+#: How submitit's job traceback names the error its time-limit handler raises (no requeue
+#: left), as the driver receives it in the job's failure.
+UNCOMPLETED = "submitit.core.utils.UncompletedJobError: "
+
+
+def _time_limit_before_the_run(handle, err: BaseException) -> str | None:
+    """How SLURM's time-limit warning ended a job before its run could record it, in a
+    few words; None when it did not. It may come as the job starts (up to 60 s before
+    ``signal_delay_s``): before submitit's Python has a handler, its default action ends
+    the task (sacct's exit code names the signal); while Hydra sets the job up, submitit's
+    handler raises outside normbench's, and the job's traceback says so."""
+    from normbench import interrupts
+
+    for line in reversed(str(err).splitlines()):
+        if line.startswith(UNCOMPLETED):
+            return f"was stopped by submitit before its run began: {line[len(UNCOMPLETED):]}"
+    warning = interrupts.submitit_signal()
+    if warning in _step_signals(str(handle.job_id)):
+        return (
+            f"was ended by {signal.Signals(warning).name}, SLURM's warning of its time "
+            "limit, before it could handle it"
+        )
+    return None
+
+
+def _step_signals(job_id: str) -> set[int]:
+    """The signals that ended SLURM job ``job_id``'s steps (sacct's ``ExitCode``,
+    ``code:signal``), as far as sacct tells: none where it cannot be asked."""
+    import subprocess
+
+    try:
+        listed = subprocess.run(
+            ["sacct", "-n", "-P", "-j", job_id, "-o", "ExitCode"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    signals = set()
+    for line in listed.split():
+        _, _, number = line.partition(":")
+        if number.isdigit() and int(number):
+            signals.add(int(number))
+    return signals
 
 
 def _local_running(handle) -> bool:

@@ -680,6 +680,7 @@ def record_lost(
     owned by a live process, is left as it is. Whether the run was recorded."""
     from normbench.lock import break_lock
 
+    settle(cfg, notify=False)  # as Hydra composed it, maybe: in the form the run id is of
     folder = run_dir(cfg)
     try:
         check_run_folder(folder)
@@ -717,6 +718,7 @@ def record_unfinished(cfg, status: str, message: str) -> bool:
     loading or building, after the plan had checked it) with ``status`` (failed,
     interrupted), so that the sweep counts it and the reason is on disk. A run with a
     summary, or owned elsewhere, is left as it is."""
+    settle(cfg, notify=False)  # as Hydra composed it, maybe: in the form the run id is of
     folder = run_dir(cfg)
     if read_summary(folder) is not None:
         return False

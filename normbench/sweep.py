@@ -498,7 +498,7 @@ def run_job(cfg) -> str:
         from normbench import queued
         from normbench.lock import slurm_job
         from normbench.runner import RunInProgress, record_unfinished, run, run_dir
-        from normbench.validation import validate
+        from normbench.validation import settle, validate
     except Exception:
         # Hydra returns the exception to the sweep, which records its message: the
         # traceback goes to the job's log (a worker's, a cluster job's) only from here.
@@ -510,6 +510,10 @@ def run_job(cfg) -> str:
 
     try:
         _adopt_config_dirs()
+        # The config as Hydra composed it, put in the form its run id is taken from (the
+        # plan's) before anything records the run: a job stopped before its run settled
+        # it recorded a twin folder under another id.
+        settle(cfg, notify=False)
         from normbench.ranks import follower
 
         # a SLURM task of rank > 0 of a data-parallel run: rank 0's task records the run

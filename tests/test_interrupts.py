@@ -318,6 +318,7 @@ def test_held_back_left_inside_handle_signals_hands_over_to_its_handlers():
     )
     assert done.stdout.split() == ["stopped,released,stopped,bypassed"], done.stderr
 
+
 TORCH_WATCH = """
 import json, os, sys
 from pathlib import Path

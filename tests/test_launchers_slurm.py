@@ -206,6 +206,60 @@ def test_slurm_time_limit_is_recorded_as_interrupted(slurm, tmp_path):
         os.chdir(REPO)
 
 
+def test_slurm_a_job_its_warning_signal_ended_before_its_run_is_lost_to_the_time_limit(
+    slurm, tmp_path
+):
+    """SLURM's time-limit warning (SIGUSR2) may come as the job starts (up to 60 s before
+    ``signal_delay_s``). Before submitit's Python has a handler for it, the signal's
+    default action ends the task: the job is FAILED, no more, and sacct's exit code of
+    the step names the signal. While Hydra sets the job up, submitit's handler raises its
+    error outside normbench's. Either way the run's reason says it was the time limit
+    (was: "exited with an error (FAILED)"); a job that failed otherwise is not taken for
+    one."""
+    import submitit
+
+    from normbench import launchers
+
+    jobs, errors = {}, {}
+    for kind, command in (("killed", "kill -USR2 $$"), ("failed", "exit 3")):
+        jobs[kind] = subprocess.run(
+            ["sbatch", "--parsable", "-J", f"nb{uuid.uuid4().hex[:8]}", "-o", os.devnull]
+            + ["--wrap", f"srun bash -c '{command}'"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        errors[kind] = RuntimeError("no result")
+    executor = submitit.SlurmExecutor(folder=tmp_path / "jobs", max_num_timeout=0)
+    executor.update_parameters(time=1, job_name=f"nb{uuid.uuid4().hex[:8]}")
+    raised = executor.submit(signal.raise_signal, signal.SIGUSR2)  # submitit's handler raises
+    with pytest.raises(Exception) as failure:
+        raised.results()
+    jobs["raised"], errors["raised"] = raised.job_id, failure.value
+    reasons = {}
+    for kind, job_id in jobs.items():
+        wait_for(lambda j=job_id: _sacct_state(j) == "FAILED", 60, f"job {job_id} to fail")
+        handle = submitit.SlurmJob(folder=tmp_path, job_id=job_id)
+        reasons[kind] = launchers._lost_reason(handle, errors[kind])
+    for kind in ("killed", "raised"):
+        reason, specific = reasons[kind]
+        assert reason.startswith(f"SLURM time limit or preemption: SLURM job {jobs[kind]} ")
+        assert specific, reason
+    assert "was ended by SIGUSR2" in reasons["killed"][0]
+    assert "timed-out too many times" in reasons["raised"][0]
+    failed = f"SLURM job {jobs['failed']}: exited with an error (FAILED)"
+    assert reasons["failed"] == (failed, False)
+
+
+def _sacct_state(job_id: str) -> str:
+    listed = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return listed[0] if listed else ""
+
+
 def test_slurm_refusing_the_jobs_is_one_line_and_exit_2(slurm, tmp_path):
     """sbatch refuses a partition that does not exist: the scheduler's words, exit 2, no
     job files and no run folders left; a refusal for a reason the user must fix is not

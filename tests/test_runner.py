@@ -454,3 +454,28 @@ def test_an_empty_folder_in_a_run_files_place_is_removed_and_out_dir_may_be_a_li
     assert outcome.summary["status"] == "completed"
     real = tmp_path / "scratch" / "default" / "runs" / outcome.run_id
     assert (real / "metrics.csv").is_file() and (real / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("record", ["unfinished", "lost"])
+def test_a_job_recorded_before_its_run_began_is_recorded_under_the_plans_run_id(tmp_path, record):
+    """A sweep job's config is Hydra's composition, which still holds the keys the plan's
+    form drops (``eval.precise_bn_batches``): recorded before its run settled it (SLURM's
+    time-limit signal in the job's first second), the run went into a twin folder under
+    another id, and the plan's run stayed without a record."""
+    import copy
+
+    from normbench.config import _compose_groups, compose, with_searchpath
+
+    # as Hydra hands it to a job (a copy: the composition is shared)
+    composed = copy.deepcopy(_compose_groups((), with_searchpath([])).cfg)
+    composed.out_dir = str(tmp_path)
+    assert "precise_bn_batches" in composed.eval
+    planned = runner.run_dir(compose([f"out_dir={tmp_path}"]))
+    assert runner.run_dir(composed) != planned  # the keys the plan's form drops
+    if record == "unfinished":
+        assert runner.record_unfinished(composed, "interrupted", "stopped early")
+    else:
+        assert runner.record_lost(composed, "stopped early", unstarted=True)
+    assert [p.parent for p in tmp_path.glob("*/runs/*/summary.json")] == [planned]
+    summary = json.loads((planned / "summary.json").read_text())
+    assert (summary["run_id"], summary["status"]) == (planned.name, "interrupted")
