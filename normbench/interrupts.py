@@ -194,7 +194,8 @@ def handle_signals(on_stop: Callable[[int], None] | None = None) -> Iterator[Non
         yield
     finally:
         for signum, handler in saved.items():
-            signal.signal(signum, handler)
+            # left inside a held_back scope still open: its noting handler again, over this one
+            signal.signal(signum, _note if signum in _beneath_note else handler)
         if on_stop is not None:
             _on_stop.remove(on_stop)
         _depth -= 1
@@ -217,7 +218,8 @@ def held_back() -> Iterator[None]:
     Python run the handler in the main thread all the same. Inside
     :func:`handle_signals` its handlers note the signal themselves; elsewhere a noting
     handler stands in for the one in force (which :func:`handle_signals`, entered inside,
-    takes as the one to put back). A signal the process ignores stays ignored."""
+    takes as the one to put back). A signal the process ignores stays ignored. Nothing
+    is to fork inside it: a forked child would hold the signals for good."""
     global _holding
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -236,16 +238,19 @@ def held_back() -> Iterator[None]:
                 noting.append(signum)
         yield
     finally:
-        _holding -= 1
+        # The handlers put back while still holding (a signal meanwhile is noted, not
+        # raised here, which would leave the rest undone), then the noted ones delivered.
         for signum in noting:
             underneath = _beneath_note.pop(signum)
             if signal.getsignal(signum) is _note:  # else replaced inside, by handle_signals
                 signal.signal(signum, underneath)
+        _holding -= 1
         if not _holding:
-            came = list(_noted)
-            _noted.clear()
-            for signum in came:  # to the handler now in force (or the default action), now
-                signal.raise_signal(signum)
+            try:
+                while _noted:
+                    _deliver(_noted.pop(0))
+            finally:
+                _noted.clear()  # the first to raise stops the process: the rest are moot
 
 
 #: The signals :func:`held_back` holds.
@@ -261,6 +266,17 @@ _beneath_note: dict[int, Any] = {}
 def _note(signum: int, frame) -> None:
     if signum not in _noted:
         _noted.append(signum)
+
+
+def _deliver(signum: int) -> None:
+    """A noted signal to the handler now in force, in this (the main) thread: called, as
+    the signal would have called it (a main thread that blocks the signal would never see
+    it raised again), or else raised, for its default action."""
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, None)
+    elif handler is not signal.SIG_IGN:
+        signal.raise_signal(signum)
 
 
 def _beneath(signum: int, handler: Any) -> Any:

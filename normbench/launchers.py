@@ -372,7 +372,7 @@ def _time_limit_before_the_run(handle, err: BaseException) -> str | None:
 
     for line in reversed(str(err).splitlines()):
         if line.startswith(UNCOMPLETED):
-            return f"was stopped by submitit before its run began: {line[len(UNCOMPLETED):]}"
+            return f"was stopped by submitit before its run began: {line[len(UNCOMPLETED) :]}"
     warning = interrupts.submitit_signal()
     if warning in _step_signals(str(handle.job_id)):
         return (

@@ -198,6 +198,19 @@ def settle(cfg, notify: bool = True) -> None:
 
     Settling a settled config changes nothing (the runner settles the configs Hydra
     composes for a sweep's jobs)."""
+    section = cfg.get("eval")
+    batches = section.get("precise_bn_batches") if hasattr(section, "items") else None
+    # (a value that is not a count of batches is left for validate to name, in its words)
+    if batches is None or (_whole_at_least_1(batches) and _whole_at_least_1(cfg.get("batch_size"))):
+        _settle_precise_bn(cfg, section, notify)
+    norm = cfg.get("norm")
+    if hasattr(norm, "items"):
+        for share, count in schema.RENORM_PHASES:
+            if norm.get(count) is not None and norm.get(share) is not None:
+                norm[share] = None
+
+
+def _settle_precise_bn(cfg, section, notify: bool) -> None:
     import contextlib
     import warnings
 
@@ -205,7 +218,6 @@ def settle(cfg, notify: bool = True) -> None:
 
     from normbench.errors import Notice
 
-    section = cfg.get("eval")
     if hasattr(section, "items") and "precise_bn_batches" in section:
         batches = section.precise_bn_batches
         if batches is not None:
@@ -217,16 +229,15 @@ def settle(cfg, notify: bool = True) -> None:
                     f"read as {images} images ({batches} batches of batch_size="
                     f"{cfg.batch_size})",
                     Notice,
-                    stacklevel=2,
+                    stacklevel=3,  # settle's caller
                 )
         # (plain containers, compose_plain's, take any key: nothing to open)
         with open_dict(section) if OmegaConf.is_config(section) else contextlib.nullcontext():
             del section["precise_bn_batches"]
-    norm = cfg.get("norm")
-    if hasattr(norm, "items"):
-        for share, count in schema.RENORM_PHASES:
-            if norm.get(count) is not None and norm.get(share) is not None:
-                norm[share] = None
+
+
+def _whole_at_least_1(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _check_renorm_schedule(cfg) -> None:

@@ -187,3 +187,22 @@ def test_settling_a_settled_config_changes_nothing():
 def test_a_bad_old_key_is_refused_naming_it(value):
     with pytest.raises(UserError, match="eval.precise_bn_batches must be .*, got"):
         compose([f"eval.precise_bn_batches={value}"])
+
+
+@pytest.mark.parametrize("value", [True, "3", -2, 2.5])
+def test_settling_leaves_a_bad_old_key_for_validate_to_name(value):
+    """A sweep job settles its config before it validates it (so that a run stopped
+    meanwhile is recorded under the plan's id): a value that is not a count of batches
+    stays as it is (was: multiplied into precise_bn_images, True passing as 1 and "3" as
+    "3333..."), and validate names the key the user set."""
+    from omegaconf import OmegaConf
+
+    from normbench.config import _plain_copy
+    from normbench.validation import settle, validate
+
+    cfg = _plain_copy(OmegaConf.to_container(compose([])))  # a job's, as plain containers
+    cfg.eval.precise_bn_batches = value
+    settle(cfg, notify=False)
+    assert cfg.eval.precise_bn_batches is value and cfg.eval.precise_bn_images == 10000
+    with pytest.raises(UserError, match="eval.precise_bn_batches must be"):
+        validate(cfg)
