@@ -36,6 +36,9 @@ class Interrupted(BaseException):
         self.reason, self.signum = reason, signum
 
 
+#: The signals that stop a run (submitit's time-limit signal aside, :func:`submitit_signal`).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 #: The signals that stop a run besides Ctrl-C's SIGINT, and what each one means.
 STOP_REASONS = {
     signal.SIGTERM: "terminated by SIGTERM (kill, or a scheduler's cancel)",
@@ -62,7 +65,7 @@ def ignore_further_stops() -> None:
     and has recorded it is ending with the first signal's status. A second signal in the
     moment between its handlers' removal and its exit killed it, exit status and all."""
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
 
 
@@ -181,7 +184,7 @@ def handle_signals(on_stop: Callable[[int], None] | None = None) -> Iterator[Non
     try:
         if _depth == 1:
             _stopping = _deferred = None
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for signum in STOP_SIGNALS:
                 current = signal.getsignal(signum)
                 if current is signal.SIG_IGN and signum != signal.SIGTERM:
                     continue
@@ -228,7 +231,7 @@ def held_back() -> Iterator[None]:
     _holding += 1
     try:
         if _holding == 1:
-            for signum in (*_HELD, submitit_signal()):
+            for signum in (*STOP_SIGNALS, submitit_signal()):
                 current = signal.getsignal(signum)
                 if current is signal.SIG_IGN or current is None or signum in noting:
                     continue  # ignored; or set outside Python, and could not be put back
@@ -253,8 +256,6 @@ def held_back() -> Iterator[None]:
                 _noted.clear()  # the first to raise stops the process: the rest are moot
 
 
-#: The signals :func:`held_back` holds.
-_HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: How many :func:`held_back` scopes the main thread is inside, and the signals that came
 #: meanwhile, in order.
 _holding = 0

@@ -127,7 +127,7 @@ class _Recorder:
 
         model, optimizer = self.saving
         data = checkpoints.pack(self.run_id, model, optimizer, loop)
-        write_bytes(self.path.with_name(checkpoints.FILE), data)
+        write_bytes(self.path.with_name(CHECKPOINT_FILE), data)
 
 
 def _now() -> str:
@@ -285,7 +285,9 @@ def _own(cfg, rid, folder, *, force: bool, redo_failed: bool, display, start=Non
     if owner is not None and owner.alive:  # say so before loading anything (torch too)
         raise RunInProgress(RunBusy(folder, owner))
     with interrupts.held_back():  # torch whole (its C extensions), or not at all
-        from normbench import checkpoints  # torch: not for a run that is done or busy
+        # torch (with the checkpoint module, which the run needs): not for a run that is
+        # done or busy
+        from normbench import checkpoints  # noqa: F401
     # not after an hour of training: the run folder itself (read-only, a file in its
     # place), or the folders it goes into when it does not exist yet
     check_writable(folder)
@@ -316,7 +318,7 @@ def _own(cfg, rid, folder, *, force: bool, redo_failed: bool, display, start=Non
         for name in ("summary.json", "metrics.csv", ERROR_LOG):  # the earlier attempt's
             _discard(folder / name)
         if resume is None:  # a new attempt: a new checkpoint, new trackers' runs
-            _discard(folder / checkpoints.FILE)
+            _discard(folder / CHECKPOINT_FILE)
             _discard(folder / TRACKERS_FILE)
         write_text_file(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         records = resume["records"] if resume else []
@@ -517,7 +519,7 @@ def _train(
     ``alone``: the run's threads, its own a share, for the measures it takes alone)."""
     import torch
 
-    from normbench import checkpoints, distributed
+    from normbench import distributed
     from normbench.norms.registry import describe_error, error_text
     from normbench.trackers import open_trackers
     from normbench.train import TrainResult, train
@@ -570,7 +572,7 @@ def _train(
                 result.message = f"{prepared.norm.label()}: {describe_error(err)}"
                 write_text_file(folder / ERROR_LOG, _traceback(err))
             if not why:  # a failure is retried from the start; an interruption resumes
-                _discard(folder / checkpoints.FILE)
+                _discard(folder / CHECKPOINT_FILE)
             if result.records:  # the epochs the summary counts: a stop may have cut that write
                 write_csv(folder / "metrics.csv", metrics_frame(rid, result.records))
             summary = summary_record(
@@ -596,7 +598,7 @@ def _train(
     write_json(folder / "summary.json", summary)
     trackers.finish(result.records, summary)
     if not cfg.checkpoint.keep:
-        _discard(folder / checkpoints.FILE)
+        _discard(folder / CHECKPOINT_FILE)
     return RunOutcome(rid, folder, summary)
 
 
@@ -631,9 +633,7 @@ def _traceback(err: BaseException) -> str:
 def resumable(cfg) -> bool:
     """Whether the run's folder keeps a checkpoint (its last finished epoch), which the
     next run of its config goes on from."""
-    from normbench import checkpoints
-
-    return (run_dir(cfg) / checkpoints.FILE).is_file()
+    return (run_dir(cfg) / CHECKPOINT_FILE).is_file()
 
 
 def recorded(stop: BaseException) -> bool:

@@ -198,11 +198,7 @@ def settle(cfg, notify: bool = True) -> None:
 
     Settling a settled config changes nothing (the runner settles the configs Hydra
     composes for a sweep's jobs)."""
-    section = cfg.get("eval")
-    batches = section.get("precise_bn_batches") if hasattr(section, "items") else None
-    # (a value that is not a count of batches is left for validate to name, in its words)
-    if batches is None or (_whole_at_least_1(batches) and _whole_at_least_1(cfg.get("batch_size"))):
-        _settle_precise_bn(cfg, section, notify)
+    _settle_precise_bn(cfg, notify)
     norm = cfg.get("norm")
     if hasattr(norm, "items"):
         for share, count in schema.RENORM_PHASES:
@@ -210,7 +206,7 @@ def settle(cfg, notify: bool = True) -> None:
                 norm[share] = None
 
 
-def _settle_precise_bn(cfg, section, notify: bool) -> None:
+def _settle_precise_bn(cfg, notify: bool) -> None:
     import contextlib
     import warnings
 
@@ -218,9 +214,12 @@ def _settle_precise_bn(cfg, section, notify: bool) -> None:
 
     from normbench.errors import Notice
 
+    section = cfg.get("eval")
     if hasattr(section, "items") and "precise_bn_batches" in section:
         batches = section.precise_bn_batches
         if batches is not None:
+            if not all(schema.is_int(n) and n >= 1 for n in (batches, cfg.get("batch_size"))):
+                return  # not a count of batches: left for validate to name, in its words
             images = batches * cfg.batch_size
             section.precise_bn_images = images
             if notify:
@@ -234,10 +233,6 @@ def _settle_precise_bn(cfg, section, notify: bool) -> None:
         # (plain containers, compose_plain's, take any key: nothing to open)
         with open_dict(section) if OmegaConf.is_config(section) else contextlib.nullcontext():
             del section["precise_bn_batches"]
-
-
-def _whole_at_least_1(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _check_renorm_schedule(cfg) -> None:

@@ -45,6 +45,15 @@ def cached_files(folder):
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
+def written(cache):
+    """scikit-learn's split, the cache file ``digits.split()`` wrote of it, and its bytes."""
+    want = sklearn_split()
+    digits.split()
+    (name,) = cached_files(cache)
+    path = cache / name
+    return want, path, path.read_bytes()
+
+
 def test_the_split_is_sklearns_and_a_second_process_reads_it_without_sklearn(cache):
     want = sklearn_split()
     assert [len(a) for a in want] == [1437, 1437, 360, 360]
@@ -107,15 +116,11 @@ def _damages(good: bytes, arrays):
 
 
 def test_a_damaged_or_foreign_cache_file_is_recomputed_and_replaced(cache):
-    want = sklearn_split()
-    digits.split()
-    (name,) = cached_files(cache)
-    path = cache / name
-    good = path.read_bytes()
+    want, path, good = written(cache)
     for what, data in _damages(good, want):
         path.write_bytes(data)
         assert same(digits.split(), want), what
-        assert cached_files(cache) == [name], what
+        assert cached_files(cache) == [path.name], what
         with np.load(path, allow_pickle=False) as npz:  # replaced by a good file
             assert same([npz[k] for k in ("train_x", "train_y", "test_x", "test_y")], want)
         with zipfile.ZipFile(path) as archive:  # (the compressed split too: rewritten)
@@ -124,11 +129,7 @@ def test_a_damaged_or_foreign_cache_file_is_recomputed_and_replaced(cache):
 
 def test_a_flipped_byte_never_passes_for_the_split(cache):
     """Fuzz: whatever a damaged file holds, the split returned is scikit-learn's."""
-    want = sklearn_split()
-    digits.split()
-    (name,) = cached_files(cache)
-    path = cache / name
-    good = path.read_bytes()
+    want, path, good = written(cache)
     rng = np.random.default_rng(1)
     for _ in range(40):
         data = bytearray(good)
