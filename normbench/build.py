@@ -108,7 +108,7 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> Prepared:
     memory_format = choose_memory_format(cfg.memory_format, device, model, norm)
     set_memory_format(model, memory_format)
     try:
-        _check_trains(model, data.train_x[: cfg.batch_size].to(device), cfg, norm)
+        _check_trains(model, data.train_x[: local_batch(cfg, norm)].to(device), cfg, norm)
     except (RuntimeError, MemoryError) as err:
         _raise_out_of_memory(err, cfg, f"a step at batch_size={cfg.batch_size}")
     try:
@@ -117,6 +117,16 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> Prepared:
         raise UserError(f"invalid optim={cfg.optim.name} settings: {err}") from None
     used = threads or cores.Threads(torch.get_num_threads(), "torch")
     return Prepared(data.to(device), model, optimizer, settings, device, used, memory_format, norm)
+
+
+def local_batch(cfg, norm) -> int:
+    """The batch one copy of the model takes alone (no collective: the probe here, and a
+    data-parallel run's rank 0 in :func:`normbench.distributed.local` for PreciseBN, the
+    batch-statistics accuracy and the per-layer diagnostics): what one process's layers
+    normalize over in training (``NormSpec.local_batch``: a process's batch, a sync_bn
+    group's together); the global batch in a run of one process."""
+    world = cfg.processes * cfg.nodes
+    return norm.local_batch(cfg.batch_size // world, world)
 
 
 def train_settings(cfg, lr: float):
@@ -181,9 +191,11 @@ def _check_trains(model, batch, cfg, norm) -> None:
             for training in modes:
                 probe.train(training)(batch)
     except ValueError as err:
+        world = cfg.processes * cfg.nodes
+        split = f" split over {world} processes" if world > 1 else ""
         raise UserError(
             f"model={cfg.model.name} with norm={cfg.norm.name} cannot train at "
-            f"batch_size={cfg.batch_size}: {err}"
+            f"batch_size={cfg.batch_size}{split}: {err}"
         ) from None
 
 

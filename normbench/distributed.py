@@ -76,7 +76,7 @@ def check_group_size(group_size: int | None, size: int) -> int:
 def check_parallel(cfg, device: str) -> None:
     """A run's data-parallel and precision settings, checked before anything is written
     (one :class:`UserError` line each): the global ``batch_size`` must split evenly over
-    ``processes x nodes``, a sync_bn ``norm.group_size`` must divide that world size, and
+    ``processes x nodes``, sync_bn's ``norm.group_size`` must divide that world size, and
     fp16 needs CUDA (``device``: the device the run resolves to). ``nodes > 1`` is checked
     where it is known how the run starts (:func:`check_nodes`)."""
     world = cfg.processes * cfg.nodes
@@ -86,7 +86,10 @@ def check_parallel(cfg, device: str) -> None:
             f"(processes={cfg.processes} x nodes={cfg.nodes}): batch_size is the global "
             f"batch; use a multiple of {world}"
         )
-    group_size = cfg.norm.get("group_size") if hasattr(cfg.norm, "get") else None
+    # sync_bn's key alone: a user's norm may mean something else by a group_size (its class,
+    # where it synchronizes too, is checked once built: NormSpec.local_batch)
+    synced = hasattr(cfg.norm, "get") and cfg.norm.get("name") == "sync_bn"
+    group_size = cfg.norm.get("group_size") if synced else None
     if group_size is not None:  # one process too: group_size=2 would record a batch never seen
         try:
             check_group_size(group_size, world)
@@ -130,9 +133,15 @@ class SyncGroup:
         return f"SyncGroup(index={self.index}, size={self.size})"
 
 
-# Process groups made for a group size, by (world size, group size): new_group is a
-# collective over every process, so each is made once and by all, in the same order.
-_groups: dict[tuple[int, int], SyncGroup] = {}
+# Process groups made for a group size, by (default group, group size): new_group is a
+# collective over every process, so each is made once and by all, in the same order (a
+# new default group, after another init in the same process, makes its own).
+_groups: dict[tuple[Any, int], SyncGroup | None] = {}
+
+# The timeout :func:`join` gave the default group: the groups made from it wait as long
+# (new_group's own default is torch's, 30 minutes on gloo). None: a group joined
+# elsewhere (a user's own init_process_group), whose groups take torch's default.
+_timeout: Any = None
 
 
 def sync_group(group_size: int | None = None, process_group: Any = None) -> SyncGroup | None:
@@ -159,11 +168,12 @@ def sync_group(group_size: int | None = None, process_group: Any = None) -> Sync
     rank = dist.get_rank()
     if k == size:
         return SyncGroup(None, rank, size)
-    key = (size, k)
+    key = (dist.group.WORLD, k)
     if key not in _groups:
         mine = None
         for ranks in sync_ranks(k, size):
-            group = dist.new_group(ranks)  # every rank makes every group (a collective)
+            # every rank makes every group (a collective)
+            group = dist.new_group(ranks, timeout=_timeout)
             if rank in ranks:
                 mine = SyncGroup(group, ranks.index(rank), k)
         _groups[key] = mine
@@ -251,7 +261,9 @@ def join(device: str, timeout_s: float, store: Any = None) -> Rank:
     rank.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
         torch.cuda.set_device(rank.local_rank)
+    global _timeout
     backend, timeout = "nccl" if device == "cuda" else "gloo", datetime.timedelta(seconds=timeout_s)
+    _timeout = timeout
     if store is None:
         dist.init_process_group(backend, timeout=timeout)
     else:
@@ -265,8 +277,11 @@ def leave() -> None:
     """Leave the process group (where one was joined)."""
     import torch.distributed as dist
 
+    global _timeout
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _groups.clear()
+    _timeout = None
 
 
 class local:  # noqa: N801 - a context, used as ``with distributed.local():``

@@ -9,7 +9,8 @@ At the end of a run two other estimators are measured on the test set (Wu & John
 - **precise**: the population statistics re-estimated with the final weights, as
   PreciseBN does: a true average of the per-batch means and (unbiased) variances over
   about ``images`` training images (:func:`precise_batches`: batches of the training
-  batch size, at most one pass over the training set), no augmentation. Sized in
+  batch size, at most one pass over the training set; a data-parallel run's is what one
+  process's layers normalized over: ``build.local_batch``), no augmentation. Sized in
   images, not batches, so that every batch size averages as many: Wu & Johnson find
   ~10^4 images enough for the population statistics (``eval.precise_bn_images``);
 - **batch statistics**: each test batch of the training batch size normalised with its

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from normbench import __version__, cores, interrupts
-from normbench.build import Prepared, load_data, prepare
+from normbench.build import Prepared, load_data, local_batch, prepare
 from normbench.config import EXECUTION_KEYS, flatten
 from normbench.errors import NotWritten, UserCodeFailed, UserError
 from normbench.lock import LockNotAFile, RunBusy, RunLock, read_owner
@@ -437,8 +437,9 @@ def _rank_main(cfg, rid, folder, threads: cores.Threads, events, env=None, data=
         with interrupts.handle_signals():
             rank = distributed.join(device, cfg.dist_timeout_s)
             try:
-                prepared = prepare(cfg, data, threads=share)
-                resume, prepared = resume_run(cfg, rid, folder, prepared)
+                with distributed.local():  # its probes as the launcher's: no collective
+                    prepared = prepare(cfg, data, threads=share)
+                    resume, prepared = resume_run(cfg, rid, folder, prepared)
                 if rank.rank == 0:
                     forward = distributed.Forward(events)  # alone at the end: all threads
                     _train(cfg, rid, folder, prepared, forward, resume, rank, threads.count)
@@ -607,7 +608,7 @@ def _start_bn_stats(cfg, prepared: Prepared, recorder: _Recorder, loop) -> None:
     from normbench.diagnostics import EpochDiagnostics
 
     path = recorder.path.with_name(BN_STATS_FILE)
-    bn = EpochDiagnostics(prepared.model, prepared.data, prepared.settings.batch_size, cfg.seed)
+    bn = EpochDiagnostics(prepared.model, prepared.data, local_batch(cfg, prepared.norm), cfg.seed)
     if not (cfg.eval.bn_stats and bn.layers):  # (a model without running statistics: none)
         return _discard(path)
     bn.write = BnStatsLog(path, recorder.run_id, loop and loop["epoch"]).add  # (resumed: kept)
@@ -652,7 +653,8 @@ def _measure_inference(cfg, prepared: Prepared, result, recorder: _Recorder, thr
     from normbench.inference import measure
 
     clock, before = time.perf_counter(), torch.get_num_threads()
-    sizes = (cfg.batch_size, cfg.eval_batch_size, cfg.eval.precise_bn_images, cfg.seed)
+    batch = local_batch(cfg, prepared.norm)
+    sizes = (batch, cfg.eval_batch_size, cfg.eval.precise_bn_images, cfg.seed)
     torch.set_num_threads(threads or before)
     try:
         with distributed.local():  # rank 0 alone, of a data-parallel run

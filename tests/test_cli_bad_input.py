@@ -142,6 +142,22 @@ def test_a_disk_that_fills_during_a_run_gives_one_line_and_nothing_complete(tmp_
 
 
 @pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=mlp", "batch_size=2", "processes=2"],  # BatchNorm over 1 sample a process
+        ["model=mlp", "batch_size=2", "processes=2", "norm=sync_bn", "norm.group_size=1"],
+    ],
+)
+def test_a_batch_one_process_cannot_train_on_is_refused_before_anything_starts(tmp_path, overrides):
+    for command in ("run", "sweep"):
+        result = cli.invoke(app, [command, f"out_dir={tmp_path / 'out'}", *TINY, *overrides])
+        assert_one_line_error(
+            result, "cannot train at batch_size=2 split over 2 processes: Expected more than 1"
+        )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
     "overrides, expected",
     [
         (["model.widths=[0,0,0]"], "model.widths must be a list of integers >= 1"),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch_contract import TORCH_TAKES_BIAS
 
 from normbench.errors import UserError
 
@@ -254,6 +255,11 @@ def _worker(rank: int, folder: Path) -> None:
 
     results["ddp"] = {norm: _ddp_steps(rank, norm) for norm in DDP_NORMS}
 
+    # an empty batch on every process (each takes part in the reduction)
+    layer = SyncBatchNorm(C, dtype=torch.float64)
+    y = layer(torch.empty(0, C, 2, 2, dtype=torch.float64))
+    results["empty"] = (tuple(y.shape), int(layer.num_batches_tracked), layer.running_var)
+
     torch.save(results, folder / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -446,6 +452,105 @@ def test_one_process_is_custom_bn_exactly(relu):
         assert torch.equal(a.state_dict()[key], value)
 
 
+def test_an_empty_batch_on_every_process_is_one_processs_empty_batch(ranks):
+    from normbench.norms import BatchNorm
+
+    layer = BatchNorm(C, dtype=torch.float64)
+    y = layer(torch.empty(0, C, 2, 2, dtype=torch.float64))
+    for rank in ranks:
+        shape, counted, running_var = rank["empty"]
+        assert shape == tuple(y.shape) == (0, C, 2, 2)
+        assert counted == int(layer.num_batches_tracked) == 1
+        assert torch.equal(running_var, layer.running_var)  # (ones: left as they were)
+
+
+HANG = """
+import os, sys, time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from normbench import distributed
+from normbench.norms import SyncBatchNorm
+
+rank, folder = int(os.environ["RANK"]), Path(sys.argv[1])
+distributed.join("cpu", 2.0, store=dist.FileStore(str(folder / "store"), 4))
+layer = SyncBatchNorm(3, group_size=2)
+layer(torch.randn(4, 3))  # every rank: the groups {0, 1} and {2, 3} are made
+if rank == 3:  # hangs until its partner has given up on it (or for a minute)
+    deadline = time.monotonic() + 60
+    while not (folder / "gave-up").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+start = time.monotonic()
+try:
+    layer(torch.randn(4, 3))
+    outcome = "returned"
+except Exception as err:
+    outcome = "lost peer" if distributed.lost_peer(err) else repr(err)
+print(f"{outcome} after {time.monotonic() - start:.1f} s", flush=True)
+if rank == 2:
+    (folder / "gave-up").touch()
+os._exit(0)  # (no destroy: the lost peer's group)
+"""
+
+
+def test_a_sync_groups_collectives_wait_as_long_as_the_runs_process_group(tmp_path):
+    """group_size=2 of 4 processes: rank 3 hangs; its partner, rank 2, gives up after the
+    run's timeout (2 s here) as the default group's collectives would, not after torch's
+    default for a new group (30 minutes on gloo). Ranks 0 and 1 are not held up."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "4"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", HANG, str(tmp_path)],
+            env={**env, "RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in range(4)
+    ]
+    outputs = [p.communicate(timeout=180) for p in procs]
+    said = [out.strip() for out, _ in outputs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert said[0].startswith("returned") and said[1].startswith("returned"), said
+    outcome, seconds = said[2].rsplit(" after ", 1)
+    assert outcome == "lost peer" and float(seconds.split()[0]) < 30, said
+
+
+def test_convert_sync_batchnorm_replaces_every_batchnorm_as_torchs_does():
+    from normbench.norms import BatchNorm2d, SyncBatchNorm
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, C, 1),
+        torch.nn.BatchNorm2d(C),
+        torch.nn.Sequential(BatchNorm2d(C, relu=True, backend="reference"), torch.nn.Identity()),
+        torch.nn.BatchNorm2d(C, affine=False, momentum=None),
+    ).double()
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    model(x)  # running statistics that differ from their initial values
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    expected = model(x)
+    converted = SyncBatchNorm.convert_sync_batchnorm(model)
+    assert converted is model  # (its children replaced in place, as torch's)
+    layers = [converted[1], converted[2][0], converted[3]]
+    assert all(type(layer) is SyncBatchNorm for layer in layers)
+    assert converted[2][0].relu and converted[2][0].backend == "reference"
+    assert converted[3].weight is None and converted[3].momentum is None
+    assert not any(layer.training for layer in layers)
+    assert list(converted.state_dict()) == list(before)
+    for key, value in converted.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # one process, no group: custom_bn, the same eval outputs
+    assert torch.allclose(converted(x), expected, rtol=0, atol=1e-12)
+    layer = SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm1d(C))
+    assert type(layer) is SyncBatchNorm
+    with pytest.raises(ValueError, match="pool=True"):
+        SyncBatchNorm.convert_sync_batchnorm(BatchNorm2d(C, relu=True, pool=True))
+
+
 def test_state_dict_moves_to_and_from_torch_sync_batch_norm():
     from normbench.norms import SyncBatchNorm
 
@@ -461,6 +566,18 @@ def test_state_dict_moves_to_and_from_torch_sync_batch_norm():
         assert torch.equal(back.state_dict()[key], value)
     with pytest.raises(ValueError, match="not both"):
         SyncBatchNorm(4, process_group=object(), group_size=2)
+
+
+@pytest.mark.skipif(not TORCH_TAKES_BIAS, reason="this torch's BatchNorm has no bias keyword")
+def test_sync_batch_norm_without_a_bias_loads_torchs():
+    from normbench.norms import SyncBatchNorm
+
+    theirs = torch.nn.SyncBatchNorm(4, bias=False)
+    ours = SyncBatchNorm(4, bias=False)
+    assert ours.bias is None and list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    converted = SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm2d(4, bias=False))
+    assert converted.bias is None and converted.weight is not None
 
 
 if __name__ == "__main__":

@@ -369,6 +369,40 @@ def test_group_size_one_normalizes_over_each_process_batch():
     assert NormSpec("layer", {}).norm_batch_size(16, 4) is None
 
 
+def test_a_model_alone_takes_what_one_processs_layers_normalized_over():
+    """The batch rank 0's measures (PreciseBN, batch statistics, bn_stats) and the probe
+    give one copy of the model, synchronizing with nobody: a sync_bn group's batches
+    together, else a process's batch (ghost batches split it themselves)."""
+    from normbench.norms import NormSpec
+
+    assert NormSpec("sync_bn", {"group_size": 1}).local_batch(16, 4) == 16
+    assert NormSpec("sync_bn", {"group_size": 2}).local_batch(16, 4) == 32
+    assert NormSpec("sync_bn", {"group_size": None}).local_batch(16, 4) == 64
+    assert NormSpec("ghost_bn", {"virtual_batch_size": 8}).local_batch(16, 4) == 16
+    assert NormSpec("custom_bn", {}).local_batch(16, 4) == 16
+    assert NormSpec("layer", {}).local_batch(16, 4) == 16
+    assert NormSpec("custom_bn", {}).local_batch(64, 1) == 64
+    with pytest.raises(UserError, match="norm.group_size=3 does not divide the 4"):
+        NormSpec("sync_bn", {"group_size": 3}).local_batch(16, 4)
+
+
+def test_only_sync_bns_group_size_must_divide_the_processes():
+    """A user's norm may mean something else by a key named group_size."""
+    from omegaconf import OmegaConf
+
+    from normbench.distributed import check_parallel
+
+    def cfg(name: str) -> object:
+        norm = {"name": name, "group_size": 16}
+        return OmegaConf.create(
+            {"batch_size": 32, "processes": 1, "nodes": 1, "precision": "32", "norm": norm}
+        )
+
+    check_parallel(cfg("channel_groups"), "cpu")
+    with pytest.raises(UserError, match="norm.group_size=16 does not divide the 1 process"):
+        check_parallel(cfg("sync_bn"), "cpu")
+
+
 def test_bf16_runs_of_every_variant_complete_on_the_cpu(tiny):
     for norm in norm_names():
         outcome = runner.run(tiny(f"norm={norm}", "precision=bf16", "max_steps=2",

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch_contract import TORCH_TAKES_BIAS
 
 from normbench.diagnostics import measure
 from normbench.kernels import relu_pool_applies
@@ -161,13 +162,17 @@ def stats(x):
     return x.mean((0, 2, 3)), (x.var((0, 2, 3), correction=0) + 1e-5).rsqrt()
 
 
-def pair(dtype, momentum=0.1, **kwargs):
-    """The fused layer and torch's BatchNorm2d, ReLU and MaxPool2d, with equal parameters."""
-    fused = BatchNorm2d(8, momentum=momentum, relu=True, pool=True, **kwargs).to(dtype)
+def pair(dtype, momentum=0.1, bias=True, **kwargs):
+    """The fused layer and torch's BatchNorm2d, ReLU and MaxPool2d, with equal parameters
+    (``bias=False``: torch's keyword, a weight without a bias)."""
+    no_bias = {} if bias else {"bias": False}
+    fused = BatchNorm2d(8, momentum=momentum, relu=True, pool=True, **no_bias, **kwargs)
+    fused = fused.to(dtype)
     with torch.no_grad():
         fused.weight.copy_(torch.randn(8) * 0.5 + 1)
-        fused.bias.copy_(torch.randn(8) * 0.5)
-    norm = nn.BatchNorm2d(8, momentum=momentum).to(dtype)
+        if bias:
+            fused.bias.copy_(torch.randn(8) * 0.5)
+    norm = nn.BatchNorm2d(8, momentum=momentum, **no_bias).to(dtype)
     norm.load_state_dict(fused.state_dict())
     return fused, nn.Sequential(norm, nn.ReLU(), nn.MaxPool2d(2))
 
@@ -182,7 +187,8 @@ def steps(layer, xs, layout):
         x = x.clone().contiguous(memory_format=layout).requires_grad_()
         y = layer(x)
         y.backward(torch.ones_like(y) + y.detach())  # a gradient that differs by position
-        seen += [y, x.grad, norm.weight.grad.clone(), norm.bias.grad.clone(), *norm.buffers()]
+        grads = [p.grad.clone() for p in norm.parameters()]  # (weight, and bias where one)
+        seen += [y, x.grad, *grads, *norm.buffers()]
     layer.eval()
     x = xs[0].clone().contiguous(memory_format=layout).requires_grad_()
     y = layer(x)
@@ -205,6 +211,17 @@ def test_layer_matches_torch_batch_norm_relu_max_pool(momentum, layout, backend,
     xs = [torch.randn(4, 8, 7, 6, dtype=dtype) * 2 + 1 for _ in range(3)]
     x0 = xs[0].contiguous(memory_format=layout)
     assert relu_pool_applies(x0, backend) == (layout == LAST and backend == "auto")
+    for got, want in zip(steps(fused, xs, layout), steps(plain, xs, layout), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.skipif(not TORCH_TAKES_BIAS, reason="this torch's BatchNorm2d has no bias keyword")
+@pytest.mark.parametrize("layout", [LAST, torch.contiguous_format])
+def test_layer_without_a_bias_matches_torchs(layout):
+    torch.manual_seed(0)
+    fused, plain = pair(torch.float64, bias=False)
+    assert fused.bias is None and list(fused.state_dict()) == list(plain[0].state_dict())
+    xs = [torch.randn(4, 8, 7, 6, dtype=torch.float64) * 2 + 1 for _ in range(3)]
     for got, want in zip(steps(fused, xs, layout), steps(plain, xs, layout), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 

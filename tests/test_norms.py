@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
-from torch_contract import CHECKS_AS_NORMBENCH, eps_error, expected_error
+from torch_contract import CHECKS_AS_NORMBENCH, TORCH_TAKES_BIAS, eps_error, expected_error
 
 from normbench.errors import UserError
 from normbench.norms import (
@@ -243,6 +243,17 @@ def assert_same_bn(ours, theirs, shape, *, fmt=None, dtype=torch.float32, steps=
 def test_custom_bn_matches_torch(ours_cls, torch_cls, shape, options, backend):
     ours = randomize(ours_cls(3, backend=backend, **options))
     assert_same_bn(ours, torch_cls(3, **options), shape)
+
+
+@pytest.mark.skipif(not TORCH_TAKES_BIAS, reason="this torch's BatchNorm has no bias keyword")
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("ours_cls, torch_cls, shape", BN_PAIRS, ids=BN_IDS)
+def test_custom_bn_without_a_bias_matches_torch(ours_cls, torch_cls, shape, backend):
+    ours = randomize(ours_cls(3, backend=backend, bias=False, dtype=torch.float64))
+    assert ours.bias is None and ours.weight is not None
+    theirs = torch_cls(3, bias=False, dtype=torch.float64)
+    assert_same_bn(ours, theirs, shape, dtype=torch.float64)
+    assert repr(ours) == repr(theirs)
 
 
 def test_custom_bn_non_contiguous_input():

@@ -210,25 +210,26 @@ def test_threads_are_applied_and_recorded(tiny):
         torch.set_num_threads(before)
 
 
-def test_rank_0_measures_alone_on_the_runs_threads_and_goes_back_to_its_share(
-    monkeypatch, tmp_path
-):
+def test_rank_0_measures_alone_on_the_runs_threads_and_a_processs_batch(monkeypatch, tmp_path):
     """A data-parallel run's rank 0 takes the end-of-run measures alone, once the others
-    have finished: on the run's threads (``alone_threads``), not its share; then its own."""
+    have finished: on the run's threads (``alone_threads``), not its share, then its own;
+    in batches of what one process's layers normalized over, not the global batch."""
     from types import SimpleNamespace
 
     from normbench import inference
+    from normbench.norms import NormSpec
 
-    seen = []
+    seen, batches = [], []
 
-    def measure(*args):
+    def measure(model, data, batch_size, *args):
         seen.append(torch.get_num_threads())
+        batches.append(batch_size)
         return {}
 
     monkeypatch.setattr(inference, "measure", measure)
-    cfg = SimpleNamespace(batch_size=8, eval_batch_size=8, seed=0,
+    cfg = SimpleNamespace(batch_size=8, eval_batch_size=8, seed=0, processes=2, nodes=1,
                           eval=SimpleNamespace(precise_bn_images=64))  # fmt: skip
-    prepared = SimpleNamespace(model=None, data=None)
+    prepared = SimpleNamespace(model=None, data=None, norm=NormSpec("custom_bn", {}))
     result, recorder = SimpleNamespace(records=[{}]), SimpleNamespace(path=tmp_path / "m.csv")
     before = torch.get_num_threads()
     try:
@@ -237,6 +238,10 @@ def test_rank_0_measures_alone_on_the_runs_threads_and_goes_back_to_its_share(
         assert seen == [2] and torch.get_num_threads() == 1
         runner._measure_inference(cfg, prepared, result, recorder)  # a one-process run's
         assert seen == [2, 1] and torch.get_num_threads() == 1
+        # each of the 2 processes' layers normalized 4 images; a sync_bn group, all 8
+        prepared.norm = NormSpec("sync_bn", {"group_size": None})
+        runner._measure_inference(cfg, prepared, result, recorder)
+        assert batches == [4, 4, 8]
     finally:
         torch.set_num_threads(before)
 

@@ -12,9 +12,15 @@ Use from another test file: ``from torch_contract import expected_error``.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from packaging.version import Version
+
+#: Whether the installed torch's BatchNorm takes ``bias`` (keyword-only: a weight without
+#: a bias), which normbench's drop-ins then take too.
+TORCH_TAKES_BIAS = "bias" in inspect.signature(torch.nn.BatchNorm2d.__init__).parameters
 
 #: Whether the installed torch checks F.batch_norm's arguments as normbench does.
 CHECKS_AS_NORMBENCH = Version(torch.__version__.split("+")[0]) >= Version("2.13")

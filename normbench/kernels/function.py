@@ -451,7 +451,12 @@ def batch_norm_synced(
     acc = reference.accumulation_dtype(x.dtype)
     mean, var, invstd, count = ops.merge_statistics(table, eps, acc, backend)
     total = int(count)
-    if total <= 1:  # torch's check, on the whole group's count
+    if total == 0:  # every part empty (each took part in the reduction): as one process's
+        if num_batches_tracked is not None:  # empty batch, the running statistics stay
+            num_batches_tracked.add_(1)
+        y, _, _ = _empty_batch(input, weight, bias)
+        return torch.relu(y) if relu else y
+    if total == 1:  # torch's check, on the whole group's count
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size "
             f"{input.size()} ({total} values per channel in the whole synchronized group)"

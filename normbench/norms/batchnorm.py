@@ -71,6 +71,8 @@ class BatchNorm(_BatchNorm):
         backend: str = "auto",
         relu: bool = False,
         pool: bool = False,
+        *,
+        bias: bool = True,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown norm backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -78,7 +80,12 @@ class BatchNorm(_BatchNorm):
             raise ValueError("pool=True fuses the ReLU and the pooling after it: needs relu=True")
         if pool and type(self).forward is not BatchNorm.forward:
             raise ValueError(f"{type(self).__name__} does not fuse pooling (pool=True)")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        # torch's newer keyword (a weight without a bias); passed only where asked for, so
+        # that a torch without it keeps working, and refuses it as its own class does
+        no_bias = {} if bias else {"bias": False}
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **no_bias
+        )
         self.backend = backend
         self.relu = relu
         self.pool = pool

@@ -474,6 +474,18 @@ class NormSpec:
             return declared(per_process, world, self.kwargs)
         return per_process if isinstance(cls, type) and issubclass(cls, _BatchNorm) else None
 
+    def local_batch(self, per_process: int, world: int) -> int:
+        """The batch to give one copy of the model in one process (the run's probe, and
+        rank 0's measures in :func:`normbench.distributed.local`), synchronizing with
+        nobody, so that each layer normalizes over what it did in training on ``world``
+        processes of ``per_process`` images: the class's own ``local_batch(per_process,
+        world, kwargs)`` where it declares one (a synchronized group's batches together),
+        else the process's batch (ghost batches split it as in training)."""
+        declared = getattr(self.cls, "local_batch", None)
+        if declared is not None:
+            return declared(per_process, world, self.kwargs)
+        return per_process
+
     def __call__(self, num_channels: int):
         return self.build(num_channels)
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from normbench import distributed
 from normbench.kernels import batch_norm_synced
@@ -44,6 +46,13 @@ class SyncBatchNorm(BatchNorm):
         """The batches of a group of ``group_size`` processes (None: all of them)."""
         return per_process * (kwargs.get("group_size") or world)
 
+    @staticmethod
+    def local_batch(per_process: int, world: int, kwargs: dict) -> int:
+        """The batch a copy of the layer takes in one process, synchronizing with nobody,
+        to normalize over what its group does together: the group's batches (a
+        ``group_size`` that does not divide ``world`` is one UserError line)."""
+        return per_process * distributed.check_group_size(kwargs.get("group_size"), world)
+
     def __init__(
         self,
         num_features: int,
@@ -57,6 +66,8 @@ class SyncBatchNorm(BatchNorm):
         group_size: int | None = None,
         backend: str = "auto",
         relu: bool = False,
+        *,
+        bias: bool = True,
     ) -> None:
         if process_group is not None and group_size is not None:
             raise ValueError("give SyncBatchNorm a process_group or a group_size, not both")
@@ -64,10 +75,46 @@ class SyncBatchNorm(BatchNorm):
             distributed.check_group_size(group_size, group_size)  # a whole number >= 1
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            backend=backend, relu=relu,
+            backend=backend, relu=relu, bias=bias,
         )  # fmt: skip
         self.process_group = process_group
         self.group_size = group_size
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """``module`` with every BatchNorm layer in it (a subclass of torch's ``_BatchNorm``:
+        torch's ``BatchNorm*d`` and ``SyncBatchNorm``, normbench's) replaced by this class,
+        as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does: the same parameters and
+        buffers (shared, not copied), mode and ``qconfig``; normbench's ``backend`` and
+        fused ``relu`` carried over. A layer that fuses max-pooling (``pool=True``) has no
+        synchronized form: ValueError. Returns the new layer where ``module`` is one."""
+        out = module
+        if isinstance(module, _BatchNorm):
+            if getattr(module, "pool", False):
+                raise ValueError(
+                    f"{type(module).__name__} fuses 2x2 max-pooling (pool=True), which "
+                    "SyncBatchNorm does not: build the model with pool=False"
+                )
+            out = cls(
+                module.num_features, module.eps, module.momentum, module.affine,
+                module.track_running_stats, process_group,
+                backend=getattr(module, "backend", "auto"),
+                relu=bool(getattr(module, "relu", False)),
+                bias=module.bias is not None or not module.affine,
+            )  # fmt: skip
+            if module.affine:
+                with torch.no_grad():
+                    out.weight = module.weight
+                    out.bias = module.bias
+            out.running_mean = module.running_mean
+            out.running_var = module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+            out.training = module.training
+            if hasattr(module, "qconfig"):
+                out.qconfig = module.qconfig
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return out
 
     def forward(self, input: Tensor) -> Tensor:
         sync = (
