@@ -574,10 +574,30 @@ def launch(entry: Any, args: tuple, processes: int, run_id: str) -> None:
     # SIGTERM and waits for them: rank 0 records the run.
     config.signals_to_handle = ""
     try:
-        with interrupts.handle_signals():
+        with interrupts.handle_signals(), _stdlib_start_method():
             elastic_launch(config, entry)(*args)
     except ChildFailedError as err:
         raise RanksFailed(failure_reason(err.failures)) from None
+
+
+@contextlib.contextmanager
+def _stdlib_start_method():
+    """multiprocessing's default start method one of its own while workers start: each
+    worker sets the launching process's default as its own before it runs a line (the
+    preparation data multiprocessing sends it), and a method another library registered
+    (joblib's ``loky``, in a sweep's job under hydra/launcher=joblib) is unknown there:
+    every worker failed with "cannot find context for 'loky'"."""
+    import multiprocessing
+
+    method = multiprocessing.get_start_method(allow_none=True)
+    if method is None or method in multiprocessing.get_all_start_methods():
+        yield
+        return
+    multiprocessing.set_start_method(START_METHOD, force=True)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(method, force=True)
 
 
 def failure_reason(failures: dict[int, Any]) -> str:

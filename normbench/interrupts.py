@@ -36,6 +36,16 @@ class Interrupted(BaseException):
         self.reason, self.signum = reason, signum
 
 
+class ProcessLost(Interrupted):
+    """A data-parallel run stopped because one of its processes failed (an exit status, a
+    signal, a hang past the process group's timeout), not by a stop from outside: recorded
+    ``interrupted`` (the next run resumes it), it ends ``normbench run`` with status 1,
+    and a sweep goes on with its other jobs."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+
+
 #: The signals that stop a run (submitit's time-limit signal aside, :func:`submitit_signal`).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -71,7 +81,10 @@ def ignore_further_stops() -> None:
 
 def exit_status(stop: BaseException) -> int:
     """128 + the number of the signal that stopped the process, as a shell reports a
-    process that signal ended: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+    process that signal ended: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP; 1 for a
+    run one of whose processes failed (:class:`ProcessLost`)."""
+    if isinstance(stop, ProcessLost):
+        return 1
     if isinstance(stop, Interrupted):
         return 128 + int(stop.signum)
     return 128 + int(signal.SIGINT)

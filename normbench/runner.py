@@ -397,7 +397,7 @@ def _train_parallel(cfg, rid: str, folder: Path, threads: cores.Threads, display
         record = dict(summary) if summary else _lost_summary(cfg, "interrupted", "")
         record.update(status="interrupted", error=failed.reason)
         write_json(folder / "summary.json", record)
-        stop = interrupts.Interrupted(f"a process of the run stopped: {failed.reason}")
+        stop = interrupts.ProcessLost(f"a process of the run stopped: {failed.reason}")
         setattr(stop, RECORDED, True)
         raise stop from None
     except BaseException as stop:

@@ -541,6 +541,11 @@ def run_job(cfg) -> str:
                 outcome = run(cfg, redo_failed=retry, display=bar)
         except RunInProgress:
             return "running elsewhere"
+        except interrupts.ProcessLost as lost:  # recorded (interrupted); the sweep goes on
+            from normbench.terminal import clean
+
+            print(clean(f"normbench: {run_dir(cfg)}: {lost.reason}"), file=sys.stderr)
+            return "interrupted"
         except (KeyboardInterrupt, interrupts.Interrupted) as stop:
             stopped = True
             if not quiet:

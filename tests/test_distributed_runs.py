@@ -21,7 +21,7 @@ import pytest
 from normbench import runner
 from normbench.config import add_config_dir, compose
 from normbench.errors import UserError
-from normbench.interrupts import Interrupted
+from normbench.interrupts import ProcessLost
 from normbench.lock import read_owner
 from normbench.norms.registry import norm_names
 
@@ -196,7 +196,7 @@ def test_a_killed_rank_interrupts_the_run_and_the_rerun_resumes_it_as_one_proces
 ):
     odd("die", 5)  # rank 1 dies at the first step of epoch 2
     cfg = compose(["norm=odd", "processes=2", f"out_dir={tmp_path / 'out'}", *RUN])
-    with pytest.raises(Interrupted, match="rank 1 exited with status 3"):
+    with pytest.raises(ProcessLost, match="rank 1 exited with status 3"):
         runner.run(cfg)
     assert (tmp_path / "odd").exists()
     assert not _workers_left(), "a worker outlived the run"
@@ -221,12 +221,33 @@ def test_a_killed_rank_interrupts_the_run_and_the_rerun_resumes_it_as_one_proces
     pd.testing.assert_series_equal(_metrics(folder), _metrics(alone.run_dir), rtol=1e-5, atol=1e-6)
 
 
+def test_a_sweep_in_joblibs_workers_goes_on_past_a_run_that_lost_a_process(tmp_path, odd):
+    """joblib's workers make their own start method (loky) multiprocessing's default, which
+    a run's workers could not take ("cannot find context for 'loky'"): they start with
+    the standard one. A job whose rank dies is recorded interrupted, in one line, and the
+    sweep goes on with the other job, ending with its tables and status 1."""
+    env = odd("die", 5)
+    args = [sys.executable, "-m", "normbench.cli", "--config-dir", str(tmp_path / "conf"),
+            "sweep", "norm=odd,custom_bn", "processes=2", "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2", f"out_dir={tmp_path / 'out'}", *RUN]  # fmt: skip
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "loky" not in done.stderr, done.stderr
+    summaries = [json.loads(p.read_text()) for p in tmp_path.glob("out/*/runs/*/summary.json")]
+    ended = {s["norm"]: (s["status"], s["error"]) for s in summaries}
+    assert ended["custom_bn"] == ("completed", None), ended
+    assert ended["odd"][0] == "interrupted" and "rank 1 exited with status 3" in ended["odd"][1]
+    said = [line for line in done.stderr.splitlines() if "rank 1 exited with status 3" in line]
+    assert len(said) == 1, done.stderr
+    assert done.stdout.splitlines()[-1] == "1 completed, 0 failed, 1 interrupted", done.stdout
+
+
 def test_a_hung_rank_ends_the_run_within_the_process_group_timeout(tmp_path, odd):
     odd("hang", 2)
     cfg = compose(["norm=odd", "processes=2", f"out_dir={tmp_path / 'out'}", "dist_timeout_s=5",
                    *RUN])  # fmt: skip
     start = time.monotonic()
-    with pytest.raises(Interrupted, match="lost its peers"):
+    with pytest.raises(ProcessLost, match="lost its peers"):
         runner.run(cfg)
     # the timeout, rank 0's wait before it exits, the agent's stop of the hung rank
     assert time.monotonic() - start < 5 + 25
