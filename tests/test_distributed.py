@@ -41,6 +41,8 @@ CASES = {
     "group_of_2": ({"group_size": 2}, None, False),
     "local": ({"group_size": 1}, None, False),
     "no_affine": ({"affine": False}, None, False),
+    # norm, ReLU and 2x2 max-pooling: composed when synchronized, fused over the whole batch
+    "pooled": ({"relu": True, "pool": True}, None, True),
 }
 
 
@@ -76,7 +78,7 @@ def _steps(layer, rank: int, split, channels_last: bool, dtype=torch.float64) ->
         if layer.weight is not None:
             layer.weight.grad = layer.bias.grad = None
         y = layer(x)
-        (y * dy).sum().backward()
+        (y * dy[..., : y.shape[2], : y.shape[3]]).sum().backward()  # (pooled: its corner)
         out["y"].append(y.detach())
         out["dx"].append(x.grad)
         if layer.weight is not None:
@@ -325,7 +327,7 @@ def _assert_whole_batch(parts: list[dict], whole: dict, split=None, tol=TOL) -> 
 
 @pytest.mark.parametrize(
     "case", ["global", "relu", "channels_last", "cumulative", "reference", "uneven",
-             "group_of_2", "no_affine"],
+             "group_of_2", "no_affine", "pooled"],
 )  # fmt: skip
 def test_sync_bn_is_custom_bn_over_the_whole_batch(ranks, case):
     """sync_bn on two processes with half the batch each (or 3 and 5 samples) gives custom_bn's
@@ -452,6 +454,34 @@ def test_one_process_is_custom_bn_exactly(relu):
         assert torch.equal(a.state_dict()[key], value)
 
 
+def test_one_processs_small_cnn_is_custom_bns_bit_for_bit():
+    """small_cnn with sync_bn and no process group trains as with custom_bn, bit for bit:
+    the same layers, the norm, ReLU and max-pooling fused alike (as a run has it:
+    channels_last, float32)."""
+    from normbench.models import build_model, set_memory_format
+    from normbench.norms import NormSpec
+
+    seen = []
+    for name in ("custom_bn", "sync_bn"):
+        torch.manual_seed(0)
+        model = build_model("small_cnn", NormSpec(name, {}), 1, 10, (12, 12))
+        set_memory_format(model, "channels_last")
+        assert [type(m).__name__ for m in model.modules()].count("MaxPool2d") == 0
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(3):
+            x, y = torch.randn(8, 1, 12, 12, generator=g), torch.randint(10, (8,), generator=g)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        seen.append((losses, [t.clone() for t in model.state_dict().values()]))
+    assert seen[0][0] == seen[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(seen[0][1], seen[1][1], strict=True))
+
+
 def test_an_empty_batch_on_every_process_is_one_processs_empty_batch(ranks):
     from normbench.norms import BatchNorm
 
@@ -547,8 +577,8 @@ def test_convert_sync_batchnorm_replaces_every_batchnorm_as_torchs_does():
     assert torch.allclose(converted(x), expected, rtol=0, atol=1e-12)
     layer = SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm1d(C))
     assert type(layer) is SyncBatchNorm
-    with pytest.raises(ValueError, match="pool=True"):
-        SyncBatchNorm.convert_sync_batchnorm(BatchNorm2d(C, relu=True, pool=True))
+    pooled = SyncBatchNorm.convert_sync_batchnorm(BatchNorm2d(C, relu=True, pool=True))
+    assert pooled.relu and pooled.pool
 
 
 def test_state_dict_moves_to_and_from_torch_sync_batch_norm():

@@ -302,12 +302,19 @@ def test_pool_needs_relu_and_a_forward_that_applies_it():
 
     with pytest.raises(ValueError, match="does not fuse pooling"):
         Own(4, relu=True, pool=True)
-    with pytest.raises(TypeError):  # sync_bn's constructor does not take it at all
-        SyncBatchNorm(4, relu=True, pool=True)
-    # a subclass is not asked for it unless it declares it itself
-    assert NormSpec("custom_bn").fuses_pool
-    assert not NormSpec("sync_bn").fuses_pool and not NormSpec("ghost_bn").fuses_pool
-    assert not NormSpec("torch_bn").fuses_pool
+
+    class Declared(BatchNorm2d):  # ... unless the class whose forward runs says it pools
+        fuses_pool = True
+
+        def forward(self, input):
+            return super().forward(input)
+
+    assert Declared(4, relu=True, pool=True).pool
+    # a subclass is not asked for it unless it declares it itself (sync_bn does: alone, it
+    # runs custom_bn's passes; synchronized, its forward pools after the normalization)
+    assert NormSpec("custom_bn").fuses_pool and NormSpec("sync_bn").fuses_pool
+    assert SyncBatchNorm(4, relu=True, pool=True).pool
+    assert not NormSpec("ghost_bn").fuses_pool and not NormSpec("torch_bn").fuses_pool
 
 
 def test_small_cnn_keeps_its_state_dict_keys_and_trains_as_with_torch_layers():

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -38,8 +39,13 @@ class SyncBatchNorm(BatchNorm):
 
     ``group_size``: synchronize with groups of that many consecutive ranks (None: all of
     them; it must divide the number of processes); ``process_group``: torch's argument, a
-    group to synchronize with instead. ``backend`` and ``relu`` as :class:`BatchNorm`'s.
+    group to synchronize with instead. ``backend``, ``relu`` and ``pool`` as
+    :class:`BatchNorm`'s (synchronized, the pooling follows the normalization; alone, the
+    kernel fuses it, so that one process runs custom_bn's very passes).
     """
+
+    #: Models hand it the 2x2 max-pooling after it, as custom_bn (NormSpec.fuses_pool).
+    fuses_pool = True
 
     @staticmethod
     def norm_batch_size(per_process: int, world: int, kwargs: dict) -> int:
@@ -66,6 +72,7 @@ class SyncBatchNorm(BatchNorm):
         group_size: int | None = None,
         backend: str = "auto",
         relu: bool = False,
+        pool: bool = False,
         *,
         bias: bool = True,
     ) -> None:
@@ -75,7 +82,7 @@ class SyncBatchNorm(BatchNorm):
             distributed.check_group_size(group_size, group_size)  # a whole number >= 1
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            backend=backend, relu=relu, bias=bias,
+            backend=backend, relu=relu, pool=pool, bias=bias,
         )  # fmt: skip
         self.process_group = process_group
         self.group_size = group_size
@@ -86,20 +93,16 @@ class SyncBatchNorm(BatchNorm):
         torch's ``BatchNorm*d`` and ``SyncBatchNorm``, normbench's) replaced by this class,
         as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does: the same parameters and
         buffers (shared, not copied), mode and ``qconfig``; normbench's ``backend`` and
-        fused ``relu`` carried over. A layer that fuses max-pooling (``pool=True``) has no
-        synchronized form: ValueError. Returns the new layer where ``module`` is one."""
+        fused ``relu`` and ``pool`` carried over.
+        Returns the new layer where ``module`` is one."""
         out = module
         if isinstance(module, _BatchNorm):
-            if getattr(module, "pool", False):
-                raise ValueError(
-                    f"{type(module).__name__} fuses 2x2 max-pooling (pool=True), which "
-                    "SyncBatchNorm does not: build the model with pool=False"
-                )
             out = cls(
                 module.num_features, module.eps, module.momentum, module.affine,
                 module.track_running_stats, process_group,
                 backend=getattr(module, "backend", "auto"),
                 relu=bool(getattr(module, "relu", False)),
+                pool=bool(getattr(module, "pool", False)),
                 bias=module.bias is not None or not module.affine,
             )  # fmt: skip
             if module.affine:
@@ -122,9 +125,12 @@ class SyncBatchNorm(BatchNorm):
         )
         if sync is None:  # alone, or eval: normbench's BatchNorm, custom_bn exactly
             return super().forward(input)
-        self._check_input_dim(input)
+        if self.pool:
+            self._check_pool_input(input)
+        else:
+            self._check_input_dim(input)
         tracked = self.track_running_stats
-        return batch_norm_synced(
+        y = batch_norm_synced(
             input,
             self.running_mean if tracked else None,
             self.running_var if tracked else None,
@@ -139,6 +145,8 @@ class SyncBatchNorm(BatchNorm):
             self.backend,
             self.relu,
         )
+        # the pooling after the group's normalization (alone, the kernel fuses it)
+        return F.max_pool2d(y, 2) if self.pool else y
 
     def extra_repr(self) -> str:
         group = "" if self.group_size is None else f", group_size={self.group_size}"
