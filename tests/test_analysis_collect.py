@@ -384,6 +384,35 @@ def test_a_key_older_runs_lack_takes_its_default_and_the_tables_say_so(real_copy
     assert swept_keys(collect(real_copy).runs) == ["norm.name"]
 
 
+def test_fields_every_older_summary_lacks_read_as_null(real_copy):
+    """Runs written before the data-parallel fields existed (none of them in summary.json,
+    nor processes, nodes and precision in config.yaml): the fields are null columns, so
+    tables group by them (one group) rather than call them unknown keys."""
+    fields = ("processes", "nodes", "world_size", "batch_size_per_process", "norm_batch_size",
+              "precision")  # fmt: skip
+    for folder in runs_of(real_copy):
+        record = json.loads((folder / "summary.json").read_text())
+        for field in fields:
+            del record[field]
+        record.pop("config.dist_timeout_s", None)
+        (folder / "summary.json").write_text(json.dumps(record))
+        cfg = OmegaConf.load(folder / "config.yaml")
+        for key in ("processes", "nodes", "precision", "dist_timeout_s"):
+            del cfg[key]
+        (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+    runs = collect(real_copy).runs
+    assert all(runs[field].isna().all() for field in fields)
+    result = invoke("results", real_copy, "--group-by", "norm,norm_batch_size")
+    assert result.exit_code == 0, result.output
+    summary = pd.read_csv(real_copy / "summary.csv")
+    assert list(summary["norm.name"]) == ["custom_bn", "layer"] and list(summary.n) == [2, 2]
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in
+            (["custom_bn"], ["layer"])]  # fmt: skip
+    assert "by norm, norm_batch_size" in result.stdout
+    assert [row[:3] for row in rows[:2]] == [["custom_bn", "null", "2"], ["layer", "null", "2"]]
+
+
 def test_older_runs_precise_bn_batches_read_as_the_images_they_averaged(tmp_path, make_run):
     """A run written before eval.precise_bn_images replaced eval.precise_bn_batches: its
     batches x batch_size images (4 x 32), the same batches PreciseBN takes now; no column,

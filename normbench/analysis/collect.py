@@ -548,6 +548,9 @@ def _assemble(read: _Read) -> Collected:
         summary_frame = summary_frame[first + [c for c in summary_frame if c not in first]]
     else:
         summary_frame = pd.DataFrame(columns=list(SUMMARY_FIELDS))
+    for name in SUMMARY_FIELDS:  # that summaries written before it existed lack: null
+        if name not in summary_frame.columns:
+            summary_frame[name] = None
     config_frame = frame_of(configs)
     config_columns: list[str] = []
     renamed: dict[str, str] = {}
