@@ -53,10 +53,14 @@ def load_data(cfg):
     return _data_cache[key]
 
 
-def prepare(cfg, data=None, threads: cores.Threads | None = None) -> Prepared:
+def prepare(
+    cfg, data=None, threads: cores.Threads | None = None, device: str | None = None
+) -> Prepared:
     """Load the data (unless given), check what depends on it, build model and optimizer;
     write nothing. ``cfg`` is validated already (``config.compose``, or the sweep's job).
-    ``threads``: set torch's thread count first (a run's; a sweep's check leaves it)."""
+    ``threads``: set torch's thread count first (a run's; a sweep's check leaves it).
+    ``device``: where to build it, for a sweep's check of a job that runs on a GPU
+    elsewhere (the CPU); the run's own device where not given."""
     import torch
 
     from normbench.models import build_model, choose_memory_format, set_memory_format
@@ -64,7 +68,7 @@ def prepare(cfg, data=None, threads: cores.Threads | None = None) -> Prepared:
     from normbench.norms.batchrenorm import schedule_steps
     from normbench.train import make_optimizer
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device) if device is None else device
     if threads is not None:
         torch.set_num_threads(threads.count)
     # Freed activations stay in the heap for the next step, not page-faulted in again.

@@ -73,6 +73,19 @@ LOCAL_END_S = 10.0
 RESULT_WAIT_ENV = "NORMBENCH_RESULT_WAIT_S"
 
 
+#: Hydra's launchers whose jobs run on other machines (a cluster's nodes), by the end of
+#: their ``_target_``: a sweep planned here leaves its jobs' devices to be checked there
+#: (:class:`normbench.validation.jobs_elsewhere`).
+ELSEWHERE = ("SlurmLauncher", "RayLauncher", "RayAWSLauncher")
+
+
+def runs_elsewhere(launcher: Any) -> bool:
+    """Whether the jobs of ``launcher`` (a composed ``hydra.launcher``) run on other
+    machines than the one that plans them."""
+    target = launcher.get("_target_", "") if launcher is not None else ""
+    return str(target).endswith(ELSEWHERE)
+
+
 def result_wait_s() -> float | None:
     """:data:`RESULT_WAIT_ENV`'s seconds (None: unset, submitit's own); a UserError for a
     value that is not a number of seconds, 0 or more."""

@@ -62,6 +62,8 @@ class Job:
     busy: Any = None
     flat: dict[str, Any] = field(default_factory=dict)  # the config, flattened (config.flatten)
     grid: list[str] = field(default_factory=list)  # the grid's overrides, as planned
+    # its launcher runs it on another machine (validation.jobs_elsewhere)
+    elsewhere: bool = False
 
     @property
     def cfg(self):
@@ -69,9 +71,11 @@ class Job:
         is done needs only its values, so a plan composes it for the runs it checks and
         launches, and for whoever asks."""
         from normbench.config import Plain, compose
+        from normbench.validation import jobs_elsewhere
 
         if isinstance(self.planned, Plain):
-            self.planned = compose(self.grid)
+            with jobs_elsewhere(self.elsewhere):
+                self.planned = compose(self.grid)
         return self.planned
 
 
@@ -223,6 +227,19 @@ def _hydra_config(overrides: Sequence[str]):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
+def _runs_elsewhere(job_overrides: Sequence[str]) -> bool:
+    """Whether the sweep's launcher (as a job's overrides compose it) runs its jobs on
+    other machines (:func:`normbench.launchers.runs_elsewhere`); False where Hydra cannot
+    compose them (the checks of the composition that follow say why, in the user's words:
+    Hydra's errors, or OmegaConf's on a sweeper's null params)."""
+    from normbench.launchers import runs_elsewhere
+
+    try:
+        return runs_elsewhere(_hydra_config(job_overrides).hydra.launcher)
+    except Exception:
+        return False
+
+
 def expand(overrides: Sequence[str]) -> list[list[str]]:
     """The jobs' overrides, in the order and with the precedence of Hydra's basic sweeper."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -235,6 +252,7 @@ def expand(overrides: Sequence[str]) -> list[list[str]]:
         compose,
         expand_globs,
     )
+    from normbench.validation import jobs_elsewhere
 
     overrides = expand_globs(overrides)
     _check_swept_options_keys(check_group_overrides(overrides))
@@ -243,7 +261,8 @@ def expand(overrides: Sequence[str]) -> list[list[str]]:
         first = BasicSweeper.split_arguments(parser.parse_overrides(list(overrides)), None)[0][0]
     except HydraException as err:
         raise UserError(f"invalid sweep: {str(err).splitlines()[0]}") from None
-    compose(first)  # a bad key or value in the plain config says so here, clearly
+    with jobs_elsewhere(_runs_elsewhere(first)):
+        compose(first)  # a bad key or value in the plain config says so here, clearly
     try:
         params = _sweeper_params(first)
     except HydraException as err:
@@ -346,6 +365,7 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
     from normbench.queued import QueueCheck
     from normbench.rundir import check_writable, read_summary, status_of
     from normbench.runner import check_run_folder, experiment_dir, run_id
+    from normbench.validation import jobs_elsewhere
 
     # the user's config folders, for Hydra too; globs written out, as the plan has them
     overrides = with_searchpath(expand_globs(overrides))
@@ -355,9 +375,13 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
     writable: set[Path] = set()
     planned: set[Path] = set()
     tasks = _Tasks(overrides)
-    for job_overrides in expand(overrides):
+    grid = expand(overrides)
+    # jobs a cluster runs: their devices are checked there, not on this (login) machine
+    elsewhere = bool(grid) and _runs_elsewhere(grid[0])
+    for job_overrides in grid:
         try:
-            planned_cfg = compose_plain(job_overrides)  # compose's values, no OmegaConf copy
+            with jobs_elsewhere(elsewhere):
+                planned_cfg = compose_plain(job_overrides)  # compose's values, no OmegaConf copy
         except UserError as err:
             raise UserError(f"in sweep job {' '.join(job_overrides)}: {err}") from None
         flat = flatten(planned_cfg)
@@ -369,7 +393,8 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
             continue
         planned.add(folder)
         previous = status_of(read_summary(folder))
-        job = Job(job_overrides, planned_cfg, rid, folder, previous, flat=flat, grid=job_overrides)
+        job = Job(job_overrides, planned_cfg, rid, folder, previous, flat=flat, grid=job_overrides,
+                  elsewhere=elsewhere)  # fmt: skip
         result.jobs.append(job)
         if result.skipped(job):
             continue
@@ -399,7 +424,9 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
             continue
         checked.add(key)
         try:
-            prepare(cfg)  # loads each data set once (runner's cache), builds, probes
+            # loads each data set once (runner's cache), builds, probes (on the CPU here for
+            # a job that runs on a GPU elsewhere)
+            prepare(cfg, device="cpu" if elsewhere and cfg.device != "cpu" else None)
         except UserError as err:
             raise UserError(f"in sweep job {' '.join(job_overrides)}: {err}") from None
     _check_report(result.jobs)

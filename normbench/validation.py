@@ -172,12 +172,43 @@ def validate(cfg) -> None:
     _check_learning_rate(cfg)
     _check_renorm_schedule(cfg)
     _check_path_lengths(cfg)
-    if cfg.device == "cuda":
+    if cfg.device == "cuda" and not _elsewhere:
         resolve_device("cuda")
     from normbench.distributed import check_parallel  # (imports no torch)
 
     # the device only where it matters: resolving auto imports torch
-    check_parallel(cfg, resolve_device(cfg.device) if cfg.precision == "fp16" else cfg.device)
+    check_parallel(cfg, _device_of(cfg) if cfg.precision == "fp16" else cfg.device)
+
+
+#: Set by :class:`jobs_elsewhere`: the configs checked are jobs that run on other
+#: machines, whose devices are not this one's.
+_elsewhere = False
+
+
+class jobs_elsewhere:  # noqa: N801 - a context, used as ``with validation.jobs_elsewhere():``
+    """Inside it, :func:`validate` checks configs of jobs that run on other machines (a
+    sweep planned on a cluster's login node for its GPU nodes): ``device=cuda`` needs no
+    CUDA here, and ``precision=fp16`` is refused only with ``device=cpu``. Each job checks
+    its device where it runs (its run, if it has none, records the same one line)."""
+
+    def __init__(self, on: bool = True) -> None:
+        self.on = on
+
+    def __enter__(self) -> None:
+        global _elsewhere
+        self.before, _elsewhere = _elsewhere, self.on or _elsewhere
+
+    def __exit__(self, *exc) -> None:
+        global _elsewhere
+        _elsewhere = self.before
+
+
+def _device_of(cfg) -> str:
+    """The device a run of ``cfg`` resolves to: here, or, for a job that runs elsewhere,
+    CUDA unless it asks for the CPU (``auto`` finds the GPU there)."""
+    if _elsewhere:
+        return "cpu" if cfg.device == "cpu" else "cuda"
+    return resolve_device(cfg.device)
 
 
 #: Keys the schema replaced, still read: each with the key that holds its value now. A

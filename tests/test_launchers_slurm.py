@@ -277,6 +277,40 @@ def test_slurm_refusing_the_jobs_is_one_line_and_exit_2(slurm, tmp_path):
     assert not list((tmp_path / "results").rglob("*.pkl"))
 
 
+def test_slurm_a_gpu_sweep_is_planned_on_a_machine_without_one(slurm, tmp_path):
+    """A login node has no GPU, its cluster's nodes do: device=cuda and precision=fp16
+    jobs are planned and submitted, each checking its device where it runs. (This cluster's
+    node has none either: each job records the one line a run there gives, failed.) What
+    no machine could run (fp16 on the CPU), and device=cuda for jobs run here, are still
+    refused before anything is submitted."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: nothing here would refuse device=cuda")
+    name = f"nb{uuid.uuid4().hex[:8]}"
+    cuda = ["device=cuda", "precision=fp16"]
+    done = sweep(tmp_path, *TINY, "epochs=1,2", *cuda, *slurm_args(name))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout.splitlines()[-1] == "0 completed, 2 failed", done.stdout
+    assert len(slurm_jobs(name)) == 2
+    for record in summaries(tmp_path).values():
+        assert record["status"] == "failed"
+        assert record["error"] == (
+            "device=cuda but CUDA is not available here; use device=auto or cpu"
+        )
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    for overrides, expected in (
+        (["device=cpu", "precision=fp16", *slurm_args(name)], "precision=fp16 needs CUDA"),
+        (cuda, "device=cuda but CUDA is not available here"),  # the jobs run here
+    ):
+        done = sweep(refused, *TINY, *overrides)
+        assert done.returncode == 2 and f"error: {expected}" in done.stderr, done.stderr
+    assert not (refused / "results").exists()
+    assert len(slurm_jobs(name)) == 2  # nothing more submitted
+
+
 def test_slurm_ctrl_c_cancels_the_sweeps_jobs(slurm, tmp_path):
     name = f"nb{uuid.uuid4().hex[:8]}"
     args = [*TINY, "epochs=100000,100001", *slurm_args(name, "hydra.launcher.timeout_min=5")]

@@ -645,7 +645,7 @@ def test_a_plans_run_ids_are_those_of_composing_each_job(tmp_path, monkeypatch, 
     from normbench.config import compose, flatten
     from normbench.runner import run_dir
 
-    monkeypatch.setattr("normbench.build.prepare", lambda cfg: None)  # not this test's
+    monkeypatch.setattr("normbench.build.prepare", lambda cfg, **where: None)  # not this test's
     planned = sweep.plan(tiny_args(tmp_path, *grid))
     assert len(planned.jobs) > 1
     for job in planned.jobs:

@@ -42,6 +42,25 @@ def test_cuda_without_cuda_is_refused(monkeypatch):
         compose(["device=cuda"])
 
 
+def test_jobs_that_run_elsewhere_check_their_device_there(monkeypatch):
+    """A sweep's jobs for a cluster's GPU nodes, planned where there is none: device=cuda
+    and fp16 pass; fp16 on the CPU, which no machine runs, does not; outside, as before."""
+    import torch
+
+    from normbench.validation import jobs_elsewhere
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with jobs_elsewhere():
+        assert compose(["device=cuda", "precision=fp16"]).device == "cuda"
+        assert compose(["precision=fp16"]).precision == "fp16"  # auto: CUDA there
+        with pytest.raises(UserError, match="precision=fp16 needs CUDA"):
+            compose(["device=cpu", "precision=fp16"])
+    with jobs_elsewhere(False), pytest.raises(UserError, match="CUDA is not available"):
+        compose(["device=cuda"])
+    with pytest.raises(UserError, match="precision=fp16 needs CUDA"):
+        compose(["precision=fp16"])
+
+
 # ------------------------------------------------- values that overflowed after validation
 
 
