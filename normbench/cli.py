@@ -13,7 +13,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
@@ -410,10 +410,10 @@ def plot(
         ),
     ] = None,
     fmt: Annotated[
-        # normbench.views.figures.FIGURE_FORMATS (a test holds them equal)
-        Literal["png", "pdf", "svg"],
+        str,  # checked by normbench, in one line (a Literal's is click's boxed usage)
         typer.Option(
             "--format",
+            metavar="[png|pdf|svg]",  # normbench.views.figures.FIGURE_FORMATS (a test holds)
             help="File format: png (150 dpi), or pdf and svg (vector, text kept as text "
             "a paper's editor can change)",
         ),
@@ -427,10 +427,10 @@ def plot(
         ),
     ] = False,
     x: Annotated[
-        # normbench.schema.config.X_AXES (a test holds them equal)
-        Literal["batch_size", "norm_batch_size"],
+        str,  # checked by normbench, in one line
         typer.Option(
             "--x",
+            metavar="[batch_size|norm_batch_size]",  # normbench.schema.config.X_AXES (a test)
             help="The error figure's x axis: batch_size (the global batch) or norm_batch_size "
             "(what one BatchNorm normalizes over: sync_bn's groups, ghost batches and processes "
             "as points along one line)",

@@ -24,7 +24,7 @@ import pandas as pd
 from normbench import __version__, received, terminal
 from normbench.analysis.collect import Collected, collect, find_experiments
 from normbench.analysis.flags import Thresholds
-from normbench.analysis.keys import keys_along, resolve_key, swept_keys, x_column
+from normbench.analysis.keys import check_x_axis, keys_along, resolve_key, swept_keys, x_column
 from normbench.analysis.stats import (
     baseline_of,
     group_stats,
@@ -636,7 +636,7 @@ def plot_experiment(
 
 def _check_format(fmt: str) -> None:
     if fmt not in FIGURE_FORMATS:
-        raise UserError(f"figure format {fmt!r}: one of {', '.join(FIGURE_FORMATS)}")
+        raise UserError(f"--format must be one of {', '.join(FIGURE_FORMATS)}, got {fmt!r}")
 
 
 # matplotlib's warning for a character its fonts lack, as matplotlib 3.x words it
@@ -724,6 +724,7 @@ def plot_experiments(
     skipped; when none has anything, :class:`NothingToPlot` is raised and nothing is
     written."""
     _check_format(fmt)
+    check_x_axis(x)
     experiments = find_experiments(paths, warn)
     for exp_dir in experiments:  # every one before the first figure is written
         check_real_folder(exp_dir / "plots")

@@ -156,5 +156,5 @@ def test_the_norm_batch_of_runs_recorded_before_it_is_one_user_error():
         x_column(mixed, "norm_batch_size")
     mixed.loc[1, "status"] = "failed"  # stopped before it was built: it has none to record
     assert x_column(mixed, "norm_batch_size") == "norm_batch_size"
-    with pytest.raises(UserError, match="x axis 'lr': one of batch_size, norm_batch_size"):
+    with pytest.raises(UserError, match="--x must be one of batch_size, norm_batch_size, got 'lr'"):
         x_column(mixed, "lr")

@@ -212,7 +212,9 @@ def test_cli_plot_against_the_norm_batch(tmp_path, make_run):
     assert done.exit_code == 0, done.output
     assert (exp / "plots" / "error_vs_norm_batch_size.png").is_file()
     assert not (exp / "plots" / "error_vs_batch_size.png").exists()
-    assert invoke("plot", exp, "--x", "lr").exit_code == 2
+    wrong = invoke("plot", exp, "--x", "lr")
+    assert wrong.exit_code == 2
+    assert wrong.stderr == "error: --x must be one of batch_size, norm_batch_size, got 'lr'\n"
 
 
 def test_the_cli_offers_the_schemas_x_axes():
@@ -222,4 +224,5 @@ def test_the_cli_offers_the_schemas_x_axes():
     from normbench.schema.config import X_AXES
 
     hint = typing.get_type_hints(cli.plot, include_extras=True)["x"]
-    assert typing.get_args(typing.get_args(hint)[0]) == X_AXES == tuple(error_figures.X_LABELS)
+    assert typing.get_args(hint)[1].metavar == "[" + "|".join(X_AXES) + "]"
+    assert tuple(error_figures.X_LABELS) == X_AXES

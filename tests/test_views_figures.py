@@ -779,8 +779,10 @@ def test_a_format_not_offered_is_refused_and_nothing_written(tmp_path):
     exp = write_experiment(tmp_path / "results", grid(sizes=(4, 16)))
     result = CliRunner().invoke(app, ["plot", str(exp), "--format", "jpg"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    with pytest.raises(UserError, match="figure format 'jpg': one of png, pdf, svg"):
+    assert result.stderr == "error: --format must be one of png, pdf, svg, got 'jpg'\n"
+    with pytest.raises(UserError, match="--format must be one of png, pdf, svg, got 'jpg'"):
         reports.plot_experiments([exp], fmt="jpg")
     assert not (exp / "plots").exists()
     hint = typing.get_type_hints(cli.plot, include_extras=True)["fmt"]
-    assert typing.get_args(typing.get_args(hint)[0]) == draw.FIGURE_FORMATS
+    metavar = typing.get_args(hint)[1].metavar
+    assert metavar == "[" + "|".join(draw.FIGURE_FORMATS) + "]"

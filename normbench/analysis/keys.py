@@ -144,14 +144,19 @@ def resolve_key(runs: pd.DataFrame, key: str) -> str:
 _FEEDS = ("batch_size", "nodes", "processes")
 
 
+def check_x_axis(x: str) -> None:
+    """``x`` is one of the error figure's x axes (``X_AXES``): else one UserError line."""
+    if x not in X_AXES:
+        raise UserError(f"--x must be one of {', '.join(X_AXES)}, got {x!r}")
+
+
 def x_column(runs: pd.DataFrame, x: str) -> str:
     """The column of ``runs`` that ``x`` (one of ``X_AXES``: the error figure's x axes,
     declared with ``report.x``) is. Raises
     :class:`UserError` for another name, and for ``norm_batch_size`` when runs that were
     not stopped before they were built lack it (recorded by an older normbench: neither it
     nor ``world_size`` in their summary)."""
-    if x not in X_AXES:
-        raise UserError(f"x axis {x!r}: one of {', '.join(X_AXES)}")
+    check_x_axis(x)
     if x == "batch_size":
         return resolve_key(runs, x)
     built = runs[~runs["status"].astype(str).isin(("failed", "interrupted"))]
