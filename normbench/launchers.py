@@ -75,15 +75,30 @@ RESULT_WAIT_ENV = "NORMBENCH_RESULT_WAIT_S"
 
 #: Hydra's launchers whose jobs run on other machines (a cluster's nodes), by the end of
 #: their ``_target_``: a sweep planned here leaves its jobs' devices to be checked there
-#: (:class:`normbench.validation.jobs_elsewhere`).
-ELSEWHERE = ("SlurmLauncher", "RayLauncher", "RayAWSLauncher")
+#: (:class:`normbench.validation.jobs_elsewhere`). Ray's own launcher is one only where
+#: its ``ray.init.address`` names another machine (:func:`runs_elsewhere`).
+ELSEWHERE = ("SlurmLauncher", "RayAWSLauncher")
+
+#: Ray addresses of this machine: its local cluster (None: ray.init starts one), or a
+#: cluster found here ("auto", which may be this machine alone).
+_HERE = (None, "", "auto", "local", "localhost", "127.0.0.1")
 
 
 def runs_elsewhere(launcher: Any) -> bool:
     """Whether the jobs of ``launcher`` (a composed ``hydra.launcher``) run on other
-    machines than the one that plans them."""
-    target = launcher.get("_target_", "") if launcher is not None else ""
-    return str(target).endswith(ELSEWHERE)
+    machines than the one that plans them: SLURM's, Ray on AWS, and Ray's launcher with
+    the address of another machine's cluster (``ray://host:port`` or ``host:port``)."""
+    if launcher is None:
+        return False
+    target = str(launcher.get("_target_", ""))
+    if target.endswith(ELSEWHERE):
+        return True
+    if not target.endswith("RayLauncher"):
+        return False
+    ray = launcher.get("ray") or {}
+    address = (ray.get("init") or {}).get("address")
+    host = str(address).removeprefix("ray://").rsplit(":", 1)[0] if address else address
+    return host not in _HERE
 
 
 def result_wait_s() -> float | None:

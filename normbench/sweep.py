@@ -426,11 +426,32 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
         try:
             # loads each data set once (runner's cache), builds, probes (on the CPU here for
             # a job that runs on a GPU elsewhere)
-            prepare(cfg, device="cpu" if elsewhere and cfg.device != "cpu" else None)
+            if elsewhere and cfg.device != "cpu":
+                prepare(_on_the_cpu(cfg), device="cpu")
+            else:
+                prepare(cfg)
         except UserError as err:
             raise UserError(f"in sweep job {' '.join(job_overrides)}: {err}") from None
     _check_report(result.jobs)
     return result
+
+
+def _on_the_cpu(cfg):
+    """``cfg`` as the plan probes a job that runs on a GPU elsewhere, on this machine's
+    CPU: a CUDA-only kernel (``norm.backend=triton``) as ``auto``, the CPU's kernel, which
+    computes the same (the probe asks whether the model can train at its batch, not how
+    fast)."""
+    import copy
+
+    from omegaconf import OmegaConf, open_dict
+
+    if cfg.norm.get("backend") != "triton":
+        return cfg
+    probe = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(probe, False)
+    with open_dict(probe):
+        probe.norm.backend = "auto"
+    return probe
 
 
 def _check_report(jobs: Sequence[Job]) -> None:

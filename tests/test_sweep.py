@@ -679,3 +679,32 @@ def test_a_bad_grid_point_is_composes_one_line(tmp_path, bad):
     assert str(planned.value) == f"in sweep job {' '.join(job)}: {composed.value}"
     assert "\n" not in str(planned.value)
     assert not (tmp_path / "results").exists()
+
+
+def test_a_gpu_sweep_for_a_cluster_is_planned_where_there_is_no_cuda(tmp_path, monkeypatch):
+    """A cluster's GPU jobs planned on a machine without CUDA: planned (each probed on the
+    CPU, a triton backend as the CPU's kernel), their configs as asked. Jobs this machine
+    runs (the basic launcher, submitit_local, Ray's local cluster) are refused as before;
+    Ray's launcher counts as elsewhere where its address is another machine's."""
+    import torch
+
+    from normbench.launchers import runs_elsewhere
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    common = [f"out_dir={tmp_path}", "device=cuda", "dataset.train_size=128", "epochs=1"]
+    slurm = ["hydra/launcher=submitit_slurm", "norm.backend=triton", "precision=fp16"]
+    (job,) = sweep.plan([*common, *slurm]).jobs
+    assert job.elsewhere and (job.cfg.device, job.cfg.norm.backend) == ("cuda", "triton")
+    for here in (["hydra/launcher=ray"], ["hydra/launcher=submitit_local"], []):
+        with pytest.raises(UserError, match="device=cuda but CUDA is not available here"):
+            sweep.plan([*common, *here])
+    remote = ["hydra/launcher=ray", "hydra.launcher.ray.init.address=ray://10.1.2.3:10001"]
+    assert sweep.plan([*common, *remote]).jobs[0].elsewhere
+
+    def ray(address):
+        target = "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+        return {"_target_": target, "ray": {"init": {"address": address}}}
+
+    here = [None, "auto", "127.0.0.1:6379", "localhost:6379", "ray://127.0.0.1:10001"]
+    assert not any(runs_elsewhere(ray(address)) for address in here)
+    assert all(runs_elsewhere(ray(a)) for a in ("10.0.0.5:6379", "ray://head.cluster:10001"))
