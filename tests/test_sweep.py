@@ -698,6 +698,8 @@ def test_a_gpu_sweep_for_a_cluster_is_planned_where_there_is_no_cuda(tmp_path, m
     for here in (["hydra/launcher=ray"], ["hydra/launcher=submitit_local"], []):
         with pytest.raises(UserError, match="device=cuda but CUDA is not available here"):
             sweep.plan([*common, *here])
+    with pytest.raises(UserError, match="precision=fp16 needs CUDA"):  # no machine runs it
+        sweep.plan([*common, *slurm, "device=cpu"])
     remote = ["hydra/launcher=ray", "hydra.launcher.ray.init.address=ray://10.1.2.3:10001"]
     assert sweep.plan([*common, *remote]).jobs[0].elsewhere
 
