@@ -226,10 +226,10 @@ def test_a_sweep_in_joblibs_workers_goes_on_past_a_run_that_lost_a_process(tmp_p
     a run's workers could not take ("cannot find context for 'loky'"): they start with
     the standard one. A job whose rank dies is recorded interrupted, in one line, and the
     sweep goes on with the other job, ending with its tables and status 1."""
-    env = odd("die", 1)
+    env = odd("die", 5)
     args = [sys.executable, "-m", "normbench.cli", "--config-dir", str(tmp_path / "conf"),
             "sweep", "norm=odd,custom_bn", "processes=2", "hydra/launcher=joblib",
-            "hydra.launcher.n_jobs=2", f"out_dir={tmp_path / 'out'}", *RUN, "epochs=1"]  # fmt: skip
+            "hydra.launcher.n_jobs=2", f"out_dir={tmp_path / 'out'}", *RUN]  # fmt: skip
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr and "loky" not in done.stderr, done.stderr
