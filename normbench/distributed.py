@@ -418,8 +418,7 @@ def prestart(modules: list[str]) -> None:
 
     global _server_env
     multiprocessing.get_context(START_METHOD).set_forkserver_preload(list(modules))
-    if _server_env is None:
-        _server_env = dict(os.environ)
+    before = forkserver._forkserver._forkserver_pid
     # Ctrl-C at a terminal goes to its whole process group: the server, importing torch,
     # and a worker, before its run began, each printed a KeyboardInterrupt traceback.
     # Started with SIGINT ignored, they keep ignoring it (an ignored signal stays so
@@ -438,6 +437,11 @@ def prestart(modules: list[str]) -> None:
             forkserver.ensure_running()
     else:
         forkserver.ensure_running()
+    # The environment the server started with, which its workers inherit: taken again when
+    # it starts anew (a stopped run stops it), else a later worker took the variables of
+    # the run that restarted it for its agent's, and kept them (take_environment).
+    if _server_env is None or forkserver._forkserver._forkserver_pid != before:
+        _server_env = dict(os.environ)
 
 
 @contextlib.contextmanager

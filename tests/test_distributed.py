@@ -748,3 +748,29 @@ def test_the_fork_server_freezes_the_collector_over_its_imports(tmp_path):
     assert done.returncode == 0, done.stderr
     in_worker, in_launcher = map(int, done.stdout.split())
     assert in_worker > 1000 and in_launcher == 0
+
+
+SERVER_ENV = """
+import os, signal, time
+from multiprocessing import forkserver
+from normbench import distributed
+
+os.environ["NB_PROBE"] = "first"
+distributed.prestart(["os"])
+first = forkserver._forkserver._forkserver_pid
+os.kill(first, signal.SIGKILL)  # as a stopped run stops it
+time.sleep(0.2)
+os.environ["NB_PROBE"] = "second"
+distributed.prestart(["os"])
+print(first != forkserver._forkserver._forkserver_pid,
+      distributed.worker_environment()["server"]["NB_PROBE"])
+"""
+
+
+def test_a_fork_server_started_anew_is_known_by_its_own_environment():
+    """The workers tell their agent's variables from the server's by the environment the
+    server started with: a server started anew (with another run's environment) is taken
+    again, or a worker kept the earlier run's variables as its agent's."""
+    done = subprocess.run([sys.executable, "-c", SERVER_ENV], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.stdout.split() == ["True", "second"], done.stderr
