@@ -42,9 +42,6 @@ class ProcessLost(Interrupted):
     ``interrupted`` (the next run resumes it), it ends ``normbench run`` with status 1,
     and a sweep goes on with its other jobs."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
-
 
 #: The signals that stop a run (submitit's time-limit signal aside, :func:`submitit_signal`).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -138,9 +138,9 @@ class Plan:
         return counts
 
 
-def _sweeper_params(overrides: Sequence[str]) -> list[str]:
-    """An experiment preset's ``hydra.sweeper.params``, as ``key=values`` overrides."""
-    cfg = _hydra_config(overrides)
+def _sweeper_params(cfg) -> list[str]:
+    """An experiment preset's ``hydra.sweeper.params`` (of ``cfg``, :func:`_hydra_config`'s),
+    as ``key=values`` overrides."""
     _check_launcher(cfg.hydra.launcher)
     params = cfg.hydra.sweeper.get("params") or {}
     return [f"{key}={value}" for key, value in params.items()]
@@ -227,21 +227,14 @@ def _hydra_config(overrides: Sequence[str]):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
-def _runs_elsewhere(job_overrides: Sequence[str]) -> bool:
-    """Whether the sweep's launcher (as a job's overrides compose it) runs its jobs on
-    other machines (:func:`normbench.launchers.runs_elsewhere`); False where Hydra cannot
-    compose them (the checks of the composition that follow say why, in the user's words:
-    Hydra's errors, or OmegaConf's on a sweeper's null params)."""
-    from normbench.launchers import runs_elsewhere
-
-    try:
-        return runs_elsewhere(_hydra_config(job_overrides).hydra.launcher)
-    except Exception:
-        return False
-
-
 def expand(overrides: Sequence[str]) -> list[list[str]]:
     """The jobs' overrides, in the order and with the precedence of Hydra's basic sweeper."""
+    return _expand(overrides)[0]
+
+
+def _expand(overrides: Sequence[str]) -> tuple[list[list[str]], bool]:
+    """:func:`expand`'s jobs, and whether the sweep's launcher runs them on other machines
+    (:func:`normbench.launchers.runs_elsewhere`: their devices are checked there)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -252,6 +245,7 @@ def expand(overrides: Sequence[str]) -> list[list[str]]:
         compose,
         expand_globs,
     )
+    from normbench.launchers import runs_elsewhere
     from normbench.validation import jobs_elsewhere
 
     overrides = expand_globs(overrides)
@@ -261,18 +255,26 @@ def expand(overrides: Sequence[str]) -> list[list[str]]:
         first = BasicSweeper.split_arguments(parser.parse_overrides(list(overrides)), None)[0][0]
     except HydraException as err:
         raise UserError(f"invalid sweep: {str(err).splitlines()[0]}") from None
-    with jobs_elsewhere(_runs_elsewhere(first)):
-        compose(first)  # a bad key or value in the plain config says so here, clearly
+    # Hydra's own config (the launcher, the sweeper's params), once; where it cannot be
+    # composed (Hydra's error, or OmegaConf's on a sweeper's null params), normbench's
+    # composition below says why in the user's words, else its own error is told
     try:
-        params = _sweeper_params(first)
-    except HydraException as err:
-        raise UserError(_composition_message(err, overrides)) from None
-    params = expand_globs(params)
+        hydra_cfg, failed = _hydra_config(first), None
+    except Exception as err:
+        hydra_cfg, failed = None, err
+    elsewhere = hydra_cfg is not None and runs_elsewhere(hydra_cfg.hydra.launcher)
+    with jobs_elsewhere(elsewhere):
+        compose(first)  # a bad key or value in the plain config says so here, clearly
+    if isinstance(failed, HydraException):
+        raise UserError(_composition_message(failed, overrides)) from None
+    if failed is not None:
+        raise failed
+    params = expand_globs(_sweeper_params(hydra_cfg))
     try:
         batches = BasicSweeper.split_arguments(parser.parse_overrides([*params, *overrides]), None)
     except HydraException as err:
         raise UserError(f"invalid sweep: {str(err).splitlines()[0]}") from None
-    return [list(job) for job in batches[0]]
+    return [list(job) for job in batches[0]], elsewhere
 
 
 def _check_swept_options_keys(parsed: Sequence[Any]) -> None:
@@ -375,9 +377,8 @@ def plan(overrides: Sequence[str], retry_failed: bool = False) -> Plan:
     writable: set[Path] = set()
     planned: set[Path] = set()
     tasks = _Tasks(overrides)
-    grid = expand(overrides)
     # jobs a cluster runs: their devices are checked there, not on this (login) machine
-    elsewhere = bool(grid) and _runs_elsewhere(grid[0])
+    grid, elsewhere = _expand(overrides)
     for job_overrides in grid:
         try:
             with jobs_elsewhere(elsewhere):
